@@ -1,0 +1,84 @@
+"""Parsing and masking of backend URLs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from harness_nodes.errors import BackendURLError
+
+Kind = Literal["memory", "sqlite", "postgres"]
+
+_POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg3"}
+
+
+def mask_url(url: str) -> str:
+    """Return *url* with any password replaced by ``***`` (safe for logs and errors)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if _safe_port(url) else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def _safe_port(url: str) -> int | None:
+    try:
+        return urlsplit(url).port
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class ParsedURL:
+    """A validated backend URL."""
+
+    kind: Kind
+    masked: str
+    """The URL with its password masked."""
+    target: str
+    """What the driver gets: the file path for sqlite, the libpq URL for postgres."""
+
+
+def parse_url(url: str) -> ParsedURL:
+    """Validate a backend URL and say which backend it names.
+
+    Raises:
+        BackendURLError: the scheme is unknown or the URL is malformed.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise BackendURLError(repr(url), "the URL is empty")
+    masked = mask_url(url)
+    if "://" not in url:
+        raise BackendURLError(masked, "no scheme")
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    if scheme == "memory":
+        return ParsedURL("memory", masked, "")
+    if scheme == "sqlite":
+        # sqlite:///relative.db, sqlite:////absolute/path.db, sqlite:///:memory:
+        if not rest.startswith("/") or rest == "/":
+            raise BackendURLError(masked, "a sqlite URL needs a path: sqlite:///file.db")
+        path = rest[1:]
+        if path == ":memory:":
+            return ParsedURL("sqlite", masked, ":memory:")
+        parent = Path(path).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise BackendURLError(masked, f"directory {str(parent)!r} does not exist")
+        return ParsedURL("sqlite", masked, str(Path(path).expanduser()))
+    if scheme in _POSTGRES_SCHEMES:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - validates the port
+        except ValueError as e:
+            raise BackendURLError(masked, str(e)) from None
+        if not parts.hostname and "host=" not in (parts.query or ""):
+            raise BackendURLError(masked, "no host")
+        return ParsedURL("postgres", masked, urlunsplit(parts._replace(scheme="postgresql")))
+    raise BackendURLError(masked, f"unknown scheme {scheme!r}")

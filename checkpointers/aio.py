@@ -1,0 +1,295 @@
+"""`aopen_backend`: the async twin of `open_backend`, for graphs run with ``ainvoke``.
+
+Example:
+    ```python
+    import asyncio
+
+    from checkpointers.aio import aopen_backend
+
+
+    async def main() -> None:
+        async with await aopen_backend("memory://") as backend:
+            assert await backend.execute("SELECT 1 AS one") == [{"one": 1}]
+
+
+    asyncio.run(main())
+    ```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+
+from checkpointers._schema import MIGRATIONS, MIGRATIONS_TABLE, Dialect
+from checkpointers._url import Kind, ParsedURL, parse_url
+from checkpointers.backend import (
+    Params,
+    Row,
+    _first_line,
+    default_url,
+    postgres_pool_kwargs,
+)
+from harness_nodes.errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    import aiosqlite
+    from psycopg import AsyncConnection
+    from psycopg_pool import AsyncConnectionPool
+
+__all__ = ["AsyncBackend", "AsyncTransaction", "aopen_backend"]
+
+
+class AsyncTransaction(Protocol):
+    """What `AsyncBackend.transaction()` yields."""
+
+    async def execute(self, sql: str, params: Params = ()) -> list[Row]:
+        """Run one statement (``%s`` placeholders) and return its rows as dicts."""
+        ...
+
+
+class _AsqliteTx:
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Params = ()) -> list[Row]:
+        async with self._conn.execute(sql.replace("%s", "?"), tuple(params)) as cur:
+            if cur.description is None:
+                return []
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in await cur.fetchall()]
+
+
+class _AsqliteDB:
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+        self.lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str) -> _AsqliteDB:
+        import aiosqlite
+
+        conn = await aiosqlite.connect(path, timeout=30, isolation_level=None)
+        await conn.execute("PRAGMA busy_timeout = 30000")
+        if path != ":memory:":
+            await conn.execute("PRAGMA journal_mode = WAL")
+        db = cls(conn)
+        await db.migrate()
+        return db
+
+    async def execute(self, sql: str, params: Params) -> list[Row]:
+        async with self.lock:
+            return await _AsqliteTx(self.conn).execute(sql, params)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_AsqliteTx]:
+        async with self.lock:
+            await self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _AsqliteTx(self.conn)
+            except BaseException:
+                await self.conn.execute("ROLLBACK")
+                raise
+            await self.conn.execute("COMMIT")
+
+    async def migrate(self) -> None:
+        async with self.transaction() as tx:
+            await tx.execute(MIGRATIONS_TABLE.format(float="REAL"))
+            done = {r["name"] for r in await tx.execute("SELECT name FROM harness_migrations")}
+            for m in MIGRATIONS:
+                if m.name in done:
+                    continue
+                for stmt in m.sql("sqlite").split(";"):
+                    if stmt.strip():
+                        await tx.execute(stmt)
+                await tx.execute(
+                    "INSERT INTO harness_migrations (name, applied_at) VALUES (%s, %s)",
+                    (m.name, time.time()),
+                )
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+class _APgTx:
+    def __init__(self, conn: AsyncConnection[Row]) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Params = ()) -> list[Row]:
+        cur = await self._conn.execute(sql, tuple(params) or None)
+        return list(await cur.fetchall()) if cur.description is not None else []
+
+
+class _APostgresDB:
+    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Row]]) -> None:
+        self.pool = pool
+
+    async def execute(self, sql: str, params: Params) -> list[Row]:
+        async with self.pool.connection() as conn:
+            return await _APgTx(conn).execute(sql, params)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_APgTx]:
+        async with self.pool.connection() as conn, conn.transaction():
+            yield _APgTx(conn)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+class AsyncBackend:
+    """The async twin of `Backend`: an async LangGraph saver and the harness's tables.
+
+    Attributes:
+        url: The URL it was opened with, password masked.
+        kind: ``"memory"``, ``"sqlite"`` or ``"postgres"``.
+        checkpointer: The async LangGraph saver.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        kind: Kind,
+        checkpointer: BaseCheckpointSaver[Any],
+        db: _AsqliteDB | _APostgresDB,
+        closers: Sequence[Any] = (),
+    ) -> None:
+        self.url = url
+        self.kind = kind
+        self.checkpointer = checkpointer
+        self._db = db
+        self._closers = list(closers)
+        self._closed = False
+
+    @property
+    def dialect(self) -> Dialect:
+        """SQL dialect of the harness tables."""
+        return "postgres" if self.kind == "postgres" else "sqlite"
+
+    async def execute(self, sql: str, params: Params = ()) -> list[Row]:
+        """Run one autocommitted statement on the harness tables (``%s`` placeholders)."""
+        return await self._db.execute(sql, params)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncTransaction]:
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
+        async with self._db.transaction() as tx:
+            yield tx
+
+    async def close(self) -> None:
+        """Close every connection. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for c in self._closers:
+            await c.close()
+        await self._db.close()
+
+    async def __aenter__(self) -> AsyncBackend:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncBackend(url={self.url!r}, kind={self.kind!r})"
+
+    @classmethod
+    @asynccontextmanager
+    async def from_conn_string(cls, url: str, **kwargs: Any) -> AsyncIterator[AsyncBackend]:
+        """Open a backend for the duration of an ``async with`` block."""
+        backend = await aopen_backend(url, **kwargs)
+        try:
+            yield backend
+        finally:
+            await backend.close()
+
+
+async def aopen_backend(
+    url: str | None = None,
+    *,
+    pool_size: int = 10,
+    connect_timeout: float = 10.0,
+    max_idle: float = 300.0,
+    max_lifetime: float = 1800.0,
+) -> AsyncBackend:
+    """Open (and set up) the async backend named by *url*. Same arguments as `open_backend`.
+
+    Raises:
+        BackendURLError: the URL is malformed or names an unknown scheme.
+        BackendUnavailable: the database did not answer, or its schema could not be set up.
+    """
+    parsed = parse_url(url if url is not None else default_url())
+    if parsed.kind == "memory":
+        db = await _aopen_sqlite(parsed)
+        return AsyncBackend(url=parsed.masked, kind="memory", checkpointer=InMemorySaver(), db=db)
+    if parsed.kind == "sqlite":
+        return await _aopen_sqlite_backend(parsed)
+    return await _aopen_postgres_backend(parsed, pool_size, connect_timeout, max_idle, max_lifetime)
+
+
+async def _aopen_sqlite(parsed: ParsedURL) -> _AsqliteDB:
+    try:
+        return await _AsqliteDB.open(parsed.target or ":memory:")
+    except sqlite3.Error as e:
+        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+
+
+async def _aopen_sqlite_backend(parsed: ParsedURL) -> AsyncBackend:
+    import aiosqlite
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    db = await _aopen_sqlite(parsed)
+    try:
+        conn = await aiosqlite.connect(parsed.target, timeout=30)
+        await conn.execute("PRAGMA busy_timeout = 30000")
+        saver = AsyncSqliteSaver(conn)
+        await saver.setup()
+    except sqlite3.Error as e:
+        await db.close()
+        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+    return AsyncBackend(url=parsed.masked, kind="sqlite", checkpointer=saver, db=db, closers=[conn])
+
+
+async def _aopen_postgres_backend(
+    parsed: ParsedURL,
+    pool_size: int,
+    connect_timeout: float,
+    max_idle: float,
+    max_lifetime: float,
+) -> AsyncBackend:
+    from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+    from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+    from checkpointers.backend import setup_postgres
+
+    # Schema set-up is rare and short: the sync code path, in a thread, so it exists once.
+    await asyncio.to_thread(setup_postgres, parsed, connect_timeout)
+    pool: AsyncConnectionPool[AsyncConnection[Row]] = AsyncConnectionPool(
+        parsed.target,
+        min_size=1,
+        max_size=max(1, pool_size),
+        kwargs=postgres_pool_kwargs(),
+        check=AsyncConnectionPool.check_connection,
+        max_idle=max_idle,
+        max_lifetime=max_lifetime,
+        open=False,
+        name="langgraph-harness-async",
+    )
+    try:
+        await pool.open(wait=True, timeout=connect_timeout)
+    except PoolTimeout as e:
+        await pool.close()
+        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+    saver = AsyncPostgresSaver(pool)
+    return AsyncBackend(
+        url=parsed.masked, kind="postgres", checkpointer=saver, db=_APostgresDB(pool)
+    )

@@ -1,0 +1,415 @@
+"""`open_backend`: one URL → a LangGraph checkpointer plus the harness's own tables.
+
+The backend owns the LangGraph saver, configured as its maintainers require (for Postgres:
+a pool of ``autocommit=True, prepare_threshold=0, row_factory=dict_row`` connections, checked
+on checkout and recycled after idling, so a connection the server dropped is replaced), and
+a small SQL executor for the harness's ledgers in the same database.
+
+Example:
+    ```python
+    from checkpointers import open_backend
+
+    with open_backend("memory://") as backend:
+        rows = backend.execute("SELECT name FROM harness_migrations")
+        assert {"name": "0001_base"} in rows
+    ```
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Protocol
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+
+from checkpointers._schema import MIGRATIONS, MIGRATIONS_TABLE, Dialect
+from checkpointers._url import Kind, ParsedURL, parse_url
+from harness_nodes.errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    from psycopg import Connection
+    from psycopg_pool import ConnectionPool
+
+__all__ = ["DEFAULT_URL", "Backend", "Transaction", "default_url", "open_backend"]
+
+DEFAULT_URL = "sqlite:///harness.db"
+"""The embedded default: a SQLite file in the working directory."""
+
+ADVISORY_LOCK_KEY = 0x6C67_6861  # "lgha": serialises schema set-up across processes
+
+Row = dict[str, Any]
+Params = Sequence[Any]
+
+
+def default_url() -> str:
+    """The backend URL to use when none is given: ``$HARNESS_DATABASE_URL`` or SQLite.
+
+    Example:
+        ```python
+        from checkpointers import default_url
+
+        assert default_url().split("://")[0] in {"sqlite", "postgresql", "memory", "postgres"}
+        ```
+    """
+    return os.environ.get("HARNESS_DATABASE_URL") or DEFAULT_URL
+
+
+class Transaction(Protocol):
+    """What `Backend.transaction()` yields: ``execute`` inside one database transaction."""
+
+    def execute(self, sql: str, params: Params = ()) -> list[Row]:
+        """Run one statement (``%s`` placeholders) and return its rows as dicts."""
+        ...
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+# --- SQLite (also backs memory://) ---------------------------------------------------------
+
+
+class _SqliteTx:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Params = ()) -> list[Row]:
+        cur = self._conn.execute(sql.replace("%s", "?"), tuple(params))
+        if cur.description is None:
+            return []
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+class _SqliteDB:
+    """One autocommit connection guarded by a lock; write transactions use BEGIN IMMEDIATE."""
+
+    def __init__(self, path: str) -> None:
+        self.conn = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
+        self.conn.execute("PRAGMA busy_timeout = 30000")
+        if path != ":memory:":
+            self.conn.execute("PRAGMA journal_mode = WAL")
+        self.lock = threading.RLock()
+
+    def execute(self, sql: str, params: Params) -> list[Row]:
+        with self.lock:
+            return _SqliteTx(self.conn).execute(sql, params)
+
+    @contextmanager
+    def transaction(self) -> Iterator[_SqliteTx]:
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SqliteTx(self.conn)
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def migrate(self) -> None:
+        with self.transaction() as tx:
+            tx.execute(MIGRATIONS_TABLE.format(float="REAL"))
+            done = {r["name"] for r in tx.execute("SELECT name FROM harness_migrations")}
+            for m in MIGRATIONS:
+                if m.name in done:
+                    continue
+                for stmt in m.sql("sqlite").split(";"):
+                    if stmt.strip():
+                        tx.execute(stmt)
+                tx.execute(
+                    "INSERT INTO harness_migrations (name, applied_at) VALUES (%s, %s)",
+                    (m.name, time.time()),
+                )
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# --- Postgres ------------------------------------------------------------------------------
+
+
+class _PgTx:
+    def __init__(self, conn: Connection[Row]) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Params = ()) -> list[Row]:
+        cur = self._conn.execute(sql, tuple(params) or None)
+        return list(cur.fetchall()) if cur.description is not None else []
+
+
+class _PostgresDB:
+    def __init__(self, pool: ConnectionPool[Connection[Row]]) -> None:
+        self.pool = pool
+
+    def execute(self, sql: str, params: Params) -> list[Row]:
+        with self.pool.connection() as conn:
+            return _PgTx(conn).execute(sql, params)
+
+    @contextmanager
+    def transaction(self) -> Iterator[_PgTx]:
+        with self.pool.connection() as conn, conn.transaction():
+            yield _PgTx(conn)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _migrate_postgres(conn: Connection[Any]) -> None:
+    conn.execute(MIGRATIONS_TABLE.format(float="DOUBLE PRECISION"))
+    done = {r[0] for r in conn.execute("SELECT name FROM harness_migrations").fetchall()}
+    for m in MIGRATIONS:
+        if m.name in done:
+            continue
+        with conn.transaction():
+            conn.execute(m.sql("postgres"))  # DDL, no parameters
+            conn.execute(
+                "INSERT INTO harness_migrations (name, applied_at) VALUES (%s, %s)",
+                (m.name, time.time()),
+            )
+
+
+def postgres_pool_kwargs() -> dict[str, Any]:
+    """The connection settings `PostgresSaver` requires (see its README's ❌/✅ warning)."""
+    from psycopg.rows import dict_row
+
+    return {"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row}
+
+
+# --- the backend ---------------------------------------------------------------------------
+
+
+class Backend:
+    """A LangGraph checkpointer and the harness's tables, in one database.
+
+    Get one from `open_backend`; close it (or use it as a context manager) when done.
+
+    Attributes:
+        url: The URL it was opened with, password masked.
+        kind: ``"memory"``, ``"sqlite"`` or ``"postgres"``.
+        checkpointer: The LangGraph saver to pass to ``builder.compile(checkpointer=...)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        kind: Kind,
+        checkpointer: BaseCheckpointSaver[Any],
+        db: _SqliteDB | _PostgresDB,
+        closers: Sequence[Any] = (),
+    ) -> None:
+        self.url = url
+        self.kind = kind
+        self.checkpointer = checkpointer
+        self._db = db
+        self._closers = list(closers)
+        self._closed = False
+
+    @property
+    def dialect(self) -> Dialect:
+        """SQL dialect of the harness tables (memory:// keeps them in an in-memory SQLite)."""
+        return "postgres" if self.kind == "postgres" else "sqlite"
+
+    def execute(self, sql: str, params: Params = ()) -> list[Row]:
+        """Run one statement on the harness tables (``%s`` placeholders), autocommitted.
+
+        Example:
+            ```python
+            from checkpointers import open_backend
+
+            with open_backend("memory://") as backend:
+                assert backend.execute("SELECT 1 AS one") == [{"one": 1}]
+            ```
+        """
+        return self._db.execute(sql, params)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """A write transaction: ``BEGIN IMMEDIATE`` on SQLite, a real transaction on Postgres.
+
+        Rows read inside it with ``SELECT ... FOR UPDATE`` (Postgres) stay locked until it ends.
+
+        Example:
+            ```python
+            from checkpointers import open_backend
+
+            with open_backend("memory://") as backend:
+                with backend.transaction() as tx:
+                    tx.execute("SELECT count(*) AS n FROM harness_runs")
+            ```
+        """
+        with self._db.transaction() as tx:
+            yield tx
+
+    def close(self) -> None:
+        """Close the saver's connections and the harness's. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for c in self._closers:
+            c.close()
+        self._db.close()
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Backend(url={self.url!r}, kind={self.kind!r})"
+
+    @classmethod
+    @contextmanager
+    def from_conn_string(cls, url: str, **kwargs: Any) -> Iterator[Backend]:
+        """Open a backend for the duration of a ``with`` block (like ``PostgresSaver``).
+
+        Example:
+            ```python
+            from checkpointers import Backend
+
+            with Backend.from_conn_string("memory://") as backend:
+                assert backend.kind == "memory"
+            ```
+        """
+        backend = open_backend(url, **kwargs)
+        try:
+            yield backend
+        finally:
+            backend.close()
+
+
+def open_backend(
+    url: str | None = None,
+    *,
+    pool_size: int = 10,
+    connect_timeout: float = 10.0,
+    max_idle: float = 300.0,
+    max_lifetime: float = 1800.0,
+) -> Backend:
+    """Open (and set up) the backend named by *url*.
+
+    Args:
+        url: ``memory://``, ``sqlite:///path.db`` or ``postgresql://user@host:port/db``.
+            Defaults to `default_url()` (``$HARNESS_DATABASE_URL`` or ``sqlite:///harness.db``).
+        pool_size: Postgres only: the connection pool's maximum size.
+        connect_timeout: Seconds to wait for the database before failing.
+        max_idle: Postgres only: close pooled connections idle this long.
+        max_lifetime: Postgres only: recycle pooled connections after this long.
+
+    Raises:
+        BackendURLError: the URL is malformed or names an unknown scheme.
+        BackendUnavailable: the database did not answer, or its schema could not be set up.
+
+    Example:
+        ```python
+        import tempfile
+        from pathlib import Path
+
+        from checkpointers import open_backend
+
+        with tempfile.TemporaryDirectory() as d:
+            with open_backend(f"sqlite:///{Path(d) / 'harness.db'}") as backend:
+                assert backend.kind == "sqlite"
+        ```
+    """
+    parsed = parse_url(url if url is not None else default_url())
+    if parsed.kind == "memory":
+        return Backend(
+            url=parsed.masked, kind="memory", checkpointer=InMemorySaver(), db=_open_sqlite(parsed)
+        )
+    if parsed.kind == "sqlite":
+        return _open_sqlite_backend(parsed)
+    return _open_postgres_backend(parsed, pool_size, connect_timeout, max_idle, max_lifetime)
+
+
+def _open_sqlite(parsed: ParsedURL) -> _SqliteDB:
+    try:
+        db = _SqliteDB(parsed.target or ":memory:")
+        db.migrate()
+    except sqlite3.Error as e:
+        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+    return db
+
+
+def _open_sqlite_backend(parsed: ParsedURL) -> Backend:
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    db = _open_sqlite(parsed)
+    try:
+        conn = sqlite3.connect(parsed.target, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        saver = SqliteSaver(conn)
+        saver.setup()
+    except sqlite3.Error as e:
+        db.close()
+        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+    return Backend(url=parsed.masked, kind="sqlite", checkpointer=saver, db=db, closers=[conn])
+
+
+def setup_postgres(parsed: ParsedURL, connect_timeout: float) -> None:
+    """Create LangGraph's and the harness's tables, serialised across processes.
+
+    Concurrent set-up races on ``CREATE TABLE IF NOT EXISTS`` (duplicate ``pg_type`` keys); a
+    session-level advisory lock serialises it, and closing the session releases the lock even
+    if set-up fails half-way. Set-up runs on plain autocommit connections, never a pipeline.
+    """
+    import psycopg
+    from langgraph.checkpoint.postgres import PostgresSaver
+
+    timeout = max(1, int(connect_timeout))
+    try:
+        # A direct connection gives the server's own reason on failure (bad password,
+        # unknown database) where a pool would only time out.
+        lock_conn = psycopg.connect(parsed.target, autocommit=True, connect_timeout=timeout)
+    except psycopg.Error as e:
+        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+    try:
+        lock_conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+        with psycopg.connect(
+            parsed.target, connect_timeout=timeout, **postgres_pool_kwargs()
+        ) as setup_conn:
+            PostgresSaver(setup_conn).setup()
+        _migrate_postgres(lock_conn)
+    except psycopg.Error as e:
+        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+    finally:
+        lock_conn.close()
+
+
+def _open_postgres_backend(
+    parsed: ParsedURL,
+    pool_size: int,
+    connect_timeout: float,
+    max_idle: float,
+    max_lifetime: float,
+) -> Backend:
+    from langgraph.checkpoint.postgres import PostgresSaver
+    from psycopg_pool import ConnectionPool, PoolTimeout
+
+    setup_postgres(parsed, connect_timeout)
+    pool: ConnectionPool[Connection[Row]] = ConnectionPool(
+        parsed.target,
+        min_size=1,
+        max_size=max(1, pool_size),
+        kwargs=postgres_pool_kwargs(),
+        check=ConnectionPool.check_connection,
+        max_idle=max_idle,
+        max_lifetime=max_lifetime,
+        open=False,
+        name="langgraph-harness",
+    )
+    try:
+        pool.open(wait=True, timeout=connect_timeout)
+    except PoolTimeout as e:
+        pool.close()
+        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+    saver = PostgresSaver(pool)
+    return Backend(url=parsed.masked, kind="postgres", checkpointer=saver, db=_PostgresDB(pool))

@@ -1,0 +1,66 @@
+"""langgraph-harness: the production harness for LangGraph agents.
+
+Every public name is imported here; import from ``harness_nodes`` directly.
+"""
+
+from harness_nodes.errors import (
+    AlreadyDecided,
+    BackendError,
+    BackendUnavailable,
+    BackendURLError,
+    BudgetError,
+    BudgetExceeded,
+    EffectError,
+    EffectOutcomeUnknown,
+    HarnessError,
+    InvalidDecision,
+    ReviewError,
+    ReviewNotFound,
+    TaskError,
+    TaskNotFinished,
+    UnknownThread,
+    UnpricedModelError,
+    UserError,
+    VerificationFailed,
+)
+from harness_nodes.state import (
+    HarnessState,
+    MessagesOnly,
+    ModelSpend,
+    Outcome,
+    OutcomeStatus,
+    ReviewRecord,
+    Spend,
+    TaskInfo,
+    Verdict,
+)
+
+__all__ = [
+    "AlreadyDecided",
+    "BackendError",
+    "BackendURLError",
+    "BackendUnavailable",
+    "BudgetError",
+    "BudgetExceeded",
+    "EffectError",
+    "EffectOutcomeUnknown",
+    "HarnessError",
+    "HarnessState",
+    "InvalidDecision",
+    "MessagesOnly",
+    "ModelSpend",
+    "Outcome",
+    "OutcomeStatus",
+    "ReviewError",
+    "ReviewNotFound",
+    "ReviewRecord",
+    "Spend",
+    "TaskError",
+    "TaskInfo",
+    "TaskNotFinished",
+    "UnknownThread",
+    "UnpricedModelError",
+    "UserError",
+    "Verdict",
+    "VerificationFailed",
+]

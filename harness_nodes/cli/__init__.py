@@ -1,0 +1,12 @@
+"""The ``harness`` command line.
+
+Each sub-command lives in its own private module and registers itself on `app`. Errors from
+the harness print as one line on stderr with exit code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+from harness_nodes.cli import _demo  # noqa: F401  (registers `harness demo`)
+from harness_nodes.cli._app import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,54 @@
+"""The typer application and the error boundary shared by every sub-command."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from harness_nodes.errors import HarnessError
+
+app = typer.Typer(
+    name="harness",
+    help="The production harness for LangGraph agents.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    """The production harness for LangGraph agents."""
+    _state["debug"] = debug
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``harness`` console script."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except HarnessError as e:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        raise

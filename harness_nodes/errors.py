@@ -1,0 +1,341 @@
+"""The langgraph-harness error tree.
+
+Every error the harness raises derives from one root, so ``except HarnessError`` catches
+them all::
+
+    HarnessError
+    ├── UserError                 wiring mistake, raised at construction, never mid-run
+    ├── BackendError
+    │   ├── BackendURLError       the URL cannot be parsed or names an unknown scheme
+    │   └── BackendUnavailable    the database did not answer (or refused us)
+    ├── BudgetError
+    │   ├── UnpricedModelError    no price for a model and no fallback declared
+    │   └── BudgetExceeded        an envelope limit was reached (exit_behavior="error")
+    ├── VerificationFailed        a tool output failed its contract (on_fail="fail")
+    ├── ReviewError
+    │   ├── ReviewNotFound        no review item with that id
+    │   ├── InvalidDecision       a malformed or disallowed review decision (item stays pending)
+    │   └── AlreadyDecided        someone else decided this item first
+    ├── EffectError
+    │   └── EffectOutcomeUnknown  an irreversible call started but its result was never recorded
+    └── TaskError
+        ├── UnknownThread         no task / checkpoint for that thread id
+        └── TaskNotFinished       a result was asked for before the task finished
+
+Errors carry typed fields and build their message from them in ``__str__``. They pickle
+(they cross process boundaries: workers, job queues) because every field is also passed
+positionally to ``Exception.__init__``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AlreadyDecided",
+    "BackendError",
+    "BackendURLError",
+    "BackendUnavailable",
+    "BudgetError",
+    "BudgetExceeded",
+    "EffectError",
+    "EffectOutcomeUnknown",
+    "HarnessError",
+    "InvalidDecision",
+    "ReviewError",
+    "ReviewNotFound",
+    "TaskError",
+    "TaskNotFinished",
+    "UnknownThread",
+    "UnpricedModelError",
+    "UserError",
+    "VerificationFailed",
+]
+
+
+class HarnessError(Exception):
+    """Root of every error raised by langgraph-harness."""
+
+
+class UserError(HarnessError):
+    """A usage mistake by the application developer, raised when the harness is wired up.
+
+    Example: a `ToolContract` for a tool the graph does not have.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- backend -------------------------------------------------------------------------------
+
+
+class BackendError(HarnessError):
+    """A problem with the durable backend (URL, connection, schema)."""
+
+
+class BackendURLError(BackendError):
+    """The backend URL cannot be used.
+
+    Attributes:
+        url: The URL with any password masked.
+        reason: What is wrong with it.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(url, reason)
+        self.url = url
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (
+            f"Cannot use backend URL {self.url!r}: {self.reason}. "
+            "Expected memory://, sqlite:///path/to/file.db or postgresql://user@host:port/db"
+        )
+
+
+class BackendUnavailable(BackendError):
+    """The database named by the URL could not be reached or set up.
+
+    Attributes:
+        url: The URL with any password masked.
+        reason: The driver's one-line explanation.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(url, reason)
+        self.url = url
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"Cannot open backend {self.url!r}: {self.reason}"
+
+
+# --- budget --------------------------------------------------------------------------------
+
+
+class BudgetError(HarnessError):
+    """A problem with cost envelopes or pricing."""
+
+
+class UnpricedModelError(BudgetError):
+    """A model has no known price and no fallback price was declared.
+
+    Attributes:
+        model: The model name as the harness saw it.
+        provider: The provider, if known.
+    """
+
+    def __init__(self, model: str, provider: str | None = None) -> None:
+        super().__init__(model, provider)
+        self.model = model
+        self.provider = provider
+
+    def __str__(self) -> str:
+        where = f" (provider {self.provider!r})" if self.provider else ""
+        return (
+            f"No price known for model {self.model!r}{where}. Price it explicitly, e.g. "
+            f"Pricing(overrides={{{self.model!r}: ModelPrice(input_per_mtok=..., "
+            "output_per_mtok=...)}), or declare a fallback price: "
+            "Pricing(fallback=ModelPrice(...))."
+        )
+
+
+class BudgetExceeded(BudgetError):
+    """An envelope limit was reached (raised only with ``exit_behavior="error"``).
+
+    Attributes:
+        task_id: The task whose envelope is exhausted.
+        limit: Which limit: ``"usd"``, ``"tokens"`` or ``"calls"`` (or a window cap name).
+        used: How much was spent (or reserved) when the limit was hit.
+        maximum: The limit's value.
+    """
+
+    def __init__(self, task_id: str, limit: str, used: float, maximum: float) -> None:
+        super().__init__(task_id, limit, used, maximum)
+        self.task_id = task_id
+        self.limit = limit
+        self.used = used
+        self.maximum = maximum
+
+    def __str__(self) -> str:
+        return (
+            f"Budget exhausted for task {self.task_id!r}: {self.limit} used {self.used:g}, "
+            f"limit {self.maximum:g}"
+        )
+
+
+# --- verification --------------------------------------------------------------------------
+
+
+class VerificationFailed(HarnessError):
+    """A tool output failed its contract and the policy says fail.
+
+    Attributes:
+        tool: The tool's name.
+        tool_call_id: The failing call.
+        reasons: Why the output was refused.
+    """
+
+    def __init__(self, tool: str, tool_call_id: str, reasons: list[str]) -> None:
+        super().__init__(tool, tool_call_id, reasons)
+        self.tool = tool
+        self.tool_call_id = tool_call_id
+        self.reasons = list(reasons)
+
+    def __str__(self) -> str:
+        return (
+            f"Output of tool {self.tool!r} (call {self.tool_call_id}) failed verification: "
+            + "; ".join(self.reasons)
+        )
+
+
+# --- review --------------------------------------------------------------------------------
+
+
+class ReviewError(HarnessError):
+    """A problem with a human review item or decision."""
+
+
+class ReviewNotFound(ReviewError):
+    """No review item has this id.
+
+    Attributes:
+        review_id: The id that was asked for.
+    """
+
+    def __init__(self, review_id: str) -> None:
+        super().__init__(review_id)
+        self.review_id = review_id
+
+    def __str__(self) -> str:
+        return f"No review item {self.review_id!r}"
+
+
+class InvalidDecision(ReviewError):
+    """A review decision was malformed or not allowed; the item stays pending.
+
+    Attributes:
+        review_id: The item the decision was for (``""`` when unknown).
+        reason: What is wrong with the decision.
+    """
+
+    def __init__(self, review_id: str, reason: str) -> None:
+        super().__init__(review_id, reason)
+        self.review_id = review_id
+        self.reason = reason
+
+    def __str__(self) -> str:
+        item = f" for review {self.review_id!r}" if self.review_id else ""
+        return f"Invalid decision{item}: {self.reason} (the item is still pending)"
+
+
+class AlreadyDecided(ReviewError):
+    """Another reviewer decided this item first; nothing was applied.
+
+    Attributes:
+        review_id: The item.
+        decided_by: Who decided it.
+        decided_at: When (ISO 8601).
+        decision: Which decision won.
+    """
+
+    def __init__(self, review_id: str, decided_by: str, decided_at: str, decision: str) -> None:
+        super().__init__(review_id, decided_by, decided_at, decision)
+        self.review_id = review_id
+        self.decided_by = decided_by
+        self.decided_at = decided_at
+        self.decision = decision
+
+    def __str__(self) -> str:
+        return (
+            f"Review {self.review_id!r} was already decided ({self.decision}) "
+            f"by {self.decided_by} at {self.decided_at}"
+        )
+
+
+# --- effects -------------------------------------------------------------------------------
+
+
+class EffectError(HarnessError):
+    """A problem with the side-effect ledger."""
+
+
+class EffectOutcomeUnknown(EffectError):
+    """An irreversible call was started but its result was never recorded (a crash mid-call).
+
+    The harness never re-runs such a call silently: it goes to a human, who checks whether
+    the effect happened (did the refund go out?).
+
+    Attributes:
+        thread_id: The task's thread.
+        tool_call_id: The call.
+        tool: The tool's name.
+        call_args: The call's arguments (``args`` is taken by `BaseException`).
+        idempotency_key: The key the tool was given, to look the effect up downstream.
+    """
+
+    def __init__(
+        self,
+        thread_id: str,
+        tool_call_id: str,
+        tool: str,
+        call_args: dict[str, Any] | None = None,
+        idempotency_key: str = "",
+    ) -> None:
+        super().__init__(thread_id, tool_call_id, tool, call_args, idempotency_key)
+        self.thread_id = thread_id
+        self.tool_call_id = tool_call_id
+        self.tool = tool
+        self.call_args = dict(call_args or {})
+        self.idempotency_key = idempotency_key
+
+    def __str__(self) -> str:
+        return (
+            f"Outcome unknown for irreversible call {self.tool}({self.call_args}) "
+            f"[thread {self.thread_id}, call {self.tool_call_id}, "
+            f"idempotency key {self.idempotency_key}]: it started but no result was recorded"
+        )
+
+
+# --- tasks ---------------------------------------------------------------------------------
+
+
+class TaskError(HarnessError):
+    """A problem with a task or its thread."""
+
+
+class UnknownThread(TaskError):
+    """No task or checkpoint exists for this thread id.
+
+    Attributes:
+        thread_id: The id that was asked for.
+    """
+
+    def __init__(self, thread_id: str) -> None:
+        super().__init__(thread_id)
+        self.thread_id = thread_id
+
+    def __str__(self) -> str:
+        return f"No task found for thread {self.thread_id!r}"
+
+
+class TaskNotFinished(TaskError):
+    """A task's result was asked for before it finished.
+
+    Attributes:
+        task_key: The task.
+        status: Its current status.
+    """
+
+    def __init__(self, task_key: str, status: str) -> None:
+        super().__init__(task_key, status)
+        self.task_key = task_key
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"Task {self.task_key!r} has not finished (status: {self.status})"

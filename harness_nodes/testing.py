@@ -1,0 +1,238 @@
+"""A scripted chat model for tests, demos and benchmarks — no API key, no network.
+
+`ScriptedChatModel` answers by **turn**: the n-th model call of a conversation (n = the
+number of AI messages already in the prompt) gets ``script[n]``. So a graph resumed in a
+new process after a crash gets exactly the answers it would have got — the script has no
+hidden position to lose. Each answer carries a model name and ``usage_metadata`` (given, or
+a deterministic estimate from the prompt's and answer's sizes), so budgets and traces see
+realistic figures. Faults are injected deterministically by turn.
+
+Example:
+    ```python
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("get_weather", {"city": "Paris"})]),
+            ai("It is sunny in Paris."),
+        ],
+        model_name="gpt-4o-mini",
+    )
+    first = model.invoke("What is the weather in Paris?")
+    assert first.tool_calls[0]["name"] == "get_weather"
+    assert first.usage_metadata is not None and first.usage_metadata["input_tokens"] > 0
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, BaseMessage, ToolCall
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatResult
+from pydantic import ConfigDict, Field, PrivateAttr
+
+__all__ = ["ScriptExhausted", "ScriptedChatModel", "ai", "tool_call"]
+
+Reply = AIMessage | str | Callable[[list[BaseMessage]], AIMessage | str]
+"""One scripted answer: a message, plain text, or a function of the prompt."""
+
+
+class ScriptExhausted(RuntimeError):
+    """The model was called more times than its script has turns (and ``loop`` is off)."""
+
+    def __init__(self, turn: int, length: int) -> None:
+        super().__init__(turn, length)
+        self.turn = turn
+        self.length = length
+
+    def __str__(self) -> str:
+        return (
+            f"ScriptedChatModel was called for turn {self.turn} but its script has only "
+            f"{self.length} turn(s); add turns or pass loop=True to repeat the last one"
+        )
+
+
+def tool_call(name: str, args: dict[str, Any] | None = None, id: str | None = None) -> ToolCall:
+    """Build a tool call for a scripted answer (a fresh id unless one is given).
+
+    Example:
+        ```python
+        from harness_nodes.testing import tool_call
+
+        call = tool_call("refund", {"amount": 10}, id="call-1")
+        assert call["id"] == "call-1" and call["args"] == {"amount": 10}
+        ```
+    """
+    return ToolCall(
+        name=name, args=dict(args or {}), id=id or f"call_{uuid.uuid4().hex[:12]}", type="tool_call"
+    )
+
+
+def ai(
+    content: str = "",
+    *,
+    tool_calls: Sequence[ToolCall] = (),
+    usage: Mapping[str, int] | None = None,
+) -> AIMessage:
+    """Build a scripted AI answer, optionally with tool calls and explicit token usage.
+
+    Example:
+        ```python
+        from harness_nodes.testing import ai
+
+        msg = ai("done", usage={"input_tokens": 100, "output_tokens": 5})
+        assert msg.usage_metadata == {"input_tokens": 100, "output_tokens": 5, "total_tokens": 105}
+        ```
+    """
+    usage_metadata = None
+    if usage is not None:
+        inp, out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+        usage_metadata = UsageMetadata(input_tokens=inp, output_tokens=out, total_tokens=inp + out)
+    return AIMessage(content=content, tool_calls=list(tool_calls), usage_metadata=usage_metadata)
+
+
+def _estimate_tokens(text: str) -> int:
+    # ~4 bytes per token is the usual rule of thumb for English with BPE tokenizers.
+    return max(1, math.ceil(len(text.encode("utf-8")) / 4))
+
+
+def _prompt_text(messages: Sequence[BaseMessage]) -> str:
+    parts: list[str] = []
+    for m in messages:
+        parts.append(m.text if isinstance(m.content, list) else str(m.content))
+        if isinstance(m, AIMessage) and m.tool_calls:
+            parts.append(json.dumps([dict(c) for c in m.tool_calls], default=str))
+    return "\n".join(parts)
+
+
+class ScriptedChatModel(GenericFakeChatModel):
+    """A deterministic chat model that plays a script, turn by turn.
+
+    It subclasses LangChain's `GenericFakeChatModel`, binds tools (by ignoring them, so graphs
+    that call ``bind_tools`` work), honours ``max_tokens`` (truncating its answer and its
+    reported output tokens), and reports ``model_name`` in its response metadata.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    __test__ = False  # not a pytest test class
+
+    messages: Iterator[AIMessage | str] = Field(default_factory=lambda: iter(()))
+    """Unused: the script is read by turn (kept for `GenericFakeChatModel` compatibility)."""
+    script: list[Any] = Field(default_factory=list)
+    """The answers, by turn: `AIMessage`, text, or a function of the prompt (see `Reply`).
+
+    Typed ``Any`` because pydantic would otherwise try to coerce functions into messages."""
+    model_name: str = "scripted"
+    """Reported as the model that answered (``response_metadata["model_name"]``)."""
+    loop: bool = False
+    """Repeat the last turn forever (a runaway agent) instead of raising `ScriptExhausted`."""
+    faults: dict[int, BaseException] = Field(default_factory=dict)
+    """Turn → exception raised on the first ``fault_attempts`` calls for that turn."""
+    fault_attempts: int = 1
+    """How many attempts at a faulty turn fail before it answers normally."""
+    max_tokens: int | None = None
+    """Cap on output tokens; the answer is truncated to fit, as a provider would."""
+    disable_streaming: bool | Any = True
+
+    _attempts: dict[int, int] = PrivateAttr(default_factory=dict)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
+        """Accept tools like a real model would; the script decides the calls."""
+        return self
+
+    @property
+    def _llm_type(self) -> str:
+        return "scripted-chat-model"
+
+    @property
+    def calls(self) -> int:
+        """How many times this instance was called (all turns, faults included)."""
+        return sum(self._attempts.values())
+
+    def _turn(self, messages: Sequence[BaseMessage]) -> int:
+        return sum(1 for m in messages if isinstance(m, AIMessage))
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        turn = self._turn(messages)
+        with self._lock:
+            attempt = self._attempts.get(turn, 0) + 1
+            self._attempts[turn] = attempt
+        if turn in self.faults and attempt <= self.fault_attempts:
+            raise self.faults[turn]
+        if turn >= len(self.script):
+            if not self.loop or not self.script:
+                raise ScriptExhausted(turn, len(self.script))
+            reply = self.script[-1]
+        else:
+            reply = self.script[turn]
+        if callable(reply):
+            reply = reply(list(messages))
+        if isinstance(reply, str):
+            msg = AIMessage(content=reply)
+        elif isinstance(reply, AIMessage):
+            msg = reply
+        else:
+            raise TypeError(f"script turn {turn} gave {type(reply).__name__}, not AIMessage/str")
+        if turn >= len(self.script):
+            # A looping script must not reuse one tool-call id, or the effect ledger would
+            # (rightly) treat each new call as a replay of the first. Derived ids stay
+            # deterministic, so a resumed run sees the same ids.
+            msg = msg.model_copy(
+                update={"tool_calls": [{**c, "id": f"{c['id']}_t{turn}"} for c in msg.tool_calls]}
+            )
+        finished = self._finish(msg, messages, kwargs)
+        return ChatResult(generations=[ChatGeneration(message=finished)])
+
+    def _finish(
+        self, msg: AIMessage, prompt: Sequence[BaseMessage], kwargs: Mapping[str, Any]
+    ) -> AIMessage:
+        cap = kwargs.get("max_tokens", self.max_tokens)
+        content = msg.content
+        usage = msg.usage_metadata
+        if usage is None:
+            inp = _estimate_tokens(_prompt_text(prompt))
+            out_text = (content if isinstance(content, str) else json.dumps(content)) + json.dumps(
+                [dict(c) for c in msg.tool_calls], default=str
+            )
+            usage = UsageMetadata(
+                input_tokens=inp,
+                output_tokens=_estimate_tokens(out_text),
+                total_tokens=0,
+            )
+        out_tokens = usage["output_tokens"]
+        finish = "tool_calls" if msg.tool_calls else "stop"
+        if cap is not None and out_tokens > int(cap):
+            out_tokens = int(cap)
+            finish = "length"
+            if isinstance(content, str):
+                content = content[: max(0, int(cap) * 4)]
+        usage = UsageMetadata(
+            input_tokens=usage["input_tokens"],
+            output_tokens=out_tokens,
+            total_tokens=usage["input_tokens"] + out_tokens,
+        )
+        tool_calls = [] if finish == "length" else list(msg.tool_calls)
+        return AIMessage(
+            content=content,
+            tool_calls=tool_calls,
+            usage_metadata=usage,
+            response_metadata={"model_name": self.model_name, "finish_reason": finish},
+            id=msg.id,
+        )

@@ -1,0 +1,144 @@
+"""Shared fixtures: one backend fixture over memory | sqlite | postgres.
+
+Postgres cases get a fresh database per test, dropped afterwards. Where no server answers
+they skip with a loud reason locally, and **fail** under ``CI=true``: CI must never go green
+without having touched a real database.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from langgraph.checkpoint.base import BaseCheckpointSaver
+
+from checkpointers import AsyncBackend, Backend, aopen_backend, open_backend
+
+PG_URI = os.environ.get(
+    "HARNESS_TEST_POSTGRES_URI", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+_SECRET_ENV = (
+    "OPENAI_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "GOOGLE_API_KEY",
+    "LANGFUSE_PUBLIC_KEY",
+    "LANGFUSE_SECRET_KEY",
+    "LANGFUSE_HOST",
+    "LANGFUSE_BASE_URL",
+    "HARNESS_DATABASE_URL",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach a real provider or pick up a developer's database by accident."""
+    for name in _SECRET_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _postgres_problem() -> str | None:
+    try:
+        with psycopg.connect(PG_URI, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as e:
+        return f"PostgreSQL at {PG_URI} is not reachable: {str(e).splitlines()[0]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The admin URL of a live PostgreSQL; skip loudly (fail under CI) when there is none."""
+    problem = _postgres_problem()
+    if problem:
+        if IN_CI:
+            pytest.fail(f"{problem} — CI=true requires a real database", pytrace=False)
+        pytest.skip(f"!!! POSTGRES TESTS SKIPPED: {problem}")
+    return PG_URI
+
+
+def _with_db(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{dbname}"))
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database for this test; dropped afterwards."""
+    name = f"harness_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_db(postgres_server, name)
+    finally:
+        with psycopg.connect(postgres_server, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+BACKEND_KINDS = [
+    pytest.param("memory", id="memory"),
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+]
+
+
+@pytest.fixture(params=BACKEND_KINDS)
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL for each backend kind: memory://, a temp SQLite file, a fresh Postgres db."""
+    kind: str = request.param
+    if kind == "memory":
+        return "memory://"
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'harness.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture(params=BACKEND_KINDS[1:])
+def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Like `backend_url`, for the backends that outlive a process (sqlite, postgres)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'harness.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def backend(backend_url: str) -> Iterator[Backend]:
+    with open_backend(backend_url) as b:
+        yield b
+
+
+@pytest.fixture
+def checkpointer(backend: Backend) -> BaseCheckpointSaver[Any]:
+    return backend.checkpointer
+
+
+@pytest.fixture
+async def abackend(backend_url: str) -> AsyncIterator[AsyncBackend]:
+    b = await aopen_backend(backend_url)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a child Python process that imports this checkout's packages."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env

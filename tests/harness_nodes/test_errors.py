@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import inspect
+import pickle
+
+import pytest
+
+import harness_nodes.errors as errors_module
+from harness_nodes import errors
+
+CASES = [
+    errors.UserError("wired wrong"),
+    errors.BackendURLError("mysql://x", "unknown scheme"),
+    errors.BackendUnavailable("postgresql://u:***@h/db", "refused"),
+    errors.UnpricedModelError("my-model", "self-hosted"),
+    errors.BudgetExceeded("task-1", "usd", 0.51, 0.5),
+    errors.VerificationFailed("search", "call-1", ["empty result"]),
+    errors.ReviewNotFound("r1"),
+    errors.InvalidDecision("r1", "unknown action 'maybe'"),
+    errors.AlreadyDecided("r1", "alice", "2026-01-01T00:00:00Z", "approve"),
+    errors.EffectOutcomeUnknown("t1", "call-9", "refund", {"amount": 10}, "t1:call-9"),
+    errors.UnknownThread("nope"),
+    errors.TaskNotFinished("k1", "running"),
+]
+
+
+@pytest.mark.parametrize("error", CASES, ids=lambda e: type(e).__name__)
+def test_errors_pickle_with_their_fields(error: errors.HarnessError) -> None:
+    clone = pickle.loads(pickle.dumps(error))
+    assert type(clone) is type(error)
+    assert str(clone) == str(error)
+    assert vars(clone) == vars(error)
+    assert isinstance(clone, errors.HarnessError)
+
+
+def test_every_error_class_is_covered_and_rooted() -> None:
+    classes = {
+        obj
+        for _, obj in inspect.getmembers(errors_module, inspect.isclass)
+        if issubclass(obj, Exception) and obj.__module__ == errors_module.__name__
+    }
+    assert all(issubclass(c, errors.HarnessError) for c in classes)
+    leaves = {c for c in classes if not c.__subclasses__()}
+    assert leaves <= {type(e) for e in CASES}
+
+
+def test_budget_exceeded_message_is_built_from_fields() -> None:
+    e = errors.BudgetExceeded("task-1", "usd", 0.5, 0.5)
+    assert str(e) == "Budget exhausted for task 'task-1': usd used 0.5, limit 0.5"
+    assert (e.task_id, e.limit, e.used, e.maximum) == ("task-1", "usd", 0.5, 0.5)
+
+
+def test_unpriced_model_message_says_how_to_price_it() -> None:
+    e = errors.UnpricedModelError("llama-local")
+    assert "llama-local" in str(e)
+    assert "fallback" in str(e)
