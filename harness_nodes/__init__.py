@@ -24,6 +24,8 @@ from harness_nodes.errors import (
     VerificationFailed,
 )
 from harness_nodes.state import (
+    Escalation,
+    EscalationKind,
     HarnessState,
     MessagesOnly,
     ModelSpend,
@@ -44,6 +46,8 @@ __all__ = [
     "BudgetExceeded",
     "EffectError",
     "EffectOutcomeUnknown",
+    "Escalation",
+    "EscalationKind",
     "HarnessError",
     "HarnessState",
     "InvalidDecision",

@@ -35,6 +35,8 @@ from langgraph.graph.message import add_messages
 from typing_extensions import TypedDict
 
 __all__ = [
+    "Escalation",
+    "EscalationKind",
     "HarnessState",
     "MessagesOnly",
     "ModelSpend",
@@ -102,6 +104,33 @@ class ReviewRecord(TypedDict):
     """Why the action was sent to review."""
     decided_at: NotRequired[str]
     """ISO 8601 time of the decision."""
+
+
+EscalationKind = Literal["verification", "effect_unknown", "budget", "low_confidence"]
+"""Why a case goes to a person without being a plain pre-tool review."""
+
+
+class Escalation(TypedDict):
+    """A case a harness node hands to human review.
+
+    Nodes that escalate write it on the tool message concerned, as
+    ``ToolMessage.additional_kwargs["harness"]["escalation"]`` — so it works in a plain
+    ``MessagesState`` app — and `HumanReview` picks up every escalation among the tool
+    messages after the last AI message.
+    """
+
+    kind: EscalationKind
+    """Who escalated and why (verification exhausted, outcome of an effect unknown, ...)."""
+    reason: str
+    """One line for the reviewer."""
+    tool: NotRequired[str]
+    """The tool concerned."""
+    tool_call_id: NotRequired[str]
+    """The call concerned."""
+    args: NotRequired[dict[str, Any]]
+    """The call's arguments."""
+    details: NotRequired[dict[str, Any]]
+    """Anything else the reviewer needs (verifier reasons, idempotency key, spend...)."""
 
 
 class ModelSpend(TypedDict):
