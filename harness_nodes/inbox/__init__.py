@@ -1,0 +1,52 @@
+"""The review inbox: a small web app over `ReviewQueue` for the people who decide.
+
+Server-rendered pages (no front-end build, one small script), a JSON API on the same routes
+(``Accept: application/json``), reviewer authentication, CSRF protection and a strict CSP.
+Needs the ``inbox`` extra: ``pip install "langgraph-harness[inbox]"``. Run it with
+``harness review serve``, or mount `create_app` in your own ASGI server.
+
+Example:
+    ```python
+    from harness_nodes.inbox import InboxAuth
+
+    auth = InboxAuth(reviewers={"alice": "a-long-random-token"})
+    print(auth.reviewer_for("Bearer a-long-random-token"))  # alice
+    ```
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from harness_nodes.inbox._security import ANONYMOUS, InboxAuth, is_loopback, parse_reviewers
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+__all__ = ["ANONYMOUS", "InboxAuth", "create_app", "is_loopback", "parse_reviewers"]
+
+
+def create_app(queue: Any, auth: InboxAuth, *, page_size: int = 50) -> Starlette:
+    """Build the inbox as an ASGI app over a `ReviewQueue`.
+
+    Args:
+        queue: The `ReviewQueue` whose items are listed and decided.
+        auth: Who may use the inbox (see `InboxAuth`).
+        page_size: Items per list page.
+
+    Routes: ``GET /reviews`` (pending list; ``task_type``, ``reason``, ``assignee``,
+    ``page`` query parameters), ``GET /reviews/{id}`` (item, trace, outcome),
+    ``POST /reviews/{id}/decision`` (form or JSON decision). Each answers JSON to
+    ``Accept: application/json``.
+
+    Example:
+        ```python
+        from harness_nodes.inbox import InboxAuth, create_app
+
+        def serve(queue):  # a ReviewQueue
+            return create_app(queue, InboxAuth(reviewers={"alice": "a-long-random-token"}))
+        ```
+    """
+    from harness_nodes.inbox._app import create_app as _create_app
+
+    return _create_app(queue, auth, page_size=page_size)

@@ -1,0 +1,65 @@
+"""``harness review serve``: open the backend, load the graph, run the inbox with uvicorn."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from harness_nodes.errors import UserError
+from harness_nodes.inbox._security import InboxAuth, is_loopback, parse_reviewers
+
+DEFAULT_PORT = 8765
+
+
+def load_object(spec: str) -> Any:
+    """Import ``module:attr`` (``attr`` may be dotted)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"--graph must look like module:attribute, got {spec!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"Cannot import {module_name!r} for --graph: {e}") from e
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UserError(f"{module_name!r} has no attribute {attr!r} (--graph)") from None
+    return obj
+
+
+def build_auth(
+    *,
+    host: str,
+    reviewers: list[str] | None,
+    allow_anonymous: bool,
+    allowed_hosts: list[str] | None,
+) -> InboxAuth:
+    """The inbox's `InboxAuth` from CLI options and ``HARNESS_INBOX_*`` environment variables.
+
+    ``HARNESS_INBOX_REVIEWERS`` (``name:token,...``) adds reviewers; ``HARNESS_INBOX_SECRET``
+    fixes the CSRF key (needed when several processes serve one inbox).
+    """
+    people = parse_reviewers(os.environ.get("HARNESS_INBOX_REVIEWERS"))
+    for name, token in parse_reviewers(reviewers).items():
+        people[name] = token
+    if allow_anonymous and not is_loopback(host):
+        raise UserError(
+            f"--allow-anonymous is for local use only; refusing to serve anonymously on {host}"
+        )
+    if allowed_hosts:
+        hosts: frozenset[str] | None = frozenset(h.lower().strip("[]") for h in allowed_hosts)
+    elif is_loopback(host):
+        hosts = frozenset({"localhost", "127.0.0.1", "::1"})
+    elif host in ("0.0.0.0", "::"):
+        hosts = None
+    else:
+        hosts = frozenset({host.lower().strip("[]")})
+    extra: dict[str, Any] = {}
+    secret = os.environ.get("HARNESS_INBOX_SECRET")
+    if secret:
+        extra["secret_key"] = secret
+    return InboxAuth(
+        reviewers=people, allow_anonymous=allow_anonymous, allowed_hosts=hosts, **extra
+    )
