@@ -42,6 +42,7 @@ DEFAULT_URL = "sqlite:///harness.db"
 """The embedded default: a SQLite file in the working directory."""
 
 ADVISORY_LOCK_KEY = 0x6C67_6861  # "lgha": serialises schema set-up across processes
+SETUP_LOCK_TIMEOUT = 120.0  # seconds to wait for another process's schema set-up
 
 Row = dict[str, Any]
 Params = Sequence[Any]
@@ -354,12 +355,37 @@ def _open_sqlite_backend(parsed: ParsedURL) -> Backend:
     return Backend(url=parsed.masked, kind="sqlite", checkpointer=saver, db=db, closers=[conn])
 
 
+def _take_setup_lock(conn: Connection[Any], parsed: ParsedURL) -> None:
+    """Take the set-up advisory lock by polling ``pg_try_advisory_lock``, never by blocking.
+
+    A blocking ``pg_advisory_lock`` deadlocks here: the winner's ``PostgresSaver.setup()``
+    runs ``CREATE INDEX CONCURRENTLY``, which waits for every open transaction to end —
+    including the losers' ``SELECT pg_advisory_lock(...)``, which wait for the winner. Polling
+    keeps the losers' statements short, so the index build proceeds (observed: 4 processes
+    hung for good on a fresh database with the blocking call).
+    """
+    deadline = time.monotonic() + SETUP_LOCK_TIMEOUT
+    pause = 0.005
+    while True:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (ADVISORY_LOCK_KEY,)).fetchone()
+        if row is not None and row[0]:
+            return
+        if time.monotonic() > deadline:
+            raise BackendUnavailable(
+                parsed.masked,
+                f"another process held the schema set-up lock for over {SETUP_LOCK_TIMEOUT:g} s",
+            )
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
 def setup_postgres(parsed: ParsedURL, connect_timeout: float) -> None:
     """Create LangGraph's and the harness's tables, serialised across processes.
 
     Concurrent set-up races on ``CREATE TABLE IF NOT EXISTS`` (duplicate ``pg_type`` keys); a
-    session-level advisory lock serialises it, and closing the session releases the lock even
-    if set-up fails half-way. Set-up runs on plain autocommit connections, never a pipeline.
+    session-level advisory lock serialises it (taken by polling: see `_take_setup_lock`), and
+    closing the session releases the lock even if set-up fails half-way. Set-up runs on plain
+    autocommit connections, never a pipeline.
     """
     import psycopg
     from langgraph.checkpoint.postgres import PostgresSaver
@@ -372,7 +398,7 @@ def setup_postgres(parsed: ParsedURL, connect_timeout: float) -> None:
     except psycopg.Error as e:
         raise BackendUnavailable(parsed.masked, _first_line(e)) from None
     try:
-        lock_conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+        _take_setup_lock(lock_conn, parsed)
         with psycopg.connect(
             parsed.target, connect_timeout=timeout, **postgres_pool_kwargs()
         ) as setup_conn:
