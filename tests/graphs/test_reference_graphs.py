@@ -1,0 +1,229 @@
+"""The reference graphs: what they do by default, and what each fault flag breaks.
+
+These run the graphs as plain LangGraph graphs: the faults are *silent* here (the run
+completes with a wrong or empty answer), which is exactly what the harness layers catch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langgraph.errors import GraphRecursionError
+
+from checkpointers import open_backend
+from graphs import Faults, SimulatedCrash, documents, research, support
+from harness_nodes import UserError
+from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+
+def _run(builder: Any, task: str, **kw: Any) -> dict[str, Any]:
+    out: dict[str, Any] = builder.compile().invoke({"messages": [HumanMessage(task)]}, **kw)
+    return out
+
+
+def _tool_messages(state: dict[str, Any]) -> list[ToolMessage]:
+    return [m for m in state["messages"] if isinstance(m, ToolMessage)]
+
+
+# --- research ------------------------------------------------------------------------------
+
+
+def test_research_reads_the_top_hits_and_summarises_them() -> None:
+    out = _run(research.build_graph(), research.DEFAULT_TASK)
+    reads = [m for m in _tool_messages(out) if m.name == "read"]
+    assert len(reads) == research.TOP_K
+    answer = out["messages"][-1].text
+    assert answer.startswith("Summary for:")
+    assert "Lithium-ion batteries for grid storage" in answer
+    assert out["outcome"]["status"] == "completed"
+
+
+def test_research_prompt_grows_with_every_read() -> None:
+    out = _run(research.build_graph(), research.DEFAULT_TASK)
+    inputs = [
+        m.usage_metadata["input_tokens"]
+        for m in out["messages"]
+        if isinstance(m, AIMessage) and m.usage_metadata
+    ]
+    assert inputs == sorted(inputs) and inputs[-1] > 5 * inputs[0]
+
+
+def test_research_search_ranks_the_matching_note_first() -> None:
+    search, _ = research.make_tools()
+    hits = search.invoke({"query": "pumped hydro reservoirs"})
+    assert hits[0]["doc_id"] == "pumped-hydro"
+    assert all(0 <= h["score"] <= 1 for h in hits)
+
+
+@pytest.mark.parametrize(
+    ("flag", "symptom"),
+    [
+        pytest.param("empty_results", "could not find any notes", id="empty"),
+        pytest.param("embedded_error", "429 Too Many Requests", id="embedded-error"),
+    ],
+)
+def test_research_faults_pass_silently_without_the_harness(flag: str, symptom: str) -> None:
+    out = _run(research.build_graph(faults={flag: True}), research.DEFAULT_TASK)
+    assert out["outcome"]["status"] == "completed"
+    assert symptom in out["messages"][-1].text
+
+
+def test_research_out_of_range_scores_only_on_the_first_search() -> None:
+    search, _ = research.make_tools(Faults(out_of_range=True))
+    out = _run(research.build_graph(faults={"out_of_range": True}), research.DEFAULT_TASK)
+    first = json.loads(next(m for m in _tool_messages(out) if m.name == "search").content)
+    assert max(h["score"] for h in first) > 1
+    # outside a graph there is no conversation to count attempts in: no fault
+    assert all(h["score"] <= 1 for h in search.invoke({"query": "hydrogen"}))
+
+
+def test_research_runaway_never_stops_on_its_own() -> None:
+    with pytest.raises(GraphRecursionError):
+        _run(research.build_graph(faults={"runaway": True}), "x", config={"recursion_limit": 30})
+
+
+def test_research_default_ladder_is_two_priced_model_names() -> None:
+    names = [m.model_name for m in research.scripted_models()]  # type: ignore[attr-defined]
+    assert names == ["gpt-4o", "gpt-4o-mini"]
+
+
+# --- support -------------------------------------------------------------------------------
+
+
+def test_support_refunds_the_duplicate_once_and_emails_the_customer() -> None:
+    world = support.SupportWorld()
+    out = _run(support.build_graph(world=world), support.DEFAULT_TASK)
+    assert [(r["invoice_id"], r["amount_usd"]) for r in world.refunds] == [("inv_5003", 49.0)]
+    assert [e["to"] for e in world.emails] == ["dana@example.com"]
+    assert "$49.0" in out["messages"][-1].text
+
+
+@pytest.mark.parametrize(
+    ("flag", "refunds"),
+    [
+        pytest.param("empty_results", [], id="empty-customer"),
+        pytest.param("embedded_error", [], id="embedded-error"),
+        pytest.param("out_of_range", [4900.0], id="cents-as-dollars"),
+    ],
+)
+def test_support_faults_pass_silently_without_the_harness(flag: str, refunds: list[float]) -> None:
+    world = support.SupportWorld()
+    out = _run(support.build_graph(world=world, faults={flag: True}), support.DEFAULT_TASK)
+    assert out["outcome"]["status"] == "completed"
+    assert [r["amount_usd"] for r in world.refunds] == refunds
+
+
+def test_support_retries_a_call_answered_with_an_error_message() -> None:
+    """What a verifier's corrective error message makes the scripted model do."""
+    lookup = tool_call("lookup_customer", {"email": "dana@example.com"}, id="c1")
+    prompt = [
+        HumanMessage(support.DEFAULT_TASK),
+        AIMessage("", tool_calls=[lookup]),
+        ToolMessage("output failed verification: empty result", tool_call_id="c1", status="error"),
+    ]
+    retry = support.scripted_model().invoke(prompt)
+    assert [(c["name"], c["args"]) for c in retry.tool_calls] == [
+        ("lookup_customer", {"email": "dana@example.com"})
+    ]
+    assert retry.tool_calls[0]["id"] != "c1"
+
+
+def test_support_world_on_a_file_is_shared_across_instances(tmp_path: Path) -> None:
+    path = tmp_path / "effects.jsonl"
+    support.SupportWorld(path).record("refund", {"amount_usd": 1.0})
+    assert [r["id"] for r in support.SupportWorld(path).refunds] == ["re_0001"]
+
+
+def test_support_crash_in_a_tool_fires_once_and_resume_replays_the_turn(
+    backend_url: str,
+) -> None:
+    """Without the effect ledger, the refund of the crashed turn runs again on resume."""
+    world = support.SupportWorld()
+    builder = support.build_graph(world=world, faults={"crash_in": "send_email"})
+    with open_backend(backend_url) as backend:
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        config = {"configurable": {"thread_id": "t-crash"}}
+        with pytest.raises(SimulatedCrash):
+            graph.invoke(
+                {"messages": [HumanMessage(support.DEFAULT_TASK)]}, config, durability="sync"
+            )
+        assert len(world.refunds) == 1 and world.emails == []
+        out = graph.invoke(None, config, durability="sync")
+    assert out["outcome"]["status"] == "completed"
+    assert len(world.emails) == 1
+    assert len(world.refunds) == 2  # the duplicate the effect ledger exists to prevent
+
+
+def test_support_model_crash_resumes_without_rerunning_finished_steps(backend_url: str) -> None:
+    world = support.SupportWorld()
+    builder = support.build_graph(world=world, faults={"crash_at_turn": 3})
+    with open_backend(backend_url) as backend:
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        config = {"configurable": {"thread_id": "t-model-crash"}}
+        with pytest.raises(SimulatedCrash):
+            graph.invoke(
+                {"messages": [HumanMessage(support.DEFAULT_TASK)]}, config, durability="sync"
+            )
+        out = graph.invoke(None, config, durability="sync")
+    assert out["outcome"]["status"] == "completed"
+    assert len(world.refunds) == 1 and len(world.emails) == 1
+
+
+# --- documents -----------------------------------------------------------------------------
+
+
+def _records(out: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["doc_id"]: r for r in json.loads(out["messages"][-1].text)}
+
+
+def test_documents_extracts_every_field_of_the_batch() -> None:
+    records = _records(_run(documents.build_graph(), documents.DEFAULT_TASK))
+    assert len(records) == 6
+    assert records["doc-004"] == {
+        "doc_id": "doc-004",
+        "vendor": "Tailspin Travel",
+        "date": "2026-11-02",
+        "total": 1480.0,
+        "currency": "GBP",
+    }
+    assert all(all(r[k] is not None for k in documents.FIELDS) for r in records.values())
+
+
+def test_documents_extracts_the_batch_in_one_parallel_turn() -> None:
+    out = _run(documents.build_graph(), documents.DEFAULT_TASK)
+    fan_out = [m for m in out["messages"] if isinstance(m, AIMessage) and len(m.tool_calls) > 1]
+    assert len(fan_out) == 1 and len(fan_out[0].tool_calls) == 6
+
+
+def test_documents_faults_each_hit_a_different_document_silently() -> None:
+    faults = {"empty_results": True, "embedded_error": True, "out_of_range": True}
+    records = _records(_run(documents.build_graph(faults=faults), documents.DEFAULT_TASK))
+    assert records["doc-002"]["vendor"] is None
+    assert "502 Bad Gateway" in records["doc-003"]["raw"]
+    assert records["doc-004"]["total"] == -1480.0
+    assert records["doc-001"]["total"] == 160.5
+
+
+# --- shared --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", [research, support, documents], ids=lambda m: m.TASK_TYPE)
+def test_each_graph_runs_with_any_chat_model(module: Any) -> None:
+    model = ScriptedChatModel(script=[ai("I cannot help with that.")], model_name="other")
+    out = _run(module.build_graph(model), module.DEFAULT_TASK)
+    assert out["outcome"] == {"status": "completed", "partial_result": "I cannot help with that."}
+
+
+@pytest.mark.parametrize("module", [research, support, documents], ids=lambda m: m.TASK_TYPE)
+def test_each_module_exposes_a_compiled_graph_for_deployment(module: Any) -> None:
+    out = module.graph.invoke({"messages": [HumanMessage(module.DEFAULT_TASK)]})
+    assert out["outcome"]["status"] == "completed"
+
+
+def test_unknown_fault_flag_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="Unknown fault flag\\(s\\) emtpy_results"):
+        Faults.parse({"emtpy_results": True})
