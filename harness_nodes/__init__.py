@@ -36,6 +36,15 @@ from harness_nodes.state import (
     TaskInfo,
     Verdict,
 )
+from harness_nodes.verify import (
+    Check,
+    ErrorSignals,
+    ToolContract,
+    VerificationStop,
+    VerifyRoute,
+    VerifyToolOutputs,
+    route_after_verify,
+)
 
 __all__ = [
     "AlreadyDecided",
@@ -44,8 +53,10 @@ __all__ = [
     "BackendUnavailable",
     "BudgetError",
     "BudgetExceeded",
+    "Check",
     "EffectError",
     "EffectOutcomeUnknown",
+    "ErrorSignals",
     "Escalation",
     "EscalationKind",
     "HarnessError",
@@ -62,9 +73,14 @@ __all__ = [
     "TaskError",
     "TaskInfo",
     "TaskNotFinished",
+    "ToolContract",
     "UnknownThread",
     "UnpricedModelError",
     "UserError",
     "Verdict",
     "VerificationFailed",
+    "VerificationStop",
+    "VerifyRoute",
+    "VerifyToolOutputs",
+    "route_after_verify",
 ]

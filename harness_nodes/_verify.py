@@ -1,0 +1,433 @@
+"""The verification rules, shared by the `VerifyToolOutputs` node and its tool-node hook.
+
+One implementation: both forms call `check_output` (what is wrong with an output),
+`decide` (what to do about it) and `apply_verdict` (the message the model sees next, with
+the verdict and any escalation in its metadata). Nothing here keeps state between calls:
+retry counts are read back from the verdicts already recorded on the task's messages, so
+they are checkpointed with the messages and survive a resume in another process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import reprlib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, ToolMessage
+from pydantic import BaseModel, ValidationError
+
+from harness_nodes.state import Escalation, Verdict
+
+if TYPE_CHECKING:
+    from harness_nodes.verify import ErrorSignals, ToolContract
+
+Action = Literal["ok", "retry", "escalate", "fail"]
+
+HARNESS_KEY = "harness"
+_MISSING = object()
+_MAX_SCHEMA_ERRORS = 5
+
+_excerpt_repr = reprlib.Repr()
+_excerpt_repr.maxstring = 160
+_excerpt_repr.maxother = 160
+_excerpt_repr.maxlevel = 3
+_excerpt_repr.maxdict = 6
+_excerpt_repr.maxlist = 6
+
+
+def excerpt(value: Any) -> str:
+    """A short, always-safe rendering of a value for a reason (no recursion, bounded size)."""
+    try:
+        return _excerpt_repr.repr(value)
+    except Exception:  # a user object whose __repr__ raises
+        return f"<{type(value).__name__}>"
+
+
+# --- reading messages and state --------------------------------------------------------------
+
+
+def messages_of(state: Any, key: str = "messages") -> list[AnyMessage]:
+    """The messages of a state given as a dict, a list, a dataclass or a pydantic model."""
+    if isinstance(state, list):
+        return state
+    if isinstance(state, Mapping):
+        found = state.get(key, [])
+    else:
+        found = getattr(state, key, [])
+    return list(found or [])
+
+
+def harness_meta(message: BaseMessage) -> dict[str, Any]:
+    """The harness records on a message (``additional_kwargs["harness"]``), or ``{}``."""
+    meta = message.additional_kwargs.get(HARNESS_KEY)
+    return meta if isinstance(meta, dict) else {}
+
+
+def last_ai_index(messages: Sequence[BaseMessage]) -> int:
+    """Index of the last AI message, or -1."""
+    for i in range(len(messages) - 1, -1, -1):
+        if isinstance(messages[i], AIMessage):
+            return i
+    return -1
+
+
+def prior_failures(messages: Sequence[BaseMessage], tool: str) -> int:
+    """How many outputs of ``tool`` already failed verification in this task (its messages)."""
+    n = 0
+    for m in messages:
+        if isinstance(m, ToolMessage):
+            verdict = harness_meta(m).get("verdict")
+            if isinstance(verdict, dict) and verdict.get("tool") == tool and not verdict.get("ok"):
+                n += 1
+    return n
+
+
+# --- decoding an output --------------------------------------------------------------------
+
+
+def content_text(content: Any) -> str:
+    """A message content as text (content blocks joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts: list[str] = []
+        for block in content:
+            if isinstance(block, str):
+                parts.append(block)
+            elif isinstance(block, dict) and isinstance(block.get("text"), str):
+                parts.append(block["text"])
+        return "".join(parts)
+    return "" if content is None else str(content)
+
+
+_JSON_START = frozenset('{["-0123456789tfn')
+
+
+def decode_json(text: str) -> tuple[bool, Any]:
+    """``(True, value)`` when ``text`` is one JSON document, else ``(False, None)``."""
+    stripped = text.strip()
+    if not stripped or stripped[0] not in _JSON_START:
+        return False, None
+    try:
+        return True, json.loads(stripped)
+    except (ValueError, RecursionError):
+        return False, None
+
+
+def payload_of(contract: ToolContract, content: Any, artifact: Any) -> tuple[Any, str, bool]:
+    """``(payload, text, structured)``: what the checks look at.
+
+    ``payload`` is the artifact (when the contract's source picks it), else the content's
+    JSON value, else the content's text; ``text`` is the content as text (for the text
+    detectors); ``structured`` says whether ``payload`` came from JSON or an artifact.
+    """
+    text = content_text(content)
+    use_artifact = contract.source == "artifact" or (
+        contract.source == "auto" and artifact is not None
+    )
+    if use_artifact:
+        if isinstance(artifact, bytes | bytearray):
+            return bytes(artifact).decode("utf-8", errors="replace"), text, False
+        return artifact, text, True
+    is_json, value = decode_json(text)
+    if is_json:
+        return value, text, True
+    return text, text, False
+
+
+# --- the checks ----------------------------------------------------------------------------
+
+_EMPTY_TEXT = frozenset({"", "null", "none", "nil", "undefined", "[]", "{}", '""'})
+
+
+def is_empty(value: Any) -> bool:
+    """None, blank text, an empty container, or an object whose every value is empty."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return value.strip().lower() in _EMPTY_TEXT
+    if isinstance(value, list | tuple | set | frozenset):
+        return len(value) == 0
+    if isinstance(value, Mapping):
+        return all(_is_blank(v) for v in value.values())
+    if isinstance(value, BaseModel):
+        return all(_is_blank(getattr(value, name)) for name in type(value).model_fields)
+    return False
+
+
+def _is_blank(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, list | tuple | set | frozenset | dict):
+        return len(value) == 0
+    return False
+
+
+def lookup(payload: Any, path: str) -> Any:
+    """The value at a dotted path in a mapping or model, or ``_MISSING``."""
+    current = payload
+    for part in path.split("."):
+        if isinstance(current, Mapping):
+            current = current.get(part, _MISSING)
+        elif isinstance(current, BaseModel):
+            current = getattr(current, part, _MISSING)
+        else:
+            return _MISSING
+        if current is _MISSING:
+            return _MISSING
+    return current
+
+
+def signal_reasons(signals: ErrorSignals, payload: Any, text: str, structured: bool) -> list[str]:
+    """Error signals inside an output that otherwise looks like a success."""
+    reasons: list[str] = []
+    if not structured:
+        head = text[: signals.scan_chars]
+        if signals.html and signals.html_pattern.search(head):
+            return [f"the tool returned an HTML page, not data: {excerpt(head[:120])}"]
+        for pattern in signals.compiled_patterns:
+            match = pattern.search(head)
+            if match:
+                return [
+                    f"the output reads like an error ({match.group(0)!r}): {excerpt(text[:200])}"
+                ]
+        return reasons
+    if not isinstance(payload, Mapping):
+        return reasons
+    for key, value in payload.items():
+        if not isinstance(key, str):
+            continue
+        if key in signals.error_keys and not _is_blank(value) and value is not False:
+            reasons.append(f"the output carries an error: {key}={excerpt(value)}")
+        elif (
+            key in signals.status_keys
+            and isinstance(value, str)
+            and value.strip().lower() in signals.failed_statuses
+        ):
+            reasons.append(f"the output reports a failure: {key}={value!r}")
+        elif key in signals.success_flags and value is False:
+            reasons.append(f"the output reports a failure: {key}=false")
+        elif (
+            key in signals.code_keys
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+            and value >= 400
+        ):
+            reasons.append(f"the output reports an error status: {key}={value}")
+    return reasons
+
+
+def _schema_reasons(schema: type[BaseModel], payload: Any, structured: bool) -> list[str]:
+    name = schema.__name__
+    if isinstance(payload, schema):
+        return []
+    if not structured:
+        return [f"expected JSON matching {name}, got text: {excerpt(payload)}"]
+    candidate = payload.model_dump() if isinstance(payload, BaseModel) else payload
+    try:
+        schema.model_validate(candidate)
+    except ValidationError as e:
+        errors = e.errors(include_url=False, include_context=False)
+        reasons = []
+        for err in errors[:_MAX_SCHEMA_ERRORS]:
+            loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+            reasons.append(
+                f"does not match {name}: {loc}: {err['msg']} (got {excerpt(err.get('input'))})"
+            )
+        if len(errors) > _MAX_SCHEMA_ERRORS:
+            reasons.append(f"... and {len(errors) - _MAX_SCHEMA_ERRORS} more schema errors")
+        return reasons
+    except RecursionError:
+        return [f"does not match {name}: the output is nested too deeply to validate"]
+    return []
+
+
+def _validated(schema: type[BaseModel] | None, payload: Any) -> Any:
+    """The schema's model instance for the checks (the payload when there is no schema)."""
+    if schema is None or isinstance(payload, schema):
+        return payload
+    candidate = payload.model_dump() if isinstance(payload, BaseModel) else payload
+    return schema.model_validate(candidate)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def field_reasons(contract: ToolContract, payload: Any) -> list[str]:
+    """Required non-empty fields and ranges."""
+    reasons: list[str] = []
+    if (contract.required or contract.ranges) and not isinstance(payload, Mapping | BaseModel):
+        fields = ", ".join([*contract.required, *contract.ranges])
+        return [f"expected an object with fields {fields}, got {excerpt(payload)}"]
+    for path in contract.required:
+        value = lookup(payload, path)
+        if value is _MISSING:
+            reasons.append(f"required field {path!r} is missing")
+        elif _is_blank(value):
+            reasons.append(f"required field {path!r} is empty (got {excerpt(value)})")
+    for path, (low, high) in contract.ranges.items():
+        value = lookup(payload, path)
+        if value is _MISSING or value is None:
+            if path not in contract.required:  # already reported
+                reasons.append(f"field {path!r} is missing (it must be in {_bounds(low, high)})")
+            continue
+        number = _number(value)
+        if number is None:
+            reasons.append(f"field {path!r} is not a number (got {excerpt(value)})")
+        elif (
+            math.isnan(number)
+            or (low is not None and number < low)
+            or (high is not None and number > high)
+        ):
+            reasons.append(f"field {path!r} = {number:g} is out of range {_bounds(low, high)}")
+    return reasons
+
+
+def _bounds(low: float | None, high: float | None) -> str:
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "+inf" if high is None else f"{high:g}"
+    return f"[{lo}, {hi}]"
+
+
+def check_output(
+    contract: ToolContract, content: Any, artifact: Any = None, status: str = "success"
+) -> list[str]:
+    """Every reason the output breaks its contract (empty when it is fine).
+
+    Never raises for any output: a user check that raises is itself a reason.
+    """
+    if status == "error":
+        return [f"the tool reported an error: {excerpt(content_text(content)[:300])}"]
+    payload, text, structured = payload_of(contract, content, artifact)
+    if contract.signals is not None:
+        reasons = signal_reasons(contract.signals, payload, text, structured)
+        if reasons:
+            return reasons
+    if is_empty(payload):
+        return [] if contract.allow_empty else [f"empty result: {excerpt(payload)}"]
+    if contract.schema is not None:
+        reasons = _schema_reasons(contract.schema, payload, structured)
+        if reasons:
+            return reasons
+        payload = _validated(contract.schema, payload)
+    reasons = field_reasons(contract, payload)
+    for check in contract.checks:
+        try:
+            reason = check(payload)
+        except Exception as e:  # GraphBubbleUp is not expected from a pure check
+            from langgraph.errors import GraphBubbleUp
+
+            if isinstance(e, GraphBubbleUp):
+                raise
+            reason = f"check {_name(check)} raised {type(e).__name__}: {excerpt(str(e))}"
+        if reason:
+            reasons.append(str(reason))
+    return reasons
+
+
+def _name(obj: Any) -> str:
+    return str(getattr(obj, "__name__", None) or type(obj).__name__)
+
+
+# --- deciding and telling the model --------------------------------------------------------
+
+
+def decide(contract: ToolContract, ok: bool, attempt: int) -> Action:
+    """What to do about an output: ok, retry (back to the model), escalate or fail."""
+    if ok:
+        return "ok"
+    if contract.on_fail != "retry":
+        return contract.on_fail
+    if contract.side_effects:
+        # Re-running a tool with side effects could repeat the effect: a person decides.
+        return "escalate"
+    if attempt <= contract.max_retries:
+        return "retry"
+    return contract.on_exhausted
+
+
+def feedback(contract: ToolContract, tool: str, verdict: Verdict) -> str:
+    """The error text the model sees in place of a refused output."""
+    lines = [
+        f"The output of tool {tool!r} was rejected by verification "
+        f"(attempt {verdict['attempt']}). What was wrong:"
+    ]
+    lines += [f"- {r}" for r in verdict["reasons"]]
+    needed = contract.requirements()
+    if needed:
+        lines.append("What is needed: " + needed)
+    action = verdict["action"]
+    if action == "retry":
+        lines.append(
+            "Do not use this output. Call the tool again with corrected arguments or take "
+            f"a different approach (retry {verdict['attempt']} of {contract.max_retries} "
+            "for this tool)."
+        )
+    elif action == "escalate":
+        lines.append(
+            "Do not use this output and do not call the tool again: "
+            "it was sent to a human reviewer."
+        )
+    else:
+        lines.append("Do not use this output: the task stops here (verification failed).")
+    return "\n".join(lines)
+
+
+def apply_verdict(
+    contract: ToolContract,
+    message: ToolMessage,
+    tool: str,
+    args: Mapping[str, Any] | None,
+    attempt: int,
+    reasons: list[str],
+) -> tuple[ToolMessage, Verdict]:
+    """The message to keep (same id and call id) with the verdict, and the verdict itself."""
+    ok = not reasons
+    verdict = Verdict(
+        tool=tool,
+        tool_call_id=message.tool_call_id,
+        ok=ok,
+        reasons=list(reasons),
+        attempt=attempt,
+        action=decide(contract, ok, attempt),
+    )
+    meta = {**harness_meta(message), "verdict": verdict}
+    update: dict[str, Any] = {}
+    if not ok:
+        meta["rejected_output"] = message.content
+        if verdict["action"] == "escalate" and "escalation" not in meta:
+            meta["escalation"] = Escalation(
+                kind="verification",
+                reason=f"output of {tool} failed verification: " + "; ".join(reasons),
+                tool=tool,
+                tool_call_id=message.tool_call_id,
+                args=dict(args or {}),
+                details={
+                    "reasons": list(reasons),
+                    "attempt": attempt,
+                    "side_effects": contract.side_effects,
+                },
+            )
+        update["content"] = feedback(contract, tool, verdict)
+        update["status"] = "error"
+    update["additional_kwargs"] = {**message.additional_kwargs, HARNESS_KEY: meta}
+    if message.name is None:
+        update["name"] = tool
+    return message.model_copy(update=update), verdict
+
+
+def exception_message(tool: str, tool_call_id: str, error: BaseException) -> ToolMessage:
+    """The tool message standing for a tool that raised (checked like any error output)."""
+    return ToolMessage(
+        content=f"{type(error).__name__}: {error}",
+        name=tool,
+        tool_call_id=tool_call_id,
+        status="error",
+    )

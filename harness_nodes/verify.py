@@ -1,0 +1,840 @@
+"""Verification at tool-call boundaries: no bad tool output flows on silently.
+
+A tool can "succeed" and still return garbage: an empty list that fits the schema,
+``{"status": "error"}`` inside a 200, an HTML error page, a value out of range. Exceptions
+are caught by ``ToolNode(handle_tool_errors=...)`` and ``RetryPolicy``; outputs are not.
+A `ToolContract` says what a good output of one tool looks like, and `VerifyToolOutputs`
+holds every tool's output to its contract:
+
+- as a node after the ``ToolNode`` (``tools → verify → route_after_verify``): the clearest
+  way to drop verification into an existing app — one node and one edge;
+- as the tool node's own hook, ``ToolNode(tools, wrap_tool_call=verify.wrap_tool_call,
+  awrap_tool_call=verify.awrap_tool_call)``: the same rules inside the tool node, with no
+  extra superstep (and tool exceptions become verdicts too).
+
+A refused output is replaced (same message id, same ``tool_call_id``) by an error
+``ToolMessage`` that tells the model what was wrong and what is needed; the verdict (and an
+`Escalation` when a person must decide) rides on ``additional_kwargs["harness"]`` and, when
+the state has a ``verdicts`` key, in ``verdicts`` too. `route_after_verify` then sends the
+graph back to the model (``retry``), to human review (``escalate``), to a `VerificationStop`
+(``fail``), or on (``ok``).
+
+Retry counts are per tool per task: the n-th failed output of a tool in a task is attempt n,
+counted from the verdicts already on the task's messages — so they are checkpointed and
+survive a crash or an interrupt.
+
+Example:
+    ```python
+    import json
+
+    from langchain_core.messages import AIMessage, ToolMessage
+    from pydantic import BaseModel
+
+    from harness_nodes import ToolContract, VerifyToolOutputs, route_after_verify
+
+
+    class Weather(BaseModel):
+        city: str
+        temp_c: float
+
+
+    verify = VerifyToolOutputs(
+        {"weather": ToolContract(schema=Weather, required=("city",), ranges={"temp_c": (-90, 60)})}
+    )
+    call = {"name": "weather", "args": {"city": "Paris"}, "id": "c1", "type": "tool_call"}
+    state = {
+        "messages": [
+            AIMessage("", tool_calls=[call], id="a1"),
+            ToolMessage(json.dumps({"city": "Paris", "temp_c": 999}), tool_call_id="c1", id="t1"),
+        ]
+    }
+    update = verify(state)
+    assert update["verdicts"][0]["reasons"] == ["field 'temp_c' = 999 is out of range [-90, 60]"]
+    assert update["messages"][0].status == "error" and update["messages"][0].id == "t1"
+    checked = {"messages": [state["messages"][0], *update["messages"]]}
+    assert route_after_verify(checked) == "retry"
+    ```
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    Protocol,
+    Union,
+    cast,
+    get_args,
+    get_origin,
+    runtime_checkable,
+)
+
+from langchain_core.messages import AIMessage, AnyMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.errors import GraphBubbleUp
+from langgraph.prebuilt.tool_node import ToolCallRequest
+from langgraph.types import Command
+from pydantic import BaseModel
+
+from harness_nodes import _verify
+from harness_nodes._events import aemit, emit
+from harness_nodes.errors import HarnessError, UserError, VerificationFailed
+from harness_nodes.state import MessagesOnly, Outcome, Verdict
+
+__all__ = [
+    "Check",
+    "ErrorSignals",
+    "ToolContract",
+    "VerificationStop",
+    "VerifyRoute",
+    "VerifyToolOutputs",
+    "route_after_verify",
+]
+
+VerifyRoute = Literal["ok", "retry", "escalate", "fail"]
+"""Where `route_after_verify` sends the graph."""
+
+_POLICIES = ("retry", "escalate", "fail")
+_SOURCES = ("auto", "content", "artifact")
+
+
+@runtime_checkable
+class Check(Protocol):
+    """A predicate on a tool's output: returns why the output is wrong, or ``None``.
+
+    It receives the output as the contract sees it: the schema's model instance when the
+    contract has a schema, else the decoded JSON (or the artifact, or the text).
+
+    Example:
+        ```python
+        from harness_nodes import Check
+
+
+        def has_results(output: dict) -> str | None:
+            return None if output.get("results") else "no results; broaden the query"
+
+
+        assert isinstance(has_results, Check)
+        assert has_results({"results": []}) == "no results; broaden the query"
+        ```
+    """
+
+    def __call__(self, output: Any, /) -> str | None:
+        """Return a reason the output is wrong, or ``None`` when it is fine."""
+        ...
+
+
+_DEFAULT_TEXT_PATTERNS = (
+    r"\brate[ _-]?limit",
+    r"\btoo many requests\b",
+    r"\bquota (?:exceeded|exhausted)\b",
+    r"\btimed? ?out\b",
+    r"\btimeout\b",
+    r"\b(?:service unavailable|bad gateway|gateway timeout|internal server error)\b",
+    r"\A\s*(?:error|exception)\b\s*[:!-]",
+    r"\btraceback \(most recent call last\)",
+)
+
+
+@dataclass(frozen=True)
+class ErrorSignals:
+    """Detectors for errors hidden in outputs that look like success. On by default.
+
+    Structured outputs (JSON objects, artifacts) are checked on their top-level keys; plain
+    text is checked on its first ``scan_chars`` characters (errors announce themselves up
+    front, and a long article that mentions a "timeout" later is data, not an error).
+
+    Example:
+        ```python
+        from harness_nodes import ErrorSignals, ToolContract
+
+        # An order-status tool: "failed" is data here, not an error signal.
+        contract = ToolContract(signals=ErrorSignals(failed_statuses=frozenset()))
+        assert contract.signals is not None and not contract.signals.failed_statuses
+        ```
+    """
+
+    error_keys: frozenset[str] = frozenset(
+        {"error", "errors", "error_message", "errorMessage", "exception", "fault"}
+    )
+    """A top-level key among these with a non-empty value means the call failed."""
+    status_keys: frozenset[str] = frozenset({"status", "state", "outcome", "result"})
+    """Keys whose text value is compared with `failed_statuses`."""
+    failed_statuses: frozenset[str] = frozenset(
+        {"error", "failed", "failure", "fail", "errored", "timeout", "timed_out", "rate_limited"}
+    )
+    """Status values (lower-cased) that mean the call failed."""
+    success_flags: frozenset[str] = frozenset({"success", "ok", "succeeded"})
+    """Keys whose ``false`` value means the call failed."""
+    code_keys: frozenset[str] = frozenset({"status_code", "statusCode", "http_status", "code"})
+    """Keys whose integer value >= 400 means the call failed (an HTTP error status)."""
+    text_patterns: tuple[str, ...] = _DEFAULT_TEXT_PATTERNS
+    """Regular expressions (case-insensitive) that mark plain text as an error message."""
+    html: bool = True
+    """Refuse text that is an HTML page (an error page served instead of data)."""
+    scan_chars: int = 512
+    """How much of a plain-text output the text detectors read."""
+
+    compiled_patterns: tuple[re.Pattern[str], ...] = field(
+        init=False, repr=False, compare=False, default=()
+    )
+    html_pattern: re.Pattern[str] = field(
+        init=False,
+        repr=False,
+        compare=False,
+        default=re.compile(r"\A\s*(?:<!doctype\s+html|<html[\s>]|<head[\s>]|<body[\s>])", re.I),
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.text_patterns, str):
+            raise UserError("ErrorSignals.text_patterns must be a tuple of regexes, not a str")
+        compiled = []
+        for pattern in self.text_patterns:
+            try:
+                compiled.append(re.compile(pattern, re.IGNORECASE))
+            except re.error as e:
+                raise UserError(f"ErrorSignals: invalid text pattern {pattern!r}: {e}") from e
+        if self.scan_chars < 1:
+            raise UserError(f"ErrorSignals.scan_chars must be >= 1, got {self.scan_chars}")
+        for name in ("error_keys", "status_keys", "failed_statuses", "success_flags", "code_keys"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise UserError(f"ErrorSignals.{name} must be a set of strings, not a str")
+            object.__setattr__(self, name, frozenset(value))
+        object.__setattr__(
+            self, "failed_statuses", frozenset(s.lower() for s in self.failed_statuses)
+        )
+        object.__setattr__(self, "compiled_patterns", tuple(compiled))
+
+
+def _numeric_annotation(annotation: Any) -> bool:
+    """Whether a schema field's annotation admits a number (int/float, optionally Optional)."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return all(
+            isinstance(a, int | float) and not isinstance(a, bool) for a in get_args(annotation)
+        )
+    if origin in (Union, types.UnionType):
+        return any(_numeric_annotation(a) for a in get_args(annotation) if a is not type(None))
+    if origin is Annotated:
+        return _numeric_annotation(get_args(annotation)[0])
+    return (
+        isinstance(annotation, type)
+        and issubclass(annotation, int | float)
+        and annotation is not bool
+    )
+
+
+def _annotation_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _schema_field(schema: type[BaseModel], path: str) -> Any:
+    """The annotation at a dotted path in a schema; raises UserError when there is none."""
+    model: Any = schema
+    annotation: Any = None
+    for part in path.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise UserError(
+                f"ToolContract: field {path!r} goes through {part!r}, which is not a model "
+                f"field of {schema.__name__}"
+            )
+        fields = model.model_fields
+        if part not in fields:
+            raise UserError(
+                f"ToolContract: field {path!r} is not in schema {schema.__name__} "
+                f"(fields of {model.__name__}: {', '.join(fields) or 'none'})"
+            )
+        annotation = fields[part].annotation
+        model = annotation
+    return annotation
+
+
+@dataclass(frozen=True)
+class ToolContract:
+    """What a good output of one tool looks like, and what to do when an output is not good.
+
+    Checks run in this order, stopping at the first group that finds something wrong: the
+    tool's own error status, error signals (`ErrorSignals`), emptiness, the pydantic
+    ``schema``, then ``required`` fields, ``ranges`` and ``checks`` (all reported together).
+
+    Example:
+        ```python
+        from pydantic import BaseModel
+
+        from harness_nodes import ToolContract
+
+
+        class Quote(BaseModel):
+            symbol: str
+            price: float
+
+
+        contract = ToolContract(
+            schema=Quote,
+            required=("symbol",),
+            ranges={"price": (0, None)},
+            checks=(lambda q: None if q.symbol.isupper() else "symbol must be upper case",),
+            max_retries=1,
+        )
+        assert contract.on_fail == "retry" and contract.on_exhausted == "fail"
+        ```
+    """
+
+    schema: type[BaseModel] | None = None
+    """Pydantic model the output must validate against (JSON text, a dict or the artifact)."""
+    required: tuple[str, ...] = ()
+    """Fields (dotted paths) that must be present and non-empty."""
+    ranges: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    """Field → inclusive ``(low, high)`` bounds; ``None`` leaves a side open."""
+    checks: tuple[Check, ...] = ()
+    """Predicates on the output; each returns a reason or ``None``."""
+    signals: ErrorSignals | None = field(default_factory=ErrorSignals)
+    """Error-signal detectors; ``None`` turns them off."""
+    allow_empty: bool = False
+    """Accept an empty result (``[]``, ``{}``, ``null``, blank text) as a valid answer."""
+    source: Literal["auto", "content", "artifact"] = "auto"
+    """What to check: the ``ToolMessage`` artifact when there is one (``auto``), or always
+    the content (JSON text or text), or always the artifact."""
+    on_fail: Literal["retry", "escalate", "fail"] = "retry"
+    """Back to the model with the reasons, to a person, or end the task."""
+    max_retries: int = 2
+    """How many failed outputs of this tool per task are sent back to the model."""
+    on_exhausted: Literal["escalate", "fail"] = "fail"
+    """What happens to the failure after ``max_retries`` retries."""
+    side_effects: bool = False
+    """The tool changes the world: a failure escalates to a person instead of a retry."""
+    instructions: str = ""
+    """Extra words for the model about what a good call looks like (sent with the reasons)."""
+
+    _requirements: str = field(init=False, repr=False, compare=False, default="")
+
+    def __post_init__(self) -> None:
+        if self.schema is not None and not (
+            isinstance(self.schema, type) and issubclass(self.schema, BaseModel)
+        ):
+            raise UserError(
+                f"ToolContract.schema must be a pydantic BaseModel subclass, got {self.schema!r}"
+            )
+        if isinstance(self.required, str):
+            raise UserError(
+                f"ToolContract.required must be a tuple of field names, not the str "
+                f"{self.required!r} (write required=({self.required!r},))"
+            )
+        object.__setattr__(self, "required", tuple(self.required))
+        object.__setattr__(self, "checks", tuple(self.checks))
+        if not isinstance(self.ranges, Mapping):
+            raise UserError("ToolContract.ranges must map field names to (low, high) bounds")
+        for path, bounds in self.ranges.items():
+            if not (isinstance(bounds, tuple | list) and len(bounds) == 2):
+                raise UserError(
+                    f"ToolContract.ranges[{path!r}] must be (low, high), got {bounds!r}"
+                )
+            low, high = bounds
+            for b in (low, high):
+                if b is not None and (isinstance(b, bool) or not isinstance(b, int | float)):
+                    raise UserError(f"ToolContract.ranges[{path!r}]: bound {b!r} is not a number")
+            if low is not None and high is not None and low > high:
+                raise UserError(f"ToolContract.ranges[{path!r}]: low {low} > high {high}")
+        for check in self.checks:
+            if not callable(check):
+                raise UserError(f"ToolContract.checks: {check!r} is not callable")
+        if self.on_fail not in _POLICIES:
+            raise UserError(
+                f"ToolContract.on_fail must be one of {_POLICIES}, got {self.on_fail!r}"
+            )
+        if self.on_exhausted not in ("escalate", "fail"):
+            raise UserError(
+                f"ToolContract.on_exhausted must be 'escalate' or 'fail', got {self.on_exhausted!r}"
+            )
+        if self.source not in _SOURCES:
+            raise UserError(f"ToolContract.source must be one of {_SOURCES}, got {self.source!r}")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
+            raise UserError(f"ToolContract.max_retries must be an int, got {self.max_retries!r}")
+        if self.max_retries < 0:
+            raise UserError(f"ToolContract.max_retries must be >= 0, got {self.max_retries}")
+        if self.signals is not None and not isinstance(self.signals, ErrorSignals):
+            raise UserError("ToolContract.signals must be an ErrorSignals or None")
+        if self.schema is not None:
+            for path in self.required:
+                _schema_field(self.schema, path)
+            for path in self.ranges:
+                annotation = _schema_field(self.schema, path)
+                if not _numeric_annotation(annotation):
+                    raise UserError(
+                        f"ToolContract.ranges[{path!r}]: field type "
+                        f"{_annotation_name(annotation)} of {self.schema.__name__} is not a "
+                        "number, so a range cannot apply"
+                    )
+        object.__setattr__(self, "_requirements", self._describe())
+
+    def _describe(self) -> str:
+        parts: list[str] = []
+        if self.schema is not None:
+            fields = ", ".join(
+                f"{name}: {_annotation_name(f.annotation)}"
+                for name, f in self.schema.model_fields.items()
+            )
+            parts.append(f"a JSON object matching {self.schema.__name__} {{{fields}}}")
+        if self.required:
+            parts.append("non-empty " + ", ".join(self.required))
+        for path, (low, high) in self.ranges.items():
+            parts.append(f"{path} in {_verify._bounds(low, high)}")
+        if not self.allow_empty:
+            parts.append("a non-empty result")
+        text = "; ".join(parts)
+        if self.instructions:
+            text = f"{text}. {self.instructions}" if text else self.instructions
+        return text
+
+    def requirements(self) -> str:
+        """What a good output needs, in words for the model.
+
+        Example:
+            ```python
+            from harness_nodes import ToolContract
+
+            text = ToolContract(required=("id",), ranges={"n": (1, 5)}).requirements()
+            assert text == "non-empty id; n in [1, 5]; a non-empty result"
+            ```
+        """
+        return self._requirements
+
+
+def _default_contract() -> ToolContract:
+    return ToolContract()
+
+
+@dataclass(frozen=True)
+class VerifyToolOutputs:
+    """Hold every tool output since the last AI message to its tool's `ToolContract`.
+
+    Use it as a node after the ``ToolNode`` (then route with `route_after_verify`), or as
+    the tool node's hook: ``ToolNode(tools, wrap_tool_call=verify.wrap_tool_call,
+    awrap_tool_call=verify.awrap_tool_call)`` — the same rules, no extra superstep.
+
+    The node reads only ``messages``, so it drops into any app (``MessagesState``, dataclass
+    or pydantic state); it returns the checked messages (a refused one replaced by an error
+    message with the same id) and ``verdicts``, which LangGraph keeps only where the state
+    has that key. Messages that already carry a verdict are not checked again.
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+        from langchain_core.tools import tool
+        from langgraph.graph import END, START, MessagesState, StateGraph
+        from langgraph.prebuilt import ToolNode, tools_condition
+
+        from harness_nodes import ToolContract, VerifyToolOutputs, route_after_verify
+        from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+
+        @tool
+        def search(query: str) -> str:
+            \"\"\"Search the web.\"\"\"
+            return "[]" if query == "x" else '["result"]'
+
+
+        model = ScriptedChatModel(
+            script=[
+                ai(tool_calls=[tool_call("search", {"query": "x"})]),
+                ai(tool_calls=[tool_call("search", {"query": "better"})]),
+                ai("found it"),
+            ]
+        )
+        builder = StateGraph(MessagesState)
+        builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+        builder.add_node("tools", ToolNode([search]))
+        builder.add_node("verify", VerifyToolOutputs({"search": ToolContract()}))
+        builder.add_edge(START, "agent")
+        builder.add_conditional_edges("agent", tools_condition)
+        builder.add_edge("tools", "verify")
+        routes = {"ok": "agent", "retry": "agent", "escalate": END, "fail": END}
+        builder.add_conditional_edges("verify", route_after_verify, routes)
+        out = builder.compile().invoke({"messages": [HumanMessage("find x")]})
+        assert out["messages"][2].status == "error"  # the empty result went back as an error
+        assert out["messages"][-1].content == "found it"
+        ```
+    """
+
+    contracts: Mapping[str, ToolContract] = field(default_factory=dict)
+    """Tool name → its contract."""
+    default: ToolContract | None = field(default_factory=_default_contract)
+    """The contract for tools not in ``contracts`` (error signals and emptiness, retry);
+    ``None`` leaves such tools unchecked."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.contracts, Mapping):
+            raise UserError(
+                "VerifyToolOutputs.contracts must map tool names to ToolContract, "
+                f"got {type(self.contracts).__name__}"
+            )
+        for name, contract in self.contracts.items():
+            if not isinstance(name, str) or not name:
+                raise UserError(f"VerifyToolOutputs.contracts: key {name!r} is not a tool name")
+            if not isinstance(contract, ToolContract):
+                raise UserError(
+                    f"VerifyToolOutputs.contracts[{name!r}] must be a ToolContract, "
+                    f"got {type(contract).__name__}"
+                )
+        if self.default is not None and not isinstance(self.default, ToolContract):
+            raise UserError("VerifyToolOutputs.default must be a ToolContract or None")
+
+    def contract_for(self, tool: str) -> ToolContract | None:
+        """The contract that applies to ``tool`` (its own, else the default, else None).
+
+        Example:
+            ```python
+            from harness_nodes import ToolContract, VerifyToolOutputs
+
+            verify = VerifyToolOutputs({"pay": ToolContract(side_effects=True)}, default=None)
+            assert verify.contract_for("pay").side_effects and verify.contract_for("x") is None
+            ```
+        """
+        return self.contracts.get(tool, self.default)
+
+    # --- node form -------------------------------------------------------------------------
+
+    def __call__(self, state: MessagesOnly) -> dict[str, Any]:
+        """Check the tool messages since the last AI message; return the updates."""
+        messages, verdicts = self._check_messages(state)
+        for verdict in verdicts:
+            emit("verdict", dict(verdict))
+        return {"messages": messages, "verdicts": verdicts} if verdicts else {}
+
+    def _check_messages(self, state: Any) -> tuple[list[ToolMessage], list[Verdict]]:
+        messages = _verify.messages_of(state)
+        start = _verify.last_ai_index(messages)
+        if start < 0:
+            return [], []
+        ai = messages[start]
+        assert isinstance(ai, AIMessage)
+        calls = {c["id"]: c for c in ai.tool_calls if c.get("id")}
+        earlier = messages[:start]
+        out_messages: list[ToolMessage] = []
+        verdicts: list[Verdict] = []
+        for message in messages[start + 1 :]:
+            if not isinstance(message, ToolMessage) or "verdict" in _verify.harness_meta(message):
+                continue
+            call = calls.get(message.tool_call_id)
+            tool = (call["name"] if call else None) or message.name or ""
+            contract = self.contract_for(tool)
+            if contract is None:
+                continue
+            attempt = _verify.prior_failures(earlier, tool) + 1
+            reasons = _check(contract, message, raised=message.status == "error")
+            checked, verdict = _verify.apply_verdict(
+                contract, message, tool, call["args"] if call else None, attempt, reasons
+            )
+            out_messages.append(checked)
+            verdicts.append(verdict)
+        return out_messages, verdicts
+
+    # --- tool-node hook form ---------------------------------------------------------------
+
+    def wrap_tool_call(
+        self,
+        request: ToolCallRequest,
+        execute: Callable[[ToolCallRequest], ToolMessage | Command[Any]],
+    ) -> ToolMessage | Command[Any]:
+        """``ToolNode(wrap_tool_call=...)`` hook: run the tool, then check its output.
+
+        A tool that raises becomes a failed verdict on the same policy path (interrupts and
+        harness errors propagate). The checked message is returned as a ``Command`` that
+        also appends the verdict to ``verdicts`` (dropped where the state has no such key).
+
+        Example:
+            ```python
+            from langchain_core.messages import AIMessage
+            from langchain_core.tools import tool
+            from langgraph.graph import START, MessagesState, StateGraph
+            from langgraph.prebuilt import ToolNode
+
+            from harness_nodes import ToolContract, VerifyToolOutputs
+
+
+            @tool
+            def lookup(key: str) -> dict:
+                \"\"\"Look a key up.\"\"\"
+                return {"error": "upstream 503"}
+
+
+            verify = VerifyToolOutputs({"lookup": ToolContract(max_retries=1)})
+            builder = StateGraph(MessagesState)
+            builder.add_node("tools", ToolNode([lookup], wrap_tool_call=verify.wrap_tool_call))
+            builder.add_edge(START, "tools")
+            call = {"name": "lookup", "args": {"key": "k"}, "id": "c1", "type": "tool_call"}
+            out = builder.compile().invoke({"messages": [AIMessage("", tool_calls=[call])]})
+            msg = out["messages"][-1]
+            assert msg.status == "error"
+            assert msg.additional_kwargs["harness"]["verdict"]["action"] == "retry"
+            ```
+        """
+        tool, contract, attempt = self._prepare(request)
+        if contract is None:
+            return execute(request)
+        try:
+            result = execute(request)
+        except (GraphBubbleUp, HarnessError):
+            raise
+        except Exception as e:
+            if _is_invalid_resume(e):
+                raise
+            result = _verify.exception_message(tool, request.tool_call["id"] or "", e)
+        out, verdict = self._finish(request, result, tool, contract, attempt)
+        if verdict is not None:
+            emit("verdict", dict(verdict), _config_of(request))
+        return out
+
+    async def awrap_tool_call(
+        self,
+        request: ToolCallRequest,
+        execute: Callable[[ToolCallRequest], Awaitable[ToolMessage | Command[Any]]],
+    ) -> ToolMessage | Command[Any]:
+        """Async `wrap_tool_call` (``ToolNode(awrap_tool_call=...)``).
+
+        Example:
+            ```python
+            import asyncio
+
+            from langchain_core.messages import AIMessage
+            from langchain_core.tools import tool
+            from langgraph.graph import START, MessagesState, StateGraph
+            from langgraph.prebuilt import ToolNode
+
+            from harness_nodes import VerifyToolOutputs
+
+
+            @tool
+            async def fetch(url: str) -> str:
+                \"\"\"Fetch a page.\"\"\"
+                return "<!DOCTYPE html><html><title>502 Bad Gateway</title></html>"
+
+
+            verify = VerifyToolOutputs()
+            node = ToolNode([fetch], awrap_tool_call=verify.awrap_tool_call)
+            builder = StateGraph(MessagesState)
+            builder.add_node("tools", node)
+            builder.add_edge(START, "tools")
+            call = {"name": "fetch", "args": {"url": "u"}, "id": "c1", "type": "tool_call"}
+            out = asyncio.run(
+                builder.compile().ainvoke({"messages": [AIMessage("", tool_calls=[call])]})
+            )
+            verdict = out["messages"][-1].additional_kwargs["harness"]["verdict"]
+            assert "HTML page" in verdict["reasons"][0]
+            ```
+        """
+        tool, contract, attempt = self._prepare(request)
+        if contract is None:
+            return await execute(request)
+        try:
+            result = await execute(request)
+        except (GraphBubbleUp, HarnessError):
+            raise
+        except Exception as e:
+            if _is_invalid_resume(e):
+                raise
+            result = _verify.exception_message(tool, request.tool_call["id"] or "", e)
+        out, verdict = self._finish(request, result, tool, contract, attempt)
+        if verdict is not None:
+            await aemit("verdict", dict(verdict), _config_of(request))
+        return out
+
+    def _prepare(self, request: ToolCallRequest) -> tuple[str, ToolContract | None, int]:
+        tool = request.tool_call["name"]
+        contract = self.contract_for(tool)
+        if contract is None:
+            return tool, None, 0
+        return tool, contract, _verify.prior_failures(_verify.messages_of(request.state), tool) + 1
+
+    def _finish(
+        self,
+        request: ToolCallRequest,
+        result: ToolMessage | Command[Any],
+        tool: str,
+        contract: ToolContract,
+        attempt: int,
+    ) -> tuple[ToolMessage | Command[Any], Verdict | None]:
+        call_id = request.tool_call["id"]
+        args = request.tool_call["args"]
+        if isinstance(result, ToolMessage):
+            if "verdict" in _verify.harness_meta(result):
+                return result, None
+            reasons = _check(contract, result, raised=result.status == "error")
+            checked, verdict = _verify.apply_verdict(contract, result, tool, args, attempt, reasons)
+            if isinstance(request.state, list):  # a ToolNode fed a bare message list
+                return checked, verdict
+            return Command(update={"messages": [checked], "verdicts": [verdict]}), verdict
+        # A tool returned a Command: check the ToolMessage it carries for this call.
+        update = result.update
+        if not isinstance(update, dict):
+            return result, None
+        messages = list(update.get("messages") or [])
+        for i, m in enumerate(messages):
+            if isinstance(m, ToolMessage) and m.tool_call_id == call_id:
+                if "verdict" in _verify.harness_meta(m):
+                    return result, None
+                reasons = _check(contract, m, raised=m.status == "error")
+                messages[i], verdict = _verify.apply_verdict(
+                    contract, m, tool, args, attempt, reasons
+                )
+                verdicts = [*(update.get("verdicts") or []), verdict]
+                new_update = {**update, "messages": messages, "verdicts": verdicts}
+                return Command(
+                    graph=result.graph,
+                    update=new_update,
+                    resume=result.resume,
+                    goto=result.goto,
+                ), verdict
+        return result, None
+
+
+def _check(contract: ToolContract, message: ToolMessage, *, raised: bool) -> list[str]:
+    if raised:
+        text = _verify.content_text(message.content)
+        return [f"the tool raised an error: {_verify.excerpt(text[:300])}"]
+    return _verify.check_output(contract, message.content, message.artifact, message.status)
+
+
+def _config_of(request: ToolCallRequest) -> RunnableConfig | None:
+    runtime = request.runtime
+    config = getattr(runtime, "config", None)
+    return cast(RunnableConfig, config) if isinstance(config, dict) else None
+
+
+def _is_invalid_resume(error: BaseException) -> bool:
+    try:
+        from langgraph.errors import is_invalid_resume
+    except ImportError:  # older langgraph: resume values are never validated
+        return False
+    return bool(is_invalid_resume(error))
+
+
+# --- routing and the finish node -----------------------------------------------------------
+
+_ROUTE_ORDER: dict[str, int] = {"ok": 0, "retry": 1, "fail": 2, "escalate": 3}
+
+
+def route_after_verify(state: Any, messages_key: str = "messages") -> VerifyRoute:
+    """Route after verification, from the verdicts on the tool messages since the last AI message.
+
+    ``escalate`` when any of them carries an `Escalation` (from verification or another
+    harness layer), else ``fail`` when a verdict says fail, else ``retry`` when one says
+    retry, else ``ok``. Map the routes like langgraph's ``tools_condition``:
+    ``add_conditional_edges("verify", route_after_verify, {"ok": "agent", "retry": "agent",
+    "escalate": "review", "fail": "stop"})``.
+
+    Example:
+        ```python
+        from langchain_core.messages import AIMessage, ToolMessage
+
+        from harness_nodes import route_after_verify
+
+        verdict = {"tool": "t", "tool_call_id": "c1", "ok": False, "reasons": ["empty result"],
+                   "attempt": 3, "action": "fail"}
+        messages = [
+            AIMessage("", tool_calls=[{"name": "t", "args": {}, "id": "c1", "type": "tool_call"}]),
+            ToolMessage(
+                "...", tool_call_id="c1", additional_kwargs={"harness": {"verdict": verdict}}
+            ),
+        ]
+        assert route_after_verify({"messages": messages}) == "fail"
+        assert route_after_verify({"messages": messages[:1]}) == "ok"
+        ```
+    """
+    messages = _verify.messages_of(state, messages_key)
+    start = _verify.last_ai_index(messages)
+    route: VerifyRoute = "ok"
+    for message in messages[start + 1 :]:
+        if not isinstance(message, ToolMessage):
+            continue
+        meta = _verify.harness_meta(message)
+        candidate: VerifyRoute = "ok"
+        if "escalation" in meta:
+            candidate = "escalate"
+        elif isinstance(meta.get("verdict"), dict):
+            action = meta["verdict"].get("action", "ok")
+            if action in _ROUTE_ORDER:
+                candidate = action
+        if _ROUTE_ORDER[candidate] > _ROUTE_ORDER[route]:
+            route = candidate
+    return route
+
+
+def _failed_verdicts(messages: list[AnyMessage]) -> list[Verdict]:
+    start = _verify.last_ai_index(messages)
+    found: list[Verdict] = []
+    for message in messages[start + 1 :]:
+        if isinstance(message, ToolMessage):
+            verdict = _verify.harness_meta(message).get("verdict")
+            if isinstance(verdict, dict) and verdict.get("action") == "fail":
+                found.append(cast(Verdict, verdict))
+    return found
+
+
+@dataclass(frozen=True)
+class VerificationStop:
+    """The ``fail`` target of `route_after_verify`: end the task as ``verification_failed``.
+
+    It writes ``outcome = {"status": "verification_failed", "reason": ...}`` (kept where the
+    state has an ``outcome`` key) and a closing AI message that states the reasons and
+    carries the outcome in ``additional_kwargs["harness"]["outcome"]`` — so a plain
+    ``MessagesState`` app sees why it stopped. With ``exit_behavior="error"`` it raises
+    `VerificationFailed` instead.
+
+    Example:
+        ```python
+        from langchain_core.messages import AIMessage, ToolMessage
+
+        from harness_nodes import VerificationStop
+
+        verdict = {"tool": "t", "tool_call_id": "c1", "ok": False, "reasons": ["empty result"],
+                   "attempt": 3, "action": "fail"}
+        messages = [
+            AIMessage("", tool_calls=[{"name": "t", "args": {}, "id": "c1", "type": "tool_call"}]),
+            ToolMessage(
+                "...", tool_call_id="c1", additional_kwargs={"harness": {"verdict": verdict}}
+            ),
+        ]
+        update = VerificationStop()({"messages": messages})
+        assert update["outcome"] == {"status": "verification_failed", "reason": "t: empty result"}
+        ```
+    """
+
+    exit_behavior: Literal["end", "error"] = "end"
+    """``end``: record the outcome and end; ``error``: raise `VerificationFailed`."""
+
+    def __post_init__(self) -> None:
+        if self.exit_behavior not in ("end", "error"):
+            raise UserError(
+                "VerificationStop.exit_behavior must be 'end' or 'error', "
+                f"got {self.exit_behavior!r}"
+            )
+
+    def __call__(self, state: MessagesOnly) -> dict[str, Any]:
+        """Record the failure (or raise it)."""
+        failed = _failed_verdicts(_verify.messages_of(state))
+        reason = "; ".join(f"{v['tool']}: {'; '.join(v['reasons'])}" for v in failed) or (
+            "a tool output failed verification"
+        )
+        if self.exit_behavior == "error":
+            first = failed[0] if failed else None
+            raise VerificationFailed(
+                first["tool"] if first else "",
+                first["tool_call_id"] if first else "",
+                [r for v in failed for r in v["reasons"]] or [reason],
+            )
+        outcome = Outcome(status="verification_failed", reason=reason)
+        emit("outcome", dict(outcome))
+        closing = AIMessage(
+            content=f"I stopped: a tool output failed verification. {reason}",
+            additional_kwargs={_verify.HARNESS_KEY: {"outcome": outcome}},
+        )
+        return {"outcome": outcome, "messages": [closing]}
