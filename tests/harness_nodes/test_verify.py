@@ -1,0 +1,956 @@
+"""Verification at tool boundaries: failure classes, policies, both forms, resume, drop-in."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMessage
+from langchain_core.tools import BaseTool, tool
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.errors import GraphInterrupt
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.graph.message import add_messages
+from langgraph.prebuilt import ToolNode, tools_condition
+from langgraph.types import Command, interrupt
+from pydantic import BaseModel
+
+from checkpointers import Backend
+from harness_nodes import (
+    BudgetExceeded,
+    ErrorSignals,
+    HarnessState,
+    ToolContract,
+    UserError,
+    Verdict,
+    VerificationFailed,
+    VerificationStop,
+    VerifyToolOutputs,
+    route_after_verify,
+)
+from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+pytestmark = pytest.mark.anyio
+
+
+class Weather(BaseModel):
+    city: str
+    temp_c: float
+    conditions: list[str]
+
+
+WEATHER = ToolContract(
+    schema=Weather,
+    required=("city", "conditions"),
+    ranges={"temp_c": (-90, 60)},
+    max_retries=2,
+)
+GOOD = {"city": "Paris", "temp_c": 18.5, "conditions": ["sunny"]}
+
+
+def harness(message: AnyMessage) -> dict[str, Any]:
+    meta = message.additional_kwargs.get("harness", {})
+    assert isinstance(meta, dict)
+    return meta
+
+
+def verdict_of(message: AnyMessage) -> Verdict:
+    v = harness(message)["verdict"]
+    return v  # type: ignore[no-any-return]
+
+
+def call_state(*outputs: tuple[str, Any], artifact: Any = None) -> dict[str, list[AnyMessage]]:
+    """An AI message calling ``weather`` once per output, followed by the tool messages."""
+    calls = [tool_call(name, {"city": "x"}, id=f"c{i}") for i, (name, _) in enumerate(outputs)]
+    messages: list[AnyMessage] = [
+        HumanMessage("hi", id="h"),
+        AIMessage("", tool_calls=calls, id="a"),
+    ]
+    for i, (name, out) in enumerate(outputs):
+        content = out if isinstance(out, str) else json.dumps(out)
+        messages.append(
+            ToolMessage(content, tool_call_id=f"c{i}", name=name, id=f"t{i}", artifact=artifact)
+        )
+    return {"messages": messages}
+
+
+# --- the documented examples run as written ---------------------------------------------
+
+
+def _doc_examples() -> list[Any]:
+    import ast
+    import textwrap
+
+    import harness_nodes.verify as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            doc = ast.get_docstring(node) or ""
+            for i, block in enumerate(re.findall(r"```python\n(.*?)```", doc, re.S)):
+                name = getattr(node, "name", "module")
+                found.append(pytest.param(textwrap.dedent(block), id=f"{name}-{i}"))
+    return found
+
+
+@pytest.mark.parametrize("code", _doc_examples())
+def test_docstring_examples_run(code: str) -> None:
+    exec(compile(code, "<docstring>", "exec"), {"__name__": "__doc_example__"})
+
+
+# --- each failure class --------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    id: str
+    output: Any
+    reason: str
+    contract: ToolContract = WEATHER
+    status: Literal["success", "error"] = "success"
+
+
+def boom(output: Any) -> str | None:
+    return str(1 / 0)
+
+
+FAILURES = [
+    Case(
+        "schema-mismatch",
+        {"city": "Paris", "temp_c": "warm", "conditions": []},
+        "does not match Weather: temp_c",
+    ),
+    Case("schema-text", "sunny, 18C", "expected JSON matching Weather, got text"),
+    Case("missing-required", {"temp_c": 10, "conditions": ["rain"]}, "city: Field required"),
+    Case(
+        "missing-required-no-schema",
+        {"temp_c": 10},
+        "required field 'city' is missing",
+        ToolContract(required=("city",)),
+    ),
+    Case(
+        "empty-required",
+        {"city": "  ", "temp_c": 10, "conditions": ["rain"]},
+        "required field 'city' is empty",
+    ),
+    Case(
+        "empty-required-list",
+        {"city": "Oslo", "temp_c": 10, "conditions": []},
+        "required field 'conditions' is empty",
+    ),
+    Case(
+        "out-of-range",
+        {"city": "Paris", "temp_c": 999, "conditions": ["hot"]},
+        "field 'temp_c' = 999 is out of range [-90, 60]",
+    ),
+    Case(
+        "not-a-number",
+        {"t": "hot"},
+        "field 't' is not a number",
+        ToolContract(ranges={"t": (0, 1)}),
+    ),
+    Case(
+        "error-object",
+        {"error": {"code": 503, "message": "upstream down"}},
+        "the output carries an error: error=",
+    ),
+    Case(
+        "status-failed",
+        {"status": "failed", "data": [1]},
+        "the output reports a failure: status='failed'",
+    ),
+    Case(
+        "success-false",
+        {"success": False, "items": [1]},
+        "the output reports a failure: success=false",
+    ),
+    Case(
+        "http-status",
+        {"status_code": 502, "body": "x"},
+        "the output reports an error status: status_code=502",
+    ),
+    Case(
+        "rate-limit-text",
+        "Rate limit exceeded, retry in 30s",
+        "the output reads like an error ('Rate limit'",
+    ),
+    Case(
+        "too-many-requests",
+        "429 Too Many Requests",
+        "the output reads like an error ('Too Many Requests'",
+    ),
+    Case(
+        "timeout-text", "Request timed out after 30s", "the output reads like an error ('timed out'"
+    ),
+    Case(
+        "html-page",
+        "  <!DOCTYPE html><html><body><h1>502 Bad Gateway</h1></body></html>",
+        "the tool returned an HTML page",
+    ),
+    Case("empty-list", [], "empty result"),
+    Case("null", "null", "empty result"),
+    Case("blank", "   ", "empty result"),
+    Case("python-none", "None", "empty result"),
+    Case("all-empty-object", {"results": [], "next": None}, "empty result"),
+    Case(
+        "tool-error-status",
+        "Error: ValueError('bad city')",
+        "the tool raised an error",
+        status="error",
+    ),
+    Case(
+        "check-predicate",
+        {"city": "Paris", "temp_c": 10, "conditions": ["x"] * 5},
+        "too many conditions",
+        ToolContract(
+            schema=Weather,
+            checks=(lambda w: "too many conditions" if len(w.conditions) > 3 else None,),
+        ),
+    ),
+    Case(
+        "check-raises",
+        {"city": "Paris", "temp_c": 10, "conditions": ["x"]},
+        "check boom raised ZeroDivisionError",
+        ToolContract(checks=(boom,)),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in FAILURES])
+def test_each_failure_class_is_refused_with_its_reason(case: Case) -> None:
+    state = call_state(("weather", case.output))
+    state["messages"][-1].status = case.status  # type: ignore[union-attr]
+    verify = VerifyToolOutputs({"weather": case.contract})
+
+    update = verify(state)
+
+    (verdict,) = update["verdicts"]
+    assert verdict["ok"] is False and verdict["action"] == "retry" and verdict["attempt"] == 1
+    assert any(case.reason in r for r in verdict["reasons"]), verdict["reasons"]
+    (replaced,) = update["messages"]
+    assert isinstance(replaced, ToolMessage)
+    assert (replaced.id, replaced.tool_call_id, replaced.status) == ("t0", "c0", "error")
+    # The model is told what was wrong and what is needed; the refused output is kept.
+    assert case.reason.split("(")[0].strip() in replaced.content
+    assert "Do not use this output" in replaced.content
+    assert harness(replaced)["verdict"] == verdict
+    assert harness(replaced)["rejected_output"] == state["messages"][-1].content
+
+
+def test_schema_feedback_says_what_is_needed() -> None:
+    update = VerifyToolOutputs({"weather": WEATHER})(call_state(("weather", {"city": "P"})))
+    content = update["messages"][0].content
+    assert "What is needed: a JSON object matching Weather {city: str, temp_c: float" in content
+    assert "non-empty city, conditions; temp_c in [-90, 60]" in content
+
+
+@pytest.mark.parametrize(
+    ("output", "contract"),
+    [
+        pytest.param(GOOD, WEATHER, id="schema-good"),
+        pytest.param([], ToolContract(allow_empty=True), id="empty-allowed"),
+        pytest.param("The forecast: sunny all week.", ToolContract(), id="plain-text"),
+        pytest.param(
+            {"status": "failed"},
+            ToolContract(signals=ErrorSignals(failed_statuses=frozenset())),
+            id="status-is-data",
+        ),
+        pytest.param("Rate limit exceeded", ToolContract(signals=None), id="signals-off"),
+        pytest.param({"error": None, "items": [1]}, ToolContract(), id="null-error-key"),
+        pytest.param(
+            "x" * 600 + " the request timed out", ToolContract(), id="late-timeout-is-data"
+        ),
+    ],
+)
+def test_good_outputs_pass_and_keep_their_content(output: Any, contract: ToolContract) -> None:
+    state = call_state(("weather", output))
+    update = VerifyToolOutputs({"weather": contract})(state)
+    (verdict,) = update["verdicts"]
+    assert verdict == {
+        "tool": "weather",
+        "tool_call_id": "c0",
+        "ok": True,
+        "reasons": [],
+        "attempt": 1,
+        "action": "ok",
+    }
+    (msg,) = update["messages"]
+    assert msg.content == state["messages"][-1].content and msg.status == "success"
+    assert route_after_verify({"messages": [*state["messages"][:-1], msg]}) == "ok"
+
+
+def test_artifact_is_checked_against_the_schema() -> None:
+    state = call_state(
+        ("weather", "3 conditions found"),
+        artifact={"city": "Paris", "temp_c": 500, "conditions": ["x"]},
+    )
+    (verdict,) = VerifyToolOutputs({"weather": WEATHER})(state)["verdicts"]
+    assert verdict["reasons"] == ["field 'temp_c' = 500 is out of range [-90, 60]"]
+    ok_state = call_state(("weather", "summary"), artifact=Weather(**GOOD))
+    assert VerifyToolOutputs({"weather": WEATHER})(ok_state)["verdicts"][0]["ok"] is True
+
+
+def test_parallel_calls_where_one_fails_replace_only_that_one() -> None:
+    state = call_state(("weather", GOOD), ("weather", {"error": "quota"}), ("search", ["hit"]))
+    update = VerifyToolOutputs({"weather": WEATHER})(state)
+
+    assert [(v["tool_call_id"], v["ok"], v["action"]) for v in update["verdicts"]] == [
+        ("c0", True, "ok"),
+        ("c1", False, "retry"),
+        ("c2", True, "ok"),
+    ]
+    by_id = {m.tool_call_id: m for m in update["messages"]}
+    assert by_id["c0"].content == json.dumps(GOOD) and by_id["c2"].content == '["hit"]'
+    assert by_id["c1"].status == "error" and "quota" in by_id["c1"].content
+    assert (
+        route_after_verify({"messages": [*state["messages"][:2], *update["messages"]]}) == "retry"
+    )
+
+
+def test_already_verified_messages_are_not_checked_again() -> None:
+    verify = VerifyToolOutputs({"weather": WEATHER})
+    state = call_state(("weather", {"error": "x"}))
+    first = verify(state)
+    again = verify({"messages": [*state["messages"][:2], *first["messages"]]})
+    assert again == {}
+
+
+def test_tools_without_a_contract_get_the_default_or_nothing() -> None:
+    state = call_state(("other", "<html><body>Oops</body></html>"))
+    assert VerifyToolOutputs({"weather": WEATHER})(state)["verdicts"][0]["ok"] is False
+    assert VerifyToolOutputs({"weather": WEATHER}, default=None)(state) == {}
+
+
+# --- policies ------------------------------------------------------------------------------
+
+
+def prior(tool: str, failures: int) -> list[AnyMessage]:
+    """History with ``failures`` earlier failed verdicts of ``tool`` (one per AI turn)."""
+    out: list[AnyMessage] = [HumanMessage("go", id="h0")]
+    for i in range(failures):
+        out.append(AIMessage("", tool_calls=[tool_call(tool, {}, id=f"p{i}")], id=f"pa{i}"))
+        v = Verdict(
+            tool=tool, tool_call_id=f"p{i}", ok=False, reasons=["x"], attempt=i + 1, action="retry"
+        )
+        out.append(
+            ToolMessage(
+                "err",
+                tool_call_id=f"p{i}",
+                id=f"pt{i}",
+                additional_kwargs={"harness": {"verdict": v}},
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize(
+    ("contract", "failures_before", "action", "route"),
+    [
+        pytest.param(ToolContract(max_retries=2), 0, "retry", "retry", id="retry-1"),
+        pytest.param(ToolContract(max_retries=2), 1, "retry", "retry", id="retry-2"),
+        pytest.param(ToolContract(max_retries=2), 2, "fail", "fail", id="exhausted-fail"),
+        pytest.param(
+            ToolContract(max_retries=2, on_exhausted="escalate"),
+            2,
+            "escalate",
+            "escalate",
+            id="exhausted-escalate",
+        ),
+        pytest.param(ToolContract(max_retries=0), 0, "fail", "fail", id="no-retries"),
+        pytest.param(ToolContract(on_fail="escalate"), 0, "escalate", "escalate", id="escalate"),
+        pytest.param(ToolContract(on_fail="fail"), 0, "fail", "fail", id="fail"),
+        pytest.param(
+            ToolContract(side_effects=True), 0, "escalate", "escalate", id="side-effects-escalate"
+        ),
+        pytest.param(
+            ToolContract(side_effects=True, on_fail="fail"),
+            0,
+            "fail",
+            "fail",
+            id="side-effects-fail",
+        ),
+    ],
+)
+def test_policy_paths(
+    contract: ToolContract, failures_before: int, action: str, route: str
+) -> None:
+    history = prior("pay", failures_before)
+    calls = [tool_call("pay", {"amount": 5}, id="now")]
+    messages = [
+        *history,
+        AIMessage("", tool_calls=calls, id="a"),
+        ToolMessage("[]", tool_call_id="now", id="t"),
+    ]
+    update = VerifyToolOutputs({"pay": contract})({"messages": messages})
+    (verdict,) = update["verdicts"]
+    assert (verdict["attempt"], verdict["action"]) == (failures_before + 1, action)
+    after = [*messages[:-1], *update["messages"]]
+    assert route_after_verify({"messages": after}) == route
+    escalation = harness(update["messages"][0]).get("escalation")
+    if action == "escalate":
+        assert escalation is not None
+        assert escalation["kind"] == "verification" and escalation["tool_call_id"] == "now"
+        assert escalation["args"] == {"amount": 5}
+        assert escalation["details"]["reasons"] == verdict["reasons"]
+        assert "sent to a human reviewer" in update["messages"][0].content
+    else:
+        assert escalation is None
+
+
+def test_route_prefers_escalate_over_fail_over_retry() -> None:
+    def tm(i: int, action: str, escalate: bool = False) -> ToolMessage:
+        v = Verdict(
+            tool="t", tool_call_id=f"c{i}", ok=action == "ok", reasons=[], attempt=1, action=action
+        )  # type: ignore[typeddict-item]
+        meta: dict[str, Any] = {"verdict": v}
+        if escalate:
+            meta["escalation"] = {"kind": "effect_unknown", "reason": "crash mid-call"}
+        return ToolMessage("x", tool_call_id=f"c{i}", additional_kwargs={"harness": meta})
+
+    ai_msg = AIMessage("", tool_calls=[tool_call("t", {}, id=f"c{i}") for i in range(3)])
+    assert route_after_verify([ai_msg, tm(0, "ok"), tm(1, "retry"), tm(2, "fail")]) == "fail"
+    assert (
+        route_after_verify([ai_msg, tm(0, "ok"), tm(1, "fail"), tm(2, "ok", escalate=True)])
+        == "escalate"
+    )
+    assert route_after_verify([ai_msg, tm(0, "ok"), tm(1, "retry")]) == "retry"
+    assert route_after_verify([HumanMessage("x")]) == "ok"
+
+
+def test_verification_stop_can_raise_instead() -> None:
+    history = prior("pay", 0)
+    messages = [
+        *history,
+        AIMessage("", tool_calls=[tool_call("pay", {}, id="n")], id="a"),
+        ToolMessage("[]", tool_call_id="n", id="t"),
+    ]
+    update = VerifyToolOutputs({"pay": ToolContract(on_fail="fail")})({"messages": messages})
+    after = {"messages": [*messages[:-1], *update["messages"]]}
+    with pytest.raises(
+        VerificationFailed,
+        match=re.escape("Output of tool 'pay' (call n) failed verification: empty result"),
+    ) as e:
+        VerificationStop(exit_behavior="error")(after)
+    assert (e.value.tool, e.value.tool_call_id) == ("pay", "n")
+
+
+# --- wiring mistakes -----------------------------------------------------------------------
+
+
+class Item(BaseModel):
+    name: str
+    price: float | None
+    tags: list[str]
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        pytest.param(
+            lambda: ToolContract(max_retries=-1),
+            "max_retries must be >= 0, got -1",
+            id="negative-retries",
+        ),
+        pytest.param(
+            lambda: ToolContract(on_fail="ignore"), "on_fail must be one of", id="bad-policy"
+        ),  # type: ignore[arg-type]
+        pytest.param(
+            lambda: ToolContract(on_exhausted="retry"), "on_exhausted must be", id="bad-exhausted"
+        ),  # type: ignore[arg-type]
+        pytest.param(
+            lambda: ToolContract(schema=dict),
+            "must be a pydantic BaseModel subclass",
+            id="schema-not-model",
+        ),  # type: ignore[arg-type]
+        pytest.param(
+            lambda: ToolContract(schema=Item, required=("nmae",)),
+            "field 'nmae' is not in schema Item (fields of Item: name, price, tags)",
+            id="unknown-field",
+        ),
+        pytest.param(
+            lambda: ToolContract(schema=Item, ranges={"tags": (0, 5)}),
+            "field type list[str] of Item is not a number",
+            id="range-on-list",
+        ),
+        pytest.param(
+            lambda: ToolContract(schema=Item, ranges={"name.x": (0, 5)}),
+            "goes through 'x', which is not a model field",
+            id="path-through-str",
+        ),
+        pytest.param(
+            lambda: ToolContract(required="city"), "not the str 'city'", id="required-str"
+        ),  # type: ignore[arg-type]
+        pytest.param(
+            lambda: ToolContract(ranges={"t": (5, 1)}), "low 5 > high 1", id="inverted-range"
+        ),
+        pytest.param(
+            lambda: ToolContract(ranges={"t": ("a", 1)}),
+            "bound 'a' is not a number",
+            id="bound-not-number",
+        ),  # type: ignore[dict-item]
+        pytest.param(
+            lambda: ToolContract(checks=("x",)), "is not callable", id="check-not-callable"
+        ),  # type: ignore[arg-type]
+        pytest.param(
+            lambda: ErrorSignals(text_patterns=("(",)), "invalid text pattern '('", id="bad-regex"
+        ),
+        pytest.param(
+            lambda: VerifyToolOutputs({"t": {"max_retries": 1}}),
+            "must be a ToolContract, got dict",
+            id="contract-not-contract",
+        ),  # type: ignore[dict-item]
+        pytest.param(
+            lambda: VerifyToolOutputs([ToolContract()]), "must map tool names", id="contracts-list"
+        ),  # type: ignore[arg-type]
+        pytest.param(
+            lambda: VerificationStop(exit_behavior="crash"),
+            "exit_behavior must be",
+            id="stop-behavior",
+        ),  # type: ignore[arg-type]
+    ],
+)
+def test_wiring_mistakes_raise_user_error_at_construction(
+    build: Callable[[], object], message: str
+) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        build()
+
+
+def test_range_on_optional_number_field_is_accepted() -> None:
+    contract = ToolContract(schema=Item, ranges={"price": (0, None)})
+    assert contract.requirements().endswith("price in [0, +inf]; a non-empty result")
+
+
+# --- graphs: the node form and the tool-node hook ------------------------------------------
+
+WEATHER_DB: dict[str, Any] = {
+    "Paris": GOOD,
+    "Atlantis": {"city": "Atlantis", "temp_c": 999, "conditions": ["underwater"]},
+    "Down": {"status": "error", "error": "upstream timeout"},
+    "Html": "<!doctype html><html><head><title>503</title></head></html>",
+    "Empty": [],
+}
+CALLS: list[str] = []
+
+
+@tool
+def weather(city: str) -> Any:
+    """Current weather for a city."""
+    CALLS.append(city)
+    if city == "Boom":
+        raise ConnectionError("connection reset by peer")
+    return WEATHER_DB[city]
+
+
+@tool
+def refund(order_id: str) -> dict[str, Any]:
+    """Refund an order (side effect)."""
+    CALLS.append(f"refund:{order_id}")
+    return {"status": "failed", "order_id": order_id}
+
+
+@pytest.fixture(autouse=True)
+def _reset_calls() -> None:
+    CALLS.clear()
+
+
+def script(*cities: str, final: str = "done") -> list[AIMessage]:
+    turns = [
+        ai(tool_calls=[tool_call("weather", {"city": c}, id=f"w{i}")]) for i, c in enumerate(cities)
+    ]
+    return [*turns, ai(final)]
+
+
+Form = Literal["node", "hook"]
+
+
+def build_app(
+    model: ScriptedChatModel,
+    verify: VerifyToolOutputs,
+    *,
+    form: Form,
+    tools: Sequence[BaseTool] = (weather, refund),
+    state_schema: type[Any] = MessagesState,
+    checkpointer: BaseCheckpointSaver[Any] | None = None,
+    interrupt_before: list[str] | None = None,
+) -> Any:
+    """A ReAct loop with verification; escalations go to a `review` node that marks the end."""
+    builder = StateGraph(state_schema)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    if form == "node":
+        builder.add_node("tools", ToolNode(tools, handle_tool_errors=True))
+        builder.add_node("verify", verify)
+        builder.add_edge("tools", "verify")
+        after = "verify"
+    else:
+        builder.add_node(
+            "tools",
+            ToolNode(
+                tools, wrap_tool_call=verify.wrap_tool_call, awrap_tool_call=verify.awrap_tool_call
+            ),
+        )
+        after = "tools"
+    builder.add_node("review", lambda s: {"messages": [AIMessage("escalated to a person")]})
+    builder.add_node("stop", VerificationStop())
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition, {"tools": "tools", END: END})
+    builder.add_conditional_edges(
+        after,
+        route_after_verify,
+        {"ok": "agent", "retry": "agent", "escalate": "review", "fail": "stop"},
+    )
+    builder.add_edge("review", END)
+    builder.add_edge("stop", END)
+    return builder.compile(checkpointer=checkpointer, interrupt_before=interrupt_before)
+
+
+def verdicts_in(messages: Sequence[AnyMessage]) -> list[Verdict]:
+    return [
+        verdict_of(m) for m in messages if isinstance(m, ToolMessage) and "verdict" in harness(m)
+    ]
+
+
+FORMS = [pytest.param("node", id="node"), pytest.param("hook", id="hook")]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_bad_output_is_retried_with_feedback_then_recovers(form: Form) -> None:
+    model = ScriptedChatModel(script=script("Atlantis", "Paris"))
+    app = build_app(model, VerifyToolOutputs({"weather": WEATHER}), form=form)
+
+    out = app.invoke({"messages": [HumanMessage("weather?")]})
+
+    assert [(v["attempt"], v["action"]) for v in verdicts_in(out["messages"])] == [
+        (1, "retry"),
+        (2, "ok"),
+    ]
+    refused = out["messages"][2]
+    assert refused.status == "error" and "999 is out of range" in refused.content
+    assert out["messages"][-1].content == "done"
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize(
+    ("on_exhausted", "last_node_text"),
+    [
+        pytest.param("fail", "I stopped: a tool output failed verification.", id="fail"),
+        pytest.param("escalate", "escalated to a person", id="escalate"),
+    ],
+)
+def test_retries_exhausted_take_the_configured_path(
+    form: Form, on_exhausted: Literal["fail", "escalate"], last_node_text: str
+) -> None:
+    model = ScriptedChatModel(script=script("Down", "Html", "Empty", "Paris"))
+    contract = ToolContract(max_retries=2, on_exhausted=on_exhausted)
+    out = build_app(model, VerifyToolOutputs({"weather": contract}), form=form).invoke(
+        {"messages": [HumanMessage("q")]}
+    )
+
+    assert [(v["attempt"], v["action"]) for v in verdicts_in(out["messages"])] == [
+        (1, "retry"),
+        (2, "retry"),
+        (3, on_exhausted),
+    ]
+    assert CALLS == ["Down", "Html", "Empty"]  # never reached Paris: the loop stopped
+    assert out["messages"][-1].content.startswith(last_node_text)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_side_effect_tool_escalates_instead_of_retrying(form: Form) -> None:
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("refund", {"order_id": "o-1"}, id="r1")]),
+            ai("retrying the refund"),
+        ]
+    )
+    verify = VerifyToolOutputs({"refund": ToolContract(side_effects=True, max_retries=5)})
+    out = build_app(model, verify, form=form).invoke({"messages": [HumanMessage("refund o-1")]})
+
+    assert CALLS == ["refund:o-1"]  # ran once; the model never got the chance to re-run it
+    assert model.calls == 1
+    (verdict,) = verdicts_in(out["messages"])
+    assert verdict["action"] == "escalate"
+    escalation = harness(out["messages"][2])["escalation"]
+    assert escalation["kind"] == "verification" and escalation["args"] == {"order_id": "o-1"}
+    assert out["messages"][-1].content == "escalated to a person"
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_tool_exception_is_a_failed_verdict_on_the_same_policy(form: Form) -> None:
+    model = ScriptedChatModel(script=script("Boom", "Paris"))
+    out = build_app(model, VerifyToolOutputs({"weather": WEATHER}), form=form).invoke(
+        {"messages": [HumanMessage("q")]}
+    )
+    first, second = verdicts_in(out["messages"])
+    assert first["action"] == "retry" and "connection reset by peer" in first["reasons"][0]
+    assert first["reasons"][0].startswith("the tool raised an error")
+    assert second["ok"] is True
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_parallel_calls_in_a_graph(form: Form) -> None:
+    calls = [
+        tool_call("weather", {"city": "Paris"}, id="p"),
+        tool_call("weather", {"city": "Empty"}, id="e"),
+    ]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("done")])
+    out = build_app(model, VerifyToolOutputs({"weather": WEATHER}), form=form).invoke(
+        {"messages": [HumanMessage("q")]}
+    )
+    by_call = {v["tool_call_id"]: v for v in verdicts_in(out["messages"])}
+    assert by_call["p"]["ok"] is True and by_call["e"]["action"] == "retry"
+    assert sorted(CALLS) == ["Empty", "Paris"]
+    assert out["messages"][-1].content == "done"
+
+
+def test_hook_lets_interrupts_through_and_checks_the_resumed_output() -> None:
+    @tool
+    def ask_human(question: str) -> str:
+        """Ask a person."""
+        return str(interrupt(question))
+
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("ask_human", {"question": "sure?"}, id="q")]), ai("ok")]
+    )
+    verify = VerifyToolOutputs()
+    app = build_app(model, verify, form="hook", tools=[ask_human], checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t"}}
+    first = app.invoke({"messages": [HumanMessage("q")]}, config)
+    assert first["__interrupt__"][0].value == "sure?"
+    out = app.invoke(Command(resume="Rate limit exceeded"), config)
+    (verdict,) = verdicts_in(out["messages"])
+    assert verdict["action"] == "retry" and "Rate limit" in verdict["reasons"][0]
+
+
+def test_hook_never_swallows_graph_bubble_up_or_harness_errors() -> None:
+    verify = VerifyToolOutputs()
+
+    class FakeRequest:
+        tool_call = tool_call("t", {}, id="c")
+        state: dict[str, Any] = {"messages": []}
+        runtime = None
+
+    for error in (GraphInterrupt(()), BudgetExceeded("task", "usd", 1.0, 1.0)):
+
+        def execute(_: Any, error: Exception = error) -> ToolMessage:
+            raise error
+
+        with pytest.raises(type(error)):
+            verify.wrap_tool_call(FakeRequest(), execute)  # type: ignore[arg-type]
+
+
+# --- dropping the node into existing apps --------------------------------------------------
+
+
+def react_app(model: ScriptedChatModel, *, with_verify: VerifyToolOutputs | None) -> Any:
+    """A hand-built MessagesState ReAct loop; verification is one node and one edge."""
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([weather]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges(
+        "agent", lambda s: "tools" if s["messages"][-1].tool_calls else END
+    )
+    if with_verify is None:
+        builder.add_edge("tools", "agent")
+    else:
+        builder.add_node("verify", with_verify)  # + a node
+        builder.add_edge("tools", "verify")  # + an edge (and verify → agent below)
+        builder.add_edge("verify", "agent")
+    return builder.compile()
+
+
+def test_drop_into_hand_built_messages_state_react_loop() -> None:
+    bare = react_app(ScriptedChatModel(script=script("Atlantis", "Paris")), with_verify=None)
+    out = bare.invoke({"messages": [HumanMessage("q")]})
+    assert (
+        "999" in out["messages"][2].content and out["messages"][2].status == "success"
+    )  # silently accepted
+
+    CALLS.clear()
+    model = ScriptedChatModel(script=script("Atlantis", "Paris"))
+    out = react_app(model, with_verify=VerifyToolOutputs({"weather": WEATHER})).invoke(
+        {"messages": [HumanMessage("q")]}
+    )
+    assert out["messages"][2].status == "error" and "out of range" in out["messages"][2].content
+    assert set(out) == {"messages"}  # the app's state schema is untouched
+    assert [v["ok"] for v in verdicts_in(out["messages"])] == [False, True]
+
+
+def test_drop_into_prebuilt_loop_shape_with_tools_condition() -> None:
+    model = ScriptedChatModel(script=script("Down", "Paris"))
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([weather]))
+    builder.add_node("verify", VerifyToolOutputs({"weather": WEATHER}))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "verify")
+    builder.add_conditional_edges(
+        "verify",
+        route_after_verify,
+        {"ok": "agent", "retry": "agent", "escalate": END, "fail": END},
+    )
+    out = builder.compile().invoke({"messages": [HumanMessage("q")]})
+    assert [v["action"] for v in verdicts_in(out["messages"])] == ["retry", "ok"]
+    assert "upstream timeout" in out["messages"][2].content
+
+
+@dataclass
+class DataclassState:
+    messages: Annotated[list[AnyMessage], add_messages] = field(default_factory=list)
+    user: str = "anon"
+
+
+class PydanticState(BaseModel):
+    messages: Annotated[list[AnyMessage], add_messages] = []
+    user: str = "anon"
+
+
+@pytest.mark.parametrize(
+    "state_schema", [DataclassState, PydanticState], ids=["dataclass", "pydantic"]
+)
+@pytest.mark.parametrize("form", FORMS)
+async def test_dataclass_and_pydantic_state_apps_async(state_schema: type[Any], form: Form) -> None:
+    model = ScriptedChatModel(script=script("Empty", "Paris"))
+    builder = StateGraph(state_schema)
+
+    async def agent(state: Any) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state.messages)]}
+
+    verify = VerifyToolOutputs({"weather": WEATHER})
+    builder.add_node("agent", agent)
+    if form == "node":
+        builder.add_node("tools", ToolNode([weather]))
+        builder.add_node("verify", verify)
+        builder.add_edge("tools", "verify")
+        after = "verify"
+    else:
+        builder.add_node("tools", ToolNode([weather], awrap_tool_call=verify.awrap_tool_call))
+        after = "tools"
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_conditional_edges(
+        after, route_after_verify, {"ok": "agent", "retry": "agent", "escalate": END, "fail": END}
+    )
+    out = await builder.compile().ainvoke(state_schema(messages=[HumanMessage("q")], user="u1"))
+    assert out["user"] == "u1"
+    assert [v["action"] for v in verdicts_in(out["messages"])] == ["retry", "ok"]
+
+
+class Recorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def on_custom_event(self, name: str, data: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self.events.append((name, data))
+
+
+class AppState(HarnessState):
+    user: str
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_harness_state_gets_verdicts_outcome_and_events(form: Form) -> None:
+    model = ScriptedChatModel(script=script("Down", "Down"))
+    verify = VerifyToolOutputs({"weather": ToolContract(max_retries=1)})
+    recorder = Recorder()
+    out = build_app(model, verify, form=form, state_schema=AppState).invoke(
+        {"messages": [HumanMessage("q")], "user": "u"}, {"callbacks": [recorder]}
+    )
+    assert [(v["attempt"], v["action"]) for v in out["verdicts"]] == [(1, "retry"), (2, "fail")]
+    assert out["verdicts"] == verdicts_in(out["messages"])
+    assert out["outcome"]["status"] == "verification_failed"
+    assert (
+        out["outcome"]["reason"] == "weather: the output reports a failure: status='error'; "
+        "the output carries an error: error='upstream timeout'"
+    )
+    assert harness(out["messages"][-1])["outcome"] == out["outcome"]
+    names = [n for n, _ in recorder.events]
+    assert names == ["harness.verdict", "harness.verdict", "harness.outcome"]
+    assert recorder.events[0][1] == out["verdicts"][0]
+
+
+def test_verdicts_key_is_dropped_quietly_from_a_messages_state_app() -> None:
+    model = ScriptedChatModel(script=script("Down", "Paris"))
+    out = build_app(model, VerifyToolOutputs(), form="hook").invoke(
+        {"messages": [HumanMessage("q")]}
+    )
+    assert set(out) == {"messages"}
+
+
+# --- resume in the middle of a retry loop --------------------------------------------------
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_retry_counts_survive_a_crash_between_retries(backend: Backend, form: Form) -> None:
+    """A crash after the first refused output: a fresh process (new model, new verifier, new
+    graph) resumes from the checkpoint and the retry budget continues where it was."""
+    config = {"configurable": {"thread_id": f"crash-{uuid.uuid4().hex}"}}
+    turns = script("Atlantis", "Down", "Empty", "Paris")
+    contract = {"weather": ToolContract(schema=Weather, ranges={"temp_c": (-90, 60)})}
+    crashing = ScriptedChatModel(script=turns, faults={1: RuntimeError("worker died")})
+    app = build_app(
+        crashing, VerifyToolOutputs(contract), form=form, checkpointer=backend.checkpointer
+    )
+    with pytest.raises(RuntimeError, match="worker died"):
+        app.invoke({"messages": [HumanMessage("q")]}, config, durability="sync")
+
+    fresh = build_app(
+        ScriptedChatModel(script=turns),
+        VerifyToolOutputs(contract),
+        form=form,
+        checkpointer=backend.checkpointer,
+    )
+    out = fresh.invoke(None, config, durability="sync")
+
+    assert [(v["attempt"], v["action"]) for v in verdicts_in(out["messages"])] == [
+        (1, "retry"),
+        (2, "retry"),
+        (3, "fail"),
+    ]
+    assert CALLS == ["Atlantis", "Down", "Empty"]  # nothing ran twice, Paris never reached
+    assert out["messages"][-1].content.startswith("I stopped")
+
+
+def test_retry_counts_survive_an_interrupt_between_retries(backend: Backend) -> None:
+    config = {"configurable": {"thread_id": f"pause-{uuid.uuid4().hex}"}}
+    turns = script("Empty", "Empty", "Paris")
+    contract = {"weather": ToolContract(max_retries=1, on_exhausted="escalate")}
+    app = build_app(
+        ScriptedChatModel(script=turns),
+        VerifyToolOutputs(contract),
+        form="node",
+        checkpointer=backend.checkpointer,
+        interrupt_before=["agent"],
+    )
+    app.invoke({"messages": [HumanMessage("q")]}, config, durability="sync")  # paused before turn 0
+    app.invoke(None, config, durability="sync")  # turn 0 → refused → paused before the retry
+    snapshot = app.get_state(config)
+    assert snapshot.next == ("agent",)
+    assert [v["action"] for v in verdicts_in(snapshot.values["messages"])] == ["retry"]
+
+    resumed = build_app(
+        ScriptedChatModel(script=turns),
+        VerifyToolOutputs(contract),
+        form="node",
+        checkpointer=backend.checkpointer,
+        interrupt_before=["agent"],
+    )
+    out = resumed.invoke(None, config, durability="sync")
+    assert [(v["attempt"], v["action"]) for v in verdicts_in(out["messages"])] == [
+        (1, "retry"),
+        (2, "escalate"),
+    ]
+    assert out["messages"][-1].content == "escalated to a person"
