@@ -40,7 +40,16 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import ConfigDict, Field, PrivateAttr
 
-__all__ = ["ScriptExhausted", "ScriptedChatModel", "ai", "tool_call"]
+from harness_nodes._langfuse_receiver import LangfuseReceiver, ReceivedSpan
+
+__all__ = [
+    "LangfuseReceiver",
+    "ReceivedSpan",
+    "ScriptExhausted",
+    "ScriptedChatModel",
+    "ai",
+    "tool_call",
+]
 
 Reply = AIMessage | str | Callable[[list[BaseMessage]], AIMessage | str]
 """One scripted answer: a message, plain text, or a function of the prompt."""

@@ -6,7 +6,10 @@ the harness print as one line on stderr with exit code 2 (``--debug`` shows the 
 
 from __future__ import annotations
 
-from harness_nodes.cli import _demo  # noqa: F401  (registers `harness demo`)
+from harness_nodes.cli import (
+    _demo,  # noqa: F401  (registers `harness demo`)
+    _trace,  # noqa: F401  (registers `harness show|runs|report`)
+)
 from harness_nodes.cli._app import app, main
 
 __all__ = ["app", "main"]

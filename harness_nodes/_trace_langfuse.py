@@ -1,0 +1,564 @@
+"""Langfuse wiring: one trace per task, harness decisions as first-class Langfuse data.
+
+Measured with langfuse 5.0.4 and langgraph 1.2.24: every interrupt/resume leg becomes its
+own trace by default (the SDK's resume stitching is in-memory, per process, and never fires
+for LangGraph's resume); seeding the trace id from the thread id and passing it as
+``trace_context`` keeps every leg — in any process, after any crash — in one trace. Fake and
+self-hosted chat models carry no model name Langfuse can price, so the handler sets the model
+and ``cost_details`` on each generation from the harness's own pricing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import is_dataclass
+from typing import Any
+from uuid import UUID
+
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGeneration, LLMResult
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import merge_configs
+from pydantic import BaseModel
+
+from harness_nodes._events import EVENT_PREFIX
+from harness_nodes._pricing import PriceFn, default_price
+from harness_nodes.errors import UserError
+
+__all__ = ["Masker", "langfuse_callbacks", "trace_id_for"]
+
+logger = logging.getLogger("harness_nodes.tracing")
+
+MASK = "***"
+"""What a masked value becomes."""
+
+DEFAULT_SENSITIVE_FIELDS = frozenset(
+    {
+        "api_key",
+        "apikey",
+        "api-key",
+        "secret",
+        "secret_key",
+        "client_secret",
+        "password",
+        "passwd",
+        "token",
+        "access_token",
+        "refresh_token",
+        "authorization",
+        "auth",
+        "cookie",
+        "private_key",
+    }
+)
+"""Keys whose values never reach a trace, whatever they hold (compared case-insensitively)."""
+
+_SECRET_PATTERNS = re.compile(
+    r"(sk-(?:lf-|proj-|ant-)?[A-Za-z0-9_\-]{12,}"  # OpenAI / Anthropic / Langfuse secret keys
+    r"|pk-lf-[A-Za-z0-9_\-]{8,}"  # Langfuse public keys
+    r"|AKIA[0-9A-Z]{16}"  # AWS access key ids
+    r"|gh[pousr]_[A-Za-z0-9]{20,}"  # GitHub tokens
+    r"|xox[abprs]-[A-Za-z0-9\-]{10,}"  # Slack tokens
+    r"|AIza[0-9A-Za-z_\-]{30,}"  # Google API keys
+    r"|(?i:bearer)\s+[A-Za-z0-9._~+/\-]{8,}=*)"
+)
+_ENV_SECRET_NAME = re.compile(r"(API_KEY|SECRET|TOKEN|PASSWORD)", re.IGNORECASE)
+
+
+class Masker:
+    """Masks secrets in anything about to be written to a trace.
+
+    Values under sensitive keys (API keys, passwords, tokens, plus the fields you mark) are
+    replaced whole; API-key-shaped strings and the literal values of secret environment
+    variables are replaced wherever they appear in text. Messages and pydantic models are
+    dumped to plain data first, so tool-call arguments inside them are masked too.
+
+    Example:
+        ```python
+        from harness_nodes import Masker
+
+        mask = Masker(sensitive_fields=["card_number"])
+        out = mask(data={"card_number": "4111", "note": "key sk-abcdefghijklmnop1234"})
+        assert out == {"card_number": "***", "note": "key ***"}
+        ```
+    """
+
+    def __init__(self, sensitive_fields: Sequence[str] = (), secrets: Sequence[str] = ()) -> None:
+        self.fields = DEFAULT_SENSITIVE_FIELDS | {f.lower() for f in sensitive_fields}
+        env_values = [
+            v for k, v in os.environ.items() if _ENV_SECRET_NAME.search(k) and len(v) >= 8
+        ]
+        literals = sorted({*secrets, *env_values}, key=len, reverse=True)
+        self._literals = [s for s in literals if s]
+
+    def extend(self, sensitive_fields: Sequence[str] = (), secrets: Sequence[str] = ()) -> None:
+        """Also mask these fields and literal values from now on."""
+        self.fields = self.fields | {f.lower() for f in sensitive_fields}
+        merged = {*self._literals, *(s for s in secrets if s)}
+        self._literals = sorted(merged, key=len, reverse=True)
+
+    def __call__(self, *, data: Any, **_: Any) -> Any:
+        """Langfuse's ``mask`` signature: return *data* with its secrets masked."""
+        return self._mask(data, 0)
+
+    def text(self, value: str) -> str:
+        """Mask secrets inside one string."""
+        for lit in self._literals:
+            if lit in value:
+                value = value.replace(lit, MASK)
+        return _SECRET_PATTERNS.sub(MASK, value)
+
+    def _mask(self, data: Any, depth: int) -> Any:
+        if depth > 64:
+            return data
+        if isinstance(data, str):
+            return self.text(data)
+        if isinstance(data, Mapping):
+            return {
+                k: (MASK if str(k).lower() in self.fields else self._mask(v, depth + 1))
+                for k, v in data.items()
+            }
+        if isinstance(data, list | tuple):
+            return [self._mask(v, depth + 1) for v in data]
+        if isinstance(data, BaseMessage | BaseModel):
+            return self._mask(data.model_dump(), depth + 1)
+        if is_dataclass(data) and not isinstance(data, type):
+            return self._mask(vars(data), depth + 1)
+        return data
+
+
+def trace_id_for(thread_id: str) -> str:
+    """The Langfuse trace id of a task: the same for every leg, process and crash.
+
+    Example:
+        ```python
+        from harness_nodes import trace_id_for
+
+        assert trace_id_for("thread-1") == trace_id_for("thread-1")
+        assert len(trace_id_for("thread-1")) == 32
+        ```
+    """
+    from langfuse import Langfuse
+
+    return str(Langfuse.create_trace_id(seed=thread_id))
+
+
+def _score_id(*parts: str) -> str:
+    # Deterministic: a leg replayed after a crash upserts its scores instead of doubling them.
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+def _handler_class() -> type[Any]:
+    from langfuse.langchain import CallbackHandler
+
+    class HarnessLangfuseHandler(CallbackHandler):
+        """Langfuse's LangChain handler, plus the harness's events, costs and trace id."""
+
+        run_inline = True  # keep the run tree in order under async graphs (no thread hops)
+
+        def __init__(
+            self,
+            *,
+            public_key: str,
+            thread_id: str,
+            price: PriceFn,
+            masker: Masker,
+        ) -> None:
+            self.thread_id = thread_id
+            self.trace_id = trace_id_for(thread_id)
+            super().__init__(public_key=public_key, trace_context={"trace_id": self.trace_id})
+            self._price = price
+            self._masker = masker
+
+        def on_chain_start(
+            self,
+            serialized: dict[str, Any] | None,
+            inputs: Any,
+            *,
+            run_id: UUID,
+            parent_run_id: UUID | None = None,
+            metadata: dict[str, Any] | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            if parent_run_id is None and metadata:
+                # The root's metadata becomes trace attributes, which Langfuse does not mask.
+                metadata = self._masker(data=metadata)
+            return super().on_chain_start(
+                serialized,
+                inputs,
+                run_id=run_id,
+                parent_run_id=parent_run_id,
+                metadata=metadata,
+                **kwargs,
+            )
+
+        # --- generations: model name and cost from the harness's pricing ---------------
+        def on_llm_end(
+            self,
+            response: LLMResult,
+            *,
+            run_id: UUID,
+            parent_run_id: UUID | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            generation = self._runs.get(run_id)
+            if generation is not None:
+                try:
+                    self._price_generation(generation, response)
+                except Exception:  # never break the run for a trace
+                    logger.exception("could not price a generation for Langfuse")
+            return super().on_llm_end(
+                response, run_id=run_id, parent_run_id=parent_run_id, **kwargs
+            )
+
+        def _price_generation(self, generation: Any, response: LLMResult) -> None:
+            last = response.generations[-1][-1]
+            if not isinstance(last, ChatGeneration) or not isinstance(last.message, AIMessage):
+                return
+            msg = last.message
+            usage: Mapping[str, Any] = msg.usage_metadata or {}
+            inp, out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+            meta = msg.additional_kwargs.get("harness") or {}
+            budget = meta.get("budget") or {} if isinstance(meta, Mapping) else {}
+            model = str(
+                budget.get("model")
+                or msg.response_metadata.get("model_name")
+                or msg.response_metadata.get("model")
+                or ""
+            )
+            if not model:
+                return
+            spent = budget.get("spent_usd")
+            priced = self._price(model, inp, out)
+            if isinstance(spent, int | float):
+                total = float(spent)
+                split = priced or (total, 0.0)
+                scale = total / (split[0] + split[1]) if (split[0] + split[1]) else 0.0
+                cost = {"input": split[0] * scale, "output": split[1] * scale, "total": total}
+            elif priced is not None:
+                cost = {"input": priced[0], "output": priced[1], "total": priced[0] + priced[1]}
+            else:
+                generation.update(model=model)
+                return
+            generation.update(model=model, cost_details=cost)
+
+        # --- root runs: the outcome becomes a trace score ------------------------------
+        def on_chain_end(
+            self,
+            outputs: Any,
+            *,
+            run_id: UUID,
+            parent_run_id: UUID | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            if parent_run_id is None and isinstance(outputs, Mapping):
+                outcome = outputs.get("outcome")
+                if isinstance(outcome, Mapping) and outcome.get("status"):
+                    self._score_outcome(outcome)
+            return super().on_chain_end(
+                outputs, run_id=run_id, parent_run_id=parent_run_id, **kwargs
+            )
+
+        def _score_outcome(self, outcome: Mapping[str, Any]) -> None:
+            reason = outcome.get("reason")
+            self._langfuse_client.create_score(
+                name="outcome",
+                value=str(outcome["status"]),
+                trace_id=self.trace_id,
+                score_id=_score_id(self.trace_id, "outcome"),
+                data_type="CATEGORICAL",
+                comment=self._masker.text(str(reason)) if reason else None,
+            )
+
+        # --- harness decisions ----------------------------------------------------------
+        def on_custom_event(
+            self,
+            name: str,
+            data: Any,
+            *,
+            run_id: UUID,
+            tags: list[str] | None = None,
+            metadata: dict[str, Any] | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            if not name.startswith(EVENT_PREFIX) or not isinstance(data, Mapping):
+                return
+            try:
+                self._record(name.removeprefix(EVENT_PREFIX), dict(data), run_id)
+            except Exception:
+                logger.exception("could not record harness event %s in Langfuse", name)
+
+        def _observe(self, run_id: UUID, **kwargs: Any) -> Any:
+            parent = self._runs.get(run_id)
+            if parent is not None:
+                obs = parent.start_observation(**kwargs)
+            else:
+                obs = self._langfuse_client.start_observation(
+                    trace_context={"trace_id": self.trace_id}, **kwargs
+                )
+            if kwargs.get("as_type") != "event":
+                obs.end()
+            return obs
+
+        def _record(self, kind: str, data: dict[str, Any], run_id: UUID) -> None:
+            client = self._langfuse_client
+            if kind == "verdict":
+                ok = bool(data.get("ok"))
+                obs = self._observe(
+                    run_id,
+                    name=f"verify {data.get('tool', '?')}",
+                    as_type="guardrail",
+                    input={
+                        "tool": data.get("tool"),
+                        "tool_call_id": data.get("tool_call_id"),
+                        "attempt": data.get("attempt"),
+                    },
+                    output={
+                        "ok": ok,
+                        "action": data.get("action"),
+                        "reasons": data.get("reasons", []),
+                    },
+                    level=None if ok else "WARNING",
+                    status_message=None if ok else "; ".join(map(str, data.get("reasons", []))),
+                )
+                client.create_score(
+                    name="verification",
+                    value=1.0 if ok else 0.0,
+                    trace_id=self.trace_id,
+                    observation_id=obs.id,
+                    score_id=_score_id(
+                        self.trace_id,
+                        "verdict",
+                        str(data.get("tool_call_id")),
+                        str(data.get("attempt")),
+                    ),
+                    data_type="BOOLEAN",
+                    comment=None
+                    if ok
+                    else self._masker.text("; ".join(map(str, data.get("reasons", [])))),
+                )
+            elif kind.startswith("budget."):
+                action = kind.removeprefix("budget.")
+                self._observe(
+                    run_id,
+                    name=kind,
+                    as_type="event",
+                    input={k: data[k] for k in ("task_id", "model", "from_model") if k in data},
+                    output=data,
+                    metadata={"harness_event": kind},
+                    level="WARNING" if action in {"degrade", "warn", "stop"} else None,
+                    status_message=(
+                        f"{data.get('from_model')} → {data.get('to_model')}: {data.get('reason')}"
+                        if action == "degrade"
+                        else f"{data.get('limit')} {data.get('used')}/{data.get('maximum')}"
+                        if action in {"warn", "stop"}
+                        else None
+                    ),
+                )
+                if action in {"stop", "degrade"}:
+                    client.create_score(
+                        name="budget",
+                        value="stopped" if action == "stop" else "degraded",
+                        trace_id=self.trace_id,
+                        score_id=_score_id(self.trace_id, "budget", action),
+                        data_type="CATEGORICAL",
+                    )
+            elif kind == "review.request":
+                review_id = str(data.get("review_id", ""))
+                self._observe(
+                    run_id,
+                    name="review requested",
+                    as_type="event",
+                    input={"tool_calls": data.get("tool_calls")},
+                    output={"reason": data.get("reason"), "risk": data.get("risk")},
+                    metadata={"harness_event": kind, "review_id": review_id},
+                    level="WARNING",
+                    status_message=str(data.get("reason", "")),
+                )
+            elif kind == "review.decision":
+                review_id = str(data.get("review_id", ""))
+                decision = str(data.get("decision", "?"))
+                obs = self._observe(
+                    run_id,
+                    name=f"review {decision} by {data.get('reviewer', '?')}",
+                    as_type="event",
+                    input={"args_before": data.get("args_before")},
+                    output={
+                        "decision": decision,
+                        "reviewer": data.get("reviewer"),
+                        "args_after": data.get("args_after"),
+                        "message": data.get("message"),
+                    },
+                    metadata={
+                        "harness_event": kind,
+                        "review_id": review_id,
+                        "reviewer": data.get("reviewer"),
+                    },
+                    level="WARNING" if decision == "reject" else None,
+                )
+                client.create_score(
+                    name="review",
+                    value=decision,
+                    trace_id=self.trace_id,
+                    observation_id=obs.id,
+                    score_id=_score_id(self.trace_id, "review", review_id),
+                    data_type="CATEGORICAL",
+                    comment=f"by {data.get('reviewer')}",
+                )
+            elif kind.startswith("effect."):
+                action = kind.removeprefix("effect.")
+                self._observe(
+                    run_id,
+                    name=f"effect {action}: {data.get('tool', '?')}",
+                    as_type="event",
+                    input={"tool": data.get("tool"), "tool_call_id": data.get("tool_call_id")},
+                    output={"idempotency_key": data.get("idempotency_key"), "action": action},
+                    metadata={"harness_event": kind},
+                    level="ERROR" if action == "unknown" else None,
+                )
+            elif kind == "outcome":
+                self._observe(
+                    run_id,
+                    name=f"outcome: {data.get('status')}",
+                    as_type="event",
+                    output=data,
+                    metadata={"harness_event": kind},
+                    level=None if data.get("status") == "completed" else "WARNING",
+                )
+                if data.get("status"):
+                    self._score_outcome(data)
+            else:
+                self._observe(
+                    run_id,
+                    name=kind,
+                    as_type="event",
+                    output=data,
+                    metadata={"harness_event": kind},
+                )
+
+    return HarnessLangfuseHandler
+
+
+_HANDLER: type[Any] | None = None
+_NOTICE_SHOWN = False
+_MASKERS: dict[str, Masker] = {}
+"""One masker per Langfuse public key: its client's ``mask`` is fixed when first built."""
+
+
+def langfuse_callbacks(
+    config_or_thread_id: RunnableConfig | str,
+    *,
+    task_type: str | None = None,
+    task_id: str | None = None,
+    envelope: Mapping[str, Any] | None = None,
+    sensitive_fields: Sequence[str] = (),
+    secrets: Sequence[str] = (),
+    price: PriceFn | None = None,
+    public_key: str | None = None,
+    secret_key: str | None = None,
+    base_url: str | None = None,
+    flush_interval: float = 1.0,
+    **client_options: Any,
+) -> RunnableConfig:
+    """The run config that traces a task to Langfuse: one trace per task, decisions included.
+
+    The trace id is seeded from the thread id, so every leg of the task (interrupt and
+    resume, a crash and its recovery, another process or worker) lands in the same trace;
+    the session id is the thread id, the task type is a tag, and the task id and envelope are
+    trace metadata. Harness events become ``guardrail``/``event`` observations and scores,
+    every generation gets its model name and cost from the harness's pricing, and secrets are
+    masked before anything leaves the process. Spans are exported every ``flush_interval``
+    seconds, so a crash loses at most that much of a leg.
+
+    Without Langfuse keys (arguments or ``LANGFUSE_PUBLIC_KEY``/``LANGFUSE_SECRET_KEY``) it
+    logs a one-line notice and returns the config without callbacks; the run is unchanged.
+
+    Args:
+        config_or_thread_id: A run config holding ``configurable.thread_id``, or the thread id.
+        task_type: Tags the trace (and groups `harness report`).
+        task_id: The task's id when it is not the thread id.
+        envelope: The task's cost envelope, recorded as trace metadata.
+        sensitive_fields: Extra keys whose values are masked (``ssn``, ``card_number``...).
+        secrets: Literal values to mask wherever they appear.
+        price: How to price a generation; genai-prices by default.
+        public_key: Langfuse public key (default ``$LANGFUSE_PUBLIC_KEY``).
+        secret_key: Langfuse secret key (default ``$LANGFUSE_SECRET_KEY``).
+        base_url: Langfuse URL (default ``$LANGFUSE_BASE_URL``/``$LANGFUSE_HOST`` or cloud).
+        flush_interval: Seconds between span exports.
+        **client_options: Passed to ``langfuse.Langfuse`` (``environment``, ``release``,
+            ``span_exporter``...). The first call for a public key configures its client.
+
+    Returns:
+        *config* (copied) with the Langfuse handler in ``callbacks`` and the trace attributes
+        in ``metadata``; pass it to ``invoke``/``stream``/``ainvoke``.
+
+    Raises:
+        UserError: No thread id.
+
+    Example:
+        ```python
+        from harness_nodes import langfuse_callbacks
+
+        config = langfuse_callbacks("thread-1", task_type="support")  # no keys: a no-op
+        assert config["configurable"]["thread_id"] == "thread-1"
+        assert config["metadata"]["langfuse_session_id"] == "thread-1"
+        ```
+    """
+    global _HANDLER, _NOTICE_SHOWN
+    if isinstance(config_or_thread_id, str):
+        config: RunnableConfig = {"configurable": {"thread_id": config_or_thread_id}}
+    else:
+        config = config_or_thread_id
+    thread_id = (config.get("configurable") or {}).get("thread_id")
+    if not thread_id:
+        raise UserError(
+            "langfuse_callbacks needs a thread id: pass it, or a config with "
+            "{'configurable': {'thread_id': ...}}"
+        )
+    thread_id = str(thread_id)
+    masker = Masker(sensitive_fields, secrets)
+    metadata: dict[str, Any] = {
+        "langfuse_session_id": thread_id,
+        "harness_task_id": task_id or thread_id,
+    }
+    if task_type:
+        metadata["langfuse_tags"] = [task_type]
+        metadata["harness_task_type"] = task_type
+    if envelope is not None:
+        metadata["harness_envelope"] = masker(data=dict(envelope))
+    public_key = public_key or os.environ.get("LANGFUSE_PUBLIC_KEY")
+    secret_key = secret_key or os.environ.get("LANGFUSE_SECRET_KEY")
+    if not public_key or not secret_key:
+        if not _NOTICE_SHOWN:
+            _NOTICE_SHOWN = True
+            logger.warning(
+                "Langfuse tracing is off (no LANGFUSE_PUBLIC_KEY/LANGFUSE_SECRET_KEY); "
+                "`harness show THREAD` still rebuilds traces locally."
+            )
+        return merge_configs(config, {"metadata": metadata})
+
+    from langfuse import Langfuse
+
+    if public_key in _MASKERS:
+        _MASKERS[public_key].extend(sensitive_fields, secrets)
+        masker = _MASKERS[public_key]
+    else:
+        _MASKERS[public_key] = masker
+    Langfuse(
+        public_key=public_key,
+        secret_key=secret_key,
+        base_url=base_url,
+        flush_interval=flush_interval,
+        mask=masker,
+        **client_options,
+    )
+    if _HANDLER is None:
+        _HANDLER = _handler_class()
+    handler = _HANDLER(
+        public_key=public_key, thread_id=thread_id, price=price or default_price, masker=masker
+    )
+    return merge_configs(config, {"callbacks": [handler], "metadata": metadata})

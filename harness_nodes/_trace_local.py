@@ -1,0 +1,637 @@
+"""Rebuild a task's decision tree from checkpoint history plus the harness ledgers.
+
+No tracing server is involved: every superstep LangGraph ran is a checkpoint, so the
+history says which node ran when, and the state diff between two checkpoints says what it
+produced (prompts, model answers with their tool calls, tool results with the harness's
+verdict/effect metadata, review records, the outcome). The ledgers add what the state does
+not hold: review requests and decisions with their reviewer and latency, effect timings and
+idempotency keys, and the authoritative spend.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langgraph.checkpoint.base import CheckpointTuple
+
+from harness_nodes._pricing import PriceFn, default_price
+from harness_nodes.errors import UnknownThread
+
+if TYPE_CHECKING:
+    from checkpointers import Backend
+
+__all__ = ["Trace", "TraceNode", "build_trace"]
+
+_INTERNAL_NODES = frozenset({"__input__", "__interrupt__", "__start__"})
+_DECISION_KINDS = frozenset({"verdict", "budget", "review", "interrupt", "effect", "outcome"})
+
+
+@dataclass
+class TraceNode:
+    """One node of the decision tree: a step, a model call, a tool call, a decision...
+
+    Example:
+        ```python
+        from harness_nodes import TraceNode
+
+        node = TraceNode(kind="verdict", name="search: retry", data={"ok": False})
+        assert TraceNode.from_dict(node.to_dict()) == node
+        ```
+    """
+
+    kind: str
+    """``step`` | ``prompt`` | ``llm`` | ``tool_call`` | ``tool_result`` | ``verdict`` |
+    ``budget`` | ``interrupt`` | ``review`` | ``effect`` | ``outcome`` | ``error``."""
+    name: str
+    """What the line says: node name, model, tool, decision."""
+    started_at: float | None = None
+    """Epoch seconds, when known."""
+    duration_s: float | None = None
+    """Wall time, when known (a step: checkpoint to checkpoint)."""
+    input_tokens: int = 0
+    """Prompt tokens (model calls; summed on steps)."""
+    output_tokens: int = 0
+    """Completion tokens (model calls; summed on steps)."""
+    cost_usd: float = 0.0
+    """Dollars (model calls; summed on steps)."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """The details: full tool arguments, contents, reasons, reviewer..."""
+    children: list[TraceNode] = field(default_factory=list)
+    """What happened inside, in order."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (see `from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> TraceNode:
+        """Rebuild a node (and its children) from `to_dict` output."""
+        kids = [cls.from_dict(c) for c in raw.get("children", [])]
+        return cls(**{**raw, "children": kids})
+
+    def walk(self) -> Iterator[TraceNode]:
+        """This node, then every descendant, depth first in order."""
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+@dataclass
+class Trace:
+    """A task's execution, rebuilt locally: the steps in order, each with what it decided.
+
+    Example:
+        ```python
+        from harness_nodes import Trace, TraceNode
+
+        trace = Trace(thread_id="t-1", task_id="t-1", task_type="default", status="completed",
+                      steps=[TraceNode(kind="step", name="agent")])
+        assert Trace.from_json(trace.to_json()) == trace
+        ```
+    """
+
+    thread_id: str
+    """The LangGraph thread."""
+    task_id: str
+    """The task (defaults to the thread id)."""
+    task_type: str
+    """The task's type (``"default"`` when none was given)."""
+    status: str
+    """The outcome status, or ``paused`` / ``incomplete`` / ``running``."""
+    started_at: float | None = None
+    """First checkpoint (epoch seconds)."""
+    ended_at: float | None = None
+    """Last checkpoint (epoch seconds)."""
+    input_tokens: int = 0
+    """Prompt tokens over the task."""
+    output_tokens: int = 0
+    """Completion tokens over the task."""
+    cost_usd: float = 0.0
+    """Dollars over the task (the spend ledger when it has rows, else priced from usage)."""
+    reason: str | None = None
+    """Why it ended this way (outcome reason)."""
+    steps: list[TraceNode] = field(default_factory=list)
+    """One node per superstep, in order."""
+
+    @property
+    def duration_s(self) -> float | None:
+        """First to last checkpoint, in seconds."""
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return self.ended_at - self.started_at
+
+    def walk(self) -> Iterator[TraceNode]:
+        """Every node of the tree, in order."""
+        for step in self.steps:
+            yield from step.walk()
+
+    def decisions(self) -> list[TraceNode]:
+        """The harness's decisions (verdicts, budget, interrupts, reviews, effects, outcome)."""
+        return [n for n in self.walk() if n.kind in _DECISION_KINDS]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (see `from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Trace:
+        """Rebuild a trace from `to_dict` output."""
+        steps = [TraceNode.from_dict(s) for s in raw.get("steps", [])]
+        return cls(**{**raw, "steps": steps})
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        """Serialise to JSON (`from_json` reads it back equal)."""
+        return json.dumps(self.to_dict(), indent=indent, default=_json_default)
+
+    @classmethod
+    def from_json(cls, text: str) -> Trace:
+        """Read a trace written by `to_json`."""
+        return cls.from_dict(json.loads(text))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, BaseMessage):
+        return o.model_dump()
+    return repr(o)
+
+
+def _jsonable(value: Any) -> Any:
+    """Whatever the state holds, as plain JSON values (so the trace round-trips exactly)."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _ts(checkpoint: Mapping[str, Any]) -> float | None:
+    raw = checkpoint.get("ts")
+    if not raw:
+        return None
+    return datetime.fromisoformat(str(raw)).timestamp()
+
+
+def _harness_meta(msg: BaseMessage) -> dict[str, Any]:
+    meta = msg.additional_kwargs.get("harness")
+    return dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def _msg_key(msg: BaseMessage) -> tuple[str | None, str]:
+    return msg.id, json.dumps(msg.content, default=str, sort_keys=True)
+
+
+def _messages(values: Mapping[str, Any]) -> list[BaseMessage]:
+    raw = values.get("messages") or []
+    return [m for m in raw if isinstance(m, BaseMessage)]
+
+
+def _ran_between(before: CheckpointTuple, after: CheckpointTuple) -> list[str]:
+    seen_a: Mapping[str, Any] = before.checkpoint.get("versions_seen", {})
+    seen_b: Mapping[str, Any] = after.checkpoint.get("versions_seen", {})
+    return [
+        node
+        for node, versions in seen_b.items()
+        if node not in _INTERNAL_NODES and seen_a.get(node) != versions
+    ]
+
+
+def _next_nodes(tup: CheckpointTuple) -> list[str]:
+    return sorted(
+        ch.removeprefix("branch:to:")
+        for ch in tup.checkpoint.get("channel_values", {})
+        if ch.startswith("branch:to:")
+    )
+
+
+class _Pricer:
+    def __init__(self, price: PriceFn | None) -> None:
+        self._price = price or default_price
+
+    def cost(self, msg: AIMessage) -> tuple[str, int, int, float, bool]:
+        usage: Mapping[str, Any] = msg.usage_metadata or {}
+        inp, out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+        budget = _harness_meta(msg).get("budget") or {}
+        model = str(
+            budget.get("model")
+            or msg.response_metadata.get("model_name")
+            or msg.response_metadata.get("model")
+            or ""
+        )
+        if isinstance(budget.get("spent_usd"), int | float):
+            return model, inp, out, float(budget["spent_usd"]), True
+        priced = self._price(model, inp, out) if model else None
+        if priced is None:
+            return model, inp, out, 0.0, False
+        return model, inp, out, priced[0] + priced[1], True
+
+
+def _llm_node(msg: AIMessage, pricer: _Pricer) -> list[TraceNode]:
+    model, inp, out, usd, priced = pricer.cost(msg)
+    nodes: list[TraceNode] = []
+    budget = _harness_meta(msg).get("budget") or {}
+    if budget.get("degraded_from"):
+        nodes.append(
+            TraceNode(
+                kind="budget",
+                name=f"degrade {budget['degraded_from']} → {model}",
+                data=_jsonable({"action": "degrade", **budget}),
+            )
+        )
+    calls = [
+        TraceNode(
+            kind="tool_call",
+            name=str(c["name"]),
+            data=_jsonable({"tool_call_id": c.get("id"), "args": c.get("args", {})}),
+        )
+        for c in msg.tool_calls
+    ]
+    nodes.append(
+        TraceNode(
+            kind="llm",
+            name=model or "model",
+            input_tokens=inp,
+            output_tokens=out,
+            cost_usd=usd,
+            data=_jsonable(
+                {
+                    "content": msg.content,
+                    "finish_reason": msg.response_metadata.get("finish_reason"),
+                    "priced": priced,
+                    **({"budget": budget} if budget else {}),
+                }
+            ),
+            children=calls,
+        )
+    )
+    return nodes
+
+
+def _tool_node(msg: ToolMessage) -> TraceNode:
+    meta = _harness_meta(msg)
+    node = TraceNode(
+        kind="tool_result",
+        name=str(msg.name or "tool"),
+        data=_jsonable(
+            {"tool_call_id": msg.tool_call_id, "content": msg.content, "status": msg.status}
+        ),
+    )
+    effect = meta.get("effect")
+    if isinstance(effect, Mapping):
+        replayed = bool(effect.get("replayed"))
+        node.children.append(
+            TraceNode(
+                kind="effect",
+                name="replayed" if replayed else "ran",
+                data=_jsonable(dict(effect)),
+            )
+        )
+    verdict = meta.get("verdict")
+    if isinstance(verdict, Mapping):
+        node.children.append(_verdict_node(verdict))
+    escalation = meta.get("escalation")
+    if isinstance(escalation, Mapping):
+        node.children.append(
+            TraceNode(
+                kind="review",
+                name=f"escalate: {escalation.get('kind', '?')}",
+                data=_jsonable({"action": "escalate", **escalation}),
+            )
+        )
+    return node
+
+
+def _verdict_node(verdict: Mapping[str, Any]) -> TraceNode:
+    action = str(verdict.get("action", "ok" if verdict.get("ok") else "fail"))
+    return TraceNode(
+        kind="verdict",
+        name=f"{verdict.get('tool', '?')}: {action}",
+        data=_jsonable(dict(verdict)),
+    )
+
+
+def _message_nodes(msg: BaseMessage, pricer: _Pricer) -> list[TraceNode]:
+    if isinstance(msg, AIMessage):
+        return _llm_node(msg, pricer)
+    if isinstance(msg, ToolMessage):
+        return [_tool_node(msg)]
+    if isinstance(msg, HumanMessage | SystemMessage):
+        return [TraceNode(kind="prompt", name=msg.type, data=_jsonable({"content": msg.content}))]
+    return [TraceNode(kind="prompt", name=msg.type, data=_jsonable({"content": msg.content}))]
+
+
+def _new_items(before: Sequence[Any], after: Sequence[Any]) -> list[Any]:
+    return list(after[len(before) :]) if len(after) >= len(before) else list(after)
+
+
+def _state_nodes(
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    seen_verdicts: set[tuple[str, int]],
+    seen_reviews: set[str],
+) -> list[TraceNode]:
+    """Records a `HarnessState` app appends (verdicts not on a message, reviews, outcome)."""
+    nodes: list[TraceNode] = []
+    for v in _new_items(before.get("verdicts") or [], after.get("verdicts") or []):
+        key = (str(v.get("tool_call_id")), int(v.get("attempt", 0)))
+        if key not in seen_verdicts:
+            seen_verdicts.add(key)
+            nodes.append(_verdict_node(v))
+    for r in _new_items(before.get("reviews") or [], after.get("reviews") or []):
+        if str(r.get("review_id")) in seen_reviews:
+            continue  # already shown under its interrupt, from the review ledger
+        nodes.append(
+            TraceNode(
+                kind="review",
+                name=f"{r.get('decision', '?')} by {r.get('reviewer', '?')}",
+                data=_jsonable(dict(r)),
+            )
+        )
+    if after.get("outcome") and not before.get("outcome"):
+        outcome = after["outcome"]
+        nodes.append(
+            TraceNode(kind="outcome", name=str(outcome.get("status")), data=_jsonable(outcome))
+        )
+    return nodes
+
+
+def _history(backend: Backend, thread_id: str) -> list[CheckpointTuple]:
+    config: Any = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    return list(reversed(list(backend.checkpointer.list(config))))
+
+
+def _rows(backend: Backend, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+    return backend.execute(sql, params)
+
+
+def _loads(raw: Any) -> Any:
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw
+    return raw
+
+
+def build_trace(backend: Backend, thread_id: str, *, price: PriceFn | None = None) -> Trace:
+    """Rebuild the decision tree of one task from its checkpoints and the ledgers.
+
+    Each superstep becomes a ``step`` node (node name, wall time, tokens, cost) holding, in
+    order, what it produced: prompts, model calls (model, tokens, cost, tool calls with their
+    full arguments), tool results with the harness's verdict and effect records, budget
+    degradations, interrupts with the review request and its decision (reviewer, latency),
+    and the outcome.
+
+    Args:
+        backend: The backend the task was checkpointed in.
+        thread_id: The task's thread.
+        price: How to price a model call; genai-prices by default. A model call whose
+            message carries the budget layer's ``spent_usd`` uses that figure.
+
+    Raises:
+        UnknownThread: No checkpoint and no run record exist for the thread.
+
+    Example:
+        ```python
+        from checkpointers import open_backend
+        from graphs.quickstart import build_graph, run
+        from harness_nodes import build_trace
+
+        with open_backend("memory://") as backend:
+            run(build_graph(), backend, thread_id="t-1")
+            trace = build_trace(backend, "t-1")
+        assert trace.status == "completed"
+        assert [s.name for s in trace.steps] == ["input", "agent", "tools", "agent", "finish"]
+        ```
+    """
+    history = _history(backend, thread_id)
+    run_rows = _rows(backend, "SELECT * FROM harness_runs WHERE thread_id = %s", (thread_id,))
+    if not history and not run_rows:
+        raise UnknownThread(thread_id)
+    run = run_rows[0] if run_rows else {}
+    pricer = _Pricer(price)
+
+    reviews = {
+        str(r["interrupt_id"]): r
+        for r in _rows(
+            backend,
+            "SELECT * FROM harness_reviews WHERE thread_id = %s ORDER BY created_at",
+            (thread_id,),
+        )
+    }
+    effects = {
+        str(r["tool_call_id"]): r
+        for r in _rows(backend, "SELECT * FROM harness_effects WHERE thread_id = %s", (thread_id,))
+    }
+
+    steps: list[TraceNode] = []
+    seen_verdicts: set[tuple[str, int]] = set()
+    for i, tup in enumerate(history):
+        nxt = history[i + 1] if i + 1 < len(history) else None
+        interrupts = [w for w in tup.pending_writes or [] if w[1] == "__interrupt__"]
+        errors = [w for w in tup.pending_writes or [] if w[1] == "__error__"]
+        if nxt is None:
+            if interrupts or errors:
+                step = TraceNode(kind="step", name=", ".join(_next_nodes(tup)) or "pending")
+                step.started_at = _ts(tup.checkpoint)
+                _add_interrupts(step, interrupts, reviews, pending=True)
+                _add_errors(step, errors)
+                steps.append(step)
+            break
+        before, after = tup.checkpoint["channel_values"], nxt.checkpoint["channel_values"]
+        ran = _ran_between(tup, nxt)
+        if nxt.metadata and nxt.metadata.get("source") == "update" and not ran:
+            ran = ["update_state"]
+        name = ", ".join(ran) or ("input" if (tup.metadata or {}).get("step") == -1 else "?")
+        if "__start__" in nxt.checkpoint.get("versions_seen", {}) and not ran:
+            name = "input"
+        start, end = _ts(tup.checkpoint), _ts(nxt.checkpoint)
+        step = TraceNode(
+            kind="step",
+            name=name,
+            started_at=start,
+            duration_s=(end - start) if start is not None and end is not None else None,
+            data={"step": (nxt.metadata or {}).get("step"), "checkpoint_id": _cid(nxt)},
+        )
+        _add_interrupts(step, interrupts, reviews, pending=False)
+        _add_errors(step, errors)
+        old = {_msg_key(m) for m in _messages(before)}
+        for msg in _messages(after):
+            if _msg_key(msg) in old:
+                continue
+            for node in _message_nodes(msg, pricer):
+                step.children.append(node)
+        for node in step.walk():
+            if node.kind == "verdict":
+                seen_verdicts.add(
+                    (str(node.data.get("tool_call_id")), int(node.data.get("attempt", 0)))
+                )
+            if node.kind == "tool_result":
+                _add_effect_ledger(node, effects)
+        seen_reviews = {
+            str(n.data.get("review_id"))
+            for s in steps + [step]
+            for n in s.walk()
+            if n.kind == "review"
+        }
+        step.children.extend(_state_nodes(before, after, seen_verdicts, seen_reviews))
+        llm_calls = [n for n in step.children if n.kind == "llm"]
+        if len(llm_calls) == 1 and len(ran) == 1:
+            llm_calls[0].duration_s = step.duration_s
+        step.input_tokens = sum(n.input_tokens for n in step.walk() if n is not step)
+        step.output_tokens = sum(n.output_tokens for n in step.walk() if n is not step)
+        step.cost_usd = sum(n.cost_usd for n in step.walk() if n is not step)
+        steps.append(step)
+
+    last_values: Mapping[str, Any] = history[-1].checkpoint["channel_values"] if history else {}
+    task: Mapping[str, Any] = last_values.get("task") or {}
+    outcome: Mapping[str, Any] = last_values.get("outcome") or _loads(run.get("outcome")) or {}
+    if not any(n.kind == "outcome" for s in steps for n in s.children) and outcome:
+        steps.append(
+            TraceNode(
+                kind="step",
+                name="outcome",
+                children=[
+                    TraceNode(
+                        kind="outcome", name=str(outcome.get("status")), data=_jsonable(outcome)
+                    )
+                ],
+            )
+        )
+    status = _status(history, outcome, run)
+    task_id = str(task.get("task_id") or thread_id)
+    input_tokens = sum(s.input_tokens for s in steps)
+    output_tokens = sum(s.output_tokens for s in steps)
+    cost = sum(s.cost_usd for s in steps)
+    ledger_cost = _ledger_cost(backend, task_id)
+    if ledger_cost is not None:
+        cost = ledger_cost
+    times = [_ts(t.checkpoint) for t in history]
+    known = [t for t in times if t is not None]
+    return Trace(
+        thread_id=thread_id,
+        task_id=task_id,
+        task_type=str(run.get("task_type") or task.get("task_type") or "default"),
+        status=status,
+        started_at=min(known) if known else _float(run.get("created_at")),
+        ended_at=max(known) if known else _float(run.get("updated_at")),
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost_usd=cost,
+        reason=str(outcome["reason"]) if outcome.get("reason") else None,
+        steps=steps,
+    )
+
+
+def _float(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) else None
+
+
+def _cid(tup: CheckpointTuple) -> str:
+    return str(tup.config["configurable"].get("checkpoint_id", ""))
+
+
+def _status(
+    history: list[CheckpointTuple], outcome: Mapping[str, Any], run: Mapping[str, Any]
+) -> str:
+    if outcome.get("status"):
+        return str(outcome["status"])
+    if history:
+        last = history[-1]
+        if any(w[1] == "__interrupt__" for w in last.pending_writes or []):
+            return "paused"
+        if _next_nodes(last):
+            return str(run.get("status") or "incomplete")
+        return "completed"
+    return str(run.get("status") or "unknown")
+
+
+def _ledger_cost(backend: Backend, task_id: str) -> float | None:
+    # Reservations that were never settled are not money spent; everything else is.
+    rows = _rows(
+        backend,
+        "SELECT count(*) AS n, coalesce(sum(cost_nanos), 0) AS nanos FROM harness_spend "
+        "WHERE task_id = %s AND state NOT IN ('reserved', 'released')",
+        (task_id,),
+    )
+    if not rows or not rows[0]["n"]:
+        return None
+    return int(rows[0]["nanos"]) / 1e9
+
+
+def _add_interrupts(
+    step: TraceNode,
+    interrupts: Sequence[tuple[str, str, Any]],
+    reviews: Mapping[str, Mapping[str, Any]],
+    *,
+    pending: bool,
+) -> None:
+    for _task, _channel, value in interrupts:
+        for intr in value if isinstance(value, list | tuple) else [value]:
+            interrupt_id = str(getattr(intr, "id", ""))
+            payload = getattr(intr, "value", intr)
+            node = TraceNode(
+                kind="interrupt",
+                name="paused for review" if pending else "paused → resumed",
+                data=_jsonable({"interrupt_id": interrupt_id, "request": payload}),
+            )
+            row = reviews.get(interrupt_id)
+            if row is not None:
+                node.started_at = _float(row.get("created_at"))
+                node.data.update(
+                    _jsonable(
+                        {"review_id": row["id"], "reason": row["reason"], "risk": row["risk"]}
+                    )
+                )
+                if row.get("decided_at") is not None:
+                    latency = float(row["decided_at"]) - float(row["created_at"])
+                    node.duration_s = latency
+                    decision = _loads(row.get("decision"))
+                    word = (
+                        decision.get("type", decision) if isinstance(decision, dict) else decision
+                    )
+                    node.children.append(
+                        TraceNode(
+                            kind="review",
+                            name=f"{word} by {row.get('decided_by')}",
+                            started_at=_float(row.get("decided_at")),
+                            data=_jsonable(
+                                {
+                                    "review_id": row["id"],
+                                    "decision": decision,
+                                    "reviewer": row.get("decided_by"),
+                                    "latency_s": latency,
+                                }
+                            ),
+                        )
+                    )
+            step.children.append(node)
+
+
+def _add_errors(step: TraceNode, errors: Sequence[tuple[str, str, Any]]) -> None:
+    for _task, _channel, value in errors:
+        step.children.append(
+            TraceNode(kind="error", name=str(value)[:200], data={"error": str(value)})
+        )
+
+
+def _add_effect_ledger(node: TraceNode, effects: Mapping[str, Mapping[str, Any]]) -> None:
+    row = effects.get(str(node.data.get("tool_call_id")))
+    if row is None:
+        return
+    started, finished = _float(row.get("started_at")), _float(row.get("finished_at"))
+    node.started_at = started
+    if started is not None and finished is not None:
+        node.duration_s = finished - started
+    data = {
+        "status": row.get("status"),
+        "idempotency_key": row.get("idempotency_key"),
+        "args": _loads(row.get("args")),
+    }
+    existing = [c for c in node.children if c.kind == "effect"]
+    if existing:
+        existing[0].data.update(_jsonable(data))
+    else:
+        node.children.append(
+            TraceNode(kind="effect", name=str(row.get("status")), data=_jsonable(data))
+        )

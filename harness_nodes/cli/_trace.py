@@ -1,0 +1,198 @@
+"""``harness show THREAD``, ``harness runs``, ``harness report``: traces from the database."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.tree import Tree
+
+from checkpointers import default_url, open_backend
+from harness_nodes._trace_local import Trace, TraceNode
+from harness_nodes._trace_report import list_runs, reliability_report
+from harness_nodes.cli._app import app, console
+from harness_nodes.tracing import build_trace
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db", help="Backend URL (default: $HARNESS_DATABASE_URL or sqlite:///harness.db)."
+    ),
+]
+
+_STYLE = {
+    "step": "bold",
+    "llm": "cyan",
+    "tool_call": "magenta",
+    "tool_result": "green",
+    "verdict": "yellow",
+    "budget": "yellow",
+    "interrupt": "bold red",
+    "review": "red",
+    "effect": "blue",
+    "outcome": "bold green",
+    "error": "bold red",
+    "prompt": "dim",
+}
+
+
+def _usd(x: float) -> str:
+    return f"${x:.6f}" if x else "$0"
+
+
+def _secs(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1000:.1f}ms" if x < 1 else f"{x:.2f}s"
+
+
+def _short(value: object, limit: int = 100) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = text.replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _label(node: TraceNode) -> str:
+    style = _STYLE.get(node.kind, "")
+    head = f"[{style}]{node.kind}[/] {node.name}" if style else f"{node.kind} {node.name}"
+    bits: list[str] = []
+    if node.duration_s is not None:
+        bits.append(_secs(node.duration_s))
+    if node.input_tokens or node.output_tokens:
+        bits.append(f"{node.input_tokens}+{node.output_tokens} tok")
+    if node.cost_usd:
+        bits.append(_usd(node.cost_usd))
+    d = node.data
+    if node.kind == "tool_call":
+        bits.append(_short(d.get("args", {}), 200))
+    elif node.kind == "tool_result":
+        bits.append(_short(d.get("content", "")))
+    elif node.kind == "verdict" and d.get("reasons"):
+        bits.append(_short("; ".join(map(str, d["reasons"]))))
+    elif node.kind == "llm" and d.get("content"):
+        bits.append(_short(d["content"]))
+    elif node.kind == "prompt":
+        bits.append(_short(d.get("content", "")))
+    elif node.kind == "outcome" and d.get("reason"):
+        bits.append(_short(d["reason"]))
+    elif node.kind == "interrupt" and d.get("reason"):
+        bits.append(_short(d["reason"]))
+    tail = "  ".join(bits)
+    return f"{head}  [dim]{tail}[/]" if tail else head
+
+
+def _add(tree: Tree, node: TraceNode) -> None:
+    branch = tree.add(_label(node), highlight=False)
+    for child in node.children:
+        _add(branch, child)
+
+
+def render(trace: Trace) -> Tree:
+    """The trace as a rich tree."""
+    head = (
+        f"[bold]{trace.thread_id}[/]  type={trace.task_type}  status=[bold]{trace.status}[/]  "
+        f"{_secs(trace.duration_s)}  {trace.input_tokens}+{trace.output_tokens} tok  "
+        f"{_usd(trace.cost_usd)}"
+    )
+    if trace.reason:
+        head += f"  reason={_short(trace.reason)}"
+    tree = Tree(head, highlight=False)
+    for step in trace.steps:
+        _add(tree, step)
+    return tree
+
+
+@app.command()
+def show(
+    thread: Annotated[str, typer.Argument(help="The task's thread id.")],
+    db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the trace as JSON.")] = False,
+) -> None:
+    """Show a task's decision tree, rebuilt from its checkpoints and the ledgers."""
+    with open_backend(db or default_url()) as backend:
+        trace = build_trace(backend, thread)
+    if as_json:
+        print(trace.to_json())
+    else:
+        console.print(render(trace))
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@app.command()
+def runs(
+    db: DbOption = None,
+    limit: Annotated[int, typer.Option(help="How many recent runs.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List recent runs: status, task type, cost, duration."""
+    with open_backend(db or default_url()) as backend:
+        rows = list_runs(backend, limit=limit)
+    if as_json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return
+    table = Table(title="recent runs")
+    for col in ("thread", "task type", "status", "cost", "duration", "started (UTC)"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r.thread_id,
+            r.task_type,
+            r.status,
+            _usd(r.cost_usd),
+            _secs(r.duration_s),
+            _when(r.started_at),
+        )
+    console.print(table)
+
+
+@app.command()
+def report(
+    db: DbOption = None,
+    top: Annotated[int, typer.Option(help="How many failure reasons / tools to list.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Reliability across runs: completion, outcomes, failures, escalations, cost per type."""
+    with open_backend(db or default_url()) as backend:
+        rep = reliability_report(backend, top=top)
+    if as_json:
+        print(json.dumps(rep.to_dict(), indent=2))
+        return
+    console.print(
+        f"[bold]{rep.tasks}[/] tasks, {rep.finished} finished, completion rate "
+        f"[bold]{rep.completion_rate:.0%}[/], escalation rate [bold]{rep.escalation_rate:.0%}[/]"
+    )
+    console.print("outcomes: " + ", ".join(f"{k}={v}" for k, v in rep.outcomes.items()))
+    if rep.review_latency_s:
+        lat = rep.review_latency_s
+        console.print(
+            f"review latency: mean {_secs(lat['mean'])}, p95 {_secs(lat['p95'])}, "
+            f"max {_secs(lat['max'])}"
+        )
+    if rep.failure_reasons:
+        table = Table(title="top failure reasons")
+        table.add_column("reason")
+        table.add_column("count", justify="right")
+        for reason, n in rep.failure_reasons:
+            table.add_row(_short(reason), str(n))
+        console.print(table)
+    if rep.failing_tools:
+        table = Table(title="tools failing verification")
+        table.add_column("tool")
+        table.add_column("failures", justify="right")
+        for tool, n in rep.failing_tools:
+            table.add_row(tool, str(n))
+        console.print(table)
+    table = Table(title="cost per task type (USD)")
+    for col in ("task type", "n", "mean", "p95", "max"):
+        table.add_column(col, justify="right")
+    for task_type, c in rep.cost_by_task_type.items():
+        table.add_row(task_type, str(int(c["n"])), _usd(c["mean"]), _usd(c["p95"]), _usd(c["max"]))
+    console.print(table)

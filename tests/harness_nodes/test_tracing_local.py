@@ -1,0 +1,169 @@
+"""`build_trace` rebuilds the decision tree from checkpoints + ledgers; the CLI shows it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from checkpointers import Backend
+from harness_nodes import Trace, UnknownThread, build_trace, list_runs, reliability_report
+from harness_nodes.cli import main
+from tests.harness_nodes import traced_task
+
+
+def _kinds(trace: Trace) -> list[tuple[str, str]]:
+    return [(n.kind, n.name) for n in trace.decisions()]
+
+
+def test_trace_shows_retry_review_degrade_and_completion_in_order(backend: Backend) -> None:
+    traced_task.run_to_end(backend, "t-1")
+    trace = build_trace(backend, "t-1")
+
+    assert trace.status == "completed"
+    assert trace.task_type == "refunds"
+    assert [s.name for s in trace.steps] == [
+        "input",
+        "agent",
+        "tools",
+        "agent",
+        "tools",
+        "agent",
+        "review",
+        "tools",
+        "agent",
+        "finish",
+    ]
+    decisions = _kinds(trace)
+    expected = [
+        ("verdict", "search: retry"),
+        ("verdict", "search: ok"),
+        ("budget", "degrade gpt-4o → gpt-4o-mini"),
+        ("interrupt", "paused → resumed"),
+        ("review", "approve by alice"),
+        ("effect", "ran"),
+        ("verdict", "refund: ok"),
+        ("budget", "degrade gpt-4o → gpt-4o-mini"),
+        ("outcome", "completed"),
+    ]
+    assert decisions == expected
+
+    # prompt → tool call with its full arguments → result → verdict → the next decision
+    refund_call = next(n for n in trace.walk() if n.kind == "tool_call" and n.name == "refund")
+    assert refund_call.data["args"]["amount"] == 10 and refund_call.data["args"]["order"] == 42
+    first_result = next(n for n in trace.walk() if n.kind == "tool_result")
+    assert "rate limited" in first_result.data["content"]
+    assert first_result.children[0].data["reasons"] == ["error signal: rate limited"]
+
+    # review: reason from the queue, decision + reviewer + latency from the ledger
+    interrupt = next(n for n in trace.walk() if n.kind == "interrupt")
+    assert interrupt.data["reason"] == "irreversible" and interrupt.data["risk"] == "high"
+    assert interrupt.duration_s == pytest.approx(90.0)
+    assert interrupt.children[0].data["reviewer"] == "alice"
+
+    # effect ledger: idempotency key and the call's own timing
+    refund_result = next(n for n in trace.walk() if n.kind == "tool_result" and n.name == "refund")
+    assert refund_result.duration_s == pytest.approx(0.25)
+    effect = next(c for c in refund_result.children if c.kind == "effect")
+    assert effect.data["idempotency_key"] == "t-1:call-r1" and effect.data["status"] == "done"
+
+    # timings, tokens and cost per node; the task's cost is the spend ledger's
+    llm = [n for n in trace.walk() if n.kind == "llm"]
+    assert [n.name for n in llm] == ["gpt-4o", "gpt-4o", "gpt-4o-mini", "gpt-4o-mini"]
+    assert all(n.input_tokens > 0 and n.output_tokens > 0 and n.cost_usd > 0 for n in llm)
+    assert all(s.duration_s is not None and s.duration_s >= 0 for s in trace.steps)
+    assert trace.cost_usd == pytest.approx(sum(n.cost_usd for n in llm), rel=1e-6)
+    assert trace.input_tokens == sum(n.input_tokens for n in llm)
+
+
+def test_trace_json_round_trips(backend: Backend) -> None:
+    traced_task.run_to_end(backend, "t-2")
+    trace = build_trace(backend, "t-2")
+    text = trace.to_json()
+    again = Trace.from_json(text)
+    assert again == trace
+    assert again.to_json() == text
+    assert json.loads(text)["steps"][0]["kind"] == "step"
+
+
+def test_paused_task_shows_the_pending_review(backend: Backend) -> None:
+    graph = traced_task.build(backend)
+    graph.invoke(
+        traced_task.first_input("t-3"), {"configurable": {"thread_id": "t-3"}}, durability="sync"
+    )
+    trace = build_trace(backend, "t-3")
+    assert trace.status == "paused"
+    last = trace.steps[-1]
+    assert last.name == "review"
+    assert last.children[0].kind == "interrupt"
+    assert last.children[0].data["request"]["action_request"]["action"] == "refund"
+
+
+def test_unknown_thread_is_a_typed_error(backend: Backend) -> None:
+    with pytest.raises(UnknownThread, match=re.escape("No task found for thread 'nope'")) as e:
+        build_trace(backend, "nope")
+    assert e.value.thread_id == "nope"
+
+
+def test_runs_and_report_aggregate_across_tasks(backend: Backend) -> None:
+    traced_task.run_to_end(backend, "done-1")
+    graph = traced_task.build(backend)
+    graph.invoke(
+        traced_task.first_input("paused-1"),
+        {"configurable": {"thread_id": "paused-1"}},
+        durability="sync",
+    )
+
+    runs = {r.thread_id: r for r in list_runs(backend)}
+    assert runs["done-1"].status == "completed" and runs["paused-1"].status == "paused"
+    assert runs["done-1"].task_type == "refunds"
+    assert runs["done-1"].cost_usd > runs["paused-1"].cost_usd > 0
+    assert runs["done-1"].duration_s is not None
+
+    report = reliability_report(backend)
+    assert report.tasks == 2 and report.finished == 1
+    assert report.completion_rate == 1.0
+    assert report.outcomes == {"completed": 1, "paused": 1}
+    assert report.failure_reasons == [("error signal: rate limited", 2)]
+    assert report.failing_tools == [("search", 2)]
+    assert report.escalation_rate == 1.0
+    assert report.review_latency_s == {"mean": 90.0, "p95": 90.0, "max": 90.0}
+    costs = report.cost_by_task_type["refunds"]
+    assert costs["n"] == 2 and costs["max"] == pytest.approx(runs["done-1"].cost_usd)
+
+
+def test_cli_show_runs_report(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from checkpointers import open_backend
+
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    with open_backend(url) as backend:
+        traced_task.run_to_end(backend, "cli-1")
+
+    main(["show", "cli-1", "--db", url])
+    out = capsys.readouterr().out
+    for text in (
+        "cli-1",
+        "status=completed",
+        "verdict search: retry",
+        "degrade gpt-4o",
+        "approve by alice",
+        "outcome completed",
+        '"amount": 10',
+    ):
+        assert text in out, text
+
+    main(["show", "cli-1", "--db", url, "--json"])
+    trace = Trace.from_json(capsys.readouterr().out)
+    assert trace.status == "completed"
+
+    main(["runs", "--db", url])
+    assert "cli-1" in capsys.readouterr().out
+    main(["report", "--db", url, "--json"])
+    assert json.loads(capsys.readouterr().out)["completion_rate"] == 1.0
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["show", "nope", "--db", url])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: No task found for thread 'nope'"
