@@ -114,11 +114,169 @@ CREATE TABLE IF NOT EXISTS harness_review_audit (
 CREATE INDEX IF NOT EXISTS harness_review_audit_review ON harness_review_audit (review_id);
 """
 
+_SPEND_TOTALS_COMMON = """
+CREATE TABLE IF NOT EXISTS harness_spend_tasks (
+    task_id TEXT PRIMARY KEY,
+    task_type TEXT NOT NULL DEFAULT 'default',
+    reserved_nanos BIGINT NOT NULL DEFAULT 0,
+    spent_nanos BIGINT NOT NULL DEFAULT 0,
+    reserved_tokens BIGINT NOT NULL DEFAULT 0,
+    spent_tokens BIGINT NOT NULL DEFAULT 0,
+    calls BIGINT NOT NULL DEFAULT 0,
+    updated_at {float} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS harness_spend_windows (
+    task_type TEXT NOT NULL,
+    window_seconds {float} NOT NULL,
+    starts_at {float} NOT NULL,
+    reserved_nanos BIGINT NOT NULL DEFAULT 0,
+    spent_nanos BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (task_type, window_seconds, starts_at)
+);
+ALTER TABLE harness_spend ADD COLUMN reserved_nanos BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE harness_spend ADD COLUMN reserved_tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE harness_spend ADD COLUMN window_seconds {float};
+ALTER TABLE harness_spend ADD COLUMN window_starts_at {float}
+"""
+
+# One round trip per reservation and per settlement on Postgres: the check-and-reserve runs
+# server-side under row locks (task row, then window row: one order everywhere, so no
+# deadlocks). SQLite runs the same steps from Python inside BEGIN IMMEDIATE
+# (checkpointers/_spend.py); the two are tested against each other.
+_SPEND_FUNCTIONS_PG = """
+CREATE OR REPLACE FUNCTION harness_spend_totals(p_task_id TEXT, p_window_seconds DOUBLE PRECISION,
+    p_window_starts_at DOUBLE PRECISION, p_task_type TEXT) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    t harness_spend_tasks%ROWTYPE;
+    w harness_spend_windows%ROWTYPE;
+BEGIN
+    SELECT * INTO t FROM harness_spend_tasks WHERE task_id = p_task_id;
+    IF p_window_seconds IS NOT NULL THEN
+        SELECT * INTO w FROM harness_spend_windows WHERE task_type = p_task_type
+            AND window_seconds = p_window_seconds AND starts_at = p_window_starts_at;
+    END IF;
+    RETURN jsonb_build_object(
+        'reserved_nanos', COALESCE(t.reserved_nanos, 0),
+        'spent_nanos', COALESCE(t.spent_nanos, 0),
+        'reserved_tokens', COALESCE(t.reserved_tokens, 0),
+        'spent_tokens', COALESCE(t.spent_tokens, 0),
+        'calls', COALESCE(t.calls, 0),
+        'window_nanos', COALESCE(w.reserved_nanos, 0) + COALESCE(w.spent_nanos, 0));
+END $$;
+
+CREATE OR REPLACE FUNCTION harness_spend_reserve(
+    p_task_id TEXT, p_task_type TEXT, p_model TEXT,
+    p_input_tokens BIGINT, p_output_tokens BIGINT, p_nanos BIGINT,
+    p_max_nanos BIGINT, p_max_tokens BIGINT, p_max_calls BIGINT,
+    p_window_seconds DOUBLE PRECISION, p_window_starts_at DOUBLE PRECISION,
+    p_window_max_nanos BIGINT, p_now DOUBLE PRECISION) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    t harness_spend_tasks%ROWTYPE;
+    w harness_spend_windows%ROWTYPE;
+    tokens BIGINT := p_input_tokens + p_output_tokens;
+    w_used BIGINT := 0;
+    refused TEXT := NULL;
+    new_id BIGINT := NULL;
+BEGIN
+    INSERT INTO harness_spend_tasks (task_id, task_type, updated_at)
+        VALUES (p_task_id, p_task_type, p_now) ON CONFLICT (task_id) DO NOTHING;
+    SELECT * INTO t FROM harness_spend_tasks WHERE task_id = p_task_id FOR UPDATE;
+    IF p_window_seconds IS NOT NULL THEN
+        INSERT INTO harness_spend_windows (task_type, window_seconds, starts_at)
+            VALUES (p_task_type, p_window_seconds, p_window_starts_at) ON CONFLICT DO NOTHING;
+        SELECT * INTO w FROM harness_spend_windows WHERE task_type = p_task_type
+            AND window_seconds = p_window_seconds AND starts_at = p_window_starts_at FOR UPDATE;
+        w_used := w.reserved_nanos + w.spent_nanos;
+    END IF;
+    IF p_max_calls IS NOT NULL AND t.calls + 1 > p_max_calls THEN
+        refused := 'calls';
+    ELSIF p_max_nanos IS NOT NULL AND t.reserved_nanos + t.spent_nanos + p_nanos > p_max_nanos THEN
+        refused := 'usd';
+    ELSIF p_max_tokens IS NOT NULL
+            AND t.reserved_tokens + t.spent_tokens + tokens > p_max_tokens THEN
+        refused := 'tokens';
+    ELSIF p_window_max_nanos IS NOT NULL AND w_used + p_nanos > p_window_max_nanos THEN
+        refused := 'window_usd';
+    END IF;
+    IF refused IS NULL THEN
+        UPDATE harness_spend_tasks SET reserved_nanos = reserved_nanos + p_nanos,
+            reserved_tokens = reserved_tokens + tokens, calls = calls + 1, updated_at = p_now
+            WHERE task_id = p_task_id
+            RETURNING * INTO t;
+        IF p_window_seconds IS NOT NULL THEN
+            UPDATE harness_spend_windows SET reserved_nanos = reserved_nanos + p_nanos
+                WHERE task_type = p_task_type AND window_seconds = p_window_seconds
+                AND starts_at = p_window_starts_at;
+            w_used := w_used + p_nanos;
+        END IF;
+        INSERT INTO harness_spend (task_id, task_type, model, state, input_tokens, output_tokens,
+                cost_nanos, created_at, reserved_nanos, reserved_tokens, window_seconds,
+                window_starts_at)
+            VALUES (p_task_id, p_task_type, p_model, 'reserved', p_input_tokens, p_output_tokens,
+                0, p_now, p_nanos, tokens, p_window_seconds, p_window_starts_at)
+            RETURNING id INTO new_id;
+    END IF;
+    RETURN jsonb_build_object('id', new_id, 'refused', refused,
+        'reserved_nanos', t.reserved_nanos, 'spent_nanos', t.spent_nanos,
+        'reserved_tokens', t.reserved_tokens, 'spent_tokens', t.spent_tokens,
+        'calls', t.calls, 'window_nanos', w_used);
+END $$;
+
+CREATE OR REPLACE FUNCTION harness_spend_settle(
+    p_id BIGINT, p_state TEXT, p_model TEXT, p_input_tokens BIGINT, p_output_tokens BIGINT,
+    p_nanos BIGINT, p_now DOUBLE PRECISION) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    s harness_spend%ROWTYPE;
+    t harness_spend_tasks%ROWTYPE;
+    w_used BIGINT := 0;
+    settled BOOLEAN := FALSE;
+BEGIN
+    UPDATE harness_spend SET state = p_state, model = COALESCE(p_model, model),
+            input_tokens = p_input_tokens, output_tokens = p_output_tokens,
+            cost_nanos = p_nanos, settled_at = p_now
+        WHERE id = p_id AND state = 'reserved'
+        RETURNING * INTO s;
+    IF FOUND THEN
+        settled := TRUE;
+        UPDATE harness_spend_tasks SET reserved_nanos = reserved_nanos - s.reserved_nanos,
+                spent_nanos = spent_nanos + p_nanos,
+                reserved_tokens = reserved_tokens - s.reserved_tokens,
+                spent_tokens = spent_tokens + p_input_tokens + p_output_tokens,
+                calls = calls - (CASE WHEN p_state = 'released' THEN 1 ELSE 0 END),
+                updated_at = p_now
+            WHERE task_id = s.task_id
+            RETURNING * INTO t;
+        IF s.window_seconds IS NOT NULL THEN
+            UPDATE harness_spend_windows SET reserved_nanos = reserved_nanos - s.reserved_nanos,
+                    spent_nanos = spent_nanos + p_nanos
+                WHERE task_type = s.task_type AND window_seconds = s.window_seconds
+                    AND starts_at = s.window_starts_at
+                RETURNING reserved_nanos + spent_nanos INTO w_used;
+        END IF;
+    ELSE
+        SELECT * INTO s FROM harness_spend WHERE id = p_id;
+        SELECT * INTO t FROM harness_spend_tasks WHERE task_id = s.task_id;
+    END IF;
+    RETURN jsonb_build_object('settled', settled,
+        'reserved_nanos', t.reserved_nanos, 'spent_nanos', t.spent_nanos,
+        'reserved_tokens', t.reserved_tokens, 'spent_tokens', t.spent_tokens,
+        'calls', t.calls, 'window_nanos', w_used);
+END $$
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(
         name="0001_base",
         postgres=_BASE_COMMON.format(float="DOUBLE PRECISION", serial="BIGSERIAL PRIMARY KEY"),
         sqlite=_BASE_COMMON.format(float="REAL", serial="INTEGER PRIMARY KEY AUTOINCREMENT"),
+    ),
+    Migration(
+        name="0301_spend_totals",
+        postgres=_SPEND_TOTALS_COMMON.format(float="DOUBLE PRECISION") + ";" + _SPEND_FUNCTIONS_PG,
+        sqlite=_SPEND_TOTALS_COMMON.format(float="REAL"),
     ),
 ]
 """Every harness migration, in the order they apply. Append; never edit an applied one."""

@@ -23,6 +23,7 @@ from harness_nodes.errors import (
     UserError,
     VerificationFailed,
 )
+from harness_nodes.pricing import ModelPrice, Pricing
 from harness_nodes.state import (
     Escalation,
     EscalationKind,
@@ -76,9 +77,11 @@ __all__ = [
     "InvalidDecision",
     "Masker",
     "MessagesOnly",
+    "ModelPrice",
     "ModelSpend",
     "Outcome",
     "OutcomeStatus",
+    "Pricing",
     "Report",
     "ReviewError",
     "ReviewNotFound",

@@ -1,0 +1,312 @@
+"""What a model call costs: genai-prices' catalogue plus your own prices, never silently free.
+
+`Pricing` answers two questions for the budget layer, in integer nano-dollars (1e-9 USD, so
+limits compare exactly):
+
+- **before a call**, the worst case: ``input tokens + max output tokens`` at the highest rate
+  the model can charge (a tiered model is reserved at its top tier);
+- **after a call**, the actual cost of the reported usage (exact, tiers and cached input
+  included — genai-prices' `calc_price` for catalogue models).
+
+Prices come from your ``overrides`` first (a self-hosted model at a set price, a negotiated
+rate), then from genai-prices, then from ``fallback`` if you declared one. A model found in
+none of them is an `UnpricedModelError` naming it and saying how to price it.
+
+Example:
+    ```python
+    from harness_nodes import ModelPrice, Pricing
+
+    local = ModelPrice(input_per_mtok=0.1, output_per_mtok=0.2)
+    pricing = Pricing(overrides={"llama-local": local})
+    assert pricing.cost_nanos("llama-local", input_tokens=1_000_000, output_tokens=0) == 100_000_000
+    assert pricing.cost_nanos("gpt-4o", input_tokens=1000, output_tokens=100) == 3_500_000
+    ```
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from harness_nodes.errors import UnpricedModelError, UserError
+
+__all__ = ["ModelPrice", "Pricing", "Rates"]
+
+NANOS_PER_USD = 1_000_000_000
+_NANOS_PER_TOKEN_PER_USD_PER_MTOK = Decimal(NANOS_PER_USD) / Decimal(1_000_000)  # = 1000
+# Big enough to land in any catalogue model's top price tier, so the derived rate is the
+# highest the model can charge (the safe one to reserve at).
+_TOP_TIER_TOKENS = 10_000_000
+
+
+def _decimal(value: float | int | str | Decimal, what: str) -> Decimal:
+    try:
+        d = Decimal(str(value))
+    except ArithmeticError:
+        raise UserError(
+            f"{what} must be a price: a number of USD per million tokens, got {value!r}"
+        ) from None
+    if not d.is_finite() or d < 0:
+        raise UserError(f"{what} must be a finite, non-negative price, got {value!r}")
+    return d
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """A price per million tokens, in USD: for a self-hosted model, an override, or a fallback.
+
+    Example:
+        ```python
+        from harness_nodes import ModelPrice
+
+        price = ModelPrice(input_per_mtok=3, output_per_mtok=15, cached_input_per_mtok=0.3)
+        assert price.output_per_mtok == 15
+        ```
+    """
+
+    input_per_mtok: float | int | str | Decimal
+    """USD per million input (prompt) tokens."""
+    output_per_mtok: float | int | str | Decimal
+    """USD per million output tokens (reasoning tokens included, as providers bill them)."""
+    cached_input_per_mtok: float | int | str | Decimal | None = None
+    """USD per million input tokens served from the provider's cache (default: the input price)."""
+
+    def __post_init__(self) -> None:
+        _decimal(self.input_per_mtok, "input_per_mtok")
+        _decimal(self.output_per_mtok, "output_per_mtok")
+        if self.cached_input_per_mtok is not None:
+            _decimal(self.cached_input_per_mtok, "cached_input_per_mtok")
+
+    def rates(self) -> Rates:
+        """This price as nano-dollars per token."""
+        k = _NANOS_PER_TOKEN_PER_USD_PER_MTOK
+        inp = _decimal(self.input_per_mtok, "input_per_mtok") * k
+        cached = (
+            inp
+            if self.cached_input_per_mtok is None
+            else _decimal(self.cached_input_per_mtok, "cached_input_per_mtok") * k
+        )
+        return Rates(
+            input=inp,
+            output=_decimal(self.output_per_mtok, "output_per_mtok") * k,
+            cached_input=cached,
+        )
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Nano-dollars per token for one model (what `Pricing.rates` returns)."""
+
+    input: Decimal
+    """Nano-dollars per input token (at the model's highest tier)."""
+    output: Decimal
+    """Nano-dollars per output token (at the model's highest tier)."""
+    cached_input: Decimal
+    """Nano-dollars per cached input token."""
+    source: str = "override"
+    """Where the price came from: ``"override"``, ``"genai-prices"`` or ``"fallback"``."""
+
+    def worst_case_nanos(self, input_tokens: int, output_tokens: int) -> int:
+        """The most a call with these token counts can cost, rounded up to a whole nano-dollar."""
+        return math.ceil(self.input * input_tokens + self.output * output_tokens)
+
+    def affordable_output_tokens(self, input_tokens: int, nanos: int) -> int:
+        """How many output tokens fit in *nanos* after paying for *input_tokens* (>= 0)."""
+        left = Decimal(nanos) - self.input * input_tokens
+        if left <= 0:
+            return 0
+        if self.output == 0:
+            return 2**62
+        return int(left / self.output)
+
+
+def _split_provider(model: str) -> tuple[str | None, str]:
+    # "openai:gpt-4o" (init_chat_model style) names the provider explicitly.
+    provider, sep, name = model.partition(":")
+    if sep and provider and name and "/" not in provider:
+        return provider, name
+    return None, model
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """Where model prices come from: your overrides, then genai-prices, then a fallback.
+
+    Example:
+        ```python
+        from harness_nodes import ModelPrice, Pricing, UnpricedModelError
+
+        strict = Pricing()
+        try:
+            strict.rates("my-finetune")
+        except UnpricedModelError as e:
+            assert e.model == "my-finetune"
+
+        lenient = Pricing(fallback=ModelPrice(input_per_mtok=5, output_per_mtok=20))
+        assert lenient.rates("my-finetune").source == "fallback"
+        ```
+    """
+
+    overrides: Mapping[str, ModelPrice] = field(default_factory=dict)
+    """Model name → price. Wins over the catalogue (matched exactly, then case-insensitively)."""
+    fallback: ModelPrice | None = None
+    """Price for any model found nowhere else. Leave unset to fail on unknown models."""
+    use_catalogue: bool = True
+    """Look models up in genai-prices (set False to price only what you declare)."""
+
+    _cache: dict[str, tuple[Rates, bool]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+    _lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False, hash=False
+    )
+
+    def __post_init__(self) -> None:
+        for name, price in self.overrides.items():
+            if not isinstance(price, ModelPrice):
+                raise UserError(
+                    f"Pricing.overrides[{name!r}] must be a ModelPrice, got {type(price).__name__}"
+                )
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def _override(self, model: str) -> ModelPrice | None:
+        if model in self.overrides:
+            return self.overrides[model]
+        lowered = model.lower()
+        for name, price in self.overrides.items():
+            if name.lower() == lowered:
+                return price
+        return None
+
+    def rates(self, model: str) -> Rates:
+        """Nano-dollars per token for *model*, at its highest tier (what reservations use).
+
+        Raises:
+            UnpricedModelError: the model is in no override, not in genai-prices, and no
+                fallback price was declared.
+
+        Example:
+            ```python
+            from harness_nodes import Pricing
+
+            assert Pricing().rates("gpt-4o-mini").output == 600  # $0.60 per million tokens
+            ```
+        """
+        with self._lock:
+            hit = self._cache.get(model)
+        if hit is None:
+            hit = self._resolve(model)
+            with self._lock:
+                self._cache[model] = hit
+        return hit[0]
+
+    def is_priced(self, model: str) -> bool:
+        """Whether *model* has a price of its own (an override or a catalogue entry).
+
+        Example:
+            ```python
+            from harness_nodes import ModelPrice, Pricing
+
+            pricing = Pricing(fallback=ModelPrice(input_per_mtok=1, output_per_mtok=1))
+            assert pricing.is_priced("gpt-4o") and not pricing.is_priced("nobody-knows-me")
+            ```
+        """
+        try:
+            return self.rates(model).source != "fallback"
+        except UnpricedModelError:
+            return False
+
+    def _resolve(self, model: str) -> tuple[Rates, bool]:
+        override = self._override(model)
+        if override is not None:
+            return override.rates(), False
+        if self.use_catalogue:
+            found = _catalogue_rates(model)
+            if found is not None:
+                return found, True
+        if self.fallback is not None:
+            r = self.fallback.rates()
+            return Rates(r.input, r.output, r.cached_input, source="fallback"), False
+        provider, _ = _split_provider(model)
+        raise UnpricedModelError(model, provider)
+
+    def cost_nanos(
+        self, model: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
+    ) -> int:
+        """The actual cost of a call's usage, in nano-dollars (rounded up).
+
+        *input_tokens* counts every prompt token, cached ones included (LangChain's
+        ``usage_metadata`` convention); *cached_input_tokens* of them are billed at the cached rate.
+
+        Example:
+            ```python
+            from harness_nodes import Pricing
+
+            # gpt-4o: $2.50 in, $10 out per million tokens
+            assert Pricing().cost_nanos("gpt-4o", 1_000_000, 0) == 2_500_000_000
+            ```
+        """
+        rates = self.rates(model)  # raises UnpricedModelError first
+        cached = max(0, min(cached_input_tokens, input_tokens))
+        with self._lock:
+            from_catalogue = self._cache[model][1]
+        if from_catalogue:
+            exact = _catalogue_cost(model, input_tokens, output_tokens, cached)
+            if exact is not None:
+                return exact
+        return math.ceil(
+            rates.input * (input_tokens - cached)
+            + rates.cached_input * cached
+            + rates.output * output_tokens
+        )
+
+
+def _catalogue_usage(input_tokens: int, output_tokens: int, cached: int = 0) -> Any:
+    from genai_prices import Usage
+
+    if cached:
+        return Usage(
+            input_tokens=input_tokens, output_tokens=output_tokens, cache_read_tokens=cached
+        )
+    return Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+
+
+def _catalogue_calc(model: str, usage: Any) -> Any | None:
+    from genai_prices import calc_price
+
+    provider, name = _split_provider(model)
+    try:
+        if provider is not None:
+            return calc_price(usage, name, provider_id=provider)
+        return calc_price(usage, model)
+    except LookupError:
+        return None
+
+
+def _catalogue_rates(model: str) -> Rates | None:
+    n = _TOP_TIER_TOKENS
+    both = _catalogue_calc(model, _catalogue_usage(n, n))
+    if both is None:
+        return None
+    cached = _catalogue_calc(model, _catalogue_usage(n, 0, cached=n))
+    k = Decimal(NANOS_PER_USD) / n
+    inp = Decimal(both.input_price) * k
+    out = Decimal(both.output_price) * k
+    cached_rate = Decimal(cached.input_price) * k if cached is not None else inp
+    if inp == 0 and out == 0:
+        # A catalogue entry with no token prices (an image or audio model) is not a price.
+        return None
+    return Rates(input=inp, output=out, cached_input=cached_rate, source="genai-prices")
+
+
+def _catalogue_cost(model: str, input_tokens: int, output_tokens: int, cached: int) -> int | None:
+    calc = _catalogue_calc(model, _catalogue_usage(input_tokens, output_tokens, cached))
+    if calc is None:
+        return None
+    return math.ceil(Decimal(calc.total_price) * NANOS_PER_USD)

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from checkpointers import AsyncBackend, Backend
+from checkpointers._spend import AsyncSpendLedger, Limits, SpendLedger
+
+pytestmark = pytest.mark.anyio
+
+LIMITS = Limits(max_nanos=1000, max_tokens=100, max_calls=3)
+
+
+def test_reservation_is_refused_when_it_would_cross_the_limit(backend: Backend) -> None:
+    ledger = SpendLedger(backend)
+    first = ledger.reserve("t1", "default", "gpt-4o", 10, 20, 600, LIMITS)
+    assert first.id is not None and first.refused is None
+    second = ledger.reserve("t1", "default", "gpt-4o", 10, 20, 600, LIMITS)
+    assert second.id is None and second.refused == "usd"
+    assert second.totals.committed_nanos == 600
+    # Another task has its own envelope.
+    assert ledger.reserve("t2", "default", "gpt-4o", 10, 20, 600, LIMITS).refused is None
+
+
+def test_settle_replaces_the_reservation_by_actual_usage_once(backend: Backend) -> None:
+    ledger = SpendLedger(backend)
+    r = ledger.reserve("t1", "default", "gpt-4o", 10, 20, 600, LIMITS)
+    assert r.id is not None
+    totals = ledger.settle(r.id, 7, 3, 120, model="gpt-4o-2024-08-06")
+    assert (totals.reserved_nanos, totals.spent_nanos, totals.spent_tokens) == (0, 120, 10)
+    again = ledger.settle(r.id, 7, 3, 120)
+    assert again.spent_nanos == 120  # idempotent: a retried settle does not double count
+    rows = ledger.by_model("t1")
+    assert rows == [
+        {
+            "model": "gpt-4o-2024-08-06",
+            "input_tokens": 7,
+            "output_tokens": 3,
+            "nanos": 120,
+            "calls": 1,
+        }
+    ]
+
+
+def test_release_returns_the_reservation_and_the_call(backend: Backend) -> None:
+    ledger = SpendLedger(backend)
+    r = ledger.reserve("t1", "default", "gpt-4o", 10, 20, 900, LIMITS)
+    assert r.id is not None
+    totals = ledger.settle(r.id, 0, 0, 0, released=True)
+    assert totals == ledger.totals("t1", "default", LIMITS)
+    assert (totals.committed_nanos, totals.calls) == (0, 0)
+    assert ledger.reserve("t1", "default", "gpt-4o", 10, 20, 900, LIMITS).refused is None
+
+
+@pytest.mark.parametrize(
+    ("limits", "refused"),
+    [
+        pytest.param(Limits(max_calls=1), "calls", id="calls"),
+        pytest.param(Limits(max_tokens=40), "tokens", id="tokens"),
+        pytest.param(Limits(window_seconds=86400, window_max_nanos=700), "window_usd", id="window"),
+    ],
+)
+def test_each_limit_refuses(backend: Backend, limits: Limits, refused: str) -> None:
+    ledger = SpendLedger(backend)
+    assert ledger.reserve("t1", "research", "m", 10, 20, 600, limits).refused is None
+    # The window cap is per task type: a different task of the same type is refused too.
+    task = "t2" if refused == "window_usd" else "t1"
+    assert ledger.reserve(task, "research", "m", 10, 20, 600, limits).refused == refused
+
+
+def test_window_cap_is_shared_by_tasks_of_one_type_only(backend: Backend) -> None:
+    ledger = SpendLedger(backend)
+    cap = Limits(window_seconds=3600, window_max_nanos=1000)
+    for i in range(10):
+        ledger.reserve(f"t{i}", "research", "m", 1, 1, 100, cap)
+    assert ledger.reserve("t10", "research", "m", 1, 1, 100, cap).refused == "window_usd"
+    assert ledger.reserve("t10", "support", "m", 1, 1, 100, cap).refused is None
+    assert ledger.totals("t0", "research", cap).window_nanos == 1000
+
+
+def test_concurrent_reservations_never_exceed_the_limit(backend: Backend) -> None:
+    ledger = SpendLedger(backend)
+    limits = Limits(max_nanos=10_000)
+    granted: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(5):
+            r = ledger.reserve("shared", "default", "m", 1, 1, 700, limits)
+            if r.id is not None:
+                with lock:
+                    granted.append(r.id)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(granted) == 14  # floor(10_000 / 700)
+    assert ledger.totals("shared", "default", limits).committed_nanos == 14 * 700
+
+
+async def test_async_ledger_matches_the_sync_one(abackend: AsyncBackend) -> None:
+    ledger = AsyncSpendLedger(abackend)
+    r = await ledger.reserve("t1", "default", "gpt-4o", 10, 20, 600, LIMITS)
+    assert r.id is not None
+    assert (await ledger.reserve("t1", "default", "gpt-4o", 10, 20, 600, LIMITS)).refused == "usd"
+    totals = await ledger.settle(r.id, 7, 3, 120)
+    assert totals.spent_nanos == 120 and totals.reserved_nanos == 0
+    assert (await ledger.totals("t1", "default", LIMITS)) == totals
+    assert (await ledger.by_model("t1"))[0]["nanos"] == 120

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from harness_nodes import ModelPrice, Pricing, UnpricedModelError, UserError
+
+
+def test_catalogue_prices_match_genai_prices() -> None:
+    from genai_prices import Usage, calc_price
+
+    pricing = Pricing()
+    expected = calc_price(Usage(input_tokens=12_345, output_tokens=678), "gpt-4o").total_price
+    assert pricing.cost_nanos("gpt-4o", 12_345, 678) == int(expected * 1_000_000_000)
+    assert pricing.rates("gpt-4o-mini").source == "genai-prices"
+
+
+def test_cached_input_is_billed_at_the_cached_rate() -> None:
+    pricing = Pricing()
+    full = pricing.cost_nanos("gpt-4o", 1_000_000, 0)
+    half_cached = pricing.cost_nanos("gpt-4o", 1_000_000, 0, cached_input_tokens=500_000)
+    assert full == 2_500_000_000
+    assert half_cached == 1_875_000_000  # 0.5M at $2.50 + 0.5M at $1.25
+
+
+def test_tiered_model_is_reserved_at_its_top_tier() -> None:
+    pricing = Pricing()
+    rates = pricing.rates("claude-sonnet-4-5")  # $3 → $6 input above 200k tokens
+    assert rates.input == 6000
+    small_call = pricing.cost_nanos("claude-sonnet-4-5", 1000, 0)
+    assert small_call == 3_000_000  # the actual cost uses the real tier
+    assert rates.worst_case_nanos(1000, 0) >= small_call
+
+
+def test_override_wins_over_the_catalogue_and_self_hosted_models_are_priced() -> None:
+    pricing = Pricing(
+        overrides={
+            "gpt-4o": ModelPrice(input_per_mtok=1, output_per_mtok=2),
+            "llama-local": ModelPrice(input_per_mtok="0.05", output_per_mtok=0),
+        }
+    )
+    assert pricing.cost_nanos("gpt-4o", 1_000_000, 1_000_000) == 3_000_000_000
+    assert pricing.cost_nanos("LLAMA-LOCAL", 2_000_000, 5) == 100_000_000
+    assert pricing.rates("llama-local").affordable_output_tokens(10, 1_000) == 2**62
+
+
+def test_unknown_model_without_fallback_names_the_model_and_the_fix() -> None:
+    with pytest.raises(UnpricedModelError, match=re.escape("'acme-7b'")) as info:
+        Pricing().rates("acme-7b")
+    assert info.value.model == "acme-7b"
+    message = str(info.value)
+    assert "Pricing(overrides={'acme-7b': ModelPrice(input_per_mtok=" in message
+    assert "Pricing(fallback=ModelPrice(" in message
+
+
+def test_fallback_prices_unknown_models_but_never_as_free() -> None:
+    pricing = Pricing(fallback=ModelPrice(input_per_mtok=10, output_per_mtok=30))
+    assert pricing.cost_nanos("acme-7b", 1000, 1000) == 40_000_000
+    assert not pricing.is_priced("acme-7b") and pricing.is_priced("gpt-4o")
+
+
+def test_provider_prefixed_names_are_understood() -> None:
+    pricing = Pricing()
+    assert pricing.rates("openai:gpt-4o") == pricing.rates("gpt-4o")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"input_per_mtok": -1, "output_per_mtok": 1}, id="negative"),
+        pytest.param({"input_per_mtok": "abc", "output_per_mtok": 1}, id="not-a-number"),
+        pytest.param({"input_per_mtok": float("inf"), "output_per_mtok": 1}, id="infinite"),
+    ],
+)
+def test_bad_prices_are_wiring_errors(kwargs: dict[str, object]) -> None:
+    with pytest.raises(UserError, match="price"):
+        ModelPrice(**kwargs)  # type: ignore[arg-type]
+
+
+def test_affordable_output_tokens_never_overspends() -> None:
+    rates = Pricing().rates("gpt-4o")
+    for budget in (0, 1, 9_999, 10_000, 2_500_123, 10**9):
+        n = rates.affordable_output_tokens(100, budget)
+        assert n >= 0
+        if n:
+            assert rates.worst_case_nanos(100, n) <= budget
+        assert rates.worst_case_nanos(100, n + 1) > budget or budget < 250_000
