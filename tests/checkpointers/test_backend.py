@@ -9,6 +9,7 @@ from langchain_core.messages import HumanMessage
 from langgraph.graph import END, START, StateGraph
 
 from checkpointers import Backend, aopen_backend, mask_url, open_backend
+from checkpointers._schema import MIGRATIONS
 from harness_nodes import BackendUnavailable, BackendURLError, HarnessState
 
 pytestmark = pytest.mark.anyio
@@ -67,7 +68,7 @@ def test_mask_url_leaves_passwordless_urls_alone() -> None:
 
 def test_harness_schema_is_created_and_versioned(backend: Backend) -> None:
     names = [r["name"] for r in backend.execute("SELECT name FROM harness_migrations")]
-    assert names == ["0001_base"]
+    assert sorted(names) == sorted(m.name for m in MIGRATIONS) and "0001_base" in names
     for table in ("harness_runs", "harness_spend", "harness_effects", "harness_reviews"):
         assert backend.execute(f"SELECT count(*) AS n FROM {table}") == [{"n": 0}]
 
@@ -81,7 +82,7 @@ def test_reopening_is_idempotent(durable_url: str) -> None:
         )
     with open_backend(durable_url) as b:
         assert b.execute("SELECT thread_id FROM harness_runs") == [{"thread_id": "t1"}]
-        assert len(b.execute("SELECT name FROM harness_migrations")) == 1
+        assert len(b.execute("SELECT name FROM harness_migrations")) == len(MIGRATIONS)
 
 
 def test_transaction_rolls_back_on_error(backend: Backend) -> None:
@@ -127,7 +128,7 @@ async def test_async_backend_persists_graph_state(backend_url: str) -> None:
         snapshot = await graph.aget_state(config)
         assert len(snapshot.values["messages"]) == 3
         rows = await backend.execute("SELECT name FROM harness_migrations")
-        assert rows == [{"name": "0001_base"}]
+        assert sorted(r["name"] for r in rows) == sorted(m.name for m in MIGRATIONS)
         async with backend.transaction() as tx:
             await tx.execute(
                 "INSERT INTO harness_runs (thread_id, status, created_at, updated_at)"
