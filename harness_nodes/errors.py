@@ -5,6 +5,8 @@ them all::
 
     HarnessError
     ├── UserError                 wiring mistake, raised at construction, never mid-run
+    │   ├── UnknownGraph          no graph by that name (CLI, langgraph.json)
+    │   └── ModelUnavailable      a ``provider:model`` cannot be used (package, credentials)
     ├── BackendError
     │   ├── BackendURLError       the URL cannot be parsed or names an unknown scheme
     │   └── BackendUnavailable    the database did not answer (or refused us)
@@ -20,7 +22,8 @@ them all::
     │   └── EffectOutcomeUnknown  an irreversible call started but its result was never recorded
     └── TaskError
         ├── UnknownThread         no task / checkpoint for that thread id
-        └── TaskNotFinished       a result was asked for before the task finished
+        ├── TaskNotFinished       a result was asked for before the task finished
+        └── RunFailed             a run stopped on an error; its checkpoints are kept
 
 Errors carry typed fields and build their message from them in ``__str__``. They pickle
 (they cross process boundaries: workers, job queues) because every field is also passed
@@ -42,10 +45,13 @@ __all__ = [
     "EffectOutcomeUnknown",
     "HarnessError",
     "InvalidDecision",
+    "ModelUnavailable",
     "ReviewError",
     "ReviewNotFound",
+    "RunFailed",
     "TaskError",
     "TaskNotFinished",
+    "UnknownGraph",
     "UnknownThread",
     "UnpricedModelError",
     "UserError",
@@ -69,6 +75,46 @@ class UserError(HarnessError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class UnknownGraph(UserError):
+    """No graph is known by this name.
+
+    Attributes:
+        name: The name that was asked for.
+        available: The names that are known.
+    """
+
+    def __init__(self, name: str, available: list[str]) -> None:
+        HarnessError.__init__(self, name, available)
+        self.name = name
+        self.available = list(available)
+        self.message = str(self)
+
+    def __str__(self) -> str:
+        known = ", ".join(self.available) or "none"
+        return (
+            f"Unknown graph {self.name!r}: expected one of {known}, "
+            "or a module path whose module defines build_graph()"
+        )
+
+
+class ModelUnavailable(UserError):
+    """A chat model named ``provider:model`` cannot be used here.
+
+    Attributes:
+        model: The model spec, e.g. ``"openai:gpt-4o-mini"``.
+        reason: What is missing (an integration package, an API key, a known provider).
+    """
+
+    def __init__(self, model: str, reason: str) -> None:
+        HarnessError.__init__(self, model, reason)
+        self.model = model
+        self.reason = reason
+        self.message = str(self)
+
+    def __str__(self) -> str:
+        return f"Cannot use model {self.model!r}: {self.reason}"
 
 
 # --- backend -------------------------------------------------------------------------------
@@ -339,3 +385,25 @@ class TaskNotFinished(TaskError):
 
     def __str__(self) -> str:
         return f"Task {self.task_key!r} has not finished (status: {self.status})"
+
+
+class RunFailed(TaskError):
+    """A run stopped on an error; everything checkpointed before it is kept.
+
+    Attributes:
+        thread_id: The task's thread (resume it with ``harness resume THREAD``).
+        error: The error's type name.
+        reason: The error's first line.
+    """
+
+    def __init__(self, thread_id: str, error: str, reason: str) -> None:
+        super().__init__(thread_id, error, reason)
+        self.thread_id = thread_id
+        self.error = error
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (
+            f"Run of thread {self.thread_id!r} stopped: {self.error}: {self.reason} "
+            f"(its checkpoints are kept: harness resume {self.thread_id})"
+        )

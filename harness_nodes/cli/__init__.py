@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from harness_nodes.cli import (
     _demo,  # noqa: F401  (registers `harness demo`)
+    _run,  # noqa: F401  (registers `harness run`, `harness resume`)
     _trace,  # noqa: F401  (registers `harness show|runs|report`)
 )
 from harness_nodes.cli._app import app, main

@@ -21,6 +21,9 @@ CASES = [
     errors.EffectOutcomeUnknown("t1", "call-9", "refund", {"amount": 10}, "t1:call-9"),
     errors.UnknownThread("nope"),
     errors.TaskNotFinished("k1", "running"),
+    errors.UnknownGraph("reserch", ["research", "support"]),
+    errors.ModelUnavailable("openai:gpt-4o-mini", "OPENAI_API_KEY is not set"),
+    errors.RunFailed("t1", "SimulatedCrash", "simulated crash in model turn 2"),
 ]
 
 

@@ -1,0 +1,138 @@
+"""Narration: one line per thing the graph (and the harness around it) did."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from rich.console import Console
+from rich.markup import escape
+
+
+def _short(value: Any, limit: int = 70) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _call_text(call: dict[str, Any]) -> str:
+    args = ", ".join(f"{k}={_short(v, 40)}" for k, v in call.get("args", {}).items())
+    return f"{call.get('name')}({args})"
+
+
+def harness_meta(message: BaseMessage) -> dict[str, Any]:
+    """The harness's records on a message (``additional_kwargs["harness"]``)."""
+    meta = message.additional_kwargs.get("harness")
+    return meta if isinstance(meta, dict) else {}
+
+
+@dataclass
+class Narrator:
+    """Prints what happens during a run and keeps the notable harness decisions."""
+
+    console: Console
+    quiet: bool = False
+    """Print only the harness's decisions and the outcome, not every step."""
+    events: list[tuple[str, str]] = field(default_factory=list)
+    """(kind, text) of each notable harness decision: verdict, budget, review, effect."""
+
+    def _say(self, text: str, *, always: bool = False) -> None:
+        if always or not self.quiet:
+            self.console.print(text, highlight=False, soft_wrap=True)
+
+    def record(self, kind: str, text: str) -> None:
+        """Keep and print one harness decision."""
+        self.events.append((kind, text))
+        self._say(f"  [bold magenta]harness[/] {escape(text)}", always=True)
+
+    def note(self, text: str) -> None:
+        """Print a line of context."""
+        self._say(f"[dim]{escape(text)}[/]", always=True)
+
+    def start(self, thread_id: str, graph: str, task: str) -> None:
+        """Announce a run."""
+        self._say(
+            f"[bold]{escape(graph)}[/] thread [bold]{escape(thread_id)}[/]: "
+            + escape(_short(task, 90)),
+            always=True,
+        )
+
+    def update(self, update: dict[str, Any]) -> None:
+        """Narrate one ``stream_mode="updates"`` chunk."""
+        for node, value in update.items():
+            if node == "__interrupt__":
+                for intr in value:
+                    self._interrupt(getattr(intr, "value", intr))
+                continue
+            if not isinstance(value, dict):
+                continue
+            for message in value.get("messages", []) or []:
+                if isinstance(message, BaseMessage):
+                    self._message(node, message)
+            outcome = value.get("outcome")
+            if isinstance(outcome, dict) and outcome.get("status") != "completed":
+                reason = f" ({outcome['reason']})" if outcome.get("reason") else ""
+                self.record("outcome", f"stopped the task: {outcome['status']}{reason}")
+
+    def _message(self, node: str, message: BaseMessage) -> None:
+        meta = harness_meta(message)
+        if isinstance(message, AIMessage):
+            model = message.response_metadata.get("model_name", "model")
+            budget = meta.get("budget")
+            if isinstance(budget, dict) and budget.get("degraded_from"):
+                self.record(
+                    "budget",
+                    f"degraded the model {budget['degraded_from']} → {budget.get('model', model)} "
+                    "to stay inside the cost envelope",
+                )
+            if message.tool_calls:
+                calls = ", ".join(_call_text(dict(c)) for c in message.tool_calls)
+                self._say(f"  {escape(node)}: [cyan]{escape(str(model))}[/] calls {escape(calls)}")
+            else:
+                self._say(f"  {escape(node)}: [cyan]{escape(str(model))}[/] answers")
+        elif isinstance(message, ToolMessage):
+            verdict = meta.get("verdict")
+            effect = meta.get("effect")
+            if isinstance(verdict, dict) and not verdict.get("ok", True):
+                reasons = "; ".join(verdict.get("reasons", []))
+                self.record(
+                    "verdict",
+                    f"refused the output of {verdict.get('tool')} ({reasons}) → "
+                    f"{verdict.get('action')}",
+                )
+            elif isinstance(effect, dict) and effect.get("replayed"):
+                self.record(
+                    "effect",
+                    f"replayed {message.name} from the effect ledger instead of running it again",
+                )
+            else:
+                status = " [red](error)[/]" if message.status == "error" else ""
+                self._say(
+                    f"  {escape(node)}: {escape(str(message.name))} →{status} "
+                    f"{escape(_short(message.content))}"
+                )
+
+    def _interrupt(self, value: Any) -> None:
+        requests = value if isinstance(value, list) else [value]
+        for req in requests:
+            if isinstance(req, dict):
+                action = req.get("action_request") or {}
+                what = _call_text({"name": action.get("action"), "args": action.get("args", {})})
+                why = req.get("reason") or req.get("description") or ""
+                self.record("review", f"paused for review: {what} {_short(why, 80)}".rstrip())
+            else:
+                self.record("review", f"paused for review: {_short(value)}")
+
+    def end(self, state: dict[str, Any]) -> None:
+        """Print how the run ended (finished, or paused)."""
+        if state.get("__interrupts__"):
+            self._say("[yellow]paused[/]: waiting for a review decision", always=True)
+            return
+        outcome = state.get("outcome") or {}
+        status = outcome.get("status", "unknown")
+        colour = "green" if status == "completed" else "red"
+        result = outcome.get("partial_result")
+        tail = f" — {escape(_short(result, 100))}" if result else ""
+        self._say(f"[bold {colour}]{escape(status)}[/]{tail}", always=True)

@@ -1,0 +1,208 @@
+"""`harness run` / `harness resume`: durable runs by graph name, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness_nodes.cli import main
+from tests.conftest import subprocess_env
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main([*argv])
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    code = exc.value.code
+    return (code if isinstance(code, int) else 1), out, err
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'harness.db'}"
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+
+def test_run_completes_a_reference_graph_and_narrates_it(
+    capsys: pytest.CaptureFixture[str], db: str
+) -> None:
+    code, out, _ = _cli(capsys, "run", "support", "--db", db, "--thread", "s1")
+    assert code == 0
+    assert "issue_refund(invoice_id=inv_5003" in out
+    assert "completed — Done: refunded $49.0" in out
+
+
+def test_run_takes_the_task_text(capsys: pytest.CaptureFixture[str], db: str) -> None:
+    code, out, _ = _cli(
+        capsys, "run", "research", "--db", db, "--task", "Tell me about hydrogen salt caverns"
+    )
+    assert code == 0
+    assert "Summary for: Tell me about hydrogen salt caverns" in out
+    assert "read(doc_id=hydrogen)" in out
+
+
+def test_a_crashed_run_resumes_from_its_checkpoint_in_a_new_process(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'harness.db'}"
+    base = [sys.executable, "-m", "harness_nodes.cli"]
+    faults = json.dumps({"faults": {"crash_at_turn": 2}})
+    first = subprocess.run(
+        [*base, "run", "documents", "--db", db, "--thread", "d1", "--args", faults],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=tmp_path,
+    )
+    assert first.returncode == 2
+    assert _one_line_error(first.stderr).startswith(
+        "error: Run of thread 'd1' stopped: SimulatedCrash: simulated crash in model turn 2"
+    )
+    assert "extract_fields(doc_id=doc-006)" in first.stdout  # turn 1 done before the crash
+    second = subprocess.run(
+        [*base, "resume", "d1", "--db", db],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=tmp_path,
+    )
+    assert second.returncode == 0, second.stderr
+    assert "resuming thread d1 (documents)" in second.stdout
+    assert "extract_fields(" not in second.stdout  # finished steps are not run again
+    assert 'completed — [{"doc_id": "doc-001"' in second.stdout
+
+
+def test_resume_of_a_finished_thread_says_so(capsys: pytest.CaptureFixture[str], db: str) -> None:
+    assert _cli(capsys, "run", "documents", "--db", db, "--thread", "d2")[0] == 0
+    code, out, _ = _cli(capsys, "resume", "d2", "--db", db)
+    assert code == 0
+    assert "thread d2 has already finished" in out and "completed" in out
+
+
+def test_runaway_loop_without_a_budget_is_stopped_by_the_step_limit(
+    capsys: pytest.CaptureFixture[str], db: str
+) -> None:
+    args = json.dumps({"faults": {"runaway": True}})
+    code, _, err = _cli(capsys, "run", "research", "--db", db, "--thread", "r1", "--args", args)
+    assert code == 2
+    assert "GraphRecursionError: no end after 100 steps" in _one_line_error(err)
+
+
+def test_default_db_is_a_sqlite_file_in_the_working_directory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert _cli(capsys, "run", "documents", "--thread", "d3")[0] == 0
+    assert (tmp_path / "harness.db").is_file()
+    monkeypatch.setenv("HARNESS_DATABASE_URL", f"sqlite:///{tmp_path / 'other.db'}")
+    assert _cli(capsys, "run", "documents", "--thread", "d4")[0] == 0
+    assert (tmp_path / "other.db").is_file()
+
+
+# --- errors: one clear line, exit code 2 ---------------------------------------------------
+
+ERROR_CASES = [
+    pytest.param(
+        ["run", "support", "--db", "mysql://localhost/x"],
+        "error: Cannot use backend URL 'mysql://localhost/x'",
+        id="bad-db-url",
+    ),
+    pytest.param(
+        ["run", "reserch"],
+        "error: Unknown graph 'reserch': expected one of research, support, documents",
+        id="unknown-graph",
+    ),
+    pytest.param(
+        ["resume", "no-such-thread"],
+        "error: No task found for thread 'no-such-thread'",
+        id="unknown-thread",
+    ),
+    pytest.param(
+        ["run", "support", "--args", "{faults: yes}"],
+        "error: --args is not valid JSON",
+        id="malformed-args-json",
+    ),
+    pytest.param(
+        ["run", "support", "--args", "[1, 2]"],
+        "error: --args must be a JSON object",
+        id="args-not-an-object",
+    ),
+    pytest.param(
+        ["run", "support", "--args", '{"faults": {"emtpy_results": true}}'],
+        "error: Unknown fault flag(s) emtpy_results",
+        id="unknown-fault-flag",
+    ),
+    pytest.param(
+        ["run", "support", "--args", '{"colour": "red"}'],
+        "error: Bad --args for graph graphs.support",
+        id="unknown-builder-argument",
+    ),
+    pytest.param(
+        ["run", "support", "--model", "openai:gpt-4o-mini"],
+        "error: Cannot use model 'openai:gpt-4o-mini': OPENAI_API_KEY is not set",
+        id="missing-credentials",
+    ),
+    pytest.param(
+        ["run", "support", "--model", "gpt-4o-mini"],
+        "error: Cannot use model 'gpt-4o-mini': expected provider:model",
+        id="model-without-provider",
+    ),
+    pytest.param(
+        ["resume", "x", "--decision", "approve"],
+        "error: --decision is not valid JSON",
+        id="malformed-decision-json",
+    ),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), ERROR_CASES)
+def test_cli_errors_are_one_clear_line_with_exit_code_2(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _cli(capsys, *argv)
+    assert code == 2
+    assert _one_line_error(err).startswith(message)
+
+
+def test_missing_integration_package_is_named(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("langchain")
+    try:
+        import langchain_openai  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("langchain-openai is installed here")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")
+    code, _, err = _cli(capsys, "run", "support", "--model", "openai:gpt-4o-mini")
+    assert code == 2
+    line = _one_line_error(err)
+    assert re.search(r"requires the langchain-openai package", line), line
+
+
+def test_errors_show_a_traceback_with_debug(capsys: pytest.CaptureFixture[str]) -> None:
+    from harness_nodes import UnknownGraph
+
+    with pytest.raises(UnknownGraph):
+        main(["--debug", "run", "reserch"])
