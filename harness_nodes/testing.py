@@ -70,8 +70,16 @@ class ScriptExhausted(RuntimeError):
         )
 
 
+_AUTO_ID = "call_auto_"
+"""Prefix of the ids `tool_call` invents; `ScriptedChatModel` replaces them by turn."""
+
+
 def tool_call(name: str, args: dict[str, Any] | None = None, id: str | None = None) -> ToolCall:
-    """Build a tool call for a scripted answer (a fresh id unless one is given).
+    """Build a tool call for a scripted answer.
+
+    Without an *id*, the call gets a placeholder id that `ScriptedChatModel` replaces with
+    one derived from the turn (``call_t{turn}_{index}``): the same in every process, so a
+    run resumed after a crash sees the ids it would have seen, and distinct across turns.
 
     Example:
         ```python
@@ -82,7 +90,10 @@ def tool_call(name: str, args: dict[str, Any] | None = None, id: str | None = No
         ```
     """
     return ToolCall(
-        name=name, args=dict(args or {}), id=id or f"call_{uuid.uuid4().hex[:12]}", type="tool_call"
+        name=name,
+        args=dict(args or {}),
+        id=id or f"{_AUTO_ID}{uuid.uuid4().hex[:12]}",
+        type="tool_call",
     )
 
 
@@ -199,15 +210,26 @@ class ScriptedChatModel(GenericFakeChatModel):
             msg = reply
         else:
             raise TypeError(f"script turn {turn} gave {type(reply).__name__}, not AIMessage/str")
+        if msg.tool_calls:
+            msg = msg.model_copy(
+                update={
+                    "tool_calls": [self._call_id(c, turn, i) for i, c in enumerate(msg.tool_calls)]
+                }
+            )
+        finished = self._finish(msg, messages, kwargs)
+        return ChatResult(generations=[ChatGeneration(message=finished)])
+
+    def _call_id(self, call: ToolCall, turn: int, index: int) -> ToolCall:
+        call_id = call["id"] or ""
+        if not call_id or call_id.startswith(_AUTO_ID):
+            # Invented ids are derived from the turn, so they are the same in every process.
+            return {**call, "id": f"call_t{turn}_{index}"}
         if turn >= len(self.script):
             # A looping script must not reuse one tool-call id, or the effect ledger would
             # (rightly) treat each new call as a replay of the first. Derived ids stay
             # deterministic, so a resumed run sees the same ids.
-            msg = msg.model_copy(
-                update={"tool_calls": [{**c, "id": f"{c['id']}_t{turn}"} for c in msg.tool_calls]}
-            )
-        finished = self._finish(msg, messages, kwargs)
-        return ChatResult(generations=[ChatGeneration(message=finished)])
+            return {**call, "id": f"{call_id}_t{turn}"}
+        return call
 
     def _finish(
         self, msg: AIMessage, prompt: Sequence[BaseMessage], kwargs: Mapping[str, Any]

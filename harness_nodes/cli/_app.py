@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -45,10 +45,22 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(1)
-    except Exception as e:  # click usage errors and the like
-        import click
+    except _usage_errors() as e:  # unknown option, bad value: click's one-paragraph message
+        e.show()
+        sys.exit(e.exit_code)
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2)
-        raise
+
+def _usage_errors() -> tuple[type[Any], ...]:
+    # typer >= 0.2x vendors click (its errors derive from `typer.TyperException`, not
+    # `click.ClickException`); older typer raises click's own. Catch whichever is in use.
+    kinds: list[type[Any]] = []
+    vendored = getattr(typer, "TyperException", None)
+    if isinstance(vendored, type):
+        kinds.append(vendored)
+    try:
+        import click
+    except ImportError:  # pragma: no cover - typer without click
+        pass
+    else:
+        kinds.append(click.ClickException)
+    return tuple(kinds)

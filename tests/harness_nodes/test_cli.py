@@ -1,0 +1,85 @@
+"""The ``harness`` CLI: the demo runs on a SQLite file; bad input is one line, exit 2."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness_nodes.cli import main
+from tests.conftest import subprocess_env
+
+
+def test_demo_completes_on_a_sqlite_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "demo.db"
+    main(["demo", "--db", f"sqlite:///{db}"])
+    out = capsys.readouterr().out
+    assert "outcome: completed" in out
+    assert "The weather in Paris today: sunny, 21°C." in out
+    assert "gpt-4o-mini" in out  # the spend table names the model
+    # The run was checkpointed durably in that file.
+    with sqlite3.connect(db) as conn:
+        threads = conn.execute("SELECT DISTINCT thread_id FROM checkpoints").fetchall()
+    assert len(threads) == 1 and threads[0][0].startswith("demo-")
+
+
+def test_demo_uses_harness_database_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "env.db"
+    monkeypatch.setenv("HARNESS_DATABASE_URL", f"sqlite:///{db}")
+    main(["demo"])
+    assert "outcome: completed" in capsys.readouterr().out
+    assert db.exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        pytest.param("mysql://root:hunter2@db/x", "unknown scheme 'mysql'", id="bad-scheme"),
+        pytest.param("sqlite:////no/such/dir/x.db", "does not exist", id="missing-dir"),
+        pytest.param("postgresql://u:hunter2@127.0.0.1:1/db", "Cannot open backend", id="down"),
+    ],
+)
+def test_bad_db_url_prints_one_line_and_exits_2(
+    url: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--db", url])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert "hunter2" not in captured.err
+
+
+@pytest.mark.slow
+def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness_nodes.cli", "demo", "--db", "redis://localhost/0"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: Cannot use backend URL 'redis://localhost/0': unknown scheme 'redis'. Expected "
+        "memory://, sqlite:///path/to/file.db or postgresql://user@host:port/db"
+    ]
+    assert proc.stdout == ""
+
+
+def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--no-such-option"])
+    assert exc.value.code == 2
+    assert "No such option" in capsys.readouterr().err

@@ -1,0 +1,182 @@
+"""`harness_nodes.testing.ScriptedChatModel`: deterministic by turn, faults, limits, metadata."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.tools import tool
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode, tools_condition
+from langgraph.types import RetryPolicy
+
+from harness_nodes.testing import ScriptedChatModel, ScriptExhausted, ai, tool_call
+
+
+def _script() -> list[Any]:
+    return [
+        ai(tool_calls=[tool_call("lookup", {"q": "a"}), tool_call("lookup", {"q": "b"})]),
+        lambda msgs: f"saw {len(msgs)} messages",
+        "bye",
+    ]
+
+
+def _conversation_after(first: AIMessage) -> list[BaseMessage]:
+    return [
+        HumanMessage("hi"),
+        first,
+        *(ToolMessage("ok", tool_call_id=c["id"] or "") for c in first.tool_calls),
+    ]
+
+
+def test_answers_by_turn_so_a_fresh_instance_resumes_where_the_conversation_is() -> None:
+    model = ScriptedChatModel(script=_script())
+    first = model.invoke([HumanMessage("hi")])
+    assert [c["name"] for c in first.tool_calls] == ["lookup", "lookup"]
+    history = _conversation_after(first)
+    second = model.invoke(history)
+    assert second.content == "saw 4 messages"
+
+    # A crash loses the model object; a new one in a new process builds the script again.
+    resumed = ScriptedChatModel(script=_script())
+    again_first = resumed.invoke([HumanMessage("hi")])
+    assert again_first.tool_calls == first.tool_calls  # same ids, not fresh random ones
+    assert resumed.invoke(history).content == second.content
+    assert resumed.invoke([*history, second, HumanMessage("thanks")]).content == "bye"
+
+
+def test_invented_tool_call_ids_are_per_turn_and_distinct() -> None:
+    model = ScriptedChatModel(script=_script())
+    first = model.invoke([HumanMessage("hi")])
+    assert [c["id"] for c in first.tool_calls] == ["call_t0_0", "call_t0_1"]
+
+
+def test_explicit_tool_call_ids_are_kept() -> None:
+    model = ScriptedChatModel(script=[ai(tool_calls=[tool_call("x", id="mine")])])
+    assert model.invoke("go").tool_calls[0]["id"] == "mine"
+
+
+def test_loop_repeats_the_last_turn_with_distinct_deterministic_ids() -> None:
+    def run(model: ScriptedChatModel, turns: int) -> list[str]:
+        msgs: list[BaseMessage] = [HumanMessage("go")]
+        ids: list[str] = []
+        for _ in range(turns):
+            reply = model.invoke(msgs)
+            call = reply.tool_calls[0]
+            ids.append(call["id"] or "")
+            msgs += [reply, ToolMessage("again", tool_call_id=call["id"] or "")]
+        return ids
+
+    script = [ai(tool_calls=[tool_call("poll", {}, id="poll-1")])]
+    ids = run(ScriptedChatModel(script=script, loop=True), 4)
+    assert ids == ["poll-1", "poll-1_t1", "poll-1_t2", "poll-1_t3"]
+    assert run(ScriptedChatModel(script=script, loop=True), 4) == ids
+
+
+def test_exhausted_script_raises_with_turn_and_length() -> None:
+    model = ScriptedChatModel(script=["only"])
+    assert model.invoke("a").content == "only"
+    with pytest.raises(ScriptExhausted, match=re.escape("turn 1 but its script has only 1")) as e:
+        model.invoke([HumanMessage("a"), AIMessage("only"), HumanMessage("b")])
+    assert (e.value.turn, e.value.length) == (1, 1)
+    clone = pickle.loads(pickle.dumps(e.value))
+    assert (clone.turn, clone.length, str(clone)) == (1, 1, str(e.value))
+
+
+def test_empty_script_is_exhausted_even_with_loop() -> None:
+    with pytest.raises(ScriptExhausted):
+        ScriptedChatModel(script=[], loop=True).invoke("a")
+
+
+def test_faults_fail_the_first_attempts_of_their_turn_only() -> None:
+    model = ScriptedChatModel(
+        script=["zero", "one"], faults={1: TimeoutError("provider timeout")}, fault_attempts=2
+    )
+    assert model.invoke("a").content == "zero"  # turn 0 is unaffected
+    prompt = [HumanMessage("a"), AIMessage("zero"), HumanMessage("b")]
+    for _ in range(2):
+        with pytest.raises(TimeoutError, match="provider timeout"):
+            model.invoke(prompt)
+    assert model.invoke(prompt).content == "one"
+    assert model.invoke(prompt).content == "one"
+    assert model.calls == 5
+
+
+def test_faults_are_retried_by_a_langgraph_retry_policy() -> None:
+    model = ScriptedChatModel(script=["recovered"], faults={0: ConnectionError("reset")})
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [model.invoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node(
+        "agent",
+        agent,
+        retry_policy=RetryPolicy(max_attempts=2, initial_interval=0.0, jitter=False),
+    )
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", END)
+    out = builder.compile().invoke({"messages": [HumanMessage("hi")]})
+    assert out["messages"][-1].content == "recovered"
+    assert model.calls == 2
+
+
+def test_max_tokens_truncates_like_a_provider() -> None:
+    long = "word " * 200  # 1000 bytes, ~250 tokens
+    capped = ScriptedChatModel(script=[long], max_tokens=10).invoke("go")
+    assert capped.usage_metadata is not None
+    assert capped.usage_metadata["output_tokens"] == 10
+    assert len(capped.text) <= 40 and long.startswith(capped.text)
+    assert capped.response_metadata["finish_reason"] == "length"
+
+    # Per-call max_tokens (what a budget wrapper passes) wins, and cuts off tool calls.
+    model = ScriptedChatModel(script=[ai(long, tool_calls=[tool_call("t")])])
+    cut = model.invoke("go", max_tokens=5)
+    assert cut.usage_metadata is not None and cut.usage_metadata["output_tokens"] == 5
+    assert cut.tool_calls == []
+    uncapped = model.invoke("go")
+    assert uncapped.usage_metadata is not None and uncapped.usage_metadata["output_tokens"] > 200
+    assert uncapped.response_metadata["finish_reason"] == "tool_calls"
+
+
+def test_usage_and_model_name_are_reported() -> None:
+    model = ScriptedChatModel(script=["short", ai("given", usage={"input_tokens": 7})])
+    first = model.invoke("x" * 400)
+    assert first.response_metadata["model_name"] == "scripted"
+    usage = first.usage_metadata
+    assert usage is not None
+    assert usage["input_tokens"] == 100  # 400 bytes / 4
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    second = model.invoke([HumanMessage("x"), first, HumanMessage("y")])
+    assert second.usage_metadata == {"input_tokens": 7, "output_tokens": 0, "total_tokens": 7}
+    named = ScriptedChatModel(script=["hi"], model_name="gpt-4o-mini").invoke("a")
+    assert named.response_metadata["model_name"] == "gpt-4o-mini"
+
+
+@tool
+def lookup(q: str) -> str:
+    """Look something up."""
+    return f"result for {q}"
+
+
+def test_bind_tools_works_in_a_tool_calling_graph() -> None:
+    model = ScriptedChatModel(script=_script())
+    bound = model.bind_tools([lookup])
+    assert bound is model
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [bound.invoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([lookup]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    out = builder.compile().invoke({"messages": [HumanMessage("hi")]})
+    tool_results = [m.content for m in out["messages"] if isinstance(m, ToolMessage)]
+    assert tool_results == ["result for a", "result for b"]
+    assert out["messages"][-1].content == "saw 4 messages"
