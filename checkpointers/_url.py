@@ -15,7 +15,15 @@ _POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg", "postgresql
 
 
 def mask_url(url: str) -> str:
-    """Return *url* with any password replaced by ``***`` (safe for logs and errors)."""
+    """Return *url* with any password replaced by ``***`` (safe for logs and errors).
+
+    Example:
+        ```python
+        from checkpointers import mask_url
+
+        assert mask_url("postgresql://app:s3cret@db:5432/prod") == "postgresql://app:***@db:5432/prod"
+        ```
+    """
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -147,6 +147,33 @@ class _APostgresDB:
 class AsyncBackend:
     """The async twin of `Backend`: an async LangGraph saver and the harness's tables.
 
+    Get one from `aopen_backend`; pass ``backend.checkpointer`` to ``compile`` and run the
+    graph with ``ainvoke``.
+
+    Example:
+        ```python
+        import asyncio
+
+        from langgraph.graph import END, START, MessagesState, StateGraph
+
+        from checkpointers import aopen_backend
+
+
+        async def main() -> None:
+            async with await aopen_backend("memory://") as backend:
+                builder = StateGraph(MessagesState)
+                builder.add_node("echo", lambda state: {"messages": [("ai", "hi")]})
+                builder.add_edge(START, "echo")
+                builder.add_edge("echo", END)
+                graph = builder.compile(checkpointer=backend.checkpointer)
+                config = {"configurable": {"thread_id": "t-1"}}
+                await graph.ainvoke({"messages": [("user", "hello")]}, config, durability="sync")
+                assert len((await graph.aget_state(config)).values["messages"]) == 2
+
+
+        asyncio.run(main())
+        ```
+
     Attributes:
         url: The URL it was opened with, password masked.
         kind: ``"memory"``, ``"sqlite"`` or ``"postgres"``.
@@ -226,6 +253,26 @@ async def aopen_backend(
     Raises:
         BackendURLError: the URL is malformed or names an unknown scheme.
         BackendUnavailable: the database did not answer, or its schema could not be set up.
+
+    Example:
+        ```python
+        import asyncio
+        import tempfile
+        from pathlib import Path
+
+        from checkpointers import aopen_backend
+
+
+        async def main(path: Path) -> None:
+            async with await aopen_backend(f"sqlite:///{path}") as backend:
+                assert backend.kind == "sqlite"
+                async with backend.transaction() as tx:
+                    await tx.execute("SELECT count(*) AS n FROM harness_runs")
+
+
+        with tempfile.TemporaryDirectory() as d:
+            asyncio.run(main(Path(d) / "harness.db"))
+        ```
     """
     parsed = parse_url(url if url is not None else default_url())
     if parsed.kind == "memory":
