@@ -267,6 +267,22 @@ BEGIN
 END $$
 """
 
+_EFFECTS_0201 = """
+ALTER TABLE harness_effects ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE harness_effects ADD COLUMN resolved_by TEXT;
+CREATE INDEX IF NOT EXISTS harness_effects_status ON harness_effects (status, started_at)
+"""
+# attempts: how many times the call was started (an idempotent effect may re-run);
+# resolved_by: who settled an unknown outcome (a reviewer), for the audit trail.
+
+_RUNS_0202 = """
+ALTER TABLE harness_runs ADD COLUMN error TEXT;
+ALTER TABLE harness_runs ADD COLUMN finished_at DOUBLE PRECISION;
+CREATE INDEX IF NOT EXISTS harness_runs_lease ON harness_runs (status, lease_expires_at)
+"""
+# error: why the last attempt failed; finished_at: when the run reached a final status.
+# The lease index serves recover(): running rows whose lease expired.
+
 MIGRATIONS: list[Migration] = [
     Migration(
         name="0001_base",
@@ -277,6 +293,17 @@ MIGRATIONS: list[Migration] = [
         name="0301_spend_totals",
         postgres=_SPEND_TOTALS_COMMON.format(float="DOUBLE PRECISION") + ";" + _SPEND_FUNCTIONS_PG,
         sqlite=_SPEND_TOTALS_COMMON.format(float="REAL"),
+    ),
+    # 02xx: effects and runs.
+    Migration(
+        name="0201_effects_attempts_resolution",
+        postgres=_EFFECTS_0201,
+        sqlite=_EFFECTS_0201,
+    ),
+    Migration(
+        name="0202_runs_error_and_lease_index",
+        postgres=_RUNS_0202,
+        sqlite=_RUNS_0202,
     ),
 ]
 """Every harness migration, in the order they apply. Append; never edit an applied one."""

@@ -3,6 +3,19 @@
 Every public name is imported here; import from ``harness_nodes`` directly.
 """
 
+from harness_nodes.aio import AsyncEffectLedger
+from harness_nodes.effects import (
+    EffectContext,
+    EffectKind,
+    EffectLedger,
+    EffectRecord,
+    EffectStatus,
+    current_effect,
+    effect,
+    effect_kind,
+    idempotency_key,
+    irreversible,
+)
 from harness_nodes.errors import (
     AlreadyDecided,
     BackendError,
@@ -11,6 +24,7 @@ from harness_nodes.errors import (
     BudgetError,
     BudgetExceeded,
     EffectError,
+    EffectNotResolvable,
     EffectOutcomeUnknown,
     HarnessError,
     InvalidDecision,
@@ -20,6 +34,7 @@ from harness_nodes.errors import (
     RunFailed,
     TaskError,
     TaskNotFinished,
+    UnguardedEffect,
     UnknownGraph,
     UnknownThread,
     UnpricedModelError,
@@ -64,14 +79,21 @@ from harness_nodes.verify import (
 
 __all__ = [
     "AlreadyDecided",
+    "AsyncEffectLedger",
     "BackendError",
     "BackendURLError",
     "BackendUnavailable",
     "BudgetError",
     "BudgetExceeded",
     "Check",
+    "EffectContext",
     "EffectError",
+    "EffectKind",
+    "EffectLedger",
+    "EffectNotResolvable",
     "EffectOutcomeUnknown",
+    "EffectRecord",
+    "EffectStatus",
     "ErrorSignals",
     "Escalation",
     "EscalationKind",
@@ -99,6 +121,7 @@ __all__ = [
     "ToolContract",
     "Trace",
     "TraceNode",
+    "UnguardedEffect",
     "UnknownGraph",
     "UnknownThread",
     "UnpricedModelError",
@@ -109,6 +132,11 @@ __all__ = [
     "VerifyRoute",
     "VerifyToolOutputs",
     "build_trace",
+    "current_effect",
+    "effect",
+    "effect_kind",
+    "idempotency_key",
+    "irreversible",
     "langfuse_callbacks",
     "list_runs",
     "reliability_report",

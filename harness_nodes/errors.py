@@ -19,7 +19,9 @@ them all::
     │   ├── InvalidDecision       a malformed or disallowed review decision (item stays pending)
     │   └── AlreadyDecided        someone else decided this item first
     ├── EffectError
-    │   └── EffectOutcomeUnknown  an irreversible call started but its result was never recorded
+    │   ├── EffectOutcomeUnknown  an irreversible call started but its result was never recorded
+    │   ├── EffectNotResolvable   a reviewer's answer for a call that is not unknown
+    │   └── UnguardedEffect       an effectful tool ran outside an EffectLedger (wiring mistake)
     └── TaskError
         ├── UnknownThread         no task / checkpoint for that thread id
         ├── TaskNotFinished       a result was asked for before the task finished
@@ -42,6 +44,7 @@ __all__ = [
     "BudgetError",
     "BudgetExceeded",
     "EffectError",
+    "EffectNotResolvable",
     "EffectOutcomeUnknown",
     "HarnessError",
     "InvalidDecision",
@@ -51,6 +54,7 @@ __all__ = [
     "RunFailed",
     "TaskError",
     "TaskNotFinished",
+    "UnguardedEffect",
     "UnknownGraph",
     "UnknownThread",
     "UnpricedModelError",
@@ -345,6 +349,50 @@ class EffectOutcomeUnknown(EffectError):
             f"Outcome unknown for irreversible call {self.tool}({self.call_args}) "
             f"[thread {self.thread_id}, call {self.tool_call_id}, "
             f"idempotency key {self.idempotency_key}]: it started but no result was recorded"
+        )
+
+
+class EffectNotResolvable(EffectError):
+    """An answer to an unknown outcome could not be recorded; nothing was changed.
+
+    Attributes:
+        thread_id: The call's thread.
+        tool_call_id: The call.
+        reason: Why (no such call; its result is already recorded).
+    """
+
+    def __init__(self, thread_id: str, tool_call_id: str, reason: str) -> None:
+        super().__init__(thread_id, tool_call_id, reason)
+        self.thread_id = thread_id
+        self.tool_call_id = tool_call_id
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (
+            f"Cannot resolve effect [thread {self.thread_id}, call {self.tool_call_id}]: "
+            f"{self.reason}"
+        )
+
+
+class UnguardedEffect(EffectError):
+    """A tool marked `irreversible` (or `effect`) ran without an `EffectLedger` around it.
+
+    The tool refuses to run rather than risk a duplicate. Wire the ledger into the tool node:
+    ``ToolNode(tools, wrap_tool_call=ledger.wrap_tool_call, awrap_tool_call=...)``.
+
+    Attributes:
+        tool: The tool's name.
+    """
+
+    def __init__(self, tool: str) -> None:
+        super().__init__(tool)
+        self.tool = tool
+
+    def __str__(self) -> str:
+        return (
+            f"Tool {self.tool!r} has side effects and ran outside an EffectLedger; "
+            "pass wrap_tool_call=ledger.wrap_tool_call (and awrap_tool_call=ledger."
+            "awrap_tool_call) to its ToolNode"
         )
 
 

@@ -19,6 +19,8 @@ CASES = [
     errors.InvalidDecision("r1", "unknown action 'maybe'"),
     errors.AlreadyDecided("r1", "alice", "2026-01-01T00:00:00Z", "approve"),
     errors.EffectOutcomeUnknown("t1", "call-9", "refund", {"amount": 10}, "t1:call-9"),
+    errors.UnguardedEffect("refund"),
+    errors.EffectNotResolvable("t1", "call-9", "its result is already recorded"),
     errors.UnknownThread("nope"),
     errors.TaskNotFinished("k1", "running"),
     errors.UnknownGraph("reserch", ["research", "support"]),

@@ -1,0 +1,845 @@
+"""Exactly-once side effects: the effect ledger and the tool markers that use it.
+
+A tool that changes the world (sends the email, issues the refund) is marked `irreversible`
+(or `effect(..., idempotent=True)` when the downstream API de-duplicates by key). Its
+`ToolNode` gets the ledger's hook, ``wrap_tool_call=ledger.wrap_tool_call``. Each call then
+runs at most once per ``(thread_id, tool_call_id)``:
+
+1. the intent is committed (row ``started``) before the tool runs;
+2. the tool runs with a stable idempotency key it reads with `current_effect()` (pass it on
+   to APIs that accept one);
+3. the result is committed (row ``done``).
+
+On replay (a crash after the result was recorded, a resumed run re-executing the tool node)
+the recorded result is returned without running the tool (``harness.effect.replay``). An
+intent with no result — the process died inside the call — is `EffectOutcomeUnknown`: the
+call is never re-run silently. The hook answers with an error `ToolMessage` carrying an
+``Escalation(kind="effect_unknown")`` in ``additional_kwargs["harness"]["escalation"]``,
+which `HumanReview` turns into a review item; the reviewer's answer is recorded with
+`EffectLedger.resolve` (it happened: here is its result / it did not: run it again).
+
+The ledger is an explicit object over a `Backend` — no global registry — so tests and
+workers each hold their own.
+
+Example:
+    ```python
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langchain_core.tools import tool
+    from langgraph.graph import END, START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+
+    from checkpointers import open_backend
+    from harness_nodes import EffectLedger, current_effect, irreversible
+
+    sent: list[str] = []
+
+
+    @irreversible
+    @tool
+    def send_email(to: str) -> str:
+        \"\"\"Send an email.\"\"\"
+        sent.append(current_effect().idempotency_key)  # give this key to the mail API
+        return f"sent to {to}"
+
+
+    def agent(state: MessagesState) -> dict[str, list[AIMessage]]:
+        if len(state["messages"]) == 1:
+            call = {"name": "send_email", "args": {"to": "a@example.com"}, "id": "call-1"}
+            return {"messages": [AIMessage("", tool_calls=[call])]}
+        return {"messages": [AIMessage("done")]}
+
+
+    with open_backend("memory://") as backend:
+        ledger = EffectLedger(backend)
+        builder = StateGraph(MessagesState)
+        builder.add_node("agent", agent)
+        builder.add_node("tools", ToolNode([send_email], wrap_tool_call=ledger.wrap_tool_call))
+        builder.add_edge(START, "agent")
+        builder.add_conditional_edges(
+            "agent", lambda s: "tools" if s["messages"][-1].tool_calls else END
+        )
+        builder.add_edge("tools", "agent")
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        config = {"configurable": {"thread_id": "t-1"}}
+        graph.invoke({"messages": [HumanMessage("mail a")]}, config, durability="sync")
+        assert sent == ["t-1:call-1"]
+        assert ledger.get("t-1", "call-1").status == "done"
+    ```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+
+from langchain_core.messages import ToolMessage
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import BaseTool, StructuredTool
+from langgraph.errors import GraphBubbleUp
+
+from harness_nodes import _codec
+from harness_nodes._events import aemit, emit
+from harness_nodes.errors import (
+    EffectNotResolvable,
+    EffectOutcomeUnknown,
+    UnguardedEffect,
+    UserError,
+)
+from harness_nodes.state import Escalation
+
+if TYPE_CHECKING:
+    from langgraph.prebuilt.tool_node import ToolCallRequest
+    from langgraph.types import Command
+
+    from checkpointers import Backend, Transaction
+    from checkpointers.aio import AsyncTransaction
+
+__all__ = [
+    "EffectContext",
+    "EffectKind",
+    "EffectLedger",
+    "EffectRecord",
+    "EffectStatus",
+    "current_effect",
+    "effect",
+    "effect_kind",
+    "idempotency_key",
+    "irreversible",
+]
+
+T = TypeVar("T")
+
+EffectKind = Literal["irreversible", "idempotent"]
+"""``irreversible``: never re-run when its outcome is unknown. ``idempotent``: the downstream
+honours the idempotency key, so an unknown outcome is settled by running it again."""
+
+EffectStatus = Literal["started", "done", "error", "aborted"]
+"""``started``: intent committed, no result yet. ``done``: result recorded. ``error``: the tool
+raised. ``aborted``: known not to have happened (paused before it ran, or a reviewer said so);
+the next execution runs it."""
+
+
+# --- what the tool sees ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EffectContext:
+    """The call a guarded tool is running for. Read it with `current_effect()`."""
+
+    thread_id: str
+    """The task's thread."""
+    tool_call_id: str
+    """The tool call (or the node task's id where there is no tool call)."""
+    tool: str
+    """The tool's (or effect's) name."""
+    idempotency_key: str
+    """Stable across crashes and resumes: give it to APIs that de-duplicate by key."""
+    attempt: int
+    """1 on the first execution; higher only for idempotent effects re-run after a crash."""
+
+
+_CURRENT: ContextVar[EffectContext | None] = ContextVar("harness_effect", default=None)
+
+
+def current_effect() -> EffectContext:
+    """The effect being executed: call it inside a tool marked `irreversible` or `effect`.
+
+    Raises:
+        UnguardedEffect: called outside a ledger-guarded execution.
+
+    Example:
+        ```python
+        from harness_nodes import UnguardedEffect, current_effect
+
+        try:
+            current_effect()
+        except UnguardedEffect:
+            pass  # outside a ToolNode wired with EffectLedger.wrap_tool_call
+        ```
+    """
+    ctx = _CURRENT.get()
+    if ctx is None:
+        raise UnguardedEffect("<unknown>")
+    return ctx
+
+
+def idempotency_key(thread_id: str, tool_call_id: str) -> str:
+    """The idempotency key of one call: the same in every process, on every resume.
+
+    Example:
+        ```python
+        from harness_nodes import idempotency_key
+
+        assert idempotency_key("t-1", "call-1") == "t-1:call-1"
+        ```
+    """
+    return f"{thread_id}:{tool_call_id}"
+
+
+# --- marking tools ---------------------------------------------------------------------------
+
+_MARK = "effect"
+
+
+def effect_kind(tool: BaseTool | None) -> EffectKind | None:
+    """How a tool was marked: ``"irreversible"``, ``"idempotent"`` or ``None`` (no effects).
+
+    Other layers use it too: `HumanReview` pauses before irreversible calls, verification
+    never retries them blindly.
+
+    Example:
+        ```python
+        from langchain_core.tools import tool
+
+        from harness_nodes import effect_kind, irreversible
+
+
+        @tool
+        def lookup(q: str) -> str:
+            \"\"\"Read-only.\"\"\"
+            return q
+
+
+        assert effect_kind(lookup) is None
+        assert effect_kind(irreversible(lookup)) == "irreversible"
+        ```
+    """
+    if tool is None or not tool.metadata:
+        return None
+    harness = tool.metadata.get("harness")
+    kind = harness.get(_MARK) if isinstance(harness, Mapping) else None
+    return kind if kind in ("irreversible", "idempotent") else None
+
+
+def _guard(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    if asyncio.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def aguarded(*args: Any, **kwargs: Any) -> Any:
+            ctx = _CURRENT.get()
+            if ctx is None or ctx.tool != name:
+                raise UnguardedEffect(name)
+            return await fn(*args, **kwargs)
+
+        return aguarded
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        ctx = _CURRENT.get()
+        if ctx is None or ctx.tool != name:
+            raise UnguardedEffect(name)
+        return fn(*args, **kwargs)
+
+    return guarded
+
+
+def _mark(tool: BaseTool | Callable[..., Any], kind: EffectKind) -> BaseTool:
+    if not isinstance(tool, BaseTool):
+        if not callable(tool):
+            raise UserError(f"effect() expects a LangChain tool or a function, got {tool!r}")
+        from langchain_core.tools import tool as make_tool
+
+        tool = make_tool(tool)
+    metadata = dict(tool.metadata or {})
+    metadata["harness"] = {**dict(metadata.get("harness") or {}), _MARK: kind}
+    update: dict[str, Any] = {"metadata": metadata}
+    if isinstance(tool, StructuredTool):
+        # The tool itself refuses to run unguarded: a forgotten wrap_tool_call is a loud
+        # error, never a silent duplicate.
+        if tool.func is not None:
+            update["func"] = _guard(tool.func, tool.name)
+        if tool.coroutine is not None:
+            update["coroutine"] = _guard(tool.coroutine, tool.name)
+    return tool.model_copy(update=update)
+
+
+@overload
+def effect(tool: BaseTool | Callable[..., Any], *, idempotent: bool = False) -> BaseTool: ...
+@overload
+def effect(
+    tool: None = None, *, idempotent: bool = False
+) -> Callable[[BaseTool | Callable[..., Any]], BaseTool]: ...
+def effect(
+    tool: BaseTool | Callable[..., Any] | None = None, *, idempotent: bool = False
+) -> BaseTool | Callable[[BaseTool | Callable[..., Any]], BaseTool]:
+    """Mark a tool as having side effects, so an `EffectLedger` runs it at most once per call.
+
+    Args:
+        tool: A LangChain tool (or a function, made into one with ``@tool``).
+        idempotent: The downstream de-duplicates by `EffectContext.idempotency_key`, so a call
+            whose outcome is unknown may simply run again with the same key. Otherwise
+            (the default, same as `irreversible`) an unknown outcome goes to a human.
+
+    Returns:
+        A copy of the tool, marked, that refuses to run outside the ledger.
+
+    Example:
+        ```python
+        from langchain_core.tools import tool
+
+        from harness_nodes import effect, effect_kind
+
+
+        @effect(idempotent=True)
+        @tool
+        def charge(amount: int) -> str:
+            \"\"\"Charge the card (the payment API de-duplicates by idempotency key).\"\"\"
+            return "ok"
+
+
+        assert effect_kind(charge) == "idempotent"
+        ```
+    """
+    kind: EffectKind = "idempotent" if idempotent else "irreversible"
+    if tool is None:
+        return lambda t: _mark(t, kind)
+    return _mark(tool, kind)
+
+
+def irreversible(tool: BaseTool | Callable[..., Any]) -> BaseTool:
+    """Mark a tool irreversible: at most one execution per call; unknown outcomes go to a human.
+
+    Example:
+        ```python
+        from langchain_core.tools import tool
+
+        from harness_nodes import effect_kind, irreversible
+
+
+        @irreversible
+        @tool
+        def refund(order_id: str, amount: int) -> str:
+            \"\"\"Refund an order.\"\"\"
+            return f"refunded {amount} on {order_id}"
+
+
+        assert effect_kind(refund) == "irreversible"
+        ```
+    """
+    return _mark(tool, "irreversible")
+
+
+# --- the ledger --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EffectRecord:
+    """One row of the effect ledger."""
+
+    thread_id: str
+    tool_call_id: str
+    tool: str
+    args: dict[str, Any]
+    idempotency_key: str
+    status: EffectStatus
+    result: Any = None
+    """The recorded result (the `ToolMessage` for tool calls), decoded."""
+    error: str | None = None
+    attempts: int = 1
+    started_at: float = 0.0
+    finished_at: float | None = None
+    resolved_by: str | None = None
+    """Who settled an unknown outcome, if a reviewer did."""
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> EffectRecord:
+        """Build a record from a ``harness_effects`` row."""
+        return cls(
+            thread_id=row["thread_id"],
+            tool_call_id=row["tool_call_id"],
+            tool=row["tool"],
+            args=_codec.decode(row["args"]) or {},
+            idempotency_key=row["idempotency_key"],
+            status=row["status"],
+            result=_codec.decode(row["result"]),
+            error=row["error"],
+            attempts=int(row["attempts"]),
+            started_at=float(row["started_at"]),
+            finished_at=row["finished_at"],
+            resolved_by=row["resolved_by"],
+        )
+
+
+@dataclass(frozen=True)
+class _Begin:
+    """What to do with a call: run it now (with this context) or replay this record."""
+
+    run: EffectContext | None = None
+    replay: EffectRecord | None = None
+    unknown: EffectOutcomeUnknown | None = None
+
+
+@dataclass(frozen=True)
+class _Call:
+    thread_id: str
+    call_id: str
+    tool: str
+    args: dict[str, Any] = field(default_factory=dict)
+    idempotent: bool = False
+
+    @property
+    def key(self) -> str:
+        return idempotency_key(self.thread_id, self.call_id)
+
+    def context(self, attempt: int) -> EffectContext:
+        return EffectContext(self.thread_id, self.call_id, self.tool, self.key, attempt)
+
+    def unknown(self, row: Mapping[str, Any]) -> EffectOutcomeUnknown:
+        return EffectOutcomeUnknown(
+            self.thread_id, self.call_id, self.tool, _codec.decode(row["args"]), self.key
+        )
+
+
+_SELECT = "SELECT * FROM harness_effects WHERE thread_id = %s AND tool_call_id = %s"
+_INSERT = (
+    "INSERT INTO harness_effects (thread_id, tool_call_id, tool, args, idempotency_key, "
+    "status, started_at, attempts) VALUES (%s, %s, %s, %s, %s, 'started', %s, 1) "
+    "ON CONFLICT (thread_id, tool_call_id) DO NOTHING RETURNING attempts"
+)
+_RESTART = (
+    "UPDATE harness_effects SET status = 'started', attempts = attempts + 1, started_at = %s, "
+    "finished_at = NULL, error = NULL WHERE thread_id = %s AND tool_call_id = %s "
+    "RETURNING attempts"
+)
+_FINISH = (
+    "UPDATE harness_effects SET status = %s, result = %s, error = %s, finished_at = %s "
+    "WHERE thread_id = %s AND tool_call_id = %s AND status = 'started'"
+)
+_ABORT = (
+    "UPDATE harness_effects SET status = 'aborted', finished_at = %s "
+    "WHERE thread_id = %s AND tool_call_id = %s AND status = 'started'"
+)
+_RESOLVE = (
+    "UPDATE harness_effects SET status = %s, result = %s, finished_at = %s, resolved_by = %s "
+    "WHERE thread_id = %s AND tool_call_id = %s RETURNING *"
+)
+
+
+def _decide(call: _Call, row: Mapping[str, Any]) -> Literal["replay", "restart", "unknown"]:
+    status = row["status"]
+    if status == "done":
+        return "replay"
+    if status == "aborted" or call.idempotent:
+        return "restart"
+    return "unknown"  # started (crash mid-call) or error (the tool raised: did it happen?)
+
+
+def _begin_sync(tx: Transaction, dialect: str, call: _Call) -> _Begin:
+    now = time.time()
+    params = (call.thread_id, call.call_id, call.tool, _codec.encode(call.args), call.key, now)
+    inserted = tx.execute(_INSERT, params)
+    if inserted:
+        return _Begin(run=call.context(int(inserted[0]["attempts"])))
+    lock = " FOR UPDATE" if dialect == "postgres" else ""
+    row = tx.execute(_SELECT + lock, (call.thread_id, call.call_id))[0]
+    action = _decide(call, row)
+    if action == "replay":
+        return _Begin(replay=EffectRecord.from_row(row))
+    if action == "unknown":
+        return _Begin(unknown=call.unknown(row))
+    attempts = tx.execute(_RESTART, (now, call.thread_id, call.call_id))[0]["attempts"]
+    return _Begin(run=call.context(int(attempts)))
+
+
+async def _abegin(tx: AsyncTransaction, dialect: str, call: _Call) -> _Begin:
+    now = time.time()
+    params = (call.thread_id, call.call_id, call.tool, _codec.encode(call.args), call.key, now)
+    inserted = await tx.execute(_INSERT, params)
+    if inserted:
+        return _Begin(run=call.context(int(inserted[0]["attempts"])))
+    lock = " FOR UPDATE" if dialect == "postgres" else ""
+    row = (await tx.execute(_SELECT + lock, (call.thread_id, call.call_id)))[0]
+    action = _decide(call, row)
+    if action == "replay":
+        return _Begin(replay=EffectRecord.from_row(row))
+    if action == "unknown":
+        return _Begin(unknown=call.unknown(row))
+    attempts = (await tx.execute(_RESTART, (now, call.thread_id, call.call_id)))[0]["attempts"]
+    return _Begin(run=call.context(int(attempts)))
+
+
+@contextmanager
+def _active(ctx: EffectContext) -> Iterator[None]:
+    token = _CURRENT.set(ctx)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def _event(ctx_or_call: EffectContext | _Call | EffectRecord) -> dict[str, Any]:
+    if isinstance(ctx_or_call, _Call):
+        thread_id, call_id, tool, key = (
+            ctx_or_call.thread_id,
+            ctx_or_call.call_id,
+            ctx_or_call.tool,
+            ctx_or_call.key,
+        )
+    else:
+        thread_id, call_id, tool, key = (
+            ctx_or_call.thread_id,
+            ctx_or_call.tool_call_id,
+            ctx_or_call.tool,
+            ctx_or_call.idempotency_key,
+        )
+    return {"thread_id": thread_id, "tool_call_id": call_id, "tool": tool, "idempotency_key": key}
+
+
+def _call_of(request: ToolCallRequest, idempotent: bool) -> _Call:
+    config = request.runtime.config if request.runtime is not None else {}
+    configurable = config.get("configurable") or {}
+    thread_id = configurable.get("thread_id")
+    if not thread_id:
+        raise UserError(
+            f"Tool {request.tool_call['name']!r} has side effects but the graph runs without a "
+            "thread_id: compile it with a checkpointer and pass "
+            "config={'configurable': {'thread_id': ...}}"
+        )
+    call_id = request.tool_call.get("id") or _task_call_id(config, request.tool_call["name"])
+    return _Call(
+        str(thread_id),
+        str(call_id),
+        request.tool_call["name"],
+        dict(request.tool_call["args"]),
+        idempotent,
+    )
+
+
+def _task_call_id(config: RunnableConfig, name: str) -> str:
+    # No tool-call id (some providers omit it): the node's task id is stable across crash and
+    # resume under durability="sync", so it identifies the call as well.
+    task_id = (config.get("configurable") or {}).get("checkpoint_ns") or "task"
+    return f"{task_id}/{name}"
+
+
+def _with_effect_meta(msg: ToolMessage, key: str, replayed: bool) -> ToolMessage:
+    kwargs = dict(msg.additional_kwargs)
+    harness = dict(kwargs.get("harness") or {})
+    harness["effect"] = {"idempotency_key": key, "replayed": replayed}
+    kwargs["harness"] = harness
+    return msg.model_copy(update={"additional_kwargs": kwargs})
+
+
+def _unknown_message(error: EffectOutcomeUnknown) -> ToolMessage:
+    """The error `ToolMessage` that hands an unknown outcome to human review.
+
+    It carries an ``Escalation(kind="effect_unknown")`` under
+    ``additional_kwargs["harness"]["escalation"]`` with the call's arguments and key.
+    """
+    escalation = Escalation(
+        kind="effect_unknown",
+        reason=(
+            f"{error.tool} started but its result was never recorded: check whether it "
+            "happened (idempotency key "
+            f"{error.idempotency_key}) before anything runs it again"
+        ),
+        tool=error.tool,
+        tool_call_id=error.tool_call_id,
+        args=error.call_args,
+        details={"thread_id": error.thread_id, "idempotency_key": error.idempotency_key},
+    )
+    return ToolMessage(
+        content=str(error),
+        name=error.tool,
+        tool_call_id=error.tool_call_id,
+        status="error",
+        additional_kwargs={
+            "harness": {
+                "escalation": escalation,
+                "effect": {"idempotency_key": error.idempotency_key, "replayed": False},
+            }
+        },
+    )
+
+
+def _replayed(record: EffectRecord) -> Any:
+    result = record.result
+    if isinstance(result, ToolMessage):
+        return _with_effect_meta(result, record.idempotency_key, replayed=True)
+    return result
+
+
+class EffectLedger:
+    """Runs side effects at most once per ``(thread_id, tool_call_id)``, over a `Backend`.
+
+    Use its `wrap_tool_call` / `awrap_tool_call` as the `ToolNode` hooks: tools marked with
+    `irreversible` / `effect` go through the ledger, other tools run as usual. `run` guards
+    an effect made anywhere else (a plain node).
+
+    Args:
+        backend: Where the ledger lives (the same database as the checkpoints).
+        on_unknown: ``"escalate"`` (default) answers an unknown outcome with an error
+            `ToolMessage` carrying an ``effect_unknown`` escalation, for `HumanReview`;
+            ``"raise"`` raises `EffectOutcomeUnknown` out of the tool node instead.
+
+    Example:
+        ```python
+        from checkpointers import open_backend
+        from harness_nodes import EffectLedger
+
+        with open_backend("memory://") as backend:
+            ledger = EffectLedger(backend)
+            first = ledger.run(lambda ctx: f"sent {ctx.idempotency_key}",
+                               name="email", thread_id="t", call_id="c1")
+            again = ledger.run(lambda ctx: "sent twice!", name="email", thread_id="t",
+                               call_id="c1")
+            assert first == again == "sent t:c1"
+        ```
+    """
+
+    def __init__(
+        self, backend: Backend, *, on_unknown: Literal["escalate", "raise"] = "escalate"
+    ) -> None:
+        from checkpointers import Backend
+
+        if not isinstance(backend, Backend):
+            raise UserError(
+                f"EffectLedger needs a checkpointers.Backend, got {type(backend).__name__}; "
+                "for an AsyncBackend use harness_nodes.aio.AsyncEffectLedger"
+            )
+        if on_unknown not in ("escalate", "raise"):
+            raise UserError(f"on_unknown must be 'escalate' or 'raise', not {on_unknown!r}")
+        self.backend = backend
+        self.on_unknown = on_unknown
+
+    def __repr__(self) -> str:
+        return f"EffectLedger({self.backend!r}, on_unknown={self.on_unknown!r})"
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def get(self, thread_id: str, tool_call_id: str) -> EffectRecord | None:
+        """The ledger row for one call, or ``None``."""
+        rows = self.backend.execute(_SELECT, (thread_id, tool_call_id))
+        return EffectRecord.from_row(rows[0]) if rows else None
+
+    def list(
+        self, thread_id: str | None = None, *, status: EffectStatus | None = None
+    ) -> list[EffectRecord]:
+        """Ledger rows, oldest first, optionally for one thread and/or one status."""
+        sql, params = _list_query(thread_id, status)
+        return [EffectRecord.from_row(r) for r in self.backend.execute(sql, params)]
+
+    # -- settling unknown outcomes ------------------------------------------------------------
+
+    def resolve(
+        self,
+        thread_id: str,
+        tool_call_id: str,
+        *,
+        happened: bool,
+        result: Any = None,
+        reviewer: str,
+    ) -> EffectRecord:
+        """Record a person's answer to an unknown outcome ("did the refund go out?").
+
+        Args:
+            thread_id: The call's thread.
+            tool_call_id: The call.
+            happened: ``True``: it happened; *result* becomes the recorded result and every
+                later execution replays it. ``False``: it did not; the next execution of this
+                call runs it (once).
+            result: The result to record when it happened: a `ToolMessage` (or its text).
+            reviewer: Who answered, kept in ``resolved_by``.
+
+        Raises:
+            EffectNotResolvable: no such call in the ledger, or its result is already recorded
+                (another reviewer answered first).
+        """
+        lock = " FOR UPDATE" if self.backend.dialect == "postgres" else ""
+        with self.backend.transaction() as tx:
+            rows = tx.execute(_SELECT + lock, (thread_id, tool_call_id))
+            status, encoded = _resolution(thread_id, tool_call_id, happened, result, rows)
+            rows = tx.execute(
+                _RESOLVE, (status, encoded, time.time(), reviewer, thread_id, tool_call_id)
+            )
+        return EffectRecord.from_row(rows[0])
+
+    # -- running ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        fn: Callable[[EffectContext], T],
+        *,
+        name: str,
+        thread_id: str,
+        call_id: str,
+        args: Mapping[str, Any] | None = None,
+        idempotent: bool = False,
+    ) -> T:
+        """Run ``fn(context)`` at most once for ``(thread_id, call_id)``; replay its result.
+
+        Use it for an effect made outside a tool node (in a plain node, pass the node's
+        task-stable id as *call_id*). The result must be serializable by LangGraph's
+        serializer (JSON values, messages, pydantic models...).
+
+        Raises:
+            EffectOutcomeUnknown: an earlier execution started and never recorded a result
+                (unless *idempotent*, which runs it again with the same key).
+        """
+        call = _Call(thread_id, call_id, name, dict(args or {}), idempotent)
+        begin = self._begin(call)
+        if begin.unknown is not None:
+            emit("effect.unknown", _event(call))
+            raise begin.unknown
+        if begin.replay is not None:
+            emit("effect.replay", _event(begin.replay))
+            return _replayed(begin.replay)  # type: ignore[no-any-return]
+        assert begin.run is not None
+        emit("effect.run", _event(begin.run))
+        with _active(begin.run):
+            try:
+                value = fn(begin.run)
+            except GraphBubbleUp:
+                self._abort(call)
+                raise
+            except BaseException as e:
+                self._finish(call, "error", None, _error_text(e))
+                raise
+        self._finish(call, "done", value, None)
+        return value
+
+    def wrap_tool_call(
+        self,
+        request: ToolCallRequest,
+        execute: Callable[[ToolCallRequest], ToolMessage | Command[Any]],
+    ) -> ToolMessage | Command[Any]:
+        """`ToolNode` hook (``wrap_tool_call=``): marked tools run through the ledger."""
+        kind = effect_kind(request.tool)
+        if kind is None:
+            return execute(request)
+        call = _call_of(request, idempotent=kind == "idempotent")
+        config = request.runtime.config
+        begin = self._begin(call)
+        if begin.unknown is not None:
+            emit("effect.unknown", _event(call), config)
+            if self.on_unknown == "raise":
+                raise begin.unknown
+            return _unknown_message(begin.unknown)
+        if begin.replay is not None:
+            emit("effect.replay", _event(begin.replay), config)
+            return _replay_result(begin.replay, call)
+        assert begin.run is not None
+        emit("effect.run", _event(begin.run), config)
+        with _active(begin.run):
+            try:
+                out = execute(request)
+            except GraphBubbleUp:
+                self._abort(call)
+                raise
+            except BaseException as e:
+                self._finish(call, "error", None, _error_text(e))
+                raise
+        if isinstance(out, ToolMessage):
+            out = _with_effect_meta(out, call.key, replayed=False)
+        self._finish(call, "done", out, None)
+        return out
+
+    async def awrap_tool_call(
+        self,
+        request: ToolCallRequest,
+        execute: Callable[[ToolCallRequest], Awaitable[ToolMessage | Command[Any]]],
+    ) -> ToolMessage | Command[Any]:
+        """`ToolNode` hook (``awrap_tool_call=``) for graphs run with ``ainvoke``.
+
+        The ledger's statements run in a worker thread; with an `AsyncBackend` use
+        `harness_nodes.aio.AsyncEffectLedger`.
+        """
+        kind = effect_kind(request.tool)
+        if kind is None:
+            return await execute(request)
+        call = _call_of(request, idempotent=kind == "idempotent")
+        config = request.runtime.config
+        begin = await asyncio.to_thread(self._begin, call)
+        if begin.unknown is not None:
+            await aemit("effect.unknown", _event(call), config)
+            if self.on_unknown == "raise":
+                raise begin.unknown
+            return _unknown_message(begin.unknown)
+        if begin.replay is not None:
+            await aemit("effect.replay", _event(begin.replay), config)
+            return _replay_result(begin.replay, call)
+        assert begin.run is not None
+        await aemit("effect.run", _event(begin.run), config)
+        with _active(begin.run):
+            try:
+                out = await execute(request)
+            except GraphBubbleUp:
+                await asyncio.to_thread(self._abort, call)
+                raise
+            except BaseException as e:
+                await asyncio.to_thread(self._finish, call, "error", None, _error_text(e))
+                raise
+        if isinstance(out, ToolMessage):
+            out = _with_effect_meta(out, call.key, replayed=False)
+        await asyncio.to_thread(self._finish, call, "done", out, None)
+        return out
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _begin(self, call: _Call) -> _Begin:
+        with self.backend.transaction() as tx:
+            return _begin_sync(tx, self.backend.dialect, call)
+
+    def _finish(self, call: _Call, status: str, value: Any, error: str | None) -> None:
+        encoded = None if value is None else _codec.encode(value)
+        self.backend.execute(
+            _FINISH, (status, encoded, error, time.time(), call.thread_id, call.call_id)
+        )
+
+    def _abort(self, call: _Call) -> None:
+        self.backend.execute(_ABORT, (time.time(), call.thread_id, call.call_id))
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _replay_result(record: EffectRecord, call: _Call) -> ToolMessage | Command[Any]:
+    result = record.result
+    if isinstance(result, ToolMessage):
+        return _with_effect_meta(result, record.idempotency_key, replayed=True)
+    if result is None or isinstance(result, str):
+        # Settled by a reviewer with plain text (or nothing): answer as the tool would have.
+        return _with_effect_meta(
+            ToolMessage(content=result or "", name=call.tool, tool_call_id=call.call_id),
+            record.idempotency_key,
+            replayed=True,
+        )
+    return result  # type: ignore[no-any-return]
+
+
+def _list_query(thread_id: str | None, status: str | None) -> tuple[str, tuple[Any, ...]]:
+    clauses, params = [], []
+    if thread_id is not None:
+        clauses.append("thread_id = %s")
+        params.append(thread_id)
+    if status is not None:
+        clauses.append("status = %s")
+        params.append(status)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    return f"SELECT * FROM harness_effects{where} ORDER BY started_at", tuple(params)
+
+
+def _resolution(
+    thread_id: str,
+    tool_call_id: str,
+    happened: bool,
+    result: Any,
+    rows: list[dict[str, Any]],
+) -> tuple[str, str | None]:
+    if not rows:
+        raise EffectNotResolvable(thread_id, tool_call_id, "no such call in the effect ledger")
+    row = rows[0]
+    if row["status"] == "done":
+        raise EffectNotResolvable(thread_id, tool_call_id, "its result is already recorded")
+    if not happened:
+        return "aborted", None
+    if isinstance(result, str) or result is None:
+        result = ToolMessage(content=result or "", name=row["tool"], tool_call_id=tool_call_id)
+    return "done", _codec.encode(result)

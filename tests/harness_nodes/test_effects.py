@@ -1,0 +1,501 @@
+"""The effect ledger: irreversible tool calls run at most once per (thread_id, tool_call_id)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+from uuid import UUID
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.tools import BaseTool, tool
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode
+
+from checkpointers import AsyncBackend, Backend, open_backend
+from harness_nodes import (
+    AsyncEffectLedger,
+    EffectLedger,
+    EffectNotResolvable,
+    EffectOutcomeUnknown,
+    UnguardedEffect,
+    UserError,
+    current_effect,
+    effect,
+    effect_kind,
+    irreversible,
+)
+from tests.conftest import subprocess_env
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def memory_backend() -> Iterator[Backend]:
+    """For behaviour that does not depend on where the ledger lives."""
+    with open_backend("memory://") as backend:
+        yield backend
+
+
+class Counter:
+    """Stands in for the outside world: how many times each effect really happened."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def add(self, what: str, guarded: bool = True) -> None:
+        key = current_effect().idempotency_key if guarded else "-"
+        with self.lock:
+            self.calls.append((what, key))
+
+
+class Events(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def on_custom_event(self, name: str, data: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self.seen.append((name, data))
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.seen]
+
+
+def make_tools(world: Counter, *, fail: bool = False) -> list[BaseTool]:
+    @irreversible
+    @tool
+    def refund(order_id: str, amount: int) -> str:
+        """Refund an order."""
+        world.add(f"refund {order_id} {amount}")
+        if fail:
+            raise RuntimeError("payment gateway timed out")
+        return f"refunded {amount} on {order_id}"
+
+    @effect(idempotent=True)
+    @tool
+    def charge(amount: int) -> str:
+        """Charge the card (the API de-duplicates by key)."""
+        world.add(f"charge {amount}")
+        if fail:
+            raise RuntimeError("gateway down")
+        return f"charged {amount}"
+
+    @tool
+    def lookup(order_id: str) -> str:
+        """Read-only lookup."""
+        world.add(f"lookup {order_id}", guarded=False)
+        return f"order {order_id}: 2 items"
+
+    return [refund, charge, lookup]
+
+
+def call(name: str, args: dict[str, Any], id: str) -> dict[str, Any]:
+    return {"name": name, "args": args, "id": id, "type": "tool_call"}
+
+
+def build(
+    backend: Backend, tools: list[BaseTool], turns: list[list[dict[str, Any]]], *, hook: bool = True
+) -> Any:
+    """agent → tools → agent ..., the agent issuing `turns[n]` as its n-th tool calls."""
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        n = sum(isinstance(m, AIMessage) for m in state["messages"])
+        if n < len(turns):
+            return {"messages": [AIMessage("", tool_calls=turns[n])]}
+        return {"messages": [AIMessage("done")]}
+
+    ledger = EffectLedger(backend)
+    node = (
+        ToolNode(
+            tools, wrap_tool_call=ledger.wrap_tool_call, awrap_tool_call=ledger.awrap_tool_call
+        )
+        if hook
+        else ToolNode(tools)
+    )
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", node)
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges(
+        "agent", lambda s: "tools" if s["messages"][-1].tool_calls else END
+    )
+    builder.add_edge("tools", "agent")
+    return builder.compile(checkpointer=backend.checkpointer)
+
+
+def run(
+    graph: Any, thread_id: str, events: Events | None = None, *, resume: bool = False
+) -> list[Any]:
+    """Start the task on *thread_id*, or with *resume* continue it from its last checkpoint."""
+    config: dict[str, Any] = {"configurable": {"thread_id": thread_id}}
+    if events is not None:
+        config["callbacks"] = [events]
+    inputs = None if resume else {"messages": [HumanMessage("go")]}
+    out = graph.invoke(inputs, config, durability="sync")
+    return list(out["messages"])
+
+
+def tool_messages(messages: list[Any]) -> list[ToolMessage]:
+    return [m for m in messages if isinstance(m, ToolMessage)]
+
+
+def test_irreversible_call_runs_once_and_replays_its_recorded_result(backend: Backend) -> None:
+    world = Counter()
+    refund = call("refund", {"order_id": "o1", "amount": 10}, "call-1")
+    # The model asks for the very same call twice (a resumed tool node does the same).
+    graph = build(backend, make_tools(world), [[refund], [refund]])
+    events = Events()
+    first, second = tool_messages(run(graph, "t-1", events))
+
+    assert world.calls == [("refund o1 10", "t-1:call-1")]
+    assert first.content == second.content == "refunded 10 on o1"
+    assert first.additional_kwargs["harness"]["effect"] == {
+        "idempotency_key": "t-1:call-1",
+        "replayed": False,
+    }
+    assert second.additional_kwargs["harness"]["effect"]["replayed"] is True
+    assert events.names() == ["harness.effect.run", "harness.effect.replay"]
+    assert events.seen[1][1] == {
+        "thread_id": "t-1",
+        "tool_call_id": "call-1",
+        "tool": "refund",
+        "idempotency_key": "t-1:call-1",
+    }
+    record = EffectLedger(backend).get("t-1", "call-1")
+    assert record is not None
+    assert (record.status, record.attempts, record.args) == (
+        "done",
+        1,
+        {"order_id": "o1", "amount": 10},
+    )
+    assert isinstance(record.result, ToolMessage) and record.result.content == "refunded 10 on o1"
+
+
+def test_same_call_id_on_another_thread_is_another_effect(memory_backend: Backend) -> None:
+    backend = memory_backend
+    world = Counter()
+    refund = call("refund", {"order_id": "o1", "amount": 10}, "call-1")
+    graph = build(backend, make_tools(world), [[refund]])
+    run(graph, "t-a")
+    run(graph, "t-b")
+    assert [key for _, key in world.calls] == ["t-a:call-1", "t-b:call-1"]
+
+
+def test_tools_without_effects_run_every_time(memory_backend: Backend) -> None:
+    backend = memory_backend
+    world = Counter()
+    look = call("lookup", {"order_id": "o1"}, "call-1")
+    graph = build(backend, make_tools(world), [[look], [look]])
+    messages = tool_messages(run(graph, "t-1"))
+    assert len(world.calls) == 2
+    assert "harness" not in messages[0].additional_kwargs
+    assert EffectLedger(backend).list("t-1") == []
+
+
+def test_parallel_calls_each_run_once(backend: Backend) -> None:
+    world = Counter()
+    calls = [call("refund", {"order_id": f"o{i}", "amount": i}, f"call-{i}") for i in range(4)]
+    graph = build(backend, make_tools(world), [calls, calls])
+    run(graph, "t-1")
+    assert sorted(key for _, key in world.calls) == [f"t-1:call-{i}" for i in range(4)]
+    assert {r.status for r in EffectLedger(backend).list("t-1")} == {"done"}
+
+
+def test_unknown_outcome_escalates_to_review_instead_of_rerunning(backend: Backend) -> None:
+    world = Counter()
+    refund = call("refund", {"order_id": "o1", "amount": 10}, "call-1")
+    failing = build(backend, make_tools(world, fail=True), [[refund]])
+    with pytest.raises(RuntimeError, match="payment gateway timed out"):
+        run(failing, "t-1")
+    record = EffectLedger(backend).get("t-1", "call-1")
+    assert record is not None and record.status == "error"
+    assert record.error == "RuntimeError: payment gateway timed out"
+
+    # The call raised: did the refund go out? Nobody knows, so it is not run again.
+    graph = build(backend, make_tools(world), [[refund]])
+    events = Events()
+    (message,) = tool_messages(run(graph, "t-1", events, resume=True))
+    assert len(world.calls) == 1
+    assert message.status == "error"
+    assert message.tool_call_id == "call-1"
+    escalation = message.additional_kwargs["harness"]["escalation"]
+    assert escalation["kind"] == "effect_unknown"
+    assert escalation["tool"] == "refund" and escalation["tool_call_id"] == "call-1"
+    assert escalation["args"] == {"order_id": "o1", "amount": 10}
+    assert escalation["details"]["idempotency_key"] == "t-1:call-1"
+    assert "harness.effect.unknown" in events.names()
+
+
+def test_reviewer_settles_an_unknown_outcome(backend: Backend) -> None:
+    world = Counter()
+    ledger = EffectLedger(backend)
+    refund = call("refund", {"order_id": "o1", "amount": 10}, "call-1")
+    with pytest.raises(RuntimeError):
+        run(build(backend, make_tools(world, fail=True), [[refund]]), "t-yes")
+    with pytest.raises(RuntimeError):
+        run(build(backend, make_tools(world, fail=True), [[refund]]), "t-no")
+    assert len(world.calls) == 2
+
+    # "Yes, it went out": the recorded answer is replayed, the tool does not run.
+    settled = ledger.resolve(
+        "t-yes", "call-1", happened=True, result="refunded (checked)", reviewer="ann"
+    )
+    assert (settled.status, settled.resolved_by) == ("done", "ann")
+    graph = build(backend, make_tools(world), [[refund]])
+    (message,) = tool_messages(run(graph, "t-yes", resume=True))
+    assert message.content == "refunded (checked)"
+    assert message.additional_kwargs["harness"]["effect"]["replayed"] is True
+    assert len(world.calls) == 2
+
+    # "No, it did not": the next execution runs it, once.
+    assert ledger.resolve("t-no", "call-1", happened=False, reviewer="bob").status == "aborted"
+    run(build(backend, make_tools(world), [[refund]]), "t-no", resume=True)
+    assert world.calls[2:] == [("refund o1 10", "t-no:call-1")]
+    record = ledger.get("t-no", "call-1")
+    assert record is not None and (record.status, record.attempts) == ("done", 2)
+
+    # A second answer to a settled call is refused.
+    with pytest.raises(EffectNotResolvable, match=re.escape("its result is already recorded")) as e:
+        ledger.resolve("t-yes", "call-1", happened=False, reviewer="carl")
+    assert (e.value.thread_id, e.value.tool_call_id) == ("t-yes", "call-1")
+    with pytest.raises(EffectNotResolvable, match="no such call"):
+        ledger.resolve("t-yes", "call-404", happened=True, reviewer="carl")
+
+
+def test_idempotent_effect_reruns_with_the_same_key(backend: Backend) -> None:
+    world = Counter()
+    charge = call("charge", {"amount": 5}, "call-1")
+    with pytest.raises(RuntimeError):
+        run(build(backend, make_tools(world, fail=True), [[charge]]), "t-1")
+    graph = build(backend, make_tools(world), [[charge]])
+    (message,) = tool_messages(run(graph, "t-1", resume=True))
+    assert message.content == "charged 5"
+    assert world.calls == [("charge 5", "t-1:call-1"), ("charge 5", "t-1:call-1")]
+    record = EffectLedger(backend).get("t-1", "call-1")
+    assert record is not None and (record.status, record.attempts) == ("done", 2)
+
+
+def test_on_unknown_raise_fails_the_run(backend: Backend) -> None:
+    world = Counter()
+    ledger = EffectLedger(backend, on_unknown="raise")
+    refund = call("refund", {"order_id": "o1", "amount": 10}, "call-1")
+    with pytest.raises(RuntimeError):
+        run(build(backend, make_tools(world, fail=True), [[refund]]), "t-1")
+    request_graph = StateGraph(MessagesState)
+    request_graph.add_node(
+        "tools", ToolNode(make_tools(world), wrap_tool_call=ledger.wrap_tool_call)
+    )
+    request_graph.add_edge(START, "tools")
+    graph = request_graph.compile(checkpointer=backend.checkpointer)
+    with pytest.raises(EffectOutcomeUnknown) as e:
+        graph.invoke(
+            {"messages": [AIMessage("", tool_calls=[refund])]},
+            {"configurable": {"thread_id": "t-1"}},
+        )
+    assert (e.value.tool, e.value.call_args, e.value.idempotency_key) == (
+        "refund",
+        {"order_id": "o1", "amount": 10},
+        "t-1:call-1",
+    )
+
+
+def test_effectful_tool_refuses_to_run_without_the_ledger(memory_backend: Backend) -> None:
+    backend = memory_backend
+    world = Counter()
+    refund = make_tools(world)[0]
+    with pytest.raises(UnguardedEffect, match="ran outside an EffectLedger"):
+        refund.invoke({"order_id": "o1", "amount": 10})
+    graph = build(
+        backend,
+        make_tools(world),
+        [[call("refund", {"order_id": "o1", "amount": 1}, "c")]],
+        hook=False,
+    )
+    with pytest.raises(UnguardedEffect):
+        run(graph, "t-1")
+    assert world.calls == []
+
+
+def test_marks_are_visible_and_copies_keep_the_tool_intact() -> None:
+    @tool
+    def send(to: str) -> str:
+        """Send."""
+        return to
+
+    marked = irreversible(send)
+    assert (effect_kind(send), effect_kind(marked)) == (None, "irreversible")
+    assert marked.name == "send" and marked.args == send.args
+    assert effect_kind(effect(idempotent=True)(send)) == "idempotent"
+
+    def plain(x: int) -> int:
+        """A plain function becomes a tool."""
+        return x
+
+    assert effect_kind(irreversible(plain)) == "irreversible"
+
+
+def test_graph_without_thread_is_refused(memory_backend: Backend) -> None:
+    backend = memory_backend
+    world = Counter()
+    ledger = EffectLedger(backend)
+    builder = StateGraph(MessagesState)
+    builder.add_node("tools", ToolNode(make_tools(world), wrap_tool_call=ledger.wrap_tool_call))
+    builder.add_edge(START, "tools")
+    graph = builder.compile()
+    refund = call("refund", {"order_id": "o1", "amount": 10}, "call-1")
+    with pytest.raises(UserError, match="without a thread_id"):
+        graph.invoke({"messages": [AIMessage("", tool_calls=[refund])]})
+    assert world.calls == []
+
+
+def test_concurrent_executions_of_one_call_run_it_once(backend: Backend) -> None:
+    ledger = EffectLedger(backend)
+    ran: list[str] = []
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def body(ctx: Any) -> str:
+        ran.append(ctx.idempotency_key)
+        return "ok"
+
+    def attempt() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(ledger.run(body, name="email", thread_id="t", call_id="c"))
+        except EffectOutcomeUnknown:
+            outcomes.append("unknown")  # saw the intent while the winner was still running
+
+    threads = [threading.Thread(target=attempt) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ran == ["t:c"]
+    assert len(outcomes) == 8 and set(outcomes) <= {"ok", "unknown"}
+
+
+def test_ledger_needs_a_backend() -> None:
+    with pytest.raises(UserError, match="needs a checkpointers.Backend"):
+        EffectLedger("sqlite:///x.db")  # type: ignore[arg-type]
+
+
+async def test_async_ledger_runs_once_in_an_async_graph(abackend: AsyncBackend) -> None:
+    world = Counter()
+    ledger = AsyncEffectLedger(abackend)
+    refund = call("refund", {"order_id": "o1", "amount": 10}, "call-1")
+    turns = [[refund], [refund]]
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        n = sum(isinstance(m, AIMessage) for m in state["messages"])
+        if n < len(turns):
+            return {"messages": [AIMessage("", tool_calls=turns[n])]}
+        return {"messages": [AIMessage("done")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode(make_tools(world), awrap_tool_call=ledger.awrap_tool_call))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges(
+        "agent", lambda s: "tools" if s["messages"][-1].tool_calls else END
+    )
+    builder.add_edge("tools", "agent")
+    graph = builder.compile(checkpointer=abackend.checkpointer)
+    out = await graph.ainvoke(
+        {"messages": [HumanMessage("go")]},
+        {"configurable": {"thread_id": "t-1"}},
+        durability="sync",
+    )
+    first, second = tool_messages(out["messages"])
+    assert world.calls == [("refund o1 10", "t-1:call-1")]
+    assert second.additional_kwargs["harness"]["effect"]["replayed"] is True
+    record = await ledger.aget("t-1", "call-1")
+    assert record is not None and record.status == "done"
+    assert [r.tool_call_id for r in await ledger.alist("t-1", status="done")] == ["call-1"]
+
+    async def body(ctx: Any) -> str:
+        return f"mailed {ctx.idempotency_key}"
+
+    assert await ledger.arun(body, name="mail", thread_id="t-2", call_id="c") == "mailed t-2:c"
+    assert await ledger.arun(body, name="mail", thread_id="t-2", call_id="c") == "mailed t-2:c"
+
+
+async def test_sync_ledger_guards_async_graphs_too() -> None:
+    # Only the in-memory saver serves both sync and async calls; durable async graphs use
+    # aopen_backend and AsyncEffectLedger (tested above on every backend).
+    world = Counter()
+    refund = call("refund", {"order_id": "o1", "amount": 10}, "call-1")
+    with open_backend("memory://") as backend:
+        graph = build(backend, make_tools(world), [[refund], [refund]])
+        out = await graph.ainvoke(
+            {"messages": [HumanMessage("go")]},
+            {"configurable": {"thread_id": "t-1"}},
+            durability="sync",
+        )
+    assert len(tool_messages(out["messages"])) == 2
+    assert world.calls == [("refund o1 10", "t-1:call-1")]
+
+
+CRASHING_CHILD = """
+import os, sys
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.tools import tool
+from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode
+from checkpointers import open_backend
+from harness_nodes import EffectLedger, irreversible
+
+@irreversible
+@tool
+def refund(order_id: str, amount: int) -> str:
+    \"\"\"Refund.\"\"\"
+    with open(sys.argv[2], "a") as f:
+        f.write("refund\\n")
+    os._exit(9)  # the process dies inside the call, after the money moved
+
+with open_backend(sys.argv[1]) as backend:
+    ledger = EffectLedger(backend)
+    b = StateGraph(MessagesState)
+    b.add_node("tools", ToolNode([refund], wrap_tool_call=ledger.wrap_tool_call))
+    b.add_edge(START, "tools")
+    g = b.compile(checkpointer=backend.checkpointer)
+    call = {"name": "refund", "args": {"order_id": "o1", "amount": 10}, "id": "call-1"}
+    g.invoke({"messages": [AIMessage("", tool_calls=[call])]},
+             {"configurable": {"thread_id": "t-1"}}, durability="sync")
+"""
+
+
+@pytest.mark.slow
+def test_crash_inside_the_call_is_an_unknown_outcome_in_the_next_process(
+    durable_url: str, tmp_path: Any
+) -> None:
+    world_file = tmp_path / "world.txt"
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHING_CHILD, durable_url, str(world_file)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 9, proc.stderr
+    assert world_file.read_text() == "refund\n"
+
+    with open_backend(durable_url) as backend:
+        ledger = EffectLedger(backend)
+        record = ledger.get("t-1", "call-1")
+        assert record is not None and record.status == "started"
+        # Resume the crashed run: the tool node runs again, the refund does not.
+        builder = StateGraph(MessagesState)
+        world = Counter()
+        builder.add_node("tools", ToolNode(make_tools(world), wrap_tool_call=ledger.wrap_tool_call))
+        builder.add_edge(START, "tools")
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        out = graph.invoke(None, {"configurable": {"thread_id": "t-1"}}, durability="sync")
+        (message,) = tool_messages(out["messages"])
+        assert message.additional_kwargs["harness"]["escalation"]["kind"] == "effect_unknown"
+        assert world.calls == []
+        assert world_file.read_text() == "refund\n"
