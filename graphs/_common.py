@@ -33,8 +33,12 @@ MAX_TURNS = 40
 """How many turns a scripted policy plays before `ScriptExhausted` (unless runaway)."""
 
 
-class SimulatedCrash(RuntimeError):
-    """Raised where a fault flag simulates the process dying (a worker killed, a node lost)."""
+class SimulatedCrash(BaseException):
+    """Raised where a fault flag simulates the process dying (a worker killed, a node lost).
+
+    A `BaseException`, like `KeyboardInterrupt`: a dying process is not an error any handler
+    could catch and turn into a tool result, so nothing in the graph catches it.
+    """
 
     def __init__(self, where: str) -> None:
         super().__init__(where)

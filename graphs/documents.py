@@ -19,7 +19,7 @@ Example:
 
     from graphs import documents
 
-    graph = documents.build_graph().compile()
+    graph = documents.build_graph()
     out = graph.invoke({"messages": [HumanMessage(documents.DEFAULT_TASK)]})
     records = json.loads(out["messages"][-1].text)
     assert {r["doc_id"]: r["total"] for r in records}["doc-003"] == 939.30
@@ -36,8 +36,9 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.tools import BaseTool, tool
-from langgraph.graph import StateGraph
+from langgraph.graph.state import CompiledStateGraph
 from langgraph.prebuilt import ToolRuntime
+from pydantic import BaseModel
 
 from graphs._common import (
     Faults,
@@ -50,14 +51,15 @@ from graphs._common import (
     failed_calls,
     scripted_policy_model,
 )
-from graphs._loop import react_builder
-from harness_nodes import HarnessState
+from harness_nodes import ToolContract, build_harnessed_agent
 
 __all__ = [
+    "CONTRACTS",
     "DEFAULT_TASK",
     "FIELDS",
     "SYSTEM_PROMPT",
     "TASK_TYPE",
+    "Extracted",
     "build_graph",
     "graph",
     "make_tools",
@@ -143,6 +145,28 @@ def make_tools(faults: Faults | Mapping[str, Any] | None = None) -> list[BaseToo
     return [list_documents, extract_fields]
 
 
+class Extracted(BaseModel):
+    """One extracted record."""
+
+    doc_id: str
+    vendor: str
+    date: str
+    total: float
+    currency: str
+
+
+CONTRACTS = {
+    "extract_fields": ToolContract(
+        schema=Extracted,
+        required=FIELDS,
+        ranges={"total": (0, None)},
+        checks=(lambda r: None if re.fullmatch(r"\d{4}-\d{2}-\d{2}", r.date) else "bad date",),
+        instructions="Extract the same document again.",
+    ),
+}
+"""Every field present, a non-negative total, an ISO date: anything else is retried."""
+
+
 def _policy(messages: list[BaseMessage]) -> AIMessage:
     retry = failed_calls(messages)
     if retry:
@@ -191,19 +215,28 @@ def scripted_model(faults: Faults | Mapping[str, Any] | None = None) -> BaseChat
 
 
 def build_graph(
-    model: BaseChatModel | None = None, *, faults: Faults | Mapping[str, Any] | None = None
-) -> StateGraph[HarnessState]:
-    """Build the extraction agent (uncompiled: compile it with your checkpointer).
+    model: BaseChatModel | None = None,
+    *,
+    backend: Any = None,
+    faults: Faults | Mapping[str, Any] | None = None,
+) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """Build the harnessed extraction agent.
 
     Args:
         model: Any chat model; defaults to the scripted one.
+        backend: A `checkpointers.Backend` for checkpoints and ledgers (none: in-memory run).
         faults: Fault-injection flags (`Faults` or a mapping).
     """
     flags = Faults.parse(faults)
-    return react_builder(
-        model or scripted_model(flags), make_tools(flags), system_prompt=SYSTEM_PROMPT
+    return build_harnessed_agent(
+        model or scripted_model(flags),
+        make_tools(flags),
+        contracts=CONTRACTS,
+        system_prompt=SYSTEM_PROMPT,
+        backend=backend,
+        name=TASK_TYPE,
     )
 
 
-graph = build_graph().compile()
+graph = build_graph()
 """The default extraction agent, compiled for ``langgraph.json`` (the server adds persistence)."""

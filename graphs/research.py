@@ -18,10 +18,10 @@ Example:
 
     from graphs import research
 
-    graph = research.build_graph().compile()
+    graph = research.build_graph(faults={"empty_results": True})
     out = graph.invoke({"messages": [HumanMessage(research.DEFAULT_TASK)]})
-    answer = out["messages"][-1].text
-    assert answer.startswith("Summary for:") and "Sources: 4 notes read." in answer
+    assert out["verdicts"][0]["action"] == "retry"  # the empty search went back to the model
+    assert "Lithium-ion" in out["outcome"]["partial_result"]
     ```
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.tools import BaseTool, tool
-from langgraph.graph import StateGraph
+from langgraph.graph.state import CompiledStateGraph
 from langgraph.prebuilt import ToolRuntime
 
 from graphs._common import (
@@ -49,10 +49,10 @@ from graphs._common import (
     first_human_text,
     scripted_policy_model,
 )
-from graphs._loop import react_builder
-from harness_nodes import HarnessState
+from harness_nodes import ToolContract, build_harnessed_agent
 
 __all__ = [
+    "CONTRACTS",
     "DEFAULT_TASK",
     "SYSTEM_PROMPT",
     "TASK_TYPE",
@@ -156,6 +156,24 @@ def make_tools(faults: Faults | Mapping[str, Any] | None = None) -> list[BaseToo
     return [search, read]
 
 
+def _scores_in_range(hits: Any) -> str | None:
+    if not isinstance(hits, list):
+        return f"expected a list of hits, got {type(hits).__name__}"
+    bad = [h.get("score") for h in hits if not 0 <= float(h.get("score", -1)) <= 1]
+    return f"relevance scores {bad} are outside [0, 1]" if bad else None
+
+
+CONTRACTS = {
+    "search": ToolContract(
+        checks=(_scores_in_range,),
+        instructions="Search again with the same or a broader query.",
+    ),
+    "read": ToolContract(instructions="Read the same note again."),
+}
+"""What good `search` and `read` outputs look like (empty hits, scores outside [0, 1], rate
+limit pages are refused and retried)."""
+
+
 def _summary(question: str, notes: list[str]) -> str:
     if not notes:
         return f"I could not find any notes about: {question}"
@@ -224,13 +242,15 @@ def scripted_models(faults: Faults | Mapping[str, Any] | None = None) -> list[Ba
 def build_graph(
     model: BaseChatModel | None = None,
     *,
+    backend: Any = None,
     cheaper: BaseChatModel | None = None,
     faults: Faults | Mapping[str, Any] | None = None,
-) -> StateGraph[HarnessState]:
-    """Build the research agent (uncompiled: compile it with your checkpointer).
+) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """Build the harnessed research agent.
 
     Args:
         model: Any chat model; defaults to the scripted "gpt-4o".
+        backend: A `checkpointers.Backend` for checkpoints and ledgers (none: in-memory run).
         cheaper: The model to degrade to when the budget runs low; defaults to the
             scripted "gpt-4o-mini" when *model* is the default, else to *model* itself.
         faults: Fault-injection flags (`Faults` or a mapping).
@@ -240,8 +260,15 @@ def build_graph(
     primary = model or default
     fallback = cheaper or (default_cheap if model is None else primary)
     del fallback  # used once cost envelopes wire in the ladder
-    return react_builder(primary, make_tools(flags), system_prompt=SYSTEM_PROMPT)
+    return build_harnessed_agent(
+        primary,
+        make_tools(flags),
+        contracts=CONTRACTS,
+        system_prompt=SYSTEM_PROMPT,
+        backend=backend,
+        name=TASK_TYPE,
+    )
 
 
-graph = build_graph().compile()
+graph = build_graph()
 """The default research agent, compiled for ``langgraph.json`` (the server adds persistence)."""

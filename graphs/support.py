@@ -18,7 +18,7 @@ Example:
     from graphs import support
 
     world = support.SupportWorld()
-    graph = support.build_graph(world=world).compile()
+    graph = support.build_graph(world=world)
     graph.invoke({"messages": [HumanMessage(support.DEFAULT_TASK)]})
     assert [r["amount_usd"] for r in world.refunds] == [49.0]
     assert len(world.emails) == 1
@@ -39,7 +39,7 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.tools import BaseTool, tool
-from langgraph.graph import StateGraph
+from langgraph.graph.state import CompiledStateGraph
 from langgraph.prebuilt import ToolRuntime
 
 from graphs._common import (
@@ -53,10 +53,10 @@ from graphs._common import (
     first_human_text,
     scripted_policy_model,
 )
-from graphs._loop import react_builder
-from harness_nodes import HarnessState
+from harness_nodes import ToolContract, build_harnessed_agent
 
 __all__ = [
+    "CONTRACTS",
     "DEFAULT_TASK",
     "IRREVERSIBLE_TOOLS",
     "SYSTEM_PROMPT",
@@ -226,6 +226,23 @@ def make_tools(
     return [lookup_customer, list_invoices, issue_refund, send_email]
 
 
+def _amounts_plausible(invoices: Any) -> str | None:
+    if not isinstance(invoices, list):
+        return f"expected a list of invoices, got {type(invoices).__name__}"
+    bad = [i.get("invoice_id") for i in invoices if not 0 < float(i.get("amount_usd", -1)) <= 1000]
+    return f"invoice amounts outside (0, 1000] USD: {bad}" if bad else None
+
+
+CONTRACTS = {
+    "lookup_customer": ToolContract(required=("customer_id", "email")),
+    "list_invoices": ToolContract(checks=(_amounts_plausible,)),
+    "issue_refund": ToolContract(required=("refund_id",), side_effects=True),
+    "send_email": ToolContract(required=("message_id",), side_effects=True),
+}
+"""What good support tool outputs look like. A failed refund or email is never retried
+blindly (``side_effects=True``): it goes to a person."""
+
+
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
 
 
@@ -320,20 +337,29 @@ def scripted_model(faults: Faults | Mapping[str, Any] | None = None) -> BaseChat
 def build_graph(
     model: BaseChatModel | None = None,
     *,
+    backend: Any = None,
     world: SupportWorld | None = None,
     faults: Faults | Mapping[str, Any] | None = None,
-) -> StateGraph[HarnessState]:
-    """Build the support agent (uncompiled: compile it with your checkpointer).
+) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """Build the harnessed support agent.
 
     Args:
         model: Any chat model; defaults to the scripted one.
+        backend: A `checkpointers.Backend` for checkpoints and ledgers (none: in-memory run).
         world: Where refunds and emails land; defaults to a fresh in-memory `SupportWorld`.
         faults: Fault-injection flags (`Faults` or a mapping).
     """
     flags = Faults.parse(faults)
     tools = make_tools(world, flags)
-    return react_builder(model or scripted_model(flags), tools, system_prompt=SYSTEM_PROMPT)
+    return build_harnessed_agent(
+        model or scripted_model(flags),
+        tools,
+        contracts=CONTRACTS,
+        system_prompt=SYSTEM_PROMPT,
+        backend=backend,
+        name=TASK_TYPE,
+    )
 
 
-graph = build_graph().compile()
+graph = build_graph()
 """The default support agent, compiled for ``langgraph.json`` (the server adds persistence)."""

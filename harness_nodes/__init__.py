@@ -76,6 +76,7 @@ from harness_nodes.verify import (
     VerifyToolOutputs,
     route_after_verify,
 )
+from harness_nodes.wiring import ModelNode, add_harness, build_harnessed_agent
 
 __all__ = [
     "AlreadyDecided",
@@ -102,6 +103,7 @@ __all__ = [
     "InvalidDecision",
     "Masker",
     "MessagesOnly",
+    "ModelNode",
     "ModelPrice",
     "ModelSpend",
     "ModelUnavailable",
@@ -131,6 +133,8 @@ __all__ = [
     "VerificationStop",
     "VerifyRoute",
     "VerifyToolOutputs",
+    "add_harness",
+    "build_harnessed_agent",
     "build_trace",
     "current_effect",
     "effect",

@@ -2,7 +2,8 @@
 
 Graphs are found by name, as ``langgraph.json`` finds them: a reference graph (``research``,
 ``support``, ``documents`` in the ``graphs`` package) or any importable module that defines
-``build_graph()``. ``harness_nodes`` never imports ``graphs``.
+``build_graph(model, *, backend, ...)`` returning a compiled graph. ``harness_nodes`` never
+imports ``graphs``.
 
 A run records which graph, builder arguments and model it used in the checkpoint metadata,
 so ``harness resume THREAD`` rebuilds the same graph in a new process and carries on.
@@ -133,10 +134,15 @@ def load_model(spec: str | None) -> BaseChatModel | None:
     return model
 
 
-def build_graph(module: ModuleType, args: Mapping[str, Any], model: BaseChatModel | None) -> Any:
-    """Call the module's ``build_graph(model, **args)``; a bad argument is a `UserError`."""
+def build_graph(
+    module: ModuleType, args: Mapping[str, Any], model: BaseChatModel | None, backend: Any
+) -> Any:
+    """Call the module's ``build_graph(model, backend=..., **args)`` → a compiled graph.
+
+    A bad argument is a `UserError`.
+    """
     try:
-        return module.build_graph(model, **args)
+        return module.build_graph(model, backend=backend, **args)
     except TypeError as e:
         raise UserError(f"Bad --args for graph {module.__name__}: {e}") from None
 
@@ -164,9 +170,8 @@ def opened_graph(
 
     module = load_graph_module(graph_name)
     model = load_model(model_spec)
-    builder = build_graph(module, args, model)
     with open_backend(db) as backend:
-        graph = builder.compile(checkpointer=backend.checkpointer)
+        graph = build_graph(module, args, model, backend)
         config: dict[str, Any] = {
             "configurable": {"thread_id": thread_id},
             "recursion_limit": RECURSION_LIMIT,
@@ -196,7 +201,9 @@ def drive(target: RunTarget, inputs: Any, narrator: Narrator) -> dict[str, Any]:
             "GraphRecursionError",
             f"no end after {RECURSION_LIMIT} steps (a runaway loop: give it a budget)",
         ) from None
-    except Exception as e:
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: B036 — fault injection simulates crashes as BaseException
         first = (str(e).splitlines() or [""])[0]
         raise RunFailed(target.thread_id, type(e).__name__, first) from None
     snapshot = target.graph.get_state({"configurable": {"thread_id": target.thread_id}})

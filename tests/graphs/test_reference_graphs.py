@@ -1,7 +1,8 @@
-"""The reference graphs: what they do by default, and what each fault flag breaks.
+"""The reference graphs: what they do by default, and what the harness does to each fault.
 
-These run the graphs as plain LangGraph graphs: the faults are *silent* here (the run
-completes with a wrong or empty answer), which is exactly what the harness layers catch.
+Every fault flag injects a *silent* failure (the tool "succeeds" with an empty, erroneous or
+out-of-range output); the graphs' tool contracts catch each one and the scripted model
+retries, so the task still ends with the right answer.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ from harness_nodes import UserError
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 
 
-def _run(builder: Any, task: str, **kw: Any) -> dict[str, Any]:
-    out: dict[str, Any] = builder.compile().invoke({"messages": [HumanMessage(task)]}, **kw)
+def _run(graph: Any, task: str, **kw: Any) -> dict[str, Any]:
+    out: dict[str, Any] = graph.invoke({"messages": [HumanMessage(task)]}, **kw)
     return out
+
+
+def _actions(out: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(v["tool"], v["action"]) for v in out.get("verdicts", []) if v["action"] != "ok"]
 
 
 def _tool_messages(state: dict[str, Any]) -> list[ToolMessage]:
@@ -60,30 +65,36 @@ def test_research_search_ranks_the_matching_note_first() -> None:
 
 
 @pytest.mark.parametrize(
-    ("flag", "symptom"),
+    ("flag", "refused"),
     [
-        pytest.param("empty_results", "could not find any notes", id="empty"),
-        pytest.param("embedded_error", "429 Too Many Requests", id="embedded-error"),
+        pytest.param("empty_results", ("search", "empty result"), id="empty"),
+        pytest.param("embedded_error", ("read", "Too Many Requests"), id="embedded-error"),
+        pytest.param("out_of_range", ("search", "outside [0, 1]"), id="out-of-range"),
     ],
 )
-def test_research_faults_pass_silently_without_the_harness(flag: str, symptom: str) -> None:
+def test_research_faults_are_refused_and_retried(flag: str, refused: tuple[str, str]) -> None:
     out = _run(research.build_graph(faults={flag: True}), research.DEFAULT_TASK)
+    tool, reason = refused
+    assert _actions(out) == [(tool, "retry")]
+    assert reason in out["verdicts"][[v["ok"] for v in out["verdicts"]].index(False)]["reasons"][0]
     assert out["outcome"]["status"] == "completed"
-    assert symptom in out["messages"][-1].text
+    assert "Lithium-ion batteries for grid storage" in out["outcome"]["partial_result"]
+    assert "429" not in out["outcome"]["partial_result"]
 
 
-def test_research_out_of_range_scores_only_on_the_first_search() -> None:
-    search, _ = research.make_tools(Faults(out_of_range=True))
-    out = _run(research.build_graph(faults={"out_of_range": True}), research.DEFAULT_TASK)
-    first = json.loads(next(m for m in _tool_messages(out) if m.name == "search").content)
-    assert max(h["score"] for h in first) > 1
+def test_research_faults_need_a_conversation_to_fire() -> None:
+    search, _ = research.make_tools(Faults(out_of_range=True, empty_results=True))
     # outside a graph there is no conversation to count attempts in: no fault
     assert all(h["score"] <= 1 for h in search.invoke({"query": "hydrogen"}))
 
 
 def test_research_runaway_never_stops_on_its_own() -> None:
     with pytest.raises(GraphRecursionError):
-        _run(research.build_graph(faults={"runaway": True}), "x", config={"recursion_limit": 30})
+        _run(
+            research.build_graph(faults={"runaway": True}),
+            research.DEFAULT_TASK,
+            config={"recursion_limit": 30},
+        )
 
 
 def test_research_default_ladder_is_two_priced_model_names() -> None:
@@ -103,18 +114,19 @@ def test_support_refunds_the_duplicate_once_and_emails_the_customer() -> None:
 
 
 @pytest.mark.parametrize(
-    ("flag", "refunds"),
+    ("flag", "tool"),
     [
-        pytest.param("empty_results", [], id="empty-customer"),
-        pytest.param("embedded_error", [], id="embedded-error"),
-        pytest.param("out_of_range", [4900.0], id="cents-as-dollars"),
+        pytest.param("empty_results", "lookup_customer", id="empty-customer"),
+        pytest.param("embedded_error", "list_invoices", id="embedded-error"),
+        pytest.param("out_of_range", "list_invoices", id="cents-as-dollars"),
     ],
 )
-def test_support_faults_pass_silently_without_the_harness(flag: str, refunds: list[float]) -> None:
+def test_support_faults_are_refused_and_the_right_refund_goes_out(flag: str, tool: str) -> None:
     world = support.SupportWorld()
     out = _run(support.build_graph(world=world, faults={flag: True}), support.DEFAULT_TASK)
+    assert _actions(out) == [(tool, "retry")]
     assert out["outcome"]["status"] == "completed"
-    assert [r["amount_usd"] for r in world.refunds] == refunds
+    assert [r["amount_usd"] for r in world.refunds] == [49.0]
 
 
 def test_support_retries_a_call_answered_with_an_error_message() -> None:
@@ -138,14 +150,13 @@ def test_support_world_on_a_file_is_shared_across_instances(tmp_path: Path) -> N
     assert [r["id"] for r in support.SupportWorld(path).refunds] == ["re_0001"]
 
 
-def test_support_crash_in_a_tool_fires_once_and_resume_replays_the_turn(
+def test_support_crash_in_a_tool_fires_once_and_resume_reruns_the_turn(
     backend_url: str,
 ) -> None:
     """Without the effect ledger, the refund of the crashed turn runs again on resume."""
     world = support.SupportWorld()
-    builder = support.build_graph(world=world, faults={"crash_in": "send_email"})
     with open_backend(backend_url) as backend:
-        graph = builder.compile(checkpointer=backend.checkpointer)
+        graph = support.build_graph(world=world, backend=backend, faults={"crash_in": "send_email"})
         config = {"configurable": {"thread_id": "t-crash"}}
         with pytest.raises(SimulatedCrash):
             graph.invoke(
@@ -160,9 +171,8 @@ def test_support_crash_in_a_tool_fires_once_and_resume_replays_the_turn(
 
 def test_support_model_crash_resumes_without_rerunning_finished_steps(backend_url: str) -> None:
     world = support.SupportWorld()
-    builder = support.build_graph(world=world, faults={"crash_at_turn": 3})
     with open_backend(backend_url) as backend:
-        graph = builder.compile(checkpointer=backend.checkpointer)
+        graph = support.build_graph(world=world, backend=backend, faults={"crash_at_turn": 3})
         config = {"configurable": {"thread_id": "t-model-crash"}}
         with pytest.raises(SimulatedCrash):
             graph.invoke(
@@ -199,13 +209,15 @@ def test_documents_extracts_the_batch_in_one_parallel_turn() -> None:
     assert len(fan_out) == 1 and len(fan_out[0].tool_calls) == 6
 
 
-def test_documents_faults_each_hit_a_different_document_silently() -> None:
+def test_documents_faults_each_hit_a_different_document_and_are_retried() -> None:
     faults = {"empty_results": True, "embedded_error": True, "out_of_range": True}
-    records = _records(_run(documents.build_graph(faults=faults), documents.DEFAULT_TASK))
-    assert records["doc-002"]["vendor"] is None
-    assert "502 Bad Gateway" in records["doc-003"]["raw"]
-    assert records["doc-004"]["total"] == -1480.0
-    assert records["doc-001"]["total"] == 160.5
+    out = _run(documents.build_graph(faults=faults), documents.DEFAULT_TASK)
+    refused = {v["tool_call_id"]: v["reasons"][0] for v in out["verdicts"] if not v["ok"]}
+    assert len(refused) == 3
+    reasons = " | ".join(refused.values())
+    assert "empty result" in reasons and "HTML" in reasons and "out of range" in reasons
+    clean = _records(_run(documents.build_graph(), documents.DEFAULT_TASK))
+    assert _records(out) == clean
 
 
 # --- shared --------------------------------------------------------------------------------
@@ -216,6 +228,12 @@ def test_each_graph_runs_with_any_chat_model(module: Any) -> None:
     model = ScriptedChatModel(script=[ai("I cannot help with that.")], model_name="other")
     out = _run(module.build_graph(model), module.DEFAULT_TASK)
     assert out["outcome"] == {"status": "completed", "partial_result": "I cannot help with that."}
+
+
+@pytest.mark.parametrize("module", [research, support, documents], ids=lambda m: m.TASK_TYPE)
+def test_each_graph_s_contracts_name_its_tools(module: Any) -> None:
+    tools = {t.name for t in module.make_tools()}
+    assert set(module.CONTRACTS) <= tools
 
 
 @pytest.mark.parametrize("module", [research, support, documents], ids=lambda m: m.TASK_TYPE)

@@ -1,0 +1,330 @@
+"""One-call wiring: a harnessed agent from a model and tools, or harness nodes added to a graph.
+
+`build_harnessed_agent` builds the whole shape of a harnessed agent and compiles it;
+`add_harness` inserts the same pieces into a ``StateGraph`` builder you already have, around
+your own model and tool nodes (named by you), without touching those nodes.
+
+The common path adds no superstep to the bare ``agent → tools → agent`` loop: verification
+runs inside the tool node (``ToolNode(wrap_tool_call=...)``) and its routing is an edge;
+a node is entered only when something has to happen (a verification failure that ends the
+task).
+
+Example:
+    ```python
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+
+    from harness_nodes import ToolContract, build_harnessed_agent
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+
+    @tool
+    def search(query: str) -> list[str]:
+        \"\"\"Search the notes.\"\"\"
+        return [] if query == "typo" else ["note-1"]
+
+
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("search", {"query": "typo"})]),
+            ai(tool_calls=[tool_call("search", {"query": "storage"})]),
+            ai("Found note-1."),
+        ]
+    )
+    agent = build_harnessed_agent(model, [search], contracts={"search": ToolContract()})
+    out = agent.invoke({"messages": [HumanMessage("find notes on storage")]})
+    assert out["verdicts"][0]["action"] == "retry"  # the empty result went back to the model
+    assert out["outcome"]["status"] == "completed"
+    ```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.prebuilt import ToolNode
+
+from harness_nodes.errors import UserError
+from harness_nodes.state import HarnessState, MessagesOnly, Outcome
+from harness_nodes.verify import (
+    ToolContract,
+    VerificationStop,
+    VerifyToolOutputs,
+    route_after_verify,
+)
+
+__all__ = ["ModelNode", "add_harness", "build_harnessed_agent"]
+
+Contracts = Mapping[str, ToolContract] | VerifyToolOutputs | None
+"""Tool contracts: a mapping of tool name → `ToolContract`, a ready `VerifyToolOutputs`, or
+``None`` for the default contract on every tool (error signals and empty results)."""
+
+AGENT = "agent"
+TOOLS = "tools"
+VERIFY = "verify"
+STOP = "verification_stop"
+
+
+def _verifier(contracts: Contracts) -> VerifyToolOutputs:
+    if contracts is None:
+        return VerifyToolOutputs()
+    if isinstance(contracts, VerifyToolOutputs):
+        return contracts
+    if isinstance(contracts, Mapping):
+        return VerifyToolOutputs(dict(contracts))
+    raise UserError(
+        "contracts must map tool names to ToolContract, or be a VerifyToolOutputs, "
+        f"got {type(contracts).__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class ModelNode:
+    """The model call of a harnessed agent: prompt → the model → one AI message.
+
+    When the model answers without tool calls the task is done: the node also writes
+    ``outcome = {"status": "completed", "partial_result": <answer>}`` (kept where the state
+    has an ``outcome`` key), so finishing costs no extra superstep.
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+
+        from harness_nodes import ModelNode
+        from harness_nodes.testing import ScriptedChatModel
+
+        node = ModelNode(ScriptedChatModel(script=["Hello."]), system_prompt="Be brief.")
+        update = node({"messages": [HumanMessage("hi")]})
+        assert update["outcome"] == {"status": "completed", "partial_result": "Hello."}
+        ```
+    """
+
+    model: Runnable[LanguageModelInput, BaseMessage]
+    """The chat model, with its tools bound."""
+    system_prompt: str | None = None
+    """Prepended to every call (not stored in the state)."""
+
+    def __call__(self, state: MessagesOnly) -> dict[str, Any]:
+        """Call the model on the conversation."""
+        messages: list[BaseMessage] = list(state["messages"])
+        if self.system_prompt:
+            messages = [SystemMessage(self.system_prompt), *messages]
+        # Callbacks and the run's config reach the model through LangChain's context.
+        reply = self.model.invoke(messages)
+        update: dict[str, Any] = {"messages": [reply]}
+        if isinstance(reply, AIMessage) and not reply.tool_calls:
+            update["outcome"] = Outcome(status="completed", partial_result=reply.text)
+        return update
+
+
+def _route_model(state: MessagesOnly) -> str:
+    messages = state["messages"]
+    last = messages[-1] if messages else None
+    if isinstance(last, AIMessage) and last.tool_calls:
+        return TOOLS
+    return END
+
+
+def _route_tools(state: MessagesOnly) -> str:
+    route = route_after_verify(state)
+    if route in ("ok", "retry"):
+        return AGENT
+    return STOP
+
+
+def build_harnessed_agent(
+    model: BaseChatModel,
+    tools: Sequence[BaseTool | Callable[..., Any]],
+    *,
+    contracts: Contracts = None,
+    system_prompt: str | None = None,
+    state_schema: type[Any] = HarnessState,
+    checkpointer: BaseCheckpointSaver[Any] | None = None,
+    backend: Any = None,
+    name: str | None = None,
+) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """Build and compile the full harnessed agent of DESIGN.md around *model* and *tools*.
+
+    Args:
+        model: Any chat model (``init_chat_model("provider:model")`` or a scripted one).
+        tools: The agent's tools.
+        contracts: What a good output of each tool looks like (see `Contracts`).
+        system_prompt: Prepended to every model call.
+        state_schema: The state; `HarnessState` or a subclass of it.
+        checkpointer: Where checkpoints go (overrides *backend*'s).
+        backend: A `checkpointers.Backend`: its saver is used for checkpoints.
+        name: The compiled graph's name.
+
+    Raises:
+        UserError: for contracts that name no tool of *tools*, or a bad argument.
+    """
+    builder = _agent_builder(
+        model,
+        tools,
+        contracts=contracts,
+        system_prompt=system_prompt,
+        state_schema=state_schema,
+    )
+    saver = checkpointer if checkpointer is not None else getattr(backend, "checkpointer", None)
+    return builder.compile(checkpointer=saver, name=name)
+
+
+def _agent_builder(
+    model: BaseChatModel,
+    tools: Sequence[BaseTool | Callable[..., Any]],
+    *,
+    contracts: Contracts = None,
+    system_prompt: str | None = None,
+    state_schema: type[Any] = HarnessState,
+) -> StateGraph[Any]:
+    """The uncompiled `StateGraph` behind `build_harnessed_agent` (same arguments)."""
+    tool_node_probe = ToolNode(list(tools))
+    tool_names = set(tool_node_probe.tools_by_name)
+    verify = _verifier(contracts)
+    unknown = sorted(set(verify.contracts) - tool_names)
+    if unknown:
+        raise UserError(
+            f"contracts name tools the agent does not have: {', '.join(unknown)} "
+            f"(tools: {', '.join(sorted(tool_names))})"
+        )
+    bound = model.bind_tools(list(tool_node_probe.tools_by_name.values()))
+    builder: StateGraph[Any] = StateGraph(state_schema)
+    builder.add_node(AGENT, ModelNode(bound, system_prompt))
+    builder.add_node(
+        TOOLS,
+        ToolNode(
+            list(tools),
+            wrap_tool_call=verify.wrap_tool_call,
+            awrap_tool_call=verify.awrap_tool_call,
+        ),
+    )
+    builder.add_node(STOP, VerificationStop())
+    builder.add_edge(START, AGENT)
+    builder.add_conditional_edges(AGENT, _route_model, {TOOLS: TOOLS, END: END})
+    builder.add_conditional_edges(TOOLS, _route_tools, {AGENT: AGENT, STOP: STOP})
+    builder.add_edge(STOP, END)
+    return builder
+
+
+@dataclass(frozen=True)
+class _AfterVerify:
+    """Route out of the inserted verify node: on to where the tools went, or stop."""
+
+    ok: str
+    model_node: str
+    stop: str
+
+    def __call__(self, state: MessagesOnly) -> str:
+        route = route_after_verify(state)
+        if route == "ok":
+            return self.ok
+        if route == "retry":
+            return self.model_node
+        return self.stop
+
+
+def add_harness(
+    builder: StateGraph[Any],
+    *,
+    model_node: str,
+    tools_node: str,
+    contracts: Contracts = None,
+    verify_node: str = VERIFY,
+    stop_node: str = STOP,
+) -> StateGraph[Any]:
+    """Insert harness nodes into an existing builder around its model and tool nodes.
+
+    Your nodes are not touched: the edge that leaves *tools_node* is re-routed through a
+    `VerifyToolOutputs` node (``verify_node``), which goes on to where your tools went when
+    the outputs are good, back to *model_node* to retry, or to a `VerificationStop`.
+
+    Args:
+        builder: The (uncompiled) ``StateGraph``.
+        model_node: The name of your node that calls the model.
+        tools_node: The name of your node that runs the tool calls.
+        contracts: What a good output of each tool looks like (see `Contracts`).
+        verify_node: Name for the inserted verification node.
+        stop_node: Name for the inserted node that ends a task whose verification failed.
+
+    Returns:
+        The same builder, for chaining into ``.compile(...)``.
+
+    Raises:
+        UserError: when a named node is missing, or *tools_node* does not leave by one
+            plain edge.
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage, ToolMessage
+        from langgraph.graph import END, START, MessagesState, StateGraph
+
+        from harness_nodes import ToolContract, add_harness
+        from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+        model = ScriptedChatModel(
+            script=[ai(tool_calls=[tool_call("lookup", {"id": 1})]), ai("Done.")]
+        )
+
+
+        def call_model(state: MessagesState) -> dict:
+            return {"messages": [model.invoke(state["messages"])]}
+
+
+        def run_tools(state: MessagesState) -> dict:
+            call = state["messages"][-1].tool_calls[0]
+            return {"messages": [ToolMessage('{"error": "503"}', tool_call_id=call["id"])]}
+
+
+        builder = StateGraph(MessagesState)
+        builder.add_node("llm", call_model)
+        builder.add_node("tool_node", run_tools)
+        builder.add_edge(START, "llm")
+        builder.add_conditional_edges(
+            "llm", lambda s: "tool_node" if s["messages"][-1].tool_calls else END
+        )
+        builder.add_edge("tool_node", "llm")
+        contracts = {"lookup": ToolContract(max_retries=0)}
+        graph = add_harness(
+            builder, model_node="llm", tools_node="tool_node", contracts=contracts
+        ).compile()
+        out = graph.invoke({"messages": [HumanMessage("look up 1")]})
+        assert out["messages"][-1].content.startswith("I stopped: a tool output failed")
+        ```
+    """
+    for role, node in (("model_node", model_node), ("tools_node", tools_node)):
+        if node not in builder.nodes:
+            raise UserError(
+                f"add_harness: {role}={node!r} is not a node of this graph "
+                f"(nodes: {', '.join(sorted(builder.nodes))})"
+            )
+    for new in (verify_node, stop_node):
+        if new in builder.nodes:
+            raise UserError(f"add_harness: the graph already has a node named {new!r}")
+    out_edges = [(s, e) for (s, e) in builder.edges if s == tools_node]
+    if builder.branches.get(tools_node) or len(out_edges) != 1:
+        raise UserError(
+            f"add_harness: {tools_node!r} must leave by exactly one plain edge "
+            "(add_edge(tools_node, model_node)); route it yourself with VerifyToolOutputs "
+            "and route_after_verify otherwise"
+        )
+    _, after_tools = out_edges[0]
+    builder.edges.discard(out_edges[0])
+    verify = _verifier(contracts)
+    builder.add_node(verify_node, verify)
+    builder.add_node(stop_node, VerificationStop())
+    builder.add_edge(tools_node, verify_node)
+    router = _AfterVerify(ok=after_tools, model_node=model_node, stop=stop_node)
+    ends: dict[Hashable, str] = {after_tools: after_tools, model_node: model_node}
+    ends[stop_node] = stop_node
+    builder.add_conditional_edges(verify_node, router, cast(Any, ends))
+    builder.add_edge(stop_node, END)
+    return builder

@@ -1,0 +1,262 @@
+"""One-call wiring and `add_harness` on an existing graph."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import pytest
+from langchain_core.messages import AnyMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.graph.message import add_messages
+from langgraph.prebuilt import ToolNode, tools_condition
+from typing_extensions import TypedDict
+
+from checkpointers import open_backend
+from harness_nodes import (
+    HarnessState,
+    ToolContract,
+    UserError,
+    add_harness,
+    build_harnessed_agent,
+)
+from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+
+@tool
+def lookup(key: str) -> dict[str, Any]:
+    """Look a key up."""
+    if key == "empty":
+        return {}
+    if key == "broken":
+        return {"status": "failed", "error": "upstream 504"}
+    return {"key": key, "value": 42}
+
+
+def _model(*keys: str, answer: str = "Done.") -> ScriptedChatModel:
+    script: list[Any] = [
+        ai(tool_calls=[tool_call("lookup", {"key": k}, id=f"c{i}")]) for i, k in enumerate(keys)
+    ]
+    return ScriptedChatModel(script=[*script, ai(answer)])
+
+
+def _checkpoints(graph: Any, thread: str) -> int:
+    return len(list(graph.get_state_history({"configurable": {"thread_id": thread}})))
+
+
+def _bare_loop(model: ScriptedChatModel) -> Any:
+    llm = model.bind_tools([lookup])
+    builder = StateGraph(HarnessState)
+    builder.add_node("agent", lambda s: {"messages": [llm.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([lookup]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    return builder
+
+
+# --- build_harnessed_agent -----------------------------------------------------------------
+
+
+def test_common_path_adds_no_superstep_to_the_bare_loop(backend_url: str) -> None:
+    with open_backend(backend_url) as backend:
+        bare = _bare_loop(_model("a", "b")).compile(checkpointer=backend.checkpointer)
+        harnessed = build_harnessed_agent(
+            _model("a", "b"), [lookup], contracts={"lookup": ToolContract()}, backend=backend
+        )
+        for graph, thread in ((bare, "bare"), (harnessed, "harnessed")):
+            graph.invoke(
+                {"messages": [HumanMessage("go")]},
+                {"configurable": {"thread_id": thread}},
+                durability="sync",
+            )
+        assert _checkpoints(harnessed, "harnessed") == _checkpoints(bare, "bare")
+        state = harnessed.get_state({"configurable": {"thread_id": "harnessed"}}).values
+    assert [v["action"] for v in state["verdicts"]] == ["ok", "ok"]
+    assert state["outcome"] == {"status": "completed", "partial_result": "Done."}
+
+
+def test_a_bad_output_goes_back_to_the_model_and_the_retry_succeeds() -> None:
+    agent = build_harnessed_agent(_model("empty", "good"), [lookup])
+    out = agent.invoke({"messages": [HumanMessage("go")]})
+    refused = out["messages"][2]
+    assert isinstance(refused, ToolMessage) and refused.status == "error"
+    assert "rejected by verification" in refused.text
+    assert [v["action"] for v in out["verdicts"]] == ["retry", "ok"]
+    assert out["outcome"]["status"] == "completed"
+
+
+def test_exhausted_retries_end_the_task_as_verification_failed() -> None:
+    contracts = {"lookup": ToolContract(max_retries=1)}
+    agent = build_harnessed_agent(_model("broken", "broken", "good"), [lookup], contracts=contracts)
+    out = agent.invoke({"messages": [HumanMessage("go")]})
+    assert out["outcome"]["status"] == "verification_failed"
+    assert "upstream 504" in out["outcome"]["reason"]
+    assert [v["action"] for v in out["verdicts"]] == ["retry", "fail"]
+
+
+def test_system_prompt_reaches_the_model_but_not_the_state() -> None:
+    seen: list[list[AnyMessage]] = []
+
+    def answer(messages: list[AnyMessage]) -> Any:
+        seen.append(messages)
+        return ai("ok")
+
+    agent = build_harnessed_agent(
+        ScriptedChatModel(script=[answer]), [lookup], system_prompt="Be careful."
+    )
+    out = agent.invoke({"messages": [HumanMessage("go")]})
+    assert isinstance(seen[0][0], SystemMessage) and seen[0][0].content == "Be careful."
+    assert not any(isinstance(m, SystemMessage) for m in out["messages"])
+
+
+def test_contract_for_a_tool_the_agent_lacks_is_a_wiring_error() -> None:
+    with pytest.raises(UserError, match="contracts name tools the agent does not have: serch"):
+        build_harnessed_agent(_model(), [lookup], contracts={"serch": ToolContract()})
+    with pytest.raises(UserError, match="contracts must map tool names to ToolContract"):
+        build_harnessed_agent(_model(), [lookup], contracts=[ToolContract()])  # type: ignore[arg-type]
+
+
+def test_resumes_after_a_model_crash_with_verdicts_kept(backend_url: str) -> None:
+    model = _model("empty", "good")
+    model.faults[2] = RuntimeError("provider down")
+    with open_backend(backend_url) as backend:
+        agent = build_harnessed_agent(model, [lookup], backend=backend)
+        config = {"configurable": {"thread_id": "t-crash"}}
+        with pytest.raises(RuntimeError, match="provider down"):
+            agent.invoke({"messages": [HumanMessage("go")]}, config, durability="sync")
+        out = agent.invoke(None, config, durability="sync")
+    assert [v["action"] for v in out["verdicts"]] == ["retry", "ok"]
+    assert out["outcome"]["status"] == "completed"
+
+
+# --- add_harness on a ReAct loop written the way LangGraph's docs write one ---------------
+
+tools = [lookup]
+tools_by_name = {t.name: t for t in tools}
+
+
+def _docs_react_loop(model: ScriptedChatModel) -> StateGraph[MessagesState]:
+    """LangGraph's quickstart agent: llm_call, a hand-written tool_node, should_continue."""
+    model_with_tools = model.bind_tools(tools)
+
+    def llm_call(state: MessagesState) -> dict[str, Any]:
+        return {
+            "messages": [
+                model_with_tools.invoke(
+                    [SystemMessage(content="You are a helpful assistant."), *state["messages"]]
+                )
+            ]
+        }
+
+    def tool_node(state: dict[str, Any]) -> dict[str, Any]:
+        result = []
+        for call in state["messages"][-1].tool_calls:
+            t = tools_by_name[call["name"]]
+            observation = t.invoke(call["args"])
+            result.append(ToolMessage(content=observation, tool_call_id=call["id"]))
+        return {"messages": result}
+
+    def should_continue(state: MessagesState) -> Literal["tool_node", "__end__"]:
+        last_message = state["messages"][-1]
+        if getattr(last_message, "tool_calls", None):
+            return "tool_node"
+        return END
+
+    agent_builder = StateGraph(MessagesState)
+    agent_builder.add_node("llm_call", llm_call)
+    agent_builder.add_node("tool_node", tool_node)
+    agent_builder.add_edge(START, "llm_call")
+    agent_builder.add_conditional_edges("llm_call", should_continue, ["tool_node", END])
+    agent_builder.add_edge("tool_node", "llm_call")
+    return agent_builder
+
+
+def test_add_harness_leaves_a_good_run_unchanged() -> None:
+    plain = _docs_react_loop(_model("a")).compile().invoke({"messages": [HumanMessage("go")]})
+    builder = add_harness(
+        _docs_react_loop(_model("a")), model_node="llm_call", tools_node="tool_node"
+    )
+    out = builder.compile().invoke({"messages": [HumanMessage("go")]})
+    assert [m.content for m in out["messages"]] == [m.content for m in plain["messages"]]
+    assert out["messages"][2].additional_kwargs["harness"]["verdict"]["action"] == "ok"
+
+
+def test_add_harness_sends_a_silent_failure_back_to_the_users_model_node() -> None:
+    builder = add_harness(
+        _docs_react_loop(_model("empty", "good", answer="Value is 42.")),
+        model_node="llm_call",
+        tools_node="tool_node",
+        contracts={"lookup": ToolContract()},
+    )
+    out = builder.compile().invoke({"messages": [HumanMessage("go")]})
+    verdicts = [m.additional_kwargs["harness"]["verdict"] for m in out["messages"][2::2][:2]]
+    assert [v["action"] for v in verdicts] == ["retry", "ok"]
+    assert verdicts[0]["reasons"][0].startswith("empty result")
+    assert out["messages"][-1].content == "Value is 42."
+
+
+def test_add_harness_stops_the_task_when_retries_are_exhausted() -> None:
+    builder = add_harness(
+        _docs_react_loop(_model("empty", "empty")),
+        model_node="llm_call",
+        tools_node="tool_node",
+        contracts={"lookup": ToolContract(max_retries=1)},
+    )
+    out = builder.compile().invoke({"messages": [HumanMessage("go")]})
+    assert out["messages"][-1].content.startswith("I stopped: a tool output failed verification")
+    outcome = out["messages"][-1].additional_kwargs["harness"]["outcome"]
+    assert outcome["status"] == "verification_failed"
+
+
+def test_add_harness_keeps_the_users_node_objects() -> None:
+    builder = _docs_react_loop(_model("a"))
+    before = {name: spec.runnable for name, spec in builder.nodes.items()}
+    add_harness(builder, model_node="llm_call", tools_node="tool_node")
+    assert all(builder.nodes[name].runnable is r for name, r in before.items())
+    assert ("tool_node", "verify") in builder.edges and (
+        "tool_node",
+        "llm_call",
+    ) not in builder.edges
+
+
+def test_add_harness_works_with_a_richer_state() -> None:
+    class State(TypedDict):
+        messages: Annotated[list[AnyMessage], add_messages]
+        notes: str
+
+    model = _model("empty", "good").bind_tools(tools)
+    builder = StateGraph(State)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode(tools))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    graph = add_harness(builder, model_node="agent", tools_node="tools").compile()
+    out = graph.invoke({"messages": [HumanMessage("go")], "notes": "kept"})
+    assert out["notes"] == "kept" and out["messages"][-1].content == "Done."
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        pytest.param(
+            {"model_node": "agent", "tools_node": "tool_node"},
+            "model_node='agent' is not a node of this graph",
+            id="missing-model-node",
+        ),
+        pytest.param(
+            {"model_node": "llm_call", "tools_node": "llm_call"},
+            "'llm_call' must leave by exactly one plain edge",
+            id="tools-node-branches",
+        ),
+        pytest.param(
+            {"model_node": "llm_call", "tools_node": "tool_node", "verify_node": "llm_call"},
+            "already has a node named 'llm_call'",
+            id="name-clash",
+        ),
+    ],
+)
+def test_add_harness_wiring_errors(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        add_harness(_docs_react_loop(_model()), **kwargs)
