@@ -42,6 +42,19 @@ from harness_nodes.errors import (
     VerificationFailed,
 )
 from harness_nodes.pricing import ModelPrice, Pricing
+from harness_nodes.review import (
+    ActionRequest,
+    ConfidenceScorer,
+    DecisionType,
+    HumanReview,
+    ReviewConfig,
+    ReviewDecision,
+    ReviewPolicy,
+    ReviewRequest,
+    Risk,
+    TraceExcerpt,
+    check_decisions,
+)
 from harness_nodes.state import (
     Escalation,
     EscalationKind,
@@ -79,6 +92,7 @@ from harness_nodes.verify import (
 from harness_nodes.wiring import ModelNode, add_harness, build_harnessed_agent
 
 __all__ = [
+    "ActionRequest",
     "AlreadyDecided",
     "AsyncEffectLedger",
     "BackendError",
@@ -87,6 +101,8 @@ __all__ = [
     "BudgetError",
     "BudgetExceeded",
     "Check",
+    "ConfidenceScorer",
+    "DecisionType",
     "EffectContext",
     "EffectError",
     "EffectKind",
@@ -100,6 +116,7 @@ __all__ = [
     "EscalationKind",
     "HarnessError",
     "HarnessState",
+    "HumanReview",
     "InvalidDecision",
     "Masker",
     "MessagesOnly",
@@ -111,9 +128,14 @@ __all__ = [
     "OutcomeStatus",
     "Pricing",
     "Report",
+    "ReviewConfig",
+    "ReviewDecision",
     "ReviewError",
     "ReviewNotFound",
+    "ReviewPolicy",
     "ReviewRecord",
+    "ReviewRequest",
+    "Risk",
     "RunFailed",
     "RunSummary",
     "Spend",
@@ -122,6 +144,7 @@ __all__ = [
     "TaskNotFinished",
     "ToolContract",
     "Trace",
+    "TraceExcerpt",
     "TraceNode",
     "UnguardedEffect",
     "UnknownGraph",
@@ -136,6 +159,7 @@ __all__ = [
     "add_harness",
     "build_harnessed_agent",
     "build_trace",
+    "check_decisions",
     "current_effect",
     "effect",
     "effect_kind",

@@ -1,0 +1,402 @@
+"""ReviewPolicy and the HumanReview node, run inside real graphs on every backend."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode
+from langgraph.types import Command
+
+from harness_nodes import (
+    HumanReview,
+    InvalidDecision,
+    ReviewDecision,
+    ReviewPolicy,
+    UserError,
+    check_decisions,
+)
+from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+from tests.harness_nodes import review_app
+from tests.harness_nodes.review_app import EFFECTS, TOOLS, build_builder, refund_turns
+
+
+@pytest.fixture(autouse=True)
+def _reset_effects() -> None:
+    EFFECTS.clear()
+
+
+def _cfg() -> dict[str, Any]:
+    return {"configurable": {"thread_id": f"t-{uuid.uuid4().hex[:8]}"}}
+
+
+def _paused(checkpointer: BaseCheckpointSaver[Any], **kw: Any) -> tuple[Any, dict[str, Any], Any]:
+    graph = build_builder(**kw).compile(checkpointer=checkpointer)
+    cfg = _cfg()
+    out = graph.invoke({"messages": [HumanMessage("refund order A1")]}, cfg, durability="sync")
+    return graph, cfg, out
+
+
+# --- policy --------------------------------------------------------------------------------
+
+
+def test_policy_checks_never_always_irreversible_rules_confidence_in_order() -> None:
+    policy = ReviewPolicy(
+        irreversible=["send_email"],
+        always=["delete"],
+        never=["lookup"],
+        rules={"refund": lambda a: a["amount"] > 100},
+        min_confidence=0.7,
+    )
+    calls = {
+        "lookup": tool_call("lookup", {"order": "A1"}, id="c1"),
+        "delete": tool_call("delete", {}, id="c2"),
+        "email": tool_call("send_email", {"to": "x"}, id="c3"),
+        "big": tool_call("refund", {"amount": 101}, id="c4"),
+        "small": tool_call("refund", {"amount": 100}, id="c5"),
+        "unsure": tool_call("search", {}, id="c6"),
+        "sure": tool_call("search2", {}, id="c7"),
+    }
+    msg = AIMessage(
+        "",
+        tool_calls=list(calls.values()),
+        additional_kwargs={"harness": {"confidence": {"c6": 0.4, "c7": 0.9, "c1": 0.0}}},
+    )
+    flags = {k: policy.check(c, msg) for k, c in calls.items()}
+    assert flags["lookup"] is None  # never wins even at confidence 0
+    assert flags["delete"] is not None and flags["delete"].trigger == "always"
+    assert flags["email"] is not None and (flags["email"].trigger, flags["email"].risk) == (
+        "irreversible",
+        "high",
+    )
+    assert flags["big"] is not None and flags["big"].trigger == "argument_rule"
+    assert flags["small"] is None
+    assert flags["unsure"] is not None and flags["unsure"].reason == (
+        "confidence 0.40 is below 0.70"
+    )
+    assert flags["sure"] is None
+
+
+def test_policy_uses_a_user_scorer() -> None:
+    policy = ReviewPolicy(min_confidence=0.5, scorer=lambda call, msg: len(call["args"]) / 4)
+    msg = ai(tool_calls=[])
+    assert policy.check(tool_call("x", {"a": 1}), msg) is not None
+    assert policy.check(tool_call("x", {"a": 1, "b": 2, "c": 3}), msg) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        pytest.param({"never": ["a"], "always": ["a"]}, "both in 'never'", id="never-and-always"),
+        pytest.param({"min_confidence": 1.5}, "must be in [0, 1]", id="confidence-range"),
+        pytest.param({"scorer": lambda c, m: 1.0}, "needs min_confidence", id="scorer-alone"),
+        pytest.param({"irreversible": "refund"}, "collection of tool names", id="bare-string"),
+    ],
+)
+def test_policy_wiring_mistakes_raise_user_error(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        ReviewPolicy(**kwargs)
+
+
+def test_review_decision_accepts_agent_inbox_words() -> None:
+    assert ReviewDecision.model_validate({"type": "accept", "args": None}).type == "approve"
+    assert ReviewDecision.model_validate({"type": "ignore", "args": None}).type == "reject"
+    edit = ReviewDecision.model_validate(
+        {"type": "edit", "args": {"action": "refund", "args": {"order": "A1", "amount": 5}}}
+    )
+    assert edit.args == {"order": "A1", "amount": 5}
+    resp = ReviewDecision.model_validate({"type": "response", "args": "no"})
+    assert (resp.type, resp.message) == ("respond", "no")
+
+
+# --- the node in a graph -------------------------------------------------------------------
+
+
+def test_irreversible_call_pauses_before_any_tool_runs(
+    checkpointer: BaseCheckpointSaver[Any],
+) -> None:
+    graph, cfg, out = _paused(checkpointer)
+    [intr] = out["__interrupt__"]
+    [req] = intr.value  # the read-only sibling needs no review: one request
+    assert req["action_request"] == {"action": "refund", "args": {"order": "A1", "amount": 250}}
+    assert req["config"] == {
+        "allow_accept": True,
+        "allow_edit": True,
+        "allow_respond": True,
+        "allow_ignore": True,
+    }
+    assert (req["trigger"], req["risk"], req["tool_call_id"]) == (
+        "argument_rule",
+        "high",
+        "call_refund",
+    )
+    assert req["reason"] == "refund of $250 > $100"
+    assert "model called refund" in req["trace"]["steps"][0]
+    assert req["trace"]["tokens"] > 0
+    assert intr.response_schema is not None  # a UI can render the decision form
+    assert EFFECTS == {}  # nothing ran, not even the read-only sibling
+    assert graph.get_state(cfg).next == ("review",)
+
+
+@pytest.mark.parametrize(
+    ("decision", "refunds", "refund_result"),
+    [
+        pytest.param({"type": "approve"}, 1, "refunded 250 on A1", id="approve"),
+        pytest.param(
+            {"type": "edit", "args": {"order": "A1", "amount": 80}},
+            1,
+            "refunded 80 on A1",
+            id="edit",
+        ),
+        pytest.param(
+            {"type": "reject", "message": "over the limit"}, 0, "over the limit", id="reject"
+        ),
+        pytest.param(
+            {"type": "respond", "message": "Refund already issued yesterday."},
+            0,
+            "Refund already issued yesterday.",
+            id="respond",
+        ),
+    ],
+)
+def test_each_decision_resumes_and_no_tool_runs_twice(
+    checkpointer: BaseCheckpointSaver[Any],
+    decision: dict[str, Any],
+    refunds: int,
+    refund_result: str,
+) -> None:
+    graph, cfg, _ = _paused(checkpointer)
+    out = graph.invoke(Command(resume=decision), cfg, durability="sync")
+    # The parallel read-only sibling ran exactly once, after the decision; the refund at most once.
+    assert EFFECTS["lookup"] == 1
+    assert EFFECTS["refund"] == refunds
+    msgs = out["messages"]
+    tool_msgs = {m.tool_call_id: m for m in msgs if isinstance(m, ToolMessage)}
+    assert set(tool_msgs) == {"call_refund", "call_lookup"}
+    assert refund_result in tool_msgs["call_refund"].content
+    assert msgs[-1].content.startswith("Done: ")  # the model continued with the results
+    ai_msgs = [m for m in msgs if isinstance(m, AIMessage)]
+    first = ai_msgs[0]
+    assert (
+        first.additional_kwargs["harness"]["reviews"]["call_refund"]["decision"]
+        == (decision["type"])
+    )
+    if decision["type"] == "edit":
+        # edited in place: one AI message with this id, carrying the edited args
+        assert [c["args"] for c in first.tool_calls if c["id"] == "call_refund"] == [
+            {"order": "A1", "amount": 80}
+        ]
+        assert len([m for m in msgs if m.id == first.id]) == 1
+    if decision["type"] in ("reject", "respond"):
+        status = "error" if decision["type"] == "reject" else "success"
+        assert tool_msgs["call_refund"].status == status
+    # Replaying the finished thread runs nothing again.
+    graph.invoke(None, cfg, durability="sync")
+    assert EFFECTS["lookup"] == 1 and EFFECTS["refund"] == refunds
+
+
+@pytest.mark.parametrize(
+    ("policy", "decision", "reason"),
+    [
+        pytest.param(None, 42, "expected a decision object", id="wrong-type"),
+        pytest.param(None, {"type": "maybe"}, "Input should be 'approve'", id="unknown-action"),
+        pytest.param(
+            ReviewPolicy(rules={"refund": lambda a: True}, allow_edit=False),
+            {"type": "edit", "args": {"order": "A1", "amount": 1}},
+            "'edit' is not allowed for refund",
+            id="edit-not-editable",
+        ),
+        pytest.param(
+            None,
+            {"type": "edit", "args": {"order": "A1", "amount": "lots"}},
+            "fail its schema",
+            id="args-fail-schema",
+        ),
+        pytest.param(None, {"type": "respond"}, "non-empty 'message'", id="respond-no-message"),
+        pytest.param(
+            None,
+            [{"type": "approve"}, {"type": "approve"}],
+            "2 decision(s) for 1 call(s)",
+            id="wrong-count",
+        ),
+    ],
+)
+def test_malformed_decision_is_refused_and_the_run_stays_paused(
+    checkpointer: BaseCheckpointSaver[Any],
+    policy: ReviewPolicy | None,
+    decision: Any,
+    reason: str,
+) -> None:
+    graph, cfg, _ = _paused(checkpointer, policy=policy)
+    with pytest.raises(InvalidDecision, match=re.escape(reason)):
+        graph.invoke(Command(resume=decision), cfg, durability="sync")
+    state = graph.get_state(cfg)
+    assert state.next == ("review",) and len(state.interrupts) == 1
+    assert EFFECTS == {}
+    # Nothing was lost: a valid decision still resumes the same pause.
+    out = graph.invoke(Command(resume={"type": "approve"}), cfg, durability="sync")
+    assert out["messages"][-1].content.startswith("Done: refunded")
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+def test_all_calls_needing_review_are_batched_into_one_interrupt() -> None:
+    script = [
+        ai(
+            tool_calls=[
+                tool_call("refund", {"order": "A1", "amount": 500}, id="r1"),
+                tool_call("send_email", {"to": "a@b.c", "body": "hi"}, id="e1"),
+                tool_call("lookup", {"order": "A1"}, id="l1"),
+            ]
+        ),
+        ai("ok"),
+    ]
+    graph = build_builder(script=script).compile(checkpointer=InMemorySaver())
+    cfg = _cfg()
+    out = graph.invoke({"messages": [HumanMessage("go")]}, cfg)
+    [intr] = out["__interrupt__"]
+    assert [r["tool_call_id"] for r in intr.value] == ["r1", "e1"]
+    with pytest.raises(InvalidDecision, match="one edit cannot apply to 2 calls"):
+        graph.invoke(Command(resume={"type": "edit", "args": {}}), cfg)
+    decisions = [
+        {"type": "reject", "message": "no", "tool_call_id": "r1"},
+        {"type": "approve", "tool_call_id": "e1"},
+    ]
+    graph.invoke(Command(resume=list(reversed(decisions))), cfg)  # matched by call id
+    assert EFFECTS == {"send_email": 1, "lookup": 1}
+
+
+def test_calls_no_one_flags_go_straight_to_the_tools() -> None:
+    script = [ai(tool_calls=[tool_call("lookup", {"order": "A1"}, id="l1")]), ai("ok")]
+    graph = build_builder(script=script).compile(checkpointer=InMemorySaver())
+    out = graph.invoke({"messages": [HumanMessage("go")]}, _cfg())
+    assert "__interrupt__" not in out and EFFECTS == {"lookup": 1}
+
+
+def test_low_confidence_from_the_model_pauses() -> None:
+    # A model node that reports its confidence on the AI message's harness metadata.
+    model = ScriptedChatModel(script=[ai(tool_calls=[tool_call("lookup", {"order": "A1"})])])
+    review = HumanReview(ReviewPolicy(min_confidence=0.6), tools=TOOLS)
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        msg = model.invoke(state["messages"])
+        msg.additional_kwargs["harness"] = {"confidence": 0.3}
+        return {"messages": [msg]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode(TOOLS))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    graph = builder.compile(checkpointer=InMemorySaver())
+    out = graph.invoke({"messages": [HumanMessage("go")]}, _cfg())
+    [req] = out["__interrupt__"][0].value
+    assert (req["trigger"], req["reason"]) == ("low_confidence", "confidence 0.30 is below 0.60")
+    assert EFFECTS == {}
+
+
+def _escalating_graph(kind: str, checkpointer: BaseCheckpointSaver[Any]) -> Any:
+    """tools → a verifier-like node that escalates the refund's result → review → agent."""
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 20}, id="r1")]),
+            lambda msgs: "final: " + str(msgs[-1].content),
+        ]
+    )
+    review = HumanReview(ReviewPolicy(), tools=TOOLS)
+
+    def escalate(state: MessagesState) -> dict[str, Any]:
+        last = state["messages"][-1]
+        assert isinstance(last, ToolMessage)
+        esc = {
+            "kind": kind,
+            "reason": "refund outcome unknown" if kind == "effect_unknown" else "empty body",
+            "tool": "refund",
+            "tool_call_id": last.tool_call_id,
+            "args": {"order": "A1", "amount": 20},
+        }
+        flagged = last.model_copy(update={"additional_kwargs": {"harness": {"escalation": esc}}})
+        return {"messages": [flagged]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode(TOOLS))
+    builder.add_node("verify", escalate)
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_edge("tools", "verify")
+    builder.add_conditional_edges("verify", review.route)
+    return builder.compile(checkpointer=checkpointer)
+
+
+@pytest.mark.parametrize(
+    ("kind", "decision", "expected"),
+    [
+        pytest.param("verification", {"type": "approve"}, "final: refunded 20", id="verif-ok"),
+        pytest.param(
+            "verification",
+            {"type": "respond", "message": "refund id R-9"},
+            "final: refund id R-9",
+            id="verif-respond",
+        ),
+        pytest.param(
+            "effect_unknown",
+            {"type": "approve"},
+            "final: A human reviewer confirmed the call took effect.",
+            id="effect-happened",
+        ),
+        pytest.param(
+            "effect_unknown",
+            {"type": "reject", "message": "bank shows nothing"},
+            "did NOT take effect. Reviewer's note: bank shows nothing",
+            id="effect-did-not",
+        ),
+    ],
+)
+def test_escalations_get_sensible_decisions(
+    checkpointer: BaseCheckpointSaver[Any], kind: str, decision: dict[str, Any], expected: str
+) -> None:
+    graph = _escalating_graph(kind, checkpointer)
+    cfg = _cfg()
+    out = graph.invoke({"messages": [HumanMessage("refund")]}, cfg, durability="sync")
+    [req] = out["__interrupt__"][0].value
+    assert (req["kind"], req["trigger"]) == ("escalation", kind)
+    assert req["config"]["allow_edit"] is False
+    with pytest.raises(InvalidDecision, match="'edit' is not allowed"):
+        graph.invoke(Command(resume={"type": "edit", "args": {}}), cfg, durability="sync")
+    out = graph.invoke(Command(resume=decision), cfg, durability="sync")
+    assert expected in out["messages"][-1].content
+    assert EFFECTS == {"refund": 1}  # escalation never re-runs the tool
+    [tool_msg] = [m for m in out["messages"] if isinstance(m, ToolMessage)]
+    assert "escalation" not in tool_msg.additional_kwargs["harness"]
+    assert tool_msg.additional_kwargs["harness"]["review"]["decision"] == decision["type"]
+
+
+def test_check_decisions_matches_the_node_for_agent_inbox_lists() -> None:
+    graph, cfg, out = _paused(InMemorySaver())
+    requests = out["__interrupt__"][0].value
+    inbox = [{"type": "edit", "args": {"action": "refund", "args": {"order": "A1", "amount": 9}}}]
+    [d] = check_decisions(requests, inbox, TOOLS)
+    assert (d.type, d.args) == ("edit", {"order": "A1", "amount": 9})
+    out = graph.invoke(Command(resume=inbox), cfg)
+    assert "refunded 9 on A1" in out["messages"][-1].content
+
+
+def test_review_node_works_with_a_module_level_builder() -> None:
+    # The CLI loads this builder by spec; it must compile and pause like the others.
+    graph = review_app.builder.compile(checkpointer=InMemorySaver())
+    out = graph.invoke({"messages": [HumanMessage("refund")]}, _cfg())
+    assert out["__interrupt__"][0].value[0]["action_request"]["action"] == "refund"
+
+
+def test_refund_under_the_limit_needs_no_review() -> None:
+    graph = build_builder(script=refund_turns(amount=40)).compile(checkpointer=InMemorySaver())
+    out = graph.invoke({"messages": [HumanMessage("refund")]}, _cfg())
+    assert "__interrupt__" not in out and EFFECTS == {"refund": 1, "lookup": 1}
