@@ -267,6 +267,15 @@ BEGIN
 END $$
 """
 
+_REVIEW_QUEUE_INDEXES = """
+CREATE INDEX IF NOT EXISTS harness_reviews_reason
+    ON harness_reviews (status, reason, created_at);
+CREATE INDEX IF NOT EXISTS harness_reviews_age ON harness_reviews (status, created_at);
+CREATE INDEX IF NOT EXISTS harness_reviews_assignee_age
+    ON harness_reviews (status, assignee, created_at);
+CREATE INDEX IF NOT EXISTS harness_reviews_deadline ON harness_reviews (status, deadline)
+"""
+
 _EFFECTS_0201 = """
 ALTER TABLE harness_effects ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE harness_effects ADD COLUMN resolved_by TEXT;
@@ -304,6 +313,12 @@ MIGRATIONS: list[Migration] = [
         name="0202_runs_error_and_lease_index",
         postgres=_RUNS_0202,
         sqlite=_RUNS_0202,
+    ),
+    # Review queue filters: by reason, by age, by assignee (oldest first), expiry by deadline.
+    Migration(
+        name="0401_review_queue_indexes",
+        postgres=_REVIEW_QUEUE_INDEXES,
+        sqlite=_REVIEW_QUEUE_INDEXES,
     ),
 ]
 """Every harness migration, in the order they apply. Append; never edit an applied one."""

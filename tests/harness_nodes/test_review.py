@@ -201,45 +201,59 @@ def test_each_decision_resumes_and_no_tool_runs_twice(
     assert EFFECTS["lookup"] == 1 and EFFECTS["refund"] == refunds
 
 
-@pytest.mark.parametrize(
-    ("policy", "decision", "reason"),
-    [
-        pytest.param(None, 42, "expected a decision object", id="wrong-type"),
-        pytest.param(None, {"type": "maybe"}, "Input should be 'approve'", id="unknown-action"),
-        pytest.param(
-            ReviewPolicy(rules={"refund": lambda a: True}, allow_edit=False),
-            {"type": "edit", "args": {"order": "A1", "amount": 1}},
-            "'edit' is not allowed for refund",
-            id="edit-not-editable",
-        ),
-        pytest.param(
-            None,
-            {"type": "edit", "args": {"order": "A1", "amount": "lots"}},
-            "fail its schema",
-            id="args-fail-schema",
-        ),
-        pytest.param(None, {"type": "respond"}, "non-empty 'message'", id="respond-no-message"),
-        pytest.param(
-            None,
-            [{"type": "approve"}, {"type": "approve"}],
-            "2 decision(s) for 1 call(s)",
-            id="wrong-count",
-        ),
-    ],
-)
+MALFORMED = [
+    pytest.param(None, 42, "expected a decision object", id="wrong-type"),
+    pytest.param(None, {"type": "maybe"}, "Input should be 'approve'", id="unknown-action"),
+    pytest.param(
+        ReviewPolicy(rules={"refund": lambda a: True}, allow_edit=False),
+        {"type": "edit", "args": {"order": "A1", "amount": 1}},
+        "'edit' is not allowed for refund",
+        id="edit-not-editable",
+    ),
+    pytest.param(
+        None,
+        {"type": "edit", "args": {"order": "A1", "amount": "lots"}},
+        "fail its schema",
+        id="args-fail-schema",
+    ),
+    pytest.param(None, {"type": "respond"}, "non-empty 'message'", id="respond-no-message"),
+    pytest.param(
+        None,
+        [{"type": "approve"}, {"type": "approve"}],
+        "2 decision(s) for 1 call(s)",
+        id="wrong-count",
+    ),
+]
+
+
+@pytest.mark.parametrize(("policy", "decision", "reason"), MALFORMED)
 def test_malformed_decision_is_refused_and_the_run_stays_paused(
-    checkpointer: BaseCheckpointSaver[Any],
-    policy: ReviewPolicy | None,
-    decision: Any,
-    reason: str,
+    policy: ReviewPolicy | None, decision: Any, reason: str
 ) -> None:
-    graph, cfg, _ = _paused(checkpointer, policy=policy)
+    graph, cfg, _ = _paused(InMemorySaver(), policy=policy)
     with pytest.raises(InvalidDecision, match=re.escape(reason)):
-        graph.invoke(Command(resume=decision), cfg, durability="sync")
+        graph.invoke(Command(resume=decision), cfg)
     state = graph.get_state(cfg)
     assert state.next == ("review",) and len(state.interrupts) == 1
     assert EFFECTS == {}
     # Nothing was lost: a valid decision still resumes the same pause.
+    out = graph.invoke(Command(resume={"type": "approve"}), cfg)
+    assert out["messages"][-1].content.startswith("Done: refunded")
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+def test_refused_decisions_are_not_saved_on_durable_savers(
+    checkpointer: BaseCheckpointSaver[Any],
+) -> None:
+    # Several bad answers in a row on a real saver, then a good one: the pause survives each.
+    graph, cfg, _ = _paused(checkpointer)
+    for case in MALFORMED:
+        policy, decision, reason = case.values
+        if policy is not None:
+            continue
+        with pytest.raises(InvalidDecision, match=re.escape(str(reason))):
+            graph.invoke(Command(resume=decision), cfg, durability="sync")
+        assert graph.get_state(cfg).next == ("review",)
     out = graph.invoke(Command(resume={"type": "approve"}), cfg, durability="sync")
     assert out["messages"][-1].content.startswith("Done: refunded")
     assert EFFECTS == {"refund": 1, "lookup": 1}
@@ -361,9 +375,9 @@ def _escalating_graph(kind: str, checkpointer: BaseCheckpointSaver[Any]) -> Any:
     ],
 )
 def test_escalations_get_sensible_decisions(
-    checkpointer: BaseCheckpointSaver[Any], kind: str, decision: dict[str, Any], expected: str
+    kind: str, decision: dict[str, Any], expected: str
 ) -> None:
-    graph = _escalating_graph(kind, checkpointer)
+    graph = _escalating_graph(kind, InMemorySaver())
     cfg = _cfg()
     out = graph.invoke({"messages": [HumanMessage("refund")]}, cfg, durability="sync")
     [req] = out["__interrupt__"][0].value

@@ -1,0 +1,907 @@
+"""`ReviewQueue`: every paused review across all threads, in one indexed table.
+
+Open-source LangGraph keeps interrupts inside each thread's checkpoints, so finding the
+pending ones means scanning every thread. The queue keeps one row per pause in
+``harness_reviews`` (keyed on thread + interrupt id), lists them with filters served by an
+index, shows each with its trace, and applies a decision: it validates it, records who
+decided what (``harness_review_audit``), resumes the run with ``Command(resume=...)`` and
+``durability="sync"``, and lets exactly one of several racing reviewers win.
+
+Rows are written from the graph's state after a run pauses (`ReviewQueue.sync`, called by
+`ReviewQueue.invoke` and after every decision), never from inside the node: the node stays
+pure before ``interrupt()``, and the upsert is idempotent, so syncing twice is harmless and a
+crash between the pause and the sync loses nothing (the pause is in the checkpoint; sync
+again). See ``docs/decisions/0006-review-queue.md``.
+
+Example:
+    ```python
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+
+    from checkpointers import open_backend
+    from harness_nodes import HumanReview, ReviewPolicy, ReviewQueue
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+
+    @tool
+    def refund(order: str, amount: float) -> str:
+        \"\"\"Refund an order.\"\"\"
+        return f"refunded {amount} on {order}"
+
+
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 250})]), ai("Done.")]
+    )
+    review = HumanReview(ReviewPolicy(irreversible=["refund"]), tools=[refund])
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode([refund]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_edge("tools", "agent")
+
+    with open_backend("memory://") as backend:
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        queue = ReviewQueue(backend, graph)
+        queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="t1")
+        [item] = queue.pending()
+        assert item.reason == "irreversible"
+        done = queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert done["messages"][-1].content == "Done."
+    ```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import BaseTool
+from langgraph.types import Command, Interrupt, StateSnapshot
+
+from harness_nodes.errors import AlreadyDecided, InvalidDecision, ReviewNotFound, UserError
+from harness_nodes.review import (
+    HumanReview,
+    ReviewDecision,
+    ReviewRequest,
+    check_decisions,
+    trace_excerpt,
+)
+
+if TYPE_CHECKING:
+    from langgraph.pregel import Pregel
+
+    from checkpointers import AsyncBackend, Backend
+    from checkpointers.backend import Row
+
+__all__ = [
+    "AsyncReviewQueue",
+    "PendingOrder",
+    "ReviewDetail",
+    "ReviewItem",
+    "ReviewQueue",
+    "ReviewStatus",
+]
+
+ReviewStatus = Literal["pending", "decided", "applied", "closed"]
+"""``pending`` → ``decided`` (a reviewer won; the run is resuming) → ``applied`` (resumed).
+``closed``: the pause was answered outside the queue (the run moved on without it)."""
+
+_RISK_PRIORITY = {"low": 0, "medium": 1, "high": 2}
+_RISK_ORDER = _RISK_PRIORITY
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    """One paused review in the queue."""
+
+    id: str
+    """The item's id (stable: derived from thread and interrupt id)."""
+    thread_id: str
+    """The paused task's thread."""
+    interrupt_id: str
+    """LangGraph's id of the interrupt (what ``Command(resume={id: ...})`` answers)."""
+    task_type: str
+    """The task's type (from ``state["task"]`` or the run's metadata)."""
+    reason: str
+    """Why it was paused, as a category (the riskiest request's trigger)."""
+    risk: str
+    """The highest risk among the requests."""
+    status: ReviewStatus
+    """Where it is in its life."""
+    priority: int
+    """Higher first; defaults from the risk."""
+    assignee: str | None
+    """Who should decide, if assigned."""
+    deadline: float | None
+    """Epoch seconds after which the expiry policy applies."""
+    created_at: float
+    """Epoch seconds when the queue saw the pause."""
+    requests: list[ReviewRequest]
+    """What the reviewer decides on, one request per call."""
+    decision: list[dict[str, Any]] | None = None
+    """The winning decisions (one per request), once decided."""
+    decided_by: str | None = None
+    """Who decided."""
+    decided_at: float | None = None
+    """When."""
+
+    @property
+    def age(self) -> float:
+        """Seconds since the queue saw the pause."""
+        return max(0.0, time.time() - self.created_at)
+
+
+@dataclass(frozen=True)
+class ReviewDetail:
+    """An item with the task's trace so far (`ReviewQueue.show`)."""
+
+    item: ReviewItem
+    """The queue row."""
+    trace: list[str]
+    """The task's steps so far, oldest first: checkpoints, then the decisions that led here."""
+    audit: list[dict[str, Any]] = field(default_factory=list)
+    """Audit rows for this item (who, when, what, before/after args)."""
+
+
+# --- SQL shared by the sync and async queues ------------------------------------------------
+
+_COLUMNS = (
+    "id, thread_id, interrupt_id, task_type, reason, risk, request, status, priority, "
+    "assignee, deadline, created_at, decision, decided_by, decided_at"
+)
+_INSERT = (
+    "INSERT INTO harness_reviews (id, thread_id, interrupt_id, task_type, reason, risk, "
+    "request, status, priority, assignee, deadline, created_at) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s, %s) "
+    "ON CONFLICT (thread_id, interrupt_id) DO NOTHING"
+)
+_CLAIM = (
+    "UPDATE harness_reviews SET status = 'decided', decision = %s, decided_by = %s, "
+    "decided_at = %s WHERE id = %s AND status = 'pending' RETURNING id"
+)
+_AUDIT = (
+    "INSERT INTO harness_review_audit (review_id, reviewer, decision, before, after, at) "
+    "VALUES (%s, %s, %s, %s, %s, %s)"
+)
+
+
+PendingOrder = Literal["age", "urgency"]
+"""``age``: oldest first. ``urgency``: highest priority first, then earliest deadline
+(items without one after those with one), then oldest."""
+
+_ORDERS: dict[str, str] = {
+    "age": "created_at, id",
+    "urgency": "priority DESC, CASE WHEN deadline IS NULL THEN 1 ELSE 0 END, deadline, "
+    "created_at, id",
+}
+
+
+def review_id_for(thread_id: str, interrupt_id: str) -> str:
+    """The queue id of the pause *interrupt_id* in *thread_id* (stable across processes).
+
+    Example:
+        ```python
+        from harness_nodes.review_queue import review_id_for
+
+        assert review_id_for("t1", "abc") == review_id_for("t1", "abc")
+        assert len(review_id_for("t1", "abc")) == 16
+        ```
+    """
+    return hashlib.sha256(f"{thread_id}\x00{interrupt_id}".encode()).hexdigest()[:16]
+
+
+def pending_sql(
+    *,
+    task_type: str | None = None,
+    reason: str | None = None,
+    assignee: str | None = None,
+    older_than: float | None = None,
+    newer_than: float | None = None,
+    limit: int = 100,
+    offset: int = 0,
+    order: PendingOrder = "age",
+    now: float | None = None,
+) -> tuple[str, list[Any]]:
+    """The query `ReviewQueue.pending` runs (exposed so tests can EXPLAIN it)."""
+    now = time.time() if now is None else now
+    where = ["status = 'pending'"]
+    params: list[Any] = []
+    if task_type is not None:
+        where.append("task_type = %s")
+        params.append(task_type)
+    if reason is not None:
+        where.append("reason = %s")
+        params.append(reason)
+    if assignee is not None:
+        where.append("assignee = %s")
+        params.append(assignee)
+    if older_than is not None:
+        where.append("created_at <= %s")
+        params.append(now - older_than)
+    if newer_than is not None:
+        where.append("created_at >= %s")
+        params.append(now - newer_than)
+    sort = _ORDERS.get(order)
+    if sort is None:
+        raise UserError(f"pending(order=...) must be one of {sorted(_ORDERS)}, not {order!r}")
+    sql = (
+        f"SELECT {_COLUMNS} FROM harness_reviews WHERE {' AND '.join(where)} "
+        f"ORDER BY {sort} LIMIT {int(limit)} OFFSET {max(0, int(offset))}"
+    )
+    return sql, params
+
+
+def _item(row: Row) -> ReviewItem:
+    return ReviewItem(
+        id=row["id"],
+        thread_id=row["thread_id"],
+        interrupt_id=row["interrupt_id"],
+        task_type=row["task_type"],
+        reason=row["reason"],
+        risk=row["risk"],
+        status=row["status"],
+        priority=int(row["priority"]),
+        assignee=row["assignee"],
+        deadline=row["deadline"],
+        created_at=float(row["created_at"]),
+        requests=json.loads(row["request"]),
+        decision=json.loads(row["decision"]) if row["decision"] else None,
+        decided_by=row["decided_by"],
+        decided_at=row["decided_at"],
+    )
+
+
+def _is_review_interrupt(intr: Interrupt) -> bool:
+    value = intr.value
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(v, Mapping) and "action_request" in v and "tool_call_id" in v for v in value
+        )
+    )
+
+
+def _task_type(snapshot: StateSnapshot) -> str:
+    values = snapshot.values if isinstance(snapshot.values, Mapping) else {}
+    task = values.get("task") if isinstance(values, Mapping) else None
+    if isinstance(task, Mapping) and task.get("task_type"):
+        return str(task["task_type"])
+    meta = snapshot.metadata or {}
+    return str(meta.get("task_type") or "default")
+
+
+def _iso(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts or 0.0, UTC).isoformat(timespec="seconds")
+
+
+def _thread_config(thread_id: str, config: RunnableConfig | None) -> RunnableConfig:
+    cfg: dict[str, Any] = dict(config or {})
+    cfg["configurable"] = {**cfg.get("configurable", {}), "thread_id": thread_id}
+    return cast(RunnableConfig, cfg)
+
+
+def _find_tools(graph: Any) -> dict[str, BaseTool]:
+    """The tools of every `HumanReview` node in *graph* (to validate edited arguments)."""
+    tools: dict[str, BaseTool] = {}
+    builder = getattr(graph, "builder", None)
+    for spec in getattr(builder, "nodes", {}).values():
+        func = getattr(getattr(spec, "runnable", None), "func", None)
+        if isinstance(func, HumanReview):
+            tools.update({t.name: t for t in func.tools})
+    return tools
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated decision ready to claim: payload for the graph and the audit row."""
+
+    payload: list[dict[str, Any]]
+    before: list[dict[str, Any]]
+    after: list[dict[str, Any]]
+
+
+class _QueueCore:
+    """What the sync and async queues share: configuration, rows → items, validation."""
+
+    def __init__(
+        self,
+        graph: Pregel[Any, Any, Any, Any],
+        *,
+        tools: Sequence[BaseTool] | None,
+        assignee: str | None,
+        deadline: float | None,
+        on_expire: Literal["reject", "escalate"],
+        escalate_to: str | None,
+    ) -> None:
+        if on_expire not in ("reject", "escalate"):
+            raise UserError(
+                f"ReviewQueue.on_expire must be 'reject' or 'escalate', not {on_expire!r}"
+            )
+        if on_expire == "escalate" and not escalate_to:
+            raise UserError("ReviewQueue(on_expire='escalate') needs escalate_to (an assignee)")
+        if deadline is not None and deadline <= 0:
+            raise UserError(
+                f"ReviewQueue.deadline must be a positive number of seconds, not {deadline}"
+            )
+        if getattr(graph, "checkpointer", None) is None:
+            raise UserError("ReviewQueue needs a graph compiled with a checkpointer")
+        self.graph = graph
+        self.tools = {t.name: t for t in tools} if tools is not None else _find_tools(graph)
+        self.assignee = assignee
+        self.deadline = deadline
+        self.on_expire = on_expire
+        self.escalate_to = escalate_to
+
+    def rows_for(self, thread_id: str, snapshot: StateSnapshot) -> list[tuple[Any, ...]]:
+        now = time.time()
+        task_type = _task_type(snapshot)
+        out = []
+        for intr in snapshot.interrupts:
+            if not _is_review_interrupt(intr):
+                continue
+            requests = cast(list[ReviewRequest], intr.value)
+            top = max(requests, key=lambda r: _RISK_ORDER.get(r["risk"], 1))
+            out.append(
+                (
+                    review_id_for(thread_id, intr.id),
+                    thread_id,
+                    intr.id,
+                    task_type,
+                    top["trigger"],
+                    top["risk"],
+                    json.dumps(requests, default=str),
+                    _RISK_PRIORITY.get(top["risk"], 1),
+                    self.assignee,
+                    now + self.deadline if self.deadline else None,
+                    now,
+                )
+            )
+        return out
+
+    def prepare(self, item: ReviewItem, decision: Any, reviewer: str) -> _Prepared:
+        if not reviewer:
+            raise InvalidDecision(item.id, "a reviewer name is required")
+        decisions = check_decisions(item.requests, decision, self.tools, review_id=item.id)
+        payload = [
+            d.model_copy(update={"reviewer": reviewer, "review_id": item.id}).model_dump(
+                exclude_none=True
+            )
+            for d in decisions
+        ]
+        before = [
+            {
+                "tool_call_id": r["tool_call_id"],
+                "action": r["action_request"]["action"],
+                "args": r["action_request"]["args"],
+            }
+            for r in item.requests
+        ]
+        after = [
+            {
+                **b,
+                "args": d.args if d.type == "edit" else b["args"],
+                "decision": d.type,
+                **({"message": d.message} if d.message else {}),
+            }
+            for b, d in zip(before, decisions, strict=True)
+        ]
+        return _Prepared(payload, before, after)
+
+    @staticmethod
+    def already(item: ReviewItem) -> AlreadyDecided:
+        words = sorted({d.get("type", "?") for d in item.decision or []}) or [item.status]
+        by = item.decided_by or "?"
+        return AlreadyDecided(item.id, by, _iso(item.decided_at), "+".join(words))
+
+    @staticmethod
+    def trace(item: ReviewItem, history: list[StateSnapshot]) -> list[str]:
+        lines: list[str] = []
+        for snap in reversed(history):  # history is newest first
+            meta = snap.metadata or {}
+            nxt = ", ".join(snap.next) or "END"
+            lines.append(f"checkpoint step {meta.get('step')} ({meta.get('source')}): next {nxt}")
+        if history:
+            values = history[0].values
+            messages = values.get("messages", []) if isinstance(values, Mapping) else []
+            excerpt = trace_excerpt(messages, limit=50)
+            lines.extend(excerpt["steps"])
+            usd = f", ${excerpt['usd']:.4f}" if excerpt["usd"] is not None else ""
+            lines.append(f"spend so far: {excerpt['tokens']} tokens{usd}")
+        lines.append(f"paused for review {item.id}: {item.requests[0]['description']}")
+        return lines
+
+
+class ReviewQueue:
+    """The cross-thread review queue for one compiled graph, on a `Backend`.
+
+    Args:
+        backend: Where the queue rows live (the same database as the graph's checkpoints).
+        graph: The compiled graph (with a checkpointer) whose runs pause for review.
+        tools: The tools, to validate edited arguments (default: found on the graph's
+            `HumanReview` nodes).
+        assignee: Who new items are assigned to (optional).
+        deadline: Seconds a reviewer has before the expiry policy applies (optional).
+        on_expire: ``"reject"`` (the run continues as if rejected) or ``"escalate"``
+            (reassign to ``escalate_to`` with a fresh deadline and a higher priority).
+        escalate_to: The assignee expired items escalate to.
+
+    See the module docstring for a complete example.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        graph: Pregel[Any, Any, Any, Any],
+        *,
+        tools: Sequence[BaseTool] | None = None,
+        assignee: str | None = None,
+        deadline: float | None = None,
+        on_expire: Literal["reject", "escalate"] = "reject",
+        escalate_to: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self._core = _QueueCore(
+            graph,
+            tools=tools,
+            assignee=assignee,
+            deadline=deadline,
+            on_expire=on_expire,
+            escalate_to=escalate_to,
+        )
+        self.graph = graph
+
+    @property
+    def tools(self) -> dict[str, BaseTool]:
+        """The tools edited arguments are validated against, by name."""
+        return self._core.tools
+
+    # -- running and syncing --
+
+    def invoke(
+        self,
+        input: Any,
+        config: RunnableConfig | None = None,
+        *,
+        thread_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Run the graph (``durability="sync"``) and queue any review it paused for."""
+        cfg: dict[str, Any] = dict(config or {})
+        tid = thread_id or dict(cfg.get("configurable") or {}).get("thread_id")
+        if not tid:
+            raise UserError("ReviewQueue.invoke needs a thread_id")
+        run_cfg = _thread_config(str(tid), cast(RunnableConfig, cfg))
+        result = self.graph.invoke(input, run_cfg, durability="sync")
+        self.sync(str(tid))
+        return cast(dict[str, Any], result)
+
+    def sync(self, thread_id: str, *, recover: bool = False) -> list[ReviewItem]:
+        """Queue the review pauses of *thread_id* (idempotent) and settle finished ones.
+
+        Returns the thread's pending items. Rows whose pause was answered outside the queue
+        are closed. With ``recover=True``, decided rows whose run never resumed (the process
+        died between the decision and the resume) are resumed now — only do this when no
+        other process is still applying that decision.
+        """
+        cfg = _thread_config(thread_id, None)
+        snapshot = self.graph.get_state(cfg)
+        live = {i.id for i in snapshot.interrupts}
+        for row in self._core.rows_for(thread_id, snapshot):
+            self.backend.execute(_INSERT, row)
+        rows = self.backend.execute(
+            f"SELECT {_COLUMNS} FROM harness_reviews WHERE thread_id = %s AND status IN "
+            "('pending', 'decided')",
+            (thread_id,),
+        )
+        pending: list[ReviewItem] = []
+        for item in map(_item, rows):
+            if item.interrupt_id not in live:
+                status = "applied" if item.status == "decided" else "closed"
+                self.backend.execute(
+                    "UPDATE harness_reviews SET status = %s WHERE id = %s AND status = %s",
+                    (status, item.id, item.status),
+                )
+            elif item.status == "decided":
+                if recover:
+                    self._resume(item)  # a decision won but the run never resumed
+            else:
+                pending.append(item)
+        return pending
+
+    # -- reading --
+
+    def pending(
+        self,
+        *,
+        task_type: str | None = None,
+        reason: str | None = None,
+        assignee: str | None = None,
+        older_than: float | None = None,
+        newer_than: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        order: PendingOrder = "age",
+    ) -> list[ReviewItem]:
+        """Pending items across all threads, oldest first, filtered (served by an index).
+
+        Args:
+            task_type: Only this task type.
+            reason: Only this trigger (``irreversible``, ``argument_rule``, ``verification``...).
+            assignee: Only items assigned to this person.
+            older_than: Only items waiting at least this many seconds.
+            newer_than: Only items waiting at most this many seconds.
+            limit: At most this many items.
+            offset: Skip this many (pagination).
+            order: ``"age"`` (oldest first) or ``"urgency"`` (priority, deadline, age).
+        """
+        sql, params = pending_sql(
+            task_type=task_type,
+            reason=reason,
+            assignee=assignee,
+            older_than=older_than,
+            newer_than=newer_than,
+            limit=limit,
+            offset=offset,
+            order=order,
+        )
+        return [_item(r) for r in self.backend.execute(sql, params)]
+
+    def get(self, review_id: str) -> ReviewItem:
+        """The item *review_id*, whatever its status.
+
+        Raises:
+            ReviewNotFound: no such item.
+        """
+        rows = self.backend.execute(
+            f"SELECT {_COLUMNS} FROM harness_reviews WHERE id = %s", (review_id,)
+        )
+        if not rows:
+            raise ReviewNotFound(review_id)
+        return _item(rows[0])
+
+    def show(self, review_id: str) -> ReviewDetail:
+        """The item with the task's trace so far and its audit rows."""
+        item = self.get(review_id)
+        history = list(self.graph.get_state_history(_thread_config(item.thread_id, None)))
+        audit = self.backend.execute(
+            "SELECT reviewer, decision, before, after, at FROM harness_review_audit "
+            "WHERE review_id = %s ORDER BY id",
+            (review_id,),
+        )
+        return ReviewDetail(item=item, trace=self._core.trace(item, history), audit=audit)
+
+    # -- deciding --
+
+    def decide(
+        self,
+        review_id: str,
+        decision: ReviewDecision | Mapping[str, Any] | Sequence[Any],
+        *,
+        reviewer: str,
+    ) -> dict[str, Any]:
+        """Apply a reviewer's decision and resume the run; returns the run's new state.
+
+        Raises:
+            ReviewNotFound: no such item.
+            InvalidDecision: the decision is malformed or not allowed (the item stays pending).
+            AlreadyDecided: another reviewer decided first (nothing was applied).
+        """
+        item = self.get(review_id)
+        if item.status != "pending":
+            raise self._core.already(item)
+        prepared = self._core.prepare(item, decision, reviewer)
+        now = time.time()
+        with self.backend.transaction() as tx:
+            won = tx.execute(_CLAIM, (json.dumps(prepared.payload), reviewer, now, review_id))
+            if won:
+                tx.execute(
+                    _AUDIT,
+                    (
+                        review_id,
+                        reviewer,
+                        "+".join(sorted({p["type"] for p in prepared.payload})),
+                        json.dumps(prepared.before, default=str),
+                        json.dumps(prepared.after, default=str),
+                        now,
+                    ),
+                )
+        if not won:
+            raise self._core.already(self.get(review_id))
+        return self._resume(self.get(review_id))
+
+    def _resume(self, item: ReviewItem) -> dict[str, Any]:
+        cfg = _thread_config(item.thread_id, None)
+        try:
+            result = self.graph.invoke(
+                Command(resume={item.interrupt_id: item.decision}), cfg, durability="sync"
+            )
+        except InvalidDecision:
+            # The graph refused what the queue accepted (e.g. a schema only the node knows):
+            # nothing ran; put the item back so someone can decide again.
+            self.backend.execute(
+                "UPDATE harness_reviews SET status = 'pending', decision = NULL, "
+                "decided_by = NULL, decided_at = NULL WHERE id = %s AND status = 'decided'",
+                (item.id,),
+            )
+            raise
+        self.backend.execute(
+            "UPDATE harness_reviews SET status = 'applied' WHERE id = %s AND status = 'decided'",
+            (item.id,),
+        )
+        self.sync(item.thread_id)
+        return cast(dict[str, Any], result)
+
+    def assign(self, review_id: str, assignee: str | None, *, by: str = "harness") -> ReviewItem:
+        """Assign a pending item to someone (recorded in the audit)."""
+        item = self.get(review_id)
+        with self.backend.transaction() as tx:
+            tx.execute(
+                "UPDATE harness_reviews SET assignee = %s WHERE id = %s", (assignee, review_id)
+            )
+            tx.execute(
+                _AUDIT,
+                (
+                    review_id,
+                    by,
+                    "assign",
+                    json.dumps(item.assignee),
+                    json.dumps(assignee),
+                    time.time(),
+                ),
+            )
+        return self.get(review_id)
+
+    def expire(self, *, now: float | None = None) -> list[str]:
+        """Apply the expiry policy to pending items past their deadline; returns their ids."""
+        now = time.time() if now is None else now
+        rows = self.backend.execute(
+            "SELECT id FROM harness_reviews WHERE status = 'pending' AND deadline IS NOT NULL "
+            "AND deadline < %s ORDER BY deadline",
+            (now,),
+        )
+        done: list[str] = []
+        for row in rows:
+            rid = row["id"]
+            if self._core.on_expire == "reject":
+                try:
+                    self.decide(
+                        rid,
+                        {"type": "reject", "message": "no reviewer decided before the deadline"},
+                        reviewer="harness:expired",
+                    )
+                except AlreadyDecided:
+                    continue
+            else:
+                with self.backend.transaction() as tx:
+                    moved = tx.execute(
+                        "UPDATE harness_reviews SET assignee = %s, deadline = %s, "
+                        "priority = priority + 1 WHERE id = %s AND status = 'pending' "
+                        "AND deadline < %s RETURNING assignee",
+                        (
+                            self._core.escalate_to,
+                            now + (self._core.deadline or 3600.0),
+                            rid,
+                            now,
+                        ),
+                    )
+                    if not moved:
+                        continue
+                    tx.execute(
+                        _AUDIT,
+                        (
+                            rid,
+                            "harness:expired",
+                            "escalate",
+                            None,
+                            json.dumps(self._core.escalate_to),
+                            now,
+                        ),
+                    )
+            done.append(rid)
+        return done
+
+
+class AsyncReviewQueue:
+    """The async twin of `ReviewQueue`, for graphs run with ``ainvoke`` on an `AsyncBackend`.
+
+    Example:
+        ```python
+        import asyncio
+
+        from langgraph.graph import START, MessagesState, StateGraph
+
+        from checkpointers import aopen_backend
+        from harness_nodes import AsyncReviewQueue
+
+
+        async def main() -> None:
+            builder = StateGraph(MessagesState)
+            builder.add_node("noop", lambda state: {})
+            builder.add_edge(START, "noop")
+            async with await aopen_backend("memory://") as backend:
+                graph = builder.compile(checkpointer=backend.checkpointer)
+                queue = AsyncReviewQueue(backend, graph)
+                await queue.ainvoke({"messages": []}, thread_id="t1")
+                assert await queue.pending() == []
+
+
+        asyncio.run(main())
+        ```
+    """
+
+    def __init__(
+        self,
+        backend: AsyncBackend,
+        graph: Pregel[Any, Any, Any, Any],
+        *,
+        tools: Sequence[BaseTool] | None = None,
+        assignee: str | None = None,
+        deadline: float | None = None,
+        on_expire: Literal["reject", "escalate"] = "reject",
+        escalate_to: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self._core = _QueueCore(
+            graph,
+            tools=tools,
+            assignee=assignee,
+            deadline=deadline,
+            on_expire=on_expire,
+            escalate_to=escalate_to,
+        )
+        self.graph = graph
+
+    @property
+    def tools(self) -> dict[str, BaseTool]:
+        """The tools edited arguments are validated against, by name."""
+        return self._core.tools
+
+    async def ainvoke(
+        self,
+        input: Any,
+        config: RunnableConfig | None = None,
+        *,
+        thread_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Run the graph (``durability="sync"``) and queue any review it paused for."""
+        cfg: dict[str, Any] = dict(config or {})
+        tid = thread_id or dict(cfg.get("configurable") or {}).get("thread_id")
+        if not tid:
+            raise UserError("AsyncReviewQueue.ainvoke needs a thread_id")
+        run_cfg = _thread_config(str(tid), cast(RunnableConfig, cfg))
+        result = await self.graph.ainvoke(input, run_cfg, durability="sync")
+        await self.sync(str(tid))
+        return cast(dict[str, Any], result)
+
+    async def sync(self, thread_id: str, *, recover: bool = False) -> list[ReviewItem]:
+        """Async `ReviewQueue.sync`."""
+        snapshot = await self.graph.aget_state(_thread_config(thread_id, None))
+        live = {i.id for i in snapshot.interrupts}
+        for row in self._core.rows_for(thread_id, snapshot):
+            await self.backend.execute(_INSERT, row)
+        rows = await self.backend.execute(
+            f"SELECT {_COLUMNS} FROM harness_reviews WHERE thread_id = %s AND status IN "
+            "('pending', 'decided')",
+            (thread_id,),
+        )
+        pending: list[ReviewItem] = []
+        for item in map(_item, rows):
+            if item.interrupt_id not in live:
+                status = "applied" if item.status == "decided" else "closed"
+                await self.backend.execute(
+                    "UPDATE harness_reviews SET status = %s WHERE id = %s AND status = %s",
+                    (status, item.id, item.status),
+                )
+            elif item.status == "decided":
+                if recover:
+                    await self._resume(item)
+            else:
+                pending.append(item)
+        return pending
+
+    async def pending(
+        self,
+        *,
+        task_type: str | None = None,
+        reason: str | None = None,
+        assignee: str | None = None,
+        older_than: float | None = None,
+        newer_than: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        order: PendingOrder = "age",
+    ) -> list[ReviewItem]:
+        """Async `ReviewQueue.pending`."""
+        sql, params = pending_sql(
+            task_type=task_type,
+            reason=reason,
+            assignee=assignee,
+            older_than=older_than,
+            newer_than=newer_than,
+            limit=limit,
+            offset=offset,
+            order=order,
+        )
+        return [_item(r) for r in await self.backend.execute(sql, params)]
+
+    async def get(self, review_id: str) -> ReviewItem:
+        """Async `ReviewQueue.get`."""
+        rows = await self.backend.execute(
+            f"SELECT {_COLUMNS} FROM harness_reviews WHERE id = %s", (review_id,)
+        )
+        if not rows:
+            raise ReviewNotFound(review_id)
+        return _item(rows[0])
+
+    async def show(self, review_id: str) -> ReviewDetail:
+        """Async `ReviewQueue.show`."""
+        item = await self.get(review_id)
+        cfg = _thread_config(item.thread_id, None)
+        history = [s async for s in self.graph.aget_state_history(cfg)]
+        audit = await self.backend.execute(
+            "SELECT reviewer, decision, before, after, at FROM harness_review_audit "
+            "WHERE review_id = %s ORDER BY id",
+            (review_id,),
+        )
+        return ReviewDetail(item=item, trace=self._core.trace(item, history), audit=audit)
+
+    async def decide(
+        self,
+        review_id: str,
+        decision: ReviewDecision | Mapping[str, Any] | Sequence[Any],
+        *,
+        reviewer: str,
+    ) -> dict[str, Any]:
+        """Async `ReviewQueue.decide`."""
+        item = await self.get(review_id)
+        if item.status != "pending":
+            raise self._core.already(item)
+        prepared = self._core.prepare(item, decision, reviewer)
+        now = time.time()
+        async with self.backend.transaction() as tx:
+            won = await tx.execute(_CLAIM, (json.dumps(prepared.payload), reviewer, now, review_id))
+            if won:
+                await tx.execute(
+                    _AUDIT,
+                    (
+                        review_id,
+                        reviewer,
+                        "+".join(sorted({p["type"] for p in prepared.payload})),
+                        json.dumps(prepared.before, default=str),
+                        json.dumps(prepared.after, default=str),
+                        now,
+                    ),
+                )
+        if not won:
+            raise self._core.already(await self.get(review_id))
+        return await self._resume(await self.get(review_id))
+
+    async def _resume(self, item: ReviewItem) -> dict[str, Any]:
+        cfg = _thread_config(item.thread_id, None)
+        try:
+            result = await self.graph.ainvoke(
+                Command(resume={item.interrupt_id: item.decision}), cfg, durability="sync"
+            )
+        except InvalidDecision:
+            await self.backend.execute(
+                "UPDATE harness_reviews SET status = 'pending', decision = NULL, "
+                "decided_by = NULL, decided_at = NULL WHERE id = %s AND status = 'decided'",
+                (item.id,),
+            )
+            raise
+        await self.backend.execute(
+            "UPDATE harness_reviews SET status = 'applied' WHERE id = %s AND status = 'decided'",
+            (item.id,),
+        )
+        await self.sync(item.thread_id)
+        return cast(dict[str, Any], result)

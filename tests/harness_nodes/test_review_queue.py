@@ -1,0 +1,410 @@
+"""ReviewQueue on memory, SQLite and Postgres: listing, showing, deciding, races, expiry."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.messages import HumanMessage, ToolMessage
+from langgraph.types import Command
+
+from checkpointers import AsyncBackend, Backend, open_backend
+from harness_nodes import (
+    AlreadyDecided,
+    AsyncReviewQueue,
+    InvalidDecision,
+    ReviewNotFound,
+    ReviewPolicy,
+    ReviewQueue,
+    UserError,
+)
+from harness_nodes.review_queue import _INSERT, pending_sql, review_id_for
+from tests.conftest import subprocess_env
+from tests.harness_nodes.review_app import EFFECTS, build_builder, refund_turns
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _reset_effects() -> None:
+    EFFECTS.clear()
+
+
+def _queue(backend: Backend, **kw: Any) -> ReviewQueue:
+    graph = build_builder().compile(checkpointer=backend.checkpointer)
+    return ReviewQueue(backend, graph, **kw)
+
+
+def _pause(queue: ReviewQueue, thread_id: str | None = None, **meta: Any) -> str:
+    tid = thread_id or f"t-{uuid.uuid4().hex[:8]}"
+    config: dict[str, Any] = {"metadata": meta} if meta else {}
+    queue.invoke({"messages": [HumanMessage("refund A1")]}, config, thread_id=tid)
+    return tid
+
+
+def test_irreversible_call_pauses_and_is_listed(backend: Backend) -> None:
+    queue = _queue(backend)
+    tid = _pause(queue, task_type="billing")
+    [item] = queue.pending()
+    assert (item.thread_id, item.task_type, item.reason, item.risk, item.status) == (
+        tid,
+        "billing",
+        "argument_rule",
+        "high",
+        "pending",
+    )
+    assert item.priority == 2 and item.created_at <= time.time()
+    assert item.requests[0]["action_request"]["action"] == "refund"
+    state = queue.graph.get_state({"configurable": {"thread_id": tid}})
+    assert item.interrupt_id == state.interrupts[0].id
+    assert item.id == review_id_for(tid, item.interrupt_id)
+    assert EFFECTS == {}
+    # Syncing again (the node re-runs on resume; runners retry) never duplicates the row.
+    queue.sync(tid)
+    queue.sync(tid)
+    assert [i.id for i in queue.pending()] == [item.id]
+
+
+@pytest.mark.parametrize(
+    ("decision", "refunds", "expected"),
+    [
+        pytest.param({"type": "approve"}, 1, "refunded 250 on A1", id="approve"),
+        pytest.param(
+            {"type": "edit", "args": {"order": "A1", "amount": 99}},
+            1,
+            "refunded 99 on A1",
+            id="edit",
+        ),
+        pytest.param({"type": "reject", "message": "too much"}, 0, "too much", id="reject"),
+        pytest.param(
+            {"type": "respond", "message": "Ask finance."}, 0, "Ask finance.", id="respond"
+        ),
+    ],
+)
+def test_decide_resumes_the_run_and_audits_it(
+    backend: Backend, decision: dict[str, Any], refunds: int, expected: str
+) -> None:
+    queue = _queue(backend)
+    tid = _pause(queue)
+    [item] = queue.pending()
+    out = queue.decide(item.id, decision, reviewer="alice")
+    assert expected in out["messages"][-1].content
+    assert EFFECTS == ({"refund": 1, "lookup": 1} if refunds else {"lookup": 1})
+    done = queue.get(item.id)
+    assert (done.status, done.decided_by) == ("applied", "alice")
+    assert done.decision is not None and done.decision[0]["type"] == decision["type"]
+    assert queue.pending() == []
+    [audit] = queue.show(item.id).audit
+    assert (audit["reviewer"], audit["decision"]) == ("alice", decision["type"])
+    before, after = json.loads(audit["before"]), json.loads(audit["after"])
+    assert before[0]["args"] == {"order": "A1", "amount": 250}
+    assert after[0]["args"] == decision.get("args", {"order": "A1", "amount": 250})
+    # The resumed run carries who decided on the message metadata.
+    ai_meta = out["messages"][1].additional_kwargs["harness"]["reviews"]["call_refund"]
+    assert (ai_meta["review_id"], ai_meta["reviewer"]) == (item.id, "alice")
+    assert queue.graph.get_state({"configurable": {"thread_id": tid}}).next == ()
+
+
+MALFORMED = [
+    ("yes", "expected a decision object"),
+    ({"type": "maybe"}, "Input should be 'approve'"),
+    ({"type": "edit", "args": {"order": "A1"}}, "amount: Field required"),
+    ({"type": "approve", "extra": 1}, "Extra inputs"),
+    ([{"type": "approve"}] * 3, "3 decision(s) for 1 call(s)"),
+]
+
+
+def test_malformed_decisions_are_refused_and_the_item_stays_pending(backend: Backend) -> None:
+    queue = _queue(backend)
+    tid = _pause(queue)
+    [item] = queue.pending()
+    for decision, reason in MALFORMED:
+        with pytest.raises(InvalidDecision, match=re.escape(reason)) as exc:
+            queue.decide(item.id, decision, reviewer="alice")
+        assert exc.value.review_id == item.id
+        assert queue.get(item.id).status == "pending"
+    assert queue.show(item.id).audit == []
+    assert queue.graph.get_state({"configurable": {"thread_id": tid}}).next == ("review",)
+    assert EFFECTS == {}
+    queue.decide(item.id, {"type": "approve"}, reviewer="bob")
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+def test_edit_of_a_non_editable_call_is_refused() -> None:
+    backend = open_backend("memory://")
+    graph = build_builder(
+        policy=ReviewPolicy(rules={"refund": lambda a: True}, allow_edit=False)
+    ).compile(checkpointer=backend.checkpointer)
+    queue = ReviewQueue(backend, graph)
+    _pause(queue)
+    [item] = queue.pending()
+    with pytest.raises(InvalidDecision, match="'edit' is not allowed for refund"):
+        queue.decide(item.id, {"type": "edit", "args": {"order": "A1", "amount": 1}}, reviewer="a")
+    assert queue.get(item.id).status == "pending"
+    backend.close()
+
+
+def test_ten_concurrent_reviewers_one_winner(backend: Backend) -> None:
+    queue = _queue(backend)
+    _pause(queue)
+    [item] = queue.pending()
+    barrier = threading.Barrier(10)
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def review(i: int) -> None:
+        barrier.wait()
+        try:
+            queue.decide(item.id, {"type": "approve"}, reviewer=f"reviewer-{i}")
+            outcome = f"won:{i}"
+        except AlreadyDecided as e:
+            outcome = f"lost:{e.decided_by}"
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=review, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    winners = [r for r in results if r.startswith("won:")]
+    assert len(results) == 10 and len(winners) == 1
+    winner = "reviewer-" + winners[0].split(":")[1]
+    assert all(r in (f"lost:{winner}", "lost:?") for r in results if r.startswith("lost"))
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+    assert len(queue.show(item.id).audit) == 1
+    with pytest.raises(AlreadyDecided, match=re.escape(f"by {winner}")):
+        queue.decide(item.id, {"type": "reject"}, reviewer="late")
+
+
+def test_pending_filters_by_task_type_reason_assignee_and_age(backend: Backend) -> None:
+    queue = _queue(backend, assignee="alice")
+    _pause(queue, task_type="billing")
+    _pause(queue, task_type="support")
+    billing = queue.pending(task_type="billing")
+    assert [i.task_type for i in billing] == ["billing"]
+    assert len(queue.pending(reason="argument_rule")) == 2
+    assert queue.pending(reason="verification") == []
+    assert len(queue.pending(assignee="alice")) == 2
+    queue.assign(billing[0].id, "bob")
+    assert [i.id for i in queue.pending(assignee="bob")] == [billing[0].id]
+    assert queue.pending(older_than=3600) == []
+    assert len(queue.pending(newer_than=3600)) == 2
+    assert len(queue.pending(limit=1)) == 1
+    assert len(queue.pending(limit=1, offset=1)) == 1
+
+
+def test_show_returns_the_request_with_the_trace_so_far(backend: Backend) -> None:
+    queue = _queue(backend)
+    _pause(queue)
+    [item] = queue.pending()
+    detail = queue.show(item.id)
+    assert detail.item == item
+    text = "\n".join(detail.trace)
+    assert "checkpoint step" in text
+    assert 'model called refund(order="A1", amount=250)' in text
+    assert "spend so far:" in text
+    assert detail.trace[-1].startswith(f"paused for review {item.id}: refund(")
+    with pytest.raises(ReviewNotFound):
+        queue.show("nope")
+
+
+def test_expired_items_are_rejected(backend: Backend) -> None:
+    queue = _queue(backend, deadline=60)
+    _pause(queue)
+    [item] = queue.pending()
+    assert item.deadline is not None
+    assert queue.expire() == []  # not yet
+    assert queue.expire(now=item.deadline + 1) == [item.id]
+    done = queue.get(item.id)
+    assert (done.status, done.decided_by) == ("applied", "harness:expired")
+    assert EFFECTS == {"lookup": 1}
+
+
+def test_expired_items_escalate_to_another_assignee(backend: Backend) -> None:
+    queue = _queue(backend, deadline=60, assignee="alice", on_expire="escalate", escalate_to="lead")
+    _pause(queue)
+    [item] = queue.pending()
+    assert item.deadline is not None
+    assert queue.expire(now=item.deadline + 1) == [item.id]
+    moved = queue.get(item.id)
+    assert (moved.status, moved.assignee, moved.priority) == ("pending", "lead", item.priority + 1)
+    assert moved.deadline is not None and moved.deadline > item.deadline
+    assert [a["decision"] for a in queue.show(item.id).audit] == ["escalate"]
+
+
+def test_queue_wiring_mistakes_raise_user_error() -> None:
+    with open_backend("memory://") as backend:
+        graph = build_builder().compile(checkpointer=backend.checkpointer)
+        with pytest.raises(UserError, match="needs escalate_to"):
+            ReviewQueue(backend, graph, on_expire="escalate")
+        with pytest.raises(UserError, match="positive number of seconds"):
+            ReviewQueue(backend, graph, deadline=0)
+        with pytest.raises(UserError, match="compiled with a checkpointer"):
+            ReviewQueue(backend, build_builder().compile())
+
+
+def test_a_pause_answered_outside_the_queue_is_closed(backend: Backend) -> None:
+    queue = _queue(backend)
+    tid = _pause(queue)
+    [item] = queue.pending()
+    cfg = {"configurable": {"thread_id": tid}}
+    queue.graph.invoke(Command(resume={"type": "approve"}), cfg, durability="sync")
+    assert queue.sync(tid) == []
+    assert queue.get(item.id).status == "closed"
+    with pytest.raises(AlreadyDecided):
+        queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+def test_a_second_pause_in_the_same_thread_is_a_new_item(backend: Backend) -> None:
+    script = refund_turns()[:1] + [
+        refund_turns(amount=300)[0].model_copy(
+            update={
+                "tool_calls": [
+                    {**c, "id": c["id"] + "_2"} for c in refund_turns(amount=300)[0].tool_calls
+                ]
+            }
+        ),
+        "all done",
+    ]
+    graph = build_builder(script=script).compile(checkpointer=backend.checkpointer)
+    queue = ReviewQueue(backend, graph)
+    _pause(queue)
+    [first] = queue.pending()
+    queue.decide(first.id, {"type": "approve"}, reviewer="alice")
+    [second] = queue.pending()
+    assert second.id != first.id and second.thread_id == first.thread_id
+    out = queue.decide(second.id, {"type": "reject"}, reviewer="alice")
+    assert out["messages"][-1].content == "all done"
+    assert EFFECTS == {"refund": 1, "lookup": 2}
+
+
+def _fill(backend: Backend, n: int) -> None:
+    now = time.time()
+    request = json.dumps([{"action_request": {"action": "refund", "args": {}}}])
+    rows = [
+        (
+            f"r{i:06d}",
+            f"thread-{i}",
+            f"intr-{i}",
+            ("billing", "support", "research", "documents")[i % 4],
+            ("irreversible", "argument_rule", "verification")[i % 3],
+            "high",
+            request,
+            2,
+            None,
+            None,
+            now - i,
+        )
+        for i in range(n)
+    ]
+    one = "(" + ", ".join(["%s"] * 12) + ")"
+    head, _, tail = _INSERT.partition("VALUES")
+    tail = tail.split(")", 1)[1]  # " ON CONFLICT ..."
+    with backend.transaction() as tx:
+        for start in range(0, n, 500):
+            chunk = rows[start : start + 500]
+            sql = head + "VALUES " + ", ".join([one] * len(chunk)) + tail
+            tx.execute(sql, [v for r in chunk for v in (*r[:7], "pending", *r[7:])])
+    if backend.dialect == "postgres":
+        backend.execute("ANALYZE harness_reviews")
+    else:
+        backend.execute("ANALYZE")
+
+
+INDEXED_FILTERS = [
+    ({"task_type": "billing"}, "harness_reviews_pending"),
+    ({"reason": "verification"}, "harness_reviews_reason"),
+    ({"older_than": 60.0}, "harness_reviews_age"),
+    ({"assignee": "nobody"}, "harness_reviews_assignee_age"),
+]
+
+
+def test_ten_thousand_pending_items_are_listed_through_an_index(backend: Backend) -> None:
+    _fill(backend, 10_000)
+    queue = ReviewQueue(backend, build_builder().compile(checkpointer=backend.checkpointer))
+    assert len(queue.pending(limit=20_000)) == 10_000
+    for filters, index in INDEXED_FILTERS:
+        items = queue.pending(**filters, limit=50)
+        assert len(items) == (0 if "assignee" in filters else 50)
+        assert all(i.status == "pending" for i in items)
+        if "task_type" in filters:
+            assert {i.task_type for i in items} == {"billing"}
+        sql, params = pending_sql(**filters, limit=50)
+        if backend.dialect == "postgres":
+            rows = backend.execute("EXPLAIN " + sql, params)
+            plan = "\n".join(r["QUERY PLAN"] for r in rows)
+            assert "Seq Scan" not in plan, plan
+        else:
+            rows = backend.execute("EXPLAIN QUERY PLAN " + sql, params)
+            plan = "\n".join(r["detail"] for r in rows)
+            assert "SCAN harness_reviews\n" not in plan + "\n", plan  # no full-table scan
+        assert index in plan, plan
+
+
+async def test_async_queue_pauses_lists_and_resumes(abackend: AsyncBackend) -> None:
+    graph = build_builder().compile(checkpointer=abackend.checkpointer)
+    queue = AsyncReviewQueue(abackend, graph)
+    await queue.ainvoke({"messages": [HumanMessage("refund")]}, thread_id="a1")
+    [item] = await queue.pending(task_type="default")
+    detail = await queue.show(item.id)
+    assert any("model called refund" in line for line in detail.trace)
+    with pytest.raises(InvalidDecision):
+        await queue.decide(item.id, {"type": "edit", "args": {"amount": "x"}}, reviewer="a")
+    out = await queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+    assert "refunded 250" in out["messages"][-1].content
+    with pytest.raises(AlreadyDecided):
+        await queue.decide(item.id, {"type": "approve"}, reviewer="bob")
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+    assert (await queue.get(item.id)).status == "applied"
+
+
+_CHILD = """
+import json, os, sys
+from checkpointers import open_backend
+from harness_nodes import ReviewQueue
+from tests.harness_nodes.review_app import EFFECTS, build_builder
+
+url, review_id = sys.argv[1], sys.argv[2]
+with open_backend(url) as backend:
+    queue = ReviewQueue(backend, build_builder().compile(checkpointer=backend.checkpointer))
+    out = queue.decide(review_id, {"type": "edit", "args": {"order": "A1", "amount": 42}},
+                       reviewer="carol")
+    print(json.dumps({"last": out["messages"][-1].content, "effects": dict(EFFECTS)}))
+"""
+
+
+@pytest.mark.slow
+def test_resume_in_a_fresh_process(durable_url: str, tmp_path: Path) -> None:
+    with open_backend(durable_url) as backend:
+        queue = _queue(backend)
+        tid = _pause(queue)
+        [item] = queue.pending()
+    effects_file = tmp_path / "effects.txt"
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, durable_url, item.id],
+        env=subprocess_env(REVIEW_EFFECTS_FILE=str(effects_file)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert child["last"] == "Done: refunded 42 on A1 | order A1: paid"
+    assert sorted(effects_file.read_text().split()) == ["lookup", "refund"]  # once each
+    assert EFFECTS == {}  # nothing ran in this (the pausing) process
+    with open_backend(durable_url) as backend:
+        queue = _queue(backend)
+        assert queue.get(item.id).decided_by == "carol"
+        state = queue.graph.get_state({"configurable": {"thread_id": tid}})
+        msgs = state.values["messages"]
+        assert [m.content for m in msgs if isinstance(m, ToolMessage)][0] == "refunded 42 on A1"
