@@ -26,13 +26,17 @@ if TYPE_CHECKING:
 __all__ = ["ANONYMOUS", "InboxAuth", "create_app", "is_loopback", "parse_reviewers"]
 
 
-def create_app(queue: Any, auth: InboxAuth, *, page_size: int = 50) -> Starlette:
+def create_app(
+    queue: Any, auth: InboxAuth, *, page_size: int = 50, decide_wait: float = 5.0
+) -> Starlette:
     """Build the inbox as an ASGI app over a `ReviewQueue`.
 
     Args:
         queue: The `ReviewQueue` whose items are listed and decided.
         auth: Who may use the inbox (see `InboxAuth`).
         page_size: Items per list page.
+        decide_wait: Seconds a decision request waits for the resumed task; after that the
+            page shows "resuming" and picks the outcome up when it arrives.
 
     Routes: ``GET /reviews`` (pending list; ``task_type``, ``reason``, ``assignee``,
     ``page`` query parameters), ``GET /reviews/{id}`` (item, trace, outcome),
@@ -49,4 +53,4 @@ def create_app(queue: Any, auth: InboxAuth, *, page_size: int = 50) -> Starlette
     """
     from harness_nodes.inbox._app import create_app as _create_app
 
-    return _create_app(queue, auth, page_size=page_size)
+    return _create_app(queue, auth, page_size=page_size, decide_wait=decide_wait)

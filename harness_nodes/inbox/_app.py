@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -24,7 +28,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         'The review inbox needs the inbox extra: pip install "langgraph-harness[inbox]"'
     ) from e
 
-from harness_nodes.errors import AlreadyDecided, InvalidDecision, ReviewNotFound
+from harness_nodes.errors import AlreadyDecided, HarnessError, InvalidDecision, ReviewNotFound
 from harness_nodes.inbox import _view
 from harness_nodes.inbox._forms import FormError
 from harness_nodes.inbox._security import (
@@ -38,6 +42,7 @@ from harness_nodes.inbox._security import (
 )
 
 _HERE = Path(__file__).parent
+_log = logging.getLogger("harness_nodes.inbox")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -124,10 +129,15 @@ def _error(request: Request, status: int, code: str, message: str) -> Response:
 class _Inbox:
     """The route handlers, bound to one queue."""
 
-    def __init__(self, queue: Any, auth: InboxAuth, page_size: int) -> None:
+    def __init__(self, queue: Any, auth: InboxAuth, page_size: int, decide_wait: float) -> None:
         self.queue = queue
         self.auth = auth
         self.page_size = page_size
+        self.decide_wait = decide_wait
+        # Decisions resume the task in these threads; a request waits for the outcome only
+        # `decide_wait` seconds, then the page shows "resuming" and polls for the outcome.
+        self.resumers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="inbox-resume")
+        self.failures: dict[str, str] = {}
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(_HERE / "templates"),
             autoescape=True,  # every template, whatever its name: agent text is untrusted
@@ -212,7 +222,7 @@ class _Inbox:
     async def item(self, request: Request) -> Response:
         review_id = request.path_params["review_id"]
         try:
-            detail = await run_in_threadpool(_view.item_detail, self.queue, review_id)
+            detail = await self._detail(review_id)
         except ReviewNotFound as e:
             return _error(request, 404, "not_found", str(e))
         if _wants_json(request):
@@ -221,6 +231,16 @@ class _Inbox:
         if request.query_params.get("decided") and detail.view["status"] != "pending":
             notice = {"kind": "ok", "text": "Your decision was recorded."}
         return self._item_page(request, detail, notice=notice)
+
+    async def _detail(self, review_id: str) -> _view.ItemDetail:
+        failure = self.failures.get(review_id)
+        return await run_in_threadpool(_view.item_detail, self.queue, review_id, failure)
+
+    def _remember_failure(self, review_id: str, fut: Future[None]) -> None:
+        e = fut.exception()
+        if e is not None:
+            _log.error("resuming review %s failed: %s", review_id, e)
+            self.failures[review_id] = f"{type(e).__name__}: {e}"
 
     def _item_page(
         self,
@@ -264,12 +284,16 @@ class _Inbox:
             return _error(request, 403, "csrf", "Missing or wrong CSRF token; reload the page")
         reviewer: str = request.state.reviewer
         try:
-            detail = await run_in_threadpool(_view.item_detail, self.queue, review_id)
+            detail = await self._detail(review_id)
         except ReviewNotFound as e:
             return _error(request, 404, "not_found", str(e))
         try:
             decision = body if as_json else _view.decision_from_form(detail, form)
-            await run_in_threadpool(_view.decide, self.queue, review_id, decision, reviewer)
+            fut = self.resumers.submit(_view.decide, self.queue, review_id, decision, reviewer)
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), self.decide_wait)
+            except TimeoutError:
+                fut.add_done_callback(lambda f: self._remember_failure(review_id, f))
         except FormError as e:
             return self._item_page(
                 request,
@@ -299,23 +323,27 @@ class _Inbox:
                     },
                     status_code=409,
                 )
-            fresh = await run_in_threadpool(_view.item_detail, self.queue, review_id)
+            fresh = await self._detail(review_id)
             return self._item_page(
                 request,
                 fresh,
                 status=409,
                 notice={"kind": "conflict", "text": _view.already_decided_text(e)},
             )
+        except HarnessError as e:  # the resumed run failed: the decision itself stands
+            self.failures[review_id] = f"{type(e).__name__}: {e}"
         if as_json:
-            fresh = await run_in_threadpool(_view.item_detail, self.queue, review_id)
+            fresh = await self._detail(review_id)
             return JSONResponse(fresh.as_json())
         target = str(request.app.url_path_for("item", review_id=review_id)) + "?decided=1"
         return RedirectResponse(target, status_code=303)
 
 
-def create_app(queue: Any, auth: InboxAuth, *, page_size: int = 50) -> Starlette:
+def create_app(
+    queue: Any, auth: InboxAuth, *, page_size: int = 50, decide_wait: float = 5.0
+) -> Starlette:
     """Build the inbox ASGI app over *queue* (see `harness_nodes.inbox`)."""
-    inbox = _Inbox(queue, auth, page_size)
+    inbox = _Inbox(queue, auth, page_size, decide_wait)
     routes = [
         Route("/", inbox.home, name="home"),
         Route("/reviews", inbox.list, name="list"),
@@ -323,6 +351,12 @@ def create_app(queue: Any, auth: InboxAuth, *, page_size: int = 50) -> Starlette
         Route("/reviews/{review_id:str}/decision", inbox.decide, methods=["POST"], name="decide"),
         Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
     ]
-    app = Starlette(routes=routes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        inbox.resumers.shutdown(wait=True)  # let decided tasks finish resuming
+
+    app = Starlette(routes=routes, lifespan=lifespan, max_body_size=1 << 20)
     app.add_middleware(_Guard, auth=auth)
     return app

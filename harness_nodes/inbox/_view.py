@@ -1,28 +1,25 @@
-"""What the pages show, built from the queue's items: the only module that knows their shape.
+"""What the pages show, read from `ReviewQueue` and `build_trace`: plain dicts for templates.
 
-Everything here reads `ReviewQueue` and `build_trace` results and turns them into plain
-dicts for the templates and the JSON API; no queue logic lives here.
+No queue logic lives here: listing, validating, claiming, auditing and resuming are the
+queue's; this module only reads its items, the task's trace and the graph's state.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from harness_nodes.errors import AlreadyDecided
+from harness_nodes.errors import AlreadyDecided, HarnessError
 from harness_nodes.inbox._forms import form_fields, parse_form
 
-_RISK_CLASSES = {"low": "low", "medium": "medium", "high": "high", "critical": "high"}
-
-
-def _get(obj: Any, name: str, default: Any = None) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
+_RISK_CLASSES = {"low": "low", "medium": "medium", "high": "high"}
+_DECIDED = frozenset({"decided", "applied", "closed"})
+# Trace nodes whose details are shown unfolded: what was called, what came back, decisions.
+_OPEN_KINDS = frozenset({"tool_call", "tool_result", "verdict", "review", "outcome", "error"})
 
 
 def _iso(ts: float | None) -> str:
@@ -38,74 +35,87 @@ def _age(ts: float | None, now: float) -> str:
     if s < 60:
         return f"{s}s"
     if s < 3600:
-        return f"{s // 60}m"
+        return f"{s // 60}m {s % 60}s"
     if s < 86400:
         return f"{s // 3600}h {s % 3600 // 60}m"
     return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
-def _actions(request: Any) -> list[dict[str, Any]]:
-    """The proposed tool calls of a review request (one, or a batch)."""
-    reqs = request if isinstance(request, list) else [request]
+def _tool_schemas(queue: Any) -> dict[str, dict[str, Any]]:
+    """JSON schemas of the tools' arguments, from the tools the queue validates with."""
+    tools = getattr(queue, "tools", None)
+    if tools is None:
+        tools = getattr(getattr(queue, "_core", None), "tools", {})
+    out: dict[str, dict[str, Any]] = {}
+    for name, tool in dict(tools or {}).items():
+        try:
+            out[name] = dict(tool.tool_call_schema.model_json_schema())
+        except Exception:  # a tool without a pydantic schema: the form infers from values
+            continue
+    return out
+
+
+def _actions(
+    requests: Sequence[Mapping[str, Any]], schemas: Mapping[str, Any]
+) -> list[dict[str, Any]]:
     out = []
-    for r in reqs:
-        ar = _get(r, "action_request") or {}
-        cfg = _get(r, "config") or {}
+    for r in requests:
+        ar = r.get("action_request", {})
+        name = str(ar.get("action", ""))
         out.append(
             {
-                "name": str(_get(ar, "action", "")),
-                "args": dict(_get(ar, "args") or {}),
-                "schema": _get(r, "args_schema"),
-                "config": dict(cfg),
-                "description": _get(r, "description") or "",
+                "name": name,
+                "args": dict(ar.get("args") or {}),
+                "schema": schemas.get(name),
+                "config": dict(r.get("config") or {}),
+                "description": str(r.get("description") or ""),
+                "reason": str(r.get("reason") or ""),
+                "tool_call_id": str(r.get("tool_call_id") or ""),
             }
         )
     return out
 
 
 def item_row(item: Any, now: float | None = None) -> dict[str, Any]:
-    """One line of the pending list."""
+    """One line of the pending list (from a `ReviewItem`)."""
     now = time.time() if now is None else now
-    actions = _actions(_get(item, "request"))
-    names = ", ".join(a["name"] for a in actions) or "(no action)"
-    first_args = json.dumps(actions[0]["args"], ensure_ascii=False) if actions else ""
-    inner = first_args[1:-1]
-    inner = inner if len(inner) <= 80 else inner[:79] + "…"
-    summary = f"{names}({inner})" if len(actions) == 1 else names
-    risk = str(_get(item, "risk", "medium"))
-    deadline = _get(item, "deadline")
+    actions = _actions(item.requests, {})
+    if len(actions) == 1:
+        inner = json.dumps(actions[0]["args"], ensure_ascii=False)[1:-1]
+        inner = inner if len(inner) <= 80 else inner[:79] + "…"
+        summary = f"{actions[0]['name']}({inner})"
+    else:
+        summary = ", ".join(a["name"] for a in actions) or "(no action)"
     return {
-        "id": str(_get(item, "id")),
-        "thread_id": str(_get(item, "thread_id")),
+        "id": item.id,
+        "thread_id": item.thread_id,
         "summary": summary,
-        "reason": str(_get(item, "reason", "")),
-        "risk": risk,
-        "risk_class": _RISK_CLASSES.get(risk, "medium"),
-        "task_type": str(_get(item, "task_type", "default")),
-        "assignee": _get(item, "assignee"),
-        "priority": _get(item, "priority", 0),
-        "deadline": deadline,
-        "deadline_text": _iso(deadline),
-        "created_at": _get(item, "created_at"),
-        "created_text": _iso(_get(item, "created_at")),
-        "age_text": _age(_get(item, "created_at"), now),
-        "status": str(_get(item, "status", "pending")),
+        "reason": item.reason,
+        "risk": item.risk,
+        "risk_class": _RISK_CLASSES.get(item.risk, "medium"),
+        "task_type": item.task_type,
+        "assignee": item.assignee,
+        "priority": item.priority,
+        "deadline": item.deadline,
+        "deadline_text": _iso(item.deadline),
+        "created_at": item.created_at,
+        "created_text": _iso(item.created_at),
+        "age_text": _age(item.created_at, now),
+        "status": item.status,
     }
 
 
 def item_json(item: Any) -> dict[str, Any]:
     """The JSON API's view of one list item."""
     row = item_row(item)
-    row["actions"] = [
-        {"name": a["name"], "args": a["args"]} for a in _actions(_get(item, "request"))
-    ]
+    row["actions"] = [{"name": a["name"], "args": a["args"]} for a in _actions(item.requests, {})]
     return row
 
 
 def list_page(
     queue: Any, filters: Mapping[str, str | None], offset: int, size: int
 ) -> tuple[list[Any], bool]:
-    """One page of pending items (and whether another page follows)."""
+    """One page of pending items, most urgent first (and whether another page follows)."""
     items = list(
         queue.pending(
             task_type=filters.get("task_type"),
@@ -113,6 +123,7 @@ def list_page(
             assignee=filters.get("assignee"),
             limit=size + 1,
             offset=offset,
+            order="urgency",
         )
     )
     return items[:size], len(items) > size
@@ -127,77 +138,138 @@ class ItemDetail:
     actions: list[dict[str, Any]]
 
     def as_json(self) -> dict[str, Any]:
-        """The JSON API's view of the item."""
-        v = dict(self.view)
+        """The JSON API's view of the item (trace as `build_trace` JSON)."""
+        v = {k: val for k, val in self.view.items() if k not in ("actions", "trace")}
         v["actions"] = [
-            {"name": a["name"], "args": a["args"], "args_schema": a["schema"]} for a in self.actions
+            {
+                "name": a["name"],
+                "args": a["args"],
+                "args_schema": a["schema"],
+                "tool_call_id": a["tool_call_id"],
+            }
+            for a in self.actions
         ]
+        v["trace"] = self.view["trace_json"]
+        del v["trace_json"]
         return v
 
 
-def _spend_text(spend: Any) -> str:
-    if not spend:
-        return "nothing recorded"
-    if isinstance(spend, Mapping):
-        usd = spend.get("usd", spend.get("total_usd"))
-        tokens = spend.get("tokens", spend.get("total_tokens"))
-        parts = []
-        if usd is not None:
-            parts.append(f"${float(usd):.4f}")
-        if tokens is not None:
-            parts.append(f"{tokens} tokens")
-        if parts:
-            return " · ".join(parts)
-    return str(spend)
+def _money(usd: float | None) -> str:
+    if usd is None:
+        return ""
+    return f"${usd:.4f}" if usd >= 0.01 else f"${usd:.6f}"
 
 
-def _trace_nodes(nodes: Any) -> list[dict[str, Any]]:
+def _trace_nodes(nodes: Sequence[Any]) -> list[dict[str, Any]]:
     out = []
-    for n in nodes or []:
-        kind = str(_get(n, "kind", "step"))
-        detail = _get(n, "detail")
-        if detail is not None and not isinstance(detail, str):
-            detail = json.dumps(detail, indent=2, ensure_ascii=False, default=str)
+    for n in nodes:
+        meta = []
+        if n.input_tokens or n.output_tokens:
+            meta.append(f"{n.input_tokens}+{n.output_tokens} tokens")
+        if n.cost_usd:
+            meta.append(_money(n.cost_usd))
+        if n.duration_s is not None:
+            meta.append(f"{n.duration_s:.2f}s")
+        detail = (
+            json.dumps(n.data, indent=2, ensure_ascii=False, default=str)
+            if n.data and n.kind != "step"
+            else None
+        )
         out.append(
             {
-                "kind": kind,
-                "kind_class": "".join(c if c.isalnum() else "-" for c in kind),
-                "name": str(_get(n, "name", "")),
-                "meta": str(_get(n, "meta", "") or ""),
+                "kind": n.kind,
+                "kind_class": "".join(c if c.isalnum() else "-" for c in n.kind),
+                "name": n.name,
+                "meta": " · ".join(meta),
                 "detail": detail,
-                "children": _trace_nodes(_get(n, "children")),
+                "open": n.kind in _OPEN_KINDS,
+                "children": _trace_nodes(n.children),
             }
         )
     return out
 
 
-def item_detail(queue: Any, review_id: str) -> ItemDetail:
+def _trace(queue: Any, thread_id: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None, Any]:
+    from harness_nodes.tracing import build_trace
+
+    try:
+        trace = build_trace(queue.backend, thread_id)
+    except HarnessError:
+        return [], None, None
+    return _trace_nodes(trace.steps), trace.to_dict(), trace
+
+
+def _outcome(queue: Any, item: Any) -> dict[str, Any] | None:
+    """How the task stands after the decision; ``None`` while it is still resuming."""
+    if item.status not in ("applied", "closed"):
+        return None
+    graph = queue.graph
+    snap = graph.get_state({"configurable": {"thread_id": item.thread_id}})
+    if snap.interrupts:
+        return {"status": "paused", "reason": "waiting for another review", "result": None}
+    if snap.next:
+        return None  # still running somewhere
+    values = snap.values if isinstance(snap.values, Mapping) else {}
+    outcome = values.get("outcome")
+    last = None
+    messages = values.get("messages") or []
+    if messages:
+        content = messages[-1].content
+        last = content if isinstance(content, str) else json.dumps(content, default=str)
+    if isinstance(outcome, Mapping):
+        result = outcome.get("partial_result", last)
+        return {
+            "status": str(outcome.get("status", "completed")),
+            "reason": str(outcome.get("reason", "") or ""),
+            "result": result if isinstance(result, str) or result is None else json.dumps(result),
+        }
+    return {"status": "completed", "reason": "", "result": last}
+
+
+def item_detail(queue: Any, review_id: str, failure: str | None = None) -> ItemDetail:
     """The item page's data (raises `ReviewNotFound`)."""
-    item = queue.show(review_id)
+    item = queue.get(review_id)
     view = item_row(item)
-    actions = _actions(_get(item, "request"))
-    first_cfg = actions[0]["config"] if actions else {}
+    actions = _actions(item.requests, _tool_schemas(queue))
     for a in actions:
         a["args_json"] = json.dumps(a["args"], indent=2, ensure_ascii=False)
         a["fields"] = form_fields(a["schema"], a["args"])
-    decision = _get(item, "decision")
+    nodes, trace_json, trace = _trace(queue, item.thread_id)
+    excerpt = item.requests[0].get("trace", {}) if item.requests else {}
+    usd = trace.cost_usd if trace is not None else excerpt.get("usd")
+    tokens = (
+        trace.input_tokens + trace.output_tokens if trace is not None else excerpt.get("tokens")
+    )
+    decisions = item.decision or []
+    words = sorted({str(d.get("type")) for d in decisions})
+    messages = [str(d["message"]) for d in decisions if d.get("message")]
+    outcome = _outcome(queue, item)
+    if failure and outcome is None:
+        outcome = {"status": "error", "reason": failure, "result": None}
     view.update(
         actions=actions,
         description="\n\n".join(a["description"] for a in actions if a["description"]),
         allow_accept=all(a["config"].get("allow_accept", False) for a in actions),
-        # One edit decision applies only to a single call; batches are approved or refused.
-        allow_edit=len(actions) == 1 and bool(first_cfg.get("allow_edit", False)),
+        # One edit decision applies to a single call; a batch is approved or refused whole.
+        allow_edit=len(actions) == 1 and bool(actions[0]["config"].get("allow_edit", False)),
         allow_reject=all(a["config"].get("allow_ignore", False) for a in actions),
         allow_respond=all(a["config"].get("allow_respond", False) for a in actions),
-        spend_text=_spend_text(_get(item, "spend")),
-        trace=_trace_nodes(_get(item, "trace")),
-        decided_by=_get(item, "decided_by"),
-        decided_text=_iso(_get(item, "decided_at")),
-        decision=_get(decision, "type") if isinstance(decision, Mapping) else decision,
-        decision_message=_get(decision, "message") if isinstance(decision, Mapping) else None,
-        outcome=_get(item, "outcome"),
+        spend_text=(
+            f"{tokens or 0} tokens" + (f" · {_money(usd)}" if usd else "")
+            if tokens or usd
+            else "nothing recorded"
+        ),
+        spend={"tokens": tokens, "usd": usd},
+        trace=nodes,
+        trace_json=trace_json,
+        decided_by=item.decided_by,
+        decided_at=item.decided_at,
+        decided_text=_iso(item.decided_at),
+        decision="+".join(words) if words else None,
+        decision_message="\n".join(messages) or None,
+        outcome=outcome,
     )
-    view["poll"] = view["status"] != "pending" and not view["outcome"]
+    view["poll"] = item.status in _DECIDED and outcome is None
     return ItemDetail(item, view, actions)
 
 
@@ -209,19 +281,20 @@ def decision_from_form(detail: ItemDetail, form: Mapping[str, str]) -> dict[str,
         return {"type": "edit", "args": parse_form(a["schema"], a["args"], form)}
     message = form.get("message", "").replace("\r\n", "\n").strip()
     if kind == "reject":
-        return {"type": "reject", "message": message or None}
+        return {"type": "reject", "message": message} if message else {"type": "reject"}
     if kind == "respond":
         return {"type": "respond", "message": message}
     return {"type": kind}
 
 
-def decide(queue: Any, review_id: str, decision: Mapping[str, Any], reviewer: str) -> Any:
-    """Apply a decision through the queue (which validates, audits and resumes)."""
-    return queue.decide(review_id, dict(decision), reviewer=reviewer)
+def decide(queue: Any, review_id: str, decision: Any, reviewer: str) -> None:
+    """Apply a decision through the queue, which validates, audits, claims and resumes."""
+    queue.decide(review_id, decision, reviewer=reviewer)
 
 
 def already_decided_text(e: AlreadyDecided) -> str:
     """The conflict message a second reviewer sees."""
     return (
-        f"Already decided by {e.decided_by} at {e.decided_at} ({e.decision}); nothing was applied."
+        f"Already decided by {e.decided_by} at {e.decided_at} ({e.decision}); "
+        "your decision was not applied."
     )

@@ -1,0 +1,266 @@
+"""The inbox over HTTP (in-process client), against a real `ReviewQueue` and paused graph."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from checkpointers import open_backend
+from harness_nodes.review_queue import pending_sql
+from tests.harness_nodes.inbox.conftest import TOKENS, Shop, basic, make_app
+
+ARGS = {"order": "A1", "amount": 120.0, "note": "customer called"}
+ORIGIN = "http://testserver"
+
+
+def client(shop: Shop, **kwargs: Any) -> TestClient:
+    return TestClient(make_app(shop.queue, **kwargs), base_url=ORIGIN)
+
+
+def csrf_of(c: TestClient, review_id: str, who: str = "alice") -> str:
+    page = c.get(f"/reviews/{review_id}", headers=basic(who))
+    assert page.status_code == 200
+    m = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert m, "the item page carries a CSRF token"
+    return m.group(1)
+
+
+def status_of(shop: Shop, review_id: str) -> str:
+    return str(shop.queue.get(review_id).status)
+
+
+def test_every_route_refuses_unauthenticated_requests(shop: Shop) -> None:
+    rid = shop.pause("t-auth", ARGS)
+    c = client(shop)
+    wrong = {
+        "authorization": "Basic " + "bWFsbG9yeTpub3BlLW5vcGUtbm9wZQ=="
+    }  # mallory:nope-nope-nope
+    for headers in ({}, wrong, {"authorization": "Bearer not-a-token"}):
+        for method, path, kw in [
+            ("GET", "/reviews", {}),
+            ("GET", f"/reviews/{rid}", {}),
+            ("POST", f"/reviews/{rid}/decision", {"data": {"decision": "approve"}}),
+            ("POST", f"/reviews/{rid}/decision", {"json": {"type": "approve"}}),
+        ]:
+            r = c.request(method, path, headers={**headers, "origin": ORIGIN}, **kw)
+            assert r.status_code == 401, (method, path, headers)
+            assert r.headers["www-authenticate"].startswith("Basic")
+    assert status_of(shop, rid) == "pending" and shop.refunds == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "with_token"),
+    [
+        pytest.param({"origin": "http://evil.example"}, True, id="foreign-origin"),
+        pytest.param({"origin": "null"}, True, id="opaque-origin"),
+        pytest.param({"sec-fetch-site": "cross-site"}, True, id="cross-site-fetch"),
+        pytest.param({"origin": ORIGIN}, False, id="no-csrf-token"),
+        pytest.param({"origin": ORIGIN, "x-csrf-token": "forged"}, False, id="forged-csrf-token"),
+    ],
+)
+def test_forged_cross_site_post_is_refused(
+    shop: Shop, headers: dict[str, str], with_token: bool
+) -> None:
+    rid = shop.pause("t-csrf", ARGS)
+    c = client(shop)
+    data = {"decision": "approve"}
+    if with_token:
+        data["csrf_token"] = csrf_of(c, rid)
+    r = c.post(f"/reviews/{rid}/decision", headers={**basic("alice"), **headers}, data=data)
+    assert r.status_code == 403
+    assert status_of(shop, rid) == "pending" and shop.refunds == []
+
+
+def test_csrf_token_of_another_reviewer_or_session_is_refused(shop: Shop) -> None:
+    rid = shop.pause("t-csrf2", ARGS)
+    bobs = csrf_of(client(shop), rid, "bob")
+    c = client(shop)
+    csrf_of(c, rid)  # alice's own session cookie
+    r = c.post(
+        f"/reviews/{rid}/decision",
+        headers={**basic("alice"), "origin": ORIGIN},
+        data={"decision": "approve", "csrf_token": bobs},
+    )
+    assert r.status_code == 403 and status_of(shop, rid) == "pending"
+
+
+def test_form_approve_resumes_and_audits_the_reviewer(shop: Shop) -> None:
+    rid = shop.pause("t-form", ARGS)
+    c = client(shop)
+    r = c.post(
+        f"/reviews/{rid}/decision",
+        headers={**basic("bob"), "origin": ORIGIN},
+        data={"decision": "approve", "csrf_token": csrf_of(c, rid, "bob")},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303 and r.headers["location"] == f"/reviews/{rid}?decided=1"
+    assert shop.refunds == [ARGS]
+    page = c.get(r.headers["location"], headers=basic("bob")).text
+    assert "Decided <strong>approve</strong> by <strong>bob</strong>" in page
+    assert "Refund handled." in page
+    [audit] = shop.backend.execute(
+        "SELECT reviewer, decision FROM harness_review_audit WHERE review_id = %s", (rid,)
+    )
+    assert audit == {"reviewer": "bob", "decision": "approve"}
+
+
+def test_json_api_decides_with_bearer_and_reports_conflicts(backend_url: str) -> None:
+    with open_backend(backend_url) as backend:
+        shop = Shop(backend)
+        rid = shop.pause("t-api", ARGS)
+        c = client(shop)
+        alice = {"authorization": f"Bearer {TOKENS['alice']}", "accept": "application/json"}
+        listed = c.get("/reviews", headers=alice).json()
+        assert [i["id"] for i in listed["items"]] == [rid]
+        assert listed["items"][0]["actions"] == [{"name": "refund", "args": ARGS}]
+        item = c.get(f"/reviews/{rid}", headers=alice).json()
+        assert item["status"] == "pending" and item["reason"] == "irreversible"
+        assert item["actions"][0]["args_schema"]["properties"]["amount"]["type"] == "number"
+        assert [s["name"] for s in item["trace"]["steps"]][:2] == ["input", "agent"]
+
+        edited = {**ARGS, "amount": 80.0}
+        r = c.post(f"/reviews/{rid}/decision", headers=alice, json={"type": "edit", "args": edited})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["status"] == "applied" and body["decided_by"] == "alice"
+        assert body["outcome"] == {"status": "completed", "reason": "", "result": "Refund handled."}
+        assert shop.refunds == [edited]
+
+        bob = {"authorization": f"Bearer {TOKENS['bob']}", "accept": "application/json"}
+        r = c.post(f"/reviews/{rid}/decision", headers=bob, json={"type": "reject"})
+        assert r.status_code == 409
+        conflict = r.json()
+        assert conflict["error"] == "already_decided" and conflict["decided_by"] == "alice"
+        assert "Already decided by alice at" in conflict["message"]
+        assert shop.refunds == [edited]  # nothing applied twice
+
+
+def test_edits_are_validated_by_the_queue_and_the_item_stays_pending(shop: Shop) -> None:
+    rid = shop.pause("t-invalid", ARGS)
+    c = client(shop)
+    api = {"authorization": f"Bearer {TOKENS['alice']}", "accept": "application/json"}
+    r = c.post(
+        f"/reviews/{rid}/decision", headers=api, json={"type": "edit", "args": {"amount": "lots"}}
+    )
+    assert r.status_code == 422 and r.json()["error"] == "invalid_decision"
+    assert "fail its schema" in r.json()["message"]
+    # The form path: an unreadable number is reported on its field, nothing is decided.
+    token = csrf_of(c, rid)
+    r = c.post(
+        f"/reviews/{rid}/decision",
+        headers={**basic("alice"), "origin": ORIGIN},
+        data={"decision": "edit", "csrf_token": token, "arg.order": "A1", "arg.amount": "ten"},
+    )
+    assert r.status_code == 422 and "amount: not a valid number" in r.text
+    r = c.post(
+        f"/reviews/{rid}/decision",
+        headers={**basic("alice"), "origin": ORIGIN},
+        data={"decision": "respond", "csrf_token": token, "message": "  "},
+    )
+    assert r.status_code == 422 and "non-empty" in r.text
+    assert status_of(shop, rid) == "pending" and shop.refunds == []
+
+
+def test_agent_text_is_escaped_and_pages_carry_security_headers(shop: Shop) -> None:
+    evil = {
+        "order": '<script>alert(1)</script><a href="javascript:alert(2)">Approve</a>',
+        "amount": 1.0,
+        "note": "</pre><button id=approve>Approve</button>{{ 7*7 }}",
+    }
+    rid = shop.pause("t-xss", evil)
+    c = client(shop)
+    for path in ("/reviews", f"/reviews/{rid}"):
+        r = c.get(path, headers=basic("alice"))
+        assert "<script>alert" not in r.text and 'href="javascript:' not in r.text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in r.text
+        assert "<button id=approve>" not in r.text
+        if path != "/reviews":  # the item page shows the full arguments, as text
+            assert "&lt;button id=approve&gt;" in r.text and "{{ 7*7 }}" in r.text
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+        assert r.headers["x-frame-options"] == "DENY"
+        assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_requests_for_foreign_host_names_are_refused(shop: Shop) -> None:
+    c = client(shop)
+    r = c.get("/reviews", headers={**basic("alice"), "host": "attacker.example"})
+    assert r.status_code == 421
+
+
+def test_missing_item_is_404(shop: Shop) -> None:
+    r = client(shop).get("/reviews/nope", headers=basic("alice"))
+    assert r.status_code == 404 and "No review item" in r.text
+
+
+def test_outcome_arrives_after_the_page_returns(shop: Shop) -> None:
+    """A slow resume: the decision returns at once, the page polls until the outcome."""
+    rid = shop.pause("t-slow", ARGS)
+    shop.tool_delay = 1.0
+    c = client(shop, decide_wait=0.05)
+    api = {"authorization": f"Bearer {TOKENS['alice']}", "accept": "application/json"}
+    with c:  # lifespan: the resumer threads finish before the app shuts down
+        r = c.post(f"/reviews/{rid}/decision", headers=api, json={"type": "approve"})
+        assert r.status_code == 200 and r.json()["outcome"] is None and r.json()["poll"]
+        page = c.get(f"/reviews/{rid}", headers=basic("alice")).text
+        assert "the task is resuming" in page and "data-poll=" in page
+        deadline = time.monotonic() + 10
+        while (body := c.get(f"/reviews/{rid}", headers=api).json())["outcome"] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert body["outcome"]["result"] == "Refund handled." and len(shop.refunds) == 1
+
+
+def _fill(shop: Shop, n: int) -> None:
+    """*n* pending rows shaped like a real pause (copied from one), across task types."""
+    rid = shop.pause("t-seed", ARGS)
+    [row] = shop.backend.execute("SELECT * FROM harness_reviews WHERE id = %s", (rid,))
+    now = time.time()
+    with shop.backend.transaction() as tx:
+        for i in range(n):
+            tx.execute(
+                "INSERT INTO harness_reviews (id, thread_id, interrupt_id, task_type, reason, "
+                "risk, request, status, priority, assignee, deadline, created_at) VALUES "
+                "(%s, %s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s, %s)",
+                (
+                    f"bulk-{i:05d}",
+                    f"bulk-thread-{i}",
+                    f"intr-{i}",
+                    ("billing", "support", "research", "ops")[i % 4],
+                    row["reason"],
+                    row["risk"],
+                    row["request"],
+                    i % 3,
+                    "carol" if i % 10 == 0 else None,
+                    now + i if i % 2 else None,
+                    now - i,
+                ),
+            )
+
+
+def test_list_of_10000_pending_is_paginated_and_filtered_by_the_index(shop: Shop) -> None:
+    _fill(shop, 10_000)
+    c = client(shop, page_size=50)
+    api = {"authorization": f"Bearer {TOKENS['alice']}", "accept": "application/json"}
+    first = c.get("/reviews?task_type=billing", headers=api).json()
+    assert len(first["items"]) == 50 and first["next"] == "/reviews?task_type=billing&page=2"
+    assert {i["task_type"] for i in first["items"]} == {"billing"}
+    prios = [(-i["priority"], i["deadline"] is None) for i in first["items"]]
+    assert prios == sorted(prios), "most urgent first: priority, then items with a deadline"
+    second = c.get(first["next"], headers=api).json()
+    assert not {i["id"] for i in first["items"]} & {i["id"] for i in second["items"]}
+    last = c.get("/reviews?task_type=billing&page=50", headers=api).json()
+    assert len(last["items"]) == 50 and last["next"] is None  # 2,500 billing items
+    html = c.get("/reviews?assignee=carol&page=2", headers=basic("alice")).text
+    assert html.count('class="item"') == 50 and 'rel="prev"' in html and 'rel="next"' in html
+    # The filter the list uses is answered from the queue's index, not a table scan.
+    sql, params = pending_sql(task_type="billing", limit=51, offset=50, order="urgency")
+    plan = shop.backend.execute("EXPLAIN QUERY PLAN " + sql.replace("%s", "?"), params)
+    details = " | ".join(str(r["detail"]) for r in plan)
+    assert "USING INDEX" in details and "SCAN harness_reviews" not in details.replace(
+        "SCAN harness_reviews USING", "x"
+    ), details
