@@ -63,3 +63,60 @@ def build_auth(
     return InboxAuth(
         reviewers=people, allow_anonymous=allow_anonymous, allowed_hosts=hosts, **extra
     )
+
+
+def resolve_graph(obj: Any, checkpointer: Any) -> Any:
+    """A compiled graph on *checkpointer* from a ``--graph`` object.
+
+    Accepts a `StateGraph` builder (compiled here), a compiled graph (re-bound to the
+    backend's checkpointer, so it resumes the tasks stored there), or a zero-argument
+    factory returning either — e.g. ``graphs.support:build_graph``.
+    """
+    if callable(obj) and not hasattr(obj, "invoke") and not hasattr(obj, "compile"):
+        obj = obj()
+    if hasattr(obj, "compile") and not hasattr(obj, "invoke"):
+        return obj.compile(checkpointer=checkpointer)
+    if hasattr(obj, "invoke") and hasattr(obj, "copy"):
+        return obj.copy(update={"checkpointer": checkpointer})
+    raise UserError(
+        f"--graph must name a StateGraph, a compiled graph or a factory of one, "
+        f"not {type(obj).__name__}"
+    )
+
+
+def serve(
+    *,
+    db: str | None,
+    graph: str,
+    host: str,
+    port: int,
+    reviewers: list[str] | None,
+    allow_anonymous: bool,
+    allowed_hosts: list[str] | None,
+    page_size: int,
+    on_ready: Any = None,
+) -> None:
+    """Open the backend, build the queue over the graph and serve the inbox until stopped."""
+    auth = build_auth(
+        host=host, reviewers=reviewers, allow_anonymous=allow_anonymous, allowed_hosts=allowed_hosts
+    )
+    try:
+        import uvicorn
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            'harness review serve needs the inbox extra: pip install "langgraph-harness[inbox]"'
+        ) from e
+
+    from checkpointers import open_backend
+    from harness_nodes.inbox import create_app
+    from harness_nodes.review_queue import ReviewQueue
+
+    obj = load_object(graph)
+    with open_backend(db) as backend:
+        queue = ReviewQueue(backend, resolve_graph(obj, backend.checkpointer))
+        app = create_app(queue, auth, page_size=page_size)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        server = uvicorn.Server(config)
+        if on_ready is not None:
+            on_ready(backend)
+        server.run()

@@ -16,16 +16,12 @@ from typing import Any
 import pytest
 import uvicorn
 from langchain_core.messages import HumanMessage
-from langchain_core.tools import tool
-from langgraph.graph import START, MessagesState, StateGraph
-from langgraph.prebuilt import ToolNode
 
 from checkpointers import Backend
 from harness_nodes.inbox import InboxAuth, create_app
-from harness_nodes.review import HumanReview, ReviewPolicy
 from harness_nodes.review_queue import ReviewQueue
-from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 from tests.conftest import IN_CI
+from tests.harness_nodes.inbox.shop_graph import builder
 
 TOKENS = {"alice": "alice-secret-token", "bob": "bob-secret-token"}
 
@@ -46,34 +42,8 @@ class Shop:
     graph: Any = field(init=False)
 
     def __post_init__(self) -> None:
-        shop = self
-
-        @tool
-        def refund(order: str, amount: float, note: str = "") -> str:
-            """Refund an order (irreversible: money leaves)."""
-            time.sleep(shop.tool_delay)
-            shop.refunds.append({"order": order, "amount": amount, "note": note})
-            return f"refunded {amount} on {order}"
-
-        model = ScriptedChatModel(
-            # Turn 0 proposes the refund the user's message asks for (JSON args); turn 1 ends.
-            script=[
-                lambda prompt: ai(
-                    tool_calls=[tool_call("refund", json.loads(str(prompt[0].content)))]
-                ),
-                ai("Refund handled."),
-            ],
-            model_name="gpt-4o-mini",
-        )
-        review = HumanReview(ReviewPolicy(irreversible=["refund"]), tools=[refund])
-        builder = StateGraph(MessagesState)
-        builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
-        builder.add_node("review", review)
-        builder.add_node("tools", ToolNode([refund]))
-        builder.add_edge(START, "agent")
-        builder.add_conditional_edges("agent", review.route)
-        builder.add_edge("tools", "agent")
-        self.graph = builder.compile(checkpointer=self.backend.checkpointer)
+        graph = builder(on_refund=self.refunds.append, delay=lambda: self.tool_delay)
+        self.graph = graph.compile(checkpointer=self.backend.checkpointer)
         self.queue = ReviewQueue(self.backend, self.graph)
 
     def pause(self, thread_id: str, args: dict[str, Any]) -> str:

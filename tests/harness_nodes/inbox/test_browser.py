@@ -1,11 +1,13 @@
 """The inbox in headless Chromium, driving a real server on 127.0.0.1 over a real paused graph.
 
-Screenshots of the list and item pages are saved under the test's tmp dir and copied to
-``docs/screenshots/`` (committed, so reviewers can look without running anything).
+Screenshots of the list and item pages are saved by every run under
+``bench/results/tmp/screenshots/`` (git-ignored); with ``HARNESS_UPDATE_SCREENSHOTS=1`` they
+also replace the committed set in ``docs/screenshots/`` that reviewers look at.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,8 @@ from tests.harness_nodes.inbox.conftest import TOKENS, Shop, live_server, make_a
 pytestmark = pytest.mark.slow
 
 ARGS = {"order": "A-1042", "amount": 129.9, "note": "parcel arrived damaged"}
-SHOTS = REPO_ROOT / "docs" / "screenshots"
+SHOTS = REPO_ROOT / "bench" / "results" / "tmp" / "screenshots"
+COMMITTED_SHOTS = REPO_ROOT / "docs" / "screenshots"
 
 
 @pytest.fixture
@@ -50,6 +53,8 @@ def shot(page: Any, tmp_path: Path, name: str) -> None:
     page.screenshot(path=str(path), full_page=True)
     SHOTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(path, SHOTS / name)
+    if os.environ.get("HARNESS_UPDATE_SCREENSHOTS") == "1":
+        shutil.copy(path, COMMITTED_SHOTS / name)
 
 
 def test_list_open_edit_approve_shows_outcome(shop: Shop, page_for: Any, tmp_path: Path) -> None:

@@ -1,0 +1,87 @@
+"""``harness review serve`` as a real process over a database another process paused in."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import subprocess_env
+from tests.harness_nodes.inbox.conftest import TOKENS, Shop
+
+ARGS = {"order": "A9", "amount": 42.0, "note": ""}
+GRAPH = "tests.harness_nodes.inbox.shop_graph:builder"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def harness(*args: str, **kw: object) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "harness_nodes.cli", *args]
+    return subprocess.Popen(
+        cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+@pytest.mark.slow
+def test_serve_resumes_a_task_paused_by_another_process(shop: Shop) -> None:
+    rid = shop.pause("t-cli", ARGS)
+    port = free_port()
+    proc = harness(
+        "review", "serve", "--db", shop.backend.url, "--graph", GRAPH, "--port", str(port),
+        "--reviewer", f"alice:{TOKENS['alice']}",
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = httpx.get(f"{base}/reviews")
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.1)
+        assert r.status_code == 401
+        api = {"authorization": f"Bearer {TOKENS['alice']}", "accept": "application/json"}
+        assert [i["id"] for i in httpx.get(f"{base}/reviews", headers=api).json()["items"]] == [rid]
+        r = httpx.post(f"{base}/reviews/{rid}/decision", headers=api, json={"type": "approve"})
+        assert r.status_code == 200, r.text
+        assert r.json()["outcome"]["result"] == "Refund handled."
+        assert r.headers["content-security-policy"].startswith("default-src 'none'")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+    tool_msg = [m for m in shop.messages("t-cli") if m.type == "tool"][-1]
+    assert tool_msg.content == "refunded 42.0 on A9"  # ran in the server process, once
+    [audit] = shop.backend.execute("SELECT reviewer FROM harness_review_audit")
+    assert audit["reviewer"] == "alice"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        pytest.param([], "The review inbox needs reviewers", id="no-reviewers"),
+        pytest.param(
+            ["--allow-anonymous", "--host", "0.0.0.0"], "for local use only", id="anonymous-public"
+        ),
+        pytest.param(["--reviewer", "alice"], "must look like NAME:TOKEN", id="bad-reviewer"),
+    ],
+)
+def test_serve_refuses_unsafe_configuration(
+    tmp_path: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness_nodes.cli import main
+
+    argv = ["review", "serve", "--db", f"sqlite:///{tmp_path / 'x.db'}", "--graph", GRAPH]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, *extra])
+    assert info.value.code == 2 and message in capsys.readouterr().err
