@@ -292,6 +292,18 @@ CREATE INDEX IF NOT EXISTS harness_runs_lease ON harness_runs (status, lease_exp
 # error: why the last attempt failed; finished_at: when the run reached a final status.
 # The lease index serves recover(): running rows whose lease expired.
 
+# The review inbox lists pending items most urgent first (`ReviewQueue.pending(order=
+# "urgency")`: priority, then deadline — none last —, then age), a page at a time. These
+# indexes repeat that ORDER BY expression for expression, so the page is read off an index,
+# with or without a task-type filter, instead of sorting the whole queue.
+_REVIEW_INBOX_INDEXES = """
+CREATE INDEX IF NOT EXISTS harness_reviews_urgency ON harness_reviews
+    (status, priority DESC, (CASE WHEN deadline IS NULL THEN 1 ELSE 0 END), deadline, created_at, id);
+CREATE INDEX IF NOT EXISTS harness_reviews_type_urgency ON harness_reviews
+    (status, task_type, priority DESC, (CASE WHEN deadline IS NULL THEN 1 ELSE 0 END), deadline,
+     created_at, id)
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(
         name="0001_base",
@@ -319,6 +331,11 @@ MIGRATIONS: list[Migration] = [
         name="0401_review_queue_indexes",
         postgres=_REVIEW_QUEUE_INDEXES,
         sqlite=_REVIEW_QUEUE_INDEXES,
+    ),
+    Migration(
+        name="0410_review_inbox_urgency",
+        postgres=_REVIEW_INBOX_INDEXES,
+        sqlite=_REVIEW_INBOX_INDEXES,
     ),
 ]
 """Every harness migration, in the order they apply. Append; never edit an applied one."""

@@ -43,11 +43,9 @@ def _age(ts: float | None, now: float) -> str:
 
 def _tool_schemas(queue: Any) -> dict[str, dict[str, Any]]:
     """JSON schemas of the tools' arguments, from the tools the queue validates with."""
-    tools = getattr(queue, "tools", None)
-    if tools is None:
-        tools = getattr(getattr(queue, "_core", None), "tools", {})
+    tools: Mapping[str, Any] = queue.tools
     out: dict[str, dict[str, Any]] = {}
-    for name, tool in dict(tools or {}).items():
+    for name, tool in tools.items():
         try:
             out[name] = dict(tool.tool_call_schema.model_json_schema())
         except Exception:  # a tool without a pydantic schema: the form infers from values
