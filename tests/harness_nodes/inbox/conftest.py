@@ -113,7 +113,9 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+# Module scope: playwright's sync API keeps an event loop on this thread while it runs,
+# which would break asyncio.run() in tests collected after the browser tests.
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     """Debian's chromium driven by playwright (no browser download); fails under CI if absent."""
     path = shutil.which("chromium") or shutil.which("chromium-browser")
