@@ -51,7 +51,16 @@ _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def is_loopback(host: str) -> bool:
-    """Whether *host* (a bind address or host name) only reaches this machine."""
+    """Whether *host* (a bind address or host name) only reaches this machine.
+
+    Example:
+        ```python
+        from harness_nodes.inbox import is_loopback
+
+        assert is_loopback("127.0.0.1") and is_loopback("localhost")
+        assert not is_loopback("0.0.0.0")
+        ```
+    """
     host = host.strip("[]")
     if host in _LOOPBACK_NAMES:
         return True
@@ -66,6 +75,16 @@ def parse_reviewers(specs: str | list[str] | None) -> dict[str, str]:
 
     Raises:
         UserError: an entry without a name or a token, or a name given twice.
+
+    Example:
+        ```python
+        from harness_nodes.inbox import parse_reviewers
+
+        assert parse_reviewers("alice:tok-1234,bob:tok-5678") == {
+            "alice": "tok-1234",
+            "bob": "tok-5678",
+        }
+        ```
     """
     if not specs:
         return {}
