@@ -298,7 +298,8 @@ CREATE INDEX IF NOT EXISTS harness_runs_lease ON harness_runs (status, lease_exp
 # with or without a task-type filter, instead of sorting the whole queue.
 _REVIEW_INBOX_INDEXES = """
 CREATE INDEX IF NOT EXISTS harness_reviews_urgency ON harness_reviews
-    (status, priority DESC, (CASE WHEN deadline IS NULL THEN 1 ELSE 0 END), deadline, created_at, id);
+    (status, priority DESC, (CASE WHEN deadline IS NULL THEN 1 ELSE 0 END), deadline,
+     created_at, id);
 CREATE INDEX IF NOT EXISTS harness_reviews_type_urgency ON harness_reviews
     (status, task_type, priority DESC, (CASE WHEN deadline IS NULL THEN 1 ELSE 0 END), deadline,
      created_at, id)
