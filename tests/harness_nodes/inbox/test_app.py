@@ -266,3 +266,38 @@ def test_list_of_10000_pending_is_paginated_and_filtered_by_the_index(shop: Shop
         plan = shop.backend.execute("EXPLAIN QUERY PLAN " + sql.replace("%s", "?"), params)
         details = " | ".join(str(r["detail"]) for r in plan)
         assert f"USING INDEX {index}" in details and "TEMP B-TREE" not in details, details
+
+
+def test_json_posts_with_ambient_basic_credentials_still_need_the_csrf_token(shop: Shop) -> None:
+    rid = shop.pause("t-json-basic", ARGS)
+    c = client(shop)
+    headers = {**basic("alice"), "origin": ORIGIN, "accept": "application/json"}
+    r = c.post(f"/reviews/{rid}/decision", headers=headers, json={"type": "approve"})
+    assert r.status_code == 403 and r.json()["error"] == "csrf"
+    token = csrf_of(c, rid)
+    r = c.post(
+        f"/reviews/{rid}/decision",
+        headers={**headers, "x-csrf-token": token},
+        json={"type": "approve"},
+    )
+    assert r.status_code == 200 and shop.refunds == [ARGS]
+
+
+def test_anonymous_decisions_only_when_enabled(shop: Shop) -> None:
+    from harness_nodes.inbox import InboxAuth, create_app
+
+    rid = shop.pause("t-anon", ARGS)
+    assert client(shop).get("/reviews").status_code == 401
+    auth = InboxAuth(allow_anonymous=True, allowed_hosts=frozenset({"testserver"}))
+    c = TestClient(create_app(shop.queue, auth), base_url=ORIGIN)
+    page = c.get(f"/reviews/{rid}")
+    assert page.status_code == 200 and "signed in as <strong>anonymous</strong>" in page.text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token
+    r = c.post(
+        f"/reviews/{rid}/decision",
+        headers={"origin": ORIGIN},
+        data={"decision": "approve", "csrf_token": token.group(1)},
+    )
+    assert r.status_code == 200  # followed the redirect to the item page
+    assert shop.queue.get(rid).decided_by == "anonymous"
