@@ -150,6 +150,7 @@ def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 
+@pytest.mark.slow
 def test_inbox_exports_and_lazy_web_imports() -> None:
     import inspect
     import subprocess
