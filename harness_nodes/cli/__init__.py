@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from harness_nodes.cli import (
     _demo,  # noqa: F401  (registers `harness demo`)
+    _inbox,  # noqa: F401  (registers `harness review serve`)
+    _review,  # noqa: F401  (registers `harness review ...`)
     _run,  # noqa: F401  (registers `harness run`, `harness resume`)
     _trace,  # noqa: F401  (registers `harness show|runs|report`)
 )
