@@ -4,6 +4,7 @@ Every public name is imported here; import from ``harness_nodes`` directly.
 """
 
 from harness_nodes.aio import AsyncEffectLedger
+from harness_nodes.background import JobQueue
 from harness_nodes.effects import (
     EffectContext,
     EffectKind,
@@ -28,6 +29,7 @@ from harness_nodes.errors import (
     EffectOutcomeUnknown,
     HarnessError,
     InvalidDecision,
+    LeaseLost,
     ModelUnavailable,
     ReviewError,
     ReviewNotFound,
@@ -36,6 +38,7 @@ from harness_nodes.errors import (
     TaskNotFinished,
     UnguardedEffect,
     UnknownGraph,
+    UnknownTask,
     UnknownThread,
     UnpricedModelError,
     UserError,
@@ -63,6 +66,7 @@ from harness_nodes.review_queue import (
     ReviewQueue,
     ReviewStatus,
 )
+from harness_nodes.runner import RunStatus, TaskRun, TaskRunner
 from harness_nodes.state import (
     Escalation,
     EscalationKind,
@@ -127,6 +131,8 @@ __all__ = [
     "HarnessState",
     "HumanReview",
     "InvalidDecision",
+    "JobQueue",
+    "LeaseLost",
     "Masker",
     "MessagesOnly",
     "ModelNode",
@@ -151,17 +157,21 @@ __all__ = [
     "ReviewStatus",
     "Risk",
     "RunFailed",
+    "RunStatus",
     "RunSummary",
     "Spend",
     "TaskError",
     "TaskInfo",
     "TaskNotFinished",
+    "TaskRun",
+    "TaskRunner",
     "ToolContract",
     "Trace",
     "TraceExcerpt",
     "TraceNode",
     "UnguardedEffect",
     "UnknownGraph",
+    "UnknownTask",
     "UnknownThread",
     "UnpricedModelError",
     "UserError",

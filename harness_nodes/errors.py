@@ -25,7 +25,9 @@ them all::
     └── TaskError
         ├── UnknownThread         no task / checkpoint for that thread id
         ├── TaskNotFinished       a result was asked for before the task finished
-        └── RunFailed             a run stopped on an error; its checkpoints are kept
+        ├── RunFailed             a run stopped on an error; its checkpoints are kept
+        ├── UnknownTask           no task was submitted with that key
+        └── LeaseLost             another worker took the task over (or it was cancelled)
 
 Errors carry typed fields and build their message from them in ``__str__``. They pickle
 (they cross process boundaries: workers, job queues) because every field is also passed
@@ -48,6 +50,7 @@ __all__ = [
     "EffectOutcomeUnknown",
     "HarnessError",
     "InvalidDecision",
+    "LeaseLost",
     "ModelUnavailable",
     "ReviewError",
     "ReviewNotFound",
@@ -56,6 +59,7 @@ __all__ = [
     "TaskNotFinished",
     "UnguardedEffect",
     "UnknownGraph",
+    "UnknownTask",
     "UnknownThread",
     "UnpricedModelError",
     "UserError",
@@ -454,4 +458,42 @@ class RunFailed(TaskError):
         return (
             f"Run of thread {self.thread_id!r} stopped: {self.error}: {self.reason} "
             f"(its checkpoints are kept: harness resume {self.thread_id})"
+        )
+
+
+class UnknownTask(TaskError):
+    """No task was submitted with this key.
+
+    Attributes:
+        task_key: The key that was asked for.
+    """
+
+    def __init__(self, task_key: str) -> None:
+        super().__init__(task_key)
+        self.task_key = task_key
+
+    def __str__(self) -> str:
+        return f"No task submitted with key {self.task_key!r}"
+
+
+class LeaseLost(TaskError):
+    """This process no longer holds the task's lease, so its run stops writing checkpoints.
+
+    The task was cancelled, or the run stalled past its lease and another worker took it
+    over; either way two runs never interleave on one thread.
+
+    Attributes:
+        thread_id: The task's thread.
+        owner: The lease this process held.
+    """
+
+    def __init__(self, thread_id: str, owner: str) -> None:
+        super().__init__(thread_id, owner)
+        self.thread_id = thread_id
+        self.owner = owner
+
+    def __str__(self) -> str:
+        return (
+            f"Lost the lease on thread {self.thread_id!r} (held as {self.owner}): the task "
+            "was cancelled or another worker took it over; this run stops"
         )

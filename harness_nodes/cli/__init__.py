@@ -12,6 +12,7 @@ from harness_nodes.cli import (
     _review,  # noqa: F401  (registers `harness review ...`)
     _run,  # noqa: F401  (registers `harness run`, `harness resume`)
     _trace,  # noqa: F401  (registers `harness show|runs|report`)
+    _worker,  # noqa: F401  (registers `harness worker`)
 )
 from harness_nodes.cli._app import app, main
 

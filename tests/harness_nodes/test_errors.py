@@ -20,6 +20,8 @@ CASES = [
     errors.AlreadyDecided("r1", "alice", "2026-01-01T00:00:00Z", "approve"),
     errors.EffectOutcomeUnknown("t1", "call-9", "refund", {"amount": 10}, "t1:call-9"),
     errors.UnguardedEffect("refund"),
+    errors.UnknownTask("order-17"),
+    errors.LeaseLost("t1", "host:42:abcd"),
     errors.EffectNotResolvable("t1", "call-9", "its result is already recorded"),
     errors.UnknownThread("nope"),
     errors.TaskNotFinished("k1", "running"),

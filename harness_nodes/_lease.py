@@ -1,0 +1,333 @@
+"""The pieces `TaskRunner` and `AsyncTaskRunner` share: SQL, graph resolution, the fence.
+
+One process runs a thread at a time: a run holds a lease on its ``harness_runs`` row
+(``lease_owner``, ``lease_expires_at``), renewed by a heartbeat while it runs. Claiming is one
+conditional ``UPDATE`` (atomic on Postgres and, under SQLite's single writer, on SQLite). A
+run that loses its lease (it stalled past the expiry and someone else took over, or the task
+was cancelled) is stopped by the *fence*: a checkpointer wrapper that refuses to write for a
+thread whose lease this process no longer holds, so two runs never interleave checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+)
+from langgraph.graph import StateGraph
+from langgraph.pregel import Pregel
+
+from harness_nodes import _codec
+from harness_nodes.errors import LeaseLost, UserError
+
+RunStatus = Literal["pending", "running", "interrupted", "completed", "failed", "cancelled"]
+"""``pending``: submitted (or released after a failed attempt), waiting for a worker.
+``running``: a worker holds its lease. ``interrupted``: paused for a person (not resumed by
+`recover`). ``completed`` / ``failed`` / ``cancelled``: final."""
+
+FINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """A snapshot of one task: what `submit`, `status` and `cancel` return."""
+
+    task_key: str
+    """The caller's key: the same key is always the same task."""
+    thread_id: str
+    """The LangGraph thread the task runs on."""
+    task_type: str
+    status: RunStatus
+    outcome: dict[str, Any] | None
+    """The stored outcome once completed (or cancelled): ``{"status", "reason"?,
+    "partial_result"?}``; every caller of `TaskRunner.result` gets this same value."""
+    error: str | None
+    """Why the last attempt failed."""
+    attempts: int
+    """How many times a worker claimed it."""
+    graph: str | None
+    """The graph's import path (``module:attr``) when workers can rebuild it."""
+    created_at: float
+    updated_at: float
+    finished_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the status is final (completed, failed or cancelled)."""
+        return self.status in FINAL
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> TaskRun:
+        """Build a snapshot from a ``harness_runs`` row."""
+        return cls(
+            task_key=row["task_key"],
+            thread_id=row["thread_id"],
+            task_type=row["task_type"],
+            status=row["status"],
+            outcome=_codec.decode(row["outcome"]),
+            error=row["error"],
+            attempts=int(row["attempts"]),
+            graph=row["graph"],
+            created_at=float(row["created_at"]),
+            updated_at=float(row["updated_at"]),
+            finished_at=row["finished_at"],
+        )
+
+
+def new_owner() -> str:
+    """A lease owner id: host, process and a fresh suffix (one per claim)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+SELECT_KEY = "SELECT * FROM harness_runs WHERE task_key = %s"
+SELECT_THREAD = "SELECT * FROM harness_runs WHERE thread_id = %s"
+INSERT = (
+    "INSERT INTO harness_runs (thread_id, task_key, task_type, graph, status, input, "
+    "attempts, created_at, updated_at) VALUES (%s, %s, %s, %s, 'pending', %s, 0, %s, %s) "
+    "ON CONFLICT DO NOTHING RETURNING *"
+)
+CLAIM = (
+    "UPDATE harness_runs SET status = 'running', lease_owner = %s, lease_expires_at = %s, "
+    "attempts = attempts + 1, updated_at = %s WHERE thread_id = %s AND status IN ({statuses}) "
+    "AND (lease_owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < %s) RETURNING *"
+)
+RENEW = (
+    "UPDATE harness_runs SET lease_expires_at = %s, updated_at = %s "
+    "WHERE thread_id = %s AND lease_owner = %s AND status = 'running' RETURNING thread_id"
+)
+SETTLE = (
+    "UPDATE harness_runs SET status = %s, outcome = %s, error = %s, finished_at = %s, "
+    "lease_owner = NULL, lease_expires_at = NULL, updated_at = %s "
+    "WHERE thread_id = %s AND lease_owner = %s AND status = 'running' RETURNING *"
+)
+CANCEL = (
+    "UPDATE harness_runs SET status = 'cancelled', outcome = %s, finished_at = %s, "
+    "lease_owner = NULL, lease_expires_at = NULL, updated_at = %s "
+    "WHERE task_key = %s AND status NOT IN ('completed', 'failed', 'cancelled') RETURNING *"
+)
+STALE = (
+    "SELECT thread_id, task_key, graph FROM harness_runs WHERE status IN ('pending', 'running') "
+    "AND (lease_expires_at IS NULL OR lease_expires_at < %s) ORDER BY created_at"
+)
+
+
+def claim_sql(statuses: Sequence[str]) -> str:
+    """The claim statement for rows in *statuses*."""
+    return CLAIM.format(statuses=", ".join(f"'{s}'" for s in statuses))
+
+
+def run_config(
+    thread_id: str, task_key: str, task_type: str, base: RunnableConfig | None
+) -> RunnableConfig:
+    """The config every invocation of a task uses: its thread, tagged with its key and type."""
+    config: dict[str, Any] = dict(base or {})
+    config["configurable"] = {**dict(config.get("configurable") or {}), "thread_id": thread_id}
+    config["metadata"] = {
+        **dict(config.get("metadata") or {}),
+        "harness_task_key": task_key,
+        "harness_task_type": task_type,
+    }
+    return config  # type: ignore[return-value]
+
+
+def outcome_of(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored outcome of a finished graph: its ``outcome`` key, or ``completed``."""
+    outcome = values.get("outcome")
+    if isinstance(outcome, Mapping) and "status" in outcome:
+        return dict(outcome)
+    messages = values.get("messages") or []
+    result: dict[str, Any] = {"status": "completed"}
+    if messages:
+        last = messages[-1]
+        result["partial_result"] = getattr(last, "text", None) or str(
+            getattr(last, "content", last)
+        )
+    return result
+
+
+# --- graphs ----------------------------------------------------------------------------------
+
+
+def import_graph(path: str) -> Any:
+    """``"package.module:attr"`` → the object (a builder, compiled graph, or factory)."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"A graph path looks like 'package.module:attr', got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"Cannot import graph module {module_name!r}: {e}") from None
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise UserError(f"Module {module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def compile_graph(source: Any, backend: Any, saver: BaseCheckpointSaver[Any]) -> Pregel[Any, Any]:
+    """A compiled graph on *saver*, from a builder, a compiled graph, a factory or a path.
+
+    A factory is called with the backend (so it can build an `EffectLedger` on it).
+    """
+    if isinstance(source, str):
+        source = import_graph(source)
+    if isinstance(source, StateGraph):
+        return source.compile(checkpointer=saver)
+    if isinstance(source, Pregel):
+        return source.copy(update={"checkpointer": saver})
+    if callable(source):
+        return compile_graph(source(backend), backend, saver)
+    raise UserError(
+        "TaskRunner needs a StateGraph, a compiled graph, a factory taking the backend, or "
+        f"an import path 'module:attr'; got {type(source).__name__}"
+    )
+
+
+# --- the fence -------------------------------------------------------------------------------
+
+
+class Fences:
+    """Which threads this process may write checkpoints for, right now."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, str] = {}
+        self._lost: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, thread_id: str, owner: str) -> None:
+        with self._lock:
+            self._held[thread_id] = owner
+            self._lost.pop(thread_id, None)
+
+    def lose(self, thread_id: str, owner: str) -> None:
+        with self._lock:
+            if self._held.get(thread_id) == owner:
+                self._lost[thread_id] = owner
+
+    def release(self, thread_id: str, owner: str) -> None:
+        with self._lock:
+            if self._held.get(thread_id) == owner:
+                del self._held[thread_id]
+            self._lost.pop(thread_id, None)
+
+    def check(self, config: RunnableConfig) -> None:
+        thread_id = str((config.get("configurable") or {}).get("thread_id"))
+        with self._lock:
+            owner = self._lost.get(thread_id)
+        if owner is not None:
+            raise LeaseLost(thread_id, owner)
+
+
+class FencedSaver(BaseCheckpointSaver[Any]):
+    """Delegates to a saver, refusing writes for threads whose lease was lost."""
+
+    def __init__(self, inner: BaseCheckpointSaver[Any], fences: Fences) -> None:
+        super().__init__(serde=inner.serde)
+        self.inner = inner
+        self.fences = fences
+
+    @property
+    def config_specs(self) -> list[Any]:
+        return list(self.inner.config_specs)
+
+    def get_next_version(self, current: Any, channel: None = None) -> Any:
+        return self.inner.get_next_version(current, channel)
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return self.inner.get_tuple(config)
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        return self.inner.list(config, filter=filter, before=before, limit=limit)
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        self.fences.check(config)
+        return self.inner.put(config, checkpoint, metadata, new_versions)
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        self.fences.check(config)
+        self.inner.put_writes(config, writes, task_id, task_path)
+
+    def delete_thread(self, thread_id: str) -> None:
+        self.inner.delete_thread(thread_id)
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return await self.inner.aget_tuple(config)
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        async for item in self.inner.alist(config, filter=filter, before=before, limit=limit):
+            yield item
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        self.fences.check(config)
+        return await self.inner.aput(config, checkpoint, metadata, new_versions)
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        self.fences.check(config)
+        await self.inner.aput_writes(config, writes, task_id, task_path)
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await self.inner.adelete_thread(thread_id)
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before in-process retry *attempt* (1, 2, ...): 0.2, 0.4, 0.8 ... 5."""
+    return float(min(5.0, 0.2 * 2 ** (attempt - 1)))
+
+
+def now() -> float:
+    """Epoch seconds."""
+    return time.time()

@@ -1,0 +1,252 @@
+"""Background runs on procrastinate (a Postgres job queue): `JobQueue` and the worker loop.
+
+``TaskRunner(backend, "pkg.module:graph", queue=JobQueue(url))`` defers each new task as a
+procrastinate job instead of running it in the submitting process; ``harness worker --db
+URL`` processes execute them. Scaling out is running more workers against the same Postgres.
+
+Duplicates are refused twice over: a job carries the task's thread id as its
+``queueing_lock`` (procrastinate refuses a second waiting job for it), and the run's lease in
+``harness_runs`` lets only one process execute a thread at a time. When a worker dies
+(SIGKILL, lost machine), procrastinate's stalled-job detection (worker heartbeats) puts its
+jobs back in the queue, and ``TaskRunner.recover`` re-defers runs whose lease expired with no
+job left to carry them; either way the graph resumes from its last checkpoint, and the effect
+ledger keeps every irreversible call to one execution.
+
+Example:
+    ```python
+    from harness_nodes.background import JobQueue
+
+    queue = JobQueue("postgresql://postgres@127.0.0.1:5432/app")
+    print(queue)  # opens nothing until used
+    ```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from harness_nodes.errors import UserError
+
+if TYPE_CHECKING:
+    from checkpointers import Backend
+    from harness_nodes.runner import TaskRunner
+
+__all__ = ["JobQueue", "WorkerOptions", "run_worker"]
+
+TASK_NAME = "harness.run_task"
+LOCK_KEY = 0x6C67_6871  # "lghq": serialises procrastinate's schema set-up across processes
+
+logger = logging.getLogger("harness.worker")
+
+
+def _procrastinate() -> Any:
+    try:
+        import procrastinate
+    except ImportError as e:  # pragma: no cover - a runtime dependency
+        raise ImportError(
+            'Background runs need procrastinate: pip install "procrastinate>=3.10"'
+        ) from e
+    return procrastinate
+
+
+class JobQueue:
+    """The procrastinate queue tasks are deferred to; one per Postgres database.
+
+    Args:
+        url: The Postgres URL (the same database as the backend is simplest).
+        queue: The procrastinate queue name.
+
+    Raises:
+        UserError: the URL is not a Postgres URL.
+    """
+
+    def __init__(self, url: str, *, queue: str = "harness") -> None:
+        from checkpointers._url import parse_url
+
+        parsed = parse_url(url)
+        if parsed.kind != "postgres":
+            raise UserError(
+                f"Background runs need Postgres (procrastinate); got {parsed.masked!r}. "
+                "Without a queue, TaskRunner runs tasks in its own process."
+            )
+        self.conninfo = parsed.target
+        self.masked_url = parsed.masked
+        self.queue = queue
+        self._app: Any = None
+        self._opened = False
+
+    def __repr__(self) -> str:
+        return f"JobQueue({self.masked_url!r}, queue={self.queue!r})"
+
+    @property
+    def app(self) -> Any:
+        """The procrastinate `App`, with the harness's task registered."""
+        if self._app is None:
+            procrastinate = _procrastinate()
+            app = procrastinate.App(
+                connector=procrastinate.PsycopgConnector(conninfo=self.conninfo)
+            )
+            app.task(name=TASK_NAME, queue=self.queue, pass_context=True)(_run_task)
+            self._app = app
+        return self._app
+
+    def setup(self) -> None:
+        """Apply procrastinate's schema if it is missing (safe from many processes at once)."""
+        import psycopg
+
+        with psycopg.connect(self.conninfo, autocommit=True) as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+            try:
+                found = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
+                if found is None or found[0] is None:
+                    conn.execute(_procrastinate().schema.SchemaManager.get_schema())
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+    def defer(self, thread_id: str, graph: str) -> bool:
+        """Queue a run of *thread_id*; ``False`` if one is already waiting (not a duplicate)."""
+        procrastinate = _procrastinate()
+        if not self._opened:
+            self.setup()
+            self.app.open()
+            self._opened = True
+        try:
+            self.app.tasks[TASK_NAME].configure(queueing_lock=thread_id).defer(
+                thread_id=thread_id, graph=graph
+            )
+        except procrastinate.exceptions.AlreadyEnqueued:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the submitting side's connections."""
+        if self._opened:
+            self.app.close()
+            self._opened = False
+
+
+@dataclass
+class WorkerOptions:
+    """How a ``harness worker`` process runs."""
+
+    concurrency: int = 4
+    """Tasks run at once in this process (each in a thread)."""
+    lease_seconds: float = 30.0
+    """A run's lease: a crashed run is resumed after this long."""
+    recover_interval: float = 5.0
+    """Seconds between sweeps for stalled jobs and expired leases."""
+    heartbeat_interval: float = 5.0
+    """procrastinate worker heartbeat."""
+    stalled_after: float = 15.0
+    """A worker silent this long is dead; its jobs go back to the queue."""
+    poll_interval: float = 1.0
+    """Fallback polling for new jobs (LISTEN/NOTIFY wakes workers at once)."""
+    name: str | None = None
+    """The worker's name in procrastinate's tables and logs."""
+    runners: dict[str, TaskRunner] = field(default_factory=dict, repr=False)
+
+
+def _runner(backend: Backend, options: WorkerOptions, graph: str) -> TaskRunner:
+    from harness_nodes.runner import TaskRunner
+
+    runner = options.runners.get(graph)
+    if runner is None:
+        runner = TaskRunner(backend, graph, lease_seconds=options.lease_seconds)
+        options.runners[graph] = runner
+    return runner
+
+
+async def _run_task(context: Any, thread_id: str, graph: str) -> str:
+    """The procrastinate job: execute one task's run in a thread of this worker."""
+    extra = context.additional_context
+    runner = _runner(extra["harness_backend"], extra["harness_options"], graph)
+    run = await asyncio.to_thread(runner.execute, thread_id)
+    return run.status
+
+
+async def _sweep(queue: JobQueue, backend: Backend, options: WorkerOptions) -> None:
+    """Put stalled jobs back in the queue; re-defer runs whose lease expired with no job."""
+    procrastinate = _procrastinate()
+    manager = queue.app.job_manager
+    for job in await manager.get_stalled_jobs(
+        task_name=TASK_NAME, seconds_since_heartbeat=options.stalled_after
+    ):
+        try:
+            await manager.retry_job(job)
+        except procrastinate.exceptions.AlreadyEnqueued:
+            # Its run was re-deferred already (lease expiry): close this copy.
+            await manager.finish_job(job, procrastinate.jobs.Status.FAILED, delete_job=False)
+    from harness_nodes._lease import STALE, now
+
+    stale = await asyncio.to_thread(backend.execute, STALE, (now(),))
+    for row in stale:
+        if row["graph"]:
+            try:
+                await (
+                    queue.app.tasks[TASK_NAME]
+                    .configure(queueing_lock=row["thread_id"])
+                    .defer_async(thread_id=row["thread_id"], graph=row["graph"])
+                )
+            except procrastinate.exceptions.AlreadyEnqueued:
+                pass
+
+
+async def run_worker(
+    url: str, options: WorkerOptions | None = None, *, stop: asyncio.Event | None = None
+) -> None:
+    """Run a worker until *stop* is set (or SIGINT/SIGTERM): what ``harness worker`` does.
+
+    Args:
+        url: The Postgres URL of the backend and the queue.
+        options: Concurrency, lease and recovery timings.
+        stop: Set it to stop the worker gracefully (running tasks finish first).
+    """
+    from checkpointers import open_backend
+
+    options = options or WorkerOptions()
+    queue = JobQueue(url)
+    await asyncio.to_thread(queue.setup)
+    backend = await asyncio.to_thread(open_backend, url, pool_size=max(4, 2 * options.concurrency))
+    try:
+        async with queue.app.open_async():
+            worker = asyncio.create_task(
+                queue.app.run_worker_async(
+                    queues=[queue.queue],
+                    concurrency=options.concurrency,
+                    name=options.name,
+                    fetch_job_polling_interval=options.poll_interval,
+                    update_heartbeat_interval=options.heartbeat_interval,
+                    stalled_worker_timeout=options.stalled_after,
+                    install_signal_handlers=stop is None,
+                    additional_context={
+                        "harness_backend": backend,
+                        "harness_options": options,
+                    },
+                )
+            )
+            stopping = asyncio.ensure_future((stop or asyncio.Event()).wait())
+            while not worker.done():
+                try:
+                    await _sweep(queue, backend, options)
+                except Exception:
+                    logger.exception("recovery sweep failed; retrying")
+                await asyncio.wait(
+                    {worker, stopping},
+                    timeout=options.recover_interval,
+                    return_when="FIRST_COMPLETED",
+                )
+                if stopping.done():
+                    worker.cancel()
+                    break
+            stopping.cancel()
+            try:
+                await worker
+            except asyncio.CancelledError:
+                pass
+    finally:
+        for runner in options.runners.values():
+            runner.close()
+        await asyncio.to_thread(backend.close)

@@ -1,0 +1,382 @@
+"""`TaskRunner`: idempotent task submission, one process per thread, crash recovery.
+
+A *task* is identified by the caller's key. ``submit(key, input)`` maps the key to one thread
+(the ``harness_runs`` row's unique ``task_key``): the first submission starts the run; a
+submission while it runs attaches to it; a submission after it finished returns the stored
+outcome. So a client that times out at 30 s and retries does not run the agent twice.
+
+A run holds a lease on its row while it executes (renewed by a heartbeat), so only one
+process runs a thread at a time, and invokes the graph with ``durability="sync"`` so a crash
+loses no completed step. `recover()` finds runs whose lease expired (their process died) and
+resumes them from their last checkpoint; runs paused for review (``interrupted``) wait for
+their reviewer instead. With a `JobQueue` the runs execute on ``harness worker`` processes
+(procrastinate on Postgres), which is how a deployment scales past one machine.
+
+Example:
+    ```python
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langgraph.graph import END, START, MessagesState, StateGraph
+
+    from checkpointers import open_backend
+    from harness_nodes import TaskRunner
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("answer", lambda state: {"messages": [AIMessage("42")]})
+    builder.add_edge(START, "answer")
+    builder.add_edge("answer", END)
+
+    with open_backend("memory://") as backend, TaskRunner(backend, builder) as runner:
+        first = runner.submit("question-1", {"messages": [HumanMessage("6 x 7?")]})
+        assert runner.result("question-1", timeout=10) == {
+            "status": "completed",
+            "partial_result": "42",
+        }
+        again = runner.submit("question-1", {"messages": [HumanMessage("6 x 7?")]})
+        assert again.thread_id == first.thread_id and again.attempts == 1
+    ```
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.types import Command
+
+from harness_nodes import _codec
+from harness_nodes._lease import (
+    CANCEL,
+    INSERT,
+    RENEW,
+    SELECT_KEY,
+    SELECT_THREAD,
+    SETTLE,
+    STALE,
+    FencedSaver,
+    Fences,
+    RunStatus,
+    TaskRun,
+    backoff,
+    claim_sql,
+    compile_graph,
+    new_owner,
+    now,
+    outcome_of,
+    run_config,
+)
+from harness_nodes.errors import LeaseLost, RunFailed, TaskNotFinished, UnknownTask, UserError
+
+if TYPE_CHECKING:
+    from checkpointers import Backend
+    from harness_nodes.background import JobQueue
+
+__all__ = ["RunStatus", "TaskRun", "TaskRunner"]
+
+_NO_RESUME = object()
+
+
+class _Heartbeat:
+    """Renews a lease every third of its length; marks the fence lost if the row says so."""
+
+    def __init__(
+        self, backend: Backend, fences: Fences, thread_id: str, owner: str, lease: float
+    ) -> None:
+        self.backend, self.fences = backend, fences
+        self.thread_id, self.owner, self.lease = thread_id, owner, lease
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{thread_id}", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        renewed = time.monotonic()
+        while not self._stop.wait(self.lease / 3):
+            try:
+                t = now()
+                rows = self.backend.execute(RENEW, (t + self.lease, t, self.thread_id, self.owner))
+            except Exception:
+                # The database is unreachable: keep trying until the lease would have
+                # expired, then stop writing — another worker may take the task over.
+                if time.monotonic() - renewed > self.lease:
+                    self.fences.lose(self.thread_id, self.owner)
+                continue
+            if not rows:  # cancelled, or taken over after we stalled
+                self.fences.lose(self.thread_id, self.owner)
+                return
+            renewed = time.monotonic()
+
+
+class TaskRunner:
+    """Runs tasks on a graph: idempotent by key, one process per thread, resumable.
+
+    Args:
+        backend: Where the runs, checkpoints and ledgers live.
+        graph: A `StateGraph` builder, a compiled graph, a factory ``f(backend)`` returning
+            either, or an import path ``"package.module:attr"`` to one of those (required
+            with *queue*, since workers rebuild the graph from it).
+        lease_seconds: How long a run's lease lasts without a heartbeat; a crashed run is
+            resumed by `recover` after this long.
+        max_attempts: In-process attempts of a run that raises before it is ``failed``
+            (a lost database connection is retried with backoff).
+        max_workers: Threads running submitted tasks in this process (without *queue*).
+        config: Extra `RunnableConfig` for every invocation (callbacks, recursion_limit...).
+        queue: Run tasks on ``harness worker`` processes instead of in this process.
+
+    Raises:
+        UserError: a graph that cannot be compiled, or *queue* without an import path.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        graph: Any,
+        *,
+        lease_seconds: float = 30.0,
+        max_attempts: int = 3,
+        max_workers: int = 4,
+        config: RunnableConfig | None = None,
+        queue: JobQueue | None = None,
+    ) -> None:
+        from checkpointers import Backend
+
+        if not isinstance(backend, Backend):
+            raise UserError(
+                f"TaskRunner needs a checkpointers.Backend, got {type(backend).__name__}; "
+                "for an AsyncBackend use harness_nodes.aio.AsyncTaskRunner"
+            )
+        if lease_seconds <= 0 or max_attempts < 1 or max_workers < 1:
+            raise UserError("lease_seconds must be > 0, max_attempts and max_workers >= 1")
+        if queue is not None and not isinstance(graph, str):
+            raise UserError(
+                "A TaskRunner with a queue needs the graph as an import path "
+                "'package.module:attr', so that workers can rebuild it"
+            )
+        self.backend = backend
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.queue = queue
+        self.graph_path: str | None = graph if isinstance(graph, str) else None
+        self._config = config
+        self._fences = Fences()
+        self._saver = FencedSaver(backend.checkpointer, self._fences)
+        self.graph = compile_graph(graph, backend, self._saver)
+        self._max_workers = max_workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"TaskRunner({self.backend!r}, graph={self.graph_path or self.graph.name!r})"
+
+    def __enter__(self) -> TaskRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Wait for the tasks running in this process, then stop its threads."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    # -- submitting ---------------------------------------------------------------------------
+
+    def submit(self, task_key: str, input: Any, *, task_type: str = "default") -> TaskRun:
+        """Start the task *task_key*, or join it if it exists. Never runs it twice.
+
+        Args:
+            task_key: The caller's id for the task (an order id, a request id...).
+            input: The graph's input for the first run (ignored if the task exists).
+            task_type: Selects the envelope, groups reports.
+
+        Returns:
+            The task as it is now; its outcome if it already finished.
+        """
+        if not isinstance(task_key, str) or not task_key:
+            raise UserError(f"task_key must be a non-empty string, got {task_key!r}")
+        t = now()
+        created = self.backend.execute(
+            INSERT,
+            (task_key, task_key, task_type, self.graph_path, _codec.encode(input), t, t),
+        )
+        if created:
+            self._dispatch(task_key)
+            return TaskRun.from_row(created[0])
+        return self.status(task_key)
+
+    def run(
+        self, task_key: str, input: Any, *, task_type: str = "default", timeout: float | None = None
+    ) -> dict[str, Any]:
+        """`submit` then `result`: the task's outcome, however many times it is called."""
+        self.submit(task_key, input, task_type=task_type)
+        return self.result(task_key, timeout=timeout)
+
+    def status(self, task_key: str) -> TaskRun:
+        """The task as it is now.
+
+        Raises:
+            UnknownTask: nothing was submitted with this key.
+        """
+        rows = self.backend.execute(SELECT_KEY, (task_key,))
+        if not rows:
+            raise UnknownTask(task_key)
+        return TaskRun.from_row(rows[0])
+
+    def result(self, task_key: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the task to finish and return its stored outcome.
+
+        Raises:
+            TaskNotFinished: *timeout* seconds passed first (the task may be paused for review).
+            RunFailed: the task failed after its attempts.
+            UnknownTask: nothing was submitted with this key.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            run = self.status(task_key)
+            if run.done:
+                if run.status == "failed":
+                    raise RunFailed(run.thread_id, "TaskFailed", run.error or "unknown error")
+                return dict(run.outcome or {"status": run.status})
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TaskNotFinished(task_key, run.status)
+            pause = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)
+            delay = min(0.25, delay * 2)
+
+    def cancel(self, task_key: str) -> TaskRun:
+        """Cancel the task unless it already finished; a running attempt stops at its next step.
+
+        Raises:
+            UnknownTask: nothing was submitted with this key.
+        """
+        t = now()
+        rows = self.backend.execute(
+            CANCEL, (_codec.encode({"status": "cancelled"}), t, t, task_key)
+        )
+        return TaskRun.from_row(rows[0]) if rows else self.status(task_key)
+
+    def recover(self) -> list[str]:
+        """Resume the runs of this runner's graph whose process died (lease expired).
+
+        Runs paused for review are left to their reviewer. Call it at start-up (workers do,
+        and periodically).
+
+        Returns:
+            The thread ids dispatched again.
+        """
+        stale = self.backend.execute(STALE, (now(),))
+        threads = [r["thread_id"] for r in stale if r["graph"] == self.graph_path]
+        for thread_id in threads:
+            self._dispatch(thread_id)
+        return threads
+
+    def resume(self, task_key: str, value: Any) -> TaskRun:
+        """Answer the interrupt a task is paused on (a review decision) and run it on, here.
+
+        Returns:
+            The task after this run (``completed``, or ``interrupted`` again).
+        """
+        run = self.status(task_key)
+        return self.execute(run.thread_id, resume=value)
+
+    # -- executing ----------------------------------------------------------------------------
+
+    def execute(self, thread_id: str, *, resume: Any = _NO_RESUME) -> TaskRun:
+        """Run the task on *thread_id* in this thread if its lease can be claimed.
+
+        Workers call this. If another process holds the lease, or the task is finished, it
+        returns the task as it is without running anything.
+        """
+        owner = new_owner()
+        statuses = ("interrupted",) if resume is not _NO_RESUME else ("pending", "running")
+        t = now()
+        claimed = self.backend.execute(
+            claim_sql(statuses), (owner, t + self.lease_seconds, t, thread_id, t)
+        )
+        if not claimed:
+            rows = self.backend.execute(SELECT_THREAD, (thread_id,))
+            if not rows:
+                raise UnknownTask(thread_id)
+            return TaskRun.from_row(rows[0])
+        row = claimed[0]
+        self._fences.hold(thread_id, owner)
+        try:
+            with _Heartbeat(self.backend, self._fences, thread_id, owner, self.lease_seconds):
+                return self._attempts(row, owner, resume)
+        finally:
+            self._fences.release(thread_id, owner)
+
+    def _attempts(self, row: dict[str, Any], owner: str, resume: Any) -> TaskRun:
+        thread_id = row["thread_id"]
+        error = ""
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                status, outcome = self._invoke(row, resume)
+            except LeaseLost:
+                return self._current(thread_id)
+            except Exception as e:
+                error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                if attempt < self.max_attempts:
+                    time.sleep(backoff(attempt))
+                    continue
+                return self._settle(thread_id, owner, "failed", None, error)
+            return self._settle(thread_id, owner, status, outcome, None)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _invoke(self, row: dict[str, Any], resume: Any) -> tuple[RunStatus, Any]:
+        thread_id = row["thread_id"]
+        config = run_config(thread_id, row["task_key"], row["task_type"], self._config)
+        if resume is not _NO_RESUME:
+            inputs: Any = Command(resume=resume)
+        elif self._saver.get_tuple(_thread_config(thread_id)) is None:
+            inputs = _codec.decode(row["input"])
+        else:
+            snapshot = self.graph.get_state(config)
+            if not snapshot.next and not snapshot.interrupts:
+                # Died after its last checkpoint, before recording the outcome.
+                return "completed", outcome_of(snapshot.values)
+            inputs = None
+        self.graph.invoke(inputs, config, durability="sync")
+        snapshot = self.graph.get_state(config)
+        if snapshot.interrupts or snapshot.next:
+            return "interrupted", None
+        return "completed", outcome_of(snapshot.values)
+
+    def _settle(
+        self, thread_id: str, owner: str, status: str, outcome: Any, error: str | None
+    ) -> TaskRun:
+        t = now()
+        finished = t if status in ("completed", "failed") else None
+        encoded = None if outcome is None else _codec.encode(outcome)
+        rows = self.backend.execute(SETTLE, (status, encoded, error, finished, t, thread_id, owner))
+        return TaskRun.from_row(rows[0]) if rows else self._current(thread_id)
+
+    def _current(self, thread_id: str) -> TaskRun:
+        return TaskRun.from_row(self.backend.execute(SELECT_THREAD, (thread_id,))[0])
+
+    def _dispatch(self, thread_id: str) -> None:
+        if self.queue is not None:
+            assert self.graph_path is not None
+            self.queue.defer(thread_id, self.graph_path)
+            return
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self._max_workers, thread_name_prefix="harness-task"
+                )
+            self._pool.submit(self.execute, thread_id)
+
+
+def _thread_config(thread_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}

@@ -1,0 +1,302 @@
+"""TaskRunner: idempotent submission, one process per thread, recovery, cancellation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.types import interrupt
+
+from checkpointers import Backend, open_backend
+from harness_nodes import (
+    RunFailed,
+    TaskNotFinished,
+    TaskRunner,
+    UnknownTask,
+    UserError,
+)
+from tests.conftest import subprocess_env
+from tests.harness_nodes import _chaos_graph as chaos
+
+GRAPH = "tests.harness_nodes._chaos_graph:build"
+INPUT = {"messages": [HumanMessage("refund my order")]}
+
+
+def linear_chain(backend: Backend, thread_id: str) -> list[str]:
+    """The thread's checkpoints (root namespace), asserting they form one linear chain."""
+    config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    items = list(backend.checkpointer.list(config))  # type: ignore[arg-type]
+    ids = {t.config["configurable"]["checkpoint_id"] for t in items}
+    parents = [
+        t.parent_config["configurable"]["checkpoint_id"] if t.parent_config else None for t in items
+    ]
+    assert parents.count(None) == 1, "more than one root checkpoint"
+    children = Counter(p for p in parents if p is not None)
+    assert all(n == 1 for n in children.values()), f"forked chain: {children}"
+    assert all(p in ids for p in parents if p is not None), "dangling parent"
+    return sorted(ids)
+
+
+def node_runs(backend: Backend, thread_id: str) -> Counter[tuple[str, int]]:
+    return Counter((r["node"], r["step"]) for r in chaos.steps(backend, thread_id))
+
+
+def test_concurrent_and_repeated_submissions_make_one_run(backend: Backend) -> None:
+    with TaskRunner(backend, chaos.build, max_workers=4) as runner:
+        outcomes: list[dict[str, Any]] = []
+        barrier = threading.Barrier(20)
+
+        def client() -> None:
+            barrier.wait()
+            runner.submit("order-17", INPUT, task_type="support")
+            outcomes.append(runner.result("order-17", timeout=60))
+
+        clients = [threading.Thread(target=client) for _ in range(20)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        for _ in range(5):  # retries after completion
+            again = runner.submit("order-17", INPUT, task_type="support")
+            assert again.status == "completed"
+            outcomes.append(runner.result("order-17", timeout=5))
+
+    assert len(outcomes) == 25
+    assert all(o == {"status": "completed", "partial_result": "all done"} for o in outcomes)
+    run = runner.status("order-17")
+    assert (run.attempts, run.task_type, run.thread_id) == (1, "support", "order-17")
+    assert chaos.world(backend, "order-17") == ["refund", "email"]
+    assert all(n == 1 for n in node_runs(backend, "order-17").values())
+    assert sum(node == "agent" for node, _ in node_runs(backend, "order-17")) == 4
+    linear_chain(backend, "order-17")
+
+
+def test_unknown_key_and_bad_arguments_are_typed(backend: Backend) -> None:
+    with TaskRunner(backend, chaos.build) as runner:
+        with pytest.raises(UnknownTask, match="order-404") as e:
+            runner.status("order-404")
+        assert e.value.task_key == "order-404"
+        with pytest.raises(UnknownTask):
+            runner.result("order-404", timeout=0)
+        with pytest.raises(UserError, match="task_key"):
+            runner.submit("", INPUT)
+    with pytest.raises(UserError, match="import path"):
+        TaskRunner(backend, chaos.build, queue=object())  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="graph path looks like"):
+        TaskRunner(backend, "no_colon_here")
+    with pytest.raises(UserError, match="needs a StateGraph"):
+        TaskRunner(backend, 42)
+
+
+def _flaky_graph(failures: int) -> StateGraph[MessagesState]:
+    calls = {"n": 0}
+
+    def flaky(state: MessagesState) -> dict[str, Any]:
+        calls["n"] += 1
+        if calls["n"] <= failures:
+            raise ConnectionError(f"database went away (call {calls['n']})")
+        return {"messages": [AIMessage(f"ok after {calls['n']} calls")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("flaky", flaky)
+    builder.add_edge(START, "flaky")
+    builder.add_edge("flaky", END)
+    return builder
+
+
+def test_a_failing_attempt_is_retried_then_the_task_completes(backend: Backend) -> None:
+    with TaskRunner(backend, _flaky_graph(failures=2), max_attempts=3) as runner:
+        runner.submit("t-flaky", INPUT)
+        assert runner.result("t-flaky", timeout=30)["partial_result"] == "ok after 3 calls"
+        assert runner.status("t-flaky").error is None
+
+
+def test_a_task_failing_every_attempt_is_failed_with_its_reason(backend: Backend) -> None:
+    with TaskRunner(backend, _flaky_graph(failures=5), max_attempts=2) as runner:
+        runner.submit("t-broken", INPUT)
+        with pytest.raises(RunFailed, match="database went away") as e:
+            runner.result("t-broken", timeout=30)
+        assert e.value.thread_id == "t-broken"
+        run = runner.status("t-broken")
+        assert run.status == "failed" and run.finished_at is not None
+        assert run.error == "ConnectionError: database went away (call 2)"
+
+
+def _review_graph() -> StateGraph[MessagesState]:
+    def ask(state: MessagesState) -> dict[str, Any]:
+        answer = interrupt({"question": "approve?"})
+        return {"messages": [AIMessage(f"reviewer said {answer}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "ask")
+    builder.add_edge("ask", END)
+    return builder
+
+
+def test_a_paused_task_waits_for_its_reviewer_not_for_recover(backend: Backend) -> None:
+    with TaskRunner(backend, _review_graph(), lease_seconds=0.2) as runner:
+        runner.submit("t-review", INPUT)
+        with pytest.raises(TaskNotFinished, match="interrupted") as e:
+            runner.result("t-review", timeout=0.5)
+        assert (e.value.task_key, e.value.status) == ("t-review", "interrupted")
+        time.sleep(0.3)
+        assert runner.recover() == []
+        resumed = runner.resume("t-review", "yes")
+        assert resumed.status == "completed"
+        assert runner.result("t-review", timeout=1)["partial_result"] == "reviewer said yes"
+
+
+def test_recover_resumes_runs_whose_process_died(durable_url: str) -> None:
+    with open_backend(durable_url) as backend:
+        with TaskRunner(backend, GRAPH, lease_seconds=0.5) as runner:
+            # A run that died: its row says running, its lease expired long ago. And one
+            # whose lease is still live (another process is on it): left alone.
+            for key, expires in (("t-dead", 1.0), ("t-alive", time.time() + 60)):
+                backend.execute(
+                    "INSERT INTO harness_runs (thread_id, task_key, task_type, graph, status, "
+                    "input, lease_owner, lease_expires_at, attempts, created_at, updated_at) "
+                    "VALUES (%s, %s, 'support', %s, 'running', %s, 'gone:1:x', %s, 1, 1, 1)",
+                    (key, key, GRAPH, json.dumps({"json": {"messages": []}}), expires),
+                )
+            assert runner.recover() == ["t-dead"]
+            assert runner.result("t-dead", timeout=30)["status"] == "completed"
+            assert runner.status("t-dead").attempts == 2
+            assert runner.status("t-alive").status == "running"
+            assert chaos.world(backend, "t-dead") == ["refund", "email"]
+
+
+def _slow_graph(started: threading.Event) -> StateGraph[MessagesState]:
+    def step(state: MessagesState) -> dict[str, Any]:
+        started.set()
+        time.sleep(0.4)
+        return {"messages": [AIMessage(f"step {len(state['messages'])}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("step", step)
+    builder.add_edge(START, "step")
+    builder.add_conditional_edges("step", lambda s: END if len(s["messages"]) > 6 else "step")
+    return builder
+
+
+def test_cancel_stops_a_running_task_at_its_next_step(backend: Backend) -> None:
+    started = threading.Event()
+    with TaskRunner(backend, _slow_graph(started), lease_seconds=0.3) as runner:
+        runner.submit("t-cancel", INPUT)
+        assert started.wait(10)
+        cancelled = runner.cancel("t-cancel")
+        assert cancelled.status == "cancelled"
+        assert runner.result("t-cancel", timeout=1) == {"status": "cancelled"}
+    # The running attempt stopped writing: far fewer than the 6 steps it had to go.
+    config = {"configurable": {"thread_id": "t-cancel", "checkpoint_ns": ""}}
+    checkpoints = list(backend.checkpointer.list(config))  # type: ignore[arg-type]
+    assert len(checkpoints) <= 4
+    assert runner.cancel("t-cancel").status == "cancelled"  # idempotent
+
+
+CONTENDER = """
+import sys, time
+from pathlib import Path
+from checkpointers import open_backend
+from harness_nodes import TaskRunner
+url, barrier, index = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+with open_backend(url) as backend:
+    runner = TaskRunner(backend, "tests.harness_nodes._chaos_graph:build", lease_seconds=5)
+    (barrier / f"ready-{index}").touch()
+    while not (barrier / "go").exists():
+        time.sleep(0.005)
+    run = runner.execute("t-shared")
+    print(run.status)
+"""
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_thread_never_interleave(durable_url: str, tmp_path: Path) -> None:
+    with open_backend(durable_url) as backend:
+        chaos.create_tables(backend)
+        backend.execute(
+            "INSERT INTO harness_runs (thread_id, task_key, task_type, graph, status, input, "
+            "attempts, created_at, updated_at) VALUES ('t-shared', 't-shared', 'support', %s, "
+            "'pending', %s, 0, 1, 1)",
+            (GRAPH, json.dumps({"json": {"messages": []}})),
+        )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONTENDER, durable_url, str(tmp_path), str(i)],
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready-{i}").exists() for i in range(2)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        results.append(out.strip())
+    # One ran it to the end; the other found it claimed (running) or already completed.
+    assert "completed" in results
+    with open_backend(durable_url) as backend:
+        run = backend.execute("SELECT * FROM harness_runs WHERE thread_id = 't-shared'")[0]
+        assert (run["status"], run["attempts"]) == ("completed", 1)
+        assert chaos.world(backend, "t-shared") == ["refund", "email"]
+        assert all(n == 1 for n in node_runs(backend, "t-shared").values())
+        assert len(linear_chain(backend, "t-shared")) == 9
+
+
+@pytest.mark.postgres
+def test_connection_loss_mid_run_retries_and_loses_nothing(postgres_url: str) -> None:
+    admin = psycopg.connect(postgres_url, autocommit=True)
+    dbname = postgres_url.rsplit("/", 1)[-1]
+    killed = {"n": 0}
+
+    def terminate_all_connections() -> None:
+        killed["n"] += 1
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (dbname,),
+        )
+
+    def outage_after_refund(state: MessagesState) -> None:
+        if len(state["messages"]) == 3 and killed["n"] == 0:
+            # After the refund, mid-step: the connections are cut while a statement of this
+            # run is in flight, so the step fails (an idle pooled connection would simply be
+            # replaced by the pool's check).
+            threading.Timer(0.1, terminate_all_connections).start()
+            with psycopg.connect(postgres_url) as conn:
+                conn.execute("SELECT pg_sleep(5)")
+
+    def sabotaged(backend: Backend) -> StateGraph[MessagesState]:
+        return chaos.build(backend, on_agent=outage_after_refund)
+
+    try:
+        with open_backend(postgres_url) as backend:
+            with TaskRunner(backend, sabotaged, max_attempts=4) as runner:
+                runner.submit("t-outage", INPUT)
+                outcome = runner.result("t-outage", timeout=60)
+            assert killed["n"] == 1
+            assert outcome == {"status": "completed", "partial_result": "all done"}
+            assert chaos.world(backend, "t-outage") == ["refund", "email"]
+            runs = node_runs(backend, "t-outage")
+            # Only the step in flight at the outage ran twice.
+            assert sorted(k for k, n in runs.items() if n > 1) == [("agent", 3)]
+            linear_chain(backend, "t-outage")
+    finally:
+        admin.close()
