@@ -4,19 +4,21 @@ One process runs a thread at a time: a run holds a lease on its ``harness_runs``
 (``lease_owner``, ``lease_expires_at``), renewed by a heartbeat while it runs. Claiming is one
 conditional ``UPDATE`` (atomic on Postgres and, under SQLite's single writer, on SQLite). A
 run that loses its lease (it stalled past the expiry and someone else took over, or the task
-was cancelled) is stopped by the *fence*: a checkpointer wrapper that refuses to write for a
-thread whose lease this process no longer holds, so two runs never interleave checkpoints.
+was cancelled) is stopped by the *fence*: a checkpointer wrapper that, before each write,
+extends the lease in one conditional statement and refuses to write if the lease is no longer
+this run's, so two runs never interleave checkpoints.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -202,45 +204,69 @@ def compile_graph(source: Any, backend: Any, saver: BaseCheckpointSaver[Any]) ->
 # --- the fence -------------------------------------------------------------------------------
 
 
-class Fences:
-    """Which threads this process may write checkpoints for, right now."""
+@dataclass(frozen=True)
+class Lease:
+    """The lease the current execution holds (set for the duration of one run)."""
 
-    def __init__(self) -> None:
-        self._held: dict[str, str] = {}
-        self._lost: dict[str, str] = {}
-        self._lock = threading.Lock()
+    thread_id: str
+    owner: str
+    seconds: float
 
-    def hold(self, thread_id: str, owner: str) -> None:
-        with self._lock:
-            self._held[thread_id] = owner
-            self._lost.pop(thread_id, None)
 
-    def lose(self, thread_id: str, owner: str) -> None:
-        with self._lock:
-            if self._held.get(thread_id) == owner:
-                self._lost[thread_id] = owner
+CURRENT_LEASE: ContextVar[Lease | None] = ContextVar("harness_lease", default=None)
 
-    def release(self, thread_id: str, owner: str) -> None:
-        with self._lock:
-            if self._held.get(thread_id) == owner:
-                del self._held[thread_id]
-            self._lost.pop(thread_id, None)
+FENCE = (
+    "UPDATE harness_runs SET lease_expires_at = %s, updated_at = %s WHERE thread_id = %s "
+    "AND lease_owner = %s AND status = 'running' AND lease_expires_at > %s RETURNING thread_id"
+)
+"""Extend the lease only if it is still ours and unexpired: done before every checkpoint
+write, so a run that lost its lease (stalled past it, or cancelled) can never write after
+another run claimed the thread. The check and the extension are one statement."""
 
-    def check(self, config: RunnableConfig) -> None:
-        thread_id = str((config.get("configurable") or {}).get("thread_id"))
-        with self._lock:
-            owner = self._lost.get(thread_id)
-        if owner is not None:
-            raise LeaseLost(thread_id, owner)
+
+def _fence_params(lease: Lease) -> tuple[Any, ...]:
+    t = time.time()
+    return (t + lease.seconds, t, lease.thread_id, lease.owner, t)
+
+
+def _leased(config: RunnableConfig) -> Lease | None:
+    lease = CURRENT_LEASE.get()
+    if lease is None:
+        return None  # not written by a runner (get_state, a user's own invoke...)
+    if str((config.get("configurable") or {}).get("thread_id")) != lease.thread_id:
+        return None
+    return lease
 
 
 class FencedSaver(BaseCheckpointSaver[Any]):
-    """Delegates to a saver, refusing writes for threads whose lease was lost."""
+    """Delegates to a saver; writes for a leased run first prove the lease is still held."""
 
-    def __init__(self, inner: BaseCheckpointSaver[Any], fences: Fences) -> None:
+    def __init__(
+        self,
+        inner: BaseCheckpointSaver[Any],
+        backend: Any = None,
+        abackend: Any = None,
+    ) -> None:
         super().__init__(serde=inner.serde)
         self.inner = inner
-        self.fences = fences
+        self.backend = backend
+        self.abackend = abackend
+
+    def _fence(self, config: RunnableConfig) -> None:
+        lease = _leased(config)
+        if lease is not None and not self.backend.execute(FENCE, _fence_params(lease)):
+            raise LeaseLost(lease.thread_id, lease.owner)
+
+    async def _afence(self, config: RunnableConfig) -> None:
+        lease = _leased(config)
+        if lease is None:
+            return
+        if self.abackend is not None:
+            rows = await self.abackend.execute(FENCE, _fence_params(lease))
+        else:
+            rows = await asyncio.to_thread(self.backend.execute, FENCE, _fence_params(lease))
+        if not rows:
+            raise LeaseLost(lease.thread_id, lease.owner)
 
     @property
     def config_specs(self) -> list[Any]:
@@ -269,7 +295,7 @@ class FencedSaver(BaseCheckpointSaver[Any]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        self.fences.check(config)
+        self._fence(config)
         return self.inner.put(config, checkpoint, metadata, new_versions)
 
     def put_writes(
@@ -279,7 +305,7 @@ class FencedSaver(BaseCheckpointSaver[Any]):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        self.fences.check(config)
+        self._fence(config)
         self.inner.put_writes(config, writes, task_id, task_path)
 
     def delete_thread(self, thread_id: str) -> None:
@@ -306,7 +332,7 @@ class FencedSaver(BaseCheckpointSaver[Any]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        self.fences.check(config)
+        await self._afence(config)
         return await self.inner.aput(config, checkpoint, metadata, new_versions)
 
     async def aput_writes(
@@ -316,7 +342,7 @@ class FencedSaver(BaseCheckpointSaver[Any]):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        self.fences.check(config)
+        await self._afence(config)
         await self.inner.aput_writes(config, writes, task_id, task_path)
 
     async def adelete_thread(self, thread_id: str) -> None:

@@ -49,6 +49,7 @@ from langgraph.types import Command
 from harness_nodes import _codec
 from harness_nodes._lease import (
     CANCEL,
+    CURRENT_LEASE,
     INSERT,
     RENEW,
     SELECT_KEY,
@@ -56,7 +57,7 @@ from harness_nodes._lease import (
     SETTLE,
     STALE,
     FencedSaver,
-    Fences,
+    Lease,
     RunStatus,
     TaskRun,
     backoff,
@@ -79,12 +80,10 @@ _NO_RESUME = object()
 
 
 class _Heartbeat:
-    """Renews a lease every third of its length; marks the fence lost if the row says so."""
+    """Renews a lease every third of its length while a step runs long (an LLM call)."""
 
-    def __init__(
-        self, backend: Backend, fences: Fences, thread_id: str, owner: str, lease: float
-    ) -> None:
-        self.backend, self.fences = backend, fences
+    def __init__(self, backend: Backend, thread_id: str, owner: str, lease: float) -> None:
+        self.backend = backend
         self.thread_id, self.owner, self.lease = thread_id, owner, lease
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{thread_id}", daemon=True)
@@ -98,21 +97,14 @@ class _Heartbeat:
         self._thread.join()
 
     def _run(self) -> None:
-        renewed = time.monotonic()
         while not self._stop.wait(self.lease / 3):
             try:
                 t = now()
                 rows = self.backend.execute(RENEW, (t + self.lease, t, self.thread_id, self.owner))
             except Exception:
-                # The database is unreachable: keep trying until the lease would have
-                # expired, then stop writing — another worker may take the task over.
-                if time.monotonic() - renewed > self.lease:
-                    self.fences.lose(self.thread_id, self.owner)
-                continue
-            if not rows:  # cancelled, or taken over after we stalled
-                self.fences.lose(self.thread_id, self.owner)
-                return
-            renewed = time.monotonic()
+                continue  # the database is unreachable; the fence decides at the next write
+            if not rows:
+                return  # cancelled or taken over: the fence stops the run at its next write
 
 
 class TaskRunner:
@@ -166,8 +158,7 @@ class TaskRunner:
         self.queue = queue
         self.graph_path: str | None = graph if isinstance(graph, str) else None
         self._config = config
-        self._fences = Fences()
-        self._saver = FencedSaver(backend.checkpointer, self._fences)
+        self._saver = FencedSaver(backend.checkpointer, backend)
         self.graph = compile_graph(graph, backend, self._saver)
         self._max_workers = max_workers
         self._pool: ThreadPoolExecutor | None = None
@@ -310,12 +301,12 @@ class TaskRunner:
                 raise UnknownTask(thread_id)
             return TaskRun.from_row(rows[0])
         row = claimed[0]
-        self._fences.hold(thread_id, owner)
+        token = CURRENT_LEASE.set(Lease(thread_id, owner, self.lease_seconds))
         try:
-            with _Heartbeat(self.backend, self._fences, thread_id, owner, self.lease_seconds):
+            with _Heartbeat(self.backend, thread_id, owner, self.lease_seconds):
                 return self._attempts(row, owner, resume)
         finally:
-            self._fences.release(thread_id, owner)
+            CURRENT_LEASE.reset(token)
 
     def _attempts(self, row: dict[str, Any], owner: str, resume: Any) -> TaskRun:
         thread_id = row["thread_id"]
@@ -343,13 +334,15 @@ class TaskRunner:
             inputs = _codec.decode(row["input"])
         else:
             snapshot = self.graph.get_state(config)
-            if not snapshot.next and not snapshot.interrupts:
-                # Died after its last checkpoint, before recording the outcome.
+            if not snapshot.tasks:
+                # Died after its last checkpoint, before recording the outcome. (Not
+                # `snapshot.next`: it omits tasks whose writes were saved before a crash
+                # cut the step short, and those still have to be applied.)
                 return "completed", outcome_of(snapshot.values)
             inputs = None
         self.graph.invoke(inputs, config, durability="sync")
         snapshot = self.graph.get_state(config)
-        if snapshot.interrupts or snapshot.next:
+        if snapshot.tasks:
             return "interrupted", None
         return "completed", outcome_of(snapshot.values)
 
