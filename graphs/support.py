@@ -19,7 +19,8 @@ Example:
 
     world = support.SupportWorld()
     graph = support.build_graph(world=world)
-    graph.invoke({"messages": [HumanMessage(support.DEFAULT_TASK)]})
+    config = {"configurable": {"thread_id": "ticket-1"}}
+    graph.invoke({"messages": [HumanMessage(support.DEFAULT_TASK)]}, config)
     assert [r["amount_usd"] for r in world.refunds] == [49.0]
     assert len(world.emails) == 1
     ```
@@ -42,6 +43,7 @@ from langchain_core.tools import BaseTool, tool
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.prebuilt import ToolRuntime
 
+from checkpointers import Backend, open_backend
 from graphs._common import (
     Faults,
     as_json,
@@ -53,7 +55,7 @@ from graphs._common import (
     first_human_text,
     scripted_policy_model,
 )
-from harness_nodes import ToolContract, build_harnessed_agent
+from harness_nodes import ToolContract, build_harnessed_agent, current_effect, irreversible
 
 __all__ = [
     "CONTRACTS",
@@ -202,6 +204,7 @@ def make_tools(
             found = [{**i, "amount_usd": i["amount_usd"] * 100} for i in found]
         return found
 
+    @irreversible
     @tool
     def issue_refund(
         invoice_id: str,
@@ -212,15 +215,26 @@ def make_tools(
         """Refund part or all of a paid invoice to the customer's card. Irreversible."""
         crash("issue_refund", runtime)
         entry = world.record(
-            "refund", {"invoice_id": invoice_id, "amount_usd": amount_usd, "reason": reason}
+            "refund",
+            {
+                "invoice_id": invoice_id,
+                "amount_usd": amount_usd,
+                "reason": reason,
+                # what a payment API would de-duplicate on
+                "idempotency_key": current_effect().idempotency_key,
+            },
         )
         return {"refund_id": entry["id"], "status": "succeeded", "amount_usd": amount_usd}
 
+    @irreversible
     @tool
     def send_email(to: str, subject: str, body: str, runtime: ToolRuntime = None) -> dict[str, Any]:  # type: ignore[assignment]
         """Send an email to a customer. Irreversible."""
         crash("send_email", runtime)
-        entry = world.record("email", {"to": to, "subject": subject, "body": body})
+        key = current_effect().idempotency_key
+        entry = world.record(
+            "email", {"to": to, "subject": subject, "body": body, "idempotency_key": key}
+        )
         return {"message_id": entry["id"], "status": "sent"}
 
     return [lookup_customer, list_invoices, issue_refund, send_email]
@@ -337,17 +351,21 @@ def scripted_model(faults: Faults | Mapping[str, Any] | None = None) -> BaseChat
 def build_graph(
     model: BaseChatModel | None = None,
     *,
-    backend: Any = None,
+    backend: Backend | None = None,
     world: SupportWorld | None = None,
     faults: Faults | Mapping[str, Any] | None = None,
+    **compile_kwargs: Any,
 ) -> CompiledStateGraph[Any, Any, Any, Any]:
     """Build the harnessed support agent.
 
     Args:
         model: Any chat model; defaults to the scripted one.
-        backend: A `checkpointers.Backend` for checkpoints and ledgers (none: in-memory run).
+        backend: A `checkpointers.Backend` for checkpoints and the effect ledger; without
+            one both live in memory. Runs need a ``thread_id`` (the ledger keys on it).
         world: Where refunds and emails land; defaults to a fresh in-memory `SupportWorld`.
         faults: Fault-injection flags (`Faults` or a mapping).
+        **compile_kwargs: Passed on to `build_harnessed_agent` (e.g. ``checkpointer=None``
+            for a server that brings its own persistence).
     """
     flags = Faults.parse(faults)
     tools = make_tools(world, flags)
@@ -356,10 +374,12 @@ def build_graph(
         tools,
         contracts=CONTRACTS,
         system_prompt=SYSTEM_PROMPT,
-        backend=backend,
+        backend=backend or open_backend("memory://"),
         name=TASK_TYPE,
+        **compile_kwargs,
     )
 
 
-graph = build_graph()
-"""The default support agent, compiled for ``langgraph.json`` (the server adds persistence)."""
+graph = build_graph(checkpointer=None)
+"""The default support agent for ``langgraph.json``: the server brings the checkpointer (the
+effect ledger lives in memory, beside it)."""

@@ -40,19 +40,22 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
+from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.prebuilt import ToolNode
+from langgraph.prebuilt.tool_node import ToolCallRequest
+from langgraph.types import Command
 
+from harness_nodes.effects import EffectLedger, effect_kind
 from harness_nodes.errors import UserError
 from harness_nodes.state import HarnessState, MessagesOnly, Outcome
 from harness_nodes.verify import (
@@ -61,6 +64,9 @@ from harness_nodes.verify import (
     VerifyToolOutputs,
     route_after_verify,
 )
+
+if TYPE_CHECKING:
+    from checkpointers import Backend
 
 __all__ = ["ModelNode", "add_harness", "build_harnessed_agent"]
 
@@ -126,6 +132,49 @@ class ModelNode:
         return update
 
 
+class _FromBackend:
+    """Default for ``checkpointer``: the backend's saver."""
+
+    def __repr__(self) -> str:
+        return "<the backend's saver>"
+
+
+FROM_BACKEND: Any = _FromBackend()
+
+
+@dataclass(frozen=True)
+class _ToolHooks:
+    """Verification around the effect ledger, as one ``ToolNode`` hook pair.
+
+    The ledger sits innermost: it records what the tool really returned (and replays it);
+    verification then judges that output, replayed or fresh, the same way.
+    """
+
+    verify: VerifyToolOutputs
+    ledger: EffectLedger | None
+
+    def wrap(
+        self, request: ToolCallRequest, execute: Callable[[ToolCallRequest], Any]
+    ) -> ToolMessage | Command[Any]:
+        ledger = self.ledger
+        if ledger is None:
+            return self.verify.wrap_tool_call(request, execute)
+        return self.verify.wrap_tool_call(request, lambda r: ledger.wrap_tool_call(r, execute))
+
+    async def awrap(
+        self, request: ToolCallRequest, execute: Callable[[ToolCallRequest], Awaitable[Any]]
+    ) -> ToolMessage | Command[Any]:
+        ledger = self.ledger
+        if ledger is None:
+            return await self.verify.awrap_tool_call(request, execute)
+
+        async def inner(r: ToolCallRequest) -> ToolMessage | Command[Any]:
+            assert ledger is not None
+            return await ledger.awrap_tool_call(r, execute)
+
+        return await self.verify.awrap_tool_call(request, inner)
+
+
 def _route_model(state: MessagesOnly) -> str:
     messages = state["messages"]
     last = messages[-1] if messages else None
@@ -148,8 +197,8 @@ def build_harnessed_agent(
     contracts: Contracts = None,
     system_prompt: str | None = None,
     state_schema: type[Any] = HarnessState,
-    checkpointer: BaseCheckpointSaver[Any] | None = None,
-    backend: Any = None,
+    backend: Backend | None = None,
+    checkpointer: BaseCheckpointSaver[Any] | None = FROM_BACKEND,
     name: str | None = None,
 ) -> CompiledStateGraph[Any, Any, Any, Any]:
     """Build and compile the full harnessed agent of DESIGN.md around *model* and *tools*.
@@ -160,12 +209,15 @@ def build_harnessed_agent(
         contracts: What a good output of each tool looks like (see `Contracts`).
         system_prompt: Prepended to every model call.
         state_schema: The state; `HarnessState` or a subclass of it.
-        checkpointer: Where checkpoints go (overrides *backend*'s).
-        backend: A `checkpointers.Backend`: its saver is used for checkpoints.
+        backend: A `checkpointers.Backend`: the effect ledger for tools marked `irreversible`
+            or `effect` lives there, and by default so do the checkpoints.
+        checkpointer: Where checkpoints go; defaults to *backend*'s saver. Pass ``None`` to
+            compile without one (a server such as ``langgraph dev`` brings its own).
         name: The compiled graph's name.
 
     Raises:
-        UserError: for contracts that name no tool of *tools*, or a bad argument.
+        UserError: for contracts that name no tool of *tools*, effectful tools without a
+            backend, or a bad argument.
     """
     builder = _agent_builder(
         model,
@@ -173,9 +225,11 @@ def build_harnessed_agent(
         contracts=contracts,
         system_prompt=system_prompt,
         state_schema=state_schema,
+        backend=backend,
     )
-    saver = checkpointer if checkpointer is not None else getattr(backend, "checkpointer", None)
-    return builder.compile(checkpointer=saver, name=name)
+    if checkpointer is FROM_BACKEND:
+        checkpointer = backend.checkpointer if backend is not None else None
+    return builder.compile(checkpointer=checkpointer, name=name)
 
 
 def _agent_builder(
@@ -185,11 +239,19 @@ def _agent_builder(
     contracts: Contracts = None,
     system_prompt: str | None = None,
     state_schema: type[Any] = HarnessState,
+    backend: Backend | None = None,
 ) -> StateGraph[Any]:
     """The uncompiled `StateGraph` behind `build_harnessed_agent` (same arguments)."""
     tool_node_probe = ToolNode(list(tools))
     tool_names = set(tool_node_probe.tools_by_name)
+    effectful = sorted(n for n, t in tool_node_probe.tools_by_name.items() if effect_kind(t))
+    if effectful and backend is None:
+        raise UserError(
+            f"tools {', '.join(effectful)} have side effects (irreversible/effect): pass "
+            "backend=open_backend(url) so the effect ledger can run them at most once"
+        )
     verify = _verifier(contracts)
+    hooks = _ToolHooks(verify, EffectLedger(backend) if effectful and backend else None)
     unknown = sorted(set(verify.contracts) - tool_names)
     if unknown:
         raise UserError(
@@ -201,11 +263,7 @@ def _agent_builder(
     builder.add_node(AGENT, ModelNode(bound, system_prompt))
     builder.add_node(
         TOOLS,
-        ToolNode(
-            list(tools),
-            wrap_tool_call=verify.wrap_tool_call,
-            awrap_tool_call=verify.awrap_tool_call,
-        ),
+        ToolNode(list(tools), wrap_tool_call=hooks.wrap, awrap_tool_call=hooks.awrap),
     )
     builder.add_node(STOP, VerificationStop())
     builder.add_edge(START, AGENT)

@@ -260,3 +260,60 @@ def test_add_harness_works_with_a_richer_state() -> None:
 def test_add_harness_wiring_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(UserError, match=message):
         add_harness(_docs_react_loop(_model()), **kwargs)
+
+
+# --- effects -------------------------------------------------------------------------------
+
+
+def _refund_tool(log: list[str]) -> Any:
+    from harness_nodes import current_effect, irreversible
+
+    @irreversible
+    @tool
+    def refund(order: str) -> dict[str, Any]:
+        """Refund an order."""
+        log.append(current_effect().idempotency_key)
+        return {"refund_id": f"r-{len(log)}", "order": order}
+
+    return refund
+
+
+def test_effectful_tools_without_a_backend_are_a_wiring_error() -> None:
+    with pytest.raises(UserError, match="tools refund have side effects"):
+        build_harnessed_agent(_model(), [lookup, _refund_tool([])])
+
+
+def test_an_irreversible_call_runs_once_when_its_turn_is_replayed(backend_url: str) -> None:
+    log: list[str] = []
+    refund = _refund_tool(log)
+    calls = [
+        tool_call("refund", {"order": "A1"}, id="r1"),
+        tool_call("lookup", {"key": "x"}, id="l1"),
+    ]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("Refunded.")])
+    crashed: list[bool] = []
+
+    @tool
+    def lookup(key: str) -> dict[str, Any]:
+        """Look a key up."""
+        import time
+
+        time.sleep(0.05)
+        if not crashed:
+            crashed.append(True)
+            raise KeyboardInterrupt  # the process "dies" while the refund has already run
+        return {"key": key}
+
+    with open_backend(backend_url) as backend:
+        agent = build_harnessed_agent(model, [refund, lookup], backend=backend)
+        config = {"configurable": {"thread_id": "t-effects"}}
+        with pytest.raises(KeyboardInterrupt):
+            agent.invoke({"messages": [HumanMessage("refund A1")]}, config, durability="sync")
+        assert log == ["t-effects:r1"]
+        out = agent.invoke(None, config, durability="sync")
+    assert log == ["t-effects:r1"]  # replayed, not run again
+    assert out["outcome"]["status"] == "completed"
+    refund_msg = next(
+        m for m in out["messages"] if isinstance(m, ToolMessage) and m.name == "refund"
+    )
+    assert refund_msg.additional_kwargs["harness"]["effect"]["replayed"] is True
