@@ -3,7 +3,7 @@
 Every public name is imported here; import from ``harness_nodes`` directly.
 """
 
-from harness_nodes.aio import AsyncEffectLedger
+from harness_nodes.aio import AsyncEffectLedger, AsyncTaskRunner
 from harness_nodes.background import JobQueue
 from harness_nodes.effects import (
     EffectContext,
@@ -108,6 +108,7 @@ __all__ = [
     "AlreadyDecided",
     "AsyncEffectLedger",
     "AsyncReviewQueue",
+    "AsyncTaskRunner",
     "BackendError",
     "BackendURLError",
     "BackendUnavailable",

@@ -1,4 +1,4 @@
-"""Async twins over an `AsyncBackend`: `AsyncEffectLedger` (and `AsyncTaskRunner`).
+"""Async twins over an `AsyncBackend`: `AsyncEffectLedger` and `AsyncTaskRunner`.
 
 Example:
     ```python
@@ -26,15 +26,40 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from langchain_core.messages import ToolMessage
+from langchain_core.runnables import RunnableConfig
 from langgraph.errors import GraphBubbleUp
+from langgraph.types import Command
 
 from harness_nodes import _codec
 from harness_nodes._events import aemit
+from harness_nodes._lease import (
+    CANCEL,
+    CURRENT_LEASE,
+    INSERT,
+    RENEW,
+    SELECT_KEY,
+    SELECT_THREAD,
+    SETTLE,
+    STALE,
+    FencedSaver,
+    Lease,
+    RunStatus,
+    TaskRun,
+    backoff,
+    claim_sql,
+    compile_graph,
+    new_owner,
+    now,
+    outcome_of,
+    run_config,
+)
 from harness_nodes.effects import (
     _ABORT,
     _FINISH,
@@ -58,7 +83,13 @@ from harness_nodes.effects import (
     _with_effect_meta,
     effect_kind,
 )
-from harness_nodes.errors import UserError
+from harness_nodes.errors import (
+    LeaseLost,
+    RunFailed,
+    TaskNotFinished,
+    UnknownTask,
+    UserError,
+)
 
 if TYPE_CHECKING:
     from langgraph.prebuilt.tool_node import ToolCallRequest
@@ -66,7 +97,9 @@ if TYPE_CHECKING:
 
     from checkpointers import AsyncBackend
 
-__all__ = ["AsyncEffectLedger"]
+__all__ = ["AsyncEffectLedger", "AsyncTaskRunner"]
+
+_NO_RESUME = object()
 
 T = TypeVar("T")
 
@@ -216,3 +249,244 @@ class AsyncEffectLedger:
 
     async def _abort(self, call: _Call) -> None:
         await self.backend.execute(_ABORT, (time.time(), call.thread_id, call.call_id))
+
+
+class _AsyncHeartbeat:
+    """Renews a lease every third of its length while a step runs long."""
+
+    def __init__(self, backend: AsyncBackend, thread_id: str, owner: str, lease: float) -> None:
+        self.backend = backend
+        self.thread_id, self.owner, self.lease = thread_id, owner, lease
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _AsyncHeartbeat:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                t = now()
+                rows = await self.backend.execute(
+                    RENEW, (t + self.lease, t, self.thread_id, self.owner)
+                )
+            except Exception:
+                continue  # unreachable database: the fence decides at the next write
+            if not rows:
+                return
+
+
+class AsyncTaskRunner:
+    """The async `TaskRunner`, over an `AsyncBackend`: tasks run as asyncio tasks.
+
+    Same arguments and guarantees as `TaskRunner` (without a queue: background workers run
+    the sync runner); methods are ``a``-prefixed.
+
+    Example:
+        ```python
+        import asyncio
+
+        from langchain_core.messages import AIMessage, HumanMessage
+        from langgraph.graph import END, START, MessagesState, StateGraph
+
+        from checkpointers import aopen_backend
+        from harness_nodes.aio import AsyncTaskRunner
+
+        builder = StateGraph(MessagesState)
+        builder.add_node("answer", lambda state: {"messages": [AIMessage("42")]})
+        builder.add_edge(START, "answer")
+        builder.add_edge("answer", END)
+
+
+        async def main() -> None:
+            async with await aopen_backend("memory://") as backend:
+                async with AsyncTaskRunner(backend, builder) as runner:
+                    await runner.asubmit("q-1", {"messages": [HumanMessage("6 x 7?")]})
+                    outcome = await runner.aresult("q-1", timeout=10)
+                    assert outcome["partial_result"] == "42"
+
+
+        asyncio.run(main())
+        ```
+    """
+
+    def __init__(
+        self,
+        backend: AsyncBackend,
+        graph: Any,
+        *,
+        lease_seconds: float = 30.0,
+        max_attempts: int = 3,
+        config: RunnableConfig | None = None,
+    ) -> None:
+        from checkpointers import AsyncBackend
+
+        if not isinstance(backend, AsyncBackend):
+            raise UserError(
+                f"AsyncTaskRunner needs a checkpointers.AsyncBackend, got "
+                f"{type(backend).__name__}; for a Backend use harness_nodes.TaskRunner"
+            )
+        if lease_seconds <= 0 or max_attempts < 1:
+            raise UserError("lease_seconds must be > 0 and max_attempts >= 1")
+        self.backend = backend
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.graph_path: str | None = graph if isinstance(graph, str) else None
+        self._config = config
+        self._saver = FencedSaver(backend.checkpointer, abackend=backend)
+        self.graph = compile_graph(graph, backend, self._saver)
+        self._tasks: set[asyncio.Task[TaskRun]] = set()
+
+    def __repr__(self) -> str:
+        return f"AsyncTaskRunner({self.backend!r}, graph={self.graph_path or self.graph.name!r})"
+
+    async def __aenter__(self) -> AsyncTaskRunner:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Wait for the tasks running in this event loop."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def asubmit(self, task_key: str, input: Any, *, task_type: str = "default") -> TaskRun:
+        """Start the task *task_key*, or join it if it exists (see `TaskRunner.submit`)."""
+        if not isinstance(task_key, str) or not task_key:
+            raise UserError(f"task_key must be a non-empty string, got {task_key!r}")
+        t = now()
+        created = await self.backend.execute(
+            INSERT,
+            (task_key, task_key, task_type, self.graph_path, _codec.encode(input), t, t),
+        )
+        if created:
+            self._dispatch(task_key)
+            return TaskRun.from_row(created[0])
+        return await self.astatus(task_key)
+
+    async def astatus(self, task_key: str) -> TaskRun:
+        """The task as it is now (raises `UnknownTask`)."""
+        rows = await self.backend.execute(SELECT_KEY, (task_key,))
+        if not rows:
+            raise UnknownTask(task_key)
+        return TaskRun.from_row(rows[0])
+
+    async def aresult(self, task_key: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the task's stored outcome (see `TaskRunner.result`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            run = await self.astatus(task_key)
+            if run.done:
+                if run.status == "failed":
+                    raise RunFailed(run.thread_id, "TaskFailed", run.error or "unknown error")
+                return dict(run.outcome or {"status": run.status})
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TaskNotFinished(task_key, run.status)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await asyncio.sleep(delay if remaining is None else min(delay, remaining))
+            delay = min(0.25, delay * 2)
+
+    async def acancel(self, task_key: str) -> TaskRun:
+        """Cancel the task unless it already finished."""
+        t = now()
+        rows = await self.backend.execute(
+            CANCEL, (_codec.encode({"status": "cancelled"}), t, t, task_key)
+        )
+        return TaskRun.from_row(rows[0]) if rows else await self.astatus(task_key)
+
+    async def arecover(self) -> list[str]:
+        """Resume this runner's runs whose process died (see `TaskRunner.recover`)."""
+        stale = await self.backend.execute(STALE, (now(),))
+        threads = [r["thread_id"] for r in stale if r["graph"] == self.graph_path]
+        for thread_id in threads:
+            self._dispatch(thread_id)
+        return threads
+
+    async def aresume(self, task_key: str, value: Any) -> TaskRun:
+        """Answer the interrupt a task is paused on and run it on."""
+        run = await self.astatus(task_key)
+        return await self.aexecute(run.thread_id, resume=value)
+
+    async def aexecute(self, thread_id: str, *, resume: Any = _NO_RESUME) -> TaskRun:
+        """Run the task on *thread_id* here if its lease can be claimed."""
+        owner = new_owner()
+        statuses = ("interrupted",) if resume is not _NO_RESUME else ("pending", "running")
+        t = now()
+        claimed = await self.backend.execute(
+            claim_sql(statuses), (owner, t + self.lease_seconds, t, thread_id, t)
+        )
+        if not claimed:
+            rows = await self.backend.execute(SELECT_THREAD, (thread_id,))
+            if not rows:
+                raise UnknownTask(thread_id)
+            return TaskRun.from_row(rows[0])
+        token = CURRENT_LEASE.set(Lease(thread_id, owner, self.lease_seconds))
+        try:
+            async with _AsyncHeartbeat(self.backend, thread_id, owner, self.lease_seconds):
+                return await self._attempts(claimed[0], owner, resume)
+        finally:
+            CURRENT_LEASE.reset(token)
+
+    async def _attempts(self, row: dict[str, Any], owner: str, resume: Any) -> TaskRun:
+        thread_id = row["thread_id"]
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                status, outcome = await self._invoke(row, resume)
+            except LeaseLost:
+                return await self._current(thread_id)
+            except Exception as e:
+                error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                if attempt < self.max_attempts:
+                    await asyncio.sleep(backoff(attempt))
+                    continue
+                return await self._settle(thread_id, owner, "failed", None, error)
+            return await self._settle(thread_id, owner, status, outcome, None)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _invoke(self, row: dict[str, Any], resume: Any) -> tuple[RunStatus, Any]:
+        thread_id = row["thread_id"]
+        config = run_config(thread_id, row["task_key"], row["task_type"], self._config)
+        root = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+        if resume is not _NO_RESUME:
+            inputs: Any = Command(resume=resume)
+        elif await self._saver.aget_tuple(root) is None:  # type: ignore[arg-type]
+            inputs = _codec.decode(row["input"])
+        else:
+            snapshot = await self.graph.aget_state(config)
+            if not snapshot.tasks:
+                return "completed", outcome_of(snapshot.values)
+            inputs = None
+        await self.graph.ainvoke(inputs, config, durability="sync")
+        snapshot = await self.graph.aget_state(config)
+        if snapshot.tasks:
+            return "interrupted", None
+        return "completed", outcome_of(snapshot.values)
+
+    async def _settle(
+        self, thread_id: str, owner: str, status: str, outcome: Any, error: str | None
+    ) -> TaskRun:
+        t = now()
+        finished = t if status in ("completed", "failed") else None
+        encoded = None if outcome is None else _codec.encode(outcome)
+        rows = await self.backend.execute(
+            SETTLE, (status, encoded, error, finished, t, thread_id, owner)
+        )
+        return TaskRun.from_row(rows[0]) if rows else await self._current(thread_id)
+
+    async def _current(self, thread_id: str) -> TaskRun:
+        rows = await self.backend.execute(SELECT_THREAD, (thread_id,))
+        return TaskRun.from_row(rows[0])
+
+    def _dispatch(self, thread_id: str) -> None:
+        task = asyncio.create_task(self.aexecute(thread_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,146 @@
+"""AsyncTaskRunner: the same guarantees as TaskRunner, on an AsyncBackend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.tools import BaseTool, tool
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode
+from langgraph.types import interrupt
+
+from checkpointers import AsyncBackend
+from harness_nodes import (
+    AsyncEffectLedger,
+    AsyncTaskRunner,
+    RunFailed,
+    TaskNotFinished,
+    UnknownTask,
+    UserError,
+    current_effect,
+    irreversible,
+)
+
+pytestmark = pytest.mark.anyio
+
+INPUT = {"messages": [HumanMessage("refund my order")]}
+
+
+def refund_graph(world: list[str], agent_runs: list[int]) -> Any:
+    """agent → refund → agent → done, with the refund guarded by an AsyncEffectLedger."""
+
+    @irreversible
+    @tool
+    async def refund(amount: int) -> str:
+        """Refund."""
+        world.append(current_effect().idempotency_key)
+        await asyncio.sleep(0.01)
+        return f"refunded {amount}"
+
+    def factory(backend: AsyncBackend) -> StateGraph[MessagesState]:
+        ledger = AsyncEffectLedger(backend)
+
+        async def agent(state: MessagesState) -> dict[str, Any]:
+            agent_runs.append(len(state["messages"]))
+            if len(state["messages"]) == 1:
+                call = {"name": "refund", "args": {"amount": 10}, "id": "call-refund"}
+                return {"messages": [AIMessage("", tool_calls=[call])]}
+            return {"messages": [AIMessage("refund done")]}
+
+        tools: list[BaseTool] = [refund]
+        builder = StateGraph(MessagesState)
+        builder.add_node("agent", agent)
+        builder.add_node("tools", ToolNode(tools, awrap_tool_call=ledger.awrap_tool_call))
+        builder.add_edge(START, "agent")
+        builder.add_conditional_edges(
+            "agent", lambda s: "tools" if s["messages"][-1].tool_calls else END
+        )
+        builder.add_edge("tools", "agent")
+        return builder
+
+    return factory
+
+
+async def test_concurrent_and_repeated_submissions_make_one_run(abackend: AsyncBackend) -> None:
+    world: list[str] = []
+    agent_runs: list[int] = []
+    async with AsyncTaskRunner(abackend, refund_graph(world, agent_runs)) as runner:
+
+        async def client() -> dict[str, Any]:
+            await runner.asubmit("order-9", INPUT, task_type="support")
+            return await runner.aresult("order-9", timeout=60)
+
+        outcomes = await asyncio.gather(*(client() for _ in range(20)))
+        for _ in range(5):
+            again = await runner.asubmit("order-9", INPUT)
+            assert again.status == "completed"
+            outcomes.append(await runner.aresult("order-9", timeout=5))
+    assert outcomes == [{"status": "completed", "partial_result": "refund done"}] * 25
+    assert world == ["order-9:call-refund"]
+    assert agent_runs == [1, 3]
+    run = await runner.astatus("order-9")
+    assert (run.attempts, run.task_type) == (1, "support")
+
+
+async def test_recover_resumes_a_dead_run_and_leaves_a_live_one(abackend: AsyncBackend) -> None:
+    world: list[str] = []
+    runner = AsyncTaskRunner(abackend, refund_graph(world, []), lease_seconds=0.5)
+    for key, expires in (("t-dead", 1.0), ("t-alive", time.time() + 60)):
+        await abackend.execute(
+            "INSERT INTO harness_runs (thread_id, task_key, task_type, status, input, "
+            "lease_owner, lease_expires_at, attempts, created_at, updated_at) "
+            "VALUES (%s, %s, 'default', 'running', %s, 'gone:1:x', %s, 1, 1, 1)",
+            (key, key, json.dumps({"json": {"messages": [["human", "go"]]}}), expires),
+        )
+    async with runner:
+        assert await runner.arecover() == ["t-dead"]
+        assert (await runner.aresult("t-dead", timeout=30))["status"] == "completed"
+    assert (await runner.astatus("t-alive")).status == "running"
+    assert world == ["t-dead:call-refund"]
+
+
+async def test_paused_task_is_resumed_by_its_answer(abackend: AsyncBackend) -> None:
+    async def ask(state: MessagesState) -> dict[str, Any]:
+        answer = interrupt({"question": "approve?"})
+        return {"messages": [AIMessage(f"reviewer said {answer}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "ask")
+    builder.add_edge("ask", END)
+    async with AsyncTaskRunner(abackend, builder, lease_seconds=0.2) as runner:
+        await runner.asubmit("t-review", INPUT)
+        with pytest.raises(TaskNotFinished, match="interrupted"):
+            await runner.aresult("t-review", timeout=0.5)
+        await asyncio.sleep(0.3)
+        assert await runner.arecover() == []
+        assert (await runner.aresume("t-review", "yes")).status == "completed"
+        outcome = await runner.aresult("t-review", timeout=1)
+    assert outcome["partial_result"] == "reviewer said yes"
+
+
+async def test_failures_cancellation_and_bad_input(abackend: AsyncBackend) -> None:
+    async def broken(state: MessagesState) -> dict[str, Any]:
+        raise ConnectionError("still down")
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("broken", broken)
+    builder.add_edge(START, "broken")
+    builder.add_edge("broken", END)
+    async with AsyncTaskRunner(abackend, builder, max_attempts=2) as runner:
+        await runner.asubmit("t-broken", INPUT)
+        with pytest.raises(RunFailed, match="still down"):
+            await runner.aresult("t-broken", timeout=30)
+        with pytest.raises(UnknownTask):
+            await runner.astatus("nope")
+        with pytest.raises(UserError, match="task_key"):
+            await runner.asubmit("", INPUT)
+        # A finished task cannot be cancelled; cancelling reports it as it is.
+        assert (await runner.acancel("t-broken")).status == "failed"
+    with pytest.raises(UserError, match="needs a checkpointers.AsyncBackend"):
+        AsyncTaskRunner(object(), builder)  # type: ignore[arg-type]
