@@ -250,10 +250,14 @@ def resume_thread(
 ) -> dict[str, Any]:
     """Carry a task on from its last checkpoint (after a crash, or with a review answer)."""
     from checkpointers import open_backend
+    from harness_nodes.cli._worker import resume_managed
 
     narrator = narrator or Narrator(console)
     config = {"configurable": {"thread_id": thread_id}}
     with open_backend(db) as backend:
+        managed = resume_managed(backend, thread_id, resume)
+        if managed is not None:  # a TaskRunner task: resumed under its lease
+            return managed
         found = backend.checkpointer.get_tuple(config)  # type: ignore[arg-type]
         if found is None:
             raise UnknownThread(thread_id)
@@ -265,7 +269,9 @@ def resume_thread(
     model_spec = model or (str(meta.get(META_MODEL)) or None)
     with opened_graph(db, graph_name, args, model_spec, thread_id) as target:
         snapshot = target.graph.get_state(config)
-        if not snapshot.next and not snapshot.interrupts:
+        # `tasks`, not `next`: `next` omits tasks whose writes were saved before a crash cut
+        # their step short, and those writes still have to be applied by resuming.
+        if not snapshot.tasks:
             narrator.note(f"thread {thread_id} has already finished")
             state = dict(snapshot.values)
             state["__interrupts__"] = []

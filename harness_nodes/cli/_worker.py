@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from harness_nodes.cli._app import app, err_console
+from harness_nodes.cli._app import app, console, err_console
+
+if TYPE_CHECKING:
+    from checkpointers import Backend
 
 
 @app.command()
@@ -55,3 +58,29 @@ def worker(
     )
     err_console.print(f"harness worker: {url.split('@')[-1]} (concurrency {concurrency})")
     asyncio.run(run_worker(url, options))
+
+
+def resume_managed(backend: Backend, thread_id: str, answer: Any) -> dict[str, Any] | None:
+    """``harness resume THREAD`` for a task submitted through a `TaskRunner` with a queue.
+
+    Such a task is resumed through its runner, under its lease — never beside a live worker
+    that holds it. Returns ``None`` for threads the runner does not manage.
+    """
+    from harness_nodes.runner import TaskRunner
+
+    rows = backend.execute(
+        "SELECT task_key, graph, status FROM harness_runs WHERE thread_id = %s", (thread_id,)
+    )
+    if not rows or not rows[0]["graph"]:
+        return None
+    row = rows[0]
+    runner = TaskRunner(backend, row["graph"])
+    if answer is not None:
+        run = runner.resume(row["task_key"], answer)
+    elif row["status"] == "interrupted":
+        console.print(f"task {row['task_key']} is paused for review: pass --decision JSON")
+        run = runner.status(row["task_key"])
+    else:
+        run = runner.execute(thread_id)
+    console.print(f"task {run.task_key}: [bold]{run.status}[/] {run.outcome or ''}")
+    return {"task_key": run.task_key, "status": run.status, "outcome": run.outcome}

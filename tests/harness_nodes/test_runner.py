@@ -300,3 +300,32 @@ def test_connection_loss_mid_run_retries_and_loses_nothing(postgres_url: str) ->
             linear_chain(backend, "t-outage")
     finally:
         admin.close()
+
+
+def test_harness_resume_carries_a_runner_task_on_under_its_lease(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness_nodes.cli import main
+
+    url = f"sqlite:///{tmp_path / 'harness.db'}"
+    with open_backend(url) as backend:
+        chaos.create_tables(backend)
+        backend.execute(
+            "INSERT INTO harness_runs (thread_id, task_key, task_type, graph, status, input, "
+            "lease_owner, lease_expires_at, attempts, created_at, updated_at) "
+            "VALUES ('t-cli', 't-cli', 'support', %s, 'running', %s, 'gone:1:x', 1, 1, 1, 1)",
+            (GRAPH, json.dumps({"json": {"messages": [["human", "refund"]]}})),
+        )
+    main(["resume", "t-cli", "--db", url])
+    assert "task t-cli: completed" in capsys.readouterr().out
+    with open_backend(url) as backend:
+        assert chaos.world(backend, "t-cli") == ["refund", "email"]
+        assert TaskRunner(backend, GRAPH).status("t-cli").attempts == 2
+
+
+def test_background_queue_needs_postgres() -> None:
+    from harness_nodes import JobQueue
+
+    with pytest.raises(UserError, match="Background runs need Postgres"):
+        JobQueue("sqlite:///x.db")
+    assert "***" in repr(JobQueue("postgresql://u:secret@127.0.0.1:5432/app"))
