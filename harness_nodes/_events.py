@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from langchain_core.callbacks.base import BaseCallbackManager
 from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
 from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import ensure_config
 
 EventKind = Literal[
     "verdict",
@@ -33,8 +35,26 @@ EventKind = Literal[
 EVENT_PREFIX = "harness."
 
 
+def _nobody_listening(config: RunnableConfig | None) -> bool:
+    """True when the run has no callback handler, so a custom event would reach no one.
+
+    Dispatching builds a callback manager (~0.1 ms), a cost paid on every tool call by the
+    verification hook; with no handler in the run's config there is nobody to tell. Custom
+    events only reach handlers given in the config (the env-configured LangSmith tracer does
+    not record them), so skipping is not observable.
+    """
+    callbacks = ensure_config(config).get("callbacks")
+    if callbacks is None:
+        return True
+    if isinstance(callbacks, BaseCallbackManager):
+        return not callbacks.handlers
+    return not callbacks
+
+
 def emit(kind: EventKind, data: dict[str, Any], config: RunnableConfig | None = None) -> None:
     """Report a harness decision to the callbacks of the current run (no-op outside one)."""
+    if _nobody_listening(config):
+        return
     try:
         dispatch_custom_event(EVENT_PREFIX + kind, data, config=config)
     except RuntimeError:
@@ -46,6 +66,8 @@ async def aemit(
     kind: EventKind, data: dict[str, Any], config: RunnableConfig | None = None
 ) -> None:
     """Async `emit`."""
+    if _nobody_listening(config):
+        return
     try:
         await adispatch_custom_event(EVENT_PREFIX + kind, data, config=config)
     except RuntimeError:

@@ -15,6 +15,7 @@ import reprlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+import pydantic_core
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, ToolMessage
 from pydantic import BaseModel, ValidationError
 
@@ -111,6 +112,11 @@ def decode_json(text: str) -> tuple[bool, Any]:
     if not stripped or stripped[0] not in _JSON_START:
         return False, None
     try:
+        # pydantic-core's parser is about twice as fast as json.loads on typical outputs.
+        return True, pydantic_core.from_json(stripped)
+    except ValueError:
+        pass
+    try:  # e.g. lone surrogates, which pydantic-core refuses and json accepts
         return True, json.loads(stripped)
     except (ValueError, RecursionError):
         return False, None
@@ -171,10 +177,10 @@ def lookup(payload: Any, path: str) -> Any:
     """The value at a dotted path in a mapping or model, or ``_MISSING``."""
     current = payload
     for part in path.split("."):
-        if isinstance(current, Mapping):
-            current = current.get(part, _MISSING)
-        elif isinstance(current, BaseModel):
+        if isinstance(current, BaseModel):
             current = getattr(current, part, _MISSING)
+        elif isinstance(current, dict | Mapping):  # dict first: the ABC check is slow
+            current = current.get(part, _MISSING)
         else:
             return _MISSING
         if current is _MISSING:
@@ -221,15 +227,16 @@ def signal_reasons(signals: ErrorSignals, payload: Any, text: str, structured: b
     return reasons
 
 
-def _schema_reasons(schema: type[BaseModel], payload: Any, structured: bool) -> list[str]:
+def _validate(schema: type[BaseModel], payload: Any, structured: bool) -> BaseModel | list[str]:
+    """The schema's model instance for the output, or why the output does not match."""
     name = schema.__name__
     if isinstance(payload, schema):
-        return []
+        return payload
     if not structured:
         return [f"expected JSON matching {name}, got text: {excerpt(payload)}"]
     candidate = payload.model_dump() if isinstance(payload, BaseModel) else payload
     try:
-        schema.model_validate(candidate)
+        return schema.model_validate(candidate)
     except ValidationError as e:
         errors = e.errors(include_url=False, include_context=False)
         reasons = []
@@ -243,15 +250,6 @@ def _schema_reasons(schema: type[BaseModel], payload: Any, structured: bool) -> 
         return reasons
     except RecursionError:
         return [f"does not match {name}: the output is nested too deeply to validate"]
-    return []
-
-
-def _validated(schema: type[BaseModel] | None, payload: Any) -> Any:
-    """The schema's model instance for the checks (the payload when there is no schema)."""
-    if schema is None or isinstance(payload, schema):
-        return payload
-    candidate = payload.model_dump() if isinstance(payload, BaseModel) else payload
-    return schema.model_validate(candidate)
 
 
 def _number(value: Any) -> float | None:
@@ -313,10 +311,10 @@ def check_output(
     if is_empty(payload):
         return [] if contract.allow_empty else [f"empty result: {excerpt(payload)}"]
     if contract.schema is not None:
-        reasons = _schema_reasons(contract.schema, payload, structured)
-        if reasons:
-            return reasons
-        payload = _validated(contract.schema, payload)
+        validated = _validate(contract.schema, payload, structured)
+        if isinstance(validated, list):
+            return validated
+        payload = validated
     reasons = field_reasons(contract, payload)
     for check in contract.checks:
         try:
