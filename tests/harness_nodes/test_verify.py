@@ -7,7 +7,6 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -80,31 +79,6 @@ def call_state(*outputs: tuple[str, Any], artifact: Any = None) -> dict[str, lis
             ToolMessage(content, tool_call_id=f"c{i}", name=name, id=f"t{i}", artifact=artifact)
         )
     return {"messages": messages}
-
-
-# --- the documented examples run as written ---------------------------------------------
-
-
-def _doc_examples() -> list[Any]:
-    import ast
-    import textwrap
-
-    import harness_nodes.verify as module
-
-    tree = ast.parse(Path(module.__file__).read_text())
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-            doc = ast.get_docstring(node) or ""
-            for i, block in enumerate(re.findall(r"```python\n(.*?)```", doc, re.S)):
-                name = getattr(node, "name", "module")
-                found.append(pytest.param(textwrap.dedent(block), id=f"{name}-{i}"))
-    return found
-
-
-@pytest.mark.parametrize("code", _doc_examples())
-def test_docstring_examples_run(code: str) -> None:
-    exec(compile(code, "<docstring>", "exec"), {"__name__": "__doc_example__"})
 
 
 # --- each failure class --------------------------------------------------------------------
