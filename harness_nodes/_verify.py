@@ -337,13 +337,13 @@ def _name(obj: Any) -> str:
 # --- deciding and telling the model --------------------------------------------------------
 
 
-def decide(contract: ToolContract, ok: bool, attempt: int) -> Action:
+def decide(contract: ToolContract, ok: bool, attempt: int, side_effects: bool = False) -> Action:
     """What to do about an output: ok, retry (back to the model), escalate or fail."""
     if ok:
         return "ok"
     if contract.on_fail != "retry":
         return contract.on_fail
-    if contract.side_effects:
+    if contract.side_effects or side_effects:
         # Re-running a tool with side effects could repeat the effect: a person decides.
         return "escalate"
     if attempt <= contract.max_retries:
@@ -385,18 +385,30 @@ def apply_verdict(
     args: Mapping[str, Any] | None,
     attempt: int,
     reasons: list[str],
+    side_effects: bool = False,
 ) -> tuple[ToolMessage, Verdict]:
-    """The message to keep (same id and call id) with the verdict, and the verdict itself."""
+    """The message to keep (same id and call id) with the verdict, and the verdict itself.
+
+    ``side_effects`` marks a tool known to change the world (an `effect_kind` mark) whatever
+    its contract says.
+    """
     ok = not reasons
+    existing = harness_meta(message)
+    # A call that ran through the effect ledger is irreversible whatever its contract says,
+    # and a call another layer already escalated stays with the person it went to.
+    side_effects = side_effects or contract.side_effects or "effect" in existing
+    action = decide(contract, ok, attempt, side_effects=side_effects)
+    if not ok and "escalation" in existing:
+        action = "escalate"
     verdict = Verdict(
         tool=tool,
         tool_call_id=message.tool_call_id,
         ok=ok,
         reasons=list(reasons),
         attempt=attempt,
-        action=decide(contract, ok, attempt),
+        action=action,
     )
-    meta = {**harness_meta(message), "verdict": verdict}
+    meta = {**existing, "verdict": verdict}
     update: dict[str, Any] = {}
     if not ok:
         meta["rejected_output"] = message.content
@@ -410,7 +422,7 @@ def apply_verdict(
                 details={
                     "reasons": list(reasons),
                     "attempt": attempt,
-                    "side_effects": contract.side_effects,
+                    "side_effects": side_effects,
                 },
             )
         update["content"] = feedback(contract, tool, verdict)

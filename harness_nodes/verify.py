@@ -83,6 +83,7 @@ from pydantic import BaseModel
 
 from harness_nodes import _verify
 from harness_nodes._events import aemit, emit
+from harness_nodes.effects import effect_kind
 from harness_nodes.errors import HarnessError, UserError, VerificationFailed
 from harness_nodes.state import MessagesOnly, Outcome, Verdict
 
@@ -310,7 +311,10 @@ class ToolContract:
     on_exhausted: Literal["escalate", "fail"] = "fail"
     """What happens to the failure after ``max_retries`` retries."""
     side_effects: bool = False
-    """The tool changes the world: a failure escalates to a person instead of a retry."""
+    """The tool changes the world: a failure escalates to a person instead of a retry.
+
+    Tools marked with `irreversible` / `effect`, and outputs that ran through the
+    `EffectLedger`, are treated as having side effects whatever this says."""
     instructions: str = ""
     """Extra words for the model about what a good call looks like (sent with the reasons)."""
 
@@ -664,11 +668,15 @@ class VerifyToolOutputs:
     ) -> tuple[ToolMessage | Command[Any], Verdict | None]:
         call_id = request.tool_call["id"]
         args = request.tool_call["args"]
+        # Tools marked irreversible/effect are never re-run blindly, whatever the contract.
+        side_effects = effect_kind(request.tool) is not None
         if isinstance(result, ToolMessage):
             if "verdict" in _verify.harness_meta(result):
                 return result, None
             reasons = _check(contract, result, raised=result.status == "error")
-            checked, verdict = _verify.apply_verdict(contract, result, tool, args, attempt, reasons)
+            checked, verdict = _verify.apply_verdict(
+                contract, result, tool, args, attempt, reasons, side_effects
+            )
             if isinstance(request.state, list):  # a ToolNode fed a bare message list
                 return checked, verdict
             return Command(update={"messages": [checked], "verdicts": [verdict]}), verdict
@@ -683,7 +691,7 @@ class VerifyToolOutputs:
                     return result, None
                 reasons = _check(contract, m, raised=m.status == "error")
                 messages[i], verdict = _verify.apply_verdict(
-                    contract, m, tool, args, attempt, reasons
+                    contract, m, tool, args, attempt, reasons, side_effects
                 )
                 verdicts = [*(update.get("verdicts") or []), verdict]
                 new_update = {**update, "messages": messages, "verdicts": verdicts}

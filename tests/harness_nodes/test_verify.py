@@ -22,9 +22,10 @@ from langgraph.prebuilt import ToolNode, tools_condition
 from langgraph.types import Command, interrupt
 from pydantic import BaseModel
 
-from checkpointers import Backend
+from checkpointers import Backend, open_backend
 from harness_nodes import (
     BudgetExceeded,
+    EffectLedger,
     ErrorSignals,
     HarnessState,
     ToolContract,
@@ -33,6 +34,7 @@ from harness_nodes import (
     VerificationFailed,
     VerificationStop,
     VerifyToolOutputs,
+    irreversible,
     route_after_verify,
 )
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
@@ -378,6 +380,79 @@ def test_policy_paths(
         assert "sent to a human reviewer" in update["messages"][0].content
     else:
         assert escalation is None
+
+
+def test_calls_through_the_effect_ledger_are_never_retried() -> None:
+    """An output carrying effect metadata came from an irreversible call: it escalates, and
+    an escalation another layer already wrote (effect outcome unknown) is kept as it is."""
+    calls = [tool_call("refund", {"order_id": "o-1"}, id="r1"), tool_call("email", {}, id="e1")]
+    effect = {"idempotency_key": "t:r1", "replayed": False}
+    unknown = {"kind": "effect_unknown", "reason": "refund started, no result recorded"}
+    messages = [
+        AIMessage("", tool_calls=calls, id="a"),
+        ToolMessage(
+            '{"status": "failed"}',
+            tool_call_id="r1",
+            id="t1",
+            additional_kwargs={"harness": {"effect": effect}},
+        ),
+        ToolMessage(
+            "Outcome unknown for irreversible call",
+            tool_call_id="e1",
+            id="t2",
+            status="error",
+            additional_kwargs={"harness": {"effect": effect, "escalation": unknown}},
+        ),
+    ]
+    update = VerifyToolOutputs()({"messages": messages})
+    assert [v["action"] for v in update["verdicts"]] == ["escalate", "escalate"]
+    refund_meta, email_meta = (harness(m) for m in update["messages"])
+    assert refund_meta["escalation"]["kind"] == "verification"
+    assert refund_meta["escalation"]["details"]["side_effects"] is True
+    assert refund_meta["effect"] == effect
+    assert email_meta["escalation"] == unknown  # not overwritten
+    assert "Call the tool again" not in update["messages"][1].content
+    assert route_after_verify({"messages": [messages[0], *update["messages"]]}) == "escalate"
+
+
+def test_irreversible_tool_behind_the_effect_ledger_escalates_once() -> None:
+    """Verification composed outside the effect ledger: a marked tool with a bad output is
+    escalated (default contract, no side_effects flag), never re-run."""
+
+    @irreversible
+    @tool
+    def pay(order_id: str) -> dict[str, Any]:
+        """Pay an order."""
+        CALLS.append(f"pay:{order_id}")
+        return {"status": "failed", "order_id": order_id}
+
+    with open_backend("memory://") as backend:
+        ledger = EffectLedger(backend)
+        verify = VerifyToolOutputs()
+
+        def hooks(request: Any, execute: Any) -> Any:
+            return verify.wrap_tool_call(request, lambda r: ledger.wrap_tool_call(r, execute))
+
+        model = ScriptedChatModel(
+            script=[ai(tool_calls=[tool_call("pay", {"order_id": "o-9"}, id="p1")]), ai("again")]
+        )
+        builder = StateGraph(MessagesState)
+        builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+        builder.add_node("tools", ToolNode([pay], wrap_tool_call=hooks))
+        builder.add_node("review", lambda s: {"messages": [AIMessage("escalated to a person")]})
+        builder.add_edge(START, "agent")
+        builder.add_conditional_edges("agent", tools_condition)
+        routes = {"ok": "agent", "retry": "agent", "escalate": "review", "fail": END}
+        builder.add_conditional_edges("tools", route_after_verify, routes)
+        app = builder.compile(checkpointer=backend.checkpointer)
+        out = app.invoke({"messages": [HumanMessage("pay")]}, {"configurable": {"thread_id": "t"}})
+
+    assert CALLS == ["pay:o-9"] and model.calls == 1
+    meta = harness(out["messages"][2])
+    assert meta["verdict"]["action"] == "escalate"
+    assert meta["escalation"]["details"]["side_effects"] is True
+    assert meta["effect"]["replayed"] is False
+    assert out["messages"][-1].content == "escalated to a person"
 
 
 def test_route_prefers_escalate_over_fail_over_retry() -> None:
