@@ -17,7 +17,7 @@ def serve(
         typer.Option(
             envvar="HARNESS_GRAPH",
             help="The graph whose tasks are reviewed, as module:attribute (a StateGraph, a "
-            "compiled graph or a factory), e.g. graphs.support:build_graph.",
+            "compiled graph or a factory), e.g. myapp.agent:build_graph.",
         ),
     ],
     db: Annotated[

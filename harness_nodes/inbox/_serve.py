@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from typing import Any
 
@@ -65,15 +66,21 @@ def build_auth(
     )
 
 
-def resolve_graph(obj: Any, checkpointer: Any) -> Any:
-    """A compiled graph on *checkpointer* from a ``--graph`` object.
+def resolve_graph(obj: Any, backend: Any) -> Any:
+    """A compiled graph on *backend*'s checkpointer from a ``--graph`` object.
 
     Accepts a `StateGraph` builder (compiled here), a compiled graph (re-bound to the
-    backend's checkpointer, so it resumes the tasks stored there), or a zero-argument
-    factory returning either — e.g. ``graphs.support:build_graph``.
+    backend's checkpointer, so it resumes the tasks stored there), or a factory returning
+    either — called with ``backend=`` when it takes that argument, so its ledgers use the
+    same database (e.g. ``graphs.support:build_graph``).
     """
     if callable(obj) and not hasattr(obj, "invoke") and not hasattr(obj, "compile"):
-        obj = obj()
+        try:
+            takes_backend = "backend" in inspect.signature(obj).parameters
+        except (TypeError, ValueError):
+            takes_backend = False
+        obj = obj(backend=backend) if takes_backend else obj()
+    checkpointer = backend.checkpointer
     if hasattr(obj, "compile") and not hasattr(obj, "invoke"):
         return obj.compile(checkpointer=checkpointer)
     if hasattr(obj, "invoke") and hasattr(obj, "copy"):
@@ -113,7 +120,7 @@ def serve(
 
     obj = load_object(graph)
     with open_backend(db) as backend:
-        queue = ReviewQueue(backend, resolve_graph(obj, backend.checkpointer))
+        queue = ReviewQueue(backend, resolve_graph(obj, backend))
         app = create_app(queue, auth, page_size=page_size)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
         server = uvicorn.Server(config)

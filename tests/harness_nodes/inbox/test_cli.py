@@ -85,3 +85,33 @@ def test_serve_refuses_unsafe_configuration(
     with pytest.raises(SystemExit) as info:
         main([*argv, *extra])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_graph_option_accepts_builders_graphs_and_factories(shop: Shop) -> None:
+    from harness_nodes import UserError
+    from harness_nodes.inbox._serve import load_object, resolve_graph
+    from tests.harness_nodes.inbox import shop_graph
+
+    backend = shop.backend
+    seen: list[object] = []
+
+    def factory(backend: object) -> object:
+        seen.append(backend)
+        return shop_graph.builder()
+
+    for obj in (
+        shop_graph.builder(),  # a StateGraph
+        shop_graph.builder().compile(),  # compiled without a checkpointer
+        shop_graph.builder,  # a zero-argument factory
+        factory,  # a factory that takes the backend
+    ):
+        graph = resolve_graph(obj, backend)
+        assert graph.checkpointer is backend.checkpointer
+    assert seen == [backend]
+    assert load_object(GRAPH) is shop_graph.builder
+    with pytest.raises(UserError, match="module:attribute"):
+        load_object("no-colon")
+    with pytest.raises(UserError, match="has no attribute"):
+        load_object("tests.harness_nodes.inbox.shop_graph:nope")
+    with pytest.raises(UserError, match="must name a StateGraph"):
+        resolve_graph(42, backend)
