@@ -96,15 +96,20 @@ class Faults:
             )
         return cls(**dict(value))
 
-    def crash_once(self, tool: str, key: str) -> None:
-        """Raise `SimulatedCrash` on the first run of call *key*, if ``crash_in`` is *tool*."""
+    def crash_once(self, tool: str) -> None:
+        """Raise `SimulatedCrash` the first time *tool* runs, if ``crash_in`` names it.
+
+        Once per `Faults` instance: the same graph carries on when resumed in this process,
+        and a new process (a new instance) resumes without the crash only if it is built
+        without the flag — as ``harness resume`` does.
+        """
         if self.crash_in != tool:
             return
         with self._lock:
-            if key in self._fired:
+            if tool in self._fired:
                 return
-            self._fired.add(key)
-        raise SimulatedCrash(f"tool {tool!r} (call {key})")
+            self._fired.add(tool)
+        raise SimulatedCrash(f"tool {tool!r}")
 
 
 def data_text(*parts: str) -> str:
@@ -159,14 +164,21 @@ def failed_calls(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     """The latest calls whose answer is an error message (``status="error"``), to be retried.
 
     The harness's verifier replaces a bad output with such a message; a model that reads
-    it calls the tool again.
+    it calls the tool again. A call a reviewer rejected is not retried (the reviewer's
+    answer to an escalation — "it did not take effect" — is: the call must still be made).
     """
     calls = calls_by_id(messages)
     return [
         calls[m.tool_call_id]
         for m in last_tool_results(messages)
-        if m.status == "error" and m.tool_call_id in calls
+        if m.status == "error" and m.tool_call_id in calls and not _rejected_by_reviewer(m)
     ]
+
+
+def _rejected_by_reviewer(message: ToolMessage) -> bool:
+    meta = message.additional_kwargs.get("harness")
+    review = meta.get("review") if isinstance(meta, dict) else None
+    return isinstance(review, dict) and "escalation" not in review
 
 
 def as_json(content: Any) -> Any:

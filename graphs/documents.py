@@ -126,7 +126,7 @@ def make_tools(faults: Faults | Mapping[str, Any] | None = None) -> list[BaseToo
         messages: list[BaseMessage] = []
         if runtime is not None and isinstance(runtime.state, Mapping):
             messages = list(runtime.state.get("messages", []))
-            flags.crash_once("extract_fields", runtime.tool_call_id or "")
+            flags.crash_once("extract_fields")
         first = bool(messages) and attempt_of(messages, "extract_fields", {"doc_id": doc_id}) == 1
         if first and flags.empty_results and doc_id == _FAULTY_DOC["empty_results"]:
             return {}

@@ -135,7 +135,7 @@ def make_tools(faults: Faults | Mapping[str, Any] | None = None) -> list[BaseToo
         if flags.out_of_range and first:
             hits = [{**h, "score": round(h["score"] * 100, 1)} for h in hits]
         if runtime is not None:
-            flags.crash_once("search", runtime.tool_call_id or "")
+            flags.crash_once("search")
         return hits
 
     @tool
@@ -148,7 +148,7 @@ def make_tools(faults: Faults | Mapping[str, Any] | None = None) -> list[BaseToo
             if doc_id == first_doc and attempt_of(messages, "read", {"doc_id": doc_id}) == 1:
                 return "429 Too Many Requests: rate limit exceeded, retry after 30 seconds."
         if runtime is not None:
-            flags.crash_once("read", runtime.tool_call_id or "")
+            flags.crash_once("read")
         if doc_id not in corpus:
             return f"No note with doc_id {doc_id!r}."
         return corpus[doc_id]

@@ -14,13 +14,17 @@ cents — a $49 charge reads as $4,900), ``runaway``, ``crash_in`` / ``crash_at_
 Example:
     ```python
     from langchain_core.messages import HumanMessage
+    from langgraph.types import Command
 
     from graphs import support
 
     world = support.SupportWorld()
     graph = support.build_graph(world=world)
     config = {"configurable": {"thread_id": "ticket-1"}}
-    graph.invoke({"messages": [HumanMessage(support.DEFAULT_TASK)]}, config)
+    paused = graph.invoke({"messages": [HumanMessage(support.DEFAULT_TASK)]}, config)
+    refund, email = paused["__interrupt__"][0].value  # one review request per call
+    assert refund["action_request"]["args"]["amount_usd"] == 49.0 and world.refunds == []
+    graph.invoke(Command(resume={"type": "approve"}), config)
     assert [r["amount_usd"] for r in world.refunds] == [49.0]
     assert len(world.emails) == 1
     ```
@@ -55,12 +59,19 @@ from graphs._common import (
     first_human_text,
     scripted_policy_model,
 )
-from harness_nodes import ToolContract, build_harnessed_agent, current_effect, irreversible
+from harness_nodes import (
+    ReviewPolicy,
+    ToolContract,
+    build_harnessed_agent,
+    current_effect,
+    irreversible,
+)
 
 __all__ = [
     "CONTRACTS",
     "DEFAULT_TASK",
     "IRREVERSIBLE_TOOLS",
+    "REVIEW_POLICY",
     "SYSTEM_PROMPT",
     "TASK_TYPE",
     "SupportWorld",
@@ -174,7 +185,7 @@ def make_tools(
             # The process dies a moment into the call: sibling calls of the same turn
             # (already running in ToolNode's threads) have time to finish their effects.
             time.sleep(0.05)
-            flags.crash_once(name, runtime.tool_call_id or "")
+            flags.crash_once(name)
 
     @tool
     def lookup_customer(email: str, runtime: ToolRuntime = None) -> dict[str, Any]:  # type: ignore[assignment]
@@ -257,6 +268,12 @@ CONTRACTS = {
 blindly (``side_effects=True``): it goes to a person."""
 
 
+REVIEW_POLICY = ReviewPolicy(
+    irreversible=IRREVERSIBLE_TOOLS, never=("lookup_customer", "list_invoices")
+)
+"""A person approves every refund and email before it goes out (lookups never wait)."""
+
+
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
 
 
@@ -290,7 +307,9 @@ def _policy(messages: list[BaseMessage]) -> AIMessage:
         return found[-1] if found else None
 
     if latest("issue_refund") is not None or latest("send_email") is not None:
-        refund = latest("issue_refund") or {}
+        refund = latest("issue_refund")
+        if not isinstance(refund, dict) or "refund_id" not in refund:
+            return AIMessage("The refund was not approved, so no refund was issued.")
         return AIMessage(
             f"Done: refunded ${refund.get('amount_usd', '?')} "
             f"(refund {refund.get('refund_id', '?')}) and emailed the customer."
@@ -354,6 +373,7 @@ def build_graph(
     backend: Backend | None = None,
     world: SupportWorld | None = None,
     faults: Faults | Mapping[str, Any] | None = None,
+    review_policy: ReviewPolicy | None = REVIEW_POLICY,
     **compile_kwargs: Any,
 ) -> CompiledStateGraph[Any, Any, Any, Any]:
     """Build the harnessed support agent.
@@ -364,6 +384,8 @@ def build_graph(
             one both live in memory. Runs need a ``thread_id`` (the ledger keys on it).
         world: Where refunds and emails land; defaults to a fresh in-memory `SupportWorld`.
         faults: Fault-injection flags (`Faults` or a mapping).
+        review_policy: Which calls wait for a person (default `REVIEW_POLICY`; ``None``:
+            only escalations).
         **compile_kwargs: Passed on to `build_harnessed_agent` (e.g. ``checkpointer=None``
             for a server that brings its own persistence).
     """
@@ -373,6 +395,7 @@ def build_graph(
         model or scripted_model(flags),
         tools,
         contracts=CONTRACTS,
+        review_policy=review_policy,
         system_prompt=SYSTEM_PROMPT,
         backend=backend or open_backend("memory://"),
         name=TASK_TYPE,

@@ -57,6 +57,7 @@ from langgraph.types import Command
 
 from harness_nodes.effects import EffectLedger, effect_kind
 from harness_nodes.errors import UserError
+from harness_nodes.review import HumanReview, ReviewPolicy
 from harness_nodes.state import HarnessState, MessagesOnly, Outcome
 from harness_nodes.verify import (
     ToolContract,
@@ -78,6 +79,7 @@ AGENT = "agent"
 TOOLS = "tools"
 VERIFY = "verify"
 STOP = "verification_stop"
+REVIEW = "review"
 
 
 def _verifier(contracts: Contracts) -> VerifyToolOutputs:
@@ -175,19 +177,21 @@ class _ToolHooks:
         return await self.verify.awrap_tool_call(request, inner)
 
 
-def _route_model(state: MessagesOnly) -> str:
-    messages = state["messages"]
-    last = messages[-1] if messages else None
-    if isinstance(last, AIMessage) and last.tool_calls:
-        return TOOLS
-    return END
+@dataclass(frozen=True)
+class _AfterTools:
+    """Route out of the tool node: back to the model, to review, or stop (an edge, no node)."""
 
+    review: str
+    model_node: str
+    stop: str
 
-def _route_tools(state: MessagesOnly) -> str:
-    route = route_after_verify(state)
-    if route in ("ok", "retry"):
-        return AGENT
-    return STOP
+    def __call__(self, state: MessagesOnly) -> str:
+        route = route_after_verify(state)
+        if route == "escalate":
+            return self.review
+        if route == "fail":
+            return self.stop
+        return self.model_node
 
 
 def build_harnessed_agent(
@@ -195,6 +199,7 @@ def build_harnessed_agent(
     tools: Sequence[BaseTool | Callable[..., Any]],
     *,
     contracts: Contracts = None,
+    review_policy: ReviewPolicy | None = None,
     system_prompt: str | None = None,
     state_schema: type[Any] = HarnessState,
     backend: Backend | None = None,
@@ -207,6 +212,8 @@ def build_harnessed_agent(
         model: Any chat model (``init_chat_model("provider:model")`` or a scripted one).
         tools: The agent's tools.
         contracts: What a good output of each tool looks like (see `Contracts`).
+        review_policy: Which calls a person approves first (`ReviewPolicy`). Escalations
+            (verification exhausted, an effect's outcome unknown) always go to review.
         system_prompt: Prepended to every model call.
         state_schema: The state; `HarnessState` or a subclass of it.
         backend: A `checkpointers.Backend`: the effect ledger for tools marked `irreversible`
@@ -223,6 +230,7 @@ def build_harnessed_agent(
         model,
         tools,
         contracts=contracts,
+        review_policy=review_policy,
         system_prompt=system_prompt,
         state_schema=state_schema,
         backend=backend,
@@ -237,6 +245,7 @@ def _agent_builder(
     tools: Sequence[BaseTool | Callable[..., Any]],
     *,
     contracts: Contracts = None,
+    review_policy: ReviewPolicy | None = None,
     system_prompt: str | None = None,
     state_schema: type[Any] = HarnessState,
     backend: Backend | None = None,
@@ -258,28 +267,42 @@ def _agent_builder(
             f"contracts name tools the agent does not have: {', '.join(unknown)} "
             f"(tools: {', '.join(sorted(tool_names))})"
         )
-    bound = model.bind_tools(list(tool_node_probe.tools_by_name.values()))
+    base_tools = list(tool_node_probe.tools_by_name.values())
+    review = HumanReview(
+        review_policy if review_policy is not None else ReviewPolicy(),
+        tools=base_tools,
+        tools_node=TOOLS,
+        model_node=AGENT,
+        node=REVIEW,
+    )
     builder: StateGraph[Any] = StateGraph(state_schema)
-    builder.add_node(AGENT, ModelNode(bound, system_prompt))
+    builder.add_node(AGENT, ModelNode(model.bind_tools(base_tools), system_prompt))
     builder.add_node(
         TOOLS,
         ToolNode(list(tools), wrap_tool_call=hooks.wrap, awrap_tool_call=hooks.awrap),
     )
+    builder.add_node(REVIEW, review, destinations=(TOOLS, AGENT, END))
     builder.add_node(STOP, VerificationStop())
     builder.add_edge(START, AGENT)
-    builder.add_conditional_edges(AGENT, _route_model, {TOOLS: TOOLS, END: END})
-    builder.add_conditional_edges(TOOLS, _route_tools, {AGENT: AGENT, STOP: STOP})
+    # HumanReview.route: review when the policy flags a call, else the tools, else the end.
+    routes = {REVIEW: REVIEW, TOOLS: TOOLS, AGENT: AGENT, END: END}
+    builder.add_conditional_edges(AGENT, review.route, cast(Any, routes))
+    after_tools = _AfterTools(review=REVIEW, model_node=AGENT, stop=STOP)
+    builder.add_conditional_edges(
+        TOOLS, after_tools, cast(Any, {REVIEW: REVIEW, AGENT: AGENT, STOP: STOP})
+    )
     builder.add_edge(STOP, END)
     return builder
 
 
 @dataclass(frozen=True)
 class _AfterVerify:
-    """Route out of the inserted verify node: on to where the tools went, or stop."""
+    """Route out of the inserted verify node: on to where the tools went, or elsewhere."""
 
     ok: str
     model_node: str
     stop: str
+    review: str | None
 
     def __call__(self, state: MessagesOnly) -> str:
         route = route_after_verify(state)
@@ -287,7 +310,23 @@ class _AfterVerify:
             return self.ok
         if route == "retry":
             return self.model_node
+        if route == "escalate" and self.review is not None:
+            return self.review
         return self.stop
+
+
+@dataclass(frozen=True)
+class _ReviewFirst:
+    """The user's own router out of the model node, with a detour to review first."""
+
+    review: HumanReview
+    original: Runnable[Any, Any]
+
+    def __call__(self, state: Any) -> Any:
+        if self.review.route(state) == self.review.node:
+            return self.review.node
+        # The run's config reaches the user's router through LangChain's context.
+        return self.original.invoke(state)
 
 
 def add_harness(
@@ -296,29 +335,38 @@ def add_harness(
     model_node: str,
     tools_node: str,
     contracts: Contracts = None,
+    review_policy: ReviewPolicy | None = None,
+    tools: Sequence[BaseTool] = (),
     verify_node: str = VERIFY,
+    review_node: str = REVIEW,
     stop_node: str = STOP,
 ) -> StateGraph[Any]:
     """Insert harness nodes into an existing builder around its model and tool nodes.
 
-    Your nodes are not touched: the edge that leaves *tools_node* is re-routed through a
+    Your nodes are not touched. The edge that leaves *tools_node* is re-routed through a
     `VerifyToolOutputs` node (``verify_node``), which goes on to where your tools went when
-    the outputs are good, back to *model_node* to retry, or to a `VerificationStop`.
+    the outputs are good, back to *model_node* to retry, to review when it escalates, or to
+    a `VerificationStop`. With a *review_policy*, your router out of *model_node* is wrapped
+    so that flagged calls go to a `HumanReview` node (``review_node``) first, which then
+    sends them on to *tools_node* (or the reviewer's answer back to *model_node*).
 
     Args:
         builder: The (uncompiled) ``StateGraph``.
         model_node: The name of your node that calls the model.
         tools_node: The name of your node that runs the tool calls.
         contracts: What a good output of each tool looks like (see `Contracts`).
+        review_policy: Which calls a person approves first; ``None``: no review node.
+        tools: Your tools, so reviewers' edited arguments are validated against them.
         verify_node: Name for the inserted verification node.
+        review_node: Name for the inserted review node.
         stop_node: Name for the inserted node that ends a task whose verification failed.
 
     Returns:
         The same builder, for chaining into ``.compile(...)``.
 
     Raises:
-        UserError: when a named node is missing, or *tools_node* does not leave by one
-            plain edge.
+        UserError: when a named node is missing, *tools_node* does not leave by one plain
+            edge, or (with a review policy) *model_node* does not leave by one router.
 
     Example:
         ```python
@@ -364,7 +412,8 @@ def add_harness(
                 f"add_harness: {role}={node!r} is not a node of this graph "
                 f"(nodes: {', '.join(sorted(builder.nodes))})"
             )
-    for new in (verify_node, stop_node):
+    added = [verify_node, stop_node] + ([review_node] if review_policy is not None else [])
+    for new in added:
         if new in builder.nodes:
             raise UserError(f"add_harness: the graph already has a node named {new!r}")
     out_edges = [(s, e) for (s, e) in builder.edges if s == tools_node]
@@ -374,15 +423,45 @@ def add_harness(
             "(add_edge(tools_node, model_node)); route it yourself with VerifyToolOutputs "
             "and route_after_verify otherwise"
         )
+    model_branches = dict(builder.branches.get(model_node) or {})
+    if review_policy is not None and len(model_branches) != 1:
+        raise UserError(
+            f"add_harness: with a review_policy, {model_node!r} must leave by exactly one "
+            "router (add_conditional_edges(model_node, should_continue, ...))"
+        )
+    review: HumanReview | None = None
+    if review_policy is not None:
+        review = HumanReview(
+            review_policy,
+            tools=tuple(tools),
+            tools_node=tools_node,
+            model_node=model_node,
+            node=review_node,
+        )
+        (branch_name, branch), *_ = model_branches.items()
+        del builder.branches[model_node][branch_name]
+        ends: dict[Hashable, str] | None = None
+        if branch.ends is not None:
+            ends = {**branch.ends, review_node: review_node}
+        builder.add_node(review_node, review, destinations=(tools_node, model_node, END))
+        builder.add_conditional_edges(
+            model_node, _ReviewFirst(review, branch.path), cast(Any, ends)
+        )
     _, after_tools = out_edges[0]
     builder.edges.discard(out_edges[0])
-    verify = _verifier(contracts)
-    builder.add_node(verify_node, verify)
+    builder.add_node(verify_node, _verifier(contracts))
     builder.add_node(stop_node, VerificationStop())
     builder.add_edge(tools_node, verify_node)
-    router = _AfterVerify(ok=after_tools, model_node=model_node, stop=stop_node)
-    ends: dict[Hashable, str] = {after_tools: after_tools, model_node: model_node}
-    ends[stop_node] = stop_node
-    builder.add_conditional_edges(verify_node, router, cast(Any, ends))
+    router = _AfterVerify(
+        ok=after_tools,
+        model_node=model_node,
+        stop=stop_node,
+        review=review_node if review is not None else None,
+    )
+    verify_ends: dict[Hashable, str] = {after_tools: after_tools, model_node: model_node}
+    verify_ends[stop_node] = stop_node
+    if review is not None:
+        verify_ends[review_node] = review_node
+    builder.add_conditional_edges(verify_node, router, cast(Any, verify_ends))
     builder.add_edge(stop_node, END)
     return builder

@@ -37,6 +37,7 @@ class Narrator:
     """Print only the harness's decisions and the outcome, not every step."""
     events: list[tuple[str, str]] = field(default_factory=list)
     """(kind, text) of each notable harness decision: verdict, budget, review, effect."""
+    _seen: set[str] = field(default_factory=set, repr=False)
 
     def _say(self, text: str, *, always: bool = False) -> None:
         if always or not self.quiet:
@@ -66,18 +67,36 @@ class Narrator:
                 for intr in value:
                     self._interrupt(getattr(intr, "value", intr))
                 continue
-            if not isinstance(value, dict):
-                continue
-            for message in value.get("messages", []) or []:
-                if isinstance(message, BaseMessage):
-                    self._message(node, message)
-            outcome = value.get("outcome")
-            if isinstance(outcome, dict) and outcome.get("status") != "completed":
-                reason = f" ({outcome['reason']})" if outcome.get("reason") else ""
-                self.record("outcome", f"stopped the task: {outcome['status']}{reason}")
+            # A node's update is a dict, or a list of them (a ToolNode answering with Commands).
+            updates = value if isinstance(value, list | tuple) else [value]
+            for one in updates:
+                if isinstance(one, dict):
+                    self._node_update(node, one)
+
+    def _node_update(self, node: str, value: dict[str, Any]) -> None:
+        for message in value.get("messages", []) or []:
+            if isinstance(message, BaseMessage):
+                self._message(node, message)
+        outcome = value.get("outcome")
+        if isinstance(outcome, dict) and outcome.get("status") != "completed":
+            reason = f" ({outcome['reason']})" if outcome.get("reason") else ""
+            self.record("outcome", f"stopped the task: {outcome['status']}{reason}")
 
     def _message(self, node: str, message: BaseMessage) -> None:
         meta = harness_meta(message)
+        if isinstance(message, AIMessage) and isinstance(meta.get("reviews"), dict):
+            names = {c["id"]: c["name"] for c in message.tool_calls}
+            for call_id, rec in meta["reviews"].items():
+                key = f"{call_id}:{rec.get('review_id', '')}:{rec.get('decision')}"
+                if key in self._seen:
+                    continue
+                self._seen.add(key)
+                who = f" by {rec['reviewer']}" if rec.get("reviewer") else ""
+                self.record(
+                    "review",
+                    f"review decision{who}: {rec.get('decision')} {names.get(call_id, call_id)}",
+                )
+            return
         if isinstance(message, AIMessage):
             model = message.response_metadata.get("model_name", "model")
             budget = meta.get("budget")
@@ -102,6 +121,10 @@ class Narrator:
                     f"refused the output of {verdict.get('tool')} ({reasons}) → "
                     f"{verdict.get('action')}",
                 )
+            elif isinstance(meta.get("review"), dict):
+                rec = meta["review"]
+                answer = _short(message.content, 60)
+                self.record("review", f"review decision: {rec.get('decision')} → {answer}")
             elif isinstance(effect, dict) and effect.get("replayed"):
                 self.record(
                     "effect",
@@ -128,7 +151,13 @@ class Narrator:
     def end(self, state: dict[str, Any]) -> None:
         """Print how the run ended (finished, or paused)."""
         if state.get("__interrupts__"):
-            self._say("[yellow]paused[/]: waiting for a review decision", always=True)
+            thread = state.get("__thread__", "THREAD")
+            self._say(
+                "[yellow]paused[/] for review: decide with `harness review`, or "
+                f"`harness resume {escape(str(thread))} --decision "
+                '\'{"type": "approve"}\'`',
+                always=True,
+            )
             return
         outcome = state.get("outcome") or {}
         status = outcome.get("status", "unknown")

@@ -209,6 +209,7 @@ def drive(target: RunTarget, inputs: Any, narrator: Narrator) -> dict[str, Any]:
     snapshot = target.graph.get_state({"configurable": {"thread_id": target.thread_id}})
     values: dict[str, Any] = dict(snapshot.values)
     values["__interrupts__"] = list(snapshot.interrupts)
+    values["__thread__"] = target.thread_id
     return values
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.errors import GraphRecursionError
+from langgraph.types import Command
 
 from checkpointers import open_backend
 from graphs import Faults, SimulatedCrash, documents, research, support
@@ -23,8 +24,11 @@ from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 
 
 def _run(graph: Any, task: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run to the end, approving every review pause (as the demo's reviewer does)."""
     config = {**(config or {}), "configurable": {"thread_id": f"t-{uuid.uuid4().hex[:8]}"}}
     out: dict[str, Any] = graph.invoke({"messages": [HumanMessage(task)]}, config)
+    while out.get("__interrupt__"):
+        out = graph.invoke(Command(resume={"type": "approve"}), config)
     return out
 
 
@@ -152,27 +156,43 @@ def test_support_world_on_a_file_is_shared_across_instances(tmp_path: Path) -> N
     assert [r["id"] for r in support.SupportWorld(path).refunds] == ["re_0001"]
 
 
-def test_support_crash_mid_turn_replays_the_refund_and_escalates_the_unknown_email(
+def _requests(out: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for intr in out.get("__interrupt__", []) for r in intr.value]
+
+
+def test_support_crash_mid_turn_replays_the_refund_and_asks_about_the_email(
     backend_url: str,
 ) -> None:
     world = support.SupportWorld()
+    approve = Command(resume={"type": "approve"})
     with open_backend(backend_url) as backend:
         graph = support.build_graph(world=world, backend=backend, faults={"crash_in": "send_email"})
         config = {"configurable": {"thread_id": "t-crash"}}
-        with pytest.raises(SimulatedCrash):
-            graph.invoke(
-                {"messages": [HumanMessage(support.DEFAULT_TASK)]}, config, durability="sync"
-            )
+        first = graph.invoke(
+            {"messages": [HumanMessage(support.DEFAULT_TASK)]}, config, durability="sync"
+        )
+        assert [r["action_request"]["action"] for r in _requests(first)] == [
+            "issue_refund",
+            "send_email",
+        ]
+        with pytest.raises(SimulatedCrash):  # approved; the email dies mid-call
+            graph.invoke(approve, config, durability="sync")
         assert len(world.refunds) == 1 and world.emails == []
-        out = graph.invoke(None, config, durability="sync")
-    assert len(world.refunds) == 1  # replayed from the effect ledger, not run again
-    by_tool = {m.name: m for m in _tool_messages(out)}
-    refund_meta = by_tool["issue_refund"].additional_kwargs["harness"]
-    assert refund_meta["effect"]["replayed"] is True
-    # The email raised mid-call: did it go out? Never re-sent silently — a person decides.
-    escalation = by_tool["send_email"].additional_kwargs["harness"]["escalation"]
-    assert escalation["kind"] == "effect_unknown"
-    assert world.emails == []
+        # A new process would resume here; the refund is replayed from the effect ledger,
+        # and the email — raised mid-call, so did it go out? — goes to a person.
+        resumed = graph.invoke(None, config, durability="sync")
+        (question,) = _requests(resumed)
+        assert (question["kind"], question["trigger"]) == ("escalation", "effect_unknown")
+        assert len(world.refunds) == 1
+        # The reviewer checked the mail server: it did not go out. The agent sends it again,
+        # which is an irreversible call, so it is reviewed again.
+        again = graph.invoke(Command(resume={"type": "reject"}), config, durability="sync")
+        assert [r["action_request"]["action"] for r in _requests(again)] == ["send_email"]
+        out = graph.invoke(approve, config, durability="sync")
+    assert out["outcome"]["status"] == "completed"
+    assert len(world.refunds) == 1 and len(world.emails) == 1
+    refund_msg = next(m for m in _tool_messages(out) if m.name == "issue_refund")
+    assert refund_msg.additional_kwargs["harness"]["effect"]["replayed"] is True
 
 
 def test_support_model_crash_resumes_without_rerunning_finished_steps(backend_url: str) -> None:
@@ -180,10 +200,10 @@ def test_support_model_crash_resumes_without_rerunning_finished_steps(backend_ur
     with open_backend(backend_url) as backend:
         graph = support.build_graph(world=world, backend=backend, faults={"crash_at_turn": 3})
         config = {"configurable": {"thread_id": "t-model-crash"}}
+        graph.invoke({"messages": [HumanMessage(support.DEFAULT_TASK)]}, config, durability="sync")
         with pytest.raises(SimulatedCrash):
-            graph.invoke(
-                {"messages": [HumanMessage(support.DEFAULT_TASK)]}, config, durability="sync"
-            )
+            graph.invoke(Command(resume={"type": "approve"}), config, durability="sync")
+        assert len(world.refunds) == 1 and len(world.emails) == 1
         out = graph.invoke(None, config, durability="sync")
     assert out["outcome"]["status"] == "completed"
     assert len(world.refunds) == 1 and len(world.emails) == 1
@@ -244,8 +264,11 @@ def test_each_graph_s_contracts_name_its_tools(module: Any) -> None:
 
 @pytest.mark.parametrize("module", [research, support, documents], ids=lambda m: m.TASK_TYPE)
 def test_each_module_exposes_a_compiled_graph_for_deployment(module: Any) -> None:
-    out = _run(module.graph, module.DEFAULT_TASK)
-    assert out["outcome"]["status"] == "completed"
+    from langgraph.graph.state import CompiledStateGraph
+
+    assert isinstance(module.graph, CompiledStateGraph)
+    assert module.graph.checkpointer is None  # the server brings its own persistence
+    assert module.graph.name == module.TASK_TYPE
 
 
 def test_unknown_fault_flag_is_a_user_error() -> None:

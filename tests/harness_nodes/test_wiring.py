@@ -317,3 +317,110 @@ def test_an_irreversible_call_runs_once_when_its_turn_is_replayed(backend_url: s
         m for m in out["messages"] if isinstance(m, ToolMessage) and m.name == "refund"
     )
     assert refund_msg.additional_kwargs["harness"]["effect"]["replayed"] is True
+
+
+# --- review --------------------------------------------------------------------------------
+
+
+@tool
+def transfer(amount: int) -> dict[str, Any]:
+    """Transfer money."""
+    return {"transfer_id": "tr-1", "amount": amount}
+
+
+def _paused(graph: Any, config: dict[str, Any]) -> list[dict[str, Any]]:
+    state = graph.get_state(config)
+    return [r for intr in state.interrupts for r in intr.value]
+
+
+def test_a_flagged_call_pauses_for_review_and_runs_once_approved(backend_url: str) -> None:
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewPolicy
+
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("transfer", {"amount": 900}, id="t1")]), ai("Sent.")]
+    )
+    policy = ReviewPolicy(rules={"transfer": lambda a: a["amount"] > 500 and "over $500"})
+    with open_backend(backend_url) as backend:
+        agent = build_harnessed_agent(model, [transfer], review_policy=policy, backend=backend)
+        config = {"configurable": {"thread_id": "t-review"}}
+        agent.invoke({"messages": [HumanMessage("send 900")]}, config, durability="sync")
+        (request,) = _paused(agent, config)
+        assert request["action_request"] == {"action": "transfer", "args": {"amount": 900}}
+        assert request["reason"] == "over $500"
+        assert not any(
+            isinstance(m, ToolMessage) for m in agent.get_state(config).values["messages"]
+        )
+        out = agent.invoke(Command(resume={"type": "approve"}), config, durability="sync")
+    assert out["outcome"] == {"status": "completed", "partial_result": "Sent."}
+    assert [m.name for m in out["messages"] if isinstance(m, ToolMessage)] == ["transfer"]
+
+
+def test_an_unflagged_call_does_not_enter_review() -> None:
+    from harness_nodes import ReviewPolicy
+
+    policy = ReviewPolicy(rules={"transfer": lambda a: a["amount"] > 500 and "over $500"})
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("transfer", {"amount": 5}, id="t1")]), ai("Sent.")]
+    )
+    agent = build_harnessed_agent(model, [transfer], review_policy=policy)
+    steps = [next(iter(u)) for u in agent.stream({"messages": [HumanMessage("send 5")]})]
+    assert steps == ["agent", "tools", "agent"]
+
+
+def test_an_escalating_contract_sends_the_output_to_review() -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    contracts = {"lookup": ToolContract(on_fail="escalate")}
+    agent = build_harnessed_agent(
+        _model("broken", answer="Handled."),
+        [lookup],
+        contracts=contracts,
+        checkpointer=InMemorySaver(),
+    )
+    config = {"configurable": {"thread_id": "t-esc"}}
+    agent.invoke({"messages": [HumanMessage("go")]}, config)
+    (request,) = _paused(agent, config)
+    assert request["kind"] == "escalation" and request["trigger"] == "verification"
+    out = agent.invoke(
+        Command(resume={"type": "respond", "message": '{"key": "broken", "value": 7}'}), config
+    )
+    assert out["outcome"]["status"] == "completed"
+
+
+def test_add_harness_puts_review_in_front_of_the_users_tool_node() -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewPolicy
+
+    builder = add_harness(
+        _docs_react_loop(_model("a", answer="Looked up.")),
+        model_node="llm_call",
+        tools_node="tool_node",
+        review_policy=ReviewPolicy(always=["lookup"]),
+        tools=[lookup],
+    )
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t-add-review"}}
+    graph.invoke({"messages": [HumanMessage("go")]}, config)
+    (request,) = _paused(graph, config)
+    assert request["action_request"]["action"] == "lookup"
+    out = graph.invoke(Command(resume={"type": "edit", "args": {"key": "b"}}), config)
+    assert out["messages"][1].tool_calls[0]["args"] == {"key": "b"}  # edited in place
+    assert out["messages"][-1].content == "Looked up."
+
+
+def test_add_harness_review_needs_one_router_out_of_the_model_node() -> None:
+    from harness_nodes import ReviewPolicy
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("llm", lambda s: {})
+    builder.add_node("tools", lambda s: {})
+    builder.add_edge(START, "llm")
+    builder.add_edge("llm", "tools")
+    builder.add_edge("tools", END)
+    with pytest.raises(UserError, match="'llm' must leave by exactly one router"):
+        add_harness(builder, model_node="llm", tools_node="tools", review_policy=ReviewPolicy())

@@ -39,13 +39,34 @@ def db(tmp_path: Path) -> str:
 # --- runs ----------------------------------------------------------------------------------
 
 
-def test_run_completes_a_reference_graph_and_narrates_it(
+def test_run_pauses_for_review_and_resume_applies_the_decision(
     capsys: pytest.CaptureFixture[str], db: str
 ) -> None:
     code, out, _ = _cli(capsys, "run", "support", "--db", db, "--thread", "s1")
     assert code == 0
     assert "issue_refund(invoice_id=inv_5003" in out
+    assert "harness paused for review: issue_refund(" in out
+    assert "paused for review: decide with `harness review`" in out
+    assert "completed" not in out
+    code, out, _ = _cli(capsys, "resume", "s1", "--db", db, "--decision", '{"type": "approve"}')
+    assert code == 0
+    assert "tools: issue_refund →" in out
     assert "completed — Done: refunded $49.0" in out
+
+
+def test_resume_of_a_paused_thread_without_a_decision_is_refused(
+    capsys: pytest.CaptureFixture[str], db: str
+) -> None:
+    assert _cli(capsys, "run", "support", "--db", db, "--thread", "s2")[0] == 0
+    code, _, err = _cli(capsys, "resume", "s2", "--db", db)
+    assert code == 2
+    assert "Thread 's2' is paused for review" in _one_line_error(err)
+    code, _, err = _cli(capsys, "resume", "s2", "--db", db, "--decision", '{"type": "maybe"}')
+    assert code == 2
+    assert "Invalid decision" in _one_line_error(err)
+    code, out, _ = _cli(capsys, "resume", "s2", "--db", db, "--decision", '{"type": "reject"}')
+    assert code == 0
+    assert "completed — The refund was not approved" in out
 
 
 def test_run_takes_the_task_text(capsys: pytest.CaptureFixture[str], db: str) -> None:
