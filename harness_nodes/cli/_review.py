@@ -1,14 +1,35 @@
-"""``harness review ...``: the review queue's command group.
+"""``harness review``: list, show and decide the pending human reviews of every thread.
 
-Sub-commands register themselves on `review_app` from their own modules
-(``harness review serve`` lives in ``_inbox.py``).
+Deciding resumes the paused run, so the CLI needs the graph. It is found, in order:
+
+- ``--graph module:attr``: a ``StateGraph`` builder, a compiled graph (its builder is compiled
+  again on this backend's checkpointer), or a function called with the backend that returns
+  either;
+- ``--graph NAME``: a graph as ``harness run`` finds it (a reference graph such as
+  ``support``, or a module defining ``build_graph(model, *, backend, ...)``);
+- nothing: the graph ``harness run`` recorded in the thread's checkpoint metadata.
+
+``harness_nodes`` never imports ``graphs``: names are looked up with ``importlib``. Other
+sub-commands register themselves on `review_app` from their own modules (``harness review
+serve`` lives in ``_inbox.py``).
 """
 
 from __future__ import annotations
 
-import typer
+import getpass
+import importlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
 
-from harness_nodes.cli._app import app
+import typer
+from rich.table import Table
+
+from harness_nodes.cli._app import app, console
+from harness_nodes.errors import ReviewNotFound, UnknownThread, UserError
+from harness_nodes.review_queue import ReviewItem, ReviewQueue, _item, pending_sql
 
 review_app = typer.Typer(
     name="review",
@@ -16,3 +37,284 @@ review_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(review_app)
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db", help="Backend URL (default: $HARNESS_DATABASE_URL or sqlite:///harness.db)"
+    ),
+]
+GraphOption = Annotated[
+    str | None,
+    typer.Option(
+        "--graph",
+        help="The graph to resume: module:attr (builder, compiled graph or factory) or a "
+        "graph name as for `harness run` (default: the one recorded on the thread)",
+    ),
+]
+ReviewerOption = Annotated[
+    str | None,
+    typer.Option("--reviewer", help="Who decides (default: $HARNESS_REVIEWER or your login)"),
+]
+
+
+def _reviewer(name: str | None) -> str:
+    return name or os.environ.get("HARNESS_REVIEWER") or getpass.getuser()
+
+
+def _load(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"Cannot import {module_name!r} for --graph: {e}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UserError(f"{module_name!r} has no attribute {attr!r} (--graph)") from None
+    return obj
+
+
+def _compile(obj: Any, backend: Any, spec: str) -> Any:
+    from langgraph.graph import StateGraph
+
+    if isinstance(obj, StateGraph):
+        return obj.compile(checkpointer=backend.checkpointer)
+    builder = getattr(obj, "builder", None)
+    if isinstance(builder, StateGraph):  # a compiled graph: same shape, this backend
+        return builder.compile(checkpointer=backend.checkpointer)
+    if callable(obj) and not isinstance(obj, type):
+        try:
+            made = obj(backend)
+        except TypeError as e:
+            raise UserError(f"--graph {spec!r} cannot build a graph from a backend: {e}") from None
+        return _compile(made, backend, spec)
+    raise UserError(
+        f"--graph {spec!r} is a {type(obj).__name__}, not a StateGraph, a compiled graph "
+        "or a function returning one"
+    )
+
+
+def _graph(backend: Any, spec: str | None, thread_id: str | None) -> Any:
+    from harness_nodes.cli import _run
+
+    if spec and ":" in spec:
+        return _compile(_load(spec), backend, spec)
+    args: dict[str, Any] = {}
+    model_spec: str | None = None
+    name = spec
+    if name is None:
+        if thread_id is None:
+            raise UserError("Name the graph to resume with --graph module:attr")
+        found = backend.checkpointer.get_tuple({"configurable": {"thread_id": thread_id}})
+        if found is None:
+            raise UnknownThread(thread_id)
+        meta = dict(found.metadata or {})
+        name = str(meta.get(_run.META_GRAPH) or "")
+        if not name:
+            raise UserError(
+                f"Thread {thread_id!r} was not started by `harness run`: "
+                "name its graph with --graph module:attr"
+            )
+        args = json.loads(str(meta.get(_run.META_ARGS) or "{}"))
+        model_spec = str(meta.get(_run.META_MODEL) or "") or None
+    module = _run.load_graph_module(name)
+    return _run.build_graph(module, args, _run.load_model(model_spec), backend)
+
+
+def _row(backend: Any, review_id: str) -> ReviewItem:
+    rows = backend.execute(
+        "SELECT id, thread_id, interrupt_id, task_type, reason, risk, request, status, "
+        "priority, assignee, deadline, created_at, decision, decided_by, decided_at "
+        "FROM harness_reviews WHERE id = %s",
+        (review_id,),
+    )
+    if not rows:
+        raise ReviewNotFound(review_id)
+    return _item(rows[0])
+
+
+@contextmanager
+def _queue(db: str | None, graph: str | None, review_id: str) -> Iterator[ReviewQueue]:
+    from checkpointers import open_backend
+
+    with open_backend(db) as backend:
+        item = _row(backend, review_id)
+        yield ReviewQueue(backend, _graph(backend, graph, item.thread_id))
+
+
+def _summary(item: ReviewItem) -> str:
+    calls = [
+        f"{r['action_request']['action']}({json.dumps(r['action_request']['args'])[1:-1]})"
+        for r in item.requests
+    ]
+    text = ", ".join(calls)
+    return text if len(text) <= 70 else text[:69] + "…"
+
+
+@review_app.command("list")
+def list_reviews(
+    db: DbOption = None,
+    task_type: Annotated[str | None, typer.Option("--task-type")] = None,
+    reason: Annotated[str | None, typer.Option("--reason")] = None,
+    assignee: Annotated[str | None, typer.Option("--assignee")] = None,
+    older_than: Annotated[
+        float | None, typer.Option("--older-than", help="Only items waiting this many seconds")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
+) -> None:
+    """List pending reviews across all threads, oldest first."""
+    from checkpointers import open_backend
+
+    sql, params = pending_sql(
+        task_type=task_type, reason=reason, assignee=assignee, older_than=older_than, limit=limit
+    )
+    with open_backend(db) as backend:
+        items = [_item(r) for r in backend.execute(sql, params)]
+    if as_json:
+        for it in items:
+            print(
+                json.dumps(
+                    {
+                        "id": it.id,
+                        "thread_id": it.thread_id,
+                        "task_type": it.task_type,
+                        "reason": it.reason,
+                        "risk": it.risk,
+                        "assignee": it.assignee,
+                        "age_s": round(it.age, 1),
+                        "calls": _summary(it),
+                    }
+                )
+            )
+        return
+    if not items:
+        console.print("no pending reviews")
+        return
+    table = Table(title=f"{len(items)} pending review(s)")
+    for col in ("id", "thread", "task type", "reason", "risk", "assignee", "age", "calls"):
+        table.add_column(col)
+    for it in items:
+        table.add_row(
+            it.id,
+            it.thread_id,
+            it.task_type,
+            it.reason,
+            it.risk,
+            it.assignee or "",
+            f"{it.age:.0f}s",
+            _summary(it),
+        )
+    console.print(table)
+
+
+@review_app.command("show")
+def show(
+    review_id: Annotated[str, typer.Argument(help="The review id (from `harness review list`)")],
+    db: DbOption = None,
+    graph: GraphOption = None,
+) -> None:
+    """Show one review: what is asked, why, and the task's trace so far."""
+    from checkpointers import open_backend
+
+    with open_backend(db) as backend:
+        item = _row(backend, review_id)
+        try:
+            queue = ReviewQueue(backend, _graph(backend, graph, item.thread_id))
+            trace = queue.show(review_id).trace
+        except UserError:
+            # No graph to read the checkpoints with: the excerpt the request carries.
+            trace = item.requests[0]["trace"]["steps"]
+    console.print(
+        f"[bold]review {item.id}[/]  thread {item.thread_id}  task type {item.task_type}  "
+        f"status {item.status}",
+        highlight=False,
+    )
+    for req in item.requests:
+        allowed = [k.removeprefix("allow_") for k, v in req["config"].items() if v]
+        console.print(
+            f"- {req['description']}\n  risk {req['risk']}, reason {req['trigger']}: "
+            f"{req['reason']}\n  args {json.dumps(req['action_request']['args'])}\n"
+            f"  allowed: {', '.join(allowed)}",
+            highlight=False,
+        )
+    if item.decided_by:
+        console.print(f"decided by {item.decided_by}: {json.dumps(item.decision)}", highlight=False)
+    console.print("[bold]trace[/]")
+    for line in trace:
+        console.print(f"  {line}", highlight=False)
+
+
+def _decide(
+    review_id: str, decision: dict[str, Any], db: str | None, graph: str | None, reviewer: str
+) -> None:
+    with _queue(db, graph, review_id) as queue:
+        state = queue.decide(review_id, decision, reviewer=reviewer)
+        item = queue.get(review_id)
+        snapshot = queue.graph.get_state({"configurable": {"thread_id": item.thread_id}})
+    messages = state.get("messages") or []
+    console.print(f"review {review_id}: {decision['type']} by {reviewer} — run resumed")
+    if snapshot.interrupts:
+        console.print("the run paused again for review: see `harness review list`")
+    elif messages:
+        console.print(f"last message: {str(messages[-1].content)[:200]}", highlight=False)
+
+
+@review_app.command("approve")
+def approve(
+    review_id: Annotated[str, typer.Argument()],
+    db: DbOption = None,
+    graph: GraphOption = None,
+    reviewer: ReviewerOption = None,
+) -> None:
+    """Approve: the paused calls run (or an escalated result is accepted)."""
+    _decide(review_id, {"type": "approve"}, db, graph, _reviewer(reviewer))
+
+
+@review_app.command("edit")
+def edit(
+    review_id: Annotated[str, typer.Argument()],
+    args: Annotated[str, typer.Option("--args", help="The new arguments, as a JSON object")],
+    db: DbOption = None,
+    graph: GraphOption = None,
+    reviewer: ReviewerOption = None,
+) -> None:
+    """Edit the call's arguments, then run it."""
+    try:
+        new_args = json.loads(args)
+    except ValueError as e:
+        raise UserError(f"--args is not valid JSON ({e}): {args!r}") from None
+    if not isinstance(new_args, dict):
+        raise UserError(f"--args must be a JSON object, got {type(new_args).__name__}: {args!r}")
+    _decide(review_id, {"type": "edit", "args": new_args}, db, graph, _reviewer(reviewer))
+
+
+@review_app.command("reject")
+def reject(
+    review_id: Annotated[str, typer.Argument()],
+    message: Annotated[
+        str | None, typer.Option("--message", help="Why (the model gets it as the tool result)")
+    ] = None,
+    db: DbOption = None,
+    graph: GraphOption = None,
+    reviewer: ReviewerOption = None,
+) -> None:
+    """Reject: nothing runs; the model is told why."""
+    decision: dict[str, Any] = {"type": "reject"}
+    if message:
+        decision["message"] = message
+    _decide(review_id, decision, db, graph, _reviewer(reviewer))
+
+
+@review_app.command("respond")
+def respond(
+    review_id: Annotated[str, typer.Argument()],
+    message: Annotated[str, typer.Option("--message", help="The answer the model gets")],
+    db: DbOption = None,
+    graph: GraphOption = None,
+    reviewer: ReviewerOption = None,
+) -> None:
+    """Respond in the tool's place: nothing runs; the model gets your message as the result."""
+    _decide(review_id, {"type": "respond", "message": message}, db, graph, _reviewer(reviewer))

@@ -1,0 +1,151 @@
+"""``harness review``: list, show, approve/edit/reject/respond, on a SQLite file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import HumanMessage
+
+from checkpointers import open_backend
+from harness_nodes import ReviewQueue
+from harness_nodes.cli import main
+from tests.conftest import subprocess_env
+from tests.harness_nodes.review_app import EFFECTS, build_builder
+
+SPEC = "tests.harness_nodes.review_app:builder"
+
+
+@pytest.fixture(autouse=True)
+def _reset_effects() -> None:
+    EFFECTS.clear()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'harness.db'}"
+
+
+def _pause(db: str, *threads: str) -> list[str]:
+    with open_backend(db) as backend:
+        queue = ReviewQueue(backend, build_builder().compile(checkpointer=backend.checkpointer))
+        for tid in threads:
+            queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id=tid)
+        return [i.id for i in queue.pending()]
+
+
+def _status(db: str, review_id: str) -> tuple[str, str | None]:
+    with open_backend(db) as backend:
+        [row] = backend.execute(
+            "SELECT status, decided_by FROM harness_reviews WHERE id = %s", (review_id,)
+        )
+    return row["status"], row["decided_by"]
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_list_and_show(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = _pause(db, "t-1", "t-2")
+    code, out, _ = _cli(capsys, "review", "list", "--db", db, "--json")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    assert {r["reason"] for r in rows} == {"argument_rule"}
+    code, out, _ = _cli(capsys, "review", "list", "--db", db, "--reason", "verification")
+    assert (code, out.strip()) == (0, "no pending reviews")
+    code, out, _ = _cli(capsys, "review", "show", ids[0], "--db", db, "--graph", SPEC)
+    assert code == 0
+    assert "refund of $250 > $100" in out
+    assert "checkpoint step" in out and "model called refund" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        pytest.param(["approve"], "refunded 250 on A1", id="approve"),
+        pytest.param(["edit", "--args", '{"order": "A1", "amount": 7}'], "refunded 7", id="edit"),
+        pytest.param(["reject", "--message", "not allowed"], "not allowed", id="reject"),
+        pytest.param(["respond", "--message", "Done by phone."], "Done by phone.", id="respond"),
+    ],
+)
+def test_decisions_resume_the_run(
+    db: str, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
+) -> None:
+    [rid] = _pause(db, "t-1")
+    command, *rest = argv
+    code, out, err = _cli(
+        capsys, "review", command, rid, *rest, "--db", db, "--graph", SPEC, "--reviewer", "dana"
+    )
+    assert code == 0, err
+    assert f"review {rid}: {command} by dana" in out
+    assert expected in out
+    assert _status(db, rid) == ("applied", "dana")
+    assert EFFECTS["lookup"] == 1 and EFFECTS["refund"] == (command in ("approve", "edit"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(["edit", "--args", "{amount: 7"], "--args is not valid JSON", id="bad-json"),
+        pytest.param(["edit", "--args", "[1, 2]"], "--args must be a JSON object", id="not-object"),
+        pytest.param(["edit", "--args", '{"order": "A1"}'], "amount: Field required", id="schema"),
+    ],
+)
+def test_bad_edit_args_are_one_line_exit_2_and_the_item_stays_pending(
+    db: str, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    [rid] = _pause(db, "t-1")
+    code, out, err = _cli(capsys, "review", argv[0], rid, *argv[1:], "--db", db, "--graph", SPEC)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert _status(db, rid) == ("pending", None)
+    assert EFFECTS == {}
+
+
+def test_unknown_review_and_unusable_graph_are_one_line(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    [rid] = _pause(db, "t-1")
+    code, _, err = _cli(capsys, "review", "approve", "nope", "--db", db, "--graph", SPEC)
+    assert (code, err.strip()) == (2, "error: No review item 'nope'")
+    code, _, err = _cli(capsys, "review", "approve", rid, "--db", db)
+    assert code == 2 and "was not started by `harness run`" in err
+    code, _, err = _cli(capsys, "review", "approve", rid, "--db", db, "--graph", "json:dumps")
+    assert code == 2 and "--graph" in err
+    assert _status(db, rid) == ("pending", None)
+
+
+def _run_cli(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "harness_nodes.cli", *argv],
+        env=subprocess_env(COLUMNS="200", **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.slow
+def test_approve_from_another_process(db: str, tmp_path: Path) -> None:
+    [rid] = _pause(db, "t-1")
+    effects = tmp_path / "effects.txt"
+    proc = _run_cli(
+        "review", "approve", rid, "--db", db, "--graph", SPEC, REVIEW_EFFECTS_FILE=str(effects)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(effects.read_text().split()) == ["lookup", "refund"]
+    assert _status(db, rid)[0] == "applied"
+    bad = _run_cli("review", "edit", rid, "--db", db, "--graph", SPEC, "--args", "{")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
