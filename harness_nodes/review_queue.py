@@ -68,7 +68,13 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from langgraph.types import Command, Interrupt, StateSnapshot
 
-from harness_nodes.errors import AlreadyDecided, InvalidDecision, ReviewNotFound, UserError
+from harness_nodes.errors import (
+    AlreadyDecided,
+    EffectNotResolvable,
+    InvalidDecision,
+    ReviewNotFound,
+    UserError,
+)
 from harness_nodes.review import (
     HumanReview,
     ReviewDecision,
@@ -399,6 +405,22 @@ class _QueueCore:
         return _Prepared(payload, before, after)
 
     @staticmethod
+    def effect_answers(item: ReviewItem) -> list[tuple[str, bool, str]]:
+        """What to record in the effect ledger: ``(tool_call_id, happened, result)``.
+
+        One per effect_unknown request answered approve (it happened) or reject (it did not).
+        """
+        out = []
+        for req, dec in zip(item.requests, item.decision or [], strict=False):
+            if req["trigger"] != "effect_unknown" or dec.get("type") not in ("approve", "reject"):
+                continue
+            happened = dec["type"] == "approve"
+            note = f" Reviewer's note: {dec['message']}" if dec.get("message") else ""
+            result = f"A human reviewer confirmed the call took effect.{note}" if happened else ""
+            out.append((req["tool_call_id"], happened, result))
+        return out
+
+    @staticmethod
     def already(item: ReviewItem) -> AlreadyDecided:
         words = sorted({d.get("type", "?") for d in item.decision or []}) or [item.status]
         by = item.decided_by or "?"
@@ -617,7 +639,26 @@ class ReviewQueue:
                 )
         if not won:
             raise self._core.already(self.get(review_id))
-        return self._resume(self.get(review_id))
+        decided = self.get(review_id)
+        self._settle_effects(decided, reviewer)
+        return self._resume(decided)
+
+    def _settle_effects(self, item: ReviewItem, reviewer: str) -> None:
+        # "Did the refund go out?": record the answer in the effect ledger too, so a later
+        # execution of that call replays it (happened) or runs it once (did not).
+        answers = self._core.effect_answers(item)
+        if not answers:
+            return
+        from harness_nodes.effects import EffectLedger
+
+        ledger = EffectLedger(self.backend)
+        for call_id, happened, result in answers:
+            try:
+                ledger.resolve(
+                    item.thread_id, call_id, happened=happened, result=result, reviewer=reviewer
+                )
+            except EffectNotResolvable:
+                pass  # already settled (answered in the ledger directly), or not a ledger call
 
     def _resume(self, item: ReviewItem) -> dict[str, Any]:
         cfg = _thread_config(item.thread_id, None)
@@ -884,7 +925,24 @@ class AsyncReviewQueue:
                 )
         if not won:
             raise self._core.already(await self.get(review_id))
-        return await self._resume(await self.get(review_id))
+        decided = await self.get(review_id)
+        answers = self._core.effect_answers(decided)
+        if answers:
+            from harness_nodes.aio import AsyncEffectLedger
+
+            ledger = AsyncEffectLedger(self.backend)
+            for call_id, happened, result in answers:
+                try:
+                    await ledger.aresolve(
+                        decided.thread_id,
+                        call_id,
+                        happened=happened,
+                        result=result,
+                        reviewer=reviewer,
+                    )
+                except EffectNotResolvable:
+                    pass
+        return await self._resume(decided)
 
     async def _resume(self, item: ReviewItem) -> dict[str, Any]:
         cfg = _thread_config(item.thread_id, None)

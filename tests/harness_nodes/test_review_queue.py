@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from langchain_core.messages import HumanMessage, ToolMessage
+from langchain_core.tools import tool
 from langgraph.types import Command
 
 from checkpointers import AsyncBackend, Backend, open_backend
@@ -408,3 +409,72 @@ def test_resume_in_a_fresh_process(durable_url: str, tmp_path: Path) -> None:
         state = queue.graph.get_state({"configurable": {"thread_id": tid}})
         msgs = state.values["messages"]
         assert [m.content for m in msgs if isinstance(m, ToolMessage)][0] == "refunded 42 on A1"
+
+
+def _ledger_graph(backend: Backend, fail: list[bool]) -> Any:
+    """agent → tools (through the effect ledger) → review on escalation → agent."""
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+
+    from harness_nodes import EffectLedger, HumanReview, irreversible
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    @irreversible
+    @tool
+    def refund(order: str, amount: float) -> str:
+        """Refund an order."""
+        EFFECTS["refund"] += 1
+        if fail[0]:
+            raise RuntimeError("payment gateway timed out")
+        return f"refunded {amount:g} on {order}"
+
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 30}, id="r1")]),
+            lambda msgs: "final: " + str(msgs[-1].content),
+        ]
+    )
+    review = HumanReview(tools=[refund])
+    ledger = EffectLedger(backend)
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode([refund], wrap_tool_call=ledger.wrap_tool_call))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_conditional_edges("tools", review.route)
+    return builder.compile(checkpointer=backend.checkpointer)
+
+
+@pytest.mark.parametrize(
+    ("decision", "status", "expected"),
+    [
+        pytest.param({"type": "approve"}, "done", "confirmed the call took effect", id="happened"),
+        pytest.param(
+            {"type": "reject", "message": "bank shows nothing"},
+            "aborted",
+            "did NOT take effect",
+            id="did-not",
+        ),
+    ],
+)
+def test_did_the_refund_go_out_is_answered_in_the_queue_and_the_ledger(
+    backend: Backend, decision: dict[str, Any], status: str, expected: str
+) -> None:
+    from harness_nodes import EffectLedger
+
+    fail = [True]
+    graph = _ledger_graph(backend, fail)
+    queue = ReviewQueue(backend, graph)
+    with pytest.raises(RuntimeError, match="timed out"):
+        queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="t-eff")
+    fail[0] = False
+    queue.invoke(None, thread_id="t-eff")  # resumed: the ledger refuses to re-run blindly
+    [item] = queue.pending(reason="effect_unknown")
+    assert item.risk == "high" and item.requests[0]["kind"] == "escalation"
+    assert EFFECTS["refund"] == 1
+    out = queue.decide(item.id, decision, reviewer="ann")
+    assert expected in out["messages"][-1].content
+    record = EffectLedger(backend).get("t-eff", "r1")
+    assert record is not None and (record.status, record.resolved_by) == (status, "ann")
+    assert EFFECTS["refund"] == 1  # the review never re-ran the refund
