@@ -11,6 +11,7 @@ and ``cost_details`` on each generation from the harness's own pricing.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -94,12 +95,21 @@ class Masker:
         ]
         literals = sorted({*secrets, *env_values}, key=len, reverse=True)
         self._literals = [s for s in literals if s]
+        self._kv = self._kv_pattern()
+
+    def _kv_pattern(self) -> re.Pattern[str]:
+        # `key: value` / `key=value` inside text (reprs, error messages, tool input strings).
+        names = "|".join(re.escape(f) for f in sorted(self.fields, key=len, reverse=True))
+        return re.compile(
+            rf"""(?i)(["']?)\b({names})\1(\s*[:=]\s*)("[^"]*"|'[^']*'|[^\s,;}}\])]+)"""
+        )
 
     def extend(self, sensitive_fields: Sequence[str] = (), secrets: Sequence[str] = ()) -> None:
         """Also mask these fields and literal values from now on."""
         self.fields = self.fields | {f.lower() for f in sensitive_fields}
         merged = {*self._literals, *(s for s in secrets if s)}
         self._literals = sorted(merged, key=len, reverse=True)
+        self._kv = self._kv_pattern()
 
     def __call__(self, *, data: Any, **_: Any) -> Any:
         """Langfuse's ``mask`` signature: return *data* with its secrets masked."""
@@ -110,6 +120,7 @@ class Masker:
         for lit in self._literals:
             if lit in value:
                 value = value.replace(lit, MASK)
+        value = self._kv.sub(lambda m: f"{m[1]}{m[2]}{m[1]}{m[3]}{MASK}", value)
         return _SECRET_PATTERNS.sub(MASK, value)
 
     def _mask(self, data: Any, depth: int) -> Any:
@@ -173,6 +184,18 @@ def _handler_class() -> type[Any]:
             super().__init__(public_key=public_key, trace_context={"trace_id": self.trace_id})
             self._price = price
             self._masker = masker
+
+        def _get_error_level_and_status_message(self, error: BaseException) -> tuple[str, str]:
+            # Langfuse does not mask status messages, and an interrupt's message is the repr
+            # of its payload (the tool call under review, arguments and all).
+            level, _ = super()._get_error_level_and_status_message(error)
+            interrupts = error.args[0] if error.args else None
+            if isinstance(interrupts, tuple | list) and all(
+                hasattr(i, "value") for i in interrupts
+            ):
+                payload = self._masker(data=[i.value for i in interrupts])
+                return level, "interrupted: " + json.dumps(payload, default=str)
+            return level, self._masker.text(str(error) or type(error).__name__)
 
         def on_chain_start(
             self,

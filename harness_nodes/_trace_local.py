@@ -273,7 +273,16 @@ def _tool_node(msg: ToolMessage) -> TraceNode:
         kind="tool_result",
         name=str(msg.name or "tool"),
         data=_jsonable(
-            {"tool_call_id": msg.tool_call_id, "content": msg.content, "status": msg.status}
+            {
+                "tool_call_id": msg.tool_call_id,
+                "content": msg.content,
+                "status": msg.status,
+                **(
+                    {"rejected_output": meta["rejected_output"]}
+                    if "rejected_output" in meta
+                    else {}
+                ),
+            }
         ),
     )
     effect = meta.get("effect")

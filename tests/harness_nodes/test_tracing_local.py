@@ -54,7 +54,7 @@ def test_trace_shows_retry_review_degrade_and_completion_in_order(backend: Backe
     assert refund_call.data["args"]["amount"] == 10 and refund_call.data["args"]["order"] == 42
     first_result = next(n for n in trace.walk() if n.kind == "tool_result")
     assert "rate limited" in first_result.data["content"]
-    assert first_result.children[0].data["reasons"] == ["error signal: rate limited"]
+    assert first_result.children[0].data["reasons"] == [traced_task.SEARCH_FAILURE]
 
     # review: reason from the queue, decision + reviewer + latency from the ledger
     interrupt = next(n for n in trace.walk() if n.kind == "interrupt")
@@ -125,7 +125,7 @@ def test_runs_and_report_aggregate_across_tasks(backend: Backend) -> None:
     assert report.tasks == 2 and report.finished == 1
     assert report.completion_rate == 1.0
     assert report.outcomes == {"completed": 1, "paused": 1}
-    assert report.failure_reasons == [("error signal: rate limited", 2)]
+    assert report.failure_reasons == [(traced_task.SEARCH_FAILURE, 2)]
     assert report.failing_tools == [("search", 2)]
     assert report.escalation_rate == 1.0
     assert report.review_latency_s == {"mean": 90.0, "p95": 90.0, "max": 90.0}

@@ -1,9 +1,10 @@
 """A task that exercises every harness decision, for the tracing tests and the benchmark.
 
-Until the budget, verification, review and effect layers land on main, this graph stands in
-for them: it does what their contracts (docs/decisions/0001) say they do — emits the
-``harness.*`` events, writes the message metadata under ``additional_kwargs["harness"]`` and
-the ledger rows — so both trace views can be checked against a known sequence:
+Verification is the real layer (`VerifyToolOutputs` inside the `ToolNode`). Until the budget,
+review and effect layers land on main, this graph stands in for them: it does what their
+contracts (docs/decisions/0001) say they do — emits the ``harness.*`` events, writes the
+message metadata under ``additional_kwargs["harness"]`` and the ledger rows — so both trace
+views can be checked against a known sequence:
 
 search (fails verification → retry) → search (ok) → budget degrades the model → refund
 (pauses for review, approved by alice, runs through the effect ledger) → answer → completed.
@@ -18,15 +19,23 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.graph import END, START, StateGraph
+from langgraph.prebuilt import ToolNode
 from langgraph.types import Command, interrupt
 
 from checkpointers import Backend, open_backend
-from harness_nodes import HarnessState, ReviewRecord, Verdict, langfuse_callbacks
+from harness_nodes import (
+    HarnessState,
+    ReviewRecord,
+    ToolContract,
+    VerifyToolOutputs,
+    langfuse_callbacks,
+)
 from harness_nodes._events import emit
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 
@@ -34,7 +43,7 @@ BIG, SMALL = "gpt-4o", "gpt-4o-mini"
 SECRET = "sk-live-THISMUSTNEVERLEAK0123456789"
 SCRIPT = [
     ai(tool_calls=[tool_call("search", {"query": "order 42"}, id="call-s1")]),
-    ai(tool_calls=[tool_call("search", {"query": "order 42"}, id="call-s2")]),
+    ai(tool_calls=[tool_call("search", {"query": "order #42"}, id="call-s2")]),
     ai(
         tool_calls=[
             tool_call(
@@ -46,6 +55,8 @@ SCRIPT = [
     ),
     ai("Refunded 10 USD on order 42."),
 ]
+SEARCH_FAILURE = "the output carries an error: error='rate limited'"
+"""The real verifier's reason for the first search output."""
 PRICES = {BIG: (2.5e-6, 10e-6), SMALL: (0.15e-6, 0.6e-6)}  # USD per token (in, out)
 
 
@@ -151,95 +162,74 @@ def build(backend: Backend, *, hang_in_tools: Path | None = None) -> Any:
         )
         return {"reviews": [record]}
 
-    def tools(state: HarnessState, config: RunnableConfig) -> dict[str, Any]:
+    @tool
+    def search(query: str) -> str:
+        """Look an order up."""
         if hang_in_tools is not None:
             hang_in_tools.write_text("in tools")
             time.sleep(3600)  # the test kills us here (kill -9)
+        if query == "order 42":  # the first try: a "successful" call carrying an error
+            return json.dumps({"error": "rate limited"})
+        return json.dumps({"order": 42, "status": "paid", "amount": 10})
+
+    @tool
+    def refund(
+        order: int,
+        amount: int,
+        api_key: str,
+        card_number: str,
+        tool_call_id: Annotated[str, InjectedToolCallId],
+        config: RunnableConfig,
+    ) -> ToolMessage:
+        """Refund an order (irreversible); recorded in the effect ledger."""
         thread_id = config["configurable"]["thread_id"]
-        last = state["messages"][-1]
-        assert isinstance(last, AIMessage)
-        out: list[ToolMessage] = []
-        verdicts: list[Verdict] = []
-        for call in last.tool_calls:
-            call_id = call["id"] or ""
-            meta: dict[str, Any] = {}
-            if call["name"] == "search":
-                attempt = 1 if call_id == "call-s1" else 2
-                if attempt == 1:
-                    content = (
-                        "Tool output failed verification: error signal 'rate limited'. Try again."
-                    )
-                    v: Verdict = {
-                        "tool": "search",
-                        "tool_call_id": call_id,
-                        "ok": False,
-                        "reasons": ["error signal: rate limited"],
-                        "attempt": 1,
-                        "action": "retry",
-                    }
-                else:
-                    content = json.dumps({"order": 42, "status": "paid", "amount": 10})
-                    v = {
-                        "tool": "search",
-                        "tool_call_id": call_id,
-                        "ok": True,
-                        "reasons": [],
-                        "attempt": 2,
-                        "action": "ok",
-                    }
-            else:
-                key = f"{thread_id}:{call_id}"
-                started = time.time()
-                backend.execute(
-                    "INSERT INTO harness_effects (thread_id, tool_call_id, tool, args, "
-                    "idempotency_key, status, started_at) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                    "ON CONFLICT DO NOTHING",
-                    (
-                        thread_id,
-                        call_id,
-                        "refund",
-                        json.dumps(call["args"]),
-                        key,
-                        "intent",
-                        started,
-                    ),
-                )
-                content = json.dumps({"refund_id": "rf-1", "status": "ok"})
-                backend.execute(
-                    "UPDATE harness_effects SET status = %s, result = %s, finished_at = %s "
-                    "WHERE thread_id = %s AND tool_call_id = %s",
-                    ("done", content, started + 0.25, thread_id, call_id),
-                )
-                emit(
-                    "effect.run",
-                    {
-                        "thread_id": thread_id,
-                        "tool_call_id": call_id,
-                        "tool": "refund",
-                        "idempotency_key": key,
-                    },
-                )
-                meta["effect"] = {"idempotency_key": key, "replayed": False}
-                v = {
-                    "tool": "refund",
-                    "tool_call_id": call_id,
-                    "ok": True,
-                    "reasons": [],
-                    "attempt": 1,
-                    "action": "ok",
-                }
-            emit("verdict", dict(v))
-            meta["verdict"] = v
-            verdicts.append(v)
-            out.append(
-                ToolMessage(
-                    content,
-                    tool_call_id=call_id,
-                    name=call["name"],
-                    additional_kwargs={"harness": meta},
-                )
-            )
-        return {"messages": out, "verdicts": verdicts}
+        key = f"{thread_id}:{tool_call_id}"
+        started = time.time()
+        backend.execute(
+            "INSERT INTO harness_effects (thread_id, tool_call_id, tool, args, "
+            "idempotency_key, status, started_at) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT DO NOTHING",
+            (
+                thread_id,
+                tool_call_id,
+                "refund",
+                json.dumps({"order": order, "amount": amount}),
+                key,
+                "intent",
+                started,
+            ),
+        )
+        content = json.dumps({"refund_id": "rf-1", "status": "ok"})
+        backend.execute(
+            "UPDATE harness_effects SET status = %s, result = %s, finished_at = %s "
+            "WHERE thread_id = %s AND tool_call_id = %s",
+            ("done", content, started + 0.25, thread_id, tool_call_id),
+        )
+        emit(
+            "effect.run",
+            {
+                "thread_id": thread_id,
+                "tool_call_id": tool_call_id,
+                "tool": "refund",
+                "idempotency_key": key,
+            },
+        )
+        return ToolMessage(
+            content,
+            tool_call_id=tool_call_id,
+            name="refund",
+            additional_kwargs={"harness": {"effect": {"idempotency_key": key, "replayed": False}}},
+        )
+
+    # The real verification layer, inside the tool node (no extra superstep).
+    verify = VerifyToolOutputs(
+        {"search": ToolContract(), "refund": ToolContract(side_effects=True)}
+    )
+    tools = ToolNode(
+        [search, refund],
+        wrap_tool_call=verify.wrap_tool_call,
+        awrap_tool_call=verify.awrap_tool_call,
+    )
 
     def finish(state: HarnessState) -> dict[str, Any]:
         outcome = {"status": "completed", "partial_result": state["messages"][-1].text}

@@ -1,0 +1,345 @@
+"""What the real Langfuse SDK sends for a harnessed task, captured with no server.
+
+A loopback receiver (`LangfuseReceiver`) decodes the OTLP/HTTP span exports and the JSON score
+posts exactly as a Langfuse server would receive them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, MessagesState, StateGraph
+
+from checkpointers import open_backend
+from harness_nodes import langfuse_callbacks, trace_id_for
+from harness_nodes._events import aemit
+from harness_nodes.testing import LangfuseReceiver, ReceivedSpan, ScriptedChatModel, ai
+from tests.conftest import subprocess_env
+from tests.harness_nodes import traced_task
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def receiver() -> Iterator[LangfuseReceiver]:
+    with LangfuseReceiver() as r:
+        yield r
+
+
+@pytest.fixture
+def public_key() -> Iterator[str]:
+    # One Langfuse client per public key: a fresh key gives each test its own client.
+    key = f"pk-lf-test-{uuid.uuid4().hex[:12]}"
+    yield key
+    from langfuse import get_client
+
+    get_client(public_key=key).shutdown()
+
+
+def _config(thread_id: str, receiver: LangfuseReceiver, public_key: str, **kw: Any) -> Any:
+    return langfuse_callbacks(
+        thread_id,
+        task_type="refunds",
+        public_key=public_key,
+        secret_key="sk-lf-test-secret",
+        base_url=receiver.base_url,
+        flush_interval=0.05,
+        **kw,
+    )
+
+
+def _flush(public_key: str) -> None:
+    from langfuse import get_client
+
+    get_client(public_key=public_key).flush()
+
+
+def _roots(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+    # With a seeded trace id the SDK parents each leg's root under a synthetic remote span.
+    ids = {s.span_id for s in spans}
+    return [s for s in spans if s.parent_span_id not in ids]
+
+
+def _by_type(spans: list[ReceivedSpan], kind: str) -> list[ReceivedSpan]:
+    return [s for s in spans if s.type == kind]
+
+
+def test_a_task_is_one_trace_with_guardrails_generations_events_and_scores(
+    receiver: LangfuseReceiver, public_key: str
+) -> None:
+    with open_backend("memory://") as backend:
+        config = _config("lf-1", receiver, public_key, sensitive_fields=["card_number"])
+        traced_task.run_to_end(backend, "lf-1", config)
+    _flush(public_key)
+    spans = receiver.spans
+    trace_id = trace_id_for("lf-1")
+
+    # one trace for both legs (start → review pause, resume → end)
+    assert {s.trace_id for s in spans} == {trace_id}
+    roots = _roots(spans)
+    assert len(roots) == 2
+    assert all(s.attributes["session.id"] == "lf-1" for s in spans)
+    assert all("refunds" in s.attributes["langfuse.trace.tags"] for s in spans)
+    assert roots[0].attributes["langfuse.trace.metadata.harness_task_id"] == "lf-1"
+
+    # verdicts → guardrail observations, under the node that ran the check
+    guardrails = _by_type(spans, "guardrail")
+    outputs = [(g.name, g.attr("output")["action"]) for g in guardrails]
+    assert outputs == [("verify search", "retry"), ("verify search", "ok"), ("verify refund", "ok")]
+    assert guardrails[0].attr("level") == "WARNING"
+    assert guardrails[0].attr("output")["reasons"] == [traced_task.SEARCH_FAILURE]
+    tools_spans = {s.span_id for s in spans if s.name == "tools"}
+    assert all(g.parent_span_id in tools_spans for g in guardrails)
+
+    # every generation has a model name and a cost, priced by the harness
+    generations = _by_type(spans, "generation")
+    assert [g.attr("model.name") for g in generations] == [
+        "gpt-4o",
+        "gpt-4o",
+        "gpt-4o-mini",
+        "gpt-4o-mini",
+    ]
+    for g in generations:
+        usage, cost = g.attr("usage_details"), g.attr("cost_details")
+        pin, pout = traced_task.PRICES[g.attr("model.name")]
+        expected = usage["input"] * pin + usage["output"] * pout
+        assert cost["total"] == pytest.approx(expected) and cost["total"] > 0
+
+    # budget, review and effect decisions → events with their figures
+    events = {s.name: s for s in _by_type(spans, "event")}
+    degrade = events["budget.degrade"]
+    assert degrade.attr("level") == "WARNING"
+    assert degrade.attr("output")["to_model"] == "gpt-4o-mini"
+    settle = events["budget.settle"]
+    assert settle.attr("output")["usd"] > 0 and settle.attr("output")["limit_usd"] == 1.0
+    review = events["review approve by alice"]
+    assert review.attr("metadata.reviewer") == "alice"
+    assert events["effect run: refund"].attr("output")["idempotency_key"] == "lf-1:call-r1"
+    assert "outcome: completed" in events
+
+    # scores: verification per check, the review, the budget, the outcome on the trace
+    assert receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
+    scores = receiver.scores
+    assert all(s["traceId"] == trace_id for s in scores)
+    outcome = [s for s in scores if s["name"] == "outcome"]
+    assert {s["value"] for s in outcome} == {"completed"} and "observationId" not in outcome[0]
+    verification = sorted(
+        (s["value"], s["observationId"]) for s in scores if s["name"] == "verification"
+    )
+    assert [v for v, _ in verification] == [0.0, 1.0, 1.0]
+    assert {o for _, o in verification} == {g.span_id for g in guardrails}
+    assert {s["value"] for s in scores if s["name"] == "review"} == {"approve"}
+    assert {s["value"] for s in scores if s["name"] == "budget"} == {"degraded"}
+
+
+def test_secrets_never_reach_the_trace(
+    receiver: LangfuseReceiver, public_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env_secret = "env-secret-value-" + uuid.uuid4().hex
+    monkeypatch.setenv("OPENAI_API_KEY", env_secret)
+    with open_backend("memory://") as backend:
+        config = _config("lf-2", receiver, public_key, sensitive_fields=["card_number"])
+        config["metadata"]["api_key"] = "sk-proj-FROMMETADATA0123456789"
+        config["metadata"]["note"] = f"the key is {env_secret}"
+        traced_task.run_to_end(backend, "lf-2", config)
+    _flush(public_key)
+    assert receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
+    blob = b"\n".join(receiver.raw_bodies)
+    for secret in (
+        traced_task.SECRET,
+        "4111111111111111",
+        env_secret,
+        "sk-proj-FROMMETADATA0123456789",
+        "sk-lf-test-secret",
+    ):
+        assert secret.encode() not in blob, secret
+    # the call itself is still there, with the non-sensitive arguments
+    refund_calls = [
+        s for s in receiver.spans if s.type == "generation" and "refund" in str(s.attr("output"))
+    ]
+    assert refund_calls
+    assert '"amount": 10' in str(refund_calls[0].attributes["langfuse.observation.output"]) or (
+        "'amount': 10" in str(refund_calls[0].attr("output"))
+    )
+    assert b"***" in blob
+
+
+def test_without_keys_tracing_is_off_with_one_notice(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import harness_nodes._trace_langfuse as lf
+
+    monkeypatch.setattr(lf, "_NOTICE_SHOWN", False)
+    with caplog.at_level(logging.WARNING, logger="harness_nodes.tracing"):
+        first = langfuse_callbacks("t-off", task_type="refunds")
+        second = langfuse_callbacks("t-off-2")
+    assert "callbacks" not in first and "callbacks" not in second
+    assert first["configurable"]["thread_id"] == "t-off"
+    notices = [r for r in caplog.records if r.name == "harness_nodes.tracing"]
+    assert len(notices) == 1 and "\n" not in notices[0].getMessage()
+    with open_backend("memory://") as backend:
+        out = traced_task.run_to_end(backend, "t-off", first)
+    assert out["outcome"]["status"] == "completed"
+
+
+def test_a_thread_id_is_required() -> None:
+    from harness_nodes import UserError
+
+    with pytest.raises(UserError, match="needs a thread id"):
+        langfuse_callbacks({"configurable": {}})
+
+
+async def test_async_graph_events_stay_in_the_task_trace(
+    receiver: LangfuseReceiver, public_key: str
+) -> None:
+    model = ScriptedChatModel(model_name="gpt-4o-mini", script=[ai("hello")])
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        msg = await model.ainvoke(state["messages"])
+        await aemit(
+            "verdict",
+            {
+                "tool": "t",
+                "tool_call_id": "c1",
+                "ok": True,
+                "reasons": [],
+                "attempt": 1,
+                "action": "ok",
+            },
+        )
+        return {"messages": [msg]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", END)
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config = _config("lf-async", receiver, public_key)
+    out = await graph.ainvoke({"messages": [HumanMessage("hi")]}, config)
+    assert isinstance(out["messages"][-1], AIMessage)
+    _flush(public_key)
+    spans = receiver.spans
+    assert {s.trace_id for s in spans} == {trace_id_for("lf-async")}
+    (guardrail,) = _by_type(spans, "guardrail")
+    (node,) = [s for s in spans if s.name == "agent"]
+    assert guardrail.parent_span_id == node.span_id
+    (generation,) = _by_type(spans, "generation")
+    assert generation.attr("model.name") == "gpt-4o-mini" and generation.attr("cost_details")
+
+
+def test_the_sdks_span_exporter_hook_sees_the_same_tree(public_key: str) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    with open_backend("memory://") as backend:
+        config = langfuse_callbacks(
+            "lf-mem",
+            public_key=public_key,
+            secret_key="sk-lf-x",
+            base_url="http://127.0.0.1:9",  # nothing listens: spans go to the exporter
+            span_exporter=exporter,
+        )
+        traced_task.run_to_end(backend, "lf-mem", config)
+    _flush(public_key)
+    spans = exporter.get_finished_spans()
+    assert {format(s.context.trace_id, "032x") for s in spans} == {trace_id_for("lf-mem")}
+    types = [s.attributes.get("langfuse.observation.type") for s in spans]
+    assert types.count("guardrail") == 3 and types.count("generation") == 4
+
+
+# --- across processes --------------------------------------------------------------------
+
+
+def _leg(
+    leg: str, db: str, thread: str, receiver: LangfuseReceiver, public_key: str, **kw: Any
+) -> subprocess.Popen[str]:
+    env = subprocess_env(
+        LANGFUSE_PUBLIC_KEY=public_key,
+        LANGFUSE_SECRET_KEY="sk-lf-test-secret",
+        LANGFUSE_BASE_URL=receiver.base_url,
+    )
+    args = [sys.executable, "-m", "tests.harness_nodes.traced_task", leg, "--db", db]
+    args += ["--thread", thread]
+    if "marker" in kw:
+        args += ["--hang-marker", str(kw["marker"])]
+    return subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _run_leg(*args: Any) -> None:
+    proc = _leg(*args)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+
+
+@pytest.mark.slow
+def test_interrupt_and_resume_in_two_processes_is_one_trace(
+    durable_url: str, receiver: LangfuseReceiver, public_key: str
+) -> None:
+    _run_leg("start", durable_url, "x-1", receiver, public_key)
+    first_leg = {s.span_id for s in receiver.spans}
+    assert first_leg
+    _run_leg("resume", durable_url, "x-1", receiver, public_key)
+    spans = receiver.spans
+    assert {s.trace_id for s in spans} == {trace_id_for("x-1")}
+    roots = _roots(spans)
+    assert len(roots) == 2  # one root per leg, one trace
+    second_leg = [s for s in spans if s.span_id not in first_leg]
+    assert any(s.name == "review approve by alice" for s in second_leg)
+    assert [g.attr("output")["action"] for g in _by_type(spans, "guardrail")] == [
+        "retry",
+        "ok",
+        "ok",
+    ]
+    assert receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
+    assert {s["traceId"] for s in receiver.scores} == {trace_id_for("x-1")}
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_is_still_one_trace(
+    receiver: LangfuseReceiver, public_key: str, tmp_path: Path
+) -> None:
+    # SQLite only: the trace id does not depend on the backend, and each leg is a new process
+    # (the two-process interrupt/resume test above covers Postgres).
+    durable_url = f"sqlite:///{tmp_path / 'harness.db'}"
+    marker = tmp_path / "in-tools"
+    proc = _leg("crash", durable_url, "k-1", receiver, public_key, marker=marker)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # what finished before the crash was exported (flush_interval=0.1 in the leg)
+        assert receiver.wait_for(lambda r: bool(_by_type(r.spans, "generation")))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    crashed = receiver.spans
+    assert not [s for s in crashed if s.name == "LangGraph"]  # the crashed root never ended
+
+    _run_leg("continue", durable_url, "k-1", receiver, public_key)  # recovery, to the pause
+    _run_leg("resume", durable_url, "k-1", receiver, public_key)  # the review, to the end
+    spans = receiver.spans
+    assert {s.trace_id for s in spans} == {trace_id_for("k-1")}
+    assert len(_by_type(spans, "generation")) == 4  # turn 0 before the crash, 1-3 after
+    assert [g.attr("output")["action"] for g in _by_type(spans, "guardrail")] == [
+        "retry",
+        "ok",
+        "ok",
+    ]
+    assert receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
