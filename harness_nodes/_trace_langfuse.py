@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import is_dataclass
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from langchain_core.messages import AIMessage, BaseMessage
@@ -185,7 +185,9 @@ def _handler_class() -> type[Any]:
             self._price = price
             self._masker = masker
 
-        def _get_error_level_and_status_message(self, error: BaseException) -> tuple[str, str]:
+        def _get_error_level_and_status_message(
+            self, error: BaseException
+        ) -> tuple[Literal["DEFAULT", "ERROR"], str]:
             # Langfuse does not mask status messages, and an interrupt's message is the repr
             # of its payload (the tool call under review, arguments and all).
             level, _ = super()._get_error_level_and_status_message(error)
