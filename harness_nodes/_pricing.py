@@ -1,35 +1,28 @@
-"""What a model call cost, for traces: the harness's price lookup (genai-prices).
+"""What a model call cost, for traces: the harness's own `Pricing` (the budget layer's).
 
-Tracing needs a price even for models Langfuse does not know (fake, self-hosted), so it
-prices every generation itself. Until the budget layer's `Pricing` is on main this uses
-genai-prices' `calc_price` directly; callers may pass their own `PriceFn`.
+Tracing prices every generation itself so Langfuse shows a cost even for models it does not
+know (fake, self-hosted): overrides, then genai-prices, then the declared fallback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import lru_cache
+from harness_nodes.errors import UnpricedModelError
+from harness_nodes.pricing import Pricing
 
-PriceFn = Callable[[str, int, int], tuple[float, float] | None]
-"""``(model, input_tokens, output_tokens) -> (input_usd, output_usd)``, or None if unpriced."""
-
-
-@lru_cache(maxsize=256)
-def _known(model: str) -> bool:
-    from genai_prices import Usage, calc_price
-
-    try:
-        calc_price(Usage(input_tokens=1, output_tokens=1), model_ref=model)
-    except LookupError:
-        return False
-    return True
+_DEFAULT = Pricing()
 
 
-def default_price(model: str, input_tokens: int, output_tokens: int) -> tuple[float, float] | None:
-    """Price a call with genai-prices; None when the model is unknown to it."""
-    if not model or not _known(model):
+def call_cost(
+    pricing: Pricing | None, model: str, input_tokens: int, output_tokens: int
+) -> tuple[float, float] | None:
+    """``(input_usd, output_usd)`` of one call, or None when *pricing* has no price for it."""
+    pricing = pricing or _DEFAULT
+    if not model:
         return None
-    from genai_prices import Usage, calc_price
-
-    p = calc_price(Usage(input_tokens=input_tokens, output_tokens=output_tokens), model_ref=model)
-    return float(p.input_price), float(p.output_price)
+    try:
+        rates = pricing.rates(model)
+        total = pricing.cost_nanos(model, input_tokens, output_tokens) / 1e9
+    except UnpricedModelError:
+        return None
+    input_usd = min(total, float(rates.input * input_tokens) / 1e9)
+    return input_usd, total - input_usd

@@ -27,8 +27,9 @@ from langchain_core.runnables.config import merge_configs
 from pydantic import BaseModel
 
 from harness_nodes._events import EVENT_PREFIX
-from harness_nodes._pricing import PriceFn, default_price
+from harness_nodes._pricing import call_cost
 from harness_nodes.errors import UserError
+from harness_nodes.pricing import Pricing
 
 __all__ = ["Masker", "langfuse_callbacks", "trace_id_for"]
 
@@ -95,21 +96,26 @@ class Masker:
         ]
         literals = sorted({*secrets, *env_values}, key=len, reverse=True)
         self._literals = [s for s in literals if s]
-        self._kv = self._kv_pattern()
-
-    def _kv_pattern(self) -> re.Pattern[str]:
-        # `key: value` / `key=value` inside text (reprs, error messages, tool input strings).
-        names = "|".join(re.escape(f) for f in sorted(self.fields, key=len, reverse=True))
-        return re.compile(
-            rf"""(?i)(["']?)\b({names})\1(\s*[:=]\s*)("[^"]*"|'[^']*'|[^\s,;}}\])]+)"""
-        )
+        self._compile()
 
     def extend(self, sensitive_fields: Sequence[str] = (), secrets: Sequence[str] = ()) -> None:
         """Also mask these fields and literal values from now on."""
         self.fields = self.fields | {f.lower() for f in sensitive_fields}
         merged = {*self._literals, *(s for s in secrets if s)}
         self._literals = sorted(merged, key=len, reverse=True)
-        self._kv = self._kv_pattern()
+        self._compile()
+
+    def _compile(self) -> None:
+        # One pass per string: literal secrets and key-shaped values, then `key: value` /
+        # `key=value` pairs inside text (reprs, error messages, tool input strings).
+        literals = "|".join(re.escape(s) for s in self._literals)
+        self._any = re.compile(
+            f"{literals}|{_SECRET_PATTERNS.pattern}" if literals else _SECRET_PATTERNS.pattern
+        )
+        names = "|".join(re.escape(f) for f in sorted(self.fields, key=len, reverse=True))
+        self._kv = re.compile(
+            rf"""(?i)(["']?)\b({names})\1(\s*[:=]\s*)("[^"]*"|'[^']*'|[^\s,;}}\])]+)"""
+        )
 
     def __call__(self, *, data: Any, **_: Any) -> Any:
         """Langfuse's ``mask`` signature: return *data* with its secrets masked."""
@@ -117,20 +123,22 @@ class Masker:
 
     def text(self, value: str) -> str:
         """Mask secrets inside one string."""
-        for lit in self._literals:
-            if lit in value:
-                value = value.replace(lit, MASK)
-        value = self._kv.sub(lambda m: f"{m[1]}{m[2]}{m[1]}{m[3]}{MASK}", value)
-        return _SECRET_PATTERNS.sub(MASK, value)
+        if len(value) < 8:
+            return value
+        value = self._any.sub(MASK, value)
+        if ":" in value or "=" in value:
+            value = self._kv.sub(lambda m: f"{m[1]}{m[2]}{m[1]}{m[3]}{MASK}", value)
+        return value
 
     def _mask(self, data: Any, depth: int) -> Any:
-        if depth > 64:
-            return data
         if isinstance(data, str):
             return self.text(data)
+        if data is None or isinstance(data, int | float | bool) or depth > 64:
+            return data
         if isinstance(data, Mapping):
+            fields = self.fields
             return {
-                k: (MASK if str(k).lower() in self.fields else self._mask(v, depth + 1))
+                k: (MASK if str(k).lower() in fields else self._mask(v, depth + 1))
                 for k, v in data.items()
             }
         if isinstance(data, list | tuple):
@@ -176,13 +184,13 @@ def _handler_class() -> type[Any]:
             *,
             public_key: str,
             thread_id: str,
-            price: PriceFn,
+            pricing: Pricing | None,
             masker: Masker,
         ) -> None:
             self.thread_id = thread_id
             self.trace_id = trace_id_for(thread_id)
             super().__init__(public_key=public_key, trace_context={"trace_id": self.trace_id})
-            self._price = price
+            self._pricing = pricing
             self._masker = masker
 
         def _get_error_level_and_status_message(
@@ -206,17 +214,35 @@ def _handler_class() -> type[Any]:
             *,
             run_id: UUID,
             parent_run_id: UUID | None = None,
+            tags: list[str] | None = None,
             metadata: dict[str, Any] | None = None,
             **kwargs: Any,
         ) -> Any:
             if parent_run_id is None and metadata:
                 # The root's metadata becomes trace attributes, which Langfuse does not mask.
                 metadata = self._masker(data=metadata)
+            elif (
+                metadata
+                and "langgraph_node" in metadata
+                and isinstance(inputs, Mapping)
+                and isinstance(inputs.get("messages"), list)
+                and len(inputs["messages"]) > 1
+            ):
+                # A node's input is the whole state: recording it on every step makes tracing
+                # quadratic in the conversation's length. Keep the message the node reacts to
+                # and a count; the full prompt is on the generation, the update on the output.
+                earlier = len(inputs["messages"]) - 1
+                inputs = {
+                    **inputs,
+                    "messages": inputs["messages"][-1:],
+                    "earlier_messages": earlier,
+                }
             return super().on_chain_start(
                 serialized,
                 inputs,
                 run_id=run_id,
                 parent_run_id=parent_run_id,
+                tags=tags,
                 metadata=metadata,
                 **kwargs,
             )
@@ -258,7 +284,7 @@ def _handler_class() -> type[Any]:
             if not model:
                 return
             spent = budget.get("spent_usd")
-            priced = self._price(model, inp, out)
+            priced = call_cost(self._pricing, model, inp, out)
             if isinstance(spent, int | float):
                 total = float(spent)
                 split = priced or (total, 0.0)
@@ -482,7 +508,7 @@ def langfuse_callbacks(
     envelope: Mapping[str, Any] | None = None,
     sensitive_fields: Sequence[str] = (),
     secrets: Sequence[str] = (),
-    price: PriceFn | None = None,
+    pricing: Pricing | None = None,
     public_key: str | None = None,
     secret_key: str | None = None,
     base_url: str | None = None,
@@ -509,7 +535,7 @@ def langfuse_callbacks(
         envelope: The task's cost envelope, recorded as trace metadata.
         sensitive_fields: Extra keys whose values are masked (``ssn``, ``card_number``...).
         secrets: Literal values to mask wherever they appear.
-        price: How to price a generation; genai-prices by default.
+        pricing: How to price a generation (default: `Pricing()`, i.e. genai-prices).
         public_key: Langfuse public key (default ``$LANGFUSE_PUBLIC_KEY``).
         secret_key: Langfuse secret key (default ``$LANGFUSE_SECRET_KEY``).
         base_url: Langfuse URL (default ``$LANGFUSE_BASE_URL``/``$LANGFUSE_HOST`` or cloud).
@@ -583,7 +609,5 @@ def langfuse_callbacks(
     )
     if _HANDLER is None:
         _HANDLER = _handler_class()
-    handler = _HANDLER(
-        public_key=public_key, thread_id=thread_id, price=price or default_price, masker=masker
-    )
+    handler = _HANDLER(public_key=public_key, thread_id=thread_id, pricing=pricing, masker=masker)
     return merge_configs(config, {"callbacks": [handler], "metadata": metadata})

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langgraph.checkpoint.base import CheckpointTuple
 
-from harness_nodes._pricing import PriceFn, default_price
+from harness_nodes._pricing import call_cost
 from harness_nodes.errors import UnknownThread
+from harness_nodes.pricing import Pricing
 
 if TYPE_CHECKING:
     from checkpointers import Backend
@@ -205,8 +206,8 @@ def _next_nodes(tup: CheckpointTuple) -> list[str]:
 
 
 class _Pricer:
-    def __init__(self, price: PriceFn | None) -> None:
-        self._price = price or default_price
+    def __init__(self, pricing: Pricing | None) -> None:
+        self._pricing = pricing
 
     def cost(self, msg: AIMessage) -> tuple[str, int, int, float, bool]:
         usage: Mapping[str, Any] = msg.usage_metadata or {}
@@ -220,7 +221,7 @@ class _Pricer:
         )
         if isinstance(budget.get("spent_usd"), int | float):
             return model, inp, out, float(budget["spent_usd"]), True
-        priced = self._price(model, inp, out) if model else None
+        priced = call_cost(self._pricing, model, inp, out)
         if priced is None:
             return model, inp, out, 0.0, False
         return model, inp, out, priced[0] + priced[1], True
@@ -382,7 +383,7 @@ def _loads(raw: Any) -> Any:
     return raw
 
 
-def build_trace(backend: Backend, thread_id: str, *, price: PriceFn | None = None) -> Trace:
+def build_trace(backend: Backend, thread_id: str, *, pricing: Pricing | None = None) -> Trace:
     """Rebuild the decision tree of one task from its checkpoints and the ledgers.
 
     Each superstep becomes a ``step`` node (node name, wall time, tokens, cost) holding, in
@@ -394,7 +395,7 @@ def build_trace(backend: Backend, thread_id: str, *, price: PriceFn | None = Non
     Args:
         backend: The backend the task was checkpointed in.
         thread_id: The task's thread.
-        price: How to price a model call; genai-prices by default. A model call whose
+        pricing: How to price a model call (default: `Pricing()`, i.e. genai-prices). A call whose
             message carries the budget layer's ``spent_usd`` uses that figure.
 
     Raises:
@@ -418,7 +419,7 @@ def build_trace(backend: Backend, thread_id: str, *, price: PriceFn | None = Non
     if not history and not run_rows:
         raise UnknownThread(thread_id)
     run = run_rows[0] if run_rows else {}
-    pricer = _Pricer(price)
+    pricer = _Pricer(pricing)
 
     reviews = {
         str(r["interrupt_id"]): r

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from harness_nodes._pricing import PriceFn
 from harness_nodes._trace_local import Trace, build_trace
+from harness_nodes.pricing import Pricing
 
 if TYPE_CHECKING:
     from checkpointers import Backend
@@ -63,15 +63,15 @@ def _thread_ids(backend: Backend) -> dict[str, float]:
     return seen
 
 
-def _traces(backend: Backend, limit: int | None, price: PriceFn | None) -> list[Trace]:
+def _traces(backend: Backend, limit: int | None, pricing: Pricing | None) -> list[Trace]:
     ids = sorted(_thread_ids(backend).items(), key=lambda kv: kv[1], reverse=True)
     if limit is not None:
         ids = ids[:limit]
-    return [build_trace(backend, tid, price=price) for tid, _ in ids]
+    return [build_trace(backend, tid, pricing=pricing) for tid, _ in ids]
 
 
 def list_runs(
-    backend: Backend, *, limit: int | None = 20, price: PriceFn | None = None
+    backend: Backend, *, limit: int | None = 20, pricing: Pricing | None = None
 ) -> list[RunSummary]:
     """The most recent tasks (newest first): status, task type, cost, duration.
 
@@ -98,7 +98,7 @@ def list_runs(
             duration_s=t.duration_s,
             started_at=t.started_at,
         )
-        for t in _traces(backend, limit, price)
+        for t in _traces(backend, limit, pricing)
     ]
 
 
@@ -151,7 +151,7 @@ class Report:
         return asdict(self)
 
 
-def reliability_report(backend: Backend, *, top: int = 5, price: PriceFn | None = None) -> Report:
+def reliability_report(backend: Backend, *, top: int = 5, pricing: Pricing | None = None) -> Report:
     """Completion rate, outcomes, failure reasons, escalations and cost, across all tasks.
 
     Example:
@@ -163,7 +163,7 @@ def reliability_report(backend: Backend, *, top: int = 5, price: PriceFn | None 
             assert reliability_report(backend).tasks == 0
         ```
     """
-    traces = _traces(backend, None, price)
+    traces = _traces(backend, None, pricing)
     report = Report(tasks=len(traces))
     if not traces:
         return report

@@ -25,14 +25,12 @@ Example:
 
 from __future__ import annotations
 
-from harness_nodes._pricing import PriceFn
 from harness_nodes._trace_langfuse import Masker, langfuse_callbacks, trace_id_for
 from harness_nodes._trace_local import Trace, TraceNode, build_trace
 from harness_nodes._trace_report import Report, RunSummary, list_runs, reliability_report
 
 __all__ = [
     "Masker",
-    "PriceFn",
     "Report",
     "RunSummary",
     "Trace",
