@@ -265,6 +265,12 @@ def _llm_node(msg: AIMessage, pricer: _Pricer) -> list[TraceNode]:
             children=calls,
         )
     )
+    outcome = _harness_meta(msg).get("outcome")
+    if isinstance(outcome, Mapping) and outcome.get("status"):
+        # A node that ends the task in a plain MessagesState app says so on its message.
+        nodes.append(
+            TraceNode(kind="outcome", name=str(outcome["status"]), data=_jsonable(dict(outcome)))
+        )
     return nodes
 
 
@@ -484,7 +490,10 @@ def build_trace(backend: Backend, thread_id: str, *, pricing: Pricing | None = N
             for n in s.walk()
             if n.kind == "review"
         }
-        step.children.extend(_state_nodes(before, after, seen_verdicts, seen_reviews))
+        for node in _state_nodes(before, after, seen_verdicts, seen_reviews):
+            if node.kind == "outcome" and any(c.kind == "outcome" for c in step.children):
+                continue
+            step.children.append(node)
         llm_calls = [n for n in step.children if n.kind == "llm"]
         if len(llm_calls) == 1 and len(ran) == 1:
             llm_calls[0].duration_s = step.duration_s
@@ -495,7 +504,12 @@ def build_trace(backend: Backend, thread_id: str, *, pricing: Pricing | None = N
 
     last_values: Mapping[str, Any] = history[-1].checkpoint["channel_values"] if history else {}
     task: Mapping[str, Any] = last_values.get("task") or {}
-    outcome: Mapping[str, Any] = last_values.get("outcome") or _loads(run.get("outcome")) or {}
+    outcome: Mapping[str, Any] = (
+        last_values.get("outcome")
+        or _message_outcome(_messages(last_values))
+        or _loads(run.get("outcome"))
+        or {}
+    )
     if not any(n.kind == "outcome" for s in steps for n in s.children) and outcome:
         steps.append(
             TraceNode(
@@ -531,6 +545,14 @@ def build_trace(backend: Backend, thread_id: str, *, pricing: Pricing | None = N
         reason=str(outcome["reason"]) if outcome.get("reason") else None,
         steps=steps,
     )
+
+
+def _message_outcome(messages: Sequence[BaseMessage]) -> Mapping[str, Any] | None:
+    for msg in reversed(messages):
+        outcome = _harness_meta(msg).get("outcome")
+        if isinstance(outcome, Mapping) and outcome.get("status"):
+            return outcome
+    return None
 
 
 def _float(v: Any) -> float | None:

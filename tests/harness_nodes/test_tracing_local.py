@@ -64,7 +64,7 @@ def test_trace_shows_retry_review_degrade_and_completion_in_order(backend: Backe
 
     # effect ledger: idempotency key and the call's own timing
     refund_result = next(n for n in trace.walk() if n.kind == "tool_result" and n.name == "refund")
-    assert refund_result.duration_s == pytest.approx(0.25)
+    assert refund_result.duration_s is not None and refund_result.duration_s >= 0
     effect = next(c for c in refund_result.children if c.kind == "effect")
     assert effect.data["idempotency_key"] == "t-1:call-r1" and effect.data["status"] == "done"
 
@@ -167,3 +167,48 @@ def test_cli_show_runs_report(tmp_path, capsys: pytest.CaptureFixture[str]) -> N
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: No task found for thread 'nope'"
+
+
+def test_plain_messages_state_app_with_real_verification_fails_visibly(backend: Backend) -> None:
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    from harness_nodes import ToolContract, VerificationStop, VerifyToolOutputs, route_after_verify
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    @tool
+    def search(query: str) -> str:
+        """Always empty."""
+        return "[]"
+
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("search", {"query": "x"}, id="c")])], loop=True
+    )
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([search]))
+    builder.add_node("verify", VerifyToolOutputs({"search": ToolContract(max_retries=1)}))
+    builder.add_node("stop", VerificationStop())
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "verify")
+    routes = {"ok": "agent", "retry": "agent", "escalate": "stop", "fail": "stop"}
+    builder.add_conditional_edges("verify", route_after_verify, routes)
+    graph = builder.compile(checkpointer=backend.checkpointer)
+    graph.invoke(
+        {"messages": [HumanMessage("find x")]},
+        {"configurable": {"thread_id": "plain-1"}},
+        durability="sync",
+    )
+
+    trace = build_trace(backend, "plain-1")
+    assert trace.status == "verification_failed"
+    assert trace.reason is not None and trace.reason.startswith("search:")
+    actions = [n.data["action"] for n in trace.walk() if n.kind == "verdict"]
+    assert actions == ["retry", "fail"]
+    assert [n.name for n in trace.decisions()][-1] == "verification_failed"
+    report = reliability_report(backend)
+    assert report.outcomes == {"verification_failed": 1} and report.completion_rate == 0.0
+    assert report.failing_tools == [("search", 2)]

@@ -1,7 +1,8 @@
 """A task that exercises every harness decision, for the tracing tests and the benchmark.
 
-Verification is the real layer (`VerifyToolOutputs` inside the `ToolNode`). Until the budget,
-review and effect layers land on main, this graph stands in for them: it does what their
+Verification and effects are the real layers (`VerifyToolOutputs` and `EffectLedger` inside
+the `ToolNode`). Until the budget and review layers land on main, this graph stands in for
+them: it does what their
 contracts (docs/decisions/0001) say they do — emits the ``harness.*`` events, writes the
 message metadata under ``additional_kwargs["harness"]`` and the ledger rows — so both trace
 views can be checked against a known sequence:
@@ -19,21 +20,23 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-from langchain_core.runnables import RunnableConfig
-from langchain_core.tools import InjectedToolCallId, tool
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.tools import tool
 from langgraph.graph import END, START, StateGraph
 from langgraph.prebuilt import ToolNode
 from langgraph.types import Command, interrupt
 
 from checkpointers import Backend, open_backend
 from harness_nodes import (
+    EffectLedger,
     HarnessState,
     ReviewRecord,
     ToolContract,
     VerifyToolOutputs,
+    current_effect,
+    irreversible,
     langfuse_callbacks,
 )
 from harness_nodes._events import emit
@@ -172,64 +175,24 @@ def build(backend: Backend, *, hang_in_tools: Path | None = None) -> Any:
             return json.dumps({"error": "rate limited"})
         return json.dumps({"order": 42, "status": "paid", "amount": 10})
 
+    @irreversible
     @tool
-    def refund(
-        order: int,
-        amount: int,
-        api_key: str,
-        card_number: str,
-        tool_call_id: Annotated[str, InjectedToolCallId],
-        config: RunnableConfig,
-    ) -> ToolMessage:
-        """Refund an order (irreversible); recorded in the effect ledger."""
-        thread_id = config["configurable"]["thread_id"]
-        key = f"{thread_id}:{tool_call_id}"
-        started = time.time()
-        backend.execute(
-            "INSERT INTO harness_effects (thread_id, tool_call_id, tool, args, "
-            "idempotency_key, status, started_at) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT DO NOTHING",
-            (
-                thread_id,
-                tool_call_id,
-                "refund",
-                json.dumps({"order": order, "amount": amount}),
-                key,
-                "intent",
-                started,
-            ),
-        )
-        content = json.dumps({"refund_id": "rf-1", "status": "ok"})
-        backend.execute(
-            "UPDATE harness_effects SET status = %s, result = %s, finished_at = %s "
-            "WHERE thread_id = %s AND tool_call_id = %s",
-            ("done", content, started + 0.25, thread_id, tool_call_id),
-        )
-        emit(
-            "effect.run",
-            {
-                "thread_id": thread_id,
-                "tool_call_id": tool_call_id,
-                "tool": "refund",
-                "idempotency_key": key,
-            },
-        )
-        return ToolMessage(
-            content,
-            tool_call_id=tool_call_id,
-            name="refund",
-            additional_kwargs={"harness": {"effect": {"idempotency_key": key, "replayed": False}}},
-        )
+    def refund(order: int, amount: int, api_key: str, card_number: str) -> str:
+        """Refund an order (irreversible: runs through the effect ledger, at most once)."""
+        key = current_effect().idempotency_key  # what a payment API would be given
+        return json.dumps({"refund_id": f"rf-{key}", "status": "ok"})
 
-    # The real verification layer, inside the tool node (no extra superstep).
+    # The real verification and effect layers, inside the tool node (no extra superstep):
+    # verification wraps the ledger, which wraps the call.
     verify = VerifyToolOutputs(
         {"search": ToolContract(), "refund": ToolContract(side_effects=True)}
     )
-    tools = ToolNode(
-        [search, refund],
-        wrap_tool_call=verify.wrap_tool_call,
-        awrap_tool_call=verify.awrap_tool_call,
-    )
+    ledger = EffectLedger(backend)
+
+    def wrap(request: Any, execute: Any) -> Any:
+        return verify.wrap_tool_call(request, lambda r: ledger.wrap_tool_call(r, execute))
+
+    tools = ToolNode([search, refund], wrap_tool_call=wrap)
 
     def finish(state: HarnessState) -> dict[str, Any]:
         outcome = {"status": "completed", "partial_result": state["messages"][-1].text}
