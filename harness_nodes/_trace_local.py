@@ -179,7 +179,34 @@ def _harness_meta(msg: BaseMessage) -> dict[str, Any]:
 
 
 def _msg_key(msg: BaseMessage) -> tuple[str | None, str]:
-    return msg.id, json.dumps(msg.content, default=str, sort_keys=True)
+    # Nodes replace messages in place (same id): verification swaps a refused output for an
+    # error message, review records its decision on the AI message. Any change is a new fact.
+    calls = msg.tool_calls if isinstance(msg, AIMessage) else None
+    body = [msg.content, calls, _harness_meta(msg)]
+    return msg.id, json.dumps(body, default=str, sort_keys=True)
+
+
+def _review_nodes(old: AIMessage, new: AIMessage) -> list[TraceNode]:
+    """What a reviewer decided, recorded on the AI message it reviewed."""
+    before = _harness_meta(old).get("reviews") or {}
+    after = _harness_meta(new).get("reviews") or {}
+    old_args = {c["id"]: c["args"] for c in old.tool_calls}
+    nodes = []
+    for call_id, record in after.items():
+        if call_id in before or not isinstance(record, Mapping):
+            continue
+        new_args = next((c["args"] for c in new.tool_calls if c["id"] == call_id), None)
+        data = {"tool_call_id": call_id, **record}
+        if new_args is not None and new_args != old_args.get(call_id):
+            data["args_before"], data["args_after"] = old_args.get(call_id), new_args
+        nodes.append(
+            TraceNode(
+                kind="review",
+                name=f"{record.get('decision', '?')} by {record.get('reviewer') or '?'}",
+                data=_jsonable(data),
+            )
+        )
+    return nodes
 
 
 def _messages(values: Mapping[str, Any]) -> list[BaseMessage]:
@@ -472,8 +499,13 @@ def build_trace(backend: Backend, thread_id: str, *, pricing: Pricing | None = N
         _add_interrupts(step, interrupts, reviews, pending=False)
         _add_errors(step, errors)
         old = {_msg_key(m) for m in _messages(before)}
+        old_by_id = {m.id: m for m in _messages(before) if m.id}
         for msg in _messages(after):
             if _msg_key(msg) in old:
+                continue
+            previous = old_by_id.get(msg.id) if msg.id else None
+            if isinstance(previous, AIMessage) and isinstance(msg, AIMessage):
+                step.children.extend(_review_nodes(previous, msg))
                 continue
             for node in _message_nodes(msg, pricer):
                 step.children.append(node)
@@ -484,6 +516,19 @@ def build_trace(backend: Backend, thread_id: str, *, pricing: Pricing | None = N
                 )
             if node.kind == "tool_result":
                 _add_effect_ledger(node, effects)
+        shown = {
+            str(n.data.get("review_id"))
+            for s in [*steps, step]
+            for i in s.walk()
+            if i.kind == "interrupt"
+            for n in i.children
+            if n.kind == "review"
+        }
+        step.children = [
+            c
+            for c in step.children
+            if not (c.kind == "review" and str(c.data.get("review_id")) in shown)
+        ]
         seen_reviews = {
             str(n.data.get("review_id"))
             for s in steps + [step]
@@ -619,9 +664,7 @@ def _add_interrupts(
                     latency = float(row["decided_at"]) - float(row["created_at"])
                     node.duration_s = latency
                     decision = _loads(row.get("decision"))
-                    word = (
-                        decision.get("type", decision) if isinstance(decision, dict) else decision
-                    )
+                    word = _decision_word(decision)
                     node.children.append(
                         TraceNode(
                             kind="review",
@@ -638,6 +681,13 @@ def _add_interrupts(
                         )
                     )
             step.children.append(node)
+
+
+def _decision_word(decision: Any) -> str:
+    # The queue stores one decision or a batch (one per paused call).
+    items = decision if isinstance(decision, list) else [decision]
+    words = [str(d.get("type", d)) if isinstance(d, Mapping) else str(d) for d in items]
+    return "+".join(dict.fromkeys(words))
 
 
 def _add_errors(step: TraceNode, errors: Sequence[tuple[str, str, Any]]) -> None:

@@ -212,3 +212,59 @@ def test_plain_messages_state_app_with_real_verification_fails_visibly(backend: 
     report = reliability_report(backend)
     assert report.outcomes == {"verification_failed": 1} and report.completion_rate == 0.0
     assert report.failing_tools == [("search", 2)]
+
+
+def test_real_review_queue_decision_shows_with_reviewer_and_latency(backend: Backend) -> None:
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+
+    from harness_nodes import EffectLedger, HumanReview, ReviewPolicy, ReviewQueue, irreversible
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    @irreversible
+    @tool
+    def refund(order: str, amount: float) -> str:
+        """Refund an order."""
+        return f"refunded {amount} on {order}"
+
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 250}, id="r1")]),
+            ai("Done."),
+        ]
+    )
+    review = HumanReview(ReviewPolicy(irreversible=["refund"]), tools=[refund])
+    ledger = EffectLedger(backend)
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode([refund], wrap_tool_call=ledger.wrap_tool_call))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_edge("tools", "agent")
+    graph = builder.compile(checkpointer=backend.checkpointer)
+    queue = ReviewQueue(backend, graph)
+    queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="q-1")
+
+    paused = build_trace(backend, "q-1")
+    assert paused.status == "paused"
+    assert paused.steps[-1].children[0].kind == "interrupt"
+    assert paused.steps[-1].children[0].data["reason"] == "irreversible"
+
+    [item] = queue.pending()
+    edit = {"type": "edit", "args": {"order": "A1", "amount": 200}}
+    queue.decide(item.id, edit, reviewer="alice")
+    trace = build_trace(backend, "q-1")
+    assert trace.status == "completed"
+    kinds = [(n.kind, n.name) for n in trace.decisions()]
+    assert kinds == [
+        ("interrupt", "paused → resumed"),
+        ("review", "edit by alice"),
+        ("effect", "ran"),
+    ]
+    decision = trace.decisions()[1]
+    assert decision.data["reviewer"] == "alice" and decision.data["latency_s"] >= 0
+    refund_result = next(n for n in trace.walk() if n.kind == "tool_result")
+    assert refund_result.data["content"] == "refunded 200.0 on A1"  # the edited amount ran
