@@ -20,6 +20,7 @@ from dataclasses import is_dataclass
 from typing import Any, Literal
 from uuid import UUID
 
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.runnables import RunnableConfig
@@ -31,7 +32,7 @@ from harness_nodes._pricing import call_cost
 from harness_nodes.errors import UserError
 from harness_nodes.pricing import Pricing
 
-__all__ = ["Masker", "langfuse_callbacks", "trace_id_for"]
+__all__ = ["Masker", "langfuse_callbacks", "langfuse_handler", "trace_id_for"]
 
 logger = logging.getLogger("harness_nodes.tracing")
 
@@ -183,13 +184,16 @@ def _handler_class() -> type[Any]:
             self,
             *,
             public_key: str,
-            thread_id: str,
+            thread_id: str | None,
             pricing: Pricing | None,
             masker: Masker,
         ) -> None:
+            # With a thread id: one task's handler. Without: one handler for every task of a
+            # graph, runner or review queue — each root run's trace id comes from its thread.
             self.thread_id = thread_id
-            self.trace_id = trace_id_for(thread_id)
-            super().__init__(public_key=public_key, trace_context={"trace_id": self.trace_id})
+            self.trace_id = trace_id_for(thread_id) if thread_id else None
+            context: Any = {"trace_id": self.trace_id} if self.trace_id else None
+            super().__init__(public_key=public_key, trace_context=context)
             self._pricing = pricing
             self._masker = masker
 
@@ -219,6 +223,11 @@ def _handler_class() -> type[Any]:
             **kwargs: Any,
         ) -> Any:
             if parent_run_id is None and metadata:
+                if self.thread_id is None and metadata.get("thread_id"):
+                    metadata = {
+                        **metadata,
+                        **_trace_attributes(str(metadata["thread_id"]), metadata),
+                    }
                 # The root's metadata becomes trace attributes, which Langfuse does not mask.
                 metadata = self._masker(data=metadata)
             elif (
@@ -246,6 +255,17 @@ def _handler_class() -> type[Any]:
                 metadata=metadata,
                 **kwargs,
             )
+
+        def _take_root_trace_context(
+            self, *, inputs: Any, metadata: dict[str, Any] | None
+        ) -> tuple[str | None, Any]:
+            if self.trace_id is None and metadata and metadata.get("thread_id"):
+                return None, {"trace_id": trace_id_for(str(metadata["thread_id"]))}
+            return super()._take_root_trace_context(inputs=inputs, metadata=metadata)
+
+        def _trace_of(self, run_id: UUID) -> str | None:
+            obs = self._runs.get(run_id)
+            return str(obs.trace_id) if obs is not None else self.trace_id
 
         # --- generations: model name and cost from the harness's pricing ---------------
         def on_llm_end(
@@ -308,19 +328,20 @@ def _handler_class() -> type[Any]:
         ) -> Any:
             if parent_run_id is None and isinstance(outputs, Mapping):
                 outcome = outputs.get("outcome")
-                if isinstance(outcome, Mapping) and outcome.get("status"):
-                    self._score_outcome(outcome)
+                trace_id = self._trace_of(run_id)
+                if isinstance(outcome, Mapping) and outcome.get("status") and trace_id:
+                    self._score_outcome(outcome, trace_id)
             return super().on_chain_end(
                 outputs, run_id=run_id, parent_run_id=parent_run_id, **kwargs
             )
 
-        def _score_outcome(self, outcome: Mapping[str, Any]) -> None:
+        def _score_outcome(self, outcome: Mapping[str, Any], trace_id: str) -> None:
             reason = outcome.get("reason")
             self._langfuse_client.create_score(
                 name="outcome",
                 value=str(outcome["status"]),
-                trace_id=self.trace_id,
-                score_id=_score_id(self.trace_id, "outcome"),
+                trace_id=trace_id,
+                score_id=_score_id(trace_id, "outcome"),
                 data_type="CATEGORICAL",
                 comment=self._masker.text(str(reason)) if reason else None,
             )
@@ -343,13 +364,13 @@ def _handler_class() -> type[Any]:
             except Exception:
                 logger.exception("could not record harness event %s in Langfuse", name)
 
-        def _observe(self, run_id: UUID, **kwargs: Any) -> Any:
+        def _observe(self, run_id: UUID, trace_id: str, **kwargs: Any) -> Any:
             parent = self._runs.get(run_id)
             if parent is not None:
                 obs = parent.start_observation(**kwargs)
             else:
                 obs = self._langfuse_client.start_observation(
-                    trace_context={"trace_id": self.trace_id}, **kwargs
+                    trace_context={"trace_id": trace_id}, **kwargs
                 )
             if kwargs.get("as_type") != "event":
                 obs.end()
@@ -357,10 +378,14 @@ def _handler_class() -> type[Any]:
 
         def _record(self, kind: str, data: dict[str, Any], run_id: UUID) -> None:
             client = self._langfuse_client
+            trace_id = self._trace_of(run_id)
+            if trace_id is None:
+                return  # an event outside any traced run
             if kind == "verdict":
                 ok = bool(data.get("ok"))
                 obs = self._observe(
                     run_id,
+                    trace_id,
                     name=f"verify {data.get('tool', '?')}",
                     as_type="guardrail",
                     input={
@@ -379,10 +404,10 @@ def _handler_class() -> type[Any]:
                 client.create_score(
                     name="verification",
                     value=1.0 if ok else 0.0,
-                    trace_id=self.trace_id,
+                    trace_id=trace_id,
                     observation_id=obs.id,
                     score_id=_score_id(
-                        self.trace_id,
+                        trace_id,
                         "verdict",
                         str(data.get("tool_call_id")),
                         str(data.get("attempt")),
@@ -396,6 +421,7 @@ def _handler_class() -> type[Any]:
                 action = kind.removeprefix("budget.")
                 self._observe(
                     run_id,
+                    trace_id,
                     name=kind,
                     as_type="event",
                     input={k: data[k] for k in ("task_id", "model", "from_model") if k in data},
@@ -414,14 +440,15 @@ def _handler_class() -> type[Any]:
                     client.create_score(
                         name="budget",
                         value="stopped" if action == "stop" else "degraded",
-                        trace_id=self.trace_id,
-                        score_id=_score_id(self.trace_id, "budget", action),
+                        trace_id=trace_id,
+                        score_id=_score_id(trace_id, "budget", action),
                         data_type="CATEGORICAL",
                     )
             elif kind == "review.request":
                 review_id = str(data.get("review_id", ""))
                 self._observe(
                     run_id,
+                    trace_id,
                     name="review requested",
                     as_type="event",
                     input={"tool_calls": data.get("tool_calls")},
@@ -435,6 +462,7 @@ def _handler_class() -> type[Any]:
                 decision = str(data.get("decision", "?"))
                 obs = self._observe(
                     run_id,
+                    trace_id,
                     name=f"review {decision} by {data.get('reviewer', '?')}",
                     as_type="event",
                     input={"args_before": data.get("args_before")},
@@ -454,9 +482,9 @@ def _handler_class() -> type[Any]:
                 client.create_score(
                     name="review",
                     value=decision,
-                    trace_id=self.trace_id,
+                    trace_id=trace_id,
                     observation_id=obs.id,
-                    score_id=_score_id(self.trace_id, "review", review_id),
+                    score_id=_score_id(trace_id, "review", review_id),
                     data_type="CATEGORICAL",
                     comment=f"by {data.get('reviewer')}",
                 )
@@ -464,6 +492,7 @@ def _handler_class() -> type[Any]:
                 action = kind.removeprefix("effect.")
                 self._observe(
                     run_id,
+                    trace_id,
                     name=f"effect {action}: {data.get('tool', '?')}",
                     as_type="event",
                     input={"tool": data.get("tool"), "tool_call_id": data.get("tool_call_id")},
@@ -474,6 +503,7 @@ def _handler_class() -> type[Any]:
             elif kind == "outcome":
                 self._observe(
                     run_id,
+                    trace_id,
                     name=f"outcome: {data.get('status')}",
                     as_type="event",
                     output=data,
@@ -481,10 +511,11 @@ def _handler_class() -> type[Any]:
                     level=None if data.get("status") == "completed" else "WARNING",
                 )
                 if data.get("status"):
-                    self._score_outcome(data)
+                    self._score_outcome(data, trace_id)
             else:
                 self._observe(
                     run_id,
+                    trace_id,
                     name=kind,
                     as_type="event",
                     output=data,
@@ -559,7 +590,6 @@ def langfuse_callbacks(
         assert config["metadata"]["langfuse_session_id"] == "thread-1"
         ```
     """
-    global _HANDLER, _NOTICE_SHOWN
     if isinstance(config_or_thread_id, str):
         config: RunnableConfig = {"configurable": {"thread_id": config_or_thread_id}}
     else:
@@ -571,16 +601,92 @@ def langfuse_callbacks(
             "{'configurable': {'thread_id': ...}}"
         )
     thread_id = str(thread_id)
-    masker = Masker(sensitive_fields, secrets)
-    metadata: dict[str, Any] = {
-        "langfuse_session_id": thread_id,
-        "harness_task_id": task_id or thread_id,
-    }
+    metadata: dict[str, Any] = {"harness_task_id": task_id or thread_id}
     if task_type:
-        metadata["langfuse_tags"] = [task_type]
         metadata["harness_task_type"] = task_type
+    metadata.update(_trace_attributes(thread_id, metadata))
     if envelope is not None:
-        metadata["harness_envelope"] = masker(data=dict(envelope))
+        metadata["harness_envelope"] = Masker(sensitive_fields, secrets)(data=dict(envelope))
+    handler = _make_handler(
+        thread_id,
+        sensitive_fields=sensitive_fields,
+        secrets=secrets,
+        pricing=pricing,
+        public_key=public_key,
+        secret_key=secret_key,
+        base_url=base_url,
+        flush_interval=flush_interval,
+        client_options=client_options,
+    )
+    if handler is None:
+        return merge_configs(config, {"metadata": metadata})
+    return merge_configs(config, {"callbacks": [handler], "metadata": metadata})
+
+
+def langfuse_handler(
+    *,
+    sensitive_fields: Sequence[str] = (),
+    secrets: Sequence[str] = (),
+    pricing: Pricing | None = None,
+    public_key: str | None = None,
+    secret_key: str | None = None,
+    base_url: str | None = None,
+    flush_interval: float = 1.0,
+    **client_options: Any,
+) -> BaseCallbackHandler | None:
+    """One Langfuse handler for every task of a graph, a `TaskRunner` or a `ReviewQueue`.
+
+    Where `langfuse_callbacks` builds the config of one task, this handler serves them all:
+    each root run's trace id is seeded from *its* thread id (and the session id is the
+    thread id, the tag its ``harness_task_type``), so a runner's workers and a review
+    queue's resumes land in each task's one trace. Attach it once:
+    ``TaskRunner(..., config={"callbacks": [handler]})`` or
+    ``graph.with_config(callbacks=[handler])``. Same masking, pricing and decision
+    observations as `langfuse_callbacks`; None (with a one-line notice) without keys.
+
+    Example:
+        ```python
+        from harness_nodes import langfuse_handler
+
+        assert langfuse_handler() is None  # no Langfuse keys here: tracing is off
+        ```
+    """
+    handler: BaseCallbackHandler | None = _make_handler(
+        None,
+        sensitive_fields=sensitive_fields,
+        secrets=secrets,
+        pricing=pricing,
+        public_key=public_key,
+        secret_key=secret_key,
+        base_url=base_url,
+        flush_interval=flush_interval,
+        client_options=client_options,
+    )
+    return handler
+
+
+def _trace_attributes(thread_id: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Langfuse's trace attributes for a task: session = thread, tag = task type."""
+    attrs: dict[str, Any] = {"langfuse_session_id": thread_id}
+    task_type = metadata.get("harness_task_type")
+    if task_type:
+        attrs["langfuse_tags"] = [str(task_type)]
+    return attrs
+
+
+def _make_handler(
+    thread_id: str | None,
+    *,
+    sensitive_fields: Sequence[str],
+    secrets: Sequence[str],
+    pricing: Pricing | None,
+    public_key: str | None,
+    secret_key: str | None,
+    base_url: str | None,
+    flush_interval: float,
+    client_options: Mapping[str, Any],
+) -> Any:
+    global _HANDLER, _NOTICE_SHOWN
     public_key = public_key or os.environ.get("LANGFUSE_PUBLIC_KEY")
     secret_key = secret_key or os.environ.get("LANGFUSE_SECRET_KEY")
     if not public_key or not secret_key:
@@ -590,15 +696,15 @@ def langfuse_callbacks(
                 "Langfuse tracing is off (no LANGFUSE_PUBLIC_KEY/LANGFUSE_SECRET_KEY); "
                 "`harness show THREAD` still rebuilds traces locally."
             )
-        return merge_configs(config, {"metadata": metadata})
+        return None
 
     from langfuse import Langfuse
 
-    if public_key in _MASKERS:
-        _MASKERS[public_key].extend(sensitive_fields, secrets)
-        masker = _MASKERS[public_key]
+    masker = _MASKERS.get(public_key)
+    if masker is None:
+        masker = _MASKERS[public_key] = Masker(sensitive_fields, secrets)
     else:
-        _MASKERS[public_key] = masker
+        masker.extend(sensitive_fields, secrets)
     Langfuse(
         public_key=public_key,
         secret_key=secret_key,
@@ -609,5 +715,4 @@ def langfuse_callbacks(
     )
     if _HANDLER is None:
         _HANDLER = _handler_class()
-    handler = _HANDLER(public_key=public_key, thread_id=thread_id, pricing=pricing, masker=masker)
-    return merge_configs(config, {"callbacks": [handler], "metadata": metadata})
+    return _HANDLER(public_key=public_key, thread_id=thread_id, pricing=pricing, masker=masker)

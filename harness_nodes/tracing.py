@@ -25,7 +25,12 @@ Example:
 
 from __future__ import annotations
 
-from harness_nodes._trace_langfuse import Masker, langfuse_callbacks, trace_id_for
+from harness_nodes._trace_langfuse import (
+    Masker,
+    langfuse_callbacks,
+    langfuse_handler,
+    trace_id_for,
+)
 from harness_nodes._trace_local import Trace, TraceNode, build_trace
 from harness_nodes._trace_report import Report, RunSummary, list_runs, reliability_report
 
@@ -37,6 +42,7 @@ __all__ = [
     "TraceNode",
     "build_trace",
     "langfuse_callbacks",
+    "langfuse_handler",
     "list_runs",
     "reliability_report",
     "trace_id_for",

@@ -25,7 +25,7 @@ from langgraph.graph import END, START, MessagesState, StateGraph
 from checkpointers import open_backend
 from harness_nodes import langfuse_callbacks, trace_id_for
 from harness_nodes._events import aemit
-from harness_nodes.testing import LangfuseReceiver, ReceivedSpan, ScriptedChatModel, ai
+from harness_nodes.testing import LangfuseReceiver, ReceivedSpan, ScriptedChatModel, ai, tool_call
 from tests.conftest import subprocess_env
 from tests.harness_nodes import traced_task
 
@@ -343,3 +343,56 @@ def test_kill_9_and_resume_is_still_one_trace(
         "ok",
     ]
     assert receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
+
+
+def test_one_handler_for_a_review_queue_keeps_each_task_in_its_own_trace(
+    receiver: LangfuseReceiver, public_key: str
+) -> None:
+    from langchain_core.tools import tool
+    from langgraph.prebuilt import ToolNode
+
+    from harness_nodes import HumanReview, ReviewPolicy, ReviewQueue, langfuse_handler
+
+    @tool
+    def refund(order: str, amount: float) -> str:
+        """Refund an order."""
+        return f"refunded {amount} on {order}"
+
+    model = ScriptedChatModel(
+        model_name="gpt-4o-mini",
+        script=[ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 5})]), ai("Done.")],
+    )
+    review = HumanReview(ReviewPolicy(irreversible=["refund"]), tools=[refund])
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode([refund]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_edge("tools", "agent")
+    handler = langfuse_handler(
+        public_key=public_key,
+        secret_key="sk-lf-test-secret",
+        base_url=receiver.base_url,
+        flush_interval=0.05,
+    )
+    assert handler is not None
+    with open_backend("memory://") as backend:
+        graph = builder.compile(checkpointer=backend.checkpointer).with_config(callbacks=[handler])
+        queue = ReviewQueue(backend, graph)
+        for thread in ("q-1", "q-2"):
+            queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id=thread)
+        for item in queue.pending():
+            queue.decide(item.id, {"type": "approve"}, reviewer="bob")
+    _flush(public_key)
+    spans = receiver.spans
+    by_trace: dict[str, list[ReceivedSpan]] = {}
+    for s in spans:
+        by_trace.setdefault(s.trace_id, []).append(s)
+    assert set(by_trace) == {trace_id_for("q-1"), trace_id_for("q-2")}
+    for thread in ("q-1", "q-2"):
+        legs = by_trace[trace_id_for(thread)]
+        assert len(_roots(legs)) == 2  # the pause, and the queue's resume
+        assert {s.attributes["session.id"] for s in legs} == {thread}
+        assert any(s.name == "review approve by bob" for s in legs)
+        assert len(_by_type(legs, "generation")) == 2
