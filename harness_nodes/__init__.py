@@ -5,6 +5,16 @@ Every public name is imported here; import from ``harness_nodes`` directly.
 
 from harness_nodes.aio import AsyncEffectLedger, AsyncTaskRunner
 from harness_nodes.background import JobQueue
+from harness_nodes.budget import (
+    BudgetCallbackHandler,
+    BudgetCheck,
+    BudgetedChatModel,
+    BudgetGuard,
+    Envelope,
+    Envelopes,
+    WindowCap,
+    budgeted,
+)
 from harness_nodes.effects import (
     EffectContext,
     EffectKind,
@@ -113,8 +123,12 @@ __all__ = [
     "BackendError",
     "BackendURLError",
     "BackendUnavailable",
+    "BudgetCallbackHandler",
+    "BudgetCheck",
     "BudgetError",
     "BudgetExceeded",
+    "BudgetGuard",
+    "BudgetedChatModel",
     "Check",
     "ConfidenceScorer",
     "DecisionType",
@@ -126,6 +140,8 @@ __all__ = [
     "EffectOutcomeUnknown",
     "EffectRecord",
     "EffectStatus",
+    "Envelope",
+    "Envelopes",
     "ErrorSignals",
     "Escalation",
     "EscalationKind",
@@ -182,7 +198,9 @@ __all__ = [
     "VerificationStop",
     "VerifyRoute",
     "VerifyToolOutputs",
+    "WindowCap",
     "add_harness",
+    "budgeted",
     "build_harnessed_agent",
     "build_trace",
     "check_decisions",

@@ -1,0 +1,1408 @@
+"""Cost envelopes: hard token, call and dollar limits per task, enforced before a call is made.
+
+- `Envelope` / `Envelopes`: the limits of a task (per task type, with a default), a model
+  ladder to degrade down, ``exit_behavior="end" | "error"`` (LangChain's words) and an
+  optional aggregate cap per task type over a time window (`WindowCap`).
+- `budgeted(model_or_ladder, envelope=..., backend=...)`: wraps any chat model. Before each
+  call it counts the prompt's tokens offline, **reserves the worst case** (input + output cap at
+  the model's highest price) in the spend ledger atomically, caps ``max_tokens`` to what
+  remains, steps down the ladder when the next call would not fit and refuses when even the
+  cheapest cannot. After the call it settles the reservation to the reported usage; a failed
+  call releases it.
+- `BudgetGuard`: the graph side. Its `route` runs on the edge into the model (no extra
+  superstep): ``"ok"``, ``"degrade"`` or ``"stop"``; its `finish` node ends the task with
+  outcome ``budget_exhausted``, keeping the partial result. The guard itself is also a node
+  (``Command`` form) for apps that prefer one.
+- `BudgetCallbackHandler`: accounts, after the fact, calls made through models that are not
+  wrapped (inside a tool, say).
+
+Spend is keyed by **task** (``configurable["task_id"]``, else the thread id), persisted in the
+backend's ``harness_spend*`` tables: a task paused for review, crashed and resumed, or resumed
+in another process keeps its spend.
+
+Example:
+    ```python
+    from langchain_core.messages import HumanMessage
+
+    from checkpointers import open_backend
+    from harness_nodes import Envelope, budgeted
+    from harness_nodes.testing import ScriptedChatModel
+
+    with open_backend("memory://") as backend:
+        model = budgeted(
+            [ScriptedChatModel(script=["Hi!"], model_name="gpt-4o"),
+             ScriptedChatModel(script=["Hi!"], model_name="gpt-4o-mini")],
+            envelope=Envelope(max_usd=0.50),
+            backend=backend,
+        )
+        answer = model.invoke([HumanMessage("Hello")], {"configurable": {"thread_id": "t1"}})
+        assert answer.additional_kwargs["harness"]["budget"]["model"] == "gpt-4o"
+        assert model.spend({"configurable": {"thread_id": "t1"}})["calls"] == 1
+    ```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal, cast
+
+from langchain_core.callbacks import BaseCallbackHandler, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import BaseLanguageModel
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.outputs import ChatGeneration, ChatResult, LLMResult
+from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from langgraph.graph import END
+from langgraph.types import Command
+from pydantic import ConfigDict, Field, PrivateAttr, SkipValidation
+
+from checkpointers._spend import AsyncSpendLedger, Limits, Reservation, SpendLedger, Totals
+from harness_nodes._events import aemit, emit
+from harness_nodes.errors import BudgetExceeded, UnpricedModelError, UserError
+from harness_nodes.pricing import NANOS_PER_USD, Pricing, Rates
+from harness_nodes.state import MessagesOnly, ModelSpend, Outcome, Spend
+
+__all__ = [
+    "BudgetCallbackHandler",
+    "BudgetCheck",
+    "BudgetGuard",
+    "BudgetedChatModel",
+    "Envelope",
+    "Envelopes",
+    "WindowCap",
+    "budgeted",
+]
+
+ExitBehavior = Literal["end", "error"]
+Decision = Literal["ok", "degrade", "stop"]
+TokenCounter = Callable[[Sequence[BaseMessage]], int]
+
+
+def _usd_to_nanos(usd: float | int | str | Decimal, what: str) -> int:
+    try:
+        d = Decimal(str(usd))
+    except ArithmeticError:
+        raise UserError(f"{what} must be a number of USD, got {usd!r}") from None
+    if not d.is_finite() or d < 0:
+        raise UserError(f"{what} must be a finite, non-negative number of USD, got {usd!r}")
+    return int(d * NANOS_PER_USD)  # floor: a limit is never rounded up
+
+
+def _usd(nanos: int) -> float:
+    return nanos / NANOS_PER_USD
+
+
+@dataclass(frozen=True)
+class WindowCap:
+    """An aggregate cap on all tasks of one type over a tumbling time window.
+
+    Windows are aligned to the epoch: ``seconds=86400`` means UTC calendar days.
+
+    Example:
+        ```python
+        from harness_nodes import Envelope, WindowCap
+
+        research = Envelope(max_usd=2.0, type_cap=WindowCap(max_usd=50.0, seconds=86400))
+        assert research.type_cap is not None and research.type_cap.max_usd == 50.0
+        ```
+    """
+
+    max_usd: float
+    """Dollars all tasks of the type may spend together in one window."""
+    seconds: float = 86400.0
+    """The window's length."""
+
+    def __post_init__(self) -> None:
+        _usd_to_nanos(self.max_usd, "WindowCap.max_usd")
+        if not self.seconds > 0:
+            raise UserError(f"WindowCap.seconds must be positive, got {self.seconds!r}")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The limits of one task. Every limit is optional; set at least the ones you mean.
+
+    Example:
+        ```python
+        from harness_nodes import Envelope
+
+        envelope = Envelope(max_usd=0.50, max_calls=40, warn_at=0.8, exit_behavior="end")
+        assert envelope.limits().max_nanos == 500_000_000
+        ```
+    """
+
+    max_usd: float | None = None
+    """Dollars the task may spend, reservations in flight included."""
+    max_tokens: int | None = None
+    """Input + output tokens the task may use."""
+    max_calls: int | None = None
+    """LLM calls the task may make."""
+    warn_at: float = 0.8
+    """Fraction of ``max_usd`` at which a ``harness.budget.warn`` event is emitted (once)."""
+    ladder: tuple[str, ...] = ()
+    """Model names to use for this task type, most capable first (default: the wrapper's)."""
+    exit_behavior: ExitBehavior = "end"
+    """``"end"``: stop the task with outcome ``budget_exhausted``; ``"error"``: raise
+    `BudgetExceeded`."""
+    max_output_tokens: int = 4096
+    """Output cap per call when the model declares none (the worst case that is reserved)."""
+    min_output_tokens: int = 256
+    """A model "fits" only if at least this many output tokens remain affordable after the
+    prompt; below that the wrapper steps down the ladder (or stops)."""
+    type_cap: WindowCap | None = None
+    """Aggregate cap shared by every task of the same type (e.g. $50/day for "research")."""
+
+    def __post_init__(self) -> None:
+        if self.max_usd is not None:
+            _usd_to_nanos(self.max_usd, "Envelope.max_usd")
+        for name in ("max_tokens", "max_calls", "max_output_tokens", "min_output_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise UserError(f"Envelope.{name} must be a non-negative int, got {value!r}")
+        if not 0 < self.warn_at <= 1:
+            raise UserError(f"Envelope.warn_at must be in (0, 1], got {self.warn_at!r}")
+        if self.exit_behavior not in ("end", "error"):
+            raise UserError(
+                f"Envelope.exit_behavior must be 'end' or 'error', got {self.exit_behavior!r}"
+            )
+        if self.min_output_tokens > self.max_output_tokens:
+            raise UserError("Envelope.min_output_tokens must not exceed max_output_tokens")
+        object.__setattr__(self, "ladder", tuple(self.ladder))
+
+    def limits(self) -> Limits:
+        """The envelope as the ledger's limits (integer nano-dollars)."""
+        cap = self.type_cap
+        return Limits(
+            max_nanos=None if self.max_usd is None else _usd_to_nanos(self.max_usd, "max_usd"),
+            max_tokens=self.max_tokens,
+            max_calls=self.max_calls,
+            window_seconds=None if cap is None else float(cap.seconds),
+            window_max_nanos=None if cap is None else _usd_to_nanos(cap.max_usd, "max_usd"),
+        )
+
+
+@dataclass(frozen=True)
+class Envelopes:
+    """Envelopes by task type, with a default for every other type.
+
+    Example:
+        ```python
+        from harness_nodes import Envelope, Envelopes
+
+        envelopes = Envelopes(
+            default=Envelope(max_usd=0.10),
+            by_type={"research": Envelope(max_usd=2.0, ladder=("gpt-4o", "gpt-4o-mini"))},
+        )
+        assert envelopes.for_type("research").max_usd == 2.0
+        assert envelopes.for_type("support").max_usd == 0.10
+        ```
+    """
+
+    default: Envelope
+    """The envelope of any task type not listed."""
+    by_type: Mapping[str, Envelope] = field(default_factory=dict)
+    """Task type → envelope."""
+
+    def __post_init__(self) -> None:
+        for name, env in {"default": self.default, **self.by_type}.items():
+            if not isinstance(env, Envelope):
+                raise UserError(f"Envelopes[{name!r}] must be an Envelope, got {env!r}")
+
+    def for_type(self, task_type: str) -> Envelope:
+        """The envelope for *task_type*."""
+        return self.by_type.get(task_type, self.default)
+
+    def all(self) -> list[Envelope]:
+        """Every envelope (the default first)."""
+        return [self.default, *self.by_type.values()]
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """What the budget allows for the next call of a task (see `BudgetedChatModel.check`)."""
+
+    decision: Decision
+    """``"ok"``: the first model of the ladder fits; ``"degrade"``: only a cheaper one does;
+    ``"stop"``: none does."""
+    task_id: str
+    """The task."""
+    model: str | None
+    """The model the next call would use (None on stop)."""
+    limit: str | None
+    """On stop: which limit (``"usd"``, ``"tokens"``, ``"calls"``, ``"window_usd"``)."""
+    used: float
+    """How much of that limit is used (dollars for usd limits)."""
+    maximum: float
+    """The limit's value."""
+    spent_usd: float
+    """Dollars the task has spent (settled)."""
+
+
+# --- token counting ------------------------------------------------------------------------
+
+_MESSAGE_OVERHEAD_BYTES = 16  # role markers and separators a provider adds per message
+
+
+def _message_bytes(m: BaseMessage) -> int:
+    content = m.content if isinstance(m.content, str) else json.dumps(m.content, default=str)
+    size = len(content.encode("utf-8")) + _MESSAGE_OVERHEAD_BYTES
+    if isinstance(m, AIMessage) and m.tool_calls:
+        size += len(json.dumps([dict(c) for c in m.tool_calls], default=str).encode("utf-8"))
+    if isinstance(m, ToolMessage):
+        size += len(m.tool_call_id.encode("utf-8"))
+    if m.name:
+        size += len(m.name.encode("utf-8"))
+    return size
+
+
+def bytes_bound(messages: Sequence[BaseMessage], tools: Sequence[Any] = ()) -> int:
+    """A conservative token count: UTF-8 bytes of the prompt (every BPE token is >= 1 byte)."""
+    size = sum(_message_bytes(m) for m in messages)
+    for t in tools:
+        try:
+            schema: Any = convert_to_openai_tool(t)
+        except Exception:  # an exotic tool: count its repr
+            schema = repr(t)
+        size += len(json.dumps(schema, default=str).encode("utf-8"))
+    return size
+
+
+_BASE_COUNTER = BaseLanguageModel.get_num_tokens_from_messages
+
+
+def _own_counter(model: BaseChatModel) -> bool:
+    return type(model).get_num_tokens_from_messages is not _BASE_COUNTER
+
+
+# --- model names ---------------------------------------------------------------------------
+
+
+def _model_name(model: Any) -> str | None:
+    for attr in ("model_name", "model", "model_id", "deployment_name"):
+        value = getattr(model, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    bound = getattr(model, "bound", None)
+    return _model_name(bound) if bound is not None and bound is not model else None
+
+
+def _response_model(msg: AIMessage) -> str | None:
+    meta = msg.response_metadata or {}
+    for key in ("model_name", "model"):
+        value = meta.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+# --- planning (pure) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    index: int
+    name: str
+    cap: int
+    input_tokens: int
+    nanos: int
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    limit: str
+    used: float
+    maximum: float
+
+
+@dataclass(frozen=True)
+class _Context:
+    task_id: str
+    task_type: str
+    envelope: Envelope
+    limits: Limits
+    ladder: list[tuple[str, BaseChatModel]]
+    positions: list[int]
+    """Index in the wrapper's models of each ladder entry."""
+
+
+def _plan(
+    ctx: _Context,
+    rates: list[Rates],
+    output_caps: list[int],
+    inputs: list[int],
+    totals: Totals,
+) -> _Plan | _Refusal:
+    lim, env = ctx.limits, ctx.envelope
+    if lim.max_calls is not None and totals.calls + 1 > lim.max_calls:
+        return _Refusal("calls", totals.calls, lim.max_calls)
+    budgets: list[tuple[str, int]] = []
+    if lim.max_nanos is not None:
+        budgets.append(("usd", lim.max_nanos - totals.committed_nanos))
+    if lim.window_max_nanos is not None:
+        budgets.append(("window_usd", lim.window_max_nanos - totals.window_nanos))
+    tokens_left = None if lim.max_tokens is None else lim.max_tokens - totals.committed_tokens
+    blocked = "usd"
+    for i, (name, _) in enumerate(ctx.ladder):
+        r, call_max, input_tokens = rates[i], output_caps[i], inputs[i]
+        cap = call_max
+        if tokens_left is not None:
+            cap = min(cap, tokens_left - input_tokens)
+            if cap < min(env.min_output_tokens, call_max):
+                blocked = "tokens"
+                continue
+        why = None
+        for limit, nanos_left in budgets:
+            cap = min(cap, r.affordable_output_tokens(input_tokens, max(0, nanos_left)))
+            if cap < min(env.min_output_tokens, call_max):
+                why = limit
+                break
+        if why is not None:
+            blocked = why
+            continue
+        return _Plan(i, name, cap, input_tokens, r.worst_case_nanos(input_tokens, cap))
+    if blocked == "tokens":
+        return _Refusal("tokens", totals.committed_tokens, lim.max_tokens or 0)
+    if blocked == "window_usd":
+        return _Refusal("window_usd", _usd(totals.window_nanos), _usd(lim.window_max_nanos or 0))
+    return _Refusal("usd", _usd(totals.committed_nanos), _usd(lim.max_nanos or 0))
+
+
+def _budget_meta(m: BaseMessage) -> dict[str, Any]:
+    harness = (m.additional_kwargs or {}).get("harness") or {}
+    budget = harness.get("budget") if isinstance(harness, dict) else None
+    return budget if isinstance(budget, dict) else {}
+
+
+def _ledger_op(ledger: SpendLedger, op: str, args: tuple[Any, ...]) -> Any:
+    if op == "totals":
+        return ledger.totals(*args)
+    if op == "reserve":
+        return ledger.reserve(*args)
+    if op == "settle":
+        spend_id, inp, out, nanos, model = args
+        return ledger.settle(spend_id, inp, out, nanos, model=model)
+    return ledger.settle(args[0], 0, 0, 0, released=True)
+
+
+async def _aledger_op(ledger: AsyncSpendLedger, op: str, args: tuple[Any, ...]) -> Any:
+    if op == "totals":
+        return await ledger.totals(*args)
+    if op == "reserve":
+        return await ledger.reserve(*args)
+    if op == "settle":
+        spend_id, inp, out, nanos, model = args
+        return await ledger.settle(spend_id, inp, out, nanos, model=model)
+    return await ledger.settle(args[0], 0, 0, 0, released=True)
+
+
+# --- the wrapper ---------------------------------------------------------------------------
+
+
+class BudgetedChatModel(BaseChatModel):
+    """A chat model (or a ladder of them) that cannot spend past its task's envelope.
+
+    Build it with `budgeted`. It is a LangChain chat model: ``bind_tools``, ``invoke``,
+    ``ainvoke``, ``batch`` and ``stream`` work, inside LangGraph nodes or anywhere else.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    models: list[BaseChatModel]
+    """The ladder, most capable (and expensive) first."""
+    names: list[str]
+    """The price name of each model (``""`` when unknown until priced by the fallback)."""
+    envelopes: SkipValidation[Envelopes]
+    """Limits per task type."""
+    pricing: SkipValidation[Pricing] = Field(default_factory=Pricing)
+    """Where prices come from."""
+    backend: Any = None
+    """A `Backend` or `AsyncBackend` holding the spend ledger."""
+    task_type: str = "default"
+    """Task type when the config does not give one (``configurable["task_type"]``)."""
+    task_id: str | None = None
+    """Task id when the config gives neither ``task_id`` nor ``thread_id``."""
+    token_counter: Literal["auto", "bytes"] | Callable[..., int] = "auto"
+    """``"auto"``: the model's own offline counter if it has one that works, else the UTF-8
+    byte bound; ``"bytes"``: always the byte bound (a hard upper bound); or a function of the
+    messages."""
+    tools: list[Any] = Field(default_factory=list)
+    """Tools bound with `bind_tools` (bound on each model of the ladder)."""
+    tool_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra arguments given to `bind_tools`."""
+
+    _default_task: str = PrivateAttr(default_factory=lambda: f"budgeted-{uuid.uuid4().hex}")
+    _bound: dict[int, Runnable[Any, Any]] = PrivateAttr(default_factory=dict)
+    _totals: dict[str, Totals] = PrivateAttr(default_factory=dict)
+    _counter_failed: set[int] = PrivateAttr(default_factory=set)
+    _lock: Any = PrivateAttr(default_factory=threading.Lock)
+    _owned_backend: Any = PrivateAttr(default=None)
+
+    @property
+    def _llm_type(self) -> str:
+        return "budgeted"
+
+    # -- configuration ------------------------------------------------------------------
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> BudgetedChatModel:
+        """Bind *tools* on every model of the ladder (the wrapper stays budgeted)."""
+        return self.model_copy(update={"tools": list(tools), "tool_kwargs": dict(kwargs)})
+
+    def _runnable(self, index: int) -> Runnable[Any, Any]:
+        if not self.tools:
+            return self.models[index]
+        with self._lock:
+            bound = self._bound.get(index)
+            if bound is None:
+                bound = self.models[index].bind_tools(self.tools, **self.tool_kwargs)
+                self._bound[index] = bound
+        return bound
+
+    def _ledger(self) -> SpendLedger:
+        from checkpointers import Backend, open_backend
+
+        backend = self.backend
+        if backend is None:
+            with self._lock:
+                if self._owned_backend is None:
+                    self._owned_backend = open_backend("memory://")
+                backend = self._owned_backend
+        if not isinstance(backend, Backend):
+            raise UserError(
+                "invoke() needs a sync Backend (open_backend); with an AsyncBackend use ainvoke()"
+            )
+        return SpendLedger(backend)
+
+    def _aledger(self) -> AsyncSpendLedger | SpendLedger:
+        from checkpointers import AsyncBackend
+
+        if isinstance(self.backend, AsyncBackend):
+            return AsyncSpendLedger(self.backend)
+        return self._ledger()
+
+    def _context(self, config: RunnableConfig) -> _Context:
+        conf = config.get("configurable") or {}
+        meta = config.get("metadata") or {}
+        task_id = str(
+            conf.get("task_id") or conf.get("thread_id") or self.task_id or self._default_task
+        )
+        task_type = str(conf.get("task_type") or meta.get("task_type") or self.task_type)
+        envelope = self.envelopes.for_type(task_type)
+        positions = list(range(len(self.models)))
+        if envelope.ladder:
+            positions = [self.names.index(n) for n in envelope.ladder]
+        pairs = [(self.names[i], self.models[i]) for i in positions]
+        return _Context(task_id, task_type, envelope, envelope.limits(), pairs, positions)
+
+    def _rates(self, ctx: _Context) -> list[Rates]:
+        out = []
+        for name, model in ctx.ladder:
+            if not name:
+                if self.pricing.fallback is None:
+                    raise UnpricedModelError(f"<{type(model).__name__}: no model name>")
+                out.append(self.pricing.fallback.rates())
+            else:
+                out.append(self.pricing.rates(name))
+        return out
+
+    def _output_caps(self, ctx: _Context, requested: int | None) -> list[int]:
+        caps = []
+        for _, model in ctx.ladder:
+            own = getattr(model, "max_tokens", None)
+            cap = own if isinstance(own, int) and own > 0 else ctx.envelope.max_output_tokens
+            if requested is not None:
+                cap = min(cap, requested)
+            caps.append(cap)
+        return caps
+
+    def count_tokens(
+        self, messages: Sequence[BaseMessage], model: BaseChatModel | None = None
+    ) -> int:
+        """The prompt's token count used for the reservation (see `token_counter`).
+
+        Example:
+            ```python
+            from langchain_core.messages import HumanMessage
+
+            from harness_nodes import Envelope, budgeted
+            from harness_nodes.testing import ScriptedChatModel
+
+            model = budgeted(ScriptedChatModel(model_name="gpt-4o"), envelope=Envelope())
+            assert model.count_tokens([HumanMessage("héllo")]) >= 6  # bytes, not characters
+            ```
+        """
+        counter = self.token_counter
+        if callable(counter):
+            return int(counter(list(messages)))
+        model = model or self.models[0]
+        if counter == "auto" and _own_counter(model) and id(model) not in self._counter_failed:
+            try:
+                return int(model.get_num_tokens_from_messages(list(messages), tools=self.tools))
+            except Exception:  # offline tokenizers fail in many ways
+                with self._lock:
+                    self._counter_failed.add(id(model))
+        return bytes_bound(messages, self.tools)
+
+    # -- the call -----------------------------------------------------------------------
+
+    def _child_config(self, config: RunnableConfig) -> RunnableConfig:
+        child = cast(RunnableConfig, {k: v for k, v in config.items() if k != "run_id"})
+        child["metadata"] = {**(config.get("metadata") or {}), "harness_budgeted": True}
+        return child
+
+    def _remember(self, task_id: str, totals: Totals) -> None:
+        with self._lock:
+            if len(self._totals) > 4096:
+                self._totals.clear()
+            self._totals[task_id] = totals
+
+    def _stop(
+        self, ctx: _Context, refusal: _Refusal, totals: Totals
+    ) -> tuple[AIMessage, dict[str, Any]]:
+        data = {
+            "task_id": ctx.task_id,
+            "limit": refusal.limit,
+            "used": refusal.used,
+            "maximum": refusal.maximum,
+        }
+        if ctx.envelope.exit_behavior == "error":
+            raise BudgetExceeded(ctx.task_id, refusal.limit, refusal.used, refusal.maximum)
+        msg = AIMessage(
+            content=(
+                f"Budget exhausted for this task ({refusal.limit}: used {refusal.used:g} of "
+                f"{refusal.maximum:g}); no further model call was made."
+            ),
+            additional_kwargs={
+                "harness": {
+                    "budget": {
+                        "model": None,
+                        "degraded_from": None,
+                        "reserved_usd": 0.0,
+                        "spent_usd": 0.0,
+                        "task_id": ctx.task_id,
+                        "task_spent_usd": _usd(totals.spent_nanos),
+                        "stopped": data,
+                    }
+                }
+            },
+        )
+        return msg, data
+
+    def _settle_figures(self, name: str, msg: AIMessage, plan: _Plan) -> tuple[str, int, int, int]:
+        usage = msg.usage_metadata
+        if usage is None:
+            # No usage reported: keep the worst case we reserved (never silently free).
+            return name, plan.input_tokens, plan.cap, plan.nanos
+        inp, out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+        cached = int((usage.get("input_token_details") or {}).get("cache_read", 0) or 0)
+        reported = _response_model(msg)
+        priced = reported if reported and self.pricing.is_priced(reported) else name
+        if not priced:  # an unnamed model priced by the declared fallback
+            fallback = self.pricing.fallback
+            assert fallback is not None  # _rates() refused the call otherwise
+            return name, inp, out, fallback.rates().worst_case_nanos(inp, out)
+        return priced, inp, out, self.pricing.cost_nanos(priced, inp, out, cached)
+
+    def _annotate(
+        self,
+        msg: AIMessage,
+        ctx: _Context,
+        plan: _Plan,
+        cost: int,
+        totals: Totals,
+        inp: int,
+        out: int,
+    ) -> AIMessage:
+        harness = dict((msg.additional_kwargs or {}).get("harness") or {})
+        harness["budget"] = {
+            "model": plan.name,
+            "degraded_from": ctx.ladder[0][0] if plan.index > 0 else None,
+            "reserved_usd": _usd(plan.nanos),
+            "spent_usd": _usd(cost),
+            "task_id": ctx.task_id,
+            "task_spent_usd": _usd(totals.spent_nanos),
+            "input_tokens": inp,
+            "output_tokens": out,
+        }
+        return msg.model_copy(
+            update={"additional_kwargs": {**msg.additional_kwargs, "harness": harness}}
+        )
+
+    def _events_after(
+        self,
+        ctx: _Context,
+        plan: _Plan,
+        before: Totals,
+        after: Totals,
+        cost: int,
+        inp: int,
+        out: int,
+    ) -> list[tuple[Any, dict[str, Any]]]:
+        lim = ctx.limits
+        events: list[tuple[Any, dict[str, Any]]] = [
+            (
+                "budget.settle",
+                {
+                    "task_id": ctx.task_id,
+                    "model": plan.name,
+                    "input_tokens": inp,
+                    "output_tokens": out,
+                    "usd": _usd(cost),
+                    "spent_usd": _usd(after.spent_nanos),
+                    "limit_usd": None if lim.max_nanos is None else _usd(lim.max_nanos),
+                },
+            )
+        ]
+        if lim.max_nanos:
+            mark = lim.max_nanos * ctx.envelope.warn_at
+            if before.spent_nanos < mark <= after.spent_nanos:
+                events.append(
+                    (
+                        "budget.warn",
+                        {
+                            "task_id": ctx.task_id,
+                            "limit": "usd",
+                            "used": _usd(after.spent_nanos),
+                            "maximum": _usd(lim.max_nanos),
+                        },
+                    )
+                )
+        return events
+
+    def _reserve_events(
+        self, ctx: _Context, plan: _Plan, totals: Totals
+    ) -> list[tuple[Any, dict[str, Any]]]:
+        lim = ctx.limits
+        events: list[tuple[Any, dict[str, Any]]] = []
+        if plan.index > 0:
+            events.append(
+                (
+                    "budget.degrade",
+                    {
+                        "task_id": ctx.task_id,
+                        "from_model": ctx.ladder[0][0],
+                        "to_model": plan.name,
+                        "reason": f"{ctx.ladder[0][0]} would not fit the remaining budget",
+                    },
+                )
+            )
+        events.append(
+            (
+                "budget.reserve",
+                {
+                    "task_id": ctx.task_id,
+                    "model": plan.name,
+                    "input_tokens": plan.input_tokens,
+                    "output_tokens": plan.cap,
+                    "usd": _usd(plan.nanos),
+                    "spent_usd": _usd(totals.spent_nanos),
+                    "limit_usd": None if lim.max_nanos is None else _usd(lim.max_nanos),
+                },
+            )
+        )
+        return events
+
+    def _inputs(self, ctx: _Context, messages: Sequence[BaseMessage]) -> list[int]:
+        """Prompt tokens to reserve for, per model of the ladder.
+
+        With ``token_counter="auto"`` the last answer this wrapper annotated anchors the count:
+        the provider reported exactly how many tokens the prompt up to it had, so only what
+        came after it (that answer, tool results) is bounded by bytes — for the same model;
+        another model may tokenize differently and gets the plain bound.
+        """
+        counter = self.token_counter
+        if callable(counter) or counter == "bytes":
+            n = self.count_tokens(messages, ctx.ladder[0][1])
+            return [n] * len(ctx.ladder)
+        anchor = None
+        for k in range(len(messages) - 1, -1, -1):
+            budget = _budget_meta(messages[k])
+            if budget.get("model") and isinstance(budget.get("input_tokens"), int):
+                anchor = (k, str(budget["model"]), int(budget["input_tokens"]))
+                break
+        plain: int | None = None
+        out: list[int] = []
+        for name, model in ctx.ladder:
+            if anchor is not None and anchor[1] == name:
+                out.append(anchor[2] + bytes_bound(messages[anchor[0] :]))
+                continue
+            if plain is None:
+                plain = self.count_tokens(messages, model)
+            out.append(plain)
+        return out
+
+    def _flow(
+        self, ctx: _Context, messages: list[BaseMessage], kwargs: dict[str, Any]
+    ) -> Generator[tuple[str, Any], Any, AIMessage]:
+        """The whole call as a sequence of effects, driven by `invoke` or `ainvoke`.
+
+        Yields ``("totals" | "reserve" | "settle" | "release", args)`` for the ledger,
+        ``("emit", (kind, data))`` for events and ``("call", (index, cap))`` for the model; a
+        failed model call is thrown back in, so the reservation is released before it
+        propagates.
+        """
+        rates = self._rates(ctx)
+        caps = self._output_caps(ctx, kwargs.pop("max_tokens", None))
+        inputs = self._inputs(ctx, messages)
+        with self._lock:
+            cached = self._totals.get(ctx.task_id)
+        totals, fresh = (cached, False) if cached is not None else (Totals(), False)
+        reservation: Reservation | None = None
+        plan: _Plan | _Refusal = _Refusal("usd", 0, 0)
+        for _ in range(32):
+            plan = _plan(ctx, rates, caps, inputs, totals)
+            if not fresh and (isinstance(plan, _Refusal) or plan.index > 0):
+                # Never degrade or stop on a stale snapshot: read the ledger first.
+                totals, fresh = (yield ("totals", (ctx.task_id, ctx.task_type, ctx.limits))), True
+                continue
+            if isinstance(plan, _Refusal):
+                break
+            reservation = yield (
+                "reserve",
+                (
+                    ctx.task_id,
+                    ctx.task_type,
+                    plan.name,
+                    plan.input_tokens,
+                    plan.cap,
+                    plan.nanos,
+                    ctx.limits,
+                ),
+            )
+            assert reservation is not None
+            totals, fresh = reservation.totals, True
+            if reservation.id is not None:
+                break
+            # Someone else took the budget meanwhile: plan again on the fresh totals.
+        self._remember(ctx.task_id, totals)
+        if reservation is None or reservation.id is None or isinstance(plan, _Refusal):
+            refusal = (
+                plan
+                if isinstance(plan, _Refusal)
+                else _Refusal("usd", _usd(totals.committed_nanos), _usd(ctx.limits.max_nanos or 0))
+            )
+            data = {
+                "task_id": ctx.task_id,
+                "limit": refusal.limit,
+                "used": refusal.used,
+                "maximum": refusal.maximum,
+            }
+            yield ("emit", ("budget.stop", data))
+            return self._stop(ctx, refusal, totals)[0]
+        for event in self._reserve_events(ctx, plan, totals):
+            yield ("emit", event)
+        try:
+            raw = yield ("call", (ctx.positions[plan.index], plan.cap))
+        except BaseException:
+            self._remember(ctx.task_id, (yield ("release", (reservation.id,))))
+            raise
+        msg = raw if isinstance(raw, AIMessage) else AIMessage(content=getattr(raw, "content", ""))
+        name, i_tok, o_tok, cost = self._settle_figures(plan.name, msg, plan)
+        after = yield ("settle", (reservation.id, i_tok, o_tok, cost, name))
+        self._remember(ctx.task_id, after)
+        for event in self._events_after(ctx, plan, totals, after, cost, i_tok, o_tok):
+            yield ("emit", event)
+        return self._annotate(msg, ctx, plan, cost, after, i_tok, o_tok)
+
+    def invoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        """Reserve, call the model that fits, settle. Returns the answer (or a stop message).
+
+        Raises:
+            BudgetExceeded: nothing fits and the envelope says ``exit_behavior="error"``.
+            UnpricedModelError: a model of the ladder has no price.
+        """
+        config = ensure_config(config)
+        messages = self._convert_input(input).to_messages()
+        ctx = self._context(config)
+        ledger = self._ledger()
+        flow = self._flow(ctx, messages, kwargs)
+        child = self._child_config(config)
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op, args = flow.throw(error) if error is not None else flow.send(value)
+            except StopIteration as done:
+                result: AIMessage = done.value
+                return result
+            value, error = None, None
+            if op == "call":
+                index, cap = args
+                try:
+                    value = self._runnable(index).invoke(
+                        messages, child, stop=stop, max_tokens=cap, **kwargs
+                    )
+                except BaseException as e:
+                    error = e
+            elif op == "emit":
+                emit(args[0], args[1], config)
+            else:
+                value = _ledger_op(ledger, op, args)
+
+    async def ainvoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        """Async `invoke` (an `AsyncBackend` is used natively; a sync one from a thread)."""
+        config = ensure_config(config)
+        messages = self._convert_input(input).to_messages()
+        ctx = self._context(config)
+        ledger = self._aledger()
+        flow = self._flow(ctx, messages, kwargs)
+        child = self._child_config(config)
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op, args = flow.throw(error) if error is not None else flow.send(value)
+            except StopIteration as done:
+                result: AIMessage = done.value
+                return result
+            value, error = None, None
+            if op == "call":
+                index, cap = args
+                try:
+                    value = await self._runnable(index).ainvoke(
+                        messages, child, stop=stop, max_tokens=cap, **kwargs
+                    )
+                except BaseException as e:
+                    error = e
+            elif op == "emit":
+                await aemit(args[0], args[1], config)
+            elif isinstance(ledger, AsyncSpendLedger):
+                value = await _aledger_op(ledger, op, args)
+            else:
+                value = await asyncio.to_thread(_ledger_op, ledger, op, args)
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return ChatResult(
+            generations=[ChatGeneration(message=self.invoke(messages, stop=stop, **kwargs))]
+        )
+
+    # -- inspection ---------------------------------------------------------------------
+
+    def _check_from(
+        self, ctx: _Context, totals: Totals, messages: Sequence[BaseMessage]
+    ) -> BudgetCheck:
+        plan = _plan(
+            ctx, self._rates(ctx), self._output_caps(ctx, None), self._inputs(ctx, messages), totals
+        )
+        spent = _usd(totals.spent_nanos)
+        if isinstance(plan, _Refusal):
+            return BudgetCheck(
+                "stop", ctx.task_id, None, plan.limit, plan.used, plan.maximum, spent
+            )
+        decision: Decision = "ok" if plan.index == 0 else "degrade"
+        return BudgetCheck(decision, ctx.task_id, plan.name, None, 0.0, 0.0, spent)
+
+    def check(
+        self, messages: Sequence[BaseMessage], config: RunnableConfig | None = None
+    ) -> BudgetCheck:
+        """Whether the next call with *messages* fits, read fresh from the ledger (no reservation).
+
+        Example:
+            ```python
+            from langchain_core.messages import HumanMessage
+
+            from harness_nodes import Envelope, budgeted
+            from harness_nodes.testing import ScriptedChatModel
+
+            model = budgeted(ScriptedChatModel(model_name="gpt-4o"), envelope=Envelope(max_usd=0))
+            assert model.check([HumanMessage("hi")]).decision == "stop"
+            ```
+        """
+        config = ensure_config(config)
+        ctx = self._context(config)
+        totals = self._ledger().totals(ctx.task_id, ctx.task_type, ctx.limits)
+        self._remember(ctx.task_id, totals)
+        return self._check_from(ctx, totals, messages)
+
+    async def acheck(
+        self, messages: Sequence[BaseMessage], config: RunnableConfig | None = None
+    ) -> BudgetCheck:
+        """Async `check`."""
+        config = ensure_config(config)
+        ctx = self._context(config)
+        ledger = self._aledger()
+        if isinstance(ledger, AsyncSpendLedger):
+            totals = await ledger.totals(ctx.task_id, ctx.task_type, ctx.limits)
+        else:
+            totals = await asyncio.to_thread(ledger.totals, ctx.task_id, ctx.task_type, ctx.limits)
+        self._remember(ctx.task_id, totals)
+        return self._check_from(ctx, totals, messages)
+
+    @staticmethod
+    def _mirror(totals: Totals, rows: list[dict[str, Any]], model: str | None) -> Spend:
+        by_model: dict[str, ModelSpend] = {
+            str(r["model"]): ModelSpend(
+                input_tokens=int(r["input_tokens"]),
+                output_tokens=int(r["output_tokens"]),
+                usd=_usd(int(r["nanos"])),
+                calls=int(r["calls"]),
+            )
+            for r in rows
+        }
+        spend = Spend(
+            total_tokens=totals.spent_tokens,
+            usd=_usd(totals.spent_nanos),
+            calls=sum(m["calls"] for m in by_model.values()),
+            by_model=by_model,
+        )
+        if model:
+            spend["model"] = model
+        return spend
+
+    def spend(self, config: RunnableConfig | None = None, *, model: str | None = None) -> Spend:
+        """The task's spend from the ledger, shaped as `HarnessState.spend`.
+
+        Example:
+            ```python
+            from harness_nodes import Envelope, budgeted
+            from harness_nodes.testing import ScriptedChatModel
+
+            model = budgeted(ScriptedChatModel(model_name="gpt-4o"), envelope=Envelope())
+            assert model.spend({"configurable": {"thread_id": "new"}})["usd"] == 0.0
+            ```
+        """
+        config = ensure_config(config)
+        ctx = self._context(config)
+        ledger = self._ledger()
+        totals = ledger.totals(ctx.task_id, ctx.task_type, ctx.limits)
+        return self._mirror(totals, ledger.by_model(ctx.task_id), model)
+
+    async def aspend(
+        self, config: RunnableConfig | None = None, *, model: str | None = None
+    ) -> Spend:
+        """Async `spend`."""
+        config = ensure_config(config)
+        ctx = self._context(config)
+        ledger = self._aledger()
+        if isinstance(ledger, AsyncSpendLedger):
+            totals = await ledger.totals(ctx.task_id, ctx.task_type, ctx.limits)
+            rows = await ledger.by_model(ctx.task_id)
+        else:
+            totals = await asyncio.to_thread(ledger.totals, ctx.task_id, ctx.task_type, ctx.limits)
+            rows = await asyncio.to_thread(ledger.by_model, ctx.task_id)
+        return self._mirror(totals, rows, model)
+
+
+def budgeted(
+    model_or_ladder: BaseChatModel | Sequence[BaseChatModel],
+    *,
+    envelope: Envelope | Envelopes,
+    backend: Any = None,
+    pricing: Pricing | None = None,
+    task_type: str = "default",
+    task_id: str | None = None,
+    token_counter: Literal["auto", "bytes"] | Callable[..., int] = "auto",
+) -> BudgetedChatModel:
+    """Wrap a chat model (or a ladder, most capable first) so it cannot overspend its envelope.
+
+    Args:
+        model_or_ladder: Any LangChain chat model, or several to degrade through.
+        envelope: One `Envelope` for every task, or `Envelopes` by task type.
+        backend: The `Backend` (or `AsyncBackend` for ``ainvoke``) whose ledger records spend;
+            default: a private in-memory ledger (not shared across processes).
+        pricing: Where prices come from; default genai-prices with no fallback.
+        task_type: Task type when the run's config gives none.
+        task_id: Task id when the run's config has no ``task_id``/``thread_id``.
+        token_counter: How prompts are counted before a call (see `BudgetedChatModel`).
+
+    Raises:
+        UnpricedModelError: a model's name is known and it has no price (and no fallback).
+        UserError: an envelope's ladder names a model the wrapper does not have.
+
+    Example:
+        ```python
+        from harness_nodes import Envelope, UnpricedModelError, budgeted
+        from harness_nodes.testing import ScriptedChatModel
+
+        try:
+            budgeted(ScriptedChatModel(model_name="acme-7b"), envelope=Envelope(max_usd=1))
+        except UnpricedModelError as e:
+            assert e.model == "acme-7b"
+        ```
+    """
+    models = (
+        [model_or_ladder] if isinstance(model_or_ladder, BaseChatModel) else list(model_or_ladder)
+    )
+    if not models:
+        raise UserError("budgeted() needs at least one chat model")
+    for m in models:
+        if not isinstance(m, BaseChatModel):
+            raise UserError(f"budgeted() takes chat models, got {type(m).__name__}")
+    pricing = pricing or Pricing()
+    names = [_model_name(m) or "" for m in models]
+    for name in names:
+        if name:
+            pricing.rates(name)  # fail fast: UnpricedModelError names the model and the fix
+    envelopes = envelope if isinstance(envelope, Envelopes) else Envelopes(default=envelope)
+    if not isinstance(envelopes, Envelopes):
+        raise UserError(f"envelope must be an Envelope or Envelopes, got {envelope!r}")
+    for env in envelopes.all():
+        missing = [n for n in env.ladder if n not in names]
+        if missing:
+            raise UserError(f"Envelope ladder names {missing} but the wrapped models are {names}")
+    return BudgetedChatModel(
+        models=models,
+        names=names,
+        envelopes=envelopes,
+        pricing=pricing,
+        backend=backend,
+        task_type=task_type,
+        task_id=task_id,
+        token_counter=token_counter,
+    )
+
+
+# --- the graph side ------------------------------------------------------------------------
+
+
+def _is_stop_message(m: BaseMessage) -> bool:
+    budget = ((m.additional_kwargs or {}).get("harness") or {}).get("budget") or {}
+    return isinstance(m, AIMessage) and bool(budget.get("stopped"))
+
+
+def _stopped_by_model(messages: Sequence[BaseMessage]) -> BudgetCheck | None:
+    """The wrapper refused the last call (a race the guard's estimate missed): stop too."""
+    if not messages or not _is_stop_message(messages[-1]):
+        return None
+    data = messages[-1].additional_kwargs["harness"]["budget"]["stopped"]
+    return BudgetCheck(
+        "stop",
+        str(data["task_id"]),
+        None,
+        str(data["limit"]),
+        float(data["used"]),
+        float(data["maximum"]),
+        float(messages[-1].additional_kwargs["harness"]["budget"].get("task_spent_usd", 0.0)),
+    )
+
+
+def _partial_result(messages: Sequence[BaseMessage]) -> dict[str, Any]:
+    last_answer = None
+    for m in reversed(messages):
+        if isinstance(m, AIMessage) and not _is_stop_message(m) and m.text.strip():
+            last_answer = m.text
+            break
+    tool_results = [
+        {"tool": m.name, "tool_call_id": m.tool_call_id, "content": m.text}
+        for m in messages
+        if isinstance(m, ToolMessage)
+    ]
+    return {"last_answer": last_answer, "tool_results": tool_results}
+
+
+def _last_model(messages: Sequence[BaseMessage]) -> str | None:
+    for m in reversed(messages):
+        model = (((m.additional_kwargs or {}).get("harness") or {}).get("budget") or {}).get(
+            "model"
+        )
+        if model:
+            return str(model)
+    return None
+
+
+@dataclass(frozen=True)
+class BudgetGuard:
+    """The budget's graph side: a routing function, a ``finish`` node, and a node form.
+
+    Routing form (no extra superstep on the common path): put `route` on every edge into the
+    model node, mapping ``"ok"``/``"degrade"`` to it and ``"stop"`` to the `finish` node.
+    Node form: add the guard itself as a node before the model; it routes with ``Command``.
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+        from langgraph.graph import END, START, MessagesState, StateGraph
+
+        from checkpointers import open_backend
+        from harness_nodes import BudgetGuard, Envelope, budgeted
+        from harness_nodes.testing import ScriptedChatModel
+
+        with open_backend("memory://") as backend:
+            llm = budgeted(ScriptedChatModel(script=["Done."], model_name="gpt-4o-mini"),
+                           envelope=Envelope(max_usd=0.01), backend=backend)
+            guard = BudgetGuard(llm)
+            builder = StateGraph(MessagesState)
+            builder.add_node("agent", lambda state: {"messages": [llm.invoke(state["messages"])]})
+            builder.add_node("budget_exhausted", guard.finish)
+            builder.add_conditional_edges(
+                START, guard.route, {"ok": "agent", "degrade": "agent", "stop": "budget_exhausted"}
+            )
+            builder.add_edge("agent", END)
+            builder.add_edge("budget_exhausted", END)
+            graph = builder.compile(checkpointer=backend.checkpointer)
+            out = graph.invoke({"messages": [HumanMessage("hi")]},
+                               {"configurable": {"thread_id": "t1"}})
+            assert out["messages"][-1].content == "Done."
+        ```
+    """
+
+    model: BudgetedChatModel
+    """The budgeted model the guarded node calls (bound to its tools, ideally)."""
+    next: str = "agent"
+    """Node form: where ``ok``/``degrade`` go."""
+    on_stop: str = END
+    """Node form: where ``stop`` goes after writing the outcome."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, BudgetedChatModel):
+            raise UserError(
+                f"BudgetGuard needs the budgeted() model, got {type(self.model).__name__}"
+            )
+
+    def _decide(self, check: BudgetCheck, config: RunnableConfig) -> Decision:
+        if check.decision == "stop":
+            ctx = self.model._context(ensure_config(config))
+            data = {
+                "task_id": check.task_id,
+                "limit": check.limit,
+                "used": check.used,
+                "maximum": check.maximum,
+            }
+            emit("budget.stop", data, config)
+            if ctx.envelope.exit_behavior == "error":
+                raise BudgetExceeded(check.task_id, check.limit or "usd", check.used, check.maximum)
+        return check.decision
+
+    def route(self, state: MessagesOnly, config: RunnableConfig) -> Decision:
+        """``"ok"``, ``"degrade"`` or ``"stop"`` for the next model call (an edge function).
+
+        Raises:
+            BudgetExceeded: on stop, when the envelope says ``exit_behavior="error"``.
+        """
+        messages = state["messages"]
+        stopped = _stopped_by_model(messages)
+        check = stopped if stopped is not None else self.model.check(messages, config)
+        return self._decide(check, config)
+
+    async def aroute(self, state: MessagesOnly, config: RunnableConfig) -> Decision:
+        """Async `route` (use it with an `AsyncBackend`)."""
+        messages = state["messages"]
+        stopped = _stopped_by_model(messages)
+        check = stopped if stopped is not None else await self.model.acheck(messages, config)
+        if check.decision == "stop":
+            ctx = self.model._context(ensure_config(config))
+            data = {
+                "task_id": check.task_id,
+                "limit": check.limit,
+                "used": check.used,
+                "maximum": check.maximum,
+            }
+            await aemit("budget.stop", data, config)
+            if ctx.envelope.exit_behavior == "error":
+                raise BudgetExceeded(check.task_id, check.limit or "usd", check.used, check.maximum)
+        return check.decision
+
+    def _finish_update(
+        self, messages: Sequence[BaseMessage], check: BudgetCheck, spend: Spend
+    ) -> dict[str, Any]:
+        limit = check.limit or "usd"
+        reason = f"{limit} limit reached: used {check.used:g} of {check.maximum:g}"
+        outcome = Outcome(
+            status="budget_exhausted", reason=reason, partial_result=_partial_result(messages)
+        )
+        note = AIMessage(
+            content=f"Stopped: budget exhausted ({reason}).",
+            additional_kwargs={
+                "harness": {
+                    "outcome": dict(outcome),
+                    "budget": {
+                        "model": None,
+                        "degraded_from": None,
+                        "reserved_usd": 0.0,
+                        "spent_usd": 0.0,
+                        "task_id": check.task_id,
+                        "task_spent_usd": spend.get("usd", 0.0),
+                        "stopped": {
+                            "task_id": check.task_id,
+                            "limit": limit,
+                            "used": check.used,
+                            "maximum": check.maximum,
+                        },
+                    },
+                }
+            },
+        )
+        return {"messages": [note], "outcome": outcome, "spend": spend}
+
+    def finish(self, state: MessagesOnly, config: RunnableConfig) -> dict[str, Any]:
+        """The node ``stop`` leads to: writes outcome ``budget_exhausted`` and the spend mirror.
+
+        The partial result keeps the last useful answer and every tool result so far. In a
+        plain ``MessagesState`` app the outcome rides on the final message's
+        ``additional_kwargs["harness"]["outcome"]``.
+        """
+        messages = state["messages"]
+        check = self.model.check(messages, config)
+        spend = self.model.spend(config, model=_last_model(messages))
+        emit("outcome", {"status": "budget_exhausted", "reason": check.limit}, config)
+        return self._finish_update(messages, check, spend)
+
+    async def afinish(self, state: MessagesOnly, config: RunnableConfig) -> dict[str, Any]:
+        """Async `finish`."""
+        messages = state["messages"]
+        check = await self.model.acheck(messages, config)
+        spend = await self.model.aspend(config, model=_last_model(messages))
+        await aemit("outcome", {"status": "budget_exhausted", "reason": check.limit}, config)
+        return self._finish_update(messages, check, spend)
+
+    def __call__(self, state: MessagesOnly, config: RunnableConfig) -> Command[str]:
+        """Node form: go to `next` (writing the spend mirror) or finish and go to `on_stop`."""
+        messages = state["messages"]
+        check = self.model.check(messages, config)
+        decision = self._decide(check, config)
+        if decision == "stop":
+            return Command(goto=self.on_stop, update=self.finish(state, config))
+        spend = self.model.spend(config, model=check.model)
+        return Command(goto=self.next, update={"spend": spend})
+
+
+# --- unwrapped models ----------------------------------------------------------------------
+
+
+class BudgetCallbackHandler(BaseCallbackHandler):
+    """Accounts calls made through models that are not `budgeted` (inside tools, say).
+
+    Add it to the run's callbacks; each finished chat-model call is priced and recorded in the
+    ledger against its task (``task_id`` or ``thread_id`` from the run's metadata). It counts
+    after the fact — it cannot stop a call — so the next budgeted call sees the spend. Calls
+    made by a `budgeted` model are skipped (they are already accounted).
+
+    Example:
+        ```python
+        from checkpointers import open_backend
+        from harness_nodes import BudgetCallbackHandler
+        from harness_nodes.testing import ScriptedChatModel
+
+        with open_backend("memory://") as backend:
+            handler = BudgetCallbackHandler(backend)
+            raw = ScriptedChatModel(script=["ok"], model_name="gpt-4o-mini")
+            raw.invoke("hi", {"callbacks": [handler], "metadata": {"thread_id": "t1"}})
+            row = backend.execute("SELECT task_id, model FROM harness_spend")[0]
+            assert row == {"task_id": "t1", "model": "gpt-4o-mini"}
+        ```
+    """
+
+    raise_error = True  # an unpriced model must not pass silently as free
+
+    def __init__(
+        self,
+        backend: Any,
+        pricing: Pricing | None = None,
+        *,
+        envelopes: Envelope | Envelopes | None = None,
+        task_type: str = "default",
+        default_task_id: str = "unassigned",
+    ) -> None:
+        from checkpointers import Backend
+
+        if not isinstance(backend, Backend):
+            raise UserError("BudgetCallbackHandler needs a sync Backend (open_backend)")
+        self.ledger = SpendLedger(backend)
+        self.pricing = pricing or Pricing()
+        self.envelopes = (
+            Envelopes(default=envelopes) if isinstance(envelopes, Envelope) else envelopes
+        )
+        self.task_type = task_type
+        self.default_task_id = default_task_id
+        self._runs: dict[uuid.UUID, tuple[str, str, str | None]] = {}
+        self._lock = threading.Lock()
+
+    def _start(
+        self, run_id: uuid.UUID, metadata: dict[str, Any] | None, kwargs: dict[str, Any]
+    ) -> None:
+        meta = metadata or {}
+        if meta.get("harness_budgeted"):
+            return
+        task_id = str(meta.get("task_id") or meta.get("thread_id") or self.default_task_id)
+        task_type = str(meta.get("task_type") or self.task_type)
+        params = kwargs.get("invocation_params") or {}
+        model = params.get("model_name") or params.get("model")
+        with self._lock:
+            self._runs[run_id] = (task_id, task_type, str(model) if model else None)
+
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any],
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: uuid.UUID,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Remember which task the call belongs to."""
+        self._start(run_id, metadata, kwargs)
+
+    def on_llm_start(
+        self,
+        serialized: dict[str, Any],
+        prompts: list[str],
+        *,
+        run_id: uuid.UUID,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Remember which task the call belongs to."""
+        self._start(run_id, metadata, kwargs)
+
+    def on_llm_error(self, error: BaseException, *, run_id: uuid.UUID, **kwargs: Any) -> None:
+        """A failed call costs nothing here (the provider reports no usage)."""
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    def on_llm_end(self, response: LLMResult, *, run_id: uuid.UUID, **kwargs: Any) -> None:
+        """Price the call's usage and record it against its task."""
+        with self._lock:
+            run = self._runs.pop(run_id, None)
+        if run is None:
+            return
+        task_id, task_type, model = run
+        inp = out = cached = 0
+        for gens in response.generations:
+            for gen in gens:
+                msg = getattr(gen, "message", None)
+                if isinstance(msg, AIMessage):
+                    model = _response_model(msg) or model
+                    if msg.usage_metadata:
+                        inp += int(msg.usage_metadata.get("input_tokens", 0))
+                        out += int(msg.usage_metadata.get("output_tokens", 0))
+                        details = msg.usage_metadata.get("input_token_details") or {}
+                        cached += int(details.get("cache_read", 0) or 0)
+        if not model:
+            model = str((response.llm_output or {}).get("model_name") or "")
+        if not model:
+            raise UnpricedModelError("<unnamed model>")
+        nanos = self.pricing.cost_nanos(model, inp, out, cached)
+        limits = Limits()
+        if self.envelopes is not None:
+            cap = self.envelopes.for_type(task_type).type_cap
+            if cap is not None:
+                limits = Limits(window_seconds=float(cap.seconds))
+        r = self.ledger.reserve(task_id, task_type, model, inp, out, 0, limits)
+        if r.id is not None:
+            self.ledger.settle(r.id, inp, out, nanos, model=model)

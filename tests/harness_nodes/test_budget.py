@@ -1,0 +1,629 @@
+from __future__ import annotations
+
+import json
+import operator
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.tools import tool
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.types import Command, Send
+from typing_extensions import TypedDict
+
+from checkpointers import AsyncBackend, Backend, open_backend
+from checkpointers._spend import Limits, SpendLedger
+from harness_nodes import (
+    BudgetCallbackHandler,
+    BudgetExceeded,
+    BudgetGuard,
+    Envelope,
+    Envelopes,
+    HarnessState,
+    ModelPrice,
+    Pricing,
+    UnpricedModelError,
+    UserError,
+    WindowCap,
+    budgeted,
+)
+from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+from tests.conftest import subprocess_env
+from tests.harness_nodes._budget_graphs import (
+    MAX_USD,
+    RESULT,
+    guarded_loop,
+    runaway_llm,
+    search,
+    search_after_approval,
+    unguarded_loop,
+)
+
+pytestmark = pytest.mark.anyio
+
+NANOS = 1_000_000_000
+LIMIT_NANOS = int(MAX_USD * NANOS)
+LONG = "word " * 8000  # ~10k output tokens wanted: every call uses its whole output cap
+
+
+class Events(BaseCallbackHandler):
+    """Collects the harness.* custom events of a run."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+        self.lock = threading.Lock()
+
+    def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+        if name.startswith("harness."):
+            with self.lock:
+                self.seen.append((name.removeprefix("harness."), dict(data)))
+
+    def kinds(self) -> list[str]:
+        return [k for k, _ in self.seen]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [d for k, d in self.seen if k == kind]
+
+
+def _config(thread_id: str, **extra: Any) -> Any:
+    return {"configurable": {"thread_id": thread_id}, "recursion_limit": 10_000, **extra}
+
+
+def _ledger_nanos(backend: Backend, task_id: str) -> tuple[int, int]:
+    """(settled spend, spend + open reservations) of a task, straight from the ledger rows."""
+    rows = backend.execute(
+        "SELECT COALESCE(SUM(cost_nanos), 0) AS spent, "
+        "COALESCE(SUM(CASE WHEN state = 'reserved' THEN reserved_nanos ELSE 0 END), 0) AS open "
+        "FROM harness_spend WHERE task_id = %s",
+        (task_id,),
+    )
+    spent, open_ = int(rows[0]["spent"]), int(rows[0]["open"])
+    return spent, spent + open_
+
+
+# --- the runaway loop ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["route", "node"])
+def test_runaway_loop_ends_budget_exhausted_within_the_envelope(
+    backend: Backend, form: Any
+) -> None:
+    events = Events()
+    llm = runaway_llm(backend)
+    graph = guarded_loop(llm, form=form).compile(checkpointer=backend.checkpointer)
+    out = graph.invoke(
+        {"messages": [HumanMessage("research this forever")]},
+        _config("runaway", callbacks=[events]),
+        durability="sync",
+    )
+    outcome = out["outcome"]
+    assert outcome["status"] == "budget_exhausted"
+    assert "usd limit reached" in outcome["reason"]
+    partial = outcome["partial_result"]
+    assert partial["last_answer"] == "Searching once more."
+    assert len(partial["tool_results"]) >= 5
+    assert all(r["content"] == RESULT for r in partial["tool_results"])
+    spent, committed = _ledger_nanos(backend, "runaway")
+    assert committed == spent <= LIMIT_NANOS  # never above, and nothing left reserved
+    assert spent > LIMIT_NANOS * 0.6  # it did use most of the envelope before stopping
+    assert out["spend"]["usd"] == pytest.approx(spent / NANOS)
+    assert out["spend"]["by_model"]["gpt-4o"]["calls"] == out["spend"]["calls"]
+    assert out["spend"]["calls"] == len(partial["tool_results"])
+    # The trace channel saw every reservation, settlement and the stop.
+    assert events.kinds().count("budget.reserve") == out["spend"]["calls"]
+    assert events.kinds().count("budget.settle") == out["spend"]["calls"]
+    assert events.of("budget.stop")[-1]["limit"] == "usd"
+    assert len(events.of("budget.warn")) == 1
+    assert events.of("budget.warn")[0]["used"] >= 0.8 * MAX_USD
+    settles = events.of("budget.settle")
+    assert all(s["limit_usd"] == MAX_USD for s in settles)
+    assert settles[-1]["spent_usd"] == pytest.approx(spent / NANOS)
+
+
+def test_runaway_in_a_plain_messages_state_app_keeps_the_outcome_on_the_last_message(
+    backend: Backend,
+) -> None:
+    llm = runaway_llm(backend)
+    graph = guarded_loop(llm, state=MessagesState).compile(checkpointer=backend.checkpointer)
+    out = graph.invoke({"messages": [HumanMessage("go")]}, _config("plain"), durability="sync")
+    assert set(out) == {"messages"}
+    outcome = out["messages"][-1].additional_kwargs["harness"]["outcome"]
+    assert outcome["status"] == "budget_exhausted"
+    assert outcome["partial_result"]["tool_results"]
+    assert _ledger_nanos(backend, "plain")[1] <= LIMIT_NANOS
+
+
+def test_wrapped_model_alone_refuses_the_call_that_would_overspend(backend: Backend) -> None:
+    llm = runaway_llm(backend)
+    graph = unguarded_loop(llm).compile(checkpointer=backend.checkpointer)
+    out = graph.invoke({"messages": [HumanMessage("go")]}, _config("bare"), durability="sync")
+    last = out["messages"][-1]
+    assert isinstance(last, AIMessage) and not last.tool_calls
+    stopped = last.additional_kwargs["harness"]["budget"]["stopped"]
+    assert stopped["limit"] == "usd" and stopped["maximum"] == MAX_USD
+    spent, committed = _ledger_nanos(backend, "bare")
+    assert committed == spent <= LIMIT_NANOS
+
+
+def test_exit_behavior_error_raises_budget_exceeded_with_fields(backend: Backend) -> None:
+    llm = runaway_llm(backend, exit_behavior="error")
+    graph = guarded_loop(llm).compile(checkpointer=backend.checkpointer)
+    with pytest.raises(BudgetExceeded, match=re.escape("Budget exhausted for task 'strict'")) as e:
+        graph.invoke({"messages": [HumanMessage("go")]}, _config("strict"), durability="sync")
+    assert (e.value.task_id, e.value.limit, e.value.maximum) == ("strict", "usd", MAX_USD)
+    assert 0 < e.value.used <= MAX_USD
+    assert _ledger_nanos(backend, "strict")[1] <= LIMIT_NANOS
+
+
+async def test_async_runaway_ends_budget_exhausted(abackend: AsyncBackend) -> None:
+    llm = runaway_llm(abackend)
+    guard = BudgetGuard(llm)
+
+    async def agent(s: HarnessState) -> dict[str, Any]:
+        return {"messages": [await llm.ainvoke(s["messages"])]}
+
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    builder = StateGraph(HarnessState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([search]))
+    builder.add_node("budget_exhausted", guard.afinish)
+    routes = {"ok": "agent", "degrade": "agent", "stop": "budget_exhausted"}
+    builder.add_conditional_edges(START, guard.aroute, routes)
+    builder.add_conditional_edges("agent", tools_condition, {"tools": "tools", END: END})
+    builder.add_conditional_edges("tools", guard.aroute, routes)
+    builder.add_edge("budget_exhausted", END)
+    graph = builder.compile(checkpointer=abackend.checkpointer)
+    out = await graph.ainvoke(
+        {"messages": [HumanMessage("go")]}, _config("async"), durability="sync"
+    )
+    assert out["outcome"]["status"] == "budget_exhausted"
+    assert 0 < out["spend"]["usd"] <= MAX_USD
+    rows = await abackend.execute(
+        "SELECT COALESCE(SUM(cost_nanos), 0) AS n, COUNT(*) AS c FROM harness_spend "
+        "WHERE task_id = %s AND state = 'settled'",
+        ("async",),
+    )
+    assert int(rows[0]["n"]) <= LIMIT_NANOS and int(rows[0]["c"]) == out["spend"]["calls"]
+
+
+# --- degradation ---------------------------------------------------------------------------
+
+
+def _ladder_script() -> list[Any]:
+    return [
+        ai("Let me search.", tool_calls=[tool_call("search", {"query": "a"}, id="c1")]),
+        ai("One more.", tool_calls=[tool_call("search", {"query": "b"}, id="c2")]),
+        ai("Here is the summary."),
+    ]
+
+
+def test_degrades_to_the_cheaper_model_and_completes(backend: Backend) -> None:
+    events = Events()
+    ladder = [
+        ScriptedChatModel(script=_ladder_script(), model_name=name)
+        for name in ("gpt-4o", "gpt-4o-mini")
+    ]
+    # $0.045: the first call fits gpt-4o; after an 18 KB tool result the prompt alone would
+    # cost gpt-4o about $0.045 at the byte bound, so the next calls step down to gpt-4o-mini.
+    llm = budgeted(ladder, envelope=Envelope(max_usd=0.045), backend=backend).bind_tools([search])
+    graph = guarded_loop(llm, form="node").compile(checkpointer=backend.checkpointer)
+    out = graph.invoke(
+        {"messages": [HumanMessage("research")]},
+        _config("ladder", callbacks=[events]),
+        durability="sync",
+    )
+    answers = [m for m in out["messages"] if isinstance(m, AIMessage)]
+    assert answers[-1].content == "Here is the summary."  # the task completed
+    budgets = [m.additional_kwargs["harness"]["budget"] for m in answers]
+    assert [b["model"] for b in budgets] == ["gpt-4o", "gpt-4o-mini", "gpt-4o-mini"]
+    assert [b["degraded_from"] for b in budgets] == [None, "gpt-4o", "gpt-4o"]
+    assert [a.response_metadata["model_name"] for a in answers] == [b["model"] for b in budgets]
+    # Visible in state (the guard node mirrors spend) and in the trace.
+    assert out["spend"]["model"] == "gpt-4o-mini"
+    assert set(out["spend"]["by_model"]) == {"gpt-4o", "gpt-4o-mini"}
+    degrade = events.of("budget.degrade")
+    assert (
+        degrade
+        and degrade[0]["from_model"] == "gpt-4o"
+        and degrade[0]["to_model"] == ("gpt-4o-mini")
+    )
+    assert "outcome" not in out
+    assert _ledger_nanos(backend, "ladder")[1] <= 0.045 * NANOS
+
+
+def test_envelope_ladder_picks_models_per_task_type(backend: Backend) -> None:
+    ladder = [
+        ScriptedChatModel(script=["big"], model_name="gpt-4o"),
+        ScriptedChatModel(script=["small"], model_name="gpt-4o-mini"),
+    ]
+    llm = budgeted(
+        ladder,
+        envelope=Envelopes(
+            default=Envelope(max_usd=1), by_type={"cheap": Envelope(ladder=("gpt-4o-mini",))}
+        ),
+        backend=backend,
+    )
+    cheap = llm.invoke("hi", {"configurable": {"thread_id": "a", "task_type": "cheap"}})
+    default = llm.invoke("hi", {"configurable": {"thread_id": "b"}})
+    assert (cheap.content, default.content) == ("small", "big")
+
+
+def test_output_cap_is_lowered_to_what_remains(backend: Backend) -> None:
+    model = ScriptedChatModel(script=[LONG], model_name="gpt-4o")
+    envelope = Envelope(max_usd=0.01, max_output_tokens=4096, min_output_tokens=16)
+    llm = budgeted(model, envelope=envelope, backend=backend)
+    msg = llm.invoke("write", {"configurable": {"thread_id": "cap"}})
+    out_tokens = msg.usage_metadata["output_tokens"] if msg.usage_metadata else -1
+    # $0.01 at $10/M output tokens leaves < 1000 tokens after the prompt.
+    assert 16 <= out_tokens < 1000
+    assert msg.response_metadata["finish_reason"] == "length"
+    spent, committed = _ledger_nanos(backend, "cap")
+    assert committed == spent <= 0.01 * NANOS
+
+
+# --- concurrency (Postgres, real threads and processes) ------------------------------------
+
+
+class _Fan(TypedDict):
+    messages: Annotated[list[BaseMessage], operator.add]
+
+
+class _Branch(TypedDict):
+    i: int
+
+
+@pytest.mark.postgres
+def test_twenty_parallel_branches_of_one_task_never_exceed_its_envelope(
+    postgres_url: str,
+) -> None:
+    with open_backend(postgres_url, pool_size=20) as backend:
+        model = ScriptedChatModel(
+            script=[lambda _: (time.sleep(0.05), LONG)[1]], loop=True, model_name="gpt-4o"
+        )
+        # Each call reserves ~4.1k output tokens at gpt-4o's price (~$0.041) and uses them all.
+        llm = budgeted(model, envelope=Envelope(max_usd=0.30), backend=backend)
+
+        def branch(state: _Branch) -> dict[str, Any]:
+            return {"messages": [llm.invoke([HumanMessage(f"report {state['i']}")])]}
+
+        builder = StateGraph(_Fan)
+        builder.add_node("branch", branch)
+        builder.add_conditional_edges(
+            START, lambda _: [Send("branch", {"i": i}) for i in range(20)], ["branch"]
+        )
+        builder.add_edge("branch", END)
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        out = graph.invoke({"messages": []}, _config("fan"), durability="sync")
+        answered = [
+            m
+            for m in out["messages"]
+            if not m.additional_kwargs["harness"]["budget"].get("stopped")
+        ]
+        assert len(out["messages"]) == 20
+        spent, committed = _ledger_nanos(backend, "fan")
+        assert committed == spent <= 0.30 * NANOS
+        # Without the atomic reservation all 20 would have run (20 x ~$0.041 = $0.82): 7 fit
+        # whole, an 8th with its output capped to what was left.
+        assert 6 <= len(answered) <= 8
+        assert spent >= 0.20 * NANOS
+
+
+@pytest.mark.postgres
+def test_twenty_concurrent_tasks_share_a_per_type_cap(postgres_url: str) -> None:
+    cap = 0.25
+    with open_backend(postgres_url, pool_size=20) as backend:
+        model = ScriptedChatModel(
+            script=[lambda _: (time.sleep(0.05), LONG)[1]], loop=True, model_name="gpt-4o"
+        )
+        llm = budgeted(
+            model,
+            envelope=Envelope(max_usd=1.0, type_cap=WindowCap(max_usd=cap, seconds=86400)),
+            backend=backend,
+            task_type="research",
+        )
+        results: list[AIMessage] = []
+        lock = threading.Lock()
+
+        def task(i: int) -> None:
+            msg = llm.invoke([HumanMessage("report")], {"configurable": {"thread_id": f"t{i}"}})
+            with lock:
+                results.append(msg)
+
+        threads = [threading.Thread(target=task, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        total = backend.execute(
+            "SELECT COALESCE(SUM(cost_nanos), 0) AS n FROM harness_spend WHERE task_type = %s",
+            ("research",),
+        )[0]["n"]
+        assert int(total) <= cap * NANOS
+        refused = [m for m in results if m.additional_kwargs["harness"]["budget"].get("stopped")]
+        assert len(results) == 20 and len(refused) >= 12
+        assert {m.additional_kwargs["harness"]["budget"]["stopped"]["limit"] for m in refused} == {
+            "window_usd"
+        }
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_tasks_in_four_processes_share_a_per_type_cap(postgres_url: str) -> None:
+    cap = 0.25
+    with open_backend(postgres_url):
+        pass  # set the schema up once, before the children race
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.harness_nodes._budget_children",
+                "window",
+                postgres_url,
+                f"p{p}",
+                "5",
+                str(cap),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(),
+        )
+        for p in range(4)
+    ]
+    answered = 0
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        answered += json.loads(out)["answered"]
+    with open_backend(postgres_url) as backend:
+        total = int(
+            backend.execute("SELECT COALESCE(SUM(cost_nanos), 0) AS n FROM harness_spend")[0]["n"]
+        )
+    assert total <= cap * NANOS
+    assert 5 <= answered <= 7  # ~$0.041 each: 6 fit whole, a 7th with a capped output
+
+
+# --- resume --------------------------------------------------------------------------------
+
+
+def test_spend_survives_interrupt_and_resume_and_the_cap_still_holds(backend: Backend) -> None:
+    model = ScriptedChatModel(
+        script=[
+            ai("Searching.", tool_calls=[tool_call("search", {"query": "a"}, id="c0")]),
+            ai("Searching.", tool_calls=[tool_call("search", {"query": "b"}, id="c1")]),
+            ai("Need approval.", tool_calls=[tool_call("search_after_approval", {"query": "c"})]),
+            ai("Searching.", tool_calls=[tool_call("search", {"query": "d"}, id="cx")]),
+        ],
+        loop=True,
+        model_name="gpt-4o",
+    )
+    tools = [search, search_after_approval]
+
+    def build() -> Any:
+        # A fresh wrapper each leg: nothing cached in memory, the ledger is the only memory.
+        llm = budgeted(model, envelope=Envelope(max_usd=MAX_USD), backend=backend).bind_tools(tools)
+        return guarded_loop(llm, tools=tools).compile(checkpointer=backend.checkpointer)
+
+    config = _config("paused")
+    first = build().invoke({"messages": [HumanMessage("go")]}, config, durability="sync")
+    assert "__interrupt__" in first
+    spent_before, _ = _ledger_nanos(backend, "paused")
+    assert spent_before > 0
+    out = build().invoke(Command(resume=True), config, durability="sync")
+    assert out["outcome"]["status"] == "budget_exhausted"
+    spent, committed = _ledger_nanos(backend, "paused")
+    assert spent > spent_before and committed == spent <= LIMIT_NANOS
+    assert out["spend"]["usd"] == pytest.approx(spent / NANOS)  # the mirror includes leg one
+
+
+def _child(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tests.harness_nodes._budget_children", *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(**env),
+        timeout=120,
+    )
+
+
+@pytest.mark.slow
+def test_spend_survives_a_crash_and_a_resume_in_another_process(
+    durable_url: str, tmp_path: Path
+) -> None:
+    thread = f"crash-{uuid.uuid4().hex[:8]}"
+    counter = tmp_path / "tool-calls"
+    crashed = _child(
+        "runaway",
+        durable_url,
+        thread,
+        "start",
+        BUDGET_CRASH_AT_TOOL_CALL="4",
+        BUDGET_CRASH_COUNTER=str(counter),
+    )
+    assert crashed.returncode == -9, crashed.stderr  # SIGKILL inside the 4th tool call
+    with open_backend(durable_url) as backend:
+        spent_before, committed_before = _ledger_nanos(backend, thread)
+    assert spent_before > 0 and committed_before == spent_before
+    resumed = _child("runaway", durable_url, thread, "resume")
+    assert resumed.returncode == 0, resumed.stderr
+    result = json.loads(resumed.stdout)
+    assert result["status"] == "budget_exhausted"
+    assert result["tool_results"] >= 5
+    assert spent_before < result["spent_nanos"] <= LIMIT_NANOS
+    # Resuming again (a third process) cannot spend more: the envelope is spent for good.
+    again = _child("runaway", durable_url, thread, "resume")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["spent_nanos"] == result["spent_nanos"]
+
+
+# --- failures, pricing, wiring -------------------------------------------------------------
+
+
+def test_a_failed_call_releases_its_reservation(backend: Backend) -> None:
+    model = ScriptedChatModel(
+        script=["fine"], model_name="gpt-4o", faults={0: ConnectionError("provider down")}
+    )
+    llm = budgeted(model, envelope=Envelope(max_usd=0.05, max_calls=1), backend=backend)
+    config: Any = {"configurable": {"thread_id": "flaky"}}
+    with pytest.raises(ConnectionError, match="provider down"):
+        llm.invoke("hi", config)
+    assert _ledger_nanos(backend, "flaky") == (0, 0)
+    status = backend.execute("SELECT state FROM harness_spend WHERE task_id = %s", ("flaky",))
+    assert status == [{"state": "released"}]
+    assert llm.invoke("hi", config).content == "fine"  # the call budget was given back too
+    again = llm.invoke("hi", config)
+    assert again.additional_kwargs["harness"]["budget"]["stopped"]["limit"] == "calls"
+
+
+def test_unknown_model_fails_fast_naming_it_and_how_to_price_it() -> None:
+    with pytest.raises(UnpricedModelError, match=re.escape("'acme-7b'")) as e:
+        budgeted(ScriptedChatModel(model_name="acme-7b"), envelope=Envelope(max_usd=1))
+    assert e.value.model == "acme-7b"
+    assert "Pricing(overrides={'acme-7b': ModelPrice(" in str(e.value)
+    assert "Pricing(fallback=ModelPrice(" in str(e.value)
+
+
+def test_unnamed_model_fails_at_its_first_call_unless_a_fallback_is_declared(
+    backend: Backend,
+) -> None:
+    class Unnamed(GenericFakeChatModel):
+        pass
+
+    strict = budgeted(Unnamed(messages=iter(["a"])), envelope=Envelope(max_usd=1), backend=backend)
+    with pytest.raises(UnpricedModelError, match="no model name"):
+        strict.invoke("hi", {"configurable": {"thread_id": "u"}})
+    assert backend.execute("SELECT COUNT(*) AS n FROM harness_spend") == [{"n": 0}]
+    lenient = budgeted(
+        Unnamed(messages=iter(["a"])),
+        envelope=Envelope(max_usd=1),
+        backend=backend,
+        pricing=Pricing(fallback=ModelPrice(input_per_mtok=100, output_per_mtok=100)),
+    )
+    assert lenient.invoke("hi", {"configurable": {"thread_id": "u"}}).content == "a"
+    # No usage reported: the worst case reserved is what is recorded, never zero.
+    assert _ledger_nanos(backend, "u")[0] > 0
+
+
+def test_self_hosted_model_at_a_set_price(backend: Backend) -> None:
+    pricing = Pricing(overrides={"llama-local": ModelPrice(input_per_mtok=1, output_per_mtok=1)})
+    model = ScriptedChatModel(
+        script=[ai("ok", usage={"input_tokens": 1000, "output_tokens": 1000})],
+        model_name="llama-local",
+    )
+    llm = budgeted(model, envelope=Envelope(max_usd=1), backend=backend, pricing=pricing)
+    msg = llm.invoke("hi", {"configurable": {"thread_id": "local"}})
+    assert msg.additional_kwargs["harness"]["budget"]["spent_usd"] == pytest.approx(0.002)
+
+
+def test_unwrapped_calls_are_accounted_and_count_against_the_envelope(backend: Backend) -> None:
+    raw = ScriptedChatModel(
+        script=[ai("summary", usage={"input_tokens": 100_000, "output_tokens": 10_000})],
+        loop=True,
+        model_name="gpt-4o",
+    )
+
+    @tool
+    def summarise(text: str) -> str:
+        """Summarise with an unwrapped model."""
+        return str(raw.invoke(text).content)
+
+    script = [
+        ai("Summarising.", tool_calls=[tool_call("summarise", {"text": "doc"}, id="s1")]),
+        ai("Summarising.", tool_calls=[tool_call("summarise", {"text": "doc"}, id="s2")]),
+        ai("Done."),
+    ]
+    llm = budgeted(
+        ScriptedChatModel(script=script, model_name="gpt-4o-mini"),
+        envelope=Envelope(max_usd=0.40),
+        backend=backend,
+    ).bind_tools([summarise])
+    handler = BudgetCallbackHandler(backend)
+    graph = guarded_loop(llm, tools=[summarise]).compile(checkpointer=backend.checkpointer)
+    out = graph.invoke(
+        {"messages": [HumanMessage("go")]},
+        _config("tools-spend", callbacks=[handler]),
+        durability="sync",
+    )
+    # Each unwrapped call costs $0.35 (100k in, 10k out at gpt-4o). The handler records it
+    # after the fact (it cannot stop a call it does not own), so two of them overshoot the
+    # $0.40 envelope; but the overshoot is on the ledger, and no budgeted call follows it.
+    by_model = out["spend"]["by_model"]
+    assert by_model["gpt-4o"] == {
+        "input_tokens": 200_000,
+        "output_tokens": 20_000,
+        "usd": 0.70,
+        "calls": 2,
+    }
+    assert by_model["gpt-4o-mini"]["calls"] == 2
+    assert out["outcome"]["status"] == "budget_exhausted"
+    assert not any(m.content == "Done." for m in out["messages"])
+
+
+def test_envelopes_are_validated_at_construction() -> None:
+    with pytest.raises(UserError, match="warn_at"):
+        Envelope(warn_at=0)
+    with pytest.raises(UserError, match="exit_behavior"):
+        Envelope(exit_behavior="crash")  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="max_usd"):
+        Envelope(max_usd=-1)
+    with pytest.raises(UserError, match="max_calls"):
+        Envelope(max_calls=-2)
+    with pytest.raises(UserError, match="seconds"):
+        WindowCap(max_usd=1, seconds=0)
+    with pytest.raises(UserError, match="ladder names"):
+        budgeted(
+            ScriptedChatModel(model_name="gpt-4o"),
+            envelope=Envelope(ladder=("gpt-4o", "claude-sonnet-4-5")),
+        )
+    with pytest.raises(UserError, match="budgeted"):
+        BudgetGuard(ScriptedChatModel(model_name="gpt-4o"))  # type: ignore[arg-type]
+
+
+def test_token_and_call_limits_stop_too(backend: Backend) -> None:
+    model = ScriptedChatModel(script=["a", "b", "c"], model_name="gpt-4o-mini")
+    llm = budgeted(model, envelope=Envelope(max_calls=2), backend=backend)
+    messages: list[BaseMessage] = [HumanMessage("hi")]
+    for _ in range(3):
+        messages.append(llm.invoke(messages, {"configurable": {"thread_id": "calls"}}))
+    assert messages[-1].additional_kwargs["harness"]["budget"]["stopped"]["limit"] == "calls"
+    tokens = budgeted(
+        ScriptedChatModel(script=["a"], model_name="gpt-4o-mini"),
+        envelope=Envelope(max_tokens=100),
+        backend=backend,
+    )
+    refused = tokens.invoke("x" * 500, {"configurable": {"thread_id": "tokens"}})
+    assert refused.additional_kwargs["harness"]["budget"]["stopped"]["limit"] == "tokens"
+
+
+def test_budget_survives_a_new_wrapper_and_a_stale_cache(backend: Backend) -> None:
+    """Another process (here: another wrapper) spending on the task is seen before a call."""
+    envelope = Envelope(max_usd=0.05, min_output_tokens=16)
+    a = budgeted(
+        ScriptedChatModel(script=[LONG], loop=True, model_name="gpt-4o"),
+        envelope=envelope,
+        backend=backend,
+    )
+    b = budgeted(
+        ScriptedChatModel(script=[LONG], loop=True, model_name="gpt-4o"),
+        envelope=envelope,
+        backend=backend,
+    )
+    config: Any = {"configurable": {"thread_id": "shared"}}
+    a.invoke("x", config)  # a caches the task's totals
+    for _ in range(3):
+        b.invoke("x", config)
+    a.invoke("x", config)  # a's cache is stale; the ledger refuses or re-plans, never overspends
+    spent, committed = _ledger_nanos(backend, "shared")
+    assert committed == spent <= 0.05 * NANOS
+    assert SpendLedger(backend).totals("shared", "default", Limits()).spent_nanos == spent
