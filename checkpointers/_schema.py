@@ -305,6 +305,39 @@ CREATE INDEX IF NOT EXISTS harness_reviews_type_urgency ON harness_reviews
      created_at, id)
 """
 
+# Every ledger write used to wait for its WAL flush (~1-3 ms of fsync, 10-60 round trips).
+# A settlement only ever lowers a reservation to the actual cost, so losing one in a server
+# crash leaves the worst case booked — conservative — and it need not wait: settle commits
+# asynchronously (the next synchronous commit, e.g. the step's checkpoint, flushes it too).
+# A reservation waits by default; ``p_sync => false`` opts out (see `budgeted(sync_commit=)`).
+_SPEND_ASYNC_COMMIT_PG = """
+CREATE OR REPLACE FUNCTION harness_spend_reserve_v2(
+    p_task_id TEXT, p_task_type TEXT, p_model TEXT,
+    p_input_tokens BIGINT, p_output_tokens BIGINT, p_nanos BIGINT,
+    p_max_nanos BIGINT, p_max_tokens BIGINT, p_max_calls BIGINT,
+    p_window_seconds DOUBLE PRECISION, p_window_starts_at DOUBLE PRECISION,
+    p_window_max_nanos BIGINT, p_now DOUBLE PRECISION, p_sync BOOLEAN) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT p_sync THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    RETURN harness_spend_reserve(p_task_id, p_task_type, p_model, p_input_tokens,
+        p_output_tokens, p_nanos, p_max_nanos, p_max_tokens, p_max_calls, p_window_seconds,
+        p_window_starts_at, p_window_max_nanos, p_now);
+END $$;
+
+CREATE OR REPLACE FUNCTION harness_spend_settle_v2(
+    p_id BIGINT, p_state TEXT, p_model TEXT, p_input_tokens BIGINT, p_output_tokens BIGINT,
+    p_nanos BIGINT, p_now DOUBLE PRECISION) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    RETURN harness_spend_settle(p_id, p_state, p_model, p_input_tokens, p_output_tokens,
+        p_nanos, p_now);
+END $$
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(
         name="0001_base",
@@ -315,6 +348,11 @@ MIGRATIONS: list[Migration] = [
         name="0301_spend_totals",
         postgres=_SPEND_TOTALS_COMMON.format(float="DOUBLE PRECISION") + ";" + _SPEND_FUNCTIONS_PG,
         sqlite=_SPEND_TOTALS_COMMON.format(float="REAL"),
+    ),
+    Migration(
+        name="0302_spend_async_settle",
+        postgres=_SPEND_ASYNC_COMMIT_PG,
+        sqlite="SELECT 1",
     ),
     # 02xx: effects and runs.
     Migration(

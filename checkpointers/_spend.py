@@ -10,9 +10,11 @@ Tables (migrations ``0001_base`` and ``0301_spend_totals``):
   aggregate cap such as $50/day for "research"), locked after the task row.
 
 On Postgres a reservation and a settlement are one round trip each: server-side functions
-lock the rows (``SELECT ... FOR UPDATE``) and check-and-reserve in one statement. On SQLite
-the same steps run from Python inside ``BEGIN IMMEDIATE``. The steps are written once, as a
-generator of SQL statements, and driven by a sync or an async transaction.
+lock the rows (``SELECT ... FOR UPDATE``) and check-and-reserve in one statement. A
+settlement commits without waiting for its WAL flush (losing one in a server crash leaves the
+worst case booked, which is conservative); a reservation waits unless ``sync_commit=False``.
+On SQLite the same steps run from Python inside ``BEGIN IMMEDIATE``. The steps are written
+once, as a generator of SQL statements, and driven by a sync or an async transaction.
 """
 
 from __future__ import annotations
@@ -290,8 +292,10 @@ async def _run_async(tx: Any, steps: Steps) -> Any:
 class SpendLedger:
     """Spend of tasks, in a `Backend`'s ``harness_spend*`` tables."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, *, sync_commit: bool = True) -> None:
         self.backend = backend
+        self.sync_commit = sync_commit
+        """Postgres: wait for each reservation's WAL flush (settlements never wait)."""
 
     def totals(self, task_id: str, task_type: str, limits: Limits) -> Totals:
         """The task's current totals (and its type's current window)."""
@@ -320,8 +324,8 @@ class SpendLedger:
         now = time.time()
         if self.backend.dialect == "postgres":
             rows = self.backend.execute(
-                "SELECT harness_spend_reserve(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " AS r",
+                "SELECT harness_spend_reserve_v2("
+                "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) AS r",
                 (
                     task_id,
                     task_type,
@@ -336,6 +340,7 @@ class SpendLedger:
                     limits.window_start(now),
                     limits.window_max_nanos,
                     now,
+                    self.sync_commit,
                 ),
             )
             r = _pg_json(rows)
@@ -364,7 +369,7 @@ class SpendLedger:
         state = "released" if released else "settled"
         if self.backend.dialect == "postgres":
             rows = self.backend.execute(
-                "SELECT harness_spend_settle(%s, %s, %s, %s, %s, %s, %s) AS r",
+                "SELECT harness_spend_settle_v2(%s, %s, %s, %s, %s, %s, %s) AS r",
                 (spend_id, state, model, input_tokens, output_tokens, nanos, now),
             )
             return Totals.from_row(_pg_json(rows))
@@ -382,8 +387,10 @@ class SpendLedger:
 class AsyncSpendLedger:
     """`SpendLedger` over an `AsyncBackend`."""
 
-    def __init__(self, backend: AsyncBackend) -> None:
+    def __init__(self, backend: AsyncBackend, *, sync_commit: bool = True) -> None:
         self.backend = backend
+        self.sync_commit = sync_commit
+        """Postgres: wait for each reservation's WAL flush (settlements never wait)."""
 
     async def totals(self, task_id: str, task_type: str, limits: Limits) -> Totals:
         """The task's current totals (and its type's current window)."""
@@ -412,8 +419,8 @@ class AsyncSpendLedger:
         now = time.time()
         if self.backend.dialect == "postgres":
             rows = await self.backend.execute(
-                "SELECT harness_spend_reserve(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " AS r",
+                "SELECT harness_spend_reserve_v2("
+                "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) AS r",
                 (
                     task_id,
                     task_type,
@@ -428,6 +435,7 @@ class AsyncSpendLedger:
                     limits.window_start(now),
                     limits.window_max_nanos,
                     now,
+                    self.sync_commit,
                 ),
             )
             r = _pg_json(rows)
@@ -456,7 +464,7 @@ class AsyncSpendLedger:
         state = "released" if released else "settled"
         if self.backend.dialect == "postgres":
             rows = await self.backend.execute(
-                "SELECT harness_spend_settle(%s, %s, %s, %s, %s, %s, %s) AS r",
+                "SELECT harness_spend_settle_v2(%s, %s, %s, %s, %s, %s, %s) AS r",
                 (spend_id, state, model, input_tokens, output_tokens, nanos, now),
             )
             return Totals.from_row(_pg_json(rows))

@@ -158,7 +158,7 @@ class Pricing:
     use_catalogue: bool = True
     """Look models up in genai-prices (set False to price only what you declare)."""
 
-    _cache: dict[str, tuple[Rates, bool]] = field(
+    _cache: dict[str, tuple[Rates, bool]] = field(  # model -> (rates, tiered)
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
     _lock: threading.Lock = field(
@@ -229,7 +229,9 @@ class Pricing:
         if self.use_catalogue:
             found = _catalogue_rates(model)
             if found is not None:
-                return found, True
+                # Flat-priced models are costed from their rates (exactly what calc_price
+                # returns, without its ~60 µs); tiered ones go through calc_price per call.
+                return found, not _is_flat(model, found)
         if self.fallback is not None:
             r = self.fallback.rates()
             return Rates(r.input, r.output, r.cached_input, source="fallback"), False
@@ -255,8 +257,8 @@ class Pricing:
         rates = self.rates(model)  # raises UnpricedModelError first
         cached = max(0, min(cached_input_tokens, input_tokens))
         with self._lock:
-            from_catalogue = self._cache[model][1]
-        if from_catalogue:
+            tiered = self._cache[model][1]
+        if tiered:
             exact = _catalogue_cost(model, input_tokens, output_tokens, cached)
             if exact is not None:
                 return exact
@@ -303,6 +305,20 @@ def _catalogue_rates(model: str) -> Rates | None:
         # A catalogue entry with no token prices (an image or audio model) is not a price.
         return None
     return Rates(input=inp, output=out, cached_input=cached_rate, source="genai-prices")
+
+
+def _is_flat(model: str, top: Rates) -> bool:
+    n = 1000
+    small = _catalogue_calc(model, _catalogue_usage(n, n))
+    small_cached = _catalogue_calc(model, _catalogue_usage(n, 0, cached=n))
+    if small is None or small_cached is None:
+        return False
+    k = Decimal(NANOS_PER_USD) / n
+    return (
+        Decimal(small.input_price) * k == top.input
+        and Decimal(small.output_price) * k == top.output
+        and Decimal(small_cached.input_price) * k == top.cached_input
+    )
 
 
 def _catalogue_cost(model: str, input_tokens: int, output_tokens: int, cached: int) -> int | None:

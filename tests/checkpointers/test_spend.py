@@ -110,3 +110,12 @@ async def test_async_ledger_matches_the_sync_one(abackend: AsyncBackend) -> None
     assert totals.spent_nanos == 120 and totals.reserved_nanos == 0
     assert (await ledger.totals("t1", "default", LIMITS)) == totals
     assert (await ledger.by_model("t1"))[0]["nanos"] == 120
+
+
+def test_reservations_without_waiting_for_disk_enforce_the_same_limits(backend: Backend) -> None:
+    ledger = SpendLedger(backend, sync_commit=False)
+    first = ledger.reserve("t1", "default", "m", 10, 20, 600, LIMITS)
+    assert first.id is not None
+    assert ledger.reserve("t1", "default", "m", 10, 20, 600, LIMITS).refused == "usd"
+    assert ledger.settle(first.id, 1, 1, 10).spent_nanos == 10
+    assert SpendLedger(backend).totals("t1", "default", LIMITS).spent_nanos == 10
