@@ -7,6 +7,7 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -1003,3 +1004,38 @@ def test_retry_counts_survive_an_interrupt_between_retries(backend: Backend) -> 
         (2, "escalate"),
     ]
     assert out["messages"][-1].content == "escalated to a person"
+
+
+@pytest.mark.slow
+def test_retry_count_survives_sigkill_between_retries(durable_url: str, tmp_path: Path) -> None:
+    """A real process death after two refused outputs: the new process resumes at attempt 3,
+    so the retry budget (2) is exhausted there and the task fails — no retry is given twice."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    log = tmp_path / "calls.log"
+    thread_id = f"sigkill-{uuid.uuid4().hex[:8]}"
+    child = [sys.executable, "-m", "tests.harness_nodes._verify_children", durable_url, thread_id]
+
+    first = subprocess.run(
+        [*child, str(log), "1"], capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert log.read_text().split() == ["k1", "k2"]
+
+    second = subprocess.run(
+        [*child, str(log), "0"], capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
+    assert second.returncode == 0, second.stderr
+    result = json.loads(second.stdout)
+    assert result["resumed"] is True
+    assert [(v["tool_call_id"], v["attempt"], v["action"]) for v in result["verdicts"]] == [
+        ("c1", 1, "retry"),
+        ("c2", 2, "retry"),
+        ("c3", 3, "fail"),
+    ]
+    assert log.read_text().split() == ["k1", "k2", "k3"]  # no call ran twice
+    assert result["last"].startswith("I stopped: a tool output failed verification.")
