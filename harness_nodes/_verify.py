@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic_core
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, ToolMessage
+from langgraph.errors import GraphBubbleUp
 from pydantic import BaseModel, ValidationError
 
 from harness_nodes.state import Escalation, Verdict
@@ -319,11 +320,9 @@ def check_output(
     for check in contract.checks:
         try:
             reason = check(payload)
-        except Exception as e:  # GraphBubbleUp is not expected from a pure check
-            from langgraph.errors import GraphBubbleUp
-
-            if isinstance(e, GraphBubbleUp):
-                raise
+        except GraphBubbleUp:  # an interrupt inside a check is the user's to handle
+            raise
+        except Exception as e:
             reason = f"check {_name(check)} raised {type(e).__name__}: {excerpt(str(e))}"
         if reason:
             reasons.append(str(reason))
