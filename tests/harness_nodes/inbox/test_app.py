@@ -301,3 +301,39 @@ def test_anonymous_decisions_only_when_enabled(shop: Shop) -> None:
     )
     assert r.status_code == 200  # followed the redirect to the item page
     assert shop.queue.get(rid).decided_by == "anonymous"
+
+
+@pytest.mark.slow
+def test_concurrent_decisions_through_the_server_apply_once(shop: Shop) -> None:
+    """Six reviewers click at once on a real server: one wins, five get 409, one refund."""
+    import threading
+
+    import httpx
+
+    from tests.harness_nodes.inbox.conftest import live_server
+
+    rid = shop.pause("t-race", ARGS)
+    statuses: list[int] = []
+    with live_server(make_app(shop.queue)) as base:
+        barrier = threading.Barrier(6)
+
+        def click(i: int) -> None:
+            who = ("alice", "bob")[i % 2]
+            headers = {"authorization": f"Bearer {TOKENS[who]}", "accept": "application/json"}
+            body = {"type": "approve"} if i % 3 else {"type": "reject", "message": f"no {i}"}
+            barrier.wait()
+            r = httpx.post(f"{base}/reviews/{rid}/decision", headers=headers, json=body, timeout=30)
+            statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=click, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(statuses) == [200, 409, 409, 409, 409, 409]
+    winner = shop.queue.get(rid).decision or []
+    assert len(shop.refunds) == (1 if winner[0]["type"] == "approve" else 0)  # never twice
+    audit = shop.backend.execute(
+        "SELECT reviewer FROM harness_review_audit WHERE review_id = %s", (rid,)
+    )
+    assert len(audit) == 1
