@@ -121,6 +121,11 @@ CANCEL = (
     "lease_owner = NULL, lease_expires_at = NULL, updated_at = %s "
     "WHERE task_key = %s AND status NOT IN ('completed', 'failed', 'cancelled') RETURNING *"
 )
+REVIEWED = (
+    "UPDATE harness_runs SET status = 'completed', outcome = %s, finished_at = %s, "
+    "updated_at = %s WHERE thread_id = %s AND status = 'interrupted' RETURNING *"
+)
+"""A paused task finished by a reviewer's resume made outside the runner (`ReviewQueue`)."""
 STALE = (
     "SELECT thread_id, task_key, graph FROM harness_runs WHERE status IN ('pending', 'running') "
     "AND (lease_expires_at IS NULL OR lease_expires_at < %s) ORDER BY created_at"

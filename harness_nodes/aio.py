@@ -44,6 +44,7 @@ from harness_nodes._lease import (
     CURRENT_LEASE,
     INSERT,
     RENEW,
+    REVIEWED,
     SELECT_KEY,
     SELECT_THREAD,
     SETTLE,
@@ -377,7 +378,18 @@ class AsyncTaskRunner:
         rows = await self.backend.execute(SELECT_KEY, (task_key,))
         if not rows:
             raise UnknownTask(task_key)
-        return TaskRun.from_row(rows[0])
+        run = TaskRun.from_row(rows[0])
+        if run.status != "interrupted":
+            return run
+        # Resumed directly by a reviewer (AsyncReviewQueue.adecide)? Record its outcome.
+        config = run_config(run.thread_id, run.task_key, run.task_type, self._config)
+        snapshot = await self.graph.aget_state(config)
+        if snapshot.tasks:
+            return run
+        t = now()
+        outcome = _codec.encode(outcome_of(snapshot.values))
+        updated = await self.backend.execute(REVIEWED, (outcome, t, t, run.thread_id))
+        return TaskRun.from_row(updated[0]) if updated else await self._current(run.thread_id)
 
     async def aresult(self, task_key: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the task's stored outcome (see `TaskRunner.result`)."""

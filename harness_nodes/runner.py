@@ -52,6 +52,7 @@ from harness_nodes._lease import (
     CURRENT_LEASE,
     INSERT,
     RENEW,
+    REVIEWED,
     SELECT_KEY,
     SELECT_THREAD,
     SETTLE,
@@ -221,7 +222,22 @@ class TaskRunner:
         rows = self.backend.execute(SELECT_KEY, (task_key,))
         if not rows:
             raise UnknownTask(task_key)
-        return TaskRun.from_row(rows[0])
+        run = TaskRun.from_row(rows[0])
+        if run.status == "interrupted":
+            return self._reconcile(run)
+        return run
+
+    def _reconcile(self, run: TaskRun) -> TaskRun:
+        # A reviewer may have resumed the graph directly (ReviewQueue.decide): if nothing is
+        # left to run, record the outcome so result() returns it.
+        config = run_config(run.thread_id, run.task_key, run.task_type, self._config)
+        snapshot = self.graph.get_state(config)
+        if snapshot.tasks:
+            return run
+        t = now()
+        outcome = _codec.encode(outcome_of(snapshot.values))
+        rows = self.backend.execute(REVIEWED, (outcome, t, t, run.thread_id))
+        return TaskRun.from_row(rows[0]) if rows else self._current(run.thread_id)
 
     def result(self, task_key: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the task to finish and return its stored outcome.

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import psycopg
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 from langgraph.graph import END, START, MessagesState, StateGraph
-from langgraph.types import interrupt
+from langgraph.types import Command, interrupt
 
 from checkpointers import Backend, open_backend
 from harness_nodes import (
@@ -29,6 +30,14 @@ from tests.conftest import subprocess_env
 from tests.harness_nodes import _chaos_graph as chaos
 
 GRAPH = "tests.harness_nodes._chaos_graph:build"
+
+
+@pytest.fixture
+def memory_backend() -> Iterator[Backend]:
+    with open_backend("memory://") as backend:
+        yield backend
+
+
 INPUT = {"messages": [HumanMessage("refund my order")]}
 
 
@@ -155,6 +164,25 @@ def test_a_paused_task_waits_for_its_reviewer_not_for_recover(backend: Backend) 
         resumed = runner.resume("t-review", "yes")
         assert resumed.status == "completed"
         assert runner.result("t-review", timeout=1)["partial_result"] == "reviewer said yes"
+
+        # Resumed outside the runner (as ReviewQueue.decide does): result() still sees it.
+        runner.submit("t-review-2", INPUT)
+        with pytest.raises(TaskNotFinished):
+            runner.result("t-review-2", timeout=0.3)
+        config = {"configurable": {"thread_id": "t-review-2"}}
+        runner.graph.invoke(Command(resume="ok"), config, durability="sync")
+        assert runner.result("t-review-2", timeout=1)["partial_result"] == "reviewer said ok"
+
+
+def test_a_compiled_graph_is_rebound_to_the_runners_checkpointer(memory_backend: Backend) -> None:
+    builder = StateGraph(MessagesState)
+    builder.add_node("answer", lambda state: {"messages": [AIMessage("42")]})
+    builder.add_edge(START, "answer")
+    builder.add_edge("answer", END)
+    with TaskRunner(memory_backend, builder.compile()) as runner:
+        runner.submit("q", INPUT)
+        assert runner.result("q", timeout=10)["partial_result"] == "42"
+    assert memory_backend.checkpointer.get_tuple({"configurable": {"thread_id": "q"}})
 
 
 def test_recover_resumes_runs_whose_process_died(durable_url: str) -> None:
