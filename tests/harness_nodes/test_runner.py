@@ -90,7 +90,8 @@ def test_concurrent_and_repeated_submissions_make_one_run(backend: Backend) -> N
     linear_chain(backend, "order-17")
 
 
-def test_unknown_key_and_bad_arguments_are_typed(backend: Backend) -> None:
+def test_unknown_key_and_bad_arguments_are_typed(memory_backend: Backend) -> None:
+    backend = memory_backend
     with TaskRunner(backend, chaos.build) as runner:
         with pytest.raises(UnknownTask, match="order-404") as e:
             runner.status("order-404")
