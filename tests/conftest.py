@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -78,39 +77,65 @@ def _with_db(url: str, dbname: str) -> str:
     return urlunsplit(parts._replace(path=f"/{dbname}"))
 
 
-class _Dropper:
-    """Drops test databases on a background thread.
+_DB_PREFIX = "harness_test_"
 
-    ``DROP DATABASE`` forces a server checkpoint and takes 0.7-2 s here; doing it off the
-    test's critical path keeps the suite fast. The session waits for every drop at the end.
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Dropper:
+    """Drops test databases off the tests' critical path, and sweeps leftovers of dead runs.
+
+    ``DROP DATABASE`` forces a server checkpoint (0.7-2 s here). Several drops in flight share
+    checkpoints, so a small thread pool keeps up with the suite; the session waits for every
+    drop at the end. Database names carry the creating process's pid, so a run killed before
+    its drops finished is cleaned up by the next run on this machine — never a live run's.
     """
 
-    def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
+    def __init__(self, admin_url: str) -> None:
+        self._admin_url = admin_url
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="db-dropper")
+        self._futures: list[Future[None]] = []
 
-    def drop(self, admin_url: str, name: str) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="db-dropper", daemon=True)
-            self._thread.start()
-        self._queue.put((admin_url, name))
+    def _drop_now(self, name: str) -> None:
+        with contextlib.suppress(psycopg.Error):
+            with psycopg.connect(self._admin_url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            admin_url, name = item
-            with contextlib.suppress(psycopg.Error):
-                with psycopg.connect(admin_url, autocommit=True) as conn:
-                    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    def drop(self, name: str) -> None:
+        self._futures.append(self._pool.submit(self._drop_now, name))
+
+    def sweep_dead_runs(self) -> None:
+        with psycopg.connect(self._admin_url, autocommit=True) as conn:
+            names = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT datname FROM pg_database WHERE datname LIKE %s", (_DB_PREFIX + "%",)
+                )
+            ]
+        for name in names:
+            pid, _, suffix = name[len(_DB_PREFIX) :].partition("_")
+            # Only names of the form harness_test_<pid>_<hex> are ours to sweep.
+            if suffix and pid.isdigit() and int(pid) < 2**22 and not _pid_alive(int(pid)):
+                self.drop(name)
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=120)
+        for f in self._futures:
+            f.result()
+        self._pool.shutdown()
 
 
 @pytest.fixture(scope="session")
-def _db_dropper() -> Iterator[_Dropper]:
-    dropper = _Dropper()
+def _db_dropper(postgres_server: str) -> Iterator[_Dropper]:
+    dropper = _Dropper(postgres_server)
+    dropper.sweep_dead_runs()
     yield dropper
     dropper.close()
 
@@ -118,13 +143,13 @@ def _db_dropper() -> Iterator[_Dropper]:
 @pytest.fixture
 def postgres_url(postgres_server: str, _db_dropper: _Dropper) -> Iterator[str]:
     """A fresh, empty database for this test; dropped afterwards (in the background)."""
-    name = f"harness_test_{uuid.uuid4().hex[:12]}"
+    name = f"{_DB_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(postgres_server, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
         yield _with_db(postgres_server, name)
     finally:
-        _db_dropper.drop(postgres_server, name)
+        _db_dropper.drop(name)
 
 
 BACKEND_KINDS = [
