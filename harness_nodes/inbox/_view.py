@@ -137,7 +137,8 @@ class ItemDetail:
 
     def as_json(self) -> dict[str, Any]:
         """The JSON API's view of the item (trace as `build_trace` JSON)."""
-        v = {k: val for k, val in self.view.items() if k not in ("actions", "trace")}
+        hidden = ("actions", "trace", "edited_args_json")
+        v = {k: val for k, val in self.view.items() if k not in hidden}
         v["actions"] = [
             {
                 "name": a["name"],
@@ -241,6 +242,7 @@ def item_detail(queue: Any, review_id: str, failure: str | None = None) -> ItemD
     decisions = item.decision or []
     words = sorted({str(d.get("type")) for d in decisions})
     messages = [str(d["message"]) for d in decisions if d.get("message")]
+    edited = [d["args"] for d in decisions if d.get("type") == "edit" and "args" in d]
     outcome = _outcome(queue, item)
     if failure and outcome is None:
         outcome = {"status": "error", "reason": failure, "result": None}
@@ -265,6 +267,8 @@ def item_detail(queue: Any, review_id: str, failure: str | None = None) -> ItemD
         decided_text=_iso(item.decided_at),
         decision="+".join(words) if words else None,
         decision_message="\n".join(messages) or None,
+        edited_args=edited[0] if edited else None,
+        edited_args_json=json.dumps(edited[0], indent=2, ensure_ascii=False) if edited else None,
         outcome=outcome,
     )
     view["poll"] = item.status in _DECIDED and outcome is None

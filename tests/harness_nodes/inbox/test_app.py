@@ -127,6 +127,7 @@ def test_json_api_decides_with_bearer_and_reports_conflicts(backend_url: str) ->
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["status"] == "applied" and body["decided_by"] == "alice"
+        assert body["decision"] == "edit" and body["edited_args"] == edited
         assert body["outcome"] == {"status": "completed", "reason": "", "result": "Refund handled."}
         assert shop.refunds == [edited]
 

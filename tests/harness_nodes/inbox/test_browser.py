@@ -81,6 +81,7 @@ def test_list_open_edit_approve_shows_outcome(shop: Shop, page_for: Any, tmp_pat
         assert page.inner_text(".outcome-status") == "completed"
         assert "Refund handled." in page.inner_text("#outcome")
         assert "by alice" in page.inner_text("#decided")
+        assert '"amount": 99.5' in page.inner_text("#edited-args")
         shot(page, tmp_path, "inbox-decided.png")
         assert page.dialogs == []
     assert shop.refunds == [{"order": "A-1042", "amount": 99.5, "note": "partial refund agreed"}]
