@@ -255,6 +255,17 @@ class _Pricer:
 
 
 def _llm_node(msg: AIMessage, pricer: _Pricer) -> list[TraceNode]:
+    stopped = (_harness_meta(msg).get("budget") or {}).get("stopped")
+    if isinstance(stopped, Mapping):
+        # The budget refused the call: no model ran, the message says why.
+        limit = stopped.get("limit", "?")
+        return [
+            TraceNode(
+                kind="budget",
+                name=f"stop: {limit} {stopped.get('used', '?')}/{stopped.get('maximum', '?')}",
+                data=_jsonable({"action": "stop", **stopped, "content": msg.content}),
+            )
+        ]
     model, inp, out, usd, priced = pricer.cost(msg)
     nodes: list[TraceNode] = []
     budget = _harness_meta(msg).get("budget") or {}

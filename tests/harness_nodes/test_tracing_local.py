@@ -268,3 +268,22 @@ def test_real_review_queue_decision_shows_with_reviewer_and_latency(backend: Bac
     assert decision.data["reviewer"] == "alice" and decision.data["latency_s"] >= 0
     refund_result = next(n for n in trace.walk() if n.kind == "tool_result")
     assert refund_result.data["content"] == "refunded 200.0 on A1"  # the edited amount ran
+
+
+def test_a_budget_stop_message_is_a_budget_decision_not_a_model_call(backend: Backend) -> None:
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    stopped = {"task_id": "b-1", "limit": "usd", "used": 0.5, "maximum": 0.5}
+    refusal = AIMessage(
+        "Budget exhausted for this task; no further model call was made.",
+        additional_kwargs={"harness": {"budget": {"model": None, "stopped": stopped}}},
+    )
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [refusal]})
+    builder.add_edge(START, "agent")
+    graph = builder.compile(checkpointer=backend.checkpointer)
+    graph.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "b-1"}})
+    trace = build_trace(backend, "b-1")
+    assert [(n.kind, n.name) for n in trace.decisions()] == [("budget", "stop: usd 0.5/0.5")]
+    assert not [n for n in trace.walk() if n.kind == "llm"]
