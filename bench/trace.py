@@ -2,11 +2,13 @@
 
 The same graph (agent → tools loop with a verification verdict on every tool call, scripted
 model, checkpointed) runs untraced and traced, alternating, several times; the traced runs
-export every span and score to a `LangfuseReceiver` on 127.0.0.1 over real OTLP/HTTP. Export
-runs on the SDK's background threads, as in production: their work competes with the graph
-for the GIL while it runs, and is counted that way; the final flush is outside the timed
-region (it is a wait, not work per step), and the receiver's count proves every span arrived.
-Reports the median time per superstep, the overhead in ms, and the ratio (target <= 1.3).
+export every span and score over real OTLP/HTTP to a `LangfuseReceiver` on 127.0.0.1, run in its
+own process as a server would be (decoding spans is the server's work, not the app's). Each
+traced run ends with a flush, timed separately: the run's own time is what a step pays
+(spans are created, masked and serialised inline; export runs on the SDK's background thread
+meanwhile), the flush is the export work still pending at the end. Both are reported per
+step, as ratios to the untraced run (target: run <= 1.3x); the flush also keeps that work from
+spilling into the next untraced run. The receiver's span count proves everything arrived.
 
     python bench/trace.py [--turns 10] [--repeats 7] [--db memory|sqlite]
 """
@@ -15,30 +17,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-from langchain_core.tools import tool
-from langfuse import get_client
-from langgraph.graph import START, StateGraph
-from langgraph.prebuilt import ToolNode, tools_condition
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage  # noqa: E402
+from langchain_core.tools import tool  # noqa: E402
+from langfuse import get_client  # noqa: E402
+from langgraph.graph import START, StateGraph  # noqa: E402
+from langgraph.prebuilt import ToolNode, tools_condition  # noqa: E402
 
-from checkpointers import open_backend
-from harness_nodes import (
+from checkpointers import open_backend  # noqa: E402
+from harness_nodes import (  # noqa: E402
     HarnessState,
     ToolContract,
     VerifyToolOutputs,
     langfuse_callbacks,
 )
-from harness_nodes.testing import LangfuseReceiver, ScriptedChatModel, ai, tool_call
+from harness_nodes.testing import ScriptedChatModel, ai, tool_call  # noqa: E402
 
 
 @tool
@@ -81,12 +87,30 @@ def main() -> None:
     p.add_argument("--db", choices=["memory", "sqlite"], default="sqlite")
     args = p.parse_args()
     public_key = f"pk-lf-bench-{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory() as tmp, LangfuseReceiver() as receiver:
+    receiver = subprocess.Popen(
+        [sys.executable, "-m", "harness_nodes._langfuse_receiver"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert receiver.stdout is not None
+    base_url = receiver.stdout.readline().strip()
+    try:
+        _bench(args, public_key, base_url)
+    finally:
+        receiver.kill()
+        receiver.wait()
+
+
+def _bench(args: argparse.Namespace, public_key: str, base_url: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
         url = "memory://" if args.db == "memory" else f"sqlite:///{tmp}/bench.db"
         with open_backend(url) as backend:
             graph = build(args.turns, backend.checkpointer)
             base: list[float] = []
             traced: list[float] = []
+            flushes: list[float] = []
+            runs: list[float] = []
             for i in range(args.repeats + 1):  # the first round warms both paths up
                 thread = f"bench-{i}"
                 t0 = time.perf_counter()
@@ -97,21 +121,27 @@ def main() -> None:
                     task_type="bench",
                     public_key=public_key,
                     secret_key="sk-lf-bench",
-                    base_url=receiver.base_url,
+                    base_url=base_url,
                 )
                 run_once(graph, config)
+                t_run = time.perf_counter()
+                get_client(public_key=public_key).flush()
                 t2 = time.perf_counter()
                 if i:
                     base.append((t1 - t0) / steps)
                     traced.append((t2 - t1) / steps)
-        get_client(public_key=public_key).flush()
-        spans = len(receiver.spans)
+                    flushes.append((t2 - t_run) / steps)
+                    runs.append((t_run - t1) / steps)
+        with urllib.request.urlopen(f"{base_url}/_received") as r:
+            spans = json.load(r)["spans"]
     b, t = statistics.median(base), statistics.median(traced)
     print(f"backend={args.db} turns={args.turns} repeats={args.repeats} spans received={spans}")
-    print(
-        f"untraced: {b * 1000:.2f} ms/step   traced (Langfuse → loopback): {t * 1000:.2f} ms/step"
-    )
-    print(f"ratio traced/untraced: {t / b:.2f}x (target <= 1.30x)")
+    print(f"untraced: {b * 1000:.2f} ms/step")
+    f = statistics.median(flushes)
+    r = statistics.median(runs)
+    print(f"traced run: {r * 1000:.2f} ms/step, export flushed at the end: {f * 1000:.2f} ms/step")
+    print(f"ratio traced/untraced, per step: {r / b:.2f}x (target <= 1.30x)")
+    print(f"ratio including the final flush: {t / b:.2f}x")
 
 
 if __name__ == "__main__":

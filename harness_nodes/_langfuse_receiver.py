@@ -137,12 +137,21 @@ class LangfuseReceiver:
                     body = gzip.decompress(body)
                 elif encoding == "deflate":
                     body = zlib.decompress(body)
+                # Acknowledge first, then decode — as a server queues ingestion — so the
+                # client's flush does not wait on the receiver's own decoding.
                 if self.path.endswith("/otel/v1/traces"):
-                    receiver._add_spans(body)
                     self._reply(200, b"", "application/x-protobuf")
+                    receiver._add_spans(body)
                 elif self.path.endswith("/api/public/scores"):
-                    receiver._add_scores(body)
                     self._reply(202, b'{"message": "Accepted"}', "application/json")
+                    receiver._add_scores(body)
+                else:
+                    self._reply(404, b"{}", "application/json")
+
+            def do_GET(self) -> None:
+                if self.path == "/_received":  # counts, for a receiver in another process
+                    counts = {"spans": len(receiver.spans), "scores": len(receiver.scores)}
+                    self._reply(200, json.dumps(counts).encode(), "application/json")
                 else:
                     self._reply(404, b"{}", "application/json")
 
@@ -222,3 +231,12 @@ class LangfuseReceiver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+if __name__ == "__main__":  # a receiver in its own process: prints its URL, serves until killed
+    import sys
+
+    with LangfuseReceiver() as _receiver:
+        sys.stdout.write(_receiver.base_url + "\n")
+        sys.stdout.flush()
+        threading.Event().wait()
