@@ -124,8 +124,9 @@ class LangfuseReceiver:
         self._lock = threading.Lock()
         self._spans: list[ReceivedSpan] = []
         self._scores: list[dict[str, Any]] = []
-        self.raw_bodies: list[bytes] = []
-        """Every decompressed request body, in arrival order (to grep for leaked secrets)."""
+        self._bodies: list[bytes] = []
+        self._inflight = 0
+        self._idle = threading.Condition(self._lock)
         receiver = self
 
         class _Handler(BaseHTTPRequestHandler):
@@ -139,12 +140,15 @@ class LangfuseReceiver:
                     body = zlib.decompress(body)
                 # Acknowledge first, then decode — as a server queues ingestion — so the
                 # client's flush does not wait on the receiver's own decoding.
+                # (Counted as in flight before the reply, so readers wait for the decoding.)
                 if self.path.endswith("/otel/v1/traces"):
+                    receiver._begin()
                     self._reply(200, b"", "application/x-protobuf")
-                    receiver._add_spans(body)
+                    receiver._ingest(body, spans=True)
                 elif self.path.endswith("/api/public/scores"):
+                    receiver._begin()
                     self._reply(202, b'{"message": "Accepted"}', "application/json")
-                    receiver._add_scores(body)
+                    receiver._ingest(body, spans=False)
                 else:
                     self._reply(404, b"{}", "application/json")
 
@@ -169,18 +173,33 @@ class LangfuseReceiver:
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
-    def _add_spans(self, body: bytes) -> None:
-        spans = decode_spans(body)
+    def _begin(self) -> None:
         with self._lock:
-            self.raw_bodies.append(body)
-            self._spans.extend(spans)
+            self._inflight += 1
 
-    def _add_scores(self, body: bytes) -> None:
-        payload = json.loads(body)
-        items = payload if isinstance(payload, list) else payload.get("scores", [payload])
+    def _ingest(self, body: bytes, *, spans: bool) -> None:
+        decoded: list[ReceivedSpan] = []
+        scores: list[dict[str, Any]] = []
+        try:
+            if spans:
+                decoded = decode_spans(body)
+            else:
+                payload = json.loads(body)
+                scores = payload if isinstance(payload, list) else payload.get("scores", [payload])
+        finally:  # a body that does not decode still ends its request
+            self._add(body, decoded, scores)
+
+    def _add(self, body: bytes, spans: list[ReceivedSpan], scores: list[dict[str, Any]]) -> None:
         with self._lock:
-            self.raw_bodies.append(body)
-            self._scores.extend(items)
+            self._bodies.append(body)
+            self._spans.extend(spans)
+            self._scores.extend(scores)
+            self._inflight -= 1
+            self._idle.notify_all()
+
+    def _settled(self) -> None:
+        # Called with the lock held: wait (briefly) for requests already acknowledged.
+        self._idle.wait_for(lambda: self._inflight == 0, timeout=10)
 
     @property
     def base_url(self) -> str:
@@ -192,13 +211,22 @@ class LangfuseReceiver:
     def spans(self) -> list[ReceivedSpan]:
         """Spans received so far, in arrival order."""
         with self._lock:
+            self._settled()
             return list(self._spans)
 
     @property
     def scores(self) -> list[dict[str, Any]]:
         """Score payloads received so far (Langfuse's JSON field names: ``traceId``...)."""
         with self._lock:
+            self._settled()
             return list(self._scores)
+
+    @property
+    def raw_bodies(self) -> list[bytes]:
+        """Every decompressed request body, in arrival order (to grep for leaked secrets)."""
+        with self._lock:
+            self._settled()
+            return list(self._bodies)
 
     def wait_for(
         self, predicate: Callable[[LangfuseReceiver], bool], timeout: float = 10.0
