@@ -286,9 +286,13 @@ def _run_leg(*args: Any) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
 def test_interrupt_and_resume_in_two_processes_is_one_trace(
-    durable_url: str, receiver: LangfuseReceiver, public_key: str
+    postgres_url: str, receiver: LangfuseReceiver, public_key: str
 ) -> None:
+    # Postgres here, SQLite in the kill -9 test below (whose last two legs are also an
+    # interrupt and a resume in two processes): the trace id does not depend on the backend.
+    durable_url = postgres_url
     _run_leg("start", durable_url, "x-1", receiver, public_key)
     first_leg = {s.span_id for s in receiver.spans}
     assert first_leg
@@ -312,8 +316,7 @@ def test_interrupt_and_resume_in_two_processes_is_one_trace(
 def test_kill_9_and_resume_is_still_one_trace(
     receiver: LangfuseReceiver, public_key: str, tmp_path: Path
 ) -> None:
-    # SQLite only: the trace id does not depend on the backend, and each leg is a new process
-    # (the two-process interrupt/resume test above covers Postgres).
+    # SQLite (the test above covers Postgres); each leg is a new process.
     durable_url = f"sqlite:///{tmp_path / 'harness.db'}"
     marker = tmp_path / "in-tools"
     proc = _leg("crash", durable_url, "k-1", receiver, public_key, marker=marker)
