@@ -68,9 +68,11 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from langgraph.types import Command, Interrupt, StateSnapshot
 
+from harness_nodes._trace_local import Trace, build_trace
 from harness_nodes.errors import (
     AlreadyDecided,
     EffectNotResolvable,
+    HarnessError,
     InvalidDecision,
     ReviewNotFound,
     UserError,
@@ -157,6 +159,8 @@ class ReviewDetail:
     """The task's steps so far, oldest first: checkpoints, then the decisions that led here."""
     audit: list[dict[str, Any]] = field(default_factory=list)
     """Audit rows for this item (who, when, what, before/after args)."""
+    tree: Trace | None = None
+    """The task's full decision tree from `build_trace` (sync queue; None if unavailable)."""
 
 
 # --- SQL shared by the sync and async queues ------------------------------------------------
@@ -600,7 +604,13 @@ class ReviewQueue:
             "WHERE review_id = %s ORDER BY id",
             (review_id,),
         )
-        return ReviewDetail(item=item, trace=self._core.trace(item, history), audit=audit)
+        try:
+            tree: Trace | None = build_trace(self.backend, item.thread_id)
+        except HarnessError:
+            tree = None
+        return ReviewDetail(
+            item=item, trace=self._core.trace(item, history), audit=audit, tree=tree
+        )
 
     # -- deciding --
 

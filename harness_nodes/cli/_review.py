@@ -28,7 +28,7 @@ import typer
 from rich.table import Table
 
 from harness_nodes.cli._app import app, console
-from harness_nodes.errors import ReviewNotFound, UnknownThread, UserError
+from harness_nodes.errors import HarnessError, ReviewNotFound, UnknownThread, UserError
 from harness_nodes.review_queue import ReviewItem, ReviewQueue, _item, pending_sql
 
 review_app = typer.Typer(
@@ -218,15 +218,23 @@ def show(
 ) -> None:
     """Show one review: what is asked, why, and the task's trace so far."""
     from checkpointers import open_backend
+    from harness_nodes.cli._trace import render
+    from harness_nodes.tracing import build_trace
 
+    tree: Any = None
     with open_backend(db) as backend:
         item = _row(backend, review_id)
         try:
-            queue = ReviewQueue(backend, _graph(backend, graph, item.thread_id))
-            trace = queue.show(review_id).trace
+            detail = ReviewQueue(backend, _graph(backend, graph, item.thread_id)).show(review_id)
+            trace, tree = detail.trace, detail.tree
         except UserError:
-            # No graph to read the checkpoints with: the excerpt the request carries.
+            # No graph given or recorded: the excerpt the request carries, and the decision
+            # tree rebuilt from the checkpoints alone.
             trace = item.requests[0]["trace"]["steps"]
+            try:
+                tree = build_trace(backend, item.thread_id)
+            except HarnessError:
+                tree = None
     console.print(
         f"[bold]review {item.id}[/]  thread {item.thread_id}  task type {item.task_type}  "
         f"status {item.status}",
@@ -245,6 +253,8 @@ def show(
     console.print("[bold]trace[/]")
     for line in trace:
         console.print(f"  {line}", highlight=False)
+    if tree is not None:
+        console.print(render(tree))
 
 
 def _decide(

@@ -68,6 +68,10 @@ def test_list_and_show(db: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert "refund of $250 > $100" in out
     assert "checkpoint step" in out and "model called refund" in out
+    assert "status=paused" in out  # the build_trace decision tree
+    # Without a graph the request's own excerpt and the checkpoint tree still show.
+    code, out, _ = _cli(capsys, "review", "show", ids[0], "--db", db)
+    assert code == 0 and "model called refund" in out and "status=paused" in out
 
 
 @pytest.mark.parametrize(

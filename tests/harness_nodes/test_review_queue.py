@@ -214,6 +214,9 @@ def test_show_returns_the_request_with_the_trace_so_far(backend: Backend) -> Non
     assert 'model called refund(order="A1", amount=250)' in text
     assert "spend so far:" in text
     assert detail.trace[-1].startswith(f"paused for review {item.id}: refund(")
+    assert detail.tree is not None and detail.tree.status == "paused"
+    names = [n.name for step in detail.tree.steps for n in step.walk()]
+    assert any("refund" in n for n in names)
     with pytest.raises(ReviewNotFound):
         queue.show("nope")
 
