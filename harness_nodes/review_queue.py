@@ -196,6 +196,23 @@ _ORDERS: dict[str, str] = {
 }
 
 
+_ASSIGN = "UPDATE harness_reviews SET assignee = %s WHERE id = %s"
+_EXPIRED = (
+    f"SELECT {_COLUMNS} FROM harness_reviews WHERE status = 'pending' "
+    "AND deadline IS NOT NULL AND deadline < %s ORDER BY deadline"
+)
+_ESCALATE = (
+    "UPDATE harness_reviews SET assignee = %s, deadline = %s, priority = priority + 1 "
+    "WHERE id = %s AND status = 'pending' AND deadline < %s RETURNING id"
+)
+_EXPIRY_REVIEWER = "harness:expired"
+_EXPIRED_REJECT = {"type": "reject", "message": "no reviewer decided before the deadline"}
+
+
+def _assign_audit(item: ReviewItem, assignee: str | None, by: str) -> tuple[Any, ...]:
+    return (item.id, by, "assign", json.dumps(item.assignee), json.dumps(assignee), time.time())
+
+
 def review_id_for(thread_id: str, interrupt_id: str) -> str:
     """The queue id of the pause *interrupt_id* in *thread_id* (stable across processes).
 
@@ -423,6 +440,25 @@ class _QueueCore:
             result = f"A human reviewer confirmed the call took effect.{note}" if happened else ""
             out.append((req["tool_call_id"], happened, result))
         return out
+
+    def expiry_action(self, item: ReviewItem) -> Literal["reject", "escalate", "keep"]:
+        unknown_effect = any(r["trigger"] == "effect_unknown" for r in item.requests)
+        if self.on_expire == "reject" and not unknown_effect:
+            return "reject"
+        return "escalate" if self.escalate_to else "keep"
+
+    def escalate_params(self, review_id: str, now: float) -> tuple[Any, ...]:
+        return (self.escalate_to, now + (self.deadline or 3600.0), review_id, now)
+
+    def escalate_audit(self, review_id: str, now: float) -> tuple[Any, ...]:
+        return (
+            review_id,
+            _EXPIRY_REVIEWER,
+            "escalate",
+            None,
+            json.dumps(self.escalate_to),
+            now,
+        )
 
     @staticmethod
     def already(item: ReviewItem) -> AlreadyDecided:
@@ -696,69 +732,36 @@ class ReviewQueue:
         """Assign a pending item to someone (recorded in the audit)."""
         item = self.get(review_id)
         with self.backend.transaction() as tx:
-            tx.execute(
-                "UPDATE harness_reviews SET assignee = %s WHERE id = %s", (assignee, review_id)
-            )
-            tx.execute(
-                _AUDIT,
-                (
-                    review_id,
-                    by,
-                    "assign",
-                    json.dumps(item.assignee),
-                    json.dumps(assignee),
-                    time.time(),
-                ),
-            )
+            tx.execute(_ASSIGN, (assignee, review_id))
+            tx.execute(_AUDIT, _assign_audit(item, assignee, by))
         return self.get(review_id)
 
     def expire(self, *, now: float | None = None) -> list[str]:
-        """Apply the expiry policy to pending items past their deadline; returns their ids."""
+        """Apply the expiry policy to pending items past their deadline; returns their ids.
+
+        ``on_expire="reject"`` rejects them (the run continues as if a reviewer had), except
+        items asking whether an effect happened: a deadline says nothing about the refund, so
+        those are escalated (to ``escalate_to``) or left pending. ``"escalate"`` reassigns
+        to ``escalate_to`` with a fresh deadline and a higher priority.
+        """
         now = time.time() if now is None else now
-        rows = self.backend.execute(
-            "SELECT id FROM harness_reviews WHERE status = 'pending' AND deadline IS NOT NULL "
-            "AND deadline < %s ORDER BY deadline",
-            (now,),
-        )
         done: list[str] = []
-        for row in rows:
-            rid = row["id"]
-            if self._core.on_expire == "reject":
+        for row in self.backend.execute(_EXPIRED, (now,)):
+            item = _item(row)
+            action = self._core.expiry_action(item)
+            if action == "reject":
                 try:
-                    self.decide(
-                        rid,
-                        {"type": "reject", "message": "no reviewer decided before the deadline"},
-                        reviewer="harness:expired",
-                    )
+                    self.decide(item.id, _EXPIRED_REJECT, reviewer=_EXPIRY_REVIEWER)
                 except AlreadyDecided:
                     continue
-            else:
+            elif action == "escalate":
                 with self.backend.transaction() as tx:
-                    moved = tx.execute(
-                        "UPDATE harness_reviews SET assignee = %s, deadline = %s, "
-                        "priority = priority + 1 WHERE id = %s AND status = 'pending' "
-                        "AND deadline < %s RETURNING assignee",
-                        (
-                            self._core.escalate_to,
-                            now + (self._core.deadline or 3600.0),
-                            rid,
-                            now,
-                        ),
-                    )
-                    if not moved:
+                    if not tx.execute(_ESCALATE, self._core.escalate_params(item.id, now)):
                         continue
-                    tx.execute(
-                        _AUDIT,
-                        (
-                            rid,
-                            "harness:expired",
-                            "escalate",
-                            None,
-                            json.dumps(self._core.escalate_to),
-                            now,
-                        ),
-                    )
-            done.append(rid)
+                    tx.execute(_AUDIT, self._core.escalate_audit(item.id, now))
+            else:
+                continue
+            done.append(item.id)
         return done
 
 
@@ -953,6 +956,39 @@ class AsyncReviewQueue:
                 except EffectNotResolvable:
                     pass
         return await self._resume(decided)
+
+    async def assign(
+        self, review_id: str, assignee: str | None, *, by: str = "harness"
+    ) -> ReviewItem:
+        """Async `ReviewQueue.assign`."""
+        item = await self.get(review_id)
+        async with self.backend.transaction() as tx:
+            await tx.execute(_ASSIGN, (assignee, review_id))
+            await tx.execute(_AUDIT, _assign_audit(item, assignee, by))
+        return await self.get(review_id)
+
+    async def expire(self, *, now: float | None = None) -> list[str]:
+        """Async `ReviewQueue.expire`."""
+        now = time.time() if now is None else now
+        done: list[str] = []
+        for row in await self.backend.execute(_EXPIRED, (now,)):
+            item = _item(row)
+            action = self._core.expiry_action(item)
+            if action == "reject":
+                try:
+                    await self.decide(item.id, _EXPIRED_REJECT, reviewer=_EXPIRY_REVIEWER)
+                except AlreadyDecided:
+                    continue
+            elif action == "escalate":
+                async with self.backend.transaction() as tx:
+                    params = self._core.escalate_params(item.id, now)
+                    if not await tx.execute(_ESCALATE, params):
+                        continue
+                    await tx.execute(_AUDIT, self._core.escalate_audit(item.id, now))
+            else:
+                continue
+            done.append(item.id)
+        return done
 
     async def _resume(self, item: ReviewItem) -> dict[str, Any]:
         cfg = _thread_config(item.thread_id, None)

@@ -481,3 +481,41 @@ def test_did_the_refund_go_out_is_answered_in_the_queue_and_the_ledger(
     record = EffectLedger(backend).get("t-eff", "r1")
     assert record is not None and (record.status, record.resolved_by) == (status, "ann")
     assert EFFECTS["refund"] == 1  # the review never re-ran the refund
+
+
+def test_an_expired_did_it_happen_question_is_never_auto_rejected() -> None:
+    from harness_nodes import EffectLedger
+
+    with open_backend("memory://") as backend:
+        fail = [True]
+        graph = _ledger_graph(backend, fail)
+        queue = ReviewQueue(backend, graph, deadline=60)
+        with pytest.raises(RuntimeError):
+            queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="t-exp")
+        fail[0] = False
+        queue.invoke(None, thread_id="t-exp")
+        [item] = queue.pending()
+        assert item.deadline is not None
+        # A deadline says nothing about whether the refund went out: no "it did not" answer.
+        assert queue.expire(now=item.deadline + 1) == []
+        assert queue.get(item.id).status == "pending"
+        record = EffectLedger(backend).get("t-exp", "r1")
+        assert record is not None and record.resolved_by is None
+        escalating = ReviewQueue(backend, graph, on_expire="reject", escalate_to="lead")
+        assert escalating.expire(now=item.deadline + 1) == [item.id]
+        assert queue.get(item.id).assignee == "lead"
+        assert EFFECTS["refund"] == 1
+
+
+async def test_async_queue_assigns_and_expires(abackend: AsyncBackend) -> None:
+    graph = build_builder().compile(checkpointer=abackend.checkpointer)
+    queue = AsyncReviewQueue(abackend, graph, deadline=30, on_expire="escalate", escalate_to="lead")
+    await queue.ainvoke({"messages": [HumanMessage("refund")]}, thread_id="a-exp")
+    [item] = await queue.pending()
+    assert (await queue.assign(item.id, "bob")).assignee == "bob"
+    assert item.deadline is not None
+    assert await queue.expire(now=item.deadline + 1) == [item.id]
+    moved = await queue.get(item.id)
+    assert (moved.assignee, moved.status) == ("lead", "pending")
+    assert [a["decision"] for a in (await queue.show(item.id)).audit] == ["assign", "escalate"]
+    assert EFFECTS == {}
