@@ -446,7 +446,8 @@ class BudgetedChatModel(BaseChatModel):
     _totals: dict[str, Totals] = PrivateAttr(default_factory=dict)
     _counter_failed: set[int] = PrivateAttr(default_factory=set)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
-    _owned_backend: Any = PrivateAttr(default=None)
+    # A one-slot list so that copies (bind_tools) share the private ledger opened lazily.
+    _owned_backend: list[Any] = PrivateAttr(default_factory=lambda: [None])
 
     @property
     def _llm_type(self) -> str:
@@ -455,8 +456,13 @@ class BudgetedChatModel(BaseChatModel):
     # -- configuration ------------------------------------------------------------------
 
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> BudgetedChatModel:
-        """Bind *tools* on every model of the ladder (the wrapper stays budgeted)."""
-        return self.model_copy(update={"tools": list(tools), "tool_kwargs": dict(kwargs)})
+        """Bind *tools* on every model of the ladder (the wrapper stays budgeted).
+
+        The copy shares the ledger and the cached totals, not the tool bindings.
+        """
+        copy = self.model_copy(update={"tools": list(tools), "tool_kwargs": dict(kwargs)})
+        copy._bound = {}
+        return copy
 
     def _runnable(self, index: int) -> Runnable[Any, Any]:
         if not self.tools:
@@ -474,9 +480,9 @@ class BudgetedChatModel(BaseChatModel):
         backend = self.backend
         if backend is None:
             with self._lock:
-                if self._owned_backend is None:
-                    self._owned_backend = open_backend("memory://")
-                backend = self._owned_backend
+                if self._owned_backend[0] is None:
+                    self._owned_backend[0] = open_backend("memory://")
+                backend = self._owned_backend[0]
         if not isinstance(backend, Backend):
             raise UserError(
                 "invoke() needs a sync Backend (open_backend); with an AsyncBackend use ainvoke()"
@@ -1091,6 +1097,13 @@ def budgeted(
 # --- the graph side ------------------------------------------------------------------------
 
 
+def _messages_of(state: Any) -> list[BaseMessage]:
+    # Routing functions get the graph's own state: a dict, a dataclass or a pydantic model.
+    if isinstance(state, Mapping):
+        return list(state.get("messages") or [])
+    return list(getattr(state, "messages", None) or [])
+
+
 def _is_stop_message(m: BaseMessage) -> bool:
     budget = ((m.additional_kwargs or {}).get("harness") or {}).get("budget") or {}
     return isinstance(m, AIMessage) and bool(budget.get("stopped"))
@@ -1205,14 +1218,14 @@ class BudgetGuard:
         Raises:
             BudgetExceeded: on stop, when the envelope says ``exit_behavior="error"``.
         """
-        messages = state["messages"]
+        messages = _messages_of(state)
         stopped = _stopped_by_model(messages)
         check = stopped if stopped is not None else self.model.check(messages, config)
         return self._decide(check, config)
 
     async def aroute(self, state: MessagesOnly, config: RunnableConfig) -> Decision:
         """Async `route` (use it with an `AsyncBackend`)."""
-        messages = state["messages"]
+        messages = _messages_of(state)
         stopped = _stopped_by_model(messages)
         check = stopped if stopped is not None else await self.model.acheck(messages, config)
         if check.decision == "stop":
@@ -1267,7 +1280,7 @@ class BudgetGuard:
         plain ``MessagesState`` app the outcome rides on the final message's
         ``additional_kwargs["harness"]["outcome"]``.
         """
-        messages = state["messages"]
+        messages = _messages_of(state)
         check = self.model.check(messages, config)
         spend = self.model.spend(config, model=_last_model(messages))
         emit("outcome", {"status": "budget_exhausted", "reason": check.limit}, config)
@@ -1275,7 +1288,7 @@ class BudgetGuard:
 
     async def afinish(self, state: MessagesOnly, config: RunnableConfig) -> dict[str, Any]:
         """Async `finish`."""
-        messages = state["messages"]
+        messages = _messages_of(state)
         check = await self.model.acheck(messages, config)
         spend = await self.model.aspend(config, model=_last_model(messages))
         await aemit("outcome", {"status": "budget_exhausted", "reason": check.limit}, config)
@@ -1283,7 +1296,7 @@ class BudgetGuard:
 
     def __call__(self, state: MessagesOnly, config: RunnableConfig) -> Command[str]:
         """Node form: go to `next` (writing the spend mirror) or finish and go to `on_stop`."""
-        messages = state["messages"]
+        messages = _messages_of(state)
         check = self.model.check(messages, config)
         decision = self._decide(check, config)
         if decision == "stop":

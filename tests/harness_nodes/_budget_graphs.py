@@ -70,8 +70,9 @@ def guarded_loop(
     tools = tools or [search]
     guard = BudgetGuard(llm, next="agent", on_stop=END)
 
-    def agent(s: dict[str, Any]) -> dict[str, list[BaseMessage]]:
-        return {"messages": [llm.invoke(s["messages"])]}
+    def agent(s: Any) -> dict[str, list[BaseMessage]]:
+        messages = s["messages"] if isinstance(s, dict) else s.messages
+        return {"messages": [llm.invoke(messages)]}
 
     builder: StateGraph[Any] = StateGraph(state)
     builder.add_node("agent", agent)

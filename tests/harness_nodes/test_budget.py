@@ -8,15 +8,17 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage
 from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.graph.message import add_messages
 from langgraph.types import Command, Send
 from typing_extensions import TypedDict
 
@@ -628,3 +630,37 @@ def test_budget_survives_a_new_wrapper_and_a_stale_cache(backend: Backend) -> No
     spent, committed = _ledger_nanos(backend, "shared")
     assert committed == spent <= 0.05 * NANOS
     assert SpendLedger(backend).totals("shared", "default", Limits()).spent_nanos == spent
+
+
+def test_bound_copies_share_the_ledger_but_not_the_tools() -> None:
+    seen: list[list[str]] = []
+
+    class Recording(ScriptedChatModel):
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Recording:
+            seen.append([t.name for t in tools])
+            return self
+
+    llm = budgeted(
+        Recording(script=["a"], loop=True, model_name="gpt-4o-mini"),
+        envelope=Envelope(max_calls=2),
+    )  # no backend: a private in-memory ledger, shared by the copies
+    config: Any = {"configurable": {"thread_id": "t"}}
+    llm.bind_tools([search]).invoke("x", config)
+    llm.bind_tools([search_after_approval]).invoke("x", config)
+    assert seen == [["search"], ["search_after_approval"]]
+    refused = llm.invoke("x", config)
+    assert refused.additional_kwargs["harness"]["budget"]["stopped"]["limit"] == "calls"
+
+
+@dataclass
+class DataState:
+    messages: Annotated[list[AnyMessage], add_messages] = field(default_factory=list)
+
+
+def test_guard_works_in_a_dataclass_state_app(backend: Backend) -> None:
+    llm = runaway_llm(backend)
+    graph = guarded_loop(llm, state=DataState).compile(checkpointer=backend.checkpointer)
+    out = graph.invoke({"messages": [HumanMessage("go")]}, _config("dc"), durability="sync")
+    outcome = out["messages"][-1].additional_kwargs["harness"]["outcome"]
+    assert outcome["status"] == "budget_exhausted"
+    assert _ledger_nanos(backend, "dc")[1] <= LIMIT_NANOS
