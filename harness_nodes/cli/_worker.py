@@ -44,9 +44,10 @@ def worker(
 ) -> None:
     """Run a background worker: execute queued tasks, resume those of dead workers."""
     from checkpointers import default_url
-    from harness_nodes.background import WorkerOptions, run_worker
+    from harness_nodes.background import JobQueue, WorkerOptions, run_worker
 
     url = db or default_url()
+    queue = JobQueue(url)  # refuses a non-Postgres URL with one clear line
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     options = WorkerOptions(
         concurrency=concurrency,
@@ -56,7 +57,7 @@ def worker(
         stalled_after=stalled_after,
         name=name,
     )
-    err_console.print(f"harness worker: {url.split('@')[-1]} (concurrency {concurrency})")
+    err_console.print(f"harness worker: {queue.masked_url} (concurrency {concurrency})")
     asyncio.run(run_worker(url, options))
 
 

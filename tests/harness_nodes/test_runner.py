@@ -358,3 +358,14 @@ def test_background_queue_needs_postgres() -> None:
     with pytest.raises(UserError, match="Background runs need Postgres"):
         JobQueue("sqlite:///x.db")
     assert "***" in repr(JobQueue("postgresql://u:secret@127.0.0.1:5432/app"))
+
+
+def test_harness_worker_refuses_a_database_it_cannot_queue_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness_nodes.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["worker", "--db", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert e.value.code == 2
+    assert "Background runs need Postgres" in capsys.readouterr().err
