@@ -499,3 +499,55 @@ def test_crash_inside_the_call_is_an_unknown_outcome_in_the_next_process(tmp_pat
         assert message.additional_kwargs["harness"]["escalation"]["kind"] == "effect_unknown"
         assert world.calls == []
         assert world_file.read_text() == "refund\n"
+
+
+def test_unknown_outcome_reaches_a_person_through_human_review(memory_backend: Backend) -> None:
+    from langgraph.types import Command
+
+    from harness_nodes import HumanReview, ReviewPolicy
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    world = Counter()
+    attempts = {"n": 0}
+
+    @irreversible
+    @tool
+    def refund(order_id: str, amount: int) -> str:
+        """Refund an order."""
+        world.add(f"refund {order_id}")
+        attempts["n"] += 1
+        if attempts["n"] == 1:
+            raise TimeoutError("payment gateway timed out")  # did it go through?
+        return "refunded"
+
+    ledger = EffectLedger(memory_backend)
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("refund", {"order_id": "o1", "amount": 5}, "c1")]), "ok"]
+    )
+    review = HumanReview(ReviewPolicy(), tools=[refund])
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode([refund], wrap_tool_call=ledger.wrap_tool_call))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_conditional_edges("tools", review.route)
+    graph = builder.compile(checkpointer=memory_backend.checkpointer)
+    config: Any = {"configurable": {"thread_id": "t-1"}}
+
+    with pytest.raises(TimeoutError):
+        graph.invoke({"messages": [HumanMessage("refund o1")]}, config, durability="sync")
+    paused = graph.invoke(None, config, durability="sync")  # the resumed run
+    (request,) = paused["__interrupt__"][0].value
+    assert request["trigger"] == "effect_unknown"
+    assert request["action_request"] == {
+        "action": "refund",
+        "args": {"order_id": "o1", "amount": 5},
+    }
+    assert world.calls == [("refund o1", "t-1:c1")]  # not re-run while it waits
+
+    # The reviewer checked the gateway: it went through. The app records it in the ledger.
+    ledger.resolve("t-1", "c1", happened=True, result="refunded (confirmed)", reviewer="ann")
+    done = graph.invoke(Command(resume={"type": "approve"}), config, durability="sync")
+    assert done["messages"][-1].content == "ok"
+    assert world.calls == [("refund o1", "t-1:c1")]
