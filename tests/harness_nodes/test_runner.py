@@ -369,3 +369,58 @@ def test_harness_worker_refuses_a_database_it_cannot_queue_on(
         main(["worker", "--db", f"sqlite:///{tmp_path / 'x.db'}"])
     assert e.value.code == 2
     assert "Background runs need Postgres" in capsys.readouterr().err
+
+
+FROZEN = """
+import sys
+from checkpointers import open_backend
+from harness_nodes import TaskRunner
+with open_backend(sys.argv[1]) as backend:
+    run = TaskRunner(backend, "tests.harness_nodes._chaos_graph:build", lease_seconds=1.0)
+    print(run.execute("t-frozen").status)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_frozen_worker_cannot_write_after_another_took_over(postgres_url: str) -> None:
+    import os
+    import signal
+
+    with open_backend(postgres_url) as backend:
+        chaos.create_tables(backend)
+        backend.execute(
+            "INSERT INTO harness_runs (thread_id, task_key, task_type, graph, status, input, "
+            "attempts, created_at, updated_at) VALUES ('t-frozen', 't-frozen', 'support', %s, "
+            "'pending', %s, 0, 1, 1)",
+            (GRAPH, json.dumps({"json": {"messages": [["human", "refund"]]}})),
+        )
+        env = subprocess_env(CHAOS_STEP_SLEEP="0.6", CHAOS_EFFECT_SLEEP="0")
+        frozen = subprocess.Popen(
+            [sys.executable, "-c", FROZEN, postgres_url],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            # Freeze it (a VM pause, a stop-the-world GC) inside its second agent step.
+            while sum(s["node"] == "agent" for s in chaos.steps(backend, "t-frozen")) < 2:
+                assert time.monotonic() < deadline and frozen.poll() is None, frozen.stderr
+                time.sleep(0.01)
+            os.kill(frozen.pid, signal.SIGSTOP)
+            time.sleep(1.5)  # its lease expires
+            with TaskRunner(backend, GRAPH, lease_seconds=1.0) as runner:
+                assert runner.recover() == ["t-frozen"]
+                assert runner.result("t-frozen", timeout=60)["status"] == "completed"
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+        out, err = frozen.communicate(timeout=60)
+        # It woke up mid-step, tried to write, found the lease gone and stopped.
+        assert frozen.returncode == 0, err
+        assert out.strip() == "completed"  # the task as the other worker left it
+        run = runner.status("t-frozen")
+        assert (run.status, run.attempts) == ("completed", 2)
+        assert chaos.world(backend, "t-frozen") == ["refund", "email"]
+        assert len(linear_chain(backend, "t-frozen")) == 9
