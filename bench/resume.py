@@ -151,18 +151,26 @@ def run_task(backend: Backend, mode: str, task: int, rate: float, seed: int, met
                 inputs = None  # carry on from the last checkpoint
 
 
-def measure(backend: Backend, mode: str, rate: float, tasks: int, seed: int) -> dict[str, float]:
-    meter = Meter()
-    start = time.perf_counter()
+def measure(
+    backend: Backend, modes: tuple[str, ...], rate: float, tasks: int, seed: int
+) -> dict[str, dict[str, float]]:
+    """Run every task in every mode, interleaved task by task so drift hits all modes alike."""
+    meters = {m: Meter() for m in modes}
+    walls = dict.fromkeys(modes, 0.0)
     for task in range(tasks):
-        run_task(backend, mode, task, rate, seed, meter)
-    wall = time.perf_counter() - start
+        for mode in modes:
+            start = time.perf_counter()
+            run_task(backend, mode, task, rate, seed, meters[mode])
+            walls[mode] += time.perf_counter() - start
     return {
-        "tokens": meter.tokens / tasks,
-        "seconds": wall / tasks,
-        "crashes": meter.crashes / tasks,
-        "steps": meter.steps / tasks,
-        "dup_effects": sum(n - 1 for n in meter.effects.values()),
+        mode: {
+            "tokens": m.tokens / tasks,
+            "seconds": walls[mode] / tasks,
+            "crashes": m.crashes / tasks,
+            "steps": m.steps / tasks,
+            "dup_effects": sum(n - 1 for n in m.effects.values()),
+        }
+        for mode, m in meters.items()
     }
 
 
@@ -182,14 +190,10 @@ def main() -> None:
             )
             print(header)
             print("-" * len(header))
-            for mode in ("resume", "scratch"):  # warm-up: imports, schema, caches
-                measure(backend, f"warmup-{mode}", 0.0, 2, args.seed)
+            measure(backend, ("warmup-resume", "warmup-scratch"), 0.0, 2, args.seed)
             ratios = []
             for rate in (0.0, 0.1, 0.3):
-                cells = {
-                    m: measure(backend, m, rate, args.tasks, args.seed)
-                    for m in ("resume", "scratch")
-                }
+                cells = measure(backend, ("resume", "scratch"), rate, args.tasks, args.seed)
                 for mode, c in cells.items():
                     print(
                         f"{rate:>10.0%} | {mode:>7} | {c['tokens']:>11.0f} | "
