@@ -73,6 +73,10 @@ class Narrator:
                 if isinstance(one, dict):
                     self._node_update(node, one)
 
+    def message(self, node: str, message: BaseMessage) -> None:
+        """Narrate one message written by *node*."""
+        self._message(node, message)
+
     def _node_update(self, node: str, value: dict[str, Any]) -> None:
         for message in value.get("messages", []) or []:
             if isinstance(message, BaseMessage):

@@ -155,6 +155,7 @@ class RunTarget:
     thread_id: str
     config: dict[str, Any]
     task_type: str
+    backend: Any
 
 
 @contextmanager
@@ -183,7 +184,7 @@ def opened_graph(
             },
         }
         task_type = str(getattr(module, "TASK_TYPE", graph_name))
-        yield RunTarget(graph, thread_id, config, task_type)
+        yield RunTarget(graph, thread_id, config, task_type, backend)
 
 
 def drive(target: RunTarget, inputs: Any, narrator: Narrator) -> dict[str, Any]:
@@ -237,8 +238,47 @@ def run_graph(
         }
         narrator.start(thread, graph_name, text)
         state = drive(target, inputs, narrator)
+        if state["__interrupts__"]:
+            # Queue the pause so `harness review`, the inbox and `harness show` see it.
+            _queue(target).sync(thread)
     narrator.end(state)
     return state
+
+
+def _queue(target: RunTarget) -> Any:
+    from harness_nodes.review_queue import ReviewQueue
+
+    return ReviewQueue(target.backend, target.graph)
+
+
+def decide_pending(
+    target: RunTarget, decision: Any, reviewer: str, narrator: Narrator
+) -> dict[str, Any] | None:
+    """Apply *decision* to the thread's queued reviews (audited), narrating what follows.
+
+    Returns the new state, or None when the thread has no queued review (a pause that is
+    not a `HumanReview` one: answer it with ``Command(resume=...)``).
+    """
+    queue = _queue(target)
+    items = queue.sync(target.thread_id)
+    if not items:
+        return None
+    config = {"configurable": {"thread_id": target.thread_id}}
+    before = {m.id for m in target.graph.get_state(config).values.get("messages", [])}
+    for item in items:
+        kind = decision.get("type") if isinstance(decision, Mapping) else "decision"
+        narrator.record("review", f"{reviewer} decided {kind} on review {item.id} ({item.reason})")
+        queue.decide(item.id, decision, reviewer=reviewer)
+    snapshot = target.graph.get_state(config)
+    for message in snapshot.values.get("messages", []):
+        if message.id not in before:
+            narrator.message("resumed", message)
+    values: dict[str, Any] = dict(snapshot.values)
+    values["__interrupts__"] = list(snapshot.interrupts)
+    values["__thread__"] = target.thread_id
+    for intr in snapshot.interrupts:
+        narrator.update({"__interrupt__": [intr]})
+    return values
 
 
 def resume_thread(
@@ -247,9 +287,13 @@ def resume_thread(
     db: str | None = None,
     resume: Any = None,
     model: str | None = None,
+    reviewer: str | None = None,
     narrator: Narrator | None = None,
 ) -> dict[str, Any]:
-    """Carry a task on from its last checkpoint (after a crash, or with a review answer)."""
+    """Carry a task on from its last checkpoint (after a crash, or with a review answer).
+
+    A review answer goes through the `ReviewQueue` (validated, audited with *reviewer*).
+    """
     from checkpointers import open_backend
     from harness_nodes.cli._worker import resume_managed
 
@@ -284,10 +328,27 @@ def resume_thread(
                 "or pass --decision JSON"
             )
         narrator.note(f"resuming thread {thread_id} ({graph_name})")
-        inputs: Command[Any] | None = Command(resume=resume) if resume is not None else None
-        state = drive(target, inputs, narrator)
+        decided = None
+        if snapshot.interrupts and resume is not None:
+            decided = decide_pending(target, resume, reviewer or _user(), narrator)
+        if decided is not None:
+            state = decided
+        else:
+            inputs: Command[Any] | None = Command(resume=resume) if resume is not None else None
+            state = drive(target, inputs, narrator)
+            if state["__interrupts__"]:
+                _queue(target).sync(thread_id)
     narrator.end(state)
     return state
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "cli"
 
 
 def _without_crashes(args: dict[str, Any]) -> dict[str, Any]:
@@ -343,6 +404,9 @@ def resume(
         str | None, typer.Option("--decision", help="JSON answer to a pending review interrupt")
     ] = None,
     model: ModelOption = None,
+    reviewer: Annotated[
+        str | None, typer.Option("--reviewer", help="Who decides (default: the login name)")
+    ] = None,
 ) -> None:
     """Resume a task from its last checkpoint (after a crash or a pause)."""
     answer = None
@@ -351,4 +415,4 @@ def resume(
             answer = json.loads(decision)
         except ValueError as e:
             raise UserError(f"--decision is not valid JSON ({e}): {decision!r}") from None
-    resume_thread(thread, db=db, resume=answer, model=model)
+    resume_thread(thread, db=db, resume=answer, model=model, reviewer=reviewer)

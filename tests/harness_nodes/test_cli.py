@@ -13,19 +13,27 @@ from harness_nodes.cli import main
 from tests.conftest import subprocess_env
 
 
-def test_demo_completes_on_a_sqlite_file(
+def test_demo_runs_the_three_graphs_and_narrates_the_harness(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = tmp_path / "demo.db"
     main(["demo", "--db", f"sqlite:///{db}"])
     out = capsys.readouterr().out
-    assert "outcome: completed" in out
-    assert "The weather in Paris today: sunny, 21°C." in out
-    assert "gpt-4o-mini" in out  # the spend table names the model
-    # The run was checkpointed durably in that file.
+    # a retried tool output in each graph
+    assert "refused the output of search (empty result" in out
+    assert "refused the output of list_invoices (invoice amounts outside" in out
+    assert "the tool returned an HTML page" in out and "is out of range [0, +inf]" in out
+    # a pause for review, answered for the demo, and the refund made once
+    assert "paused for review: issue_refund(invoice_id=inv_5003, amount_usd=49.0" in out
+    assert "demo-reviewer decided approve on review" in out
+    assert "Done: refunded $49.0 (refund re_0001)" in out
+    assert out.count("completed —") == 3
+    # Everything was checkpointed durably in that file, and the decision audited.
     with sqlite3.connect(db) as conn:
-        threads = conn.execute("SELECT DISTINCT thread_id FROM checkpoints").fetchall()
-    assert len(threads) == 1 and threads[0][0].startswith("demo-")
+        threads = {r[0] for r in conn.execute("SELECT DISTINCT thread_id FROM checkpoints")}
+        audit = conn.execute("SELECT reviewer, decision FROM harness_review_audit").fetchall()
+    assert {t.split("-")[1] for t in threads} == {"research", "support", "documents"}
+    assert audit == [("demo-reviewer", "approve")]
 
 
 def test_demo_uses_harness_database_url(
@@ -34,7 +42,7 @@ def test_demo_uses_harness_database_url(
     db = tmp_path / "env.db"
     monkeypatch.setenv("HARNESS_DATABASE_URL", f"sqlite:///{db}")
     main(["demo"])
-    assert "outcome: completed" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("completed —") == 3
     assert db.exists()
 
 

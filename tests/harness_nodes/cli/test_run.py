@@ -48,10 +48,26 @@ def test_run_pauses_for_review_and_resume_applies_the_decision(
     assert "harness paused for review: issue_refund(" in out
     assert "paused for review: decide with `harness review`" in out
     assert "completed" not in out
-    code, out, _ = _cli(capsys, "resume", "s1", "--db", db, "--decision", '{"type": "approve"}')
+    code, out, _ = _cli(
+        capsys,
+        "resume",
+        "s1",
+        "--db",
+        db,
+        "--decision",
+        '{"type": "approve"}',
+        "--reviewer",
+        "alice",
+    )
     assert code == 0
-    assert "tools: issue_refund →" in out
+    assert "alice decided approve on review" in out
+    assert "resumed: issue_refund →" in out
     assert "completed — Done: refunded $49.0" in out
+    # The decision is in the queue's audit, so the trace shows who decided what.
+    code, out, _ = _cli(capsys, "show", "s1", "--db", db)
+    assert code == 0
+    assert "paused → resumed" in out
+    assert "'type': 'approve', 'reviewer': 'alice'" in out and "by alice" in out
 
 
 def test_resume_of_a_paused_thread_without_a_decision_is_refused(
