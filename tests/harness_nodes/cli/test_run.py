@@ -67,7 +67,7 @@ def test_run_pauses_for_review_and_resume_applies_the_decision(
     code, out, _ = _cli(capsys, "show", "s1", "--db", db)
     assert code == 0
     assert "paused → resumed" in out
-    assert "'type': 'approve', 'reviewer': 'alice'" in out and "by alice" in out
+    assert "review approve by alice" in out
 
 
 def test_resume_of_a_paused_thread_without_a_decision_is_refused(
