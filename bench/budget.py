@@ -87,13 +87,15 @@ def overhead(backend: Backend, n: int = 600) -> None:
     }
     for fn in cases.values():  # warm up pool, plans, caches
         _per_call(fn, 50)
-    rounds: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(3):  # interleave, so drift hits every measurement alike
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(3 * n):  # round-robin, call by call: load drift hits every case alike
         for k, fn in cases.items():
-            rounds[k].append(statistics.median(_per_call(fn, n)))
-    m = {k: statistics.median(v) for k, v in rounds.items()}
+            t = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - t)
+    m = {k: statistics.median(v) for k, v in samples.items()}
     rtt = m["rtt"]
-    print(f"## 1. Overhead per LLM call (Postgres, medians of 3 x {n} calls)")
+    print(f"## 1. Overhead per LLM call (Postgres, medians of {3 * n} round-robin calls)")
     print()
     print("| measure | time | in `SELECT 1` round trips |")
     print("| --- | ---: | ---: |")
