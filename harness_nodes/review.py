@@ -274,13 +274,14 @@ def check_decisions(
         ```python
         import pytest
 
-        from harness_nodes import InvalidDecision, check_decisions
-        from harness_nodes.review import _example_request
+        from harness_nodes import HumanReview, InvalidDecision, ReviewPolicy, check_decisions
+        from harness_nodes.testing import ai, tool_call
 
-        req = _example_request()
-        assert check_decisions([req], {"type": "approve"})[0].type == "approve"
-        with pytest.raises(InvalidDecision):
-            check_decisions([req], {"type": "maybe"})
+        review = HumanReview(ReviewPolicy(irreversible=["refund"]))
+        requests = review.requests([ai(tool_calls=[tool_call("refund", {"amount": 250})])])
+        assert check_decisions(requests, {"type": "approve"})[0].type == "approve"
+        with pytest.raises(InvalidDecision, match="Input should be 'approve'"):
+            check_decisions(requests, {"type": "maybe"})
         ```
     """
     by_name = dict(tools) if isinstance(tools, Mapping) else {t.name: t for t in tools}
@@ -963,20 +964,3 @@ def _invalid_resume(err: InvalidDecision) -> InvalidDecision:
     except ImportError:  # pragma: no cover - older langgraph: the error still propagates
         pass
     return err
-
-
-def _example_request() -> ReviewRequest:
-    """A small request for docstring examples."""
-    return ReviewRequest(
-        action_request=ActionRequest(action="refund", args={"amount": 250}),
-        config=ReviewConfig(
-            allow_accept=True, allow_edit=True, allow_respond=True, allow_ignore=True
-        ),
-        description="refund(amount=250): refund is irreversible",
-        kind="tool_call",
-        trigger="irreversible",
-        reason="refund is irreversible",
-        risk="high",
-        tool_call_id="call-1",
-        trace=TraceExcerpt(steps=[], tokens=0, usd=None),
-    )

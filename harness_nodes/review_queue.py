@@ -498,7 +498,23 @@ class ReviewQueue:
             (reassign to ``escalate_to`` with a fresh deadline and a higher priority).
         escalate_to: The assignee expired items escalate to.
 
-    See the module docstring for a complete example.
+    The module docstring walks a full pause → decide → resume; the queue alone:
+
+    Example:
+        ```python
+        from langgraph.graph import START, MessagesState, StateGraph
+
+        from checkpointers import open_backend
+        from harness_nodes import ReviewQueue
+
+        builder = StateGraph(MessagesState)
+        builder.add_node("noop", lambda state: {})
+        builder.add_edge(START, "noop")
+        with open_backend("memory://") as backend:
+            queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+            queue.invoke({"messages": []}, thread_id="t1")  # runs; nothing to review
+            assert queue.pending(task_type="billing") == []
+        ```
     """
 
     def __init__(
