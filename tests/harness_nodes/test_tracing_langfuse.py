@@ -23,7 +23,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 
 from checkpointers import open_backend
-from harness_nodes import langfuse_callbacks, trace_id_for
+from harness_nodes import Pricing, langfuse_callbacks, langfuse_handler, trace_id_for
 from harness_nodes._events import aemit
 from harness_nodes.testing import LangfuseReceiver, ReceivedSpan, ScriptedChatModel, ai, tool_call
 from tests.conftest import subprocess_env
@@ -60,6 +60,18 @@ def _config(thread_id: str, receiver: LangfuseReceiver, public_key: str, **kw: A
     )
 
 
+def _handler(receiver: LangfuseReceiver, public_key: str, **kw: Any) -> Any:
+    handler = langfuse_handler(
+        public_key=public_key,
+        secret_key="sk-lf-test-secret",
+        base_url=receiver.base_url,
+        flush_interval=0.05,
+        **kw,
+    )
+    assert handler is not None
+    return handler
+
+
 def _flush(public_key: str) -> None:
     from langfuse import get_client
 
@@ -80,8 +92,8 @@ def test_a_task_is_one_trace_with_guardrails_generations_events_and_scores(
     receiver: LangfuseReceiver, public_key: str
 ) -> None:
     with open_backend("memory://") as backend:
-        config = _config("lf-1", receiver, public_key, sensitive_fields=["card_number"])
-        traced_task.run_to_end(backend, "lf-1", config)
+        handler = _handler(receiver, public_key, sensitive_fields=["card_number"])
+        traced_task.run_to_end(backend, "lf-1", [handler])
     _flush(public_key)
     spans = receiver.spans
     trace_id = trace_id_for("lf-1")
@@ -92,7 +104,6 @@ def test_a_task_is_one_trace_with_guardrails_generations_events_and_scores(
     assert len(roots) == 2
     assert all(s.attributes["session.id"] == "lf-1" for s in spans)
     assert all("refunds" in s.attributes["langfuse.trace.tags"] for s in spans)
-    assert roots[0].attributes["langfuse.trace.metadata.harness_task_id"] == "lf-1"
 
     # verdicts → guardrail observations, under the node that ran the check
     guardrails = _by_type(spans, "guardrail")
@@ -111,10 +122,10 @@ def test_a_task_is_one_trace_with_guardrails_generations_events_and_scores(
         "gpt-4o-mini",
         "gpt-4o-mini",
     ]
+    pricing = Pricing()
     for g in generations:
         usage, cost = g.attr("usage_details"), g.attr("cost_details")
-        pin, pout = traced_task.PRICES[g.attr("model.name")]
-        expected = usage["input"] * pin + usage["output"] * pout
+        expected = pricing.cost_nanos(g.attr("model.name"), usage["input"], usage["output"]) / 1e9
         assert cost["total"] == pytest.approx(expected) and cost["total"] > 0
 
     # budget, review and effect decisions → events with their figures
@@ -123,7 +134,8 @@ def test_a_task_is_one_trace_with_guardrails_generations_events_and_scores(
     assert degrade.attr("level") == "WARNING"
     assert degrade.attr("output")["to_model"] == "gpt-4o-mini"
     settle = events["budget.settle"]
-    assert settle.attr("output")["usd"] > 0 and settle.attr("output")["limit_usd"] == 1.0
+    assert settle.attr("output")["usd"] > 0
+    assert settle.attr("output")["limit_usd"] == traced_task.ENVELOPE.max_usd
     review = events["review approve by alice"]
     assert review.attr("metadata.reviewer") == "alice"
     assert events["effect run: refund"].attr("output")["idempotency_key"] == "lf-1:call-r1"
@@ -150,10 +162,9 @@ def test_secrets_never_reach_the_trace(
     env_secret = "env-secret-value-" + uuid.uuid4().hex
     monkeypatch.setenv("OPENAI_API_KEY", env_secret)
     with open_backend("memory://") as backend:
-        config = _config("lf-2", receiver, public_key, sensitive_fields=["card_number"])
-        config["metadata"]["api_key"] = "sk-proj-FROMMETADATA0123456789"
-        config["metadata"]["note"] = f"the key is {env_secret}"
-        traced_task.run_to_end(backend, "lf-2", config)
+        handler = _handler(receiver, public_key, sensitive_fields=["card_number"])
+        metadata = {"api_key": "sk-proj-FROMMETADATA0123456789", "note": f"key: {env_secret}"}
+        traced_task.run_to_end(backend, "lf-2", [handler], metadata)
     _flush(public_key)
     assert receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
     blob = b"\n".join(receiver.raw_bodies)
@@ -190,8 +201,9 @@ def test_without_keys_tracing_is_off_with_one_notice(
     notices = [r for r in caplog.records if r.name == "harness_nodes.tracing"]
     assert len(notices) == 1 and "\n" not in notices[0].getMessage()
     with open_backend("memory://") as backend:
-        out = traced_task.run_to_end(backend, "t-off", first)
-    assert out["outcome"]["status"] == "completed"
+        graph = traced_task.build(backend)
+        graph.invoke(traced_task.first_input("t-off"), first, durability="sync")
+    assert graph.get_state(first).interrupts  # ran untraced, to the review pause
 
 
 def test_a_thread_id_is_required() -> None:
@@ -232,6 +244,10 @@ async def test_async_graph_events_stay_in_the_task_trace(
     _flush(public_key)
     spans = receiver.spans
     assert {s.trace_id for s in spans} == {trace_id_for("lf-async")}
+    (root,) = _roots(spans)
+    assert root.attributes["langfuse.trace.metadata.harness_task_id"] == "lf-async"
+    assert root.attributes["langfuse.trace.tags"] == ["refunds"]
+    assert root.attributes["session.id"] == "lf-async"
     (guardrail,) = _by_type(spans, "guardrail")
     (node,) = [s for s in spans if s.name == "agent"]
     assert guardrail.parent_span_id == node.span_id
@@ -244,14 +260,13 @@ def test_the_sdks_span_exporter_hook_sees_the_same_tree(public_key: str) -> None
 
     exporter = InMemorySpanExporter()
     with open_backend("memory://") as backend:
-        config = langfuse_callbacks(
-            "lf-mem",
+        handler = langfuse_handler(
             public_key=public_key,
             secret_key="sk-lf-x",
             base_url="http://127.0.0.1:9",  # nothing listens: spans go to the exporter
             span_exporter=exporter,
         )
-        traced_task.run_to_end(backend, "lf-mem", config)
+        traced_task.run_to_end(backend, "lf-mem", [handler])
     _flush(public_key)
     spans = exporter.get_finished_spans()
     assert {format(s.context.trace_id, "032x") for s in spans} == {trace_id_for("lf-mem")}
@@ -354,7 +369,7 @@ def test_one_handler_for_a_review_queue_keeps_each_task_in_its_own_trace(
     from langchain_core.tools import tool
     from langgraph.prebuilt import ToolNode
 
-    from harness_nodes import HumanReview, ReviewPolicy, ReviewQueue, langfuse_handler
+    from harness_nodes import HumanReview, ReviewPolicy, ReviewQueue
 
     @tool
     def refund(order: str, amount: float) -> str:

@@ -1,14 +1,13 @@
-"""A task that exercises every harness decision, for the tracing tests and the benchmark.
+"""A task that exercises every harness decision, for the tracing tests.
 
-Verification and effects are the real layers (`VerifyToolOutputs` and `EffectLedger` inside
-the `ToolNode`). Until the budget and review layers land on main, this graph stands in for
-them: it does what their
-contracts (docs/decisions/0001) say they do — emits the ``harness.*`` events, writes the
-message metadata under ``additional_kwargs["harness"]`` and the ledger rows — so both trace
-views can be checked against a known sequence:
+Every layer is the real one from main: a `budgeted` model ladder (gpt-4o → gpt-4o-mini) in an
+`Envelope`, `VerifyToolOutputs` and the `EffectLedger` inside the `ToolNode`, `HumanReview` in
+front of the irreversible refund, and a `ReviewQueue` on which alice approves it. The known
+sequence both trace views are checked against:
 
-search (fails verification → retry) → search (ok) → budget degrades the model → refund
-(pauses for review, approved by alice, runs through the effect ledger) → answer → completed.
+search (its output fails verification → retry) → search (ok) → the budget degrades the model
+(the next gpt-4o call would not fit the envelope) → refund (pauses for review, approved by
+alice through the queue, runs once through the effect ledger) → answer → completed.
 
 Run as a module it is one *leg* of the task in its own process (see ``main``).
 """
@@ -22,31 +21,42 @@ import time
 from pathlib import Path
 from typing import Any
 
-from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
 from langgraph.graph import END, START, StateGraph
 from langgraph.prebuilt import ToolNode
-from langgraph.types import Command, interrupt
 
 from checkpointers import Backend, open_backend
 from harness_nodes import (
     EffectLedger,
+    Envelope,
     HarnessState,
-    ReviewRecord,
+    HumanReview,
+    ReviewPolicy,
+    ReviewQueue,
     ToolContract,
     VerifyToolOutputs,
+    budgeted,
     current_effect,
     irreversible,
-    langfuse_callbacks,
+    langfuse_handler,
 )
 from harness_nodes._events import emit
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 
 BIG, SMALL = "gpt-4o", "gpt-4o-mini"
 SECRET = "sk-live-THISMUSTNEVERLEAK0123456789"
+SEARCH_FAILURE = "the output carries an error: error='rate limited'"
+"""The real verifier's reason for the first search output."""
+USAGE = {"input_tokens": 60, "output_tokens": 100}
+# Two gpt-4o calls spend ~$0.0023 of the $0.0052 envelope; for the third, the prompt's
+# worst case plus the 256 output tokens the envelope requires no longer fit on gpt-4o
+# (measured: degrades with 0.0050-0.0053), so it runs on gpt-4o-mini.
+ENVELOPE = Envelope(max_usd=0.0052)
 SCRIPT = [
-    ai(tool_calls=[tool_call("search", {"query": "order 42"}, id="call-s1")]),
-    ai(tool_calls=[tool_call("search", {"query": "order #42"}, id="call-s2")]),
+    ai(tool_calls=[tool_call("search", {"query": "order 42"}, id="call-s1")], usage=USAGE),
+    ai(tool_calls=[tool_call("search", {"query": "order #42"}, id="call-s2")], usage=USAGE),
     ai(
         tool_calls=[
             tool_call(
@@ -54,116 +64,27 @@ SCRIPT = [
                 {"order": 42, "amount": 10, "api_key": SECRET, "card_number": "4111111111111111"},
                 id="call-r1",
             )
-        ]
+        ],
+        usage=USAGE,
     ),
-    ai("Refunded 10 USD on order 42."),
+    ai("Refunded 10 USD on order 42.", usage=USAGE),
 ]
-SEARCH_FAILURE = "the output carries an error: error='rate limited'"
-"""The real verifier's reason for the first search output."""
-PRICES = {BIG: (2.5e-6, 10e-6), SMALL: (0.15e-6, 0.6e-6)}  # USD per token (in, out)
 
 
-def _turn(messages: list[Any]) -> int:
-    return sum(1 for m in messages if isinstance(m, AIMessage))
-
-
-def build(backend: Backend, *, hang_in_tools: Path | None = None) -> Any:
-    """The task's graph, compiled on *backend*'s checkpointer."""
-    models = {name: ScriptedChatModel(model_name=name, script=SCRIPT) for name in PRICES}
-
-    def agent(state: HarnessState) -> dict[str, Any]:
-        turn = _turn(state["messages"])
-        task_id = (state.get("task") or {}).get("task_id", "task")
-        model = SMALL if turn >= 2 else BIG
-        if model == SMALL:
-            emit(
-                "budget.degrade",
-                {
-                    "task_id": task_id,
-                    "from_model": BIG,
-                    "to_model": SMALL,
-                    "reason": "next call would not fit",
-                },
-            )
-        msg = models[model].invoke(state["messages"])
-        usage = msg.usage_metadata or {"input_tokens": 0, "output_tokens": 0}
-        pin, pout = PRICES[model]
-        usd = usage["input_tokens"] * pin + usage["output_tokens"] * pout
-        spent = (
-            sum(
-                int(r["cost_nanos"])
-                for r in backend.execute(
-                    "SELECT cost_nanos FROM harness_spend WHERE task_id = %s", (task_id,)
-                )
-            )
-            / 1e9
-        )
-        backend.execute(
-            "INSERT INTO harness_spend (task_id, task_type, model, state, input_tokens, "
-            "output_tokens, cost_nanos, created_at, settled_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                task_id,
-                "refunds",
-                model,
-                "settled",
-                usage["input_tokens"],
-                usage["output_tokens"],
-                round(usd * 1e9),
-                time.time(),
-                time.time(),
-            ),
-        )
-        emit(
-            "budget.settle",
-            {
-                "task_id": task_id,
-                "model": model,
-                "input_tokens": usage["input_tokens"],
-                "output_tokens": usage["output_tokens"],
-                "usd": usd,
-                "spent_usd": spent + usd,
-                "limit_usd": 1.0,
-            },
-        )
-        budget = {
-            "model": model,
-            "degraded_from": BIG if model == SMALL else None,
-            "reserved_usd": usd * 2,
-            "spent_usd": usd,
-        }
-        msg.additional_kwargs["harness"] = {"budget": budget}
-        return {"messages": [msg]}
-
-    def review(state: HarnessState) -> dict[str, Any]:
-        last = state["messages"][-1]
-        assert isinstance(last, AIMessage)
-        decision = interrupt(
-            {
-                "action_request": {"action": "refund", "args": last.tool_calls[0]["args"]},
-                "description": "Refunds need a person",
-                "reason": "irreversible",
-                "risk": "high",
-            }
-        )
-        record: ReviewRecord = {
-            "review_id": decision["review_id"],
-            "tool_call_ids": [c["id"] or "" for c in last.tool_calls],
-            "decision": decision["type"],
-            "reviewer": decision["reviewer"],
-        }
-        emit(
-            "review.decision",
-            {
-                "review_id": decision["review_id"],
-                "decision": decision["type"],
-                "reviewer": decision["reviewer"],
-                "args_before": last.tool_calls[0]["args"],
-                "args_after": last.tool_calls[0]["args"],
-                "message": "",
-            },
-        )
-        return {"reviews": [record]}
+def build(
+    backend: Backend,
+    *,
+    hang_in_tools: Path | None = None,
+    callbacks: list[BaseCallbackHandler] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Any:
+    """The task's graph, compiled on *backend*'s checkpointer (with *callbacks* bound)."""
+    model = budgeted(
+        [ScriptedChatModel(model_name=name, script=SCRIPT) for name in (BIG, SMALL)],
+        envelope=ENVELOPE,
+        backend=backend,
+        task_type="refunds",
+    )
 
     @tool
     def search(query: str) -> str:
@@ -182,8 +103,7 @@ def build(backend: Backend, *, hang_in_tools: Path | None = None) -> Any:
         key = current_effect().idempotency_key  # what a payment API would be given
         return json.dumps({"refund_id": f"rf-{key}", "status": "ok"})
 
-    # The real verification and effect layers, inside the tool node (no extra superstep):
-    # verification wraps the ledger, which wraps the call.
+    # Verification wraps the effect ledger, which wraps the call: no extra superstep.
     verify = VerifyToolOutputs(
         {"search": ToolContract(), "refund": ToolContract(side_effects=True)}
     )
@@ -192,31 +112,36 @@ def build(backend: Backend, *, hang_in_tools: Path | None = None) -> Any:
     def wrap(request: Any, execute: Any) -> Any:
         return verify.wrap_tool_call(request, lambda r: ledger.wrap_tool_call(r, execute))
 
-    tools = ToolNode([search, refund], wrap_tool_call=wrap)
+    review = HumanReview(ReviewPolicy(irreversible=["refund"]), tools=[search, refund])
+
+    def agent(state: HarnessState) -> dict[str, Any]:
+        return {"messages": [model.invoke(state["messages"])]}
+
+    def after_agent(state: HarnessState) -> str:
+        step = review.route(state)
+        return "finish" if step == END else step
 
     def finish(state: HarnessState) -> dict[str, Any]:
         outcome = {"status": "completed", "partial_result": state["messages"][-1].text}
         emit("outcome", {"status": "completed", "reason": ""})
         return {"outcome": outcome}
 
-    def after_agent(state: HarnessState) -> str:
-        last = state["messages"][-1]
-        assert isinstance(last, AIMessage)
-        if not last.tool_calls:
-            return "finish"
-        return "review" if any(c["name"] == "refund" for c in last.tool_calls) else "tools"
-
     builder = StateGraph(HarnessState)
     builder.add_node("agent", agent)
     builder.add_node("review", review)
-    builder.add_node("tools", tools)
+    builder.add_node("tools", ToolNode([search, refund], wrap_tool_call=wrap))
     builder.add_node("finish", finish)
     builder.add_edge(START, "agent")
     builder.add_conditional_edges("agent", after_agent, ["review", "tools", "finish"])
-    builder.add_edge("review", "tools")
     builder.add_edge("tools", "agent")
     builder.add_edge("finish", END)
-    return builder.compile(checkpointer=backend.checkpointer)
+    graph = builder.compile(checkpointer=backend.checkpointer)
+    if not callbacks:
+        return graph
+    # What a TaskRunner binds: the handler, and the task type for the trace's tag.
+    return graph.with_config(
+        callbacks=callbacks, metadata={"harness_task_type": "refunds", **(metadata or {})}
+    )
 
 
 def first_input(thread_id: str) -> dict[str, Any]:
@@ -227,75 +152,52 @@ def first_input(thread_id: str) -> dict[str, Any]:
     }
 
 
-def record_review(
-    backend: Backend, graph: Any, thread_id: str, *, latency: float = 90.0
-) -> dict[str, Any]:
-    """Do what the review queue does: file the pending interrupt, then alice approves it."""
-    state = graph.get_state({"configurable": {"thread_id": thread_id}})
-    (intr,) = state.interrupts
-    review_id = f"rev-{thread_id}"
-    created = time.time()
-    backend.execute(
-        "INSERT INTO harness_reviews (id, thread_id, interrupt_id, task_type, reason, risk, "
-        "request, status, created_at, decision, decided_by, decided_at) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            review_id,
-            thread_id,
-            intr.id,
-            "refunds",
-            "irreversible",
-            "high",
-            json.dumps(intr.value),
-            "decided",
-            created,
-            json.dumps({"type": "approve"}),
-            "alice",
-            created + latency,
-        ),
-    )
-    backend.execute(
-        "INSERT INTO harness_review_audit (review_id, reviewer, decision, at) "
-        "VALUES (%s, %s, %s, %s)",
-        (review_id, "alice", "approve", created + latency),
-    )
-    return {"type": "approve", "reviewer": "alice", "review_id": review_id}
+def start(backend: Backend, graph: Any, thread_id: str, *, resume: bool = False) -> None:
+    """Run until the review pause (``resume``: continue a crashed run) and queue the review."""
+    queue = ReviewQueue(backend, graph)
+    cfg: Any = {"configurable": {"thread_id": thread_id}}
+    graph.invoke(None if resume else first_input(thread_id), cfg, durability="sync")
+    queue.sync(thread_id)
+
+
+def approve(backend: Backend, graph: Any, thread_id: str) -> dict[str, Any]:
+    """Alice approves the pending refund through the queue, which resumes the run."""
+    queue = ReviewQueue(backend, graph)
+    (item,) = [i for i in queue.pending() if i.thread_id == thread_id]
+    return queue.decide(item.id, {"type": "approve"}, reviewer="alice")
 
 
 def run_to_end(
-    backend: Backend, thread_id: str, config: dict[str, Any] | None = None
+    backend: Backend,
+    thread_id: str,
+    callbacks: list[BaseCallbackHandler] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the whole task in this process: start, pause, review, resume, finish."""
-    graph = build(backend)
-    cfg: Any = config or {"configurable": {"thread_id": thread_id}}
-    graph.invoke(first_input(thread_id), cfg, durability="sync")
-    decision = record_review(backend, graph, thread_id)
-    out: dict[str, Any] = graph.invoke(Command(resume=decision), cfg, durability="sync")
-    return out
+    graph = build(backend, callbacks=callbacks, metadata=metadata)
+    start(backend, graph, thread_id)
+    return approve(backend, graph, thread_id)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """One leg in its own process: ``start`` (until the review pause), ``resume``, ``crash``."""
+    """One leg in its own process: ``start``/``crash``/``continue`` (to the pause), ``resume``."""
     p = argparse.ArgumentParser()
     p.add_argument("leg", choices=["start", "resume", "crash", "continue"])
     p.add_argument("--db", required=True)
     p.add_argument("--thread", required=True)
     p.add_argument("--hang-marker")
     args = p.parse_args(argv)
+    handler = langfuse_handler(flush_interval=0.1, sensitive_fields=["card_number"])
     with open_backend(args.db) as backend:
         graph = build(
-            backend, hang_in_tools=Path(args.hang_marker) if args.leg == "crash" else None
+            backend,
+            hang_in_tools=Path(args.hang_marker) if args.leg == "crash" else None,
+            callbacks=[handler] if handler else None,
         )
-        config = langfuse_callbacks(
-            args.thread, task_type="refunds", flush_interval=0.1, sensitive_fields=["card_number"]
-        )
-        if args.leg in {"start", "crash"}:
-            graph.invoke(first_input(args.thread), config, durability="sync")
-        elif args.leg == "continue":
-            graph.invoke(None, config, durability="sync")
+        if args.leg == "resume":
+            approve(backend, graph, args.thread)
         else:
-            decision = record_review(backend, graph, args.thread)
-            graph.invoke(Command(resume=decision), config, durability="sync")
+            start(backend, graph, args.thread, resume=args.leg == "continue")
     sys.stdout.write("leg done\n")  # spans and scores are flushed by the SDK's atexit hook
 
 
