@@ -51,10 +51,11 @@ from graphs._common import (
     failed_calls,
     scripted_policy_model,
 )
-from harness_nodes import ToolContract, build_harnessed_agent
+from harness_nodes import Envelope, ToolContract, build_harnessed_agent
 
 __all__ = [
     "CONTRACTS",
+    "DEFAULT_BUDGET_USD",
     "DEFAULT_TASK",
     "FIELDS",
     "SYSTEM_PROMPT",
@@ -65,6 +66,9 @@ __all__ = [
     "make_tools",
     "scripted_model",
 ]
+
+DEFAULT_BUDGET_USD = 0.05
+"""The envelope's dollar limit when none is given (``harness run --budget``)."""
 
 TASK_TYPE = "documents"
 """The task type: selects the envelope, tags traces, groups the report."""
@@ -219,6 +223,7 @@ def build_graph(
     *,
     backend: Any = None,
     faults: Faults | Mapping[str, Any] | None = None,
+    budget_usd: float | None = DEFAULT_BUDGET_USD,
 ) -> CompiledStateGraph[Any, Any, Any, Any]:
     """Build the harnessed extraction agent.
 
@@ -226,11 +231,15 @@ def build_graph(
         model: Any chat model; defaults to the scripted one.
         backend: A `checkpointers.Backend` for checkpoints and ledgers (none: in-memory run).
         faults: Fault-injection flags (`Faults` or a mapping).
+        budget_usd: The task's dollar limit (outcome ``budget_exhausted`` when reached);
+            ``None``: no cost envelope.
     """
     flags = Faults.parse(faults)
     return build_harnessed_agent(
         model or scripted_model(flags),
         make_tools(flags),
+        envelope=Envelope(max_usd=budget_usd) if budget_usd is not None else None,
+        task_type=TASK_TYPE,
         contracts=CONTRACTS,
         system_prompt=SYSTEM_PROMPT,
         backend=backend,

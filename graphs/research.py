@@ -49,10 +49,11 @@ from graphs._common import (
     first_human_text,
     scripted_policy_model,
 )
-from harness_nodes import ToolContract, build_harnessed_agent
+from harness_nodes import Envelope, ToolContract, build_harnessed_agent
 
 __all__ = [
     "CONTRACTS",
+    "DEFAULT_BUDGET_USD",
     "DEFAULT_TASK",
     "SYSTEM_PROMPT",
     "TASK_TYPE",
@@ -72,6 +73,9 @@ SYSTEM_PROMPT = (
     "You are a research assistant. Use `search` to find notes in the corpus, `read` to read "
     "the most relevant ones, then answer with a short summary that cites the notes you read."
 )
+
+DEFAULT_BUDGET_USD = 0.05
+"""The research envelope's dollar limit when none is given (``harness run --budget``)."""
 
 TOP_K = 4
 """How many hits a search returns (and the scripted model reads)."""
@@ -245,6 +249,8 @@ def build_graph(
     backend: Any = None,
     cheaper: BaseChatModel | None = None,
     faults: Faults | Mapping[str, Any] | None = None,
+    budget_usd: float | None = DEFAULT_BUDGET_USD,
+    **compile_kwargs: Any,
 ) -> CompiledStateGraph[Any, Any, Any, Any]:
     """Build the harnessed research agent.
 
@@ -254,19 +260,31 @@ def build_graph(
         cheaper: The model to degrade to when the budget runs low; defaults to the
             scripted "gpt-4o-mini" when *model* is the default, else to *model* itself.
         faults: Fault-injection flags (`Faults` or a mapping).
+        budget_usd: The task's dollar limit; the agent steps down to *cheaper* when the next
+            call would not fit, and stops (outcome ``budget_exhausted``) when neither fits.
+            ``None``: no cost envelope.
+        **compile_kwargs: Passed on to `build_harnessed_agent` (e.g. ``checkpointer=None``).
     """
     flags = Faults.parse(faults)
     default, default_cheap = scripted_models(flags)
     primary = model or default
-    fallback = cheaper or (default_cheap if model is None else primary)
-    del fallback  # used once cost envelopes wire in the ladder
+    fallback = cheaper or (default_cheap if model is None else None)
+    ladder = [primary, fallback] if fallback is not None else [primary]
+    envelope = None
+    if budget_usd is not None:
+        # Summaries are short: a 1k output cap keeps each call's worst case (what is
+        # reserved before the call) close to what it really costs.
+        envelope = Envelope(max_usd=budget_usd, max_output_tokens=1024)
     return build_harnessed_agent(
-        primary,
+        ladder if envelope is not None else primary,
         make_tools(flags),
+        envelope=envelope,
         contracts=CONTRACTS,
         system_prompt=SYSTEM_PROMPT,
         backend=backend,
+        task_type=TASK_TYPE,
         name=TASK_TYPE,
+        **compile_kwargs,
     )
 
 

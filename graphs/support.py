@@ -60,6 +60,7 @@ from graphs._common import (
     scripted_policy_model,
 )
 from harness_nodes import (
+    Envelope,
     ReviewPolicy,
     ToolContract,
     build_harnessed_agent,
@@ -69,6 +70,7 @@ from harness_nodes import (
 
 __all__ = [
     "CONTRACTS",
+    "DEFAULT_BUDGET_USD",
     "DEFAULT_TASK",
     "IRREVERSIBLE_TOOLS",
     "REVIEW_POLICY",
@@ -80,6 +82,9 @@ __all__ = [
     "make_tools",
     "scripted_model",
 ]
+
+DEFAULT_BUDGET_USD = 0.05
+"""The envelope's dollar limit when none is given (``harness run --budget``)."""
 
 TASK_TYPE = "support"
 """The task type: selects the envelope, tags traces, groups the report."""
@@ -373,6 +378,7 @@ def build_graph(
     backend: Backend | None = None,
     world: SupportWorld | None = None,
     faults: Faults | Mapping[str, Any] | None = None,
+    budget_usd: float | None = DEFAULT_BUDGET_USD,
     review_policy: ReviewPolicy | None = REVIEW_POLICY,
     **compile_kwargs: Any,
 ) -> CompiledStateGraph[Any, Any, Any, Any]:
@@ -384,6 +390,8 @@ def build_graph(
             one both live in memory. Runs need a ``thread_id`` (the ledger keys on it).
         world: Where refunds and emails land; defaults to a fresh in-memory `SupportWorld`.
         faults: Fault-injection flags (`Faults` or a mapping).
+        budget_usd: The task's dollar limit (outcome ``budget_exhausted`` when reached);
+            ``None``: no cost envelope.
         review_policy: Which calls wait for a person (default `REVIEW_POLICY`; ``None``:
             only escalations).
         **compile_kwargs: Passed on to `build_harnessed_agent` (e.g. ``checkpointer=None``
@@ -394,6 +402,8 @@ def build_graph(
     return build_harnessed_agent(
         model or scripted_model(flags),
         tools,
+        envelope=Envelope(max_usd=budget_usd) if budget_usd is not None else None,
+        task_type=TASK_TYPE,
         contracts=CONTRACTS,
         review_policy=review_policy,
         system_prompt=SYSTEM_PROMPT,

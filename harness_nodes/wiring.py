@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
@@ -55,8 +55,10 @@ from langgraph.prebuilt import ToolNode
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
+from harness_nodes.budget import BudgetGuard, Envelope, Envelopes, budgeted
 from harness_nodes.effects import EffectLedger, effect_kind
 from harness_nodes.errors import UserError
+from harness_nodes.pricing import Pricing
 from harness_nodes.review import HumanReview, ReviewPolicy
 from harness_nodes.state import HarnessState, MessagesOnly, Outcome
 from harness_nodes.verify import (
@@ -80,6 +82,7 @@ TOOLS = "tools"
 VERIFY = "verify"
 STOP = "verification_stop"
 REVIEW = "review"
+BUDGET_STOP = "budget_exhausted"
 
 
 def _verifier(contracts: Contracts) -> VerifyToolOutputs:
@@ -129,9 +132,16 @@ class ModelNode:
         # Callbacks and the run's config reach the model through LangChain's context.
         reply = self.model.invoke(messages)
         update: dict[str, Any] = {"messages": [reply]}
-        if isinstance(reply, AIMessage) and not reply.tool_calls:
+        if isinstance(reply, AIMessage) and not reply.tool_calls and not _budget_stopped(reply):
             update["outcome"] = Outcome(status="completed", partial_result=reply.text)
         return update
+
+
+def _budget_stopped(message: BaseMessage) -> bool:
+    """A budgeted model refused the call (its answer carries ``budget.stopped``)."""
+    meta = message.additional_kwargs.get("harness")
+    budget = meta.get("budget") if isinstance(meta, dict) else None
+    return isinstance(budget, dict) and bool(budget.get("stopped"))
 
 
 class _FromBackend:
@@ -178,39 +188,69 @@ class _ToolHooks:
 
 
 @dataclass(frozen=True)
-class _AfterTools:
-    """Route out of the tool node: back to the model, to review, or stop (an edge, no node)."""
+class _IntoModel:
+    """The edge into the model: the budget check, when there is an envelope (no node)."""
 
-    review: str
-    model_node: str
-    stop: str
+    guard: BudgetGuard | None
+
+    def __call__(self, state: MessagesOnly, config: RunnableConfig) -> str:
+        if self.guard is not None and self.guard.route(state, config) == "stop":
+            return BUDGET_STOP
+        return AGENT
+
+
+@dataclass(frozen=True)
+class _AfterModel:
+    """Out of the model: review when flagged, else the tools, else the end (or a budget stop)."""
+
+    review: HumanReview
 
     def __call__(self, state: MessagesOnly) -> str:
+        messages = state["messages"]
+        if messages and _budget_stopped(messages[-1]):
+            return BUDGET_STOP  # the wrapper refused a call the edge check let through
+        return self.review.route(state)
+
+
+@dataclass(frozen=True)
+class _AfterTools:
+    """Out of the tool node: back to the model (through the budget check), review, or stop."""
+
+    into_model: _IntoModel
+
+    def __call__(self, state: MessagesOnly, config: RunnableConfig) -> str:
         route = route_after_verify(state)
         if route == "escalate":
-            return self.review
+            return REVIEW
         if route == "fail":
-            return self.stop
-        return self.model_node
+            return STOP
+        return self.into_model(state, config)
 
 
 def build_harnessed_agent(
-    model: BaseChatModel,
+    model: BaseChatModel | Sequence[BaseChatModel],
     tools: Sequence[BaseTool | Callable[..., Any]],
     *,
+    envelope: Envelope | Envelopes | None = None,
     contracts: Contracts = None,
     review_policy: ReviewPolicy | None = None,
     system_prompt: str | None = None,
     state_schema: type[Any] = HarnessState,
     backend: Backend | None = None,
     checkpointer: BaseCheckpointSaver[Any] | None = FROM_BACKEND,
+    pricing: Pricing | None = None,
+    task_type: str = "default",
     name: str | None = None,
 ) -> CompiledStateGraph[Any, Any, Any, Any]:
     """Build and compile the full harnessed agent of DESIGN.md around *model* and *tools*.
 
     Args:
-        model: Any chat model (``init_chat_model("provider:model")`` or a scripted one).
+        model: Any chat model (``init_chat_model("provider:model")`` or a scripted one), or a
+            ladder of them, most capable first, to degrade down when the budget runs low.
         tools: The agent's tools.
+        envelope: The task's cost envelope (`Envelope`, or `Envelopes` by task type): the
+            model is wrapped with `budgeted` and a `BudgetGuard` checks the budget on every
+            edge into the model. ``None``: no budget.
         contracts: What a good output of each tool looks like (see `Contracts`).
         review_policy: Which calls a person approves first (`ReviewPolicy`). Escalations
             (verification exhausted, an effect's outcome unknown) always go to review.
@@ -220,15 +260,21 @@ def build_harnessed_agent(
             or `effect` lives there, and by default so do the checkpoints.
         checkpointer: Where checkpoints go; defaults to *backend*'s saver. Pass ``None`` to
             compile without one (a server such as ``langgraph dev`` brings its own).
+        pricing: Prices for the budget (default: genai-prices, no fallback).
+        task_type: The task type for `Envelopes` when the run's config names none.
         name: The compiled graph's name.
 
     Raises:
         UserError: for contracts that name no tool of *tools*, effectful tools without a
-            backend, or a bad argument.
+            backend, a model ladder without an envelope, or a bad argument.
+        UnpricedModelError: with an envelope, for a model without a known price.
     """
     builder = _agent_builder(
         model,
         tools,
+        envelope=envelope,
+        pricing=pricing,
+        task_type=task_type,
         contracts=contracts,
         review_policy=review_policy,
         system_prompt=system_prompt,
@@ -241,9 +287,12 @@ def build_harnessed_agent(
 
 
 def _agent_builder(
-    model: BaseChatModel,
+    model: BaseChatModel | Sequence[BaseChatModel],
     tools: Sequence[BaseTool | Callable[..., Any]],
     *,
+    envelope: Envelope | Envelopes | None = None,
+    pricing: Pricing | None = None,
+    task_type: str = "default",
     contracts: Contracts = None,
     review_policy: ReviewPolicy | None = None,
     system_prompt: str | None = None,
@@ -275,22 +324,40 @@ def _agent_builder(
         model_node=AGENT,
         node=REVIEW,
     )
+    llm: Runnable[LanguageModelInput, BaseMessage]
+    guard: BudgetGuard | None = None
+    if envelope is not None:
+        budgeted_model = budgeted(
+            model, envelope=envelope, backend=backend, pricing=pricing, task_type=task_type
+        ).bind_tools(base_tools)
+        guard = BudgetGuard(budgeted_model)
+        llm = budgeted_model
+    elif isinstance(model, BaseChatModel):
+        llm = model.bind_tools(base_tools)
+    else:
+        raise UserError("a model ladder needs an envelope (the budget decides when to step down)")
+    into_model = _IntoModel(guard)
     builder: StateGraph[Any] = StateGraph(state_schema)
-    builder.add_node(AGENT, ModelNode(model.bind_tools(base_tools), system_prompt))
+    builder.add_node(AGENT, ModelNode(llm, system_prompt))
     builder.add_node(
         TOOLS,
         ToolNode(list(tools), wrap_tool_call=hooks.wrap, awrap_tool_call=hooks.awrap),
     )
     builder.add_node(REVIEW, review, destinations=(TOOLS, AGENT, END))
     builder.add_node(STOP, VerificationStop())
-    builder.add_edge(START, AGENT)
-    # HumanReview.route: review when the policy flags a call, else the tools, else the end.
-    routes = {REVIEW: REVIEW, TOOLS: TOOLS, AGENT: AGENT, END: END}
-    builder.add_conditional_edges(AGENT, review.route, cast(Any, routes))
-    after_tools = _AfterTools(review=REVIEW, model_node=AGENT, stop=STOP)
-    builder.add_conditional_edges(
-        TOOLS, after_tools, cast(Any, {REVIEW: REVIEW, AGENT: AGENT, STOP: STOP})
-    )
+    into = {AGENT: AGENT}
+    if guard is not None:
+        builder.add_node(BUDGET_STOP, guard.finish)
+        builder.add_edge(BUDGET_STOP, END)
+        into[BUDGET_STOP] = BUDGET_STOP
+    builder.add_conditional_edges(START, into_model, cast(Any, into))
+    # Review when the policy flags a call, else the tools, else the end.
+    after_model = {REVIEW: REVIEW, TOOLS: TOOLS, AGENT: AGENT, END: END}
+    if guard is not None:
+        after_model[BUDGET_STOP] = BUDGET_STOP
+    builder.add_conditional_edges(AGENT, _AfterModel(review), cast(Any, after_model))
+    after_tools = {**into, REVIEW: REVIEW, STOP: STOP}
+    builder.add_conditional_edges(TOOLS, _AfterTools(into_model), cast(Any, after_tools))
     builder.add_edge(STOP, END)
     return builder
 

@@ -28,24 +28,29 @@ DEMO_REVIEWER = "demo-reviewer"
 class _Scene:
     graph: str
     title: str
-    faults: dict[str, Any]
+    args: dict[str, Any]
 
 
 SCENES = (
     _Scene(
         "research",
-        "research — the first search silently returns nothing",
-        {"empty_results": True},
+        "research — the first search silently returns nothing; a tight $0.006 budget",
+        {"faults": {"empty_results": True}, "budget_usd": 0.006},
     ),
     _Scene(
         "support",
         "support — invoice amounts come back in cents; refunds and emails need a person",
-        {"out_of_range": True},
+        {"faults": {"out_of_range": True}},
     ),
     _Scene(
         "documents",
         "documents — an empty record, a 502 page and a negative total in one batch",
-        {"empty_results": True, "embedded_error": True, "out_of_range": True},
+        {"faults": {"empty_results": True, "embedded_error": True, "out_of_range": True}},
+    ),
+    _Scene(
+        "research",
+        "research — a runaway agent that never stops searching, on a $0.01 budget",
+        {"faults": {"runaway": True}, "budget_usd": 0.01},
     ),
 )
 
@@ -80,12 +85,14 @@ def demo(
     for scene in SCENES:
         console.rule(scene.title, style="dim")
         thread = f"demo-{scene.graph}-{run_id}"
+        if any(s.graph == scene.graph for s in SCENES[: SCENES.index(scene)]):
+            thread += "-runaway"
         first_event = len(narrator.events)
         state = run_graph(
             scene.graph,
             None,
             db=db,
-            args={"faults": scene.faults},
+            args=scene.args,
             thread_id=thread,
             narrator=narrator,
         )
@@ -102,7 +109,12 @@ def demo(
         kinds = [k for k, _ in events]
         did = ", ".join(
             f"{kinds.count(k)} {label}"
-            for k, label in (("verdict", "refused"), ("review", "review"), ("budget", "budget"))
+            for k, label in (
+                ("verdict", "refused"),
+                ("review", "review"),
+                ("budget", "degraded"),
+                ("outcome", "stopped"),
+            )
             if kinds.count(k)
         )
         outcome = (state.get("outcome") or {}).get("status", "?")
@@ -115,7 +127,7 @@ def demo(
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    support_thread = rows[1][1]
+    support_thread = next(row[1] for row in rows if row[0] == "support")
     console.print(
         f"Next: [bold]harness show {support_thread}[/] (the review pause and decision), "
         "[bold]harness report[/] (outcomes and cost per graph)."

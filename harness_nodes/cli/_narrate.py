@@ -54,6 +54,7 @@ class Narrator:
 
     def start(self, thread_id: str, graph: str, task: str) -> None:
         """Announce a run."""
+        self._seen.clear()
         self._say(
             f"[bold]{escape(graph)}[/] thread [bold]{escape(thread_id)}[/]: "
             + escape(_short(task, 90)),
@@ -104,7 +105,11 @@ class Narrator:
         if isinstance(message, AIMessage):
             model = message.response_metadata.get("model_name", "model")
             budget = meta.get("budget")
-            if isinstance(budget, dict) and budget.get("degraded_from"):
+            degraded = isinstance(budget, dict) and budget.get("degraded_from")
+            key = f"degrade:{degraded}"
+            if degraded and key not in self._seen:  # say it once per run, not every call
+                self._seen.add(key)
+                assert isinstance(budget, dict)
                 self.record(
                     "budget",
                     f"degraded the model {budget['degraded_from']} → {budget.get('model', model)} "

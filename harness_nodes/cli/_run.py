@@ -391,9 +391,18 @@ def run(
         ),
     ] = None,
     thread: Annotated[str | None, typer.Option("--thread", help="Thread id (default: new)")] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option("--budget", help="The task's dollar limit (the graph's budget_usd)"),
+    ] = None,
 ) -> None:
     """Run a graph durably on the backend and narrate what the harness did."""
-    run_graph(graph, task, db=db, model=model, args=parse_args(args), thread_id=thread)
+    builder_args = parse_args(args)
+    if budget is not None:
+        if budget <= 0:
+            raise UserError(f"--budget must be a positive number of dollars, got {budget}")
+        builder_args["budget_usd"] = budget
+    run_graph(graph, task, db=db, model=model, args=builder_args, thread_id=thread)
 
 
 @app.command()

@@ -97,10 +97,31 @@ def test_research_faults_need_a_conversation_to_fire() -> None:
 def test_research_runaway_never_stops_on_its_own() -> None:
     with pytest.raises(GraphRecursionError):
         _run(
-            research.build_graph(faults={"runaway": True}),
+            research.build_graph(faults={"runaway": True}, budget_usd=None),
             research.DEFAULT_TASK,
             config={"recursion_limit": 30},
         )
+
+
+def test_research_degrades_to_the_cheaper_model_when_the_budget_runs_low() -> None:
+    out = _run(research.build_graph(budget_usd=0.006), research.DEFAULT_TASK)
+    models = [m.response_metadata.get("model_name") for m in out["messages"] if m.type == "ai"]
+    assert models[0] == "gpt-4o" and models[-1] == "gpt-4o-mini"
+    degraded = [
+        m.additional_kwargs["harness"]["budget"]
+        for m in out["messages"]
+        if m.type == "ai" and m.additional_kwargs["harness"]["budget"].get("degraded_from")
+    ]
+    assert degraded and degraded[0]["degraded_from"] == "gpt-4o"
+    assert out["outcome"]["status"] == "completed"
+
+
+def test_research_runaway_is_stopped_by_its_budget() -> None:
+    out = _run(
+        research.build_graph(faults={"runaway": True}, budget_usd=0.01), research.DEFAULT_TASK
+    )
+    assert out["outcome"]["status"] == "budget_exhausted"
+    assert "usd limit reached" in out["outcome"]["reason"]
 
 
 def test_research_default_ladder_is_two_priced_model_names() -> None:
@@ -251,9 +272,22 @@ def test_documents_faults_each_hit_a_different_document_and_are_retried() -> Non
 
 @pytest.mark.parametrize("module", [research, support, documents], ids=lambda m: m.TASK_TYPE)
 def test_each_graph_runs_with_any_chat_model(module: Any) -> None:
-    model = ScriptedChatModel(script=[ai("I cannot help with that.")], model_name="other")
+    model = ScriptedChatModel(
+        script=[ai("I cannot help with that.")], model_name="claude-3-5-haiku"
+    )
     out = _run(module.build_graph(model), module.DEFAULT_TASK)
     assert out["outcome"] == {"status": "completed", "partial_result": "I cannot help with that."}
+
+
+@pytest.mark.parametrize("module", [research, support, documents], ids=lambda m: m.TASK_TYPE)
+def test_an_unpriced_model_needs_a_price_or_no_budget(module: Any) -> None:
+    from harness_nodes import UnpricedModelError
+
+    model = ScriptedChatModel(script=[ai("ok")], model_name="acme-local-7b")
+    with pytest.raises(UnpricedModelError, match="acme-local-7b"):
+        module.build_graph(model)
+    out = _run(module.build_graph(model, budget_usd=None), module.DEFAULT_TASK)
+    assert out["outcome"]["status"] == "completed"
 
 
 @pytest.mark.parametrize("module", [research, support, documents], ids=lambda m: m.TASK_TYPE)

@@ -28,11 +28,19 @@ def test_demo_runs_the_three_graphs_and_narrates_the_harness(
     assert "demo-reviewer decided approve on review" in out
     assert "Done: refunded $49.0 (refund re_0001)" in out
     assert out.count("completed —") == 3
+    # a degraded model, and a runaway stopped by its budget
+    assert out.count("degraded the model gpt-4o → gpt-4o-mini") == 2
+    assert "stopped the task: budget_exhausted (usd limit reached" in out
     # Everything was checkpointed durably in that file, and the decision audited.
     with sqlite3.connect(db) as conn:
         threads = {r[0] for r in conn.execute("SELECT DISTINCT thread_id FROM checkpoints")}
         audit = conn.execute("SELECT reviewer, decision FROM harness_review_audit").fetchall()
-    assert {t.split("-")[1] for t in threads} == {"research", "support", "documents"}
+    assert sorted(t.split("-")[1] for t in threads) == [
+        "documents",
+        "research",
+        "research",
+        "support",
+    ]
     assert audit == [("demo-reviewer", "approve")]
 
 

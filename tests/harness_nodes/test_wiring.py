@@ -424,3 +424,37 @@ def test_add_harness_review_needs_one_router_out_of_the_model_node() -> None:
     builder.add_edge("tools", END)
     with pytest.raises(UserError, match="'llm' must leave by exactly one router"):
         add_harness(builder, model_node="llm", tools_node="tools", review_policy=ReviewPolicy())
+
+
+# --- budget --------------------------------------------------------------------------------
+
+
+def test_the_budget_check_adds_no_superstep_and_stops_a_runaway() -> None:
+    from harness_nodes import Envelope
+
+    calm = build_harnessed_agent(
+        ScriptedChatModel(
+            script=[ai(tool_calls=[tool_call("lookup", {"key": "a"})]), ai("Done.")],
+            model_name="gpt-4o-mini",
+        ),
+        [lookup],
+        envelope=Envelope(max_usd=0.05),
+    )
+    config = {"configurable": {"thread_id": "t-calm"}}
+    steps = [next(iter(u)) for u in calm.stream({"messages": [HumanMessage("go")]}, config)]
+    assert steps == ["agent", "tools", "agent"]
+
+    runaway = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("lookup", {"key": "a"})])],
+        loop=True,
+        model_name="gpt-4o",
+    )
+    agent = build_harnessed_agent(runaway, [lookup], envelope=Envelope(max_usd=0.05))
+    out = agent.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "t-run"}})
+    assert out["outcome"]["status"] == "budget_exhausted"
+    assert out["messages"][-1].content.startswith("Stopped: budget exhausted")
+
+
+def test_a_model_ladder_needs_an_envelope() -> None:
+    with pytest.raises(UserError, match="a model ladder needs an envelope"):
+        build_harnessed_agent([_model(), _model()], [lookup])

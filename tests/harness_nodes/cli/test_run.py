@@ -130,10 +130,24 @@ def test_resume_of_a_finished_thread_says_so(capsys: pytest.CaptureFixture[str],
     assert "thread d2 has already finished" in out and "completed" in out
 
 
+def test_runaway_loop_is_stopped_by_the_budget(capsys: pytest.CaptureFixture[str], db: str) -> None:
+    args = json.dumps({"faults": {"runaway": True}})
+    code, out, _ = _cli(capsys, "run", "research", "--db", db, "--args", args, "--budget", "0.01")
+    assert code == 0
+    assert "budget_exhausted" in out and "usd limit reached" in out
+
+
+def test_budget_degrades_the_model(capsys: pytest.CaptureFixture[str], db: str) -> None:
+    code, out, _ = _cli(capsys, "run", "research", "--db", db, "--budget", "0.006")
+    assert code == 0
+    assert "degraded the model gpt-4o → gpt-4o-mini" in out
+    assert "completed — Summary for:" in out
+
+
 def test_runaway_loop_without_a_budget_is_stopped_by_the_step_limit(
     capsys: pytest.CaptureFixture[str], db: str
 ) -> None:
-    args = json.dumps({"faults": {"runaway": True}})
+    args = json.dumps({"faults": {"runaway": True}, "budget_usd": None})
     code, _, err = _cli(capsys, "run", "research", "--db", db, "--thread", "r1", "--args", args)
     assert code == 2
     assert "GraphRecursionError: no end after 100 steps" in _one_line_error(err)
@@ -197,6 +211,16 @@ ERROR_CASES = [
         ["run", "support", "--model", "gpt-4o-mini"],
         "error: Cannot use model 'gpt-4o-mini': expected provider:model",
         id="model-without-provider",
+    ),
+    pytest.param(
+        ["run", "research", "--budget", "-1"],
+        "error: --budget must be a positive number of dollars",
+        id="negative-budget",
+    ),
+    pytest.param(
+        ["run", "research", "--args", '{"budget_usd": 0.05, "model": 1}'],
+        "error: Bad --args for graph graphs.research",
+        id="args-clash",
     ),
     pytest.param(
         ["resume", "x", "--decision", "approve"],
