@@ -37,6 +37,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.errors import GraphBubbleUp
 from langgraph.types import Command
 
+from checkpointers.errors import is_transient
 from harness_nodes import _codec
 from harness_nodes._events import aemit
 from harness_nodes._lease import (
@@ -396,7 +397,15 @@ class AsyncTaskRunner:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.01
         while True:
-            run = await self.astatus(task_key)
+            try:
+                run = await self.astatus(task_key)
+            except Exception as e:
+                # A dropped connection while polling is not the task's failure: poll again.
+                if not is_transient(e) or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(0.25, delay * 2)
+                continue
             if run.done:
                 if run.status == "failed":
                     raise RunFailed(run.thread_id, "TaskFailed", run.error or "unknown error")
@@ -489,9 +498,15 @@ class AsyncTaskRunner:
         t = now()
         finished = t if status in ("completed", "failed") else None
         encoded = None if outcome is None else _codec.encode(outcome)
-        rows = await self.backend.execute(
-            SETTLE, (status, encoded, error, finished, t, thread_id, owner)
-        )
+        params = (status, encoded, error, finished, t, thread_id, owner)
+        for attempt in range(1, 4):  # idempotent: see TaskRunner._settle
+            try:
+                rows = await self.backend.execute(SETTLE, params)
+                break
+            except Exception as e:
+                if not is_transient(e) or attempt == 3:
+                    raise
+                await asyncio.sleep(backoff(attempt))
         return TaskRun.from_row(rows[0]) if rows else await self._current(thread_id)
 
     async def _current(self, thread_id: str) -> TaskRun:

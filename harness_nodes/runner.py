@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
 
+from checkpointers.errors import is_transient
 from harness_nodes import _codec
 from harness_nodes._lease import (
     CANCEL,
@@ -250,7 +251,15 @@ class TaskRunner:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.01
         while True:
-            run = self.status(task_key)
+            try:
+                run = self.status(task_key)
+            except Exception as e:
+                # A dropped connection while polling is not the task's failure: poll again.
+                if not is_transient(e) or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+                time.sleep(delay)
+                delay = min(0.25, delay * 2)
+                continue
             if run.done:
                 if run.status == "failed":
                     raise RunFailed(run.thread_id, "TaskFailed", run.error or "unknown error")
@@ -368,7 +377,17 @@ class TaskRunner:
         t = now()
         finished = t if status in ("completed", "failed") else None
         encoded = None if outcome is None else _codec.encode(outcome)
-        rows = self.backend.execute(SETTLE, (status, encoded, error, finished, t, thread_id, owner))
+        params = (status, encoded, error, finished, t, thread_id, owner)
+        # The settle is idempotent (conditional on our lease), so a passing connection fault
+        # is retried rather than leaving a finished run to look dead until its lease expires.
+        for attempt in range(1, 4):
+            try:
+                rows = self.backend.execute(SETTLE, params)
+                break
+            except Exception as e:
+                if not is_transient(e) or attempt == 3:
+                    raise
+                time.sleep(backoff(attempt))
         return TaskRun.from_row(rows[0]) if rows else self._current(thread_id)
 
     def _current(self, thread_id: str) -> TaskRun:

@@ -424,3 +424,41 @@ def test_a_frozen_worker_cannot_write_after_another_took_over(postgres_url: str)
         assert (run.status, run.attempts) == ("completed", 2)
         assert chaos.world(backend, "t-frozen") == ["refund", "email"]
         assert len(linear_chain(backend, "t-frozen")) == 9
+
+
+def test_result_polling_rides_out_a_dropped_connection(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A passing database fault while waiting is not the task's failure."""
+    import sqlite3
+
+    with TaskRunner(backend, GRAPH) as runner:
+        runner.submit("t-flaky-poll", INPUT)
+        real_execute = backend.execute
+        faults = {"left": 2}
+
+        def flaky_execute(sql: str, params: Any = ()) -> list[dict[str, Any]]:
+            if "task_key" in sql and faults["left"] > 0 and sql.lstrip().startswith("SELECT"):
+                faults["left"] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return real_execute(sql, params)
+
+        monkeypatch.setattr(backend, "execute", flaky_execute)
+        outcome = runner.result("t-flaky-poll", timeout=30)
+    assert faults["left"] == 0
+    assert outcome == {"status": "completed", "partial_result": "all done"}
+
+
+def test_result_polling_does_not_hide_real_errors(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with TaskRunner(backend, GRAPH) as runner:
+        runner.submit("t-broken-poll", INPUT)
+        runner.result("t-broken-poll", timeout=30)
+
+        def broken(sql: str, params: Any = ()) -> list[dict[str, Any]]:
+            raise ValueError("not a connection problem")
+
+        monkeypatch.setattr(backend, "execute", broken)
+        with pytest.raises(ValueError, match="not a connection problem"):
+            runner.result("t-broken-poll", timeout=5)
