@@ -54,6 +54,13 @@ from harness_nodes.errors import (
     UserError,
     VerificationFailed,
 )
+from harness_nodes.middleware import (
+    CostEnvelopeMiddleware,
+    EffectLedgerMiddleware,
+    HarnessAgentState,
+    ReviewQueueMiddleware,
+    VerifyToolOutputsMiddleware,
+)
 from harness_nodes.pricing import ModelPrice, Pricing
 from harness_nodes.review import (
     ActionRequest,
@@ -131,11 +138,13 @@ __all__ = [
     "BudgetedChatModel",
     "Check",
     "ConfidenceScorer",
+    "CostEnvelopeMiddleware",
     "DecisionType",
     "EffectContext",
     "EffectError",
     "EffectKind",
     "EffectLedger",
+    "EffectLedgerMiddleware",
     "EffectNotResolvable",
     "EffectOutcomeUnknown",
     "EffectRecord",
@@ -145,6 +154,7 @@ __all__ = [
     "ErrorSignals",
     "Escalation",
     "EscalationKind",
+    "HarnessAgentState",
     "HarnessError",
     "HarnessState",
     "HumanReview",
@@ -170,6 +180,7 @@ __all__ = [
     "ReviewNotFound",
     "ReviewPolicy",
     "ReviewQueue",
+    "ReviewQueueMiddleware",
     "ReviewRecord",
     "ReviewRequest",
     "ReviewStatus",
@@ -198,6 +209,7 @@ __all__ = [
     "VerificationStop",
     "VerifyRoute",
     "VerifyToolOutputs",
+    "VerifyToolOutputsMiddleware",
     "WindowCap",
     "add_harness",
     "budgeted",

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
+from langgraph.prebuilt import ToolNode
 from langgraph.types import Command, Interrupt, StateSnapshot
 
 from harness_nodes._trace_local import Trace, build_trace
@@ -326,6 +327,9 @@ def _find_tools(graph: Any) -> dict[str, BaseTool]:
         func = getattr(getattr(spec, "runnable", None), "func", None)
         if isinstance(func, HumanReview):
             tools.update({t.name: t for t in func.tools})
+        elif isinstance(spec.runnable, ToolNode):  # create_agent: its tools node
+            for name, t in spec.runnable.tools_by_name.items():
+                tools.setdefault(name, t)
     return tools
 
 

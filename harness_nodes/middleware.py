@@ -1,0 +1,591 @@
+"""The harness for ``create_agent`` users: LangChain v1 middleware over the same harness core.
+
+Each middleware is a thin adapter: it calls the objects the harness nodes call, so a rule
+lives in one place.
+
+- `CostEnvelopeMiddleware`: wraps the agent's model with `budgeted` (the same reservation in
+  the same spend ledger, keyed by task = thread id). Spend survives pauses, crashes and
+  resumes, unlike ``ModelCallLimitMiddleware``'s run counters. A refused call ends the agent
+  with the `BudgetGuard` finish note (outcome ``budget_exhausted``), or raises
+  `BudgetExceeded` with ``exit_behavior="error"``.
+- `VerifyToolOutputsMiddleware`: `VerifyToolOutputs.wrap_tool_call` around each tool call
+  (a bad output goes back to the model as a corrective error message; a tool with side
+  effects is never re-run, it escalates), and `VerificationStop` before the next model call
+  when a verdict says ``fail``.
+- `EffectLedgerMiddleware`: tools marked `irreversible`/`effect` run through the
+  `EffectLedger`: at most once per ``(thread_id, tool_call_id)``, replayed after a crash.
+- `ReviewQueueMiddleware`: `HumanReview` after the model (flagged calls) and before the next
+  model call (escalations). The pause is a LangGraph interrupt carrying `ReviewRequest`
+  items, so `ReviewQueue` lists it and `ReviewQueue.decide` validates the decision
+  (``approve | edit | reject | respond``) and resumes the run.
+
+Example:
+    ```python
+    from langchain.agents import create_agent
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+
+    from checkpointers import open_backend
+    from harness_nodes import CostEnvelopeMiddleware, Envelope, VerifyToolOutputsMiddleware
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+
+    @tool
+    def search(query: str) -> list[str]:
+        \"\"\"Search the notes.\"\"\"
+        return [] if query == "typo" else ["note-1"]
+
+
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("search", {"query": "typo"})]),
+            ai(tool_calls=[tool_call("search", {"query": "storage"})]),
+            ai("Found note-1."),
+        ],
+        model_name="gpt-4o-mini",
+    )
+    with open_backend("memory://") as backend:
+        agent = create_agent(
+            model,
+            [search],
+            middleware=[
+                CostEnvelopeMiddleware(Envelope(max_usd=0.05), backend=backend),
+                VerifyToolOutputsMiddleware(),
+            ],
+            checkpointer=backend.checkpointer,
+        )
+        out = agent.invoke(
+            {"messages": [HumanMessage("find notes on storage")]},
+            {"configurable": {"thread_id": "t1"}},
+        )
+    assert out["verdicts"][0]["action"] == "retry"  # the empty result went back to the model
+    assert out["messages"][-1].content == "Found note-1."
+    ```
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal, NotRequired, cast
+
+from langchain.agents.middleware.types import (
+    AgentMiddleware,
+    AgentState,
+    ModelRequest,
+    ModelResponse,
+    hook_config,
+)
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import BaseTool
+from langgraph.config import get_config
+from langgraph.graph import END
+from langgraph.prebuilt.tool_node import ToolCallRequest
+from langgraph.runtime import Runtime
+from langgraph.types import Command
+
+from harness_nodes.budget import (
+    BudgetedChatModel,
+    BudgetGuard,
+    Envelope,
+    Envelopes,
+    ExitBehavior,
+    _is_stop_message,
+    budgeted,
+)
+from harness_nodes.effects import EffectLedger
+from harness_nodes.errors import UserError
+from harness_nodes.pricing import Pricing
+from harness_nodes.review import HumanReview, ReviewPolicy
+from harness_nodes.state import (
+    Outcome,
+    ReviewRecord,
+    Spend,
+    Verdict,
+    keep_first_outcome,
+    merge_spend,
+)
+from harness_nodes.verify import (
+    ToolContract,
+    VerificationStop,
+    VerifyToolOutputs,
+    route_after_verify,
+)
+
+__all__ = [
+    "CostEnvelopeMiddleware",
+    "EffectLedgerMiddleware",
+    "HarnessAgentState",
+    "ReviewQueueMiddleware",
+    "VerifyToolOutputsMiddleware",
+]
+
+
+class HarnessAgentState(AgentState[Any]):
+    """``create_agent``'s state plus the harness records (the keys of `HarnessState`).
+
+    The harness middleware declare it, so ``create_agent`` keeps verdicts, the spend mirror
+    and the outcome in the agent's state, as a `build_harnessed_agent` graph does.
+    """
+
+    verdicts: NotRequired[Annotated[list[Verdict], operator.add]]
+    """Verification records, appended."""
+    reviews: NotRequired[Annotated[list[ReviewRecord], operator.add]]
+    """Review records, appended."""
+    spend: NotRequired[Annotated[Spend, merge_spend]]
+    """Checkpointed mirror of the task's spend (written when the budget stops the agent)."""
+    outcome: NotRequired[Annotated[Outcome | None, keep_first_outcome]]
+    """How the task ended, when a harness layer ended it."""
+
+
+ModelHandler = Callable[[ModelRequest[Any]], ModelResponse[Any]]
+ToolHandler = Callable[[ToolCallRequest], ToolMessage | Command[Any]]
+AsyncToolHandler = Callable[[ToolCallRequest], Awaitable[ToolMessage | Command[Any]]]
+
+
+def _config() -> RunnableConfig:
+    return cast(RunnableConfig, get_config())
+
+
+def _stop_update(update: dict[str, Any]) -> dict[str, Any]:
+    return {**update, "jump_to": "end"}
+
+
+class CostEnvelopeMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
+    """A task's cost envelope for ``create_agent``: every model call goes through `budgeted`.
+
+    Before each call the worst case is reserved in the backend's spend ledger, keyed by task
+    (``configurable["task_id"]``, else the thread id), ``max_tokens`` is capped to what
+    remains, the model steps down the ladder (``fallbacks``) when the next call would not
+    fit, and when nothing fits the agent ends with outcome ``budget_exhausted``
+    (``exit_behavior="end"``, the envelope's) or `BudgetExceeded` is raised (``"error"``).
+    Spend is read back from the ledger, so it survives resume — in another process too.
+
+    Args:
+        envelope: One `Envelope` for every task, or `Envelopes` by task type.
+        backend: The `Backend` (or `AsyncBackend`) whose spend ledger records the task.
+        fallbacks: Cheaper models to degrade to, most capable first (after the agent's own).
+        pricing: Where prices come from (default genai-prices).
+        task_type: Task type when the run's config gives none.
+        token_counter: How prompts are counted before a call (see `BudgetedChatModel`).
+        sync_commit: Postgres: wait for each reservation to reach disk (see `budgeted`).
+
+    Example:
+        ```python
+        from langchain.agents import create_agent
+        from langchain_core.messages import HumanMessage
+        from langchain_core.tools import tool
+
+        from checkpointers import open_backend
+        from harness_nodes import CostEnvelopeMiddleware, Envelope
+        from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+
+        @tool
+        def ping() -> str:
+            \"\"\"Ping.\"\"\"
+            return "pong"
+
+
+        runaway = ScriptedChatModel(
+            script=[ai(tool_calls=[tool_call("ping", {})])], loop=True, model_name="gpt-4o-mini"
+        )
+        with open_backend("memory://") as backend:
+            budget = CostEnvelopeMiddleware(Envelope(max_calls=3), backend=backend)
+            agent = create_agent(runaway, [ping], middleware=[budget],
+                                 checkpointer=backend.checkpointer)
+            out = agent.invoke({"messages": [HumanMessage("hi")]},
+                               {"configurable": {"thread_id": "t1"}})
+        assert out["outcome"]["status"] == "budget_exhausted"
+        ```
+    """
+
+    state_schema = HarnessAgentState
+
+    def __init__(
+        self,
+        envelope: Envelope | Envelopes,
+        *,
+        backend: Any,
+        fallbacks: Sequence[BaseChatModel] = (),
+        pricing: Pricing | None = None,
+        task_type: str = "default",
+        token_counter: Literal["auto", "bytes"] | Callable[..., int] = "auto",
+        sync_commit: bool = True,
+    ) -> None:
+        super().__init__()
+        if backend is None:
+            raise UserError(
+                "CostEnvelopeMiddleware needs backend=open_backend(url): the spend ledger is "
+                "what makes the budget survive resume"
+            )
+        if not isinstance(envelope, (Envelope, Envelopes)):
+            raise UserError(f"envelope must be an Envelope or Envelopes, got {envelope!r}")
+        self.envelope = envelope
+        self.backend = backend
+        self.fallbacks = tuple(fallbacks)
+        self.pricing = pricing or Pricing()
+        self.task_type = task_type
+        self.token_counter = token_counter
+        self.sync_commit = sync_commit
+        self._wrapped: dict[int, tuple[BaseChatModel, BudgetedChatModel]] = {}
+        self._lock = threading.Lock()
+        for m in self.fallbacks:  # fail fast on an unpriced or non-chat fallback
+            budgeted(m, envelope=envelope, pricing=self.pricing)
+
+    def budgeted_model(self, model: BaseChatModel) -> BudgetedChatModel:
+        """The `budgeted` wrapper this middleware puts around *model* (built once per model).
+
+        Raises:
+            UnpricedModelError: the model has no price.
+        """
+        if isinstance(model, BudgetedChatModel):
+            return model
+        with self._lock:
+            hit = self._wrapped.get(id(model))
+            if hit is not None and hit[0] is model:
+                return hit[1]
+        wrapped = budgeted(
+            [model, *self.fallbacks],
+            envelope=self.envelope,
+            backend=self.backend,
+            pricing=self.pricing,
+            task_type=self.task_type,
+            token_counter=self.token_counter,
+            sync_commit=self.sync_commit,
+        )
+        with self._lock:
+            self._wrapped[id(model)] = (model, wrapped)
+        return wrapped
+
+    def _request(self, request: ModelRequest[Any]) -> tuple[ModelRequest[Any], BudgetGuard]:
+        if not isinstance(request.model, BaseChatModel):
+            raise UserError(
+                "CostEnvelopeMiddleware wraps a chat model; got "
+                f"{type(request.model).__name__} (pass the unbound model to create_agent)"
+            )
+        model = self.budgeted_model(request.model)
+        return request.override(model=model), BudgetGuard(model)
+
+    @staticmethod
+    def _stopped(response: ModelResponse[Any]) -> bool:
+        return any(_is_stop_message(m) for m in response.result)
+
+    def wrap_model_call(
+        self, request: ModelRequest[Any], handler: ModelHandler
+    ) -> ModelResponse[Any] | AIMessage:
+        """Call the model through the budget; a refusal ends the task (`BudgetGuard.finish`)."""
+        budgeted_request, guard = self._request(request)
+        response = handler(budgeted_request)
+        if not self._stopped(response):
+            return response
+        update = guard.finish({"messages": list(request.messages)}, _config())
+        return ModelResponse(result=list(update["messages"]))
+
+    async def awrap_model_call(
+        self,
+        request: ModelRequest[Any],
+        handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]],
+    ) -> ModelResponse[Any] | AIMessage:
+        """Async `wrap_model_call`."""
+        budgeted_request, guard = self._request(request)
+        response = await handler(budgeted_request)
+        if not self._stopped(response):
+            return response
+        update = await guard.afinish({"messages": list(request.messages)}, _config())
+        return ModelResponse(result=list(update["messages"]))
+
+    def after_model(self, state: HarnessAgentState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        """Copy the outcome of a budget stop from its note into the state."""
+        return _outcome_from_last(state)
+
+    async def aafter_model(
+        self, state: HarnessAgentState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """Async `after_model`."""
+        return _outcome_from_last(state)
+
+
+def _outcome_from_last(state: Mapping[str, Any]) -> dict[str, Any] | None:
+    messages: list[BaseMessage] = list(state.get("messages") or [])
+    if not messages or state.get("outcome"):
+        return None
+    outcome = ((messages[-1].additional_kwargs or {}).get("harness") or {}).get("outcome")
+    return {"outcome": outcome} if isinstance(outcome, dict) else None
+
+
+class VerifyToolOutputsMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
+    """Tool contracts for ``create_agent``: `VerifyToolOutputs` at the tool boundary.
+
+    Each tool call's output is checked against its `ToolContract` inside ``wrap_tool_call``
+    (no extra step). A bad output is replaced by an error message that tells the model what
+    was wrong, and the model tries again (``on_fail="retry"``, up to ``max_retries``). A
+    tool marked `irreversible`/`effect` or ``side_effects=True`` is never re-run: its failure
+    escalates to review (add `ReviewQueueMiddleware`). When a verdict says ``fail`` the agent
+    ends before the next model call with outcome ``verification_failed`` (`VerificationStop`),
+    or raises `VerificationFailed` with ``exit_behavior="error"``.
+
+    Args:
+        contracts: Tool name → `ToolContract`, or a ready `VerifyToolOutputs`; ``None``: the
+            default contract (error signals, empty results) on every tool.
+        exit_behavior: ``"end"`` or ``"error"`` when verification fails for good.
+
+    Example:
+        ```python
+        from langchain.agents import create_agent
+        from langchain_core.messages import HumanMessage
+        from langchain_core.tools import tool
+
+        from harness_nodes import ToolContract, VerifyToolOutputsMiddleware
+        from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+
+        @tool
+        def lookup(key: str) -> dict:
+            \"\"\"Look a key up.\"\"\"
+            return {"error": "upstream 503"}
+
+
+        model = ScriptedChatModel(script=[ai(tool_calls=[tool_call("lookup", {"key": "k"})])])
+        verify = VerifyToolOutputsMiddleware({"lookup": ToolContract(max_retries=0)})
+        agent = create_agent(model, [lookup], middleware=[verify])
+        out = agent.invoke({"messages": [HumanMessage("look k up")]})
+        assert out["outcome"]["status"] == "verification_failed"
+        ```
+    """
+
+    state_schema = HarnessAgentState
+
+    def __init__(
+        self,
+        contracts: Mapping[str, ToolContract] | VerifyToolOutputs | None = None,
+        *,
+        exit_behavior: ExitBehavior = "end",
+    ) -> None:
+        super().__init__()
+        if contracts is None:
+            self.verify = VerifyToolOutputs()
+        elif isinstance(contracts, VerifyToolOutputs):
+            self.verify = contracts
+        elif isinstance(contracts, Mapping):
+            self.verify = VerifyToolOutputs(dict(contracts))
+        else:
+            raise UserError(
+                "contracts must map tool names to ToolContract, or be a VerifyToolOutputs, "
+                f"got {type(contracts).__name__}"
+            )
+        self.stop = VerificationStop(exit_behavior)
+        self.exit_behavior = exit_behavior
+
+    def wrap_tool_call(
+        self, request: ToolCallRequest, handler: ToolHandler
+    ) -> ToolMessage | Command[Any]:
+        """Run the tool, then check its output (`VerifyToolOutputs.wrap_tool_call`)."""
+        return self.verify.wrap_tool_call(request, handler)
+
+    async def awrap_tool_call(
+        self, request: ToolCallRequest, handler: AsyncToolHandler
+    ) -> ToolMessage | Command[Any]:
+        """Async `wrap_tool_call`."""
+        return await self.verify.awrap_tool_call(request, handler)
+
+    def _before(self, state: HarnessAgentState) -> dict[str, Any] | None:
+        if route_after_verify(state) != "fail":
+            return None
+        return _stop_update(self.stop(cast(Any, state)))
+
+    @hook_config(can_jump_to=["end"])
+    def before_model(
+        self, state: HarnessAgentState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """End the task (`VerificationStop`) when the last tool outputs failed for good."""
+        return self._before(state)
+
+    @hook_config(can_jump_to=["end"])
+    async def abefore_model(
+        self, state: HarnessAgentState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """Async `before_model`."""
+        return self._before(state)
+
+
+class EffectLedgerMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
+    """At-most-once tool effects for ``create_agent``: marked tools run through `EffectLedger`.
+
+    A tool marked `irreversible` (or `effect`) runs at most once per
+    ``(thread_id, tool_call_id)``: its intent is recorded, it runs with an idempotency key,
+    its result is recorded, and a resumed run gets the stored result instead of a second
+    effect. An intent with no result (a crash inside the call) escalates to review.
+
+    List it after `VerifyToolOutputsMiddleware` (the first middleware is the outermost), so
+    verification judges what the tool really returned, replayed or fresh.
+
+    Args:
+        backend: The `Backend` holding the effect ledger (the same database as checkpoints).
+
+    Example:
+        ```python
+        from langchain.agents import create_agent
+        from langchain_core.messages import HumanMessage
+
+        from checkpointers import open_backend
+        from harness_nodes import EffectLedger, EffectLedgerMiddleware, irreversible
+        from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+
+        @irreversible
+        def send_email(to: str) -> str:
+            \"\"\"Send an email.\"\"\"
+            return f"sent to {to}"
+
+
+        model = ScriptedChatModel(
+            script=[ai(tool_calls=[tool_call("send_email", {"to": "a@b.c"})]), ai("Sent.")]
+        )
+        with open_backend("memory://") as backend:
+            agent = create_agent(model, [send_email],
+                                 middleware=[EffectLedgerMiddleware(backend)],
+                                 checkpointer=backend.checkpointer)
+            agent.invoke({"messages": [HumanMessage("mail a")]},
+                         {"configurable": {"thread_id": "t1"}})
+            assert [r.status for r in EffectLedger(backend).list("t1")] == ["done"]
+        ```
+    """
+
+    def __init__(self, backend: Any) -> None:
+        super().__init__()
+        self.ledger = EffectLedger(backend)
+
+    def wrap_tool_call(
+        self, request: ToolCallRequest, handler: ToolHandler
+    ) -> ToolMessage | Command[Any]:
+        """`EffectLedger.wrap_tool_call` (unmarked tools just run)."""
+        return self.ledger.wrap_tool_call(request, handler)
+
+    async def awrap_tool_call(
+        self, request: ToolCallRequest, handler: AsyncToolHandler
+    ) -> ToolMessage | Command[Any]:
+        """Async `wrap_tool_call`."""
+        return await self.ledger.awrap_tool_call(request, handler)
+
+
+_JUMPS = {"model": "model", END: "end"}
+
+
+class ReviewQueueMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
+    """Human review for ``create_agent``, through the same `HumanReview` and `ReviewQueue`.
+
+    After the model answers, calls the `ReviewPolicy` flags pause the run with an interrupt
+    of `ReviewRequest` items (Agent Inbox shape); before the next model call, escalations
+    (verification exhausted on a tool with side effects, an effect whose outcome is
+    unknown) pause it too. Run the agent through ``ReviewQueue(backend, agent)``: the pause
+    is listed by `ReviewQueue.pending`, and `ReviewQueue.decide` validates the decision
+    (``approve | edit | reject | respond``, LangChain's words) and resumes the run. Approved
+    and edited calls run; rejected and answered ones go back to the model.
+
+    Args:
+        policy: Which calls need review.
+        tools: The agent's tools, so edited arguments are validated against their schemas.
+
+    Example:
+        ```python
+        from langchain.agents import create_agent
+        from langchain_core.messages import HumanMessage
+
+        from checkpointers import open_backend
+        from harness_nodes import (
+            EffectLedgerMiddleware,
+            ReviewPolicy,
+            ReviewQueue,
+            ReviewQueueMiddleware,
+            irreversible,
+        )
+        from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+
+        @irreversible
+        def refund(order: str, amount: float) -> str:
+            \"\"\"Refund an order.\"\"\"
+            return f"refunded {amount} on {order}"
+
+
+        model = ScriptedChatModel(
+            script=[ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 5})]),
+                    ai("Refunded.")]
+        )
+        review = ReviewQueueMiddleware(ReviewPolicy(irreversible=["refund"]), tools=[refund])
+        with open_backend("memory://") as backend:
+            ledger = EffectLedgerMiddleware(backend)
+            agent = create_agent(model, [refund], middleware=[review, ledger],
+                                 checkpointer=backend.checkpointer)
+            queue = ReviewQueue(backend, agent)
+            queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="t1")
+            (item,) = queue.pending()
+            out = queue.decide(item.id, {"type": "approve"}, reviewer="ana")
+        assert out["messages"][-1].content == "Refunded."
+        ```
+    """
+
+    state_schema = HarnessAgentState
+
+    def __init__(
+        self, policy: ReviewPolicy | None = None, *, tools: Sequence[BaseTool] = ()
+    ) -> None:
+        super().__init__()
+        self.review = HumanReview(
+            policy if policy is not None else ReviewPolicy(),
+            tools=tuple(tools),
+            tools_node="tools",
+            model_node="model",
+            node=self.name,
+        )
+
+    def _pause(self, state: HarnessAgentState) -> dict[str, Any] | None:
+        if self.review.route(state) != self.review.node:
+            return None
+        command = self.review(cast(Any, state), _config())
+        update: dict[str, Any] = dict(cast(Mapping[str, Any], command.update or {}))
+        goto = command.goto
+        # The agent's own edge sends the calls still unanswered to the tools node (as many
+        # Sends as calls), so only "back to the model" and "the end" need a jump.
+        if isinstance(goto, str) and goto in _JUMPS:
+            update["jump_to"] = _JUMPS[goto]
+        return update or None
+
+    @hook_config(can_jump_to=["model", "end"])
+    def after_model(self, state: HarnessAgentState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        """Pause for review of the calls the policy flags; apply the decision."""
+        return self._pause(state)
+
+    @hook_config(can_jump_to=["model", "end"])
+    async def aafter_model(
+        self, state: HarnessAgentState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """Async `after_model`."""
+        return self._pause(state)
+
+    @hook_config(can_jump_to=["end"])
+    def before_model(
+        self, state: HarnessAgentState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """Pause for review of escalations raised by the tools; apply the decision."""
+        return self._escalations(state)
+
+    @hook_config(can_jump_to=["end"])
+    async def abefore_model(
+        self, state: HarnessAgentState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """Async `before_model`."""
+        return self._escalations(state)
+
+    def _escalations(self, state: HarnessAgentState) -> dict[str, Any] | None:
+        messages = list(state.get("messages") or [])
+        if not messages or not isinstance(messages[-1], ToolMessage):
+            return None
+        update = self._pause(state)
+        if update is not None and update.get("jump_to") == "model":
+            del update["jump_to"]  # already on the way to the model
+        return update
