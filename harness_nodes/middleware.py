@@ -73,12 +73,13 @@ from typing import Annotated, Any, Literal, NotRequired, cast
 from langchain.agents.middleware.types import (
     AgentMiddleware,
     AgentState,
+    ExtendedModelResponse,
     ModelRequest,
     ModelResponse,
     hook_config,
 )
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from langgraph.config import get_config
@@ -147,7 +148,7 @@ AsyncToolHandler = Callable[[ToolCallRequest], Awaitable[ToolMessage | Command[A
 
 
 def _config() -> RunnableConfig:
-    return cast(RunnableConfig, get_config())
+    return get_config()
 
 
 def _stop_update(update: dict[str, Any]) -> dict[str, Any]:
@@ -274,47 +275,43 @@ class CostEnvelopeMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
     def _stopped(response: ModelResponse[Any]) -> bool:
         return any(_is_stop_message(m) for m in response.result)
 
+    @staticmethod
+    def _completed(response: ModelResponse[Any]) -> ExtendedModelResponse[Any]:
+        # As `ModelNode`: an answer without tool calls completes the task.
+        update: dict[str, Any] = {}
+        last = response.result[-1] if response.result else None
+        if isinstance(last, AIMessage) and not last.tool_calls:
+            update["outcome"] = Outcome(status="completed", partial_result=last.text)
+        return ExtendedModelResponse(response, Command(update=update) if update else None)
+
+    @staticmethod
+    def _finished(update: dict[str, Any]) -> ExtendedModelResponse[Any]:
+        response: ModelResponse[Any] = ModelResponse(result=list(update["messages"]))
+        rest = {"outcome": update["outcome"], "spend": update["spend"]}
+        return ExtendedModelResponse(response, Command(update=rest))
+
     def wrap_model_call(
         self, request: ModelRequest[Any], handler: ModelHandler
-    ) -> ModelResponse[Any] | AIMessage:
+    ) -> ExtendedModelResponse[Any]:
         """Call the model through the budget; a refusal ends the task (`BudgetGuard.finish`)."""
         budgeted_request, guard = self._request(request)
         response = handler(budgeted_request)
         if not self._stopped(response):
-            return response
-        update = guard.finish({"messages": list(request.messages)}, _config())
-        return ModelResponse(result=list(update["messages"]))
+            return self._completed(response)
+        return self._finished(guard.finish({"messages": list(request.messages)}, _config()))
 
     async def awrap_model_call(
         self,
         request: ModelRequest[Any],
         handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]],
-    ) -> ModelResponse[Any] | AIMessage:
+    ) -> ExtendedModelResponse[Any]:
         """Async `wrap_model_call`."""
         budgeted_request, guard = self._request(request)
         response = await handler(budgeted_request)
         if not self._stopped(response):
-            return response
+            return self._completed(response)
         update = await guard.afinish({"messages": list(request.messages)}, _config())
-        return ModelResponse(result=list(update["messages"]))
-
-    def after_model(self, state: HarnessAgentState, runtime: Runtime[Any]) -> dict[str, Any] | None:
-        """Copy the outcome of a budget stop from its note into the state."""
-        return _outcome_from_last(state)
-
-    async def aafter_model(
-        self, state: HarnessAgentState, runtime: Runtime[Any]
-    ) -> dict[str, Any] | None:
-        """Async `after_model`."""
-        return _outcome_from_last(state)
-
-
-def _outcome_from_last(state: Mapping[str, Any]) -> dict[str, Any] | None:
-    messages: list[BaseMessage] = list(state.get("messages") or [])
-    if not messages or state.get("outcome"):
-        return None
-    outcome = ((messages[-1].additional_kwargs or {}).get("harness") or {}).get("outcome")
-    return {"outcome": outcome} if isinstance(outcome, dict) else None
+        return self._finished(update)
 
 
 class VerifyToolOutputsMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):

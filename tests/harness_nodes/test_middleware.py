@@ -1,0 +1,299 @@
+"""The harness as LangChain v1 middleware: ``create_agent`` with the same core objects."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from langchain.agents import create_agent
+from langchain.agents.middleware import AgentMiddleware, ModelCallLimitMiddleware
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.tools import tool
+from langgraph.prebuilt.tool_node import ToolCallRequest
+
+from checkpointers import Backend, open_backend
+from harness_nodes import (
+    CostEnvelopeMiddleware,
+    EffectLedger,
+    EffectLedgerMiddleware,
+    Envelope,
+    ReviewPolicy,
+    ReviewQueue,
+    ReviewQueueMiddleware,
+    ToolContract,
+    Trace,
+    VerifyToolOutputsMiddleware,
+    budgeted,
+    build_harnessed_agent,
+    build_trace,
+    irreversible,
+)
+from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+pytestmark = pytest.mark.anyio
+
+REFUNDS: list[str] = []
+
+
+@tool
+def ping() -> str:
+    """Ping."""
+    return "pong"
+
+
+@tool
+def search(query: str) -> list[str]:
+    """Search the notes."""
+    return [] if query == "typo" else ["note-1"]
+
+
+@irreversible
+def refund(order: str, amount: float) -> str:
+    """Refund an order."""
+    REFUNDS.append(order)
+    return f"refunded {amount} on {order}"
+
+
+@pytest.fixture(autouse=True)
+def _clear_refunds() -> None:
+    REFUNDS.clear()
+
+
+def _runaway() -> ScriptedChatModel:
+    return ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("ping", {})])], loop=True, model_name="gpt-4o-mini"
+    )
+
+
+def _model_calls(messages: list[Any]) -> int:
+    return sum(1 for m in messages if isinstance(m, AIMessage) and m.tool_calls)
+
+
+def test_runaway_loop_stopped_across_resumes_unlike_model_call_limit(backend: Backend) -> None:
+    """Each resume resets ModelCallLimitMiddleware's run counter; the envelope's spend persists."""
+    resumes = 6
+    limit = ModelCallLimitMiddleware(run_limit=3)
+    theirs = create_agent(
+        _runaway(),
+        [ping],
+        middleware=[limit],
+        checkpointer=backend.checkpointer,
+        interrupt_after=["tools"],
+    )
+    ours = create_agent(
+        _runaway(),
+        [ping],
+        middleware=[CostEnvelopeMiddleware(Envelope(max_calls=3), backend=backend)],
+        checkpointer=backend.checkpointer,
+        interrupt_after=["tools"],
+    )
+    results = {}
+    for name, agent in (("theirs", theirs), ("ours", ours)):
+        cfg: Any = {"configurable": {"thread_id": f"runaway-{name}"}}
+        out = agent.invoke({"messages": [HumanMessage("go")]}, cfg)
+        for _ in range(resumes):  # each pause after the tools is resumed, as a runner would
+            if not agent.get_state(cfg).next:
+                break
+            out = agent.invoke(None, cfg)
+        results[name] = out
+    # ModelCallLimitMiddleware never stops it: one call per run, the counter resets each time.
+    assert _model_calls(results["theirs"]["messages"]) == resumes + 1
+    assert "limit" not in results["theirs"]["messages"][-1].text
+    # The envelope stops it at 3 calls, whatever the number of resumes.
+    assert _model_calls(results["ours"]["messages"]) == 3
+    assert results["ours"]["outcome"]["status"] == "budget_exhausted"
+    assert "calls limit reached: used 3 of 3" in results["ours"]["outcome"]["reason"]
+    assert results["ours"]["spend"]["calls"] == 3
+
+
+def test_budget_error_exit_behavior_raises() -> None:
+    from harness_nodes import BudgetExceeded
+
+    with open_backend("memory://") as backend:
+        budget = CostEnvelopeMiddleware(
+            Envelope(max_calls=1, exit_behavior="error"), backend=backend
+        )
+        agent = create_agent(
+            _runaway(), [ping], middleware=[budget], checkpointer=backend.checkpointer
+        )
+        with pytest.raises(BudgetExceeded) as info:
+            agent.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "e"}})
+        assert info.value.limit == "calls"
+
+
+def _search_model() -> ScriptedChatModel:
+    return ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("search", {"query": "typo"})]),
+            ai(tool_calls=[tool_call("search", {"query": "storage"})]),
+            ai("Found note-1."),
+        ],
+        model_name="gpt-4o-mini",
+    )
+
+
+def _check_retried(out: dict[str, Any]) -> None:
+    feedback = out["messages"][2]
+    assert isinstance(feedback, ToolMessage) and feedback.status == "error"
+    assert "empty" in feedback.text  # the model is told what was wrong
+    assert [v["action"] for v in out["verdicts"]] == ["retry", "ok"]
+    assert out["messages"][-1].text == "Found note-1."
+
+
+def test_bad_tool_output_retried_with_feedback() -> None:
+    agent = create_agent(
+        _search_model(),
+        [search],
+        middleware=[VerifyToolOutputsMiddleware({"search": ToolContract()})],
+    )
+    _check_retried(agent.invoke({"messages": [HumanMessage("find storage notes")]}))
+
+
+async def test_bad_tool_output_retried_with_feedback_async() -> None:
+    agent = create_agent(
+        _search_model(),
+        [search],
+        middleware=[VerifyToolOutputsMiddleware({"search": ToolContract()})],
+    )
+    _check_retried(await agent.ainvoke({"messages": [HumanMessage("find storage notes")]}))
+
+
+def test_failed_verification_ends_the_agent() -> None:
+    model = ScriptedChatModel(script=[ai(tool_calls=[tool_call("search", {"query": "typo"})])])
+    verify = VerifyToolOutputsMiddleware({"search": ToolContract(max_retries=0)})
+    out = create_agent(model, [search], middleware=[verify]).invoke(
+        {"messages": [HumanMessage("x")]}
+    )
+    assert out["outcome"]["status"] == "verification_failed"
+    assert _model_calls(out["messages"]) == 1  # no second model call
+
+
+def _refund_agent(backend: Backend, extra: list[AgentMiddleware[Any, Any, Any]] = []) -> Any:  # noqa: B006
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 5})]),
+            ai("Refunded."),
+        ],
+        model_name="gpt-4o-mini",
+    )
+    middleware: list[Any] = [
+        ReviewQueueMiddleware(ReviewPolicy(irreversible=["refund"]), tools=[refund]),
+        *extra,
+        EffectLedgerMiddleware(backend),
+    ]
+    return create_agent(model, [refund], middleware=middleware, checkpointer=backend.checkpointer)
+
+
+def test_irreversible_call_paused_listed_approved_resumed(backend: Backend) -> None:
+    queue = ReviewQueue(backend, _refund_agent(backend))
+    queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="r1")
+    assert REFUNDS == []  # nothing ran before the review
+    (item,) = queue.pending()
+    assert item.thread_id == "r1"
+    assert item.requests[0]["action_request"] == {
+        "action": "refund",
+        "args": {"order": "A1", "amount": 5},
+    }
+    with pytest.raises(Exception, match="decision"):
+        queue.decide(item.id, {"type": "maybe"}, reviewer="ana")
+    assert [i.id for i in queue.pending()] == [item.id]  # a bad decision leaves it pending
+    out = queue.decide(item.id, {"type": "approve"}, reviewer="ana")
+    assert out["messages"][-1].text == "Refunded."
+    assert REFUNDS == ["A1"]
+    assert queue.pending() == []
+    assert [r.status for r in EffectLedger(backend).list("r1")] == ["done"]
+
+
+def test_rejected_call_goes_back_to_the_model() -> None:
+    with open_backend("memory://") as backend:
+        queue = ReviewQueue(backend, _refund_agent(backend))
+        queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="r2")
+        (item,) = queue.pending()
+        out = queue.decide(item.id, {"type": "reject", "message": "no"}, reviewer="bo")
+        assert REFUNDS == []
+        assert out["messages"][-1].text == "Refunded."  # the script's next turn
+
+
+class _CrashAfterTool(AgentMiddleware[Any, Any, Any]):
+    """Crash the process's run after the effect completed, before the step is saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.crashed = False
+
+    def wrap_tool_call(self, request: ToolCallRequest, handler: Callable[..., Any]) -> Any:
+        result = handler(request)
+        if not self.crashed:
+            self.crashed = True
+            raise RuntimeError("crash after the effect")
+        return result
+
+
+@pytest.mark.slow
+def test_crash_mid_run_resumes_without_duplicate_effect(durable_url: str) -> None:
+    cfg: Any = {"configurable": {"thread_id": "c1"}}
+    with open_backend(durable_url) as backend:
+        queue = ReviewQueue(backend, _refund_agent(backend, [_CrashAfterTool()]))
+        queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="c1")
+        (item,) = queue.pending()
+        with pytest.raises(RuntimeError, match="crash after the effect"):
+            queue.decide(item.id, {"type": "approve"}, reviewer="ana")
+    assert REFUNDS == ["A1"]
+    # A fresh backend and agent (nothing shared in memory with the crashed run) resume it.
+    with open_backend(durable_url) as backend:
+        agent = _refund_agent(backend)
+        out = agent.invoke(None, cfg)
+        assert out["messages"][-1].text == "Refunded."
+        (record,) = EffectLedger(backend).list("c1")
+        assert record.status == "done"
+    assert REFUNDS == ["A1"]  # replayed from the ledger, not run again
+
+
+def _decisions(trace: Trace) -> list[tuple[str, str]]:
+    kinds = {"llm", "tool_call", "tool_result", "verdict", "budget", "interrupt", "review"}
+    return [(n.kind, n.name) for n in trace.walk() if n.kind in kinds | {"effect", "outcome"}]
+
+
+def test_same_agent_both_ways_same_trace() -> None:
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("search", {"query": "typo"})]),
+            ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 5})]),
+            ai("Done."),
+        ],
+        model_name="gpt-4o-mini",
+    )
+    envelope = Envelope(max_usd=0.05)
+    contracts = {"search": ToolContract()}
+    policy = ReviewPolicy(irreversible=["refund"])
+    with open_backend("memory://") as backend:
+        graph = build_harnessed_agent(
+            budgeted(model, envelope=envelope, backend=backend),
+            [search, refund],
+            contracts=contracts,
+            review_policy=policy,
+            backend=backend,
+        )
+        agent = create_agent(
+            model,
+            [search, refund],
+            middleware=[
+                CostEnvelopeMiddleware(envelope, backend=backend),
+                VerifyToolOutputsMiddleware(contracts),
+                ReviewQueueMiddleware(policy, tools=[search, refund]),
+                EffectLedgerMiddleware(backend),
+            ],
+            checkpointer=backend.checkpointer,
+        )
+        for thread, app in (("graph", graph), ("agent", agent)):
+            queue = ReviewQueue(backend, app)
+            queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id=thread)
+            (item,) = queue.pending()
+            queue.decide(item.id, {"type": "approve"}, reviewer="ana")
+        by_graph, by_agent = build_trace(backend, "graph"), build_trace(backend, "agent")
+    assert _decisions(by_graph) == _decisions(by_agent)
+    assert ("verdict", "search: retry") in _decisions(by_agent)
+    assert ("review", "approve by ana") in _decisions(by_agent)
+    assert by_graph.status == by_agent.status == "completed"
+    assert by_graph.cost_usd == pytest.approx(by_agent.cost_usd)
