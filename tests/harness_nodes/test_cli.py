@@ -42,6 +42,19 @@ def test_demo_runs_the_three_graphs_and_narrates_the_harness(
         "support",
     ]
     assert audit == [("demo-reviewer", "approve")]
+    # `harness show` on the support task: the pause, the decision, the resumed steps.
+    support_thread = next(t for t in threads if t.startswith("demo-support-"))
+    main(["show", support_thread, "--db", f"sqlite:///{db}"])
+    shown = capsys.readouterr().out
+    assert "paused → resumed" in shown and "review approve by demo-reviewer" in shown
+    after = shown.split("paused → resumed", 1)[1]
+    assert "tool_result issue_refund" in after and "outcome completed" in after
+    # `harness report`: the graphs' outcomes and costs.
+    main(["report", "--db", f"sqlite:///{db}"])
+    report = capsys.readouterr().out
+    assert "outcomes: completed=3, budget_exhausted=1" in report
+    for task_type in ("research", "support", "documents"):
+        assert task_type in report.split("cost per task type", 1)[1]
 
 
 def test_demo_uses_harness_database_url(
