@@ -247,5 +247,29 @@ def build_graph(
     )
 
 
+def build(backend: Any) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """The factory `TaskRunner` and ``harness worker`` take: ``"graphs.documents:build"``.
+
+    Batches are submitted as background tasks, one per batch key: a retried submission joins
+    the running task instead of extracting the batch twice.
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+
+        from checkpointers import open_backend
+        from graphs import documents
+        from harness_nodes import TaskRunner
+
+        with open_backend("memory://") as backend, TaskRunner(backend, documents.build) as runner:
+            batch = {"messages": [HumanMessage(documents.DEFAULT_TASK)]}
+            runner.submit("batch-2026-11", batch, task_type=documents.TASK_TYPE)
+            runner.submit("batch-2026-11", batch, task_type=documents.TASK_TYPE)  # joins it
+            assert runner.result("batch-2026-11", timeout=30)["status"] == "completed"
+        ```
+    """
+    return build_graph(backend=backend)
+
+
 graph = build_graph()
 """The default extraction agent, compiled for ``langgraph.json`` (the server adds persistence)."""

@@ -308,3 +308,22 @@ def test_each_module_exposes_a_compiled_graph_for_deployment(module: Any) -> Non
 def test_unknown_fault_flag_is_a_user_error() -> None:
     with pytest.raises(UserError, match="Unknown fault flag\\(s\\) emtpy_results"):
         Faults.parse({"emtpy_results": True})
+
+
+def test_documents_batches_run_as_background_tasks_once_per_key(durable_url: str) -> None:
+    from harness_nodes import TaskRunner
+
+    faults = {"empty_results": True, "embedded_error": True, "out_of_range": True}
+    batch = {"messages": [HumanMessage(documents.DEFAULT_TASK)]}
+    with (
+        open_backend(durable_url) as backend,
+        TaskRunner(backend, lambda b: documents.build_graph(backend=b, faults=faults)) as runner,
+    ):
+        first = runner.submit("batch-11", batch, task_type=documents.TASK_TYPE)
+        again = runner.submit("batch-11", batch, task_type=documents.TASK_TYPE)
+        result = runner.result("batch-11", timeout=60)
+        threads = backend.execute("SELECT DISTINCT thread_id FROM checkpoints")
+    assert first.thread_id == again.thread_id and len(threads) == 1
+    assert result["status"] == "completed"
+    records = json.loads(result["partial_result"])
+    assert len(records) == 6 and all(r["total"] > 0 for r in records)
