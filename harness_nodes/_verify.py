@@ -9,6 +9,7 @@ they are checkpointed with the messages and survive a resume in another process.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import reprlib
@@ -107,8 +108,14 @@ def content_text(content: Any) -> str:
 _JSON_START = frozenset('{["-0123456789tfn')
 
 
+_MAX_LITERAL_CHARS = 100_000
+
+
 def decode_json(text: str) -> tuple[bool, Any]:
-    """``(True, value)`` when ``text`` is one JSON document, else ``(False, None)``."""
+    """``(True, value)`` for one JSON document or Python dict/list literal; else ``(False, None)``.
+
+    The literal covers tool nodes that hand the model ``str(dict)`` instead of JSON.
+    """
     stripped = text.strip()
     if not stripped or stripped[0] not in _JSON_START:
         return False, None
@@ -120,7 +127,18 @@ def decode_json(text: str) -> tuple[bool, Any]:
     try:  # e.g. lone surrogates, which pydantic-core refuses and json accepts
         return True, json.loads(stripped)
     except (ValueError, RecursionError):
-        return False, None
+        pass
+    # A tool node that calls str() on a dict hands the model Python's repr
+    # ({'status': 'failed'}), not JSON. literal_eval parses literals only (no code runs) and
+    # its tokenizer refuses nesting past 200 levels; the size cap keeps it cheap.
+    if stripped[0] in "{[" and len(stripped) <= _MAX_LITERAL_CHARS:
+        try:
+            value = ast.literal_eval(stripped)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return False, None
+        if isinstance(value, dict | list):
+            return True, value
+    return False, None
 
 
 def payload_of(contract: ToolContract, content: Any, artifact: Any) -> tuple[Any, str, bool]:

@@ -173,6 +173,12 @@ FAILURES = [
         "  <!DOCTYPE html><html><body><h1>502 Bad Gateway</h1></body></html>",
         "the tool returned an HTML page",
     ),
+    Case(
+        "python-repr-error",
+        "{'status': 'failed', 'error': 'card declined'}",
+        "the output reports a failure",
+    ),
+    Case("python-repr-empty", "{'results': []}", "empty result"),
     Case("empty-list", [], "empty result"),
     Case("null", "null", "empty result"),
     Case("blank", "   ", "empty result"),
