@@ -68,13 +68,35 @@ __all__ = [
 
 
 class HarnessError(Exception):
-    """Root of every error raised by langgraph-harness."""
+    """Root of every error raised by langgraph-harness.
+
+    Example:
+        ```python
+        from checkpointers import open_backend
+        from harness_nodes import HarnessError
+
+        try:
+            open_backend("mysql://db/x")
+        except HarnessError as exc:  # one root catches every harness error
+            caught = exc
+        assert type(caught).__name__ == "BackendURLError"
+        ```
+    """
 
 
 class UserError(HarnessError):
     """A usage mistake by the application developer, raised when the harness is wired up.
 
-    Example: a `ToolContract` for a tool the graph does not have.
+    For instance, a `ToolContract` for a tool the graph does not have.
+
+    Example:
+        ```python
+        from harness_nodes import HarnessError, UserError
+
+        err = UserError("ToolContract for unknown tool 'refund'")
+        assert isinstance(err, HarnessError)
+        assert str(err) == err.message == "ToolContract for unknown tool 'refund'"
+        ```
     """
 
     def __init__(self, message: str) -> None:
@@ -91,6 +113,16 @@ class UnknownGraph(UserError):
     Attributes:
         name: The name that was asked for.
         available: The names that are known.
+
+    Example:
+        ```python
+        from harness_nodes import UnknownGraph, UserError
+
+        err = UnknownGraph("suport", ["support", "research"])
+        assert isinstance(err, UserError)
+        assert err.available == ["support", "research"]
+        assert "expected one of support, research" in str(err)
+        ```
     """
 
     def __init__(self, name: str, available: list[str]) -> None:
@@ -113,6 +145,15 @@ class ModelUnavailable(UserError):
     Attributes:
         model: The model spec, e.g. ``"openai:gpt-4o-mini"``.
         reason: What is missing (an integration package, an API key, a known provider).
+
+    Example:
+        ```python
+        from harness_nodes import ModelUnavailable
+
+        err = ModelUnavailable("openai:gpt-4o-mini", "OPENAI_API_KEY is not set")
+        assert (err.model, err.reason) == ("openai:gpt-4o-mini", "OPENAI_API_KEY is not set")
+        assert str(err).startswith("Cannot use model 'openai:gpt-4o-mini'")
+        ```
     """
 
     def __init__(self, model: str, reason: str) -> None:
@@ -129,7 +170,21 @@ class ModelUnavailable(UserError):
 
 
 class BackendError(HarnessError):
-    """A problem with the durable backend (URL, connection, schema)."""
+    """A problem with the durable backend (URL, connection, schema).
+
+    Example:
+        ```python
+        from checkpointers import open_backend
+        from harness_nodes import BackendError
+
+        try:
+            open_backend("mysql://db/x")
+        except BackendError as exc:  # URL and connection problems alike
+            assert "mysql" in str(exc)
+        else:
+            raise AssertionError("expected BackendError")
+        ```
+    """
 
 
 class BackendURLError(BackendError):
@@ -138,6 +193,20 @@ class BackendURLError(BackendError):
     Attributes:
         url: The URL with any password masked.
         reason: What is wrong with it.
+
+    Example:
+        ```python
+        from checkpointers import open_backend
+        from harness_nodes import BackendURLError
+
+        try:
+            open_backend("mysql://user:secret@db/x")
+        except BackendURLError as exc:
+            assert "secret" not in exc.url  # the password is masked
+            assert exc.reason
+        else:
+            raise AssertionError("expected BackendURLError")
+        ```
     """
 
     def __init__(self, url: str, reason: str) -> None:
@@ -158,6 +227,18 @@ class BackendUnavailable(BackendError):
     Attributes:
         url: The URL with any password masked.
         reason: The driver's one-line explanation.
+
+    Example:
+        ```python
+        import pickle
+
+        from harness_nodes import BackendError, BackendUnavailable
+
+        err = BackendUnavailable("postgresql://app@db:5432/app", "connection refused")
+        assert isinstance(err, BackendError)
+        assert err.reason == "connection refused"
+        assert str(pickle.loads(pickle.dumps(err))) == str(err)  # crosses process boundaries
+        ```
     """
 
     def __init__(self, url: str, reason: str) -> None:
@@ -173,7 +254,16 @@ class BackendUnavailable(BackendError):
 
 
 class BudgetError(HarnessError):
-    """A problem with cost envelopes or pricing."""
+    """A problem with cost envelopes or pricing.
+
+    Example:
+        ```python
+        from harness_nodes import BudgetError, BudgetExceeded, UnpricedModelError
+
+        assert issubclass(BudgetExceeded, BudgetError)
+        assert issubclass(UnpricedModelError, BudgetError)
+        ```
+    """
 
 
 class UnpricedModelError(BudgetError):
@@ -182,6 +272,15 @@ class UnpricedModelError(BudgetError):
     Attributes:
         model: The model name as the harness saw it.
         provider: The provider, if known.
+
+    Example:
+        ```python
+        from harness_nodes import UnpricedModelError
+
+        err = UnpricedModelError("my-finetune", "openai")
+        assert (err.model, err.provider) == ("my-finetune", "openai")
+        assert "Pricing(fallback=ModelPrice(...))" in str(err)
+        ```
     """
 
     def __init__(self, model: str, provider: str | None = None) -> None:
@@ -207,6 +306,15 @@ class BudgetExceeded(BudgetError):
         limit: Which limit: ``"usd"``, ``"tokens"`` or ``"calls"`` (or a window cap name).
         used: How much was spent (or reserved) when the limit was hit.
         maximum: The limit's value.
+
+    Example:
+        ```python
+        from harness_nodes import BudgetExceeded
+
+        err = BudgetExceeded("ticket-42", "usd", 0.51, 0.5)
+        assert (err.task_id, err.limit, err.used, err.maximum) == ("ticket-42", "usd", 0.51, 0.5)
+        assert str(err) == "Budget exhausted for task 'ticket-42': usd used 0.51, limit 0.5"
+        ```
     """
 
     def __init__(self, task_id: str, limit: str, used: float, maximum: float) -> None:
@@ -233,6 +341,15 @@ class VerificationFailed(HarnessError):
         tool: The tool's name.
         tool_call_id: The failing call.
         reasons: Why the output was refused.
+
+    Example:
+        ```python
+        from harness_nodes import VerificationFailed
+
+        err = VerificationFailed("lookup_order", "call_1", ["missing key 'status'"])
+        assert err.reasons == ["missing key 'status'"]
+        assert "lookup_order" in str(err) and "missing key 'status'" in str(err)
+        ```
     """
 
     def __init__(self, tool: str, tool_call_id: str, reasons: list[str]) -> None:
@@ -252,7 +369,15 @@ class VerificationFailed(HarnessError):
 
 
 class ReviewError(HarnessError):
-    """A problem with a human review item or decision."""
+    """A problem with a human review item or decision.
+
+    Example:
+        ```python
+        from harness_nodes import AlreadyDecided, InvalidDecision, ReviewError, ReviewNotFound
+
+        assert all(issubclass(e, ReviewError) for e in (ReviewNotFound, InvalidDecision, AlreadyDecided))
+        ```
+    """
 
 
 class ReviewNotFound(ReviewError):
@@ -260,6 +385,15 @@ class ReviewNotFound(ReviewError):
 
     Attributes:
         review_id: The id that was asked for.
+
+    Example:
+        ```python
+        from harness_nodes import ReviewNotFound
+
+        err = ReviewNotFound("r-404")
+        assert err.review_id == "r-404"
+        assert str(err) == "No review item 'r-404'"
+        ```
     """
 
     def __init__(self, review_id: str) -> None:
@@ -276,6 +410,15 @@ class InvalidDecision(ReviewError):
     Attributes:
         review_id: The item the decision was for (``""`` when unknown).
         reason: What is wrong with the decision.
+
+    Example:
+        ```python
+        from harness_nodes import InvalidDecision
+
+        err = InvalidDecision("r-1", "'edit' is not allowed for this action")
+        assert err.review_id == "r-1"
+        assert str(err).endswith("(the item is still pending)")
+        ```
     """
 
     def __init__(self, review_id: str, reason: str) -> None:
@@ -296,6 +439,15 @@ class AlreadyDecided(ReviewError):
         decided_by: Who decided it.
         decided_at: When (ISO 8601).
         decision: Which decision won.
+
+    Example:
+        ```python
+        from harness_nodes import AlreadyDecided
+
+        err = AlreadyDecided("r-1", "alice", "2026-01-01T12:00:00+00:00", "approve")
+        assert (err.decided_by, err.decision) == ("alice", "approve")
+        assert "already decided (approve) by alice" in str(err)
+        ```
     """
 
     def __init__(self, review_id: str, decided_by: str, decided_at: str, decision: str) -> None:
@@ -316,7 +468,16 @@ class AlreadyDecided(ReviewError):
 
 
 class EffectError(HarnessError):
-    """A problem with the side-effect ledger."""
+    """A problem with the side-effect ledger.
+
+    Example:
+        ```python
+        from harness_nodes import EffectError, EffectNotResolvable, EffectOutcomeUnknown, UnguardedEffect
+
+        for cls in (EffectOutcomeUnknown, EffectNotResolvable, UnguardedEffect):
+            assert issubclass(cls, EffectError)
+        ```
+    """
 
 
 class EffectOutcomeUnknown(EffectError):
@@ -331,6 +492,16 @@ class EffectOutcomeUnknown(EffectError):
         tool: The tool's name.
         call_args: The call's arguments (``args`` is taken by `BaseException`).
         idempotency_key: The key the tool was given, to look the effect up downstream.
+
+    Example:
+        ```python
+        from harness_nodes import EffectOutcomeUnknown
+
+        err = EffectOutcomeUnknown("t-1", "call_7", "refund", {"order_id": "A1"}, "key-123")
+        assert err.call_args == {"order_id": "A1"}
+        assert err.idempotency_key == "key-123"
+        assert "it started but no result was recorded" in str(err)
+        ```
     """
 
     def __init__(
@@ -363,6 +534,15 @@ class EffectNotResolvable(EffectError):
         thread_id: The call's thread.
         tool_call_id: The call.
         reason: Why (no such call; its result is already recorded).
+
+    Example:
+        ```python
+        from harness_nodes import EffectNotResolvable
+
+        err = EffectNotResolvable("t-1", "call_7", "its result is already recorded")
+        assert (err.thread_id, err.tool_call_id) == ("t-1", "call_7")
+        assert str(err).endswith("its result is already recorded")
+        ```
     """
 
     def __init__(self, thread_id: str, tool_call_id: str, reason: str) -> None:
@@ -386,6 +566,28 @@ class UnguardedEffect(EffectError):
 
     Attributes:
         tool: The tool's name.
+
+    Example:
+        ```python
+        from langchain_core.tools import tool
+
+        from harness_nodes import UnguardedEffect, irreversible
+
+
+        @irreversible
+        @tool
+        def refund(order_id: str) -> str:
+            "Refund an order."
+            return f"refunded {order_id}"
+
+
+        try:
+            refund.invoke({"order_id": "A1"})  # no EffectLedger around the call
+        except UnguardedEffect as exc:
+            assert exc.tool == "refund"
+        else:
+            raise AssertionError("expected UnguardedEffect")
+        ```
     """
 
     def __init__(self, tool: str) -> None:
@@ -404,7 +606,16 @@ class UnguardedEffect(EffectError):
 
 
 class TaskError(HarnessError):
-    """A problem with a task or its thread."""
+    """A problem with a task or its thread.
+
+    Example:
+        ```python
+        from harness_nodes import LeaseLost, RunFailed, TaskError, TaskNotFinished, UnknownTask, UnknownThread
+
+        for cls in (UnknownThread, TaskNotFinished, RunFailed, UnknownTask, LeaseLost):
+            assert issubclass(cls, TaskError)
+        ```
+    """
 
 
 class UnknownThread(TaskError):
@@ -412,6 +623,15 @@ class UnknownThread(TaskError):
 
     Attributes:
         thread_id: The id that was asked for.
+
+    Example:
+        ```python
+        from harness_nodes import UnknownThread
+
+        err = UnknownThread("no-such-thread")
+        assert err.thread_id == "no-such-thread"
+        assert str(err) == "No task found for thread 'no-such-thread'"
+        ```
     """
 
     def __init__(self, thread_id: str) -> None:
@@ -428,6 +648,15 @@ class TaskNotFinished(TaskError):
     Attributes:
         task_key: The task.
         status: Its current status.
+
+    Example:
+        ```python
+        from harness_nodes import TaskNotFinished
+
+        err = TaskNotFinished("ticket-42", "running")
+        assert (err.task_key, err.status) == ("ticket-42", "running")
+        assert "has not finished (status: running)" in str(err)
+        ```
     """
 
     def __init__(self, task_key: str, status: str) -> None:
@@ -446,6 +675,15 @@ class RunFailed(TaskError):
         thread_id: The task's thread (resume it with ``harness resume THREAD``).
         error: The error's type name.
         reason: The error's first line.
+
+    Example:
+        ```python
+        from harness_nodes import RunFailed
+
+        err = RunFailed("t-1", "TimeoutError", "tool took too long")
+        assert (err.error, err.reason) == ("TimeoutError", "tool took too long")
+        assert "harness resume t-1" in str(err)
+        ```
     """
 
     def __init__(self, thread_id: str, error: str, reason: str) -> None:
@@ -466,6 +704,15 @@ class UnknownTask(TaskError):
 
     Attributes:
         task_key: The key that was asked for.
+
+    Example:
+        ```python
+        from harness_nodes import UnknownTask
+
+        err = UnknownTask("ticket-404")
+        assert err.task_key == "ticket-404"
+        assert str(err) == "No task submitted with key 'ticket-404'"
+        ```
     """
 
     def __init__(self, task_key: str) -> None:
@@ -485,6 +732,15 @@ class LeaseLost(TaskError):
     Attributes:
         thread_id: The task's thread.
         owner: The lease this process held.
+
+    Example:
+        ```python
+        from harness_nodes import LeaseLost
+
+        err = LeaseLost("t-1", "worker-a:1234")
+        assert (err.thread_id, err.owner) == ("t-1", "worker-a:1234")
+        assert "Lost the lease on thread 't-1'" in str(err)
+        ```
     """
 
     def __init__(self, thread_id: str, owner: str) -> None:
