@@ -375,7 +375,8 @@ class ReviewError(HarnessError):
         ```python
         from harness_nodes import AlreadyDecided, InvalidDecision, ReviewError, ReviewNotFound
 
-        assert all(issubclass(e, ReviewError) for e in (ReviewNotFound, InvalidDecision, AlreadyDecided))
+        for cls in (ReviewNotFound, InvalidDecision, AlreadyDecided):
+            assert issubclass(cls, ReviewError)
         ```
     """
 
@@ -472,7 +473,12 @@ class EffectError(HarnessError):
 
     Example:
         ```python
-        from harness_nodes import EffectError, EffectNotResolvable, EffectOutcomeUnknown, UnguardedEffect
+        from harness_nodes import (
+            EffectError,
+            EffectNotResolvable,
+            EffectOutcomeUnknown,
+            UnguardedEffect,
+        )
 
         for cls in (EffectOutcomeUnknown, EffectNotResolvable, UnguardedEffect):
             assert issubclass(cls, EffectError)
@@ -610,7 +616,8 @@ class TaskError(HarnessError):
 
     Example:
         ```python
-        from harness_nodes import LeaseLost, RunFailed, TaskError, TaskNotFinished, UnknownTask, UnknownThread
+        from harness_nodes import LeaseLost, RunFailed, TaskError, TaskNotFinished
+        from harness_nodes import UnknownTask, UnknownThread
 
         for cls in (UnknownThread, TaskNotFinished, RunFailed, UnknownTask, LeaseLost):
             assert issubclass(cls, TaskError)

@@ -62,7 +62,17 @@ OutcomeStatus = Literal[
 
 
 class TaskInfo(TypedDict, total=False):
-    """Which task a thread is running. Budgets and ledgers key on `task_id`, never on a run."""
+    """Which task a thread is running. Budgets and ledgers key on `task_id`, never on a run.
+
+    Example:
+        ```python
+        from harness_nodes import HarnessState, TaskInfo
+
+        task: TaskInfo = {"task_id": "ticket-42", "task_type": "refund"}
+        state: HarnessState = {"messages": [], "task": task}
+        assert state["task"]["task_type"] == "refund"
+        ```
+    """
 
     task_id: str
     """Stable id of the task (defaults to the thread id)."""
@@ -71,7 +81,22 @@ class TaskInfo(TypedDict, total=False):
 
 
 class Verdict(TypedDict):
-    """The verification result for one tool call."""
+    """The verification result for one tool call.
+
+    Example:
+        ```python
+        import operator
+
+        from harness_nodes import Verdict
+
+        ok: Verdict = {"tool": "lookup_order", "tool_call_id": "call_1", "ok": True, "reasons": [],
+                       "attempt": 1, "action": "ok"}
+        bad: Verdict = {**ok, "tool_call_id": "call_2", "ok": False,
+                        "reasons": ["missing key 'status'"], "action": "retry"}
+        verdicts = operator.add([ok], [bad])  # HarnessState.verdicts appends
+        assert [v["action"] for v in verdicts] == ["ok", "retry"]
+        ```
+    """
 
     tool: str
     """The tool's name."""
@@ -88,7 +113,22 @@ class Verdict(TypedDict):
 
 
 class ReviewRecord(TypedDict):
-    """A human decision on one paused action."""
+    """A human decision on one paused action.
+
+    Example:
+        ```python
+        from harness_nodes import ReviewRecord
+
+        record: ReviewRecord = {
+            "review_id": "r-1",
+            "tool_call_ids": ["call_1"],
+            "decision": "approve",
+            "reviewer": "alice",
+            "reason": "refund over $100",
+        }
+        assert record["decision"] in ("approve", "edit", "reject", "respond")
+        ```
+    """
 
     review_id: str
     """The review item's id in the queue."""
@@ -117,6 +157,24 @@ class Escalation(TypedDict):
     ``ToolMessage.additional_kwargs["harness"]["escalation"]`` — so it works in a plain
     ``MessagesState`` app — and `HumanReview` picks up every escalation among the tool
     messages after the last AI message.
+
+    Example:
+        ```python
+        from langchain_core.messages import ToolMessage
+
+        from harness_nodes import Escalation
+
+        escalation: Escalation = {
+            "kind": "verification",
+            "reason": "lookup_order failed its contract twice",
+            "tool": "lookup_order",
+            "tool_call_id": "call_1",
+        }
+        # Where nodes put it, so it works in a plain MessagesState app too:
+        msg = ToolMessage("{}", tool_call_id="call_1",
+                          additional_kwargs={"harness": {"escalation": escalation}})
+        assert msg.additional_kwargs["harness"]["escalation"]["kind"] == "verification"
+        ```
     """
 
     kind: EscalationKind
@@ -134,7 +192,17 @@ class Escalation(TypedDict):
 
 
 class ModelSpend(TypedDict):
-    """Spend on one model."""
+    """Spend on one model.
+
+    Example:
+        ```python
+        from harness_nodes import ModelSpend, Spend
+
+        mini: ModelSpend = {"input_tokens": 1200, "output_tokens": 300, "usd": 0.0004, "calls": 2}
+        spend: Spend = {"by_model": {"gpt-4o-mini": mini}, "calls": mini["calls"]}
+        assert spend["by_model"]["gpt-4o-mini"]["calls"] == 2
+        ```
+    """
 
     input_tokens: int
     output_tokens: int
@@ -143,7 +211,19 @@ class ModelSpend(TypedDict):
 
 
 class Spend(TypedDict, total=False):
-    """Checkpointed mirror of a task's spend (the ledger in the backend is authoritative)."""
+    """Checkpointed mirror of a task's spend (the ledger in the backend is authoritative).
+
+    Example:
+        ```python
+        from harness_nodes import Spend
+        from harness_nodes.state import merge_spend
+
+        before: Spend = {"usd": 0.01, "calls": 1, "model": "gpt-4o"}
+        after = merge_spend(before, {"usd": 0.03, "calls": 2, "model": "gpt-4o-mini"})
+        # key by key, the newest snapshot wins (here: degraded down the ladder)
+        assert after == {"usd": 0.03, "calls": 2, "model": "gpt-4o-mini"}
+        ```
+    """
 
     total_tokens: int
     """Input + output tokens over all models."""
@@ -158,7 +238,18 @@ class Spend(TypedDict, total=False):
 
 
 class Outcome(TypedDict):
-    """How the task ended. Set once, at the end."""
+    """How the task ended. Set once, at the end.
+
+    Example:
+        ```python
+        from harness_nodes import Outcome
+        from harness_nodes.state import keep_first_outcome
+
+        stopped: Outcome = {"status": "budget_exhausted", "reason": "usd used 0.51, limit 0.5"}
+        later: Outcome = {"status": "completed"}
+        assert keep_first_outcome(stopped, later) == stopped  # set once, at the end
+        ```
+    """
 
     status: OutcomeStatus
     reason: NotRequired[str]
@@ -201,7 +292,23 @@ def merge_spend(current: Spend | None, new: Spend | None) -> Spend:
 
 
 class MessagesOnly(TypedDict):
-    """The smallest state a harness node reads: just the messages."""
+    """The smallest state a harness node reads: just the messages.
+
+    Example:
+        ```python
+        from langchain_core.messages import AIMessage, HumanMessage
+        from langgraph.graph import END, START, StateGraph
+
+        from harness_nodes import MessagesOnly
+
+        builder = StateGraph(MessagesOnly)
+        builder.add_node("echo", lambda s: {"messages": [AIMessage(s["messages"][-1].content)]})
+        builder.add_edge(START, "echo")
+        builder.add_edge("echo", END)
+        out = builder.compile().invoke({"messages": [HumanMessage("hi")]})
+        assert [m.content for m in out["messages"]] == ["hi", "hi"]
+        ```
+    """
 
     messages: Annotated[list[AnyMessage], add_messages]
 
@@ -210,6 +317,41 @@ class HarnessState(TypedDict):
     """State of a harnessed agent. Extend it with your own keys.
 
     Only ``messages`` is required; the harness fills the rest.
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+        from langchain_core.tools import tool
+
+        from checkpointers import open_backend
+        from harness_nodes import HarnessState, ToolContract, build_harnessed_agent
+        from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+
+        class SupportState(HarnessState):  # your own keys next to the harness's
+            customer_id: str
+
+
+        @tool
+        def lookup_order(order_id: str) -> dict:
+            "Look an order up."
+            return {"order_id": order_id, "status": "shipped"}
+
+
+        model = ScriptedChatModel(
+            script=[ai(tool_calls=[tool_call("lookup_order", {"order_id": "A1"})]), ai("Shipped.")]
+        )
+        with open_backend("memory://") as backend:
+            agent = build_harnessed_agent(
+                model, [lookup_order], state_schema=SupportState, backend=backend,
+                contracts={"lookup_order": ToolContract(required=("status",))},
+            )
+            out = agent.invoke({"messages": [HumanMessage("Where is A1?")], "customer_id": "c-7"},
+                               {"configurable": {"thread_id": "ticket-1"}})
+        assert out["customer_id"] == "c-7"
+        assert [v["ok"] for v in out["verdicts"]] == [True]
+        assert out["outcome"]["status"] == "completed"
+        ```
     """
 
     messages: Annotated[list[AnyMessage], add_messages]
