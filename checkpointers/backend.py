@@ -62,7 +62,33 @@ def default_url() -> str:
 
 
 class Transaction(Protocol):
-    """What `Backend.transaction()` yields: ``execute`` inside one database transaction."""
+    """What `Backend.transaction()` yields: ``execute`` inside one database transaction.
+
+    Example:
+        ```python
+        from checkpointers import Transaction, open_backend
+
+
+        def move_credit(tx: Transaction, amount: int) -> None:
+            tx.execute("UPDATE credits SET n = n - %s WHERE who = %s", (amount, "alice"))
+            tx.execute("UPDATE credits SET n = n + %s WHERE who = %s", (amount, "bob"))
+
+
+        with open_backend("sqlite:///example.db") as backend:
+            backend.execute("CREATE TABLE credits (who TEXT PRIMARY KEY, n INTEGER)")
+            backend.execute("INSERT INTO credits VALUES (%s, %s), (%s, %s)", ("alice", 5, "bob", 0))
+            with backend.transaction() as tx:
+                move_credit(tx, 2)
+            try:
+                with backend.transaction() as tx:
+                    move_credit(tx, 2)
+                    raise RuntimeError("crash mid-transaction")
+            except RuntimeError:
+                pass  # rolled back: neither update happened
+            rows = backend.execute("SELECT who, n FROM credits ORDER BY who")
+        assert rows == [{"who": "alice", "n": 3}, {"who": "bob", "n": 2}]
+        ```
+    """
 
     def execute(self, sql: str, params: Params = ()) -> list[Row]:
         """Run one statement (``%s`` placeholders) and return its rows as dicts."""
@@ -195,6 +221,32 @@ class Backend:
         url: The URL it was opened with, password masked.
         kind: ``"memory"``, ``"sqlite"`` or ``"postgres"``.
         checkpointer: The LangGraph saver to pass to ``builder.compile(checkpointer=...)``.
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+        from langgraph.graph import START, MessagesState, StateGraph
+
+        from checkpointers import Backend, open_backend
+        from harness_nodes.testing import ScriptedChatModel, ai
+
+        model = ScriptedChatModel(script=[ai("Hello!")], model_name="gpt-4o-mini")
+        builder = StateGraph(MessagesState)
+        builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+        builder.add_edge(START, "agent")
+        config = {"configurable": {"thread_id": "ticket-1"}}
+
+        with open_backend("sqlite:///harness.db") as backend:  # or memory://, postgresql://...
+            assert isinstance(backend, Backend) and backend.kind == "sqlite"
+            graph = builder.compile(checkpointer=backend.checkpointer)
+            graph.invoke({"messages": [HumanMessage("hi")]}, config)
+
+        with open_backend("sqlite:///harness.db") as backend:  # later, in another process
+            graph = builder.compile(checkpointer=backend.checkpointer)
+            state = graph.get_state(config)
+            assert [m.content for m in state.values["messages"]] == ["hi", "Hello!"]
+            assert backend.execute("SELECT count(*) AS n FROM harness_runs") == [{"n": 0}]
+        ```
     """
 
     def __init__(

@@ -46,7 +46,31 @@ FINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 @dataclass(frozen=True)
 class TaskRun:
-    """A snapshot of one task: what `submit`, `status` and `cancel` return."""
+    """A snapshot of one task: what `submit`, `status` and `cancel` return.
+
+    Example:
+        ```python
+        from langchain_core.messages import AIMessage
+        from langgraph.graph import END, START, MessagesState, StateGraph
+
+        from checkpointers import open_backend
+        from harness_nodes import TaskRun, TaskRunner
+
+        builder = StateGraph(MessagesState)
+        builder.add_node("answer", lambda state: {"messages": [AIMessage("42")]})
+        builder.add_edge(START, "answer")
+        builder.add_edge("answer", END)
+
+        with open_backend("memory://") as backend, TaskRunner(backend, builder) as runner:
+            runner.submit("question-1", {"messages": []}, task_type="math")
+            runner.result("question-1", timeout=10)
+            run: TaskRun = runner.status("question-1")
+        assert (run.task_key, run.task_type, run.status, run.done) == (
+            "question-1", "math", "completed", True
+        )
+        assert run.outcome == {"status": "completed", "partial_result": "42"}
+        ```
+    """
 
     task_key: str
     """The caller's key: the same key is always the same task."""

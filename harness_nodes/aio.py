@@ -115,6 +115,32 @@ class AsyncEffectLedger:
     Args:
         backend: Where the ledger lives.
         on_unknown: ``"escalate"`` (default) or ``"raise"``, as in `EffectLedger`.
+
+    Example:
+        ```python
+        import asyncio
+
+        from checkpointers import aopen_backend
+        from harness_nodes import AsyncEffectLedger
+
+
+        async def main() -> None:
+            async with await aopen_backend("memory://") as backend:
+                ledger = AsyncEffectLedger(backend)
+                sent: list[str] = []
+
+                async def send(ctx):
+                    sent.append(ctx.idempotency_key)
+                    return "sent"
+
+                await ledger.arun(send, name="email", thread_id="t", call_id="c1")
+                await ledger.arun(send, name="email", thread_id="t", call_id="c1")  # a replay
+                record = await ledger.aget("t", "c1")
+                assert sent == ["t:c1"] and record is not None and record.status == "done"
+
+
+        asyncio.run(main())
+        ```
     """
 
     def __init__(

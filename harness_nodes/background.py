@@ -61,6 +61,24 @@ class JobQueue:
 
     Raises:
         UserError: the URL is not a Postgres URL.
+
+    Example:
+        ```python
+        from harness_nodes import JobQueue, UserError
+
+        # Construction opens nothing (no database needed for this example). In the submitting
+        # service: TaskRunner(open_backend(url), "myapp.agents:build", queue=JobQueue(url)),
+        # then run `harness worker --db URL` on as many machines as you like.
+        queue = JobQueue("postgresql://app:secret@db:5432/app", queue="support")
+        assert repr(queue) == "JobQueue('postgresql://app:***@db:5432/app', queue='support')"
+
+        try:
+            JobQueue("sqlite:///harness.db")  # background runs need Postgres (procrastinate)
+        except UserError as exc:
+            assert "need Postgres" in str(exc)
+        else:
+            raise AssertionError("expected UserError")
+        ```
     """
 
     def __init__(self, url: str, *, queue: str = "harness") -> None:

@@ -226,7 +226,28 @@ class Envelopes:
 
 @dataclass(frozen=True)
 class BudgetCheck:
-    """What the budget allows for the next call of a task (see `BudgetedChatModel.check`)."""
+    """What the budget allows for the next call of a task (see `BudgetedChatModel.check`).
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+
+        from harness_nodes import BudgetCheck, Envelope, budgeted
+        from harness_nodes.testing import ScriptedChatModel, ai
+
+        model = budgeted(
+            ScriptedChatModel(script=[ai("hi")], loop=True, model_name="gpt-4o-mini"),
+            envelope=Envelope(max_calls=1),
+        )
+        config = {"configurable": {"thread_id": "t-1"}}
+        before: BudgetCheck = model.check([HumanMessage("hi")], config)
+        model.invoke([HumanMessage("hi")], config)
+        after: BudgetCheck = model.check([HumanMessage("hi")], config)
+        assert (before.decision, before.model) == ("ok", "gpt-4o-mini")
+        assert (after.decision, after.limit, after.used, after.maximum) == ("stop", "calls", 1, 1)
+        assert after.spent_usd > 0
+        ```
+    """
 
     decision: Decision
     """``"ok"``: the first model of the ladder fits; ``"degrade"``: only a cheaper one does;
@@ -410,6 +431,29 @@ class BudgetedChatModel(BaseChatModel):
 
     Build it with `budgeted`. It is a LangChain chat model: ``bind_tools``, ``invoke``,
     ``ainvoke``, ``batch`` and ``stream`` work, inside LangGraph nodes or anywhere else.
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+
+        from checkpointers import open_backend
+        from harness_nodes import BudgetedChatModel, Envelope, budgeted
+        from harness_nodes.testing import ScriptedChatModel, ai
+
+        strong = ScriptedChatModel(script=[ai("from 4o")], loop=True, model_name="gpt-4o")
+        cheap = ScriptedChatModel(script=[ai("from mini")], loop=True, model_name="gpt-4o-mini")
+        with open_backend("memory://") as backend:  # the spend ledger (shared across processes)
+            model: BudgetedChatModel = budgeted(
+                [strong, cheap], envelope=Envelope(max_usd=0.001, max_calls=2), backend=backend
+            )
+            config = {"configurable": {"thread_id": "ticket-1"}}
+            answers = [model.invoke([HumanMessage("hi")], config) for _ in range(3)]
+        # $0.001 cannot pay for a gpt-4o answer: the ladder degrades to gpt-4o-mini ...
+        assert [a.content for a in answers[:2]] == ["from mini", "from mini"]
+        assert answers[0].additional_kwargs["harness"]["budget"]["degraded_from"] == "gpt-4o"
+        # ... and the third call is refused without calling any model.
+        assert answers[2].additional_kwargs["harness"]["budget"]["stopped"]["limit"] == "calls"
+        ```
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)

@@ -130,7 +130,29 @@ the next execution runs it."""
 
 @dataclass(frozen=True)
 class EffectContext:
-    """The call a guarded tool is running for. Read it with `current_effect()`."""
+    """The call a guarded tool is running for. Read it with `current_effect()`.
+
+    Example:
+        ```python
+        from checkpointers import open_backend
+        from harness_nodes import EffectContext, EffectLedger
+
+        seen: list[EffectContext] = []
+
+
+        def send_email(ctx: EffectContext) -> str:
+            seen.append(ctx)  # give ctx.idempotency_key to an API that de-duplicates by key
+            return "sent"
+
+
+        with open_backend("memory://") as backend:
+            EffectLedger(backend).run(send_email, name="send_email", thread_id="t-1", call_id="c1")
+        [ctx] = seen
+        assert (ctx.thread_id, ctx.tool_call_id, ctx.tool) == ("t-1", "c1", "send_email")
+        assert ctx.attempt == 1
+        assert ctx.idempotency_key == "t-1:c1"
+        ```
+    """
 
     thread_id: str
     """The task's thread."""
@@ -330,7 +352,25 @@ def irreversible(tool: BaseTool | Callable[..., Any]) -> BaseTool:
 
 @dataclass(frozen=True)
 class EffectRecord:
-    """One row of the effect ledger."""
+    """One row of the effect ledger.
+
+    Example:
+        ```python
+        from checkpointers import open_backend
+        from harness_nodes import EffectLedger, EffectRecord
+
+        with open_backend("memory://") as backend:
+            ledger = EffectLedger(backend)
+            ledger.run(lambda ctx: "refunded", name="refund", thread_id="t-1", call_id="c1",
+                       args={"order": "A1"})
+            record: EffectRecord | None = ledger.get("t-1", "c1")
+            assert [r.tool for r in ledger.list("t-1", status="done")] == ["refund"]
+        assert record is not None
+        assert (record.status, record.result, record.args, record.attempts) == (
+            "done", "refunded", {"order": "A1"}, 1
+        )
+        ```
+    """
 
     thread_id: str
     tool_call_id: str

@@ -130,6 +130,30 @@ class HarnessAgentState(AgentState[Any]):
 
     The harness middleware declare it, so ``create_agent`` keeps verdicts, the spend mirror
     and the outcome in the agent's state, as a `build_harnessed_agent` graph does.
+
+    Example:
+        ```python
+        from langchain.agents import create_agent
+        from langchain_core.messages import HumanMessage
+        from langchain_core.tools import tool
+
+        from harness_nodes import HarnessAgentState, VerifyToolOutputsMiddleware
+        from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+
+        @tool
+        def search(query: str) -> list[str]:
+            "Search the notes."
+            return ["note-1"]
+
+
+        model = ScriptedChatModel(
+            script=[ai(tool_calls=[tool_call("search", {"query": "storage"})]), ai("Found note-1.")]
+        )
+        agent = create_agent(model, [search], middleware=[VerifyToolOutputsMiddleware()])
+        out: HarnessAgentState = agent.invoke({"messages": [HumanMessage("notes on storage?")]})
+        assert [(v["tool"], v["ok"]) for v in out["verdicts"]] == [("search", True)]
+        ```
     """
 
     verdicts: NotRequired[Annotated[list[Verdict], operator.add]]

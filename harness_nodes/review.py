@@ -110,7 +110,19 @@ _RISK_ORDER: dict[str, int] = {"low": 0, "medium": 1, "high": 2}
 
 
 class ActionRequest(TypedDict):
-    """What the agent wants to do (Agent Inbox's ``action_request``)."""
+    """What the agent wants to do (Agent Inbox's ``action_request``).
+
+    Example:
+        ```python
+        from harness_nodes import ActionRequest, HumanReview, ReviewPolicy
+        from harness_nodes.testing import ai, tool_call
+
+        msg = ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 250})])
+        [request] = HumanReview(ReviewPolicy(irreversible=["refund"])).requests([msg])
+        action: ActionRequest = request["action_request"]
+        assert action == {"action": "refund", "args": {"order": "A1", "amount": 250}}
+        ```
+    """
 
     action: str
     """The tool's name."""
@@ -119,7 +131,20 @@ class ActionRequest(TypedDict):
 
 
 class ReviewConfig(TypedDict):
-    """Which decisions the reviewer may take (Agent Inbox's ``config``)."""
+    """Which decisions the reviewer may take (Agent Inbox's ``config``).
+
+    Example:
+        ```python
+        from harness_nodes import HumanReview, ReviewConfig, ReviewPolicy
+        from harness_nodes.testing import ai, tool_call
+
+        policy = ReviewPolicy(irreversible=["refund"], allow_edit=False)
+        msg = ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 250})])
+        [request] = HumanReview(policy).requests([msg])
+        config: ReviewConfig = request["config"]
+        assert config["allow_accept"] and not config["allow_edit"]
+        ```
+    """
 
     allow_accept: bool
     """``approve`` (Agent Inbox: accept)."""
@@ -132,7 +157,24 @@ class ReviewConfig(TypedDict):
 
 
 class TraceExcerpt(TypedDict):
-    """What led to the review, read from the messages (decisions so far and spend)."""
+    """What led to the review, read from the messages (decisions so far and spend).
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+
+        from harness_nodes import HumanReview, ReviewPolicy, TraceExcerpt
+        from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+        model = ScriptedChatModel(script=[ai(tool_calls=[tool_call("refund", {"amount": 250})])])
+        messages = [HumanMessage("refund A1")]
+        messages.append(model.invoke(messages))
+        [request] = HumanReview(ReviewPolicy(irreversible=["refund"])).requests(messages)
+        trace: TraceExcerpt = request["trace"]
+        assert trace["tokens"] > 0  # read from the AI messages' usage
+        assert any("refund" in step for step in trace["steps"])
+        ```
+    """
 
     steps: list[str]
     """The decisions that led here, oldest first (tool calls, verdicts, earlier reviews)."""
@@ -147,6 +189,21 @@ class ReviewRequest(TypedDict):
 
     `HumanReview` interrupts with a list of these (one per call needing review in one AI
     message), which is exactly the shape Agent Inbox renders.
+
+    Example:
+        ```python
+        from harness_nodes import HumanReview, ReviewPolicy, ReviewRequest
+        from harness_nodes.testing import ai, tool_call
+
+        rule = {"refund": lambda args: args["amount"] > 100 and "over $100"}
+        review = HumanReview(ReviewPolicy(rules=rule))
+        msg = ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 250}, id="call_1")])
+        requests: list[ReviewRequest] = review.requests([msg])  # what the interrupt carries
+        [request] = requests
+        assert (request["kind"], request["trigger"]) == ("tool_call", "argument_rule")
+        assert request["tool_call_id"] == "call_1" and request["risk"] == "high"
+        assert "over $100" in request["reason"]
+        ```
     """
 
     action_request: ActionRequest
@@ -391,7 +448,28 @@ def _one_line(e: ValidationError) -> str:
 
 
 class ConfidenceScorer(Protocol):
-    """Scores how confident the agent is in one tool call (0..1), or None when it cannot tell."""
+    """Scores how confident the agent is in one tool call (0..1), or None when it cannot tell.
+
+    Example:
+        ```python
+        from langchain_core.messages import AIMessage, ToolCall
+
+        from harness_nodes import ConfidenceScorer, ReviewPolicy
+        from harness_nodes.testing import ai, tool_call
+
+
+        def amount_scorer(call: ToolCall, message: AIMessage) -> float | None:
+            return 0.9 if call["args"].get("amount", 0) < 50 else 0.4
+
+
+        scorer: ConfidenceScorer = amount_scorer
+        policy = ReviewPolicy(min_confidence=0.7, scorer=scorer)
+        big, small = tool_call("refund", {"amount": 80}), tool_call("refund", {"amount": 10})
+        msg = ai(tool_calls=[big, small])
+        assert policy.check(big, msg) is not None  # 0.4 < 0.7: a person looks first
+        assert policy.check(small, msg) is None
+        ```
+    """
 
     def __call__(self, call: ToolCall, message: AIMessage) -> float | None:
         """Return the confidence for *call* made in *message*."""
@@ -616,6 +694,46 @@ class HumanReview:
     input format `ToolNode` accepts (as LangChain's ``create_agent`` does).
 
     See the module docstring for a complete example.
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+        from langchain_core.tools import tool
+        from langgraph.checkpoint.memory import InMemorySaver
+        from langgraph.graph import START, MessagesState, StateGraph
+        from langgraph.prebuilt import ToolNode
+        from langgraph.types import Command
+
+        from harness_nodes import HumanReview, ReviewPolicy
+        from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+
+        @tool
+        def refund(order: str, amount: float) -> str:
+            "Refund an order."
+            return f"refunded {amount:g} on {order}"
+
+
+        model = ScriptedChatModel(
+            script=[ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 250})]), ai("OK")]
+        )
+        review = HumanReview(ReviewPolicy(irreversible=["refund"]), tools=[refund])
+        builder = StateGraph(MessagesState)
+        builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+        builder.add_node("review", review)
+        builder.add_node("tools", ToolNode([refund]))
+        builder.add_edge(START, "agent")
+        builder.add_conditional_edges("agent", review.route)
+        builder.add_edge("tools", "agent")
+        graph = builder.compile(checkpointer=InMemorySaver())
+
+        config = {"configurable": {"thread_id": "ticket-1"}}
+        paused = graph.invoke({"messages": [HumanMessage("refund A1")]}, config)
+        assert paused["__interrupt__"][0].value[0]["action_request"]["action"] == "refund"
+        edit = {"type": "edit", "args": {"order": "A1", "amount": 90}}
+        done = graph.invoke(Command(resume=edit), config)
+        assert "refunded 90 on A1" in [m.content for m in done["messages"]]
+        ```
     """
 
     policy: ReviewPolicy = field(default_factory=ReviewPolicy)

@@ -111,7 +111,36 @@ _RISK_ORDER = _RISK_PRIORITY
 
 @dataclass(frozen=True)
 class ReviewItem:
-    """One paused review in the queue."""
+    """One paused review in the queue.
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+        from langgraph.graph import START, MessagesState, StateGraph
+
+        from checkpointers import open_backend
+        from harness_nodes import HumanReview, ReviewItem, ReviewPolicy, ReviewQueue
+        from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+        model = ScriptedChatModel(script=[ai(tool_calls=[tool_call("refund", {"amount": 250})])])
+        review = HumanReview(ReviewPolicy(irreversible=["refund"]))
+        builder = StateGraph(MessagesState)
+        builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+        builder.add_node("review", review)
+        builder.add_node("tools", lambda state: {})
+        builder.add_edge(START, "agent")
+        builder.add_conditional_edges("agent", review.route)
+        with open_backend("memory://") as backend:
+            queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+            queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="ticket-1")
+            items: list[ReviewItem] = queue.pending()
+        [item] = items
+        assert (item.thread_id, item.status, item.reason, item.risk) == (
+            "ticket-1", "pending", "irreversible", "high"
+        )
+        assert item.requests[0]["action_request"]["action"] == "refund"
+        ```
+    """
 
     id: str
     """The item's id (stable: derived from thread and interrupt id)."""
@@ -152,7 +181,34 @@ class ReviewItem:
 
 @dataclass(frozen=True)
 class ReviewDetail:
-    """An item with the task's trace so far (`ReviewQueue.show`)."""
+    """An item with the task's trace so far (`ReviewQueue.show`).
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+        from langgraph.graph import START, MessagesState, StateGraph
+
+        from checkpointers import open_backend
+        from harness_nodes import HumanReview, ReviewDetail, ReviewPolicy, ReviewQueue
+        from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+        model = ScriptedChatModel(script=[ai(tool_calls=[tool_call("refund", {"amount": 250})])])
+        review = HumanReview(ReviewPolicy(irreversible=["refund"]))
+        builder = StateGraph(MessagesState)
+        builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+        builder.add_node("review", review)
+        builder.add_node("tools", lambda state: {})
+        builder.add_edge(START, "agent")
+        builder.add_conditional_edges("agent", review.route)
+        with open_backend("memory://") as backend:
+            queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+            queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="ticket-1")
+            [item] = queue.pending()
+            detail: ReviewDetail = queue.show(item.id)
+        assert detail.item.id == item.id
+        assert detail.trace  # the steps that led to the pause, oldest first
+        ```
+    """
 
     item: ReviewItem
     """The queue row."""

@@ -127,6 +127,46 @@ class TaskRunner:
 
     Raises:
         UserError: a graph that cannot be compiled, or *queue* without an import path.
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+        from langchain_core.tools import tool
+        from langgraph.graph import START, MessagesState, StateGraph
+        from langgraph.prebuilt import ToolNode, tools_condition
+
+        from checkpointers import open_backend
+        from harness_nodes import TaskRunner
+        from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+        calls = []
+
+
+        @tool
+        def lookup_order(order_id: str) -> str:
+            "Look an order up."
+            calls.append(order_id)
+            return "shipped"
+
+
+        model = ScriptedChatModel(
+            script=[ai(tool_calls=[tool_call("lookup_order", {"order_id": "A1"})]), ai("Shipped.")]
+        )
+        builder = StateGraph(MessagesState)
+        builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+        builder.add_node("tools", ToolNode([lookup_order]))
+        builder.add_edge(START, "agent")
+        builder.add_conditional_edges("agent", tools_condition)
+        builder.add_edge("tools", "agent")
+
+        with open_backend("memory://") as backend, TaskRunner(backend, builder) as runner:
+            ask = {"messages": [HumanMessage("Where is A1?")]}
+            outcome = runner.run("ticket-1", ask, timeout=10)
+            again = runner.run("ticket-1", ask, timeout=10)  # a client retrying: same task
+            assert runner.status("ticket-1").status == "completed"
+        assert outcome == again == {"status": "completed", "partial_result": "Shipped."}
+        assert calls == ["A1"]  # the agent ran once
+        ```
     """
 
     def __init__(

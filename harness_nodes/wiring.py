@@ -268,6 +268,45 @@ def build_harnessed_agent(
         UserError: for contracts that name no tool of *tools*, effectful tools without a
             backend, a model ladder without an envelope, or a bad argument.
         UnpricedModelError: with an envelope, for a model without a known price.
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+        from langchain_core.tools import tool
+        from langgraph.types import Command
+
+        from checkpointers import open_backend
+        from harness_nodes import Envelope, ReviewPolicy, ToolContract, build_harnessed_agent
+        from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+
+        @tool
+        def refund(order: str, amount: float) -> dict:
+            "Refund an order."
+            return {"refund_id": "r-1", "order": order, "amount": amount}
+
+
+        model = ScriptedChatModel(  # any chat model: init_chat_model("openai:gpt-4o-mini")
+            script=[ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 250})]), ai("OK")],
+            model_name="gpt-4o-mini",
+        )
+        with open_backend("memory://") as backend:
+            agent = build_harnessed_agent(
+                model,
+                [refund],
+                envelope=Envelope(max_usd=0.50),  # cost envelope per task
+                contracts={"refund": ToolContract(required=("refund_id",))},  # verified outputs
+                review_policy=ReviewPolicy(rules={"refund": lambda a: a["amount"] > 100}),
+                backend=backend,  # checkpoints (and the effect ledger) live here
+            )
+            config = {"configurable": {"thread_id": "ticket-1"}}
+            paused = agent.invoke({"messages": [HumanMessage("Refund order A1")]}, config)
+            assert paused["__interrupt__"]  # a refund over $100 waits for a person
+            done = agent.invoke(Command(resume={"type": "approve"}), config)
+        assert done["outcome"] == {"status": "completed", "partial_result": "OK"}
+        assert [v["ok"] for v in done["verdicts"]] == [True]
+        assert any('"refund_id": "r-1"' in str(m.content) for m in done["messages"])  # it ran
+        ```
     """
     builder = _agent_builder(
         model,
