@@ -33,3 +33,16 @@ def test_importing_checkpointers_does_not_import_drivers() -> None:
     from tests.conftest import subprocess_env
 
     subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env())
+
+
+@pytest.mark.parametrize("package", [harness_nodes, checkpointers], ids=lambda m: m.__name__)
+def test_every_public_class_and_function_has_a_runnable_example(package: ModuleType) -> None:
+    # tests/test_examples.py runs the blocks; this makes sure each public name has one.
+    # Type aliases and constants cannot carry a docstring of their own and are not checked.
+    missing = [
+        name
+        for name in package.__all__
+        if (inspect.isclass(obj := getattr(package, name)) or inspect.isroutine(obj))
+        and "```python" not in (inspect.getdoc(obj) or "")
+    ]
+    assert missing == []
