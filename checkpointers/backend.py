@@ -21,9 +21,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
@@ -45,6 +45,7 @@ ADVISORY_LOCK_KEY = 0x6C67_6861  # "lgha": serialises schema set-up across proce
 SETUP_LOCK_TIMEOUT = 120.0  # seconds to wait for another process's schema set-up
 
 Row = dict[str, Any]
+T = TypeVar("T")
 Params = Sequence[Any]
 
 
@@ -383,24 +384,59 @@ def open_backend(
     return _open_postgres_backend(parsed, pool_size, connect_timeout, max_idle, max_lifetime)
 
 
+def _retry_locked(setup: Callable[[], T]) -> T:
+    """Run a SQLite set-up step, retrying while another process holds the file's lock.
+
+    SQLite answers "database is locked" at once, without its busy handler, when two
+    connections race to upgrade a read lock (as concurrent ``CREATE TABLE IF NOT EXISTS`` on a
+    fresh file do); backing off and retrying resolves it.
+    """
+    pause = 0.05
+    for attempt in range(8):
+        try:
+            return setup()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == 7:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _open_sqlite(parsed: ParsedURL) -> _SqliteDB:
-    try:
+    def setup() -> _SqliteDB:
         db = _SqliteDB(parsed.target or ":memory:")
-        db.migrate()
+        try:
+            db.migrate()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    try:
+        return _retry_locked(setup)
     except sqlite3.Error as e:
         raise BackendUnavailable(parsed.masked, _first_line(e)) from None
-    return db
 
 
 def _open_sqlite_backend(parsed: ParsedURL) -> Backend:
     from langgraph.checkpoint.sqlite import SqliteSaver
 
     db = _open_sqlite(parsed)
-    try:
+
+    def setup() -> tuple[sqlite3.Connection, SqliteSaver]:
         conn = sqlite3.connect(parsed.target, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA busy_timeout = 30000")
-        saver = SqliteSaver(conn)
-        saver.setup()
+        try:
+            conn.execute("PRAGMA busy_timeout = 30000")
+            saver = SqliteSaver(conn)
+            saver.setup()
+        except BaseException:
+            conn.close()
+            raise
+        return conn, saver
+
+    try:
+        conn, saver = _retry_locked(setup)
     except sqlite3.Error as e:
         db.close()
         raise BackendUnavailable(parsed.masked, _first_line(e)) from None
