@@ -63,6 +63,7 @@ from harness_nodes import (
     Envelope,
     ReviewPolicy,
     ToolContract,
+    UnguardedEffect,
     build_harnessed_agent,
     current_effect,
     irreversible,
@@ -161,6 +162,18 @@ def _invoices() -> list[dict[str, Any]]:
     return data
 
 
+def _effect_key() -> str | None:
+    """The effect ledger's idempotency key, or None when the tool runs unguarded.
+
+    A bare agent (no harness, no ledger: the baseline of ``bench/chaos.py``) runs the same
+    tools; its effects are recorded without a key, exactly as an unguarded client would send.
+    """
+    try:
+        return current_effect().idempotency_key
+    except UnguardedEffect:
+        return None
+
+
 def _messages(runtime: ToolRuntime | None) -> list[BaseMessage]:
     if runtime is None or not isinstance(runtime.state, Mapping):
         return []
@@ -168,9 +181,16 @@ def _messages(runtime: ToolRuntime | None) -> list[BaseMessage]:
 
 
 def make_tools(
-    world: SupportWorld | None = None, faults: Faults | Mapping[str, Any] | None = None
+    world: SupportWorld | None = None,
+    faults: Faults | Mapping[str, Any] | None = None,
+    *,
+    guarded: bool = True,
 ) -> list[BaseTool]:
     """The four support tools acting on *world*, with *faults* injected.
+
+    With ``guarded=False`` the refund and email tools are not marked `irreversible`: they run
+    in a bare agent without an effect ledger (the baseline of ``bench/chaos.py``), and every
+    call reaches the world.
 
     Example:
         ```python
@@ -220,7 +240,6 @@ def make_tools(
             found = [{**i, "amount_usd": i["amount_usd"] * 100} for i in found]
         return found
 
-    @irreversible
     @tool
     def issue_refund(
         invoice_id: str,
@@ -237,22 +256,23 @@ def make_tools(
                 "amount_usd": amount_usd,
                 "reason": reason,
                 # what a payment API would de-duplicate on
-                "idempotency_key": current_effect().idempotency_key,
+                "idempotency_key": _effect_key(),
             },
         )
         return {"refund_id": entry["id"], "status": "succeeded", "amount_usd": amount_usd}
 
-    @irreversible
     @tool
     def send_email(to: str, subject: str, body: str, runtime: ToolRuntime = None) -> dict[str, Any]:  # type: ignore[assignment]
         """Send an email to a customer. Irreversible."""
         crash("send_email", runtime)
-        key = current_effect().idempotency_key
+        key = _effect_key()
         entry = world.record(
             "email", {"to": to, "subject": subject, "body": body, "idempotency_key": key}
         )
         return {"message_id": entry["id"], "status": "sent"}
 
+    if guarded:
+        return [lookup_customer, list_invoices, irreversible(issue_refund), irreversible(send_email)]
     return [lookup_customer, list_invoices, issue_refund, send_email]
 
 

@@ -327,3 +327,14 @@ def test_documents_batches_run_as_background_tasks_once_per_key(durable_url: str
     assert result["status"] == "completed"
     records = json.loads(result["partial_result"])
     assert len(records) == 6 and all(r["total"] > 0 for r in records)
+
+
+def test_support_tools_run_unguarded_in_a_bare_agent() -> None:
+    # The bare baseline of bench/chaos.py runs the same tools with no effect ledger: the
+    # effects land, without an idempotency key, and a second call is a second refund.
+    world = support.SupportWorld()
+    refund = support.make_tools(world, guarded=False)[2]
+    args = {"invoice_id": "inv_1", "amount_usd": 49.0, "reason": "dup"}
+    for _ in range(2):
+        assert refund.invoke(args)["status"] == "succeeded"
+    assert [r["idempotency_key"] for r in world.refunds] == [None, None]
