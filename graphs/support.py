@@ -272,7 +272,7 @@ def make_tools(
         return {"message_id": entry["id"], "status": "sent"}
 
     if guarded:
-        return [lookup_customer, list_invoices, irreversible(issue_refund), irreversible(send_email)]
+        issue_refund, send_email = irreversible(issue_refund), irreversible(send_email)
     return [lookup_customer, list_invoices, issue_refund, send_email]
 
 
