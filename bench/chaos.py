@@ -487,7 +487,7 @@ def markdown(
         "",
         "| profile | mode | correct | wrong output | stopped | tokens/task mean · p95 · max "
         "| $/task mean · p95 · max | max overspend $ (tasks over) | duplicate effects "
-        "| re-executed steps | escalations | crashes | wall ms/task |",
+        "| re-executed steps | review pauses | crashes | wall ms/task |",
         "| --- | --- |" + " ---: |" * 11,
     ]
     for (profile, mode), s in table.items():
