@@ -104,8 +104,10 @@ def _tools(guarded: bool) -> list[BaseTool]:
 def build(mode: str, backend: Backend, turns: int = TURNS) -> Any:
     """The agent of *mode* on *backend*'s checkpointer."""
     model = ScriptedChatModel(script=_script(turns), model_name="gpt-4o-mini")
-    if mode == "harnessed":
-        wrapped = budgeted(model, envelope=Envelope(max_usd=1000.0), backend=backend)
+    if mode in ("harnessed", "harnessed-no-budget"):
+        wrapped: Any = model
+        if mode == "harnessed":
+            wrapped = budgeted(model, envelope=Envelope(max_usd=1000.0), backend=backend)
         return build_harnessed_agent(
             wrapped,
             _tools(True),
@@ -211,7 +213,7 @@ def commits_per_task(
     """Per task: transactions committed (reads included) and rows written, in the scratch
     database (``pg_stat_database`` deltas; an idle backend flushes its counts after ~1 s)."""
     out = {}
-    for m in MODES:
+    for m in (*MODES, "harnessed-no-budget"):
         g = build(m, backend)
         run_task(g)
         time.sleep(2.0)
@@ -224,26 +226,29 @@ def commits_per_task(
     return out
 
 
-def _table_bytes(url: str) -> int:
+def _table_bytes(url: str) -> tuple[int, int]:
+    """(bytes of LangGraph's checkpoint tables, bytes of every other table) in *url*."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("VACUUM")
-        row = conn.execute(
-            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+        rows = conn.execute(
+            "SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class c "
             "JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = 'public' AND c.relkind = 'r'"
-        ).fetchone()
-        return int(row[0]) if row else 0
+        ).fetchall()
+    ckpt = sum(int(b) for name, b in rows if str(name).startswith("checkpoint"))
+    return ckpt, sum(int(b) for _, b in rows) - ckpt
 
 
-def checkpoint_bytes(url: str, turns: int = 50) -> dict[str, int]:
-    """Bytes the tables grow by for one *turns*-turn task of each mode."""
+def checkpoint_bytes(url: str, turns: int = 50) -> dict[str, tuple[int, int]]:
+    """Bytes the (checkpoint, other) tables grow by for one *turns*-turn task of each mode."""
     out = {}
     for m in MODES:
         with open_backend(url) as backend:
             g = build(m, backend, turns)
-            before = _table_bytes(url)
+            c0, o0 = _table_bytes(url)
             run_task(g, turns)
-            out[m] = _table_bytes(url) - before
+            c1, o1 = _table_bytes(url)
+            out[m] = (c1 - c0, o1 - o0)
     return out
 
 
@@ -354,16 +359,28 @@ def main(argv: list[str] | None = None) -> str:
             f"{c['create_agent'][1]:.1f} | {c['harnessed'][1] - c['bare'][1]:.1f} | "
             f"{(c['harnessed'][1] - c['bare'][1]) / llm_or_irreversible:.2f} |",
             "",
+            "Where the harness's extra transactions come from: the same harnessed agent without "
+            f"`budgeted()` makes {c['harnessed-no-budget'][0]:.1f} transactions and writes "
+            f"{c['harnessed-no-budget'][1]:.1f} rows per task; the cost envelope (reserve before "
+            "and settle after each LLM call) accounts for the rest: "
+            f"{(c['harnessed'][0] - c['harnessed-no-budget'][0]) / TURNS:.1f} transactions per "
+            "LLM call.",
+            "",
         ]
         print(c, flush=True)
         b = checkpoint_bytes(pg_url)
+        total = {m: sum(v) for m, v in b.items()}
         lines += [
             "## Checkpoint bytes per 50-turn task (Postgres, table sizes before/after)",
             "",
-            "| bare | harnessed | create_agent | harnessed / bare |",
-            "| ---: | ---: | ---: | ---: |",
-            f"| {b['bare']:,} | {b['harnessed']:,} | {b['create_agent']:,} | "
-            f"**{b['harnessed'] / max(1, b['bare']):.2f}** |",
+            "| tables | bare | harnessed | create_agent | harnessed / bare |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| LangGraph checkpoint tables | {b['bare'][0]:,} | {b['harnessed'][0]:,} | "
+            f"{b['create_agent'][0]:,} | {b['harnessed'][0] / max(1, b['bare'][0]):.2f} |",
+            f"| harness tables (ledgers) | {b['bare'][1]:,} | {b['harnessed'][1]:,} | "
+            f"{b['create_agent'][1]:,} | |",
+            f"| all | {total['bare']:,} | {total['harnessed']:,} | {total['create_agent']:,} | "
+            f"**{total['harnessed'] / max(1, total['bare']):.2f}** |",
             "",
         ]
         print(b, flush=True)
