@@ -10,9 +10,9 @@ model under fault profiles, in three modes on the same checkpointer:
   re-delivers the request does).
 - ``bare-resume``: the same bare agent, but after a crash a fresh graph instance resumes the
   thread from its last checkpoint (LangGraph's own durability, ``durability="sync"``).
-- ``harnessed``: the reference graph as shipped (`build_harnessed_agent`: verification,
-  effect ledger, review) with its model wrapped by `budgeted` (the envelope); after a crash
-  a fresh graph instance resumes the thread; client retries are keyed by task id.
+- ``harnessed``: the reference graph as shipped (`build_harnessed_agent`: cost envelope,
+  verification, effect ledger, review) with ``budget_usd`` set to the envelope; after a
+  crash a fresh graph instance resumes the thread; client retries are keyed by task id.
 
 Faults (seeded per task, identical across modes): silent tool failures (one of
 ``empty_results`` / ``embedded_error`` / ``out_of_range``) in a fraction of tasks; process
@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpointers import Backend, open_backend
 from graphs import Faults, SimulatedCrash, research, support
-from harness_nodes import Envelope, Pricing, budgeted
+from harness_nodes import Pricing
 
 MODES = ("bare-restart", "bare-resume", "harnessed")
 SILENT = ("empty_results", "embedded_error", "out_of_range")
@@ -221,13 +221,16 @@ def _build(
 ) -> tuple[Any, str | None]:
     """A fresh graph instance (a fresh "process") for *mode*; and its system prompt."""
     if mode == "harnessed":
-        envelope = Envelope(max_usd=env.envelope_usd[kind])
+        # The reference graphs as shipped: their cost envelope is the harness's own
+        # (`build_harnessed_agent(envelope=...)`: budgeted ladder + BudgetGuard).
+        budget = env.envelope_usd[kind]
         if kind == "research":
-            ladder = research.scripted_models(faults)
-            model = budgeted(ladder, envelope=envelope, backend=env.backend)
-            return research.build_graph(model, backend=env.backend, faults=faults), None
-        model = budgeted(support.scripted_model(faults), envelope=envelope, backend=env.backend)
-        return support.build_graph(model, backend=env.backend, world=world, faults=faults), None
+            graph = research.build_graph(backend=env.backend, faults=faults, budget_usd=budget)
+            return graph, None
+        graph = support.build_graph(
+            backend=env.backend, world=world, faults=faults, budget_usd=budget
+        )
+        return graph, None
     limit = ModelCallLimitMiddleware(thread_limit=env.call_limit[kind], exit_behavior="end")
     if kind == "research":
         tools = research.make_tools(faults)
@@ -346,6 +349,7 @@ def run_task(env: Env, plan: TaskPlan, mode: str) -> TaskResult:
         values = submit(first=False)
     seconds = time.perf_counter() - started
     answer = _final_text(values)
+    outcome = (values.get("outcome") or {}).get("status")
     refunds = world.refunds
     distinct = {(r["invoice_id"], r["amount_usd"]) for r in refunds}
     emails = world.emails
@@ -357,6 +361,8 @@ def run_task(env: Env, plan: TaskPlan, mode: str) -> TaskResult:
     else:
         correct = distinct == {("inv_5003", 49.0)} and answer.startswith("Done: refunded $49.0")
         completed = bool(answer) and "limit" not in answer.lower() and "budget" not in answer
+    if outcome not in (None, "completed"):  # budget_exhausted, verification failed...
+        completed = False
     status = "correct" if correct else ("wrong" if completed else "stopped")
     return TaskResult(
         plan.key,

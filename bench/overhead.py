@@ -4,8 +4,8 @@ One task = a 10-turn tool loop of the scripted model (8 read-only ``lookup`` cal
 irreversible ``notify`` call, one final answer), on the same checkpointer, ``durability="sync"``:
 
 - ``bare``: ``StateGraph(MessagesState)``: model node → ``ToolNode`` → model (no harness);
-- ``harnessed``: `build_harnessed_agent` (verification, effect ledger for ``notify``, review
-  routing) with the model wrapped by `budgeted` (a cost envelope: reserve + settle per call);
+- ``harnessed``: `build_harnessed_agent` with a cost envelope (budgeted model + BudgetGuard:
+  reserve + settle per call), verification, the effect ledger for ``notify``, review routing;
 - ``create_agent``: LangChain's agent with ``ModelCallLimitMiddleware``,
   ``ToolCallLimitMiddleware``, ``ToolRetryMiddleware`` and ``HumanInTheLoopMiddleware``
   (``interrupt_on`` lists both tools as allowed through, like the harness's review policy
@@ -60,7 +60,6 @@ from checkpointers import Backend, open_backend
 from harness_nodes import (
     Envelope,
     ToolContract,
-    budgeted,
     build_harnessed_agent,
     current_effect,
     irreversible,
@@ -105,12 +104,11 @@ def build(mode: str, backend: Backend, turns: int = TURNS) -> Any:
     """The agent of *mode* on *backend*'s checkpointer."""
     model = ScriptedChatModel(script=_script(turns), model_name="gpt-4o-mini")
     if mode in ("harnessed", "harnessed-no-budget"):
-        wrapped: Any = model
-        if mode == "harnessed":
-            wrapped = budgeted(model, envelope=Envelope(max_usd=1000.0), backend=backend)
+        envelope = Envelope(max_usd=1000.0) if mode == "harnessed" else None
         return build_harnessed_agent(
-            wrapped,
+            model,
             _tools(True),
+            envelope=envelope,
             contracts={"lookup": ToolContract(required=("value",))},
             backend=backend,
         )
@@ -360,7 +358,7 @@ def main(argv: list[str] | None = None) -> str:
             f"{(c['harnessed'][1] - c['bare'][1]) / llm_or_irreversible:.2f} |",
             "",
             "Where the harness's extra transactions come from: the same harnessed agent without "
-            f"`budgeted()` makes {c['harnessed-no-budget'][0]:.1f} transactions and writes "
+            f"a cost envelope makes {c['harnessed-no-budget'][0]:.1f} transactions and writes "
             f"{c['harnessed-no-budget'][1]:.1f} rows per task; the cost envelope (reserve before "
             "and settle after each LLM call) accounts for the rest: "
             f"{(c['harnessed'][0] - c['harnessed-no-budget'][0]) / TURNS:.1f} transactions per "
