@@ -527,7 +527,8 @@ def plots(table: dict[tuple[str, str], dict[str, float]], out: Path) -> list[Pat
                 if (name, mode) in table:
                     xs.append(rate * 100)
                     ys.append(table[(name, mode)][metric] * (100 if fmt == "pct" else 1))
-            ax.plot(xs, ys, marker="o", label=mode)
+            style = {"bare-restart": ":", "bare-resume": "--"}.get(mode, "-")
+            ax.plot(xs, ys, marker="o", linestyle=style, label=mode)
         what = "silent tool failure" if axis == "silent" else "crash"
         ax.set_xlabel(f"{what} rate (%)")
         ax.set_ylabel(ylabel + (" (%)" if fmt == "pct" else ""))

@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> str:
     lines = [
         "# Overhead benchmark",
         "",
-        f"Command: `python -m bench.overhead {' '.join(argv or sys.argv[1:])}`  ",
+        f"Command: `{' '.join(['python -m bench.overhead', *(argv or sys.argv[1:])])}`  ",
         f"Machine: {header}  ",
         f"Task: {TURNS} model turns (8 lookups, 1 irreversible notify, 1 answer); "
         f'medians of {rounds} interleaved rounds x {per_round} tasks; `durability="sync"`.',
