@@ -88,6 +88,7 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
+from harness_nodes.aio import AsyncEffectLedger
 from harness_nodes.budget import (
     BudgetedChatModel,
     BudgetGuard,
@@ -445,7 +446,10 @@ class EffectLedgerMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
     verification judges what the tool really returned, replayed or fresh.
 
     Args:
-        backend: The `Backend` holding the effect ledger (the same database as checkpoints).
+        backend: The `Backend` (or `AsyncBackend`, for ``ainvoke``) holding the effect ledger,
+            in the same database as the checkpoints.
+        on_unknown: A call that started and never finished (crash inside it): ``"escalate"``
+            to review (default) or ``"raise"`` `EffectOutcomeUnknown`.
 
     Example:
         ```python
@@ -476,20 +480,37 @@ class EffectLedgerMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         ```
     """
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(
+        self, backend: Any, *, on_unknown: Literal["escalate", "raise"] = "escalate"
+    ) -> None:
         super().__init__()
-        self.ledger = EffectLedger(backend)
+        from checkpointers import AsyncBackend
+
+        self.ledger: EffectLedger | AsyncEffectLedger
+        if isinstance(backend, AsyncBackend):
+            self.ledger = AsyncEffectLedger(backend, on_unknown=on_unknown)
+        else:
+            self.ledger = EffectLedger(backend, on_unknown=on_unknown)
 
     def wrap_tool_call(
         self, request: ToolCallRequest, handler: ToolHandler
     ) -> ToolMessage | Command[Any]:
-        """`EffectLedger.wrap_tool_call` (unmarked tools just run)."""
+        """`EffectLedger.wrap_tool_call` (unmarked tools just run).
+
+        Raises:
+            UserError: the middleware was built on an `AsyncBackend` (run with ``ainvoke``).
+        """
+        if not isinstance(self.ledger, EffectLedger):
+            raise UserError(
+                "EffectLedgerMiddleware on an AsyncBackend runs with ainvoke/astream; "
+                "for invoke build it on a Backend (open_backend)"
+            )
         return self.ledger.wrap_tool_call(request, handler)
 
     async def awrap_tool_call(
         self, request: ToolCallRequest, handler: AsyncToolHandler
     ) -> ToolMessage | Command[Any]:
-        """Async `wrap_tool_call`."""
+        """Async `wrap_tool_call` (`AsyncEffectLedger` on an `AsyncBackend`)."""
         return await self.ledger.awrap_tool_call(request, handler)
 
 

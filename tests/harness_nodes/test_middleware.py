@@ -297,3 +297,114 @@ def test_same_agent_both_ways_same_trace() -> None:
     assert ("review", "approve by ana") in _decisions(by_agent)
     assert by_graph.status == by_agent.status == "completed"
     assert by_graph.cost_usd == pytest.approx(by_agent.cost_usd)
+
+
+CHARGES: list[str] = []
+
+
+@irreversible
+def charge(card: str) -> dict[str, str]:
+    """Charge a card."""
+    CHARGES.append(card)
+    return {"error": "gateway timeout"}
+
+
+def test_bad_output_of_side_effecting_tool_escalates_to_the_queue_not_rerun() -> None:
+    CHARGES.clear()
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("charge", {"card": "c1"})]), ai("Charged once.")]
+    )
+    with open_backend("memory://") as backend:
+        agent = create_agent(
+            model,
+            [charge],
+            middleware=[
+                VerifyToolOutputsMiddleware(),
+                ReviewQueueMiddleware(ReviewPolicy(), tools=[charge]),
+                EffectLedgerMiddleware(backend),
+            ],
+            checkpointer=backend.checkpointer,
+        )
+        queue = ReviewQueue(backend, agent)
+        queue.invoke({"messages": [HumanMessage("charge c1")]}, thread_id="x1")
+        (item,) = queue.pending()
+        assert item.requests[0]["kind"] == "escalation"
+        assert CHARGES == ["c1"]
+        out = queue.decide(
+            item.id, {"type": "respond", "message": "It went through."}, reviewer="ana"
+        )
+        assert out["messages"][-1].text == "Charged once."
+        assert CHARGES == ["c1"]  # verification never re-ran the side-effecting tool
+
+
+def test_edited_arguments_validated_by_the_queue_against_the_agents_tools() -> None:
+    from harness_nodes import InvalidDecision
+
+    with open_backend("memory://") as backend:
+        model = ScriptedChatModel(
+            script=[
+                ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 5})]),
+                ai("Refunded."),
+            ]
+        )
+        review = ReviewQueueMiddleware(ReviewPolicy(irreversible=["refund"]))  # no tools given
+        agent = create_agent(
+            model,
+            [refund],
+            middleware=[review, EffectLedgerMiddleware(backend)],
+            checkpointer=backend.checkpointer,
+        )
+        queue = ReviewQueue(backend, agent)
+        assert set(queue.tools) == {"refund"}  # found on create_agent's tools node
+        queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="e1")
+        (item,) = queue.pending()
+        bad = {"type": "edit", "args": {"order": "A1"}}  # amount missing
+        with pytest.raises(InvalidDecision):
+            queue.decide(item.id, bad, reviewer="ana")
+        assert queue.get(item.id).status == "pending"
+        good = {"type": "edit", "args": {"order": "A1", "amount": 2}}
+        queue.decide(item.id, good, reviewer="ana")
+        assert REFUNDS == ["A1"]
+        (record,) = EffectLedger(backend).list("e1")
+        assert "refunded 2" in str(record.result)
+
+
+async def test_async_budget_review_and_effects(abackend: Any) -> None:
+    from harness_nodes import AsyncReviewQueue
+
+    runaway = create_agent(
+        _runaway(),
+        [ping],
+        middleware=[CostEnvelopeMiddleware(Envelope(max_calls=2), backend=abackend)],
+        checkpointer=abackend.checkpointer,
+    )
+    out = await runaway.ainvoke(
+        {"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "a-loop"}}
+    )
+    assert out["outcome"]["status"] == "budget_exhausted"
+    assert _model_calls(out["messages"]) == 2
+
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("refund", {"order": "B2", "amount": 5})]),
+            ai("Refunded."),
+        ],
+        model_name="gpt-4o-mini",
+    )
+    agent = create_agent(
+        model,
+        [refund],
+        middleware=[
+            CostEnvelopeMiddleware(Envelope(max_usd=0.05), backend=abackend),
+            VerifyToolOutputsMiddleware(),
+            ReviewQueueMiddleware(ReviewPolicy(irreversible=["refund"]), tools=[refund]),
+            EffectLedgerMiddleware(abackend),
+        ],
+        checkpointer=abackend.checkpointer,
+    )
+    queue = AsyncReviewQueue(abackend, agent)
+    await queue.ainvoke({"messages": [HumanMessage("refund B2")]}, thread_id="a-review")
+    (item,) = await queue.pending()
+    done = await queue.decide(item.id, {"type": "approve"}, reviewer="ana")
+    assert done["outcome"]["status"] == "completed"
+    assert REFUNDS == ["B2"]
