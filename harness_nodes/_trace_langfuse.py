@@ -196,6 +196,10 @@ def _handler_class() -> type[Any]:
             super().__init__(public_key=public_key, trace_context=context)
             self._pricing = pricing
             self._masker = masker
+            # Plumbing chains that get no observation, each mapped to its nearest exported
+            # ancestor: their children (and the events they emit) attach there instead.
+            self._skipped: dict[UUID, UUID | None] = {}
+            self._root_metadata: dict[UUID, Mapping[str, Any]] = {}
 
         def _get_error_level_and_status_message(
             self, error: BaseException
@@ -222,7 +226,13 @@ def _handler_class() -> type[Any]:
             metadata: dict[str, Any] | None = None,
             **kwargs: Any,
         ) -> Any:
+            if parent_run_id is not None:
+                parent_run_id = self._skipped.get(parent_run_id, parent_run_id)
+                if _is_plumbing(serialized, kwargs.get("name"), tags, metadata):
+                    self._skipped[run_id] = parent_run_id
+                    return None
             if parent_run_id is None and metadata:
+                self._root_metadata[run_id] = metadata
                 if self.thread_id is None and metadata.get("thread_id"):
                     metadata = {
                         **metadata,
@@ -326,6 +336,10 @@ def _handler_class() -> type[Any]:
             parent_run_id: UUID | None = None,
             **kwargs: Any,
         ) -> Any:
+            if self._skipped.pop(run_id, _NOT_SKIPPED) is not _NOT_SKIPPED:
+                return None
+            if parent_run_id is None:
+                self._root_metadata.pop(run_id, None)
             if parent_run_id is None and isinstance(outputs, Mapping):
                 outcome = outputs.get("outcome")
                 trace_id = self._trace_of(run_id)
@@ -334,6 +348,108 @@ def _handler_class() -> type[Any]:
             return super().on_chain_end(
                 outputs, run_id=run_id, parent_run_id=parent_run_id, **kwargs
             )
+
+        def on_chain_error(
+            self,
+            error: BaseException,
+            *,
+            run_id: UUID,
+            parent_run_id: UUID | None = None,
+            **kwargs: Any,
+        ) -> None:
+            # A plumbing chain's error (an interrupt raised in a routing function...) reaches
+            # the node that ran it, which records it.
+            if self._skipped.pop(run_id, _NOT_SKIPPED) is not _NOT_SKIPPED:
+                return
+            if parent_run_id is None:
+                self._root_metadata.pop(run_id, None)
+            super().on_chain_error(error, run_id=run_id, parent_run_id=parent_run_id, **kwargs)
+
+        # --- children of skipped chains attach to the nearest exported ancestor ---------
+        def on_chat_model_start(
+            self,
+            serialized: dict[str, Any] | None,
+            messages: list[list[BaseMessage]],
+            *,
+            run_id: UUID,
+            parent_run_id: UUID | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            if parent_run_id is not None:
+                parent_run_id = self._skipped.get(parent_run_id, parent_run_id)
+            return super().on_chat_model_start(
+                serialized, messages, run_id=run_id, parent_run_id=parent_run_id, **kwargs
+            )
+
+        def on_llm_start(
+            self,
+            serialized: dict[str, Any] | None,
+            prompts: list[str],
+            *,
+            run_id: UUID,
+            parent_run_id: UUID | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            if parent_run_id is not None:
+                parent_run_id = self._skipped.get(parent_run_id, parent_run_id)
+            return super().on_llm_start(
+                serialized, prompts, run_id=run_id, parent_run_id=parent_run_id, **kwargs
+            )
+
+        def on_tool_start(
+            self,
+            serialized: dict[str, Any] | None,
+            input_str: str,
+            *,
+            run_id: UUID,
+            parent_run_id: UUID | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            if parent_run_id is not None:
+                parent_run_id = self._skipped.get(parent_run_id, parent_run_id)
+            kwargs.pop("color", None)  # a console colour, not a fact about the call
+            return super().on_tool_start(
+                serialized, input_str, run_id=run_id, parent_run_id=parent_run_id, **kwargs
+            )
+
+        def on_retriever_start(
+            self,
+            serialized: dict[str, Any] | None,
+            query: str,
+            *,
+            run_id: UUID,
+            parent_run_id: UUID | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            if parent_run_id is not None:
+                parent_run_id = self._skipped.get(parent_run_id, parent_run_id)
+            return super().on_retriever_start(
+                serialized, query, run_id=run_id, parent_run_id=parent_run_id, **kwargs
+            )
+
+        def _get_langchain_observation_metadata(
+            self,
+            *,
+            parent_run_id: UUID | None,
+            tags: list[str] | None = None,
+            metadata: dict[str, Any] | None = None,
+            keep_langfuse_trace_attributes: bool = False,
+        ) -> dict[str, Any] | None:
+            # LangChain copies the root's metadata into every child run, and LangGraph adds
+            # its bookkeeping: on a child, keep what is about this observation (the node,
+            # the step, anything set on the child itself); the rest is on the trace.
+            if parent_run_id is not None:
+                state = self._run_states.get(parent_run_id)
+                root = self._root_metadata.get(state.root_run_id) if state else None
+                metadata = _own_metadata(metadata, root)
+                tags = [t for t in tags or () if not t.startswith(_PLUMBING_TAGS)] or None
+            result: dict[str, Any] | None = super()._get_langchain_observation_metadata(
+                parent_run_id=parent_run_id,
+                tags=tags,
+                metadata=metadata,
+                keep_langfuse_trace_attributes=keep_langfuse_trace_attributes,
+            )
+            return result
 
         def _score_outcome(self, outcome: Mapping[str, Any], trace_id: str) -> None:
             reason = outcome.get("reason")
@@ -359,6 +475,7 @@ def _handler_class() -> type[Any]:
         ) -> Any:
             if not name.startswith(EVENT_PREFIX) or not isinstance(data, Mapping):
                 return
+            run_id = self._skipped.get(run_id) or run_id
             try:
                 self._record(name.removeprefix(EVENT_PREFIX), dict(data), run_id)
             except Exception:
@@ -523,6 +640,51 @@ def _handler_class() -> type[Any]:
                 )
 
     return HarnessLangfuseHandler
+
+
+_NOT_SKIPPED: Any = object()
+_PLUMBING_TAGS = ("seq:step:", "graph:step:")
+"""LangChain/LangGraph bookkeeping tags (a run's position in its sequence or graph)."""
+_PLUMBING_METADATA_PREFIXES = ("langgraph_", "ls_", "lc_", "__pregel_")
+_KEPT_METADATA = frozenset({"langgraph_node", "langgraph_step"})
+_PLUMBING_METADATA = frozenset({"checkpoint_ns", "checkpoint_id", "thread_id"})
+
+
+def _is_plumbing(
+    serialized: Mapping[str, Any] | None,
+    name: str | None,
+    tags: Sequence[str] | None,
+    metadata: Mapping[str, Any] | None,
+) -> bool:
+    """A chain inside a LangGraph node that is not itself a node.
+
+    Routing functions and ``RunnableSequence``/``RunnableLambda`` pieces: they get no
+    observation; their children and events still export, under the node.
+    """
+    if not metadata or "langgraph_node" not in metadata:
+        return False  # not inside a graph: a plain LangChain chain keeps its span
+    if "langfuse_prompt" in metadata:
+        return False  # Langfuse links prompts to generations through this chain
+    if tags and any(t.startswith("graph:step:") for t in tags):
+        return False  # a graph node (a task)
+    if name is None and serialized:
+        name = serialized.get("name")
+    return bool(name != metadata["langgraph_node"])
+
+
+def _own_metadata(
+    metadata: Mapping[str, Any] | None, root: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    if not metadata:
+        return None
+    own = {
+        k: v
+        for k, v in metadata.items()
+        if (k in _KEPT_METADATA or not k.startswith(_PLUMBING_METADATA_PREFIXES))
+        and k not in _PLUMBING_METADATA
+        and not (root is not None and k in root and (root[k] is v or root[k] == v))
+    }
+    return own or None
 
 
 _HANDLER: type[Any] | None = None
