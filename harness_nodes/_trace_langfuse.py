@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import is_dataclass
 from typing import Any, Literal
 from uuid import UUID
@@ -117,10 +117,38 @@ class Masker:
         self._kv = re.compile(
             rf"""(?i)(["']?)\b({names})\1(\s*[:=]\s*)("[^"]*"|'[^']*'|[^\s,;}}\])]+)"""
         )
+        self._sensitive: dict[Any, bool] = {}  # key → masked whole? (keys repeat a lot)
+        self._messages: dict[tuple[int, str], tuple[Any, Any, _Masked]] = {}
 
     def __call__(self, *, data: Any, **_: Any) -> Any:
         """Langfuse's ``mask`` signature: return *data* with its secrets masked."""
+        if type(data) is _Prepared:
+            return data  # masked and encoded by `prepare` already
         return self._mask(data, 0)
+
+    def prepare(self, data: Any) -> str | None:
+        """Mask *data* and encode it as JSON in one pass, for a Langfuse attribute.
+
+        The SDK writes a string attribute as is, so a prepared payload skips its own walks
+        (media scan, mask, serialiser). None when *data* does not encode as plain JSON or
+        holds a base64 data URI (the SDK's media upload handles those).
+        """
+        try:
+            text = json.dumps(self._mask(data, 0), default=self._json_default, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            return None
+        if ";base64," in text and "data:" in text:
+            return None
+        return _Prepared(text)
+
+    def _json_default(self, obj: Any) -> Any:
+        # What Langfuse's serialiser makes of anything else (datetimes, UUIDs, enums...).
+        from langfuse._utils.serializer import EventSerializer
+
+        converted = EventSerializer().default(obj)
+        if converted is obj:
+            return f"<{type(obj).__name__}>"
+        return self._mask(converted, 0)
 
     def text(self, value: str) -> str:
         """Mask secrets inside one string."""
@@ -131,24 +159,105 @@ class Masker:
             value = self._kv.sub(lambda m: f"{m[1]}{m[2]}{m[1]}{m[3]}{MASK}", value)
         return value
 
+    def _is_sensitive(self, key: Any) -> bool:
+        hit = self._sensitive.get(key)
+        if hit is None:
+            if len(self._sensitive) > 4096:
+                self._sensitive.clear()
+            hit = self._sensitive[key] = str(key).lower() in self.fields
+        return hit
+
+    def message(self, msg: Any, kind: str, dump: Callable[[Any], Any]) -> Any:
+        """``dump(msg)`` masked, remembered while *msg* (and its content) is the same object.
+
+        A conversation re-sends every earlier message on each model call; masking each one
+        once keeps tracing linear in the conversation's length.
+        """
+        key = (id(msg), kind)
+        hit = self._messages.get(key)
+        content = getattr(msg, "content", None)
+        if hit is not None and hit[0] is msg and hit[1] is content:
+            return hit[2]
+        masked = self._mask(dump(msg), 1)
+        if not isinstance(masked, dict):
+            return masked
+        masked = _Masked(masked)
+        if len(self._messages) >= 2048:
+            self._messages.clear()
+        self._messages[key] = (msg, content, masked)
+        return masked
+
     def _mask(self, data: Any, depth: int) -> Any:
+        kind = type(data)
+        if kind is str:
+            return self.text(data) if len(data) >= 8 else data
+        if data is None or kind is int or kind is float or kind is bool or kind is _Masked:
+            return data
+        if depth > 64:
+            return data
+        if kind is dict or isinstance(data, Mapping):
+            sensitive = self._is_sensitive
+            return {
+                k: (MASK if sensitive(k) else self._mask(v, depth + 1)) for k, v in data.items()
+            }
+        if kind is list or kind is tuple:
+            return [self._mask(v, depth + 1) for v in data]
         if isinstance(data, str):
             return self.text(data)
-        if data is None or isinstance(data, int | float | bool) or depth > 64:
+        if isinstance(data, int | float | bool):
             return data
-        if isinstance(data, Mapping):
-            fields = self.fields
-            return {
-                k: (MASK if str(k).lower() in fields else self._mask(v, depth + 1))
-                for k, v in data.items()
-            }
         if isinstance(data, list | tuple):
             return [self._mask(v, depth + 1) for v in data]
-        if isinstance(data, BaseMessage | BaseModel):
+        if isinstance(data, BaseMessage):
+            return self.message(data, "dump", _model_dump)
+        if isinstance(data, BaseModel):
             return self._mask(data.model_dump(), depth + 1)
         if is_dataclass(data) and not isinstance(data, type):
             return self._mask(vars(data), depth + 1)
         return data
+
+
+def _model_dump(msg: Any) -> Any:
+    return msg.model_dump()
+
+
+class _Masked(dict[str, Any]):
+    """Plain data `Masker` has masked already (a message, remembered): not walked again."""
+
+    __slots__ = ()
+
+
+class _Prepared(str):
+    """A payload `Masker.prepare` masked and JSON-encoded: Langfuse writes it unchanged."""
+
+    __slots__ = ()
+
+
+class _Preparing:
+    """An observation whose new children and updates carry prepared input/output."""
+
+    __slots__ = ("_obs", "_masker")
+
+    def __init__(self, obs: Any, masker: Masker) -> None:
+        self._obs = obs
+        self._masker = masker
+
+    def _prepared(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        for key in ("input", "output"):
+            value = kwargs.get(key)
+            if value is not None and type(value) is not _Prepared:
+                kwargs[key] = self._masker.prepare(value) or value
+        return kwargs
+
+    def start_observation(self, **kwargs: Any) -> Any:
+        return self._obs.start_observation(**self._prepared(kwargs))
+
+    def update(self, **kwargs: Any) -> _Preparing:
+        self._obs.update(**self._prepared(kwargs))
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._obs, name)
 
 
 def trace_id_for(thread_id: str) -> str:
@@ -199,6 +308,9 @@ def _handler_class() -> type[Any]:
             # Plumbing chains that get no observation, each mapped to its nearest exported
             # ancestor: their children (and the events they emit) attach there instead.
             self._skipped: dict[UUID, UUID | None] = {}
+            # Payloads are masked and encoded once, by us, when the client masks with our
+            # Masker (its mask then passes them through); otherwise the SDK's path.
+            self._prepare = getattr(self._langfuse_client, "_mask", None) is masker
             self._root_metadata: dict[UUID, Mapping[str, Any]] = {}
 
         def _get_error_level_and_status_message(
@@ -427,6 +539,25 @@ def _handler_class() -> type[Any]:
                 serialized, query, run_id=run_id, parent_run_id=parent_run_id, **kwargs
             )
 
+        # --- payloads: masked and JSON-encoded once --------------------------------------
+        def _convert_message_to_dict(self, message: BaseMessage) -> dict[str, Any]:
+            # The generation's prompt, message by message: each masked once per process.
+            if not self._prepare:
+                return dict(super()._convert_message_to_dict(message))
+            convert = super()._convert_message_to_dict
+            masked: dict[str, Any] = self._masker.message(message, "prompt", convert)
+            return masked
+
+        def _preparing(self, obs: Any) -> Any:
+            return _Preparing(obs, self._masker) if self._prepare and obs is not None else obs
+
+        def _get_parent_observation(self, parent_run_id: UUID | None) -> Any:
+            obs = super()._get_parent_observation(parent_run_id)
+            return obs if obs is self._langfuse_client else self._preparing(obs)
+
+        def _detach_observation(self, run_id: UUID) -> Any:
+            return self._preparing(super()._detach_observation(run_id))
+
         def _get_langchain_observation_metadata(
             self,
             *,
@@ -484,7 +615,7 @@ def _handler_class() -> type[Any]:
         def _observe(self, run_id: UUID, trace_id: str, **kwargs: Any) -> Any:
             parent = self._runs.get(run_id)
             if parent is not None:
-                obs = parent.start_observation(**kwargs)
+                obs = self._preparing(parent).start_observation(**kwargs)
             else:
                 obs = self._langfuse_client.start_observation(
                     trace_context={"trace_id": trace_id}, **kwargs
