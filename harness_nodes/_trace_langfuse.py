@@ -352,22 +352,8 @@ def _handler_class() -> type[Any]:
                     }
                 # The root's metadata becomes trace attributes, which Langfuse does not mask.
                 metadata = self._masker(data=metadata)
-            elif (
-                metadata
-                and "langgraph_node" in metadata
-                and isinstance(inputs, Mapping)
-                and isinstance(inputs.get("messages"), list)
-                and len(inputs["messages"]) > 1
-            ):
-                # A node's input is the whole state: recording it on every step makes tracing
-                # quadratic in the conversation's length. Keep the message the node reacts to
-                # and a count; the full prompt is on the generation, the update on the output.
-                earlier = len(inputs["messages"]) - 1
-                inputs = {
-                    **inputs,
-                    "messages": inputs["messages"][-1:],
-                    "earlier_messages": earlier,
-                }
+            elif metadata and "langgraph_node" in metadata and isinstance(inputs, Mapping):
+                inputs = _compact_state(inputs)
             return super().on_chain_start(
                 serialized,
                 inputs,
@@ -801,6 +787,27 @@ def _is_plumbing(
     if name is None and serialized:
         name = serialized.get("name")
     return bool(name != metadata["langgraph_node"])
+
+
+def _compact_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A node's input without the history it re-reads: each list keeps its last item.
+
+    A node's input is the whole state, and lists in it (messages, verdicts, reviews) only
+    grow: recording them whole on every step makes tracing quadratic in the task's length.
+    Each list keeps its last item (what the node reacts to) and ``earlier_<key>``, the count
+    before it; the earlier items are in the updates that added them (node outputs), the full
+    prompt on each generation, the final state on the root span.
+    """
+    if not any(isinstance(v, list) and len(v) > 1 for v in state.values()):
+        return state
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, list) and len(value) > 1:
+            out[key] = value[-1:]
+            out[f"earlier_{key}"] = len(value) - 1
+        else:
+            out[key] = value
+    return out
 
 
 def _own_metadata(
