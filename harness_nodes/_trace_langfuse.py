@@ -123,10 +123,10 @@ class Masker:
     def __call__(self, *, data: Any, **_: Any) -> Any:
         """Langfuse's ``mask`` signature: return *data* with its secrets masked."""
         if type(data) is _Prepared:
-            return data  # masked and encoded by `prepare` already
+            return data  # masked and encoded by `_prepare` already
         return self._mask(data, 0)
 
-    def prepare(self, data: Any) -> str | None:
+    def _prepare(self, data: Any) -> str | None:
         """Mask *data* and encode it as JSON in one pass, for a Langfuse attribute.
 
         The SDK writes a string attribute as is, so a prepared payload skips its own walks
@@ -167,7 +167,7 @@ class Masker:
             hit = self._sensitive[key] = str(key).lower() in self.fields
         return hit
 
-    def message(self, msg: Any, kind: str, dump: Callable[[Any], Any]) -> Any:
+    def _message(self, msg: Any, kind: str, dump: Callable[[Any], Any]) -> Any:
         """``dump(msg)`` masked, remembered while *msg* (and its content) is the same object.
 
         A conversation re-sends every earlier message on each model call; masking each one
@@ -209,7 +209,7 @@ class Masker:
         if isinstance(data, list | tuple):
             return [self._mask(v, depth + 1) for v in data]
         if isinstance(data, BaseMessage):
-            return self.message(data, "dump", _model_dump)
+            return self._message(data, "dump", _model_dump)
         if isinstance(data, BaseModel):
             return self._mask(data.model_dump(), depth + 1)
         if is_dataclass(data) and not isinstance(data, type):
@@ -228,7 +228,7 @@ class _Masked(dict[str, Any]):
 
 
 class _Prepared(str):
-    """A payload `Masker.prepare` masked and JSON-encoded: Langfuse writes it unchanged."""
+    """A payload `Masker._prepare` masked and JSON-encoded: Langfuse writes it unchanged."""
 
     __slots__ = ()
 
@@ -246,7 +246,7 @@ class _Preparing:
         for key in ("input", "output"):
             value = kwargs.get(key)
             if value is not None and type(value) is not _Prepared:
-                kwargs[key] = self._masker.prepare(value) or value
+                kwargs[key] = self._masker._prepare(value) or value
         return kwargs
 
     def start_observation(self, **kwargs: Any) -> Any:
@@ -310,7 +310,7 @@ def _handler_class() -> type[Any]:
             self._skipped: dict[UUID, UUID | None] = {}
             # Payloads are masked and encoded once, by us, when the client masks with our
             # Masker (its mask then passes them through); otherwise the SDK's path.
-            self._prepare = getattr(self._langfuse_client, "_mask", None) is masker
+            self._prepares = getattr(self._langfuse_client, "_mask", None) is masker
             self._root_metadata: dict[UUID, Mapping[str, Any]] = {}
 
         def _get_error_level_and_status_message(
@@ -528,14 +528,14 @@ def _handler_class() -> type[Any]:
         # --- payloads: masked and JSON-encoded once --------------------------------------
         def _convert_message_to_dict(self, message: BaseMessage) -> dict[str, Any]:
             # The generation's prompt, message by message: each masked once per process.
-            if not self._prepare:
+            if not self._prepares:
                 return dict(super()._convert_message_to_dict(message))
             convert = super()._convert_message_to_dict
-            masked: dict[str, Any] = self._masker.message(message, "prompt", convert)
+            masked: dict[str, Any] = self._masker._message(message, "prompt", convert)
             return masked
 
         def _preparing(self, obs: Any) -> Any:
-            return _Preparing(obs, self._masker) if self._prepare and obs is not None else obs
+            return _Preparing(obs, self._masker) if self._prepares and obs is not None else obs
 
         def _get_parent_observation(self, parent_run_id: UUID | None) -> Any:
             obs = super()._get_parent_observation(parent_run_id)
@@ -560,6 +560,8 @@ def _handler_class() -> type[Any]:
                 root = self._root_metadata.get(state.root_run_id) if state else None
                 metadata = _own_metadata(metadata, root)
                 tags = [t for t in tags or () if not t.startswith(_PLUMBING_TAGS)] or None
+            else:
+                metadata = _own_metadata(metadata, None)
             result: dict[str, Any] | None = super()._get_langchain_observation_metadata(
                 parent_run_id=parent_run_id,
                 tags=tags,
@@ -567,6 +569,18 @@ def _handler_class() -> type[Any]:
                 keep_langfuse_trace_attributes=keep_langfuse_trace_attributes,
             )
             return result
+
+        def _parse_langfuse_trace_attributes(
+            self, *, metadata: dict[str, Any] | None, tags: list[str] | None
+        ) -> dict[str, Any]:
+            # Trace metadata is copied onto every span of the leg: keep it to the task's own
+            # keys (the thread id is already the session id; LangGraph's keys are plumbing).
+            attributes: dict[str, Any] = super()._parse_langfuse_trace_attributes(
+                metadata=metadata, tags=tags
+            )
+            if isinstance(attributes.get("metadata"), Mapping):
+                attributes["metadata"] = _own_metadata(attributes["metadata"], None)
+            return attributes
 
         def _score_outcome(self, outcome: Mapping[str, Any], trace_id: str) -> None:
             reason = outcome.get("reason")

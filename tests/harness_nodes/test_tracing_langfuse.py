@@ -414,3 +414,125 @@ def test_one_handler_for_a_review_queue_keeps_each_task_in_its_own_trace(
         assert {s.attributes["session.id"] for s in legs} == {thread}
         assert any(s.name == "review approve by bob" for s in legs)
         assert len(_by_type(legs, "generation")) == 2
+
+
+# --- what is exported, and what is not ---------------------------------------------------
+
+
+def test_plumbing_chains_get_no_span_and_what_runs_in_them_attaches_to_the_node(
+    receiver: LangfuseReceiver, public_key: str
+) -> None:
+    from langchain_core.runnables import RunnableLambda
+
+    from harness_nodes._events import emit
+
+    model = ScriptedChatModel(model_name="gpt-4o-mini", script=[ai("hello")])
+    chain = RunnableLambda(lambda msgs: msgs, name="prepare_prompt") | model
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [chain.invoke(state["messages"])]}
+
+    def route(state: MessagesState) -> str:
+        verdict = {"tool": "t", "tool_call_id": "c1", "ok": True, "reasons": [], "attempt": 1}
+        emit("verdict", {**verdict, "action": "ok"})
+        return END
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", route, [END])
+    graph = builder.compile(checkpointer=InMemorySaver())
+    graph.invoke({"messages": [HumanMessage("hi")]}, _config("lf-plumb", receiver, public_key))
+    _flush(public_key)
+    spans = receiver.spans
+    names = {s.name for s in spans}
+    # the routing function and the sequence's pieces are plumbing: no observation of their own
+    assert not names & {"route", "prepare_prompt", "RunnableSequence"}
+    (root,) = _roots(spans)  # and nothing they ran became a stray root
+    (node,) = [s for s in spans if s.name == "agent"]
+    assert node.parent_span_id == root.span_id
+    (generation,) = _by_type(spans, "generation")
+    (guardrail,) = _by_type(spans, "guardrail")
+    assert generation.parent_span_id == node.span_id
+    assert guardrail.parent_span_id == node.span_id  # emitted in the route, run by the node
+    # child observations keep their own metadata; the task's is on the trace, once
+    assert node.attr("metadata.langgraph_node") == "agent"
+    for s in spans:
+        keys = {k.removeprefix("langfuse.observation.metadata.") for k in s.attributes}
+        assert not keys & {"thread_id", "langgraph_triggers", "langgraph_path", "ls_provider"}
+        assert "langfuse.trace.metadata.thread_id" not in s.attributes
+    assert root.attributes["langfuse.trace.metadata.harness_task_id"] == "lf-plumb"
+
+
+def test_generations_carry_the_whole_prompt_and_node_inputs_the_last_item(
+    receiver: LangfuseReceiver, public_key: str
+) -> None:
+    from langchain_core.tools import tool
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    @tool
+    def lookup(key: str) -> str:
+        """Look a key up."""
+        return f"value of {key}"
+
+    turns = 3
+    script = [ai(tool_calls=[tool_call("lookup", {"key": f"k{i}"}, id=f"c{i}")]) for i in range(3)]
+    model = ScriptedChatModel(model_name="gpt-4o-mini", script=[*script, ai("done")])
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("tools", ToolNode([lookup]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    graph = builder.compile(checkpointer=InMemorySaver())
+    graph.invoke({"messages": [HumanMessage("go")]}, _config("lf-prompt", receiver, public_key))
+    _flush(public_key)
+    spans = sorted(receiver.spans, key=lambda s: s.start_ns)
+
+    # prompt → tool call → result → next decision: the last generation saw all of it
+    generations = _by_type(spans, "generation")
+    assert [len(g.attr("input")) for g in generations] == [1, 3, 5, 7]
+    last_prompt = generations[-1].attr("input")
+    assert last_prompt[0] == {"role": "user", "content": "go"}
+    calls = [m["tool_calls"][0] for m in last_prompt if m.get("tool_calls")]
+    assert [c["args"] for c in calls] == [{"key": f"k{i}"} for i in range(turns)]
+    results = [m["content"] for m in last_prompt if m["role"] == "tool"]
+    assert results == [f"value of k{i}" for i in range(turns)]
+    tools = [s for s in spans if s.name == "lookup"]
+    assert [t.attr("input") for t in tools] == [{"key": f"k{i}"} for i in range(turns)]
+    assert [t.attr("output")["content"] for t in tools] == results
+
+    # a node's input is the state: each list keeps its last item and a count
+    nodes = [s for s in spans if s.name in ("agent", "tools")]
+    assert [len(n.attr("input")["messages"]) for n in nodes] == [1] * len(nodes)
+    assert [n.attr("input").get("earlier_messages", 0) for n in nodes] == list(range(7))
+    assert nodes[-1].attr("input")["messages"][0]["content"] == "value of k2"
+
+
+def test_masker_remembers_a_message_only_while_it_is_the_same_object() -> None:
+    from harness_nodes import Masker
+
+    mask = Masker()
+    first = AIMessage("my key is sk-abcdefghijklmnop1234", id="m1")
+    assert mask(data={"messages": [first]})["messages"][0]["content"] == "my key is ***"
+    # a reviewer's edit or a refused output is a new message object with the same id
+    edited = first.model_copy(update={"content": "nothing to hide, plain text here"})
+    assert mask(data=[edited])[0]["content"] == "nothing to hide, plain text here"
+    mask.extend(secrets=["plain text"])  # new secrets apply to messages seen before
+    assert mask(data=[edited])[0]["content"] == "nothing to hide, *** here"
+
+
+def test_prepared_payloads_are_masked_json_and_media_goes_through_the_sdk() -> None:
+    import json
+
+    from harness_nodes import Masker
+
+    mask = Masker(sensitive_fields=["card_number"])
+    data = {"card_number": "4111", "messages": [AIMessage("key sk-abcdefghijklmnop1234")]}
+    prepared = mask._prepare(data)
+    assert prepared is not None
+    assert json.loads(prepared) == mask(data=data)
+    assert json.loads(prepared)["card_number"] == "***"
+    assert mask(data=prepared) is prepared  # the client's mask passes it through
+    # a base64 data URI is left to the SDK, which uploads media and references it
+    assert mask._prepare({"image": "data:image/png;base64,iVBORw0KGgo="}) is None
