@@ -34,6 +34,7 @@ from checkpointers.backend import (
     Params,
     Row,
     _first_line,
+    _socket_readable,
     default_url,
     postgres_pool_kwargs,
 )
@@ -45,6 +46,14 @@ if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
 __all__ = ["AsyncBackend", "AsyncTransaction", "aopen_backend"]
+
+
+async def _acheck_pooled_connection(conn: AsyncConnection[Any]) -> None:
+    """`_check_pooled_connection` for the async pool: poll the socket, check only if readable."""
+    from psycopg_pool import AsyncConnectionPool
+
+    if _socket_readable(conn):
+        await AsyncConnectionPool.check_connection(conn)
 
 
 class AsyncTransaction(Protocol):
@@ -325,7 +334,7 @@ async def _aopen_postgres_backend(
         min_size=1,
         max_size=max(1, pool_size),
         kwargs=postgres_pool_kwargs(),
-        check=AsyncConnectionPool.check_connection,
+        check=_acheck_pooled_connection,
         max_idle=max_idle,
         max_lifetime=max_lifetime,
         open=False,

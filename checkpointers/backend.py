@@ -2,7 +2,8 @@
 
 The backend owns the LangGraph saver, configured as its maintainers require (for Postgres:
 a pool of ``autocommit=True, prepare_threshold=0, row_factory=dict_row`` connections, checked
-on checkout and recycled after idling, so a connection the server dropped is replaced), and
+on checkout — by a poll of the socket, not a round trip — and recycled after idling, so a
+connection the server dropped is replaced), and
 a small SQL executor for the harness's ledgers in the same database.
 
 Example:
@@ -18,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import os
+import select
 import sqlite3
 import threading
 import time
@@ -201,6 +203,36 @@ def _migrate_postgres(conn: Connection[Any]) -> None:
                 "INSERT INTO harness_migrations (name, applied_at) VALUES (%s, %s)",
                 (m.name, time.time()),
             )
+
+
+def _socket_readable(conn: Any) -> bool:
+    """Whether an idle connection's socket has something to read (no round trip, one poll).
+
+    An idle connection in the pool has nothing pending: if its socket is readable, the server
+    has sent something unasked — a FATAL before closing (restart, ``pg_terminate_backend``,
+    idle reaper), an EOF, or a notification. A closed socket counts as readable.
+    """
+    if conn.closed or conn.broken:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+def _check_pooled_connection(conn: Connection[Any]) -> None:
+    """The pool's checkout check, without a round trip on a healthy connection.
+
+    `ConnectionPool.check_connection` sends an empty query on every checkout: a full round
+    trip before each statement. Here a poll of the socket decides, and only a connection with
+    unexpected input gets the real check (which raises on a dead one, so the pool replaces it).
+    """
+    from psycopg_pool import ConnectionPool
+
+    if _socket_readable(conn):
+        ConnectionPool.check_connection(conn)
 
 
 def postgres_pool_kwargs() -> dict[str, Any]:
@@ -514,7 +546,7 @@ def _open_postgres_backend(
         min_size=1,
         max_size=max(1, pool_size),
         kwargs=postgres_pool_kwargs(),
-        check=ConnectionPool.check_connection,
+        check=_check_pooled_connection,
         max_idle=max_idle,
         max_lifetime=max_lifetime,
         open=False,

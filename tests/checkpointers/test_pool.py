@@ -6,6 +6,7 @@ server, which other test runs share.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import psycopg
@@ -31,13 +32,41 @@ def _graph() -> StateGraph[HarnessState]:
 
 
 def _terminate_connections(admin_url: str, dbname: str) -> int:
+    """Kill every connection to *dbname* and wait until the server has closed them all.
+
+    ``pg_terminate_backend`` only signals; waiting for the backends to exit makes these the
+    connections "the server dropped while they idled in the pool" the tests are about.
+    """
     with psycopg.connect(admin_url, autocommit=True) as admin:
         rows = admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE datname = %s AND pid <> pg_backend_pid()",
             (dbname,),
         ).fetchall()
-    return sum(1 for (ok,) in rows if ok)
+        pids = [pid for pid, ok in rows if ok]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            alive = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+            ).fetchone()
+            if alive is not None and alive[0] == 0:
+                break
+            time.sleep(0.01)
+    return len(pids)
+
+
+def test_a_healthy_pooled_connection_passes_the_check_and_a_dropped_one_fails_it(
+    postgres_server: str, postgres_url: str
+) -> None:
+    from checkpointers.backend import _check_pooled_connection, postgres_pool_kwargs
+
+    dbname = postgres_url.rsplit("/", 1)[1]
+    with psycopg.connect(postgres_url, **postgres_pool_kwargs()) as conn:
+        _check_pooled_connection(conn)  # idle and healthy: passes (a poll, no query)
+        assert conn.execute("SELECT 1 AS one").fetchall() == [{"one": 1}]
+        assert _terminate_connections(postgres_server, dbname) >= 1
+        with pytest.raises(psycopg.OperationalError):
+            _check_pooled_connection(conn)  # the server closed it: the real check raises
 
 
 def test_backend_recovers_after_its_connections_are_killed(
