@@ -338,6 +338,122 @@ BEGIN
 END $$
 """
 
+
+# A settlement need not be a statement of its own: the wrapper keeps it pending and the
+# task's next ledger statement applies it first, in the same transaction (a reservation or
+# a read of the totals); a flusher writes what is still pending shortly after. So a model
+# call costs one round trip. ``p_settles`` is a JSON array of
+# ``{"id", "state", "model", "input_tokens", "output_tokens", "nanos", "at"}``, applied in id
+# order (spend rows, then the task row, then window rows: the one lock order everywhere).
+_SPEND_FOLDED_SETTLES_PG = """
+CREATE OR REPLACE FUNCTION harness_spend_settle_many(p_settles jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    s jsonb;
+BEGIN
+    IF p_settles IS NULL OR jsonb_array_length(p_settles) = 0 THEN
+        RETURN;
+    END IF;
+    FOR s IN SELECT value FROM jsonb_array_elements(p_settles)
+            ORDER BY (value->>'id')::BIGINT LOOP
+        PERFORM harness_spend_settle((s->>'id')::BIGINT, s->>'state', s->>'model',
+            (s->>'input_tokens')::BIGINT, (s->>'output_tokens')::BIGINT, (s->>'nanos')::BIGINT,
+            (s->>'at')::DOUBLE PRECISION);
+    END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION harness_spend_flush(p_settles jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM harness_spend_settle_many(p_settles);
+END $$;
+
+CREATE OR REPLACE FUNCTION harness_spend_totals_v2(p_settles jsonb, p_task_id TEXT,
+    p_window_seconds DOUBLE PRECISION, p_window_starts_at DOUBLE PRECISION, p_task_type TEXT)
+    RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_settles IS NOT NULL AND jsonb_array_length(p_settles) > 0 THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+        PERFORM harness_spend_settle_many(p_settles);
+    END IF;
+    RETURN harness_spend_totals(p_task_id, p_window_seconds, p_window_starts_at, p_task_type);
+END $$;
+
+CREATE OR REPLACE FUNCTION harness_spend_reserve_v3(p_settles jsonb,
+    p_task_id TEXT, p_task_type TEXT, p_model TEXT,
+    p_input_tokens BIGINT, p_output_tokens BIGINT, p_nanos BIGINT,
+    p_max_nanos BIGINT, p_max_tokens BIGINT, p_max_calls BIGINT,
+    p_window_seconds DOUBLE PRECISION, p_window_starts_at DOUBLE PRECISION,
+    p_window_max_nanos BIGINT, p_now DOUBLE PRECISION, p_sync BOOLEAN) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    t harness_spend_tasks%ROWTYPE;
+    w harness_spend_windows%ROWTYPE;
+    tokens BIGINT := p_input_tokens + p_output_tokens;
+    w_used BIGINT := 0;
+    refused TEXT := NULL;
+    new_id BIGINT := NULL;
+BEGIN
+    IF NOT p_sync THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    PERFORM harness_spend_settle_many(p_settles);
+    SELECT * INTO t FROM harness_spend_tasks WHERE task_id = p_task_id FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO harness_spend_tasks (task_id, task_type, updated_at)
+            VALUES (p_task_id, p_task_type, p_now) ON CONFLICT (task_id) DO NOTHING;
+        SELECT * INTO t FROM harness_spend_tasks WHERE task_id = p_task_id FOR UPDATE;
+    END IF;
+    IF p_window_seconds IS NOT NULL THEN
+        SELECT * INTO w FROM harness_spend_windows WHERE task_type = p_task_type
+            AND window_seconds = p_window_seconds AND starts_at = p_window_starts_at FOR UPDATE;
+        IF NOT FOUND THEN
+            INSERT INTO harness_spend_windows (task_type, window_seconds, starts_at)
+                VALUES (p_task_type, p_window_seconds, p_window_starts_at)
+                ON CONFLICT DO NOTHING;
+            SELECT * INTO w FROM harness_spend_windows WHERE task_type = p_task_type
+                AND window_seconds = p_window_seconds AND starts_at = p_window_starts_at
+                FOR UPDATE;
+        END IF;
+        w_used := w.reserved_nanos + w.spent_nanos;
+    END IF;
+    IF p_max_calls IS NOT NULL AND t.calls + 1 > p_max_calls THEN
+        refused := 'calls';
+    ELSIF p_max_nanos IS NOT NULL AND t.reserved_nanos + t.spent_nanos + p_nanos > p_max_nanos THEN
+        refused := 'usd';
+    ELSIF p_max_tokens IS NOT NULL
+            AND t.reserved_tokens + t.spent_tokens + tokens > p_max_tokens THEN
+        refused := 'tokens';
+    ELSIF p_window_max_nanos IS NOT NULL AND w_used + p_nanos > p_window_max_nanos THEN
+        refused := 'window_usd';
+    END IF;
+    IF refused IS NULL THEN
+        UPDATE harness_spend_tasks SET reserved_nanos = reserved_nanos + p_nanos,
+            reserved_tokens = reserved_tokens + tokens, calls = calls + 1, updated_at = p_now
+            WHERE task_id = p_task_id
+            RETURNING * INTO t;
+        IF p_window_seconds IS NOT NULL THEN
+            UPDATE harness_spend_windows SET reserved_nanos = reserved_nanos + p_nanos
+                WHERE task_type = p_task_type AND window_seconds = p_window_seconds
+                AND starts_at = p_window_starts_at;
+            w_used := w_used + p_nanos;
+        END IF;
+        INSERT INTO harness_spend (task_id, task_type, model, state, input_tokens, output_tokens,
+                cost_nanos, created_at, reserved_nanos, reserved_tokens, window_seconds,
+                window_starts_at)
+            VALUES (p_task_id, p_task_type, p_model, 'reserved', p_input_tokens, p_output_tokens,
+                0, p_now, p_nanos, tokens, p_window_seconds, p_window_starts_at)
+            RETURNING id INTO new_id;
+    END IF;
+    RETURN jsonb_build_object('id', new_id, 'refused', refused,
+        'reserved_nanos', t.reserved_nanos, 'spent_nanos', t.spent_nanos,
+        'reserved_tokens', t.reserved_tokens, 'spent_tokens', t.spent_tokens,
+        'calls', t.calls, 'window_nanos', w_used);
+END $$
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(
         name="0001_base",
@@ -352,6 +468,11 @@ MIGRATIONS: list[Migration] = [
     Migration(
         name="0302_spend_async_settle",
         postgres=_SPEND_ASYNC_COMMIT_PG,
+        sqlite="SELECT 1",
+    ),
+    Migration(
+        name="0303_spend_folded_settles",
+        postgres=_SPEND_FOLDED_SETTLES_PG,
         sqlite="SELECT 1",
     ),
     # 02xx: effects and runs.

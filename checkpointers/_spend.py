@@ -9,28 +9,53 @@ Tables (migrations ``0001_base`` and ``0301_spend_totals``):
 - ``harness_spend_windows``: running totals per task type and tumbling time window (an
   aggregate cap such as $50/day for "research"), locked after the task row.
 
-On Postgres a reservation and a settlement are one round trip each: server-side functions
-lock the rows (``SELECT ... FOR UPDATE``) and check-and-reserve in one statement. A
-settlement commits without waiting for its WAL flush (losing one in a server crash leaves the
-worst case booked, which is conservative); a reservation waits unless ``sync_commit=False``.
-On SQLite the same steps run from Python inside ``BEGIN IMMEDIATE``. The steps are written
-once, as a generator of SQL statements, and driven by a sync or an async transaction.
+On Postgres a reservation is one round trip: a server-side function locks the rows
+(``SELECT ... FOR UPDATE``) and checks and reserves in one statement. A settlement can be one
+too (`SpendLedger.settle`), or be *deferred* (`SpendLedger.defer_settle`): it waits in the
+backend's `PendingSettles` and the task's next ledger statement (its next reservation, or a
+read of its totals) applies it first, in the same transaction — so a model call costs one
+round trip — while a flusher writes whatever is still pending ``settle_delay`` seconds later
+(and at ``close()`` and exit). A deferred settlement only lowers a booked worst case to the
+truth, so until it lands the ledger errs on the safe side. Settlements commit without waiting
+for their WAL flush (losing one in a server crash leaves the worst case booked, which is
+conservative); a reservation waits unless ``sync_commit=False``. On SQLite the same steps run
+from Python inside ``BEGIN IMMEDIATE``. The steps are written once, as a generator of SQL
+statements, and driven by a sync or an async transaction.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
+import logging
 import math
+import threading
 import time
+import weakref
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from checkpointers.aio import AsyncBackend
     from checkpointers.backend import Backend, Params, Row
 
-__all__ = ["AsyncSpendLedger", "Limits", "Reservation", "SpendLedger", "Totals"]
+__all__ = [
+    "AsyncSpendLedger",
+    "Limits",
+    "PendingSettle",
+    "Reservation",
+    "SpendLedger",
+    "Totals",
+    "aflush_pending",
+    "flush_pending",
+]
+
+log = logging.getLogger(__name__)
+
+SETTLE_DELAY = 0.05
+"""Seconds a deferred settlement may wait for the task's next statement before it is flushed."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +116,70 @@ class Reservation:
     id: int | None
     refused: str | None
     totals: Totals
+
+
+@dataclass(frozen=True)
+class PendingSettle:
+    """A settlement not yet written: replace reservation *id* by the call's actual figures."""
+
+    id: int
+    task_id: str
+    state: str
+    model: str | None
+    input_tokens: int
+    output_tokens: int
+    nanos: int
+    at: float
+
+
+class PendingSettles:
+    """A backend's deferred settlements, by task; taken by exactly one statement each."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_task: dict[str, list[PendingSettle]] = {}
+        self.wake: threading.Condition = threading.Condition(self._lock)
+
+    def add(self, settle: PendingSettle) -> bool:
+        """Queue *settle*; True when the queue was empty (a flusher should be woken)."""
+        with self._lock:
+            was_empty = not self._by_task
+            queue = self._by_task.setdefault(settle.task_id, [])
+            if any(st.id == settle.id for st in queue):
+                return False  # one settlement per reservation
+            queue.append(settle)
+            if was_empty:
+                self.wake.notify_all()
+            return was_empty
+
+    def take(self, task_id: str) -> list[PendingSettle]:
+        """Remove and return the task's pending settlements (the caller must write them)."""
+        if not self._by_task:  # the common case, without the lock
+            return []
+        with self._lock:
+            return self._by_task.pop(task_id, [])
+
+    def take_all(self) -> dict[str, list[PendingSettle]]:
+        """Remove and return every pending settlement, by task."""
+        with self._lock:
+            taken, self._by_task = self._by_task, {}
+            return taken
+
+    def put_back(self, settles: list[PendingSettle]) -> None:
+        """Return settlements a failed statement did not write (they are not lost)."""
+        if not settles:
+            return
+        with self._lock:
+            for st in settles:
+                self._by_task.setdefault(st.task_id, []).append(st)
+            self.wake.notify_all()
+
+    def __bool__(self) -> bool:
+        return bool(self._by_task)
+
+
+def _settles_json(settles: list[PendingSettle]) -> str | None:
+    return json.dumps([asdict(st) for st in settles]) if settles else None
 
 
 Steps = Generator[tuple[str, "Params"], "list[Row]", Any]
@@ -255,6 +344,19 @@ def _sqlite_settle(
     return Totals.from_row({**t[0], "window_nanos": w_used})
 
 
+def _sqlite_settle_many(settles: list[PendingSettle]) -> Steps:
+    for st in sorted(settles, key=lambda x: x.id):
+        yield from _sqlite_settle(
+            st.id, st.state, st.model, st.input_tokens, st.output_tokens, st.nanos, st.at
+        )
+
+
+def _sqlite_then(settles: list[PendingSettle], steps: Steps) -> Steps:
+    """Apply *settles*, then run *steps*, in one transaction."""
+    yield from _sqlite_settle_many(settles)
+    return (yield from steps)
+
+
 def _pg_json(rows: list[Row]) -> dict[str, Any]:
     value = next(iter(rows[0].values()))
     return dict(json.loads(value) if isinstance(value, str) else value)
@@ -289,6 +391,272 @@ async def _run_async(tx: Any, steps: Steps) -> Any:
         return stop.value
 
 
+# --- where deferred settlements wait -------------------------------------------------------
+
+
+def _write_sync(backend: Backend, settles: list[PendingSettle]) -> None:
+    if backend.dialect == "postgres":
+        backend.execute("SELECT harness_spend_flush(%s::jsonb)", (_settles_json(settles),))
+        return
+    with backend.transaction() as tx:
+        _run_sync(tx, _sqlite_settle_many(settles))
+
+
+async def _write_async(backend: AsyncBackend, settles: list[PendingSettle]) -> None:
+    if backend.dialect == "postgres":
+        await backend.execute("SELECT harness_spend_flush(%s::jsonb)", (_settles_json(settles),))
+        return
+    async with backend.transaction() as tx:
+        await _run_async(tx, _sqlite_settle_many(settles))
+
+
+class _SyncPending:
+    """A `Backend`'s pending settlements and the daemon thread that flushes them."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.pending = PendingSettles()
+        self.delay = SETTLE_DELAY
+        self._backend = weakref.ref(backend)
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def add(self, settle: PendingSettle) -> None:
+        self.pending.add(settle)
+        if self._thread is None and not self._stopped:
+            with self.pending.wake:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="harness-spend-flusher", daemon=True
+                    )
+                    self._thread.start()
+
+    def _run(self) -> None:
+        cond = self.pending.wake
+        while True:
+            with cond:
+                while not self.pending and not self._stopped:
+                    cond.wait()
+                # Give the task's next statement `delay` seconds to carry them (not cut short
+                # by new arrivals: only a stop ends the wait early).
+                deadline = time.monotonic() + self.delay
+                while not self._stopped and (left := deadline - time.monotonic()) > 0:
+                    cond.wait(left)
+                if self._stopped:
+                    return
+            if not self.flush():
+                time.sleep(1.0)  # the database is unreachable: retry later, keep them pending
+
+    def flush(self, task_id: str | None = None) -> bool:
+        """Write the pending settlements (of *task_id*, or all). False if a write failed."""
+        backend = self._backend()
+        if backend is None or backend._closed:
+            return True
+        taken = (
+            self.pending.take_all() if task_id is None else {task_id: self.pending.take(task_id)}
+        )
+        ok = True
+        for settles in taken.values():
+            if not settles:
+                continue
+            try:
+                _write_sync(backend, settles)
+            except Exception as e:
+                self.pending.put_back(settles)
+                log.warning("spend settlements kept pending, write failed: %s", e)
+                ok = False
+        return ok
+
+    def close(self) -> None:
+        """Stop the flusher and write what is pending (before the backend closes)."""
+        with self.pending.wake:
+            self._stopped = True
+            self.pending.wake.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
+        self.flush()
+
+
+class _AsyncPending:
+    """An `AsyncBackend`'s pending settlements, flushed by a timer on the event loop."""
+
+    def __init__(self, backend: AsyncBackend) -> None:
+        self.pending = PendingSettles()
+        self.delay = SETTLE_DELAY
+        self._backend = weakref.ref(backend)
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def add(self, settle: PendingSettle) -> None:
+        self.pending.add(settle)
+        self._schedule(self.delay)
+
+    def _schedule(self, delay: float) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self._flush_later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush_later(self) -> None:
+        if not await self.flush():
+            self._schedule(1.0)
+
+    async def flush(self, task_id: str | None = None) -> bool:
+        """Write the pending settlements (of *task_id*, or all). False if a write failed."""
+        backend = self._backend()
+        if backend is None or backend._closed:
+            return True
+        taken = (
+            self.pending.take_all() if task_id is None else {task_id: self.pending.take(task_id)}
+        )
+        ok = True
+        for settles in taken.values():
+            if not settles:
+                continue
+            try:
+                await _write_async(backend, settles)
+            except Exception as e:
+                self.pending.put_back(settles)
+                log.warning("spend settlements kept pending, write failed: %s", e)
+                ok = False
+        return ok
+
+    async def close(self) -> None:
+        """Cancel the timer and write what is pending (before the backend closes)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self.flush()
+
+
+_REGISTRY_LOCK = threading.Lock()
+_SYNC_PENDING: weakref.WeakKeyDictionary[Any, _SyncPending] = weakref.WeakKeyDictionary()
+_ASYNC_PENDING: weakref.WeakKeyDictionary[Any, _AsyncPending] = weakref.WeakKeyDictionary()
+
+
+def _sync_pending(backend: Backend) -> _SyncPending:
+    store = _SYNC_PENDING.get(backend)
+    if store is None:
+        with _REGISTRY_LOCK:
+            store = _SYNC_PENDING.get(backend)
+            if store is None:
+                store = _SYNC_PENDING[backend] = _SyncPending(backend)
+                backend._before_close.append(store.close)
+    return store
+
+
+def _async_pending(backend: AsyncBackend) -> _AsyncPending:
+    store = _ASYNC_PENDING.get(backend)
+    if store is None:
+        with _REGISTRY_LOCK:
+            store = _ASYNC_PENDING.get(backend)
+            if store is None:
+                store = _ASYNC_PENDING[backend] = _AsyncPending(backend)
+                backend._before_close.append(store.close)
+    return store
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for store in list(_SYNC_PENDING.values()):
+        store.close()
+
+
+def flush_pending(backend: Backend, task_id: str | None = None) -> None:
+    """Write *backend*'s deferred settlements now (of *task_id*, or all), before reading spend.
+
+    Raises whatever the database raises; the settlements stay pending then.
+    """
+    store = _SYNC_PENDING.get(backend)
+    if store is None or not store.pending:
+        return
+    for settles in (
+        store.pending.take_all() if task_id is None else {task_id: store.pending.take(task_id)}
+    ).values():
+        if settles:
+            try:
+                _write_sync(backend, settles)
+            except BaseException:
+                store.pending.put_back(settles)
+                raise
+
+
+async def aflush_pending(backend: AsyncBackend, task_id: str | None = None) -> None:
+    """`flush_pending` for an `AsyncBackend`."""
+    store = _ASYNC_PENDING.get(backend)
+    if store is None or not store.pending:
+        return
+    for settles in (
+        store.pending.take_all() if task_id is None else {task_id: store.pending.take(task_id)}
+    ).values():
+        if settles:
+            try:
+                await _write_async(backend, settles)
+            except BaseException:
+                store.pending.put_back(settles)
+                raise
+
+
+# --- the ledgers ---------------------------------------------------------------------------
+
+_TOTALS_PG = "SELECT harness_spend_totals_v2(%s::jsonb, %s, %s, %s, %s) AS r"
+_RESERVE_PG = (
+    "SELECT harness_spend_reserve_v3(%s::jsonb, "
+    "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) AS r"
+)
+_SETTLE_PG = "SELECT harness_spend_settle_v2(%s, %s, %s, %s, %s, %s, %s) AS r"
+
+
+def _reserve_params(
+    settles: list[PendingSettle],
+    task_id: str,
+    task_type: str,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    nanos: int,
+    limits: Limits,
+    now: float,
+    sync: bool,
+) -> tuple[Any, ...]:
+    return (
+        _settles_json(settles),
+        task_id,
+        task_type,
+        model,
+        input_tokens,
+        output_tokens,
+        nanos,
+        limits.max_nanos,
+        limits.max_tokens,
+        limits.max_calls,
+        limits.window_seconds,
+        limits.window_start(now),
+        limits.window_max_nanos,
+        now,
+        sync,
+    )
+
+
+def _pending_settle(
+    task_id: str,
+    spend_id: int,
+    input_tokens: int,
+    output_tokens: int,
+    nanos: int,
+    model: str | None,
+    released: bool,
+) -> PendingSettle:
+    state = "released" if released else "settled"
+    return PendingSettle(
+        spend_id, task_id, state, model, input_tokens, output_tokens, nanos, time.time()
+    )
+
+
 class SpendLedger:
     """Spend of tasks, in a `Backend`'s ``harness_spend*`` tables."""
 
@@ -296,19 +664,33 @@ class SpendLedger:
         self.backend = backend
         self.sync_commit = sync_commit
         """Postgres: wait for each reservation's WAL flush (settlements never wait)."""
+        self._store = _sync_pending(backend)
 
     def totals(self, task_id: str, task_type: str, limits: Limits) -> Totals:
-        """The task's current totals (and its type's current window)."""
+        """The task's current totals (and its type's window), deferred settlements applied."""
         now = time.time()
-        if self.backend.dialect == "postgres":
-            rows = self.backend.execute(
-                "SELECT harness_spend_totals(%s, %s, %s, %s) AS r",
-                (task_id, limits.window_seconds, limits.window_start(now), task_type),
-            )
-            return Totals.from_row(_pg_json(rows))
-        with self.backend.transaction() as tx:
-            result: Totals = _run_sync(tx, _sqlite_totals(task_id, task_type, limits, now))
-        return result
+        settles = self._store.pending.take(task_id)
+        try:
+            if self.backend.dialect == "postgres":
+                rows = self.backend.execute(
+                    _TOTALS_PG,
+                    (
+                        _settles_json(settles),
+                        task_id,
+                        limits.window_seconds,
+                        limits.window_start(now),
+                        task_type,
+                    ),
+                )
+                return Totals.from_row(_pg_json(rows))
+            with self.backend.transaction() as tx:
+                result: Totals = _run_sync(
+                    tx, _sqlite_then(settles, _sqlite_totals(task_id, task_type, limits, now))
+                )
+            return result
+        except BaseException:
+            self._store.pending.put_back(settles)
+            raise
 
     def reserve(
         self,
@@ -320,39 +702,52 @@ class SpendLedger:
         nanos: int,
         limits: Limits,
     ) -> Reservation:
-        """Reserve *nanos* and the tokens for one call if every limit still holds, atomically."""
+        """Reserve *nanos* and the tokens for one call if every limit still holds, atomically.
+
+        The task's deferred settlements are applied first, in the same transaction.
+        """
         now = time.time()
-        if self.backend.dialect == "postgres":
-            rows = self.backend.execute(
-                "SELECT harness_spend_reserve_v2("
-                "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) AS r",
-                (
-                    task_id,
-                    task_type,
-                    model,
-                    input_tokens,
-                    output_tokens,
-                    nanos,
-                    limits.max_nanos,
-                    limits.max_tokens,
-                    limits.max_calls,
-                    limits.window_seconds,
-                    limits.window_start(now),
-                    limits.window_max_nanos,
-                    now,
-                    self.sync_commit,
-                ),
-            )
-            r = _pg_json(rows)
-            return Reservation(r.get("id"), r.get("refused"), Totals.from_row(r))
-        with self.backend.transaction() as tx:
-            res: Reservation = _run_sync(
-                tx,
-                _sqlite_reserve(
-                    task_id, task_type, model, input_tokens, output_tokens, nanos, limits, now
-                ),
-            )
-        return res
+        settles = self._store.pending.take(task_id)
+        try:
+            if self.backend.dialect == "postgres":
+                rows = self.backend.execute(
+                    _RESERVE_PG,
+                    _reserve_params(
+                        settles,
+                        task_id,
+                        task_type,
+                        model,
+                        input_tokens,
+                        output_tokens,
+                        nanos,
+                        limits,
+                        now,
+                        self.sync_commit,
+                    ),
+                )
+                r = _pg_json(rows)
+                return Reservation(r.get("id"), r.get("refused"), Totals.from_row(r))
+            with self.backend.transaction() as tx:
+                res: Reservation = _run_sync(
+                    tx,
+                    _sqlite_then(
+                        settles,
+                        _sqlite_reserve(
+                            task_id,
+                            task_type,
+                            model,
+                            input_tokens,
+                            output_tokens,
+                            nanos,
+                            limits,
+                            now,
+                        ),
+                    ),
+                )
+            return res
+        except BaseException:
+            self._store.pending.put_back(settles)
+            raise
 
     def settle(
         self,
@@ -364,13 +759,12 @@ class SpendLedger:
         model: str | None = None,
         released: bool = False,
     ) -> Totals:
-        """Replace a reservation by the call's actual usage (or release it). Idempotent."""
+        """Replace a reservation by the call's actual usage (or release it), now. Idempotent."""
         now = time.time()
         state = "released" if released else "settled"
         if self.backend.dialect == "postgres":
             rows = self.backend.execute(
-                "SELECT harness_spend_settle_v2(%s, %s, %s, %s, %s, %s, %s) AS r",
-                (spend_id, state, model, input_tokens, output_tokens, nanos, now),
+                _SETTLE_PG, (spend_id, state, model, input_tokens, output_tokens, nanos, now)
             )
             return Totals.from_row(_pg_json(rows))
         with self.backend.transaction() as tx:
@@ -379,8 +773,29 @@ class SpendLedger:
             )
         return result
 
+    def defer_settle(
+        self,
+        task_id: str,
+        spend_id: int,
+        input_tokens: int,
+        output_tokens: int,
+        nanos: int,
+        *,
+        model: str | None = None,
+        released: bool = False,
+    ) -> None:
+        """`settle`, carried by the task's next statement (or flushed shortly after)."""
+        self._store.add(
+            _pending_settle(task_id, spend_id, input_tokens, output_tokens, nanos, model, released)
+        )
+
+    def flush(self, task_id: str | None = None) -> None:
+        """Write deferred settlements now (of *task_id*, or all)."""
+        flush_pending(self.backend, task_id)
+
     def by_model(self, task_id: str) -> list[Row]:
         """Settled spend per model: ``model, input_tokens, output_tokens, nanos, calls``."""
+        self.flush(task_id)
         return self.backend.execute(_BY_MODEL_SQL, (task_id,))
 
 
@@ -391,19 +806,33 @@ class AsyncSpendLedger:
         self.backend = backend
         self.sync_commit = sync_commit
         """Postgres: wait for each reservation's WAL flush (settlements never wait)."""
+        self._store = _async_pending(backend)
 
     async def totals(self, task_id: str, task_type: str, limits: Limits) -> Totals:
-        """The task's current totals (and its type's current window)."""
+        """The task's current totals (and its type's window), deferred settlements applied."""
         now = time.time()
-        if self.backend.dialect == "postgres":
-            rows = await self.backend.execute(
-                "SELECT harness_spend_totals(%s, %s, %s, %s) AS r",
-                (task_id, limits.window_seconds, limits.window_start(now), task_type),
-            )
-            return Totals.from_row(_pg_json(rows))
-        async with self.backend.transaction() as tx:
-            result: Totals = await _run_async(tx, _sqlite_totals(task_id, task_type, limits, now))
-        return result
+        settles = self._store.pending.take(task_id)
+        try:
+            if self.backend.dialect == "postgres":
+                rows = await self.backend.execute(
+                    _TOTALS_PG,
+                    (
+                        _settles_json(settles),
+                        task_id,
+                        limits.window_seconds,
+                        limits.window_start(now),
+                        task_type,
+                    ),
+                )
+                return Totals.from_row(_pg_json(rows))
+            async with self.backend.transaction() as tx:
+                result: Totals = await _run_async(
+                    tx, _sqlite_then(settles, _sqlite_totals(task_id, task_type, limits, now))
+                )
+            return result
+        except BaseException:
+            self._store.pending.put_back(settles)
+            raise
 
     async def reserve(
         self,
@@ -417,37 +846,47 @@ class AsyncSpendLedger:
     ) -> Reservation:
         """Reserve *nanos* and the tokens for one call if every limit still holds, atomically."""
         now = time.time()
-        if self.backend.dialect == "postgres":
-            rows = await self.backend.execute(
-                "SELECT harness_spend_reserve_v2("
-                "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) AS r",
-                (
-                    task_id,
-                    task_type,
-                    model,
-                    input_tokens,
-                    output_tokens,
-                    nanos,
-                    limits.max_nanos,
-                    limits.max_tokens,
-                    limits.max_calls,
-                    limits.window_seconds,
-                    limits.window_start(now),
-                    limits.window_max_nanos,
-                    now,
-                    self.sync_commit,
-                ),
-            )
-            r = _pg_json(rows)
-            return Reservation(r.get("id"), r.get("refused"), Totals.from_row(r))
-        async with self.backend.transaction() as tx:
-            res: Reservation = await _run_async(
-                tx,
-                _sqlite_reserve(
-                    task_id, task_type, model, input_tokens, output_tokens, nanos, limits, now
-                ),
-            )
-        return res
+        settles = self._store.pending.take(task_id)
+        try:
+            if self.backend.dialect == "postgres":
+                rows = await self.backend.execute(
+                    _RESERVE_PG,
+                    _reserve_params(
+                        settles,
+                        task_id,
+                        task_type,
+                        model,
+                        input_tokens,
+                        output_tokens,
+                        nanos,
+                        limits,
+                        now,
+                        self.sync_commit,
+                    ),
+                )
+                r = _pg_json(rows)
+                return Reservation(r.get("id"), r.get("refused"), Totals.from_row(r))
+            async with self.backend.transaction() as tx:
+                res: Reservation = await _run_async(
+                    tx,
+                    _sqlite_then(
+                        settles,
+                        _sqlite_reserve(
+                            task_id,
+                            task_type,
+                            model,
+                            input_tokens,
+                            output_tokens,
+                            nanos,
+                            limits,
+                            now,
+                        ),
+                    ),
+                )
+            return res
+        except BaseException:
+            self._store.pending.put_back(settles)
+            raise
 
     async def settle(
         self,
@@ -459,13 +898,12 @@ class AsyncSpendLedger:
         model: str | None = None,
         released: bool = False,
     ) -> Totals:
-        """Replace a reservation by the call's actual usage (or release it). Idempotent."""
+        """Replace a reservation by the call's actual usage (or release it), now. Idempotent."""
         now = time.time()
         state = "released" if released else "settled"
         if self.backend.dialect == "postgres":
             rows = await self.backend.execute(
-                "SELECT harness_spend_settle_v2(%s, %s, %s, %s, %s, %s, %s) AS r",
-                (spend_id, state, model, input_tokens, output_tokens, nanos, now),
+                _SETTLE_PG, (spend_id, state, model, input_tokens, output_tokens, nanos, now)
             )
             return Totals.from_row(_pg_json(rows))
         async with self.backend.transaction() as tx:
@@ -474,6 +912,30 @@ class AsyncSpendLedger:
             )
         return result
 
+    def defer_settle(
+        self,
+        task_id: str,
+        spend_id: int,
+        input_tokens: int,
+        output_tokens: int,
+        nanos: int,
+        *,
+        model: str | None = None,
+        released: bool = False,
+    ) -> None:
+        """`settle`, carried by the task's next statement (or flushed shortly after).
+
+        Call it from the backend's event loop (the flush timer runs there).
+        """
+        self._store.add(
+            _pending_settle(task_id, spend_id, input_tokens, output_tokens, nanos, model, released)
+        )
+
+    async def flush(self, task_id: str | None = None) -> None:
+        """Write deferred settlements now (of *task_id*, or all)."""
+        await aflush_pending(self.backend, task_id)
+
     async def by_model(self, task_id: str) -> list[Row]:
         """Settled spend per model: ``model, input_tokens, output_tokens, nanos, calls``."""
+        await self.flush(task_id)
         return await self.backend.execute(_BY_MODEL_SQL, (task_id,))

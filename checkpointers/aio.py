@@ -19,9 +19,10 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
 __all__ = ["AsyncBackend", "AsyncTransaction", "aopen_backend"]
+
+log = logging.getLogger(__name__)
 
 
 async def _acheck_pooled_connection(conn: AsyncConnection[Any]) -> None:
@@ -204,6 +207,8 @@ class AsyncBackend:
         self._db = db
         self._closers = list(closers)
         self._closed = False
+        self._before_close: list[Callable[[], Awaitable[None]]] = []
+        """Run first by `close` (the spend ledger writes its deferred settlements)."""
 
     @property
     def dialect(self) -> Dialect:
@@ -224,6 +229,11 @@ class AsyncBackend:
         """Close every connection. Safe to call twice."""
         if self._closed:
             return
+        for hook in self._before_close:
+            try:
+                await hook()
+            except Exception as e:  # closing must go on; what could not be written is logged
+                log.warning("before close: %s", e)
         self._closed = True
         for c in self._closers:
             await c.close()

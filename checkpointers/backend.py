@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import sqlite3
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
 
 __all__ = ["DEFAULT_URL", "Backend", "Transaction", "default_url", "open_backend"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///harness.db"
 """The embedded default: a SQLite file in the working directory."""
@@ -297,6 +300,8 @@ class Backend:
         self._db = db
         self._closers = list(closers)
         self._closed = False
+        self._before_close: list[Callable[[], None]] = []
+        """Run first by `close` (the spend ledger writes its deferred settlements)."""
 
     @property
     def dialect(self) -> Dialect:
@@ -338,6 +343,11 @@ class Backend:
         """Close the saver's connections and the harness's. Safe to call twice."""
         if self._closed:
             return
+        for hook in self._before_close:
+            try:
+                hook()
+            except Exception as e:  # closing must go on; what could not be written is logged
+                log.warning("before close: %s", e)
         self._closed = True
         for c in self._closers:
             c.close()

@@ -10,6 +10,7 @@ idempotency keys, and the authoritative spend.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langgraph.checkpoint.base import CheckpointTuple
 
+from checkpointers._spend import flush_pending
 from harness_nodes._pricing import call_cost
 from harness_nodes.errors import UnknownThread
 from harness_nodes.pricing import Pricing
@@ -636,6 +638,8 @@ def _status(
 
 def _ledger_cost(backend: Backend, task_id: str) -> float | None:
     # Reservations that were never settled are not money spent; everything else is.
+    with contextlib.suppress(Exception):  # a ledger that cannot be written is still read
+        flush_pending(backend, task_id)  # settlements still riding in this process
     rows = _rows(
         backend,
         "SELECT count(*) AS n, coalesce(sum(cost_nanos), 0) AS nanos FROM harness_spend "

@@ -283,9 +283,8 @@ def _message_bytes(m: BaseMessage) -> int:
     return size
 
 
-def bytes_bound(messages: Sequence[BaseMessage], tools: Sequence[Any] = ()) -> int:
-    """A conservative token count: UTF-8 bytes of the prompt (every BPE token is >= 1 byte)."""
-    size = sum(_message_bytes(m) for m in messages)
+def _tools_bytes(tools: Sequence[Any]) -> int:
+    size = 0
     for t in tools:
         try:
             schema: Any = convert_to_openai_tool(t)
@@ -293,6 +292,11 @@ def bytes_bound(messages: Sequence[BaseMessage], tools: Sequence[Any] = ()) -> i
             schema = repr(t)
         size += len(json.dumps(schema, default=str).encode("utf-8"))
     return size
+
+
+def bytes_bound(messages: Sequence[BaseMessage], tools: Sequence[Any] = ()) -> int:
+    """A conservative token count: UTF-8 bytes of the prompt (every BPE token is >= 1 byte)."""
+    return sum(_message_bytes(m) for m in messages) + _tools_bytes(tools)
 
 
 _BASE_COUNTER = BaseLanguageModel.get_num_tokens_from_messages
@@ -401,14 +405,29 @@ def _budget_meta(m: BaseMessage) -> dict[str, Any]:
     return budget if isinstance(budget, dict) else {}
 
 
+def _settled(ctx: _Context, reserved: Totals, plan: _Plan, cost: int, tokens: int) -> Totals:
+    """The totals after settling *plan*'s reservation at *cost*, from the reservation's view."""
+    window = reserved.window_nanos
+    if ctx.limits.window_seconds is not None:
+        window = max(0, window - plan.nanos + cost)
+    return Totals(
+        reserved_nanos=max(0, reserved.reserved_nanos - plan.nanos),
+        spent_nanos=reserved.spent_nanos + cost,
+        reserved_tokens=max(0, reserved.reserved_tokens - plan.input_tokens - plan.cap),
+        spent_tokens=reserved.spent_tokens + tokens,
+        calls=reserved.calls,
+        window_nanos=window,
+    )
+
+
 def _ledger_op(ledger: SpendLedger, op: str, args: tuple[Any, ...]) -> Any:
     if op == "totals":
         return ledger.totals(*args)
     if op == "reserve":
         return ledger.reserve(*args)
-    if op == "settle":
-        spend_id, inp, out, nanos, model = args
-        return ledger.settle(spend_id, inp, out, nanos, model=model)
+    if op == "defer":
+        task_id, spend_id, inp, out, nanos, model = args
+        return ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model)
     return ledger.settle(args[0], 0, 0, 0, released=True)
 
 
@@ -417,9 +436,9 @@ async def _aledger_op(ledger: AsyncSpendLedger, op: str, args: tuple[Any, ...]) 
         return await ledger.totals(*args)
     if op == "reserve":
         return await ledger.reserve(*args)
-    if op == "settle":
-        spend_id, inp, out, nanos, model = args
-        return await ledger.settle(spend_id, inp, out, nanos, model=model)
+    if op == "defer":
+        task_id, spend_id, inp, out, nanos, model = args
+        return ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model)
     return await ledger.settle(args[0], 0, 0, 0, released=True)
 
 
@@ -489,6 +508,10 @@ class BudgetedChatModel(BaseChatModel):
     _bound: dict[int, Runnable[Any, Any]] = PrivateAttr(default_factory=dict)
     _totals: dict[str, Totals] = PrivateAttr(default_factory=dict)
     _counter_failed: set[int] = PrivateAttr(default_factory=set)
+    _tools_size: list[int] = PrivateAttr(default_factory=list)
+    """The bound tools' schema bytes, computed once (the schemas do not change)."""
+    _deferred: dict[int, None] = PrivateAttr(default_factory=dict)
+    """Spend ids whose settlement this process deferred (it will land, or the process died)."""
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
     # A one-slot list so that copies (bind_tools) share the private ledger opened lazily.
     _owned_backend: list[Any] = PrivateAttr(default_factory=lambda: [None])
@@ -506,6 +529,7 @@ class BudgetedChatModel(BaseChatModel):
         """
         copy = self.model_copy(update={"tools": list(tools), "tool_kwargs": dict(kwargs)})
         copy._bound = {}
+        copy._tools_size = []
         return copy
 
     def _runnable(self, index: int) -> Runnable[Any, Any]:
@@ -601,7 +625,9 @@ class BudgetedChatModel(BaseChatModel):
             except Exception:  # offline tokenizers fail in many ways
                 with self._lock:
                     self._counter_failed.add(id(model))
-        return bytes_bound(messages, self.tools)
+        if not self._tools_size:
+            self._tools_size.append(_tools_bytes(self.tools))
+        return bytes_bound(messages) + self._tools_size[0]
 
     # -- the call -----------------------------------------------------------------------
 
@@ -609,6 +635,43 @@ class BudgetedChatModel(BaseChatModel):
         child = cast(RunnableConfig, {k: v for k, v in config.items() if k != "run_id"})
         child["metadata"] = {**(config.get("metadata") or {}), "harness_budgeted": True}
         return child
+
+    def _note_deferred(self, spend_id: int) -> None:
+        with self._lock:
+            if len(self._deferred) > 4096:
+                self._deferred.clear()
+            self._deferred[spend_id] = None
+
+    def _recoverable(
+        self, ctx: _Context, messages: Sequence[BaseMessage]
+    ) -> tuple[str, int, int, int, int, None] | None:
+        """The settlement of the task's last answer, when this process never deferred it.
+
+        An answer in the checkpoint whose settlement was still pending when its process died
+        left its reservation booked at the worst case; the answer itself records what the call
+        really cost. Settling it again is a no-op when it did land.
+        """
+        for k in range(len(messages) - 1, -1, -1):
+            budget = _budget_meta(messages[k])
+            if not budget:
+                continue
+            spend_id = budget.get("spend_id")
+            inp, out = budget.get("input_tokens"), budget.get("output_tokens")
+            usd = budget.get("spent_usd")
+            if (
+                not isinstance(spend_id, int)
+                or budget.get("task_id") != ctx.task_id
+                or not isinstance(inp, int)
+                or not isinstance(out, int)
+                or not isinstance(usd, int | float)
+            ):
+                return None
+            with self._lock:
+                if spend_id in self._deferred:
+                    return None
+            self._note_deferred(spend_id)
+            return (ctx.task_id, spend_id, inp, out, round(usd * NANOS_PER_USD), None)
+        return None
 
     def _remember(self, task_id: str, totals: Totals) -> None:
         with self._lock:
@@ -672,9 +735,11 @@ class BudgetedChatModel(BaseChatModel):
         totals: Totals,
         inp: int,
         out: int,
+        spend_id: int,
     ) -> AIMessage:
         harness = dict((msg.additional_kwargs or {}).get("harness") or {})
         harness["budget"] = {
+            "spend_id": spend_id,
             "model": plan.name,
             "degraded_from": ctx.ladder[0][0] if plan.index > 0 else None,
             "reserved_usd": _usd(plan.nanos),
@@ -796,7 +861,7 @@ class BudgetedChatModel(BaseChatModel):
     ) -> Generator[tuple[str, Any], Any, AIMessage]:
         """The whole call as a sequence of effects, driven by `invoke` or `ainvoke`.
 
-        Yields ``("totals" | "reserve" | "settle" | "release", args)`` for the ledger,
+        Yields ``("totals" | "reserve" | "defer" | "release", args)`` for the ledger,
         ``("emit", (kind, data))`` for events and ``("call", (index, cap))`` for the model; a
         failed model call is thrown back in, so the reservation is released before it
         propagates.
@@ -804,6 +869,9 @@ class BudgetedChatModel(BaseChatModel):
         rates = self._rates(ctx)
         caps = self._output_caps(ctx, kwargs.pop("max_tokens", None))
         inputs = self._inputs(ctx, messages)
+        recovered = self._recoverable(ctx, messages)
+        if recovered is not None:  # folded into the reservation below
+            yield ("defer", recovered)
         with self._lock:
             cached = self._totals.get(ctx.task_id)
         totals, fresh = (cached, False) if cached is not None else (Totals(), False)
@@ -858,11 +926,15 @@ class BudgetedChatModel(BaseChatModel):
             raise
         msg = raw if isinstance(raw, AIMessage) else AIMessage(content=getattr(raw, "content", ""))
         name, i_tok, o_tok, cost = self._settle_figures(plan.name, msg, plan)
-        after = yield ("settle", (reservation.id, i_tok, o_tok, cost, name))
+        # The settlement rides on the task's next ledger statement (or a flush shortly after):
+        # no round trip here. Until it lands the ledger holds the worst case, the safe side.
+        yield ("defer", (ctx.task_id, reservation.id, i_tok, o_tok, cost, name))
+        self._note_deferred(reservation.id)
+        after = _settled(ctx, reservation.totals, plan, cost, i_tok + o_tok)
         self._remember(ctx.task_id, after)
         for event in self._events_after(ctx, plan, totals, after, cost, i_tok, o_tok):
             yield ("emit", event)
-        return self._annotate(msg, ctx, plan, cost, after, i_tok, o_tok)
+        return self._annotate(msg, ctx, plan, cost, after, i_tok, o_tok, reservation.id)
 
     def invoke(
         self,
@@ -944,6 +1016,8 @@ class BudgetedChatModel(BaseChatModel):
                     await aemit(args[0], args[1], config)
             elif isinstance(ledger, AsyncSpendLedger):
                 value = await _aledger_op(ledger, op, args)
+            elif op == "defer":  # no I/O: no thread
+                value = _ledger_op(ledger, op, args)
             else:
                 value = await asyncio.to_thread(_ledger_op, ledger, op, args)
 
@@ -992,7 +1066,11 @@ class BudgetedChatModel(BaseChatModel):
         """
         config = ensure_config(config)
         ctx = self._context(config)
-        totals = self._ledger().totals(ctx.task_id, ctx.task_type, ctx.limits)
+        ledger = self._ledger()
+        recovered = self._recoverable(ctx, messages)
+        if recovered is not None:  # folded into the read below
+            _ledger_op(ledger, "defer", recovered)
+        totals = ledger.totals(ctx.task_id, ctx.task_type, ctx.limits)
         self._remember(ctx.task_id, totals)
         return self._check_from(ctx, totals, messages)
 
@@ -1003,6 +1081,10 @@ class BudgetedChatModel(BaseChatModel):
         config = ensure_config(config)
         ctx = self._context(config)
         ledger = self._aledger()
+        recovered = self._recoverable(ctx, messages)
+        if recovered is not None:  # folded into the read below (no I/O here)
+            task_id, spend_id, inp, out, nanos, model = recovered
+            ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model)
         if isinstance(ledger, AsyncSpendLedger):
             totals = await ledger.totals(ctx.task_id, ctx.task_type, ctx.limits)
         else:

@@ -10,6 +10,7 @@ from typing import Any
 from langchain_core.messages import HumanMessage
 
 from checkpointers import open_backend
+from checkpointers._spend import flush_pending
 from harness_nodes import Envelope, Envelopes, WindowCap, budgeted
 from harness_nodes.testing import ScriptedChatModel
 from tests.harness_nodes._budget_graphs import guarded_loop, runaway_llm
@@ -18,6 +19,7 @@ LONG = "word " * 8000
 
 
 def _spent(backend: Any, task_id: str) -> int:
+    flush_pending(backend)
     rows = backend.execute(
         "SELECT COALESCE(SUM(cost_nanos), 0) AS n FROM harness_spend WHERE task_id = %s",
         (task_id,),

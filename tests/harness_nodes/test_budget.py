@@ -23,7 +23,7 @@ from langgraph.types import Command, Send
 from typing_extensions import TypedDict
 
 from checkpointers import AsyncBackend, Backend, open_backend
-from checkpointers._spend import Limits, SpendLedger
+from checkpointers._spend import Limits, SpendLedger, aflush_pending, flush_pending
 from harness_nodes import (
     BudgetCallbackHandler,
     BudgetExceeded,
@@ -82,6 +82,7 @@ def _config(thread_id: str, **extra: Any) -> Any:
 
 def _ledger_nanos(backend: Backend, task_id: str) -> tuple[int, int]:
     """(settled spend, spend + open reservations) of a task, straight from the ledger rows."""
+    flush_pending(backend)  # settlements ride on the task's next statement; write them now
     rows = backend.execute(
         "SELECT COALESCE(SUM(cost_nanos), 0) AS spent, "
         "COALESCE(SUM(CASE WHEN state = 'reserved' THEN reserved_nanos ELSE 0 END), 0) AS open "
@@ -190,6 +191,7 @@ async def test_async_runaway_ends_budget_exhausted(abackend: AsyncBackend) -> No
     )
     assert out["outcome"]["status"] == "budget_exhausted"
     assert 0 < out["spend"]["usd"] <= MAX_USD
+    await aflush_pending(abackend)
     rows = await abackend.execute(
         "SELECT COALESCE(SUM(cost_nanos), 0) AS n, COUNT(*) AS c FROM harness_spend "
         "WHERE task_id = %s AND state = 'settled'",
@@ -346,6 +348,7 @@ def test_twenty_concurrent_tasks_share_a_per_type_cap(postgres_url: str) -> None
             t.start()
         for t in threads:
             t.join()
+        flush_pending(backend)
         total = backend.execute(
             "SELECT COALESCE(SUM(cost_nanos), 0) AS n FROM harness_spend WHERE task_type = %s",
             ("research",),
@@ -456,7 +459,10 @@ def test_spend_survives_a_crash_and_a_resume_in_another_process(
     assert crashed.returncode == -9, crashed.stderr  # SIGKILL inside the 4th tool call
     with open_backend(durable_url) as backend:
         spent_before, committed_before = _ledger_nanos(backend, thread)
-    assert spent_before > 0 and committed_before == spent_before
+    # The last answer's settlement may have died with the process (it rides on the task's next
+    # statement): its worst case stays booked — the safe side — until the resume settles it
+    # from the checkpointed answer (checked at the end: the ledger is exact again).
+    assert spent_before > 0 and committed_before >= spent_before
     resumed = _child("runaway", durable_url, thread, "resume")
     assert resumed.returncode == 0, resumed.stderr
     result = json.loads(resumed.stdout)

@@ -1,0 +1,189 @@
+"""Deferred settlements: one ledger statement per model call, and no settlement lost.
+
+A budgeted call's settlement is not a statement of its own: it waits in the backend's
+pending settlements and the task's next ledger statement applies it first (or the flusher
+writes it ``SETTLE_DELAY`` seconds later, or ``close()`` does). These tests pin that down on
+every backend, and the recovery of a settlement that died with its process.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+
+from checkpointers import AsyncBackend, Backend, open_backend
+from checkpointers._spend import SETTLE_DELAY, _sync_pending, aflush_pending, flush_pending
+from harness_nodes import Envelope, budgeted
+from harness_nodes.pricing import Pricing
+from harness_nodes.testing import ScriptedChatModel, ai
+
+USAGE = {"input_tokens": 1_000, "output_tokens": 200}
+COST = Pricing().cost_nanos("gpt-4o", 1_000, 200)
+
+
+def _model() -> ScriptedChatModel:
+    return ScriptedChatModel(script=[ai("Paris.", usage=USAGE)], loop=True, model_name="gpt-4o")
+
+
+def _rows(backend: Backend, task_id: str) -> list[dict[str, Any]]:
+    return backend.execute(
+        "SELECT state, cost_nanos FROM harness_spend WHERE task_id = %s ORDER BY id", (task_id,)
+    )
+
+
+def _totals(backend: Backend, task_id: str) -> dict[str, Any]:
+    rows = backend.execute(
+        "SELECT reserved_nanos, spent_nanos, calls FROM harness_spend_tasks WHERE task_id = %s",
+        (task_id,),
+    )
+    return rows[0]
+
+
+class _Counting:
+    """Counts the statements *backend* runs on the calling thread (transactions count once)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend, self.caller, self.sent = backend, threading.get_ident(), 0
+        self._execute, self._transaction = backend.execute, backend.transaction
+
+    def __enter__(self) -> _Counting:
+        def execute(sql: str, params: Any = ()) -> Any:
+            self.sent += threading.get_ident() == self.caller
+            return self._execute(sql, params)
+
+        def transaction() -> Any:
+            self.sent += threading.get_ident() == self.caller
+            return self._transaction()
+
+        self.backend.execute = execute  # type: ignore[method-assign]
+        self.backend.transaction = transaction  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.backend.execute = self._execute  # type: ignore[method-assign]
+        self.backend.transaction = self._transaction  # type: ignore[method-assign]
+
+
+def test_a_call_costs_one_ledger_statement_and_its_settlement_rides_on_the_next(
+    backend: Backend,
+) -> None:
+    llm = budgeted(_model(), envelope=Envelope(max_usd=10), backend=backend)
+    config: Any = {"configurable": {"thread_id": "fold"}}
+    with _Counting(backend) as counting:
+        for _ in range(5):
+            assert llm.invoke("capital of France?", config).content == "Paris."
+    assert counting.sent == 5  # one reservation each; settlements carried, not sent
+    flush_pending(backend)
+    assert _rows(backend, "fold") == [{"state": "settled", "cost_nanos": COST}] * 5
+    assert _totals(backend, "fold") == {"reserved_nanos": 0, "spent_nanos": 5 * COST, "calls": 5}
+
+
+def test_the_flusher_writes_a_settlement_no_statement_carried(backend: Backend) -> None:
+    llm = budgeted(_model(), envelope=Envelope(max_usd=10), backend=backend)
+    llm.invoke("hi", {"configurable": {"thread_id": "idle"}})
+    deadline = time.monotonic() + 5
+    while _rows(backend, "idle")[0]["state"] == "reserved" and time.monotonic() < deadline:
+        time.sleep(SETTLE_DELAY / 5)
+    assert _rows(backend, "idle") == [{"state": "settled", "cost_nanos": COST}]
+    assert _totals(backend, "idle")["reserved_nanos"] == 0
+
+
+def test_closing_the_backend_writes_pending_settlements(durable_url: str) -> None:
+    with open_backend(durable_url) as backend:
+        store = _sync_pending(backend)
+        store.delay = 3600.0  # the flusher would not get to them before close
+        llm = budgeted(_model(), envelope=Envelope(max_usd=10), backend=backend)
+        llm.invoke("hi", {"configurable": {"thread_id": "closing"}})
+        assert store.pending  # still pending when the backend closes
+    with open_backend(durable_url) as backend:
+        assert _rows(backend, "closing") == [{"state": "settled", "cost_nanos": COST}]
+
+
+def test_a_settlement_lost_with_its_process_is_recovered_from_the_checkpointed_answer(
+    backend: Backend,
+) -> None:
+    config: Any = {"configurable": {"thread_id": "died"}}
+    first = budgeted(_model(), envelope=Envelope(max_usd=10), backend=backend)
+    answer = first.invoke([HumanMessage("hi")], config)
+    lost = _sync_pending(backend).pending.take_all()  # what a kill -9 does to memory
+    assert [st.id for sts in lost.values() for st in sts] == [
+        answer.additional_kwargs["harness"]["budget"]["spend_id"]
+    ]
+    flush_pending(backend)
+    assert _rows(backend, "died")[0]["state"] == "reserved"  # the worst case stays booked
+    # A new process resumes the task with the checkpointed history (the answer included).
+    history: list[BaseMessage] = [HumanMessage("hi"), answer, HumanMessage("and Spain?")]
+    second = budgeted(_model(), envelope=Envelope(max_usd=10), backend=backend)
+    second.invoke(history, config)
+    flush_pending(backend)
+    assert _rows(backend, "died") == [{"state": "settled", "cost_nanos": COST}] * 2
+    assert _totals(backend, "died") == {"reserved_nanos": 0, "spent_nanos": 2 * COST, "calls": 2}
+
+
+def test_an_answer_of_another_task_is_not_settled_against_this_one(backend: Backend) -> None:
+    llm = budgeted(_model(), envelope=Envelope(max_usd=10), backend=backend)
+    answer = llm.invoke("hi", {"configurable": {"thread_id": "a"}})
+    _sync_pending(backend).pending.take_all()  # task a's settlement is lost
+    other = budgeted(_model(), envelope=Envelope(max_usd=10), backend=backend)
+    other.invoke(
+        [HumanMessage("hi"), answer, HumanMessage("more")], {"configurable": {"thread_id": "b"}}
+    )
+    flush_pending(backend)
+    assert _rows(backend, "a")[0]["state"] == "reserved"  # b's call did not touch a's row
+    assert _rows(backend, "b") == [{"state": "settled", "cost_nanos": COST}]
+
+
+@pytest.mark.postgres
+def test_a_failed_statement_keeps_the_settlements_it_carried(postgres_url: str) -> None:
+    with open_backend(postgres_url) as backend:
+        llm = budgeted(_model(), envelope=Envelope(max_usd=10), backend=backend)
+        config: Any = {"configurable": {"thread_id": "broken"}}
+        store = _sync_pending(backend)
+        store.delay = 3600.0
+        llm.invoke("hi", config)
+        backend.execute("ALTER FUNCTION harness_spend_reserve_v3 RENAME TO reserve_v3_away")
+        try:
+            with pytest.raises(Exception, match="harness_spend_reserve_v3"):
+                llm.invoke("hi", config)
+        finally:
+            backend.execute("ALTER FUNCTION reserve_v3_away RENAME TO harness_spend_reserve_v3")
+        assert store.pending  # the first call's settlement was put back, not lost
+        assert isinstance(llm.invoke("hi", config), AIMessage)
+        flush_pending(backend)
+        assert _rows(backend, "broken") == [{"state": "settled", "cost_nanos": COST}] * 2
+
+
+@pytest.mark.anyio
+async def test_async_settlements_ride_on_the_next_statement_and_the_timer_flushes(
+    abackend: AsyncBackend,
+) -> None:
+    llm = budgeted(_model(), envelope=Envelope(max_usd=10), backend=abackend)
+    for _ in range(3):
+        await llm.ainvoke("hi", {"configurable": {"thread_id": "async"}})
+    deadline = time.monotonic() + 5
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        rows = await abackend.execute(
+            "SELECT state FROM harness_spend WHERE task_id = %s", ("async",)
+        )
+        if all(r["state"] == "settled" for r in rows):
+            break
+        await _sleep(SETTLE_DELAY / 5)
+    assert rows == [{"state": "settled"}] * 3
+    await llm.ainvoke("hi", {"configurable": {"thread_id": "async"}})
+    await aflush_pending(abackend)
+    total = await abackend.execute(
+        "SELECT spent_nanos, reserved_nanos FROM harness_spend_tasks WHERE task_id = %s",
+        ("async",),
+    )
+    assert total == [{"spent_nanos": 4 * COST, "reserved_nanos": 0}]
+
+
+async def _sleep(seconds: float) -> None:
+    import anyio
+
+    await anyio.sleep(seconds)
