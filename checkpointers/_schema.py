@@ -346,27 +346,78 @@ END $$
 # ``{"id", "state", "model", "input_tokens", "output_tokens", "nanos", "at"}``, applied in id
 # order (spend rows, then the task row, then window rows: the one lock order everywhere).
 _SPEND_FOLDED_SETTLES_PG = """
-CREATE OR REPLACE FUNCTION harness_spend_settle_many(p_settles jsonb) RETURNS void
+CREATE OR REPLACE FUNCTION harness_spend_apply_settles(p_settles jsonb, p_task_id TEXT,
+    OUT d_reserved_nanos BIGINT, OUT d_spent_nanos BIGINT, OUT d_reserved_tokens BIGINT,
+    OUT d_spent_tokens BIGINT, OUT d_calls BIGINT, OUT windows jsonb)
 LANGUAGE plpgsql AS $$
 DECLARE
-    s jsonb;
+    s RECORD;
+    r RECORD;
 BEGIN
+    d_reserved_nanos := 0; d_spent_nanos := 0; d_reserved_tokens := 0; d_spent_tokens := 0;
+    d_calls := 0; windows := '[]'::jsonb;
     IF p_settles IS NULL OR jsonb_array_length(p_settles) = 0 THEN
         RETURN;
     END IF;
-    FOR s IN SELECT value FROM jsonb_array_elements(p_settles)
-            ORDER BY (value->>'id')::BIGINT LOOP
-        PERFORM harness_spend_settle((s->>'id')::BIGINT, s->>'state', s->>'model',
-            (s->>'input_tokens')::BIGINT, (s->>'output_tokens')::BIGINT, (s->>'nanos')::BIGINT,
-            (s->>'at')::DOUBLE PRECISION);
+    FOR s IN SELECT * FROM jsonb_to_recordset(p_settles) AS x(id BIGINT, state TEXT,
+            model TEXT, input_tokens BIGINT, output_tokens BIGINT, nanos BIGINT,
+            at DOUBLE PRECISION) ORDER BY id
+    LOOP
+        UPDATE harness_spend SET state = s.state, model = COALESCE(s.model, model),
+                input_tokens = s.input_tokens, output_tokens = s.output_tokens,
+                cost_nanos = s.nanos, settled_at = s.at
+            -- By primary key: the `|| ''` keeps the planner off the (task_id, state) index,
+            -- whose 'reserved' run can be long.
+            WHERE id = s.id AND state || '' = 'reserved' AND task_id || '' = p_task_id
+            RETURNING reserved_nanos AS rn, reserved_tokens AS rt, task_type AS tt,
+                window_seconds AS ws, window_starts_at AS wst INTO r;
+        CONTINUE WHEN NOT FOUND;  -- settled already (or not this task's): nothing to move
+        d_reserved_nanos := d_reserved_nanos + r.rn;
+        d_spent_nanos := d_spent_nanos + s.nanos;
+        d_reserved_tokens := d_reserved_tokens + r.rt;
+        d_spent_tokens := d_spent_tokens + s.input_tokens + s.output_tokens;
+        IF s.state = 'released' THEN
+            d_calls := d_calls + 1;
+        END IF;
+        IF r.ws IS NOT NULL THEN
+            windows := windows || jsonb_build_array(jsonb_build_object('tt', r.tt, 'ws', r.ws,
+                'wst', r.wst, 'rn', r.rn, 'n', s.nanos));
+        END IF;
     END LOOP;
 END $$;
 
-CREATE OR REPLACE FUNCTION harness_spend_flush(p_settles jsonb) RETURNS void
+CREATE OR REPLACE FUNCTION harness_spend_apply_window_settles(p_windows jsonb) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    w RECORD;
+BEGIN
+    IF p_windows IS NULL OR jsonb_array_length(p_windows) = 0 THEN
+        RETURN;
+    END IF;
+    FOR w IN SELECT x.tt, x.ws, x.wst, sum(x.rn) AS rn, sum(x.n) AS n
+            FROM jsonb_to_recordset(p_windows) AS x(tt TEXT, ws DOUBLE PRECISION,
+                wst DOUBLE PRECISION, rn BIGINT, n BIGINT)
+            GROUP BY x.tt, x.ws, x.wst ORDER BY x.wst, x.tt, x.ws
+    LOOP
+        UPDATE harness_spend_windows SET reserved_nanos = reserved_nanos - w.rn,
+                spent_nanos = spent_nanos + w.n
+            WHERE task_type = w.tt AND window_seconds = w.ws AND starts_at = w.wst;
+    END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION harness_spend_flush(p_settles jsonb, p_task_id TEXT) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    d RECORD;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
-    PERFORM harness_spend_settle_many(p_settles);
+    SELECT * INTO d FROM harness_spend_apply_settles(p_settles, p_task_id);
+    UPDATE harness_spend_tasks SET reserved_nanos = reserved_nanos - d.d_reserved_nanos,
+            spent_nanos = spent_nanos + d.d_spent_nanos,
+            reserved_tokens = reserved_tokens - d.d_reserved_tokens,
+            spent_tokens = spent_tokens + d.d_spent_tokens, calls = calls - d.d_calls
+        WHERE task_id = p_task_id;
+    PERFORM harness_spend_apply_window_settles(d.windows);
 END $$;
 
 CREATE OR REPLACE FUNCTION harness_spend_totals_v2(p_settles jsonb, p_task_id TEXT,
@@ -375,8 +426,7 @@ CREATE OR REPLACE FUNCTION harness_spend_totals_v2(p_settles jsonb, p_task_id TE
 LANGUAGE plpgsql AS $$
 BEGIN
     IF p_settles IS NOT NULL AND jsonb_array_length(p_settles) > 0 THEN
-        PERFORM set_config('synchronous_commit', 'off', true);
-        PERFORM harness_spend_settle_many(p_settles);
+        PERFORM harness_spend_flush(p_settles, p_task_id);
     END IF;
     RETURN harness_spend_totals(p_task_id, p_window_seconds, p_window_starts_at, p_task_type);
 END $$;
@@ -389,8 +439,8 @@ CREATE OR REPLACE FUNCTION harness_spend_reserve_v3(p_settles jsonb,
     p_window_max_nanos BIGINT, p_now DOUBLE PRECISION, p_sync BOOLEAN) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
+    d RECORD;
     t harness_spend_tasks%ROWTYPE;
-    w harness_spend_windows%ROWTYPE;
     tokens BIGINT := p_input_tokens + p_output_tokens;
     w_used BIGINT := 0;
     refused TEXT := NULL;
@@ -399,47 +449,86 @@ BEGIN
     IF NOT p_sync THEN
         PERFORM set_config('synchronous_commit', 'off', true);
     END IF;
-    PERFORM harness_spend_settle_many(p_settles);
-    SELECT * INTO t FROM harness_spend_tasks WHERE task_id = p_task_id FOR UPDATE;
+    -- 1. This task's pending settlements: their spend rows (locks: spend rows first).
+    IF p_settles IS NULL THEN
+        SELECT 0::BIGINT AS d_reserved_nanos, 0::BIGINT AS d_spent_nanos,
+            0::BIGINT AS d_reserved_tokens, 0::BIGINT AS d_spent_tokens, 0::BIGINT AS d_calls,
+            NULL::jsonb AS windows INTO d;
+    ELSE
+        SELECT * INTO d FROM harness_spend_apply_settles(p_settles, p_task_id);
+    END IF;
+    -- 2. The task row: settle and check-and-reserve in one UPDATE (its WHERE is re-checked
+    --    on the newest row version if another transaction got there first).
+    UPDATE harness_spend_tasks SET
+            reserved_nanos = reserved_nanos - d.d_reserved_nanos + p_nanos,
+            spent_nanos = spent_nanos + d.d_spent_nanos,
+            reserved_tokens = reserved_tokens - d.d_reserved_tokens + tokens,
+            spent_tokens = spent_tokens + d.d_spent_tokens,
+            calls = calls - d.d_calls + 1, updated_at = p_now
+        WHERE task_id = p_task_id
+            AND (p_max_calls IS NULL OR calls - d.d_calls + 1 <= p_max_calls)
+            AND (p_max_nanos IS NULL OR reserved_nanos - d.d_reserved_nanos + spent_nanos
+                + d.d_spent_nanos + p_nanos <= p_max_nanos)
+            AND (p_max_tokens IS NULL OR reserved_tokens - d.d_reserved_tokens + spent_tokens
+                + d.d_spent_tokens + tokens <= p_max_tokens)
+        RETURNING * INTO t;
     IF NOT FOUND THEN
+        -- A new task, or a limit refuses: settle, then decide on the locked row.
         INSERT INTO harness_spend_tasks (task_id, task_type, updated_at)
             VALUES (p_task_id, p_task_type, p_now) ON CONFLICT (task_id) DO NOTHING;
-        SELECT * INTO t FROM harness_spend_tasks WHERE task_id = p_task_id FOR UPDATE;
+        UPDATE harness_spend_tasks SET reserved_nanos = reserved_nanos - d.d_reserved_nanos,
+                spent_nanos = spent_nanos + d.d_spent_nanos,
+                reserved_tokens = reserved_tokens - d.d_reserved_tokens,
+                spent_tokens = spent_tokens + d.d_spent_tokens, calls = calls - d.d_calls,
+                updated_at = p_now
+            WHERE task_id = p_task_id
+            RETURNING * INTO t;
+        IF p_max_calls IS NOT NULL AND t.calls + 1 > p_max_calls THEN
+            refused := 'calls';
+        ELSIF p_max_nanos IS NOT NULL
+                AND t.reserved_nanos + t.spent_nanos + p_nanos > p_max_nanos THEN
+            refused := 'usd';
+        ELSIF p_max_tokens IS NOT NULL
+                AND t.reserved_tokens + t.spent_tokens + tokens > p_max_tokens THEN
+            refused := 'tokens';
+        ELSE
+            UPDATE harness_spend_tasks SET reserved_nanos = reserved_nanos + p_nanos,
+                    reserved_tokens = reserved_tokens + tokens, calls = calls + 1
+                WHERE task_id = p_task_id
+                RETURNING * INTO t;
+        END IF;
+    END IF;
+    -- 3. Window rows, oldest first: the settled calls' windows, then this call's.
+    IF d.windows IS NOT NULL AND d.windows <> '[]'::jsonb THEN
+        PERFORM harness_spend_apply_window_settles(d.windows);
     END IF;
     IF p_window_seconds IS NOT NULL THEN
-        SELECT * INTO w FROM harness_spend_windows WHERE task_type = p_task_type
-            AND window_seconds = p_window_seconds AND starts_at = p_window_starts_at FOR UPDATE;
-        IF NOT FOUND THEN
+        IF refused IS NULL THEN
             INSERT INTO harness_spend_windows (task_type, window_seconds, starts_at)
                 VALUES (p_task_type, p_window_seconds, p_window_starts_at)
                 ON CONFLICT DO NOTHING;
-            SELECT * INTO w FROM harness_spend_windows WHERE task_type = p_task_type
-                AND window_seconds = p_window_seconds AND starts_at = p_window_starts_at
-                FOR UPDATE;
-        END IF;
-        w_used := w.reserved_nanos + w.spent_nanos;
-    END IF;
-    IF p_max_calls IS NOT NULL AND t.calls + 1 > p_max_calls THEN
-        refused := 'calls';
-    ELSIF p_max_nanos IS NOT NULL AND t.reserved_nanos + t.spent_nanos + p_nanos > p_max_nanos THEN
-        refused := 'usd';
-    ELSIF p_max_tokens IS NOT NULL
-            AND t.reserved_tokens + t.spent_tokens + tokens > p_max_tokens THEN
-        refused := 'tokens';
-    ELSIF p_window_max_nanos IS NOT NULL AND w_used + p_nanos > p_window_max_nanos THEN
-        refused := 'window_usd';
-    END IF;
-    IF refused IS NULL THEN
-        UPDATE harness_spend_tasks SET reserved_nanos = reserved_nanos + p_nanos,
-            reserved_tokens = reserved_tokens + tokens, calls = calls + 1, updated_at = p_now
-            WHERE task_id = p_task_id
-            RETURNING * INTO t;
-        IF p_window_seconds IS NOT NULL THEN
             UPDATE harness_spend_windows SET reserved_nanos = reserved_nanos + p_nanos
                 WHERE task_type = p_task_type AND window_seconds = p_window_seconds
-                AND starts_at = p_window_starts_at;
-            w_used := w_used + p_nanos;
+                    AND starts_at = p_window_starts_at
+                    AND (p_window_max_nanos IS NULL
+                         OR reserved_nanos + spent_nanos + p_nanos <= p_window_max_nanos)
+                RETURNING reserved_nanos + spent_nanos INTO w_used;
+            IF NOT FOUND THEN  -- the window refuses: give the task row its reservation back
+                refused := 'window_usd';
+                UPDATE harness_spend_tasks SET reserved_nanos = reserved_nanos - p_nanos,
+                        reserved_tokens = reserved_tokens - tokens, calls = calls - 1
+                    WHERE task_id = p_task_id
+                    RETURNING * INTO t;
+            END IF;
         END IF;
+        IF refused IS NOT NULL THEN
+            SELECT COALESCE(max(reserved_nanos + spent_nanos), 0) INTO w_used
+                FROM harness_spend_windows WHERE task_type = p_task_type
+                    AND window_seconds = p_window_seconds AND starts_at = p_window_starts_at;
+        END IF;
+    END IF;
+    -- 4. The call's own row.
+    IF refused IS NULL THEN
         INSERT INTO harness_spend (task_id, task_type, model, state, input_tokens, output_tokens,
                 cost_nanos, created_at, reserved_nanos, reserved_tokens, window_seconds,
                 window_starts_at)

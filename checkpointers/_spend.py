@@ -395,8 +395,12 @@ async def _run_async(tx: Any, steps: Steps) -> Any:
 
 
 def _write_sync(backend: Backend, settles: list[PendingSettle]) -> None:
+    """Write one task's *settles* in one transaction."""
     if backend.dialect == "postgres":
-        backend.execute("SELECT harness_spend_flush(%s::jsonb)", (_settles_json(settles),))
+        backend.execute(
+            "SELECT harness_spend_flush(%s::jsonb, %s)",
+            (_settles_json(settles), settles[0].task_id),
+        )
         return
     with backend.transaction() as tx:
         _run_sync(tx, _sqlite_settle_many(settles))
@@ -404,7 +408,10 @@ def _write_sync(backend: Backend, settles: list[PendingSettle]) -> None:
 
 async def _write_async(backend: AsyncBackend, settles: list[PendingSettle]) -> None:
     if backend.dialect == "postgres":
-        await backend.execute("SELECT harness_spend_flush(%s::jsonb)", (_settles_json(settles),))
+        await backend.execute(
+            "SELECT harness_spend_flush(%s::jsonb, %s)",
+            (_settles_json(settles), settles[0].task_id),
+        )
         return
     async with backend.transaction() as tx:
         await _run_async(tx, _sqlite_settle_many(settles))

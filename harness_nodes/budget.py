@@ -61,7 +61,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph import END
 from langgraph.types import Command
-from pydantic import ConfigDict, Field, PrivateAttr, SkipValidation
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SkipValidation
 
 from checkpointers._spend import AsyncSpendLedger, Limits, Reservation, SpendLedger, Totals
 from harness_nodes._events import aemit, emit
@@ -445,6 +445,15 @@ async def _aledger_op(ledger: AsyncSpendLedger, op: str, args: tuple[Any, ...]) 
 # --- the wrapper ---------------------------------------------------------------------------
 
 
+def _private(model: BaseModel) -> dict[str, Any]:
+    """A pydantic model's private attributes, read straight from their slot.
+
+    ``model._x`` goes through pydantic's ``__getattr__`` (~3.5 µs); the hot path reads a dozen
+    of them per call.
+    """
+    return cast(dict[str, Any], model.__pydantic_private__)
+
+
 class BudgetedChatModel(BaseChatModel):
     """A chat model (or a ladder of them) that cannot spend past its task's envelope.
 
@@ -535,11 +544,12 @@ class BudgetedChatModel(BaseChatModel):
     def _runnable(self, index: int) -> Runnable[Any, Any]:
         if not self.tools:
             return self.models[index]
-        with self._lock:
-            bound = self._bound.get(index)
+        own = _private(self)
+        with own["_lock"]:
+            bound: Runnable[Any, Any] | None = own["_bound"].get(index)
             if bound is None:
                 bound = self.models[index].bind_tools(self.tools, **self.tool_kwargs)
-                self._bound[index] = bound
+                own["_bound"][index] = bound
         return bound
 
     def _ledger(self) -> SpendLedger:
@@ -547,10 +557,11 @@ class BudgetedChatModel(BaseChatModel):
 
         backend = self.backend
         if backend is None:
-            with self._lock:
-                if self._owned_backend[0] is None:
-                    self._owned_backend[0] = open_backend("memory://")
-                backend = self._owned_backend[0]
+            own = _private(self)
+            with own["_lock"]:
+                if own["_owned_backend"][0] is None:
+                    own["_owned_backend"][0] = open_backend("memory://")
+                backend = own["_owned_backend"][0]
         if not isinstance(backend, Backend):
             raise UserError(
                 "invoke() needs a sync Backend (open_backend); with an AsyncBackend use ainvoke()"
@@ -568,7 +579,10 @@ class BudgetedChatModel(BaseChatModel):
         conf = config.get("configurable") or {}
         meta = config.get("metadata") or {}
         task_id = str(
-            conf.get("task_id") or conf.get("thread_id") or self.task_id or self._default_task
+            conf.get("task_id")
+            or conf.get("thread_id")
+            or self.task_id
+            or _private(self)["_default_task"]
         )
         task_type = str(conf.get("task_type") or meta.get("task_type") or self.task_type)
         envelope = self.envelopes.for_type(task_type)
@@ -619,15 +633,20 @@ class BudgetedChatModel(BaseChatModel):
         if callable(counter):
             return int(counter(list(messages)))
         model = model or self.models[0]
-        if counter == "auto" and _own_counter(model) and id(model) not in self._counter_failed:
+        if (
+            counter == "auto"
+            and _own_counter(model)
+            and id(model) not in _private(self)["_counter_failed"]
+        ):
             try:
                 return int(model.get_num_tokens_from_messages(list(messages), tools=self.tools))
             except Exception:  # offline tokenizers fail in many ways
-                with self._lock:
-                    self._counter_failed.add(id(model))
-        if not self._tools_size:
-            self._tools_size.append(_tools_bytes(self.tools))
-        return bytes_bound(messages) + self._tools_size[0]
+                with _private(self)["_lock"]:
+                    _private(self)["_counter_failed"].add(id(model))
+        tools_size: list[int] = _private(self)["_tools_size"]
+        if not tools_size:
+            tools_size.append(_tools_bytes(self.tools))
+        return bytes_bound(messages) + tools_size[0]
 
     # -- the call -----------------------------------------------------------------------
 
@@ -637,10 +656,11 @@ class BudgetedChatModel(BaseChatModel):
         return child
 
     def _note_deferred(self, spend_id: int) -> None:
-        with self._lock:
-            if len(self._deferred) > 4096:
-                self._deferred.clear()
-            self._deferred[spend_id] = None
+        own = _private(self)
+        with own["_lock"]:
+            if len(own["_deferred"]) > 4096:
+                own["_deferred"].clear()
+            own["_deferred"][spend_id] = None
 
     def _recoverable(
         self, ctx: _Context, messages: Sequence[BaseMessage]
@@ -666,18 +686,19 @@ class BudgetedChatModel(BaseChatModel):
                 or not isinstance(usd, int | float)
             ):
                 return None
-            with self._lock:
-                if spend_id in self._deferred:
+            with _private(self)["_lock"]:
+                if spend_id in _private(self)["_deferred"]:
                     return None
             self._note_deferred(spend_id)
             return (ctx.task_id, spend_id, inp, out, round(usd * NANOS_PER_USD), None)
         return None
 
     def _remember(self, task_id: str, totals: Totals) -> None:
-        with self._lock:
-            if len(self._totals) > 4096:
-                self._totals.clear()
-            self._totals[task_id] = totals
+        own = _private(self)
+        with own["_lock"]:
+            if len(own["_totals"]) > 4096:
+                own["_totals"].clear()
+            own["_totals"][task_id] = totals
 
     def _stop(
         self, ctx: _Context, refusal: _Refusal, totals: Totals
@@ -872,8 +893,9 @@ class BudgetedChatModel(BaseChatModel):
         recovered = self._recoverable(ctx, messages)
         if recovered is not None:  # folded into the reservation below
             yield ("defer", recovered)
-        with self._lock:
-            cached = self._totals.get(ctx.task_id)
+        own = _private(self)
+        with own["_lock"]:
+            cached = own["_totals"].get(ctx.task_id)
         totals, fresh = (cached, False) if cached is not None else (Totals(), False)
         reservation: Reservation | None = None
         plan: _Plan | _Refusal = _Refusal("usd", 0, 0)
