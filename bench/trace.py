@@ -87,6 +87,11 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--db", choices=["memory", "sqlite"], default="sqlite")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="then, in separate untimed rounds, account the traced runs' CPU time by part",
+    )
     args = p.parse_args()
     public_key = f"pk-lf-bench-{uuid.uuid4().hex[:8]}"
     receiver = subprocess.Popen(
@@ -99,6 +104,8 @@ def main() -> None:
     base_url = receiver.stdout.readline().strip()
     try:
         _bench(args, public_key, base_url)
+        if args.breakdown:
+            _breakdown(args, public_key, base_url)
     finally:
         receiver.kill()
         receiver.wait()
@@ -177,6 +184,102 @@ def _bench(args: argparse.Namespace, public_key: str, base_url: str) -> None:
         f"process CPU time ratio traced/untraced (all threads, less sensitive to other load "
         f"on the machine): {statistics.median(cpu_ratios):.2f}x median"
     )
+
+
+def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None:
+    """Where a traced step's extra CPU goes: per-thread CPU time inside each part.
+
+    Wraps (in this process only, after the timed rounds) the handler's callbacks, the
+    Langfuse SDK's observation calls and the harness's masking/encoding with
+    ``time.thread_time`` accumulators; nested calls of the same part count once.
+    """
+    import collections
+    import functools
+    import threading
+
+    import langfuse._client.span as lf_span
+    from langfuse import Langfuse
+
+    from harness_nodes._trace_langfuse import Masker
+
+    spent: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+    inside = threading.local()
+
+    def account(owner: Any, name: str, part: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            if getattr(inside, part, False):
+                return original(*a, **k)
+            setattr(inside, part, True)
+            t0 = time.thread_time()
+            try:
+                return original(*a, **k)
+            finally:
+                spent[part] += time.thread_time() - t0
+                calls[part] += 1
+                setattr(inside, part, False)
+
+        setattr(owner, name, wrapper)
+
+    def config(thread: str) -> Any:
+        return langfuse_callbacks(
+            thread, public_key=public_key, secret_key="sk-lf-bench", base_url=base_url
+        )
+
+    handler_class = type(config("breakdown-probe")["callbacks"][0])
+    for name in (
+        "on_chain_start",
+        "on_chain_end",
+        "on_chat_model_start",
+        "on_llm_end",
+        "on_tool_start",
+        "on_tool_end",
+        "on_custom_event",
+    ):
+        account(handler_class, name, "handler callbacks (harness + SDK handler)")
+    sdk = "Langfuse SDK observations (start, update, end)"
+    account(lf_span.LangfuseObservationWrapper, "start_observation", sdk)
+    account(lf_span.LangfuseObservationWrapper, "update", sdk)
+    account(lf_span.LangfuseObservationWrapper, "end", sdk)
+    account(Langfuse, "start_observation", sdk)
+    account(Masker, "_prepare", "harness masking + JSON encoding")
+    with tempfile.TemporaryDirectory() as tmp:
+        url = "memory://" if args.db == "memory" else f"sqlite:///{tmp}/breakdown.db"
+        with open_backend(url) as backend:
+            graph = build(args.turns, backend.checkpointer)
+            cpu: collections.Counter[str] = collections.Counter()
+            steps = 0
+            for i in range(args.repeats + 1):
+                if i == 1:
+                    spent.clear()
+                    calls.clear()
+                    cpu.clear()
+                    steps = 0
+                c0 = time.process_time()
+                steps += run_once(graph, config(f"breakdown-{i}"))
+                cpu["traced"] += time.process_time() - c0
+                get_client(public_key=public_key).flush()
+                _received(base_url)
+                c0 = time.process_time()
+                run_once(graph, {"configurable": {"thread_id": f"breakdown-{i}-plain"}})
+                cpu["untraced"] += time.process_time() - c0
+    per = {k: v / steps * 1000 for k, v in cpu.items()}
+    extra = per["traced"] - per["untraced"]
+    print(
+        f"breakdown (process CPU, ms/step): untraced {per['untraced']:.2f}, traced "
+        f"{per['traced']:.2f}, extra {extra:.2f}"
+    )
+    handler = "handler callbacks (harness + SDK handler)"
+    for part in (handler, sdk, "harness masking + JSON encoding"):
+        print(
+            f"  {part}: {spent[part] / steps * 1000:.2f} ms/step "
+            f"({calls[part] / steps:.1f} calls/step)"
+        )
+    rest = extra - spent[handler] / steps * 1000
+    print(f"  outside the callbacks (LangChain callback plumbing, SDK threads, GC): {rest:.2f}")
 
 
 if __name__ == "__main__":
