@@ -139,6 +139,23 @@ class PendingSettles:
         self._lock = threading.Lock()
         self._by_task: dict[str, list[PendingSettle]] = {}
         self.wake: threading.Condition = threading.Condition(self._lock)
+        self._views: dict[str, Totals] = {}
+
+    def note_view(self, task_id: str, totals: Totals) -> None:
+        """Remember the latest totals this process saw for *task_id* (bounded)."""
+        with self._lock:
+            if len(self._views) > 4096:
+                self._views.clear()
+            self._views[task_id] = totals
+
+    def view(self, task_id: str) -> Totals | None:
+        """This process's latest view of the task's totals, if any (may be stale)."""
+        return self._views.get(task_id)
+
+    def forget_view(self, task_id: str) -> None:
+        """Drop the view: something wrote the task's totals without telling it."""
+        with self._lock:
+            self._views.pop(task_id, None)
 
     def add(self, settle: PendingSettle) -> bool:
         """Queue *settle*; True when the queue was empty (a flusher should be woken)."""

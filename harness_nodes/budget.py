@@ -63,7 +63,15 @@ from langgraph.graph import END
 from langgraph.types import Command
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SkipValidation
 
-from checkpointers._spend import AsyncSpendLedger, Limits, Reservation, SpendLedger, Totals
+from checkpointers._spend import (
+    AsyncSpendLedger,
+    Limits,
+    PendingSettles,
+    Reservation,
+    SpendLedger,
+    Totals,
+    _async_pending,
+)
 from harness_nodes._events import aemit, emit
 from harness_nodes.errors import BudgetExceeded, UnpricedModelError, UserError
 from harness_nodes.pricing import NANOS_PER_USD, Pricing, Rates
@@ -515,7 +523,6 @@ class BudgetedChatModel(BaseChatModel):
 
     _default_task: str = PrivateAttr(default_factory=lambda: f"budgeted-{uuid.uuid4().hex}")
     _bound: dict[int, Runnable[Any, Any]] = PrivateAttr(default_factory=dict)
-    _totals: dict[str, Totals] = PrivateAttr(default_factory=dict)
     _counter_failed: set[int] = PrivateAttr(default_factory=set)
     _tools_size: list[int] = PrivateAttr(default_factory=list)
     """The bound tools' schema bytes, computed once (the schemas do not change)."""
@@ -534,7 +541,7 @@ class BudgetedChatModel(BaseChatModel):
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> BudgetedChatModel:
         """Bind *tools* on every model of the ladder (the wrapper stays budgeted).
 
-        The copy shares the ledger and the cached totals, not the tool bindings.
+        The copy shares the ledger (and this process's view of each task), not the bindings.
         """
         copy = self.model_copy(update={"tools": list(tools), "tool_kwargs": dict(kwargs)})
         copy._bound = {}
@@ -693,12 +700,16 @@ class BudgetedChatModel(BaseChatModel):
             return (ctx.task_id, spend_id, inp, out, round(usd * NANOS_PER_USD), None)
         return None
 
+    def _views(self) -> PendingSettles:
+        """Where this process keeps its latest view of each task's totals (per backend)."""
+        from checkpointers import AsyncBackend
+
+        if isinstance(self.backend, AsyncBackend):
+            return _async_pending(self.backend).pending
+        return self._ledger()._store.pending
+
     def _remember(self, task_id: str, totals: Totals) -> None:
-        own = _private(self)
-        with own["_lock"]:
-            if len(own["_totals"]) > 4096:
-                own["_totals"].clear()
-            own["_totals"][task_id] = totals
+        self._views().note_view(task_id, totals)
 
     def _stop(
         self, ctx: _Context, refusal: _Refusal, totals: Totals
@@ -893,9 +904,7 @@ class BudgetedChatModel(BaseChatModel):
         recovered = self._recoverable(ctx, messages)
         if recovered is not None:  # folded into the reservation below
             yield ("defer", recovered)
-        own = _private(self)
-        with own["_lock"]:
-            cached = own["_totals"].get(ctx.task_id)
+        cached = self._views().view(ctx.task_id)
         totals, fresh = (cached, False) if cached is not None else (Totals(), False)
         reservation: Reservation | None = None
         plan: _Plan | _Refusal = _Refusal("usd", 0, 0)
@@ -1069,6 +1078,27 @@ class BudgetedChatModel(BaseChatModel):
             )
         decision: Decision = "ok" if plan.index == 0 else "degrade"
         return BudgetCheck(decision, ctx.task_id, plan.name, None, 0.0, 0.0, spent)
+
+    def _ok_from_view(
+        self, messages: Sequence[BaseMessage], config: RunnableConfig
+    ) -> BudgetCheck | None:
+        """``ok`` from this process's latest view of the task, with no read; else None.
+
+        The view comes from this process's own reservations and reads (and drops when a
+        `BudgetCallbackHandler` records a call), so it is current unless another process
+        spends on the same task meanwhile — then the reservation, checked under the ledger's
+        lock, refuses and the wrapper answers with a flagged stop message. Degrading or
+        stopping is never decided on a view; with a per-type window cap (totals shared by
+        every task of the type) the view is never used.
+        """
+        ctx = self._context(ensure_config(config))
+        if ctx.limits.window_seconds is not None:
+            return None
+        view = self._views().view(ctx.task_id)
+        if view is None:
+            return None
+        check = self._check_from(ctx, view, messages)
+        return check if check.decision == "ok" else None
 
     def check(
         self, messages: Sequence[BaseMessage], config: RunnableConfig | None = None
@@ -1303,6 +1333,11 @@ class BudgetGuard:
 
     Routing form (no extra superstep on the common path): put `route` on every edge into the
     model node, mapping ``"ok"``/``"degrade"`` to it and ``"stop"`` to the `finish` node.
+    ``ok`` costs no read when this process's latest view of the task already says the next
+    call fits; ``degrade`` and ``stop`` are decided on a fresh read. If another process spends
+    on the same task meanwhile, the wrapper's reservation refuses under the ledger's lock and
+    answers with a flagged stop message: route it to `finish` too (the reference wiring,
+    `build_harnessed_agent`, does) to end with outcome ``budget_exhausted``.
     Node form: add the guard itself as a node before the model; it routes with ``Command``.
 
     Example:
@@ -1367,15 +1402,17 @@ class BudgetGuard:
             BudgetExceeded: on stop, when the envelope says ``exit_behavior="error"``.
         """
         messages = _messages_of(state)
-        stopped = _stopped_by_model(messages)
-        check = stopped if stopped is not None else self.model.check(messages, config)
+        check = _stopped_by_model(messages) or self.model._ok_from_view(messages, config)
+        if check is None:
+            check = self.model.check(messages, config)
         return self._decide(check, config)
 
     async def aroute(self, state: MessagesOnly, config: RunnableConfig) -> Decision:
         """Async `route` (use it with an `AsyncBackend`)."""
         messages = _messages_of(state)
-        stopped = _stopped_by_model(messages)
-        check = stopped if stopped is not None else await self.model.acheck(messages, config)
+        check = _stopped_by_model(messages) or self.model._ok_from_view(messages, config)
+        if check is None:
+            check = await self.model.acheck(messages, config)
         if check.decision == "stop":
             ctx = self.model._context(ensure_config(config))
             data = {
@@ -1577,3 +1614,4 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         r = self.ledger.reserve(task_id, task_type, model, inp, out, 0, limits)
         if r.id is not None:
             self.ledger.settle(r.id, inp, out, nanos, model=model)
+        self.ledger._store.pending.forget_view(task_id)  # budgeted calls read afresh

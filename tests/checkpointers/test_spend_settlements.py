@@ -49,13 +49,16 @@ class _Counting:
     def __init__(self, backend: Backend) -> None:
         self.backend, self.caller, self.sent = backend, threading.get_ident(), 0
         self._execute, self._transaction = backend.execute, backend.transaction
+        self.reads = 0  # statements other than a reservation
 
     def __enter__(self) -> _Counting:
         def execute(sql: str, params: Any = ()) -> Any:
-            self.sent += threading.get_ident() == self.caller
+            if threading.get_ident() == self.caller:
+                self.sent += 1
+                self.reads += "reserve" not in sql
             return self._execute(sql, params)
 
-        def transaction() -> Any:
+        def transaction() -> Any:  # SQLite: reservations and reads are transactions
             self.sent += threading.get_ident() == self.caller
             return self._transaction()
 
@@ -187,3 +190,68 @@ async def _sleep(seconds: float) -> None:
     import anyio
 
     await anyio.sleep(seconds)
+
+
+# --- the guard's edge reads nothing on the common path --------------------------------------
+
+
+def test_the_guard_reads_the_ledger_only_when_it_may_stop(backend: Backend) -> None:
+    from langgraph.graph import END, START, StateGraph
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    from harness_nodes import BudgetGuard, HarnessState
+    from tests.harness_nodes._budget_graphs import runaway_llm, search
+
+    llm = runaway_llm(backend)  # $0.50 against ~18 KB of tool results a turn
+    guard = BudgetGuard(llm)
+    builder = StateGraph(HarnessState)
+    builder.add_node("agent", lambda s: {"messages": [llm.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([search]))
+    builder.add_node("budget_exhausted", guard.finish)
+    routes = {"ok": "agent", "degrade": "agent", "stop": "budget_exhausted"}
+    builder.add_conditional_edges(START, guard.route, routes)
+    builder.add_conditional_edges("agent", tools_condition, {"tools": "tools", END: END})
+    builder.add_conditional_edges("tools", guard.route, routes)
+    builder.add_edge("budget_exhausted", END)
+    graph = builder.compile()  # no checkpointer: only the ledger talks to the backend
+    config: Any = {"configurable": {"thread_id": "edges"}, "recursion_limit": 1000}
+    with _Counting(backend) as counting:
+        out = graph.invoke({"messages": [HumanMessage("research forever")]}, config)
+    calls = sum(1 for m in out["messages"] if isinstance(m, AIMessage) and m.tool_calls)
+    assert out["outcome"]["status"] == "budget_exhausted" and calls >= 5
+    # One statement per call, its reservation. Reads: the first edge (no view yet), the edge
+    # where the view says the next call may not fit (the stop, confirmed fresh) and
+    # `finish`'s three (totals, then spend: totals and rows by model) — none per call.
+    if backend.dialect == "postgres":
+        assert counting.reads == 5
+    assert counting.sent == calls + 5
+
+
+def test_spend_by_another_process_is_caught_by_the_reservation_and_ends_the_task(
+    durable_url: str,
+) -> None:
+    from harness_nodes import Envelope, build_harnessed_agent
+    from tests.harness_nodes._budget_graphs import runaway_model, search
+
+    with open_backend(durable_url) as backend, open_backend(durable_url) as elsewhere:
+        graph = build_harnessed_agent(
+            runaway_model(), [search], envelope=Envelope(max_usd=0.50), backend=backend
+        )
+        config: Any = {"configurable": {"thread_id": "shared"}, "recursion_limit": 1000}
+        graph.invoke({"messages": [HumanMessage("go")]}, config, interrupt_after=["agent"])
+        # Another process (its own backend, so its own view) spends most of the envelope.
+        other = budgeted(_model(), envelope=Envelope(max_usd=0.50), backend=elsewhere)
+        while (
+            other.invoke("burn", {"configurable": {"thread_id": "shared"}})
+            .additional_kwargs["harness"]["budget"]
+            .get("stopped")
+            is None
+        ):
+            pass
+        out = graph.invoke(None, config)  # this process's view still says "ok"
+    assert out["outcome"]["status"] == "budget_exhausted"
+    refused = [m for m in out["messages"] if str(m.content).startswith("Budget exhausted for")]
+    assert len(refused) == 1  # the wrapper's reservation refused; the edge had let it through
+    with open_backend(durable_url) as backend:
+        flush_pending(backend)
+        assert _totals(backend, "shared")["spent_nanos"] <= 0.50 * 1e9
