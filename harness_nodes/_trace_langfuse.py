@@ -260,6 +260,27 @@ class _Preparing:
         return getattr(self._obs, name)
 
 
+def _ensure_masked(client: Any, masker: Masker) -> None:
+    """Make *client* mask with *masker*, also when it was built earlier without it.
+
+    Langfuse keeps one client per public key and fixes its ``mask`` when the first one is
+    built; a client the application created before `langfuse_callbacks` would otherwise send
+    every secret as is. No mask: ours. The application's own mask: theirs, then ours.
+    """
+    current = getattr(client, "_mask", None)
+    if current is masker or getattr(current, "harness_masker", None) is masker:
+        return
+    if current is None:
+        client._mask = masker
+        return
+
+    def both(*, data: Any, **kwargs: Any) -> Any:
+        return masker(data=current(data=data, **kwargs))
+
+    both.harness_masker = masker  # type: ignore[attr-defined]
+    client._mask = both
+
+
 def trace_id_for(thread_id: str) -> str:
     """The Langfuse trace id of a task: the same for every leg, process and crash.
 
@@ -310,6 +331,7 @@ def _handler_class() -> type[Any]:
             self._skipped: dict[UUID, UUID | None] = {}
             # Payloads are masked and encoded once, by us, when the client masks with our
             # Masker (its mask then passes them through); otherwise the SDK's path.
+            _ensure_masked(self._langfuse_client, masker)
             self._prepares = getattr(self._langfuse_client, "_mask", None) is masker
             self._root_metadata: dict[UUID, Mapping[str, Any]] = {}
 

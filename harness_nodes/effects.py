@@ -86,6 +86,7 @@ from langgraph.errors import GraphBubbleUp
 from harness_nodes import _codec
 from harness_nodes._events import aemit, emit
 from harness_nodes.errors import (
+    EffectError,
     EffectNotResolvable,
     EffectOutcomeUnknown,
     UnguardedEffect,
@@ -440,7 +441,10 @@ _SELECT = "SELECT * FROM harness_effects WHERE thread_id = %s AND tool_call_id =
 _INSERT = (
     "INSERT INTO harness_effects (thread_id, tool_call_id, tool, args, idempotency_key, "
     "status, started_at, attempts) VALUES (%s, %s, %s, %s, %s, 'started', %s, 1) "
-    "ON CONFLICT (thread_id, tool_call_id) DO NOTHING RETURNING attempts"
+    # No conflict target: the row has two unique keys, (thread_id, tool_call_id) and its
+    # idempotency key, and two concurrent inserts of one call may meet on either first (a
+    # targeted ON CONFLICT raises UniqueViolation for the other).
+    "ON CONFLICT DO NOTHING RETURNING attempts"
 )
 _RESTART = (
     "UPDATE harness_effects SET status = 'started', attempts = attempts + 1, started_at = %s, "
@@ -470,6 +474,16 @@ def _decide(call: _Call, row: Mapping[str, Any]) -> Literal["replay", "restart",
     return "unknown"  # started (crash mid-call) or error (the tool raised: did it happen?)
 
 
+def _existing(call: _Call, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if not rows:  # the insert met another call's row on the idempotency key
+        raise EffectError(
+            f"idempotency key {call.key!r} of {call.tool} (thread {call.thread_id!r}, call "
+            f"{call.call_id!r}) is already taken by another call; thread and call ids joined "
+            "by ':' must be unique"
+        )
+    return rows[0]
+
+
 def _begin_sync(tx: Transaction, dialect: str, call: _Call) -> _Begin:
     now = time.time()
     params = (call.thread_id, call.call_id, call.tool, _codec.encode(call.args), call.key, now)
@@ -477,7 +491,7 @@ def _begin_sync(tx: Transaction, dialect: str, call: _Call) -> _Begin:
     if inserted:
         return _Begin(run=call.context(int(inserted[0]["attempts"])))
     lock = " FOR UPDATE" if dialect == "postgres" else ""
-    row = tx.execute(_SELECT + lock, (call.thread_id, call.call_id))[0]
+    row = _existing(call, tx.execute(_SELECT + lock, (call.thread_id, call.call_id)))
     action = _decide(call, row)
     if action == "replay":
         return _Begin(replay=EffectRecord.from_row(row))
@@ -494,7 +508,7 @@ async def _abegin(tx: AsyncTransaction, dialect: str, call: _Call) -> _Begin:
     if inserted:
         return _Begin(run=call.context(int(inserted[0]["attempts"])))
     lock = " FOR UPDATE" if dialect == "postgres" else ""
-    row = (await tx.execute(_SELECT + lock, (call.thread_id, call.call_id)))[0]
+    row = _existing(call, await tx.execute(_SELECT + lock, (call.thread_id, call.call_id)))
     action = _decide(call, row)
     if action == "replay":
         return _Begin(replay=EffectRecord.from_row(row))

@@ -20,6 +20,7 @@ from langgraph.prebuilt import ToolNode
 from checkpointers import AsyncBackend, Backend, open_backend
 from harness_nodes import (
     AsyncEffectLedger,
+    EffectError,
     EffectLedger,
     EffectNotResolvable,
     EffectOutcomeUnknown,
@@ -551,3 +552,13 @@ def test_unknown_outcome_reaches_a_person_through_human_review(memory_backend: B
     done = graph.invoke(Command(resume={"type": "approve"}), config, durability="sync")
     assert done["messages"][-1].content == "ok"
     assert world.calls == [("refund o1", "t-1:c1")]
+
+
+def test_an_idempotency_key_taken_by_another_call_is_a_clear_error(backend: Backend) -> None:
+    ledger = EffectLedger(backend)
+    assert ledger.run(lambda ctx: "first", name="email", thread_id="a:b", call_id="c") == "first"
+    # ("a", "b:c") joins to the same key "a:b:c": refused, never run, nothing overwritten.
+    with pytest.raises(EffectError, match="already taken by another call"):
+        ledger.run(lambda ctx: "second", name="email", thread_id="a", call_id="b:c")
+    rows = backend.execute("SELECT thread_id, status FROM harness_effects")
+    assert rows == [{"thread_id": "a:b", "status": "done"}]

@@ -536,3 +536,36 @@ def test_prepared_payloads_are_masked_json_and_media_goes_through_the_sdk() -> N
     assert mask(data=prepared) is prepared  # the client's mask passes it through
     # a base64 data URI is left to the SDK, which uploads media and references it
     assert mask._prepare({"image": "data:image/png;base64,iVBORw0KGgo="}) is None
+
+
+@pytest.mark.parametrize("own_mask", [False, True])
+def test_secrets_are_masked_when_the_app_built_its_langfuse_client_first(
+    receiver: LangfuseReceiver, public_key: str, own_mask: bool
+) -> None:
+    from langfuse import Langfuse
+
+    seen: list[Any] = []
+
+    def app_mask(*, data: Any, **_: Any) -> Any:
+        seen.append(data)
+        return data
+
+    # The application's client for this key exists first: no mask, or one of its own.
+    Langfuse(
+        public_key=public_key,
+        secret_key="sk-lf-test-secret",
+        base_url=receiver.base_url,
+        flush_interval=0.05,
+        mask=app_mask if own_mask else None,
+    )
+    with open_backend("memory://") as backend:
+        handler = _handler(receiver, public_key, sensitive_fields=["card_number"])
+        metadata = {"api_key": "sk-proj-FROMMETADATA0123456789"}
+        traced_task.run_to_end(backend, "lf-early", [handler], metadata)
+    _flush(public_key)
+    assert receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
+    blob = b"\n".join(receiver.raw_bodies)
+    for secret in (traced_task.SECRET, "4111111111111111", "sk-proj-FROMMETADATA0123456789"):
+        assert secret.encode() not in blob, secret
+    assert b"***" in blob
+    assert bool(seen) == own_mask  # the application's own mask still runs, before ours
