@@ -205,20 +205,26 @@ def _stats(dbname: str) -> tuple[int, int]:
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
+STATS_IDLE_FLUSH = 11.0
+"""Seconds for every server process to flush its statistics (PostgreSQL: 10 s once idle)."""
+
+
 def commits_per_task(
     backend: Backend, dbname: str, tasks: int = 10
 ) -> dict[str, tuple[float, float]]:
     """Per task: transactions committed (reads included) and rows written, in the scratch
-    database (``pg_stat_database`` deltas; an idle backend flushes its counts after ~1 s)."""
+    database (``pg_stat_database`` deltas). A server process flushes its counts at most once a
+    second while busy and within `STATS_IDLE_FLUSH` seconds of going idle, so each reading
+    waits that long: a shorter wait books one mode's counts to the next."""
     out = {}
     for m in (*MODES, "harnessed-no-budget"):
         g = build(m, backend)
         run_task(g)
-        time.sleep(2.0)
+        time.sleep(STATS_IDLE_FLUSH)
         c0, w0 = _stats(dbname)
         for _ in range(tasks):
             run_task(g)
-        time.sleep(2.0)
+        time.sleep(STATS_IDLE_FLUSH)
         c1, w1 = _stats(dbname)
         out[m] = ((c1 - c0 - 1) / tasks, (w1 - w0) / tasks)  # - 1: the reading query itself
     return out
@@ -359,8 +365,10 @@ def main(argv: list[str] | None = None) -> str:
             "",
             "Where the harness's extra transactions come from: the same harnessed agent without "
             f"a cost envelope makes {c['harnessed-no-budget'][0]:.1f} transactions and writes "
-            f"{c['harnessed-no-budget'][1]:.1f} rows per task; the cost envelope (reserve before "
-            "and settle after each LLM call) accounts for the rest: "
+            f"{c['harnessed-no-budget'][1]:.1f} rows per task; the cost envelope (one "
+            "reservation per LLM call, each settlement riding on the next statement, the edge "
+            "check reading the ledger at a task's first edge and its stop) accounts for the "
+            "rest: "
             f"{(c['harnessed'][0] - c['harnessed-no-budget'][0]) / TURNS:.1f} transactions per "
             "LLM call.",
             "",
