@@ -233,7 +233,9 @@ class ReviewDecision(BaseModel):
     Agent Inbox's responses are accepted as well and normalised:
     ``{"type": "accept"}`` → approve, ``{"type": "ignore"}`` → reject,
     ``{"type": "response", "args": "text"}`` → respond,
-    ``{"type": "edit", "args": {"action": ..., "args": {...}}}`` → edit.
+    ``{"type": "edit", "args": {"action": ..., "args": {...}}}`` → edit; and so is LangChain's
+    ``HumanInTheLoopMiddleware`` edit, ``{"type": "edit", "edited_action": {"name": ...,
+    "args": {...}}}``. An edit that names a tool (``action``) must name the reviewed one.
 
     Example:
         ```python
@@ -250,6 +252,9 @@ class ReviewDecision(BaseModel):
     """What the reviewer decided."""
     args: dict[str, Any] | None = None
     """``edit``: the arguments to run instead."""
+    action: str | None = None
+    """``edit``: the tool the edited call names, when the client sends one (it must be the
+    reviewed tool: an edit changes arguments, never which tool runs)."""
     message: str | None = None
     """``reject``: why (optional); ``respond``: the answer the model gets (required)."""
     tool_call_id: str | None = None
@@ -281,7 +286,12 @@ class ReviewDecision(BaseModel):
         elif kind == "edit":
             inner = data.get("args")
             if isinstance(inner, Mapping) and set(inner) == {"action", "args"}:
-                data["args"] = inner["args"]
+                data["args"], data["action"] = inner["args"], inner["action"]
+            edited = data.pop("edited_action", None)
+            if isinstance(edited, Mapping) and "args" not in data:
+                data["args"], data["action"] = edited.get("args"), edited.get("name")
+            elif edited is not None:
+                data["edited_action"] = edited  # malformed, or beside 'args': refused below
         return data
 
     @model_validator(mode="after")
@@ -290,6 +300,8 @@ class ReviewDecision(BaseModel):
             raise ValueError("an edit decision needs the new arguments in 'args'")
         if self.type != "edit" and self.args is not None:
             raise ValueError(f"'args' is only for edit decisions, not {self.type}")
+        if self.type != "edit" and self.action is not None:
+            raise ValueError(f"'action' is only for edit decisions, not {self.type}")
         if self.type == "respond" and not (self.message or "").strip():
             raise ValueError("a respond decision needs a non-empty 'message'")
         return self
@@ -373,6 +385,12 @@ def check_decisions(
                 f"(call {call}); allowed: {', '.join(_allowed(req))}",
             )
         if dec.type == "edit":
+            if dec.action is not None and dec.action != req["action_request"]["action"]:
+                raise InvalidDecision(
+                    review_id,
+                    f"an edit of call {call} names tool {dec.action!r}, but the call is "
+                    f"{req['action_request']['action']!r}: an edit changes arguments, not the tool",
+                )
             schema = _tool_schema(by_name.get(req["action_request"]["action"]))
             if schema is not None:
                 try:

@@ -111,8 +111,14 @@ def test_review_decision_accepts_agent_inbox_words() -> None:
         {"type": "edit", "args": {"action": "refund", "args": {"order": "A1", "amount": 5}}}
     )
     assert edit.args == {"order": "A1", "amount": 5}
+    assert edit.action == "refund"
     resp = ReviewDecision.model_validate({"type": "response", "args": "no"})
     assert (resp.type, resp.message) == ("respond", "no")
+    # LangChain's HumanInTheLoopMiddleware form of an edit
+    lc = ReviewDecision.model_validate(
+        {"type": "edit", "edited_action": {"name": "refund", "args": {"amount": 5}}}
+    )
+    assert (lc.type, lc.action, lc.args) == ("edit", "refund", {"amount": 5})
 
 
 # --- the node in a graph -------------------------------------------------------------------
@@ -155,6 +161,15 @@ def test_irreversible_call_pauses_before_any_tool_runs(
             id="edit",
         ),
         pytest.param(
+            {
+                "type": "edit",
+                "edited_action": {"name": "refund", "args": {"order": "A1", "amount": 70}},
+            },
+            1,
+            "refunded 70 on A1",
+            id="edit-langchain-form",
+        ),
+        pytest.param(
             {"type": "reject", "message": "over the limit"}, 0, "over the limit", id="reject"
         ),
         pytest.param(
@@ -189,9 +204,8 @@ def test_each_decision_resumes_and_no_tool_runs_twice(
     )
     if decision["type"] == "edit":
         # edited in place: one AI message with this id, carrying the edited args
-        assert [c["args"] for c in first.tool_calls if c["id"] == "call_refund"] == [
-            {"order": "A1", "amount": 80}
-        ]
+        edited = decision.get("args") or decision["edited_action"]["args"]
+        assert [c["args"] for c in first.tool_calls if c["id"] == "call_refund"] == [edited]
         assert len([m for m in msgs if m.id == first.id]) == 1
     if decision["type"] in ("reject", "respond"):
         status = "error" if decision["type"] == "reject" else "success"
@@ -217,6 +231,21 @@ MALFORMED = [
         id="args-fail-schema",
     ),
     pytest.param(None, {"type": "respond"}, "non-empty 'message'", id="respond-no-message"),
+    pytest.param(
+        None,
+        {"type": "edit", "edited_action": {"name": "delete_account", "args": {"order": "A1"}}},
+        "an edit changes arguments, not the tool",
+        id="edit-swaps-the-tool",
+    ),
+    pytest.param(
+        None,
+        {"type": "edit", "edited_action": ["refund", {"amount": 1}]},
+        "edited_action",
+        id="edited-action-malformed",
+    ),
+    pytest.param(
+        None, {"type": "edit", "edited_action": {"name": "refund"}}, "new arguments", id="no-args"
+    ),
     pytest.param(
         None,
         [{"type": "approve"}, {"type": "approve"}],
