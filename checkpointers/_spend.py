@@ -182,6 +182,11 @@ class PendingSettles:
             taken, self._by_task = self._by_task, {}
             return taken
 
+    def take_batches(self, task_id: str | None = None) -> list[list[PendingSettle]]:
+        """Remove the pending settlements of *task_id* (or all), one batch per task."""
+        taken = self.take_all() if task_id is None else {task_id: self.take(task_id)}
+        return [batch for batch in taken.values() if batch]
+
     def put_back(self, settles: list[PendingSettle]) -> None:
         """Return settlements a failed statement did not write (they are not lost)."""
         if not settles:
@@ -434,6 +439,20 @@ async def _write_async(backend: AsyncBackend, settles: list[PendingSettle]) -> N
         await _run_async(tx, _sqlite_settle_many(settles))
 
 
+def _kept_pending(
+    pending: PendingSettles,
+    unwritten: list[list[PendingSettle]],
+    error: BaseException,
+    strict: bool,
+) -> bool:
+    for batch in unwritten:
+        pending.put_back(batch)
+    if strict or not isinstance(error, Exception):
+        raise error
+    log.warning("spend settlements kept pending, write failed: %s", error)
+    return False
+
+
 class _SyncPending:
     """A `Backend`'s pending settlements and the daemon thread that flushes them."""
 
@@ -470,25 +489,22 @@ class _SyncPending:
             if not self.flush():
                 time.sleep(1.0)  # the database is unreachable: retry later, keep them pending
 
-    def flush(self, task_id: str | None = None) -> bool:
-        """Write the pending settlements (of *task_id*, or all). False if a write failed."""
+    def flush(self, task_id: str | None = None, *, strict: bool = False) -> bool:
+        """Write the pending settlements (of *task_id*, or all), a transaction per task.
+
+        On a failed write what is not written goes back to pending; then False, or the error
+        when *strict*.
+        """
         backend = self._backend()
         if backend is None or backend._closed:
             return True
-        taken = (
-            self.pending.take_all() if task_id is None else {task_id: self.pending.take(task_id)}
-        )
-        ok = True
-        for settles in taken.values():
-            if not settles:
-                continue
+        batches = self.pending.take_batches(task_id)
+        for i, settles in enumerate(batches):
             try:
                 _write_sync(backend, settles)
-            except Exception as e:
-                self.pending.put_back(settles)
-                log.warning("spend settlements kept pending, write failed: %s", e)
-                ok = False
-        return ok
+            except BaseException as e:
+                return _kept_pending(self.pending, batches[i:], e, strict)
+        return True
 
     def close(self) -> None:
         """Stop the flusher and write what is pending (before the backend closes)."""
@@ -529,25 +545,18 @@ class _AsyncPending:
         if not await self.flush():
             self._schedule(1.0)
 
-    async def flush(self, task_id: str | None = None) -> bool:
-        """Write the pending settlements (of *task_id*, or all). False if a write failed."""
+    async def flush(self, task_id: str | None = None, *, strict: bool = False) -> bool:
+        """`_SyncPending.flush`, on the event loop."""
         backend = self._backend()
         if backend is None or backend._closed:
             return True
-        taken = (
-            self.pending.take_all() if task_id is None else {task_id: self.pending.take(task_id)}
-        )
-        ok = True
-        for settles in taken.values():
-            if not settles:
-                continue
+        batches = self.pending.take_batches(task_id)
+        for i, settles in enumerate(batches):
             try:
                 await _write_async(backend, settles)
-            except Exception as e:
-                self.pending.put_back(settles)
-                log.warning("spend settlements kept pending, write failed: %s", e)
-                ok = False
-        return ok
+            except BaseException as e:
+                return _kept_pending(self.pending, batches[i:], e, strict)
+        return True
 
     async def close(self) -> None:
         """Cancel the timer and write what is pending (before the backend closes)."""
@@ -596,33 +605,15 @@ def flush_pending(backend: Backend, task_id: str | None = None) -> None:
     Raises whatever the database raises; the settlements stay pending then.
     """
     store = _SYNC_PENDING.get(backend)
-    if store is None or not store.pending:
-        return
-    for settles in (
-        store.pending.take_all() if task_id is None else {task_id: store.pending.take(task_id)}
-    ).values():
-        if settles:
-            try:
-                _write_sync(backend, settles)
-            except BaseException:
-                store.pending.put_back(settles)
-                raise
+    if store is not None and store.pending:
+        store.flush(task_id, strict=True)
 
 
 async def aflush_pending(backend: AsyncBackend, task_id: str | None = None) -> None:
     """`flush_pending` for an `AsyncBackend`."""
     store = _ASYNC_PENDING.get(backend)
-    if store is None or not store.pending:
-        return
-    for settles in (
-        store.pending.take_all() if task_id is None else {task_id: store.pending.take(task_id)}
-    ).values():
-        if settles:
-            try:
-                await _write_async(backend, settles)
-            except BaseException:
-                store.pending.put_back(settles)
-                raise
+    if store is not None and store.pending:
+        await store.flush(task_id, strict=True)
 
 
 # --- the ledgers ---------------------------------------------------------------------------

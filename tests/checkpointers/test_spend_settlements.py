@@ -255,3 +255,25 @@ def test_spend_by_another_process_is_caught_by_the_reservation_and_ends_the_task
     with open_backend(durable_url) as backend:
         flush_pending(backend)
         assert _totals(backend, "shared")["spent_nanos"] <= 0.50 * 1e9
+
+
+@pytest.mark.postgres
+def test_a_failed_flush_keeps_every_task_s_settlements(postgres_url: str) -> None:
+    with open_backend(postgres_url) as backend:
+        _sync_pending(backend).delay = 3600.0
+        llm = budgeted(_model(), envelope=Envelope(max_usd=10), backend=backend)
+        for task in ("one", "two", "three"):
+            llm.invoke("hi", {"configurable": {"thread_id": task}})
+        backend.execute("ALTER FUNCTION harness_spend_flush RENAME TO flush_away")
+        try:
+            with pytest.raises(Exception, match="harness_spend_flush"):
+                flush_pending(backend)  # the first task's write fails
+        finally:
+            backend.execute("ALTER FUNCTION flush_away RENAME TO harness_spend_flush")
+        kept = _sync_pending(backend).pending.take_all()
+        assert sorted(kept) == ["one", "three", "two"]  # none dropped, the unwritten ones too
+        for batch in kept.values():
+            _sync_pending(backend).pending.put_back(batch)
+        flush_pending(backend)
+        for task in ("one", "two", "three"):
+            assert _rows(backend, task) == [{"state": "settled", "cost_nanos": COST}]
