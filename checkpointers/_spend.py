@@ -182,10 +182,28 @@ class PendingSettles:
             taken, self._by_task = self._by_task, {}
             return taken
 
-    def take_batches(self, task_id: str | None = None) -> list[list[PendingSettle]]:
-        """Remove the pending settlements of *task_id* (or all), one batch per task."""
-        taken = self.take_all() if task_id is None else {task_id: self.take(task_id)}
-        return [batch for batch in taken.values() if batch]
+    def peek_batches(self, task_id: str | None = None) -> list[list[PendingSettle]]:
+        """The pending settlements of *task_id* (or all), one batch per task, left in place.
+
+        A flush writes them *then* `discard`s them: until its commit the task's next statement
+        still sees them and carries them too (settling twice is a no-op), so a reservation
+        never runs beside a settlement that is half written.
+        """
+        with self._lock:
+            if task_id is not None:
+                return [list(self._by_task[task_id])] if self._by_task.get(task_id) else []
+            return [list(batch) for batch in self._by_task.values() if batch]
+
+    def discard(self, settles: list[PendingSettle]) -> None:
+        """Forget *settles* (written); those a statement took meanwhile are gone already."""
+        with self._lock:
+            for st in settles:
+                queue = self._by_task.get(st.task_id)
+                if queue is None:
+                    continue
+                queue[:] = [q for q in queue if q.id != st.id]
+                if not queue:
+                    del self._by_task[st.task_id]
 
     def put_back(self, settles: list[PendingSettle]) -> None:
         """Return settlements a failed statement did not write (they are not lost)."""
@@ -439,14 +457,8 @@ async def _write_async(backend: AsyncBackend, settles: list[PendingSettle]) -> N
         await _run_async(tx, _sqlite_settle_many(settles))
 
 
-def _kept_pending(
-    pending: PendingSettles,
-    unwritten: list[list[PendingSettle]],
-    error: BaseException,
-    strict: bool,
-) -> bool:
-    for batch in unwritten:
-        pending.put_back(batch)
+def _write_failed(error: BaseException, strict: bool) -> bool:
+    """A flush's write failed (what it did not write is still pending): raise or say False."""
     if strict or not isinstance(error, Exception):
         raise error
     log.warning("spend settlements kept pending, write failed: %s", error)
@@ -492,18 +504,18 @@ class _SyncPending:
     def flush(self, task_id: str | None = None, *, strict: bool = False) -> bool:
         """Write the pending settlements (of *task_id*, or all), a transaction per task.
 
-        On a failed write what is not written goes back to pending; then False, or the error
-        when *strict*.
+        They stay pending until written (`PendingSettles.peek_batches`). On a failed write:
+        False, or the error when *strict*.
         """
         backend = self._backend()
         if backend is None or backend._closed:
             return True
-        batches = self.pending.take_batches(task_id)
-        for i, settles in enumerate(batches):
+        for settles in self.pending.peek_batches(task_id):
             try:
                 _write_sync(backend, settles)
             except BaseException as e:
-                return _kept_pending(self.pending, batches[i:], e, strict)
+                return _write_failed(e, strict)
+            self.pending.discard(settles)
         return True
 
     def close(self) -> None:
@@ -550,12 +562,12 @@ class _AsyncPending:
         backend = self._backend()
         if backend is None or backend._closed:
             return True
-        batches = self.pending.take_batches(task_id)
-        for i, settles in enumerate(batches):
+        for settles in self.pending.peek_batches(task_id):
             try:
                 await _write_async(backend, settles)
             except BaseException as e:
-                return _kept_pending(self.pending, batches[i:], e, strict)
+                return _write_failed(e, strict)
+            self.pending.discard(settles)
         return True
 
     async def close(self) -> None:

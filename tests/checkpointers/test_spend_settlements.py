@@ -277,3 +277,37 @@ def test_a_failed_flush_keeps_every_task_s_settlements(postgres_url: str) -> Non
         flush_pending(backend)
         for task in ("one", "two", "three"):
             assert _rows(backend, task) == [{"state": "settled", "cost_nanos": COST}]
+
+
+def test_a_reservation_never_runs_beside_a_half_written_settlement(backend: Backend) -> None:
+    import checkpointers._spend as spend
+
+    # Two worst cases do not fit; the first call's actual cost and a worst case do.
+    envelope = Envelope(max_usd=0.05, max_output_tokens=4096, min_output_tokens=4096)
+    llm = budgeted(_model(), envelope=envelope, backend=backend)
+    config: Any = {"configurable": {"thread_id": "race"}}
+    store = _sync_pending(backend)
+    store.delay = 3600.0
+    llm.invoke("hi", config)
+    writing, release = threading.Event(), threading.Event()
+    real_write = spend._write_sync
+
+    def slow_write(b: Backend, settles: Any) -> None:
+        writing.set()
+        release.wait(10)
+        real_write(b, settles)
+
+    spend._write_sync = slow_write  # type: ignore[assignment]
+    try:
+        flusher = threading.Thread(target=store.flush)
+        flusher.start()
+        assert writing.wait(10)  # the flusher holds the settlement, not yet written
+        answer = llm.invoke("again", config)  # carries it too: fits, no spurious stop
+        release.set()
+        flusher.join(10)
+    finally:
+        spend._write_sync = real_write  # type: ignore[assignment]
+    assert answer.additional_kwargs["harness"]["budget"].get("stopped") is None
+    flush_pending(backend)
+    assert _rows(backend, "race") == [{"state": "settled", "cost_nanos": COST}] * 2
+    assert _totals(backend, "race") == {"reserved_nanos": 0, "spent_nanos": 2 * COST, "calls": 2}
