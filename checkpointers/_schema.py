@@ -543,6 +543,172 @@ BEGIN
 END $$
 """
 
+
+# Budget leases (``budgeted(lease=k)``): a reservation on Postgres may also book room for
+# k - 1 more calls like it, held by the process in a ``state = 'lease'`` row. The process then
+# grants those calls from memory, with no round trip (the room is booked, durably, so the cap
+# holds whatever happens); each such call's row is written once, at its settlement, and the
+# unused rest goes back when the lease is released. A lease takes at most half of the room a
+# limit has left, so near a limit every call is reserved on its own. Settlements gain two
+# kinds: a call granted from a lease (``lease_id``: insert its row, once, and take it off the
+# lease) and a lease's release (``state = 'lease_release'``: give back its unused rest, once).
+_SPEND_LEASES_COMMON = """
+ALTER TABLE harness_spend ADD COLUMN lease_id BIGINT;
+ALTER TABLE harness_spend ADD COLUMN reserved_calls BIGINT NOT NULL DEFAULT 0
+"""
+
+_SPEND_LEASES_PG = (
+    _SPEND_LEASES_COMMON
+    + """;
+CREATE OR REPLACE FUNCTION harness_spend_apply_settles(p_settles jsonb, p_task_id TEXT,
+    OUT d_reserved_nanos BIGINT, OUT d_spent_nanos BIGINT, OUT d_reserved_tokens BIGINT,
+    OUT d_spent_tokens BIGINT, OUT d_calls BIGINT, OUT windows jsonb)
+LANGUAGE plpgsql AS $$
+DECLARE
+    s RECORD;
+    r RECORD;
+BEGIN
+    d_reserved_nanos := 0; d_spent_nanos := 0; d_reserved_tokens := 0; d_spent_tokens := 0;
+    d_calls := 0; windows := '[]'::jsonb;
+    IF p_settles IS NULL OR jsonb_array_length(p_settles) = 0 THEN
+        RETURN;
+    END IF;
+    FOR s IN SELECT * FROM jsonb_to_recordset(p_settles) AS x(id BIGINT, state TEXT,
+            model TEXT, input_tokens BIGINT, output_tokens BIGINT, nanos BIGINT,
+            at DOUBLE PRECISION, lease_id BIGINT, reserved_nanos BIGINT,
+            reserved_tokens BIGINT, calls BIGINT, granted_at DOUBLE PRECISION) ORDER BY id
+    LOOP
+        IF s.state = 'lease_release' THEN
+            -- A lease gives back its unused rest, once (a closed lease is not released again);
+            -- what its calls in flight hold stays booked until they settle.
+            UPDATE harness_spend SET state = 'lease_closed', settled_at = s.at,
+                    reserved_nanos = reserved_nanos - s.nanos,
+                    reserved_tokens = reserved_tokens - s.reserved_tokens,
+                    reserved_calls = reserved_calls - s.calls
+                WHERE id = s.id AND state || '' = 'lease' AND task_id || '' = p_task_id
+                RETURNING task_type AS tt, window_seconds AS ws, window_starts_at AS wst INTO r;
+            CONTINUE WHEN NOT FOUND;
+            d_reserved_nanos := d_reserved_nanos + s.nanos;
+            d_reserved_tokens := d_reserved_tokens + s.reserved_tokens;
+            d_calls := d_calls + s.calls;
+            IF r.ws IS NOT NULL THEN
+                windows := windows || jsonb_build_array(jsonb_build_object('tt', r.tt,
+                    'ws', r.ws, 'wst', r.wst, 'rn', s.nanos, 'n', 0));
+            END IF;
+            CONTINUE;
+        END IF;
+        IF s.lease_id IS NOT NULL THEN
+            -- A call granted from a lease: its row is written now, once (the id is its own).
+            INSERT INTO harness_spend (id, task_id, task_type, model, state, input_tokens,
+                    output_tokens, cost_nanos, created_at, settled_at, reserved_nanos,
+                    reserved_tokens, window_seconds, window_starts_at, lease_id)
+                SELECT s.id, l.task_id, l.task_type, COALESCE(s.model, l.model), s.state,
+                    s.input_tokens, s.output_tokens, s.nanos, COALESCE(s.granted_at, s.at),
+                    s.at, s.reserved_nanos, s.reserved_tokens, l.window_seconds,
+                    l.window_starts_at, l.id
+                FROM harness_spend l WHERE l.id = s.lease_id AND l.task_id = p_task_id
+                ON CONFLICT (id) DO NOTHING
+                RETURNING reserved_nanos AS rn, reserved_tokens AS rt, task_type AS tt,
+                    window_seconds AS ws, window_starts_at AS wst INTO r;
+            CONTINUE WHEN NOT FOUND;  -- written already (or not this task's lease)
+            UPDATE harness_spend SET reserved_nanos = reserved_nanos - s.reserved_nanos,
+                    reserved_tokens = reserved_tokens - s.reserved_tokens,
+                    reserved_calls = reserved_calls - 1
+                WHERE id = s.lease_id;
+        ELSE
+            UPDATE harness_spend SET state = s.state, model = COALESCE(s.model, model),
+                    input_tokens = s.input_tokens, output_tokens = s.output_tokens,
+                    cost_nanos = s.nanos, settled_at = s.at
+                -- By primary key: the `|| ''` keeps the planner off the (task_id, state)
+                -- index, whose 'reserved' run can be long.
+                WHERE id = s.id AND state || '' = 'reserved' AND task_id || '' = p_task_id
+                RETURNING reserved_nanos AS rn, reserved_tokens AS rt, task_type AS tt,
+                    window_seconds AS ws, window_starts_at AS wst INTO r;
+            CONTINUE WHEN NOT FOUND;  -- settled already (or not this task's): nothing to move
+        END IF;
+        d_reserved_nanos := d_reserved_nanos + r.rn;
+        d_spent_nanos := d_spent_nanos + s.nanos;
+        d_reserved_tokens := d_reserved_tokens + r.rt;
+        d_spent_tokens := d_spent_tokens + s.input_tokens + s.output_tokens;
+        IF s.state = 'released' THEN
+            d_calls := d_calls + 1;
+        END IF;
+        IF r.ws IS NOT NULL THEN
+            windows := windows || jsonb_build_array(jsonb_build_object('tt', r.tt, 'ws', r.ws,
+                'wst', r.wst, 'rn', r.rn, 'n', s.nanos));
+        END IF;
+    END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION harness_spend_reserve_v4(p_settles jsonb,
+    p_task_id TEXT, p_task_type TEXT, p_model TEXT,
+    p_input_tokens BIGINT, p_output_tokens BIGINT, p_nanos BIGINT,
+    p_max_nanos BIGINT, p_max_tokens BIGINT, p_max_calls BIGINT,
+    p_window_seconds DOUBLE PRECISION, p_window_starts_at DOUBLE PRECISION,
+    p_window_max_nanos BIGINT, p_now DOUBLE PRECISION, p_sync BOOLEAN,
+    p_lease_calls BIGINT) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    r jsonb;
+    t harness_spend_tasks%ROWTYPE;
+    en BIGINT;
+    et BIGINT;
+    w_used BIGINT := NULL;
+    new_lease BIGINT;
+    ids BIGINT[];
+BEGIN
+    r := harness_spend_reserve_v3(p_settles, p_task_id, p_task_type, p_model, p_input_tokens,
+        p_output_tokens, p_nanos, p_max_nanos, p_max_tokens, p_max_calls, p_window_seconds,
+        p_window_starts_at, p_window_max_nanos, p_now, p_sync);
+    IF p_lease_calls IS NULL OR p_lease_calls <= 0 OR r->>'id' IS NULL THEN
+        RETURN r;
+    END IF;
+    en := p_lease_calls * p_nanos;
+    et := p_lease_calls * (p_input_tokens + p_output_tokens);
+    -- The lease: room for p_lease_calls more calls like this one, if that leaves at least as
+    -- much again under every limit (the task row is locked already: no new lock order).
+    UPDATE harness_spend_tasks SET reserved_nanos = reserved_nanos + en,
+            reserved_tokens = reserved_tokens + et, calls = calls + p_lease_calls
+        WHERE task_id = p_task_id
+            AND (p_max_calls IS NULL OR calls + 2 * p_lease_calls <= p_max_calls)
+            AND (p_max_nanos IS NULL OR reserved_nanos + spent_nanos + 2 * en <= p_max_nanos)
+            AND (p_max_tokens IS NULL
+                 OR reserved_tokens + spent_tokens + 2 * et <= p_max_tokens)
+        RETURNING * INTO t;
+    IF NOT FOUND THEN
+        RETURN r;
+    END IF;
+    IF p_window_seconds IS NOT NULL THEN
+        UPDATE harness_spend_windows SET reserved_nanos = reserved_nanos + en
+            WHERE task_type = p_task_type AND window_seconds = p_window_seconds
+                AND starts_at = p_window_starts_at
+                AND (p_window_max_nanos IS NULL
+                     OR reserved_nanos + spent_nanos + 2 * en <= p_window_max_nanos)
+            RETURNING reserved_nanos + spent_nanos INTO w_used;
+        IF NOT FOUND THEN
+            UPDATE harness_spend_tasks SET reserved_nanos = reserved_nanos - en,
+                    reserved_tokens = reserved_tokens - et, calls = calls - p_lease_calls
+                WHERE task_id = p_task_id;
+            RETURN r;
+        END IF;
+    END IF;
+    INSERT INTO harness_spend (task_id, task_type, model, state, created_at, reserved_nanos,
+            reserved_tokens, reserved_calls, window_seconds, window_starts_at)
+        VALUES (p_task_id, p_task_type, p_model, 'lease', p_now, en, et, p_lease_calls,
+            p_window_seconds, p_window_starts_at)
+        RETURNING id INTO new_lease;
+    SELECT array_agg(nextval(pg_get_serial_sequence('harness_spend', 'id')))
+        INTO ids FROM generate_series(1, p_lease_calls);
+    RETURN r || jsonb_build_object('reserved_nanos', t.reserved_nanos,
+        'spent_nanos', t.spent_nanos, 'reserved_tokens', t.reserved_tokens,
+        'spent_tokens', t.spent_tokens, 'calls', t.calls,
+        'window_nanos', COALESCE(w_used, (r->>'window_nanos')::BIGINT),
+        'lease', jsonb_build_object('id', new_lease, 'ids', to_jsonb(ids), 'nanos', en,
+            'tokens', et));
+END $$
+"""
+)
+
 MIGRATIONS: list[Migration] = [
     Migration(
         name="0001_base",
@@ -563,6 +729,11 @@ MIGRATIONS: list[Migration] = [
         name="0303_spend_folded_settles",
         postgres=_SPEND_FOLDED_SETTLES_PG,
         sqlite="SELECT 1",
+    ),
+    Migration(
+        name="0304_spend_leases",
+        postgres=_SPEND_LEASES_PG,
+        sqlite=_SPEND_LEASES_COMMON,
     ),
     # 02xx: effects and runs.
     Migration(

@@ -34,7 +34,7 @@ import threading
 import time
 import weakref
 from collections.abc import Generator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 SETTLE_DELAY = 0.05
 """Seconds a deferred settlement may wait for the task's next statement before it is flushed."""
+
+LEASE_IDLE = 2.0
+"""Seconds a budget lease may go unused before its unused rest is given back."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ class Reservation:
     id: int | None
     refused: str | None
     totals: Totals
+    lease_id: int | None = None
+    """The lease this call was granted from, with no statement (`SpendLedger` ``lease``)."""
 
 
 @dataclass(frozen=True)
@@ -130,16 +135,226 @@ class PendingSettle:
     output_tokens: int
     nanos: int
     at: float
+    lease_id: int | None = None
+    """A call granted from this lease: its row is written by the settlement."""
+    reserved_nanos: int = 0
+    """A leased call's worst case (or, for a lease's release, unused)."""
+    reserved_tokens: int = 0
+    calls: int = 0
+    """A lease's release: call slots it gives back."""
+    granted_at: float | None = None
+
+
+LeaseKey = tuple[str, str, Limits]
+"""A lease serves one task, task type and set of limits."""
+
+
+@dataclass
+class _Lease:
+    """Room booked for calls this process grants from memory (see `SpendLedger` ``lease``)."""
+
+    id: int
+    key: LeaseKey
+    ids: list[int]
+    """Spend ids for the calls still to grant (taken from the ledger's sequence)."""
+    nanos: int
+    tokens: int
+    window_start: float | None
+    view: Totals
+    """The task's totals as they would read without the lease's unused rest."""
+    used: float
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A reservation this process holds and will settle (lease mode only)."""
+
+    key: LeaseKey
+    nanos: int
+    tokens: int
+    lease_id: int | None
+    granted_at: float
+
+
+def _release_of(lease: _Lease) -> PendingSettle:
+    return PendingSettle(
+        lease.id,
+        lease.key[0],
+        "lease_release",
+        None,
+        0,
+        0,
+        lease.nanos,
+        time.time(),
+        reserved_tokens=lease.tokens,
+        calls=len(lease.ids),
+    )
+
+
+def _without(totals: Totals, lease: _Lease) -> Totals:
+    """*totals* as read from the ledger, less *lease*'s unused rest."""
+    return replace(
+        totals,
+        reserved_nanos=totals.reserved_nanos - lease.nanos,
+        reserved_tokens=totals.reserved_tokens - lease.tokens,
+        calls=totals.calls - len(lease.ids),
+        window_nanos=totals.window_nanos - (lease.nanos if lease.window_start is not None else 0),
+    )
 
 
 class PendingSettles:
-    """A backend's deferred settlements, by task; taken by exactly one statement each."""
+    """A backend's deferred settlements, by task; taken by exactly one statement each.
+
+    It also holds the process's budget leases and the reservations granted from them.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_task: dict[str, list[PendingSettle]] = {}
         self.wake: threading.Condition = threading.Condition(self._lock)
         self._views: dict[str, Totals] = {}
+        self._leases: dict[LeaseKey, _Lease] = {}
+        self._held: dict[int, _Held] = {}
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def grant(
+        self, key: LeaseKey, nanos: int, tokens: int, window_start: float | None
+    ) -> Reservation | None:
+        """A reservation from the key's lease, with no statement; None if it cannot serve."""
+        if not self._leases:
+            return None
+        with self._lock:
+            lease = self._leases.get(key)
+            if (
+                lease is None
+                or not lease.ids
+                or nanos > lease.nanos
+                or tokens > lease.tokens
+                or lease.window_start != window_start
+            ):
+                return None
+            spend_id = lease.ids.pop()
+            lease.nanos -= nanos
+            lease.tokens -= tokens
+            lease.used = time.monotonic()
+            v = lease.view
+            lease.view = replace(
+                v,
+                reserved_nanos=v.reserved_nanos + nanos,
+                reserved_tokens=v.reserved_tokens + tokens,
+                calls=v.calls + 1,
+                window_nanos=v.window_nanos + (nanos if window_start is not None else 0),
+            )
+            self._held[spend_id] = _Held(key, nanos, tokens, lease.id, time.time())
+            return Reservation(spend_id, None, lease.view, lease.id)
+
+    def take_lease(self, key: LeaseKey) -> PendingSettle | None:
+        """End the key's lease: its release, for the caller's statement to carry."""
+        if not self._leases:
+            return None
+        with self._lock:
+            lease = self._leases.pop(key, None)
+        return None if lease is None else _release_of(lease)
+
+    def reserved(
+        self,
+        key: LeaseKey,
+        row: dict[str, Any],
+        nanos: int,
+        tokens: int,
+        window_start: float | None,
+    ) -> Reservation:
+        """Record a reservation a statement made (and the lease it opened, if any)."""
+        totals = Totals.from_row(row)
+        spend_id = row.get("id")
+        if spend_id is None:
+            return Reservation(None, row.get("refused"), self.without_lease(key, totals))
+        lease_row = row.get("lease")
+        with self._lock:
+            self._held[spend_id] = _Held(key, nanos, tokens, None, time.time())
+            if not lease_row:
+                lease = self._leases.get(key)
+                return Reservation(
+                    spend_id, None, totals if lease is None else _without(totals, lease)
+                )
+            lease = _Lease(
+                int(lease_row["id"]),
+                key,
+                [int(i) for i in lease_row["ids"]],
+                int(lease_row["nanos"]),
+                int(lease_row["tokens"]),
+                window_start,
+                totals,
+                time.monotonic(),
+            )
+            lease.view = _without(totals, lease)
+            old = self._leases.pop(key, None)
+            self._leases[key] = lease
+            if old is not None:  # opened beside ours by a parallel branch: give its rest back
+                self._by_task.setdefault(key[0], []).append(_release_of(old))
+                self.wake.notify_all()
+            return Reservation(spend_id, None, lease.view)
+
+    def without_lease(self, key: LeaseKey, totals: Totals) -> Totals:
+        """*totals* read from the ledger, as this process sees them (less its lease's rest)."""
+        if not self._leases:
+            return totals
+        with self._lock:
+            lease = self._leases.get(key)
+            if lease is None:
+                return totals
+            lease.view = _without(totals, lease)
+            return lease.view
+
+    def held(self, spend_id: int, nanos: int, tokens: int, released: bool) -> _Held | None:
+        """Forget a held reservation being settled at *nanos*/*tokens*; what it was."""
+        if not self._held:
+            return None
+        with self._lock:
+            held = self._held.pop(spend_id, None)
+            lease = None if held is None else self._leases.get(held.key)
+            if held is not None and lease is not None:
+                v = lease.view
+                lease.view = replace(
+                    v,
+                    reserved_nanos=v.reserved_nanos - held.nanos,
+                    spent_nanos=v.spent_nanos + nanos,
+                    reserved_tokens=v.reserved_tokens - held.tokens,
+                    spent_tokens=v.spent_tokens + tokens,
+                    calls=v.calls - (1 if released else 0),
+                    window_nanos=v.window_nanos
+                    + ((nanos - held.nanos) if lease.window_start is not None else 0),
+                )
+            return held
+
+    def release_leases(self, task_id: str | None = None, *, idle: float | None = None) -> None:
+        """End leases (of *task_id*, or all; or those unused for *idle* seconds).
+
+        Their unused rest waits with the settlements, to be written by the next flush.
+        """
+        if not self._leases:
+            return
+        now = time.monotonic()
+        with self._lock:
+            for key, lease in list(self._leases.items()):
+                if task_id is not None and key[0] != task_id:
+                    continue
+                if idle is not None and now - lease.used < idle:
+                    continue
+                del self._leases[key]
+                self._by_task.setdefault(key[0], []).append(_release_of(lease))
+            self.wake.notify_all()
+
+    def lease_idle_in(self) -> float | None:
+        """Seconds until the next lease goes idle (None: no lease)."""
+        if not self._leases:
+            return None
+        with self._lock:
+            if not self._leases:
+                return None
+            oldest = min(lease.used for lease in self._leases.values())
+        return max(0.0, oldest + LEASE_IDLE - time.monotonic())
 
     def note_view(self, task_id: str, totals: Totals) -> None:
         """Remember the latest totals this process saw for *task_id* (bounded)."""
@@ -490,15 +705,24 @@ class _SyncPending:
         while True:
             with cond:
                 while not self.pending and not self._stopped:
-                    cond.wait()
-                # Give the task's next statement `delay` seconds to carry them (not cut short
-                # by new arrivals: only a stop ends the wait early).
-                deadline = time.monotonic() + self.delay
-                while not self._stopped and (left := deadline - time.monotonic()) > 0:
-                    cond.wait(left)
+                    if self.pending._leases:  # wake when the oldest lease goes idle
+                        oldest = min(lease.used for lease in self.pending._leases.values())
+                        left = oldest + LEASE_IDLE - time.monotonic()
+                        if left <= 0:
+                            break
+                        cond.wait(left)
+                    else:
+                        cond.wait()
+                if not self._stopped and self.pending:
+                    # Give the task's next statement `delay` seconds to carry them (not cut
+                    # short by new arrivals: only a stop ends the wait early).
+                    deadline = time.monotonic() + self.delay
+                    while not self._stopped and (left := deadline - time.monotonic()) > 0:
+                        cond.wait(left)
                 if self._stopped:
                     return
-            if not self.flush():
+            self.pending.release_leases(idle=LEASE_IDLE)
+            if self.pending and not self.flush():
                 time.sleep(1.0)  # the database is unreachable: retry later, keep them pending
 
     def flush(self, task_id: str | None = None, *, strict: bool = False) -> bool:
@@ -519,13 +743,14 @@ class _SyncPending:
         return True
 
     def close(self) -> None:
-        """Stop the flusher and write what is pending (before the backend closes)."""
+        """Stop the flusher, end the leases, write what is pending (before the backend closes)."""
         with self.pending.wake:
             self._stopped = True
             self.pending.wake.notify_all()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=10)
+        self.pending.release_leases()
         self.flush()
 
 
@@ -544,8 +769,12 @@ class _AsyncPending:
         self._schedule(self.delay)
 
     def _schedule(self, delay: float) -> None:
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+        loop = asyncio.get_running_loop()
+        if self._timer is not None:
+            if self._timer.when() <= loop.time() + delay:
+                return
+            self._timer.cancel()  # a lease's idle check, later than this flush is due
+        self._timer = loop.call_later(delay, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
@@ -554,8 +783,11 @@ class _AsyncPending:
         task.add_done_callback(self._tasks.discard)
 
     async def _flush_later(self) -> None:
+        self.pending.release_leases(idle=LEASE_IDLE)
         if not await self.flush():
             self._schedule(1.0)
+        elif (idle_in := self.pending.lease_idle_in()) is not None:
+            self._schedule(idle_in + 0.01)  # end the lease once idle
 
     async def flush(self, task_id: str | None = None, *, strict: bool = False) -> bool:
         """`_SyncPending.flush`, on the event loop."""
@@ -571,10 +803,11 @@ class _AsyncPending:
         return True
 
     async def close(self) -> None:
-        """Cancel the timer and write what is pending (before the backend closes)."""
+        """Cancel the timer, end the leases, write what is pending (before the backend closes)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.pending.release_leases()
         await self.flush()
 
 
@@ -614,18 +847,23 @@ def _flush_at_exit() -> None:
 def flush_pending(backend: Backend, task_id: str | None = None) -> None:
     """Write *backend*'s deferred settlements now (of *task_id*, or all), before reading spend.
 
+    Budget leases end too (their unused rest is given back), so the ledger reads exact.
     Raises whatever the database raises; the settlements stay pending then.
     """
     store = _SYNC_PENDING.get(backend)
-    if store is not None and store.pending:
-        store.flush(task_id, strict=True)
+    if store is not None:
+        store.pending.release_leases(task_id)
+        if store.pending:
+            store.flush(task_id, strict=True)
 
 
 async def aflush_pending(backend: AsyncBackend, task_id: str | None = None) -> None:
     """`flush_pending` for an `AsyncBackend`."""
     store = _ASYNC_PENDING.get(backend)
-    if store is not None and store.pending:
-        await store.flush(task_id, strict=True)
+    if store is not None:
+        store.pending.release_leases(task_id)
+        if store.pending:
+            await store.flush(task_id, strict=True)
 
 
 # --- the ledgers ---------------------------------------------------------------------------
@@ -636,6 +874,10 @@ _RESERVE_PG = (
     "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) AS r"
 )
 _SETTLE_PG = "SELECT harness_spend_settle_v2(%s, %s, %s, %s, %s, %s, %s) AS r"
+_LEASE_PG = (
+    "SELECT harness_spend_reserve_v4(%s::jsonb, "
+    "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) AS r"
+)
 
 
 def _reserve_params(
@@ -670,6 +912,7 @@ def _reserve_params(
 
 
 def _pending_settle(
+    pending: PendingSettles,
     task_id: str,
     spend_id: int,
     input_tokens: int,
@@ -677,26 +920,58 @@ def _pending_settle(
     nanos: int,
     model: str | None,
     released: bool,
+    lease: tuple[int, int, int] | None,
 ) -> PendingSettle:
     state = "released" if released else "settled"
+    held = pending.held(spend_id, nanos, input_tokens + output_tokens, released)
+    if held is not None and held.lease_id is not None:
+        lease = (held.lease_id, held.nanos, held.tokens)
+    if lease is None:
+        return PendingSettle(
+            spend_id, task_id, state, model, input_tokens, output_tokens, nanos, time.time()
+        )
     return PendingSettle(
-        spend_id, task_id, state, model, input_tokens, output_tokens, nanos, time.time()
+        spend_id,
+        task_id,
+        state,
+        model,
+        input_tokens,
+        output_tokens,
+        nanos,
+        time.time(),
+        lease_id=lease[0],
+        reserved_nanos=lease[1],
+        reserved_tokens=lease[2],
+        granted_at=None if held is None else held.granted_at,
     )
 
 
 class SpendLedger:
-    """Spend of tasks, in a `Backend`'s ``harness_spend*`` tables."""
+    """Spend of tasks, in a `Backend`'s ``harness_spend*`` tables.
 
-    def __init__(self, backend: Backend, *, sync_commit: bool = True) -> None:
+    With ``lease=k`` (Postgres), a reservation that needs a statement also books room for
+    ``k - 1`` more calls like it (when that leaves at least as much again under every limit);
+    the next calls of the task that fit are granted from that room in memory, with no round
+    trip, and each one's row is written with its settlement. The unused rest goes back when
+    the lease cannot serve a call, after `LEASE_IDLE` seconds unused, on `flush_pending`, at
+    ``close()`` and at exit; a process killed holding a lease leaves that rest booked (the
+    safe side: the task has less room, never more).
+    """
+
+    def __init__(self, backend: Backend, *, sync_commit: bool = True, lease: int = 1) -> None:
         self.backend = backend
         self.sync_commit = sync_commit
         """Postgres: wait for each reservation's WAL flush (settlements never wait)."""
+        self.lease = lease
+        """Calls' worth of room a reservation may book at once (1: no lease)."""
+        self._leasing = lease > 1 and backend.dialect == "postgres"
         self._store = _sync_pending(backend)
 
     def totals(self, task_id: str, task_type: str, limits: Limits) -> Totals:
         """The task's current totals (and its type's window), deferred settlements applied."""
         now = time.time()
-        settles = self._store.pending.take(task_id)
+        pending = self._store.pending
+        settles = pending.take(task_id)
         try:
             if self.backend.dialect == "postgres":
                 rows = self.backend.execute(
@@ -709,14 +984,16 @@ class SpendLedger:
                         task_type,
                     ),
                 )
-                return Totals.from_row(_pg_json(rows))
+                return pending.without_lease(
+                    (task_id, task_type, limits), Totals.from_row(_pg_json(rows))
+                )
             with self.backend.transaction() as tx:
                 result: Totals = _run_sync(
                     tx, _sqlite_then(settles, _sqlite_totals(task_id, task_type, limits, now))
                 )
             return result
         except BaseException:
-            self._store.pending.put_back(settles)
+            pending.put_back(settles)
             raise
 
     def reserve(
@@ -734,26 +1011,37 @@ class SpendLedger:
         The task's deferred settlements are applied first, in the same transaction.
         """
         now = time.time()
-        settles = self._store.pending.take(task_id)
+        pending = self._store.pending
+        key = (task_id, task_type, limits)
+        if self._leasing:
+            tokens = input_tokens + output_tokens
+            granted = pending.grant(key, nanos, tokens, limits.window_start(now))
+            if granted is not None:
+                return granted
+        settles = pending.take(task_id)
+        if self._leasing and (ended := pending.take_lease(key)) is not None:
+            settles.append(ended)  # the lease cannot serve this call: its rest goes back
         try:
             if self.backend.dialect == "postgres":
-                rows = self.backend.execute(
-                    _RESERVE_PG,
-                    _reserve_params(
-                        settles,
-                        task_id,
-                        task_type,
-                        model,
-                        input_tokens,
-                        output_tokens,
-                        nanos,
-                        limits,
-                        now,
-                        self.sync_commit,
-                    ),
+                params = _reserve_params(
+                    settles,
+                    task_id,
+                    task_type,
+                    model,
+                    input_tokens,
+                    output_tokens,
+                    nanos,
+                    limits,
+                    now,
+                    self.sync_commit,
                 )
-                r = _pg_json(rows)
-                return Reservation(r.get("id"), r.get("refused"), Totals.from_row(r))
+                if not self._leasing:
+                    r = _pg_json(self.backend.execute(_RESERVE_PG, params))
+                    return Reservation(r.get("id"), r.get("refused"), Totals.from_row(r))
+                r = _pg_json(self.backend.execute(_LEASE_PG, (*params, self.lease - 1)))
+                return pending.reserved(
+                    key, r, nanos, input_tokens + output_tokens, limits.window_start(now)
+                )
             with self.backend.transaction() as tx:
                 res: Reservation = _run_sync(
                     tx,
@@ -773,7 +1061,7 @@ class SpendLedger:
                 )
             return res
         except BaseException:
-            self._store.pending.put_back(settles)
+            pending.put_back(settles)
             raise
 
     def settle(
@@ -789,6 +1077,20 @@ class SpendLedger:
         """Replace a reservation by the call's actual usage (or release it), now. Idempotent."""
         now = time.time()
         state = "released" if released else "settled"
+        pending = self._store.pending
+        held = pending._held.get(spend_id)
+        if held is not None:  # lease mode: through the task's totals, which carry it
+            task_id, task_type, limits = held.key
+            self.defer_settle(
+                task_id,
+                spend_id,
+                input_tokens,
+                output_tokens,
+                nanos,
+                model=model,
+                released=released,
+            )
+            return self.totals(task_id, task_type, limits)
         if self.backend.dialect == "postgres":
             rows = self.backend.execute(
                 _SETTLE_PG, (spend_id, state, model, input_tokens, output_tokens, nanos, now)
@@ -810,35 +1112,55 @@ class SpendLedger:
         *,
         model: str | None = None,
         released: bool = False,
+        lease: tuple[int, int, int] | None = None,
     ) -> None:
-        """`settle`, carried by the task's next statement (or flushed shortly after)."""
+        """`settle`, carried by the task's next statement (or flushed shortly after).
+
+        *lease* — ``(lease id, reserved nanos, reserved tokens)`` — settles a call granted
+        from a lease that this process does not hold (recovered from a checkpoint).
+        """
         self._store.add(
-            _pending_settle(task_id, spend_id, input_tokens, output_tokens, nanos, model, released)
+            _pending_settle(
+                self._store.pending,
+                task_id,
+                spend_id,
+                input_tokens,
+                output_tokens,
+                nanos,
+                model,
+                released,
+                lease,
+            )
         )
 
     def flush(self, task_id: str | None = None) -> None:
-        """Write deferred settlements now (of *task_id*, or all)."""
+        """Write deferred settlements now (of *task_id*, or all); leases end too."""
         flush_pending(self.backend, task_id)
 
     def by_model(self, task_id: str) -> list[Row]:
         """Settled spend per model: ``model, input_tokens, output_tokens, nanos, calls``."""
-        self.flush(task_id)
+        if self._store.pending:
+            self._store.flush(task_id, strict=True)
         return self.backend.execute(_BY_MODEL_SQL, (task_id,))
 
 
 class AsyncSpendLedger:
     """`SpendLedger` over an `AsyncBackend`."""
 
-    def __init__(self, backend: AsyncBackend, *, sync_commit: bool = True) -> None:
+    def __init__(self, backend: AsyncBackend, *, sync_commit: bool = True, lease: int = 1) -> None:
         self.backend = backend
         self.sync_commit = sync_commit
         """Postgres: wait for each reservation's WAL flush (settlements never wait)."""
+        self.lease = lease
+        """Calls' worth of room a reservation may book at once (1: no lease)."""
+        self._leasing = lease > 1 and backend.dialect == "postgres"
         self._store = _async_pending(backend)
 
     async def totals(self, task_id: str, task_type: str, limits: Limits) -> Totals:
         """The task's current totals (and its type's window), deferred settlements applied."""
         now = time.time()
-        settles = self._store.pending.take(task_id)
+        pending = self._store.pending
+        settles = pending.take(task_id)
         try:
             if self.backend.dialect == "postgres":
                 rows = await self.backend.execute(
@@ -851,14 +1173,16 @@ class AsyncSpendLedger:
                         task_type,
                     ),
                 )
-                return Totals.from_row(_pg_json(rows))
+                return pending.without_lease(
+                    (task_id, task_type, limits), Totals.from_row(_pg_json(rows))
+                )
             async with self.backend.transaction() as tx:
                 result: Totals = await _run_async(
                     tx, _sqlite_then(settles, _sqlite_totals(task_id, task_type, limits, now))
                 )
             return result
         except BaseException:
-            self._store.pending.put_back(settles)
+            pending.put_back(settles)
             raise
 
     async def reserve(
@@ -873,26 +1197,37 @@ class AsyncSpendLedger:
     ) -> Reservation:
         """Reserve *nanos* and the tokens for one call if every limit still holds, atomically."""
         now = time.time()
-        settles = self._store.pending.take(task_id)
+        pending = self._store.pending
+        key = (task_id, task_type, limits)
+        if self._leasing:
+            tokens = input_tokens + output_tokens
+            granted = pending.grant(key, nanos, tokens, limits.window_start(now))
+            if granted is not None:
+                return granted
+        settles = pending.take(task_id)
+        if self._leasing and (ended := pending.take_lease(key)) is not None:
+            settles.append(ended)
         try:
             if self.backend.dialect == "postgres":
-                rows = await self.backend.execute(
-                    _RESERVE_PG,
-                    _reserve_params(
-                        settles,
-                        task_id,
-                        task_type,
-                        model,
-                        input_tokens,
-                        output_tokens,
-                        nanos,
-                        limits,
-                        now,
-                        self.sync_commit,
-                    ),
+                params = _reserve_params(
+                    settles,
+                    task_id,
+                    task_type,
+                    model,
+                    input_tokens,
+                    output_tokens,
+                    nanos,
+                    limits,
+                    now,
+                    self.sync_commit,
                 )
-                r = _pg_json(rows)
-                return Reservation(r.get("id"), r.get("refused"), Totals.from_row(r))
+                if not self._leasing:
+                    r = _pg_json(await self.backend.execute(_RESERVE_PG, params))
+                    return Reservation(r.get("id"), r.get("refused"), Totals.from_row(r))
+                r = _pg_json(await self.backend.execute(_LEASE_PG, (*params, self.lease - 1)))
+                return pending.reserved(
+                    key, r, nanos, input_tokens + output_tokens, limits.window_start(now)
+                )
             async with self.backend.transaction() as tx:
                 res: Reservation = await _run_async(
                     tx,
@@ -912,7 +1247,7 @@ class AsyncSpendLedger:
                 )
             return res
         except BaseException:
-            self._store.pending.put_back(settles)
+            pending.put_back(settles)
             raise
 
     async def settle(
@@ -928,6 +1263,19 @@ class AsyncSpendLedger:
         """Replace a reservation by the call's actual usage (or release it), now. Idempotent."""
         now = time.time()
         state = "released" if released else "settled"
+        held = self._store.pending._held.get(spend_id)
+        if held is not None:  # lease mode: through the task's totals, which carry it
+            task_id, task_type, limits = held.key
+            self.defer_settle(
+                task_id,
+                spend_id,
+                input_tokens,
+                output_tokens,
+                nanos,
+                model=model,
+                released=released,
+            )
+            return await self.totals(task_id, task_type, limits)
         if self.backend.dialect == "postgres":
             rows = await self.backend.execute(
                 _SETTLE_PG, (spend_id, state, model, input_tokens, output_tokens, nanos, now)
@@ -949,20 +1297,32 @@ class AsyncSpendLedger:
         *,
         model: str | None = None,
         released: bool = False,
+        lease: tuple[int, int, int] | None = None,
     ) -> None:
         """`settle`, carried by the task's next statement (or flushed shortly after).
 
         Call it from the backend's event loop (the flush timer runs there).
         """
         self._store.add(
-            _pending_settle(task_id, spend_id, input_tokens, output_tokens, nanos, model, released)
+            _pending_settle(
+                self._store.pending,
+                task_id,
+                spend_id,
+                input_tokens,
+                output_tokens,
+                nanos,
+                model,
+                released,
+                lease,
+            )
         )
 
     async def flush(self, task_id: str | None = None) -> None:
-        """Write deferred settlements now (of *task_id*, or all)."""
+        """Write deferred settlements now (of *task_id*, or all); leases end too."""
         await aflush_pending(self.backend, task_id)
 
     async def by_model(self, task_id: str) -> list[Row]:
         """Settled spend per model: ``model, input_tokens, output_tokens, nanos, calls``."""
-        await self.flush(task_id)
+        if self._store.pending:
+            await self._store.flush(task_id, strict=True)
         return await self.backend.execute(_BY_MODEL_SQL, (task_id,))

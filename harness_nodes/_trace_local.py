@@ -637,13 +637,13 @@ def _status(
 
 
 def _ledger_cost(backend: Backend, task_id: str) -> float | None:
-    # Reservations that were never settled are not money spent; everything else is.
+    # Only settled calls are money spent (not reservations, releases or leases).
     with contextlib.suppress(Exception):  # a ledger that cannot be written is still read
         flush_pending(backend, task_id)  # settlements still riding in this process
     rows = _rows(
         backend,
         "SELECT count(*) AS n, coalesce(sum(cost_nanos), 0) AS nanos FROM harness_spend "
-        "WHERE task_id = %s AND state NOT IN ('reserved', 'released')",
+        "WHERE task_id = %s AND state = 'settled'",
         (task_id,),
     )
     if not rows or not rows[0]["n"]:

@@ -434,8 +434,8 @@ def _ledger_op(ledger: SpendLedger, op: str, args: tuple[Any, ...]) -> Any:
     if op == "reserve":
         return ledger.reserve(*args)
     if op == "defer":
-        task_id, spend_id, inp, out, nanos, model = args
-        return ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model)
+        task_id, spend_id, inp, out, nanos, model, lease = args
+        return ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model, lease=lease)
     return ledger.settle(args[0], 0, 0, 0, released=True)
 
 
@@ -445,8 +445,8 @@ async def _aledger_op(ledger: AsyncSpendLedger, op: str, args: tuple[Any, ...]) 
     if op == "reserve":
         return await ledger.reserve(*args)
     if op == "defer":
-        task_id, spend_id, inp, out, nanos, model = args
-        return ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model)
+        task_id, spend_id, inp, out, nanos, model, lease = args
+        return ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model, lease=lease)
     return await ledger.settle(args[0], 0, 0, 0, released=True)
 
 
@@ -520,6 +520,13 @@ class BudgetedChatModel(BaseChatModel):
     """Postgres: make each reservation durable (wait for its WAL flush) before the call.
     ``False`` saves that wait (~1-3 ms); a database *server* crash could then forget
     reservations of calls in flight (an application crash cannot)."""
+    lease: int = 1
+    """Postgres: a reservation may book room for this many calls like it at once (when that
+    leaves at least as much again under every limit); the next calls that fit are granted
+    from it in memory, with no round trip. The cap holds either way. The unused rest goes
+    back when the lease cannot serve a call, after `LEASE_IDLE` seconds, at ``close()`` and
+    at exit; a process *killed* holding a lease leaves that rest booked (the task has less
+    room, never more). ``1``: every call is reserved on its own (exact after any crash)."""
 
     _default_task: str = PrivateAttr(default_factory=lambda: f"budgeted-{uuid.uuid4().hex}")
     _bound: dict[int, Runnable[Any, Any]] = PrivateAttr(default_factory=dict)
@@ -573,13 +580,13 @@ class BudgetedChatModel(BaseChatModel):
             raise UserError(
                 "invoke() needs a sync Backend (open_backend); with an AsyncBackend use ainvoke()"
             )
-        return SpendLedger(backend, sync_commit=self.sync_commit)
+        return SpendLedger(backend, sync_commit=self.sync_commit, lease=self.lease)
 
     def _aledger(self) -> AsyncSpendLedger | SpendLedger:
         from checkpointers import AsyncBackend
 
         if isinstance(self.backend, AsyncBackend):
-            return AsyncSpendLedger(self.backend, sync_commit=self.sync_commit)
+            return AsyncSpendLedger(self.backend, sync_commit=self.sync_commit, lease=self.lease)
         return self._ledger()
 
     def _context(self, config: RunnableConfig) -> _Context:
@@ -671,14 +678,19 @@ class BudgetedChatModel(BaseChatModel):
 
     def _recoverable(
         self, ctx: _Context, messages: Sequence[BaseMessage]
-    ) -> tuple[str, int, int, int, int, None] | None:
-        """The settlement of the task's last answer, when this process never deferred it.
+    ) -> list[tuple[str, int, int, int, int, None, tuple[int, int, int] | None]]:
+        """Settlements of the task's last answers, when this process never deferred them.
 
         An answer in the checkpoint whose settlement was still pending when its process died
         left its reservation booked at the worst case; the answer itself records what the call
-        really cost. Settling it again is a no-op when it did land.
+        really cost. Settling it again is a no-op when it did land. Each reservation statement
+        carries the settlements before it, so only the answers since the last one can have
+        lost theirs: the last answer, or the last ``lease`` answers with a lease.
         """
+        found: list[tuple[str, int, int, int, int, None, tuple[int, int, int] | None]] = []
         for k in range(len(messages) - 1, -1, -1):
+            if len(found) >= self.lease:
+                break
             budget = _budget_meta(messages[k])
             if not budget:
                 continue
@@ -692,13 +704,20 @@ class BudgetedChatModel(BaseChatModel):
                 or not isinstance(out, int)
                 or not isinstance(usd, int | float)
             ):
-                return None
+                break
             with _private(self)["_lock"]:
                 if spend_id in _private(self)["_deferred"]:
-                    return None
+                    break
+            lease = None
+            lease_id, reserved = budget.get("lease_id"), budget.get("reserved_usd")
+            reserved_tokens = budget.get("reserved_tokens")
+            if isinstance(lease_id, int):  # granted from a lease: no row until settled
+                if not isinstance(reserved, int | float) or not isinstance(reserved_tokens, int):
+                    break
+                lease = (lease_id, round(reserved * NANOS_PER_USD), reserved_tokens)
             self._note_deferred(spend_id)
-            return (ctx.task_id, spend_id, inp, out, round(usd * NANOS_PER_USD), None)
-        return None
+            found.append((ctx.task_id, spend_id, inp, out, round(usd * NANOS_PER_USD), None, lease))
+        return found
 
     def _views(self) -> PendingSettles:
         """Where this process keeps its latest view of each task's totals (per backend)."""
@@ -767,11 +786,11 @@ class BudgetedChatModel(BaseChatModel):
         totals: Totals,
         inp: int,
         out: int,
-        spend_id: int,
+        reservation: Reservation,
     ) -> AIMessage:
         harness = dict((msg.additional_kwargs or {}).get("harness") or {})
-        harness["budget"] = {
-            "spend_id": spend_id,
+        budget: dict[str, Any] = {
+            "spend_id": reservation.id,
             "model": plan.name,
             "degraded_from": ctx.ladder[0][0] if plan.index > 0 else None,
             "reserved_usd": _usd(plan.nanos),
@@ -781,6 +800,10 @@ class BudgetedChatModel(BaseChatModel):
             "input_tokens": inp,
             "output_tokens": out,
         }
+        if reservation.lease_id is not None:  # enough to settle it again after a crash
+            budget["lease_id"] = reservation.lease_id
+            budget["reserved_tokens"] = plan.input_tokens + plan.cap
+        harness["budget"] = budget
         return msg.model_copy(
             update={"additional_kwargs": {**msg.additional_kwargs, "harness": harness}}
         )
@@ -901,8 +924,7 @@ class BudgetedChatModel(BaseChatModel):
         rates = self._rates(ctx)
         caps = self._output_caps(ctx, kwargs.pop("max_tokens", None))
         inputs = self._inputs(ctx, messages)
-        recovered = self._recoverable(ctx, messages)
-        if recovered is not None:  # folded into the reservation below
+        for recovered in self._recoverable(ctx, messages):  # folded into the reservation below
             yield ("defer", recovered)
         cached = self._views().view(ctx.task_id)
         totals, fresh = (cached, False) if cached is not None else (Totals(), False)
@@ -959,13 +981,13 @@ class BudgetedChatModel(BaseChatModel):
         name, i_tok, o_tok, cost = self._settle_figures(plan.name, msg, plan)
         # The settlement rides on the task's next ledger statement (or a flush shortly after):
         # no round trip here. Until it lands the ledger holds the worst case, the safe side.
-        yield ("defer", (ctx.task_id, reservation.id, i_tok, o_tok, cost, name))
+        yield ("defer", (ctx.task_id, reservation.id, i_tok, o_tok, cost, name, None))
         self._note_deferred(reservation.id)
         after = _settled(ctx, reservation.totals, plan, cost, i_tok + o_tok)
         self._remember(ctx.task_id, after)
         for event in self._events_after(ctx, plan, totals, after, cost, i_tok, o_tok):
             yield ("emit", event)
-        return self._annotate(msg, ctx, plan, cost, after, i_tok, o_tok, reservation.id)
+        return self._annotate(msg, ctx, plan, cost, after, i_tok, o_tok, reservation)
 
     def invoke(
         self,
@@ -1119,8 +1141,7 @@ class BudgetedChatModel(BaseChatModel):
         config = ensure_config(config)
         ctx = self._context(config)
         ledger = self._ledger()
-        recovered = self._recoverable(ctx, messages)
-        if recovered is not None:  # folded into the read below
+        for recovered in self._recoverable(ctx, messages):  # folded into the read below
             _ledger_op(ledger, "defer", recovered)
         totals = ledger.totals(ctx.task_id, ctx.task_type, ctx.limits)
         self._remember(ctx.task_id, totals)
@@ -1133,10 +1154,9 @@ class BudgetedChatModel(BaseChatModel):
         config = ensure_config(config)
         ctx = self._context(config)
         ledger = self._aledger()
-        recovered = self._recoverable(ctx, messages)
-        if recovered is not None:  # folded into the read below (no I/O here)
-            task_id, spend_id, inp, out, nanos, model = recovered
-            ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model)
+        for recovered in self._recoverable(ctx, messages):  # folded into the read (no I/O)
+            task_id, spend_id, inp, out, nanos, model, lease = recovered
+            ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model, lease=lease)
         if isinstance(ledger, AsyncSpendLedger):
             totals = await ledger.totals(ctx.task_id, ctx.task_type, ctx.limits)
         else:
@@ -1209,6 +1229,7 @@ def budgeted(
     task_id: str | None = None,
     token_counter: Literal["auto", "bytes"] | Callable[..., int] = "auto",
     sync_commit: bool = True,
+    lease: int = 1,
 ) -> BudgetedChatModel:
     """Wrap a chat model (or a ladder, most capable first) so it cannot overspend its envelope.
 
@@ -1223,10 +1244,13 @@ def budgeted(
         token_counter: How prompts are counted before a call (see `BudgetedChatModel`).
         sync_commit: Postgres: wait for each reservation to reach disk before the call
             (default). ``False`` is faster; see `BudgetedChatModel.sync_commit`.
+        lease: Postgres: book room for up to this many calls per reservation and grant the
+            next ones from memory (no round trip per call); see `BudgetedChatModel.lease`.
 
     Raises:
         UnpricedModelError: a model's name is known and it has no price (and no fallback).
-        UserError: an envelope's ladder names a model the wrapper does not have.
+        UserError: an envelope's ladder names a model the wrapper does not have, or
+            *lease* is not a whole number >= 1.
 
     Example:
         ```python
@@ -1247,6 +1271,8 @@ def budgeted(
     for m in models:
         if not isinstance(m, BaseChatModel):
             raise UserError(f"budgeted() takes chat models, got {type(m).__name__}")
+    if isinstance(lease, bool) or not isinstance(lease, int) or lease < 1:
+        raise UserError(f"lease must be a whole number of calls >= 1, got {lease!r}")
     pricing = pricing or Pricing()
     names = [_model_name(m) or "" for m in models]
     for name in names:
@@ -1269,6 +1295,7 @@ def budgeted(
         task_id=task_id,
         token_counter=token_counter,
         sync_commit=sync_commit,
+        lease=lease,
     )
 
 

@@ -52,10 +52,14 @@ def runaway_model(name: str = "gpt-4o") -> ScriptedChatModel:
 
 
 def runaway_llm(backend: Any, *, exit_behavior: Literal["end", "error"] = "end") -> Any:
+    """The runaway model, budgeted (``BUDGET_LEASE`` / ``BUDGET_MAX_USD`` in the environment
+    set ``lease`` and the envelope)."""
+    max_usd = float(os.environ.get("BUDGET_MAX_USD", MAX_USD))
     return budgeted(
         runaway_model(),
-        envelope=Envelope(max_usd=MAX_USD, exit_behavior=exit_behavior),
+        envelope=Envelope(max_usd=max_usd, exit_behavior=exit_behavior),
         backend=backend,
+        lease=int(os.environ.get("BUDGET_LEASE", "1")),
     ).bind_tools([search])
 
 
