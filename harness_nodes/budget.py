@@ -1219,6 +1219,11 @@ class BudgetedChatModel(BaseChatModel):
         return self._mirror(totals, rows, model)
 
 
+def _check_lease(lease: object) -> None:
+    if isinstance(lease, bool) or not isinstance(lease, int) or lease < 1:
+        raise UserError(f"lease must be a whole number of calls >= 1, got {lease!r}")
+
+
 def budgeted(
     model_or_ladder: BaseChatModel | Sequence[BaseChatModel],
     *,
@@ -1271,8 +1276,7 @@ def budgeted(
     for m in models:
         if not isinstance(m, BaseChatModel):
             raise UserError(f"budgeted() takes chat models, got {type(m).__name__}")
-    if isinstance(lease, bool) or not isinstance(lease, int) or lease < 1:
-        raise UserError(f"lease must be a whole number of calls >= 1, got {lease!r}")
+    _check_lease(lease)
     pricing = pricing or Pricing()
     names = [_model_name(m) or "" for m in models]
     for name in names:

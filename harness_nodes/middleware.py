@@ -95,6 +95,7 @@ from harness_nodes.budget import (
     Envelope,
     Envelopes,
     ExitBehavior,
+    _check_lease,
     _is_stop_message,
     budgeted,
 )
@@ -198,6 +199,7 @@ class CostEnvelopeMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
         task_type: Task type when the run's config gives none.
         token_counter: How prompts are counted before a call (see `BudgetedChatModel`).
         sync_commit: Postgres: wait for each reservation to reach disk (see `budgeted`).
+        lease: Postgres: book room for up to this many calls at once (see `budgeted`).
 
     Example:
         ```python
@@ -241,8 +243,10 @@ class CostEnvelopeMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
         task_type: str = "default",
         token_counter: Literal["auto", "bytes"] | Callable[..., int] = "auto",
         sync_commit: bool = True,
+        lease: int = 1,
     ) -> None:
         super().__init__()
+        _check_lease(lease)
         if backend is None:
             raise UserError(
                 "CostEnvelopeMiddleware needs backend=open_backend(url): the spend ledger is "
@@ -257,6 +261,7 @@ class CostEnvelopeMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
         self.task_type = task_type
         self.token_counter = token_counter
         self.sync_commit = sync_commit
+        self.lease = lease
         self._wrapped: dict[int, tuple[BaseChatModel, BudgetedChatModel]] = {}
         self._lock = threading.Lock()
         for m in self.fallbacks:  # fail fast on an unpriced or non-chat fallback
@@ -282,6 +287,7 @@ class CostEnvelopeMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
             task_type=self.task_type,
             token_counter=self.token_counter,
             sync_commit=self.sync_commit,
+            lease=self.lease,
         )
         with self._lock:
             self._wrapped[id(model)] = (model, wrapped)

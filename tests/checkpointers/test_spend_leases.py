@@ -417,3 +417,37 @@ async def test_an_async_idle_lease_gives_its_rest_back_and_settlements_still_flu
         assert await task() == {"reserved_nanos": 0, "spent_nanos": 80}
     finally:
         await backend.close()
+
+
+def test_cost_envelope_middleware_takes_lease_too(pg: Backend) -> None:
+    from langchain.agents import create_agent
+    from langchain_core.tools import tool
+
+    from harness_nodes import CostEnvelopeMiddleware
+    from harness_nodes.testing import tool_call
+
+    @tool
+    def ping() -> str:
+        """Ping."""
+        return "pong"
+
+    with pytest.raises(UserError, match="lease must be a whole number"):
+        CostEnvelopeMiddleware(Envelope(max_usd=1), backend=pg, lease=0)
+    runaway = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("ping", {})], usage=USAGE)],
+        loop=True,
+        model_name="gpt-4o",
+    )
+    budget = CostEnvelopeMiddleware(Envelope(max_usd=5, max_calls=12), backend=pg, lease=4)
+    agent = create_agent(runaway, [ping], middleware=[budget], checkpointer=pg.checkpointer)
+    config: Any = {"configurable": {"thread_id": "mw"}, "recursion_limit": 1_000}
+    with _Counting(pg) as counting:
+        out = agent.invoke({"messages": [HumanMessage("hi")]}, config)
+    assert out["outcome"]["status"] == "budget_exhausted"
+    flush_pending(pg)
+    states = _by_state(pg, "mw")
+    assert states["settled"]["n"] == 12 == _task(pg, "mw")["calls"]  # max_calls, exactly
+    assert _task(pg, "mw")["reserved_nanos"] == 0 and "lease_closed" in states
+    reservations = counting.sent - counting.reads
+    # 12 calls and the refused 13th: 13 reservation statements without a lease.
+    assert reservations == 7, reservations
