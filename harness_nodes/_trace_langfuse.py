@@ -234,7 +234,15 @@ class _Prepared(str):
 
 
 class _Preparing:
-    """An observation whose new children and updates carry prepared input/output."""
+    """An observation whose new children and updates carry prepared input/output.
+
+    With every payload prepared, a child is started and updated in one pass over the SDK's
+    own pieces (its tracer, attribute builders and span-limit guard, as
+    ``LangfuseObservationWrapper`` uses them), skipping the wrapper's per-field media scan
+    and mask (prepared payloads pass both unchanged; the exporter still scans every string
+    attribute for media) and its three separate attribute writes. Anything else (events,
+    payloads `Masker._prepare` declines) takes the SDK's own path.
+    """
 
     __slots__ = ("_obs", "_masker")
 
@@ -250,14 +258,154 @@ class _Preparing:
         return kwargs
 
     def start_observation(self, **kwargs: Any) -> Any:
-        return self._obs.start_observation(**self._prepared(kwargs))
+        kwargs = self._prepared(kwargs)
+        as_type = kwargs.get("as_type", "span")
+        sdk = _sdk()
+        cls = sdk.classes.get(as_type)
+        if cls is None or not _all_prepared(kwargs):
+            return self._obs.start_observation(**kwargs)
+        parent = self._obs
+        client = parent._langfuse_client
+        span = client._otel_tracer.start_span(
+            name=kwargs["name"], context=sdk.set_span_in_context(parent._otel_span)
+        )
+        obs = cls.__new__(cls)  # what the wrapper's __init__ sets, attributes written below
+        obs._otel_span = span
+        obs._langfuse_client = client
+        obs._observation_type = as_type
+        obs.trace_id = client._get_otel_trace_id(span)
+        obs.id = client._get_otel_span_id(span)
+        attributes: dict[str, Any] = {sdk.TYPE: as_type}
+        environment = span.attributes.get(sdk.ENVIRONMENT) if span.attributes else None
+        obs._environment = environment or parent._environment or client._environment
+        if obs._environment is not None and environment is None:
+            attributes[sdk.ENVIRONMENT] = obs._environment
+        obs._release = parent._release or client._release
+        if obs._release is not None:
+            attributes[sdk.RELEASE] = obs._release
+        if span.is_recording():
+            attributes.update(_attributes(sdk, as_type, kwargs, self._masker))
+            attributes[sdk.TYPE] = as_type
+            sdk.set_within_limit(span, attributes, sdk.reserved(as_type))
+            _error_status(sdk, span, kwargs)
+        return obs
 
     def update(self, **kwargs: Any) -> _Preparing:
-        self._obs.update(**self._prepared(kwargs))
+        kwargs = self._prepared(kwargs)
+        obs = self._obs
+        sdk = _sdk()
+        if obs._observation_type == "event" or not _all_prepared(kwargs):
+            obs.update(**kwargs)
+            return self
+        span = obs._otel_span
+        if not span.is_recording():
+            return self
+        if kwargs.get("name"):
+            span.update_name(kwargs["name"])
+        attributes = _attributes(sdk, obs._observation_type, kwargs, self._masker)
+        sdk.set_within_limit(span, attributes, sdk.reserved(obs._observation_type))
+        _error_status(sdk, span, kwargs)
         return self
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._obs, name)
+
+
+def _all_prepared(kwargs: Mapping[str, Any]) -> bool:
+    return all(
+        kwargs.get(key) is None or type(kwargs[key]) is _Prepared for key in ("input", "output")
+    )
+
+
+def _attributes(
+    sdk: Any, as_type: str, kwargs: Mapping[str, Any], masker: Masker
+) -> dict[str, Any]:
+    """The Langfuse attributes of a start or update, built by the SDK's own functions."""
+    metadata = kwargs.get("metadata")
+    if metadata is not None:
+        metadata = masker(data=metadata)
+    common = {
+        "input": kwargs.get("input"),
+        "output": kwargs.get("output"),
+        "metadata": metadata,
+        "version": kwargs.get("version"),
+        "level": kwargs.get("level"),
+        "status_message": kwargs.get("status_message"),
+    }
+    if as_type in sdk.generation_like:
+        return dict(
+            sdk.generation_attributes(
+                **common,
+                completion_start_time=kwargs.get("completion_start_time"),
+                model=kwargs.get("model"),
+                model_parameters=kwargs.get("model_parameters"),
+                usage_details=kwargs.get("usage_details"),
+                cost_details=kwargs.get("cost_details"),
+                prompt=kwargs.get("prompt"),
+                observation_type=as_type,
+            )
+        )
+    return dict(
+        sdk.span_attributes(
+            **common, observation_type=as_type if as_type in sdk.span_like else None
+        )
+    )
+
+
+def _error_status(sdk: Any, span: Any, kwargs: Mapping[str, Any]) -> None:
+    if kwargs.get("level") == "ERROR":
+        try:
+            span.set_status(sdk.Status(sdk.StatusCode.ERROR, kwargs.get("status_message")))
+        except Exception:  # as the SDK does: a status never breaks the run
+            pass
+
+
+_SDK: Any = None
+
+
+def _sdk() -> Any:
+    """The Langfuse SDK pieces the fast path uses (imported once, on first use)."""
+    global _SDK
+    if _SDK is None:
+        from types import SimpleNamespace
+
+        from langfuse._client import span as lf_span
+        from langfuse._client.attributes import (
+            LangfuseOtelSpanAttributes,
+            create_generation_attributes,
+            create_span_attributes,
+        )
+        from langfuse._client.constants import (
+            ObservationTypeGenerationLike,
+            ObservationTypeSpanLike,
+            get_observation_types_list,
+        )
+        from opentelemetry.trace import Status, StatusCode, set_span_in_context
+
+        reserved: dict[str, tuple[str, ...]] = {}
+
+        def reserved_keys(as_type: str) -> tuple[str, ...]:
+            keys = reserved.get(as_type)
+            if keys is None:
+                keys = reserved[as_type] = lf_span._reserved_attribute_keys(as_type)
+            return keys
+
+        _SDK = SimpleNamespace(
+            classes={k: v for k, v in lf_span._OBSERVATION_CLASS_MAP.items() if k != "event"},
+            set_span_in_context=set_span_in_context,
+            set_within_limit=lf_span._set_span_attributes_within_limit,
+            reserved=reserved_keys,
+            generation_like=frozenset(get_observation_types_list(ObservationTypeGenerationLike)),
+            span_like=frozenset(get_observation_types_list(ObservationTypeSpanLike)),
+            generation_attributes=create_generation_attributes,
+            span_attributes=create_span_attributes,
+            TYPE=LangfuseOtelSpanAttributes.OBSERVATION_TYPE,
+            ENVIRONMENT=LangfuseOtelSpanAttributes.ENVIRONMENT,
+            RELEASE=LangfuseOtelSpanAttributes.RELEASE,
+            Status=Status,
+            StatusCode=StatusCode,
+        )
+    return _SDK
 
 
 def _ensure_masked(client: Any, masker: Masker) -> None:
