@@ -569,3 +569,109 @@ def test_secrets_are_masked_when_the_app_built_its_langfuse_client_first(
         assert secret.encode() not in blob, secret
     assert b"***" in blob
     assert bool(seen) == own_mask  # the application's own mask still runs, before ours
+
+
+def test_observations_started_in_one_pass_carry_the_sdks_own_attributes(
+    public_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler's one-pass start/update writes what the SDK's wrapper would have written."""
+    from langfuse import Langfuse
+    from langfuse._client.span import LangfuseObservationWrapper
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from harness_nodes import Masker
+    from harness_nodes._trace_langfuse import _Preparing
+
+    mask = Masker(sensitive_fields=["card_number"])
+    exporter = InMemorySpanExporter()
+    client = Langfuse(
+        public_key=public_key,
+        secret_key="sk-lf-test-secret",
+        base_url="http://127.0.0.1:9",
+        span_exporter=exporter,
+        mask=mask,
+        environment="staging",
+        release="r-7",
+    )
+    root = client.start_observation(name="root", trace_context={"trace_id": trace_id_for("t")})
+    node_input = {"messages": [AIMessage("key sk-abcdefghijklmnop1234")], "card_number": "4111"}
+    calls: list[tuple[dict[str, Any], list[dict[str, Any]]]] = [
+        (
+            {"name": "agent", "as_type": "chain", "input": node_input},
+            [{"output": {"messages": ["done"]}, "input": None}],
+        ),
+        (
+            {
+                "name": "ChatModel",
+                "as_type": "generation",
+                "input": [{"role": "user", "content": "hi"}],
+                "metadata": {"langgraph_node": "agent", "password": "hunter22"},
+                "model": "gpt-4o-mini",
+                "model_parameters": {"temperature": 0.0},
+            },
+            [
+                {"model": "gpt-4o-mini", "cost_details": {"input": 1.0, "total": 1.0}},
+                {"output": {"role": "assistant", "content": "x"}, "usage_details": {"input": 3}},
+            ],
+        ),
+        (
+            {
+                "name": "verify lookup",
+                "as_type": "guardrail",
+                "input": {"tool": "lookup"},
+                "output": {"ok": False},
+                "level": "ERROR",
+                "status_message": "empty",
+            },
+            [],
+        ),
+    ]
+    wrapper_calls: list[str] = []
+    for method in ("__init__", "update"):
+        original = getattr(LangfuseObservationWrapper, method)
+
+        def counted(self: Any, *a: Any, _f: Any = original, _m: str = method, **k: Any) -> Any:
+            wrapper_calls.append(_m)
+            return _f(self, *a, **k)
+
+        monkeypatch.setattr(LangfuseObservationWrapper, method, counted)
+    for one_pass in (False, True):
+        wrapper_calls.clear()
+        for start, updates in calls:
+            if one_pass:
+                obs = _Preparing(root, mask).start_observation(**dict(start))
+                for update in updates:
+                    _Preparing(obs, mask).update(**dict(update))
+            else:  # the SDK's wrapper, given the same prepared payloads
+                obs = root.start_observation(**_Preparing(root, mask)._prepared(dict(start)))
+                for update in updates:
+                    obs.update(**_Preparing(obs, mask)._prepared(dict(update)))
+            assert (
+                type(obs).__name__
+                == {
+                    "chain": "LangfuseChain",
+                    "generation": "LangfuseGeneration",
+                    "guardrail": "LangfuseGuardrail",
+                }[start["as_type"]]
+            )
+            assert (obs.trace_id, obs._environment, obs._release) == (
+                root.trace_id,
+                "staging",
+                "r-7",
+            )
+            obs.end()
+        assert bool(wrapper_calls) is not one_pass  # one pass: not through the wrapper
+    client.flush()
+    sdk, ours = exporter.get_finished_spans()[:3], exporter.get_finished_spans()[3:]
+    assert len(ours) == 3
+    for theirs, mine in zip(sdk, ours, strict=True):
+        assert mine.name == theirs.name
+        assert dict(mine.attributes or {}) == dict(theirs.attributes or {})
+        assert mine.parent is not None and theirs.parent is not None
+        assert mine.parent.span_id == theirs.parent.span_id == root._otel_span.context.span_id
+        assert (mine.status.status_code, mine.status.description) == (
+            theirs.status.status_code,
+            theirs.status.description,
+        )
+    assert "***" in (ours[0].attributes or {})["langfuse.observation.input"]
+    assert (ours[2].attributes or {})["langfuse.observation.level"] == "ERROR"
