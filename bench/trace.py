@@ -190,8 +190,10 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
     """Where a traced step's extra CPU goes: per-thread CPU time inside each part.
 
     Wraps (in this process only, after the timed rounds) the handler's callbacks, the
-    Langfuse SDK's observation calls and the harness's masking/encoding with
-    ``time.thread_time`` accumulators; nested calls of the same part count once.
+    Langfuse SDK's observation and score calls and the harness's masking/encoding with
+    ``time.thread_time`` accumulators. Each part counts its own time only: a part called
+    from another (the SDK from a callback, masking from the SDK's start) is taken out of the
+    caller's figure, so the parts add up.
     """
     import collections
     import functools
@@ -200,27 +202,34 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
     import langfuse._client.span as lf_span
     from langfuse import Langfuse
 
-    from harness_nodes._trace_langfuse import Masker
+    from harness_nodes._trace_langfuse import Masker, _Preparing
 
     spent: collections.Counter[str] = collections.Counter()
     calls: collections.Counter[str] = collections.Counter()
-    inside = threading.local()
+    local = threading.local()
 
     def account(owner: Any, name: str, part: str) -> None:
         original = getattr(owner, name)
 
         @functools.wraps(original)
         def wrapper(*a: Any, **k: Any) -> Any:
-            if getattr(inside, part, False):
+            stack: list[list[Any]] | None = getattr(local, "stack", None)
+            if stack is None:
+                stack = local.stack = []
+            if stack and stack[-1][0] == part:  # nested call of the same part: counted once
                 return original(*a, **k)
-            setattr(inside, part, True)
+            frame: list[Any] = [part, 0.0]
+            stack.append(frame)
             t0 = time.thread_time()
             try:
                 return original(*a, **k)
             finally:
-                spent[part] += time.thread_time() - t0
+                elapsed = time.thread_time() - t0
+                stack.pop()
+                spent[part] += elapsed - frame[1]
                 calls[part] += 1
-                setattr(inside, part, False)
+                if stack:
+                    stack[-1][1] += elapsed  # the caller's part does not count it
 
         setattr(owner, name, wrapper)
 
@@ -229,6 +238,10 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
             thread, public_key=public_key, secret_key="sk-lf-bench", base_url=base_url
         )
 
+    handler = "handlers' own work (ours + the SDK's CallbackHandler)"
+    sdk = "Langfuse SDK observations (start, update, end)"
+    scores = "Langfuse SDK scores (create_score)"
+    masking = "harness masking + JSON encoding"
     handler_class = type(config("breakdown-probe")["callbacks"][0])
     for name in (
         "on_chain_start",
@@ -239,13 +252,18 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
         "on_tool_end",
         "on_custom_event",
     ):
-        account(handler_class, name, "handler callbacks (harness + SDK handler)")
-    sdk = "Langfuse SDK observations (start, update, end)"
-    account(lf_span.LangfuseObservationWrapper, "start_observation", sdk)
-    account(lf_span.LangfuseObservationWrapper, "update", sdk)
-    account(lf_span.LangfuseObservationWrapper, "end", sdk)
-    account(Langfuse, "start_observation", sdk)
-    account(Masker, "_prepare", "harness masking + JSON encoding")
+        account(handler_class, name, handler)
+    for owner, name in (
+        (_Preparing, "start_observation"),  # the one-pass start/update of prepared payloads
+        (_Preparing, "update"),
+        (lf_span.LangfuseObservationWrapper, "start_observation"),
+        (lf_span.LangfuseObservationWrapper, "update"),
+        (lf_span.LangfuseObservationWrapper, "end"),
+        (Langfuse, "start_observation"),
+    ):
+        account(owner, name, sdk)
+    account(Langfuse, "create_score", scores)
+    account(Masker, "_prepare", masking)
     with tempfile.TemporaryDirectory() as tmp:
         url = "memory://" if args.db == "memory" else f"sqlite:///{tmp}/breakdown.db"
         with open_backend(url) as backend:
@@ -272,14 +290,13 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
         f"breakdown (process CPU, ms/step): untraced {per['untraced']:.2f}, traced "
         f"{per['traced']:.2f}, extra {extra:.2f}"
     )
-    handler = "handler callbacks (harness + SDK handler)"
-    for part in (handler, sdk, "harness masking + JSON encoding"):
+    for part in (sdk, scores, handler, masking):
         print(
             f"  {part}: {spent[part] / steps * 1000:.2f} ms/step "
             f"({calls[part] / steps:.1f} calls/step)"
         )
-    rest = extra - spent[handler] / steps * 1000
-    print(f"  outside the callbacks (LangChain callback plumbing, SDK threads, GC): {rest:.2f}")
+    rest = extra - sum(spent.values()) / steps * 1000
+    print(f"  outside these (LangChain callback plumbing, SDK threads, GC): {rest:.2f}")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,8 @@ _SECRET_PATTERNS = re.compile(
     r"|AIza[0-9A-Za-z_\-]{30,}"  # Google API keys
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/\-]{8,}=*)"
 )
+_SECRET_HINTS = ("sk-", "pk-lf-", "akia", "gh", "xox", "aiza", "bearer")
+"""What each of `_SECRET_PATTERNS` starts with, lowercased."""
 _ENV_SECRET_NAME = re.compile(r"(API_KEY|SECRET|TOKEN|PASSWORD)", re.IGNORECASE)
 
 
@@ -117,7 +119,16 @@ class Masker:
         self._kv = re.compile(
             rf"""(?i)(["']?)\b({names})\1(\s*[:=]\s*)("[^"]*"|'[^']*'|[^\s,;}}\])]+)"""
         )
+        # Substrings (lowercased) without which neither pattern can match an ASCII string
+        # (IGNORECASE folds only ASCII there): a string holding none skips both scans.
+        hints = {*_SECRET_HINTS, *(s.lower() for s in self._literals), *self.fields}
+        self._hint = (
+            re.compile("|".join(re.escape(h) for h in sorted(hints, key=len, reverse=True)))
+            if all(f.isascii() for f in self.fields)
+            else None
+        )
         self._sensitive: dict[Any, bool] = {}  # key → masked whole? (keys repeat a lot)
+        self._encoder = json.JSONEncoder(default=self._json_default, allow_nan=False)
         self._messages: dict[tuple[int, str], tuple[Any, Any, _Masked]] = {}
 
     def __call__(self, *, data: Any, **_: Any) -> Any:
@@ -134,12 +145,43 @@ class Masker:
         holds a base64 data URI (the SDK's media upload handles those).
         """
         try:
-            text = json.dumps(self._mask(data, 0), default=self._json_default, allow_nan=False)
+            text = self._encode(self._mask(data, 0), 0)
         except (TypeError, ValueError, RecursionError):
             return None
         if ";base64," in text and "data:" in text:
             return None
         return _Prepared(text)
+
+    def _encode(self, data: Any, depth: int) -> str:
+        """``json.dumps(data)`` of masked *data*, reusing each remembered message's encoding.
+
+        Containers holding remembered messages (a prompt, a node's messages) are joined from
+        their items' encodings, down two levels; anything else is one call to the C encoder.
+        The text is the same ``json.dumps`` would produce.
+        """
+        kind = type(data)
+        if kind is _Masked:
+            text: str | None = data.json
+            if text is None:
+                text = data.json = self._encoder.encode(data)
+            return text
+        if depth < 2:
+            if kind is list and any(type(v) is _Masked or type(v) is list for v in data):
+                return "[" + ", ".join([self._encode(v, depth + 1) for v in data]) + "]"
+            if (
+                kind is dict
+                and any(type(v) is _Masked or type(v) is list for v in data.values())
+                and all(type(k) is str for k in data)
+            ):
+                dump_key = self._encoder.encode
+                return (
+                    "{"
+                    + ", ".join(
+                        [f"{dump_key(k)}: {self._encode(v, depth + 1)}" for k, v in data.items()]
+                    )
+                    + "}"
+                )
+        return self._encoder.encode(data)
 
     def _json_default(self, obj: Any) -> Any:
         # What Langfuse's serialiser makes of anything else (datetimes, UUIDs, enums...).
@@ -154,9 +196,11 @@ class Masker:
         """Mask secrets inside one string."""
         if len(value) < 8:
             return value
+        if value.isascii() and self._hint is not None and not self._hint.search(value.lower()):
+            return value
         value = self._any.sub(MASK, value)
         if ":" in value or "=" in value:
-            value = self._kv.sub(lambda m: f"{m[1]}{m[2]}{m[1]}{m[3]}{MASK}", value)
+            value = self._kv.sub(_mask_pair, value)
         return value
 
     def _is_sensitive(self, key: Any) -> bool:
@@ -182,6 +226,7 @@ class Masker:
         if not isinstance(masked, dict):
             return masked
         masked = _Masked(masked)
+        masked.json = None
         if len(self._messages) >= 2048:
             self._messages.clear()
         self._messages[key] = (msg, content, masked)
@@ -217,6 +262,10 @@ class Masker:
         return data
 
 
+def _mask_pair(m: re.Match[str]) -> str:
+    return f"{m[1]}{m[2]}{m[1]}{m[3]}{MASK}"
+
+
 def _model_dump(msg: Any) -> Any:
     return msg.model_dump()
 
@@ -224,7 +273,9 @@ def _model_dump(msg: Any) -> Any:
 class _Masked(dict[str, Any]):
     """Plain data `Masker` has masked already (a message, remembered): not walked again."""
 
-    __slots__ = ()
+    __slots__ = ("json",)
+    json: str | None
+    """Its JSON encoding, once a payload holding it was prepared."""
 
 
 class _Prepared(str):

@@ -675,3 +675,25 @@ def test_observations_started_in_one_pass_carry_the_sdks_own_attributes(
         )
     assert "***" in (ours[0].attributes or {})["langfuse.observation.input"]
     assert (ours[2].attributes or {})["langfuse.observation.level"] == "ERROR"
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        pytest.param("PASSWORD: hunter22", "PASSWORD: ***", id="upper-case-key"),
+        pytest.param("Card_Number=4111111111111111", "Card_Number=***", id="user-field"),
+        pytest.param("Authorization: BEARER abcdefgh12345", "Authorization: ***", id="bearer"),
+        pytest.param("paſſword: hunter22", "paſſword: ***", id="long-s-folds-to-s"),
+        pytest.param("apİ_key: abcdefgh", "apİ_key: ***", id="dotted-capital-i"),
+        pytest.param("copy of Literal-Secret-42 here", "copy of *** here", id="literal"),
+        pytest.param("x sk-abcdefghijklmnop1234 y", "x *** y", id="key-shaped"),
+        pytest.param("plain text, no secrets: none", "plain text, no secrets: none", id="clean"),
+    ],
+)
+def test_masking_text_finds_secrets_whatever_their_case_or_script(text: str, masked: str) -> None:
+    # Text with no trace of a secret skips the regex scans: every way a pattern can match
+    # (case-insensitive keys, non-ASCII letters that fold to ASCII) must still be scanned.
+    from harness_nodes import Masker
+
+    mask = Masker(sensitive_fields=["card_number"], secrets=["Literal-Secret-42"])
+    assert mask.text(text) == masked
