@@ -697,3 +697,22 @@ def test_masking_text_finds_secrets_whatever_their_case_or_script(text: str, mas
 
     mask = Masker(sensitive_fields=["card_number"], secrets=["Literal-Secret-42"])
     assert mask.text(text) == masked
+
+
+def test_prepared_payloads_reuse_a_remembered_messages_encoding_with_the_same_text() -> None:
+    import json
+
+    from harness_nodes import Masker
+
+    mask = Masker()
+    first, second = HumanMessage("hi, key sk-abcdefghijklmnop1234"), AIMessage("ü ok")
+    payloads: list[Any] = [
+        {"messages": [first], "earlier_messages": 3, "verdicts": [{"ok": True}]},
+        [first, second],
+        {"messages": [first, second], "other": {"nested": [first]}},
+        {1: [first]},  # a non-string key: encoded whole, as json.dumps converts it
+    ]
+    for _ in range(2):  # the second pass joins remembered encodings
+        for data in payloads:
+            assert mask._prepare(data) == json.dumps(mask(data=data))
+    assert "sk-abcdefghijklmnop1234" not in str(mask._prepare(payloads[1]))
