@@ -200,7 +200,9 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
     import threading
 
     import langfuse._client.span as lf_span
+    from langchain_core.callbacks import BaseCallbackHandler
     from langfuse import Langfuse
+    from opentelemetry.sdk import trace as otel_sdk
 
     from harness_nodes._trace_langfuse import Masker, _Preparing
 
@@ -239,10 +241,16 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
         )
 
     handler = "handlers' own work (ours + the SDK's CallbackHandler)"
-    sdk = "Langfuse SDK observations (start, update, end)"
+    sdk = "Langfuse SDK observations (start, update, end), less the two parts below"
+    spans = "OpenTelemetry spans with Langfuse's span processor (start_span, end)"
     scores = "Langfuse SDK scores (create_score)"
     masking = "harness masking + JSON encoding"
     handler_class = type(config("breakdown-probe")["callbacks"][0])
+
+    class NoOp(BaseCallbackHandler):
+        """Receives every callback and does nothing: LangChain's plumbing alone."""
+
+    noop = NoOp()
     for name in (
         "on_chain_start",
         "on_chain_end",
@@ -262,6 +270,8 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
         (Langfuse, "start_observation"),
     ):
         account(owner, name, sdk)
+    account(otel_sdk.Tracer, "start_span", spans)  # includes LangfuseSpanProcessor.on_start
+    account(otel_sdk.Span, "end", spans)  # includes LangfuseSpanProcessor.on_end
     account(Langfuse, "create_score", scores)
     account(Masker, "_prepare", masking)
     with tempfile.TemporaryDirectory() as tmp:
@@ -284,19 +294,25 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
                 c0 = time.process_time()
                 run_once(graph, {"configurable": {"thread_id": f"breakdown-{i}-plain"}})
                 cpu["untraced"] += time.process_time() - c0
+                idle = {"configurable": {"thread_id": f"breakdown-{i}-idle"}, "callbacks": [noop]}
+                c0 = time.process_time()
+                run_once(graph, idle)
+                cpu["idle handler"] += time.process_time() - c0
     per = {k: v / steps * 1000 for k, v in cpu.items()}
     extra = per["traced"] - per["untraced"]
     print(
         f"breakdown (process CPU, ms/step): untraced {per['untraced']:.2f}, traced "
         f"{per['traced']:.2f}, extra {extra:.2f}"
     )
-    for part in (sdk, scores, handler, masking):
+    for part in (spans, sdk, scores, handler, masking):
         print(
             f"  {part}: {spent[part] / steps * 1000:.2f} ms/step "
             f"({calls[part] / steps:.1f} calls/step)"
         )
     rest = extra - sum(spent.values()) / steps * 1000
+    plumbing = per["idle handler"] - per["untraced"]
     print(f"  outside these (LangChain callback plumbing, SDK threads, GC): {rest:.2f}")
+    print(f"    of which LangChain's plumbing (a handler that does nothing): {plumbing:.2f}")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,7 @@ class Masker:
         self._sensitive: dict[Any, bool] = {}  # key → masked whole? (keys repeat a lot)
         self._encoder = json.JSONEncoder(default=self._json_default, allow_nan=False)
         self._messages: dict[tuple[int, str], tuple[Any, Any, _Masked]] = {}
+        self._metadata: dict[tuple[Any, type, Any], dict[str, Any]] = {}
 
     def __call__(self, *, data: Any, **_: Any) -> Any:
         """Langfuse's ``mask`` signature: return *data* with its secrets masked."""
@@ -182,6 +183,31 @@ class Masker:
                     + "}"
                 )
         return self._encoder.encode(data)
+
+    def _metadata_attributes(
+        self, metadata: dict[Any, Any], flatten: Callable[[Any, str], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Langfuse's attributes for observation *metadata*, masked (``flatten``: the SDK's).
+
+        Each key is flattened on its own (as the SDK does) and a key with a plain value is
+        remembered: node names and steps repeat on every observation.
+        """
+        out: dict[str, Any] = {}
+        for key, value in metadata.items():
+            kind = type(value)
+            if kind is str or kind is int or kind is bool or value is None:  # -0.0 == 0.0
+                cache_key = (key, kind, value)
+                hit = self._metadata.get(cache_key)
+                if hit is None:
+                    if len(self._metadata) >= 4096:
+                        self._metadata.clear()
+                    hit = self._metadata[cache_key] = flatten(
+                        self._mask({key: value}, 0), "observation"
+                    )
+                out.update(hit)
+            else:
+                out.update(flatten(self._mask({key: value}, 0), "observation"))
+        return out
 
     def _json_default(self, obj: Any) -> Any:
         # What Langfuse's serialiser makes of anything else (datetimes, UUIDs, enums...).
@@ -295,11 +321,12 @@ class _Preparing:
     payloads `Masker._prepare` declines) takes the SDK's own path.
     """
 
-    __slots__ = ("_obs", "_masker")
+    __slots__ = ("_obs", "_masker", "_defaults")
 
-    def __init__(self, obs: Any, masker: Masker) -> None:
+    def __init__(self, obs: Any, masker: Masker, defaults: Mapping[str, Any] | None = None) -> None:
         self._obs = obs
         self._masker = masker
+        self._defaults = defaults  # written by the next update, unless it sets them itself
 
     def _prepared(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         for key in ("input", "output"):
@@ -342,6 +369,11 @@ class _Preparing:
         return obs
 
     def update(self, **kwargs: Any) -> _Preparing:
+        if self._defaults:
+            for key, value in self._defaults.items():
+                if kwargs.get(key) is None:
+                    kwargs[key] = value
+            self._defaults = None
         kwargs = self._prepared(kwargs)
         obs = self._obs
         sdk = _sdk()
@@ -373,18 +405,16 @@ def _attributes(
 ) -> dict[str, Any]:
     """The Langfuse attributes of a start or update, built by the SDK's own functions."""
     metadata = kwargs.get("metadata")
-    if metadata is not None:
-        metadata = masker(data=metadata)
     common = {
         "input": kwargs.get("input"),
         "output": kwargs.get("output"),
-        "metadata": metadata,
+        "metadata": None if type(metadata) is dict else masker(data=metadata),
         "version": kwargs.get("version"),
         "level": kwargs.get("level"),
         "status_message": kwargs.get("status_message"),
     }
     if as_type in sdk.generation_like:
-        return dict(
+        attributes = dict(
             sdk.generation_attributes(
                 **common,
                 completion_start_time=kwargs.get("completion_start_time"),
@@ -396,11 +426,15 @@ def _attributes(
                 observation_type=as_type,
             )
         )
-    return dict(
-        sdk.span_attributes(
-            **common, observation_type=as_type if as_type in sdk.span_like else None
+    else:
+        attributes = dict(
+            sdk.span_attributes(
+                **common, observation_type=as_type if as_type in sdk.span_like else None
+            )
         )
-    )
+    if type(metadata) is dict:
+        attributes.update(masker._metadata_attributes(metadata, sdk.flatten_metadata))
+    return attributes
 
 
 def _error_status(sdk: Any, span: Any, kwargs: Mapping[str, Any]) -> None:
@@ -423,6 +457,7 @@ def _sdk() -> Any:
         from langfuse._client import span as lf_span
         from langfuse._client.attributes import (
             LangfuseOtelSpanAttributes,
+            _flatten_and_serialize_metadata,
             create_generation_attributes,
             create_span_attributes,
         )
@@ -450,6 +485,7 @@ def _sdk() -> Any:
             span_like=frozenset(get_observation_types_list(ObservationTypeSpanLike)),
             generation_attributes=create_generation_attributes,
             span_attributes=create_span_attributes,
+            flatten_metadata=_flatten_and_serialize_metadata,
             TYPE=LangfuseOtelSpanAttributes.OBSERVATION_TYPE,
             ENVIRONMENT=LangfuseOtelSpanAttributes.ENVIRONMENT,
             RELEASE=LangfuseOtelSpanAttributes.RELEASE,
@@ -533,6 +569,8 @@ def _handler_class() -> type[Any]:
             _ensure_masked(self._langfuse_client, masker)
             self._prepares = getattr(self._langfuse_client, "_mask", None) is masker
             self._root_metadata: dict[UUID, Mapping[str, Any]] = {}
+            # A generation's model and cost, written with the SDK's final update of it.
+            self._priced: dict[UUID, dict[str, Any]] = {}
 
         def _get_error_level_and_status_message(
             self, error: BaseException
@@ -606,19 +644,28 @@ def _handler_class() -> type[Any]:
             **kwargs: Any,
         ) -> Any:
             generation = self._runs.get(run_id)
+            priced: dict[str, Any] | None = None
             if generation is not None:
                 try:
-                    self._price_generation(generation, response)
+                    priced = self._price_generation(response)
                 except Exception:  # never break the run for a trace
                     logger.exception("could not price a generation for Langfuse")
-            return super().on_llm_end(
-                response, run_id=run_id, parent_run_id=parent_run_id, **kwargs
-            )
+            if priced and generation is not None and not self._prepares:
+                generation.update(**priced)
+            elif priced:  # rides on the SDK's own final update (its model, if any, wins)
+                self._priced[run_id] = priced
+            try:
+                return super().on_llm_end(
+                    response, run_id=run_id, parent_run_id=parent_run_id, **kwargs
+                )
+            finally:
+                self._priced.pop(run_id, None)
 
-        def _price_generation(self, generation: Any, response: LLMResult) -> None:
+        def _price_generation(self, response: LLMResult) -> dict[str, Any] | None:
+            """The generation's model and ``cost_details`` from the harness's pricing."""
             last = response.generations[-1][-1]
             if not isinstance(last, ChatGeneration) or not isinstance(last.message, AIMessage):
-                return
+                return None
             msg = last.message
             usage: Mapping[str, Any] = msg.usage_metadata or {}
             inp, out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
@@ -631,7 +678,7 @@ def _handler_class() -> type[Any]:
                 or ""
             )
             if not model:
-                return
+                return None
             spent = budget.get("spent_usd")
             priced = call_cost(self._pricing, model, inp, out)
             if isinstance(spent, int | float):
@@ -642,9 +689,8 @@ def _handler_class() -> type[Any]:
             elif priced is not None:
                 cost = {"input": priced[0], "output": priced[1], "total": priced[0] + priced[1]}
             else:
-                generation.update(model=model)
-                return
-            generation.update(model=model, cost_details=cost)
+                return {"model": model}
+            return {"model": model, "cost_details": cost}
 
         # --- root runs: the outcome becomes a trace score ------------------------------
         def on_chain_end(
@@ -763,7 +809,11 @@ def _handler_class() -> type[Any]:
             return obs if obs is self._langfuse_client else self._preparing(obs)
 
         def _detach_observation(self, run_id: UUID) -> Any:
-            return self._preparing(super()._detach_observation(run_id))
+            obs = super()._detach_observation(run_id)
+            priced = self._priced.pop(run_id, None)
+            if obs is None or not self._prepares:
+                return obs
+            return _Preparing(obs, self._masker, priced)
 
         def _get_langchain_observation_metadata(
             self,

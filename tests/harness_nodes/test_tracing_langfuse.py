@@ -597,7 +597,12 @@ def test_observations_started_in_one_pass_carry_the_sdks_own_attributes(
     node_input = {"messages": [AIMessage("key sk-abcdefghijklmnop1234")], "card_number": "4111"}
     calls: list[tuple[dict[str, Any], list[dict[str, Any]]]] = [
         (
-            {"name": "agent", "as_type": "chain", "input": node_input},
+            {
+                "name": "agent",
+                "as_type": "chain",
+                "input": node_input,
+                "metadata": {"langgraph_node": "agent", "langgraph_step": 3, "retry": False},
+            },
             [{"output": {"messages": ["done"]}, "input": None}],
         ),
         (
@@ -605,7 +610,14 @@ def test_observations_started_in_one_pass_carry_the_sdks_own_attributes(
                 "name": "ChatModel",
                 "as_type": "generation",
                 "input": [{"role": "user", "content": "hi"}],
-                "metadata": {"langgraph_node": "agent", "password": "hunter22"},
+                "metadata": {
+                    "langgraph_node": "agent",
+                    "langgraph_step": 3,
+                    "password": "hunter22",
+                    "note": "key sk-abcdefghijklmnop1234",
+                    "flags": {"cached": True, "tries": [1, 2]},
+                    "skipped": None,
+                },
                 "model": "gpt-4o-mini",
                 "model_parameters": {"temperature": 0.0},
             },
@@ -674,6 +686,7 @@ def test_observations_started_in_one_pass_carry_the_sdks_own_attributes(
             theirs.status.description,
         )
     assert "***" in (ours[0].attributes or {})["langfuse.observation.input"]
+    assert (ours[1].attributes or {})["langfuse.observation.metadata.note"] == '"key ***"'
     assert (ours[2].attributes or {})["langfuse.observation.level"] == "ERROR"
 
 
