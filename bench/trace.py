@@ -241,7 +241,7 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
         )
 
     handler = "handlers' own work (ours + the SDK's CallbackHandler)"
-    sdk = "Langfuse SDK observations (start, update, end), less the two parts below"
+    sdk = "Langfuse SDK observations: attributes and wrappers (start, update, end)"
     spans = "OpenTelemetry spans with Langfuse's span processor (start_span, end)"
     scores = "Langfuse SDK scores (create_score)"
     masking = "harness masking + JSON encoding"

@@ -129,7 +129,7 @@ class Masker:
         )
         self._sensitive: dict[Any, bool] = {}  # key → masked whole? (keys repeat a lot)
         self._encoder = json.JSONEncoder(default=self._json_default, allow_nan=False)
-        self._messages: dict[tuple[int, str], tuple[Any, Any, _Masked]] = {}
+        self._messages: dict[tuple[int, str], tuple[Any, Any, Any, _Masked]] = {}
         self._metadata: dict[tuple[Any, type, Any], dict[str, Any]] = {}
 
     def __call__(self, *, data: Any, **_: Any) -> Any:
@@ -238,16 +238,22 @@ class Masker:
         return hit
 
     def _message(self, msg: Any, kind: str, dump: Callable[[Any], Any]) -> Any:
-        """``dump(msg)`` masked, remembered while *msg* (and its content) is the same object.
+        """``dump(msg)`` masked, remembered while *msg* (its content, its id) is the same.
 
         A conversation re-sends every earlier message on each model call; masking each one
-        once keeps tracing linear in the conversation's length.
+        once keeps tracing linear in the conversation's length. LangGraph's ``add_messages``
+        gives an id-less message its id in place, after the node that returned it ended.
         """
         key = (id(msg), kind)
         hit = self._messages.get(key)
         content = getattr(msg, "content", None)
-        if hit is not None and hit[0] is msg and hit[1] is content:
-            return hit[2]
+        if (
+            hit is not None
+            and hit[0] is msg
+            and hit[1] is content
+            and hit[2] == getattr(msg, "id", None)
+        ):
+            return hit[3]
         masked = self._mask(dump(msg), 1)
         if not isinstance(masked, dict):
             return masked
@@ -255,7 +261,7 @@ class Masker:
         masked.json = None
         if len(self._messages) >= 2048:
             self._messages.clear()
-        self._messages[key] = (msg, content, masked)
+        self._messages[key] = (msg, content, getattr(msg, "id", None), masked)
         return masked
 
     def _mask(self, data: Any, depth: int) -> Any:

@@ -729,3 +729,13 @@ def test_prepared_payloads_reuse_a_remembered_messages_encoding_with_the_same_te
         for data in payloads:
             assert mask._prepare(data) == json.dumps(mask(data=data))
     assert "sk-abcdefghijklmnop1234" not in str(mask._prepare(payloads[1]))
+
+
+def test_masker_sees_the_id_langgraph_gives_a_message_after_it_was_masked() -> None:
+    from harness_nodes import Masker
+
+    mask = Masker()
+    msg = AIMessage("hello there")
+    assert mask(data=[msg])[0]["id"] is None  # a node's output, before the reducer ran
+    msg.id = "run-1"  # what add_messages does to an id-less message, in place
+    assert mask(data=[msg])[0]["id"] == "run-1"  # the next node's input
