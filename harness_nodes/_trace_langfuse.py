@@ -273,12 +273,31 @@ class Masker:
         if depth > 64:
             return data
         if kind is dict or isinstance(data, Mapping):
-            sensitive = self._is_sensitive
-            return {
-                k: (MASK if sensitive(k) else self._mask(v, depth + 1)) for k, v in data.items()
-            }
+            # Leaves inline: most values are plain strings and numbers, a call each otherwise.
+            known = self._sensitive
+            out: dict[Any, Any] = {}
+            for k, v in data.items():
+                hit = known.get(k)
+                if hit if hit is not None else self._is_sensitive(k):
+                    out[k] = MASK
+                    continue
+                vkind = type(v)
+                if vkind is str:
+                    out[k] = self.text(v) if len(v) >= 8 else v
+                elif v is None or vkind is int or vkind is bool or vkind is float:
+                    out[k] = v
+                else:
+                    out[k] = self._mask(v, depth + 1)
+            return out
         if kind is list or kind is tuple:
-            return [self._mask(v, depth + 1) for v in data]
+            return [
+                (self.text(v) if len(v) >= 8 else v)
+                if type(v) is str
+                else v
+                if v is None or type(v) is int or type(v) is float
+                else self._mask(v, depth + 1)
+                for v in data
+            ]
         if isinstance(data, str):
             return self.text(data)
         if isinstance(data, int | float | bool):

@@ -739,3 +739,27 @@ def test_masker_sees_the_id_langgraph_gives_a_message_after_it_was_masked() -> N
     assert mask(data=[msg])[0]["id"] is None  # a node's output, before the reducer ran
     msg.id = "run-1"  # what add_messages does to an id-less message, in place
     assert mask(data=[msg])[0]["id"] == "run-1"  # the next node's input
+
+
+def test_masker_masks_at_every_depth_and_in_every_container() -> None:
+    from dataclasses import dataclass
+
+    from harness_nodes import Masker
+
+    @dataclass
+    class Login:
+        user: str
+        password: str
+
+    secret = "sk-abcdefghijklmnop1234"
+    mask = Masker(sensitive_fields=["card_number"])
+    data = {
+        "calls": [{"args": {"Card_Number": "4111", "note": f"key {secret}"}}, (f"x {secret}", 1)],
+        "login": Login("ann", "hunter22"),
+        7: [True, None, 2.5, "short", {"token": ["a", "b"]}],
+    }
+    assert mask(data=data) == {
+        "calls": [{"args": {"Card_Number": "***", "note": "key ***"}}, ["x ***", 1]],
+        "login": {"user": "ann", "password": "***"},
+        7: [True, None, 2.5, "short", {"token": "***"}],
+    }
