@@ -247,21 +247,25 @@ class Masker:
         key = (id(msg), kind)
         hit = self._messages.get(key)
         content = getattr(msg, "content", None)
-        if (
-            hit is not None
-            and hit[0] is msg
-            and hit[1] is content
-            and hit[2] == getattr(msg, "id", None)
-        ):
-            return hit[3]
-        masked = self._mask(dump(msg), 1)
-        if not isinstance(masked, dict):
-            return masked
-        masked = _Masked(masked)
-        masked.json = None
+        msg_id = getattr(msg, "id", None)
+        if hit is not None and hit[0] is msg and hit[1] is content:
+            if hit[2] == msg_id:
+                return hit[3]
+            masked = hit[3]  # only the id changed: the rest stands
+            if "id" in masked:
+                masked = _Masked(
+                    {**masked, "id": MASK if self._is_sensitive("id") else self._mask(msg_id, 1)}
+                )
+                masked.json = None
+        else:
+            masked = self._mask(dump(msg), 1)
+            if not isinstance(masked, dict):
+                return masked
+            masked = _Masked(masked)
+            masked.json = None
         if len(self._messages) >= 2048:
             self._messages.clear()
-        self._messages[key] = (msg, content, getattr(msg, "id", None), masked)
+        self._messages[key] = (msg, content, msg_id, masked)
         return masked
 
     def _mask(self, data: Any, depth: int) -> Any:
