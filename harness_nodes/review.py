@@ -61,6 +61,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, cast
 
 from langchain_core.messages import AIMessage, AnyMessage, ToolCall, ToolMessage
@@ -81,7 +82,7 @@ from typing_extensions import TypedDict
 
 from harness_nodes._events import emit
 from harness_nodes.errors import InvalidDecision, UserError
-from harness_nodes.state import Escalation, MessagesOnly
+from harness_nodes.state import Escalation, MessagesOnly, ReviewRecord
 
 __all__ = [
     "ActionRequest",
@@ -901,6 +902,8 @@ class HumanReview:
         reviews = dict(ai_meta.get("reviews") or {})
         new_calls = [dict(c) for c in ai_msg.tool_calls]
         updates: list[AnyMessage] = []
+        records: list[ReviewRecord] = []  # for a state with `reviews` (others ignore the key)
+        decided_at = datetime.now(UTC).isoformat()
         after_ai = messages[pending.ai_index + 1 :]
         by_id = {m.tool_call_id: m for m in after_ai if isinstance(m, ToolMessage)}
         for req, dec in zip(requests, decisions, strict=True):
@@ -913,6 +916,17 @@ class HumanReview:
             }
             if dec.message:
                 record["message"] = dec.message
+            state_record: ReviewRecord = {
+                "review_id": record["review_id"],
+                "tool_call_ids": [call_id],
+                "decision": dec.type,
+                "reviewer": record["reviewer"],
+                "reason": str(req["trigger"]),
+                "decided_at": decided_at,
+            }
+            if dec.message:
+                state_record["message"] = dec.message
+            records.append(state_record)
             before = req["action_request"]["args"]
             after = before
             if req["kind"] == "tool_call":
@@ -952,11 +966,18 @@ class HumanReview:
             )
             updates.insert(0, updated_ai)  # same id: add_messages replaces it in place
         merged = _merge(messages, updates)
-        return self._onward(merged, updates)
+        return self._onward(merged, updates, records)
 
-    def _onward(self, messages: Sequence[AnyMessage], updates: list[AnyMessage]) -> Command[str]:
+    def _onward(
+        self,
+        messages: Sequence[AnyMessage],
+        updates: list[AnyMessage],
+        records: Sequence[ReviewRecord] = (),
+    ) -> Command[str]:
         idx = _last_ai_index(messages)
-        update = {"messages": updates} if updates else None
+        update: dict[str, Any] | None = {"messages": updates} if updates else None
+        if records:
+            update = {**(update or {}), "reviews": list(records)}
         if idx is None:
             return Command(update=update, goto=self.model_node)
         ai_msg = cast(AIMessage, messages[idx])

@@ -74,8 +74,9 @@ def refund_turns(amount: float = 250) -> list[Any]:
 def build_builder(
     script: list[Any] | None = None,
     policy: ReviewPolicy | None = None,
+    state: type[Any] = MessagesState,
 ) -> StateGraph[Any]:
-    """agent → (review) → tools → agent, in a plain MessagesState app."""
+    """agent → (review) → tools → agent, in a plain MessagesState app (or *state*)."""
     model = ScriptedChatModel(script=script if script is not None else refund_turns())
     review = HumanReview(
         policy
@@ -90,7 +91,7 @@ def build_builder(
     def agent(state: MessagesState) -> dict[str, list[AIMessage]]:
         return {"messages": [model.invoke(state["messages"])]}
 
-    builder = StateGraph(MessagesState)
+    builder = StateGraph(state)
     builder.add_node("agent", agent)
     builder.add_node("review", review, destinations=("tools", "agent"))
     builder.add_node("tools", ToolNode(TOOLS))

@@ -203,6 +203,13 @@ def test_irreversible_call_paused_listed_approved_resumed(backend: Backend) -> N
     assert REFUNDS == ["A1"]
     assert queue.pending() == []
     assert [r.status for r in EffectLedger(backend).list("r1")] == ["done"]
+    (record,) = out["reviews"]  # the decision, appended to the agent's state
+    assert (record["review_id"], record["decision"], record["reviewer"]) == (
+        item.id,
+        "approve",
+        "ana",
+    )
+    assert record["tool_call_ids"] == [item.requests[0]["tool_call_id"]]
 
 
 def test_rejected_call_goes_back_to_the_model() -> None:

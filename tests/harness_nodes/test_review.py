@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -14,12 +15,15 @@ from langgraph.graph import START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
 from langgraph.types import Command
 
+from checkpointers import Backend
 from harness_nodes import (
+    HarnessState,
     HumanReview,
     InvalidDecision,
     ReviewDecision,
     ReviewPolicy,
     UserError,
+    build_trace,
     check_decisions,
 )
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
@@ -443,3 +447,58 @@ def test_refund_under_the_limit_needs_no_review() -> None:
     graph = build_builder(script=refund_turns(amount=40)).compile(checkpointer=InMemorySaver())
     out = graph.invoke({"messages": [HumanMessage("refund")]}, _cfg())
     assert "__interrupt__" not in out and EFFECTS == {"refund": 1, "lookup": 1}
+
+
+@pytest.mark.parametrize(
+    "decision",
+    [
+        {"type": "approve", "reviewer": "alice"},
+        {"type": "reject", "message": "too much", "reviewer": "bob"},
+        {"type": "edit", "args": {"order": "A1", "amount": 50}, "reviewer": "carol"},
+    ],
+    ids=["approve", "reject", "edit"],
+)
+def test_decisions_are_appended_to_the_state_reviews_once_in_the_trace(
+    backend: Backend, decision: dict[str, Any]
+) -> None:
+    graph = build_builder(state=HarnessState).compile(checkpointer=backend.checkpointer)
+    cfg = _cfg()
+    graph.invoke({"messages": [HumanMessage("refund order A1")]}, cfg, durability="sync")
+    out = graph.invoke(Command(resume=decision), cfg, durability="sync")
+    (record,) = out["reviews"]
+    assert record["tool_call_ids"] == ["call_refund"]
+    assert (record["decision"], record["reviewer"]) == (decision["type"], decision["reviewer"])
+    assert record["reason"] == "argument_rule"
+    assert record.get("message") == decision.get("message")
+    assert datetime.fromisoformat(record["decided_at"]).tzinfo is not None
+    # The trace shows the decision once (from the reviewed message), not again from the state.
+    trace = build_trace(backend, cfg["configurable"]["thread_id"])
+    reviews = [n for n in trace.walk() if n.kind == "review" and n.data.get("decision")]
+    assert [(n.data["tool_call_id"], n.data["decision"]) for n in reviews] == [
+        ("call_refund", decision["type"])
+    ]
+
+
+def test_a_state_record_no_message_shows_is_in_the_trace(backend: Backend) -> None:
+    # An app that appends its own review records (no HumanReview) still sees them traced.
+    def agent(state: HarnessState) -> dict[str, Any]:
+        return {
+            "messages": [AIMessage("ok")],
+            "reviews": [
+                {
+                    "review_id": "manual-1",
+                    "tool_call_ids": ["call_x"],
+                    "decision": "approve",
+                    "reviewer": "dana",
+                }
+            ],
+        }
+
+    builder = StateGraph(HarnessState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    graph = builder.compile(checkpointer=backend.checkpointer)
+    cfg = _cfg()
+    graph.invoke({"messages": [HumanMessage("hi")]}, cfg, durability="sync")
+    trace = build_trace(backend, cfg["configurable"]["thread_id"])
+    assert [n.name for n in trace.walk() if n.kind == "review"] == ["approve by dana"]
