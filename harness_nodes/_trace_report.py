@@ -46,18 +46,49 @@ class RunSummary:
     """First checkpoint (epoch seconds)."""
 
 
+_UUID_EPOCH = 0x01B21DD213814000
+"""100-ns intervals from the Gregorian epoch (UUID time) to the Unix epoch."""
+
+
+def _last_checkpoints(backend: Backend) -> dict[str, float] | None:
+    """Each thread's last checkpoint time from the saver's table, with no checkpoint loaded.
+
+    Checkpoint ids are UUIDv6 (LangGraph's `uuid6`): time-ordered as text, and carrying their
+    creation time. None where the checkpoints are not in a table (``memory://``).
+    """
+    if backend.kind not in ("sqlite", "postgres"):
+        return None
+    from langgraph.checkpoint.base.id import UUID
+
+    rows = backend.execute(
+        "SELECT thread_id, max(checkpoint_id) AS last FROM checkpoints "
+        "WHERE checkpoint_ns = '' GROUP BY thread_id"
+    )
+    out: dict[str, float] = {}
+    for row in rows:
+        try:
+            out[str(row["thread_id"])] = (UUID(str(row["last"])).time - _UUID_EPOCH) / 1e7
+        except ValueError:  # not a LangGraph id (written by something else): undated
+            out[str(row["thread_id"])] = 0.0
+    return out
+
+
 def _thread_ids(backend: Backend) -> dict[str, float]:
     """Every thread with checkpoints or a run record → its last activity (epoch seconds)."""
     seen: dict[str, float] = {}
     for row in backend.execute("SELECT thread_id, updated_at FROM harness_runs"):
         seen[str(row["thread_id"])] = float(row["updated_at"] or 0)
-    # The saver's own listing works on every backend kind (memory included).
-    for tup in backend.checkpointer.list(None):
+    last = _last_checkpoints(backend)
+    if last is not None:  # one grouped query, no checkpoint deserialized
+        for tid, ts in last.items():
+            seen[tid] = max(seen.get(tid, 0.0), ts)
+        return seen
+    from datetime import datetime
+
+    for tup in backend.checkpointer.list(None):  # memory: the saver's own listing
         if tup.config["configurable"].get("checkpoint_ns"):
             continue
         tid = str(tup.config["configurable"]["thread_id"])
-        from datetime import datetime
-
         ts = datetime.fromisoformat(str(tup.checkpoint["ts"])).timestamp()
         seen[tid] = max(seen.get(tid, 0.0), ts)
     return seen

@@ -291,3 +291,37 @@ def test_a_budget_stop_message_is_a_budget_decision_not_a_model_call(backend: Ba
     trace = build_trace(backend, "b-1")
     assert [(n.kind, n.name) for n in trace.decisions()] == [("budget", "stop: usd 0.5/0.5")]
     assert not [n for n in trace.walk() if n.kind == "llm"]
+
+
+def test_runs_are_listed_without_loading_every_checkpoint(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import datetime
+
+    traced_task.run_to_end(backend, "old-1")
+    traced_task.run_to_end(backend, "new-1")
+    graph = traced_task.build(backend)
+    created = {
+        tid: datetime.fromisoformat(
+            graph.get_state({"configurable": {"thread_id": tid}}).created_at or ""
+        ).timestamp()
+        for tid in ("old-1", "new-1")
+    }
+    if backend.kind != "memory":  # a table to query: the saver's listing must not be used
+        configs: list[object] = []
+        original = backend.checkpointer.list
+
+        def listing(*a: object, **k: object) -> object:
+            configs.append(a[0] if a else k.get("config"))
+            return original(*a, **k)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(backend.checkpointer, "list", listing)
+        list_runs(backend, limit=1)
+        assert None not in configs  # no listing of every thread's checkpoints
+    runs = list_runs(backend)
+    assert [r.thread_id for r in runs] == ["new-1", "old-1"]  # newest activity first
+    from harness_nodes._trace_report import _thread_ids
+
+    seen = _thread_ids(backend)
+    for tid, ts in created.items():
+        assert seen[tid] == pytest.approx(ts, abs=0.01)  # the last checkpoint's own time
