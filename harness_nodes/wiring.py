@@ -55,7 +55,7 @@ from langgraph.prebuilt import ToolNode
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
-from harness_nodes.budget import BudgetGuard, Envelope, Envelopes, budgeted
+from harness_nodes.budget import BudgetedChatModel, BudgetGuard, Envelope, Envelopes, budgeted
 from harness_nodes.effects import EffectLedger, effect_kind
 from harness_nodes.errors import UserError
 from harness_nodes.pricing import Pricing
@@ -246,7 +246,9 @@ def build_harnessed_agent(
 
     Args:
         model: Any chat model (``init_chat_model("provider:model")`` or a scripted one), or a
-            ladder of them, most capable first, to degrade down when the budget runs low.
+            ladder of them, most capable first, to degrade down when the budget runs low; or
+            a model you already wrapped with `budgeted` (its envelope and options — ``lease``,
+            ``sync_commit``, pricing — apply, and the guard is wired as with *envelope*).
         tools: The agent's tools.
         envelope: The task's cost envelope (`Envelope`, or `Envelopes` by task type): the
             model is wrapped with `budgeted` and a `BudgetGuard` checks the budget on every
@@ -365,7 +367,15 @@ def _agent_builder(
     )
     llm: Runnable[LanguageModelInput, BaseMessage]
     guard: BudgetGuard | None = None
-    if envelope is not None:
+    if isinstance(model, BudgetedChatModel):
+        if envelope is not None:
+            raise UserError(
+                "model is already budgeted(...), with its own envelope: pass envelope=None"
+            )
+        budgeted_model = model.bind_tools(base_tools)
+        guard = BudgetGuard(budgeted_model)
+        llm = budgeted_model
+    elif envelope is not None:
         budgeted_model = budgeted(
             model, envelope=envelope, backend=backend, pricing=pricing, task_type=task_type
         ).bind_tools(base_tools)

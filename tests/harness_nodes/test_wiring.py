@@ -13,6 +13,7 @@ from langgraph.prebuilt import ToolNode, tools_condition
 from typing_extensions import TypedDict
 
 from checkpointers import open_backend
+from checkpointers._spend import flush_pending
 from harness_nodes import (
     HarnessState,
     ToolContract,
@@ -453,6 +454,36 @@ def test_the_budget_check_adds_no_superstep_and_stops_a_runaway() -> None:
     out = agent.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "t-run"}})
     assert out["outcome"]["status"] == "budget_exhausted"
     assert out["messages"][-1].content.startswith("Stopped: budget exhausted")
+
+
+def test_a_budgeted_model_is_guarded_with_its_own_envelope_and_options(
+    postgres_url: str,
+) -> None:
+    from harness_nodes import Envelope, budgeted
+
+    runaway = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("lookup", {"key": "a"})])],
+        loop=True,
+        model_name="gpt-4o-mini",
+    )
+    with open_backend(postgres_url) as backend:
+        model = budgeted(runaway, envelope=Envelope(max_usd=0.05), backend=backend, lease=4)
+        with pytest.raises(UserError, match="already budgeted"):
+            build_harnessed_agent(model, [lookup], envelope=Envelope(max_usd=1), backend=backend)
+        agent = build_harnessed_agent(model, [lookup], backend=backend)
+        out = agent.invoke(
+            {"messages": [HumanMessage("go")]},
+            {"configurable": {"thread_id": "t-own"}, "recursion_limit": 500},
+        )
+        assert out["outcome"]["status"] == "budget_exhausted"
+        answers = [m for m in out["messages"] if m.type == "ai" and m.tool_calls]
+        assert any("lease_id" in m.additional_kwargs["harness"]["budget"] for m in answers)
+        flush_pending(backend)
+        (task,) = backend.execute(
+            "SELECT reserved_nanos, spent_nanos FROM harness_spend_tasks WHERE task_id = %s",
+            ("t-own",),
+        )
+    assert task["reserved_nanos"] == 0 and 0 < task["spent_nanos"] <= 0.05 * 1e9
 
 
 def test_a_model_ladder_needs_an_envelope() -> None:
