@@ -211,7 +211,9 @@ def _ladder_script() -> list[Any]:
     ]
 
 
-def test_degrades_to_the_cheaper_model_and_completes(backend: Backend) -> None:
+@pytest.mark.parametrize("lease", [1, 4], ids=["per-call", "lease"])
+def test_degrades_to_the_cheaper_model_and_completes(backend: Backend, lease: int) -> None:
+    # With a lease (Postgres), the same decisions: a lease only books room, never decides.
     events = Events()
     ladder = [
         ScriptedChatModel(script=_ladder_script(), model_name=name)
@@ -219,7 +221,9 @@ def test_degrades_to_the_cheaper_model_and_completes(backend: Backend) -> None:
     ]
     # $0.045: the first call fits gpt-4o; after an 18 KB tool result the prompt alone would
     # cost gpt-4o about $0.045 at the byte bound, so the next calls step down to gpt-4o-mini.
-    llm = budgeted(ladder, envelope=Envelope(max_usd=0.045), backend=backend).bind_tools([search])
+    llm = budgeted(
+        ladder, envelope=Envelope(max_usd=0.045), backend=backend, lease=lease
+    ).bind_tools([search])
     graph = guarded_loop(llm, form="node").compile(checkpointer=backend.checkpointer)
     out = graph.invoke(
         {"messages": [HumanMessage("research")]},
@@ -231,6 +235,8 @@ def test_degrades_to_the_cheaper_model_and_completes(backend: Backend) -> None:
     budgets = [m.additional_kwargs["harness"]["budget"] for m in answers]
     assert [b["model"] for b in budgets] == ["gpt-4o", "gpt-4o-mini", "gpt-4o-mini"]
     assert [b["degraded_from"] for b in budgets] == [None, "gpt-4o", "gpt-4o"]
+    if lease > 1 and backend.kind == "postgres":  # the last call came from the mini's lease
+        assert ["lease_id" in b for b in budgets] == [False, False, True]
     assert [a.response_metadata["model_name"] for a in answers] == [b["model"] for b in budgets]
     # Visible in state (the guard node mirrors spend) and in the trace.
     assert out["spend"]["model"] == "gpt-4o-mini"
@@ -287,15 +293,16 @@ class _Branch(TypedDict):
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("lease", [1, 4], ids=["per-call", "lease"])
 def test_twenty_parallel_branches_of_one_task_never_exceed_its_envelope(
-    postgres_url: str,
+    postgres_url: str, lease: int
 ) -> None:
     with open_backend(postgres_url, pool_size=20) as backend:
         model = ScriptedChatModel(
             script=[lambda _: (time.sleep(0.05), LONG)[1]], loop=True, model_name="gpt-4o"
         )
         # Each call reserves ~4.1k output tokens at gpt-4o's price (~$0.041) and uses them all.
-        llm = budgeted(model, envelope=Envelope(max_usd=0.30), backend=backend)
+        llm = budgeted(model, envelope=Envelope(max_usd=0.30), backend=backend, lease=lease)
 
         def branch(state: _Branch) -> dict[str, Any]:
             return {"messages": [llm.invoke([HumanMessage(f"report {state['i']}")])]}
@@ -320,6 +327,8 @@ def test_twenty_parallel_branches_of_one_task_never_exceed_its_envelope(
         # whole, an 8th with its output capped to what was left.
         assert 6 <= len(answered) <= 8
         assert spent >= 0.20 * NANOS
+        leased = ["lease_id" in m.additional_kwargs["harness"]["budget"] for m in answered]
+        assert any(leased) == (lease > 1)  # $0.30 leaves room for a lease of 3 calls at first
 
 
 @pytest.mark.postgres
