@@ -3,7 +3,8 @@
 Tables (migrations ``0001_base`` and ``0301_spend_totals``):
 
 - ``harness_spend``: one row per LLM call, ``reserved`` → ``settled`` | ``released``, with
-  the reservation kept beside the actual usage and cost (integer nano-dollars);
+  the reservation kept beside the actual usage and cost (integer nano-dollars); and one per
+  budget lease, ``lease`` → ``lease_closed`` (migration ``0304_spend_leases``, below);
 - ``harness_spend_tasks``: running totals per task — the row every reservation of the task
   locks, so parallel branches and concurrent calls cannot both take the last dollar;
 - ``harness_spend_windows``: running totals per task type and tumbling time window (an
@@ -21,6 +22,11 @@ for their WAL flush (losing one in a server crash leaves the worst case booked, 
 conservative); a reservation waits unless ``sync_commit=False``. On SQLite the same steps run
 from Python inside ``BEGIN IMMEDIATE``. The steps are written once, as a generator of SQL
 statements, and driven by a sync or an async transaction.
+
+With ``lease=k`` (Postgres) a reservation statement may also book room for ``k - 1`` more
+calls like it; the process grants the next calls that fit from that room (`PendingSettles`
+holds the leases), with no statement, and writes each one's row with its settlement. See
+`SpendLedger` and docs/decisions/0004-cost-envelopes.md.
 """
 
 from __future__ import annotations
