@@ -952,161 +952,105 @@ def _pending_settle(
     )
 
 
-class SpendLedger:
-    """Spend of tasks, in a `Backend`'s ``harness_spend*`` tables.
+class _Ledger:
+    """What `SpendLedger` and `AsyncSpendLedger` share: everything but the I/O."""
 
-    With ``lease=k`` (Postgres), a reservation that needs a statement also books room for
-    ``k - 1`` more calls like it (when that leaves at least as much again under every limit);
-    the next calls of the task that fit are granted from that room in memory, with no round
-    trip, and each one's row is written with its settlement. The unused rest goes back when
-    the lease cannot serve a call, after `LEASE_IDLE` seconds unused, on `flush_pending`, at
-    ``close()`` and at exit; a process killed holding a lease leaves that rest booked (the
-    safe side: the task has less room, never more).
-    """
+    backend: Any
+    _store: _SyncPending | _AsyncPending
 
-    def __init__(self, backend: Backend, *, sync_commit: bool = True, lease: int = 1) -> None:
+    def __init__(self, backend: Any, *, sync_commit: bool, lease: int) -> None:
         self.backend = backend
         self.sync_commit = sync_commit
         """Postgres: wait for each reservation's WAL flush (settlements never wait)."""
         self.lease = lease
         """Calls' worth of room a reservation may book at once (1: no lease)."""
         self._leasing = lease > 1 and backend.dialect == "postgres"
-        self._store = _sync_pending(backend)
 
-    def totals(self, task_id: str, task_type: str, limits: Limits) -> Totals:
-        """The task's current totals (and its type's window), deferred settlements applied."""
-        now = time.time()
-        pending = self._store.pending
-        settles = pending.take(task_id)
-        try:
-            if self.backend.dialect == "postgres":
-                rows = self.backend.execute(
-                    _TOTALS_PG,
-                    (
-                        _settles_json(settles),
-                        task_id,
-                        limits.window_seconds,
-                        limits.window_start(now),
-                        task_type,
-                    ),
-                )
-                return pending.without_lease(
-                    (task_id, task_type, limits), Totals.from_row(_pg_json(rows))
-                )
-            with self.backend.transaction() as tx:
-                result: Totals = _run_sync(
-                    tx, _sqlite_then(settles, _sqlite_totals(task_id, task_type, limits, now))
-                )
-            return result
-        except BaseException:
-            pending.put_back(settles)
-            raise
+    def _totals_statement(
+        self, settles: list[PendingSettle], task_id: str, task_type: str, limits: Limits, now: float
+    ) -> tuple[str, tuple[Any, ...]]:
+        start = limits.window_start(now)
+        return _TOTALS_PG, (
+            _settles_json(settles),
+            task_id,
+            limits.window_seconds,
+            start,
+            task_type,
+        )
 
-    def reserve(
+    def _totals_read(self, key: LeaseKey, rows: list[Row]) -> Totals:
+        return self._store.pending.without_lease(key, Totals.from_row(_pg_json(rows)))
+
+    def _granted(self, key: LeaseKey, tokens: int, nanos: int, now: float) -> Reservation | None:
+        """A reservation from this process's lease, with no statement (lease mode)."""
+        if not self._leasing:
+            return None
+        return self._store.pending.grant(key, nanos, tokens, key[2].window_start(now))
+
+    def _carried(self, key: LeaseKey) -> list[PendingSettle]:
+        """What the task's next statement carries: its settlements and a spent lease's release."""
+        settles = self._store.pending.take(key[0])
+        if self._leasing and (ended := self._store.pending.take_lease(key)) is not None:
+            settles.append(ended)
+        return settles
+
+    def _reserve_statement(
         self,
-        task_id: str,
-        task_type: str,
+        settles: list[PendingSettle],
+        key: LeaseKey,
         model: str,
         input_tokens: int,
         output_tokens: int,
         nanos: int,
-        limits: Limits,
+        now: float,
+    ) -> tuple[str, tuple[Any, ...]]:
+        task_id, task_type, limits = key
+        params = _reserve_params(
+            settles,
+            task_id,
+            task_type,
+            model,
+            input_tokens,
+            output_tokens,
+            nanos,
+            limits,
+            now,
+            self.sync_commit,
+        )
+        if not self._leasing:
+            return _RESERVE_PG, params
+        return _LEASE_PG, (*params, self.lease - 1)
+
+    def _reserved(
+        self, key: LeaseKey, rows: list[Row], tokens: int, nanos: int, now: float
     ) -> Reservation:
-        """Reserve *nanos* and the tokens for one call if every limit still holds, atomically.
+        r = _pg_json(rows)
+        if not self._leasing:
+            return Reservation(r.get("id"), r.get("refused"), Totals.from_row(r))
+        return self._store.pending.reserved(key, r, nanos, tokens, key[2].window_start(now))
 
-        The task's deferred settlements are applied first, in the same transaction.
-        """
-        now = time.time()
-        pending = self._store.pending
-        key = (task_id, task_type, limits)
-        if self._leasing:
-            tokens = input_tokens + output_tokens
-            granted = pending.grant(key, nanos, tokens, limits.window_start(now))
-            if granted is not None:
-                return granted
-        settles = pending.take(task_id)
-        if self._leasing and (ended := pending.take_lease(key)) is not None:
-            settles.append(ended)  # the lease cannot serve this call: its rest goes back
-        try:
-            if self.backend.dialect == "postgres":
-                params = _reserve_params(
-                    settles,
-                    task_id,
-                    task_type,
-                    model,
-                    input_tokens,
-                    output_tokens,
-                    nanos,
-                    limits,
-                    now,
-                    self.sync_commit,
-                )
-                if not self._leasing:
-                    r = _pg_json(self.backend.execute(_RESERVE_PG, params))
-                    return Reservation(r.get("id"), r.get("refused"), Totals.from_row(r))
-                r = _pg_json(self.backend.execute(_LEASE_PG, (*params, self.lease - 1)))
-                return pending.reserved(
-                    key, r, nanos, input_tokens + output_tokens, limits.window_start(now)
-                )
-            with self.backend.transaction() as tx:
-                res: Reservation = _run_sync(
-                    tx,
-                    _sqlite_then(
-                        settles,
-                        _sqlite_reserve(
-                            task_id,
-                            task_type,
-                            model,
-                            input_tokens,
-                            output_tokens,
-                            nanos,
-                            limits,
-                            now,
-                        ),
-                    ),
-                )
-            return res
-        except BaseException:
-            pending.put_back(settles)
-            raise
-
-    def settle(
+    def _sqlite_reserve_steps(
         self,
-        spend_id: int,
+        settles: list[PendingSettle],
+        key: LeaseKey,
+        model: str,
         input_tokens: int,
         output_tokens: int,
         nanos: int,
-        *,
-        model: str | None = None,
-        released: bool = False,
-    ) -> Totals:
-        """Replace a reservation by the call's actual usage (or release it), now. Idempotent."""
-        now = time.time()
-        state = "released" if released else "settled"
-        pending = self._store.pending
-        held = pending._held.get(spend_id)
-        if held is not None:  # lease mode: through the task's totals, which carry it
-            task_id, task_type, limits = held.key
-            self.defer_settle(
-                task_id,
-                spend_id,
-                input_tokens,
-                output_tokens,
-                nanos,
-                model=model,
-                released=released,
-            )
-            return self.totals(task_id, task_type, limits)
-        if self.backend.dialect == "postgres":
-            rows = self.backend.execute(
-                _SETTLE_PG, (spend_id, state, model, input_tokens, output_tokens, nanos, now)
-            )
-            return Totals.from_row(_pg_json(rows))
-        with self.backend.transaction() as tx:
-            result: Totals = _run_sync(
-                tx, _sqlite_settle(spend_id, state, model, input_tokens, output_tokens, nanos, now)
-            )
-        return result
+        now: float,
+    ) -> Steps:
+        task_id, task_type, limits = key
+        return _sqlite_then(
+            settles,
+            _sqlite_reserve(
+                task_id, task_type, model, input_tokens, output_tokens, nanos, limits, now
+            ),
+        )
+
+    def _held_key(self, spend_id: int) -> LeaseKey | None:
+        """Lease mode: the key of a reservation this process holds (settled via the totals)."""
+        held = self._store.pending._held.get(spend_id)
+        return None if held is None else held.key
 
     def defer_settle(
         self,
@@ -1123,7 +1067,8 @@ class SpendLedger:
         """`settle`, carried by the task's next statement (or flushed shortly after).
 
         *lease* — ``(lease id, reserved nanos, reserved tokens)`` — settles a call granted
-        from a lease that this process does not hold (recovered from a checkpoint).
+        from a lease that this process does not hold (recovered from a checkpoint). With an
+        `AsyncBackend`, call it from the backend's event loop (the flush timer runs there).
         """
         self._store.add(
             _pending_settle(
@@ -1139,6 +1084,110 @@ class SpendLedger:
             )
         )
 
+
+class SpendLedger(_Ledger):
+    """Spend of tasks, in a `Backend`'s ``harness_spend*`` tables.
+
+    With ``lease=k`` (Postgres), a reservation that needs a statement also books room for
+    ``k - 1`` more calls like it (when that leaves at least as much again under every limit);
+    the next calls of the task that fit are granted from that room in memory, with no round
+    trip, and each one's row is written with its settlement. The unused rest goes back when
+    the lease cannot serve a call, after `LEASE_IDLE` seconds unused, on `flush_pending`, at
+    ``close()`` and at exit; a process killed holding a lease leaves that rest booked (the
+    safe side: the task has less room, never more).
+    """
+
+    backend: Backend
+    _store: _SyncPending
+
+    def __init__(self, backend: Backend, *, sync_commit: bool = True, lease: int = 1) -> None:
+        super().__init__(backend, sync_commit=sync_commit, lease=lease)
+        self._store = _sync_pending(backend)
+
+    def totals(self, task_id: str, task_type: str, limits: Limits) -> Totals:
+        """The task's current totals (and its type's window), deferred settlements applied."""
+        now = time.time()
+        settles = self._store.pending.take(task_id)
+        try:
+            if self.backend.dialect == "postgres":
+                sql, params = self._totals_statement(settles, task_id, task_type, limits, now)
+                return self._totals_read(
+                    (task_id, task_type, limits), self.backend.execute(sql, params)
+                )
+            with self.backend.transaction() as tx:
+                result: Totals = _run_sync(
+                    tx, _sqlite_then(settles, _sqlite_totals(task_id, task_type, limits, now))
+                )
+            return result
+        except BaseException:
+            self._store.pending.put_back(settles)
+            raise
+
+    def reserve(
+        self,
+        task_id: str,
+        task_type: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        nanos: int,
+        limits: Limits,
+    ) -> Reservation:
+        """Reserve *nanos* and the tokens for one call if every limit still holds, atomically.
+
+        The task's deferred settlements are applied first, in the same transaction.
+        """
+        now, key, tokens = time.time(), (task_id, task_type, limits), input_tokens + output_tokens
+        granted = self._granted(key, tokens, nanos, now)
+        if granted is not None:
+            return granted
+        settles = self._carried(key)
+        try:
+            if self.backend.dialect == "postgres":
+                sql, params = self._reserve_statement(
+                    settles, key, model, input_tokens, output_tokens, nanos, now
+                )
+                return self._reserved(key, self.backend.execute(sql, params), tokens, nanos, now)
+            steps = self._sqlite_reserve_steps(
+                settles, key, model, input_tokens, output_tokens, nanos, now
+            )
+            with self.backend.transaction() as tx:
+                res: Reservation = _run_sync(tx, steps)
+            return res
+        except BaseException:
+            self._store.pending.put_back(settles)
+            raise
+
+    def settle(
+        self,
+        spend_id: int,
+        input_tokens: int,
+        output_tokens: int,
+        nanos: int,
+        *,
+        model: str | None = None,
+        released: bool = False,
+    ) -> Totals:
+        """Replace a reservation by the call's actual usage (or release it), now. Idempotent."""
+        now = time.time()
+        state = "released" if released else "settled"
+        key = self._held_key(spend_id)
+        if key is not None:  # lease mode: through the task's totals, which carry it
+            self.defer_settle(
+                key[0], spend_id, input_tokens, output_tokens, nanos, model=model, released=released
+            )
+            return self.totals(*key)
+        if self.backend.dialect == "postgres":
+            rows = self.backend.execute(
+                _SETTLE_PG, (spend_id, state, model, input_tokens, output_tokens, nanos, now)
+            )
+            return Totals.from_row(_pg_json(rows))
+        with self.backend.transaction() as tx:
+            result: Totals = _run_sync(
+                tx, _sqlite_settle(spend_id, state, model, input_tokens, output_tokens, nanos, now)
+            )
+        return result
+
     def flush(self, task_id: str | None = None) -> None:
         """Write deferred settlements now (of *task_id*, or all); leases end too."""
         flush_pending(self.backend, task_id)
@@ -1150,45 +1199,32 @@ class SpendLedger:
         return self.backend.execute(_BY_MODEL_SQL, (task_id,))
 
 
-class AsyncSpendLedger:
+class AsyncSpendLedger(_Ledger):
     """`SpendLedger` over an `AsyncBackend`."""
 
+    backend: AsyncBackend
+    _store: _AsyncPending
+
     def __init__(self, backend: AsyncBackend, *, sync_commit: bool = True, lease: int = 1) -> None:
-        self.backend = backend
-        self.sync_commit = sync_commit
-        """Postgres: wait for each reservation's WAL flush (settlements never wait)."""
-        self.lease = lease
-        """Calls' worth of room a reservation may book at once (1: no lease)."""
-        self._leasing = lease > 1 and backend.dialect == "postgres"
+        super().__init__(backend, sync_commit=sync_commit, lease=lease)
         self._store = _async_pending(backend)
 
     async def totals(self, task_id: str, task_type: str, limits: Limits) -> Totals:
         """The task's current totals (and its type's window), deferred settlements applied."""
         now = time.time()
-        pending = self._store.pending
-        settles = pending.take(task_id)
+        settles = self._store.pending.take(task_id)
         try:
             if self.backend.dialect == "postgres":
-                rows = await self.backend.execute(
-                    _TOTALS_PG,
-                    (
-                        _settles_json(settles),
-                        task_id,
-                        limits.window_seconds,
-                        limits.window_start(now),
-                        task_type,
-                    ),
-                )
-                return pending.without_lease(
-                    (task_id, task_type, limits), Totals.from_row(_pg_json(rows))
-                )
+                sql, params = self._totals_statement(settles, task_id, task_type, limits, now)
+                rows = await self.backend.execute(sql, params)
+                return self._totals_read((task_id, task_type, limits), rows)
             async with self.backend.transaction() as tx:
                 result: Totals = await _run_async(
                     tx, _sqlite_then(settles, _sqlite_totals(task_id, task_type, limits, now))
                 )
             return result
         except BaseException:
-            pending.put_back(settles)
+            self._store.pending.put_back(settles)
             raise
 
     async def reserve(
@@ -1202,58 +1238,26 @@ class AsyncSpendLedger:
         limits: Limits,
     ) -> Reservation:
         """Reserve *nanos* and the tokens for one call if every limit still holds, atomically."""
-        now = time.time()
-        pending = self._store.pending
-        key = (task_id, task_type, limits)
-        if self._leasing:
-            tokens = input_tokens + output_tokens
-            granted = pending.grant(key, nanos, tokens, limits.window_start(now))
-            if granted is not None:
-                return granted
-        settles = pending.take(task_id)
-        if self._leasing and (ended := pending.take_lease(key)) is not None:
-            settles.append(ended)
+        now, key, tokens = time.time(), (task_id, task_type, limits), input_tokens + output_tokens
+        granted = self._granted(key, tokens, nanos, now)
+        if granted is not None:
+            return granted
+        settles = self._carried(key)
         try:
             if self.backend.dialect == "postgres":
-                params = _reserve_params(
-                    settles,
-                    task_id,
-                    task_type,
-                    model,
-                    input_tokens,
-                    output_tokens,
-                    nanos,
-                    limits,
-                    now,
-                    self.sync_commit,
+                sql, params = self._reserve_statement(
+                    settles, key, model, input_tokens, output_tokens, nanos, now
                 )
-                if not self._leasing:
-                    r = _pg_json(await self.backend.execute(_RESERVE_PG, params))
-                    return Reservation(r.get("id"), r.get("refused"), Totals.from_row(r))
-                r = _pg_json(await self.backend.execute(_LEASE_PG, (*params, self.lease - 1)))
-                return pending.reserved(
-                    key, r, nanos, input_tokens + output_tokens, limits.window_start(now)
-                )
+                rows = await self.backend.execute(sql, params)
+                return self._reserved(key, rows, tokens, nanos, now)
+            steps = self._sqlite_reserve_steps(
+                settles, key, model, input_tokens, output_tokens, nanos, now
+            )
             async with self.backend.transaction() as tx:
-                res: Reservation = await _run_async(
-                    tx,
-                    _sqlite_then(
-                        settles,
-                        _sqlite_reserve(
-                            task_id,
-                            task_type,
-                            model,
-                            input_tokens,
-                            output_tokens,
-                            nanos,
-                            limits,
-                            now,
-                        ),
-                    ),
-                )
+                res: Reservation = await _run_async(tx, steps)
             return res
         except BaseException:
-            pending.put_back(settles)
+            self._store.pending.put_back(settles)
             raise
 
     async def settle(
@@ -1269,19 +1273,12 @@ class AsyncSpendLedger:
         """Replace a reservation by the call's actual usage (or release it), now. Idempotent."""
         now = time.time()
         state = "released" if released else "settled"
-        held = self._store.pending._held.get(spend_id)
-        if held is not None:  # lease mode: through the task's totals, which carry it
-            task_id, task_type, limits = held.key
+        key = self._held_key(spend_id)
+        if key is not None:  # lease mode: through the task's totals, which carry it
             self.defer_settle(
-                task_id,
-                spend_id,
-                input_tokens,
-                output_tokens,
-                nanos,
-                model=model,
-                released=released,
+                key[0], spend_id, input_tokens, output_tokens, nanos, model=model, released=released
             )
-            return await self.totals(task_id, task_type, limits)
+            return await self.totals(*key)
         if self.backend.dialect == "postgres":
             rows = await self.backend.execute(
                 _SETTLE_PG, (spend_id, state, model, input_tokens, output_tokens, nanos, now)
@@ -1292,36 +1289,6 @@ class AsyncSpendLedger:
                 tx, _sqlite_settle(spend_id, state, model, input_tokens, output_tokens, nanos, now)
             )
         return result
-
-    def defer_settle(
-        self,
-        task_id: str,
-        spend_id: int,
-        input_tokens: int,
-        output_tokens: int,
-        nanos: int,
-        *,
-        model: str | None = None,
-        released: bool = False,
-        lease: tuple[int, int, int] | None = None,
-    ) -> None:
-        """`settle`, carried by the task's next statement (or flushed shortly after).
-
-        Call it from the backend's event loop (the flush timer runs there).
-        """
-        self._store.add(
-            _pending_settle(
-                self._store.pending,
-                task_id,
-                spend_id,
-                input_tokens,
-                output_tokens,
-                nanos,
-                model,
-                released,
-                lease,
-            )
-        )
 
     async def flush(self, task_id: str | None = None) -> None:
         """Write deferred settlements now (of *task_id*, or all); leases end too."""
