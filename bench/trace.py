@@ -199,12 +199,11 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
     import functools
     import threading
 
-    import langfuse._client.span as lf_span
     from langchain_core.callbacks import BaseCallbackHandler
     from langfuse import Langfuse
     from opentelemetry.sdk import trace as otel_sdk
 
-    from harness_nodes._trace_langfuse import Masker, _Preparing
+    from harness_nodes._trace_langfuse import HarnessLangfuseHandler, Masker
 
     spent: collections.Counter[str] = collections.Counter()
     calls: collections.Counter[str] = collections.Counter()
@@ -240,12 +239,11 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
             thread, public_key=public_key, secret_key="sk-lf-bench", base_url=base_url
         )
 
-    handler = "handlers' own work (ours + the SDK's CallbackHandler)"
-    sdk = "Langfuse SDK observations: attributes and wrappers (start, update, end)"
-    spans = "OpenTelemetry spans with Langfuse's span processor (start_span, end)"
+    handler = "the handler's own work (run bookkeeping, names, metadata, pricing, attributes)"
+    spans = "OpenTelemetry spans with Langfuse's span processor (start_span, attributes, end)"
     scores = "Langfuse SDK scores (create_score)"
     masking = "harness masking + JSON encoding"
-    handler_class = type(config("breakdown-probe")["callbacks"][0])
+    handler_class = HarnessLangfuseHandler
 
     class NoOp(BaseCallbackHandler):
         """Receives every callback and does nothing: LangChain's plumbing alone."""
@@ -254,6 +252,7 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
     for name in (
         "on_chain_start",
         "on_chain_end",
+        "on_chain_error",
         "on_chat_model_start",
         "on_llm_end",
         "on_tool_start",
@@ -261,19 +260,13 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
         "on_custom_event",
     ):
         account(handler_class, name, handler)
-    for owner, name in (
-        (_Preparing, "start_observation"),  # the one-pass start/update of prepared payloads
-        (_Preparing, "update"),
-        (lf_span.LangfuseObservationWrapper, "start_observation"),
-        (lf_span.LangfuseObservationWrapper, "update"),
-        (lf_span.LangfuseObservationWrapper, "end"),
-        (Langfuse, "start_observation"),
-    ):
-        account(owner, name, sdk)
     account(otel_sdk.Tracer, "start_span", spans)  # includes LangfuseSpanProcessor.on_start
     account(otel_sdk.Span, "end", spans)  # includes LangfuseSpanProcessor.on_end
+    account(otel_sdk.Span, "set_attributes", spans)
     account(Langfuse, "create_score", scores)
     account(Masker, "_prepare", masking)
+    account(Masker, "_metadata_attributes", masking)
+    account(Masker, "__call__", masking)
     with tempfile.TemporaryDirectory() as tmp:
         url = "memory://" if args.db == "memory" else f"sqlite:///{tmp}/breakdown.db"
         with open_backend(url) as backend:
@@ -304,7 +297,7 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
         f"breakdown (process CPU, ms/step): untraced {per['untraced']:.2f}, traced "
         f"{per['traced']:.2f}, extra {extra:.2f}"
     )
-    for part in (spans, sdk, scores, handler, masking):
+    for part in (spans, scores, handler, masking):
         print(
             f"  {part}: {spent[part] / steps * 1000:.2f} ms/step "
             f"({calls[part] / steps:.1f} calls/step)"

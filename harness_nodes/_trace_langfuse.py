@@ -13,15 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import is_dataclass
-from typing import Any, Literal
+from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import merge_configs
@@ -103,8 +105,11 @@ class Masker:
 
     def extend(self, sensitive_fields: Sequence[str] = (), secrets: Sequence[str] = ()) -> None:
         """Also mask these fields and literal values from now on."""
-        self.fields = self.fields | {f.lower() for f in sensitive_fields}
+        fields = self.fields | {f.lower() for f in sensitive_fields}
         merged = {*self._literals, *(s for s in secrets if s)}
+        if fields == self.fields and len(merged) == len(self._literals):
+            return  # nothing new: what is remembered stays valid (one call per task)
+        self.fields = fields
         self._literals = sorted(merged, key=len, reverse=True)
         self._compile()
 
@@ -138,15 +143,20 @@ class Masker:
             return data  # masked and encoded by `_prepare` already
         return self._mask(data, 0)
 
-    def _prepare(self, data: Any) -> str | None:
+    def _prepare(self, data: Any, chat: bool = False) -> str | None:
         """Mask *data* and encode it as JSON in one pass, for a Langfuse attribute.
 
         The SDK writes a string attribute as is, so a prepared payload skips its own walks
         (media scan, mask, serialiser). None when *data* does not encode as plain JSON or
-        holds a base64 data URI (the SDK's media upload handles those).
+        holds a base64 data URI (the SDK's media upload handles those). *chat*: messages in
+        the chat form a generation's prompt has, remembered once for both.
         """
         try:
-            text = self._encode(self._mask(data, 0), 0)
+            # A string is written as is (the SDK's serialiser leaves strings unencoded).
+            if type(data) is str:
+                text = self.text(data)
+            else:
+                text = self._encode(self._mask(data, 0, chat), 0)
         except (TypeError, ValueError, RecursionError):
             return None
         if ";base64," in text and "data:" in text:
@@ -268,7 +278,8 @@ class Masker:
         self._messages[key] = (msg, content, msg_id, masked)
         return masked
 
-    def _mask(self, data: Any, depth: int) -> Any:
+    def _mask(self, data: Any, depth: int, chat: bool = False) -> Any:
+        # chat: messages in LangChain's chat form (`_chat_message`) instead of their dump.
         kind = type(data)
         if kind is str:
             return self.text(data) if len(data) >= 8 else data
@@ -291,7 +302,7 @@ class Masker:
                 elif v is None or vkind is int or vkind is bool or vkind is float:
                     out[k] = v
                 else:
-                    out[k] = self._mask(v, depth + 1)
+                    out[k] = self._mask(v, depth + 1, chat)
             return out
         if kind is list or kind is tuple:
             return [
@@ -299,7 +310,7 @@ class Masker:
                 if type(v) is str
                 else v
                 if v is None or type(v) is int or type(v) is float
-                else self._mask(v, depth + 1)
+                else self._mask(v, depth + 1, chat)
                 for v in data
             ]
         if isinstance(data, str):
@@ -307,13 +318,15 @@ class Masker:
         if isinstance(data, int | float | bool):
             return data
         if isinstance(data, list | tuple):
-            return [self._mask(v, depth + 1) for v in data]
+            return [self._mask(v, depth + 1, chat) for v in data]
         if isinstance(data, BaseMessage):
+            if chat:
+                return self._message(data, "prompt", _chat_message)
             return self._message(data, "dump", _model_dump)
         if isinstance(data, BaseModel):
-            return self._mask(data.model_dump(), depth + 1)
+            return self._mask(data.model_dump(), depth + 1, chat)
         if is_dataclass(data) and not isinstance(data, type):
-            return self._mask(vars(data), depth + 1)
+            return self._mask(vars(data), depth + 1, chat)
         return data
 
 
@@ -323,6 +336,14 @@ def _mask_pair(m: re.Match[str]) -> str:
 
 def _model_dump(msg: Any) -> Any:
     return msg.model_dump()
+
+
+def _chat_message(msg: Any) -> Any:
+    """A message as a generation's prompt shows it (role, content, tool calls...)."""
+    try:
+        return _sdk().convert_message(msg)
+    except ValueError:  # a message type the chat form does not know
+        return msg.model_dump()
 
 
 class _Masked(dict[str, Any]):
@@ -339,187 +360,114 @@ class _Prepared(str):
     __slots__ = ()
 
 
-class _Preparing:
-    """An observation whose new children and updates carry prepared input/output.
-
-    With every payload prepared, a child is started and updated in one pass over the SDK's
-    own pieces (its tracer, attribute builders and span-limit guard, as
-    ``LangfuseObservationWrapper`` uses them), skipping the wrapper's per-field media scan
-    and mask (prepared payloads pass both unchanged; the exporter still scans every string
-    attribute for media) and its three separate attribute writes. Anything else (events,
-    payloads `Masker._prepare` declines) takes the SDK's own path.
-    """
-
-    __slots__ = ("_obs", "_masker", "_defaults")
-
-    def __init__(self, obs: Any, masker: Masker, defaults: Mapping[str, Any] | None = None) -> None:
-        self._obs = obs
-        self._masker = masker
-        self._defaults = defaults  # written by the next update, unless it sets them itself
-
-    def _prepared(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        for key in ("input", "output"):
-            value = kwargs.get(key)
-            if value is not None and type(value) is not _Prepared:
-                kwargs[key] = self._masker._prepare(value) or value
-        return kwargs
-
-    def start_observation(self, **kwargs: Any) -> Any:
-        kwargs = self._prepared(kwargs)
-        as_type = kwargs.get("as_type", "span")
-        sdk = _sdk()
-        cls = sdk.classes.get(as_type)
-        if cls is None or not _all_prepared(kwargs):
-            return self._obs.start_observation(**kwargs)
-        parent = self._obs
-        client = parent._langfuse_client
-        span = client._otel_tracer.start_span(
-            name=kwargs["name"], context=sdk.set_span_in_context(parent._otel_span)
-        )
-        obs = cls.__new__(cls)  # what the wrapper's __init__ sets, attributes written below
-        obs._otel_span = span
-        obs._langfuse_client = client
-        obs._observation_type = as_type
-        obs.trace_id = client._get_otel_trace_id(span)
-        obs.id = client._get_otel_span_id(span)
-        attributes: dict[str, Any] = {sdk.TYPE: as_type}
-        environment = span.attributes.get(sdk.ENVIRONMENT) if span.attributes else None
-        obs._environment = environment or parent._environment or client._environment
-        if obs._environment is not None and environment is None:
-            attributes[sdk.ENVIRONMENT] = obs._environment
-        obs._release = parent._release or client._release
-        if obs._release is not None:
-            attributes[sdk.RELEASE] = obs._release
-        if span.is_recording():
-            attributes.update(_attributes(sdk, as_type, kwargs, self._masker))
-            attributes[sdk.TYPE] = as_type
-            sdk.set_within_limit(span, attributes, sdk.reserved(as_type))
-            _error_status(sdk, span, kwargs)
-        return obs
-
-    def update(self, **kwargs: Any) -> _Preparing:
-        if self._defaults:
-            for key, value in self._defaults.items():
-                if kwargs.get(key) is None:
-                    kwargs[key] = value
-            self._defaults = None
-        kwargs = self._prepared(kwargs)
-        obs = self._obs
-        sdk = _sdk()
-        if obs._observation_type == "event" or not _all_prepared(kwargs):
-            obs.update(**kwargs)
-            return self
-        span = obs._otel_span
-        if not span.is_recording():
-            return self
-        if kwargs.get("name"):
-            span.update_name(kwargs["name"])
-        attributes = _attributes(sdk, obs._observation_type, kwargs, self._masker)
-        sdk.set_within_limit(span, attributes, sdk.reserved(obs._observation_type))
-        _error_status(sdk, span, kwargs)
-        return self
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._obs, name)
-
-
-def _all_prepared(kwargs: Mapping[str, Any]) -> bool:
-    return all(
-        kwargs.get(key) is None or type(kwargs[key]) is _Prepared for key in ("input", "output")
-    )
-
-
-def _attributes(
-    sdk: Any, as_type: str, kwargs: Mapping[str, Any], masker: Masker
-) -> dict[str, Any]:
-    """The Langfuse attributes of a start or update, built by the SDK's own functions."""
-    metadata = kwargs.get("metadata")
-    common = {
-        "input": kwargs.get("input"),
-        "output": kwargs.get("output"),
-        "metadata": None if type(metadata) is dict else masker(data=metadata),
-        "version": kwargs.get("version"),
-        "level": kwargs.get("level"),
-        "status_message": kwargs.get("status_message"),
-    }
-    if as_type in sdk.generation_like:
-        attributes = dict(
-            sdk.generation_attributes(
-                **common,
-                completion_start_time=kwargs.get("completion_start_time"),
-                model=kwargs.get("model"),
-                model_parameters=kwargs.get("model_parameters"),
-                usage_details=kwargs.get("usage_details"),
-                cost_details=kwargs.get("cost_details"),
-                prompt=kwargs.get("prompt"),
-                observation_type=as_type,
-            )
-        )
-    else:
-        attributes = dict(
-            sdk.span_attributes(
-                **common, observation_type=as_type if as_type in sdk.span_like else None
-            )
-        )
-    if type(metadata) is dict:
-        attributes.update(masker._metadata_attributes(metadata, sdk.flatten_metadata))
-    return attributes
-
-
-def _error_status(sdk: Any, span: Any, kwargs: Mapping[str, Any]) -> None:
-    if kwargs.get("level") == "ERROR":
-        try:
-            span.set_status(sdk.Status(sdk.StatusCode.ERROR, kwargs.get("status_message")))
-        except Exception:  # as the SDK does: a status never breaks the run
-            pass
-
-
 _SDK: Any = None
 
 
 def _sdk() -> Any:
-    """The Langfuse SDK pieces the fast path uses (imported once, on first use)."""
+    """The Langfuse SDK and OpenTelemetry pieces the handler uses (imported once, on first use).
+
+    Checked against langfuse 5.0.4: the handler writes the attributes the SDK's own wrappers
+    write (``tests/harness_nodes/test_tracing_langfuse.py`` compares them key by key), and an
+    SDK upgrade must re-run those tests.
+    """
     global _SDK
     if _SDK is None:
         from types import SimpleNamespace
 
-        from langfuse._client import span as lf_span
+        from langfuse import propagate_attributes
         from langfuse._client.attributes import (
             LangfuseOtelSpanAttributes,
             _flatten_and_serialize_metadata,
-            create_generation_attributes,
-            create_span_attributes,
+            _serialize,
         )
         from langfuse._client.constants import (
             ObservationTypeGenerationLike,
-            ObservationTypeSpanLike,
             get_observation_types_list,
         )
+        from langfuse._client.propagation import (
+            _detach_context_token_safely,
+            _get_propagated_attributes_from_context,
+        )
+        from langfuse._client.span import (
+            _reserved_attribute_keys,
+            _set_span_attributes_within_limit,
+        )
+        from langfuse.langchain.CallbackHandler import (
+            CONTROL_FLOW_EXCEPTION_TYPES,
+            LANGSMITH_TAG_HIDDEN,
+            _parse_model,
+            _parse_model_name_from_metadata,
+            _parse_usage,
+        )
+        from langfuse.langchain.CallbackHandler import (
+            LangchainCallbackHandler as SdkHandler,
+        )
+        from langfuse.langchain.utils import _extract_model_name, _normalize_tool_definition
+        from opentelemetry import context as otel_context
         from opentelemetry.trace import Status, StatusCode, set_span_in_context
 
+        attrs = LangfuseOtelSpanAttributes
         reserved: dict[str, tuple[str, ...]] = {}
 
         def reserved_keys(as_type: str) -> tuple[str, ...]:
             keys = reserved.get(as_type)
             if keys is None:
-                keys = reserved[as_type] = lf_span._reserved_attribute_keys(as_type)
+                keys = reserved[as_type] = _reserved_attribute_keys(as_type)
             return keys
 
+        def convert_message(message: BaseMessage) -> dict[str, Any]:
+            # The SDK's prompt format ({"role", "content", "tool_calls"...}); the method
+            # reads nothing from its instance.
+            converted: dict[str, Any] = SdkHandler._convert_message_to_dict(
+                None,  # type: ignore[arg-type]
+                message,
+            )
+            return converted
+
+        def model_parameters(invocation: Mapping[str, Any]) -> dict[str, Any]:
+            parsed: dict[str, Any] = SdkHandler._parse_model_parameters(
+                {"invocation_params": dict(invocation)}
+            )
+            return parsed
+
         _SDK = SimpleNamespace(
-            classes={k: v for k, v in lf_span._OBSERVATION_CLASS_MAP.items() if k != "event"},
-            set_span_in_context=set_span_in_context,
-            set_within_limit=lf_span._set_span_attributes_within_limit,
-            reserved=reserved_keys,
-            generation_like=frozenset(get_observation_types_list(ObservationTypeGenerationLike)),
-            span_like=frozenset(get_observation_types_list(ObservationTypeSpanLike)),
-            generation_attributes=create_generation_attributes,
-            span_attributes=create_span_attributes,
+            propagate_attributes=propagate_attributes,
+            model_parameters=model_parameters,
             flatten_metadata=_flatten_and_serialize_metadata,
-            TYPE=LangfuseOtelSpanAttributes.OBSERVATION_TYPE,
-            ENVIRONMENT=LangfuseOtelSpanAttributes.ENVIRONMENT,
-            RELEASE=LangfuseOtelSpanAttributes.RELEASE,
+            serialize=_serialize,
+            generation_like=frozenset(get_observation_types_list(ObservationTypeGenerationLike)),
+            detach=_detach_context_token_safely,
+            propagated=_get_propagated_attributes_from_context,
+            current_context=otel_context.get_current,
+            attach=otel_context.attach,
+            set_within_limit=_set_span_attributes_within_limit,
+            reserved=reserved_keys,
+            control_flow=tuple(CONTROL_FLOW_EXCEPTION_TYPES),
+            hidden_tag=LANGSMITH_TAG_HIDDEN,
+            parse_model=_parse_model,
+            parse_usage=_parse_usage,
+            model_from_metadata=_parse_model_name_from_metadata,
+            extract_model_name=_extract_model_name,
+            normalize_tool=_normalize_tool_definition,
+            convert_message=convert_message,
+            set_span_in_context=set_span_in_context,
             Status=Status,
             StatusCode=StatusCode,
+            TYPE=attrs.OBSERVATION_TYPE,
+            LEVEL=attrs.OBSERVATION_LEVEL,
+            STATUS_MESSAGE=attrs.OBSERVATION_STATUS_MESSAGE,
+            INPUT=attrs.OBSERVATION_INPUT,
+            OUTPUT=attrs.OBSERVATION_OUTPUT,
+            MODEL=attrs.OBSERVATION_MODEL,
+            MODEL_PARAMETERS=attrs.OBSERVATION_MODEL_PARAMETERS,
+            USAGE=attrs.OBSERVATION_USAGE_DETAILS,
+            COST=attrs.OBSERVATION_COST_DETAILS,
+            COMPLETION_START=attrs.OBSERVATION_COMPLETION_START_TIME,
+            PROMPT_NAME=attrs.OBSERVATION_PROMPT_NAME,
+            PROMPT_VERSION=attrs.OBSERVATION_PROMPT_VERSION,
+            ENVIRONMENT=attrs.ENVIRONMENT,
+            RELEASE=attrs.RELEASE,
+            AS_ROOT=attrs.AS_ROOT,
         )
     return _SDK
 
@@ -566,514 +514,1016 @@ def _score_id(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
-def _handler_class() -> type[Any]:
-    from langfuse.langchain import CallbackHandler
+class _Leg:
+    """One root run, i.e. one leg of a task: its trace, metadata and propagated attributes."""
 
-    class HarnessLangfuseHandler(CallbackHandler):
-        """Langfuse's LangChain handler, plus the harness's events, costs and trace id."""
+    __slots__ = ("trace_id", "metadata", "propagation", "context", "attributes")
 
-        run_inline = True  # keep the run tree in order under async graphs (no thread hops)
+    def __init__(self, trace_id: str | None, metadata: Mapping[str, Any] | None) -> None:
+        self.trace_id = trace_id
+        self.metadata = metadata
+        self.propagation: Any = None
+        # When the application propagates nothing itself: the context the leg started in
+        # and the trace attributes propagated on top of it, written on each span at its
+        # start (Langfuse's span processor would copy them onto it one by one).
+        self.context: Any = None
+        self.attributes: Mapping[str, Any] = {}
 
-        def __init__(
-            self,
-            *,
-            public_key: str,
-            thread_id: str | None,
-            pricing: Pricing | None,
-            masker: Masker,
-        ) -> None:
-            # With a thread id: one task's handler. Without: one handler for every task of a
-            # graph, runner or review queue — each root run's trace id comes from its thread.
-            self.thread_id = thread_id
-            self.trace_id = trace_id_for(thread_id) if thread_id else None
-            context: Any = {"trace_id": self.trace_id} if self.trace_id else None
-            super().__init__(public_key=public_key, trace_context=context)
-            self._pricing = pricing
-            self._masker = masker
-            # Plumbing chains that get no observation, each mapped to its nearest exported
-            # ancestor: their children (and the events they emit) attach there instead.
-            self._skipped: dict[UUID, UUID | None] = {}
-            # Payloads are masked and encoded once, by us, when the client masks with our
-            # Masker (its mask then passes them through); otherwise the SDK's path.
-            _ensure_masked(self._langfuse_client, masker)
-            self._prepares = getattr(self._langfuse_client, "_mask", None) is masker
-            self._root_metadata: dict[UUID, Mapping[str, Any]] = {}
-            # A generation's model and cost, written with the SDK's final update of it.
-            self._priced: dict[UUID, dict[str, Any]] = {}
 
-        def _get_error_level_and_status_message(
-            self, error: BaseException
-        ) -> tuple[Literal["DEFAULT", "ERROR"], str]:
-            # Langfuse does not mask status messages, and an interrupt's message is the repr
-            # of its payload (the tool call under review, arguments and all).
-            level, _ = super()._get_error_level_and_status_message(error)
+class _Obs:
+    """An exported run: its OpenTelemetry span, observation type, leg and context token."""
+
+    __slots__ = ("span", "kind", "leg", "token")
+
+    def __init__(self, span: Any, kind: str, leg: _Leg, token: Any) -> None:
+        self.span = span
+        self.kind = kind
+        self.leg = leg
+        self.token = token
+
+
+class HarnessLangfuseHandler(BaseCallbackHandler):
+    """LangChain callbacks → Langfuse observations: one trace per task, decisions included.
+
+    Writes through the Langfuse client's own OpenTelemetry tracer (its span processor, export,
+    project scoping and propagated trace attributes), with the attribute names and encodings
+    of the SDK's wrappers, in one attribute write per start and per end. The SDK's LangChain
+    ``CallbackHandler`` builds a wrapper object and walks each payload three times per call
+    (media scan, mask, serialiser); here each payload is masked and encoded once, by `Masker`,
+    and remembered per message. Payloads holding media, or not plain JSON, take the SDK's
+    media upload and serialiser. Built by `langfuse_callbacks` / `langfuse_handler`.
+    """
+
+    run_inline = True  # keep the run tree in order under async graphs (no thread hops)
+
+    def __init__(
+        self,
+        *,
+        public_key: str,
+        thread_id: str | None,
+        pricing: Pricing | None,
+        masker: Masker,
+    ) -> None:
+        from langfuse import get_client
+
+        # With a thread id: one task's handler. Without: one handler for every task of a
+        # graph, runner or review queue — each root run's trace id comes from its thread.
+        self.thread_id = thread_id
+        self.trace_id = trace_id_for(thread_id) if thread_id else None
+        self.last_trace_id: str | None = None
+        """The trace of the last root run started (as the SDK's handler has it)."""
+        self._client = get_client(public_key=public_key)
+        self._tracer = self._client._otel_tracer
+        self._pricing = pricing
+        self._masker = masker
+        # Payloads are masked and encoded once, by us, when the client masks with our
+        # Masker (its mask then passes them through); otherwise the SDK's path.
+        _ensure_masked(self._client, masker)
+        self._prepares = getattr(self._client, "_mask", None) is masker
+        self._sdk = sdk = _sdk()
+        self._obs: dict[UUID, _Obs] = {}
+        # Plumbing chains that get no observation, each mapped to its nearest exported
+        # ancestor: their children (and the events they emit) attach there instead.
+        self._skipped: dict[UUID, UUID | None] = {}
+        self._prompts: dict[UUID, Any] = {}  # Langfuse prompts to link to a generation
+        self._streamed: set[UUID] = set()  # generations whose first token was recorded
+        self._common: dict[str, Any] = {}  # environment and release, on every observation
+        if self._client._environment is not None:
+            self._common[sdk.ENVIRONMENT] = self._client._environment
+        if self._client._release is not None:
+            self._common[sdk.RELEASE] = self._client._release
+
+    # --- observations ------------------------------------------------------------------
+    def _parent(self, parent_run_id: UUID | None) -> _Obs | None:
+        if parent_run_id is None:
+            return None
+        return self._obs.get(self._skipped.get(parent_run_id, parent_run_id))  # type: ignore[arg-type]
+
+    def _open(
+        self,
+        run_id: UUID,
+        parent: _Obs | None,
+        name: str,
+        kind: str,
+        attributes: dict[str, Any],
+        *,
+        root_metadata: Mapping[str, Any] | None = None,
+        root_tags: Sequence[str] | None = None,
+        propagate: bool = False,
+        trace_metadata: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Start the observation of *run_id* with its attributes in one write."""
+        sdk = self._sdk
+        attributes[sdk.TYPE] = kind
+        attributes.update(self._common)
+        remote = None
+        if parent is not None:
+            leg = parent.leg
+            context = sdk.set_span_in_context(parent.span, leg.context)
+        else:
+            leg, remote = self._leg(root_metadata, trace_metadata, root_tags, propagate)
+            context = (
+                sdk.set_span_in_context(remote, leg.context) if remote is not None else leg.context
+            )
+        if leg.attributes:
+            attributes.update(leg.attributes)
+        if len(attributes) <= 48:  # far below OpenTelemetry's default limit of 128
+            span = self._tracer.start_span(name, context=context, attributes=attributes)
+        else:
+            span = self._tracer.start_span(name, context=context)
+            sdk.set_within_limit(span, attributes, sdk.reserved(kind))
+        if attributes.get(sdk.LEVEL) == "ERROR":
+            _error_status(sdk, span, attributes.get(sdk.STATUS_MESSAGE))
+        if parent is None:
+            if remote is not None:
+                sdk.set_within_limit(span, {sdk.AS_ROOT: True})
+            if leg.trace_id is None:
+                leg.trace_id = format(span.get_span_context().trace_id, "032x")
+            self.last_trace_id = leg.trace_id
+        # Current while the run runs: spans the application creates inside nest under it.
+        token = sdk.attach(sdk.set_span_in_context(span))
+        self._obs[run_id] = _Obs(span, kind, leg, token)
+        return span
+
+    def _leg(
+        self,
+        metadata: Mapping[str, Any] | None,
+        trace_metadata: Mapping[str, Any] | None,
+        tags: Sequence[str] | None,
+        propagate: bool,
+    ) -> tuple[_Leg, Any]:
+        """A new root run: its trace (seeded from the thread) and its trace attributes.
+
+        *metadata* is the run's own (its children carry copies of it); *trace_metadata*, the
+        masked metadata the trace attributes come from.
+        """
+        sdk = self._sdk
+        trace_id = self.trace_id
+        if trace_id is None and metadata and metadata.get("thread_id"):
+            trace_id = trace_id_for(str(metadata["thread_id"]))
+        leg = _Leg(trace_id, metadata)
+        if propagate:
+            outer = sdk.current_context()
+            trace = _parse_trace_attributes(trace_metadata, tags)
+            manager = sdk.propagate_attributes(
+                user_id=trace.get("user_id"),
+                session_id=trace.get("session_id"),
+                tags=trace.get("tags"),
+                metadata=trace.get("metadata"),
+                trace_name=trace.get("trace_name"),
+            )
+            manager.__enter__()
+            leg.propagation = manager
+            if not sdk.propagated(outer):
+                leg.context = outer
+                leg.attributes = sdk.propagated(sdk.current_context())
+        remote = None
+        if trace_id is not None:
+            remote = self._client._create_remote_parent_span(trace_id=trace_id, parent_span_id=None)
+        return leg, remote
+
+    def _close(
+        self, run_id: UUID, attributes: dict[str, Any], *, root: bool = False
+    ) -> _Obs | None:
+        """End the observation of *run_id*, writing *attributes* first."""
+        obs = self._obs.pop(run_id, None)
+        if obs is None:
+            return None
+        sdk = self._sdk
+        sdk.detach(obs.token)
+        span = obs.span
+        if attributes:
+            sdk.set_within_limit(span, attributes, sdk.reserved(obs.kind))
+            if attributes.get(sdk.LEVEL) == "ERROR":
+                _error_status(sdk, span, attributes.get(sdk.STATUS_MESSAGE))
+        if root and obs.leg.propagation is not None:
+            manager, obs.leg.propagation = obs.leg.propagation, None
+            try:
+                manager.__exit__(None, None, None)
+            except Exception:  # a context exited in another context: nothing to restore
+                logger.debug("could not exit Langfuse's attribute propagation", exc_info=True)
+        span.end()
+        return obs
+
+    def _payload(self, data: Any, field: str, span: Any, chat: bool = False) -> str | None:
+        """*data* masked and JSON-encoded for the ``input``/``output`` attribute."""
+        if data is None:
+            return None
+        if self._prepares:
+            prepared = self._masker._prepare(data, chat)
+            if prepared is not None:
+                return prepared
+        return self._sdk_payload(data, field, span)
+
+    def _sdk_payload(self, data: Any, field: str, span: Any) -> str | None:
+        """The SDK's path: media uploaded and referenced, the client's mask, its serialiser."""
+        client = self._client
+        if client._resources is not None:
+            context = span.get_span_context()
+            data = client._resources._media_manager._find_and_process_media(
+                data=data,
+                field=field,
+                trace_id=format(context.trace_id, "032x"),
+                observation_id=format(context.span_id, "016x"),
+            )
+        if client._mask:
+            try:
+                data = client._mask(data=data)
+            except Exception:
+                logger.exception("the Langfuse client's mask failed: the %s is withheld", field)
+                return "<fully masked due to failed mask function>"
+        serialized: str | None = self._sdk.serialize(data)
+        return serialized
+
+    def _metadata(self, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Observation metadata as Langfuse attributes, masked."""
+        if not metadata:
+            return {}
+        flatten = self._sdk.flatten_metadata
+        if self._prepares:
+            return self._masker._metadata_attributes(dict(metadata), flatten)
+        masked = self._client._mask(data=dict(metadata)) if self._client._mask else metadata
+        return flatten(masked, "observation")  # type: ignore[no-any-return]
+
+    def _prepared(self, attributes: dict[str, Any], key: str, data: Any, chat: bool = False) -> Any:
+        """Write *data*'s prepared payload under *key*; what it returns takes the SDK's path.
+
+        The SDK's path needs the span's ids (media references): it is written after the start.
+        """
+        if data is None:
+            return None
+        if self._prepares:
+            prepared = self._masker._prepare(data, chat)
+            if prepared is not None:
+                attributes[key] = prepared
+                return None
+        return data
+
+    def _write_late(self, span: Any, kind: str, late: Mapping[str, Any]) -> None:
+        sdk = self._sdk
+        fields = {sdk.INPUT: "input", sdk.OUTPUT: "output"}
+        sdk.set_within_limit(
+            span,
+            {key: self._sdk_payload(value, fields[key], span) for key, value in late.items()},
+            sdk.reserved(kind),
+        )
+
+    def _start(
+        self,
+        run_id: UUID,
+        parent: _Obs | None,
+        name: str,
+        kind: str,
+        *,
+        input: Any,
+        metadata: Mapping[str, Any] | None,
+        level: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        root_metadata: Mapping[str, Any] | None = None,
+        root_tags: Sequence[str] | None = None,
+        propagate: bool = False,
+        trace_metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        sdk = self._sdk
+        attributes = self._metadata(metadata)
+        if level is not None:
+            attributes[sdk.LEVEL] = level
+        if extra:
+            attributes.update(extra)
+        late = self._prepared(attributes, sdk.INPUT, input, kind in _CHAINS)
+        span = self._open(
+            run_id,
+            parent,
+            name,
+            kind,
+            attributes,
+            root_metadata=root_metadata,
+            root_tags=root_tags,
+            propagate=propagate,
+            trace_metadata=trace_metadata,
+        )
+        if late is not None:
+            self._write_late(span, kind, {sdk.INPUT: late})
+
+    def _end(
+        self,
+        run_id: UUID,
+        output: Any,
+        *,
+        extra: Mapping[str, Any] | None = None,
+        root: bool = False,
+    ) -> _Obs | None:
+        obs = self._obs.get(run_id)
+        if obs is None:
+            return None
+        sdk = self._sdk
+        attributes: dict[str, Any] = dict(extra) if extra else {}
+        if output is not None:
+            attributes[sdk.OUTPUT] = self._payload(output, "output", obs.span, obs.kind in _CHAINS)
+        return self._close(run_id, attributes, root=root)
+
+    def _fail(self, run_id: UUID, error: BaseException, *, root: bool = False) -> _Obs | None:
+        obs = self._obs.get(run_id)
+        if obs is None:
+            return None
+        sdk = self._sdk
+        level, message = self._error_level_and_message(error)
+        attributes: dict[str, Any] = {sdk.LEVEL: level, sdk.STATUS_MESSAGE: message}
+        if obs.kind in sdk.generation_like:
+            attributes[sdk.COST] = sdk.serialize({"total": 0})
+        return self._close(run_id, attributes, root=root)
+
+    def _error_level_and_message(self, error: BaseException) -> tuple[str, str]:
+        # LangGraph's control flow (interrupts, handoffs) is not an error. Langfuse does not
+        # mask status messages, and an interrupt's message is the repr of its payload (the
+        # tool call under review, arguments and all).
+        if isinstance(error, self._sdk.control_flow):
             interrupts = error.args[0] if error.args else None
             if isinstance(interrupts, tuple | list) and all(
                 hasattr(i, "value") for i in interrupts
             ):
                 payload = self._masker(data=[i.value for i in interrupts])
-                return level, "interrupted: " + json.dumps(payload, default=str)
-            return level, self._masker.text(str(error) or type(error).__name__)
+                return "DEFAULT", "interrupted: " + json.dumps(payload, default=str)
+            return "DEFAULT", self._masker.text(str(error) or type(error).__name__)
+        return "ERROR", self._masker.text(str(error))
 
-        def on_chain_start(
-            self,
-            serialized: dict[str, Any] | None,
-            inputs: Any,
-            *,
-            run_id: UUID,
-            parent_run_id: UUID | None = None,
-            tags: list[str] | None = None,
-            metadata: dict[str, Any] | None = None,
-            **kwargs: Any,
-        ) -> Any:
+    def _trace_of(self, run_id: UUID) -> str | None:
+        obs = self._obs.get(run_id)
+        return obs.leg.trace_id if obs is not None else self.trace_id
+
+    # --- chains: graph runs and their nodes --------------------------------------------
+    def on_chain_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        try:
+            parent = None
             if parent_run_id is not None:
                 parent_run_id = self._skipped.get(parent_run_id, parent_run_id)
                 if _is_plumbing(serialized, kwargs.get("name"), tags, metadata):
                     self._skipped[run_id] = parent_run_id
-                    return None
-            if parent_run_id is None and metadata:
-                self._root_metadata[run_id] = metadata
-                if self.thread_id is None and metadata.get("thread_id"):
-                    metadata = {
-                        **metadata,
-                        **_trace_attributes(str(metadata["thread_id"]), metadata),
-                    }
+                    return
+                if self._prompts or (metadata and "langfuse_prompt" in metadata):
+                    self._register_prompt(run_id, parent_run_id, metadata)
+                parent = self._obs.get(parent_run_id)  # type: ignore[arg-type]
+            name = _run_name(serialized, kwargs)
+            kind = _chain_kind(serialized, name)
+            level = "DEBUG" if tags and self._sdk.hidden_tag in tags else None
+            if parent is None:
+                traced = dict(metadata or {})
+                if self.thread_id is None and traced.get("thread_id"):
+                    traced.update(_trace_attributes(str(traced["thread_id"]), traced))
                 # The root's metadata becomes trace attributes, which Langfuse does not mask.
-                metadata = self._masker(data=metadata)
-            elif metadata and "langgraph_node" in metadata and isinstance(inputs, Mapping):
-                inputs = _compact_state(inputs)
-            return super().on_chain_start(
-                serialized,
-                inputs,
-                run_id=run_id,
-                parent_run_id=parent_run_id,
-                tags=tags,
-                metadata=metadata,
-                **kwargs,
-            )
-
-        def _take_root_trace_context(
-            self, *, inputs: Any, metadata: dict[str, Any] | None
-        ) -> tuple[str | None, Any]:
-            if self.trace_id is None and metadata and metadata.get("thread_id"):
-                return None, {"trace_id": trace_id_for(str(metadata["thread_id"]))}
-            return super()._take_root_trace_context(inputs=inputs, metadata=metadata)
-
-        def _trace_of(self, run_id: UUID) -> str | None:
-            obs = self._runs.get(run_id)
-            return str(obs.trace_id) if obs is not None else self.trace_id
-
-        # --- generations: model name and cost from the harness's pricing ---------------
-        def on_llm_end(
-            self,
-            response: LLMResult,
-            *,
-            run_id: UUID,
-            parent_run_id: UUID | None = None,
-            **kwargs: Any,
-        ) -> Any:
-            generation = self._runs.get(run_id)
-            priced: dict[str, Any] | None = None
-            if generation is not None:
-                try:
-                    priced = self._price_generation(response)
-                except Exception:  # never break the run for a trace
-                    logger.exception("could not price a generation for Langfuse")
-            if priced and generation is not None and not self._prepares:
-                generation.update(**priced)
-            elif priced:  # rides on the SDK's own final update (its model, if any, wins)
-                self._priced[run_id] = priced
-            try:
-                return super().on_llm_end(
-                    response, run_id=run_id, parent_run_id=parent_run_id, **kwargs
+                traced = self._masker(data=traced)
+                self._start(
+                    run_id,
+                    None,
+                    name,
+                    kind,
+                    input=inputs,
+                    metadata=_root_metadata(tags, traced),
+                    level=level,
+                    root_metadata=metadata,
+                    root_tags=tags,
+                    propagate=parent_run_id is None,
+                    trace_metadata=traced,
                 )
-            finally:
-                self._priced.pop(run_id, None)
-
-        def _price_generation(self, response: LLMResult) -> dict[str, Any] | None:
-            """The generation's model and ``cost_details`` from the harness's pricing."""
-            last = response.generations[-1][-1]
-            if not isinstance(last, ChatGeneration) or not isinstance(last.message, AIMessage):
-                return None
-            msg = last.message
-            usage: Mapping[str, Any] = msg.usage_metadata or {}
-            inp, out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
-            meta = msg.additional_kwargs.get("harness") or {}
-            budget = meta.get("budget") or {} if isinstance(meta, Mapping) else {}
-            model = str(
-                budget.get("model")
-                or msg.response_metadata.get("model_name")
-                or msg.response_metadata.get("model")
-                or ""
+                return
+            if metadata and "langgraph_node" in metadata and isinstance(inputs, Mapping):
+                inputs = _compact_state(inputs)
+            self._start(
+                run_id,
+                parent,
+                name,
+                kind,
+                input=inputs,
+                metadata=self._child_metadata(parent, tags, metadata),
+                level=level,
             )
-            if not model:
-                return None
-            spent = budget.get("spent_usd")
-            priced = call_cost(self._pricing, model, inp, out)
-            if isinstance(spent, int | float):
-                total = float(spent)
-                split = priced or (total, 0.0)
-                scale = total / (split[0] + split[1]) if (split[0] + split[1]) else 0.0
-                cost = {"input": split[0] * scale, "output": split[1] * scale, "total": total}
-            elif priced is not None:
-                cost = {"input": priced[0], "output": priced[1], "total": priced[0] + priced[1]}
-            else:
-                return {"model": model}
-            return {"model": model, "cost_details": cost}
+        except Exception:  # never break the run for a trace
+            logger.exception("could not start a Langfuse observation")
 
-        # --- root runs: the outcome becomes a trace score ------------------------------
-        def on_chain_end(
-            self,
-            outputs: Any,
-            *,
-            run_id: UUID,
-            parent_run_id: UUID | None = None,
-            **kwargs: Any,
-        ) -> Any:
-            if self._skipped.pop(run_id, _NOT_SKIPPED) is not _NOT_SKIPPED:
-                return None
-            if parent_run_id is None:
-                self._root_metadata.pop(run_id, None)
+    def _child_metadata(
+        self, parent: _Obs, tags: Sequence[str] | None, metadata: Mapping[str, Any] | None
+    ) -> dict[str, Any] | None:
+        # LangChain copies the root's metadata into every child run, and LangGraph adds its
+        # bookkeeping: on a child, keep what is about this observation (the node, the step,
+        # anything set on the child itself); the rest is on the trace.
+        own = _own_metadata(metadata, parent.leg.metadata)
+        kept = [t for t in tags or () if not t.startswith(_PLUMBING_TAGS)]
+        return _strip_langfuse_keys(_join_tags(kept, own))
+
+    def on_chain_end(
+        self,
+        outputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if self._skipped.pop(run_id, _NOT_SKIPPED) is not _NOT_SKIPPED:
+            return
+        try:
+            if self._prompts:
+                self._prompts.pop(run_id, None)
             if parent_run_id is None and isinstance(outputs, Mapping):
                 outcome = outputs.get("outcome")
                 trace_id = self._trace_of(run_id)
                 if isinstance(outcome, Mapping) and outcome.get("status") and trace_id:
                     self._score_outcome(outcome, trace_id)
-            return super().on_chain_end(
-                outputs, run_id=run_id, parent_run_id=parent_run_id, **kwargs
-            )
+            self._end(run_id, outputs, root=parent_run_id is None)
+        except Exception:
+            logger.exception("could not end a Langfuse observation")
 
-        def on_chain_error(
-            self,
-            error: BaseException,
-            *,
-            run_id: UUID,
-            parent_run_id: UUID | None = None,
-            **kwargs: Any,
-        ) -> None:
-            # A plumbing chain's error (an interrupt raised in a routing function...) reaches
-            # the node that ran it, which records it.
-            if self._skipped.pop(run_id, _NOT_SKIPPED) is not _NOT_SKIPPED:
-                return
-            if parent_run_id is None:
-                self._root_metadata.pop(run_id, None)
-            super().on_chain_error(error, run_id=run_id, parent_run_id=parent_run_id, **kwargs)
+    def on_chain_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # A plumbing chain's error (an interrupt raised in a routing function...) reaches the
+        # node that ran it, which records it.
+        if self._skipped.pop(run_id, _NOT_SKIPPED) is not _NOT_SKIPPED:
+            return
+        try:
+            if self._prompts:
+                self._prompts.pop(run_id, None)
+            self._fail(run_id, error, root=parent_run_id is None)
+        except Exception:
+            logger.exception("could not end a Langfuse observation")
 
-        # --- children of skipped chains attach to the nearest exported ancestor ---------
-        def on_chat_model_start(
-            self,
-            serialized: dict[str, Any] | None,
-            messages: list[list[BaseMessage]],
-            *,
-            run_id: UUID,
-            parent_run_id: UUID | None = None,
-            **kwargs: Any,
-        ) -> Any:
-            if parent_run_id is not None:
-                parent_run_id = self._skipped.get(parent_run_id, parent_run_id)
-            return super().on_chat_model_start(
-                serialized, messages, run_id=run_id, parent_run_id=parent_run_id, **kwargs
-            )
+    def on_agent_action(self, action: Any, *, run_id: UUID, **kwargs: Any) -> Any:
+        self._agent_step(run_id, action, kwargs.get("inputs"))
 
-        def on_llm_start(
-            self,
-            serialized: dict[str, Any] | None,
-            prompts: list[str],
-            *,
-            run_id: UUID,
-            parent_run_id: UUID | None = None,
-            **kwargs: Any,
-        ) -> Any:
-            if parent_run_id is not None:
-                parent_run_id = self._skipped.get(parent_run_id, parent_run_id)
-            return super().on_llm_start(
-                serialized, prompts, run_id=run_id, parent_run_id=parent_run_id, **kwargs
-            )
+    def on_agent_finish(self, finish: Any, *, run_id: UUID, **kwargs: Any) -> Any:
+        self._agent_step(run_id, finish, kwargs.get("inputs"))
 
-        def on_tool_start(
-            self,
-            serialized: dict[str, Any] | None,
-            input_str: str,
-            *,
-            run_id: UUID,
-            parent_run_id: UUID | None = None,
-            **kwargs: Any,
-        ) -> Any:
-            if parent_run_id is not None:
-                parent_run_id = self._skipped.get(parent_run_id, parent_run_id)
-            kwargs.pop("color", None)  # a console colour, not a fact about the call
-            return super().on_tool_start(
-                serialized, input_str, run_id=run_id, parent_run_id=parent_run_id, **kwargs
-            )
+    def _agent_step(self, run_id: UUID, output: Any, inputs: Any) -> None:
+        # A LangChain agent's step: its chain becomes an agent observation (as the SDK does).
+        obs = self._obs.get(run_id)
+        if obs is None:
+            return
+        try:
+            sdk = self._sdk
+            obs.kind = "agent"
+            attributes = {sdk.TYPE: "agent", sdk.OUTPUT: self._payload(output, "output", obs.span)}
+            if inputs is not None:
+                attributes[sdk.INPUT] = self._payload(inputs, "input", obs.span)
+            sdk.set_within_limit(obs.span, attributes, sdk.reserved("agent"))
+        except Exception:
+            logger.exception("could not record an agent step in Langfuse")
 
-        def on_retriever_start(
-            self,
-            serialized: dict[str, Any] | None,
-            query: str,
-            *,
-            run_id: UUID,
-            parent_run_id: UUID | None = None,
-            **kwargs: Any,
-        ) -> Any:
-            if parent_run_id is not None:
-                parent_run_id = self._skipped.get(parent_run_id, parent_run_id)
-            return super().on_retriever_start(
-                serialized, query, run_id=run_id, parent_run_id=parent_run_id, **kwargs
-            )
-
-        # --- payloads: masked and JSON-encoded once --------------------------------------
-        def _convert_message_to_dict(self, message: BaseMessage) -> dict[str, Any]:
-            # The generation's prompt, message by message: each masked once per process.
-            if not self._prepares:
-                return dict(super()._convert_message_to_dict(message))
-            convert = super()._convert_message_to_dict
-            masked: dict[str, Any] = self._masker._message(message, "prompt", convert)
-            return masked
-
-        def _preparing(self, obs: Any) -> Any:
-            return _Preparing(obs, self._masker) if self._prepares and obs is not None else obs
-
-        def _get_parent_observation(self, parent_run_id: UUID | None) -> Any:
-            obs = super()._get_parent_observation(parent_run_id)
-            return obs if obs is self._langfuse_client else self._preparing(obs)
-
-        def _detach_observation(self, run_id: UUID) -> Any:
-            obs = super()._detach_observation(run_id)
-            priced = self._priced.pop(run_id, None)
-            if obs is None or not self._prepares:
-                return obs
-            return _Preparing(obs, self._masker, priced)
-
-        def _get_langchain_observation_metadata(
-            self,
-            *,
-            parent_run_id: UUID | None,
-            tags: list[str] | None = None,
-            metadata: dict[str, Any] | None = None,
-            keep_langfuse_trace_attributes: bool = False,
-        ) -> dict[str, Any] | None:
-            # LangChain copies the root's metadata into every child run, and LangGraph adds
-            # its bookkeeping: on a child, keep what is about this observation (the node,
-            # the step, anything set on the child itself); the rest is on the trace.
-            if parent_run_id is not None:
-                state = self._run_states.get(parent_run_id)
-                root = self._root_metadata.get(state.root_run_id) if state else None
-                metadata = _own_metadata(metadata, root)
-                tags = [t for t in tags or () if not t.startswith(_PLUMBING_TAGS)] or None
+    # --- generations: the whole prompt; model name and cost from the harness's pricing --
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any] | None,
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        try:
+            # The prompt, message by message: each masked once per process.
+            convert = self._sdk.convert_message
+            if self._prepares:
+                remember = self._masker._message
+                prompt = [remember(m, "prompt", convert) for batch in messages for m in batch]
             else:
-                metadata = _own_metadata(metadata, None)
-            result: dict[str, Any] | None = super()._get_langchain_observation_metadata(
-                parent_run_id=parent_run_id,
-                tags=tags,
-                metadata=metadata,
-                keep_langfuse_trace_attributes=keep_langfuse_trace_attributes,
-            )
-            return result
+                prompt = [convert(m) for batch in messages for m in batch]
+            self._generation(serialized, prompt, run_id, parent_run_id, tags, metadata, kwargs)
+        except Exception:
+            logger.exception("could not start a Langfuse generation")
 
-        def _parse_langfuse_trace_attributes(
-            self, *, metadata: dict[str, Any] | None, tags: list[str] | None
-        ) -> dict[str, Any]:
-            # Trace metadata is copied onto every span of the leg: keep it to the task's own
-            # keys (the thread id is already the session id; LangGraph's keys are plumbing).
-            attributes: dict[str, Any] = super()._parse_langfuse_trace_attributes(
-                metadata=metadata, tags=tags
-            )
-            if isinstance(attributes.get("metadata"), Mapping):
-                attributes["metadata"] = _own_metadata(attributes["metadata"], None)
-            return attributes
+    def on_llm_start(
+        self,
+        serialized: dict[str, Any] | None,
+        prompts: list[str],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        try:
+            prompt: Any = prompts[0] if len(prompts) == 1 else list(prompts)
+            self._generation(serialized, prompt, run_id, parent_run_id, tags, metadata, kwargs)
+        except Exception:
+            logger.exception("could not start a Langfuse generation")
 
-        def _score_outcome(self, outcome: Mapping[str, Any], trace_id: str) -> None:
-            reason = outcome.get("reason")
-            self._langfuse_client.create_score(
-                name="outcome",
-                value=str(outcome["status"]),
-                trace_id=trace_id,
-                score_id=_score_id(trace_id, "outcome"),
-                data_type="CATEGORICAL",
-                comment=self._masker.text(str(reason)) if reason else None,
-            )
+    def _generation(
+        self,
+        serialized: dict[str, Any] | None,
+        prompt: Any,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        tags: list[str] | None,
+        metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> None:
+        sdk = self._sdk
+        invocation = kwargs.get("invocation_params") or {}
+        tools = invocation.get("tools")
+        if tools and isinstance(tools, list) and isinstance(prompt, list):
+            prompt = prompt + [
+                {"role": "tool", "content": sdk.normalize_tool(tool)} for tool in tools
+            ]
+        extra: dict[str, Any] = {}
+        model = sdk.model_from_metadata(metadata) or _quiet(
+            sdk.extract_model_name, serialized, **kwargs
+        )
+        if model:
+            extra[sdk.MODEL] = model
+        extra[sdk.MODEL_PARAMETERS] = sdk.serialize(sdk.model_parameters(invocation))
+        linked = self._take_prompt(parent_run_id) if self._prompts else None
+        if linked is not None and not getattr(linked, "is_fallback", True):
+            extra[sdk.PROMPT_NAME] = linked.name
+            extra[sdk.PROMPT_VERSION] = linked.version
+        parent = self._parent(parent_run_id)
+        if parent is not None:
+            own = self._child_metadata(parent, tags, metadata)
+        else:  # a model called on its own keeps its trace attributes
+            own = _root_metadata(tags, metadata, keep_trace_attributes=True)
+        self._start(
+            run_id,
+            parent,
+            _run_name(serialized, kwargs),
+            "generation",
+            input=prompt,
+            metadata=own,
+            extra=extra,
+            root_metadata=metadata,
+        )
 
-        # --- harness decisions ----------------------------------------------------------
-        def on_custom_event(
-            self,
-            name: str,
-            data: Any,
-            *,
-            run_id: UUID,
-            tags: list[str] | None = None,
-            metadata: dict[str, Any] | None = None,
-            **kwargs: Any,
-        ) -> Any:
-            if not name.startswith(EVENT_PREFIX) or not isinstance(data, Mapping):
-                return
-            run_id = self._skipped.get(run_id) or run_id
+    def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> Any:
+        obs = self._obs.get(run_id)
+        if obs is None or run_id in self._streamed or obs.kind not in self._sdk.generation_like:
+            return
+        self._streamed.add(run_id)
+        from langfuse._utils import _get_timestamp
+
+        sdk = self._sdk
+        sdk.set_within_limit(
+            obs.span,
+            {sdk.COMPLETION_START: sdk.serialize(_get_timestamp())},
+            sdk.reserved("generation"),
+        )
+
+    def on_llm_end(
+        self,
+        response: LLMResult,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        self._streamed.discard(run_id)
+        obs = self._obs.get(run_id)
+        if obs is None:
+            return
+        try:
+            sdk = self._sdk
+            last = response.generations[-1][-1]
+            output: Any
+            if isinstance(last, ChatGeneration):
+                message = last.message
+                if self._prepares:
+                    output = self._masker._message(message, "prompt", sdk.convert_message)
+                else:
+                    output = sdk.convert_message(message)
+            else:
+                output = last.text if hasattr(last, "text") else last
+            extra: dict[str, Any] = {}
+            usage = sdk.parse_usage(response)
+            if usage:
+                extra[sdk.USAGE] = _numbers_json(sdk, usage)
             try:
-                self._record(name.removeprefix(EVENT_PREFIX), dict(data), run_id)
-            except Exception:
-                logger.exception("could not record harness event %s in Langfuse", name)
+                priced = self._price_generation(response)
+            except Exception:  # never break the run for a trace
+                logger.exception("could not price a generation for Langfuse")
+                priced = None
+            model = sdk.parse_model(response) or (priced or {}).get("model")
+            if model:
+                extra[sdk.MODEL] = model  # the provider's own name, when it gives one, wins
+            if priced and priced.get("cost_details"):
+                extra[sdk.COST] = _numbers_json(sdk, priced["cost_details"])
+            if kwargs.get("inputs") is not None:
+                extra[sdk.INPUT] = self._payload(kwargs["inputs"], "input", obs.span)
+            self._end(run_id, output, extra=extra)
+        except Exception:
+            logger.exception("could not end a Langfuse generation")
 
-        def _observe(self, run_id: UUID, trace_id: str, **kwargs: Any) -> Any:
-            parent = self._runs.get(run_id)
-            if parent is not None:
-                obs = self._preparing(parent).start_observation(**kwargs)
-            else:
-                obs = self._langfuse_client.start_observation(
-                    trace_context={"trace_id": trace_id}, **kwargs
-                )
-            if kwargs.get("as_type") != "event":
-                obs.end()
-            return obs
+    def on_llm_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        self._streamed.discard(run_id)
+        try:
+            self._fail(run_id, error)
+        except Exception:
+            logger.exception("could not end a Langfuse generation")
 
-        def _record(self, kind: str, data: dict[str, Any], run_id: UUID) -> None:
-            client = self._langfuse_client
-            trace_id = self._trace_of(run_id)
-            if trace_id is None:
-                return  # an event outside any traced run
-            if kind == "verdict":
-                ok = bool(data.get("ok"))
-                obs = self._observe(
-                    run_id,
+    def _price_generation(self, response: LLMResult) -> dict[str, Any] | None:
+        """The generation's model and ``cost_details`` from the harness's pricing."""
+        last = response.generations[-1][-1]
+        if not isinstance(last, ChatGeneration) or not isinstance(last.message, AIMessage):
+            return None
+        msg = last.message
+        usage: Mapping[str, Any] = msg.usage_metadata or {}
+        inp, out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+        meta = msg.additional_kwargs.get("harness") or {}
+        budget = meta.get("budget") or {} if isinstance(meta, Mapping) else {}
+        model = str(
+            budget.get("model")
+            or msg.response_metadata.get("model_name")
+            or msg.response_metadata.get("model")
+            or ""
+        )
+        if not model:
+            return None
+        spent = budget.get("spent_usd")
+        priced = call_cost(self._pricing, model, inp, out)
+        if isinstance(spent, int | float):
+            total = float(spent)
+            split = priced or (total, 0.0)
+            scale = total / (split[0] + split[1]) if (split[0] + split[1]) else 0.0
+            cost = {"input": split[0] * scale, "output": split[1] * scale, "total": total}
+        elif priced is not None:
+            cost = {"input": priced[0], "output": priced[1], "total": priced[0] + priced[1]}
+        else:
+            return {"model": model}
+        return {"model": model, "cost_details": cost}
+
+    def _register_prompt(
+        self, run_id: UUID, parent_run_id: UUID | None, metadata: Mapping[str, Any] | None
+    ) -> None:
+        # A chain carrying a Langfuse prompt links it to the next generation of its parent;
+        # a registered prompt not linked yet passes down to the children (as the SDK does).
+        if parent_run_id is None:
+            return
+        prompt = metadata.get("langfuse_prompt") if metadata else None
+        if prompt:
+            self._prompts[parent_run_id] = prompt
+        elif parent_run_id in self._prompts:
+            self._prompts[run_id] = self._prompts[parent_run_id]
+
+    def _take_prompt(self, parent_run_id: UUID | None) -> Any:
+        if parent_run_id is None:
+            return None
+        return self._prompts.pop(parent_run_id, None)
+
+    # --- tools and retrievers -------------------------------------------------------------
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any] | None,
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        inputs: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        try:
+            kwargs.pop("color", None)  # a console colour, not a fact about the call
+            parent = self._parent(parent_run_id)
+            own = (
+                self._child_metadata(parent, tags, metadata)
+                if parent is not None
+                else _root_metadata(tags, metadata)
+            ) or {}
+            own.update({k: v for k, v in kwargs.items() if v is not None})
+            self._start(
+                run_id,
+                parent,
+                _run_name(serialized, kwargs),
+                "tool",
+                input=inputs if inputs is not None else input_str,
+                metadata=own,
+                level="DEBUG" if tags and self._sdk.hidden_tag in tags else None,
+                root_metadata=metadata,
+            )
+        except Exception:
+            logger.exception("could not start a Langfuse tool observation")
+
+    def on_tool_end(
+        self,
+        output: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        try:
+            sdk = self._sdk
+            extra: dict[str, Any] = {}
+            if isinstance(output, ToolMessage) and getattr(output, "status", None) == "error":
+                content = output.content if isinstance(output.content, str) else str(output.content)
+                extra[sdk.LEVEL] = "ERROR"
+                extra[sdk.STATUS_MESSAGE] = self._masker.text(content)
+            self._end(run_id, output, extra=extra)
+        except Exception:
+            logger.exception("could not end a Langfuse tool observation")
+
+    def on_tool_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        try:
+            self._fail(run_id, error)
+        except Exception:
+            logger.exception("could not end a Langfuse tool observation")
+
+    def on_retriever_start(
+        self,
+        serialized: dict[str, Any] | None,
+        query: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        try:
+            parent = self._parent(parent_run_id)
+            own = (
+                self._child_metadata(parent, tags, metadata)
+                if parent is not None
+                else _root_metadata(tags, metadata)
+            )
+            self._start(
+                run_id,
+                parent,
+                _run_name(serialized, kwargs),
+                "retriever",
+                input=query,
+                metadata=own,
+                level="DEBUG" if tags and self._sdk.hidden_tag in tags else None,
+                root_metadata=metadata,
+            )
+        except Exception:
+            logger.exception("could not start a Langfuse retriever observation")
+
+    def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> Any:
+        try:
+            self._end(run_id, list(documents))
+        except Exception:
+            logger.exception("could not end a Langfuse retriever observation")
+
+    def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> Any:
+        try:
+            self._fail(run_id, error)
+        except Exception:
+            logger.exception("could not end a Langfuse retriever observation")
+
+    # --- harness decisions ---------------------------------------------------------------
+    def on_custom_event(
+        self,
+        name: str,
+        data: Any,
+        *,
+        run_id: UUID,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if not name.startswith(EVENT_PREFIX) or not isinstance(data, Mapping):
+            return
+        run_id = self._skipped.get(run_id) or run_id
+        try:
+            self._record(name.removeprefix(EVENT_PREFIX), dict(data), run_id)
+        except Exception:
+            logger.exception("could not record harness event %s in Langfuse", name)
+
+    def _observe(
+        self,
+        run_id: UUID,
+        trace_id: str,
+        *,
+        name: str,
+        as_type: str,
+        input: Any = None,
+        output: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+        level: str | None = None,
+        status_message: str | None = None,
+    ) -> str:
+        """A decision as an observation under *run_id*'s; returns its id (for scores)."""
+        sdk = self._sdk
+        parent = self._obs.get(run_id)
+        attributes = self._metadata(metadata)
+        attributes[sdk.TYPE] = as_type
+        attributes.update(self._common)
+        if level is not None:
+            attributes[sdk.LEVEL] = level
+        if status_message is not None:
+            attributes[sdk.STATUS_MESSAGE] = self._masker.text(status_message)
+        if parent is not None:
+            context = sdk.set_span_in_context(parent.span, parent.leg.context)
+            attributes.update(parent.leg.attributes)
+        else:  # outside any traced run of this handler: directly under the task's trace
+            remote = self._client._create_remote_parent_span(trace_id=trace_id, parent_span_id=None)
+            context = sdk.set_span_in_context(remote)
+        late = {
+            key: value
+            for key, value in ((sdk.INPUT, input), (sdk.OUTPUT, output))
+            if self._prepared(attributes, key, value) is not None
+        }
+        # An event has no duration: it starts and ends at the same instant (as the SDK's).
+        start = time.time_ns() if as_type == "event" else None
+        span = self._tracer.start_span(
+            name, context=context, attributes=attributes, start_time=start
+        )
+        if late:
+            self._write_late(span, as_type, late)
+        if level == "ERROR":
+            _error_status(sdk, span, attributes.get(sdk.STATUS_MESSAGE))
+        span.end(end_time=start)
+        return format(span.get_span_context().span_id, "016x")
+
+    def _score_outcome(self, outcome: Mapping[str, Any], trace_id: str) -> None:
+        reason = outcome.get("reason")
+        self._client.create_score(
+            name="outcome",
+            value=str(outcome["status"]),
+            trace_id=trace_id,
+            score_id=_score_id(trace_id, "outcome"),
+            data_type="CATEGORICAL",
+            comment=self._masker.text(str(reason)) if reason else None,
+        )
+
+    def _record(self, kind: str, data: dict[str, Any], run_id: UUID) -> None:
+        client = self._client
+        trace_id = self._trace_of(run_id)
+        if trace_id is None:
+            return  # an event outside any traced run
+        if kind == "verdict":
+            ok = bool(data.get("ok"))
+            observation_id = self._observe(
+                run_id,
+                trace_id,
+                name=f"verify {data.get('tool', '?')}",
+                as_type="guardrail",
+                input={
+                    "tool": data.get("tool"),
+                    "tool_call_id": data.get("tool_call_id"),
+                    "attempt": data.get("attempt"),
+                },
+                output={
+                    "ok": ok,
+                    "action": data.get("action"),
+                    "reasons": data.get("reasons", []),
+                },
+                level=None if ok else "WARNING",
+                status_message=None if ok else "; ".join(map(str, data.get("reasons", []))),
+            )
+            client.create_score(
+                name="verification",
+                value=1.0 if ok else 0.0,
+                trace_id=trace_id,
+                observation_id=observation_id,
+                score_id=_score_id(
                     trace_id,
-                    name=f"verify {data.get('tool', '?')}",
-                    as_type="guardrail",
-                    input={
-                        "tool": data.get("tool"),
-                        "tool_call_id": data.get("tool_call_id"),
-                        "attempt": data.get("attempt"),
-                    },
-                    output={
-                        "ok": ok,
-                        "action": data.get("action"),
-                        "reasons": data.get("reasons", []),
-                    },
-                    level=None if ok else "WARNING",
-                    status_message=None if ok else "; ".join(map(str, data.get("reasons", []))),
-                )
+                    "verdict",
+                    str(data.get("tool_call_id")),
+                    str(data.get("attempt")),
+                ),
+                data_type="BOOLEAN",
+                comment=None
+                if ok
+                else self._masker.text("; ".join(map(str, data.get("reasons", [])))),
+            )
+        elif kind.startswith("budget."):
+            action = kind.removeprefix("budget.")
+            self._observe(
+                run_id,
+                trace_id,
+                name=kind,
+                as_type="event",
+                input={k: data[k] for k in ("task_id", "model", "from_model") if k in data},
+                output=data,
+                metadata={"harness_event": kind},
+                level="WARNING" if action in {"degrade", "warn", "stop"} else None,
+                status_message=(
+                    f"{data.get('from_model')} → {data.get('to_model')}: {data.get('reason')}"
+                    if action == "degrade"
+                    else f"{data.get('limit')} {data.get('used')}/{data.get('maximum')}"
+                    if action in {"warn", "stop"}
+                    else None
+                ),
+            )
+            if action in {"stop", "degrade"}:
                 client.create_score(
-                    name="verification",
-                    value=1.0 if ok else 0.0,
+                    name="budget",
+                    value="stopped" if action == "stop" else "degraded",
                     trace_id=trace_id,
-                    observation_id=obs.id,
-                    score_id=_score_id(
-                        trace_id,
-                        "verdict",
-                        str(data.get("tool_call_id")),
-                        str(data.get("attempt")),
-                    ),
-                    data_type="BOOLEAN",
-                    comment=None
-                    if ok
-                    else self._masker.text("; ".join(map(str, data.get("reasons", [])))),
-                )
-            elif kind.startswith("budget."):
-                action = kind.removeprefix("budget.")
-                self._observe(
-                    run_id,
-                    trace_id,
-                    name=kind,
-                    as_type="event",
-                    input={k: data[k] for k in ("task_id", "model", "from_model") if k in data},
-                    output=data,
-                    metadata={"harness_event": kind},
-                    level="WARNING" if action in {"degrade", "warn", "stop"} else None,
-                    status_message=(
-                        f"{data.get('from_model')} → {data.get('to_model')}: {data.get('reason')}"
-                        if action == "degrade"
-                        else f"{data.get('limit')} {data.get('used')}/{data.get('maximum')}"
-                        if action in {"warn", "stop"}
-                        else None
-                    ),
-                )
-                if action in {"stop", "degrade"}:
-                    client.create_score(
-                        name="budget",
-                        value="stopped" if action == "stop" else "degraded",
-                        trace_id=trace_id,
-                        score_id=_score_id(trace_id, "budget", action),
-                        data_type="CATEGORICAL",
-                    )
-            elif kind == "review.request":
-                review_id = str(data.get("review_id", ""))
-                self._observe(
-                    run_id,
-                    trace_id,
-                    name="review requested",
-                    as_type="event",
-                    input={"tool_calls": data.get("tool_calls")},
-                    output={"reason": data.get("reason"), "risk": data.get("risk")},
-                    metadata={"harness_event": kind, "review_id": review_id},
-                    level="WARNING",
-                    status_message=str(data.get("reason", "")),
-                )
-            elif kind == "review.decision":
-                review_id = str(data.get("review_id", ""))
-                decision = str(data.get("decision", "?"))
-                obs = self._observe(
-                    run_id,
-                    trace_id,
-                    name=f"review {decision} by {data.get('reviewer', '?')}",
-                    as_type="event",
-                    input={"args_before": data.get("args_before")},
-                    output={
-                        "decision": decision,
-                        "reviewer": data.get("reviewer"),
-                        "args_after": data.get("args_after"),
-                        "message": data.get("message"),
-                    },
-                    metadata={
-                        "harness_event": kind,
-                        "review_id": review_id,
-                        "reviewer": data.get("reviewer"),
-                    },
-                    level="WARNING" if decision == "reject" else None,
-                )
-                client.create_score(
-                    name="review",
-                    value=decision,
-                    trace_id=trace_id,
-                    observation_id=obs.id,
-                    score_id=_score_id(trace_id, "review", review_id),
+                    score_id=_score_id(trace_id, "budget", action),
                     data_type="CATEGORICAL",
-                    comment=f"by {data.get('reviewer')}",
                 )
-            elif kind.startswith("effect."):
-                action = kind.removeprefix("effect.")
-                self._observe(
-                    run_id,
-                    trace_id,
-                    name=f"effect {action}: {data.get('tool', '?')}",
-                    as_type="event",
-                    input={"tool": data.get("tool"), "tool_call_id": data.get("tool_call_id")},
-                    output={"idempotency_key": data.get("idempotency_key"), "action": action},
-                    metadata={"harness_event": kind},
-                    level="ERROR" if action == "unknown" else None,
-                )
-            elif kind == "outcome":
-                self._observe(
-                    run_id,
-                    trace_id,
-                    name=f"outcome: {data.get('status')}",
-                    as_type="event",
-                    output=data,
-                    metadata={"harness_event": kind},
-                    level=None if data.get("status") == "completed" else "WARNING",
-                )
-                if data.get("status"):
-                    self._score_outcome(data, trace_id)
-            else:
-                self._observe(
-                    run_id,
-                    trace_id,
-                    name=kind,
-                    as_type="event",
-                    output=data,
-                    metadata={"harness_event": kind},
-                )
-
-    return HarnessLangfuseHandler
+        elif kind == "review.request":
+            review_id = str(data.get("review_id", ""))
+            self._observe(
+                run_id,
+                trace_id,
+                name="review requested",
+                as_type="event",
+                input={"tool_calls": data.get("tool_calls")},
+                output={"reason": data.get("reason"), "risk": data.get("risk")},
+                metadata={"harness_event": kind, "review_id": review_id},
+                level="WARNING",
+                status_message=str(data.get("reason", "")),
+            )
+        elif kind == "review.decision":
+            review_id = str(data.get("review_id", ""))
+            decision = str(data.get("decision", "?"))
+            observation_id = self._observe(
+                run_id,
+                trace_id,
+                name=f"review {decision} by {data.get('reviewer', '?')}",
+                as_type="event",
+                input={"args_before": data.get("args_before")},
+                output={
+                    "decision": decision,
+                    "reviewer": data.get("reviewer"),
+                    "args_after": data.get("args_after"),
+                    "message": data.get("message"),
+                },
+                metadata={
+                    "harness_event": kind,
+                    "review_id": review_id,
+                    "reviewer": data.get("reviewer"),
+                },
+                level="WARNING" if decision == "reject" else None,
+            )
+            client.create_score(
+                name="review",
+                value=decision,
+                trace_id=trace_id,
+                observation_id=observation_id,
+                score_id=_score_id(trace_id, "review", review_id),
+                data_type="CATEGORICAL",
+                comment=f"by {data.get('reviewer')}",
+            )
+        elif kind.startswith("effect."):
+            action = kind.removeprefix("effect.")
+            self._observe(
+                run_id,
+                trace_id,
+                name=f"effect {action}: {data.get('tool', '?')}",
+                as_type="event",
+                input={"tool": data.get("tool"), "tool_call_id": data.get("tool_call_id")},
+                output={"idempotency_key": data.get("idempotency_key"), "action": action},
+                metadata={"harness_event": kind},
+                level="ERROR" if action == "unknown" else None,
+            )
+        elif kind == "outcome":
+            self._observe(
+                run_id,
+                trace_id,
+                name=f"outcome: {data.get('status')}",
+                as_type="event",
+                output=data,
+                metadata={"harness_event": kind},
+                level=None if data.get("status") == "completed" else "WARNING",
+            )
+            if data.get("status"):
+                self._score_outcome(data, trace_id)
+        else:
+            self._observe(
+                run_id,
+                trace_id,
+                name=kind,
+                as_type="event",
+                output=data,
+                metadata={"harness_event": kind},
+            )
 
 
 _NOT_SKIPPED: Any = object()
+_CHAINS = frozenset({"chain", "agent"})
+"""Observations whose payloads (graph state, node updates) show messages in chat form."""
 _PLUMBING_TAGS = ("seq:step:", "graph:step:")
 """LangChain/LangGraph bookkeeping tags (a run's position in its sequence or graph)."""
 _PLUMBING_METADATA_PREFIXES = ("langgraph_", "ls_", "lc_", "__pregel_")
@@ -1139,7 +1589,133 @@ def _own_metadata(
     return own or None
 
 
-_HANDLER: type[Any] | None = None
+def _run_name(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> str:
+    """A run's name as the SDK gives it: ``name``, then the serialized name or class."""
+    name = kwargs.get("name")
+    if name is not None:
+        return str(name)
+    if not serialized:
+        return "<unknown>"
+    if serialized.get("name") is not None:
+        return str(serialized["name"])
+    ids = serialized.get("id")
+    if isinstance(ids, list) and ids:
+        return str(ids[-1])
+    return "<unknown>"
+
+
+def _chain_kind(serialized: Mapping[str, Any] | None, name: str) -> str:
+    """``agent`` for a chain whose class path or name says agent (as the SDK), else ``chain``."""
+    ids = serialized.get("id") if serialized else None
+    if isinstance(ids, list) and any("agent" in str(part).lower() for part in ids):
+        return "agent"
+    return "agent" if "agent" in name.lower() else "chain"
+
+
+_LANGFUSE_KEYS = ("langfuse_prompt",)
+_LANGFUSE_TRACE_KEYS = (
+    "langfuse_session_id",
+    "langfuse_user_id",
+    "langfuse_tags",
+    "langfuse_trace_name",
+)
+
+
+def _join_tags(
+    tags: Sequence[str] | None, metadata: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    joined: dict[str, Any] = {"tags": list(tags)} if tags else {}
+    if metadata:
+        joined.update(metadata)
+    return joined or None
+
+
+def _strip_langfuse_keys(
+    metadata: dict[str, Any] | None, keep_trace_attributes: bool = False
+) -> dict[str, Any] | None:
+    """Observation metadata without Langfuse's control keys (the SDK's rule)."""
+    if not metadata:
+        return metadata
+    for key in _LANGFUSE_KEYS:
+        metadata.pop(key, None)
+    if not keep_trace_attributes:
+        for key in _LANGFUSE_TRACE_KEYS:
+            metadata.pop(key, None)
+    return metadata
+
+
+def _root_metadata(
+    tags: Sequence[str] | None,
+    metadata: Mapping[str, Any] | None,
+    *,
+    keep_trace_attributes: bool = False,
+) -> dict[str, Any]:
+    own = _strip_langfuse_keys(
+        _join_tags(tags, _own_metadata(metadata, None)), keep_trace_attributes
+    )
+    return {**(own or {}), "is_langchain_root": True}
+
+
+def _parse_trace_attributes(
+    metadata: Mapping[str, Any] | None, tags: Sequence[str] | None
+) -> dict[str, Any]:
+    """Langfuse's trace attributes from a root run's metadata and tags (the SDK's rule).
+
+    Trace metadata is copied onto every span of the leg: it keeps the task's own keys (the
+    thread id is already the session id; LangGraph's keys are plumbing).
+    """
+    if metadata is None:
+        return {"tags": list(tags)} if tags is not None else {}
+    attributes: dict[str, Any] = {}
+    for key, name in (
+        ("langfuse_session_id", "session_id"),
+        ("langfuse_user_id", "user_id"),
+        ("langfuse_trace_name", "trace_name"),
+    ):
+        if isinstance(metadata.get(key), str):
+            attributes[name] = metadata[key]
+    langfuse_tags = metadata.get("langfuse_tags")
+    if tags is not None or isinstance(langfuse_tags, list):
+        merged = set(langfuse_tags if isinstance(langfuse_tags, list) else []) | set(tags or [])
+        attributes["tags"] = [str(tag) for tag in merged]
+    attributes["metadata"] = _own_metadata(_strip_langfuse_keys(dict(metadata)), None)
+    return attributes
+
+
+_SAFE_INT = 2**53 - 1
+
+
+def _numbers_json(sdk: Any, data: Mapping[str, Any]) -> str | None:
+    """``json.dumps`` of a flat dict of plain numbers (usage, cost); else the SDK's serialiser.
+
+    For such a dict both give the same text; the SDK's walks it in Python first.
+    """
+    for key, value in data.items():
+        kind = type(value)
+        if type(key) is not str or not (
+            (kind is int and -_SAFE_INT <= value <= _SAFE_INT)
+            or (kind is float and math.isfinite(value))
+        ):
+            serialized: str | None = sdk.serialize(data)
+            return serialized
+    return json.dumps(data)
+
+
+def _quiet(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return function(*args, **kwargs)
+    except Exception:
+        logger.debug("could not parse a model name for Langfuse", exc_info=True)
+        return None
+
+
+def _error_status(sdk: Any, span: Any, message: str | None) -> None:
+    try:
+        span.set_status(sdk.Status(sdk.StatusCode.ERROR, message))
+    except Exception:  # as the SDK does: a status never breaks the run
+        pass
+
+
 _NOTICE_SHOWN = False
 _MASKERS: dict[str, Masker] = {}
 """One masker per Langfuse public key: its client's ``mask`` is fixed when first built."""
@@ -1300,7 +1876,7 @@ def _make_handler(
     flush_interval: float,
     client_options: Mapping[str, Any],
 ) -> Any:
-    global _HANDLER, _NOTICE_SHOWN
+    global _NOTICE_SHOWN
     public_key = public_key or os.environ.get("LANGFUSE_PUBLIC_KEY")
     secret_key = secret_key or os.environ.get("LANGFUSE_SECRET_KEY")
     if not public_key or not secret_key:
@@ -1327,6 +1903,6 @@ def _make_handler(
         mask=masker,
         **client_options,
     )
-    if _HANDLER is None:
-        _HANDLER = _handler_class()
-    return _HANDLER(public_key=public_key, thread_id=thread_id, pricing=pricing, masker=masker)
+    return HarnessLangfuseHandler(
+        public_key=public_key, thread_id=thread_id, pricing=pricing, masker=masker
+    )
