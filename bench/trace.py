@@ -187,13 +187,15 @@ def _bench(args: argparse.Namespace, public_key: str, base_url: str) -> None:
 
 
 def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None:
-    """Where a traced step's extra CPU goes: per-thread CPU time inside each part.
+    """Where a traced step's extra time goes: the time inside each part, per thread.
 
-    Wraps (in this process only, after the timed rounds) the handler's callbacks, the
-    Langfuse SDK's observation and score calls and the harness's masking/encoding with
-    ``time.thread_time`` accumulators. Each part counts its own time only: a part called
-    from another (the SDK from a callback, masking from the SDK's start) is taken out of the
-    caller's figure, so the parts add up.
+    Wraps (in this process only, after the timed rounds) the handler's callbacks, the spans,
+    the SDK's score calls and the harness's masking/encoding with ``time.perf_counter``
+    accumulators (``time.thread_time`` is a system call on some VMs, ~10 µs, which would
+    swamp parts of a few µs; the SDK's export runs at the flush, outside the timed runs, so
+    little else competes for the interpreter meanwhile). Each part counts its own time only:
+    a part called from another (a span from a callback, masking from the handler) is taken
+    out of the caller's figure, so the parts add up.
     """
     import collections
     import functools
@@ -221,11 +223,11 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
                 return original(*a, **k)
             frame: list[Any] = [part, 0.0]
             stack.append(frame)
-            t0 = time.thread_time()
+            t0 = time.perf_counter()
             try:
                 return original(*a, **k)
             finally:
-                elapsed = time.thread_time() - t0
+                elapsed = time.perf_counter() - t0
                 stack.pop()
                 spent[part] += elapsed - frame[1]
                 calls[part] += 1
@@ -294,8 +296,8 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
     per = {k: v / steps * 1000 for k, v in cpu.items()}
     extra = per["traced"] - per["untraced"]
     print(
-        f"breakdown (process CPU, ms/step): untraced {per['untraced']:.2f}, traced "
-        f"{per['traced']:.2f}, extra {extra:.2f}"
+        "breakdown (ms/step; totals are process CPU, parts the time spent inside each): "
+        f"untraced {per['untraced']:.2f}, traced {per['traced']:.2f}, extra {extra:.2f}"
     )
     for part in (spans, scores, handler, masking):
         print(

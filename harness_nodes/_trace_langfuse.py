@@ -133,7 +133,7 @@ class Masker:
             else None
         )
         self._sensitive: dict[Any, bool] = {}  # key → masked whole? (keys repeat a lot)
-        self._encoder = json.JSONEncoder(default=self._json_default, allow_nan=False)
+        self._dump = _json_encoder(self._json_default)
         self._messages: dict[tuple[int, str], tuple[Any, Any, Any, _Masked]] = {}
         self._metadata: dict[tuple[Any, type, Any], dict[str, Any]] = {}
 
@@ -174,7 +174,7 @@ class Masker:
         if kind is _Masked:
             text: str | None = data.json
             if text is None:
-                text = data.json = self._encoder.encode(data)
+                text = data.json = self._dump(data)
             return text
         if depth < 2:
             if kind is list and any(type(v) is _Masked or type(v) is list for v in data):
@@ -184,7 +184,7 @@ class Masker:
                 and any(type(v) is _Masked or type(v) is list for v in data.values())
                 and all(type(k) is str for k in data)
             ):
-                dump_key = self._encoder.encode
+                dump_key = self._dump
                 return (
                     "{"
                     + ", ".join(
@@ -192,7 +192,7 @@ class Masker:
                     )
                     + "}"
                 )
-        return self._encoder.encode(data)
+        return self._dump(data)
 
     def _metadata_attributes(
         self, metadata: dict[Any, Any], flatten: Callable[[Any, str], dict[str, Any]]
@@ -328,6 +328,28 @@ class Masker:
         if is_dataclass(data) and not isinstance(data, type):
             return self._mask(vars(data), depth + 1, chat)
         return data
+
+
+def _json_encoder(default: Callable[[Any], Any]) -> Callable[[Any], str]:
+    """``json.dumps(data, default=default, allow_nan=False)``, its C encoder built once.
+
+    ``JSONEncoder.encode`` builds a C encoder on every call; payloads are many and small.
+    No circular check: a cycle ends in ``RecursionError``, which `Masker._prepare` handles.
+    """
+    import json.encoder as json_encoder
+
+    make = getattr(json_encoder, "c_make_encoder", None)
+    quote: Callable[[str], str] | None = getattr(json_encoder, "c_encode_basestring_ascii", None)
+    if make is None or quote is None:  # no C accelerator
+        return json.JSONEncoder(default=default, allow_nan=False).encode
+    encode = make(None, default, quote, None, ": ", ", ", False, False, False)
+
+    def dump(data: Any) -> str:
+        if type(data) is str:
+            return quote(data)
+        return "".join(encode(data, 0))
+
+    return dump
 
 
 def _mask_pair(m: re.Match[str]) -> str:
@@ -533,13 +555,14 @@ class _Leg:
 class _Obs:
     """An exported run: its OpenTelemetry span, observation type, leg and context token."""
 
-    __slots__ = ("span", "kind", "leg", "token")
+    __slots__ = ("span", "kind", "leg", "token", "context")
 
-    def __init__(self, span: Any, kind: str, leg: _Leg, token: Any) -> None:
+    def __init__(self, span: Any, kind: str, leg: _Leg, token: Any, context: Any) -> None:
         self.span = span
         self.kind = kind
         self.leg = leg
         self.token = token
+        self.context = context  # its children's parent context
 
 
 class HarnessLangfuseHandler(BaseCallbackHandler):
@@ -619,7 +642,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         remote = None
         if parent is not None:
             leg = parent.leg
-            context = sdk.set_span_in_context(parent.span, leg.context)
+            context = parent.context
         else:
             leg, remote = self._leg(root_metadata, trace_metadata, root_tags, propagate)
             context = (
@@ -640,9 +663,10 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
             if leg.trace_id is None:
                 leg.trace_id = format(span.get_span_context().trace_id, "032x")
             self.last_trace_id = leg.trace_id
+        own = sdk.set_span_in_context(span, leg.context)
         # Current while the run runs: spans the application creates inside nest under it.
-        token = sdk.attach(sdk.set_span_in_context(span))
-        self._obs[run_id] = _Obs(span, kind, leg, token)
+        token = sdk.attach(own if leg.context is None else sdk.set_span_in_context(span))
+        self._obs[run_id] = _Obs(span, kind, leg, token, own)
         return span
 
     def _leg(
@@ -1341,7 +1365,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         if status_message is not None:
             attributes[sdk.STATUS_MESSAGE] = self._masker.text(status_message)
         if parent is not None:
-            context = sdk.set_span_in_context(parent.span, parent.leg.context)
+            context = parent.context
             attributes.update(parent.leg.attributes)
         else:  # outside any traced run of this handler: directly under the task's trace
             remote = self._client._create_remote_parent_span(trace_id=trace_id, parent_span_id=None)
@@ -1579,14 +1603,30 @@ def _own_metadata(
 ) -> dict[str, Any] | None:
     if not metadata:
         return None
-    own = {
-        k: v
-        for k, v in metadata.items()
-        if (k in _KEPT_METADATA or not k.startswith(_PLUMBING_METADATA_PREFIXES))
-        and k not in _PLUMBING_METADATA
-        and not (root is not None and k in root and (root[k] is v or root[k] == v))
-    }
+    kept = _KEPT_KEYS
+    own = {}
+    for k, v in metadata.items():
+        keep = kept.get(k)
+        if keep is None:
+            keep = _keeps(k)
+        if keep and not (root is not None and k in root and (root[k] is v or root[k] == v)):
+            own[k] = v
     return own or None
+
+
+_KEPT_KEYS: dict[Any, bool] = {}
+"""Metadata key → kept on an observation? (LangGraph's keys repeat on every run.)"""
+
+
+def _keeps(key: Any) -> bool:
+    keep = (
+        not isinstance(key, str)
+        or key in _KEPT_METADATA
+        or not key.startswith(_PLUMBING_METADATA_PREFIXES)
+    ) and key not in _PLUMBING_METADATA
+    if len(_KEPT_KEYS) < 4096:
+        _KEPT_KEYS[key] = keep
+    return keep
 
 
 def _run_name(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> str:
