@@ -184,14 +184,24 @@ class Masker:
                 and any(type(v) is _Masked or type(v) is list for v in data.values())
                 and all(type(k) is str for k in data)
             ):
-                dump_key = self._dump
-                return (
-                    "{"
-                    + ", ".join(
-                        [f"{dump_key(k)}: {self._encode(v, depth + 1)}" for k, v in data.items()]
-                    )
-                    + "}"
-                )
+                # Entries holding remembered messages are joined in; the runs of other
+                # entries between them are one C call each (its text without the braces).
+                dump = self._dump
+                parts: list[str] = []
+                plain: dict[str, Any] = {}
+                for k, v in data.items():
+                    if type(v) is _Masked or (
+                        type(v) is list and any(type(x) is _Masked or type(x) is list for x in v)
+                    ):
+                        if plain:
+                            parts.append(dump(plain)[1:-1])
+                            plain = {}
+                        parts.append(f"{dump(k)}: {self._encode(v, depth + 1)}")
+                    else:
+                        plain[k] = v
+                if plain:
+                    parts.append(dump(plain)[1:-1])
+                return "{" + ", ".join(parts) + "}"
         return self._dump(data)
 
     def _metadata_attributes(
@@ -211,13 +221,29 @@ class Masker:
                 if hit is None:
                     if len(self._metadata) >= 4096:
                         self._metadata.clear()
-                    hit = self._metadata[cache_key] = flatten(
-                        self._mask({key: value}, 0), "observation"
-                    )
+                    hit = self._metadata[cache_key] = self._plain_metadata(key, value, flatten)
                 out.update(hit)
             else:
                 out.update(flatten(self._mask({key: value}, 0), "observation"))
         return out
+
+    def _plain_metadata(
+        self, key: Any, value: Any, flatten: Callable[[Any, str], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """One plain metadata value's attribute: the text Langfuse's serialiser gives it."""
+        kind = type(value)
+        if type(key) is str and value is not None and (kind is not int or abs(value) <= _SAFE_INT):
+            if self._is_sensitive(key):
+                value = MASK
+            elif kind is str:
+                value = self.text(value)
+            text = (
+                json.dumps(value, ensure_ascii=False)
+                if type(value) is str
+                else (("true" if value else "false") if kind is bool else str(value))
+            )
+            return {f"langfuse.observation.metadata.{key}": text}
+        return flatten(self._mask({key: value}, 0), "observation")
 
     def _json_default(self, obj: Any) -> Any:
         # What Langfuse's serialiser makes of anything else (datetimes, UUIDs, enums...).
@@ -287,6 +313,10 @@ class Masker:
             return data
         if depth > 64:
             return data
+        if kind is not dict and isinstance(data, BaseMessage):
+            if chat:
+                return self._message(data, "prompt", _chat_message)
+            return self._message(data, "dump", _model_dump)
         if kind is dict or isinstance(data, Mapping):
             # Leaves inline: most values are plain strings and numbers, a call each otherwise.
             known = self._sensitive
@@ -319,10 +349,6 @@ class Masker:
             return data
         if isinstance(data, list | tuple):
             return [self._mask(v, depth + 1, chat) for v in data]
-        if isinstance(data, BaseMessage):
-            if chat:
-                return self._message(data, "prompt", _chat_message)
-            return self._message(data, "dump", _model_dump)
         if isinstance(data, BaseModel):
             return self._mask(data.model_dump(), depth + 1, chat)
         if is_dataclass(data) and not isinstance(data, type):

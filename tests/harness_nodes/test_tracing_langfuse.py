@@ -759,10 +759,18 @@ def test_prepared_payloads_reuse_a_remembered_messages_encoding_with_the_same_te
         [first, second],
         {"messages": [first, second], "other": {"nested": [first]}},
         {1: [first]},  # a non-string key: encoded whole, as json.dumps converts it
+        # plain entries before, between and after remembered ones, order kept
+        {"a": 1, "messages": [second], "b": [], "c": {}, "more": [first], "z": "end"},
+        {"messages": [first], "count": -0.0, "flag": None},
     ]
     for _ in range(2):  # the second pass joins remembered encodings
         for data in payloads:
             assert mask._prepare(data) == json.dumps(mask(data=data))
+    # graph state: messages in the chat form of a prompt, remembered for both
+    state = {"messages": [second], "earlier_messages": 4}
+    assert json.loads(str(mask._prepare(state, chat=True)))["messages"] == [
+        {"role": "assistant", "content": "ü ok"}
+    ]
     assert "sk-abcdefghijklmnop1234" not in str(mask._prepare(payloads[1]))
 
 
