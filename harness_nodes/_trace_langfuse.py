@@ -636,6 +636,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         self._skipped: dict[UUID, UUID | None] = {}
         self._prompts: dict[UUID, Any] = {}  # Langfuse prompts to link to a generation
         self._streamed: set[UUID] = set()  # generations whose first token was recorded
+        self._costs: dict[tuple[str, int, int], Any] = {}  # (model, in, out) → priced
         self._common: dict[str, Any] = {}  # environment and release, on every observation
         if self._client._environment is not None:
             self._common[sdk.ENVIRONMENT] = self._client._environment
@@ -1096,7 +1097,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         )
         if model:
             extra[sdk.MODEL] = model
-        extra[sdk.MODEL_PARAMETERS] = sdk.serialize(sdk.model_parameters(invocation))
+        extra[sdk.MODEL_PARAMETERS] = _flat_json(sdk, sdk.model_parameters(invocation))
         linked = self._take_prompt(parent_run_id) if self._prompts else None
         if linked is not None and not getattr(linked, "is_fallback", True):
             extra[sdk.PROMPT_NAME] = linked.name
@@ -1158,7 +1159,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
             extra: dict[str, Any] = {}
             usage = sdk.parse_usage(response)
             if usage:
-                extra[sdk.USAGE] = _numbers_json(sdk, usage)
+                extra[sdk.USAGE] = _flat_json(sdk, usage)
             try:
                 priced = self._price_generation(response)
             except Exception:  # never break the run for a trace
@@ -1168,7 +1169,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
             if model:
                 extra[sdk.MODEL] = model  # the provider's own name, when it gives one, wins
             if priced and priced.get("cost_details"):
-                extra[sdk.COST] = _numbers_json(sdk, priced["cost_details"])
+                extra[sdk.COST] = _flat_json(sdk, priced["cost_details"])
             if kwargs.get("inputs") is not None:
                 extra[sdk.INPUT] = self._payload(kwargs["inputs"], "input", obs.span)
             self._end(run_id, output, extra=extra)
@@ -1208,7 +1209,12 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         if not model:
             return None
         spent = budget.get("spent_usd")
-        priced = call_cost(self._pricing, model, inp, out)
+        key = (model, inp, out)
+        priced = self._costs.get(key, _NOT_PRICED)
+        if priced is _NOT_PRICED:
+            if len(self._costs) >= 1024:
+                self._costs.clear()
+            priced = self._costs[key] = call_cost(self._pricing, model, inp, out)
         if isinstance(spent, int | float):
             total = float(spent)
             split = priced or (total, 0.0)
@@ -1572,6 +1578,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
 
 
 _NOT_SKIPPED: Any = object()
+_NOT_PRICED: Any = object()
 _CHAINS = frozenset({"chain", "agent"})
 """Observations whose payloads (graph state, node updates) show messages in chat form."""
 _PLUMBING_TAGS = ("seq:step:", "graph:step:")
@@ -1751,20 +1758,28 @@ def _parse_trace_attributes(
 _SAFE_INT = 2**53 - 1
 
 
-def _numbers_json(sdk: Any, data: Mapping[str, Any]) -> str | None:
-    """``json.dumps`` of a flat dict of plain numbers (usage, cost); else the SDK's serialiser.
+def _flat_json(sdk: Any, data: Mapping[str, Any]) -> str | None:
+    """JSON of a flat dict of plain values (usage, cost, model parameters).
 
-    For such a dict both give the same text; the SDK's walks it in Python first.
+    Numbers, strings, booleans and None: the text Langfuse's serialiser gives, without its
+    walk in Python; anything else goes through it.
     """
     for key, value in data.items():
         kind = type(value)
         if type(key) is not str or not (
-            (kind is int and -_SAFE_INT <= value <= _SAFE_INT)
+            kind is str
+            or kind is bool
+            or value is None
+            or (kind is int and -_SAFE_INT <= value <= _SAFE_INT)
             or (kind is float and math.isfinite(value))
         ):
             serialized: str | None = sdk.serialize(data)
             return serialized
-    return json.dumps(data)
+    return _PLAIN_JSON(data)
+
+
+_PLAIN_JSON = _json_encoder(str)
+"""``json.dumps`` for plain data, its C encoder built once (`_flat_json`)."""
 
 
 def _quiet(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
