@@ -313,27 +313,8 @@ class Masker:
             return data
         if depth > 64:
             return data
-        if kind is not dict and isinstance(data, BaseMessage):
-            if chat:
-                return self._message(data, "prompt", _chat_message)
-            return self._message(data, "dump", _model_dump)
-        if kind is dict or isinstance(data, Mapping):
-            # Leaves inline: most values are plain strings and numbers, a call each otherwise.
-            known = self._sensitive
-            out: dict[Any, Any] = {}
-            for k, v in data.items():
-                hit = known.get(k)
-                if hit if hit is not None else self._is_sensitive(k):
-                    out[k] = MASK
-                    continue
-                vkind = type(v)
-                if vkind is str:
-                    out[k] = self.text(v) if len(v) >= 8 else v
-                elif v is None or vkind is int or vkind is bool or vkind is float:
-                    out[k] = v
-                else:
-                    out[k] = self._mask(v, depth + 1, chat)
-            return out
+        if kind is dict:
+            return self._mask_items(data, depth, chat)
         if kind is list or kind is tuple:
             return [
                 (self.text(v) if len(v) >= 8 else v)
@@ -343,6 +324,12 @@ class Masker:
                 else self._mask(v, depth + 1, chat)
                 for v in data
             ]
+        if isinstance(data, BaseMessage):
+            if chat:
+                return self._message(data, "prompt", _chat_message)
+            return self._message(data, "dump", _model_dump)
+        if isinstance(data, Mapping):
+            return self._mask_items(data, depth, chat)
         if isinstance(data, str):
             return self.text(data)
         if isinstance(data, int | float | bool):
@@ -354,6 +341,24 @@ class Masker:
         if is_dataclass(data) and not isinstance(data, type):
             return self._mask(vars(data), depth + 1, chat)
         return data
+
+    def _mask_items(self, data: Mapping[Any, Any], depth: int, chat: bool) -> dict[Any, Any]:
+        # Leaves inline: most values are plain strings and numbers, a call each otherwise.
+        known = self._sensitive
+        out: dict[Any, Any] = {}
+        for k, v in data.items():
+            hit = known.get(k)
+            if hit if hit is not None else self._is_sensitive(k):
+                out[k] = MASK
+                continue
+            vkind = type(v)
+            if vkind is str:
+                out[k] = self.text(v) if len(v) >= 8 else v
+            elif v is None or vkind is int or vkind is bool or vkind is float:
+                out[k] = v
+            else:
+                out[k] = self._mask(v, depth + 1, chat)
+        return out
 
 
 def _json_encoder(default: Callable[[Any], Any]) -> Callable[[Any], str]:
