@@ -12,7 +12,7 @@ receiver to decode what it acknowledged, keep that work from spilling into the n
 run. Each round runs both (which goes first alternates); the headline is the median of the
 per-round ratios. The receiver's span count proves everything arrived.
 
-    python bench/trace.py [--turns 10] [--repeats 15] [--db memory|sqlite]
+    python bench/trace.py [--turns 10] [--repeats 40] [--db memory|sqlite]
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def run_once(graph: Any, config: Any) -> int:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--turns", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=40)  # the machine is noisy: many pairs
     p.add_argument("--db", choices=["memory", "sqlite"], default="sqlite")
     p.add_argument(
         "--breakdown",
