@@ -210,12 +210,15 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
     spent: collections.Counter[str] = collections.Counter()
     calls: collections.Counter[str] = collections.Counter()
     local = threading.local()
+    counting = [True]  # off while the comparison handlers run
 
     def account(owner: Any, name: str, part: str) -> None:
         original = getattr(owner, name)
 
         @functools.wraps(original)
         def wrapper(*a: Any, **k: Any) -> Any:
+            if not counting[0]:
+                return original(*a, **k)
             stack: list[list[Any]] | None = getattr(local, "stack", None)
             if stack is None:
                 stack = local.stack = []
@@ -251,6 +254,7 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
         """Receives every callback and does nothing: LangChain's plumbing alone."""
 
     noop = NoOp()
+    spans_only = _spans_only_handler(public_key)
     for name in (
         "on_chain_start",
         "on_chain_end",
@@ -293,6 +297,14 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
                 c0 = time.process_time()
                 run_once(graph, idle)
                 cpu["idle handler"] += time.process_time() - c0
+                bare = {"configurable": {"thread_id": f"breakdown-{i}-bare"}}
+                counting[0] = False
+                c0 = time.process_time()
+                run_once(graph, {**bare, "callbacks": [spans_only()]})
+                cpu["spans only"] += time.process_time() - c0
+                get_client(public_key=public_key).flush()
+                _received(base_url)
+                counting[0] = True
     per = {k: v / steps * 1000 for k, v in cpu.items()}
     extra = per["traced"] - per["untraced"]
     print(
@@ -308,6 +320,83 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
     plumbing = per["idle handler"] - per["untraced"]
     print(f"  outside these (LangChain callback plumbing, SDK threads, GC): {rest:.2f}")
     print(f"    of which LangChain's plumbing (a handler that does nothing): {plumbing:.2f}")
+    floor = per["spans only"] - per["untraced"]
+    print(
+        f"the same spans alone, through Langfuse's tracer (no payload, metadata, trace "
+        f"attributes or scores; incl. LangChain's plumbing): {floor:.2f} ms/step, "
+        f"{per['spans only'] / per['untraced']:.2f}x of the untraced CPU (traced: "
+        f"{per['traced'] / per['untraced']:.2f}x)"
+    )
+
+
+def _spans_only_handler(public_key: str) -> Any:
+    """A handler that creates the traced run's spans through Langfuse's tracer, and nothing else.
+
+    One span per exported run (graph, node, generation, tool; routing and sequence pieces
+    skipped as the harness skips them) and one per harness event, each with its observation
+    type only: what the tree costs before anything a reviewer reads is written on it.
+    """
+    from langchain_core.callbacks import BaseCallbackHandler
+    from opentelemetry.trace import set_span_in_context
+
+    from harness_nodes._trace_langfuse import _is_plumbing
+
+    tracer = get_client(public_key=public_key)._otel_tracer
+    skipped_marker = object()
+
+    class SpansOnly(BaseCallbackHandler):
+        run_inline = True
+
+        def __init__(self) -> None:
+            self.spans: dict[Any, Any] = {}
+            self.skipped: dict[Any, Any] = {}
+
+        def _start(self, run_id: Any, parent_run_id: Any, name: str, kind: str) -> None:
+            parent = self.spans.get(self.skipped.get(parent_run_id, parent_run_id))
+            context = set_span_in_context(parent) if parent is not None else None
+            attributes = {"langfuse.observation.type": kind}
+            self.spans[run_id] = tracer.start_span(name, context=context, attributes=attributes)
+
+        def _end(self, run_id: Any, **_: Any) -> None:
+            if self.skipped.pop(run_id, skipped_marker) is not skipped_marker:
+                return
+            span = self.spans.pop(run_id, None)
+            if span is not None:
+                span.end()
+
+        def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
+            run_id, parent_run_id = kw["run_id"], kw.get("parent_run_id")
+            if parent_run_id is not None and _is_plumbing(
+                serialized, kw.get("name"), kw.get("tags"), kw.get("metadata")
+            ):
+                self.skipped[run_id] = self.skipped.get(parent_run_id, parent_run_id)
+                return
+            self._start(run_id, parent_run_id, str(kw.get("name") or "chain"), "chain")
+
+        def on_chain_end(self, outputs: Any, **kw: Any) -> None:
+            self._end(kw["run_id"])
+
+        def on_chain_error(self, error: BaseException, **kw: Any) -> None:
+            self._end(kw["run_id"])
+
+        def on_chat_model_start(self, serialized: Any, messages: Any, **kw: Any) -> None:
+            self._start(kw["run_id"], kw.get("parent_run_id"), "generation", "generation")
+
+        def on_llm_end(self, response: Any, **kw: Any) -> None:
+            self._end(kw["run_id"])
+
+        def on_tool_start(self, serialized: Any, input_str: str, **kw: Any) -> None:
+            self._start(kw["run_id"], kw.get("parent_run_id"), "tool", "tool")
+
+        def on_tool_end(self, output: Any, **kw: Any) -> None:
+            self._end(kw["run_id"])
+
+        def on_custom_event(self, name: str, data: Any, **kw: Any) -> None:
+            event = uuid.uuid4()
+            self._start(event, kw["run_id"], name, "guardrail")
+            self._end(event)
+
+    return SpansOnly
 
 
 if __name__ == "__main__":
