@@ -966,6 +966,19 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         except Exception:  # never break the run for a trace
             logger.exception("could not start a Langfuse observation")
 
+    def _own(
+        self,
+        parent: _Obs | None,
+        tags: Sequence[str] | None,
+        metadata: Mapping[str, Any] | None,
+        *,
+        keep_trace_attributes: bool = False,
+    ) -> dict[str, Any]:
+        """A tool's, retriever's or generation's observation metadata (a root's, without parent)."""
+        if parent is None:
+            return _root_metadata(tags, metadata, keep_trace_attributes=keep_trace_attributes)
+        return self._child_metadata(parent, tags, metadata) or {}
+
     def _child_metadata(
         self, parent: _Obs, tags: Sequence[str] | None, metadata: Mapping[str, Any] | None
     ) -> dict[str, Any] | None:
@@ -1108,10 +1121,8 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
             extra[sdk.PROMPT_NAME] = linked.name
             extra[sdk.PROMPT_VERSION] = linked.version
         parent = self._parent(parent_run_id)
-        if parent is not None:
-            own = self._child_metadata(parent, tags, metadata)
-        else:  # a model called on its own keeps its trace attributes
-            own = _root_metadata(tags, metadata, keep_trace_attributes=True)
+        # a model called on its own keeps its trace attributes
+        own = self._own(parent, tags, metadata, keep_trace_attributes=True)
         self._start(
             run_id,
             parent,
@@ -1265,11 +1276,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         try:
             kwargs.pop("color", None)  # a console colour, not a fact about the call
             parent = self._parent(parent_run_id)
-            own = (
-                self._child_metadata(parent, tags, metadata)
-                if parent is not None
-                else _root_metadata(tags, metadata)
-            ) or {}
+            own = self._own(parent, tags, metadata)
             own.update({k: v for k, v in kwargs.items() if v is not None})
             self._start(
                 run_id,
@@ -1329,11 +1336,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
     ) -> Any:
         try:
             parent = self._parent(parent_run_id)
-            own = (
-                self._child_metadata(parent, tags, metadata)
-                if parent is not None
-                else _root_metadata(tags, metadata)
-            )
+            own = self._own(parent, tags, metadata)
             self._start(
                 run_id,
                 parent,
@@ -1407,11 +1410,11 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         else:  # outside any traced run of this handler: directly under the task's trace
             remote = self._client._create_remote_parent_span(trace_id=trace_id, parent_span_id=None)
             context = sdk.set_span_in_context(remote)
-        late = {
-            key: value
-            for key, value in ((sdk.INPUT, input), (sdk.OUTPUT, output))
-            if self._prepared(attributes, key, value) is not None
-        }
+        late: dict[str, Any] = {}
+        for key, value in ((sdk.INPUT, input), (sdk.OUTPUT, output)):
+            declined = self._prepared(attributes, key, value)
+            if declined is not None:
+                late[key] = declined
         # An event has no duration: it starts and ends at the same instant (as the SDK's).
         start = time.time_ns() if as_type == "event" else None
         span = self._tracer.start_span(

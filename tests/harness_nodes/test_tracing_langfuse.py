@@ -504,6 +504,52 @@ def test_trace_attributes_reach_every_span_also_the_applications_own(
     assert app.parent_span_id == node.span_id
 
 
+def test_retrievers_and_tool_errors_are_observations_under_their_node(
+    receiver: LangfuseReceiver, public_key: str
+) -> None:
+    from langchain_core.callbacks import CallbackManagerForRetrieverRun
+    from langchain_core.documents import Document
+    from langchain_core.retrievers import BaseRetriever
+    from langchain_core.tools import tool
+
+    class Orders(BaseRetriever):
+        def _get_relevant_documents(
+            self, query: str, *, run_manager: CallbackManagerForRetrieverRun
+        ) -> list[Document]:
+            return [Document(page_content=f"order {query}: shipped", metadata={"id": 42})]
+
+    @tool
+    def cancel(order: str) -> str:
+        """Cancel an order."""
+        raise ValueError(f"order {order} has shipped; password=hunter22")
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        docs = Orders().invoke("A-42")
+        try:
+            cancel.invoke({"order": "42"})
+        except ValueError:
+            pass
+        return {"messages": [AIMessage(docs[0].page_content)]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", END)
+    graph = builder.compile(checkpointer=InMemorySaver())
+    graph.invoke({"messages": [HumanMessage("hi")]}, _config("lf-retr", receiver, public_key))
+    _flush(public_key)
+    spans = receiver.spans
+    (node,) = [s for s in spans if s.name == "agent"]
+    (retriever,) = _by_type(spans, "retriever")
+    assert retriever.parent_span_id == node.span_id
+    assert retriever.attr("input") == "A-42"
+    assert retriever.attr("output")[0]["page_content"] == "order A-42: shipped"
+    (failed,) = _by_type(spans, "tool")
+    assert failed.parent_span_id == node.span_id
+    assert failed.attr("level") == "ERROR"
+    assert failed.attr("status_message") == "order 42 has shipped; password=***"
+
+
 def test_generations_carry_the_whole_prompt_and_node_inputs_the_last_item(
     receiver: LangfuseReceiver, public_key: str
 ) -> None:
