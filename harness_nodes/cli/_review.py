@@ -2,9 +2,10 @@
 
 Deciding resumes the paused run, so the CLI needs the graph. It is found, in order:
 
-- ``--graph module:attr``: a ``StateGraph`` builder, a compiled graph (its builder is compiled
-  again on this backend's checkpointer), or a function called with the backend that returns
-  either;
+- ``--graph module:attr``: a ``StateGraph`` builder, a factory returning a builder or a
+  compiled graph (called with ``backend=`` when it takes it, so its ledgers use this database),
+  or a compiled graph (re-bound to this backend's checkpointer only: ledgers its nodes hold
+  stay where it was built — prefer a factory);
 - ``--graph NAME``: a graph as ``harness run`` finds it (a reference graph such as
   ``support``, or a module defining ``build_graph(model, *, backend, ...)``);
 - nothing: the graph ``harness run`` recorded in the thread's checkpoint metadata.
@@ -17,7 +18,6 @@ serve`` lives in ``_inbox.py``).
 from __future__ import annotations
 
 import getpass
-import importlib
 import json
 import os
 from collections.abc import Iterator
@@ -28,7 +28,7 @@ import typer
 from rich.table import Table
 
 from harness_nodes.cli._app import app, console
-from harness_nodes.errors import HarnessError, ReviewNotFound, UnknownThread, UserError
+from harness_nodes.errors import HarnessError, ReviewNotFound, UserError
 from harness_nodes.review_queue import ReviewItem, ReviewQueue, _item, pending_sql
 
 review_app = typer.Typer(
@@ -48,8 +48,9 @@ GraphOption = Annotated[
     str | None,
     typer.Option(
         "--graph",
-        help="The graph to resume: module:attr (builder, compiled graph or factory) or a "
-        "graph name as for `harness run` (default: the one recorded on the thread)",
+        help="The graph to resume: module:attr (builder, factory taking backend=, or compiled "
+        "graph: only its checkpointer moves to --db) or a graph name as for `harness run` "
+        "(default: the one recorded on the thread)",
     ),
 ]
 ReviewerOption = Annotated[
@@ -62,55 +63,20 @@ def _reviewer(name: str | None) -> str:
     return name or os.environ.get("HARNESS_REVIEWER") or getpass.getuser()
 
 
-def _load(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"Cannot import {module_name!r} for --graph: {e}") from None
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise UserError(f"{module_name!r} has no attribute {attr!r} (--graph)") from None
-    return obj
-
-
-def _compile(obj: Any, backend: Any, spec: str) -> Any:
-    from langgraph.graph import StateGraph
-
-    if isinstance(obj, StateGraph):
-        return obj.compile(checkpointer=backend.checkpointer)
-    builder = getattr(obj, "builder", None)
-    if isinstance(builder, StateGraph):  # a compiled graph: same shape, this backend
-        return builder.compile(checkpointer=backend.checkpointer)
-    if callable(obj) and not isinstance(obj, type):
-        try:
-            made = obj(backend)
-        except TypeError as e:
-            raise UserError(f"--graph {spec!r} cannot build a graph from a backend: {e}") from None
-        return _compile(made, backend, spec)
-    raise UserError(
-        f"--graph {spec!r} is a {type(obj).__name__}, not a StateGraph, a compiled graph "
-        "or a function returning one"
-    )
-
-
 def _graph(backend: Any, spec: str | None, thread_id: str | None) -> Any:
     from harness_nodes.cli import _run
 
     if spec and ":" in spec:
-        return _compile(_load(spec), backend, spec)
+        from harness_nodes.inbox._serve import load_object, resolve_graph
+
+        return resolve_graph(load_object(spec), backend)
     args: dict[str, Any] = {}
     model_spec: str | None = None
     name = spec
     if name is None:
         if thread_id is None:
             raise UserError("Name the graph to resume with --graph module:attr")
-        found = backend.checkpointer.get_tuple({"configurable": {"thread_id": thread_id}})
-        if found is None:
-            raise UnknownThread(thread_id)
-        meta = dict(found.metadata or {})
+        meta = _run.run_metadata(backend, thread_id)
         name = str(meta.get(_run.META_GRAPH) or "")
         if not name:
             raise UserError(

@@ -281,6 +281,28 @@ def decide_pending(
     return values
 
 
+def run_metadata(backend: Any, thread_id: str) -> dict[str, Any]:
+    """The `harness run` metadata of *thread_id* (graph, args, model); ``{}`` if it has none.
+
+    ``harness run`` writes it on the checkpoints of its own invocations; a resume through a
+    `ReviewQueue` (a reviewer's decision) writes later checkpoints without it, so the thread's
+    history is searched newest first.
+
+    Raises:
+        UnknownThread: the thread has no checkpoint.
+    """
+    config: Any = {"configurable": {"thread_id": thread_id}}
+    seen = False
+    for found in backend.checkpointer.list(config):
+        seen = True
+        meta = dict(found.metadata or {})
+        if meta.get(META_GRAPH):
+            return meta
+    if not seen:
+        raise UnknownThread(thread_id)
+    return {}
+
+
 def resume_thread(
     thread_id: str,
     *,
@@ -303,10 +325,7 @@ def resume_thread(
         managed = resume_managed(backend, thread_id, resume)
         if managed is not None:  # a TaskRunner task: resumed under its lease
             return managed
-        found = backend.checkpointer.get_tuple(config)  # type: ignore[arg-type]
-        if found is None:
-            raise UnknownThread(thread_id)
-        meta = dict(found.metadata or {})
+        meta = run_metadata(backend, thread_id)
     graph_name = str(meta.get(META_GRAPH) or "")
     if not graph_name:
         raise UserError(f"Thread {thread_id!r} was not started by `harness run`: resume it in code")

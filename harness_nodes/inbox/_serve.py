@@ -70,16 +70,26 @@ def resolve_graph(obj: Any, backend: Any) -> Any:
     """A compiled graph on *backend*'s checkpointer from a ``--graph`` object.
 
     Accepts a `StateGraph` builder (compiled here), a compiled graph (re-bound to the
-    backend's checkpointer, so it resumes the tasks stored there), or a factory returning
+    backend's checkpointer, so it resumes the tasks stored there — but ledgers its nodes
+    were built with, effects and spend, stay where they were), or a factory returning
     either — called with ``backend=`` when it takes that argument, so its ledgers use the
-    same database (e.g. ``graphs.support:build_graph``).
+    same database (e.g. ``graphs.support:build_graph``: prefer a factory).
     """
     if callable(obj) and not hasattr(obj, "invoke") and not hasattr(obj, "compile"):
         try:
-            takes_backend = "backend" in inspect.signature(obj).parameters
+            signature: inspect.Signature | None = inspect.signature(obj)
         except (TypeError, ValueError):
-            takes_backend = False
-        obj = obj(backend=backend) if takes_backend else obj()
+            signature = None
+        kwargs = {"backend": backend} if signature and "backend" in signature.parameters else {}
+        if signature is not None:
+            try:
+                signature.bind(**kwargs)
+            except TypeError as e:
+                given = "backend=" if kwargs else "no arguments"
+                raise UserError(
+                    f"--graph names a function that cannot be called with {given}: {e}"
+                ) from None
+        obj = obj(**kwargs)
     checkpointer = backend.checkpointer
     if hasattr(obj, "compile") and not hasattr(obj, "invoke"):
         return obj.compile(checkpointer=checkpointer)

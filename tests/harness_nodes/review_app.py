@@ -103,3 +103,9 @@ def build_builder(
 
 builder = build_builder()
 """Module-level builder: the CLI's ``--graph tests.harness_nodes.review_app:builder``."""
+
+
+def compiled_on(model: Any = None, *, backend: Any) -> Any:
+    """A factory shaped like ``graphs.support:build_graph``: model first, backend by name."""
+    assert model is None, "the backend must be passed by keyword"
+    return build_builder().compile(checkpointer=backend.checkpointer)

@@ -131,6 +131,19 @@ def test_unknown_review_and_unusable_graph_are_one_line(
     assert _status(db, rid) == ("pending", None)
 
 
+def test_graph_factories_get_the_backend_by_keyword(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A factory like graphs.support:build_graph(model=None, *, backend=...): the backend must
+    # not land in its first positional parameter.
+    [rid] = _pause(db, "t-1")
+    spec = "tests.harness_nodes.review_app:compiled_on"
+    code, out, err = _cli(capsys, "review", "approve", rid, "--db", db, "--graph", spec)
+    assert code == 0, err
+    assert "refunded 250 on A1" in out
+    assert _status(db, rid)[0] == "applied"
+
+
 def _run_cli(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "harness_nodes.cli", *argv],

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from checkpointers import open_backend
 from harness_nodes.cli import main
 from tests.conftest import subprocess_env
 
@@ -68,6 +69,24 @@ def test_run_pauses_for_review_and_resume_applies_the_decision(
     assert code == 0
     assert "paused → resumed" in out
     assert "review approve by alice" in out
+
+
+def test_a_thread_decided_through_its_review_is_still_found_by_resume_and_review(
+    capsys: pytest.CaptureFixture[str], db: str
+) -> None:
+    # The reviewer's resume writes checkpoints without `harness run`'s metadata; the CLI
+    # still finds the thread's graph in its history.
+    assert _cli(capsys, "run", "support", "--db", db, "--thread", "s3")[0] == 0
+    code, out, _ = _cli(capsys, "resume", "s3", "--db", db, "--decision", '{"type": "approve"}')
+    assert code == 0 and "completed" in out
+    code, out, err = _cli(capsys, "resume", "s3", "--db", db)
+    assert code == 0, err
+    assert "thread s3 has already finished" in out
+    with open_backend(db) as backend:
+        [row] = backend.execute("SELECT id FROM harness_reviews WHERE thread_id = %s", ("s3",))
+    code, _, err = _cli(capsys, "review", "approve", row["id"], "--db", db, "--reviewer", "bob")
+    assert code == 2
+    assert f"Review '{row['id']}' was already decided (approve)" in _one_line_error(err)
 
 
 def test_resume_of_a_paused_thread_without_a_decision_is_refused(
