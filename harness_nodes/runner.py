@@ -70,7 +70,14 @@ from harness_nodes._lease import (
     outcome_of,
     run_config,
 )
-from harness_nodes.errors import LeaseLost, RunFailed, TaskNotFinished, UnknownTask, UserError
+from harness_nodes.errors import (
+    InvalidDecision,
+    LeaseLost,
+    RunFailed,
+    TaskNotFinished,
+    UnknownTask,
+    UserError,
+)
 
 if TYPE_CHECKING:
     from checkpointers import Backend
@@ -342,6 +349,11 @@ class TaskRunner:
 
         Returns:
             The task after this run (``completed``, or ``interrupted`` again).
+
+        Raises:
+            InvalidDecision: *value* is not a valid answer to the pause (a malformed or
+                disallowed review decision); the task stays ``interrupted``, nothing ran,
+                and a corrected decision can be given.
         """
         run = self.status(task_key)
         return self.execute(run.thread_id, resume=value)
@@ -381,6 +393,11 @@ class TaskRunner:
                 status, outcome = self._invoke(row, resume)
             except LeaseLost:
                 return self._current(thread_id)
+            except InvalidDecision:
+                # A bad answer to the pause, not a failed run: LangGraph keeps it unsaved,
+                # so the task is paused as before and the caller may answer again.
+                self._settle(thread_id, owner, "interrupted", None, None)
+                raise
             except Exception as e:
                 error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                 if attempt < self.max_attempts:

@@ -267,8 +267,8 @@ def decide_pending(
     before = {m.id for m in target.graph.get_state(config).values.get("messages", [])}
     for item in items:
         kind = decision.get("type") if isinstance(decision, Mapping) else "decision"
+        queue.decide(item.id, decision, reviewer=reviewer)  # InvalidDecision: nothing said
         narrator.record("review", f"{reviewer} decided {kind} on review {item.id} ({item.reason})")
-        queue.decide(item.id, decision, reviewer=reviewer)
     snapshot = target.graph.get_state(config)
     for message in snapshot.values.get("messages", []):
         if message.id not in before:

@@ -20,6 +20,7 @@ from langgraph.types import Command, interrupt
 
 from checkpointers import Backend, open_backend
 from harness_nodes import (
+    InvalidDecision,
     RunFailed,
     TaskNotFinished,
     TaskRunner,
@@ -173,6 +174,26 @@ def test_a_paused_task_waits_for_its_reviewer_not_for_recover(backend: Backend) 
         config = {"configurable": {"thread_id": "t-review-2"}}
         runner.graph.invoke(Command(resume="ok"), config, durability="sync")
         assert runner.result("t-review-2", timeout=1)["partial_result"] == "reviewer said ok"
+
+
+def test_a_malformed_review_decision_leaves_the_task_paused_for_a_corrected_one(
+    backend: Backend,
+) -> None:
+    from tests.harness_nodes.review_app import EFFECTS, build_builder
+
+    EFFECTS.clear()
+    with TaskRunner(backend, build_builder()) as runner:
+        runner.submit("t-typo", {"messages": [HumanMessage("refund A1")]})
+        with pytest.raises(TaskNotFinished, match="interrupted"):
+            runner.result("t-typo", timeout=2)
+        with pytest.raises(InvalidDecision, match="Input should be .approve."):
+            runner.resume("t-typo", {"type": "approved"})  # a typo: nothing runs
+        assert runner.status("t-typo").status == "interrupted"
+        assert "refund" not in EFFECTS
+        done = runner.resume("t-typo", {"type": "approve"})
+        assert done.status == "completed", done.error
+        assert EFFECTS["refund"] == 1
+        assert "refunded 250 on A1" in runner.result("t-typo", timeout=1)["partial_result"]
 
 
 def test_a_compiled_graph_is_rebound_to_the_runners_checkpointer(memory_backend: Backend) -> None:

@@ -96,9 +96,10 @@ def test_resume_of_a_paused_thread_without_a_decision_is_refused(
     code, _, err = _cli(capsys, "resume", "s2", "--db", db)
     assert code == 2
     assert "Thread 's2' is paused for review" in _one_line_error(err)
-    code, _, err = _cli(capsys, "resume", "s2", "--db", db, "--decision", '{"type": "maybe"}')
+    code, out, err = _cli(capsys, "resume", "s2", "--db", db, "--decision", '{"type": "maybe"}')
     assert code == 2
     assert "Invalid decision" in _one_line_error(err)
+    assert "decided" not in out  # nothing was decided
     code, out, _ = _cli(capsys, "resume", "s2", "--db", db, "--decision", '{"type": "reject"}')
     assert code == 0
     assert "completed — The refund was not approved" in out
