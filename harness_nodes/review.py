@@ -323,6 +323,13 @@ def _tool_schema(tool: BaseTool | None) -> type[BaseModel] | None:
     return schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
 
 
+def _argument_names(schema: type[BaseModel]) -> set[str]:
+    names = set(schema.model_fields)
+    for info in schema.model_fields.values():
+        names.update(a for a in (info.alias, info.validation_alias) if isinstance(a, str))
+    return names
+
+
 def check_decisions(
     requests: Sequence[ReviewRequest],
     raw: Any,
@@ -338,7 +345,8 @@ def check_decisions(
     Raises:
         InvalidDecision: wrong type or shape, an unknown decision word, a decision the
             request does not allow (editing a call that is not editable), edited arguments
-            that fail the tool's argument schema, or a count that does not match.
+            that fail the tool's argument schema or name none of its arguments, or a count
+            that does not match.
 
     Example:
         ```python
@@ -394,6 +402,15 @@ def check_decisions(
                 )
             schema = _tool_schema(by_name.get(req["action_request"]["action"]))
             if schema is not None:
+                unknown = sorted(set(dec.args or {}) - _argument_names(schema))
+                if unknown and schema.model_config.get("extra") != "allow":
+                    # The schema would drop them silently: the audit would show arguments
+                    # (a misspelt amount) that never reached the tool.
+                    raise InvalidDecision(
+                        review_id,
+                        f"edited args for {req['action_request']['action']} (call {call}) "
+                        f"name no argument of the tool: {', '.join(unknown)}",
+                    )
                 try:
                     schema.model_validate(dec.args)
                 except ValidationError as e:

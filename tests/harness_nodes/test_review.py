@@ -234,6 +234,12 @@ MALFORMED = [
         "fail its schema",
         id="args-fail-schema",
     ),
+    pytest.param(
+        None,
+        {"type": "edit", "args": {"order": "A1", "amount": 250, "amuont": 90}},
+        "name no argument of the tool: amuont",
+        id="args-misspelt",  # the schema would drop it: the audit would show a lie
+    ),
     pytest.param(None, {"type": "respond"}, "non-empty 'message'", id="respond-no-message"),
     pytest.param(
         None,
