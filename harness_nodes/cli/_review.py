@@ -25,10 +25,12 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from harness_nodes.cli._app import app, console
 from harness_nodes.errors import HarnessError, ReviewNotFound, UserError
+from harness_nodes.review import _allowed
 from harness_nodes.review_queue import ReviewItem, ReviewQueue, _item, pending_sql
 
 review_app = typer.Typer(
@@ -164,14 +166,10 @@ def list_reviews(
         table.add_column(col)
     for it in items:
         table.add_row(
-            it.id,
-            it.thread_id,
-            it.task_type,
-            it.reason,
-            it.risk,
-            it.assignee or "",
+            *(escape(v) for v in (it.id, it.thread_id, it.task_type, it.reason, it.risk)),
+            escape(it.assignee or ""),
             f"{it.age:.0f}s",
-            _summary(it),
+            escape(_summary(it)),
         )
     console.print(table)
 
@@ -202,23 +200,23 @@ def show(
             except HarnessError:
                 tree = None
     console.print(
-        f"[bold]review {item.id}[/]  thread {item.thread_id}  task type {item.task_type}  "
-        f"status {item.status}",
+        f"[bold]review {escape(item.id)}[/]  thread {escape(item.thread_id)}  "
+        f"task type {escape(item.task_type)}  status {escape(item.status)}",
         highlight=False,
     )
     for req in item.requests:
-        allowed = [k.removeprefix("allow_") for k, v in req["config"].items() if v]
-        console.print(
+        text = (
             f"- {req['description']}\n  risk {req['risk']}, reason {req['trigger']}: "
             f"{req['reason']}\n  args {json.dumps(req['action_request']['args'])}\n"
-            f"  allowed: {', '.join(allowed)}",
-            highlight=False,
+            f"  allowed: {', '.join(_allowed(req))}"
         )
+        console.print(escape(text), highlight=False)
     if item.decided_by:
-        console.print(f"decided by {item.decided_by}: {json.dumps(item.decision)}", highlight=False)
+        decided = f"decided by {item.decided_by}: {json.dumps(item.decision)}"
+        console.print(escape(decided), highlight=False)
     console.print("[bold]trace[/]")
     for line in trace:
-        console.print(f"  {line}", highlight=False)
+        console.print(f"  {escape(str(line))}", highlight=False)
     if tree is not None:
         console.print(render(tree))
 
@@ -231,11 +229,14 @@ def _decide(
         item = queue.get(review_id)
         snapshot = queue.graph.get_state({"configurable": {"thread_id": item.thread_id}})
     messages = state.get("messages") or []
-    console.print(f"review {review_id}: {decision['type']} by {reviewer} — run resumed")
+    console.print(
+        escape(f"review {review_id}: {decision['type']} by {reviewer} — run resumed"),
+        highlight=False,
+    )
     if snapshot.interrupts:
         console.print("the run paused again for review: see `harness review list`")
     elif messages:
-        console.print(f"last message: {str(messages[-1].content)[:200]}", highlight=False)
+        console.print(escape(f"last message: {str(messages[-1].content)[:200]}"), highlight=False)
 
 
 @review_app.command("approve")

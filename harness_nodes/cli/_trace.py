@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -50,14 +51,16 @@ def _secs(x: float | None) -> str:
 
 
 def _short(value: object, limit: int = 100) -> str:
+    """One line of at most *limit* characters, escaped for rich markup (agent text is data)."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     text = text.replace("\n", " ")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return escape(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
 def _label(node: TraceNode) -> str:
     style = _STYLE.get(node.kind, "")
-    head = f"[{style}]{node.kind}[/] {node.name}" if style else f"{node.kind} {node.name}"
+    kind, name = escape(node.kind), escape(node.name)
+    head = f"[{style}]{kind}[/] {name}" if style else f"{kind} {name}"
     bits: list[str] = []
     if node.duration_s is not None:
         bits.append(_secs(node.duration_s))
@@ -93,7 +96,8 @@ def _add(tree: Tree, node: TraceNode) -> None:
 def render(trace: Trace) -> Tree:
     """The trace as a rich tree."""
     head = (
-        f"[bold]{trace.thread_id}[/]  type={trace.task_type}  status=[bold]{trace.status}[/]  "
+        f"[bold]{escape(trace.thread_id)}[/]  type={escape(trace.task_type)}  "
+        f"status=[bold]{escape(trace.status)}[/]  "
         f"{_secs(trace.duration_s)}  {trace.input_tokens}+{trace.output_tokens} tok  "
         f"{_usd(trace.cost_usd)}"
     )
@@ -143,9 +147,9 @@ def runs(
         table.add_column(col)
     for r in rows:
         table.add_row(
-            r.thread_id,
-            r.task_type,
-            r.status,
+            escape(r.thread_id),
+            escape(r.task_type),
+            escape(r.status),
             _usd(r.cost_usd),
             _secs(r.duration_s),
             _when(r.started_at),
@@ -169,7 +173,7 @@ def report(
         f"[bold]{rep.tasks}[/] tasks, {rep.finished} finished, completion rate "
         f"[bold]{rep.completion_rate:.0%}[/], escalation rate [bold]{rep.escalation_rate:.0%}[/]"
     )
-    console.print("outcomes: " + ", ".join(f"{k}={v}" for k, v in rep.outcomes.items()))
+    console.print("outcomes: " + ", ".join(f"{escape(k)}={v}" for k, v in rep.outcomes.items()))
     if rep.review_latency_s:
         lat = rep.review_latency_s
         console.print(
@@ -188,11 +192,12 @@ def report(
         table.add_column("tool")
         table.add_column("failures", justify="right")
         for tool, n in rep.failing_tools:
-            table.add_row(tool, str(n))
+            table.add_row(escape(tool), str(n))
         console.print(table)
     table = Table(title="cost per task type (USD)")
     for col in ("task type", "n", "mean", "p95", "max"):
         table.add_column(col, justify="right")
     for task_type, c in rep.cost_by_task_type.items():
-        table.add_row(task_type, str(int(c["n"])), _usd(c["mean"]), _usd(c["p95"]), _usd(c["max"]))
+        cells = (_usd(c["mean"]), _usd(c["p95"]), _usd(c["max"]))
+        table.add_row(escape(task_type), str(int(c["n"])), *cells)
     console.print(table)

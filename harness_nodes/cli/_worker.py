@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from harness_nodes.cli._app import app, console, err_console
 
@@ -79,9 +80,13 @@ def resume_managed(backend: Backend, thread_id: str, answer: Any) -> dict[str, A
     if answer is not None:
         run = runner.resume(row["task_key"], answer)
     elif row["status"] == "interrupted":
-        console.print(f"task {row['task_key']} is paused for review: pass --decision JSON")
+        console.print(
+            escape(f"task {row['task_key']} is paused for review: pass --decision JSON"),
+            highlight=False,
+        )
         run = runner.status(row["task_key"])
     else:
         run = runner.execute(thread_id)
-    console.print(f"task {run.task_key}: [bold]{run.status}[/] {run.outcome or ''}")
+    outcome = escape(str(run.outcome or ""))
+    console.print(f"task {escape(run.task_key)}: [bold]{escape(run.status)}[/] {outcome}")
     return {"task_key": run.task_key, "status": run.status, "outcome": run.outcome}

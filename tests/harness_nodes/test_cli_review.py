@@ -13,6 +13,7 @@ from langchain_core.messages import HumanMessage
 from checkpointers import open_backend
 from harness_nodes import ReviewQueue
 from harness_nodes.cli import main
+from harness_nodes.testing import ai, tool_call
 from tests.conftest import subprocess_env
 from tests.harness_nodes.review_app import EFFECTS, build_builder
 
@@ -142,6 +143,34 @@ def test_graph_factories_get_the_backend_by_keyword(
     assert code == 0, err
     assert "refunded 250 on A1" in out
     assert _status(db, rid)[0] == "applied"
+
+
+MARKUP = "[/]A1 [bold red]FAKE APPROVE[/bold red]"
+
+
+def test_agent_text_that_looks_like_rich_markup_is_printed_as_text(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with open_backend(db) as backend:
+        script = [
+            ai(tool_calls=[tool_call("refund", {"order": MARKUP, "amount": 250}, id="c1")]),
+            ai("Done."),
+        ]
+        graph = build_builder(script).compile(checkpointer=backend.checkpointer)
+        ReviewQueue(backend, graph).invoke({"messages": [HumanMessage(MARKUP)]}, thread_id="t[/]")
+        [item] = ReviewQueue(backend, graph).pending()
+    for argv in (
+        ["show", "t[/]"],
+        ["runs"],
+        ["review", "list"],
+        ["review", "show", item.id, "--graph", SPEC],
+    ):
+        code, out, err = _cli(capsys, *argv, "--db", db)
+        assert code == 0 and not err, (argv, err)  # was a MarkupError traceback
+        if "show" in argv:  # tables may cut it; these print it whole
+            assert "[bold red]FAKE APPROVE" in out, (argv, out)
+    code, _, err = _cli(capsys, "show", "[/]nope", "--db", db)
+    assert (code, err.strip()) == (2, "error: No task found for thread '[/]nope'")
 
 
 def _run_cli(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
