@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from harness_nodes.errors import BackendURLError
 
 Kind = Literal["memory", "sqlite", "postgres"]
 
 _POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg3"}
+_SECRET_PARAMS = {"password", "sslpassword"}
 
 
 def mask_url(url: str) -> str:
@@ -22,18 +23,36 @@ def mask_url(url: str) -> str:
         from checkpointers import mask_url
 
         assert mask_url("postgresql://app:s3cret@db:5432/prod") == "postgresql://app:***@db:5432/prod"
+        assert mask_url("postgresql://db/prod?password=s3cret") == "postgresql://db/prod?password=***"
         ```
     """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
+        masked = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs]
+        query = urlencode(masked, safe="*")
     if parts.password is None:
-        return url
+        return urlunsplit(parts._replace(query=query)) if query != parts.query else url
     user = parts.username or ""
     host = parts.hostname or ""
     port = f":{parts.port}" if _safe_port(url) else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}", query=query))
+
+
+def _secrets(url: str) -> tuple[str, ...]:
+    """The password(s) a URL carries, as written and decoded (to scrub driver messages)."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password or ""]
+    except ValueError:
+        return ()
+    found += [v for k, v in parse_qsl(parts.query) if k.lower() in _SECRET_PARAMS]
+    out = {s for raw in found for s in (raw, unquote(raw)) if len(s) >= 3}
+    return tuple(sorted(out, key=len, reverse=True))
 
 
 def _safe_port(url: str) -> int | None:
@@ -52,6 +71,14 @@ class ParsedURL:
     """The URL with its password masked."""
     target: str
     """What the driver gets: the file path for sqlite, the libpq URL for postgres."""
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+    """Passwords the URL carries, to scrub from driver messages."""
+
+    def redact(self, text: str) -> str:
+        """*text* (a driver's message) without the URL's passwords."""
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
 
 
 def parse_url(url: str) -> ParsedURL:
@@ -88,5 +115,6 @@ def parse_url(url: str) -> ParsedURL:
             raise BackendURLError(masked, str(e)) from None
         if not parts.hostname and "host=" not in (parts.query or ""):
             raise BackendURLError(masked, "no host")
-        return ParsedURL("postgres", masked, urlunsplit(parts._replace(scheme="postgresql")))
+        target = urlunsplit(parts._replace(scheme="postgresql"))
+        return ParsedURL("postgres", masked, target, _secrets(url))
     raise BackendURLError(masked, f"unknown scheme {scheme!r}")

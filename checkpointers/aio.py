@@ -306,7 +306,7 @@ async def _aopen_sqlite(parsed: ParsedURL) -> _AsqliteDB:
     try:
         return await _AsqliteDB.open(parsed.target or ":memory:")
     except sqlite3.Error as e:
-        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+        raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
 
 
 async def _aopen_sqlite_backend(parsed: ParsedURL) -> AsyncBackend:
@@ -321,7 +321,7 @@ async def _aopen_sqlite_backend(parsed: ParsedURL) -> AsyncBackend:
         await saver.setup()
     except sqlite3.Error as e:
         await db.close()
-        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+        raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
     return AsyncBackend(url=parsed.masked, kind="sqlite", checkpointer=saver, db=db, closers=[conn])
 
 
@@ -354,7 +354,7 @@ async def _aopen_postgres_backend(
         await pool.open(wait=True, timeout=connect_timeout)
     except PoolTimeout as e:
         await pool.close()
-        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+        raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
     saver = AsyncPostgresSaver(pool)
     return AsyncBackend(
         url=parsed.masked, kind="postgres", checkpointer=saver, db=_APostgresDB(pool)

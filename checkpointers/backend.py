@@ -458,7 +458,7 @@ def _open_sqlite(parsed: ParsedURL) -> _SqliteDB:
     try:
         return _retry_locked(setup)
     except sqlite3.Error as e:
-        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+        raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
 
 
 def _open_sqlite_backend(parsed: ParsedURL) -> Backend:
@@ -481,7 +481,7 @@ def _open_sqlite_backend(parsed: ParsedURL) -> Backend:
         conn, saver = _retry_locked(setup)
     except sqlite3.Error as e:
         db.close()
-        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+        raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
     return Backend(url=parsed.masked, kind="sqlite", checkpointer=saver, db=db, closers=[conn])
 
 
@@ -526,7 +526,7 @@ def setup_postgres(parsed: ParsedURL, connect_timeout: float) -> None:
         # unknown database) where a pool would only time out.
         lock_conn = psycopg.connect(parsed.target, autocommit=True, connect_timeout=timeout)
     except psycopg.Error as e:
-        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+        raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
     try:
         _take_setup_lock(lock_conn, parsed)
         with psycopg.connect(
@@ -535,7 +535,7 @@ def setup_postgres(parsed: ParsedURL, connect_timeout: float) -> None:
             PostgresSaver(setup_conn).setup()
         _migrate_postgres(lock_conn)
     except psycopg.Error as e:
-        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+        raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
     finally:
         lock_conn.close()
 
@@ -566,6 +566,6 @@ def _open_postgres_backend(
         pool.open(wait=True, timeout=connect_timeout)
     except PoolTimeout as e:
         pool.close()
-        raise BackendUnavailable(parsed.masked, _first_line(e)) from None
+        raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
     saver = PostgresSaver(pool)
     return Backend(url=parsed.masked, kind="postgres", checkpointer=saver, db=_PostgresDB(pool))

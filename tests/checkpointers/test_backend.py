@@ -50,6 +50,22 @@ def test_unreachable_postgres_names_url_with_password_masked() -> None:
     assert "Cannot open backend" in str(exc.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        # libpq echoes a malformed percent-encoded password in its message
+        "postgresql://app:p%zzMYSECRET@127.0.0.1:1/postgres",
+        # a password given as a query parameter, not in the user part
+        "postgresql://app@127.0.0.1:1/postgres?password=MYSECRET",
+    ],
+)
+def test_passwords_reach_no_backend_error(url: str) -> None:
+    with pytest.raises(BackendUnavailable) as exc:
+        open_backend(url, connect_timeout=2)
+    assert "MYSECRET" not in str(exc.value) and "MYSECRET" not in exc.value.url
+    assert "***" in exc.value.url
+
+
 @pytest.mark.postgres
 def test_missing_postgres_database_is_backend_unavailable(postgres_server: str) -> None:
     url = postgres_server.rsplit("/", 1)[0] + f"/no_such_db_{uuid.uuid4().hex[:6]}"
@@ -64,6 +80,11 @@ async def test_async_bad_url_is_typed() -> None:
 
 def test_mask_url_leaves_passwordless_urls_alone() -> None:
     assert mask_url("postgresql://postgres@h:5432/db") == "postgresql://postgres@h:5432/db"
+    assert mask_url("postgresql://h/db?sslmode=require") == "postgresql://h/db?sslmode=require"
+    assert (
+        mask_url("postgresql://u:pw@h/db?sslmode=require&password=x")
+        == "postgresql://u:***@h/db?sslmode=require&password=***"
+    )
 
 
 def test_harness_schema_is_created_and_versioned(backend: Backend) -> None:
