@@ -482,7 +482,9 @@ def add_harness(
 
     Raises:
         UserError: when a named node is missing, *tools_node* does not leave by one plain
-            edge, or (with a review policy) *model_node* does not leave by one router.
+            edge, (with a review policy) *model_node* does not leave by one router, or
+            *contracts* name a tool that neither *tools* nor a ``ToolNode`` at *tools_node*
+            has.
 
     Example:
         ```python
@@ -528,6 +530,17 @@ def add_harness(
                 f"add_harness: {role}={node!r} is not a node of this graph "
                 f"(nodes: {', '.join(sorted(builder.nodes))})"
             )
+    verifier = _verifier(contracts)
+    known = {t.name for t in tools}
+    node_tools = getattr(builder.nodes[tools_node].runnable, "tools_by_name", None)
+    if isinstance(node_tools, Mapping):
+        known |= set(node_tools)
+    unknown = sorted(set(verifier.contracts) - known)
+    if known and unknown:  # a misspelt name would leave the real tool on the default contract
+        raise UserError(
+            f"add_harness: contracts name tools the graph does not have: {', '.join(unknown)} "
+            f"(tools: {', '.join(sorted(known))})"
+        )
     added = [verify_node, stop_node] + ([review_node] if review_policy is not None else [])
     for new in added:
         if new in builder.nodes:
@@ -565,7 +578,7 @@ def add_harness(
         )
     _, after_tools = out_edges[0]
     builder.edges.discard(out_edges[0])
-    builder.add_node(verify_node, _verifier(contracts))
+    builder.add_node(verify_node, verifier)
     builder.add_node(stop_node, VerificationStop())
     builder.add_edge(tools_node, verify_node)
     router = _AfterVerify(

@@ -256,11 +256,40 @@ def test_add_harness_works_with_a_richer_state() -> None:
             "already has a node named 'llm_call'",
             id="name-clash",
         ),
+        pytest.param(
+            {
+                "model_node": "llm_call",
+                "tools_node": "tool_node",
+                "tools": tools,
+                "contracts": {"lookpu": ToolContract(required=("id",))},
+            },
+            "contracts name tools the graph does not have: lookpu",
+            id="contract-typo",
+        ),
     ],
 )
 def test_add_harness_wiring_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(UserError, match=message):
         add_harness(_docs_react_loop(_model()), **kwargs)
+
+
+def test_add_harness_knows_the_tools_of_a_tool_node() -> None:
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": []})
+    builder.add_node("tools", ToolNode(tools))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    nodes = set(builder.nodes)
+    with pytest.raises(UserError, match=r"does not have: lookpu \(tools: lookup\)"):
+        add_harness(
+            builder, model_node="agent", tools_node="tools", contracts={"lookpu": ToolContract()}
+        )
+    assert set(builder.nodes) == nodes  # refused before the graph was changed
+    add_harness(
+        builder, model_node="agent", tools_node="tools", contracts={"lookup": ToolContract()}
+    )
+    assert set(builder.nodes) > nodes
 
 
 # --- effects -------------------------------------------------------------------------------
