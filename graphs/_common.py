@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -48,6 +49,9 @@ class SimulatedCrash(BaseException):
         return f"simulated crash in {self.where}"
 
 
+_FLAG_WORDS: dict[type, str] = {bool: "true or false", str: "a tool name", int: "a turn number"}
+
+
 @dataclass(frozen=True)
 class Faults:
     """Fault-injection flags for a reference graph; all off by default.
@@ -82,7 +86,8 @@ class Faults:
         """Accept a `Faults`, a mapping of flag → value (e.g. parsed JSON), or None.
 
         Raises:
-            UserError: for an unknown flag name.
+            UserError: for an unknown flag name, or a value of the wrong type (``"no"`` for
+                a yes/no flag would otherwise switch it on).
         """
         if value is None:
             return cls()
@@ -94,6 +99,15 @@ class Faults:
             raise UserError(
                 f"Unknown fault flag(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
+        hints = typing.get_type_hints(cls)
+        for name, flag in value.items():
+            kind = next(
+                t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None)
+            )
+            if flag is None and kind is not bool:
+                continue
+            if type(flag) is not kind:  # bool is not an int here, nor "yes" a bool
+                raise UserError(f"Fault flag {name} takes {_FLAG_WORDS[kind]}, got {flag!r}")
         return cls(**dict(value))
 
     def crash_once(self, tool: str) -> None:

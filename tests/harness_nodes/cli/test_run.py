@@ -188,6 +188,16 @@ def test_default_db_is_a_sqlite_file_in_the_working_directory(
 
 ERROR_CASES = [
     pytest.param(
+        ["run", "research", "--args", '{"faults": {"crash_at_turn": "two"}}'],
+        "error: Fault flag crash_at_turn takes a turn number, got 'two'",
+        id="fault-flag-type",
+    ),
+    pytest.param(
+        ["run", "research", "--args", '{"faults": {"runaway": "no"}}'],
+        "error: Fault flag runaway takes true or false, got 'no'",
+        id="fault-flag-not-a-bool",  # "no" would have switched it on
+    ),
+    pytest.param(
         ["run", "support", "--db", "mysql://localhost/x"],
         "error: Cannot use backend URL 'mysql://localhost/x'",
         id="bad-db-url",
