@@ -522,6 +522,10 @@ class _QueueCore:
 
     @staticmethod
     def already(item: ReviewItem) -> AlreadyDecided:
+        if item.status == "closed":  # the run was resumed directly, not through the queue
+            return AlreadyDecided(
+                item.id, "a resume outside the queue", "an unknown time", "closed"
+            )
         words = sorted({d.get("type", "?") for d in item.decision or []}) or [item.status]
         by = item.decided_by or "?"
         return AlreadyDecided(item.id, by, _iso(item.decided_at), "+".join(words))
@@ -738,9 +742,12 @@ class ReviewQueue:
         Raises:
             ReviewNotFound: no such item.
             InvalidDecision: the decision is malformed or not allowed (the item stays pending).
-            AlreadyDecided: another reviewer decided first (nothing was applied).
+            AlreadyDecided: another reviewer decided first, or the pause was answered outside
+                the queue (``Command(resume=...)`` on the graph); nothing was applied.
         """
         item = self.get(review_id)
+        if item.status == "pending" and item.id not in {i.id for i in self.sync(item.thread_id)}:
+            item = self.get(review_id)  # its pause was answered outside the queue: closed now
         if item.status != "pending":
             raise self._core.already(item)
         prepared = self._core.prepare(item, decision, reviewer)
@@ -994,6 +1001,10 @@ class AsyncReviewQueue:
     ) -> dict[str, Any]:
         """Async `ReviewQueue.decide`."""
         item = await self.get(review_id)
+        if item.status == "pending" and item.id not in {
+            i.id for i in await self.sync(item.thread_id)
+        }:
+            item = await self.get(review_id)  # its pause was answered outside the queue
         if item.status != "pending":
             raise self._core.already(item)
         prepared = self._core.prepare(item, decision, reviewer)

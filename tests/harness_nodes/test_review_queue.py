@@ -269,6 +269,38 @@ def test_a_pause_answered_outside_the_queue_is_closed(backend: Backend) -> None:
     assert EFFECTS == {"refund": 1, "lookup": 1}
 
 
+def test_a_decision_on_a_pause_answered_outside_the_queue_is_refused(backend: Backend) -> None:
+    # No sync in between: decide itself must notice the pause is gone, not audit a
+    # "reject" of a refund that already went out.
+    queue = _queue(backend)
+    tid = _pause(queue)
+    [item] = queue.pending()
+    cfg = {"configurable": {"thread_id": tid}}
+    queue.graph.invoke(Command(resume={"type": "approve"}), cfg, durability="sync")
+    with pytest.raises(AlreadyDecided, match="closed.*outside the queue"):
+        queue.decide(item.id, {"type": "reject", "message": "no"}, reviewer="bob")
+    assert queue.get(item.id).status == "closed"
+    assert backend.execute(
+        "SELECT count(*) AS n FROM harness_review_audit WHERE review_id = %s", (item.id,)
+    ) == [{"n": 0}]
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+async def test_async_decision_on_a_pause_answered_outside_the_queue_is_refused(
+    abackend: AsyncBackend,
+) -> None:
+    graph = build_builder().compile(checkpointer=abackend.checkpointer)
+    queue = AsyncReviewQueue(abackend, graph)
+    await queue.ainvoke({"messages": [HumanMessage("refund")]}, thread_id="a-out")
+    [item] = await queue.pending()
+    cfg = {"configurable": {"thread_id": "a-out"}}
+    await graph.ainvoke(Command(resume={"type": "approve"}), cfg, durability="sync")
+    with pytest.raises(AlreadyDecided, match="outside the queue"):
+        await queue.decide(item.id, {"type": "reject"}, reviewer="bob")
+    assert (await queue.get(item.id)).status == "closed"
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
 def test_a_second_pause_in_the_same_thread_is_a_new_item(backend: Backend) -> None:
     script = refund_turns()[:1] + [
         refund_turns(amount=300)[0].model_copy(
