@@ -75,7 +75,14 @@ from checkpointers._spend import (
 from harness_nodes._events import aemit, emit
 from harness_nodes.errors import BudgetExceeded, UnpricedModelError, UserError
 from harness_nodes.pricing import NANOS_PER_USD, Pricing, Rates
-from harness_nodes.state import MessagesOnly, ModelSpend, Outcome, Spend
+from harness_nodes.state import (
+    MessagesAndOutcome,
+    MessagesOnly,
+    ModelSpend,
+    Outcome,
+    Spend,
+    replace_outcome,
+)
 
 __all__ = [
     "BudgetCallbackHandler",
@@ -1489,7 +1496,7 @@ class BudgetGuard:
         )
         return {"messages": [note], "outcome": outcome, "spend": spend}
 
-    def finish(self, state: MessagesOnly, config: RunnableConfig) -> dict[str, Any]:
+    def finish(self, state: MessagesAndOutcome, config: RunnableConfig) -> dict[str, Any]:
         """The node ``stop`` leads to: writes outcome ``budget_exhausted`` and the spend mirror.
 
         The partial result keeps the last useful answer and every tool result so far. In a
@@ -1500,17 +1507,21 @@ class BudgetGuard:
         check = self.model.check(messages, config)
         spend = self.model.spend(config, model=_last_model(messages))
         emit("outcome", {"status": "budget_exhausted", "reason": check.limit}, config)
-        return self._finish_update(messages, check, spend)
+        update = self._finish_update(messages, check, spend)
+        update["outcome"] = replace_outcome(state, update["outcome"])
+        return update
 
-    async def afinish(self, state: MessagesOnly, config: RunnableConfig) -> dict[str, Any]:
+    async def afinish(self, state: MessagesAndOutcome, config: RunnableConfig) -> dict[str, Any]:
         """Async `finish`."""
         messages = _messages_of(state)
         check = await self.model.acheck(messages, config)
         spend = await self.model.aspend(config, model=_last_model(messages))
         await aemit("outcome", {"status": "budget_exhausted", "reason": check.limit}, config)
-        return self._finish_update(messages, check, spend)
+        update = self._finish_update(messages, check, spend)
+        update["outcome"] = replace_outcome(state, update["outcome"])
+        return update
 
-    def __call__(self, state: MessagesOnly, config: RunnableConfig) -> Command[str]:
+    def __call__(self, state: MessagesAndOutcome, config: RunnableConfig) -> Command[str]:
         """Node form: go to `next` (writing the spend mirror) or finish and go to `on_stop`."""
         messages = _messages_of(state)
         check = self.model.check(messages, config)

@@ -32,6 +32,7 @@ from typing import Annotated, Any, Literal, NotRequired
 
 from langchain_core.messages import AnyMessage
 from langgraph.graph.message import add_messages
+from langgraph.types import Overwrite
 from typing_extensions import TypedDict
 
 __all__ = [
@@ -273,6 +274,28 @@ def keep_first_outcome(current: Outcome | None, new: Outcome | None) -> Outcome 
     return current if current is not None else new
 
 
+def replace_outcome(state: Any, outcome: Outcome | None) -> Any:
+    """The ``outcome`` write of a node that ends the run (or starts a new task's first turn).
+
+    `keep_first_outcome` keeps the first outcome of a task. A thread given new input after
+    its task finished (a second question in the same conversation) starts a new task: the
+    previous one's outcome is replaced — LangGraph's ``Overwrite`` — instead of kept.
+
+    Example:
+        ```python
+        from langgraph.types import Overwrite
+
+        from harness_nodes.state import replace_outcome
+
+        done = {"status": "completed"}
+        assert replace_outcome({"messages": []}, done) == done
+        assert replace_outcome({"outcome": done}, None) == Overwrite(None)
+        ```
+    """
+    previous = state.get("outcome") if hasattr(state, "get") else None
+    return Overwrite(outcome) if previous is not None else outcome
+
+
 def merge_spend(current: Spend | None, new: Spend | None) -> Spend:
     """Reducer for `HarnessState.spend`: a newer mirror replaces older keys.
 
@@ -311,6 +334,16 @@ class MessagesOnly(TypedDict):
     """
 
     messages: Annotated[list[AnyMessage], add_messages]
+
+
+class MessagesAndOutcome(MessagesOnly, total=False):
+    """What a node that may end the run reads: the messages and the outcome, if any.
+
+    Where the state has an outcome, a finished thread's new task replaces it
+    (`replace_outcome`); where it has none, the outcome stays out of the state's output.
+    """
+
+    outcome: Outcome | None
 
 
 class HarnessState(TypedDict):
@@ -365,4 +398,5 @@ class HarnessState(TypedDict):
     spend: NotRequired[Annotated[Spend, merge_spend]]
     """Checkpointed mirror of the task's spend."""
     outcome: NotRequired[Annotated[Outcome | None, keep_first_outcome]]
-    """How the task ended; set once."""
+    """How the task ended; set once per task. New input on a finished thread (a second
+    question in the conversation) starts a new task, whose outcome replaces it."""

@@ -85,7 +85,7 @@ from harness_nodes import _verify
 from harness_nodes._events import aemit, emit
 from harness_nodes.effects import effect_kind
 from harness_nodes.errors import HarnessError, UserError, VerificationFailed
-from harness_nodes.state import MessagesOnly, Outcome, Verdict
+from harness_nodes.state import MessagesAndOutcome, MessagesOnly, Outcome, Verdict, replace_outcome
 
 __all__ = [
     "Check",
@@ -826,7 +826,7 @@ class VerificationStop:
                 f"got {self.exit_behavior!r}"
             )
 
-    def __call__(self, state: MessagesOnly) -> dict[str, Any]:
+    def __call__(self, state: MessagesAndOutcome) -> dict[str, Any]:
         """Record the failure (or raise it)."""
         failed = _failed_verdicts(_verify.messages_of(state))
         reason = "; ".join(f"{v['tool']}: {'; '.join(v['reasons'])}" for v in failed) or (
@@ -845,4 +845,4 @@ class VerificationStop:
             content=f"I stopped: a tool output failed verification. {reason}",
             additional_kwargs={_verify.HARNESS_KEY: {"outcome": outcome}},
         )
-        return {"outcome": outcome, "messages": [closing]}
+        return {"outcome": replace_outcome(state, outcome), "messages": [closing]}

@@ -60,7 +60,13 @@ from harness_nodes.effects import EffectLedger, effect_kind
 from harness_nodes.errors import UserError
 from harness_nodes.pricing import Pricing
 from harness_nodes.review import HumanReview, ReviewPolicy
-from harness_nodes.state import HarnessState, MessagesOnly, Outcome
+from harness_nodes.state import (
+    HarnessState,
+    MessagesAndOutcome,
+    MessagesOnly,
+    Outcome,
+    replace_outcome,
+)
 from harness_nodes.verify import (
     ToolContract,
     VerificationStop,
@@ -124,7 +130,7 @@ class ModelNode:
     system_prompt: str | None = None
     """Prepended to every call (not stored in the state)."""
 
-    def __call__(self, state: MessagesOnly) -> dict[str, Any]:
+    def __call__(self, state: MessagesAndOutcome) -> dict[str, Any]:
         """Call the model on the conversation."""
         messages: list[BaseMessage] = list(state["messages"])
         if self.system_prompt:
@@ -132,8 +138,12 @@ class ModelNode:
         # Callbacks and the run's config reach the model through LangChain's context.
         reply = self.model.invoke(messages)
         update: dict[str, Any] = {"messages": [reply]}
+        outcome: Outcome | None = None
         if isinstance(reply, AIMessage) and not reply.tool_calls and not _budget_stopped(reply):
-            update["outcome"] = Outcome(status="completed", partial_result=reply.text)
+            outcome = Outcome(status="completed", partial_result=reply.text)
+        if outcome is not None or state.get("outcome") is not None:
+            # The model runs once an outcome is set only on new input: a new task's turn.
+            update["outcome"] = replace_outcome(state, outcome)
         return update
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 import pytest
 from langchain_core.messages import AnyMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode, tools_condition
@@ -109,6 +110,48 @@ def test_system_prompt_reaches_the_model_but_not_the_state() -> None:
     out = agent.invoke({"messages": [HumanMessage("go")]})
     assert isinstance(seen[0][0], SystemMessage) and seen[0][0].content == "Be careful."
     assert not any(isinstance(m, SystemMessage) for m in out["messages"])
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("ok", "empty"), ("empty", "ok")],
+    ids=["completed-then-stopped", "stopped-then-completed"],
+)
+def test_a_new_task_on_a_finished_thread_gets_its_own_outcome(first: str, second: str) -> None:
+    # A second question in the same conversation: its outcome, not the first task's.
+    script: list[Any] = []
+    for n, key in enumerate((first, second)):
+        script += [ai(tool_calls=[tool_call("lookup", {"key": key}, id=f"t{n}")]), ai(f"a{n}")]
+    model = ScriptedChatModel(script=script)
+    graph = build_harnessed_agent(
+        model,
+        [lookup],
+        contracts={"lookup": ToolContract(max_retries=0)},
+        checkpointer=InMemorySaver(),
+    )
+    cfg = {"configurable": {"thread_id": "chat"}}
+    expected = {"ok": "completed", "empty": "verification_failed"}
+    for key in (first, second):
+        out = graph.invoke({"messages": [HumanMessage(f"look up {key}")]}, cfg)
+        assert out["outcome"]["status"] == expected[key], out["outcome"]
+
+
+def test_a_new_task_stopped_by_the_budget_at_its_start_reports_that() -> None:
+    from harness_nodes import Envelope
+
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("lookup", {"key": "a"})]), ai("Done.")],
+        model_name="gpt-4o-mini",
+    )
+    agent = build_harnessed_agent(
+        model, [lookup], envelope=Envelope(max_calls=2), checkpointer=InMemorySaver()
+    )
+    cfg = {"configurable": {"thread_id": "chat"}}
+    assert agent.invoke({"messages": [HumanMessage("one")]}, cfg)["outcome"]["status"] == (
+        "completed"
+    )
+    out = agent.invoke({"messages": [HumanMessage("two")]}, cfg)  # the thread's budget is spent
+    assert out["outcome"]["status"] == "budget_exhausted", out["outcome"]
 
 
 def test_contract_for_a_tool_the_agent_lacks_is_a_wiring_error() -> None:
