@@ -224,9 +224,12 @@ def show(
 def _decide(
     review_id: str, decision: dict[str, Any], db: str | None, graph: str | None, reviewer: str
 ) -> None:
+    from harness_nodes.cli._run import run_errors
+
     with _queue(db, graph, review_id) as queue:
-        state = queue.decide(review_id, decision, reviewer=reviewer)
         item = queue.get(review_id)
+        with run_errors(item.thread_id):  # the resumed run's own failure: one line
+            state = queue.decide(review_id, decision, reviewer=reviewer)
         snapshot = queue.graph.get_state({"configurable": {"thread_id": item.thread_id}})
     messages = state.get("messages") or []
     console.print(

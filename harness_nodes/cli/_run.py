@@ -187,18 +187,16 @@ def opened_graph(
         yield RunTarget(graph, thread_id, config, task_type, backend)
 
 
-def drive(target: RunTarget, inputs: Any, narrator: Narrator) -> dict[str, Any]:
-    """Stream the graph durably, narrating each step; return the final state values."""
+@contextmanager
+def run_errors(thread_id: str) -> Iterator[None]:
+    """A run that stops on an error is a one-line `RunFailed` (its checkpoints are kept)."""
     try:
-        for update in target.graph.stream(
-            inputs, target.config, stream_mode="updates", durability="sync"
-        ):
-            narrator.update(update)
+        yield
     except HarnessError:
         raise
     except GraphRecursionError:
         raise RunFailed(
-            target.thread_id,
+            thread_id,
             "GraphRecursionError",
             f"no end after {RECURSION_LIMIT} steps (a runaway loop: give it a budget)",
         ) from None
@@ -206,7 +204,16 @@ def drive(target: RunTarget, inputs: Any, narrator: Narrator) -> dict[str, Any]:
         raise
     except BaseException as e:  # noqa: B036 — fault injection simulates crashes as BaseException
         first = (str(e).splitlines() or [""])[0]
-        raise RunFailed(target.thread_id, type(e).__name__, first) from None
+        raise RunFailed(thread_id, type(e).__name__, first) from None
+
+
+def drive(target: RunTarget, inputs: Any, narrator: Narrator) -> dict[str, Any]:
+    """Stream the graph durably, narrating each step; return the final state values."""
+    with run_errors(target.thread_id):
+        for update in target.graph.stream(
+            inputs, target.config, stream_mode="updates", durability="sync"
+        ):
+            narrator.update(update)
     snapshot = target.graph.get_state({"configurable": {"thread_id": target.thread_id}})
     values: dict[str, Any] = dict(snapshot.values)
     values["__interrupts__"] = list(snapshot.interrupts)
@@ -267,7 +274,8 @@ def decide_pending(
     before = {m.id for m in target.graph.get_state(config).values.get("messages", [])}
     for item in items:
         kind = decision.get("type") if isinstance(decision, Mapping) else "decision"
-        queue.decide(item.id, decision, reviewer=reviewer)  # InvalidDecision: nothing said
+        with run_errors(target.thread_id):  # InvalidDecision: nothing said
+            queue.decide(item.id, decision, reviewer=reviewer)
         narrator.record("review", f"{reviewer} decided {kind} on review {item.id} ({item.reason})")
     snapshot = target.graph.get_state(config)
     for message in snapshot.values.get("messages", []):

@@ -32,6 +32,8 @@ def _record(name: str) -> None:
 @tool
 def refund(order: str, amount: float) -> str:
     """Refund an order (irreversible)."""
+    if order == "BANK-DOWN":
+        raise RuntimeError("the bank is down")
     _record("refund")
     return f"refunded {amount:g} on {order}"
 

@@ -145,6 +145,20 @@ def test_graph_factories_get_the_backend_by_keyword(
     assert _status(db, rid)[0] == "applied"
 
 
+def test_a_resumed_run_that_fails_is_one_line(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with open_backend(db) as backend:
+        script = [ai(tool_calls=[tool_call("refund", {"order": "BANK-DOWN", "amount": 250})])]
+        graph = build_builder(script).compile(checkpointer=backend.checkpointer)
+        ReviewQueue(backend, graph).invoke({"messages": [HumanMessage("refund")]}, thread_id="t-f")
+        [item] = ReviewQueue(backend, graph).pending()
+    code, _, err = _cli(capsys, "review", "approve", item.id, "--db", db, "--graph", SPEC)
+    assert code == 2
+    assert err.strip() == (
+        "error: Run of thread 't-f' stopped: RuntimeError: the bank is down "
+        "(its checkpoints are kept: harness resume t-f)"
+    ), err
+
+
 MARKUP = "[/]A1 [bold red]FAKE APPROVE[/bold red]"
 
 
