@@ -87,8 +87,10 @@ def parse_url(url: str) -> ParsedURL:
     Raises:
         BackendURLError: the scheme is unknown or the URL is malformed.
     """
-    if not isinstance(url, str) or not url.strip():
-        raise BackendURLError(repr(url), "the URL is empty")
+    if not isinstance(url, str):
+        raise BackendURLError(repr(url), f"expected a URL string, got {type(url).__name__}")
+    if not url.strip():
+        raise BackendURLError(url, "the URL is empty")
     masked = mask_url(url)
     if "://" not in url:
         raise BackendURLError(masked, "no scheme")

@@ -12,6 +12,7 @@ so ``harness resume THREAD`` rebuilds the same graph in a new process and carrie
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import uuid
@@ -139,11 +140,31 @@ def build_graph(
 ) -> Any:
     """Call the module's ``build_graph(model, backend=..., **args)`` → a compiled graph.
 
-    A bad argument is a `UserError`.
+    A bad argument, or a ``build_graph`` that does not take ``(model, *, backend, ...)``, is a
+    `UserError`; an error raised inside the builder is its own.
     """
+    try:
+        signature = inspect.signature(module.build_graph)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(model, backend=backend)
+        except TypeError as e:
+            raise UserError(
+                f"{module.__name__}.build_graph must take (model, *, backend, **args) to run "
+                f"with `harness run`: {e}"
+            ) from None
+        try:
+            signature.bind(model, backend=backend, **args)
+        except TypeError as e:
+            raise UserError(f"Bad --args for graph {module.__name__}: {e}") from None
     try:
         return module.build_graph(model, backend=backend, **args)
     except TypeError as e:
+        if not args:
+            raise  # the builder's own bug, not the user's input
+        # **kwargs passed on (to build_harnessed_agent, say) are checked only there
         raise UserError(f"Bad --args for graph {module.__name__}: {e}") from None
 
 
@@ -405,7 +426,13 @@ ModelOption = Annotated[
 
 @app.command()
 def run(
-    graph: Annotated[str, typer.Argument(help="research | support | documents | module.path")],
+    graph: Annotated[
+        str,
+        typer.Argument(
+            help="research | support | documents | a module path whose build_graph(model, *, "
+            "backend, **args) returns a compiled graph"
+        ),
+    ],
     task: Annotated[
         str | None, typer.Option("--task", help="The task text (default: the graph's)")
     ] = None,

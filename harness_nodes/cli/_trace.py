@@ -116,7 +116,7 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print the trace as JSON.")] = False,
 ) -> None:
     """Show a task's decision tree, rebuilt from its checkpoints and the ledgers."""
-    with open_backend(db or default_url()) as backend:
+    with open_backend(default_url() if db is None else db) as backend:
         trace = build_trace(backend, thread)
     if as_json:
         print(trace.to_json())
@@ -133,11 +133,11 @@ def _when(ts: float | None) -> str:
 @app.command()
 def runs(
     db: DbOption = None,
-    limit: Annotated[int, typer.Option(help="How many recent runs.")] = 20,
+    limit: Annotated[int, typer.Option(min=1, help="How many recent runs.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List recent runs: status, task type, cost, duration."""
-    with open_backend(db or default_url()) as backend:
+    with open_backend(default_url() if db is None else db) as backend:
         rows = list_runs(backend, limit=limit)
     if as_json:
         print(json.dumps([r.__dict__ for r in rows], indent=2))
@@ -164,7 +164,7 @@ def report(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Reliability across runs: completion, outcomes, failures, escalations, cost per type."""
-    with open_backend(db or default_url()) as backend:
+    with open_backend(default_url() if db is None else db) as backend:
         rep = reliability_report(backend, top=top)
     if as_json:
         print(json.dumps(rep.to_dict(), indent=2))

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from harness_nodes.cli._app import app, console, err_console
+from harness_nodes.errors import UserError
 
 if TYPE_CHECKING:
     from checkpointers import Backend
@@ -47,7 +49,12 @@ def worker(
     from checkpointers import default_url
     from harness_nodes.background import JobQueue, WorkerOptions, run_worker
 
-    url = db or default_url()
+    url = default_url() if db is None else db
+    if db is None and not os.environ.get("HARNESS_DATABASE_URL"):
+        raise UserError(
+            "harness worker needs a Postgres database: pass --db postgresql://... or set "
+            "$HARNESS_DATABASE_URL"
+        )
     queue = JobQueue(url)  # refuses a non-Postgres URL with one clear line
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     options = WorkerOptions(

@@ -73,6 +73,12 @@ def test_missing_postgres_database_is_backend_unavailable(postgres_server: str) 
         open_backend(url)
 
 
+@pytest.mark.parametrize("url", [123, b"memory://"])
+def test_a_url_that_is_not_a_string_says_so(url: Any) -> None:
+    with pytest.raises(BackendURLError, match="expected a URL string, got"):
+        open_backend(url)
+
+
 async def test_async_bad_url_is_typed() -> None:
     with pytest.raises(BackendURLError):
         await aopen_backend("redis://localhost")

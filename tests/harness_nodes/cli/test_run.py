@@ -188,6 +188,12 @@ def test_default_db_is_a_sqlite_file_in_the_working_directory(
 
 ERROR_CASES = [
     pytest.param(
+        ["run", "graphs.quickstart"],  # a module whose build_graph takes no backend
+        "error: graphs.quickstart.build_graph must take (model, *, backend, **args) to run "
+        "with `harness run`: got an unexpected keyword argument 'backend'",
+        id="module-without-the-builder-contract",
+    ),
+    pytest.param(
         ["run", "research", "--args", '{"faults": {"crash_at_turn": "two"}}'],
         "error: Fault flag crash_at_turn takes a turn number, got 'two'",
         id="fault-flag-type",
@@ -257,6 +263,20 @@ ERROR_CASES = [
         "error: --decision is not valid JSON",
         id="malformed-decision-json",
     ),
+    *(
+        pytest.param(
+            [*command, "--db", ""],  # as `run` refuses it; these opened ./harness.db instead
+            "error: Cannot use backend URL ''",
+            id=f"empty-db-{command[0]}",
+        )
+        for command in (["show", "x"], ["runs"], ["report"])
+    ),
+    pytest.param(
+        ["worker"],
+        "error: harness worker needs a Postgres database: pass --db postgresql://... or set "
+        "$HARNESS_DATABASE_URL",
+        id="worker-without-a-database",
+    ),
 ]
 
 
@@ -269,9 +289,12 @@ def test_cli_errors_are_one_clear_line_with_exit_code_2(
     message: str,
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HARNESS_DATABASE_URL", raising=False)
     code, _, err = _cli(capsys, *argv)
     assert code == 2
     assert _one_line_error(err).startswith(message)
+    if "" in argv:  # a refused URL opens nothing, the default file included
+        assert not (tmp_path / "harness.db").exists()
 
 
 def test_missing_integration_package_is_named(
