@@ -189,6 +189,17 @@ class Envelope:
             )
         if self.min_output_tokens > self.max_output_tokens:
             raise UserError("Envelope.min_output_tokens must not exceed max_output_tokens")
+        if self.type_cap is not None and not isinstance(self.type_cap, WindowCap):
+            raise UserError(
+                f"Envelope.type_cap must be a WindowCap(max_usd=..., seconds=...), "
+                f"got {self.type_cap!r}"
+            )
+        if isinstance(self.ladder, str) or not all(
+            isinstance(m, str) and m for m in self.ladder
+        ):  # a bare string would become a ladder of its letters
+            raise UserError(
+                f"Envelope.ladder must be a sequence of model names, got {self.ladder!r}"
+            )
         object.__setattr__(self, "ladder", tuple(self.ladder))
 
     def limits(self) -> Limits:

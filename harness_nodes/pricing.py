@@ -166,6 +166,15 @@ class Pricing:
     )
 
     def __post_init__(self) -> None:
+        if not isinstance(self.overrides, Mapping):
+            raise UserError(
+                "Pricing.overrides must map model names to ModelPrice, "
+                f"got {type(self.overrides).__name__}"
+            )
+        if self.fallback is not None and not isinstance(self.fallback, ModelPrice):
+            raise UserError(
+                f"Pricing.fallback must be a ModelPrice, got {type(self.fallback).__name__}"
+            )
         for name, price in self.overrides.items():
             if not isinstance(price, ModelPrice):
                 raise UserError(
@@ -201,6 +210,8 @@ class Pricing:
         with self._lock:
             hit = self._cache.get(model)
         if hit is None:
+            if not isinstance(model, str):
+                raise UserError(f"a model name must be a string, got {model!r}")
             hit = self._resolve(model)
             with self._lock:
                 self._cache[model] = hit

@@ -599,6 +599,10 @@ def test_envelopes_are_validated_at_construction() -> None:
         Envelope(max_calls=-2)
     with pytest.raises(UserError, match="seconds"):
         WindowCap(max_usd=1, seconds=0)
+    with pytest.raises(UserError, match="type_cap must be a WindowCap"):  # not at the 1st call
+        Envelope(max_usd=1, type_cap={"max_usd": 1})  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="ladder must be a sequence of model names"):
+        Envelope(ladder="gpt-4o-mini")  # type: ignore[arg-type]  # not g, p, t, ...
     with pytest.raises(UserError, match="ladder names"):
         budgeted(
             ScriptedChatModel(model_name="gpt-4o"),

@@ -78,6 +78,15 @@ def test_bad_prices_are_wiring_errors(kwargs: dict[str, object]) -> None:
         ModelPrice(**kwargs)  # type: ignore[arg-type]
 
 
+def test_pricing_arguments_of_the_wrong_kind_are_refused_at_construction() -> None:
+    with pytest.raises(UserError, match="fallback must be a ModelPrice"):
+        Pricing(fallback={"input_per_mtok": 1, "output_per_mtok": 1})  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="overrides must map model names"):
+        Pricing(overrides="gpt-4o")  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="a model name must be a string"):
+        Pricing().rates(None)  # type: ignore[arg-type]
+
+
 def test_affordable_output_tokens_never_overspends() -> None:
     rates = Pricing().rates("gpt-4o")
     for budget in (0, 1, 9_999, 10_000, 2_500_123, 10**9):
