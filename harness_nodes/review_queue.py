@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
+from langgraph.errors import EmptyInputError
 from langgraph.prebuilt import ToolNode
 from langgraph.types import Command, Interrupt, StateSnapshot
 
@@ -76,6 +77,7 @@ from harness_nodes.errors import (
     HarnessError,
     InvalidDecision,
     ReviewNotFound,
+    UnknownThread,
     UserError,
 )
 from harness_nodes.review import (
@@ -617,13 +619,20 @@ class ReviewQueue:
         *,
         thread_id: str | None = None,
     ) -> dict[str, Any]:
-        """Run the graph (``durability="sync"``) and queue any review it paused for."""
+        """Run the graph (``durability="sync"``) and queue any review it paused for.
+
+        Raises:
+            UnknownThread: *input* is None (carry on) and the thread has no checkpoint.
+        """
         cfg: dict[str, Any] = dict(config or {})
         tid = thread_id or dict(cfg.get("configurable") or {}).get("thread_id")
         if not tid:
             raise UserError("ReviewQueue.invoke needs a thread_id")
         run_cfg = _thread_config(str(tid), cast(RunnableConfig, cfg))
-        result = self.graph.invoke(input, run_cfg, durability="sync")
+        try:
+            result = self.graph.invoke(input, run_cfg, durability="sync")
+        except EmptyInputError:  # input None and no checkpoint: nothing to carry on
+            raise UnknownThread(str(tid)) from None
         self.sync(str(tid))
         return cast(dict[str, Any], result)
 
@@ -916,7 +925,10 @@ class AsyncReviewQueue:
         if not tid:
             raise UserError("AsyncReviewQueue.ainvoke needs a thread_id")
         run_cfg = _thread_config(str(tid), cast(RunnableConfig, cfg))
-        result = await self.graph.ainvoke(input, run_cfg, durability="sync")
+        try:
+            result = await self.graph.ainvoke(input, run_cfg, durability="sync")
+        except EmptyInputError:  # input None and no checkpoint: nothing to carry on
+            raise UnknownThread(str(tid)) from None
         await self.sync(str(tid))
         return cast(dict[str, Any], result)
 

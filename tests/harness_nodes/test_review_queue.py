@@ -25,6 +25,7 @@ from harness_nodes import (
     ReviewNotFound,
     ReviewPolicy,
     ReviewQueue,
+    UnknownThread,
     UserError,
 )
 from harness_nodes.review_queue import _INSERT, pending_sql, review_id_for
@@ -267,6 +268,12 @@ def test_a_pause_answered_outside_the_queue_is_closed(backend: Backend) -> None:
     with pytest.raises(AlreadyDecided):
         queue.decide(item.id, {"type": "approve"}, reviewer="alice")
     assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+def test_carrying_on_a_thread_that_does_not_exist_is_unknown_thread(backend: Backend) -> None:
+    queue = _queue(backend)
+    with pytest.raises(UnknownThread, match="no-such-thread"):
+        queue.invoke(None, thread_id="no-such-thread")
 
 
 def test_a_decision_on_a_pause_answered_outside_the_queue_is_refused(backend: Backend) -> None:
