@@ -226,7 +226,7 @@ def signal_reasons(signals: ErrorSignals, payload: Any, text: str, structured: b
     for key, value in payload.items():
         if not isinstance(key, str):
             continue
-        if key in signals.error_keys and not _is_blank(value) and value is not False:
+        if key in signals.error_keys and not _is_blank(value) and not _is_zero(value):
             reasons.append(f"the output carries an error: {key}={excerpt(value)}")
         elif (
             key in signals.status_keys
@@ -234,16 +234,36 @@ def signal_reasons(signals: ErrorSignals, payload: Any, text: str, structured: b
             and value.strip().lower() in signals.failed_statuses
         ):
             reasons.append(f"the output reports a failure: {key}={value!r}")
-        elif key in signals.success_flags and value is False:
-            reasons.append(f"the output reports a failure: {key}=false")
-        elif (
-            key in signals.code_keys
-            and isinstance(value, int)
-            and not isinstance(value, bool)
-            and value >= 400
-        ):
-            reasons.append(f"the output reports an error status: {key}={value}")
+        elif key in signals.success_flags and _is_false(value):
+            flag = "false" if value is False else repr(value)
+            reasons.append(f"the output reports a failure: {key}={flag}")
+        elif key in signals.code_keys and _is_error_status(value):
+            reasons.append(f"the output reports an error status: {key}={value!r}")
     return reasons
+
+
+def _is_zero(value: Any) -> bool:
+    # `error: false` / `error: 0` (an errno of 0) say there is none.
+    return value is False or (type(value) in (int, float) and value == 0)
+
+
+def _is_false(value: Any) -> bool:
+    return value is False or (
+        isinstance(value, str) and value.strip().lower() in ("false", "no", "0")
+    )
+
+
+def _is_error_status(value: Any) -> bool:
+    """An int >= 400, or an HTTP error status (400-599) written as a float or a string."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 400
+    if isinstance(value, float) and value.is_integer():
+        return 400 <= value <= 599
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) == 3:
+        return 400 <= int(value) <= 599
+    return False
 
 
 def _validate(schema: type[BaseModel], payload: Any, structured: bool) -> BaseModel | list[str]:

@@ -156,6 +156,21 @@ FAILURES = [
         "the output reports an error status: status_code=502",
     ),
     Case(
+        "http-status-as-text",
+        {"status_code": "500", "body": "x"},
+        "the output reports an error status: status_code='500'",
+    ),
+    Case(
+        "http-status-as-float",
+        {"statusCode": 503.0, "body": "x"},
+        "the output reports an error status: statusCode=503.0",
+    ),
+    Case(
+        "success-false-as-text",
+        {"success": "false", "items": [1]},
+        "the output reports a failure: success='false'",
+    ),
+    Case(
         "rate-limit-text",
         "Rate limit exceeded, retry in 30s",
         "the output reads like an error ('Rate limit'",
@@ -249,6 +264,8 @@ def test_schema_feedback_says_what_is_needed() -> None:
         ),
         pytest.param("Rate limit exceeded", ToolContract(signals=None), id="signals-off"),
         pytest.param({"error": None, "items": [1]}, ToolContract(), id="null-error-key"),
+        pytest.param({"error": 0, "items": [1]}, ToolContract(), id="errno-zero"),
+        pytest.param({"code": "12345", "items": [1]}, ToolContract(), id="code-is-data"),
         pytest.param(
             "x" * 600 + " the request timed out", ToolContract(), id="late-timeout-is-data"
         ),
