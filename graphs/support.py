@@ -335,9 +335,12 @@ def _policy(messages: list[BaseMessage]) -> AIMessage:
         refund = latest("issue_refund")
         if not isinstance(refund, dict) or "refund_id" not in refund:
             return AIMessage("The refund was not approved, so no refund was issued.")
+        email = latest("send_email")
+        emailed = isinstance(email, dict) and email.get("status") == "sent"
         return AIMessage(
             f"Done: refunded ${refund.get('amount_usd', '?')} "
-            f"(refund {refund.get('refund_id', '?')}) and emailed the customer."
+            f"(refund {refund.get('refund_id', '?')})"
+            + (" and emailed the customer." if emailed else "; the customer was not emailed.")
         )
     customer = latest("lookup_customer")
     if customer is None:

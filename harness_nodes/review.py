@@ -443,7 +443,8 @@ def _align(
             if parsed.type == "edit" and len(requests) != 1:
                 raise InvalidDecision(
                     review_id,
-                    f"one edit cannot apply to {len(requests)} calls; give one decision per call",
+                    f"one edit cannot apply to {len(requests)} calls; give one decision per "
+                    "call (a list, in order, or each with its tool_call_id)",
                 )
             return [parsed] * len(requests)
         parsed = [parsed]

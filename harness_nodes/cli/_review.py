@@ -222,7 +222,7 @@ def show(
 
 
 def _decide(
-    review_id: str, decision: dict[str, Any], db: str | None, graph: str | None, reviewer: str
+    review_id: str, decision: Any, db: str | None, graph: str | None, reviewer: str
 ) -> None:
     from harness_nodes.cli._run import run_errors
 
@@ -233,13 +233,41 @@ def _decide(
         snapshot = queue.graph.get_state({"configurable": {"thread_id": item.thread_id}})
     messages = state.get("messages") or []
     console.print(
-        escape(f"review {review_id}: {decision['type']} by {reviewer} — run resumed"),
+        escape(f"review {review_id}: {_words(decision)} by {reviewer} — run resumed"),
         highlight=False,
     )
     if snapshot.interrupts:
         console.print("the run paused again for review: see `harness review list`")
     elif messages:
         console.print(escape(f"last message: {str(messages[-1].content)[:200]}"), highlight=False)
+
+
+def _words(decision: Any) -> str:
+    decisions = decision if isinstance(decision, list) else [decision]
+    return "+".join(str(d.get("type")) if isinstance(d, dict) else "?" for d in decisions)
+
+
+@review_app.command("decide")
+def decide(
+    review_id: Annotated[str, typer.Argument()],
+    decision: Annotated[
+        str,
+        typer.Option(
+            "--decision",
+            help="One decision for every call, or a list with one per call in order (or by "
+            '"tool_call_id"), e.g. \'[{"type": "edit", "args": {...}}, {"type": "reject"}]\'',
+        ),
+    ],
+    db: DbOption = None,
+    graph: GraphOption = None,
+    reviewer: ReviewerOption = None,
+) -> None:
+    """Decide each paused call on its own (a pause can hold several calls)."""
+    try:
+        parsed = json.loads(decision)
+    except ValueError as e:
+        raise UserError(f"--decision is not valid JSON ({e}): {decision!r}") from None
+    _decide(review_id, parsed, db, graph, _reviewer(reviewer))
 
 
 @review_app.command("approve")
@@ -261,7 +289,7 @@ def edit(
     graph: GraphOption = None,
     reviewer: ReviewerOption = None,
 ) -> None:
-    """Edit the call's arguments, then run it."""
+    """Edit the call's arguments, then run it (a pause of several calls: `review decide`)."""
     try:
         new_args = json.loads(args)
     except ValueError as e:

@@ -89,6 +89,28 @@ def test_a_thread_decided_through_its_review_is_still_found_by_resume_and_review
     assert f"Review '{row['id']}' was already decided (approve)" in _one_line_error(err)
 
 
+def test_review_decide_takes_one_decision_per_call(
+    capsys: pytest.CaptureFixture[str], db: str
+) -> None:
+    # The support graph pauses on a refund and an email at once: edit one, reject the other.
+    assert _cli(capsys, "run", "support", "--db", db, "--thread", "s4")[0] == 0
+    with open_backend(db) as backend:
+        [row] = backend.execute("SELECT id FROM harness_reviews WHERE thread_id = %s", ("s4",))
+    code, _, err = _cli(capsys, "review", "edit", row["id"], "--db", db, "--args", "{}")
+    assert code == 2 and "give one decision per call" in _one_line_error(err)
+    refund = {"invoice_id": "inv_5003", "amount_usd": 20.0, "reason": "duplicate charge"}
+    decisions = json.dumps([{"type": "edit", "args": refund}, {"type": "reject"}])
+    code, out, err = _cli(
+        capsys, "review", "decide", row["id"], "--db", db, "--decision", decisions
+    )
+    assert code == 0, err
+    assert "edit+reject by" in out
+    said = " ".join(out.split())  # the console wraps long lines
+    assert "Done: refunded $20.0 (refund re_0001); the customer was not emailed." in said
+    code, out, _ = _cli(capsys, "show", "s4", "--db", db)
+    assert "review edit+reject by" in out
+
+
 def test_resume_of_a_paused_thread_without_a_decision_is_refused(
     capsys: pytest.CaptureFixture[str], db: str
 ) -> None:
