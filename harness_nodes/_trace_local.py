@@ -204,11 +204,17 @@ def _review_nodes(old: AIMessage, new: AIMessage) -> list[TraceNode]:
         nodes.append(
             TraceNode(
                 kind="review",
-                name=f"{record.get('decision', '?')} by {record.get('reviewer') or '?'}",
+                name=_review_name(record),
                 data=_jsonable(data),
             )
         )
     return nodes
+
+
+def _review_name(record: Mapping[str, Any]) -> str:
+    decision, reviewer = record.get("decision", "?"), record.get("reviewer")
+    # Resumed with Command(resume=...) directly: no queue recorded who decided.
+    return f"{decision} by {reviewer}" if reviewer else f"{decision} (reviewer not recorded)"
 
 
 def _messages(values: Mapping[str, Any]) -> list[BaseMessage]:
@@ -399,11 +405,12 @@ def _state_nodes(
         nodes.append(
             TraceNode(
                 kind="review",
-                name=f"{r.get('decision', '?')} by {r.get('reviewer', '?')}",
+                name=_review_name(r),
                 data=_jsonable(dict(r)),
             )
         )
-    if after.get("outcome") and not before.get("outcome"):
+    if after.get("outcome") and after.get("outcome") != before.get("outcome"):
+        # (a new task on a finished thread replaces the previous task's outcome)
         outcome = after["outcome"]
         nodes.append(
             TraceNode(kind="outcome", name=str(outcome.get("status")), data=_jsonable(outcome))

@@ -325,3 +325,24 @@ def test_runs_are_listed_without_loading_every_checkpoint(
     seen = _thread_ids(backend)
     for tid, ts in created.items():
         assert seen[tid] == pytest.approx(ts, abs=0.01)  # the last checkpoint's own time
+
+
+def test_each_task_on_a_thread_shows_its_own_outcome() -> None:
+    # A second task on a finished thread, stopped by the budget before its first call: its
+    # outcome replaces the first task's, and the tree shows both.
+    from langchain_core.messages import HumanMessage
+
+    from checkpointers import open_backend
+    from harness_nodes import Envelope, build_harnessed_agent
+    from harness_nodes.testing import ScriptedChatModel, ai
+
+    model = ScriptedChatModel(script=[ai("First answer.")], model_name="gpt-4o-mini")
+    with open_backend("memory://") as backend:
+        agent = build_harnessed_agent(model, [], envelope=Envelope(max_calls=1), backend=backend)
+        cfg = {"configurable": {"thread_id": "chat"}}
+        agent.invoke({"messages": [HumanMessage("one")]}, cfg, durability="sync")
+        agent.invoke({"messages": [HumanMessage("two")]}, cfg, durability="sync")
+        trace = build_trace(backend, "chat")
+    outcomes = [n.name for n in trace.walk() if n.kind == "outcome"]
+    assert outcomes == ["completed", "budget_exhausted"]
+    assert trace.status == "budget_exhausted"
