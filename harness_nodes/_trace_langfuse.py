@@ -79,10 +79,13 @@ _ENV_SECRET_NAME = re.compile(r"(API_KEY|SECRET|TOKEN|PASSWORD)", re.IGNORECASE)
 class Masker:
     """Masks secrets in anything about to be written to a trace.
 
-    Values under sensitive keys (API keys, passwords, tokens, plus the fields you mark) are
-    replaced whole; API-key-shaped strings and the literal values of secret environment
-    variables are replaced wherever they appear in text. Messages and pydantic models are
-    dumped to plain data first, so tool-call arguments inside them are masked too.
+    Values under sensitive keys (API keys, passwords, tokens, plus the fields you mark; also
+    longer names ending in one: ``openai_api_key``, ``x-api-key``) are replaced whole;
+    API-key-shaped strings, the literal values of secret environment variables and the
+    *secrets* you give (4 characters or more) are replaced wherever they appear in text.
+    Messages, pydantic models, dataclasses, sets, bytes and other objects are turned into the
+    plain data Langfuse would write first, so what is inside them is masked too; what is
+    nested more than 64 levels deep is not sent.
 
     Example:
         ```python
@@ -95,18 +98,18 @@ class Masker:
     """
 
     def __init__(self, sensitive_fields: Sequence[str] = (), secrets: Sequence[str] = ()) -> None:
-        self.fields = DEFAULT_SENSITIVE_FIELDS | {f.lower() for f in sensitive_fields}
+        self.fields = DEFAULT_SENSITIVE_FIELDS | {_field(f) for f in sensitive_fields}
         env_values = [
             v for k, v in os.environ.items() if _ENV_SECRET_NAME.search(k) and len(v) >= 8
         ]
-        literals = sorted({*secrets, *env_values}, key=len, reverse=True)
+        literals = sorted({*_checked(secrets), *env_values}, key=len, reverse=True)
         self._literals = [s for s in literals if s]
         self._compile()
 
     def extend(self, sensitive_fields: Sequence[str] = (), secrets: Sequence[str] = ()) -> None:
         """Also mask these fields and literal values from now on."""
-        fields = self.fields | {f.lower() for f in sensitive_fields}
-        merged = {*self._literals, *(s for s in secrets if s)}
+        fields = self.fields | {_field(f) for f in sensitive_fields}
+        merged = {*self._literals, *_checked(secrets)}
         if fields == self.fields and len(merged) == len(self._literals):
             return  # nothing new: what is remembered stays valid (one call per task)
         self.fields = fields
@@ -120,19 +123,31 @@ class Masker:
         self._any = re.compile(
             f"{literals}|{_SECRET_PATTERNS.pattern}" if literals else _SECRET_PATTERNS.pattern
         )
-        names = "|".join(re.escape(f) for f in sorted(self.fields, key=len, reverse=True))
+        names = "|".join(
+            re.escape(f).replace("_", "[_-]") for f in sorted(self.fields, key=len, reverse=True)
+        )
+        # A name, or a longer one ending in it (OPENAI_API_KEY, x-api-key, db_password).
         self._kv = re.compile(
-            rf"""(?i)(["']?)\b({names})\1(\s*[:=]\s*)("[^"]*"|'[^']*'|[^\s,;}}\])]+)"""
+            rf"""(?i)(["']?)\b((?:[\w-]*[_-])?(?:{names}))\1(\s*[:=]\s*)"""
+            r"""("[^"]*"|'[^']*'|[^\s,;}\])]+)"""
         )
         # Substrings (lowercased) without which neither pattern can match an ASCII string
         # (IGNORECASE folds only ASCII there): a string holding none skips both scans.
-        hints = {*_SECRET_HINTS, *(s.lower() for s in self._literals), *self.fields}
+        hints = {
+            *_SECRET_HINTS,
+            *(s.lower() for s in self._literals),
+            *self.fields,
+            *(f.replace("_", "-") for f in self.fields),
+        }
         self._hint = (
             re.compile("|".join(re.escape(h) for h in sorted(hints, key=len, reverse=True)))
             if all(f.isascii() for f in self.fields)
             else None
         )
         self._sensitive: dict[Any, bool] = {}  # key → masked whole? (keys repeat a lot)
+        # Strings shorter than this hold no secret (API keys are longer; a shorter literal
+        # secret lowers it).
+        self._short = min([8, *(len(s) for s in self._literals)])
         self._dump = _json_encoder(self._json_default)
         self._messages: dict[tuple[int, str], tuple[Any, Any, Any, _Masked]] = {}
         self._metadata: dict[tuple[Any, type, Any], dict[str, Any]] = {}
@@ -256,7 +271,7 @@ class Masker:
 
     def text(self, value: str) -> str:
         """Mask secrets inside one string."""
-        if len(value) < 8:
+        if len(value) < self._short:
             return value
         if value.isascii() and self._hint is not None and not self._hint.search(value.lower()):
             return value
@@ -270,7 +285,10 @@ class Masker:
         if hit is None:
             if len(self._sensitive) > 4096:
                 self._sensitive.clear()
-            hit = self._sensitive[key] = str(key).lower() in self.fields
+            name = _field(str(key))
+            # The name itself, or a longer one ending in it: openai_api_key, x-api-key.
+            hit = name in self.fields or any(name.endswith("_" + f) for f in self.fields)
+            self._sensitive[key] = hit
         return hit
 
     def _message(self, msg: Any, kind: str, dump: Callable[[Any], Any]) -> Any:
@@ -308,16 +326,16 @@ class Masker:
         # chat: messages in LangChain's chat form (`_chat_message`) instead of their dump.
         kind = type(data)
         if kind is str:
-            return self.text(data) if len(data) >= 8 else data
+            return self.text(data) if len(data) >= self._short else data
         if data is None or kind is int or kind is float or kind is bool or kind is _Masked:
             return data
         if depth > 64:
-            return data
+            return _TOO_DEEP  # nothing below is looked at, so nothing below is sent
         if kind is dict:
             return self._mask_items(data, depth, chat)
         if kind is list or kind is tuple:
             return [
-                (self.text(v) if len(v) >= 8 else v)
+                (self.text(v) if len(v) >= self._short else v)
                 if type(v) is str
                 else v
                 if v is None or type(v) is int or type(v) is float
@@ -340,7 +358,21 @@ class Masker:
             return self._mask(data.model_dump(), depth + 1, chat)
         if is_dataclass(data) and not isinstance(data, type):
             return self._mask(vars(data), depth + 1, chat)
-        return data
+        if isinstance(data, set | frozenset):
+            return [self._mask(v, depth + 1, chat) for v in data]  # a list in JSON
+        if isinstance(data, bytes | bytearray):
+            try:
+                return self.text(bytes(data).decode("utf-8"))
+            except UnicodeDecodeError:
+                return "<not serializable bytes>"  # as Langfuse's serialiser writes them
+        # Anything else in the plain form Langfuse's serialiser would write, masked: an
+        # object's attributes, an enum's value...
+        from langfuse._utils.serializer import EventSerializer
+
+        converted = EventSerializer().default(data)
+        if converted is data or type(converted) is type(data):
+            return data
+        return self._mask(converted, depth + 1, chat)
 
     def _mask_items(self, data: Mapping[Any, Any], depth: int, chat: bool) -> dict[Any, Any]:
         # Leaves inline: most values are plain strings and numbers, a call each otherwise.
@@ -353,12 +385,30 @@ class Masker:
                 continue
             vkind = type(v)
             if vkind is str:
-                out[k] = self.text(v) if len(v) >= 8 else v
+                out[k] = self.text(v) if len(v) >= self._short else v
             elif v is None or vkind is int or vkind is bool or vkind is float:
                 out[k] = v
             else:
                 out[k] = self._mask(v, depth + 1, chat)
         return out
+
+
+_TOO_DEEP = "<nested too deep to show>"
+
+
+def _field(name: str) -> str:
+    """A key as sensitive fields are compared: lowercased, ``-`` as ``_``."""
+    return name.lower().replace("-", "_")
+
+
+def _checked(secrets: Sequence[str]) -> list[str]:
+    short = [s for s in secrets if s and len(s) < 4]
+    if short:
+        raise UserError(
+            f"{len(short)} secret(s) shorter than 4 characters: masking them would mask "
+            "ordinary text (give the whole value)"
+        )
+    return [s for s in secrets if s]
 
 
 def _json_encoder(default: Callable[[Any], Any]) -> Callable[[Any], str]:

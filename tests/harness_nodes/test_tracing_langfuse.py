@@ -830,6 +830,50 @@ def test_masker_sees_the_id_langgraph_gives_a_message_after_it_was_masked() -> N
     assert mask(data=[msg])[0]["id"] == "run-1"  # the next node's input
 
 
+def test_masker_masks_sets_bytes_objects_and_what_lies_too_deep() -> None:
+    # What Langfuse's own serialiser would write out as is (a payload with a NaN, a data URI
+    # or the app's own mask takes the SDK's path): masked first, in the form it would write.
+    from harness_nodes import Masker
+
+    secret = "sk-proj-SETLEAK0123456789abcd"
+
+    class Creds:
+        def __init__(self) -> None:
+            self.api_key = "plain-value-123"
+            self.note = f"uses {secret}"
+
+    deep: dict[str, Any] = {"api_key": "deep-secret-value-123"}
+    for _ in range(70):
+        deep = {"next": deep}
+    mask = Masker()
+    out = mask(data={"seen": {secret}, "raw": secret.encode(), "creds": Creds(), "deep": deep})
+    text = json.dumps(out, default=str)
+    for leaked in (secret, "plain-value-123", "deep-secret-value-123"):
+        assert leaked not in text, leaked
+    assert out["seen"] == ["***"] and out["raw"] == "***"
+    assert out["creds"] == {"api_key": "***", "note": "uses ***"}
+
+
+def test_masker_masks_names_ending_in_a_sensitive_field_and_short_declared_secrets() -> None:
+    from harness_nodes import Masker, UserError
+
+    mask = Masker(sensitive_fields=["cvv"], secrets=["493817"])
+    args = {
+        "x-api-key": "a1",
+        "openai_api_key": "a2",
+        "stripe_secret_key": "a3",
+        "db_password": "a4",
+        "card_cvv": "a5",
+        "pin": "493817",
+        "input_tokens": 12,  # not a token
+    }
+    assert mask(data=args) == {**{k: "***" for k in args}, "input_tokens": 12}
+    assert mask(data="env OPENAI_API_KEY=abc123def") == "env OPENAI_API_KEY=***"
+    assert mask(data="pin 493817 ok") == "pin *** ok"
+    with pytest.raises(UserError, match="shorter than 4 characters"):
+        Masker(secrets=["ab"])
+
+
 def test_masker_masks_at_every_depth_and_in_every_container() -> None:
     from dataclasses import dataclass
 
