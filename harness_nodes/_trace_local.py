@@ -382,6 +382,34 @@ def _message_nodes(msg: BaseMessage, pricer: _Pricer) -> list[TraceNode]:
     return [TraceNode(kind="prompt", name=msg.type, data=_jsonable({"content": msg.content}))]
 
 
+def _harness_view(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """*values* with the harness's keys only where they hold what the harness writes.
+
+    An application's own ``outcome``, ``task`` or ``verdicts`` of another shape (a string, say)
+    is its data, not a harness record: left out of the decision tree rather than misread.
+    """
+    shapes = {"outcome": Mapping, "task": Mapping, "spend": Mapping}
+    bad = [
+        k
+        for k, kind in shapes.items()
+        if values.get(k) is not None and not isinstance(values[k], kind)
+    ]
+    lists = {
+        k: [r for r in values[k] if isinstance(r, Mapping)]
+        for k in ("verdicts", "reviews")
+        if k in values
+        and (not isinstance(values[k], list) or not all(isinstance(r, Mapping) for r in values[k]))
+    }
+    if not bad and not lists:
+        return values
+    view = {k: v for k, v in values.items() if k not in bad}
+    for k, kept in lists.items():
+        view[k] = kept if isinstance(values[k], list) else []
+    if isinstance(view.get("outcome"), Mapping) and "status" not in view["outcome"]:
+        view.pop("outcome")
+    return view
+
+
 def _new_items(before: Sequence[Any], after: Sequence[Any]) -> list[Any]:
     return list(after[len(before) :]) if len(after) >= len(before) else list(after)
 
@@ -501,7 +529,8 @@ def build_trace(backend: Backend, thread_id: str, *, pricing: Pricing | None = N
                 _add_errors(step, errors)
                 steps.append(step)
             break
-        before, after = tup.checkpoint["channel_values"], nxt.checkpoint["channel_values"]
+        before = _harness_view(tup.checkpoint["channel_values"])
+        after = _harness_view(nxt.checkpoint["channel_values"])
         ran = _ran_between(tup, nxt)
         if nxt.metadata and nxt.metadata.get("source") == "update" and not ran:
             ran = ["update_state"]
@@ -567,7 +596,7 @@ def build_trace(backend: Backend, thread_id: str, *, pricing: Pricing | None = N
         step.cost_usd = sum(n.cost_usd for n in step.walk() if n is not step)
         steps.append(step)
 
-    last_values: Mapping[str, Any] = history[-1].checkpoint["channel_values"] if history else {}
+    last_values = _harness_view(history[-1].checkpoint["channel_values"] if history else {})
     task: Mapping[str, Any] = last_values.get("task") or {}
     outcome: Mapping[str, Any] = (
         last_values.get("outcome")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import operator
 import re
+from typing import Annotated, Any
 
 import pytest
+from typing_extensions import TypedDict
 
 from checkpointers import Backend
 from harness_nodes import Trace, UnknownThread, build_trace, list_runs, reliability_report
@@ -346,3 +349,35 @@ def test_each_task_on_a_thread_shows_its_own_outcome() -> None:
     outcomes = [n.name for n in trace.walk() if n.kind == "outcome"]
     assert outcomes == ["completed", "budget_exhausted"]
     assert trace.status == "budget_exhausted"
+
+
+class _AppState(TypedDict, total=False):
+    q: str
+    outcome: str
+    task: str
+    verdicts: Annotated[list[str], operator.add]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("outcome", "shipped"), ("task", "summarise the report"), ("verdicts", ["looks fine"])],
+)
+def test_an_apps_own_keys_named_like_the_harnesss_are_its_data(key: str, value: Any) -> None:
+    # `outcome: str` in an app's state crashed build_trace, and `harness runs` / `report`
+    # for every thread in the database.
+    from langgraph.graph import END, START, StateGraph
+
+    from checkpointers import open_backend
+
+    builder = StateGraph(_AppState)
+    builder.add_node("work", lambda state: {key: value})
+    builder.add_edge(START, "work")
+    builder.add_edge("work", END)
+    with open_backend("memory://") as backend:
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        graph.invoke({"q": "hi"}, {"configurable": {"thread_id": "app"}})
+        trace = build_trace(backend, "app")
+        assert [s.name for s in trace.steps] == ["input", "work"]
+        assert not [n for n in trace.walk() if n.kind in ("outcome", "verdict")]
+        assert [r.thread_id for r in list_runs(backend)] == ["app"]
+        assert reliability_report(backend).tasks == 1
