@@ -642,6 +642,13 @@ def build_trace(backend: Backend, thread_id: str, *, pricing: Pricing | None = N
 
 
 def _message_outcome(messages: Sequence[BaseMessage]) -> Mapping[str, Any] | None:
+    budget = _harness_meta(messages[-1]).get("budget") if messages else None
+    stopped = budget.get("stopped") if isinstance(budget, Mapping) else None
+    if isinstance(stopped, Mapping):
+        # A `budgeted` model's refusal with no BudgetGuard to record it: it ended the loop.
+        limit, used, most = stopped.get("limit"), stopped.get("used"), stopped.get("maximum")
+        reason = f"{limit} limit reached: used {used} of {most}"
+        return {"status": "budget_exhausted", "reason": reason}
     for msg in reversed(messages):
         outcome = _harness_meta(msg).get("outcome")
         if isinstance(outcome, Mapping) and outcome.get("status"):

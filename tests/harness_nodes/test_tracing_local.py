@@ -381,3 +381,40 @@ def test_an_apps_own_keys_named_like_the_harnesss_are_its_data(key: str, value: 
         assert not [n for n in trace.walk() if n.kind in ("outcome", "verdict")]
         assert [r.thread_id for r in list_runs(backend)] == ["app"]
         assert reliability_report(backend).tasks == 1
+
+
+def test_a_budget_stop_without_a_guard_is_not_a_completion() -> None:
+    # `budgeted` alone answers a refused call with a message that ends a plain agent loop.
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    from checkpointers import open_backend
+    from harness_nodes import Envelope, budgeted
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    @tool
+    def look(q: str) -> str:
+        """Look."""
+        return "found"
+
+    raw = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("look", {"q": "x"})])], loop=True, model_name="gpt-4o"
+    )
+    with open_backend("memory://") as backend:
+        model = budgeted(raw, envelope=Envelope(max_calls=2), backend=backend)
+        builder = StateGraph(MessagesState)
+        builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+        builder.add_node("tools", ToolNode([look]))
+        builder.add_edge(START, "agent")
+        builder.add_conditional_edges("agent", tools_condition)
+        builder.add_edge("tools", "agent")
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        graph.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "raw"}})
+        trace = build_trace(backend, "raw")
+        assert (trace.status, trace.reason) == (
+            "budget_exhausted",
+            "calls limit reached: used 2 of 2",
+        )
+        assert reliability_report(backend).outcomes == {"budget_exhausted": 1}
