@@ -292,7 +292,11 @@ def test_a_budget_stop_message_is_a_budget_decision_not_a_model_call(backend: Ba
     graph = builder.compile(checkpointer=backend.checkpointer)
     graph.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "b-1"}})
     trace = build_trace(backend, "b-1")
-    assert [(n.kind, n.name) for n in trace.decisions()] == [("budget", "stop: usd 0.5/0.5")]
+    assert [(n.kind, n.name) for n in trace.decisions()] == [
+        ("budget", "stop: usd 0.5/0.5"),
+        ("outcome", "budget_exhausted"),  # it ended the task
+    ]
+    assert trace.status == "budget_exhausted"
     assert not [n for n in trace.walk() if n.kind == "llm"]
 
 
