@@ -1572,10 +1572,14 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         elif kind == "review.decision":
             review_id = str(data.get("review_id", ""))
             decision = str(data.get("decision", "?"))
+            # Resumed with Command(resume=...) directly: no queue recorded who decided.
+            who = f"by {data['reviewer']}" if data.get("reviewer") else "reviewer not recorded"
             observation_id = self._observe(
                 run_id,
                 trace_id,
-                name=f"review {decision} by {data.get('reviewer', '?')}",
+                name=f"review {decision} {who}"
+                if data.get("reviewer")
+                else f"review {decision} ({who})",
                 as_type="event",
                 input={"args_before": data.get("args_before")},
                 output={
@@ -1598,7 +1602,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
                 observation_id=observation_id,
                 score_id=_score_id(trace_id, "review", review_id),
                 data_type="CATEGORICAL",
-                comment=f"by {data.get('reviewer')}",
+                comment=who,
             )
         elif kind.startswith("effect."):
             action = kind.removeprefix("effect.")

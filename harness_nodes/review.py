@@ -68,6 +68,7 @@ from langchain_core.messages import AIMessage, AnyMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from langgraph.constants import END
+from langgraph.errors import GraphInterrupt
 from langgraph.types import Command, Send, interrupt
 from pydantic import (
     BaseModel,
@@ -420,6 +421,23 @@ def check_decisions(
                         f"fail its schema: {_one_line(e)}",
                     ) from None
     return decisions
+
+
+def _request_event(requests: Sequence[ReviewRequest]) -> dict[str, Any]:
+    """What a ``review.request`` event carries: the calls, why, and the highest risk."""
+    order = {"low": 0, "medium": 1, "high": 2}
+    return {
+        "tool_calls": [
+            {
+                "id": r["tool_call_id"],
+                "name": r["action_request"]["action"],
+                "args": r["action_request"]["args"],
+            }
+            for r in requests
+        ],
+        "reason": "; ".join(dict.fromkeys(str(r["reason"]) for r in requests)),
+        "risk": max((str(r["risk"]) for r in requests), key=lambda k: order.get(k, 1)),
+    }
 
 
 def _allowed(req: ReviewRequest) -> list[str]:
@@ -902,6 +920,10 @@ class HumanReview:
         schema = _response_model(requests, tools)
         try:
             answer = interrupt(requests, response_schema=schema)
+        except GraphInterrupt:
+            # The pause itself (a resume returns the answer instead): said once per pause.
+            emit("review.request", _request_event(requests), config)
+            raise
         except ValidationError as e:
             raise _invalid_resume(InvalidDecision("", _one_line(e))) from None
         decisions: list[ReviewDecision] = answer.decisions

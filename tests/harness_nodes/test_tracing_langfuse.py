@@ -137,6 +137,10 @@ def test_a_task_is_one_trace_with_guardrails_generations_events_and_scores(
     settle = events["budget.settle"]
     assert settle.attr("output")["usd"] > 0
     assert settle.attr("output")["limit_usd"] == traced_task.ENVELOPE.max_usd
+    requested = events["review requested"]  # the pause, once (not again on the resume)
+    assert [s.name for s in _by_type(spans, "event")].count("review requested") == 1
+    assert requested.attr("level") == "WARNING"
+    assert [c["name"] for c in requested.attr("input")["tool_calls"]] == ["refund"]
     review = events["review approve by alice"]
     assert review.attr("metadata.reviewer") == "alice"
     assert events["effect run: refund"].attr("output")["idempotency_key"] == "lf-1:call-r1"
