@@ -86,9 +86,11 @@ from langgraph.errors import GraphBubbleUp
 from harness_nodes import _codec
 from harness_nodes._events import aemit, emit
 from harness_nodes.errors import (
+    BackendUnavailable,
     EffectError,
     EffectNotResolvable,
     EffectOutcomeUnknown,
+    HarnessError,
     UnguardedEffect,
     UserError,
 )
@@ -837,17 +839,45 @@ class EffectLedger:
     # -- internals ----------------------------------------------------------------------------
 
     def _begin(self, call: _Call) -> _Begin:
-        with self.backend.transaction() as tx:
-            return _begin_sync(tx, self.backend.dialect, call)
+        def begin() -> _Begin:
+            with self.backend.transaction() as tx:
+                return _begin_sync(tx, self.backend.dialect, call)
+
+        return _ledger_statement(self.backend, begin)
 
     def _finish(self, call: _Call, status: str, value: Any, error: str | None) -> None:
         encoded = None if value is None else _codec.encode(value)
-        self.backend.execute(
-            _FINISH, (status, encoded, error, time.time(), call.thread_id, call.call_id)
-        )
+        params = (status, encoded, error, time.time(), call.thread_id, call.call_id)
+        _ledger_statement(self.backend, lambda: self.backend.execute(_FINISH, params))
 
     def _abort(self, call: _Call) -> None:
-        self.backend.execute(_ABORT, (time.time(), call.thread_id, call.call_id))
+        params = (time.time(), call.thread_id, call.call_id)
+        _ledger_statement(self.backend, lambda: self.backend.execute(_ABORT, params))
+
+
+def _ledger_statement(backend: Any, run: Callable[[], T]) -> T:
+    """Run one of the ledger's own statements (each safe to repeat), retrying passing faults.
+
+    A database fault is the ledger's, not the tool's: after the retries it is a
+    `BackendUnavailable` (a harness error, which verification lets through) — never a tool
+    failure. If the tool ran and its result could not be recorded, the row stays ``started``
+    and the resumed run asks a person whether the call took effect.
+    """
+    from checkpointers.errors import is_transient
+
+    for attempt in range(1, 4):
+        try:
+            return run()
+        except HarnessError:
+            raise
+        except Exception as e:
+            if is_transient(e) and attempt < 3:
+                time.sleep(0.1 * 2**attempt)
+                continue
+            url = str(getattr(backend, "url", "") or "the backend")
+            first = (str(e).splitlines() or [""])[0]
+            raise BackendUnavailable(url, f"effect ledger: {type(e).__name__}: {first}") from e
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _error_text(e: BaseException) -> str:

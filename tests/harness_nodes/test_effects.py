@@ -562,3 +562,72 @@ def test_an_idempotency_key_taken_by_another_call_is_a_clear_error(backend: Back
         ledger.run(lambda ctx: "second", name="email", thread_id="a", call_id="b:c")
     rows = backend.execute("SELECT thread_id, status FROM harness_effects")
     assert rows == [{"thread_id": "a:b", "status": "done"}]
+
+
+def _ledger_fault(
+    monkeypatch: pytest.MonkeyPatch, backend: Backend, error: Exception, times: int
+) -> list[int]:
+    """Make the ledger's result-recording statement fail *times* times with *error*."""
+    import harness_nodes.effects as fx
+
+    real = backend.execute
+    left = [times]
+
+    def execute(sql: str, params: Any = ()) -> Any:
+        if sql == fx._FINISH and left[0] > 0:
+            left[0] -= 1
+            raise error
+        return real(sql, params)
+
+    monkeypatch.setattr(backend, "execute", execute)
+    return left
+
+
+def _harnessed(backend: Backend, world: Counter) -> Any:
+    from harness_nodes import build_harnessed_agent
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("refund", {"order_id": "o1", "amount": 10})]), ai("ok")]
+    )
+    return build_harnessed_agent(model, make_tools(world), backend=backend)
+
+
+def test_a_passing_database_fault_in_the_ledger_is_retried_not_a_tool_failure(
+    memory_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    world = Counter()
+    left = _ledger_fault(
+        monkeypatch, memory_backend, sqlite3.OperationalError("database is locked"), 1
+    )
+    out = _harnessed(memory_backend, world).invoke(
+        {"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "f1"}}
+    )
+    assert left == [0] and len(world.calls) == 1
+    assert out["outcome"]["status"] == "completed"
+    assert all(v["ok"] for v in out["verdicts"])  # not blamed on the tool
+    record = EffectLedger(memory_backend).get("f1", out["messages"][1].tool_calls[0]["id"])
+    assert record is not None and record.status == "done"
+
+
+def test_a_ledger_that_cannot_record_a_result_fails_the_run_and_the_resume_asks_a_person(
+    memory_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from harness_nodes import BackendUnavailable
+
+    world = Counter()
+    graph = _harnessed(memory_backend, world)
+    cfg = {"configurable": {"thread_id": "f2"}}
+    _ledger_fault(monkeypatch, memory_backend, sqlite3.DatabaseError("disk I/O error"), 99)
+    with pytest.raises(BackendUnavailable, match="effect ledger: DatabaseError: disk I/O error"):
+        graph.invoke({"messages": [HumanMessage("go")]}, cfg)
+    assert len(world.calls) == 1  # the refund went out; its record did not
+    monkeypatch.undo()
+    graph.invoke(None, cfg)
+    [intr] = graph.get_state(cfg).interrupts
+    assert intr.value[0]["trigger"] == "effect_unknown"  # did it happen? a person says
+    assert len(world.calls) == 1
