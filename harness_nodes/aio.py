@@ -77,6 +77,7 @@ from harness_nodes.effects import (
     _call_of,
     _error_text,
     _event,
+    _ledger_retry,
     _list_query,
     _replay_result,
     _replayed,
@@ -86,6 +87,7 @@ from harness_nodes.effects import (
     effect_kind,
 )
 from harness_nodes.errors import (
+    HarnessError,
     LeaseLost,
     RunFailed,
     TaskNotFinished,
@@ -266,17 +268,32 @@ class AsyncEffectLedger:
         return out
 
     async def _begin(self, call: _Call) -> _Begin:
-        async with self.backend.transaction() as tx:
-            return await _abegin(tx, self.backend.dialect, call)
+        async def begin() -> _Begin:
+            async with self.backend.transaction() as tx:
+                return await _abegin(tx, self.backend.dialect, call)
+
+        return await _aledger_statement(self.backend, begin)
 
     async def _finish(self, call: _Call, status: str, value: Any, error: str | None) -> None:
         encoded = None if value is None else _codec.encode(value)
-        await self.backend.execute(
-            _FINISH, (status, encoded, error, time.time(), call.thread_id, call.call_id)
-        )
+        params = (status, encoded, error, time.time(), call.thread_id, call.call_id)
+        await _aledger_statement(self.backend, lambda: self.backend.execute(_FINISH, params))
 
     async def _abort(self, call: _Call) -> None:
-        await self.backend.execute(_ABORT, (time.time(), call.thread_id, call.call_id))
+        params = (time.time(), call.thread_id, call.call_id)
+        await _aledger_statement(self.backend, lambda: self.backend.execute(_ABORT, params))
+
+
+async def _aledger_statement(backend: Any, run: Callable[[], Awaitable[T]]) -> T:
+    """Async `harness_nodes.effects._ledger_statement`."""
+    for attempt in range(1, 4):
+        try:
+            return await run()
+        except HarnessError:
+            raise
+        except Exception as e:
+            await asyncio.sleep(_ledger_retry(backend, e, attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class _AsyncHeartbeat:

@@ -863,21 +863,25 @@ def _ledger_statement(backend: Any, run: Callable[[], T]) -> T:
     failure. If the tool ran and its result could not be recorded, the row stays ``started``
     and the resumed run asks a person whether the call took effect.
     """
-    from checkpointers.errors import is_transient
-
     for attempt in range(1, 4):
         try:
             return run()
         except HarnessError:
             raise
         except Exception as e:
-            if is_transient(e) and attempt < 3:
-                time.sleep(0.1 * 2**attempt)
-                continue
-            url = str(getattr(backend, "url", "") or "the backend")
-            first = (str(e).splitlines() or [""])[0]
-            raise BackendUnavailable(url, f"effect ledger: {type(e).__name__}: {first}") from e
+            time.sleep(_ledger_retry(backend, e, attempt))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _ledger_retry(backend: Any, error: Exception, attempt: int) -> float:
+    """Seconds to wait before retrying a ledger statement that raised *error*; or raise."""
+    from checkpointers.errors import is_transient
+
+    if is_transient(error) and attempt < 3:
+        return float(0.1 * 2**attempt)
+    url = str(getattr(backend, "url", "") or "the backend")
+    first = (str(error).splitlines() or [""])[0]
+    raise BackendUnavailable(url, f"effect ledger: {type(error).__name__}: {first}") from error
 
 
 def _error_text(e: BaseException) -> str:

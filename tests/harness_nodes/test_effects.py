@@ -421,6 +421,28 @@ async def test_async_ledger_runs_once_in_an_async_graph(abackend: AsyncBackend) 
     async def body(ctx: Any) -> str:
         return f"mailed {ctx.idempotency_key}"
 
+    # A passing fault on the ledger's own statement is retried (async twin of the sync one).
+    import sqlite3
+
+    import harness_nodes.effects as fx
+
+    real, left = abackend.execute, [1]
+
+    async def flaky(sql: str, params: Any = ()) -> Any:
+        if sql == fx._FINISH and left[0]:
+            left[0] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return await real(sql, params)
+
+    abackend.execute = flaky  # type: ignore[method-assign]
+    try:
+        assert await ledger.arun(body, name="mail", thread_id="t-3", call_id="c") == "mailed t-3:c"
+    finally:
+        abackend.execute = real  # type: ignore[method-assign]
+    assert left == [0]
+    record = await ledger.aget("t-3", "c")
+    assert record is not None and record.status == "done"
+
     assert await ledger.arun(body, name="mail", thread_id="t-2", call_id="c") == "mailed t-2:c"
     assert await ledger.arun(body, name="mail", thread_id="t-2", call_id="c") == "mailed t-2:c"
 
