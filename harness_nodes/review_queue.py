@@ -272,6 +272,11 @@ def _assign_audit(item: ReviewItem, assignee: str | None, by: str) -> tuple[Any,
     return (item.id, by, "assign", json.dumps(item.assignee), json.dumps(assignee), time.time())
 
 
+def _died_after(snapshot: StateSnapshot) -> bool:
+    """A run that is neither paused nor finished: it died mid-way (after its resume)."""
+    return bool(snapshot.next) and not snapshot.interrupts
+
+
 def review_id_for(thread_id: str, interrupt_id: str) -> str:
     """The queue id of the pause *interrupt_id* in *thread_id* (stable across processes).
 
@@ -641,8 +646,9 @@ class ReviewQueue:
 
         Returns the thread's pending items. Rows whose pause was answered outside the queue
         are closed. With ``recover=True``, decided rows whose run never resumed (the process
-        died between the decision and the resume) are resumed now — only do this when no
-        other process is still applying that decision.
+        died between the decision and the resume) are resumed now, and a run that died after
+        its resume, before it ended, is carried on — only do this when no other process is
+        still applying that decision.
         """
         cfg = _thread_config(thread_id, None)
         snapshot = self.graph.get_state(cfg)
@@ -655,19 +661,29 @@ class ReviewQueue:
             (thread_id,),
         )
         pending: list[ReviewItem] = []
+        carried_on = False
         for item in map(_item, rows):
             if item.interrupt_id not in live:
+                died = item.status == "decided" and _died_after(snapshot)
+                if died and not recover:
+                    continue  # stays decided: recovery carries its run on (it may be running)
+                if died and not carried_on:
+                    # The decision was applied, but its run died before it ended: carry it on.
+                    self._settle_effects(item, item.decided_by or "")
+                    self.graph.invoke(None, cfg, durability="sync")
+                    carried_on = True
                 status = "applied" if item.status == "decided" else "closed"
                 self.backend.execute(
                     "UPDATE harness_reviews SET status = %s WHERE id = %s AND status = %s",
                     (status, item.id, item.status),
                 )
             elif item.status == "decided":
-                if recover:
-                    self._resume(item)  # a decision won but the run never resumed
+                if recover:  # a decision won but the run never resumed
+                    self._settle_effects(item, item.decided_by or "")
+                    self._resume(item)
             else:
                 pending.append(item)
-        return pending
+        return self.sync(thread_id) if carried_on else pending  # it may have paused again
 
     # -- reading --
 
@@ -944,8 +960,16 @@ class AsyncReviewQueue:
             (thread_id,),
         )
         pending: list[ReviewItem] = []
+        carried_on = False
         for item in map(_item, rows):
             if item.interrupt_id not in live:
+                died = item.status == "decided" and _died_after(snapshot)
+                if died and not recover:
+                    continue  # stays decided: recovery carries its run on (it may be running)
+                if died and not carried_on:
+                    cfg = _thread_config(thread_id, None)
+                    await self.graph.ainvoke(None, cfg, durability="sync")
+                    carried_on = True
                 status = "applied" if item.status == "decided" else "closed"
                 await self.backend.execute(
                     "UPDATE harness_reviews SET status = %s WHERE id = %s AND status = %s",
@@ -956,7 +980,7 @@ class AsyncReviewQueue:
                     await self._resume(item)
             else:
                 pending.append(item)
-        return pending
+        return await self.sync(thread_id) if carried_on else pending
 
     async def pending(
         self,

@@ -19,6 +19,11 @@ from harness_nodes import HumanReview, ReviewPolicy
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 
 EFFECTS: Counter[str] = Counter()
+CRASHED: list[str] = []  # a refund of order CRASH-ONCE dies the first time
+
+
+class ProcessDied(BaseException):
+    """Stands for a kill -9: nothing in the graph catches it."""
 
 
 def _record(name: str) -> None:
@@ -34,6 +39,9 @@ def refund(order: str, amount: float) -> str:
     """Refund an order (irreversible)."""
     if order == "BANK-DOWN":
         raise RuntimeError("the bank is down")
+    if order == "CRASH-ONCE" and not CRASHED:
+        CRASHED.append(order)
+        raise ProcessDied("the process died in the middle of the refund")
     _record("refund")
     return f"refunded {amount:g} on {order}"
 

@@ -29,6 +29,7 @@ from harness_nodes import (
     UserError,
 )
 from harness_nodes.review_queue import _INSERT, pending_sql, review_id_for
+from harness_nodes.testing import ai, tool_call
 from tests.conftest import subprocess_env
 from tests.harness_nodes.review_app import EFFECTS, build_builder, refund_turns
 
@@ -268,6 +269,27 @@ def test_a_pause_answered_outside_the_queue_is_closed(backend: Backend) -> None:
     with pytest.raises(AlreadyDecided):
         queue.decide(item.id, {"type": "approve"}, reviewer="alice")
     assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+def test_a_run_that_died_after_its_decision_is_carried_on_by_recovery(backend: Backend) -> None:
+    from tests.harness_nodes.review_app import CRASHED, ProcessDied
+
+    CRASHED.clear()
+    script = [ai(tool_calls=[tool_call("refund", {"order": "CRASH-ONCE", "amount": 250})]), "ok"]
+    queue = ReviewQueue(
+        backend, build_builder(script=script).compile(checkpointer=backend.checkpointer)
+    )
+    queue.invoke({"messages": [HumanMessage("refund")]}, thread_id="died")
+    [item] = queue.pending()
+    with pytest.raises(ProcessDied):
+        queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+    cfg = {"configurable": {"thread_id": "died"}}
+    assert queue.graph.get_state(cfg).next == ("tools",)  # neither paused nor finished
+    assert queue.sync("died") == []  # a plain sync leaves it alone (it may still be running)
+    assert queue.sync("died", recover=True) == []
+    state = queue.graph.get_state(cfg)
+    assert not state.next and state.values["messages"][-1].content == "ok"
+    assert EFFECTS["refund"] == 1 and queue.get(item.id).status == "applied"
 
 
 def test_carrying_on_a_thread_that_does_not_exist_is_unknown_thread(backend: Backend) -> None:
