@@ -776,6 +776,7 @@ class ReviewQueue:
         if item.status != "pending":
             raise self._core.already(item)
         prepared = self._core.prepare(item, decision, reviewer)
+        self._check_against_the_ledger(item, prepared.payload)
         now = time.time()
         with self.backend.transaction() as tx:
             won = tx.execute(_CLAIM, (json.dumps(prepared.payload), reviewer, now, review_id))
@@ -796,6 +797,27 @@ class ReviewQueue:
         decided = self.get(review_id)
         self._settle_effects(decided, reviewer)
         return self._resume(decided)
+
+    def _check_against_the_ledger(self, item: ReviewItem, payload: list[dict[str, Any]]) -> None:
+        """Refuse "it did not happen" for a call the effect ledger records as done.
+
+        The outcome was unknown when the review was asked (a process died inside the call);
+        it may have become known since (the process was only paused, and finished the call).
+        Telling the model the call failed would have it try again: a second payment.
+        """
+        from harness_nodes.effects import EffectLedger
+
+        for req, dec in zip(item.requests, payload, strict=False):
+            if req["trigger"] != "effect_unknown" or dec.get("type") != "reject":
+                continue
+            record = EffectLedger(self.backend).get(item.thread_id, req["tool_call_id"])
+            if record is not None and record.status == "done":
+                raise InvalidDecision(
+                    item.id,
+                    f"the effect ledger records that {req['action_request']['action']} "
+                    f"(call {req['tool_call_id']}) took effect since this review was asked: "
+                    "approve it (it happened)",
+                )
 
     def _settle_effects(self, item: ReviewItem, reviewer: str) -> None:
         # "Did the refund go out?": record the answer in the effect ledger too, so a later

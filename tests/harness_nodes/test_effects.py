@@ -576,6 +576,50 @@ def test_unknown_outcome_reaches_a_person_through_human_review(memory_backend: B
     assert world.calls == [("refund o1", "t-1:c1")]
 
 
+def test_a_reviewer_cannot_deny_an_effect_the_ledger_records_as_done(
+    memory_backend: Backend,
+) -> None:
+    from harness_nodes import HumanReview, InvalidDecision, ReviewPolicy, ReviewQueue
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    world = Counter()
+
+    @irreversible
+    @tool
+    def refund(order_id: str, amount: int) -> str:
+        """Refund an order."""
+        world.add(f"refund {order_id}")
+        if len(world.calls) == 1:
+            raise TimeoutError("payment gateway timed out")  # did it go through?
+        return "refunded"
+
+    ledger = EffectLedger(memory_backend)
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("refund", {"order_id": "o1", "amount": 5}, "c1")]), "ok"]
+    )
+    review = HumanReview(ReviewPolicy(), tools=[refund])
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode([refund], wrap_tool_call=ledger.wrap_tool_call))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_conditional_edges("tools", review.route)
+    queue = ReviewQueue(memory_backend, builder.compile(checkpointer=memory_backend.checkpointer))
+    with pytest.raises(TimeoutError):
+        queue.invoke({"messages": [HumanMessage("refund o1")]}, thread_id="t-1")
+    queue.invoke(None, thread_id="t-1")  # the resumed run asks: did it happen?
+    [item] = queue.pending()
+    assert item.requests[0]["trigger"] == "effect_unknown"
+    # Meanwhile it became known: the call took effect (a paused worker finished it, say).
+    ledger.resolve("t-1", "c1", happened=True, result="refunded", reviewer="ops")
+    with pytest.raises(InvalidDecision, match="took effect since this review was asked"):
+        queue.decide(item.id, {"type": "reject", "message": "no charge found"}, reviewer="al")
+    assert queue.get(item.id).status == "pending"
+    queue.decide(item.id, {"type": "approve"}, reviewer="al")
+    assert len(world.calls) == 1  # never a second refund
+
+
 def test_an_idempotency_key_taken_by_another_call_is_a_clear_error(backend: Backend) -> None:
     ledger = EffectLedger(backend)
     assert ledger.run(lambda ctx: "first", name="email", thread_id="a:b", call_id="c") == "first"
