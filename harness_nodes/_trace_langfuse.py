@@ -10,6 +10,7 @@ and ``cost_details`` on each generation from the harness's own pricing.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -951,6 +952,9 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
                 payload = self._masker(data=[i.value for i in interrupts])
                 return "DEFAULT", "interrupted: " + json.dumps(payload, default=str)
             return "DEFAULT", self._masker.text(str(error) or type(error).__name__)
+        if isinstance(error, GeneratorExit | asyncio.CancelledError):
+            # The caller stopped reading a stream (or cancelled the task): nothing failed.
+            return "WARNING", f"stopped by the caller ({type(error).__name__})"
         return "ERROR", self._masker.text(str(error))
 
     def _trace_of(self, run_id: UUID) -> str | None:

@@ -900,3 +900,32 @@ def test_masker_masks_at_every_depth_and_in_every_container() -> None:
         "login": {"user": "ann", "password": "***"},
         7: [True, None, 2.5, "short", {"token": "***"}],
     }
+
+
+def test_a_stream_the_caller_stops_reading_is_not_an_error(
+    receiver: LangfuseReceiver, public_key: str
+) -> None:
+    import gc
+
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import END, START, MessagesState, StateGraph
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("a", lambda state: {"messages": [AIMessage("one")]})
+    builder.add_node("b", lambda state: {"messages": [AIMessage("two")]})
+    builder.add_edge(START, "a")
+    builder.add_edge("a", "b")
+    builder.add_edge("b", END)
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "early"}, "callbacks": [_handler(receiver, public_key)]}
+    for _ in graph.stream({"messages": [HumanMessage("go")]}, config, stream_mode="updates"):
+        break  # the caller has what it needs
+    gc.collect()  # closes the abandoned generator
+    _flush(public_key)
+    assert receiver.wait_for(lambda r: bool(_roots(r.spans)))
+    [root] = _roots(receiver.spans)
+    assert root.attr("level") == "WARNING"
+    assert root.attributes["langfuse.observation.status_message"] == (
+        "stopped by the caller (GeneratorExit)"
+    )
