@@ -636,7 +636,14 @@ def build_trace(backend: Backend, thread_id: str, *, pricing: Pricing | None = N
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         cost_usd=cost,
-        reason=str(outcome["reason"]) if outcome.get("reason") else None,
+        reason=(
+            str(outcome["reason"])
+            if outcome.get("reason")
+            # A task its runner gave up on: the error of its last attempt.
+            else str(run["error"])
+            if status == "failed" and run.get("error")
+            else None
+        ),
         steps=steps,
     )
 

@@ -422,3 +422,28 @@ def test_a_budget_stop_without_a_guard_is_not_a_completion() -> None:
             "calls limit reached: used 2 of 2",
         )
         assert reliability_report(backend).outcomes == {"budget_exhausted": 1}
+
+
+def test_a_task_its_runner_gave_up_on_reports_why() -> None:
+    from langchain_core.messages import HumanMessage
+    from langgraph.graph import END, START, MessagesState, StateGraph
+
+    from checkpointers import open_backend
+    from harness_nodes import TaskRunner
+
+    def flaky(state: MessagesState) -> dict[str, Any]:
+        raise ConnectionError("upstream down")
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("flaky", flaky)
+    builder.add_edge(START, "flaky")
+    builder.add_edge("flaky", END)
+    with open_backend("memory://") as backend:
+        with TaskRunner(backend, builder, max_attempts=1) as runner:
+            runner.submit("always", {"messages": [HumanMessage("go")]})
+            with pytest.raises(Exception, match="upstream down"):
+                runner.result("always", timeout=10)
+        trace = build_trace(backend, "always")
+        assert (trace.status, trace.reason) == ("failed", "ConnectionError: upstream down")
+        report = reliability_report(backend)
+        assert report.failure_reasons == [("failed: ConnectionError: upstream down", 1)]
