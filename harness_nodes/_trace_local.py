@@ -164,8 +164,12 @@ def _json_default(o: Any) -> Any:
 
 
 def _jsonable(value: Any) -> Any:
-    """Whatever the state holds, as plain JSON values (so the trace round-trips exactly)."""
-    return json.loads(json.dumps(value, default=_json_default))
+    """Whatever the state holds, as plain JSON values (so the trace round-trips exactly).
+
+    NaN and the infinities become the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (as
+    Langfuse writes them): `Trace.to_json` stays JSON that strict parsers (jq) read.
+    """
+    return json.loads(json.dumps(value, default=_json_default), parse_constant=str)
 
 
 def _ts(checkpoint: Mapping[str, Any]) -> float | None:

@@ -447,3 +447,32 @@ def test_a_task_its_runner_gave_up_on_reports_why() -> None:
         assert (trace.status, trace.reason) == ("failed", "ConnectionError: upstream down")
         report = reliability_report(backend)
         assert report.failure_reasons == [("failed: ConnectionError: upstream down", 1)]
+
+
+def test_the_json_of_a_trace_is_strict_json_also_with_nan_in_the_state() -> None:
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langgraph.graph import END, START, StateGraph
+
+    from checkpointers import open_backend
+    from harness_nodes import HarnessState
+
+    def finish(state: HarnessState) -> dict[str, Any]:
+        outcome = {"status": "completed", "partial_result": {"score": float("nan")}}
+        return {"messages": [AIMessage("done")], "outcome": outcome}
+
+    builder = StateGraph(HarnessState)
+    builder.add_node("finish", finish)
+    builder.add_edge(START, "finish")
+    builder.add_edge("finish", END)
+    with open_backend("memory://") as backend:
+        builder.compile(checkpointer=backend.checkpointer).invoke(
+            {"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "nan"}}
+        )
+        text = build_trace(backend, "nan").to_json()
+    assert '"score": "NaN"' in text
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    json.loads(text, parse_constant=refuse)  # what jq and other strict parsers do
+    assert Trace.from_json(text).to_json() == text
