@@ -22,6 +22,7 @@ from langgraph.checkpoint.base import CheckpointTuple
 
 from checkpointers._spend import flush_pending
 from harness_nodes._pricing import call_cost
+from harness_nodes._trace_langfuse import Masker
 from harness_nodes.errors import UnknownThread
 from harness_nodes.pricing import Pricing
 
@@ -468,7 +469,13 @@ def _loads(raw: Any) -> Any:
     return raw
 
 
-def build_trace(backend: Backend, thread_id: str, *, pricing: Pricing | None = None) -> Trace:
+def build_trace(
+    backend: Backend,
+    thread_id: str,
+    *,
+    pricing: Pricing | None = None,
+    masker: Masker | None = None,
+) -> Trace:
     """Rebuild the decision tree of one task from its checkpoints and the ledgers.
 
     Each superstep becomes a ``step`` node (node name, wall time, tokens, cost) holding, in
@@ -482,6 +489,9 @@ def build_trace(backend: Backend, thread_id: str, *, pricing: Pricing | None = N
         thread_id: The task's thread.
         pricing: How to price a model call (default: `Pricing()`, i.e. genai-prices). A call whose
             message carries the budget layer's ``spent_usd`` uses that figure.
+        masker: What masks secrets in the tree, as in Langfuse (default: `Masker()`: API keys,
+            passwords, tokens, secret environment variables; pass one with your sensitive
+            fields).
 
     Raises:
         UnknownThread: No checkpoint and no run record exist for the thread.
@@ -630,7 +640,7 @@ def build_trace(backend: Backend, thread_id: str, *, pricing: Pricing | None = N
         cost = ledger_cost
     times = [_ts(t.checkpoint) for t in history]
     known = [t for t in times if t is not None]
-    return Trace(
+    trace = Trace(
         thread_id=thread_id,
         task_id=task_id,
         task_type=str(run.get("task_type") or task.get("task_type") or "default"),
@@ -650,6 +660,18 @@ def build_trace(backend: Backend, thread_id: str, *, pricing: Pricing | None = N
         ),
         steps=steps,
     )
+    return _masked(trace, masker or Masker())
+
+
+def _masked(trace: Trace, masker: Masker) -> Trace:
+    """Secrets out of every name, datum and reason: a local trace is shown and shared too."""
+    for node in trace.walk():
+        node.name = masker.text(node.name)
+        if node.data:
+            node.data = masker(data=node.data)
+    if trace.reason:
+        trace.reason = masker.text(trace.reason)
+    return trace
 
 
 def _message_outcome(messages: Sequence[BaseMessage]) -> Mapping[str, Any] | None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from harness_nodes._trace_langfuse import Masker
 from harness_nodes._trace_local import Trace, build_trace
 from harness_nodes.pricing import Pricing
 
@@ -98,7 +99,8 @@ def _traces(backend: Backend, limit: int | None, pricing: Pricing | None) -> lis
     ids = sorted(_thread_ids(backend).items(), key=lambda kv: kv[1], reverse=True)
     if limit is not None:
         ids = ids[:limit]
-    return [build_trace(backend, tid, pricing=pricing) for tid, _ in ids]
+    masker = Masker()  # one for every thread (it compiles its patterns)
+    return [build_trace(backend, tid, pricing=pricing, masker=masker) for tid, _ in ids]
 
 
 def list_runs(

@@ -476,3 +476,35 @@ def test_the_json_of_a_trace_is_strict_json_also_with_nan_in_the_state() -> None
 
     json.loads(text, parse_constant=refuse)  # what jq and other strict parsers do
     assert Trace.from_json(text).to_json() == text
+
+
+def test_secrets_are_masked_in_the_local_trace_too() -> None:
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    from checkpointers import open_backend
+    from harness_nodes import Masker
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    @tool
+    def look(api_key: str, card: str) -> str:
+        """Look."""
+        return "found with sk-proj-LOCALLEAK0123456789"
+
+    args = {"api_key": "plain-secret-1234", "card": "4111111111111111"}
+    model = ScriptedChatModel(script=[ai(tool_calls=[tool_call("look", args)]), ai("done")])
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("tools", ToolNode([look]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    with open_backend("memory://") as backend:
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        graph.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "s"}})
+        text = build_trace(backend, "s", masker=Masker(sensitive_fields=["card"])).to_json()
+    for secret in ("plain-secret-1234", "sk-proj-LOCALLEAK0123456789", "4111111111111111"):
+        assert secret not in text, secret
+    assert '"api_key": "***"' in text and "found with ***" in text
