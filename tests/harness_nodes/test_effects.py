@@ -524,11 +524,27 @@ def test_crash_inside_the_call_is_an_unknown_outcome_in_the_next_process(tmp_pat
         assert world_file.read_text() == "refund\n"
 
 
-def test_unknown_outcome_reaches_a_person_through_human_review(memory_backend: Backend) -> None:
-    from langgraph.types import Command
-
+def _reviewed_refund(refund: BaseTool, ledger: EffectLedger) -> StateGraph[MessagesState]:
+    """agent → (review) → tools through the ledger, the agent refunding o1 once, then "ok"."""
     from harness_nodes import HumanReview, ReviewPolicy
     from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("refund", {"order_id": "o1", "amount": 5}, "c1")]), "ok"]
+    )
+    review = HumanReview(ReviewPolicy(), tools=[refund])
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode([refund], wrap_tool_call=ledger.wrap_tool_call))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_conditional_edges("tools", review.route)
+    return builder
+
+
+def test_unknown_outcome_reaches_a_person_through_human_review(memory_backend: Backend) -> None:
+    from langgraph.types import Command
 
     world = Counter()
     attempts = {"n": 0}
@@ -544,18 +560,7 @@ def test_unknown_outcome_reaches_a_person_through_human_review(memory_backend: B
         return "refunded"
 
     ledger = EffectLedger(memory_backend)
-    model = ScriptedChatModel(
-        script=[ai(tool_calls=[tool_call("refund", {"order_id": "o1", "amount": 5}, "c1")]), "ok"]
-    )
-    review = HumanReview(ReviewPolicy(), tools=[refund])
-    builder = StateGraph(MessagesState)
-    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
-    builder.add_node("review", review)
-    builder.add_node("tools", ToolNode([refund], wrap_tool_call=ledger.wrap_tool_call))
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", review.route)
-    builder.add_conditional_edges("tools", review.route)
-    graph = builder.compile(checkpointer=memory_backend.checkpointer)
+    graph = _reviewed_refund(refund, ledger).compile(checkpointer=memory_backend.checkpointer)
     config: Any = {"configurable": {"thread_id": "t-1"}}
 
     with pytest.raises(TimeoutError):
@@ -579,8 +584,7 @@ def test_unknown_outcome_reaches_a_person_through_human_review(memory_backend: B
 def test_a_reviewer_cannot_deny_an_effect_the_ledger_records_as_done(
     memory_backend: Backend,
 ) -> None:
-    from harness_nodes import HumanReview, InvalidDecision, ReviewPolicy, ReviewQueue
-    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+    from harness_nodes import InvalidDecision, ReviewQueue
 
     world = Counter()
 
@@ -594,18 +598,8 @@ def test_a_reviewer_cannot_deny_an_effect_the_ledger_records_as_done(
         return "refunded"
 
     ledger = EffectLedger(memory_backend)
-    model = ScriptedChatModel(
-        script=[ai(tool_calls=[tool_call("refund", {"order_id": "o1", "amount": 5}, "c1")]), "ok"]
-    )
-    review = HumanReview(ReviewPolicy(), tools=[refund])
-    builder = StateGraph(MessagesState)
-    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
-    builder.add_node("review", review)
-    builder.add_node("tools", ToolNode([refund], wrap_tool_call=ledger.wrap_tool_call))
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", review.route)
-    builder.add_conditional_edges("tools", review.route)
-    queue = ReviewQueue(memory_backend, builder.compile(checkpointer=memory_backend.checkpointer))
+    graph = _reviewed_refund(refund, ledger).compile(checkpointer=memory_backend.checkpointer)
+    queue = ReviewQueue(memory_backend, graph)
     with pytest.raises(TimeoutError):
         queue.invoke({"messages": [HumanMessage("refund o1")]}, thread_id="t-1")
     queue.invoke(None, thread_id="t-1")  # the resumed run asks: did it happen?

@@ -387,12 +387,24 @@ def test_an_apps_own_keys_named_like_the_harnesss_are_its_data(key: str, value: 
         assert reliability_report(backend).tasks == 1
 
 
+def _agent_loop(model: Any, tool: Any) -> Any:
+    """A plain ReAct loop: agent → tools → agent until the model answers."""
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("tools", ToolNode([tool]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    return builder
+
+
 def test_a_budget_stop_without_a_guard_is_not_a_completion() -> None:
     # `budgeted` alone answers a refused call with a message that ends a plain agent loop.
     from langchain_core.messages import HumanMessage
     from langchain_core.tools import tool
-    from langgraph.graph import START, MessagesState, StateGraph
-    from langgraph.prebuilt import ToolNode, tools_condition
 
     from checkpointers import open_backend
     from harness_nodes import Envelope, budgeted
@@ -408,13 +420,7 @@ def test_a_budget_stop_without_a_guard_is_not_a_completion() -> None:
     )
     with open_backend("memory://") as backend:
         model = budgeted(raw, envelope=Envelope(max_calls=2), backend=backend)
-        builder = StateGraph(MessagesState)
-        builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
-        builder.add_node("tools", ToolNode([look]))
-        builder.add_edge(START, "agent")
-        builder.add_conditional_edges("agent", tools_condition)
-        builder.add_edge("tools", "agent")
-        graph = builder.compile(checkpointer=backend.checkpointer)
+        graph = _agent_loop(model, look).compile(checkpointer=backend.checkpointer)
         graph.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "raw"}})
         trace = build_trace(backend, "raw")
         assert (trace.status, trace.reason) == (
@@ -481,8 +487,6 @@ def test_the_json_of_a_trace_is_strict_json_also_with_nan_in_the_state() -> None
 def test_secrets_are_masked_in_the_local_trace_too() -> None:
     from langchain_core.messages import HumanMessage
     from langchain_core.tools import tool
-    from langgraph.graph import START, MessagesState, StateGraph
-    from langgraph.prebuilt import ToolNode, tools_condition
 
     from checkpointers import open_backend
     from harness_nodes import Masker
@@ -495,14 +499,8 @@ def test_secrets_are_masked_in_the_local_trace_too() -> None:
 
     args = {"api_key": "plain-secret-1234", "card": "4111111111111111"}
     model = ScriptedChatModel(script=[ai(tool_calls=[tool_call("look", args)]), ai("done")])
-    builder = StateGraph(MessagesState)
-    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
-    builder.add_node("tools", ToolNode([look]))
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", tools_condition)
-    builder.add_edge("tools", "agent")
     with open_backend("memory://") as backend:
-        graph = builder.compile(checkpointer=backend.checkpointer)
+        graph = _agent_loop(model, look).compile(checkpointer=backend.checkpointer)
         graph.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "s"}})
         text = build_trace(backend, "s", masker=Masker(sensitive_fields=["card"])).to_json()
     for secret in ("plain-secret-1234", "sk-proj-LOCALLEAK0123456789", "4111111111111111"):
