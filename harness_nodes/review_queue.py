@@ -272,6 +272,76 @@ def _assign_audit(item: ReviewItem, assignee: str | None, by: str) -> tuple[Any,
     return (item.id, by, "assign", json.dumps(item.assignee), json.dumps(assignee), time.time())
 
 
+def _effect_answers(
+    requests: Sequence[ReviewRequest], decisions: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, bool, str]]:
+    """``(tool_call_id, happened, result)`` per effect_unknown request approved or rejected."""
+    out = []
+    for req, dec in zip(requests, decisions, strict=False):
+        if req["trigger"] != "effect_unknown" or dec.get("type") not in ("approve", "reject"):
+            continue
+        happened = dec["type"] == "approve"
+        note = f" Reviewer's note: {dec['message']}" if dec.get("message") else ""
+        result = f"A human reviewer confirmed the call took effect.{note}" if happened else ""
+        out.append((req["tool_call_id"], happened, result))
+    return out
+
+
+def check_effect_answers(
+    backend: Backend,
+    thread_id: str,
+    requests: Sequence[ReviewRequest],
+    decisions: Sequence[Mapping[str, Any]],
+    review_id: str = "",
+) -> None:
+    """Refuse "it did not happen" for a call the effect ledger records as done.
+
+    The outcome was unknown when the review was asked (a process died inside the call); it
+    may have become known since (the process was only paused, and finished the call). Telling
+    the model the call failed would have it try again: a second payment.
+
+    Raises:
+        InvalidDecision: such a reject (nothing is applied).
+    """
+    from harness_nodes.effects import EffectLedger
+
+    for req, dec in zip(requests, decisions, strict=False):
+        if req["trigger"] != "effect_unknown" or dec.get("type") != "reject":
+            continue
+        record = EffectLedger(backend).get(thread_id, req["tool_call_id"])
+        if record is not None and record.status == "done":
+            raise InvalidDecision(
+                review_id,
+                f"the effect ledger records that {req['action_request']['action']} "
+                f"(call {req['tool_call_id']}) took effect since this review was asked: "
+                "approve it (it happened)",
+            )
+
+
+def record_effect_answers(
+    backend: Backend,
+    thread_id: str,
+    requests: Sequence[ReviewRequest],
+    decisions: Sequence[Mapping[str, Any]],
+    reviewer: str,
+) -> None:
+    """Record answers to "did it take effect?" in the effect ledger too.
+
+    A later execution of that call then replays it (it happened) or runs it once (it did not).
+    """
+    answers = _effect_answers(requests, decisions)
+    if not answers:
+        return
+    from harness_nodes.effects import EffectLedger
+
+    ledger = EffectLedger(backend)
+    for call_id, happened, result in answers:
+        try:
+            ledger.resolve(thread_id, call_id, happened=happened, result=result, reviewer=reviewer)
+        except EffectNotResolvable:
+            pass  # already settled (answered in the ledger directly), or not a ledger call
+
+
 def _died_after(snapshot: StateSnapshot) -> bool:
     """A run that is neither paused nor finished: it died mid-way (after its resume)."""
     return bool(snapshot.next) and not snapshot.interrupts
@@ -494,19 +564,8 @@ class _QueueCore:
 
     @staticmethod
     def effect_answers(item: ReviewItem) -> list[tuple[str, bool, str]]:
-        """What to record in the effect ledger: ``(tool_call_id, happened, result)``.
-
-        One per effect_unknown request answered approve (it happened) or reject (it did not).
-        """
-        out = []
-        for req, dec in zip(item.requests, item.decision or [], strict=False):
-            if req["trigger"] != "effect_unknown" or dec.get("type") not in ("approve", "reject"):
-                continue
-            happened = dec["type"] == "approve"
-            note = f" Reviewer's note: {dec['message']}" if dec.get("message") else ""
-            result = f"A human reviewer confirmed the call took effect.{note}" if happened else ""
-            out.append((req["tool_call_id"], happened, result))
-        return out
+        """What to record in the effect ledger: ``(tool_call_id, happened, result)``."""
+        return _effect_answers(item.requests, item.decision or [])
 
     def expiry_action(self, item: ReviewItem) -> Literal["reject", "escalate", "keep"]:
         unknown_effect = any(r["trigger"] == "effect_unknown" for r in item.requests)
@@ -799,42 +858,12 @@ class ReviewQueue:
         return self._resume(decided)
 
     def _check_against_the_ledger(self, item: ReviewItem, payload: list[dict[str, Any]]) -> None:
-        """Refuse "it did not happen" for a call the effect ledger records as done.
-
-        The outcome was unknown when the review was asked (a process died inside the call);
-        it may have become known since (the process was only paused, and finished the call).
-        Telling the model the call failed would have it try again: a second payment.
-        """
-        from harness_nodes.effects import EffectLedger
-
-        for req, dec in zip(item.requests, payload, strict=False):
-            if req["trigger"] != "effect_unknown" or dec.get("type") != "reject":
-                continue
-            record = EffectLedger(self.backend).get(item.thread_id, req["tool_call_id"])
-            if record is not None and record.status == "done":
-                raise InvalidDecision(
-                    item.id,
-                    f"the effect ledger records that {req['action_request']['action']} "
-                    f"(call {req['tool_call_id']}) took effect since this review was asked: "
-                    "approve it (it happened)",
-                )
+        check_effect_answers(self.backend, item.thread_id, item.requests, payload, item.id)
 
     def _settle_effects(self, item: ReviewItem, reviewer: str) -> None:
-        # "Did the refund go out?": record the answer in the effect ledger too, so a later
-        # execution of that call replays it (happened) or runs it once (did not).
-        answers = self._core.effect_answers(item)
-        if not answers:
-            return
-        from harness_nodes.effects import EffectLedger
-
-        ledger = EffectLedger(self.backend)
-        for call_id, happened, result in answers:
-            try:
-                ledger.resolve(
-                    item.thread_id, call_id, happened=happened, result=result, reviewer=reviewer
-                )
-            except EffectNotResolvable:
-                pass  # already settled (answered in the ledger directly), or not a ledger call
+        record_effect_answers(
+            self.backend, item.thread_id, item.requests, item.decision or [], reviewer
+        )
 
     def _resume(self, item: ReviewItem) -> dict[str, Any]:
         cfg = _thread_config(item.thread_id, None)

@@ -352,11 +352,43 @@ class TaskRunner:
 
         Raises:
             InvalidDecision: *value* is not a valid answer to the pause (a malformed or
-                disallowed review decision); the task stays ``interrupted``, nothing ran,
-                and a corrected decision can be given.
+                disallowed review decision, or "it did not happen" for a call the effect
+                ledger records as done); the task stays ``interrupted``, nothing ran, and a
+                corrected decision can be given.
         """
         run = self.status(task_key)
+        self._answer_effects(run.thread_id, value)
         return self.execute(run.thread_id, resume=value)
+
+    def _answer_effects(self, thread_id: str, value: Any) -> None:
+        """Check an answer to "did this call take effect?" against the ledger; record it there.
+
+        As `ReviewQueue.decide` does, for a task answered through its runner.
+        """
+        from harness_nodes.review import check_decisions
+        from harness_nodes.review_queue import (
+            _is_review_interrupt,
+            check_effect_answers,
+            record_effect_answers,
+        )
+
+        snapshot = self.graph.get_state(_thread_config(thread_id))
+        pauses = [i for i in snapshot.interrupts if _is_review_interrupt(i)]
+        if len(pauses) != 1:
+            return  # none, or several answered by interrupt id: the graph checks those
+        requests = pauses[0].value
+        if not any(r.get("trigger") == "effect_unknown" for r in requests):
+            return
+        if isinstance(value, dict) and pauses[0].id in value:
+            value = value[pauses[0].id]
+        try:
+            decisions = check_decisions(requests, value)
+        except InvalidDecision:
+            return  # the graph refuses it the same way; nothing is recorded
+        payload = [d.model_dump(exclude_none=True) for d in decisions]
+        check_effect_answers(self.backend, thread_id, requests, payload)
+        reviewer = next((d.reviewer for d in decisions if d.reviewer), None) or "task runner"
+        record_effect_answers(self.backend, thread_id, requests, payload, reviewer)
 
     # -- executing ----------------------------------------------------------------------------
 

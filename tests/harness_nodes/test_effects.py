@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 from uuid import UUID
@@ -612,6 +613,42 @@ def test_a_reviewer_cannot_deny_an_effect_the_ledger_records_as_done(
     assert queue.get(item.id).status == "pending"
     queue.decide(item.id, {"type": "approve"}, reviewer="al")
     assert len(world.calls) == 1  # never a second refund
+
+
+@pytest.mark.parametrize("known", [False, True], ids=["unknown", "done-since"])
+def test_a_runner_answer_about_an_unknown_effect_is_checked_and_recorded(
+    memory_backend: Backend, known: bool
+) -> None:
+    from harness_nodes import InvalidDecision, TaskRunner
+
+    world = Counter()
+
+    @irreversible
+    @tool
+    def refund(order_id: str, amount: int) -> str:
+        """Refund an order."""
+        world.add(f"refund {order_id}")
+        raise TimeoutError("payment gateway timed out")  # did it go through?
+
+    ledger = EffectLedger(memory_backend)
+    with TaskRunner(memory_backend, _reviewed_refund(refund, ledger), max_attempts=2) as runner:
+        runner.submit("k", {"messages": [HumanMessage("refund o1")]})
+        deadline = time.monotonic() + 10
+        while runner.status("k").status != "interrupted":  # the retry asks: did it happen?
+            assert time.monotonic() < deadline, runner.status("k")
+            time.sleep(0.02)
+        thread = runner.status("k").thread_id
+        if known:  # it became known meanwhile: the refund went out
+            ledger.resolve(thread, "c1", happened=True, result="refunded", reviewer="ops")
+            with pytest.raises(InvalidDecision, match="took effect since this review was asked"):
+                runner.resume("k", {"type": "reject", "reviewer": "al"})
+            assert runner.status("k").status == "interrupted"
+            return
+        done = runner.resume("k", {"type": "reject", "reviewer": "al"})  # it did not happen
+    assert done.status == "completed"
+    record = ledger.get(thread, "c1")
+    assert record is not None and record.resolved_by == "al"  # recorded, as the queue does
+    assert len(world.calls) == 1
 
 
 def test_an_idempotency_key_taken_by_another_call_is_a_clear_error(backend: Backend) -> None:
