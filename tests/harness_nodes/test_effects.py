@@ -525,6 +525,21 @@ def test_crash_inside_the_call_is_an_unknown_outcome_in_the_next_process(tmp_pat
         assert world_file.read_text() == "refund\n"
 
 
+def _timing_out_refund(world: Counter, times: int | None) -> BaseTool:
+    """An irreversible refund whose first *times* calls (all, with None) time out mid-call."""
+
+    @irreversible
+    @tool
+    def refund(order_id: str, amount: int) -> str:
+        """Refund an order."""
+        world.add(f"refund {order_id}")
+        if times is None or len(world.calls) <= times:
+            raise TimeoutError("payment gateway timed out")  # did it go through?
+        return "refunded"
+
+    return refund
+
+
 def _reviewed_refund(refund: BaseTool, ledger: EffectLedger) -> StateGraph[MessagesState]:
     """agent → (review) → tools through the ledger, the agent refunding o1 once, then "ok"."""
     from harness_nodes import HumanReview, ReviewPolicy
@@ -548,18 +563,7 @@ def test_unknown_outcome_reaches_a_person_through_human_review(memory_backend: B
     from langgraph.types import Command
 
     world = Counter()
-    attempts = {"n": 0}
-
-    @irreversible
-    @tool
-    def refund(order_id: str, amount: int) -> str:
-        """Refund an order."""
-        world.add(f"refund {order_id}")
-        attempts["n"] += 1
-        if attempts["n"] == 1:
-            raise TimeoutError("payment gateway timed out")  # did it go through?
-        return "refunded"
-
+    refund = _timing_out_refund(world, times=1)
     ledger = EffectLedger(memory_backend)
     graph = _reviewed_refund(refund, ledger).compile(checkpointer=memory_backend.checkpointer)
     config: Any = {"configurable": {"thread_id": "t-1"}}
@@ -588,16 +592,7 @@ def test_a_reviewer_cannot_deny_an_effect_the_ledger_records_as_done(
     from harness_nodes import InvalidDecision, ReviewQueue
 
     world = Counter()
-
-    @irreversible
-    @tool
-    def refund(order_id: str, amount: int) -> str:
-        """Refund an order."""
-        world.add(f"refund {order_id}")
-        if len(world.calls) == 1:
-            raise TimeoutError("payment gateway timed out")  # did it go through?
-        return "refunded"
-
+    refund = _timing_out_refund(world, times=1)
     ledger = EffectLedger(memory_backend)
     graph = _reviewed_refund(refund, ledger).compile(checkpointer=memory_backend.checkpointer)
     queue = ReviewQueue(memory_backend, graph)
@@ -622,14 +617,7 @@ def test_a_runner_answer_about_an_unknown_effect_is_checked_and_recorded(
     from harness_nodes import InvalidDecision, TaskRunner
 
     world = Counter()
-
-    @irreversible
-    @tool
-    def refund(order_id: str, amount: int) -> str:
-        """Refund an order."""
-        world.add(f"refund {order_id}")
-        raise TimeoutError("payment gateway timed out")  # did it go through?
-
+    refund = _timing_out_refund(world, times=None)
     ledger = EffectLedger(memory_backend)
     with TaskRunner(memory_backend, _reviewed_refund(refund, ledger), max_attempts=2) as runner:
         runner.submit("k", {"messages": [HumanMessage("refund o1")]})
