@@ -72,7 +72,19 @@ _SECRET_PATTERNS = re.compile(
     r"|AIza[0-9A-Za-z_\-]{30,}"  # Google API keys
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/\-]{8,}=*)"
 )
-_SECRET_HINTS = ("sk-", "pk-lf-", "akia", "gh", "xox", "aiza", "bearer")
+_SECRET_HINTS = (
+    "sk-",
+    "pk-lf-",
+    "akia",
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "xox",
+    "aiza",
+    "bearer",
+)
 """What each of `_SECRET_PATTERNS` starts with, lowercased."""
 _ENV_SECRET_NAME = re.compile(r"(API_KEY|SECRET|TOKEN|PASSWORD)", re.IGNORECASE)
 
@@ -132,16 +144,15 @@ class Masker:
             rf"""(?i)(["']?)\b((?:[\w-]*[_-])?(?:{names}))\1(\s*[:=]\s*)"""
             r"""("[^"]*"|'[^']*'|[^\s,;}\])]+)"""
         )
-        # Substrings (lowercased) without which neither pattern can match an ASCII string
-        # (IGNORECASE folds only ASCII there): a string holding none skips both scans.
-        hints = {
-            *_SECRET_HINTS,
-            *(s.lower() for s in self._literals),
-            *self.fields,
-            *(f.replace("_", "-") for f in self.fields),
-        }
-        self._hint = (
-            re.compile("|".join(re.escape(h) for h in sorted(hints, key=len, reverse=True)))
+        # What an ASCII string must hold (lowercased, "-" as "_") for either pattern to match
+        # it (IGNORECASE folds only ASCII there): a secret's prefix or a literal secret, or a
+        # field name followed by `:` or `=`, maybe after a quote and spaces (searched in the
+        # reversed text: from the rare `:`/`=`). A string holding none skips both scans.
+        hints = {*map(_folded, _SECRET_HINTS), *map(_folded, self._literals)}
+        self._hints = re.compile("|".join(map(re.escape, sorted(hints, key=len, reverse=True))))
+        folded = sorted({_folded(f)[::-1] for f in self.fields}, key=len, reverse=True)
+        self._names_reversed = (
+            re.compile(r"""[:=]\s*["']?(?:""" + "|".join(map(re.escape, folded)) + ")")
             if all(f.isascii() for f in self.fields)
             else None
         )
@@ -220,6 +231,13 @@ class Masker:
                 return "{" + ", ".join(parts) + "}"
         return self._dump(data)
 
+    def _suspect(self, text: str) -> bool:
+        """Whether ASCII *text* may hold something to mask (see `_compile`)."""
+        folded = _folded(text)
+        if self._hints.search(folded):
+            return True
+        return self._names_reversed.search(folded[::-1]) is not None  # type: ignore[union-attr]
+
     def _metadata_attributes(
         self, metadata: dict[Any, Any], flatten: Callable[[Any, str], dict[str, Any]]
     ) -> dict[str, Any]:
@@ -274,7 +292,7 @@ class Masker:
         """Mask secrets inside one string."""
         if len(value) < self._short:
             return value
-        if value.isascii() and self._hint is not None and not self._hint.search(value.lower()):
+        if value.isascii() and self._names_reversed is not None and not self._suspect(value):
             return value
         value = self._any.sub(MASK, value)
         if ":" in value or "=" in value:
@@ -410,6 +428,11 @@ def _checked(secrets: Sequence[str]) -> list[str]:
             "ordinary text (give the whole value)"
         )
     return [s for s in secrets if s]
+
+
+def _folded(text: str) -> str:
+    """*text* as the masking hints are compared: lowercased, ``-`` as ``_``."""
+    return text.lower().replace("-", "_")
 
 
 def _json_encoder(default: Callable[[Any], Any]) -> Callable[[Any], str]:

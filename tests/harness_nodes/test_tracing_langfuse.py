@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, HumanMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
@@ -795,6 +797,56 @@ def test_masking_text_finds_secrets_whatever_their_case_or_script(text: str, mas
 
     mask = Masker(sensitive_fields=["card_number"], secrets=["Literal-Secret-42"])
     assert mask.text(text) == masked
+
+
+_TEXT_PIECES = [
+    *("api", "_", "-", "key", "KEY", "Api", "x", "openai", "token", "Tokens", "password"),
+    *("card", "number", "Card_Number", "secret", "auth", "cookie", ":", "=", " ", "\n", "\t"),
+    *("'", '"', "sk-", "SK-", "pk-lf-", "abcdefghijklmnop1234", "bearer ", "BEARER\t", "ghp_"),
+    *("AKIA", "xoxb-", "AIza", "Literal-Secret-42", "literal-secret-42", "ſ", "İ", "K", "ü"),
+    *(",", "}", "{", "[", "1234567890abcdef", "0123456789ABCDEFGHIJKLMNOPQRSTUV"),
+]
+
+
+_PIECES = st.lists(st.sampled_from(_TEXT_PIECES), max_size=6).map("".join)
+_KEY_VALUE = st.tuples(  # `key: value` shapes, each part drawn on its own
+    _PIECES,
+    st.sampled_from(["", "x_", "X-", "openai_", "my"]),
+    st.sampled_from(
+        ["api_key", "API-KEY", "apikey", "Card_Number", "card-number", "token", "card-number_full"]
+    ),
+    st.sampled_from(["", "'", '"', "s"]),
+    st.sampled_from(["", " ", "\t ", "\n"]),
+    st.sampled_from([":", "=", "-", " "]),
+    st.sampled_from(["", " ", "\n"]),
+    st.sampled_from(["hunter22", "'a b'", '"x"', ""]),
+    _PIECES,
+).map("".join)
+
+
+@settings(max_examples=800, deadline=None, derandomize=True)
+@given(st.one_of(_KEY_VALUE, st.lists(st.sampled_from(_TEXT_PIECES), max_size=12).map("".join)))
+def test_masking_text_scans_every_text_a_pattern_could_match(text: str) -> None:
+    # The hint check lets text without a trace of a secret skip both regex scans: it must
+    # never skip one that a scan would change (a field's name with "-" and "_" mixed, too).
+    from harness_nodes import Masker
+    from harness_nodes._trace_langfuse import MASK, _mask_pair
+
+    mask = Masker(
+        sensitive_fields=["card_number", "card_number_full"], secrets=["Literal-Secret-42"]
+    )
+    scanned = mask._any.sub(MASK, text)
+    if ":" in scanned or "=" in scanned:
+        scanned = mask._kv.sub(_mask_pair, scanned)
+    assert mask.text(text) == scanned
+
+
+def test_masking_text_finds_a_field_written_with_dashes_and_underscores_mixed() -> None:
+    from harness_nodes import Masker
+
+    mask = Masker(sensitive_fields=["card_number_full"])
+    assert mask.text("card-number_full: 4111111111") == "card-number_full: ***"
+    assert mask(data={"note": "CARD_number-full=4111111111"}) == {"note": "CARD_number-full=***"}
 
 
 def test_prepared_payloads_reuse_a_remembered_messages_encoding_with_the_same_text() -> None:
