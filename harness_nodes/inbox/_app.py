@@ -110,6 +110,9 @@ class _Guard:
         return None
 
 
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
 def _wants_json(request: Request) -> bool:
     accept = request.headers.get("accept", "")
     return "application/json" in accept and "text/html" not in accept
@@ -264,8 +267,16 @@ class _Inbox:
 
     async def decide(self, request: Request) -> Response:
         review_id = request.path_params["review_id"]
-        as_json = request.headers.get("content-type", "").startswith("application/json")
+        content_type = request.headers.get("content-type", "")
+        as_json = content_type.startswith("application/json")
         token: str | None
+        if not as_json and not content_type.startswith(_FORM_TYPES):
+            return _error(
+                request,
+                415,
+                "unsupported_media_type",
+                "Send the decision as JSON (Content-Type: application/json) or as the page's form",
+            )
         if as_json:
             try:
                 body = json.loads(await request.body())

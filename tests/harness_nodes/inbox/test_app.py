@@ -140,6 +140,31 @@ def test_json_api_decides_with_bearer_and_reports_conflicts(backend_url: str) ->
         assert shop.refunds == [edited]  # nothing applied twice
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "error"),
+    [
+        pytest.param("application/json", "{not json", 400, "bad_json", id="not-json"),
+        pytest.param("application/json", "null", 400, "bad_json", id="null"),
+        pytest.param("application/json", '["approve"]', 400, "bad_json", id="array"),
+        pytest.param("application/json", '{"type": null}', 422, "invalid_decision", id="no-type"),
+        pytest.param("text/plain", '{"type": "approve"}', 415, "unsupported_media_type", id="text"),
+        pytest.param("", '{"type": "approve"}', 415, "unsupported_media_type", id="no-type-header"),
+    ],
+)
+def test_malformed_json_decisions_get_a_json_error_and_change_nothing(
+    shop: Shop, content_type: str, body: str, status: int, error: str
+) -> None:
+    rid = shop.pause("t-bad-json", ARGS)
+    c = client(shop)
+    headers = {"authorization": f"Bearer {TOKENS['alice']}", "accept": "application/json"}
+    if content_type:
+        headers["content-type"] = content_type
+    r = c.post(f"/reviews/{rid}/decision", headers=headers, content=body)
+    assert (r.status_code, r.headers["content-type"]) == (status, "application/json")
+    assert r.json()["error"] == error
+    assert shop.queue.get(rid).status == "pending" and shop.refunds == []
+
+
 def test_edits_are_validated_by_the_queue_and_the_item_stays_pending(shop: Shop) -> None:
     rid = shop.pause("t-invalid", ARGS)
     c = client(shop)
