@@ -88,6 +88,7 @@ from harness_nodes.effects import (
 )
 from harness_nodes.errors import (
     HarnessError,
+    InvalidDecision,
     LeaseLost,
     RunFailed,
     TaskNotFinished,
@@ -476,7 +477,12 @@ class AsyncTaskRunner:
         return threads
 
     async def aresume(self, task_key: str, value: Any) -> TaskRun:
-        """Answer the interrupt a task is paused on and run it on."""
+        """Answer the interrupt a task is paused on and run it on (see `TaskRunner.resume`).
+
+        Raises:
+            InvalidDecision: *value* is not a valid answer to the pause; the task stays
+                ``interrupted`` and a corrected answer can be given.
+        """
         run = await self.astatus(task_key)
         return await self.aexecute(run.thread_id, resume=value)
 
@@ -507,6 +513,10 @@ class AsyncTaskRunner:
                 status, outcome = await self._invoke(row, resume)
             except LeaseLost:
                 return await self._current(thread_id)
+            except InvalidDecision:
+                # A bad answer to the pause, not a failed run (see TaskRunner._attempts).
+                await self._settle(thread_id, owner, "interrupted", None, None)
+                raise
             except Exception as e:
                 error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                 if attempt < self.max_attempts:

@@ -18,6 +18,7 @@ from checkpointers import AsyncBackend
 from harness_nodes import (
     AsyncEffectLedger,
     AsyncTaskRunner,
+    InvalidDecision,
     RunFailed,
     TaskNotFinished,
     UnknownTask,
@@ -144,3 +145,23 @@ async def test_failures_cancellation_and_bad_input(abackend: AsyncBackend) -> No
         assert (await runner.acancel("t-broken")).status == "failed"
     with pytest.raises(UserError, match="needs a checkpointers.AsyncBackend"):
         AsyncTaskRunner(object(), builder)  # type: ignore[arg-type]
+
+
+async def test_a_malformed_review_decision_leaves_the_task_paused_for_a_corrected_one(
+    abackend: AsyncBackend,
+) -> None:
+    from tests.harness_nodes.review_app import EFFECTS, build_builder
+
+    EFFECTS.clear()
+    async with AsyncTaskRunner(abackend, build_builder()) as runner:
+        await runner.asubmit("t-typo", {"messages": [HumanMessage("refund A1")]})
+        with pytest.raises(TaskNotFinished, match="interrupted"):
+            await runner.aresult("t-typo", timeout=2)
+        with pytest.raises(InvalidDecision, match="Input should be .approve."):
+            await runner.aresume("t-typo", {"type": "approved"})  # a typo: nothing runs
+        assert (await runner.astatus("t-typo")).status == "interrupted"
+        assert "refund" not in EFFECTS
+        done = await runner.aresume("t-typo", {"type": "approve"})
+        assert done.status == "completed", done.error
+        assert EFFECTS["refund"] == 1
+        assert "refunded 250 on A1" in (await runner.aresult("t-typo", timeout=1))["partial_result"]
