@@ -484,7 +484,27 @@ class AsyncTaskRunner:
                 ``interrupted`` and a corrected answer can be given.
         """
         run = await self.astatus(task_key)
+        await self._answer_effects(run.thread_id, value)
         return await self.aexecute(run.thread_id, resume=value)
+
+    async def _answer_effects(self, thread_id: str, value: Any) -> None:
+        """Check an answer to "did this call take effect?" against the ledger; record it there.
+
+        As `TaskRunner.resume` and `AsyncReviewQueue.decide` do.
+        """
+        from harness_nodes.review_queue import (
+            _effect_answer_of,
+            acheck_effect_answers,
+            arecord_effect_answers,
+        )
+
+        snapshot = await self.graph.aget_state(_thread_config(thread_id))
+        answer = _effect_answer_of(snapshot, value)
+        if answer is None:
+            return
+        requests, decisions, reviewer = answer
+        await acheck_effect_answers(self.backend, thread_id, requests, decisions)
+        await arecord_effect_answers(self.backend, thread_id, requests, decisions, reviewer)
 
     async def aexecute(self, thread_id: str, *, resume: Any = _NO_RESUME) -> TaskRun:
         """Run the task on *thread_id* here if its lease can be claimed."""
@@ -529,10 +549,9 @@ class AsyncTaskRunner:
     async def _invoke(self, row: dict[str, Any], resume: Any) -> tuple[RunStatus, Any]:
         thread_id = row["thread_id"]
         config = run_config(thread_id, row["task_key"], row["task_type"], self._config)
-        root = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
         if resume is not _NO_RESUME:
             inputs: Any = Command(resume=resume)
-        elif await self._saver.aget_tuple(root) is None:  # type: ignore[arg-type]
+        elif await self._saver.aget_tuple(_thread_config(thread_id)) is None:
             inputs = _codec.decode(row["input"])
         else:
             snapshot = await self.graph.aget_state(config)
@@ -570,3 +589,7 @@ class AsyncTaskRunner:
         task = asyncio.create_task(self.aexecute(thread_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _thread_config(thread_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -540,7 +541,9 @@ def _timing_out_refund(world: Counter, times: int | None) -> BaseTool:
     return refund
 
 
-def _reviewed_refund(refund: BaseTool, ledger: EffectLedger) -> StateGraph[MessagesState]:
+def _reviewed_refund(
+    refund: BaseTool, ledger: EffectLedger | AsyncEffectLedger
+) -> StateGraph[MessagesState]:
     """agent → (review) → tools through the ledger, the agent refunding o1 once, then "ok"."""
     from harness_nodes import HumanReview, ReviewPolicy
     from harness_nodes.testing import ScriptedChatModel, ai, tool_call
@@ -549,10 +552,14 @@ def _reviewed_refund(refund: BaseTool, ledger: EffectLedger) -> StateGraph[Messa
         script=[ai(tool_calls=[tool_call("refund", {"order_id": "o1", "amount": 5}, "c1")]), "ok"]
     )
     review = HumanReview(ReviewPolicy(), tools=[refund])
+    if isinstance(ledger, AsyncEffectLedger):
+        tools = ToolNode([refund], awrap_tool_call=ledger.awrap_tool_call)
+    else:
+        tools = ToolNode([refund], wrap_tool_call=ledger.wrap_tool_call)
     builder = StateGraph(MessagesState)
     builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
     builder.add_node("review", review)
-    builder.add_node("tools", ToolNode([refund], wrap_tool_call=ledger.wrap_tool_call))
+    builder.add_node("tools", tools)
     builder.add_edge(START, "agent")
     builder.add_conditional_edges("agent", review.route)
     builder.add_conditional_edges("tools", review.route)
@@ -635,6 +642,36 @@ def test_a_runner_answer_about_an_unknown_effect_is_checked_and_recorded(
         done = runner.resume("k", {"type": "reject", "reviewer": "al"})  # it did not happen
     assert done.status == "completed"
     record = ledger.get(thread, "c1")
+    assert record is not None and record.resolved_by == "al"  # recorded, as the queue does
+    assert len(world.calls) == 1
+
+
+@pytest.mark.parametrize("known", [False, True], ids=["unknown", "done-since"])
+async def test_an_async_runner_answer_about_an_unknown_effect_is_checked_and_recorded(
+    abackend: AsyncBackend, known: bool
+) -> None:
+    from harness_nodes import AsyncTaskRunner, InvalidDecision
+
+    world = Counter()
+    refund = _timing_out_refund(world, times=None)
+    ledger = AsyncEffectLedger(abackend)
+    graph = _reviewed_refund(refund, ledger)
+    async with AsyncTaskRunner(abackend, graph, max_attempts=2) as runner:
+        await runner.asubmit("k", {"messages": [HumanMessage("refund o1")]})
+        deadline = time.monotonic() + 10
+        while (await runner.astatus("k")).status != "interrupted":  # did it happen?
+            assert time.monotonic() < deadline, await runner.astatus("k")
+            await asyncio.sleep(0.02)
+        thread = (await runner.astatus("k")).thread_id
+        if known:  # it became known meanwhile: the refund went out
+            await ledger.aresolve(thread, "c1", happened=True, result="refunded", reviewer="ops")
+            with pytest.raises(InvalidDecision, match="took effect since this review was asked"):
+                await runner.aresume("k", {"type": "reject", "reviewer": "al"})
+            assert (await runner.astatus("k")).status == "interrupted"
+            return
+        done = await runner.aresume("k", {"type": "reject", "reviewer": "al"})  # it did not
+    assert done.status == "completed"
+    record = await ledger.aget(thread, "c1")
     assert record is not None and record.resolved_by == "al"  # recorded, as the queue does
     assert len(world.calls) == 1
 
