@@ -645,11 +645,6 @@ class _QueueCore:
         ]
         return _Prepared(payload, before, after)
 
-    @staticmethod
-    def effect_answers(item: ReviewItem) -> list[tuple[str, bool, str]]:
-        """What to record in the effect ledger: ``(tool_call_id, happened, result)``."""
-        return _effect_answers(item.requests, item.decision or [])
-
     def expiry_action(self, item: ReviewItem) -> Literal["reject", "escalate", "keep"]:
         unknown_effect = any(r["trigger"] == "effect_unknown" for r in item.requests)
         if self.on_expire == "reject" and not unknown_effect:
@@ -1178,6 +1173,7 @@ class AsyncReviewQueue:
         if item.status != "pending":
             raise self._core.already(item)
         prepared = self._core.prepare(item, decision, reviewer)
+        await self._check_against_the_ledger(item, prepared.payload)
         now = time.time()
         async with self.backend.transaction() as tx:
             won = await tx.execute(_CLAIM, (json.dumps(prepared.payload), reviewer, now, review_id))
@@ -1196,23 +1192,18 @@ class AsyncReviewQueue:
         if not won:
             raise self._core.already(await self.get(review_id))
         decided = await self.get(review_id)
-        answers = self._core.effect_answers(decided)
-        if answers:
-            from harness_nodes.aio import AsyncEffectLedger
-
-            ledger = AsyncEffectLedger(self.backend)
-            for call_id, happened, result in answers:
-                try:
-                    await ledger.aresolve(
-                        decided.thread_id,
-                        call_id,
-                        happened=happened,
-                        result=result,
-                        reviewer=reviewer,
-                    )
-                except EffectNotResolvable:
-                    pass
+        await self._settle_effects(decided, reviewer)
         return await self._resume(decided)
+
+    async def _check_against_the_ledger(
+        self, item: ReviewItem, payload: list[dict[str, Any]]
+    ) -> None:
+        await acheck_effect_answers(self.backend, item.thread_id, item.requests, payload, item.id)
+
+    async def _settle_effects(self, item: ReviewItem, reviewer: str) -> None:
+        await arecord_effect_answers(
+            self.backend, item.thread_id, item.requests, item.decision or [], reviewer
+        )
 
     async def assign(
         self, review_id: str, assignee: str | None, *, by: str = "harness"

@@ -617,6 +617,30 @@ def test_a_reviewer_cannot_deny_an_effect_the_ledger_records_as_done(
     assert len(world.calls) == 1  # never a second refund
 
 
+async def test_an_async_reviewer_cannot_deny_an_effect_the_ledger_records_as_done(
+    abackend: AsyncBackend,
+) -> None:
+    from harness_nodes import AsyncReviewQueue, InvalidDecision
+
+    world = Counter()
+    refund = _timing_out_refund(world, times=1)
+    ledger = AsyncEffectLedger(abackend)
+    graph = _reviewed_refund(refund, ledger).compile(checkpointer=abackend.checkpointer)
+    queue = AsyncReviewQueue(abackend, graph)
+    with pytest.raises(TimeoutError):
+        await queue.ainvoke({"messages": [HumanMessage("refund o1")]}, thread_id="t-1")
+    await queue.ainvoke(None, thread_id="t-1")  # the resumed run asks: did it happen?
+    [item] = await queue.pending()
+    assert item.requests[0]["trigger"] == "effect_unknown"
+    # Meanwhile it became known: the call took effect (a paused worker finished it, say).
+    await ledger.aresolve("t-1", "c1", happened=True, result="refunded", reviewer="ops")
+    with pytest.raises(InvalidDecision, match="took effect since this review was asked"):
+        await queue.decide(item.id, {"type": "reject", "message": "no charge"}, reviewer="al")
+    assert (await queue.get(item.id)).status == "pending"
+    await queue.decide(item.id, {"type": "approve"}, reviewer="al")
+    assert len(world.calls) == 1  # never a second refund
+
+
 @pytest.mark.parametrize("known", [False, True], ids=["unknown", "done-since"])
 def test_a_runner_answer_about_an_unknown_effect_is_checked_and_recorded(
     memory_backend: Backend, known: bool
