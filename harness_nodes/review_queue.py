@@ -1096,6 +1096,8 @@ class AsyncReviewQueue:
                 if died and not recover:
                     continue  # stays decided: recovery carries its run on (it may be running)
                 if died and not carried_on:
+                    # The decision was applied, but its run died before it ended: carry it on.
+                    await self._settle_effects(item, item.decided_by or "")
                     cfg = _thread_config(thread_id, None)
                     await self.graph.ainvoke(None, cfg, durability="sync")
                     carried_on = True
@@ -1105,7 +1107,8 @@ class AsyncReviewQueue:
                     (status, item.id, item.status),
                 )
             elif item.status == "decided":
-                if recover:
+                if recover:  # a decision won but the run never resumed
+                    await self._settle_effects(item, item.decided_by or "")
                     await self._resume(item)
             else:
                 pending.append(item)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -542,14 +543,14 @@ def _timing_out_refund(world: Counter, times: int | None) -> BaseTool:
 
 
 def _reviewed_refund(
-    refund: BaseTool, ledger: EffectLedger | AsyncEffectLedger
+    refund: BaseTool, ledger: EffectLedger | AsyncEffectLedger, last: Any = "ok"
 ) -> StateGraph[MessagesState]:
-    """agent → (review) → tools through the ledger, the agent refunding o1 once, then "ok"."""
+    """agent → (review) → tools through the ledger, the agent refunding o1 once, then *last*."""
     from harness_nodes import HumanReview, ReviewPolicy
     from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 
     model = ScriptedChatModel(
-        script=[ai(tool_calls=[tool_call("refund", {"order_id": "o1", "amount": 5}, "c1")]), "ok"]
+        script=[ai(tool_calls=[tool_call("refund", {"order_id": "o1", "amount": 5}, "c1")]), last]
     )
     review = HumanReview(ReviewPolicy(), tools=[refund])
     if isinstance(ledger, AsyncEffectLedger):
@@ -697,6 +698,52 @@ async def test_an_async_runner_answer_about_an_unknown_effect_is_checked_and_rec
     assert done.status == "completed"
     record = await ledger.aget(thread, "c1")
     assert record is not None and record.resolved_by == "al"  # recorded, as the queue does
+    assert len(world.calls) == 1
+
+
+@pytest.mark.parametrize("died", [False, True], ids=["never-resumed", "died-after-resume"])
+async def test_async_queue_recovery_settles_the_ledger_before_carrying_a_decision_on(
+    abackend: AsyncBackend, died: bool
+) -> None:
+    from langgraph.types import Command
+
+    from harness_nodes import AsyncReviewQueue
+    from harness_nodes.review_queue import _CLAIM
+    from tests.harness_nodes.review_app import ProcessDied
+
+    crashed: list[bool] = []
+
+    def ok_unless_dying(messages: Any) -> str:
+        if died and not crashed:
+            crashed.append(True)
+            raise ProcessDied("the process died after the decision was applied")
+        return "ok"
+
+    world = Counter()
+    ledger = AsyncEffectLedger(abackend)
+    builder = _reviewed_refund(_timing_out_refund(world, times=1), ledger, ok_unless_dying)
+    queue = AsyncReviewQueue(abackend, builder.compile(checkpointer=abackend.checkpointer))
+    with pytest.raises(TimeoutError):
+        await queue.ainvoke({"messages": [HumanMessage("refund o1")]}, thread_id="t-1")
+    await queue.ainvoke(None, thread_id="t-1")  # the resumed run asks: did it happen?
+    [item] = await queue.pending()
+    # "It happened": al's decision won (its claim committed), then the process died before
+    # the answer reached the ledger (and, with *died*, after it reached the graph).
+    decision = [{"type": "approve", "reviewer": "al", "review_id": item.id}]
+    await abackend.execute(_CLAIM, (json.dumps(decision), "al", time.time(), item.id))
+    cfg: Any = {"configurable": {"thread_id": "t-1"}}
+    if died:
+        with pytest.raises(ProcessDied):
+            resume = Command(resume={item.interrupt_id: decision})
+            await queue.graph.ainvoke(resume, cfg, durability="sync")
+    assert await queue.sync("t-1") == []  # a plain sync leaves it to recovery
+    assert (await queue.get(item.id)).status == "decided"
+
+    assert await queue.sync("t-1", recover=True) == []
+    record = await ledger.aget("t-1", "c1")
+    assert record is not None and (record.status, record.resolved_by) == ("done", "al")
+    assert (await queue.get(item.id)).status == "applied"
+    assert (await queue.graph.aget_state(cfg)).values["messages"][-1].content == "ok"
     assert len(world.calls) == 1
 
 
