@@ -701,14 +701,8 @@ async def test_an_async_runner_answer_about_an_unknown_effect_is_checked_and_rec
     assert len(world.calls) == 1
 
 
-@pytest.mark.parametrize("died", [False, True], ids=["never-resumed", "died-after-resume"])
-async def test_async_queue_recovery_settles_the_ledger_before_carrying_a_decision_on(
-    abackend: AsyncBackend, died: bool
-) -> None:
-    from langgraph.types import Command
-
-    from harness_nodes import AsyncReviewQueue
-    from harness_nodes.review_queue import _CLAIM
+def _dying_once(died: bool) -> Any:
+    """The agent's last answer, "ok" — after a process death the first time, with *died*."""
     from tests.harness_nodes.review_app import ProcessDied
 
     crashed: list[bool] = []
@@ -719,9 +713,60 @@ async def test_async_queue_recovery_settles_the_ledger_before_carrying_a_decisio
             raise ProcessDied("the process died after the decision was applied")
         return "ok"
 
+    return ok_unless_dying
+
+
+@pytest.mark.parametrize("died", [False, True], ids=["never-resumed", "died-after-resume"])
+def test_queue_recovery_settles_the_ledger_before_carrying_a_decision_on(
+    backend: Backend, died: bool
+) -> None:
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewQueue
+    from harness_nodes.review_queue import _CLAIM
+    from tests.harness_nodes.review_app import ProcessDied
+
+    world = Counter()
+    ledger = EffectLedger(backend)
+    builder = _reviewed_refund(_timing_out_refund(world, times=1), ledger, _dying_once(died))
+    queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+    with pytest.raises(TimeoutError):
+        queue.invoke({"messages": [HumanMessage("refund o1")]}, thread_id="t-1")
+    queue.invoke(None, thread_id="t-1")  # the resumed run asks: did it happen?
+    [item] = queue.pending()
+    # "It happened": al's decision won (its claim committed), then the process died before
+    # the answer reached the ledger (and, with *died*, after it reached the graph).
+    decision = [{"type": "approve", "reviewer": "al", "review_id": item.id}]
+    backend.execute(_CLAIM, (json.dumps(decision), "al", time.time(), item.id))
+    cfg: Any = {"configurable": {"thread_id": "t-1"}}
+    if died:
+        with pytest.raises(ProcessDied):
+            resume = Command(resume={item.interrupt_id: decision})
+            queue.graph.invoke(resume, cfg, durability="sync")
+    assert queue.sync("t-1") == []  # a plain sync leaves it to recovery
+    assert queue.get(item.id).status == "decided"
+
+    assert queue.sync("t-1", recover=True) == []
+    record = ledger.get("t-1", "c1")
+    assert record is not None and (record.status, record.resolved_by) == ("done", "al")
+    assert queue.get(item.id).status == "applied"
+    assert queue.graph.get_state(cfg).values["messages"][-1].content == "ok"
+    assert len(world.calls) == 1
+
+
+@pytest.mark.parametrize("died", [False, True], ids=["never-resumed", "died-after-resume"])
+async def test_async_queue_recovery_settles_the_ledger_before_carrying_a_decision_on(
+    abackend: AsyncBackend, died: bool
+) -> None:
+    from langgraph.types import Command
+
+    from harness_nodes import AsyncReviewQueue
+    from harness_nodes.review_queue import _CLAIM
+    from tests.harness_nodes.review_app import ProcessDied
+
     world = Counter()
     ledger = AsyncEffectLedger(abackend)
-    builder = _reviewed_refund(_timing_out_refund(world, times=1), ledger, ok_unless_dying)
+    builder = _reviewed_refund(_timing_out_refund(world, times=1), ledger, _dying_once(died))
     queue = AsyncReviewQueue(abackend, builder.compile(checkpointer=abackend.checkpointer))
     with pytest.raises(TimeoutError):
         await queue.ainvoke({"messages": [HumanMessage("refund o1")]}, thread_id="t-1")
