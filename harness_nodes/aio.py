@@ -88,6 +88,7 @@ from harness_nodes.effects import (
 )
 from harness_nodes.errors import (
     HarnessError,
+    InvalidDecision,
     LeaseLost,
     RunFailed,
     TaskNotFinished,
@@ -476,9 +477,34 @@ class AsyncTaskRunner:
         return threads
 
     async def aresume(self, task_key: str, value: Any) -> TaskRun:
-        """Answer the interrupt a task is paused on and run it on."""
+        """Answer the interrupt a task is paused on and run it on (see `TaskRunner.resume`).
+
+        Raises:
+            InvalidDecision: *value* is not a valid answer to the pause; the task stays
+                ``interrupted`` and a corrected answer can be given.
+        """
         run = await self.astatus(task_key)
+        await self._answer_effects(run.thread_id, value)
         return await self.aexecute(run.thread_id, resume=value)
+
+    async def _answer_effects(self, thread_id: str, value: Any) -> None:
+        """Check an answer to "did this call take effect?" against the ledger; record it there.
+
+        As `TaskRunner.resume` and `AsyncReviewQueue.decide` do.
+        """
+        from harness_nodes.review_queue import (
+            _effect_answer_of,
+            acheck_effect_answers,
+            arecord_effect_answers,
+        )
+
+        snapshot = await self.graph.aget_state(_thread_config(thread_id))
+        answer = _effect_answer_of(snapshot, value)
+        if answer is None:
+            return
+        requests, decisions, reviewer = answer
+        await acheck_effect_answers(self.backend, thread_id, requests, decisions)
+        await arecord_effect_answers(self.backend, thread_id, requests, decisions, reviewer)
 
     async def aexecute(self, thread_id: str, *, resume: Any = _NO_RESUME) -> TaskRun:
         """Run the task on *thread_id* here if its lease can be claimed."""
@@ -507,6 +533,10 @@ class AsyncTaskRunner:
                 status, outcome = await self._invoke(row, resume)
             except LeaseLost:
                 return await self._current(thread_id)
+            except InvalidDecision:
+                # A bad answer to the pause, not a failed run (see TaskRunner._attempts).
+                await self._settle(thread_id, owner, "interrupted", None, None)
+                raise
             except Exception as e:
                 error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                 if attempt < self.max_attempts:
@@ -519,10 +549,9 @@ class AsyncTaskRunner:
     async def _invoke(self, row: dict[str, Any], resume: Any) -> tuple[RunStatus, Any]:
         thread_id = row["thread_id"]
         config = run_config(thread_id, row["task_key"], row["task_type"], self._config)
-        root = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
         if resume is not _NO_RESUME:
             inputs: Any = Command(resume=resume)
-        elif await self._saver.aget_tuple(root) is None:  # type: ignore[arg-type]
+        elif await self._saver.aget_tuple(_thread_config(thread_id)) is None:
             inputs = _codec.decode(row["input"])
         else:
             snapshot = await self.graph.aget_state(config)
@@ -560,3 +589,7 @@ class AsyncTaskRunner:
         task = asyncio.create_task(self.aexecute(thread_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _thread_config(thread_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}

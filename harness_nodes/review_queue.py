@@ -287,6 +287,25 @@ def _effect_answers(
     return out
 
 
+def _denied_effects(
+    requests: Sequence[ReviewRequest], decisions: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, str]]:
+    """``(tool_call_id, action)`` per effect_unknown request rejected ("it did not happen")."""
+    return [
+        (req["tool_call_id"], req["action_request"]["action"])
+        for req, dec in zip(requests, decisions, strict=False)
+        if req["trigger"] == "effect_unknown" and dec.get("type") == "reject"
+    ]
+
+
+def _contradicts_the_ledger(review_id: str, call_id: str, action: str) -> InvalidDecision:
+    return InvalidDecision(
+        review_id,
+        f"the effect ledger records that {action} (call {call_id}) took effect since this "
+        "review was asked: approve it (it happened)",
+    )
+
+
 def check_effect_answers(
     backend: Backend,
     thread_id: str,
@@ -305,17 +324,32 @@ def check_effect_answers(
     """
     from harness_nodes.effects import EffectLedger
 
-    for req, dec in zip(requests, decisions, strict=False):
-        if req["trigger"] != "effect_unknown" or dec.get("type") != "reject":
-            continue
-        record = EffectLedger(backend).get(thread_id, req["tool_call_id"])
+    ledger = EffectLedger(backend)
+    for call_id, action in _denied_effects(requests, decisions):
+        record = ledger.get(thread_id, call_id)
         if record is not None and record.status == "done":
-            raise InvalidDecision(
-                review_id,
-                f"the effect ledger records that {req['action_request']['action']} "
-                f"(call {req['tool_call_id']}) took effect since this review was asked: "
-                "approve it (it happened)",
-            )
+            raise _contradicts_the_ledger(review_id, call_id, action)
+
+
+async def acheck_effect_answers(
+    backend: AsyncBackend,
+    thread_id: str,
+    requests: Sequence[ReviewRequest],
+    decisions: Sequence[Mapping[str, Any]],
+    review_id: str = "",
+) -> None:
+    """Async `check_effect_answers`, on an `AsyncBackend`.
+
+    Raises:
+        InvalidDecision: "it did not happen" for a call the ledger records as done.
+    """
+    from harness_nodes.aio import AsyncEffectLedger
+
+    ledger = AsyncEffectLedger(backend)
+    for call_id, action in _denied_effects(requests, decisions):
+        record = await ledger.aget(thread_id, call_id)
+        if record is not None and record.status == "done":
+            raise _contradicts_the_ledger(review_id, call_id, action)
 
 
 def record_effect_answers(
@@ -340,6 +374,55 @@ def record_effect_answers(
             ledger.resolve(thread_id, call_id, happened=happened, result=result, reviewer=reviewer)
         except EffectNotResolvable:
             pass  # already settled (answered in the ledger directly), or not a ledger call
+
+
+async def arecord_effect_answers(
+    backend: AsyncBackend,
+    thread_id: str,
+    requests: Sequence[ReviewRequest],
+    decisions: Sequence[Mapping[str, Any]],
+    reviewer: str,
+) -> None:
+    """Async `record_effect_answers`, on an `AsyncBackend`."""
+    answers = _effect_answers(requests, decisions)
+    if not answers:
+        return
+    from harness_nodes.aio import AsyncEffectLedger
+
+    ledger = AsyncEffectLedger(backend)
+    for call_id, happened, result in answers:
+        try:
+            await ledger.aresolve(
+                thread_id, call_id, happened=happened, result=result, reviewer=reviewer
+            )
+        except EffectNotResolvable:
+            pass  # already settled (answered in the ledger directly), or not a ledger call
+
+
+def _effect_answer_of(
+    snapshot: StateSnapshot, value: Any
+) -> tuple[list[ReviewRequest], list[dict[str, Any]], str] | None:
+    """What a runner's resume *value* answers on a "did it take effect?" pause.
+
+    Returns the pause's requests, the validated decisions and who decided; ``None`` when the
+    task is not paused on one review asking it, or *value* is malformed (the graph refuses
+    it the same way, and nothing is to be recorded).
+    """
+    pauses = [i for i in snapshot.interrupts if _is_review_interrupt(i)]
+    if len(pauses) != 1:
+        return None  # none, or several answered by interrupt id: the graph checks those
+    requests = cast(list[ReviewRequest], pauses[0].value)
+    if not any(r.get("trigger") == "effect_unknown" for r in requests):
+        return None
+    if isinstance(value, dict) and pauses[0].id in value:
+        value = value[pauses[0].id]
+    try:
+        decisions = check_decisions(requests, value)
+    except InvalidDecision:
+        return None
+    payload = [d.model_dump(exclude_none=True) for d in decisions]
+    reviewer = next((d.reviewer for d in decisions if d.reviewer), None) or "task runner"
+    return requests, payload, reviewer
 
 
 def _died_after(snapshot: StateSnapshot) -> bool:
@@ -561,11 +644,6 @@ class _QueueCore:
             for b, d in zip(before, decisions, strict=True)
         ]
         return _Prepared(payload, before, after)
-
-    @staticmethod
-    def effect_answers(item: ReviewItem) -> list[tuple[str, bool, str]]:
-        """What to record in the effect ledger: ``(tool_call_id, happened, result)``."""
-        return _effect_answers(item.requests, item.decision or [])
 
     def expiry_action(self, item: ReviewItem) -> Literal["reject", "escalate", "keep"]:
         unknown_effect = any(r["trigger"] == "effect_unknown" for r in item.requests)
@@ -1018,6 +1096,8 @@ class AsyncReviewQueue:
                 if died and not recover:
                     continue  # stays decided: recovery carries its run on (it may be running)
                 if died and not carried_on:
+                    # The decision was applied, but its run died before it ended: carry it on.
+                    await self._settle_effects(item, item.decided_by or "")
                     cfg = _thread_config(thread_id, None)
                     await self.graph.ainvoke(None, cfg, durability="sync")
                     carried_on = True
@@ -1027,7 +1107,8 @@ class AsyncReviewQueue:
                     (status, item.id, item.status),
                 )
             elif item.status == "decided":
-                if recover:
+                if recover:  # a decision won but the run never resumed
+                    await self._settle_effects(item, item.decided_by or "")
                     await self._resume(item)
             else:
                 pending.append(item)
@@ -1095,6 +1176,7 @@ class AsyncReviewQueue:
         if item.status != "pending":
             raise self._core.already(item)
         prepared = self._core.prepare(item, decision, reviewer)
+        await self._check_against_the_ledger(item, prepared.payload)
         now = time.time()
         async with self.backend.transaction() as tx:
             won = await tx.execute(_CLAIM, (json.dumps(prepared.payload), reviewer, now, review_id))
@@ -1113,23 +1195,18 @@ class AsyncReviewQueue:
         if not won:
             raise self._core.already(await self.get(review_id))
         decided = await self.get(review_id)
-        answers = self._core.effect_answers(decided)
-        if answers:
-            from harness_nodes.aio import AsyncEffectLedger
-
-            ledger = AsyncEffectLedger(self.backend)
-            for call_id, happened, result in answers:
-                try:
-                    await ledger.aresolve(
-                        decided.thread_id,
-                        call_id,
-                        happened=happened,
-                        result=result,
-                        reviewer=reviewer,
-                    )
-                except EffectNotResolvable:
-                    pass
+        await self._settle_effects(decided, reviewer)
         return await self._resume(decided)
+
+    async def _check_against_the_ledger(
+        self, item: ReviewItem, payload: list[dict[str, Any]]
+    ) -> None:
+        await acheck_effect_answers(self.backend, item.thread_id, item.requests, payload, item.id)
+
+    async def _settle_effects(self, item: ReviewItem, reviewer: str) -> None:
+        await arecord_effect_answers(
+            self.backend, item.thread_id, item.requests, item.decision or [], reviewer
+        )
 
     async def assign(
         self, review_id: str, assignee: str | None, *, by: str = "harness"

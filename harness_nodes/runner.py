@@ -365,30 +365,18 @@ class TaskRunner:
 
         As `ReviewQueue.decide` does, for a task answered through its runner.
         """
-        from harness_nodes.review import check_decisions
         from harness_nodes.review_queue import (
-            _is_review_interrupt,
+            _effect_answer_of,
             check_effect_answers,
             record_effect_answers,
         )
 
-        snapshot = self.graph.get_state(_thread_config(thread_id))
-        pauses = [i for i in snapshot.interrupts if _is_review_interrupt(i)]
-        if len(pauses) != 1:
-            return  # none, or several answered by interrupt id: the graph checks those
-        requests = pauses[0].value
-        if not any(r.get("trigger") == "effect_unknown" for r in requests):
+        answer = _effect_answer_of(self.graph.get_state(_thread_config(thread_id)), value)
+        if answer is None:
             return
-        if isinstance(value, dict) and pauses[0].id in value:
-            value = value[pauses[0].id]
-        try:
-            decisions = check_decisions(requests, value)
-        except InvalidDecision:
-            return  # the graph refuses it the same way; nothing is recorded
-        payload = [d.model_dump(exclude_none=True) for d in decisions]
-        check_effect_answers(self.backend, thread_id, requests, payload)
-        reviewer = next((d.reviewer for d in decisions if d.reviewer), None) or "task runner"
-        record_effect_answers(self.backend, thread_id, requests, payload, reviewer)
+        requests, decisions, reviewer = answer
+        check_effect_answers(self.backend, thread_id, requests, decisions)
+        record_effect_answers(self.backend, thread_id, requests, decisions, reviewer)
 
     # -- executing ----------------------------------------------------------------------------
 

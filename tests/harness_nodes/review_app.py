@@ -7,6 +7,7 @@ set, so a child process's executions can be counted by the parent).
 from __future__ import annotations
 
 import os
+import signal
 from collections import Counter
 from typing import Any
 
@@ -20,6 +21,7 @@ from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 
 EFFECTS: Counter[str] = Counter()
 CRASHED: list[str] = []  # a refund of order CRASH-ONCE dies the first time
+KILL_ENV = "REVIEW_KILL_IN_REFUND"  # set in a child process: a refund of order KILL is a kill -9
 
 
 class ProcessDied(BaseException):
@@ -42,6 +44,8 @@ def refund(order: str, amount: float) -> str:
     if order == "CRASH-ONCE" and not CRASHED:
         CRASHED.append(order)
         raise ProcessDied("the process died in the middle of the refund")
+    if order == "KILL" and os.environ.get(KILL_ENV):
+        os.kill(os.getpid(), signal.SIGKILL)
     _record("refund")
     return f"refunded {amount:g} on {order}"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -540,19 +542,25 @@ def _timing_out_refund(world: Counter, times: int | None) -> BaseTool:
     return refund
 
 
-def _reviewed_refund(refund: BaseTool, ledger: EffectLedger) -> StateGraph[MessagesState]:
-    """agent → (review) → tools through the ledger, the agent refunding o1 once, then "ok"."""
+def _reviewed_refund(
+    refund: BaseTool, ledger: EffectLedger | AsyncEffectLedger, last: Any = "ok"
+) -> StateGraph[MessagesState]:
+    """agent → (review) → tools through the ledger, the agent refunding o1 once, then *last*."""
     from harness_nodes import HumanReview, ReviewPolicy
     from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 
     model = ScriptedChatModel(
-        script=[ai(tool_calls=[tool_call("refund", {"order_id": "o1", "amount": 5}, "c1")]), "ok"]
+        script=[ai(tool_calls=[tool_call("refund", {"order_id": "o1", "amount": 5}, "c1")]), last]
     )
     review = HumanReview(ReviewPolicy(), tools=[refund])
+    if isinstance(ledger, AsyncEffectLedger):
+        tools = ToolNode([refund], awrap_tool_call=ledger.awrap_tool_call)
+    else:
+        tools = ToolNode([refund], wrap_tool_call=ledger.wrap_tool_call)
     builder = StateGraph(MessagesState)
     builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
     builder.add_node("review", review)
-    builder.add_node("tools", ToolNode([refund], wrap_tool_call=ledger.wrap_tool_call))
+    builder.add_node("tools", tools)
     builder.add_edge(START, "agent")
     builder.add_conditional_edges("agent", review.route)
     builder.add_conditional_edges("tools", review.route)
@@ -610,6 +618,30 @@ def test_a_reviewer_cannot_deny_an_effect_the_ledger_records_as_done(
     assert len(world.calls) == 1  # never a second refund
 
 
+async def test_an_async_reviewer_cannot_deny_an_effect_the_ledger_records_as_done(
+    abackend: AsyncBackend,
+) -> None:
+    from harness_nodes import AsyncReviewQueue, InvalidDecision
+
+    world = Counter()
+    refund = _timing_out_refund(world, times=1)
+    ledger = AsyncEffectLedger(abackend)
+    graph = _reviewed_refund(refund, ledger).compile(checkpointer=abackend.checkpointer)
+    queue = AsyncReviewQueue(abackend, graph)
+    with pytest.raises(TimeoutError):
+        await queue.ainvoke({"messages": [HumanMessage("refund o1")]}, thread_id="t-1")
+    await queue.ainvoke(None, thread_id="t-1")  # the resumed run asks: did it happen?
+    [item] = await queue.pending()
+    assert item.requests[0]["trigger"] == "effect_unknown"
+    # Meanwhile it became known: the call took effect (a paused worker finished it, say).
+    await ledger.aresolve("t-1", "c1", happened=True, result="refunded", reviewer="ops")
+    with pytest.raises(InvalidDecision, match="took effect since this review was asked"):
+        await queue.decide(item.id, {"type": "reject", "message": "no charge"}, reviewer="al")
+    assert (await queue.get(item.id)).status == "pending"
+    await queue.decide(item.id, {"type": "approve"}, reviewer="al")
+    assert len(world.calls) == 1  # never a second refund
+
+
 @pytest.mark.parametrize("known", [False, True], ids=["unknown", "done-since"])
 def test_a_runner_answer_about_an_unknown_effect_is_checked_and_recorded(
     memory_backend: Backend, known: bool
@@ -636,6 +668,127 @@ def test_a_runner_answer_about_an_unknown_effect_is_checked_and_recorded(
     assert done.status == "completed"
     record = ledger.get(thread, "c1")
     assert record is not None and record.resolved_by == "al"  # recorded, as the queue does
+    assert len(world.calls) == 1
+
+
+@pytest.mark.parametrize("known", [False, True], ids=["unknown", "done-since"])
+async def test_an_async_runner_answer_about_an_unknown_effect_is_checked_and_recorded(
+    abackend: AsyncBackend, known: bool
+) -> None:
+    from harness_nodes import AsyncTaskRunner, InvalidDecision
+
+    world = Counter()
+    refund = _timing_out_refund(world, times=None)
+    ledger = AsyncEffectLedger(abackend)
+    graph = _reviewed_refund(refund, ledger)
+    async with AsyncTaskRunner(abackend, graph, max_attempts=2) as runner:
+        await runner.asubmit("k", {"messages": [HumanMessage("refund o1")]})
+        deadline = time.monotonic() + 10
+        while (await runner.astatus("k")).status != "interrupted":  # did it happen?
+            assert time.monotonic() < deadline, await runner.astatus("k")
+            await asyncio.sleep(0.02)
+        thread = (await runner.astatus("k")).thread_id
+        if known:  # it became known meanwhile: the refund went out
+            await ledger.aresolve(thread, "c1", happened=True, result="refunded", reviewer="ops")
+            with pytest.raises(InvalidDecision, match="took effect since this review was asked"):
+                await runner.aresume("k", {"type": "reject", "reviewer": "al"})
+            assert (await runner.astatus("k")).status == "interrupted"
+            return
+        done = await runner.aresume("k", {"type": "reject", "reviewer": "al"})  # it did not
+    assert done.status == "completed"
+    record = await ledger.aget(thread, "c1")
+    assert record is not None and record.resolved_by == "al"  # recorded, as the queue does
+    assert len(world.calls) == 1
+
+
+def _dying_once(died: bool) -> Any:
+    """The agent's last answer, "ok" — after a process death the first time, with *died*."""
+    from tests.harness_nodes.review_app import ProcessDied
+
+    crashed: list[bool] = []
+
+    def ok_unless_dying(messages: Any) -> str:
+        if died and not crashed:
+            crashed.append(True)
+            raise ProcessDied("the process died after the decision was applied")
+        return "ok"
+
+    return ok_unless_dying
+
+
+@pytest.mark.parametrize("died", [False, True], ids=["never-resumed", "died-after-resume"])
+def test_queue_recovery_settles_the_ledger_before_carrying_a_decision_on(
+    backend: Backend, died: bool
+) -> None:
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewQueue
+    from harness_nodes.review_queue import _CLAIM
+    from tests.harness_nodes.review_app import ProcessDied
+
+    world = Counter()
+    ledger = EffectLedger(backend)
+    builder = _reviewed_refund(_timing_out_refund(world, times=1), ledger, _dying_once(died))
+    queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+    with pytest.raises(TimeoutError):
+        queue.invoke({"messages": [HumanMessage("refund o1")]}, thread_id="t-1")
+    queue.invoke(None, thread_id="t-1")  # the resumed run asks: did it happen?
+    [item] = queue.pending()
+    # "It happened": al's decision won (its claim committed), then the process died before
+    # the answer reached the ledger (and, with *died*, after it reached the graph).
+    decision = [{"type": "approve", "reviewer": "al", "review_id": item.id}]
+    backend.execute(_CLAIM, (json.dumps(decision), "al", time.time(), item.id))
+    cfg: Any = {"configurable": {"thread_id": "t-1"}}
+    if died:
+        with pytest.raises(ProcessDied):
+            resume = Command(resume={item.interrupt_id: decision})
+            queue.graph.invoke(resume, cfg, durability="sync")
+    assert queue.sync("t-1") == []  # a plain sync leaves it to recovery
+    assert queue.get(item.id).status == "decided"
+
+    assert queue.sync("t-1", recover=True) == []
+    record = ledger.get("t-1", "c1")
+    assert record is not None and (record.status, record.resolved_by) == ("done", "al")
+    assert queue.get(item.id).status == "applied"
+    assert queue.graph.get_state(cfg).values["messages"][-1].content == "ok"
+    assert len(world.calls) == 1
+
+
+@pytest.mark.parametrize("died", [False, True], ids=["never-resumed", "died-after-resume"])
+async def test_async_queue_recovery_settles_the_ledger_before_carrying_a_decision_on(
+    abackend: AsyncBackend, died: bool
+) -> None:
+    from langgraph.types import Command
+
+    from harness_nodes import AsyncReviewQueue
+    from harness_nodes.review_queue import _CLAIM
+    from tests.harness_nodes.review_app import ProcessDied
+
+    world = Counter()
+    ledger = AsyncEffectLedger(abackend)
+    builder = _reviewed_refund(_timing_out_refund(world, times=1), ledger, _dying_once(died))
+    queue = AsyncReviewQueue(abackend, builder.compile(checkpointer=abackend.checkpointer))
+    with pytest.raises(TimeoutError):
+        await queue.ainvoke({"messages": [HumanMessage("refund o1")]}, thread_id="t-1")
+    await queue.ainvoke(None, thread_id="t-1")  # the resumed run asks: did it happen?
+    [item] = await queue.pending()
+    # "It happened": al's decision won (its claim committed), then the process died before
+    # the answer reached the ledger (and, with *died*, after it reached the graph).
+    decision = [{"type": "approve", "reviewer": "al", "review_id": item.id}]
+    await abackend.execute(_CLAIM, (json.dumps(decision), "al", time.time(), item.id))
+    cfg: Any = {"configurable": {"thread_id": "t-1"}}
+    if died:
+        with pytest.raises(ProcessDied):
+            resume = Command(resume={item.interrupt_id: decision})
+            await queue.graph.ainvoke(resume, cfg, durability="sync")
+    assert await queue.sync("t-1") == []  # a plain sync leaves it to recovery
+    assert (await queue.get(item.id)).status == "decided"
+
+    assert await queue.sync("t-1", recover=True) == []
+    record = await ledger.aget("t-1", "c1")
+    assert record is not None and (record.status, record.resolved_by) == ("done", "al")
+    assert (await queue.get(item.id)).status == "applied"
+    assert (await queue.graph.aget_state(cfg)).values["messages"][-1].content == "ok"
     assert len(world.calls) == 1
 
 

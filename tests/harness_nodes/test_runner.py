@@ -196,6 +196,61 @@ def test_a_malformed_review_decision_leaves_the_task_paused_for_a_corrected_one(
         assert "refunded 250 on A1" in runner.result("t-typo", timeout=1)["partial_result"]
 
 
+KILLED_IN_RESUME = """
+import sys
+from checkpointers import open_backend
+from harness_nodes import TaskRunner
+from harness_nodes.testing import ai, tool_call
+from tests.harness_nodes.review_app import build_builder
+script = [ai(tool_calls=[tool_call("refund", {"order": "KILL", "amount": 250})]), "ok"]
+with open_backend(sys.argv[1]) as backend:
+    runner = TaskRunner(backend, build_builder(script=script), lease_seconds=0.5)
+    runner.resume("t-killed", {"type": "approve"})  # killed inside the approved refund
+"""
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_review_decision_is_carried_on_by_recover(
+    durable_url: str,
+) -> None:
+    import signal
+
+    from harness_nodes.testing import ai, tool_call
+    from tests.harness_nodes.review_app import EFFECTS, KILL_ENV, build_builder
+
+    EFFECTS.clear()
+    script = [ai(tool_calls=[tool_call("refund", {"order": "KILL", "amount": 250})]), "ok"]
+    with open_backend(durable_url) as backend:
+        with TaskRunner(backend, build_builder(script=script), lease_seconds=0.5) as runner:
+            runner.submit("t-killed", {"messages": [HumanMessage("refund")]})
+            deadline = time.monotonic() + 30
+            while runner.status("t-killed").status != "interrupted":  # paused for review
+                assert time.monotonic() < deadline, runner.status("t-killed")
+                time.sleep(0.02)
+            proc = subprocess.run(
+                [sys.executable, "-c", KILLED_IN_RESUME, durable_url],
+                env=subprocess_env(**{KILL_ENV: "1"}),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert proc.returncode == -signal.SIGKILL, proc.stderr
+            # The decision was applied (the run is past its pause) and its process is gone:
+            # the task is running on a lease nobody renews, not paused.
+            config = {"configurable": {"thread_id": "t-killed"}}
+            state = runner.graph.get_state(config)
+            assert (state.next, state.interrupts) == (("tools",), ())
+            assert runner.status("t-killed").status == "running"
+            deadline = time.monotonic() + 30
+            while not (recovered := runner.recover()):  # once the lease has expired
+                assert time.monotonic() < deadline, runner.status("t-killed")
+                time.sleep(0.05)
+            assert recovered == ["t-killed"]
+            assert runner.result("t-killed", timeout=30)["partial_result"] == "ok"
+            assert runner.status("t-killed").attempts == 3  # run, resume, recovery
+    assert EFFECTS["refund"] == 1  # the recovery's (the killed one never got that far)
+
+
 def test_a_compiled_graph_is_rebound_to_the_runners_checkpointer(memory_backend: Backend) -> None:
     builder = StateGraph(MessagesState)
     builder.add_node("answer", lambda state: {"messages": [AIMessage("42")]})

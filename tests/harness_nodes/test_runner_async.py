@@ -18,6 +18,7 @@ from checkpointers import AsyncBackend
 from harness_nodes import (
     AsyncEffectLedger,
     AsyncTaskRunner,
+    InvalidDecision,
     RunFailed,
     TaskNotFinished,
     UnknownTask,
@@ -144,3 +145,53 @@ async def test_failures_cancellation_and_bad_input(abackend: AsyncBackend) -> No
         assert (await runner.acancel("t-broken")).status == "failed"
     with pytest.raises(UserError, match="needs a checkpointers.AsyncBackend"):
         AsyncTaskRunner(object(), builder)  # type: ignore[arg-type]
+
+
+async def test_a_malformed_review_decision_leaves_the_task_paused_for_a_corrected_one(
+    abackend: AsyncBackend,
+) -> None:
+    from tests.harness_nodes.review_app import EFFECTS, build_builder
+
+    EFFECTS.clear()
+    async with AsyncTaskRunner(abackend, build_builder()) as runner:
+        await runner.asubmit("t-typo", {"messages": [HumanMessage("refund A1")]})
+        with pytest.raises(TaskNotFinished, match="interrupted"):
+            await runner.aresult("t-typo", timeout=2)
+        with pytest.raises(InvalidDecision, match="Input should be .approve."):
+            await runner.aresume("t-typo", {"type": "approved"})  # a typo: nothing runs
+        assert (await runner.astatus("t-typo")).status == "interrupted"
+        assert "refund" not in EFFECTS
+        done = await runner.aresume("t-typo", {"type": "approve"})
+        assert done.status == "completed", done.error
+        assert EFFECTS["refund"] == 1
+        assert "refunded 250 on A1" in (await runner.aresult("t-typo", timeout=1))["partial_result"]
+
+
+async def test_a_run_that_died_after_its_review_decision_is_carried_on_by_recover(
+    abackend: AsyncBackend,
+) -> None:
+    from harness_nodes.testing import ai, tool_call
+    from tests.harness_nodes.review_app import CRASHED, EFFECTS, ProcessDied, build_builder
+
+    CRASHED.clear()
+    EFFECTS.clear()
+    script = [ai(tool_calls=[tool_call("refund", {"order": "CRASH-ONCE", "amount": 250})]), "ok"]
+    builder = build_builder(script=script)
+    async with AsyncTaskRunner(abackend, builder, lease_seconds=0.3) as runner:
+        await runner.asubmit("t-died", INPUT)
+        deadline = time.monotonic() + 30
+        while (await runner.astatus("t-died")).status != "interrupted":  # paused for review
+            assert time.monotonic() < deadline, await runner.astatus("t-died")
+            await asyncio.sleep(0.02)
+        with pytest.raises(ProcessDied):  # inside the approved refund
+            await runner.aresume("t-died", {"type": "approve"})
+        state = await runner.graph.aget_state({"configurable": {"thread_id": "t-died"}})
+        assert (state.next, state.interrupts) == (("tools",), ())
+        assert (await runner.astatus("t-died")).status == "running"  # on a dead lease
+        deadline = time.monotonic() + 30
+        while not (recovered := await runner.arecover()):  # once the lease has expired
+            assert time.monotonic() < deadline, await runner.astatus("t-died")
+            await asyncio.sleep(0.05)
+        assert recovered == ["t-died"]
+        assert (await runner.aresult("t-died", timeout=30))["partial_result"] == "ok"
+    assert EFFECTS["refund"] == 1
