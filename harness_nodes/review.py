@@ -1100,6 +1100,12 @@ def _resolve_escalation(
         if req["trigger"] == "effect_unknown":
             content = f"A human reviewer confirmed the call took effect.{note}"
             status = "success"
+        elif "rejected_output" in meta:
+            # Accepted as it is: the model gets the output verification had replaced with
+            # feedback (and the reviewer's note, if any).
+            content, status = meta["rejected_output"], "success"
+            if note and isinstance(content, str):
+                content += f"\n\nA human reviewer accepted this output.{note}"
     elif dec.type == "respond":
         content, status = dec.message or "", "success"
     else:  # reject

@@ -374,8 +374,12 @@ def _escalating_graph(kind: str, checkpointer: BaseCheckpointSaver[Any]) -> Any:
             "tool_call_id": last.tool_call_id,
             "args": {"order": "A1", "amount": 20},
         }
-        flagged = last.model_copy(update={"additional_kwargs": {"harness": {"escalation": esc}}})
-        return {"messages": [flagged]}
+        meta: dict[str, Any] = {"escalation": esc}
+        update: dict[str, Any] = {"additional_kwargs": {"harness": meta}}
+        if kind == "verification":  # as the verifier does: feedback in place of the output
+            meta["rejected_output"] = last.content
+            update.update(content="rejected by verification: empty body", status="error")
+        return {"messages": [last.model_copy(update=update)]}
 
     builder = StateGraph(MessagesState)
     builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
@@ -393,6 +397,18 @@ def _escalating_graph(kind: str, checkpointer: BaseCheckpointSaver[Any]) -> Any:
     ("kind", "decision", "expected"),
     [
         pytest.param("verification", {"type": "approve"}, "final: refunded 20", id="verif-ok"),
+        pytest.param(
+            "verification",
+            {"type": "approve", "message": "the body is empty on purpose"},
+            "accepted this output. Reviewer's note: the body is empty on purpose",
+            id="verif-ok-note",
+        ),
+        pytest.param(
+            "verification",
+            {"type": "reject", "message": "bad"},
+            "final: A human reviewer rejected this result. Reviewer's note: bad",
+            id="verif-reject",
+        ),
         pytest.param(
             "verification",
             {"type": "respond", "message": "refund id R-9"},
