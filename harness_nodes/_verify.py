@@ -362,6 +362,10 @@ def check_output(
             raise
         except Exception as e:
             reason = f"check {_name(check)} raised {type(e).__name__}: {excerpt(str(e))}"
+        if reason is True:  # a predicate: True means the output is good
+            continue
+        if reason is False:
+            reason = f"check {_name(check)} returned False"
         if reason:
             reasons.append(str(reason))
     return reasons

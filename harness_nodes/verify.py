@@ -58,6 +58,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 import types
 from collections.abc import Awaitable, Callable, Mapping
@@ -106,10 +107,11 @@ _SOURCES = ("auto", "content", "artifact")
 
 @runtime_checkable
 class Check(Protocol):
-    """A predicate on a tool's output: returns why the output is wrong, or ``None``.
+    """A check on a tool's output: returns why the output is wrong, or ``None``.
 
     It receives the output as the contract sees it: the schema's model instance when the
-    contract has a schema, else the decoded JSON (or the artifact, or the text).
+    contract has a schema, else the decoded JSON (or the artifact, or the text). A plain
+    predicate works too: ``True`` means the output is good, ``False`` that it is not.
 
     Example:
         ```python
@@ -125,8 +127,8 @@ class Check(Protocol):
         ```
     """
 
-    def __call__(self, output: Any, /) -> str | None:
-        """Return a reason the output is wrong, or ``None`` when it is fine."""
+    def __call__(self, output: Any, /) -> str | bool | None:
+        """Return a reason the output is wrong, or ``None`` (or ``True``) when it is fine."""
         ...
 
 
@@ -297,7 +299,8 @@ class ToolContract:
     ranges: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
     """Field → inclusive ``(low, high)`` bounds; ``None`` leaves a side open."""
     checks: tuple[Check, ...] = ()
-    """Predicates on the output; each returns a reason or ``None``."""
+    """Checks on the output; each returns a reason (text) or ``None``, or is a predicate
+    returning ``True`` for a good output and ``False`` for a bad one."""
     signals: ErrorSignals | None = field(default_factory=ErrorSignals)
     """Error-signal detectors; ``None`` turns them off."""
     allow_empty: bool = False
@@ -334,6 +337,11 @@ class ToolContract:
                 f"{self.required!r} (write required=({self.required!r},))"
             )
         object.__setattr__(self, "required", tuple(self.required))
+        if callable(self.checks) or isinstance(self.checks, str):
+            raise UserError(
+                f"ToolContract.checks must be a tuple of callables, got {self.checks!r} "
+                "(write checks=(check,))"
+            )
         object.__setattr__(self, "checks", tuple(self.checks))
         if not isinstance(self.ranges, Mapping):
             raise UserError("ToolContract.ranges must map field names to (low, high) bounds")
@@ -344,7 +352,9 @@ class ToolContract:
                 )
             low, high = bounds
             for b in (low, high):
-                if b is not None and (isinstance(b, bool) or not isinstance(b, int | float)):
+                if b is not None and (
+                    isinstance(b, bool) or not isinstance(b, int | float) or math.isnan(b)
+                ):
                     raise UserError(f"ToolContract.ranges[{path!r}]: bound {b!r} is not a number")
             if low is not None and high is not None and low > high:
                 raise UserError(f"ToolContract.ranges[{path!r}]: low {low} > high {high}")
@@ -783,7 +793,9 @@ def _failed_verdicts(messages: list[AnyMessage]) -> list[Verdict]:
     for message in messages[start + 1 :]:
         if isinstance(message, ToolMessage):
             verdict = _verify.harness_meta(message).get("verdict")
-            if isinstance(verdict, dict) and verdict.get("action") == "fail":
+            # An escalation reaches the stop too when nobody reviews (add_harness without
+            # a review policy): its reasons are the task's.
+            if isinstance(verdict, dict) and verdict.get("action") in ("fail", "escalate"):
                 found.append(cast(Verdict, verdict))
     return found
 

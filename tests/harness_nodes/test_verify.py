@@ -574,6 +574,16 @@ class Item(BaseModel):
             lambda: ToolContract(checks=("x",)), "is not callable", id="check-not-callable"
         ),  # type: ignore[arg-type]
         pytest.param(
+            lambda: ToolContract(checks=len),  # type: ignore[arg-type]
+            "must be a tuple of callables",
+            id="bare-check",
+        ),
+        pytest.param(
+            lambda: ToolContract(ranges={"t": (float("nan"), 5)}),
+            "bound nan is not a number",
+            id="nan-bound",
+        ),
+        pytest.param(
             lambda: ErrorSignals(text_patterns=("(",)), "invalid text pattern '('", id="bad-regex"
         ),
         pytest.param(
@@ -596,6 +606,17 @@ def test_wiring_mistakes_raise_user_error_at_construction(
 ) -> None:
     with pytest.raises(UserError, match=re.escape(message)):
         build()
+
+
+def test_a_predicate_check_passes_on_true_and_fails_on_false() -> None:
+    from harness_nodes._verify import check_output
+
+    def positive_price(output: Any) -> bool:
+        return bool(output["price"] > 0)
+
+    contract = ToolContract(checks=(positive_price,))
+    assert check_output(contract, '{"price": 3}') == []
+    assert check_output(contract, '{"price": -1}') == ["check positive_price returned False"]
 
 
 def test_range_on_optional_number_field_is_accepted() -> None:

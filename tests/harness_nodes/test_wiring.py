@@ -463,6 +463,18 @@ def test_an_escalating_contract_sends_the_output_to_review() -> None:
     assert out["outcome"]["status"] == "completed"
 
 
+def test_an_escalation_nobody_reviews_stops_with_its_reasons() -> None:
+    # add_harness without a review policy routes an escalated output to its stop node.
+    contracts = {"lookup": ToolContract(side_effects=True)}
+    graph = add_harness(
+        _bare_loop(_model("broken")), model_node="agent", tools_node="tools", contracts=contracts
+    ).compile()
+    out = graph.invoke({"messages": [HumanMessage("go")]})
+    assert out["outcome"]["status"] == "verification_failed"
+    assert "lookup: the output reports a failure: status='failed'" in out["outcome"]["reason"]
+    assert "upstream 504" in out["messages"][-1].content
+
+
 def test_add_harness_puts_review_in_front_of_the_users_tool_node() -> None:
     from langgraph.checkpoint.memory import InMemorySaver
     from langgraph.types import Command
