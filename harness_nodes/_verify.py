@@ -12,8 +12,10 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 import reprlib
 from collections.abc import Mapping, Sequence
+from dataclasses import is_dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic_core
@@ -117,6 +119,15 @@ def decode_json(text: str) -> tuple[bool, Any]:
     The literal covers tool nodes that hand the model ``str(dict)`` instead of JSON.
     """
     stripped = text.strip()
+    if stripped[:2] in ("b'", 'b"') and len(stripped) <= _MAX_LITERAL_CHARS:
+        # a tool that returned bytes: LangChain hands the model their repr
+        try:
+            raw = ast.literal_eval(stripped)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return False, None
+        if isinstance(raw, bytes):
+            return decode_json(raw.decode("utf-8", errors="replace"))
+        return False, None
     if not stripped or stripped[0] not in _JSON_START:
         return False, None
     try:
@@ -141,6 +152,72 @@ def decode_json(text: str) -> tuple[bool, Any]:
     return False, None
 
 
+_REPR_START = re.compile(r"[A-Za-z_]\w*(=|\()")
+
+
+def decode_repr(text: str) -> tuple[bool, Any]:
+    """``(True, fields)`` for a pydantic model's ``str()`` or a model/dataclass ``repr()``.
+
+    LangChain hands the model ``str(output)`` when a tool returns an object that is not JSON:
+    ``city='Paris' temp_c=18.0`` for a pydantic model, ``Weather(city='Paris')`` for a
+    dataclass. Their fields are read back (literals and nested reprs only: nothing runs), so
+    the checks see the data the model sees; anything else is ``(False, None)``.
+    """
+    stripped = text.strip()
+    match = _REPR_START.match(stripped)
+    if match is None or len(stripped) > _MAX_LITERAL_CHARS:
+        return False, None
+    source = f"_({_comma_separated(stripped)})" if match.group(1) == "=" else stripped
+    try:
+        value = _repr_value(ast.parse(source, mode="eval").body)
+    except (_NotARepr, ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False, None
+    return (True, value) if isinstance(value, dict) else (False, None)
+
+
+class _NotARepr(Exception):
+    pass
+
+
+def _comma_separated(text: str) -> str:
+    """``a=1 b='x y'`` → ``a=1, b='x y'``: the spaces between top-level fields become commas."""
+    out: list[str] = []
+    depth, quote, escaped = 0, "", False
+    for i, ch in enumerate(text):
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == " " and depth == 0 and _REPR_START.match(text, i + 1):
+            out.append(",")
+        out.append(ch)
+    return "".join(out)
+
+
+def _repr_value(node: ast.expr) -> Any:
+    if isinstance(node, ast.Call):  # Name(field=..., ...): its fields
+        if node.args or any(k.arg is None for k in node.keywords):
+            raise _NotARepr
+        return {k.arg: _repr_value(k.value) for k in node.keywords}
+    if isinstance(node, ast.List | ast.Tuple):
+        return [_repr_value(v) for v in node.elts]
+    if isinstance(node, ast.Dict):
+        if any(k is None for k in node.keys):
+            raise _NotARepr
+        pairs = zip(node.keys, node.values, strict=True)
+        return {_repr_value(k): _repr_value(v) for k, v in pairs}  # type: ignore[arg-type]
+    return ast.literal_eval(node)  # constants, negative numbers, sets...
+
+
 def payload_of(contract: ToolContract, content: Any, artifact: Any) -> tuple[Any, str, bool]:
     """``(payload, text, structured)``: what the checks look at.
 
@@ -154,9 +231,15 @@ def payload_of(contract: ToolContract, content: Any, artifact: Any) -> tuple[Any
     )
     if use_artifact:
         if isinstance(artifact, bytes | bytearray):
-            return bytes(artifact).decode("utf-8", errors="replace"), text, False
+            decoded = bytes(artifact).decode("utf-8", errors="replace")
+            is_json, value = decode_json(decoded)
+            return (value, decoded, True) if is_json else (decoded, decoded, False)
         return artifact, text, True
+    if not text.strip() and isinstance(content, list) and content:
+        return content, text, True  # content blocks with no text (an image): not empty
     is_json, value = decode_json(text)
+    if not is_json:
+        is_json, value = decode_repr(text)
     if is_json:
         return value, text, True
     return text, text, False
@@ -210,6 +293,8 @@ def lookup(payload: Any, path: str) -> Any:
 def signal_reasons(signals: ErrorSignals, payload: Any, text: str, structured: bool) -> list[str]:
     """Error signals inside an output that otherwise looks like a success."""
     reasons: list[str] = []
+    if structured and isinstance(payload, str):  # a JSON string: its text is the output
+        text, structured = payload, False
     if not structured:
         head = text[: signals.scan_chars]
         if signals.html and signals.html_pattern.search(head):
@@ -221,6 +306,10 @@ def signal_reasons(signals: ErrorSignals, payload: Any, text: str, structured: b
                     f"the output reads like an error ({match.group(0)!r}): {excerpt(text[:200])}"
                 ]
         return reasons
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump()
+    elif is_dataclass(payload) and not isinstance(payload, type):
+        payload = vars(payload)
     if not isinstance(payload, Mapping):
         return reasons
     for key, value in payload.items():
@@ -254,11 +343,11 @@ def _is_false(value: Any) -> bool:
 
 
 def _is_error_status(value: Any) -> bool:
-    """An int >= 400, or an HTTP error status (400-599) written as a float or a string."""
+    """An HTTP error status (400-599), written as an int, a float or a string."""
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
-        return value >= 400
+        return 400 <= value <= 599  # a zip code or an app's own code 94107 is data
     if isinstance(value, float) and value.is_integer():
         return 400 <= value <= 599
     if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) == 3:
@@ -453,6 +542,9 @@ def apply_verdict(
     update: dict[str, Any] = {}
     if not ok:
         meta["rejected_output"] = message.content
+        if message.artifact is not None:  # refused with its output: it does not flow on
+            meta["rejected_artifact"] = message.artifact
+            update["artifact"] = None
         if verdict["action"] == "escalate" and "escalation" not in meta:
             meta["escalation"] = Escalation(
                 kind="verification",

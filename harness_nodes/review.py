@@ -1095,6 +1095,7 @@ def _resolve_escalation(
     meta["review"] = {**record, "escalation": req["trigger"]}
     content: Any = msg.content
     status = msg.status
+    artifact = msg.artifact
     note = f" Reviewer's note: {dec.message}" if dec.message else ""
     if dec.type == "approve":
         if req["trigger"] == "effect_unknown":
@@ -1106,6 +1107,8 @@ def _resolve_escalation(
             content, status = meta["rejected_output"], "success"
             if note and isinstance(content, str):
                 content += f"\n\nA human reviewer accepted this output.{note}"
+            if "rejected_artifact" in meta:
+                artifact = meta.pop("rejected_artifact")
     elif dec.type == "respond":
         content, status = dec.message or "", "success"
     else:  # reject
@@ -1118,6 +1121,7 @@ def _resolve_escalation(
         update={
             "content": content,
             "status": status,
+            "artifact": artifact,
             "additional_kwargs": {**msg.additional_kwargs, "harness": meta},
         }
     )

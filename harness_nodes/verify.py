@@ -175,8 +175,8 @@ class ErrorSignals:
     success_flags: frozenset[str] = frozenset({"success", "ok", "succeeded"})
     """Keys whose ``false`` value (or the text ``"false"``, ``"no"``, ``"0"``) means it failed."""
     code_keys: frozenset[str] = frozenset({"status_code", "statusCode", "http_status", "code"})
-    """Keys whose integer value >= 400 means the call failed (an HTTP error status; also
-    400-599 written as a float or a string, ``"500"``)."""
+    """Keys whose value is an HTTP error status (400-599, as a number or a string such as
+    ``"500"``) mean the call failed."""
     text_patterns: tuple[str, ...] = _DEFAULT_TEXT_PATTERNS
     """Regular expressions (case-insensitive) that mark plain text as an error message."""
     html: bool = True

@@ -1083,3 +1083,136 @@ def test_retry_count_survives_sigkill_between_retries(durable_url: str, tmp_path
     ]
     assert log.read_text().split() == ["k1", "k2", "k3"]  # no call ran twice
     assert result["last"].startswith("I stopped: a tool output failed verification.")
+
+
+def _through_tool_node(result: Any, contract: ToolContract | None = None) -> ToolMessage:
+    """What verification makes of *result* returned by a real tool run by a ToolNode."""
+
+    @tool
+    def probe() -> Any:
+        """Return the output under test."""
+        return result
+
+    verify = VerifyToolOutputs({"probe": contract} if contract else {})
+    builder = StateGraph(MessagesState)
+    builder.add_node("tools", ToolNode([probe], wrap_tool_call=verify.wrap_tool_call))
+    builder.add_edge(START, "tools")
+    call = {"name": "probe", "args": {}, "id": "p1", "type": "tool_call"}
+    out = builder.compile().invoke({"messages": [AIMessage("", tool_calls=[call])]})
+    message = out["messages"][-1]
+    assert isinstance(message, ToolMessage)
+    return message
+
+
+@dataclass
+class _Job:
+    status: str
+    rows: int
+
+
+@pytest.mark.parametrize(
+    ("result", "contract", "reasons"),
+    [
+        # LangChain hands the model str(model) / repr(dataclass): the checks read it back
+        pytest.param(Weather(**GOOD), WEATHER, [], id="pydantic-good"),
+        pytest.param(
+            Weather(**{**GOOD, "temp_c": 500}),
+            WEATHER,
+            ["field 'temp_c' = 500 is out of range [-90, 60]"],
+            id="pydantic-out-of-range",
+        ),
+        pytest.param(
+            _Job(status="failed", rows=0),
+            None,
+            ["the output reports a failure: status='failed'"],
+            id="dataclass-failed",
+        ),
+        pytest.param(
+            b'{"error": "boom"}', None, ["the output carries an error: error='boom'"], id="bytes"
+        ),
+        pytest.param({"city": "San Francisco", "code": 94107}, None, [], id="zip-code-is-data"),
+        pytest.param(
+            {"code": 503}, None, ["the output reports an error status: code=503"], id="http-503"
+        ),
+        pytest.param(
+            [{"type": "image", "base64": "iVBORw0KGgo=", "mime_type": "image/png"}],
+            None,
+            [],
+            id="image-block-is-not-empty",
+        ),
+        pytest.param(
+            "Error: upstream timed out",
+            None,
+            ["the output reads like an error"],
+            id="text",
+        ),
+        pytest.param(
+            json.dumps("Error: upstream timed out"),
+            None,
+            ["the output reads like an error"],
+            id="json-string",
+        ),
+    ],
+)
+def test_outputs_of_every_kind_get_the_verdict_their_data_deserves(
+    result: Any, contract: ToolContract | None, reasons: list[str]
+) -> None:
+    message = _through_tool_node(result, contract)
+    verdict = message.additional_kwargs["harness"]["verdict"]
+    assert len(verdict["reasons"]) == len(reasons)
+    for got, expected in zip(verdict["reasons"], reasons, strict=True):
+        assert got.startswith(expected)
+
+
+def test_a_refused_output_keeps_its_artifact_out_of_the_conversation() -> None:
+    class Report(BaseModel):
+        status: str
+        rows: list[int]
+
+    @tool(response_format="content_and_artifact")
+    def rows() -> Any:
+        """Rows and a report."""
+        return "3 rows", Report(status="error", rows=[1, 2, 3])
+
+    verify = VerifyToolOutputs()
+    builder = StateGraph(MessagesState)
+    builder.add_node("tools", ToolNode([rows], wrap_tool_call=verify.wrap_tool_call))
+    builder.add_edge(START, "tools")
+    call = {"name": "rows", "args": {}, "id": "r1", "type": "tool_call"}
+    [message] = builder.compile().invoke({"messages": [AIMessage("", tool_calls=[call])]})[
+        "messages"
+    ][1:]
+    meta = message.additional_kwargs["harness"]
+    assert meta["verdict"]["reasons"] == ["the output reports a failure: status='error'"]
+    assert message.artifact is None
+    assert meta["rejected_artifact"] == Report(status="error", rows=[1, 2, 3])
+
+
+def test_an_approved_escalation_gives_the_model_the_output_and_its_artifact_back() -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from harness_nodes import build_harnessed_agent
+
+    @tool(response_format="content_and_artifact")
+    def book(room: str) -> Any:
+        """Book a room."""
+        return '{"booking_id": ""}', {"booking_id": "", "room": room}
+
+    seen: list[ToolMessage] = []
+
+    def answer(messages: list[Any]) -> Any:
+        seen.append(messages[-1])
+        return ai("booked")
+
+    model = ScriptedChatModel(script=[ai(tool_calls=[tool_call("book", {"room": "A"})]), answer])
+    contract = ToolContract(required=("booking_id",), side_effects=True)
+    agent = build_harnessed_agent(
+        model, [book], contracts={"book": contract}, checkpointer=InMemorySaver()
+    )
+    config = {"configurable": {"thread_id": "t-approve"}}
+    agent.invoke({"messages": [HumanMessage("book A")]}, config)
+    assert agent.get_state(config).interrupts
+    agent.invoke(Command(resume={"type": "approve"}), config)
+    [message] = seen
+    assert (message.status, message.content) == ("success", '{"booking_id": ""}')
+    assert message.artifact == {"booking_id": "", "room": "A"}
