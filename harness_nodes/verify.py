@@ -140,6 +140,12 @@ _DEFAULT_TEXT_PATTERNS = (
     r"\btimeout\b",
     r"\b(?:service unavailable|bad gateway|gateway timeout|internal server error)\b",
     r"\A\s*(?:error|exception)\b\s*[:!-]",
+    # an HTTP status line served as the output: "404 Not Found", "ERROR 403 Forbidden"
+    r"\A\s*(?:error\W+)?(?:HTTP/[\d.]+\s+)?[45]\d\d\W+(?:bad request|unauthori[sz]ed"
+    r"|forbidden|not found|method not allowed|conflict|gone|payload too large"
+    r"|unprocessable|too many requests|internal server error|bad gateway"
+    r"|service unavailable|gateway timeout)\b",
+    r"\A\s*(?:access|permission) denied\b",
     r"\btraceback \(most recent call last\)",
 )
 

@@ -183,6 +183,13 @@ FAILURES = [
     Case(
         "timeout-text", "Request timed out after 30s", "the output reads like an error ('timed out'"
     ),
+    Case("http-status-line", "ERROR 404 Not Found", "the output reads like an error ('ERROR 404"),
+    Case(
+        "http-status-line-with-version",
+        "HTTP/1.1 403 Forbidden",
+        "the output reads like an error ('HTTP/1.1 403 Forbidden'",
+    ),
+    Case("access-denied", "Access denied: token expired", "the output reads like an error"),
     Case(
         "html-page",
         "  <!DOCTYPE html><html><body><h1>502 Bad Gateway</h1></body></html>",
@@ -266,6 +273,7 @@ def test_schema_feedback_says_what_is_needed() -> None:
         pytest.param({"error": None, "items": [1]}, ToolContract(), id="null-error-key"),
         pytest.param({"error": 0, "items": [1]}, ToolContract(), id="errno-zero"),
         pytest.param({"code": "12345", "items": [1]}, ToolContract(), id="code-is-data"),
+        pytest.param("450 results for your query", ToolContract(), id="a-count-is-not-a-status"),
         pytest.param(
             "x" * 600 + " the request timed out", ToolContract(), id="late-timeout-is-data"
         ),
