@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import numbers
 import threading
 import uuid
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -114,6 +116,18 @@ def _usd(nanos: int) -> float:
     return nanos / NANOS_PER_USD
 
 
+def _number(value: object, what: str) -> float:
+    """*value* as a float; a bool (``True`` is 1) or a string is a wiring mistake."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
+        raise UserError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+_MIN_WINDOW_SECONDS = 1.0
+"""The shortest `WindowCap` window. The ledger keys a window by ``floor(now / seconds) *
+seconds``: an infinite length makes that NaN, a tiny one overflows."""
+
+
 @dataclass(frozen=True)
 class WindowCap:
     """An aggregate cap on all tasks of one type over a tumbling time window.
@@ -132,12 +146,16 @@ class WindowCap:
     max_usd: float
     """Dollars all tasks of the type may spend together in one window."""
     seconds: float = 86400.0
-    """The window's length."""
+    """The window's length in seconds: finite, at least 1."""
 
     def __post_init__(self) -> None:
         _usd_to_nanos(self.max_usd, "WindowCap.max_usd")
-        if not self.seconds > 0:
-            raise UserError(f"WindowCap.seconds must be positive, got {self.seconds!r}")
+        seconds = _number(self.seconds, "WindowCap.seconds")
+        if not _MIN_WINDOW_SECONDS <= seconds < math.inf:  # False for NaN too
+            raise UserError(
+                f"WindowCap.seconds must be a finite number of seconds, at least "
+                f"{_MIN_WINDOW_SECONDS:g}, got {self.seconds!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -612,6 +612,31 @@ def test_envelopes_are_validated_at_construction() -> None:
         BudgetGuard(ScriptedChatModel(model_name="gpt-4o"))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "seconds",
+    [
+        pytest.param(float("inf"), id="infinite"),  # window start inf*0 = NaN
+        pytest.param(float("nan"), id="nan"),
+        pytest.param(1e-300, id="tiny"),  # now / seconds overflows
+        pytest.param(0.5, id="under-a-second"),
+        pytest.param(True, id="bool"),
+        pytest.param("86400", id="string"),  # was a raw TypeError
+    ],
+)
+def test_window_caps_refuse_windows_the_ledger_cannot_key(seconds: object) -> None:
+    with pytest.raises(UserError, match=re.escape("WindowCap.seconds must be")):
+        WindowCap(max_usd=1, seconds=seconds)  # type: ignore[arg-type]
+
+
+def test_a_one_second_window_cap_is_the_shortest_and_works(backend: Backend) -> None:
+    envelope = Envelope(type_cap=WindowCap(max_usd=1, seconds=1))
+    llm = budgeted(
+        ScriptedChatModel(script=["ok"], model_name="gpt-4o"), envelope=envelope, backend=backend
+    )
+    config = {"configurable": {"thread_id": "w1", "task_type": "research"}}
+    assert llm.invoke([HumanMessage("hi")], config).content == "ok"
+
+
 def test_token_and_call_limits_stop_too(backend: Backend) -> None:
     model = ScriptedChatModel(script=["a", "b", "c"], model_name="gpt-4o-mini")
     llm = budgeted(model, envelope=Envelope(max_calls=2), backend=backend)
