@@ -102,6 +102,11 @@ Decision = Literal["ok", "degrade", "stop"]
 TokenCounter = Callable[[Sequence[BaseMessage]], int]
 
 
+_INT64_MAX = 2**63 - 1
+"""The ledger keeps nano-dollars, tokens and calls in signed 64-bit integers (BIGINT)."""
+_MAX_USD = Decimal(_INT64_MAX) / NANOS_PER_USD
+
+
 def _usd_to_nanos(usd: float | int | str | Decimal, what: str) -> int:
     try:
         d = Decimal(str(usd))
@@ -109,7 +114,24 @@ def _usd_to_nanos(usd: float | int | str | Decimal, what: str) -> int:
         raise UserError(f"{what} must be a number of USD, got {usd!r}") from None
     if not d.is_finite() or d < 0:
         raise UserError(f"{what} must be a finite, non-negative number of USD, got {usd!r}")
-    return int(d * NANOS_PER_USD)  # floor: a limit is never rounded up
+    nanos = int(d * NANOS_PER_USD)  # floor: a limit is never rounded up
+    if nanos > _INT64_MAX:
+        raise UserError(
+            f"{what} must be at most ${_MAX_USD:,} (the ledger counts nano-dollars in 64-bit "
+            f"integers), got {usd!r}"
+        )
+    return nanos
+
+
+def _check_count(value: object, what: str) -> None:
+    """A token or call count the ledger can hold: an int (not a bool) in 0..2**63-1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{what} must be a non-negative int, got {value!r}")
+    if value > _INT64_MAX:
+        raise UserError(
+            f"{what} must be at most {_INT64_MAX} (the ledger counts in 64-bit integers), "
+            f"got {value!r}"
+        )
 
 
 def _usd(nanos: int) -> float:
@@ -172,7 +194,8 @@ class Envelope:
     """
 
     max_usd: float | None = None
-    """Dollars the task may spend, reservations in flight included."""
+    """Dollars the task may spend, reservations in flight included (at most $9,223,372,036.85:
+    the ledger counts nano-dollars in 64-bit integers)."""
     max_tokens: int | None = None
     """Input + output tokens the task may use."""
     max_calls: int | None = None
@@ -197,9 +220,9 @@ class Envelope:
             _usd_to_nanos(self.max_usd, "Envelope.max_usd")
         for name in ("max_tokens", "max_calls", "max_output_tokens", "min_output_tokens"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise UserError(f"Envelope.{name} must be a non-negative int, got {value!r}")
-        if not 0 < self.warn_at <= 1:
+            if value is not None:
+                _check_count(value, f"Envelope.{name}")
+        if not 0 < _number(self.warn_at, "Envelope.warn_at") <= 1:
             raise UserError(f"Envelope.warn_at must be in (0, 1], got {self.warn_at!r}")
         if self.exit_behavior not in ("end", "error"):
             raise UserError(
