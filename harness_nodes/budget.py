@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import numbers
 import threading
 import uuid
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -100,6 +102,11 @@ Decision = Literal["ok", "degrade", "stop"]
 TokenCounter = Callable[[Sequence[BaseMessage]], int]
 
 
+_INT64_MAX = 2**63 - 1
+"""The ledger keeps nano-dollars, tokens and calls in signed 64-bit integers (BIGINT)."""
+_MAX_USD = Decimal(_INT64_MAX) / NANOS_PER_USD
+
+
 def _usd_to_nanos(usd: float | int | str | Decimal, what: str) -> int:
     try:
         d = Decimal(str(usd))
@@ -107,11 +114,40 @@ def _usd_to_nanos(usd: float | int | str | Decimal, what: str) -> int:
         raise UserError(f"{what} must be a number of USD, got {usd!r}") from None
     if not d.is_finite() or d < 0:
         raise UserError(f"{what} must be a finite, non-negative number of USD, got {usd!r}")
-    return int(d * NANOS_PER_USD)  # floor: a limit is never rounded up
+    nanos = int(d * NANOS_PER_USD)  # floor: a limit is never rounded up
+    if nanos > _INT64_MAX:
+        raise UserError(
+            f"{what} must be at most ${_MAX_USD:,} (the ledger counts nano-dollars in 64-bit "
+            f"integers), got {usd!r}"
+        )
+    return nanos
+
+
+def _check_count(value: object, what: str) -> None:
+    """A token or call count the ledger can hold: an int (not a bool) in 0..2**63-1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{what} must be a non-negative int, got {value!r}")
+    if value > _INT64_MAX:
+        raise UserError(
+            f"{what} must be at most {_INT64_MAX} (the ledger counts in 64-bit integers), "
+            f"got {value!r}"
+        )
 
 
 def _usd(nanos: int) -> float:
     return nanos / NANOS_PER_USD
+
+
+def _number(value: object, what: str) -> float:
+    """*value* as a float; a bool (``True`` is 1) or a string is a wiring mistake."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
+        raise UserError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+_MIN_WINDOW_SECONDS = 1.0
+"""The shortest `WindowCap` window. The ledger keys a window by ``floor(now / seconds) *
+seconds``: an infinite length makes that NaN, a tiny one overflows."""
 
 
 @dataclass(frozen=True)
@@ -132,12 +168,16 @@ class WindowCap:
     max_usd: float
     """Dollars all tasks of the type may spend together in one window."""
     seconds: float = 86400.0
-    """The window's length."""
+    """The window's length in seconds: finite, at least 1."""
 
     def __post_init__(self) -> None:
         _usd_to_nanos(self.max_usd, "WindowCap.max_usd")
-        if not self.seconds > 0:
-            raise UserError(f"WindowCap.seconds must be positive, got {self.seconds!r}")
+        seconds = _number(self.seconds, "WindowCap.seconds")
+        if not _MIN_WINDOW_SECONDS <= seconds < math.inf:  # False for NaN too
+            raise UserError(
+                f"WindowCap.seconds must be a finite number of seconds, at least "
+                f"{_MIN_WINDOW_SECONDS:g}, got {self.seconds!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -154,7 +194,8 @@ class Envelope:
     """
 
     max_usd: float | None = None
-    """Dollars the task may spend, reservations in flight included."""
+    """Dollars the task may spend, reservations in flight included (at most $9,223,372,036.85:
+    the ledger counts nano-dollars in 64-bit integers)."""
     max_tokens: int | None = None
     """Input + output tokens the task may use."""
     max_calls: int | None = None
@@ -179,9 +220,9 @@ class Envelope:
             _usd_to_nanos(self.max_usd, "Envelope.max_usd")
         for name in ("max_tokens", "max_calls", "max_output_tokens", "min_output_tokens"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise UserError(f"Envelope.{name} must be a non-negative int, got {value!r}")
-        if not 0 < self.warn_at <= 1:
+            if value is not None:
+                _check_count(value, f"Envelope.{name}")
+        if not 0 < _number(self.warn_at, "Envelope.warn_at") <= 1:
             raise UserError(f"Envelope.warn_at must be in (0, 1], got {self.warn_at!r}")
         if self.exit_behavior not in ("end", "error"):
             raise UserError(

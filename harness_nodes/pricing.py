@@ -4,9 +4,10 @@
 limits compare exactly):
 
 - **before a call**, the worst case: ``input tokens + max output tokens`` at the highest rate
-  the model can charge (a tiered model is reserved at its top tier);
+  the model can charge (a tiered model is reserved at its top tier; one with off-peak hours or
+  a price change announced for a later date, at the highest of the prices it can still charge);
 - **after a call**, the actual cost of the reported usage (exact, tiers and cached input
-  included — genai-prices' `calc_price` for catalogue models).
+  included — genai-prices' `calc_price` for catalogue models, at the time of the call).
 
 Prices come from your ``overrides`` first (a self-hosted model at a set price, a negotiated
 rate), then from genai-prices, then from ``fallback`` if you declared one. A model found in
@@ -29,10 +30,14 @@ import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness_nodes.errors import UnpricedModelError, UserError
+
+if TYPE_CHECKING:
+    from genai_prices.types import ModelPrice as CataloguePrice
 
 __all__ = ["ModelPrice", "Pricing", "Rates"]
 
@@ -102,9 +107,9 @@ class Rates:
     """Nano-dollars per token for one model (what `Pricing.rates` returns)."""
 
     input: Decimal
-    """Nano-dollars per input token (at the model's highest tier)."""
+    """Nano-dollars per input token (at the model's highest tier and price)."""
     output: Decimal
-    """Nano-dollars per output token (at the model's highest tier)."""
+    """Nano-dollars per output token (at the model's highest tier and price)."""
     cached_input: Decimal
     """Nano-dollars per cached input token."""
     source: str = "override"
@@ -194,7 +199,10 @@ class Pricing:
         return None
 
     def rates(self, model: str) -> Rates:
-        """Nano-dollars per token for *model*, at its highest tier (what reservations use).
+        """Nano-dollars per token for *model*, at the most it can charge (what reservations use).
+
+        That is its top tier and, for a model with off-peak hours or a price change announced
+        for a later date, the highest of the prices it can still charge.
 
         Raises:
             UnpricedModelError: the model is in no override, not in genai-prices, and no
@@ -240,6 +248,11 @@ class Pricing:
         if self.use_catalogue:
             found = _catalogue_rates(model)
             if found is not None:
+                ahead = _prices_ahead(model)
+                if len(ahead) > 1:
+                    # Time-of-day or dated prices: reserve at the highest one that can still
+                    # apply; cost each call through calc_price, at the time it is made.
+                    return _highest(found, ahead), True
                 # Flat-priced models are costed from their rates (exactly what calc_price
                 # returns, without its ~60 µs); tiered ones go through calc_price per call.
                 return found, not _is_flat(model, found)
@@ -316,6 +329,58 @@ def _catalogue_rates(model: str) -> Rates | None:
         # A catalogue entry with no token prices (an image or audio model) is not a price.
         return None
     return Rates(input=inp, output=out, cached_input=cached_rate, source="genai-prices")
+
+
+def _prices_ahead(model: str) -> list[CataloguePrice]:
+    """The catalogue prices *model* may be billed at from now on (one for a fixed price).
+
+    genai-prices picks the last of a model's `ConditionalPrice`s whose constraint holds at
+    the request's time, else the first. A time-of-day price (DeepSeek's off-peak hours) holds
+    on and off every day; a start date, once reached, holds for good, so the prices before it
+    can no longer apply. Request-context variants (service tier, batch) are not chosen by a
+    timestamp and stay out: calc_price is called without a price context.
+    """
+    from genai_prices import types
+    from genai_prices.data_snapshot import get_snapshot
+
+    provider, name = _split_provider(model)
+    try:
+        _, info = get_snapshot().find_provider_model(name, None, provider, None)
+    except LookupError:
+        return []
+    if not isinstance(info.prices, list):
+        return [info.prices]
+    now = datetime.now(UTC)
+    ahead: list[CataloguePrice] = []
+    for conditional in reversed(info.prices):
+        constraint = conditional.constraint
+        _add_distinct(ahead, conditional.prices)
+        if constraint is None or (
+            isinstance(constraint, types.StartDateConstraint) and constraint.active(now)
+        ):
+            return ahead
+    if info.prices:
+        _add_distinct(ahead, info.prices[0].prices)  # the default when none holds
+    return ahead
+
+
+def _add_distinct(prices: list[CataloguePrice], price: CataloguePrice) -> None:
+    if all(price != p for p in prices):
+        prices.append(price)
+
+
+def _highest(found: Rates, prices: list[CataloguePrice]) -> Rates:
+    """Per-token rates no call can exceed: each rate at its highest over *prices*' top tiers."""
+    n = _TOP_TIER_TOKENS
+    k = Decimal(NANOS_PER_USD) / n
+    inp, out, cached = found.input, found.output, found.cached_input
+    for price in prices:
+        both = price.calc_price(_catalogue_usage(n, n))
+        hit = price.calc_price(_catalogue_usage(n, 0, cached=n))
+        inp = max(inp, Decimal(both["input_price"]) * k)
+        out = max(out, Decimal(both["output_price"]) * k)
+        cached = max(cached, Decimal(hit["input_price"]) * k)
+    return Rates(input=inp, output=out, cached_input=cached, source="genai-prices")
 
 
 def _is_flat(model: str, top: Rates) -> bool:

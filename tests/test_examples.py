@@ -13,12 +13,18 @@ import pkgutil
 import re
 import textwrap
 from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.outputs import ChatGeneration, LLMResult
+from langchain_core.tracers.context import register_configure_hook
 
+from checkpointers._spend import SpendLedger
+from harness_nodes import Envelope
 from tests.conftest import REPO_ROOT
 
 PACKAGES = ("harness_nodes", "checkpointers", "graphs")
@@ -96,3 +102,63 @@ def test_examples_were_found() -> None:
 def test_example_runs(code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "<example>", "exec"), {"__name__": "__example__"})
+
+
+class OtherWorker(BaseCallbackHandler):
+    """Another worker spending on the README's task between the guard's edge and the call.
+
+    Once the task has stepped down to gpt-4o-mini, as the agent node starts again (the edge
+    has let it through; the wrapper has not reserved yet), it takes all but a few nano-dollars
+    of what is left on the backend the example opened: the wrapper's reservation refuses.
+    """
+
+    raise_error = True  # a failure here fails the test, not a logged warning
+
+    def __init__(self, namespace: dict[str, Any]) -> None:
+        self.namespace = namespace
+        self.degraded = False
+        self.took_nanos = 0
+
+    def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
+        for generation in (g for gs in response.generations for g in gs):
+            if isinstance(generation, ChatGeneration):
+                model = generation.message.response_metadata.get("model_name")
+                self.degraded |= model == "gpt-4o-mini"
+
+    def on_chain_start(self, serialized: Any, inputs: Any, **kwargs: Any) -> None:
+        if kwargs.get("name") != "agent" or not self.degraded or self.took_nanos:
+            return
+        ledger = SpendLedger(self.namespace["backend"])
+        limits = Envelope(max_usd=0.50).limits()  # the example's envelope
+        assert limits.max_nanos is not None
+        left = limits.max_nanos - ledger.totals("task-1", "default", limits).committed_nanos
+        r = ledger.reserve("task-1", "default", "gpt-4o", 0, 0, left - 1000, limits)
+        assert r.id is not None
+        ledger.settle(r.id, 1000, 1000, left - 1000, model="gpt-4o")
+        self.took_nanos = left - 1000
+
+
+_OTHER_WORKER: ContextVar[OtherWorker | None] = ContextVar("other_worker", default=None)
+register_configure_hook(_OTHER_WORKER, inheritable=True)  # joins every run while set
+
+
+def test_readme_budget_example_ends_budget_exhausted_when_another_worker_takes_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The wrapper answers the refused call with a flagged stop message; wired straight to END
+    # (tools_condition) that left no outcome, no spend mirror and the README's asserts failing.
+    readme = (REPO_ROOT / "README.md").read_text()
+    (code,) = (c for _, c in _blocks(readme) if "BudgetGuard(llm)" in c and "runaway" in c)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "__example__"}
+    worker = OtherWorker(namespace)
+    token = _OTHER_WORKER.set(worker)
+    try:
+        exec(compile(code, "<README budget example>", "exec"), namespace)  # its asserts hold
+    finally:
+        _OTHER_WORKER.reset(token)
+    assert worker.took_nanos > 0
+    out = namespace["out"]
+    assert out["outcome"]["partial_result"]  # the task's result so far is kept
+    refused = out["messages"][-2].additional_kwargs["harness"]["budget"]
+    assert refused["stopped"]["limit"] == "usd" and refused["model"] is None  # the race happened

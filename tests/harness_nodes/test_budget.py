@@ -612,6 +612,91 @@ def test_envelopes_are_validated_at_construction() -> None:
         BudgetGuard(ScriptedChatModel(model_name="gpt-4o"))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "seconds",
+    [
+        pytest.param(float("inf"), id="infinite"),  # window start inf*0 = NaN
+        pytest.param(float("nan"), id="nan"),
+        pytest.param(1e-300, id="tiny"),  # now / seconds overflows
+        pytest.param(0.5, id="under-a-second"),
+        pytest.param(True, id="bool"),
+        pytest.param("86400", id="string"),  # was a raw TypeError
+    ],
+)
+def test_window_caps_refuse_windows_the_ledger_cannot_key(seconds: object) -> None:
+    with pytest.raises(UserError, match=re.escape("WindowCap.seconds must be")):
+        WindowCap(max_usd=1, seconds=seconds)  # type: ignore[arg-type]
+
+
+def test_a_one_second_window_cap_is_the_shortest_and_works(backend: Backend) -> None:
+    envelope = Envelope(type_cap=WindowCap(max_usd=1, seconds=1))
+    llm = budgeted(
+        ScriptedChatModel(script=["ok"], model_name="gpt-4o"), envelope=envelope, backend=backend
+    )
+    config = {"configurable": {"thread_id": "w1", "task_type": "research"}}
+    assert llm.invoke([HumanMessage("hi")], config).content == "ok"
+
+
+INT64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("build", "field_name"),
+    [
+        pytest.param(lambda: Envelope(max_usd=1e10), "Envelope.max_usd", id="max_usd"),
+        pytest.param(
+            lambda: WindowCap(max_usd=9_223_372_037), "WindowCap.max_usd", id="window-max_usd"
+        ),
+        pytest.param(
+            lambda: Envelope(max_tokens=INT64_MAX + 1), "Envelope.max_tokens", id="tokens"
+        ),
+        pytest.param(lambda: Envelope(max_calls=2**64), "Envelope.max_calls", id="calls"),
+        pytest.param(
+            lambda: Envelope(max_output_tokens=2**63),
+            "Envelope.max_output_tokens",
+            id="output-tokens",
+        ),
+    ],
+)
+def test_limits_beyond_the_ledgers_64_bit_integers_are_refused(build: Any, field_name: str) -> None:
+    # Postgres keeps nano-dollars and tokens in BIGINT: $1e10 failed every call there.
+    with pytest.raises(UserError, match=re.escape(f"{field_name} must be at most")) as info:
+        build()
+    assert ("9,223,372,036.854775807" in str(info.value)) == field_name.endswith("max_usd")
+
+
+def test_the_largest_limits_work_on_every_backend(backend: Backend) -> None:
+    huge = 9_223_372_036.0  # just under the 64-bit nano-dollar maximum
+    envelope = Envelope(
+        max_usd=huge,
+        max_tokens=INT64_MAX,
+        max_calls=INT64_MAX,
+        type_cap=WindowCap(max_usd=huge),
+    )
+    llm = budgeted(
+        ScriptedChatModel(script=["ok"], model_name="gpt-4o"), envelope=envelope, backend=backend
+    )
+    config = {"configurable": {"thread_id": "huge", "task_type": "research"}}
+    assert llm.invoke([HumanMessage("hi")], config).content == "ok"
+    assert llm.spend(config)["calls"] == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        pytest.param("max_tokens", True, id="max_tokens"),  # was accepted as 1
+        pytest.param("max_calls", False, id="max_calls"),
+        pytest.param("max_output_tokens", True, id="max_output_tokens"),
+        pytest.param("min_output_tokens", False, id="min_output_tokens"),
+        pytest.param("warn_at", True, id="warn_at"),
+        pytest.param("warn_at", "0.5", id="warn_at-string"),  # was a raw TypeError
+    ],
+)
+def test_booleans_are_not_limits(name: str, value: object) -> None:
+    with pytest.raises(UserError, match=re.escape(f"Envelope.{name} must be")):
+        Envelope(**{name: value})
+
+
 def test_token_and_call_limits_stop_too(backend: Backend) -> None:
     model = ScriptedChatModel(script=["a", "b", "c"], model_name="gpt-4o-mini")
     llm = budgeted(model, envelope=Envelope(max_calls=2), backend=backend)

@@ -1,10 +1,21 @@
 from __future__ import annotations
 
+import datetime as dt
 import re
+from decimal import Decimal
 
+import genai_prices.data_snapshot as snapshot
 import pytest
+from genai_prices import Usage, calc_price
+from genai_prices import types as catalogue
 
 from harness_nodes import ModelPrice, Pricing, UnpricedModelError, UserError
+from harness_nodes.pricing import Rates
+
+NANOS = 1_000_000_000
+# deepseek-chat/-reasoner: full price 00:30-16:30 UTC, half price (off-peak) otherwise.
+PEAK = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
+OFF_PEAK = dt.datetime(2026, 11, 25, 20, 0, tzinfo=dt.UTC)
 
 
 def test_catalogue_prices_match_genai_prices() -> None:
@@ -95,3 +106,87 @@ def test_affordable_output_tokens_never_overspends() -> None:
         if n:
             assert rates.worst_case_nanos(100, n) <= budget
         assert rates.worst_case_nanos(100, n + 1) > budget or budget < 250_000
+
+
+def _genai_clock(monkeypatch: pytest.MonkeyPatch, at: dt.datetime) -> None:
+    """Set the clock genai-prices reads when a call gives no timestamp."""
+
+    class Clock(dt.datetime):
+        @classmethod
+        def now(cls, tz: dt.tzinfo | None = None) -> Clock:
+            return cls.fromtimestamp(at.timestamp(), tz)
+
+    monkeypatch.setattr(snapshot, "datetime", Clock)
+
+
+@pytest.mark.parametrize(
+    ("model", "peak"),
+    [
+        pytest.param("deepseek-chat", Rates(Decimal(270), Decimal(1100), Decimal(70)), id="chat"),
+        pytest.param(
+            "deepseek-reasoner", Rates(Decimal(550), Decimal(2190), Decimal(140)), id="reasoner"
+        ),
+    ],
+)
+@pytest.mark.parametrize("first_seen", [OFF_PEAK, PEAK], ids=["first-seen-off-peak", "at-peak"])
+def test_time_of_day_prices_cost_each_call_at_its_time_and_reserve_the_peak(
+    monkeypatch: pytest.MonkeyPatch, model: str, peak: Rates, first_seen: dt.datetime
+) -> None:
+    pricing = Pricing()
+    _genai_clock(monkeypatch, first_seen)
+    rates = pricing.rates(model)  # a process that first priced the model at this hour
+    assert rates == Rates(peak.input, peak.output, peak.cached_input, source="genai-prices")
+    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000, cache_read_tokens=200_000)
+    for at in (PEAK, OFF_PEAK, PEAK):  # ...keeps running through the day
+        _genai_clock(monkeypatch, at)
+        truth = calc_price(usage, model, genai_request_timestamp=at).total_price * NANOS
+        cost = pricing.cost_nanos(model, 1_000_000, 1_000_000, cached_input_tokens=200_000)
+        assert cost == truth
+        assert pricing.rates(model).worst_case_nanos(1_000_000, 1_000_000) >= cost
+
+
+def _catalogue_with(monkeypatch: pytest.MonkeyPatch, *prices: catalogue.ConditionalPrice) -> None:
+    """A genai-prices catalogue of one model, "acme-1", with these dated prices."""
+    model = catalogue.ModelInfo(
+        id="acme-1", match=catalogue.ClauseEquals(equals="acme-1"), prices=list(prices)
+    )
+    provider = catalogue.Provider(
+        id="acme",
+        name="Acme",
+        api_pattern=r"https://api\.acme\.test",
+        model_match=catalogue.ClauseStartsWith(starts_with="acme"),
+        models=[model],
+    )
+    custom = snapshot.DataSnapshot(providers=[provider], from_auto_update=False)
+    monkeypatch.setattr(snapshot, "_custom_snapshot", custom)
+
+
+def _price(
+    usd_in: int, usd_out: int, days_from_today: int | None = None
+) -> catalogue.ConditionalPrice:
+    start = None
+    if days_from_today is not None:
+        day = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=days_from_today)
+        start = catalogue.StartDateConstraint(start_date=day)
+    price = catalogue.ModelPrice(input_mtok=Decimal(usd_in), output_mtok=Decimal(usd_out))
+    return catalogue.ConditionalPrice(constraint=start, prices=price)
+
+
+def test_a_price_rise_on_a_later_date_is_reserved_already(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _catalogue_with(monkeypatch, _price(1, 2), _price(3, 6, days_from_today=30))
+    pricing = Pricing()
+    rates = pricing.rates("acme-1")  # a worker may well run past the date
+    assert (rates.input, rates.output) == (3000, 6000)
+    assert pricing.cost_nanos("acme-1", 1_000_000, 1_000_000) == 3 * NANOS  # today's $1 + $2
+
+
+def test_a_price_replaced_on_a_past_date_no_longer_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _catalogue_with(monkeypatch, _price(5, 10), _price(1, 2, days_from_today=-30))
+    pricing = Pricing()
+    rates = pricing.rates("acme-1")
+    assert (rates.input, rates.output) == (1000, 2000)
+    assert pricing.cost_nanos("acme-1", 1_000_000, 1_000_000) == 3 * NANOS
