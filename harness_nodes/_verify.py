@@ -14,7 +14,7 @@ import json
 import math
 import reprlib
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pydantic_core
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, ToolMessage
@@ -85,6 +85,17 @@ def prior_failures(messages: Sequence[BaseMessage], tool: str) -> int:
             if isinstance(verdict, dict) and verdict.get("tool") == tool and not verdict.get("ok"):
                 n += 1
     return n
+
+
+def failed_verdicts(messages: Sequence[BaseMessage]) -> list[Verdict]:
+    """The ``fail`` verdicts on the tool messages since the last AI message."""
+    found: list[Verdict] = []
+    for message in messages[last_ai_index(messages) + 1 :]:
+        if isinstance(message, ToolMessage):
+            verdict = harness_meta(message).get("verdict")
+            if isinstance(verdict, dict) and verdict.get("action") == "fail":
+                found.append(cast(Verdict, verdict))
+    return found
 
 
 # --- decoding an output --------------------------------------------------------------------

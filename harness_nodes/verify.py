@@ -74,7 +74,7 @@ from typing import (
     runtime_checkable,
 )
 
-from langchain_core.messages import AIMessage, AnyMessage, ToolMessage
+from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.errors import GraphBubbleUp
 from langgraph.prebuilt.tool_node import ToolCallRequest
@@ -735,8 +735,10 @@ def route_after_verify(state: Any, messages_key: str = "messages") -> VerifyRout
     """Route after verification, from the verdicts on the tool messages since the last AI message.
 
     ``escalate`` when any of them carries an `Escalation` (from verification or another
-    harness layer), else ``fail`` when a verdict says fail, else ``retry`` when one says
-    retry, else ``ok``. Map the routes like langgraph's ``tools_condition``:
+    harness layer) that no person has answered yet, else ``fail`` when a verdict says fail,
+    else ``retry`` when one says retry, else ``ok``. Escalations go first so a person sees
+    them; once they are answered, `HumanReview` ends the task on a sibling's ``fail`` verdict
+    as `VerificationStop` does. Map the routes like langgraph's ``tools_condition``:
     ``add_conditional_edges("verify", route_after_verify, {"ok": "agent", "retry": "agent",
     "escalate": "review", "fail": "stop"})``.
 
@@ -770,22 +772,13 @@ def route_after_verify(state: Any, messages_key: str = "messages") -> VerifyRout
             candidate = "escalate"
         elif isinstance(meta.get("verdict"), dict):
             action = meta["verdict"].get("action", "ok")
+            if action == "escalate" and "review" in meta:
+                action = "ok"  # a person has answered it
             if action in _ROUTE_ORDER:
                 candidate = action
         if _ROUTE_ORDER[candidate] > _ROUTE_ORDER[route]:
             route = candidate
     return route
-
-
-def _failed_verdicts(messages: list[AnyMessage]) -> list[Verdict]:
-    start = _verify.last_ai_index(messages)
-    found: list[Verdict] = []
-    for message in messages[start + 1 :]:
-        if isinstance(message, ToolMessage):
-            verdict = _verify.harness_meta(message).get("verdict")
-            if isinstance(verdict, dict) and verdict.get("action") == "fail":
-                found.append(cast(Verdict, verdict))
-    return found
 
 
 @dataclass(frozen=True)
@@ -829,7 +822,7 @@ class VerificationStop:
 
     def __call__(self, state: MessagesAndOutcome) -> dict[str, Any]:
         """Record the failure (or raise it)."""
-        failed = _failed_verdicts(_verify.messages_of(state))
+        failed = _verify.failed_verdicts(_verify.messages_of(state))
         reason = "; ".join(f"{v['tool']}: {'; '.join(v['reasons'])}" for v in failed) or (
             "a tool output failed verification"
         )

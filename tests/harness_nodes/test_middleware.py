@@ -344,6 +344,52 @@ def test_bad_output_of_side_effecting_tool_escalates_to_the_queue_not_rerun() ->
         assert CHARGES == ["c1"]  # verification never re-ran the side-effecting tool
 
 
+@tool
+def book(room: str) -> dict[str, str]:
+    """Book a room."""
+    return {"booking_id": "", "room": room}
+
+
+@tool
+def lookup(key: str) -> dict[str, str]:
+    """Look a key up."""
+    return {"error": "db down"}
+
+
+@pytest.mark.parametrize("verify_first", [True, False], ids=["verify-first", "review-first"])
+def test_a_sibling_fail_verdict_still_ends_the_agent_once_the_escalation_is_reviewed(
+    verify_first: bool,
+) -> None:
+    """`book` escalates and `lookup` fails for good in one turn: after the reviewer answers
+    the escalation the agent ends on the failure, whichever hook runs first."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    contracts = {
+        "book": ToolContract(required=("booking_id",), side_effects=True),
+        "lookup": ToolContract(on_fail="fail"),
+    }
+    calls = [tool_call("book", {"room": "A"}), tool_call("lookup", {"key": "k"})]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("All done, everything worked.")])
+    verify = VerifyToolOutputsMiddleware(contracts)
+    review = ReviewQueueMiddleware(ReviewPolicy(), tools=[book, lookup])
+    middleware: list[Any] = [verify, review] if verify_first else [review, verify]
+    agent = create_agent(model, [book, lookup], middleware=middleware, checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t"}}
+    paused = agent.invoke({"messages": [HumanMessage("book A, look k up")]}, config)
+    [request] = paused["__interrupt__"][0].value
+    assert request["action_request"]["action"] == "book"
+
+    out = agent.invoke(Command(resume={"type": "respond", "message": "booking id B-7"}), config)
+
+    assert out["outcome"] == {
+        "status": "verification_failed",
+        "reason": "lookup: the output carries an error: error='db down'",
+    }
+    assert model.calls == 1
+    assert out["messages"][-1].text.startswith("I stopped: a tool output failed verification.")
+
+
 def test_edited_arguments_validated_by_the_queue_against_the_agents_tools() -> None:
     from harness_nodes import InvalidDecision
 

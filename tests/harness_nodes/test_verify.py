@@ -499,6 +499,29 @@ def test_route_prefers_escalate_over_fail_over_retry() -> None:
     assert route_after_verify([HumanMessage("x")]) == "ok"
 
 
+def test_an_escalation_a_person_answered_no_longer_routes_to_review() -> None:
+    """After `HumanReview` resolves an escalated output, a sibling's failure is what routes."""
+    verdict = Verdict(
+        tool="pay", tool_call_id="p", ok=False, reasons=["x"], attempt=1, action="escalate"
+    )
+    review = {"decision": "respond", "escalation": "verification"}
+    answered = ToolMessage(
+        "paid",
+        tool_call_id="p",
+        additional_kwargs={"harness": {"verdict": verdict, "review": review}},
+    )
+    failed = ToolMessage(
+        "err",
+        tool_call_id="l",
+        additional_kwargs={
+            "harness": {"verdict": {**verdict, "tool_call_id": "l", "action": "fail"}}
+        },
+    )
+    ai_msg = AIMessage("", tool_calls=[tool_call("pay", {}, id="p"), tool_call("l", {}, id="l")])
+    assert route_after_verify([ai_msg, answered, failed]) == "fail"
+    assert route_after_verify([ai_msg, answered]) == "ok"
+
+
 def test_verification_stop_can_raise_instead() -> None:
     history = prior("pay", 0)
     messages = [
