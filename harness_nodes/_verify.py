@@ -77,14 +77,21 @@ def last_ai_index(messages: Sequence[BaseMessage]) -> int:
 
 
 def prior_failures(messages: Sequence[BaseMessage], tool: str) -> int:
-    """How many outputs of ``tool`` already failed verification in this task (its messages)."""
-    n = 0
-    for m in messages:
-        if isinstance(m, ToolMessage):
+    """How many model turns of this task already had an output of ``tool`` fail verification.
+
+    A turn is one AI message and its tool results: failed parallel calls of one turn count
+    once, as the model answers them all in its next turn.
+    """
+    turns: set[int] = set()
+    turn = -1
+    for i, m in enumerate(messages):
+        if isinstance(m, AIMessage):
+            turn = i
+        elif isinstance(m, ToolMessage):
             verdict = harness_meta(m).get("verdict")
             if isinstance(verdict, dict) and verdict.get("tool") == tool and not verdict.get("ok"):
-                n += 1
-    return n
+                turns.add(turn)
+    return len(turns)
 
 
 def failed_verdicts(messages: Sequence[BaseMessage]) -> list[Verdict]:

@@ -108,7 +108,8 @@ class Verdict(TypedDict):
     reasons: list[str]
     """Why it did not (empty when ok)."""
     attempt: int
-    """1 for the first call of this tool in the task, 2 for the first retry, ..."""
+    """1 for the tool's first turn in the task, 2 for the first retry, ... (parallel calls of
+    one AI message share their turn's attempt)."""
     action: Literal["ok", "retry", "escalate", "fail"]
     """What the harness decided to do about it."""
 

@@ -19,9 +19,11 @@ the state has a ``verdicts`` key, in ``verdicts`` too. `route_after_verify` then
 graph back to the model (``retry``), to human review (``escalate``), to a `VerificationStop`
 (``fail``), or on (``ok``).
 
-Retry counts are per tool per task: the n-th failed output of a tool in a task is attempt n,
-counted from the verdicts already on the task's messages — so they are checkpointed and
-survive a crash or an interrupt.
+Retry counts are per tool per task, counted in model turns: a tool's output is attempt n when
+n - 1 earlier turns of the task had an output of that tool fail verification. Parallel calls
+of one AI message are one turn (they share an attempt, and the model corrects them together
+in its next turn). The count is read from the verdicts already on the task's messages — so it
+is checkpointed and survives a crash or an interrupt.
 
 Example:
     ```python
@@ -308,7 +310,11 @@ class ToolContract:
     on_fail: Literal["retry", "escalate", "fail"] = "retry"
     """Back to the model with the reasons, to a person, or end the task."""
     max_retries: int = 2
-    """How many failed outputs of this tool per task are sent back to the model."""
+    """How many times per task the model is sent back to correct this tool's failed output.
+
+    Counted in model turns: parallel calls of the tool in one AI message are one attempt
+    (their feedback all says "retry 1 of 2"), and the model's next turn is the next attempt.
+    Attempt ``max_retries + 1`` that fails takes `on_exhausted`."""
     on_exhausted: Literal["escalate", "fail"] = "fail"
     """What happens to the failure after ``max_retries`` retries."""
     side_effects: bool = False

@@ -808,6 +808,40 @@ def test_parallel_calls_in_a_graph(form: Form) -> None:
     assert out["messages"][-1].content == "done"
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_parallel_failures_in_one_turn_use_one_retry(form: Form) -> None:
+    """Three calls of one tool fail in the same turn: one attempt ("retry 1 of 2"), so the
+    model still gets its second retry before max_retries=2 runs out."""
+    cities = ("Down", "Html", "Empty")
+    parallel = [tool_call("weather", {"city": c}, id=f"p{i}") for i, c in enumerate(cities)]
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=parallel),
+            ai(tool_calls=[tool_call("weather", {"city": "Atlantis"}, id="r1")]),
+            ai(tool_calls=[tool_call("weather", {"city": "Paris"}, id="r2")]),
+            ai("done"),
+        ]
+    )
+    out = build_app(model, VerifyToolOutputs({"weather": WEATHER}), form=form).invoke(
+        {"messages": [HumanMessage("q")]}
+    )
+
+    verdicts = {
+        v["tool_call_id"]: (v["attempt"], v["action"]) for v in verdicts_in(out["messages"])
+    }
+    assert verdicts == {
+        "p0": (1, "retry"),
+        "p1": (1, "retry"),
+        "p2": (1, "retry"),
+        "r1": (2, "retry"),
+        "r2": (3, "ok"),
+    }
+    feedback = {m.tool_call_id: m.text for m in out["messages"] if isinstance(m, ToolMessage)}
+    assert all("(retry 1 of 2 for this tool" in feedback[f"p{i}"] for i in range(3))
+    assert "(retry 2 of 2 for this tool" in feedback["r1"]
+    assert out["messages"][-1].content == "done"
+
+
 def test_hook_lets_interrupts_through_and_checks_the_resumed_output() -> None:
     @tool
     def ask_human(question: str) -> str:
