@@ -3,8 +3,9 @@
 One implementation: both forms call `check_output` (what is wrong with an output),
 `decide` (what to do about it) and `apply_verdict` (the message the model sees next, with
 the verdict and any escalation in its metadata). Nothing here keeps state between calls:
-retry counts are read back from the verdicts already recorded on the task's messages, so
-they are checkpointed with the messages and survive a resume in another process.
+retry counts are read back from the verdicts already recorded on the task's messages and,
+where the state keeps them, in its ``verdicts`` records (which a trimmed message history
+does not lose), so they are checkpointed and survive a resume in another process.
 """
 
 from __future__ import annotations
@@ -92,6 +93,39 @@ def prior_failures(messages: Sequence[BaseMessage], tool: str) -> int:
             if isinstance(verdict, dict) and verdict.get("tool") == tool and not verdict.get("ok"):
                 turns.add(turn)
     return len(turns)
+
+
+def verdicts_of(state: Any) -> list[Any]:
+    """The state's ``verdicts`` records, or ``[]`` where it keeps none."""
+    if isinstance(state, Mapping):
+        found = state.get("verdicts")
+    else:
+        found = getattr(state, "verdicts", None)
+    return list(found) if isinstance(found, list) else []
+
+
+def recorded_failures(verdicts: Sequence[Any], tool: str) -> int:
+    """How many model turns had an output of ``tool`` fail, from ``verdicts`` records.
+
+    The calls of one turn share their attempt number, so the distinct attempts among the
+    tool's failed verdicts are its failed turns.
+    """
+    return len(
+        {
+            v.get("attempt")
+            for v in verdicts
+            if isinstance(v, Mapping) and v.get("tool") == tool and not v.get("ok")
+        }
+    )
+
+
+def attempt_of(state: Any, earlier: Sequence[BaseMessage], tool: str) -> int:
+    """The attempt number of an output of ``tool`` in this turn (after the ``earlier`` ones).
+
+    Both sources undercount at worst — a trimmed history has lost messages, a state without
+    a ``verdicts`` key keeps no records — so the larger count is the right one.
+    """
+    return max(prior_failures(earlier, tool), recorded_failures(verdicts_of(state), tool)) + 1
 
 
 def failed_verdicts(messages: Sequence[BaseMessage]) -> list[Verdict]:

@@ -347,6 +347,17 @@ class MessagesAndOutcome(MessagesOnly, total=False):
     outcome: Outcome | None
 
 
+class MessagesAndVerdicts(MessagesOnly, total=False):
+    """What the verification node reads: the messages and the verdicts recorded so far.
+
+    The verdicts keep the retry counts when a trimmed message history has lost the refused
+    outputs. Where the state has no ``verdicts`` key, LangGraph keeps the node's records in a
+    channel of their own, out of the state's output.
+    """
+
+    verdicts: Annotated[list[Verdict], operator.add]
+
+
 class HarnessState(TypedDict):
     """State of a harnessed agent. Extend it with your own keys.
 

@@ -22,8 +22,11 @@ graph back to the model (``retry``), to human review (``escalate``), to a `Verif
 Retry counts are per tool per task, counted in model turns: a tool's output is attempt n when
 n - 1 earlier turns of the task had an output of that tool fail verification. Parallel calls
 of one AI message are one turn (they share an attempt, and the model corrects them together
-in its next turn). The count is read from the verdicts already on the task's messages — so it
-is checkpointed and survives a crash or an interrupt.
+in its next turn). The count is read from the verdicts already on the task's messages and,
+where the state keeps them, from its ``verdicts`` records (the larger count wins), so it is
+checkpointed, survives a crash or an interrupt, and survives a trimmed message history
+(``RemoveMessage``) in any state with a ``verdicts`` key — `HarnessState`, the middleware's
+`HarnessAgentState` — and in the node form everywhere.
 
 Example:
     ```python
@@ -87,7 +90,13 @@ from harness_nodes import _verify
 from harness_nodes._events import aemit, emit
 from harness_nodes.effects import effect_kind
 from harness_nodes.errors import HarnessError, UserError, VerificationFailed
-from harness_nodes.state import MessagesAndOutcome, MessagesOnly, Outcome, Verdict, replace_outcome
+from harness_nodes.state import (
+    MessagesAndOutcome,
+    MessagesAndVerdicts,
+    Outcome,
+    Verdict,
+    replace_outcome,
+)
 
 __all__ = [
     "Check",
@@ -431,10 +440,12 @@ class VerifyToolOutputs:
     the tool node's hook: ``ToolNode(tools, wrap_tool_call=verify.wrap_tool_call,
     awrap_tool_call=verify.awrap_tool_call)`` — the same rules, no extra superstep.
 
-    The node reads only ``messages``, so it drops into any app (``MessagesState``, dataclass
-    or pydantic state); it returns the checked messages (a refused one replaced by an error
-    message with the same id) and ``verdicts``, which LangGraph keeps only where the state
-    has that key. Messages that already carry a verdict are not checked again.
+    The node reads only ``messages`` and ``verdicts`` (`MessagesAndVerdicts`), so it drops
+    into any app (``MessagesState``, dataclass or pydantic state); it returns the checked
+    messages (a refused one replaced by an error message with the same id) and ``verdicts``
+    — in the state's output only where the state has that key; elsewhere LangGraph keeps
+    them in a channel of their own, so retry counts outlive a trimmed history either way.
+    Messages that already carry a verdict are not checked again.
 
     Example:
         ```python
@@ -513,7 +524,7 @@ class VerifyToolOutputs:
 
     # --- node form -------------------------------------------------------------------------
 
-    def __call__(self, state: MessagesOnly) -> dict[str, Any]:
+    def __call__(self, state: MessagesAndVerdicts) -> dict[str, Any]:
         """Check the tool messages since the last AI message; return the updates."""
         messages, verdicts = self._check_messages(state)
         for verdict in verdicts:
@@ -539,7 +550,7 @@ class VerifyToolOutputs:
             contract = self.contract_for(tool)
             if contract is None:
                 continue
-            attempt = _verify.prior_failures(earlier, tool) + 1
+            attempt = _verify.attempt_of(state, earlier, tool)
             reasons = _check(contract, message, raised=message.status == "error")
             checked, verdict = _verify.apply_verdict(
                 contract, message, tool, call["args"] if call else None, attempt, reasons
@@ -663,7 +674,8 @@ class VerifyToolOutputs:
         contract = self.contract_for(tool)
         if contract is None:
             return tool, None, 0
-        return tool, contract, _verify.prior_failures(_verify.messages_of(request.state), tool) + 1
+        messages = _verify.messages_of(request.state)
+        return tool, contract, _verify.attempt_of(request.state, messages, tool)
 
     def _finish(
         self,
