@@ -3,8 +3,9 @@
 One implementation: both forms call `check_output` (what is wrong with an output),
 `decide` (what to do about it) and `apply_verdict` (the message the model sees next, with
 the verdict and any escalation in its metadata). Nothing here keeps state between calls:
-retry counts are read back from the verdicts already recorded on the task's messages, so
-they are checkpointed with the messages and survive a resume in another process.
+retry counts are read back from the verdicts already recorded on the task's messages and,
+where the state keeps them, in its ``verdicts`` records (which a trimmed message history
+does not lose), so they are checkpointed and survive a resume in another process.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import is_dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pydantic_core
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, ToolMessage
@@ -79,14 +80,73 @@ def last_ai_index(messages: Sequence[BaseMessage]) -> int:
 
 
 def prior_failures(messages: Sequence[BaseMessage], tool: str) -> int:
-    """How many outputs of ``tool`` already failed verification in this task (its messages)."""
-    n = 0
-    for m in messages:
-        if isinstance(m, ToolMessage):
+    """How many model turns of this task already had an output of ``tool`` fail verification.
+
+    A turn is one AI message and its tool results: failed parallel calls of one turn count
+    once, as the model answers them all in its next turn.
+    """
+    turns: set[int] = set()
+    turn = -1
+    for i, m in enumerate(messages):
+        if isinstance(m, AIMessage):
+            turn = i
+        elif isinstance(m, ToolMessage):
             verdict = harness_meta(m).get("verdict")
             if isinstance(verdict, dict) and verdict.get("tool") == tool and not verdict.get("ok"):
-                n += 1
-    return n
+                turns.add(turn)
+    return len(turns)
+
+
+def verdicts_of(state: Any) -> list[Any]:
+    """The state's ``verdicts`` records, or ``[]`` where it keeps none."""
+    if isinstance(state, Mapping):
+        found = state.get("verdicts")
+    else:
+        found = getattr(state, "verdicts", None)
+    return list(found) if isinstance(found, list) else []
+
+
+def recorded_failures(verdicts: Sequence[Any], tool: str) -> int:
+    """How many model turns had an output of ``tool`` fail, from ``verdicts`` records.
+
+    The calls of one turn share their attempt number, so the distinct attempts among the
+    tool's failed verdicts are its failed turns.
+    """
+    return len(
+        {
+            v.get("attempt")
+            for v in verdicts
+            if isinstance(v, Mapping) and v.get("tool") == tool and not v.get("ok")
+        }
+    )
+
+
+def attempt_of(state: Any, earlier: Sequence[BaseMessage], tool: str) -> int:
+    """The attempt number of an output of ``tool`` in this turn (after the ``earlier`` ones).
+
+    Both sources undercount at worst — a trimmed history has lost messages, a state without
+    a ``verdicts`` key keeps no records — so the larger count is the right one.
+    """
+    return max(prior_failures(earlier, tool), recorded_failures(verdicts_of(state), tool)) + 1
+
+
+def failed_verdicts(messages: Sequence[BaseMessage], *, escalated: bool = False) -> list[Verdict]:
+    """The ``fail`` verdicts on the tool messages since the last AI message.
+
+    *escalated*: also the ``escalate`` ones nobody answered (what stops a task that has no
+    reviewer wired: their reasons are the task's).
+    """
+    found: list[Verdict] = []
+    for message in messages[last_ai_index(messages) + 1 :]:
+        if isinstance(message, ToolMessage):
+            meta = harness_meta(message)
+            verdict = meta.get("verdict")
+            if not isinstance(verdict, dict):
+                continue
+            action = verdict.get("action")
+            if action == "fail" or (escalated and action == "escalate" and "escalation" in meta):
+                found.append(cast(Verdict, verdict))
+    return found
 
 
 # --- decoding an output --------------------------------------------------------------------

@@ -13,7 +13,10 @@ reviewer's words as the tool result. A malformed or disallowed decision raises
 
 The node is pure before ``interrupt()`` (LangGraph re-runs it from its top on resume) and it
 never executes tools itself, so no tool runs twice; sibling calls that need no review run
-with the approved ones, after the decision.
+with the approved ones, after the decision. When an escalated output had a sibling whose
+verification verdict says ``fail``, the task still ends once the escalation is answered
+(outcome ``verification_failed``, as `VerificationStop` writes it) instead of going back to
+the model.
 
 Example:
     ```python
@@ -81,9 +84,11 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from typing_extensions import TypedDict
 
+from harness_nodes import _verify
 from harness_nodes._events import emit
 from harness_nodes.errors import InvalidDecision, UserError
 from harness_nodes.state import Escalation, MessagesOnly, ReviewRecord
+from harness_nodes.verify import VerificationStop
 
 __all__ = [
     "ActionRequest",
@@ -746,7 +751,9 @@ class HumanReview:
 
     With a plain tools node every call of the AI message runs, so when some calls were
     rejected or answered the rest are sent to the tools node one by one with ``Send``, in the
-    input format `ToolNode` accepts (as LangChain's ``create_agent`` does).
+    input format `ToolNode` accepts (as LangChain's ``create_agent`` does). When nothing is
+    left to run and a tool result of the turn failed verification for good (``fail``), it
+    ends the task (to ``END``, with `VerificationStop`'s outcome and closing message).
 
     See the module docstring for a complete example.
 
@@ -1024,6 +1031,8 @@ class HumanReview:
         answered = {m.tool_call_id for m in messages[idx + 1 :] if isinstance(m, ToolMessage)}
         to_run = [c for c in ai_msg.tool_calls if c["id"] not in answered]
         if not to_run:
+            if ai_msg.tool_calls and _verify.failed_verdicts(messages):
+                return _verification_stop(messages, update)
             return Command(update=update, goto=self.model_node if ai_msg.tool_calls else END)
         if len(to_run) == len(ai_msg.tool_calls):
             return Command(update=update, goto=self.tools_node)
@@ -1036,6 +1045,19 @@ class HumanReview:
             for call in to_run
         ]
         return Command(update=update, goto=sends)
+
+
+def _verification_stop(
+    messages: Sequence[AnyMessage], update: dict[str, Any] | None
+) -> Command[str]:
+    """End the task as `VerificationStop` does: a sibling's ``fail`` verdict still stands.
+
+    `route_after_verify` sends escalations to a person before a failure; once they are
+    answered, the failure ends the task instead of handing the failed output to the model.
+    """
+    stop = VerificationStop()({"messages": list(messages)})
+    written = [*(update or {}).get("messages", []), *stop["messages"]]
+    return Command(update={**(update or {}), **stop, "messages": written}, goto=END)
 
 
 def _messages_of(state: Any) -> list[AnyMessage]:

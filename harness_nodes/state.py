@@ -108,7 +108,8 @@ class Verdict(TypedDict):
     reasons: list[str]
     """Why it did not (empty when ok)."""
     attempt: int
-    """1 for the first call of this tool in the task, 2 for the first retry, ..."""
+    """1 for the tool's first turn in the task, 2 for the first retry, ... (parallel calls of
+    one AI message share their turn's attempt)."""
     action: Literal["ok", "retry", "escalate", "fail"]
     """What the harness decided to do about it."""
 
@@ -344,6 +345,17 @@ class MessagesAndOutcome(MessagesOnly, total=False):
     """
 
     outcome: Outcome | None
+
+
+class MessagesAndVerdicts(MessagesOnly, total=False):
+    """What the verification node reads: the messages and the verdicts recorded so far.
+
+    The verdicts keep the retry counts when a trimmed message history has lost the refused
+    outputs. Where the state has no ``verdicts`` key, LangGraph keeps the node's records in a
+    channel of their own, out of the state's output.
+    """
+
+    verdicts: Annotated[list[Verdict], operator.add]
 
 
 class HarnessState(TypedDict):

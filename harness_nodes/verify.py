@@ -19,9 +19,14 @@ the state has a ``verdicts`` key, in ``verdicts`` too. `route_after_verify` then
 graph back to the model (``retry``), to human review (``escalate``), to a `VerificationStop`
 (``fail``), or on (``ok``).
 
-Retry counts are per tool per task: the n-th failed output of a tool in a task is attempt n,
-counted from the verdicts already on the task's messages — so they are checkpointed and
-survive a crash or an interrupt.
+Retry counts are per tool per task, counted in model turns: a tool's output is attempt n when
+n - 1 earlier turns of the task had an output of that tool fail verification. Parallel calls
+of one AI message are one turn (they share an attempt, and the model corrects them together
+in its next turn). The count is read from the verdicts already on the task's messages and,
+where the state keeps them, from its ``verdicts`` records (the larger count wins), so it is
+checkpointed, survives a crash or an interrupt, and survives a trimmed message history
+(``RemoveMessage``) in any state with a ``verdicts`` key — `HarnessState`, the middleware's
+`HarnessAgentState` — and in the node form everywhere.
 
 Example:
     ```python
@@ -75,7 +80,7 @@ from typing import (
     runtime_checkable,
 )
 
-from langchain_core.messages import AIMessage, AnyMessage, ToolMessage
+from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.errors import GraphBubbleUp
 from langgraph.prebuilt.tool_node import ToolCallRequest
@@ -86,7 +91,13 @@ from harness_nodes import _verify
 from harness_nodes._events import aemit, emit
 from harness_nodes.effects import effect_kind
 from harness_nodes.errors import HarnessError, UserError, VerificationFailed
-from harness_nodes.state import MessagesAndOutcome, MessagesOnly, Outcome, Verdict, replace_outcome
+from harness_nodes.state import (
+    MessagesAndOutcome,
+    MessagesAndVerdicts,
+    Outcome,
+    Verdict,
+    replace_outcome,
+)
 
 __all__ = [
     "Check",
@@ -317,7 +328,11 @@ class ToolContract:
     on_fail: Literal["retry", "escalate", "fail"] = "retry"
     """Back to the model with the reasons, to a person, or end the task."""
     max_retries: int = 2
-    """How many failed outputs of this tool per task are sent back to the model."""
+    """How many times per task the model is sent back to correct this tool's failed output.
+
+    Counted in model turns: parallel calls of the tool in one AI message are one attempt
+    (their feedback all says "retry 1 of 2"), and the model's next turn is the next attempt.
+    Attempt ``max_retries + 1`` that fails takes `on_exhausted`."""
     on_exhausted: Literal["escalate", "fail"] = "fail"
     """What happens to the failure after ``max_retries`` retries."""
     side_effects: bool = False
@@ -441,10 +456,12 @@ class VerifyToolOutputs:
     the tool node's hook: ``ToolNode(tools, wrap_tool_call=verify.wrap_tool_call,
     awrap_tool_call=verify.awrap_tool_call)`` — the same rules, no extra superstep.
 
-    The node reads only ``messages``, so it drops into any app (``MessagesState``, dataclass
-    or pydantic state); it returns the checked messages (a refused one replaced by an error
-    message with the same id) and ``verdicts``, which LangGraph keeps only where the state
-    has that key. Messages that already carry a verdict are not checked again.
+    The node reads only ``messages`` and ``verdicts`` (`MessagesAndVerdicts`), so it drops
+    into any app (``MessagesState``, dataclass or pydantic state); it returns the checked
+    messages (a refused one replaced by an error message with the same id) and ``verdicts``
+    — in the state's output only where the state has that key; elsewhere LangGraph keeps
+    them in a channel of their own, so retry counts outlive a trimmed history either way.
+    Messages that already carry a verdict are not checked again.
 
     Example:
         ```python
@@ -523,7 +540,7 @@ class VerifyToolOutputs:
 
     # --- node form -------------------------------------------------------------------------
 
-    def __call__(self, state: MessagesOnly) -> dict[str, Any]:
+    def __call__(self, state: MessagesAndVerdicts) -> dict[str, Any]:
         """Check the tool messages since the last AI message; return the updates."""
         messages, verdicts = self._check_messages(state)
         for verdict in verdicts:
@@ -549,7 +566,7 @@ class VerifyToolOutputs:
             contract = self.contract_for(tool)
             if contract is None:
                 continue
-            attempt = _verify.prior_failures(earlier, tool) + 1
+            attempt = _verify.attempt_of(state, earlier, tool)
             reasons = _check(contract, message, raised=message.status == "error")
             checked, verdict = _verify.apply_verdict(
                 contract, message, tool, call["args"] if call else None, attempt, reasons
@@ -673,7 +690,8 @@ class VerifyToolOutputs:
         contract = self.contract_for(tool)
         if contract is None:
             return tool, None, 0
-        return tool, contract, _verify.prior_failures(_verify.messages_of(request.state), tool) + 1
+        messages = _verify.messages_of(request.state)
+        return tool, contract, _verify.attempt_of(request.state, messages, tool)
 
     def _finish(
         self,
@@ -751,8 +769,10 @@ def route_after_verify(state: Any, messages_key: str = "messages") -> VerifyRout
     """Route after verification, from the verdicts on the tool messages since the last AI message.
 
     ``escalate`` when any of them carries an `Escalation` (from verification or another
-    harness layer), else ``fail`` when a verdict says fail, else ``retry`` when one says
-    retry, else ``ok``. Map the routes like langgraph's ``tools_condition``:
+    harness layer) that no person has answered yet, else ``fail`` when a verdict says fail,
+    else ``retry`` when one says retry, else ``ok``. Escalations go first so a person sees
+    them; once they are answered, `HumanReview` ends the task on a sibling's ``fail`` verdict
+    as `VerificationStop` does. Map the routes like langgraph's ``tools_condition``:
     ``add_conditional_edges("verify", route_after_verify, {"ok": "agent", "retry": "agent",
     "escalate": "review", "fail": "stop"})``.
 
@@ -786,24 +806,13 @@ def route_after_verify(state: Any, messages_key: str = "messages") -> VerifyRout
             candidate = "escalate"
         elif isinstance(meta.get("verdict"), dict):
             action = meta["verdict"].get("action", "ok")
+            if action == "escalate" and "review" in meta:
+                action = "ok"  # a person has answered it
             if action in _ROUTE_ORDER:
                 candidate = action
         if _ROUTE_ORDER[candidate] > _ROUTE_ORDER[route]:
             route = candidate
     return route
-
-
-def _failed_verdicts(messages: list[AnyMessage]) -> list[Verdict]:
-    start = _verify.last_ai_index(messages)
-    found: list[Verdict] = []
-    for message in messages[start + 1 :]:
-        if isinstance(message, ToolMessage):
-            verdict = _verify.harness_meta(message).get("verdict")
-            # An escalation reaches the stop too when nobody reviews (add_harness without
-            # a review policy): its reasons are the task's.
-            if isinstance(verdict, dict) and verdict.get("action") in ("fail", "escalate"):
-                found.append(cast(Verdict, verdict))
-    return found
 
 
 @dataclass(frozen=True)
@@ -847,7 +856,7 @@ class VerificationStop:
 
     def __call__(self, state: MessagesAndOutcome) -> dict[str, Any]:
         """Record the failure (or raise it)."""
-        failed = _failed_verdicts(_verify.messages_of(state))
+        failed = _verify.failed_verdicts(_verify.messages_of(state), escalated=True)
         reason = "; ".join(f"{v['tool']}: {'; '.join(v['reasons'])}" for v in failed) or (
             "a tool output failed verification"
         )

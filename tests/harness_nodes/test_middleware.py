@@ -7,10 +7,12 @@ from typing import Any
 
 import pytest
 from langchain.agents import create_agent
-from langchain.agents.middleware import AgentMiddleware, ModelCallLimitMiddleware
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain.agents.middleware import AgentMiddleware, ModelCallLimitMiddleware, before_model
+from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage, ToolMessage
 from langchain_core.tools import tool
+from langgraph.graph.message import REMOVE_ALL_MESSAGES
 from langgraph.prebuilt.tool_node import ToolCallRequest
+from langgraph.runtime import Runtime
 
 from checkpointers import Backend, open_backend
 from harness_nodes import (
@@ -167,6 +169,37 @@ def test_failed_verification_ends_the_agent() -> None:
     )
     assert out["outcome"]["status"] == "verification_failed"
     assert _model_calls(out["messages"]) == 1  # no second model call
+
+
+@before_model
+def keep_last_turn(state: Any, runtime: Runtime[Any]) -> dict[str, Any] | None:
+    """The LangChain docs' trimming middleware: keep the first message and the last turn."""
+    messages = state["messages"]
+    if len(messages) <= 3:
+        return None
+    return {"messages": [RemoveMessage(id=REMOVE_ALL_MESSAGES), messages[0], *messages[-2:]]}
+
+
+@pytest.mark.parametrize("trim_first", [True, False], ids=["trim-first", "verify-first"])
+def test_retry_limit_holds_when_a_middleware_trims_the_history(trim_first: bool) -> None:
+    """The refused outputs are trimmed away before each model call; `verdicts` keeps the
+    count, so max_retries=2 stops a model that repeats the same bad call."""
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("search", {"query": "typo"})])], loop=True
+    )
+    verify = VerifyToolOutputsMiddleware({"search": ToolContract(max_retries=2)})
+    middleware: list[Any] = [keep_last_turn, verify] if trim_first else [verify, keep_last_turn]
+    agent = create_agent(model, [search], middleware=middleware)
+
+    out = agent.invoke({"messages": [HumanMessage("find")]}, {"recursion_limit": 40})
+
+    assert [(v["attempt"], v["action"]) for v in out["verdicts"]] == [
+        (1, "retry"),
+        (2, "retry"),
+        (3, "fail"),
+    ]
+    assert out["outcome"]["status"] == "verification_failed"
+    assert model.calls == 3
 
 
 def _refund_agent(backend: Backend, extra: list[AgentMiddleware[Any, Any, Any]] = []) -> Any:  # noqa: B006
@@ -342,6 +375,52 @@ def test_bad_output_of_side_effecting_tool_escalates_to_the_queue_not_rerun() ->
         )
         assert out["messages"][-1].text == "Charged once."
         assert CHARGES == ["c1"]  # verification never re-ran the side-effecting tool
+
+
+@tool
+def book(room: str) -> dict[str, str]:
+    """Book a room."""
+    return {"booking_id": "", "room": room}
+
+
+@tool
+def lookup(key: str) -> dict[str, str]:
+    """Look a key up."""
+    return {"error": "db down"}
+
+
+@pytest.mark.parametrize("verify_first", [True, False], ids=["verify-first", "review-first"])
+def test_a_sibling_fail_verdict_still_ends_the_agent_once_the_escalation_is_reviewed(
+    verify_first: bool,
+) -> None:
+    """`book` escalates and `lookup` fails for good in one turn: after the reviewer answers
+    the escalation the agent ends on the failure, whichever hook runs first."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    contracts = {
+        "book": ToolContract(required=("booking_id",), side_effects=True),
+        "lookup": ToolContract(on_fail="fail"),
+    }
+    calls = [tool_call("book", {"room": "A"}), tool_call("lookup", {"key": "k"})]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("All done, everything worked.")])
+    verify = VerifyToolOutputsMiddleware(contracts)
+    review = ReviewQueueMiddleware(ReviewPolicy(), tools=[book, lookup])
+    middleware: list[Any] = [verify, review] if verify_first else [review, verify]
+    agent = create_agent(model, [book, lookup], middleware=middleware, checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t"}}
+    paused = agent.invoke({"messages": [HumanMessage("book A, look k up")]}, config)
+    [request] = paused["__interrupt__"][0].value
+    assert request["action_request"]["action"] == "book"
+
+    out = agent.invoke(Command(resume={"type": "respond", "message": "booking id B-7"}), config)
+
+    assert out["outcome"] == {
+        "status": "verification_failed",
+        "reason": "lookup: the output carries an error: error='db down'",
+    }
+    assert model.calls == 1
+    assert out["messages"][-1].text.startswith("I stopped: a tool output failed verification.")
 
 
 def test_edited_arguments_validated_by_the_queue_against_the_agents_tools() -> None:

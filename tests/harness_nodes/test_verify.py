@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import uuid
@@ -13,12 +14,18 @@ from uuid import UUID
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    HumanMessage,
+    RemoveMessage,
+    ToolMessage,
+)
 from langchain_core.tools import BaseTool, tool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.errors import GraphInterrupt
 from langgraph.graph import END, START, MessagesState, StateGraph
-from langgraph.graph.message import add_messages
+from langgraph.graph.message import REMOVE_ALL_MESSAGES, add_messages
 from langgraph.prebuilt import ToolNode, tools_condition
 from langgraph.types import Command, interrupt
 from pydantic import BaseModel
@@ -507,6 +514,29 @@ def test_route_prefers_escalate_over_fail_over_retry() -> None:
     assert route_after_verify([HumanMessage("x")]) == "ok"
 
 
+def test_an_escalation_a_person_answered_no_longer_routes_to_review() -> None:
+    """After `HumanReview` resolves an escalated output, a sibling's failure is what routes."""
+    verdict = Verdict(
+        tool="pay", tool_call_id="p", ok=False, reasons=["x"], attempt=1, action="escalate"
+    )
+    review = {"decision": "respond", "escalation": "verification"}
+    answered = ToolMessage(
+        "paid",
+        tool_call_id="p",
+        additional_kwargs={"harness": {"verdict": verdict, "review": review}},
+    )
+    failed = ToolMessage(
+        "err",
+        tool_call_id="l",
+        additional_kwargs={
+            "harness": {"verdict": {**verdict, "tool_call_id": "l", "action": "fail"}}
+        },
+    )
+    ai_msg = AIMessage("", tool_calls=[tool_call("pay", {}, id="p"), tool_call("l", {}, id="l")])
+    assert route_after_verify([ai_msg, answered, failed]) == "fail"
+    assert route_after_verify([ai_msg, answered]) == "ok"
+
+
 def test_verification_stop_can_raise_instead() -> None:
     history = prior("pay", 0)
     messages = [
@@ -684,8 +714,12 @@ def build_app(
     state_schema: type[Any] = MessagesState,
     checkpointer: BaseCheckpointSaver[Any] | None = None,
     interrupt_before: list[str] | None = None,
+    trim: bool = False,
 ) -> Any:
-    """A ReAct loop with verification; escalations go to a `review` node that marks the end."""
+    """A ReAct loop with verification; escalations go to a `review` node that marks the end.
+
+    With ``trim``, the history is trimmed (`keep_last_turn`) on the way back to the model.
+    """
     builder = StateGraph(state_schema)
     builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
     if form == "node":
@@ -705,14 +739,27 @@ def build_app(
     builder.add_node("stop", VerificationStop())
     builder.add_edge(START, "agent")
     builder.add_conditional_edges("agent", tools_condition, {"tools": "tools", END: END})
+    into_model = "agent"
+    if trim:
+        builder.add_node("trim", keep_last_turn)
+        builder.add_edge("trim", "agent")
+        into_model = "trim"
     builder.add_conditional_edges(
         after,
         route_after_verify,
-        {"ok": "agent", "retry": "agent", "escalate": "review", "fail": "stop"},
+        {"ok": into_model, "retry": into_model, "escalate": "review", "fail": "stop"},
     )
     builder.add_edge("review", END)
     builder.add_edge("stop", END)
     return builder.compile(checkpointer=checkpointer, interrupt_before=interrupt_before)
+
+
+def keep_last_turn(state: Any) -> dict[str, Any]:
+    """The LangChain docs' trimming pattern: keep the first message and the last turn."""
+    messages = state["messages"]
+    if len(messages) <= 3:
+        return {"messages": []}
+    return {"messages": [RemoveMessage(id=REMOVE_ALL_MESSAGES), messages[0], *messages[-2:]]}
 
 
 def verdicts_in(messages: Sequence[AnyMessage]) -> list[Verdict]:
@@ -811,6 +858,40 @@ def test_parallel_calls_in_a_graph(form: Form) -> None:
     by_call = {v["tool_call_id"]: v for v in verdicts_in(out["messages"])}
     assert by_call["p"]["ok"] is True and by_call["e"]["action"] == "retry"
     assert sorted(CALLS) == ["Empty", "Paris"]
+    assert out["messages"][-1].content == "done"
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_parallel_failures_in_one_turn_use_one_retry(form: Form) -> None:
+    """Three calls of one tool fail in the same turn: one attempt ("retry 1 of 2"), so the
+    model still gets its second retry before max_retries=2 runs out."""
+    cities = ("Down", "Html", "Empty")
+    parallel = [tool_call("weather", {"city": c}, id=f"p{i}") for i, c in enumerate(cities)]
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=parallel),
+            ai(tool_calls=[tool_call("weather", {"city": "Atlantis"}, id="r1")]),
+            ai(tool_calls=[tool_call("weather", {"city": "Paris"}, id="r2")]),
+            ai("done"),
+        ]
+    )
+    out = build_app(model, VerifyToolOutputs({"weather": WEATHER}), form=form).invoke(
+        {"messages": [HumanMessage("q")]}
+    )
+
+    verdicts = {
+        v["tool_call_id"]: (v["attempt"], v["action"]) for v in verdicts_in(out["messages"])
+    }
+    assert verdicts == {
+        "p0": (1, "retry"),
+        "p1": (1, "retry"),
+        "p2": (1, "retry"),
+        "r1": (2, "retry"),
+        "r2": (3, "ok"),
+    }
+    feedback = {m.tool_call_id: m.text for m in out["messages"] if isinstance(m, ToolMessage)}
+    assert all("(retry 1 of 2 for this tool" in feedback[f"p{i}"] for i in range(3))
+    assert "(retry 2 of 2 for this tool" in feedback["r1"]
     assert out["messages"][-1].content == "done"
 
 
@@ -992,6 +1073,40 @@ def test_verdicts_key_is_dropped_quietly_from_a_messages_state_app() -> None:
     assert set(out) == {"messages"}
 
 
+@pytest.mark.parametrize(
+    ("form", "state_schema"),
+    [
+        pytest.param("node", HarnessState, id="node"),
+        pytest.param("hook", HarnessState, id="hook"),
+        pytest.param("node", MessagesState, id="node-messages-state"),
+    ],
+)
+def test_retry_limit_holds_when_the_history_is_trimmed(form: Form, state_schema: type[Any]) -> None:
+    """A trimming node drops the refused outputs from the messages; the verdicts keep the
+    count, so max_retries=2 still stops a model that repeats the same bad call."""
+    ids = itertools.count()
+
+    def same_bad_call(_: list[AnyMessage]) -> AIMessage:
+        return ai(tool_calls=[tool_call("weather", {"city": "Empty"}, id=f"w{next(ids)}")])
+
+    model = ScriptedChatModel(script=[same_bad_call], loop=True)
+    verify = VerifyToolOutputs({"weather": ToolContract(max_retries=2)})
+    app = build_app(model, verify, form=form, state_schema=state_schema, trim=True)
+
+    out = app.invoke({"messages": [HumanMessage("q")]}, {"recursion_limit": 40})
+
+    assert CALLS == ["Empty", "Empty", "Empty"]
+    last = verdicts_in(out["messages"])[-1]
+    assert (last["attempt"], last["action"]) == (3, "fail")
+    assert out["messages"][-1].content.startswith("I stopped")
+    if "verdicts" in out:
+        assert [(v["attempt"], v["action"]) for v in out["verdicts"]] == [
+            (1, "retry"),
+            (2, "retry"),
+            (3, "fail"),
+        ]
+
+
 # --- resume in the middle of a retry loop --------------------------------------------------
 
 
@@ -1024,6 +1139,42 @@ def test_retry_counts_survive_a_crash_between_retries(backend: Backend, form: Fo
     ]
     assert CALLS == ["Atlantis", "Down", "Empty"]  # nothing ran twice, Paris never reached
     assert out["messages"][-1].content.startswith("I stopped")
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_retry_counts_of_a_trimmed_history_survive_a_crash(backend: Backend, form: Form) -> None:
+    """The verdicts that carry the count past trimming are checkpointed: a fresh process
+    resuming after a crash between retries still stops at the limit."""
+    config = {"configurable": {"thread_id": f"trim-crash-{uuid.uuid4().hex}"}}
+    ids = itertools.count()
+
+    def same_bad_call(_: list[AnyMessage]) -> AIMessage:
+        return ai(tool_calls=[tool_call("weather", {"city": "Empty"}, id=f"w{next(ids)}")])
+
+    verify = VerifyToolOutputs({"weather": ToolContract(max_retries=2)})
+    crashing = ScriptedChatModel(
+        script=[same_bad_call], loop=True, faults={1: RuntimeError("worker died")}
+    )
+    options: dict[str, Any] = {
+        "form": form,
+        "state_schema": HarnessState,
+        "trim": True,
+        "checkpointer": backend.checkpointer,
+    }
+    with pytest.raises(RuntimeError, match="worker died"):
+        build_app(crashing, verify, **options).invoke(
+            {"messages": [HumanMessage("q")]}, config, durability="sync"
+        )
+
+    fresh = build_app(ScriptedChatModel(script=[same_bad_call], loop=True), verify, **options)
+    out = fresh.invoke(None, {**config, "recursion_limit": 40}, durability="sync")
+
+    assert CALLS == ["Empty", "Empty", "Empty"]
+    assert [(v["attempt"], v["action"]) for v in out["verdicts"]] == [
+        (1, "retry"),
+        (2, "retry"),
+        (3, "fail"),
+    ]
 
 
 def test_retry_counts_survive_an_interrupt_between_retries(backend: Backend) -> None:

@@ -475,6 +475,53 @@ def test_an_escalation_nobody_reviews_stops_with_its_reasons() -> None:
     assert "upstream 504" in out["messages"][-1].content
 
 
+@tool
+def book(room: str) -> dict[str, Any]:
+    """Book a room (a side effect)."""
+    return {"booking_id": "", "room": room}
+
+
+@pytest.mark.parametrize(
+    "decision",
+    [
+        pytest.param({"type": "respond", "message": "booking id is B-7"}, id="respond"),
+        pytest.param({"type": "approve"}, id="approve"),
+        pytest.param({"type": "reject"}, id="reject"),
+    ],
+)
+def test_a_sibling_fail_verdict_still_ends_the_task_once_the_escalation_is_reviewed(
+    decision: dict[str, Any],
+) -> None:
+    """One AI message: `book` escalates, `lookup` fails for good. The person is asked about
+    the booking first; once answered, the task ends on the lookup's failure, not the model."""
+    from langgraph.types import Command
+
+    contracts = {
+        "book": ToolContract(required=("booking_id",), side_effects=True),
+        "lookup": ToolContract(on_fail="fail"),
+    }
+    calls = [tool_call("book", {"room": "A"}, id="b"), tool_call("lookup", {"key": "broken"})]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("All done, everything worked.")])
+    agent = build_harnessed_agent(
+        model, [book, lookup], contracts=contracts, checkpointer=InMemorySaver()
+    )
+    config = {"configurable": {"thread_id": "t-esc-fail"}}
+    agent.invoke({"messages": [HumanMessage("book A, look broken up")]}, config)
+    (request,) = _paused(agent, config)
+    assert request["kind"] == "escalation" and request["action_request"]["action"] == "book"
+
+    out = agent.invoke(Command(resume=decision), config)
+
+    (failed,) = [v for v in out["verdicts"] if v["action"] == "fail"]
+    assert out["outcome"] == {
+        "status": "verification_failed",
+        "reason": "lookup: " + "; ".join(failed["reasons"]),
+    }
+    assert model.calls == 1  # the model never ran on the failed output
+    assert out["messages"][-1].text.startswith("I stopped: a tool output failed verification.")
+    assert [r["decision"] for r in out["reviews"]] == [decision["type"]]
+
+
 def test_add_harness_puts_review_in_front_of_the_users_tool_node() -> None:
     from langgraph.checkpoint.memory import InMemorySaver
     from langgraph.types import Command
