@@ -47,7 +47,7 @@ import asyncio
 import json
 import threading
 import uuid
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal, cast
@@ -309,20 +309,42 @@ def _message_bytes(m: BaseMessage) -> int:
     return size
 
 
-def _tools_bytes(tools: Sequence[Any]) -> int:
-    size = 0
+def _tools_schemas(tools: Sequence[Any]) -> list[str]:
+    schemas = []
     for t in tools:
         try:
             schema: Any = convert_to_openai_tool(t)
         except Exception:  # an exotic tool: count its repr
             schema = repr(t)
-        size += len(json.dumps(schema, default=str).encode("utf-8"))
-    return size
+        schemas.append(json.dumps(schema, default=str))
+    return schemas
+
+
+def _tools_bytes(tools: Sequence[Any]) -> int:
+    return sum(len(s.encode("utf-8")) for s in _tools_schemas(tools))
 
 
 def bytes_bound(messages: Sequence[BaseMessage], tools: Sequence[Any] = ()) -> int:
     """A conservative token count: UTF-8 bytes of the prompt (every BPE token is >= 1 byte)."""
     return sum(_message_bytes(m) for m in messages) + _tools_bytes(tools)
+
+
+def _message_key(m: BaseMessage) -> tuple[Any, ...]:
+    """What `_message_bytes` counts of a message, as a hashable value."""
+    content = m.content if isinstance(m.content, str) else json.dumps(m.content, default=str)
+    calls = repr(m.tool_calls) if isinstance(m, AIMessage) and m.tool_calls else None
+    call_id = m.tool_call_id if isinstance(m, ToolMessage) else None
+    return (m.type, content, m.name, calls, call_id)
+
+
+def _fingerprint(keys: Iterable[tuple[Any, ...]], tools: int) -> int:
+    """A fingerprint of a prompt: its messages' `_message_key` and the bound tools' *tools*.
+
+    Python's hash: cached on each string, so checking a long history again costs about a
+    microsecond per message. It differs from process to process; there a check just fails
+    (the byte bound is used: the safe side).
+    """
+    return hash((tools, *keys))
 
 
 _BASE_COUNTER = BaseLanguageModel.get_num_tokens_from_messages
@@ -549,8 +571,8 @@ class BudgetedChatModel(BaseChatModel):
     _default_task: str = PrivateAttr(default_factory=lambda: f"budgeted-{uuid.uuid4().hex}")
     _bound: dict[int, Runnable[Any, Any]] = PrivateAttr(default_factory=dict)
     _counter_failed: set[int] = PrivateAttr(default_factory=set)
-    _tools_size: list[int] = PrivateAttr(default_factory=list)
-    """The bound tools' schema bytes, computed once (the schemas do not change)."""
+    _tools_sig: list[tuple[int, int]] = PrivateAttr(default_factory=list)
+    """The bound tools' schema bytes and fingerprint, computed once (schemas do not change)."""
     _deferred: dict[int, None] = PrivateAttr(default_factory=dict)
     """Spend ids whose settlement this process deferred (it will land, or the process died)."""
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
@@ -570,7 +592,7 @@ class BudgetedChatModel(BaseChatModel):
         """
         copy = self.model_copy(update={"tools": list(tools), "tool_kwargs": dict(kwargs)})
         copy._bound = {}
-        copy._tools_size = []
+        copy._tools_sig = []
         return copy
 
     def _runnable(self, index: int) -> Runnable[Any, Any]:
@@ -675,10 +697,15 @@ class BudgetedChatModel(BaseChatModel):
             except Exception:  # offline tokenizers fail in many ways
                 with _private(self)["_lock"]:
                     _private(self)["_counter_failed"].add(id(model))
-        tools_size: list[int] = _private(self)["_tools_size"]
-        if not tools_size:
-            tools_size.append(_tools_bytes(self.tools))
-        return bytes_bound(messages) + tools_size[0]
+        return bytes_bound(messages) + self._tools_signature()[0]
+
+    def _tools_signature(self) -> tuple[int, int]:
+        """The bound tools' schema bytes and fingerprint (computed once per bound copy)."""
+        sig: list[tuple[int, int]] = _private(self)["_tools_sig"]
+        if not sig:
+            schemas = _tools_schemas(self.tools)
+            sig.append((sum(len(s.encode("utf-8")) for s in schemas), hash(tuple(schemas))))
+        return sig[0]
 
     # -- the call -----------------------------------------------------------------------
 
@@ -805,6 +832,7 @@ class BudgetedChatModel(BaseChatModel):
         inp: int,
         out: int,
         reservation: Reservation,
+        prompt: list[tuple[Any, ...]],
     ) -> AIMessage:
         harness = dict((msg.additional_kwargs or {}).get("harness") or {})
         budget: dict[str, Any] = {
@@ -817,6 +845,10 @@ class BudgetedChatModel(BaseChatModel):
             "task_spent_usd": _usd(totals.spent_nanos),
             "input_tokens": inp,
             "output_tokens": out,
+            # Which prompt *inp* counted: the next call's estimate anchors on it only if the
+            # messages before this answer are still exactly that prompt.
+            "prompt_messages": len(prompt),
+            "prompt_fingerprint": _fingerprint(prompt, self._tools_signature()[1]),
         }
         if reservation.lease_id is not None:  # enough to settle it again after a crash
             budget["lease_id"] = reservation.lease_id
@@ -900,24 +932,47 @@ class BudgetedChatModel(BaseChatModel):
         )
         return events
 
-    def _inputs(self, ctx: _Context, messages: Sequence[BaseMessage]) -> list[int]:
+    def _anchor(
+        self, messages: Sequence[BaseMessage], keys: list[tuple[Any, ...]] | None = None
+    ) -> tuple[int, str, int] | None:
+        """``(index, model, input tokens)`` of the last annotated answer, if it can anchor.
+
+        It can when the messages before it (and the bound tools) are exactly the prompt its
+        reported input tokens counted; a system prompt or context changed or added since, or
+        a history trimmed, would not be counted otherwise. *keys*: the messages'
+        `_message_key`, when the caller has them.
+        """
+        for k in range(len(messages) - 1, -1, -1):
+            budget = _budget_meta(messages[k])
+            if not (budget.get("model") and isinstance(budget.get("input_tokens"), int)):
+                continue
+            prefix = keys[:k] if keys is not None else map(_message_key, messages[:k])
+            if budget.get("prompt_messages") != k or budget.get(
+                "prompt_fingerprint"
+            ) != _fingerprint(prefix, self._tools_signature()[1]):
+                return None
+            return k, str(budget["model"]), int(budget["input_tokens"])
+        return None
+
+    def _inputs(
+        self,
+        ctx: _Context,
+        messages: Sequence[BaseMessage],
+        keys: list[tuple[Any, ...]] | None = None,
+    ) -> list[int]:
         """Prompt tokens to reserve for, per model of the ladder.
 
-        With ``token_counter="auto"`` the last answer this wrapper annotated anchors the count:
-        the provider reported exactly how many tokens the prompt up to it had, so only what
-        came after it (that answer, tool results) is bounded by bytes — for the same model;
-        another model may tokenize differently and gets the plain bound.
+        With ``token_counter="auto"`` the last answer this wrapper annotated anchors the count
+        when the prompt before it is unchanged (`_anchor`): the provider reported exactly how
+        many tokens that prompt had, so only what came after it (that answer, tool results)
+        is bounded by bytes — for the same model; another model may tokenize differently and
+        gets the plain bound, as does a prompt changed before the answer.
         """
         counter = self.token_counter
         if callable(counter) or counter == "bytes":
             n = self.count_tokens(messages, ctx.ladder[0][1])
             return [n] * len(ctx.ladder)
-        anchor = None
-        for k in range(len(messages) - 1, -1, -1):
-            budget = _budget_meta(messages[k])
-            if budget.get("model") and isinstance(budget.get("input_tokens"), int):
-                anchor = (k, str(budget["model"]), int(budget["input_tokens"]))
-                break
+        anchor = self._anchor(messages, keys)
         plain: int | None = None
         out: list[int] = []
         for name, model in ctx.ladder:
@@ -941,7 +996,8 @@ class BudgetedChatModel(BaseChatModel):
         """
         rates = self._rates(ctx)
         caps = self._output_caps(ctx, kwargs.pop("max_tokens", None))
-        inputs = self._inputs(ctx, messages)
+        keys = [_message_key(m) for m in messages]  # for the anchor and the annotation
+        inputs = self._inputs(ctx, messages, keys)
         for recovered in self._recoverable(ctx, messages):  # folded into the reservation below
             yield ("defer", recovered)
         cached = self._views().view(ctx.task_id)
@@ -1005,7 +1061,7 @@ class BudgetedChatModel(BaseChatModel):
         self._remember(ctx.task_id, after)
         for event in self._events_after(ctx, plan, totals, after, cost, i_tok, o_tok):
             yield ("emit", event)
-        return self._annotate(msg, ctx, plan, cost, after, i_tok, o_tok, reservation)
+        return self._annotate(msg, ctx, plan, cost, after, i_tok, o_tok, reservation, keys)
 
     def invoke(
         self,

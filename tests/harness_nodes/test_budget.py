@@ -15,7 +15,13 @@ from typing import Annotated, Any
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+)
 from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.message import add_messages
@@ -38,6 +44,7 @@ from harness_nodes import (
     WindowCap,
     budgeted,
 )
+from harness_nodes.budget import bytes_bound
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 from tests.conftest import subprocess_env
 from tests.harness_nodes._budget_graphs import (
@@ -683,3 +690,42 @@ def test_guard_works_in_a_dataclass_state_app(backend: Backend) -> None:
     outcome = out["messages"][-1].additional_kwargs["harness"]["outcome"]
     assert outcome["status"] == "budget_exhausted"
     assert _ledger_nanos(backend, "dc")[1] <= LIMIT_NANOS
+
+
+# --- the prompt estimate and the settlement ------------------------------------------------
+
+
+def _budget(msg: BaseMessage) -> dict[str, Any]:
+    return dict(msg.additional_kwargs["harness"]["budget"])
+
+
+def test_context_added_before_the_last_answer_is_reserved_for(backend: Backend) -> None:
+    # A dynamic system prompt (create_agent's dynamic_prompt, retrieved context) changes the
+    # messages *before* the last answer; its reported input tokens no longer count them.
+    model = ScriptedChatModel(script=["first", "second"], model_name="gpt-4o")
+    envelope = Envelope(max_usd=0.05, max_output_tokens=256, min_output_tokens=16)
+    llm = budgeted(model, envelope=envelope, backend=backend)
+    config = _config("grown-prefix")
+    history: list[BaseMessage] = [HumanMessage("question")]
+    history.append(llm.invoke([SystemMessage("You are brief."), *history], config))
+    history.append(HumanMessage("follow-up"))
+    context = SystemMessage("context " * 50_000)  # 400 KB, ~100k tokens: ~$0.25 at gpt-4o
+    second = llm.invoke([context, *history], config)
+    assert _budget(second)["stopped"]["limit"] == "usd"
+    assert model.calls == 1
+    spent, committed = _ledger_nanos(backend, "grown-prefix")
+    assert committed == spent <= 0.05 * NANOS
+
+
+def test_an_unchanged_history_is_anchored_on_the_reported_input_tokens(backend: Backend) -> None:
+    model = ScriptedChatModel(script=["first", "second"], model_name="gpt-4o")
+    llm = budgeted(model, envelope=Envelope(max_usd=1), backend=backend)
+    config = _config("anchored")
+    history: list[BaseMessage] = [SystemMessage("You are brief. " * 2000), HumanMessage("q")]
+    first = llm.invoke(history, config)
+    history += [first, HumanMessage("follow-up")]
+    second = llm.invoke(history, config)
+    anchored = _budget(first)["input_tokens"] + bytes_bound(history[2:])
+    assert anchored < bytes_bound(history)  # the anchor is the tighter bound
+    worst = Pricing().rates("gpt-4o").worst_case_nanos(anchored, Envelope().max_output_tokens)
+    assert _budget(second)["reserved_usd"] == worst / NANOS
