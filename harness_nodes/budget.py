@@ -375,6 +375,21 @@ def _response_model(msg: AIMessage) -> str | None:
     return None
 
 
+def _priced_name(pricing: Pricing, called: str | None, reported: str | None) -> str:
+    """The name a call is priced under (``""``: none, the fallback's price).
+
+    The model called, when it has a price of its own: it is what the reservation was priced
+    at, and what the provider bills (OpenAI answers ``gpt-4o`` as ``gpt-4o-2024-08-06``, which
+    your override for ``gpt-4o`` does not name). Else the model the answer names, when that
+    has one (a deployment or router name priced by the fallback).
+    """
+    if called and pricing.is_priced(called):
+        return called
+    if reported and pricing.is_priced(reported):
+        return reported
+    return called or reported or ""
+
+
 # --- planning (pure) -----------------------------------------------------------------------
 
 
@@ -814,13 +829,13 @@ class BudgetedChatModel(BaseChatModel):
             return name, plan.input_tokens, plan.cap, plan.nanos
         inp, out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
         cached = int((usage.get("input_token_details") or {}).get("cache_read", 0) or 0)
-        reported = _response_model(msg)
-        priced = reported if reported and self.pricing.is_priced(reported) else name
+        priced = _priced_name(self.pricing, name, _response_model(msg))
         if not priced:  # an unnamed model priced by the declared fallback
             fallback = self.pricing.fallback
             assert fallback is not None  # _rates() refused the call otherwise
             return name, inp, out, fallback.rates().worst_case_nanos(inp, out)
-        return priced, inp, out, self.pricing.cost_nanos(priced, inp, out, cached)
+        # Recorded under the name the ladder calls it (the spend mirror's by_model).
+        return name or priced, inp, out, self.pricing.cost_nanos(priced, inp, out, cached)
 
     def _annotate(
         self,
@@ -1659,7 +1674,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         task_id = str(meta.get("task_id") or meta.get("thread_id") or self.default_task_id)
         task_type = str(meta.get("task_type") or self.task_type)
         params = kwargs.get("invocation_params") or {}
-        model = params.get("model_name") or params.get("model")
+        model = params.get("model_name") or params.get("model") or meta.get("ls_model_name")
         with self._lock:
             self._runs[run_id] = (task_id, task_type, str(model) if model else None)
 
@@ -1698,13 +1713,14 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             run = self._runs.pop(run_id, None)
         if run is None:
             return
-        task_id, task_type, model = run
+        task_id, task_type, called = run
+        model = called
         inp = out = cached = 0
         for gens in response.generations:
             for gen in gens:
                 msg = getattr(gen, "message", None)
                 if isinstance(msg, AIMessage):
-                    model = _response_model(msg) or model
+                    model = _priced_name(self.pricing, called, _response_model(msg))
                     if msg.usage_metadata:
                         inp += int(msg.usage_metadata.get("input_tokens", 0))
                         out += int(msg.usage_metadata.get("output_tokens", 0))

@@ -729,3 +729,51 @@ def test_an_unchanged_history_is_anchored_on_the_reported_input_tokens(backend: 
     assert anchored < bytes_bound(history)  # the anchor is the tighter bound
     worst = Pricing().rates("gpt-4o").worst_case_nanos(anchored, Envelope().max_output_tokens)
     assert _budget(second)["reserved_usd"] == worst / NANOS
+
+
+class Snapshot(ScriptedChatModel):
+    """Answers under a dated snapshot name, as OpenAI does (``gpt-4o`` → ``gpt-4o-2024-08-06``)."""
+
+    reports_as: str = "gpt-4o-2024-08-06"
+
+    def _finish(self, msg: AIMessage, prompt: Any, kwargs: Any) -> AIMessage:
+        out = super()._finish(msg, prompt, kwargs)
+        metadata = {**out.response_metadata, "model_name": self.reports_as}
+        return out.model_copy(update={"response_metadata": metadata})
+
+
+NEGOTIATED = Pricing(overrides={"gpt-4o": ModelPrice(input_per_mtok=0.5, output_per_mtok=2)})
+
+
+def test_a_negotiated_price_holds_when_the_answer_names_a_dated_snapshot(
+    backend: Backend,
+) -> None:
+    llm = budgeted(
+        Snapshot(script=[LONG], model_name="gpt-4o"),
+        envelope=Envelope(max_usd=0.01),
+        backend=backend,
+        pricing=NEGOTIATED,
+    )
+    config = _config("snapshot")
+    answer = llm.invoke("write", config)
+    assert answer.response_metadata["model_name"] == "gpt-4o-2024-08-06"
+    budget = _budget(answer)
+    price = NEGOTIATED.cost_nanos("gpt-4o", budget["input_tokens"], budget["output_tokens"])
+    assert budget["spent_usd"] == price / NANOS <= budget["reserved_usd"]
+    assert set(llm.spend(config)["by_model"]) == {"gpt-4o"}  # the model the ladder called
+    spent, committed = _ledger_nanos(backend, "snapshot")
+    assert committed == spent <= 0.01 * NANOS
+
+
+def test_unwrapped_calls_keep_a_negotiated_price_under_a_dated_snapshot(
+    backend: Backend,
+) -> None:
+    usage = {"input_tokens": 1000, "output_tokens": 1000}
+    raw = Snapshot(script=[ai("ok", usage=usage)], model_name="gpt-4o")
+    handler = BudgetCallbackHandler(backend, NEGOTIATED)
+    raw.invoke("hi", {"callbacks": [handler], "metadata": {"thread_id": "raw-snapshot"}})
+    flush_pending(backend)
+    rows = backend.execute(
+        "SELECT model, cost_nanos FROM harness_spend WHERE task_id = %s", ("raw-snapshot",)
+    )
+    assert rows == [{"model": "gpt-4o", "cost_nanos": 2_500_000}]  # $0.0005 in + $0.002 out
