@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
@@ -94,6 +95,8 @@ __all__ = [
     "WindowCap",
     "budgeted",
 ]
+
+log = logging.getLogger(__name__)
 
 ExitBehavior = Literal["end", "error"]
 Decision = Literal["ok", "degrade", "stop"]
@@ -388,6 +391,52 @@ def _priced_name(pricing: Pricing, called: str | None, reported: str | None) -> 
     if reported and pricing.is_priced(reported):
         return reported
     return called or reported or ""
+
+
+# --- reported usage ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Usage:
+    """The token counts an answer reports, checked (LangChain's ``usage_metadata``)."""
+
+    input: int
+    """Every prompt token, cached ones included."""
+    output: int
+    """Output tokens (reasoning included)."""
+    cache_read: int
+    """Prompt tokens read from the provider's cache."""
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _reported_usage(usage: object) -> _Usage | str:
+    """The usage an answer reports, or why it cannot be priced.
+
+    A count that is not a whole number >= 0 (negative, NaN, a fraction, text, missing) makes the
+    whole usage malformed: priced as given it could be a credit, or nothing.
+    """
+    if usage is None:
+        return "reported no usage"
+    if not isinstance(usage, Mapping):
+        return f"reported malformed usage {usage!r}"
+    details = usage.get("input_token_details") or {}
+    if not isinstance(details, Mapping):
+        return f"reported malformed usage (input_token_details={details!r})"
+    counts = {
+        "input_tokens": usage.get("input_tokens"),
+        "output_tokens": usage.get("output_tokens"),
+        "cache_read": details.get("cache_read") or 0,
+    }
+    bad = ", ".join(f"{k}={v!r}" for k, v in counts.items() if not _is_count(v))
+    if bad:
+        return f"reported malformed usage ({bad}: token counts are whole numbers >= 0)"
+    inp, out, read = (cast(int, v) for v in counts.values())
+    if read > inp:
+        return f"reported malformed usage (cache_read={read} > input_tokens={inp})"
+    return _Usage(inp, out, read)
 
 
 # --- planning (pure) -----------------------------------------------------------------------
@@ -823,12 +872,21 @@ class BudgetedChatModel(BaseChatModel):
         return msg, data
 
     def _settle_figures(self, name: str, msg: AIMessage, plan: _Plan) -> tuple[str, int, int, int]:
-        usage = msg.usage_metadata
-        if usage is None:
-            # No usage reported: keep the worst case we reserved (never silently free).
+        usage = _reported_usage(msg.usage_metadata)
+        if isinstance(usage, str):
+            # Nothing to price, or nothing to trust: keep the worst case we reserved (never
+            # silently free, never a credit).
+            log.warning(
+                "%s %s; the call is recorded at its reserved worst case (%d input and %d "
+                "output tokens, $%.6f)",
+                name or "a model",
+                usage,
+                plan.input_tokens,
+                plan.cap,
+                _usd(plan.nanos),
+            )
             return name, plan.input_tokens, plan.cap, plan.nanos
-        inp, out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
-        cached = int((usage.get("input_token_details") or {}).get("cache_read", 0) or 0)
+        inp, out, cached = usage.input, usage.output, usage.cache_read
         priced = _priced_name(self.pricing, name, _response_model(msg))
         if not priced:  # an unnamed model priced by the declared fallback
             fallback = self.pricing.fallback

@@ -256,6 +256,7 @@ class Pricing:
 
         *input_tokens* counts every prompt token, cached ones included (LangChain's
         ``usage_metadata`` convention); *cached_input_tokens* of them are billed at the cached rate.
+        A negative count counts as zero: a cost is never a credit.
 
         Example:
             ```python
@@ -266,6 +267,7 @@ class Pricing:
             ```
         """
         rates = self.rates(model)  # raises UnpricedModelError first
+        input_tokens, output_tokens = max(0, input_tokens), max(0, output_tokens)
         cached = max(0, min(cached_input_tokens, input_tokens))
         with self._lock:
             tiered = self._cache[model][1]

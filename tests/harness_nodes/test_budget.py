@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import operator
 import re
 import subprocess
@@ -777,3 +779,68 @@ def test_unwrapped_calls_keep_a_negotiated_price_under_a_dated_snapshot(
         "SELECT model, cost_nanos FROM harness_spend WHERE task_id = %s", ("raw-snapshot",)
     )
     assert rows == [{"model": "gpt-4o", "cost_nanos": 2_500_000}]  # $0.0005 in + $0.002 out
+
+
+class RawUsage(ScriptedChatModel):
+    """Reports ``usage`` as given, unchecked: an integration that assigns ``usage_metadata``
+    after building the message (pydantic checks only at construction), or reports none."""
+
+    usage: Any = None
+
+    def _finish(self, msg: AIMessage, prompt: Any, kwargs: Any) -> AIMessage:
+        out = super()._finish(msg, prompt, kwargs)
+        out.usage_metadata = self.usage
+        return out
+
+
+def test_a_negative_token_count_is_never_a_credit(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    malformed = ai("x", usage={"input_tokens": 10, "output_tokens": -5_000_000})
+    model = ScriptedChatModel(script=[malformed, LONG], loop=True, model_name="gpt-4o")
+    llm = budgeted(model, envelope=Envelope(max_usd=0.10), backend=backend)
+    config = _config("negative")
+    messages: list[BaseMessage] = [HumanMessage("hi")]
+    with caplog.at_level(logging.WARNING, logger="harness_nodes.budget"):
+        messages.append(llm.invoke(messages, config))
+    first = _budget(messages[-1])
+    assert first["spent_usd"] == first["reserved_usd"] > 0  # settled at its worst case
+    assert "output_tokens=-5000000" in caplog.text and "worst case" in caplog.text
+    for _ in range(40):
+        messages.append(llm.invoke(messages, config))
+        if "stopped" in _budget(messages[-1]):
+            break
+    assert model.calls <= 3  # each LONG answer costs ~$0.04: the credit let 40 through
+    spent, committed = _ledger_nanos(backend, "negative")
+    assert 0 < committed == spent <= 0.10 * NANOS
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        pytest.param({"input_tokens": -10, "output_tokens": 5}, id="negative-input"),
+        pytest.param({"input_tokens": math.nan, "output_tokens": 5}, id="nan"),
+        pytest.param({"input_tokens": 10, "output_tokens": 2.5}, id="fraction"),
+        pytest.param({"input_tokens": 10, "output_tokens": "5"}, id="text"),
+        pytest.param({"input_tokens": 10}, id="no-output-count"),
+        pytest.param(
+            {"input_tokens": 10, "output_tokens": 5, "input_token_details": {"cache_read": -9}},
+            id="negative-cache-read",
+        ),
+        pytest.param(
+            {"input_tokens": 10, "output_tokens": 5, "input_token_details": {"cache_read": 11}},
+            id="more-cached-than-input",
+        ),
+        pytest.param([10, 5], id="not-a-mapping"),
+    ],
+)
+def test_malformed_usage_is_settled_at_the_worst_case(
+    usage: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    llm = budgeted(RawUsage(script=["ok"], usage=usage, model_name="gpt-4o"), envelope=Envelope())
+    with caplog.at_level(logging.WARNING, logger="harness_nodes.budget"):
+        answer = llm.invoke("hi", {"configurable": {"thread_id": "malformed"}})
+    budget = _budget(answer)
+    assert budget["spent_usd"] == budget["reserved_usd"] > 0
+    assert (budget["output_tokens"], budget["model"]) == (Envelope().max_output_tokens, "gpt-4o")
+    assert "malformed usage" in caplog.text

@@ -95,3 +95,10 @@ def test_affordable_output_tokens_never_overspends() -> None:
         if n:
             assert rates.worst_case_nanos(100, n) <= budget
         assert rates.worst_case_nanos(100, n + 1) > budget or budget < 250_000
+
+
+def test_a_negative_token_count_is_never_a_credit() -> None:
+    pricing = Pricing()
+    assert pricing.cost_nanos("gpt-4o", 1000, -5_000_000) == pricing.cost_nanos("gpt-4o", 1000, 0)
+    tiered = pricing.cost_nanos("claude-sonnet-4-5", -1000, 10, cached_input_tokens=-5)
+    assert tiered == pricing.cost_nanos("claude-sonnet-4-5", 0, 10)
