@@ -1674,6 +1674,47 @@ class BudgetGuard:
 
 # --- unwrapped models ----------------------------------------------------------------------
 
+_OUTPUT_CAP_PARAMS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A call `BudgetCallbackHandler` saw start: whose it is, and what it was asked."""
+
+    task_id: str
+    task_type: str
+    model: str | None
+    """The model called (from the invocation params, else LangSmith's ``ls_model_name``)."""
+    messages: list[list[BaseMessage]] | None
+    """The chat prompts (None for a text model)."""
+    prompts: list[str]
+    """The text prompts (a text model)."""
+    params: dict[str, Any]
+    """The invocation params (for the output cap and the tools)."""
+
+    def prompt_bound(self) -> int:
+        """An upper bound on the prompt's tokens: its UTF-8 bytes (see `bytes_bound`)."""
+        tools = self.params.get("tools")
+        size = _tools_bytes(tools) if isinstance(tools, list) else 0
+        if self.messages is not None:
+            return size + sum(bytes_bound(m) for m in self.messages)
+        return size + sum(len(p.encode("utf-8")) + _MESSAGE_OVERHEAD_BYTES for p in self.prompts)
+
+    def output_cap(self) -> int | None:
+        """The output cap the call was made with, if it had one."""
+        for key in _OUTPUT_CAP_PARAMS:
+            cap = self.params.get(key)
+            if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0:
+                return cap
+        return None
+
+
+def _generation_bytes(gen: Any) -> int:
+    msg = getattr(gen, "message", None)
+    if isinstance(msg, BaseMessage):
+        return _message_bytes(msg)
+    return len(str(getattr(gen, "text", "")).encode("utf-8")) + _MESSAGE_OVERHEAD_BYTES
+
 
 class BudgetCallbackHandler(BaseCallbackHandler):
     """Accounts calls made through models that are not `budgeted` (inside tools, say).
@@ -1681,7 +1722,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     Add it to the run's callbacks; each finished chat-model call is priced and recorded in the
     ledger against its task (``task_id`` or ``thread_id`` from the run's metadata). It counts
     after the fact — it cannot stop a call — so the next budgeted call sees the spend. Calls
-    made by a `budgeted` model are skipped (they are already accounted).
+    made by a `budgeted` model are skipped (they are already accounted). A call that reports
+    no usage, or usage that cannot be trusted (a negative count, say), is recorded at its worst
+    case, with a warning, as the wrapper keeps its reservation: the prompt's bytes in, and out
+    the call's output cap (or, with none, its answer's bytes and at least the envelope's
+    ``max_output_tokens``).
 
     Example:
         ```python
@@ -1720,11 +1765,16 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         )
         self.task_type = task_type
         self.default_task_id = default_task_id
-        self._runs: dict[uuid.UUID, tuple[str, str, str | None]] = {}
+        self._runs: dict[uuid.UUID, _Run] = {}
         self._lock = threading.Lock()
 
     def _start(
-        self, run_id: uuid.UUID, metadata: dict[str, Any] | None, kwargs: dict[str, Any]
+        self,
+        run_id: uuid.UUID,
+        metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+        messages: list[list[BaseMessage]] | None,
+        prompts: list[str],
     ) -> None:
         meta = metadata or {}
         if meta.get("harness_budgeted"):
@@ -1733,8 +1783,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         task_type = str(meta.get("task_type") or self.task_type)
         params = kwargs.get("invocation_params") or {}
         model = params.get("model_name") or params.get("model") or meta.get("ls_model_name")
+        run = _Run(task_id, task_type, str(model) if model else None, messages, prompts, params)
         with self._lock:
-            self._runs[run_id] = (task_id, task_type, str(model) if model else None)
+            self._runs[run_id] = run
 
     def on_chat_model_start(
         self,
@@ -1746,7 +1797,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Remember which task the call belongs to."""
-        self._start(run_id, metadata, kwargs)
+        self._start(run_id, metadata, kwargs, messages, [])
 
     def on_llm_start(
         self,
@@ -1758,12 +1809,64 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Remember which task the call belongs to."""
-        self._start(run_id, metadata, kwargs)
+        self._start(run_id, metadata, kwargs, None, prompts)
 
     def on_llm_error(self, error: BaseException, *, run_id: uuid.UUID, **kwargs: Any) -> None:
         """A failed call costs nothing here (the provider reports no usage)."""
         with self._lock:
             self._runs.pop(run_id, None)
+
+    def _worst_output(self, run: _Run, response: LLMResult) -> int:
+        """Output tokens to record for a call whose usage is unknown.
+
+        The call's own output cap bounds each answer; without one, the answer's bytes bound
+        what can be seen of it, and the envelope's ``max_output_tokens`` (what the wrapper
+        would have capped it at) stands in for what cannot (hidden reasoning).
+        """
+        cap = run.output_cap()
+        envelope = (self.envelopes or Envelopes(default=Envelope())).for_type(run.task_type)
+        sizes = [_generation_bytes(g) for gens in response.generations for g in gens] or [0]
+        if cap is not None:
+            return cap * len(sizes)
+        return sum(max(envelope.max_output_tokens, size) for size in sizes)
+
+    def _priced(self, run: _Run, response: LLMResult) -> tuple[str, int, int, int]:
+        """``(model, input tokens, output tokens, nano-dollars)`` to record for a finished call.
+
+        Usage missing or malformed on any answer: the call's worst case, as the budgeted
+        wrapper keeps its reservation's (never silently free, never a credit).
+        """
+        answers = [
+            m
+            for gens in response.generations
+            for g in gens
+            if isinstance(m := getattr(g, "message", None), AIMessage)
+        ]
+        reported = next((n for n in map(_response_model, answers) if n), None)
+        model = _priced_name(self.pricing, run.model, reported)
+        if not model:
+            model = str((response.llm_output or {}).get("model_name") or "")
+        if not model:
+            raise UnpricedModelError("<unnamed model>")
+        usages = [_reported_usage(m.usage_metadata) for m in answers] or ["reported no usage"]
+        problem = next((u for u in usages if isinstance(u, str)), None)
+        if problem is None:
+            counts = cast(list[_Usage], usages)
+            inp, out = sum(u.input for u in counts), sum(u.output for u in counts)
+            cached = sum(u.cache_read for u in counts)
+            return model, inp, out, self.pricing.cost_nanos(model, inp, out, cached)
+        inp, out = run.prompt_bound(), self._worst_output(run, response)
+        nanos = self.pricing.rates(model).worst_case_nanos(inp, out)
+        log.warning(
+            "%s (called outside a budgeted model) %s; the call is recorded at its worst case "
+            "(%d input tokens, the prompt's bytes, and %d output tokens, $%.6f)",
+            model,
+            problem,
+            inp,
+            out,
+            _usd(nanos),
+        )
+        return model, inp, out, nanos
 
     def on_llm_end(self, response: LLMResult, *, run_id: uuid.UUID, **kwargs: Any) -> None:
         """Price the call's usage and record it against its task."""
@@ -1771,24 +1874,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             run = self._runs.pop(run_id, None)
         if run is None:
             return
-        task_id, task_type, called = run
-        model = called
-        inp = out = cached = 0
-        for gens in response.generations:
-            for gen in gens:
-                msg = getattr(gen, "message", None)
-                if isinstance(msg, AIMessage):
-                    model = _priced_name(self.pricing, called, _response_model(msg))
-                    if msg.usage_metadata:
-                        inp += int(msg.usage_metadata.get("input_tokens", 0))
-                        out += int(msg.usage_metadata.get("output_tokens", 0))
-                        details = msg.usage_metadata.get("input_token_details") or {}
-                        cached += int(details.get("cache_read", 0) or 0)
-        if not model:
-            model = str((response.llm_output or {}).get("model_name") or "")
-        if not model:
-            raise UnpricedModelError("<unnamed model>")
-        nanos = self.pricing.cost_nanos(model, inp, out, cached)
+        task_id, task_type = run.task_id, run.task_type
+        model, inp, out, nanos = self._priced(run, response)
         limits = Limits()
         if self.envelopes is not None:
             cap = self.envelopes.for_type(task_type).type_cap

@@ -844,3 +844,42 @@ def test_malformed_usage_is_settled_at_the_worst_case(
     assert budget["spent_usd"] == budget["reserved_usd"] > 0
     assert (budget["output_tokens"], budget["model"]) == (Envelope().max_output_tokens, "gpt-4o")
     assert "malformed usage" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        pytest.param(None, id="no-usage"),
+        pytest.param({"input_tokens": 10, "output_tokens": -5_000_000}, id="negative"),
+    ],
+)
+def test_unwrapped_calls_without_usable_usage_are_recorded_at_their_worst_case(
+    backend: Backend, usage: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    answer = "a long answer " * 500  # 7 KB
+    raw = RawUsage(script=[answer], loop=True, usage=usage, model_name="gpt-4o")
+    handler = BudgetCallbackHandler(backend)
+    prompt = "summarise " * 5000
+    config: Any = {"callbacks": [handler], "metadata": {"thread_id": "raw-no-usage"}}
+    with caplog.at_level(logging.WARNING, logger="harness_nodes.budget"):
+        raw.invoke(prompt, config)  # no output cap: bounded by the answer's bytes
+        raw.invoke(prompt, config, max_tokens=300)  # the call's own cap bounds its output
+    flush_pending(backend)
+    rows = backend.execute(
+        "SELECT model, input_tokens, output_tokens, cost_nanos FROM harness_spend "
+        "WHERE task_id = %s ORDER BY id",
+        ("raw-no-usage",),
+    )
+    inp = bytes_bound([HumanMessage(prompt)])  # the prompt's bytes: at least its tokens
+    outs = [bytes_bound([AIMessage(answer)]), 300]
+    rates = Pricing().rates("gpt-4o")
+    assert rows == [
+        {
+            "model": "gpt-4o",
+            "input_tokens": inp,
+            "output_tokens": out,
+            "cost_nanos": rates.worst_case_nanos(inp, out),
+        }
+        for out in outs
+    ]
+    assert "gpt-4o" in caplog.text and "worst case" in caplog.text
