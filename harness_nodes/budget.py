@@ -49,7 +49,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from decimal import Decimal
 from typing import Any, Literal, cast
 
@@ -406,6 +406,10 @@ class _Usage:
     """Output tokens (reasoning included)."""
     cache_read: int
     """Prompt tokens read from the provider's cache."""
+    cache_write: int
+    """Prompt tokens written to the provider's cache (Anthropic's ``cache_creation``)."""
+    cache_write_1h: int
+    """Of those, tokens written to the 1-hour cache (billed higher than the 5-minute one)."""
 
 
 def _is_count(value: object) -> bool:
@@ -429,14 +433,40 @@ def _reported_usage(usage: object) -> _Usage | str:
         "input_tokens": usage.get("input_tokens"),
         "output_tokens": usage.get("output_tokens"),
         "cache_read": details.get("cache_read") or 0,
+        "cache_creation": details.get("cache_creation") or 0,
+        "ephemeral_5m_input_tokens": details.get("ephemeral_5m_input_tokens") or 0,
+        "ephemeral_1h_input_tokens": details.get("ephemeral_1h_input_tokens") or 0,
     }
     bad = ", ".join(f"{k}={v!r}" for k, v in counts.items() if not _is_count(v))
     if bad:
         return f"reported malformed usage ({bad}: token counts are whole numbers >= 0)"
-    inp, out, read = (cast(int, v) for v in counts.values())
-    if read > inp:
-        return f"reported malformed usage (cache_read={read} > input_tokens={inp})"
-    return _Usage(inp, out, read)
+    inp, out, read, creation, five_min, one_hour = (cast(int, v) for v in counts.values())
+    # langchain-anthropic gives the writes as cache_creation, or split by cache lifetime
+    # (cache_creation then 0 in recent versions, the total of the split in older ones).
+    written = max(creation, five_min + one_hour)
+    if read + written > inp:
+        return (
+            f"reported malformed usage (cache_read={read} + cache writes={written} > "
+            f"input_tokens={inp})"
+        )
+    return _Usage(inp, out, read, written, one_hour)
+
+
+def _usage_cost(pricing: Pricing, model: str, usage: _Usage) -> int:
+    """What *usage* costs on *model*, in nano-dollars (cache reads and writes included)."""
+    return pricing.cost_nanos(
+        model,
+        usage.input,
+        usage.output,
+        usage.cache_read,
+        cache_write_tokens=usage.cache_write,
+        cache_write_1h_tokens=usage.cache_write_1h,
+    )
+
+
+def _added(usages: list[_Usage]) -> _Usage:
+    """The usages of a call's answers, added up count by count."""
+    return _Usage(*(sum(counts) for counts in zip(*map(astuple, usages), strict=True)))
 
 
 # --- planning (pure) -----------------------------------------------------------------------
@@ -886,14 +916,14 @@ class BudgetedChatModel(BaseChatModel):
                 _usd(plan.nanos),
             )
             return name, plan.input_tokens, plan.cap, plan.nanos
-        inp, out, cached = usage.input, usage.output, usage.cache_read
+        inp, out = usage.input, usage.output
         priced = _priced_name(self.pricing, name, _response_model(msg))
         if not priced:  # an unnamed model priced by the declared fallback
             fallback = self.pricing.fallback
             assert fallback is not None  # _rates() refused the call otherwise
             return name, inp, out, fallback.rates().worst_case_nanos(inp, out)
         # Recorded under the name the ladder calls it (the spend mirror's by_model).
-        return name or priced, inp, out, self.pricing.cost_nanos(priced, inp, out, cached)
+        return name or priced, inp, out, _usage_cost(self.pricing, priced, usage)
 
     def _annotate(
         self,
@@ -1851,10 +1881,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         usages = [_reported_usage(m.usage_metadata) for m in answers] or ["reported no usage"]
         problem = next((u for u in usages if isinstance(u, str)), None)
         if problem is None:
-            counts = cast(list[_Usage], usages)
-            inp, out = sum(u.input for u in counts), sum(u.output for u in counts)
-            cached = sum(u.cache_read for u in counts)
-            return model, inp, out, self.pricing.cost_nanos(model, inp, out, cached)
+            total = _added(cast(list[_Usage], usages))
+            return model, total.input, total.output, _usage_cost(self.pricing, model, total)
         inp, out = run.prompt_bound(), self._worst_output(run, response)
         nanos = self.pricing.rates(model).worst_case_nanos(inp, out)
         log.warning(

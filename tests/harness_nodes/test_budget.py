@@ -883,3 +883,68 @@ def test_unwrapped_calls_without_usable_usage_are_recorded_at_their_worst_case(
         for out in outs
     ]
     assert "gpt-4o" in caplog.text and "worst case" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("details", "one_hour"),
+    [
+        pytest.param({"cache_creation": 40_000}, 0, id="5-minute"),
+        pytest.param(  # langchain-anthropic splits writes by lifetime (cache_creation is 0)
+            {
+                "cache_creation": 0,
+                "ephemeral_5m_input_tokens": 0,
+                "ephemeral_1h_input_tokens": 40_000,
+            },
+            40_000,
+            id="1-hour",
+        ),
+        pytest.param(  # older langchain-anthropic: the total and the split
+            {
+                "cache_creation": 40_000,
+                "ephemeral_5m_input_tokens": 30_000,
+                "ephemeral_1h_input_tokens": 10_000,
+            },
+            10_000,
+            id="both-lifetimes",
+        ),
+    ],
+)
+def test_cache_writes_are_priced_and_reserved_at_the_cache_write_rate(
+    backend: Backend, details: dict[str, int], one_hour: int
+) -> None:
+    from genai_prices import Usage, calc_price
+
+    name = "claude-3-5-sonnet-20241022"  # per M: $3 in; cache writes $3.75 (5 min), $6 (1 h)
+    # The whole 40k-token prompt written to the cache and the output at its 256-token cap:
+    # the most the call can cost.
+    usage = {"input_tokens": 40_000, "output_tokens": 256, "input_token_details": details}
+    model = RawUsage(script=["ok"], usage=usage, model_name=name)
+    envelope = Envelope(max_usd=1, max_output_tokens=256, min_output_tokens=16)
+    llm = budgeted(model, envelope=envelope, backend=backend)
+    budget = _budget(llm.invoke("x" * 40_000, _config("cache-write")))
+    written = Usage(
+        input_tokens=40_000,
+        cache_write_tokens=40_000,
+        cache_write_1h_tokens=one_hour,
+        output_tokens=256,
+    )
+    assert budget["spent_usd"] == float(calc_price(written, name).total_price)
+    assert budget["spent_usd"] <= budget["reserved_usd"]
+
+
+def test_unwrapped_cache_writes_are_priced_at_the_cache_write_rate(backend: Backend) -> None:
+    name = "claude-3-5-sonnet-20241022"
+    usage = {
+        "input_tokens": 100_000,
+        "output_tokens": 100,
+        "total_tokens": 100_100,
+        "input_token_details": {"cache_creation": 90_000, "cache_read": 0},
+    }
+    raw = RawUsage(script=["ok"], usage=usage, model_name=name)
+    handler = BudgetCallbackHandler(backend)
+    raw.invoke("hi", {"callbacks": [handler], "metadata": {"thread_id": "raw-cache-write"}})
+    flush_pending(backend)
+    rows = backend.execute(
+        "SELECT cost_nanos FROM harness_spend WHERE task_id = %s", ("raw-cache-write",)
+    )
+    assert rows == [{"cost_nanos": 369_000_000}]  # 10k x $3 + 90k x $3.75 + 100 x $15 per M

@@ -102,3 +102,32 @@ def test_a_negative_token_count_is_never_a_credit() -> None:
     assert pricing.cost_nanos("gpt-4o", 1000, -5_000_000) == pricing.cost_nanos("gpt-4o", 1000, 0)
     tiered = pricing.cost_nanos("claude-sonnet-4-5", -1000, 10, cached_input_tokens=-5)
     assert tiered == pricing.cost_nanos("claude-sonnet-4-5", 0, 10)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param("claude-3-5-sonnet-20241022", id="flat"),
+        pytest.param("claude-sonnet-4-5", id="tiered"),
+        pytest.param("gpt-4o", id="no-cache-write-price"),
+    ],
+)
+def test_cache_writes_are_billed_and_reserved_at_the_cache_write_rate(model: str) -> None:
+    from genai_prices import Usage, calc_price
+
+    pricing = Pricing()
+    usage = Usage(input_tokens=100_000, cache_write_tokens=90_000, output_tokens=100)
+    expected = calc_price(usage, model).total_price
+    assert pricing.cost_nanos(model, 100_000, 100, cache_write_tokens=90_000) == int(
+        expected * 1_000_000_000
+    )
+    one_hour = Usage(input_tokens=100_000, cache_write_tokens=90_000, cache_write_1h_tokens=9_000)
+    expected = calc_price(one_hour, model).total_price
+    assert pricing.cost_nanos(
+        model, 100_000, 0, cache_write_tokens=90_000, cache_write_1h_tokens=9_000
+    ) == int(expected * 1_000_000_000)
+    # The reservation is a bound even when the whole prompt is written to the cache for an hour.
+    written = pricing.cost_nanos(
+        model, 300_000, 0, cache_write_tokens=300_000, cache_write_1h_tokens=300_000
+    )
+    assert pricing.rates(model).worst_case_nanos(300_000, 0) >= written
