@@ -45,12 +45,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import numbers
 import threading
 import uuid
-from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import astuple, dataclass, field
 from decimal import Decimal
 from typing import Any, Literal, cast
 
@@ -96,6 +97,8 @@ __all__ = [
     "WindowCap",
     "budgeted",
 ]
+
+log = logging.getLogger(__name__)
 
 ExitBehavior = Literal["end", "error"]
 Decision = Literal["ok", "degrade", "stop"]
@@ -350,20 +353,42 @@ def _message_bytes(m: BaseMessage) -> int:
     return size
 
 
-def _tools_bytes(tools: Sequence[Any]) -> int:
-    size = 0
+def _tools_schemas(tools: Sequence[Any]) -> list[str]:
+    schemas = []
     for t in tools:
         try:
             schema: Any = convert_to_openai_tool(t)
         except Exception:  # an exotic tool: count its repr
             schema = repr(t)
-        size += len(json.dumps(schema, default=str).encode("utf-8"))
-    return size
+        schemas.append(json.dumps(schema, default=str))
+    return schemas
+
+
+def _tools_bytes(tools: Sequence[Any]) -> int:
+    return sum(len(s.encode("utf-8")) for s in _tools_schemas(tools))
 
 
 def bytes_bound(messages: Sequence[BaseMessage], tools: Sequence[Any] = ()) -> int:
     """A conservative token count: UTF-8 bytes of the prompt (every BPE token is >= 1 byte)."""
     return sum(_message_bytes(m) for m in messages) + _tools_bytes(tools)
+
+
+def _message_key(m: BaseMessage) -> tuple[Any, ...]:
+    """What `_message_bytes` counts of a message, as a hashable value."""
+    content = m.content if isinstance(m.content, str) else json.dumps(m.content, default=str)
+    calls = repr(m.tool_calls) if isinstance(m, AIMessage) and m.tool_calls else None
+    call_id = m.tool_call_id if isinstance(m, ToolMessage) else None
+    return (m.type, content, m.name, calls, call_id)
+
+
+def _fingerprint(keys: Iterable[tuple[Any, ...]], tools: int) -> int:
+    """A fingerprint of a prompt: its messages' `_message_key` and the bound tools' *tools*.
+
+    Python's hash: cached on each string, so checking a long history again costs about a
+    microsecond per message. It differs from process to process; there a check just fails
+    (the byte bound is used: the safe side).
+    """
+    return hash((tools, *keys))
 
 
 _BASE_COUNTER = BaseLanguageModel.get_num_tokens_from_messages
@@ -392,6 +417,97 @@ def _response_model(msg: AIMessage) -> str | None:
         if isinstance(value, str) and value:
             return value
     return None
+
+
+def _priced_name(pricing: Pricing, called: str | None, reported: str | None) -> str:
+    """The name a call is priced under (``""``: none, the fallback's price).
+
+    The model called, when it has a price of its own: it is what the reservation was priced
+    at, and what the provider bills (OpenAI answers ``gpt-4o`` as ``gpt-4o-2024-08-06``, which
+    your override for ``gpt-4o`` does not name). Else the model the answer names, when that
+    has one (a deployment or router name priced by the fallback).
+    """
+    if called and pricing.is_priced(called):
+        return called
+    if reported and pricing.is_priced(reported):
+        return reported
+    return called or reported or ""
+
+
+# --- reported usage ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Usage:
+    """The token counts an answer reports, checked (LangChain's ``usage_metadata``)."""
+
+    input: int
+    """Every prompt token, cached ones included."""
+    output: int
+    """Output tokens (reasoning included)."""
+    cache_read: int
+    """Prompt tokens read from the provider's cache."""
+    cache_write: int
+    """Prompt tokens written to the provider's cache (Anthropic's ``cache_creation``)."""
+    cache_write_1h: int
+    """Of those, tokens written to the 1-hour cache (billed higher than the 5-minute one)."""
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _reported_usage(usage: object) -> _Usage | str:
+    """The usage an answer reports, or why it cannot be priced.
+
+    A count that is not a whole number >= 0 (negative, NaN, a fraction, text, missing) makes the
+    whole usage malformed: priced as given it could be a credit, or nothing.
+    """
+    if usage is None:
+        return "reported no usage"
+    if not isinstance(usage, Mapping):
+        return f"reported malformed usage {usage!r}"
+    details = usage.get("input_token_details") or {}
+    if not isinstance(details, Mapping):
+        return f"reported malformed usage (input_token_details={details!r})"
+    counts = {
+        "input_tokens": usage.get("input_tokens"),
+        "output_tokens": usage.get("output_tokens"),
+        "cache_read": details.get("cache_read") or 0,
+        "cache_creation": details.get("cache_creation") or 0,
+        "ephemeral_5m_input_tokens": details.get("ephemeral_5m_input_tokens") or 0,
+        "ephemeral_1h_input_tokens": details.get("ephemeral_1h_input_tokens") or 0,
+    }
+    bad = ", ".join(f"{k}={v!r}" for k, v in counts.items() if not _is_count(v))
+    if bad:
+        return f"reported malformed usage ({bad}: token counts are whole numbers >= 0)"
+    inp, out, read, creation, five_min, one_hour = (cast(int, v) for v in counts.values())
+    # langchain-anthropic gives the writes as cache_creation, or split by cache lifetime
+    # (cache_creation then 0 in recent versions, the total of the split in older ones).
+    written = max(creation, five_min + one_hour)
+    if read + written > inp:
+        return (
+            f"reported malformed usage (cache_read={read} + cache writes={written} > "
+            f"input_tokens={inp})"
+        )
+    return _Usage(inp, out, read, written, one_hour)
+
+
+def _usage_cost(pricing: Pricing, model: str, usage: _Usage) -> int:
+    """What *usage* costs on *model*, in nano-dollars (cache reads and writes included)."""
+    return pricing.cost_nanos(
+        model,
+        usage.input,
+        usage.output,
+        usage.cache_read,
+        cache_write_tokens=usage.cache_write,
+        cache_write_1h_tokens=usage.cache_write_1h,
+    )
+
+
+def _added(usages: list[_Usage]) -> _Usage:
+    """The usages of a call's answers, added up count by count."""
+    return _Usage(*(sum(counts) for counts in zip(*map(astuple, usages), strict=True)))
 
 
 # --- planning (pure) -----------------------------------------------------------------------
@@ -590,8 +706,8 @@ class BudgetedChatModel(BaseChatModel):
     _default_task: str = PrivateAttr(default_factory=lambda: f"budgeted-{uuid.uuid4().hex}")
     _bound: dict[int, Runnable[Any, Any]] = PrivateAttr(default_factory=dict)
     _counter_failed: set[int] = PrivateAttr(default_factory=set)
-    _tools_size: list[int] = PrivateAttr(default_factory=list)
-    """The bound tools' schema bytes, computed once (the schemas do not change)."""
+    _tools_sig: list[tuple[int, int]] = PrivateAttr(default_factory=list)
+    """The bound tools' schema bytes and fingerprint, computed once (schemas do not change)."""
     _deferred: dict[int, None] = PrivateAttr(default_factory=dict)
     """Spend ids whose settlement this process deferred (it will land, or the process died)."""
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
@@ -611,7 +727,7 @@ class BudgetedChatModel(BaseChatModel):
         """
         copy = self.model_copy(update={"tools": list(tools), "tool_kwargs": dict(kwargs)})
         copy._bound = {}
-        copy._tools_size = []
+        copy._tools_sig = []
         return copy
 
     def _runnable(self, index: int) -> Runnable[Any, Any]:
@@ -716,10 +832,15 @@ class BudgetedChatModel(BaseChatModel):
             except Exception:  # offline tokenizers fail in many ways
                 with _private(self)["_lock"]:
                     _private(self)["_counter_failed"].add(id(model))
-        tools_size: list[int] = _private(self)["_tools_size"]
-        if not tools_size:
-            tools_size.append(_tools_bytes(self.tools))
-        return bytes_bound(messages) + tools_size[0]
+        return bytes_bound(messages) + self._tools_signature()[0]
+
+    def _tools_signature(self) -> tuple[int, int]:
+        """The bound tools' schema bytes and fingerprint (computed once per bound copy)."""
+        sig: list[tuple[int, int]] = _private(self)["_tools_sig"]
+        if not sig:
+            schemas = _tools_schemas(self.tools)
+            sig.append((sum(len(s.encode("utf-8")) for s in schemas), hash(tuple(schemas))))
+        return sig[0]
 
     # -- the call -----------------------------------------------------------------------
 
@@ -822,19 +943,28 @@ class BudgetedChatModel(BaseChatModel):
         return msg, data
 
     def _settle_figures(self, name: str, msg: AIMessage, plan: _Plan) -> tuple[str, int, int, int]:
-        usage = msg.usage_metadata
-        if usage is None:
-            # No usage reported: keep the worst case we reserved (never silently free).
+        usage = _reported_usage(msg.usage_metadata)
+        if isinstance(usage, str):
+            # Nothing to price, or nothing to trust: keep the worst case we reserved (never
+            # silently free, never a credit).
+            log.warning(
+                "%s %s; the call is recorded at its reserved worst case (%d input and %d "
+                "output tokens, $%.6f)",
+                name or "a model",
+                usage,
+                plan.input_tokens,
+                plan.cap,
+                _usd(plan.nanos),
+            )
             return name, plan.input_tokens, plan.cap, plan.nanos
-        inp, out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
-        cached = int((usage.get("input_token_details") or {}).get("cache_read", 0) or 0)
-        reported = _response_model(msg)
-        priced = reported if reported and self.pricing.is_priced(reported) else name
+        inp, out = usage.input, usage.output
+        priced = _priced_name(self.pricing, name, _response_model(msg))
         if not priced:  # an unnamed model priced by the declared fallback
             fallback = self.pricing.fallback
             assert fallback is not None  # _rates() refused the call otherwise
             return name, inp, out, fallback.rates().worst_case_nanos(inp, out)
-        return priced, inp, out, self.pricing.cost_nanos(priced, inp, out, cached)
+        # Recorded under the name the ladder calls it (the spend mirror's by_model).
+        return name or priced, inp, out, _usage_cost(self.pricing, priced, usage)
 
     def _annotate(
         self,
@@ -846,6 +976,7 @@ class BudgetedChatModel(BaseChatModel):
         inp: int,
         out: int,
         reservation: Reservation,
+        prompt: list[tuple[Any, ...]],
     ) -> AIMessage:
         harness = dict((msg.additional_kwargs or {}).get("harness") or {})
         budget: dict[str, Any] = {
@@ -858,6 +989,10 @@ class BudgetedChatModel(BaseChatModel):
             "task_spent_usd": _usd(totals.spent_nanos),
             "input_tokens": inp,
             "output_tokens": out,
+            # Which prompt *inp* counted: the next call's estimate anchors on it only if the
+            # messages before this answer are still exactly that prompt.
+            "prompt_messages": len(prompt),
+            "prompt_fingerprint": _fingerprint(prompt, self._tools_signature()[1]),
         }
         if reservation.lease_id is not None:  # enough to settle it again after a crash
             budget["lease_id"] = reservation.lease_id
@@ -941,24 +1076,47 @@ class BudgetedChatModel(BaseChatModel):
         )
         return events
 
-    def _inputs(self, ctx: _Context, messages: Sequence[BaseMessage]) -> list[int]:
+    def _anchor(
+        self, messages: Sequence[BaseMessage], keys: list[tuple[Any, ...]] | None = None
+    ) -> tuple[int, str, int] | None:
+        """``(index, model, input tokens)`` of the last annotated answer, if it can anchor.
+
+        It can when the messages before it (and the bound tools) are exactly the prompt its
+        reported input tokens counted; a system prompt or context changed or added since, or
+        a history trimmed, would not be counted otherwise. *keys*: the messages'
+        `_message_key`, when the caller has them.
+        """
+        for k in range(len(messages) - 1, -1, -1):
+            budget = _budget_meta(messages[k])
+            if not (budget.get("model") and isinstance(budget.get("input_tokens"), int)):
+                continue
+            prefix = keys[:k] if keys is not None else map(_message_key, messages[:k])
+            if budget.get("prompt_messages") != k or budget.get(
+                "prompt_fingerprint"
+            ) != _fingerprint(prefix, self._tools_signature()[1]):
+                return None
+            return k, str(budget["model"]), int(budget["input_tokens"])
+        return None
+
+    def _inputs(
+        self,
+        ctx: _Context,
+        messages: Sequence[BaseMessage],
+        keys: list[tuple[Any, ...]] | None = None,
+    ) -> list[int]:
         """Prompt tokens to reserve for, per model of the ladder.
 
-        With ``token_counter="auto"`` the last answer this wrapper annotated anchors the count:
-        the provider reported exactly how many tokens the prompt up to it had, so only what
-        came after it (that answer, tool results) is bounded by bytes — for the same model;
-        another model may tokenize differently and gets the plain bound.
+        With ``token_counter="auto"`` the last answer this wrapper annotated anchors the count
+        when the prompt before it is unchanged (`_anchor`): the provider reported exactly how
+        many tokens that prompt had, so only what came after it (that answer, tool results)
+        is bounded by bytes — for the same model; another model may tokenize differently and
+        gets the plain bound, as does a prompt changed before the answer.
         """
         counter = self.token_counter
         if callable(counter) or counter == "bytes":
             n = self.count_tokens(messages, ctx.ladder[0][1])
             return [n] * len(ctx.ladder)
-        anchor = None
-        for k in range(len(messages) - 1, -1, -1):
-            budget = _budget_meta(messages[k])
-            if budget.get("model") and isinstance(budget.get("input_tokens"), int):
-                anchor = (k, str(budget["model"]), int(budget["input_tokens"]))
-                break
+        anchor = self._anchor(messages, keys)
         plain: int | None = None
         out: list[int] = []
         for name, model in ctx.ladder:
@@ -982,7 +1140,8 @@ class BudgetedChatModel(BaseChatModel):
         """
         rates = self._rates(ctx)
         caps = self._output_caps(ctx, kwargs.pop("max_tokens", None))
-        inputs = self._inputs(ctx, messages)
+        keys = [_message_key(m) for m in messages]  # for the anchor and the annotation
+        inputs = self._inputs(ctx, messages, keys)
         for recovered in self._recoverable(ctx, messages):  # folded into the reservation below
             yield ("defer", recovered)
         cached = self._views().view(ctx.task_id)
@@ -1046,7 +1205,7 @@ class BudgetedChatModel(BaseChatModel):
         self._remember(ctx.task_id, after)
         for event in self._events_after(ctx, plan, totals, after, cost, i_tok, o_tok):
             yield ("emit", event)
-        return self._annotate(msg, ctx, plan, cost, after, i_tok, o_tok, reservation)
+        return self._annotate(msg, ctx, plan, cost, after, i_tok, o_tok, reservation, keys)
 
     def invoke(
         self,
@@ -1586,6 +1745,47 @@ class BudgetGuard:
 
 # --- unwrapped models ----------------------------------------------------------------------
 
+_OUTPUT_CAP_PARAMS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A call `BudgetCallbackHandler` saw start: whose it is, and what it was asked."""
+
+    task_id: str
+    task_type: str
+    model: str | None
+    """The model called (from the invocation params, else LangSmith's ``ls_model_name``)."""
+    messages: list[list[BaseMessage]] | None
+    """The chat prompts (None for a text model)."""
+    prompts: list[str]
+    """The text prompts (a text model)."""
+    params: dict[str, Any]
+    """The invocation params (for the output cap and the tools)."""
+
+    def prompt_bound(self) -> int:
+        """An upper bound on the prompt's tokens: its UTF-8 bytes (see `bytes_bound`)."""
+        tools = self.params.get("tools")
+        size = _tools_bytes(tools) if isinstance(tools, list) else 0
+        if self.messages is not None:
+            return size + sum(bytes_bound(m) for m in self.messages)
+        return size + sum(len(p.encode("utf-8")) + _MESSAGE_OVERHEAD_BYTES for p in self.prompts)
+
+    def output_cap(self) -> int | None:
+        """The output cap the call was made with, if it had one."""
+        for key in _OUTPUT_CAP_PARAMS:
+            cap = self.params.get(key)
+            if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0:
+                return cap
+        return None
+
+
+def _generation_bytes(gen: Any) -> int:
+    msg = getattr(gen, "message", None)
+    if isinstance(msg, BaseMessage):
+        return _message_bytes(msg)
+    return len(str(getattr(gen, "text", "")).encode("utf-8")) + _MESSAGE_OVERHEAD_BYTES
+
 
 class BudgetCallbackHandler(BaseCallbackHandler):
     """Accounts calls made through models that are not `budgeted` (inside tools, say).
@@ -1593,7 +1793,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     Add it to the run's callbacks; each finished chat-model call is priced and recorded in the
     ledger against its task (``task_id`` or ``thread_id`` from the run's metadata). It counts
     after the fact — it cannot stop a call — so the next budgeted call sees the spend. Calls
-    made by a `budgeted` model are skipped (they are already accounted).
+    made by a `budgeted` model are skipped (they are already accounted). A call that reports
+    no usage, or usage that cannot be trusted (a negative count, say), is recorded at its worst
+    case, with a warning, as the wrapper keeps its reservation: the prompt's bytes in, and out
+    the call's output cap (or, with none, its answer's bytes and at least the envelope's
+    ``max_output_tokens``).
 
     Example:
         ```python
@@ -1632,11 +1836,16 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         )
         self.task_type = task_type
         self.default_task_id = default_task_id
-        self._runs: dict[uuid.UUID, tuple[str, str, str | None]] = {}
+        self._runs: dict[uuid.UUID, _Run] = {}
         self._lock = threading.Lock()
 
     def _start(
-        self, run_id: uuid.UUID, metadata: dict[str, Any] | None, kwargs: dict[str, Any]
+        self,
+        run_id: uuid.UUID,
+        metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+        messages: list[list[BaseMessage]] | None,
+        prompts: list[str],
     ) -> None:
         meta = metadata or {}
         if meta.get("harness_budgeted"):
@@ -1644,9 +1853,10 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         task_id = str(meta.get("task_id") or meta.get("thread_id") or self.default_task_id)
         task_type = str(meta.get("task_type") or self.task_type)
         params = kwargs.get("invocation_params") or {}
-        model = params.get("model_name") or params.get("model")
+        model = params.get("model_name") or params.get("model") or meta.get("ls_model_name")
+        run = _Run(task_id, task_type, str(model) if model else None, messages, prompts, params)
         with self._lock:
-            self._runs[run_id] = (task_id, task_type, str(model) if model else None)
+            self._runs[run_id] = run
 
     def on_chat_model_start(
         self,
@@ -1658,7 +1868,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Remember which task the call belongs to."""
-        self._start(run_id, metadata, kwargs)
+        self._start(run_id, metadata, kwargs, messages, [])
 
     def on_llm_start(
         self,
@@ -1670,12 +1880,62 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Remember which task the call belongs to."""
-        self._start(run_id, metadata, kwargs)
+        self._start(run_id, metadata, kwargs, None, prompts)
 
     def on_llm_error(self, error: BaseException, *, run_id: uuid.UUID, **kwargs: Any) -> None:
         """A failed call costs nothing here (the provider reports no usage)."""
         with self._lock:
             self._runs.pop(run_id, None)
+
+    def _worst_output(self, run: _Run, response: LLMResult) -> int:
+        """Output tokens to record for a call whose usage is unknown.
+
+        The call's own output cap bounds each answer; without one, the answer's bytes bound
+        what can be seen of it, and the envelope's ``max_output_tokens`` (what the wrapper
+        would have capped it at) stands in for what cannot (hidden reasoning).
+        """
+        cap = run.output_cap()
+        envelope = (self.envelopes or Envelopes(default=Envelope())).for_type(run.task_type)
+        sizes = [_generation_bytes(g) for gens in response.generations for g in gens] or [0]
+        if cap is not None:
+            return cap * len(sizes)
+        return sum(max(envelope.max_output_tokens, size) for size in sizes)
+
+    def _priced(self, run: _Run, response: LLMResult) -> tuple[str, int, int, int]:
+        """``(model, input tokens, output tokens, nano-dollars)`` to record for a finished call.
+
+        Usage missing or malformed on any answer: the call's worst case, as the budgeted
+        wrapper keeps its reservation's (never silently free, never a credit).
+        """
+        answers = [
+            m
+            for gens in response.generations
+            for g in gens
+            if isinstance(m := getattr(g, "message", None), AIMessage)
+        ]
+        reported = next((n for n in map(_response_model, answers) if n), None)
+        model = _priced_name(self.pricing, run.model, reported)
+        if not model:
+            model = str((response.llm_output or {}).get("model_name") or "")
+        if not model:
+            raise UnpricedModelError("<unnamed model>")
+        usages = [_reported_usage(m.usage_metadata) for m in answers] or ["reported no usage"]
+        problem = next((u for u in usages if isinstance(u, str)), None)
+        if problem is None:
+            total = _added(cast(list[_Usage], usages))
+            return model, total.input, total.output, _usage_cost(self.pricing, model, total)
+        inp, out = run.prompt_bound(), self._worst_output(run, response)
+        nanos = self.pricing.rates(model).worst_case_nanos(inp, out)
+        log.warning(
+            "%s (called outside a budgeted model) %s; the call is recorded at its worst case "
+            "(%d input tokens, the prompt's bytes, and %d output tokens, $%.6f)",
+            model,
+            problem,
+            inp,
+            out,
+            _usd(nanos),
+        )
+        return model, inp, out, nanos
 
     def on_llm_end(self, response: LLMResult, *, run_id: uuid.UUID, **kwargs: Any) -> None:
         """Price the call's usage and record it against its task."""
@@ -1683,23 +1943,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             run = self._runs.pop(run_id, None)
         if run is None:
             return
-        task_id, task_type, model = run
-        inp = out = cached = 0
-        for gens in response.generations:
-            for gen in gens:
-                msg = getattr(gen, "message", None)
-                if isinstance(msg, AIMessage):
-                    model = _response_model(msg) or model
-                    if msg.usage_metadata:
-                        inp += int(msg.usage_metadata.get("input_tokens", 0))
-                        out += int(msg.usage_metadata.get("output_tokens", 0))
-                        details = msg.usage_metadata.get("input_token_details") or {}
-                        cached += int(details.get("cache_read", 0) or 0)
-        if not model:
-            model = str((response.llm_output or {}).get("model_name") or "")
-        if not model:
-            raise UnpricedModelError("<unnamed model>")
-        nanos = self.pricing.cost_nanos(model, inp, out, cached)
+        task_id, task_type = run.task_id, run.task_type
+        model, inp, out, nanos = self._priced(run, response)
         limits = Limits()
         if self.envelopes is not None:
             cap = self.envelopes.for_type(task_type).type_cap

@@ -5,9 +5,11 @@ limits compare exactly):
 
 - **before a call**, the worst case: ``input tokens + max output tokens`` at the highest rate
   the model can charge (a tiered model is reserved at its top tier; one with off-peak hours or
-  a price change announced for a later date, at the highest of the prices it can still charge);
-- **after a call**, the actual cost of the reported usage (exact, tiers and cached input
-  included — genai-prices' `calc_price` for catalogue models, at the time of the call).
+  a price change announced for a later date, at the highest of the prices it can still charge;
+  input that may be written to the provider's cache, at the cache-write rate when dearer);
+- **after a call**, the actual cost of the reported usage (exact, tiers, cached input and
+  cache writes included — genai-prices' `calc_price` for catalogue models, at the time of the
+  call).
 
 Prices come from your ``overrides`` first (a self-hosted model at a set price, a negotiated
 rate), then from genai-prices, then from ``fallback`` if you declared one. A model found in
@@ -114,14 +116,22 @@ class Rates:
     """Nano-dollars per cached input token."""
     source: str = "override"
     """Where the price came from: ``"override"``, ``"genai-prices"`` or ``"fallback"``."""
+    cache_write: Decimal | None = None
+    """Nano-dollars per input token written to the provider's cache, at the dearest cache
+    lifetime (Anthropic's 1-hour cache; at the model's highest tier). None: the input rate."""
+
+    @property
+    def input_bound(self) -> Decimal:
+        """The most one input token can cost: any of them may be written to the cache."""
+        return self.input if self.cache_write is None else max(self.input, self.cache_write)
 
     def worst_case_nanos(self, input_tokens: int, output_tokens: int) -> int:
         """The most a call with these token counts can cost, rounded up to a whole nano-dollar."""
-        return math.ceil(self.input * input_tokens + self.output * output_tokens)
+        return math.ceil(self.input_bound * input_tokens + self.output * output_tokens)
 
     def affordable_output_tokens(self, input_tokens: int, nanos: int) -> int:
         """How many output tokens fit in *nanos* after paying for *input_tokens* (>= 0)."""
-        left = Decimal(nanos) - self.input * input_tokens
+        left = Decimal(nanos) - self.input_bound * input_tokens
         if left <= 0:
             return 0
         if self.output == 0:
@@ -263,12 +273,21 @@ class Pricing:
         raise UnpricedModelError(model, provider)
 
     def cost_nanos(
-        self, model: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
+        self,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        cache_write_1h_tokens: int = 0,
     ) -> int:
         """The actual cost of a call's usage, in nano-dollars (rounded up).
 
         *input_tokens* counts every prompt token, cached ones included (LangChain's
-        ``usage_metadata`` convention); *cached_input_tokens* of them are billed at the cached rate.
+        ``usage_metadata`` convention); *cached_input_tokens* of them are billed at the cached rate,
+        *cache_write_tokens* at the catalogue's cache-write rate (*cache_write_1h_tokens* of those
+        at its 1-hour rate; a price you declared has none: the input rate).
+        A negative count counts as zero: a cost is never a credit.
 
         Example:
             ```python
@@ -279,11 +298,14 @@ class Pricing:
             ```
         """
         rates = self.rates(model)  # raises UnpricedModelError first
+        input_tokens, output_tokens = max(0, input_tokens), max(0, output_tokens)
         cached = max(0, min(cached_input_tokens, input_tokens))
+        written = max(0, min(cache_write_tokens, input_tokens - cached))
+        written_1h = max(0, min(cache_write_1h_tokens, written))
         with self._lock:
             tiered = self._cache[model][1]
-        if tiered:
-            exact = _catalogue_cost(model, input_tokens, output_tokens, cached)
+        if tiered or (written and rates.source == "genai-prices"):
+            exact = _catalogue_cost(model, input_tokens, output_tokens, cached, written, written_1h)
             if exact is not None:
                 return exact
         return math.ceil(
@@ -293,14 +315,21 @@ class Pricing:
         )
 
 
-def _catalogue_usage(input_tokens: int, output_tokens: int, cached: int = 0) -> Any:
+def _catalogue_usage(
+    input_tokens: int, output_tokens: int, cached: int = 0, written: int = 0, written_1h: int = 0
+) -> Any:
     from genai_prices import Usage
 
-    if cached:
-        return Usage(
-            input_tokens=input_tokens, output_tokens=output_tokens, cache_read_tokens=cached
-        )
-    return Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+    extra = {
+        "cache_read_tokens": cached,
+        "cache_write_tokens": written,
+        "cache_write_1h_tokens": written_1h,  # a part of cache_write_tokens
+    }
+    return Usage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        **{k: v for k, v in extra.items() if v},
+    )
 
 
 def _catalogue_calc(model: str, usage: Any) -> Any | None:
@@ -321,14 +350,16 @@ def _catalogue_rates(model: str) -> Rates | None:
     if both is None:
         return None
     cached = _catalogue_calc(model, _catalogue_usage(n, 0, cached=n))
+    written = _catalogue_calc(model, _catalogue_usage(n, 0, written=n, written_1h=n))
     k = Decimal(NANOS_PER_USD) / n
     inp = Decimal(both.input_price) * k
     out = Decimal(both.output_price) * k
     cached_rate = Decimal(cached.input_price) * k if cached is not None else inp
+    write_rate = Decimal(written.input_price) * k if written is not None else inp
     if inp == 0 and out == 0:
         # A catalogue entry with no token prices (an image or audio model) is not a price.
         return None
-    return Rates(input=inp, output=out, cached_input=cached_rate, source="genai-prices")
+    return Rates(inp, out, cached_rate, source="genai-prices", cache_write=write_rate)
 
 
 def _prices_ahead(model: str) -> list[CataloguePrice]:
@@ -374,31 +405,40 @@ def _highest(found: Rates, prices: list[CataloguePrice]) -> Rates:
     n = _TOP_TIER_TOKENS
     k = Decimal(NANOS_PER_USD) / n
     inp, out, cached = found.input, found.output, found.cached_input
+    written = found.cache_write
     for price in prices:
         both = price.calc_price(_catalogue_usage(n, n))
         hit = price.calc_price(_catalogue_usage(n, 0, cached=n))
+        write = price.calc_price(_catalogue_usage(n, 0, written=n, written_1h=n))
         inp = max(inp, Decimal(both["input_price"]) * k)
         out = max(out, Decimal(both["output_price"]) * k)
         cached = max(cached, Decimal(hit["input_price"]) * k)
-    return Rates(input=inp, output=out, cached_input=cached, source="genai-prices")
+        write_rate = Decimal(write["input_price"]) * k
+        written = write_rate if written is None else max(written, write_rate)
+    return Rates(inp, out, cached, source="genai-prices", cache_write=written)
 
 
 def _is_flat(model: str, top: Rates) -> bool:
     n = 1000
     small = _catalogue_calc(model, _catalogue_usage(n, n))
     small_cached = _catalogue_calc(model, _catalogue_usage(n, 0, cached=n))
-    if small is None or small_cached is None:
+    small_written = _catalogue_calc(model, _catalogue_usage(n, 0, written=n, written_1h=n))
+    if small is None or small_cached is None or small_written is None:
         return False
     k = Decimal(NANOS_PER_USD) / n
     return (
         Decimal(small.input_price) * k == top.input
         and Decimal(small.output_price) * k == top.output
         and Decimal(small_cached.input_price) * k == top.cached_input
+        and Decimal(small_written.input_price) * k == top.cache_write
     )
 
 
-def _catalogue_cost(model: str, input_tokens: int, output_tokens: int, cached: int) -> int | None:
-    calc = _catalogue_calc(model, _catalogue_usage(input_tokens, output_tokens, cached))
+def _catalogue_cost(
+    model: str, input_tokens: int, output_tokens: int, cached: int, written: int, written_1h: int
+) -> int | None:
+    usage = _catalogue_usage(input_tokens, output_tokens, cached, written, written_1h)
+    calc = _catalogue_calc(model, usage)
     if calc is None:
         return None
     return math.ceil(Decimal(calc.total_price) * NANOS_PER_USD)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import operator
 import re
 import subprocess
@@ -15,7 +17,13 @@ from typing import Annotated, Any
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+)
 from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.message import add_messages
@@ -38,6 +46,7 @@ from harness_nodes import (
     WindowCap,
     budgeted,
 )
+from harness_nodes.budget import bytes_bound
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 from tests.conftest import subprocess_env
 from tests.harness_nodes._budget_graphs import (
@@ -768,3 +777,259 @@ def test_guard_works_in_a_dataclass_state_app(backend: Backend) -> None:
     outcome = out["messages"][-1].additional_kwargs["harness"]["outcome"]
     assert outcome["status"] == "budget_exhausted"
     assert _ledger_nanos(backend, "dc")[1] <= LIMIT_NANOS
+
+
+# --- the prompt estimate and the settlement ------------------------------------------------
+
+
+def _budget(msg: BaseMessage) -> dict[str, Any]:
+    return dict(msg.additional_kwargs["harness"]["budget"])
+
+
+def test_context_added_before_the_last_answer_is_reserved_for(backend: Backend) -> None:
+    # A dynamic system prompt (create_agent's dynamic_prompt, retrieved context) changes the
+    # messages *before* the last answer; its reported input tokens no longer count them.
+    model = ScriptedChatModel(script=["first", "second"], model_name="gpt-4o")
+    envelope = Envelope(max_usd=0.05, max_output_tokens=256, min_output_tokens=16)
+    llm = budgeted(model, envelope=envelope, backend=backend)
+    config = _config("grown-prefix")
+    history: list[BaseMessage] = [HumanMessage("question")]
+    history.append(llm.invoke([SystemMessage("You are brief."), *history], config))
+    history.append(HumanMessage("follow-up"))
+    context = SystemMessage("context " * 50_000)  # 400 KB, ~100k tokens: ~$0.25 at gpt-4o
+    second = llm.invoke([context, *history], config)
+    assert _budget(second)["stopped"]["limit"] == "usd"
+    assert model.calls == 1
+    spent, committed = _ledger_nanos(backend, "grown-prefix")
+    assert committed == spent <= 0.05 * NANOS
+
+
+def test_an_unchanged_history_is_anchored_on_the_reported_input_tokens(backend: Backend) -> None:
+    model = ScriptedChatModel(script=["first", "second"], model_name="gpt-4o")
+    llm = budgeted(model, envelope=Envelope(max_usd=1), backend=backend)
+    config = _config("anchored")
+    history: list[BaseMessage] = [SystemMessage("You are brief. " * 2000), HumanMessage("q")]
+    first = llm.invoke(history, config)
+    history += [first, HumanMessage("follow-up")]
+    second = llm.invoke(history, config)
+    anchored = _budget(first)["input_tokens"] + bytes_bound(history[2:])
+    assert anchored < bytes_bound(history)  # the anchor is the tighter bound
+    worst = Pricing().rates("gpt-4o").worst_case_nanos(anchored, Envelope().max_output_tokens)
+    assert _budget(second)["reserved_usd"] == worst / NANOS
+
+
+class Snapshot(ScriptedChatModel):
+    """Answers under a dated snapshot name, as OpenAI does (``gpt-4o`` → ``gpt-4o-2024-08-06``)."""
+
+    reports_as: str = "gpt-4o-2024-08-06"
+
+    def _finish(self, msg: AIMessage, prompt: Any, kwargs: Any) -> AIMessage:
+        out = super()._finish(msg, prompt, kwargs)
+        metadata = {**out.response_metadata, "model_name": self.reports_as}
+        return out.model_copy(update={"response_metadata": metadata})
+
+
+NEGOTIATED = Pricing(overrides={"gpt-4o": ModelPrice(input_per_mtok=0.5, output_per_mtok=2)})
+
+
+def test_a_negotiated_price_holds_when_the_answer_names_a_dated_snapshot(
+    backend: Backend,
+) -> None:
+    llm = budgeted(
+        Snapshot(script=[LONG], model_name="gpt-4o"),
+        envelope=Envelope(max_usd=0.01),
+        backend=backend,
+        pricing=NEGOTIATED,
+    )
+    config = _config("snapshot")
+    answer = llm.invoke("write", config)
+    assert answer.response_metadata["model_name"] == "gpt-4o-2024-08-06"
+    budget = _budget(answer)
+    price = NEGOTIATED.cost_nanos("gpt-4o", budget["input_tokens"], budget["output_tokens"])
+    assert budget["spent_usd"] == price / NANOS <= budget["reserved_usd"]
+    assert set(llm.spend(config)["by_model"]) == {"gpt-4o"}  # the model the ladder called
+    spent, committed = _ledger_nanos(backend, "snapshot")
+    assert committed == spent <= 0.01 * NANOS
+
+
+def test_unwrapped_calls_keep_a_negotiated_price_under_a_dated_snapshot(
+    backend: Backend,
+) -> None:
+    usage = {"input_tokens": 1000, "output_tokens": 1000}
+    raw = Snapshot(script=[ai("ok", usage=usage)], model_name="gpt-4o")
+    handler = BudgetCallbackHandler(backend, NEGOTIATED)
+    raw.invoke("hi", {"callbacks": [handler], "metadata": {"thread_id": "raw-snapshot"}})
+    flush_pending(backend)
+    rows = backend.execute(
+        "SELECT model, cost_nanos FROM harness_spend WHERE task_id = %s", ("raw-snapshot",)
+    )
+    assert rows == [{"model": "gpt-4o", "cost_nanos": 2_500_000}]  # $0.0005 in + $0.002 out
+
+
+class RawUsage(ScriptedChatModel):
+    """Reports ``usage`` as given, unchecked: an integration that assigns ``usage_metadata``
+    after building the message (pydantic checks only at construction), or reports none."""
+
+    usage: Any = None
+
+    def _finish(self, msg: AIMessage, prompt: Any, kwargs: Any) -> AIMessage:
+        out = super()._finish(msg, prompt, kwargs)
+        out.usage_metadata = self.usage
+        return out
+
+
+def test_a_negative_token_count_is_never_a_credit(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    malformed = ai("x", usage={"input_tokens": 10, "output_tokens": -5_000_000})
+    model = ScriptedChatModel(script=[malformed, LONG], loop=True, model_name="gpt-4o")
+    llm = budgeted(model, envelope=Envelope(max_usd=0.10), backend=backend)
+    config = _config("negative")
+    messages: list[BaseMessage] = [HumanMessage("hi")]
+    with caplog.at_level(logging.WARNING, logger="harness_nodes.budget"):
+        messages.append(llm.invoke(messages, config))
+    first = _budget(messages[-1])
+    assert first["spent_usd"] == first["reserved_usd"] > 0  # settled at its worst case
+    assert "output_tokens=-5000000" in caplog.text and "worst case" in caplog.text
+    for _ in range(40):
+        messages.append(llm.invoke(messages, config))
+        if "stopped" in _budget(messages[-1]):
+            break
+    assert model.calls <= 3  # each LONG answer costs ~$0.04: the credit let 40 through
+    spent, committed = _ledger_nanos(backend, "negative")
+    assert 0 < committed == spent <= 0.10 * NANOS
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        pytest.param({"input_tokens": -10, "output_tokens": 5}, id="negative-input"),
+        pytest.param({"input_tokens": math.nan, "output_tokens": 5}, id="nan"),
+        pytest.param({"input_tokens": 10, "output_tokens": 2.5}, id="fraction"),
+        pytest.param({"input_tokens": 10, "output_tokens": "5"}, id="text"),
+        pytest.param({"input_tokens": 10}, id="no-output-count"),
+        pytest.param(
+            {"input_tokens": 10, "output_tokens": 5, "input_token_details": {"cache_read": -9}},
+            id="negative-cache-read",
+        ),
+        pytest.param(
+            {"input_tokens": 10, "output_tokens": 5, "input_token_details": {"cache_read": 11}},
+            id="more-cached-than-input",
+        ),
+        pytest.param([10, 5], id="not-a-mapping"),
+    ],
+)
+def test_malformed_usage_is_settled_at_the_worst_case(
+    usage: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    llm = budgeted(RawUsage(script=["ok"], usage=usage, model_name="gpt-4o"), envelope=Envelope())
+    with caplog.at_level(logging.WARNING, logger="harness_nodes.budget"):
+        answer = llm.invoke("hi", {"configurable": {"thread_id": "malformed"}})
+    budget = _budget(answer)
+    assert budget["spent_usd"] == budget["reserved_usd"] > 0
+    assert (budget["output_tokens"], budget["model"]) == (Envelope().max_output_tokens, "gpt-4o")
+    assert "malformed usage" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        pytest.param(None, id="no-usage"),
+        pytest.param({"input_tokens": 10, "output_tokens": -5_000_000}, id="negative"),
+    ],
+)
+def test_unwrapped_calls_without_usable_usage_are_recorded_at_their_worst_case(
+    backend: Backend, usage: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    answer = "a long answer " * 500  # 7 KB
+    raw = RawUsage(script=[answer], loop=True, usage=usage, model_name="gpt-4o")
+    handler = BudgetCallbackHandler(backend)
+    prompt = "summarise " * 5000
+    config: Any = {"callbacks": [handler], "metadata": {"thread_id": "raw-no-usage"}}
+    with caplog.at_level(logging.WARNING, logger="harness_nodes.budget"):
+        raw.invoke(prompt, config)  # no output cap: bounded by the answer's bytes
+        raw.invoke(prompt, config, max_tokens=300)  # the call's own cap bounds its output
+    flush_pending(backend)
+    rows = backend.execute(
+        "SELECT model, input_tokens, output_tokens, cost_nanos FROM harness_spend "
+        "WHERE task_id = %s ORDER BY id",
+        ("raw-no-usage",),
+    )
+    inp = bytes_bound([HumanMessage(prompt)])  # the prompt's bytes: at least its tokens
+    outs = [bytes_bound([AIMessage(answer)]), 300]
+    rates = Pricing().rates("gpt-4o")
+    assert rows == [
+        {
+            "model": "gpt-4o",
+            "input_tokens": inp,
+            "output_tokens": out,
+            "cost_nanos": rates.worst_case_nanos(inp, out),
+        }
+        for out in outs
+    ]
+    assert "gpt-4o" in caplog.text and "worst case" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("details", "one_hour"),
+    [
+        pytest.param({"cache_creation": 40_000}, 0, id="5-minute"),
+        pytest.param(  # langchain-anthropic splits writes by lifetime (cache_creation is 0)
+            {
+                "cache_creation": 0,
+                "ephemeral_5m_input_tokens": 0,
+                "ephemeral_1h_input_tokens": 40_000,
+            },
+            40_000,
+            id="1-hour",
+        ),
+        pytest.param(  # older langchain-anthropic: the total and the split
+            {
+                "cache_creation": 40_000,
+                "ephemeral_5m_input_tokens": 30_000,
+                "ephemeral_1h_input_tokens": 10_000,
+            },
+            10_000,
+            id="both-lifetimes",
+        ),
+    ],
+)
+def test_cache_writes_are_priced_and_reserved_at_the_cache_write_rate(
+    backend: Backend, details: dict[str, int], one_hour: int
+) -> None:
+    from genai_prices import Usage, calc_price
+
+    name = "claude-3-5-sonnet-20241022"  # per M: $3 in; cache writes $3.75 (5 min), $6 (1 h)
+    # The whole 40k-token prompt written to the cache and the output at its 256-token cap:
+    # the most the call can cost.
+    usage = {"input_tokens": 40_000, "output_tokens": 256, "input_token_details": details}
+    model = RawUsage(script=["ok"], usage=usage, model_name=name)
+    envelope = Envelope(max_usd=1, max_output_tokens=256, min_output_tokens=16)
+    llm = budgeted(model, envelope=envelope, backend=backend)
+    budget = _budget(llm.invoke("x" * 40_000, _config("cache-write")))
+    written = Usage(
+        input_tokens=40_000,
+        cache_write_tokens=40_000,
+        cache_write_1h_tokens=one_hour,
+        output_tokens=256,
+    )
+    assert budget["spent_usd"] == float(calc_price(written, name).total_price)
+    assert budget["spent_usd"] <= budget["reserved_usd"]
+
+
+def test_unwrapped_cache_writes_are_priced_at_the_cache_write_rate(backend: Backend) -> None:
+    name = "claude-3-5-sonnet-20241022"
+    usage = {
+        "input_tokens": 100_000,
+        "output_tokens": 100,
+        "total_tokens": 100_100,
+        "input_token_details": {"cache_creation": 90_000, "cache_read": 0},
+    }
+    raw = RawUsage(script=["ok"], usage=usage, model_name=name)
+    handler = BudgetCallbackHandler(backend)
+    raw.invoke("hi", {"callbacks": [handler], "metadata": {"thread_id": "raw-cache-write"}})
+    flush_pending(backend)
+    rows = backend.execute(
+        "SELECT cost_nanos FROM harness_spend WHERE task_id = %s", ("raw-cache-write",)
+    )
+    assert rows == [{"cost_nanos": 369_000_000}]  # 10k x $3 + 90k x $3.75 + 100 x $15 per M

@@ -135,7 +135,12 @@ def test_time_of_day_prices_cost_each_call_at_its_time_and_reserve_the_peak(
     pricing = Pricing()
     _genai_clock(monkeypatch, first_seen)
     rates = pricing.rates(model)  # a process that first priced the model at this hour
-    assert rates == Rates(peak.input, peak.output, peak.cached_input, source="genai-prices")
+    assert (rates.input, rates.output, rates.cached_input, rates.input_bound) == (
+        peak.input,
+        peak.output,
+        peak.cached_input,
+        peak.input,  # no cache-write price: writes cost the input rate
+    )
     usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000, cache_read_tokens=200_000)
     for at in (PEAK, OFF_PEAK, PEAK):  # ...keeps running through the day
         _genai_clock(monkeypatch, at)
@@ -190,3 +195,39 @@ def test_a_price_replaced_on_a_past_date_no_longer_counts(
     rates = pricing.rates("acme-1")
     assert (rates.input, rates.output) == (1000, 2000)
     assert pricing.cost_nanos("acme-1", 1_000_000, 1_000_000) == 3 * NANOS
+
+
+def test_a_negative_token_count_is_never_a_credit() -> None:
+    pricing = Pricing()
+    assert pricing.cost_nanos("gpt-4o", 1000, -5_000_000) == pricing.cost_nanos("gpt-4o", 1000, 0)
+    tiered = pricing.cost_nanos("claude-sonnet-4-5", -1000, 10, cached_input_tokens=-5)
+    assert tiered == pricing.cost_nanos("claude-sonnet-4-5", 0, 10)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param("claude-3-5-sonnet-20241022", id="flat"),
+        pytest.param("claude-sonnet-4-5", id="tiered"),
+        pytest.param("gpt-4o", id="no-cache-write-price"),
+    ],
+)
+def test_cache_writes_are_billed_and_reserved_at_the_cache_write_rate(model: str) -> None:
+    from genai_prices import Usage, calc_price
+
+    pricing = Pricing()
+    usage = Usage(input_tokens=100_000, cache_write_tokens=90_000, output_tokens=100)
+    expected = calc_price(usage, model).total_price
+    assert pricing.cost_nanos(model, 100_000, 100, cache_write_tokens=90_000) == int(
+        expected * 1_000_000_000
+    )
+    one_hour = Usage(input_tokens=100_000, cache_write_tokens=90_000, cache_write_1h_tokens=9_000)
+    expected = calc_price(one_hour, model).total_price
+    assert pricing.cost_nanos(
+        model, 100_000, 0, cache_write_tokens=90_000, cache_write_1h_tokens=9_000
+    ) == int(expected * 1_000_000_000)
+    # The reservation is a bound even when the whole prompt is written to the cache for an hour.
+    written = pricing.cost_nanos(
+        model, 300_000, 0, cache_write_tokens=300_000, cache_write_1h_tokens=300_000
+    )
+    assert pricing.rates(model).worst_case_nanos(300_000, 0) >= written
