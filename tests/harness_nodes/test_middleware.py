@@ -494,3 +494,122 @@ async def test_async_budget_review_and_effects(abackend: Any) -> None:
     done = await queue.decide(item.id, {"type": "approve"}, reviewer="ana")
     assert done["outcome"]["status"] == "completed"
     assert REFUNDS == ["B2"]
+
+
+# --- escalations with no reviewer --------------------------------------------------------
+
+
+@tool
+def charge_card(amount: float) -> dict[str, str]:
+    """Charge a card."""
+    return {"status": "failed", "error": "card declined"}
+
+
+def _charge_model() -> ScriptedChatModel:
+    return ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("charge_card", {"amount": 5})]), ai("Charged.")],
+        model_name="gpt-4o-mini",
+    )
+
+
+def _graph_form_outcome(contract: ToolContract) -> Any:
+    """The same agent through `add_harness` without a review policy (its escalate → stop)."""
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    from harness_nodes import add_harness
+
+    model = _charge_model().bind_tools([charge_card])
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([charge_card]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    contracts = {"charge_card": contract}
+    add_harness(builder, model_node="agent", tools_node="tools", contracts=contracts)
+    out = builder.compile().invoke({"messages": [HumanMessage("charge 5")]})
+    return out["messages"][-1].additional_kwargs["harness"]["outcome"]
+
+
+@pytest.mark.parametrize(
+    "contract",
+    [
+        pytest.param(ToolContract(side_effects=True), id="side-effects"),
+        pytest.param(ToolContract(on_fail="escalate"), id="on-fail-escalate"),
+    ],
+)
+def test_an_escalation_with_no_reviewer_ends_the_agent_with_its_reasons(
+    contract: ToolContract,
+) -> None:
+    model = _charge_model()
+    verify = VerifyToolOutputsMiddleware({"charge_card": contract})
+    out = create_agent(model, [charge_card], middleware=[verify]).invoke(
+        {"messages": [HumanMessage("charge 5")]}
+    )
+    assert model.calls == 1  # not called again with "it was sent to a human reviewer"
+    (verdict,) = out["verdicts"]
+    assert verdict["action"] == "escalate"
+    reason = "charge_card: " + "; ".join(verdict["reasons"])
+    assert out["outcome"] == {"status": "verification_failed", "reason": reason}
+    assert out["outcome"] == _graph_form_outcome(contract)  # as add_harness without review
+    assert out["messages"][-1].text.startswith(
+        "I stopped: a tool output failed verification and needs a person, "
+        "but no human review is set up."
+    )
+
+
+async def test_an_escalation_with_no_reviewer_ends_the_agent_async() -> None:
+    model = _charge_model()
+    with open_backend("memory://") as backend:
+        agent = create_agent(
+            model,
+            [charge_card],
+            middleware=[
+                CostEnvelopeMiddleware(Envelope(max_usd=0.05), backend=backend),
+                VerifyToolOutputsMiddleware({"charge_card": ToolContract(side_effects=True)}),
+            ],
+            checkpointer=backend.checkpointer,
+        )
+        out = await agent.ainvoke(
+            {"messages": [HumanMessage("charge 5")]}, {"configurable": {"thread_id": "s1"}}
+        )
+    assert model.calls == 1
+    assert out["outcome"]["status"] == "verification_failed"  # not the budget's "completed"
+    assert "card declined" in out["outcome"]["reason"]
+
+
+def test_an_escalation_with_no_reviewer_raises_with_exit_behavior_error() -> None:
+    from harness_nodes import VerificationFailed
+
+    verify = VerifyToolOutputsMiddleware(
+        {"charge_card": ToolContract(side_effects=True)}, exit_behavior="error"
+    )
+    agent = create_agent(_charge_model(), [charge_card], middleware=[verify])
+    with pytest.raises(VerificationFailed) as info:
+        agent.invoke({"messages": [HumanMessage("charge 5")]})
+    assert info.value.tool == "charge_card"
+    assert any("card declined" in r for r in info.value.reasons)
+
+
+@pytest.mark.parametrize("review_first", [False, True], ids=["verify-first", "review-first"])
+def test_an_escalation_with_a_reviewer_still_pauses_whatever_the_order(
+    review_first: bool,
+) -> None:
+    model = _charge_model()
+    contracts = {"charge_card": ToolContract(side_effects=True)}
+    middleware: list[Any] = [VerifyToolOutputsMiddleware(contracts), ReviewQueueMiddleware()]
+    if review_first:
+        middleware.reverse()
+    with open_backend("memory://") as backend:
+        agent = create_agent(
+            model, [charge_card], middleware=middleware, checkpointer=backend.checkpointer
+        )
+        queue = ReviewQueue(backend, agent)
+        queue.invoke({"messages": [HumanMessage("charge 5")]}, thread_id="p1")
+        (item,) = queue.pending()
+        assert item.requests[0]["kind"] == "escalation"
+        out = queue.decide(item.id, {"type": "respond", "message": "Declined."}, reviewer="ana")
+    assert out["messages"][-1].text == "Charged."  # the model carried on after the review
+    assert model.calls == 2
+    assert "outcome" not in out  # no harness layer ended it

@@ -253,6 +253,23 @@ def test_add_harness_stops_the_task_when_retries_are_exhausted() -> None:
     assert outcome["status"] == "verification_failed"
 
 
+def test_add_harness_without_review_says_an_escalation_found_no_reviewer() -> None:
+    builder = add_harness(
+        _docs_react_loop(_model("broken")),
+        model_node="llm_call",
+        tools_node="tool_node",
+        contracts={"lookup": ToolContract(on_fail="escalate")},
+    )
+    out = builder.compile().invoke({"messages": [HumanMessage("go")]})
+    verdict = out["messages"][2].additional_kwargs["harness"]["verdict"]
+    assert verdict["action"] == "escalate"
+    reason = "lookup: " + "; ".join(verdict["reasons"])
+    assert out["messages"][-1].content == (
+        "I stopped: a tool output failed verification and needs a person, "
+        f"but no human review is set up. {reason}"
+    )
+
+
 def test_add_harness_keeps_the_users_node_objects() -> None:
     builder = _docs_react_loop(_model("a"))
     before = {name: spec.runnable for name, spec in builder.nodes.items()}
