@@ -364,6 +364,10 @@ class VerifyToolOutputsMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
     ``verification_failed`` and the verdicts' reasons (`VerificationStop`), or raises
     `VerificationFailed` with ``exit_behavior="error"``.
 
+    A contract naming a tool the agent does not have (a misspelt name would leave the real
+    tool on the default contract) raises `UserError` at the first tool call, before any tool
+    runs: the middleware meets the agent's tools only there.
+
     Args:
         contracts: Tool name → `ToolContract`, or a ready `VerifyToolOutputs`; ``None``: the
             default contract (error signals, empty results) on every tool.
@@ -419,14 +423,35 @@ class VerifyToolOutputsMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
     def wrap_tool_call(
         self, request: ToolCallRequest, handler: ToolHandler
     ) -> ToolMessage | Command[Any]:
-        """Run the tool, then check its output (`VerifyToolOutputs.wrap_tool_call`)."""
+        """Run the tool, then check its output (`VerifyToolOutputs.wrap_tool_call`).
+
+        Raises:
+            UserError: a contract names a tool the agent does not have (before any tool runs).
+        """
+        self._check_tool_names(request)
         return self.verify.wrap_tool_call(request, handler)
 
     async def awrap_tool_call(
         self, request: ToolCallRequest, handler: AsyncToolHandler
     ) -> ToolMessage | Command[Any]:
         """Async `wrap_tool_call`."""
+        self._check_tool_names(request)
         return await self.verify.awrap_tool_call(request, handler)
+
+    def _check_tool_names(self, request: ToolCallRequest) -> None:
+        # The agent's tools are known here first: the tool node hands each call all of them.
+        # A model call's ``request.tools`` is not enough: an outer middleware may have
+        # narrowed it to the tools picked for that call (LLMToolSelectorMiddleware).
+        tools = getattr(request.runtime, "tools", None)
+        if not tools:
+            return
+        names = {t.name for t in tools}
+        unknown = sorted(set(self.verify.contracts) - names)
+        if unknown:
+            raise UserError(
+                "VerifyToolOutputsMiddleware: contracts name tools the agent does not have: "
+                f"{', '.join(unknown)} (tools: {', '.join(sorted(names))})"
+            )
 
     def _before(self, state: HarnessAgentState) -> dict[str, Any] | None:
         if route_after_verify(state) != "fail":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from harness_nodes import (
     ReviewQueueMiddleware,
     ToolContract,
     Trace,
+    UserError,
     VerifyToolOutputsMiddleware,
     budgeted,
     build_harnessed_agent,
@@ -613,3 +615,57 @@ def test_an_escalation_with_a_reviewer_still_pauses_whatever_the_order(
     assert out["messages"][-1].text == "Charged."  # the model carried on after the review
     assert model.calls == 2
     assert "outcome" not in out  # no harness layer ended it
+
+
+# --- contracts for tools the agent does not have ------------------------------------------
+
+WEATHER_CALLS: list[str] = []
+
+
+@tool
+def weather(city: str) -> dict[str, Any]:
+    """Current weather."""
+    WEATHER_CALLS.append(city)
+    return {"city": city, "temp_c": 999}
+
+
+def _misspelt_weather_agent() -> Any:
+    WEATHER_CALLS.clear()
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("weather", {"city": "Paris"})]), ai("999C.")]
+    )
+    misspelt = {"weathr": ToolContract(ranges={"temp_c": (-90, 60)})}
+    return create_agent(model, [weather], middleware=[VerifyToolOutputsMiddleware(misspelt)])
+
+
+MISSPELT = re.escape("contracts name tools the agent does not have: weathr (tools: weather)")
+
+
+def test_a_contract_for_a_tool_the_agent_lacks_raises_before_any_tool_runs() -> None:
+    with pytest.raises(UserError, match=MISSPELT):
+        _misspelt_weather_agent().invoke({"messages": [HumanMessage("weather?")]})
+    assert WEATHER_CALLS == []
+
+
+async def test_a_contract_for_a_tool_the_agent_lacks_raises_before_any_tool_runs_async() -> None:
+    with pytest.raises(UserError, match=MISSPELT):
+        await _misspelt_weather_agent().ainvoke({"messages": [HumanMessage("weather?")]})
+    assert WEATHER_CALLS == []
+
+
+class _PickSearch(AgentMiddleware[Any, Any, Any]):
+    """Narrow each model call to the ``search`` tool, as a tool-selecting middleware does."""
+
+    def wrap_model_call(self, request: Any, handler: Callable[..., Any]) -> Any:
+        tools = [t for t in request.tools if getattr(t, "name", "") == "search"]
+        return handler(request.override(tools=tools))
+
+
+def test_contracts_for_tools_a_model_call_does_not_see_are_kept() -> None:
+    contracts = {"search": ToolContract(), "ping": ToolContract()}
+    agent = create_agent(
+        _search_model(),
+        [search, ping],
+        middleware=[_PickSearch(), VerifyToolOutputsMiddleware(contracts)],
+    )
+    _check_retried(agent.invoke({"messages": [HumanMessage("find storage notes")]}))
