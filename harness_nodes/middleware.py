@@ -11,7 +11,8 @@ lives in one place.
 - `VerifyToolOutputsMiddleware`: `VerifyToolOutputs.wrap_tool_call` around each tool call
   (a bad output goes back to the model as a corrective error message; a tool with side
   effects is never re-run, it escalates), and `VerificationStop` before the next model call
-  when a verdict says ``fail`` or an escalation has no reviewer.
+  when a verdict says ``fail`` or an escalation has no reviewer (also after a ``return_direct``
+  tool, whose refused output would otherwise end the run).
 - `EffectLedgerMiddleware`: tools marked `irreversible`/`effect` run through the
   `EffectLedger`: at most once per ``(thread_id, tool_call_id)``, replayed after a crash.
 - `ReviewQueueMiddleware`: `HumanReview` after the model (flagged calls) and before the next
@@ -362,7 +363,9 @@ class VerifyToolOutputsMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
     escalation finds no reviewer (no `ReviewQueueMiddleware`, as `add_harness` without a
     review policy), the agent ends before the next model call with outcome
     ``verification_failed`` and the verdicts' reasons (`VerificationStop`), or raises
-    `VerificationFailed` with ``exit_behavior="error"``.
+    `VerificationFailed` with ``exit_behavior="error"``. ``create_agent`` ends the run after a
+    ``return_direct`` tool; when verification refused its output, an ``after_agent`` step (one
+    per run) sends the run back into the loop, so the verdict is honoured as in the graph form.
 
     A contract naming a tool the agent does not have (a misspelt name would leave the real
     tool on the default contract) raises `UserError` at the first tool call, before any tool
@@ -457,6 +460,28 @@ class VerifyToolOutputsMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
         if route_after_verify(state) != "fail":
             return None
         return _stop_update(self.stop(cast(Any, state)))
+
+    @staticmethod
+    def _after(state: HarnessAgentState) -> dict[str, Any] | None:
+        # ``create_agent`` ends the run after a ``return_direct`` tool, refused output or not.
+        messages = _verify.messages_of(state)
+        if not messages or not isinstance(messages[-1], ToolMessage):
+            return None
+        if route_after_verify(state) == "ok":
+            return None
+        return {"jump_to": "model"}  # through the before_model hooks: retry, stop or review
+
+    @hook_config(can_jump_to=["model"])
+    def after_agent(self, state: HarnessAgentState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        """Back into the loop when the agent ended on a refused output (``return_direct``)."""
+        return self._after(state)
+
+    @hook_config(can_jump_to=["model"])
+    async def aafter_agent(
+        self, state: HarnessAgentState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """Async `after_agent`."""
+        return self._after(state)
 
     def _unreviewed_stop(self, request: ModelRequest[Any]) -> ExtendedModelResponse[Any] | None:
         # By the model call every before_model hook has run, so `ReviewQueueMiddleware`,

@@ -669,3 +669,75 @@ def test_contracts_for_tools_a_model_call_does_not_see_are_kept() -> None:
         middleware=[_PickSearch(), VerifyToolOutputsMiddleware(contracts)],
     )
     _check_retried(agent.invoke({"messages": [HumanMessage("find storage notes")]}))
+
+
+# --- return_direct tools --------------------------------------------------------------------
+
+ANSWERS: list[str] = []
+
+
+@tool(return_direct=True)
+def answer_directly(q: str) -> dict[str, str]:
+    """Answer the user directly."""
+    ANSWERS.append(q)
+    return {"status": "error", "error": "backend down"} if q != "ok" else {"answer": "42"}
+
+
+def _direct_model(*queries: str) -> ScriptedChatModel:
+    calls = [ai(tool_calls=[tool_call("answer_directly", {"q": q})]) for q in queries]
+    return ScriptedChatModel(script=[*calls, ai("Fallback answer.")])
+
+
+def test_a_refused_output_of_a_return_direct_tool_goes_back_to_the_model() -> None:
+    """As in the graph form: the verdict says retry, so the run does not end on the refusal."""
+    runs = {}
+    for form in ("middleware", "graph"):
+        model = _direct_model("x", "y")
+        agent = (
+            create_agent(model, [answer_directly], middleware=[VerifyToolOutputsMiddleware()])
+            if form == "middleware"
+            else build_harnessed_agent(model, [answer_directly])
+        )
+        out = agent.invoke({"messages": [HumanMessage("q")]})
+        runs[form] = ([v["action"] for v in out["verdicts"]], out["messages"][-1].text)
+        assert model.calls == 3
+    assert runs["middleware"] == runs["graph"] == (["retry", "retry"], "Fallback answer.")
+
+
+async def test_a_good_output_of_a_return_direct_tool_still_ends_the_run_async() -> None:
+    model = _direct_model("ok")
+    agent = create_agent(model, [answer_directly], middleware=[VerifyToolOutputsMiddleware()])
+    out = await agent.ainvoke({"messages": [HumanMessage("q")]})
+    assert model.calls == 1
+    assert isinstance(out["messages"][-1], ToolMessage)
+    assert [v["action"] for v in out["verdicts"]] == ["ok"]
+
+
+async def test_a_failed_output_of_a_return_direct_tool_ends_as_verification_failed_async() -> None:
+    model = _direct_model("x")
+    verify = VerifyToolOutputsMiddleware({"answer_directly": ToolContract(max_retries=0)})
+    agent = create_agent(model, [answer_directly], middleware=[verify])
+    out = await agent.ainvoke({"messages": [HumanMessage("q")]})
+    assert model.calls == 1
+    assert out["outcome"]["status"] == "verification_failed"
+    assert "backend down" in out["outcome"]["reason"]
+
+
+def test_an_escalated_output_of_a_return_direct_tool_waits_for_review() -> None:
+    ANSWERS.clear()
+    model = _direct_model("x")
+    contracts = {"answer_directly": ToolContract(side_effects=True)}
+    with open_backend("memory://") as backend:
+        agent = create_agent(
+            model,
+            [answer_directly],
+            middleware=[VerifyToolOutputsMiddleware(contracts), ReviewQueueMiddleware()],
+            checkpointer=backend.checkpointer,
+        )
+        queue = ReviewQueue(backend, agent)
+        queue.invoke({"messages": [HumanMessage("q")]}, thread_id="d1")
+        (item,) = queue.pending()
+        assert item.requests[0]["kind"] == "escalation"
+        out = queue.decide(item.id, {"type": "respond", "message": "It is 42."}, reviewer="ana")
+    assert out["messages"][-1].text == "Fallback answer."
+    assert ANSWERS == ["x"]  # never re-run
