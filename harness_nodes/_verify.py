@@ -149,6 +149,21 @@ def failed_verdicts(messages: Sequence[BaseMessage], *, escalated: bool = False)
     return found
 
 
+def unreviewed_escalations(messages: Sequence[BaseMessage]) -> list[Escalation]:
+    """Escalations on the tool messages since the last AI message that no reviewer answered.
+
+    The rule `HumanReview` pauses on: a review resolves an escalation by recording ``review``.
+    """
+    found: list[Escalation] = []
+    for m in messages[last_ai_index(messages) + 1 :]:
+        if isinstance(m, ToolMessage):
+            meta = harness_meta(m)
+            escalation = meta.get("escalation")
+            if isinstance(escalation, Mapping) and "review" not in meta:
+                found.append(cast(Escalation, escalation))
+    return found
+
+
 # --- decoding an output --------------------------------------------------------------------
 
 

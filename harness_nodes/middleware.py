@@ -11,7 +11,8 @@ lives in one place.
 - `VerifyToolOutputsMiddleware`: `VerifyToolOutputs.wrap_tool_call` around each tool call
   (a bad output goes back to the model as a corrective error message; a tool with side
   effects is never re-run, it escalates), and `VerificationStop` before the next model call
-  when a verdict says ``fail``.
+  when a verdict says ``fail`` or an escalation has no reviewer (also after a ``return_direct``
+  tool, whose refused output would otherwise end the run).
 - `EffectLedgerMiddleware`: tools marked `irreversible`/`effect` run through the
   `EffectLedger`: at most once per ``(thread_id, tool_call_id)``, replayed after a crash.
 - `ReviewQueueMiddleware`: `HumanReview` after the model (flagged calls) and before the next
@@ -88,6 +89,7 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
+from harness_nodes import _verify
 from harness_nodes.aio import AsyncEffectLedger
 from harness_nodes.budget import (
     BudgetedChatModel,
@@ -308,10 +310,15 @@ class CostEnvelopeMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
 
     @staticmethod
     def _completed(response: ModelResponse[Any]) -> ExtendedModelResponse[Any]:
-        # As `ModelNode`: an answer without tool calls completes the task.
+        # As `ModelNode`: an answer without tool calls completes the task (unless it is an
+        # inner middleware's stop note, which carries its own outcome).
         update: dict[str, Any] = {}
         last = response.result[-1] if response.result else None
-        if isinstance(last, AIMessage) and not last.tool_calls:
+        if (
+            isinstance(last, AIMessage)
+            and not last.tool_calls
+            and "outcome" not in _verify.harness_meta(last)
+        ):
             update["outcome"] = Outcome(status="completed", partial_result=last.text)
         return ExtendedModelResponse(response, Command(update=update) if update else None)
 
@@ -352,9 +359,17 @@ class VerifyToolOutputsMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
     (no extra step). A bad output is replaced by an error message that tells the model what
     was wrong, and the model tries again (``on_fail="retry"``, up to ``max_retries``). A
     tool marked `irreversible`/`effect` or ``side_effects=True`` is never re-run: its failure
-    escalates to review (add `ReviewQueueMiddleware`). When a verdict says ``fail`` the agent
-    ends before the next model call with outcome ``verification_failed`` (`VerificationStop`),
-    or raises `VerificationFailed` with ``exit_behavior="error"``.
+    escalates to review (add `ReviewQueueMiddleware`). When a verdict says ``fail``, or an
+    escalation finds no reviewer (no `ReviewQueueMiddleware`, as `add_harness` without a
+    review policy), the agent ends before the next model call with outcome
+    ``verification_failed`` and the verdicts' reasons (`VerificationStop`), or raises
+    `VerificationFailed` with ``exit_behavior="error"``. ``create_agent`` ends the run after a
+    ``return_direct`` tool; when verification refused its output, an ``after_agent`` step (one
+    per run) sends the run back into the loop, so the verdict is honoured as in the graph form.
+
+    A contract naming a tool the agent does not have (a misspelt name would leave the real
+    tool on the default contract) raises `UserError` at the first tool call, before any tool
+    runs: the middleware meets the agent's tools only there.
 
     Args:
         contracts: Tool name → `ToolContract`, or a ready `VerifyToolOutputs`; ``None``: the
@@ -411,19 +426,90 @@ class VerifyToolOutputsMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
     def wrap_tool_call(
         self, request: ToolCallRequest, handler: ToolHandler
     ) -> ToolMessage | Command[Any]:
-        """Run the tool, then check its output (`VerifyToolOutputs.wrap_tool_call`)."""
+        """Run the tool, then check its output (`VerifyToolOutputs.wrap_tool_call`).
+
+        Raises:
+            UserError: a contract names a tool the agent does not have (before any tool runs).
+        """
+        self._check_tool_names(request)
         return self.verify.wrap_tool_call(request, handler)
 
     async def awrap_tool_call(
         self, request: ToolCallRequest, handler: AsyncToolHandler
     ) -> ToolMessage | Command[Any]:
         """Async `wrap_tool_call`."""
+        self._check_tool_names(request)
         return await self.verify.awrap_tool_call(request, handler)
+
+    def _check_tool_names(self, request: ToolCallRequest) -> None:
+        # The agent's tools are known here first: the tool node hands each call all of them.
+        # A model call's ``request.tools`` is not enough: an outer middleware may have
+        # narrowed it to the tools picked for that call (LLMToolSelectorMiddleware).
+        tools = getattr(request.runtime, "tools", None)
+        if not tools:
+            return
+        names = {t.name for t in tools}
+        unknown = sorted(set(self.verify.contracts) - names)
+        if unknown:
+            raise UserError(
+                "VerifyToolOutputsMiddleware: contracts name tools the agent does not have: "
+                f"{', '.join(unknown)} (tools: {', '.join(sorted(names))})"
+            )
 
     def _before(self, state: HarnessAgentState) -> dict[str, Any] | None:
         if route_after_verify(state) != "fail":
             return None
         return _stop_update(self.stop(cast(Any, state)))
+
+    @staticmethod
+    def _after(state: HarnessAgentState) -> dict[str, Any] | None:
+        # ``create_agent`` ends the run after a ``return_direct`` tool, refused output or not.
+        messages = _verify.messages_of(state)
+        if not messages or not isinstance(messages[-1], ToolMessage):
+            return None
+        if route_after_verify(state) == "ok":
+            return None
+        return {"jump_to": "model"}  # through the before_model hooks: retry, stop or review
+
+    @hook_config(can_jump_to=["model"])
+    def after_agent(self, state: HarnessAgentState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        """Back into the loop when the agent ended on a refused output (``return_direct``)."""
+        return self._after(state)
+
+    @hook_config(can_jump_to=["model"])
+    async def aafter_agent(
+        self, state: HarnessAgentState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """Async `after_agent`."""
+        return self._after(state)
+
+    def _unreviewed_stop(self, request: ModelRequest[Any]) -> ExtendedModelResponse[Any] | None:
+        # By the model call every before_model hook has run, so `ReviewQueueMiddleware`,
+        # wherever it is listed, has paused on an escalation and recorded its review.
+        state = cast(Any, request.state)
+        if not _verify.unreviewed_escalations(_verify.messages_of(state)):
+            return None
+        update = self.stop(state)
+        response: ModelResponse[Any] = ModelResponse(result=list(update["messages"]))
+        return ExtendedModelResponse(response, Command(update={"outcome": update["outcome"]}))
+
+    def wrap_model_call(
+        self, request: ModelRequest[Any], handler: ModelHandler
+    ) -> ModelResponse[Any] | ExtendedModelResponse[Any]:
+        """Call the model, unless an escalation found no reviewer: then end the task.
+
+        With no `ReviewQueueMiddleware` nobody takes the escalation, so `VerificationStop`
+        ends the task, as `add_harness` without a review policy does.
+        """
+        return self._unreviewed_stop(request) or handler(request)
+
+    async def awrap_model_call(
+        self,
+        request: ModelRequest[Any],
+        handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]],
+    ) -> ModelResponse[Any] | ExtendedModelResponse[Any]:
+        """Async `wrap_model_call`."""
+        return self._unreviewed_stop(request) or await handler(request)
 
     @hook_config(can_jump_to=["end"])
     def before_model(

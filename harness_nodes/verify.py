@@ -92,6 +92,7 @@ from harness_nodes._events import aemit, emit
 from harness_nodes.effects import effect_kind
 from harness_nodes.errors import HarnessError, UserError, VerificationFailed
 from harness_nodes.state import (
+    Escalation,
     MessagesAndOutcome,
     MessagesAndVerdicts,
     Outcome,
@@ -815,9 +816,21 @@ def route_after_verify(state: Any, messages_key: str = "messages") -> VerifyRout
     return route
 
 
+def _stop_reason(failed: list[Verdict], escalations: list[Escalation]) -> str:
+    if failed:
+        return "; ".join(f"{v['tool']}: {'; '.join(v['reasons'])}" for v in failed)
+    if escalations:  # escalated by another layer (the effect ledger), not by a verdict
+        return "; ".join(e["reason"] for e in escalations)
+    return "a tool output failed verification"
+
+
 @dataclass(frozen=True)
 class VerificationStop:
     """The ``fail`` target of `route_after_verify`: end the task as ``verification_failed``.
+
+    Also the ``escalate`` target where no person reviews (`add_harness` without a review
+    policy, `VerifyToolOutputsMiddleware` without `ReviewQueueMiddleware`): the escalated
+    verdicts' reasons are reported the same way, and the closing message says so.
 
     It writes ``outcome = {"status": "verification_failed", "reason": ...}`` (kept where the
     state has an ``outcome`` key) and a closing AI message that states the reasons and
@@ -856,10 +869,10 @@ class VerificationStop:
 
     def __call__(self, state: MessagesAndOutcome) -> dict[str, Any]:
         """Record the failure (or raise it)."""
-        failed = _verify.failed_verdicts(_verify.messages_of(state), escalated=True)
-        reason = "; ".join(f"{v['tool']}: {'; '.join(v['reasons'])}" for v in failed) or (
-            "a tool output failed verification"
-        )
+        messages = _verify.messages_of(state)
+        failed = _verify.failed_verdicts(messages, escalated=True)
+        escalations = _verify.unreviewed_escalations(messages)
+        reason = _stop_reason(failed, escalations)
         if self.exit_behavior == "error":
             first = failed[0] if failed else None
             raise VerificationFailed(
@@ -869,8 +882,11 @@ class VerificationStop:
             )
         outcome = Outcome(status="verification_failed", reason=reason)
         emit("outcome", dict(outcome))
+        why = "a tool output failed verification"
+        if escalations or any(v["action"] == "escalate" for v in failed):
+            why += " and needs a person, but no human review is set up"
         closing = AIMessage(
-            content=f"I stopped: a tool output failed verification. {reason}",
+            content=f"I stopped: {why}. {reason}",
             additional_kwargs={_verify.HARNESS_KEY: {"outcome": outcome}},
         )
         return {"outcome": replace_outcome(state, outcome), "messages": [closing]}

@@ -482,7 +482,8 @@ def add_harness(
         tools_node: The name of your node that runs the tool calls.
         contracts: What a good output of each tool looks like (see `Contracts`).
         review_policy: Which calls a person approves first; ``None``: no review node.
-        tools: Your tools, so reviewers' edited arguments are validated against them.
+        tools: Your tools, so reviewers' edited arguments are validated against them, and
+            the names in *contracts* are checked when *tools_node* is not a ``ToolNode``.
         verify_node: Name for the inserted verification node.
         review_node: Name for the inserted review node.
         stop_node: Name for the inserted node that ends a task whose verification failed.
@@ -494,7 +495,8 @@ def add_harness(
         UserError: when a named node is missing, *tools_node* does not leave by one plain
             edge, (with a review policy) *model_node* does not leave by one router, or
             *contracts* name a tool that neither *tools* nor a ``ToolNode`` at *tools_node*
-            has.
+            has. With neither (your own function as *tools_node* and no *tools*) the names
+            cannot be checked: pass *tools* to have them checked.
 
     Example:
         ```python
@@ -546,7 +548,10 @@ def add_harness(
     if isinstance(node_tools, Mapping):
         known |= set(node_tools)
     unknown = sorted(set(verifier.contracts) - known)
-    if known and unknown:  # a misspelt name would leave the real tool on the default contract
+    # A misspelt name would leave the real tool on the default contract. With no tools to
+    # compare with (a function tool node, no tools=) nothing can be checked; refusing would
+    # refuse every contract of such a graph, so the docstring states the limit instead.
+    if known and unknown:
         raise UserError(
             f"add_harness: contracts name tools the graph does not have: {', '.join(unknown)} "
             f"(tools: {', '.join(sorted(known))})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from harness_nodes import (
     ReviewQueueMiddleware,
     ToolContract,
     Trace,
+    UserError,
     VerifyToolOutputsMiddleware,
     budgeted,
     build_harnessed_agent,
@@ -494,3 +496,248 @@ async def test_async_budget_review_and_effects(abackend: Any) -> None:
     done = await queue.decide(item.id, {"type": "approve"}, reviewer="ana")
     assert done["outcome"]["status"] == "completed"
     assert REFUNDS == ["B2"]
+
+
+# --- escalations with no reviewer --------------------------------------------------------
+
+
+@tool
+def charge_card(amount: float) -> dict[str, str]:
+    """Charge a card."""
+    return {"status": "failed", "error": "card declined"}
+
+
+def _charge_model() -> ScriptedChatModel:
+    return ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("charge_card", {"amount": 5})]), ai("Charged.")],
+        model_name="gpt-4o-mini",
+    )
+
+
+def _graph_form_outcome(contract: ToolContract) -> Any:
+    """The same agent through `add_harness` without a review policy (its escalate → stop)."""
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    from harness_nodes import add_harness
+
+    model = _charge_model().bind_tools([charge_card])
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([charge_card]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    contracts = {"charge_card": contract}
+    add_harness(builder, model_node="agent", tools_node="tools", contracts=contracts)
+    out = builder.compile().invoke({"messages": [HumanMessage("charge 5")]})
+    return out["messages"][-1].additional_kwargs["harness"]["outcome"]
+
+
+@pytest.mark.parametrize(
+    "contract",
+    [
+        pytest.param(ToolContract(side_effects=True), id="side-effects"),
+        pytest.param(ToolContract(on_fail="escalate"), id="on-fail-escalate"),
+    ],
+)
+def test_an_escalation_with_no_reviewer_ends_the_agent_with_its_reasons(
+    contract: ToolContract,
+) -> None:
+    model = _charge_model()
+    verify = VerifyToolOutputsMiddleware({"charge_card": contract})
+    out = create_agent(model, [charge_card], middleware=[verify]).invoke(
+        {"messages": [HumanMessage("charge 5")]}
+    )
+    assert model.calls == 1  # not called again with "it was sent to a human reviewer"
+    (verdict,) = out["verdicts"]
+    assert verdict["action"] == "escalate"
+    reason = "charge_card: " + "; ".join(verdict["reasons"])
+    assert out["outcome"] == {"status": "verification_failed", "reason": reason}
+    assert out["outcome"] == _graph_form_outcome(contract)  # as add_harness without review
+    assert out["messages"][-1].text.startswith(
+        "I stopped: a tool output failed verification and needs a person, "
+        "but no human review is set up."
+    )
+
+
+async def test_an_escalation_with_no_reviewer_ends_the_agent_async() -> None:
+    model = _charge_model()
+    with open_backend("memory://") as backend:
+        agent = create_agent(
+            model,
+            [charge_card],
+            middleware=[
+                CostEnvelopeMiddleware(Envelope(max_usd=0.05), backend=backend),
+                VerifyToolOutputsMiddleware({"charge_card": ToolContract(side_effects=True)}),
+            ],
+            checkpointer=backend.checkpointer,
+        )
+        out = await agent.ainvoke(
+            {"messages": [HumanMessage("charge 5")]}, {"configurable": {"thread_id": "s1"}}
+        )
+    assert model.calls == 1
+    assert out["outcome"]["status"] == "verification_failed"  # not the budget's "completed"
+    assert "card declined" in out["outcome"]["reason"]
+
+
+def test_an_escalation_with_no_reviewer_raises_with_exit_behavior_error() -> None:
+    from harness_nodes import VerificationFailed
+
+    verify = VerifyToolOutputsMiddleware(
+        {"charge_card": ToolContract(side_effects=True)}, exit_behavior="error"
+    )
+    agent = create_agent(_charge_model(), [charge_card], middleware=[verify])
+    with pytest.raises(VerificationFailed) as info:
+        agent.invoke({"messages": [HumanMessage("charge 5")]})
+    assert info.value.tool == "charge_card"
+    assert any("card declined" in r for r in info.value.reasons)
+
+
+@pytest.mark.parametrize("review_first", [False, True], ids=["verify-first", "review-first"])
+def test_an_escalation_with_a_reviewer_still_pauses_whatever_the_order(
+    review_first: bool,
+) -> None:
+    model = _charge_model()
+    contracts = {"charge_card": ToolContract(side_effects=True)}
+    middleware: list[Any] = [VerifyToolOutputsMiddleware(contracts), ReviewQueueMiddleware()]
+    if review_first:
+        middleware.reverse()
+    with open_backend("memory://") as backend:
+        agent = create_agent(
+            model, [charge_card], middleware=middleware, checkpointer=backend.checkpointer
+        )
+        queue = ReviewQueue(backend, agent)
+        queue.invoke({"messages": [HumanMessage("charge 5")]}, thread_id="p1")
+        (item,) = queue.pending()
+        assert item.requests[0]["kind"] == "escalation"
+        out = queue.decide(item.id, {"type": "respond", "message": "Declined."}, reviewer="ana")
+    assert out["messages"][-1].text == "Charged."  # the model carried on after the review
+    assert model.calls == 2
+    assert "outcome" not in out  # no harness layer ended it
+
+
+# --- contracts for tools the agent does not have ------------------------------------------
+
+WEATHER_CALLS: list[str] = []
+
+
+@tool
+def weather(city: str) -> dict[str, Any]:
+    """Current weather."""
+    WEATHER_CALLS.append(city)
+    return {"city": city, "temp_c": 999}
+
+
+def _misspelt_weather_agent() -> Any:
+    WEATHER_CALLS.clear()
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("weather", {"city": "Paris"})]), ai("999C.")]
+    )
+    misspelt = {"weathr": ToolContract(ranges={"temp_c": (-90, 60)})}
+    return create_agent(model, [weather], middleware=[VerifyToolOutputsMiddleware(misspelt)])
+
+
+MISSPELT = re.escape("contracts name tools the agent does not have: weathr (tools: weather)")
+
+
+def test_a_contract_for_a_tool_the_agent_lacks_raises_before_any_tool_runs() -> None:
+    with pytest.raises(UserError, match=MISSPELT):
+        _misspelt_weather_agent().invoke({"messages": [HumanMessage("weather?")]})
+    assert WEATHER_CALLS == []
+
+
+async def test_a_contract_for_a_tool_the_agent_lacks_raises_before_any_tool_runs_async() -> None:
+    with pytest.raises(UserError, match=MISSPELT):
+        await _misspelt_weather_agent().ainvoke({"messages": [HumanMessage("weather?")]})
+    assert WEATHER_CALLS == []
+
+
+class _PickSearch(AgentMiddleware[Any, Any, Any]):
+    """Narrow each model call to the ``search`` tool, as a tool-selecting middleware does."""
+
+    def wrap_model_call(self, request: Any, handler: Callable[..., Any]) -> Any:
+        tools = [t for t in request.tools if getattr(t, "name", "") == "search"]
+        return handler(request.override(tools=tools))
+
+
+def test_contracts_for_tools_a_model_call_does_not_see_are_kept() -> None:
+    contracts = {"search": ToolContract(), "ping": ToolContract()}
+    agent = create_agent(
+        _search_model(),
+        [search, ping],
+        middleware=[_PickSearch(), VerifyToolOutputsMiddleware(contracts)],
+    )
+    _check_retried(agent.invoke({"messages": [HumanMessage("find storage notes")]}))
+
+
+# --- return_direct tools --------------------------------------------------------------------
+
+ANSWERS: list[str] = []
+
+
+@tool(return_direct=True)
+def answer_directly(q: str) -> dict[str, str]:
+    """Answer the user directly."""
+    ANSWERS.append(q)
+    return {"status": "error", "error": "backend down"} if q != "ok" else {"answer": "42"}
+
+
+def _direct_model(*queries: str) -> ScriptedChatModel:
+    calls = [ai(tool_calls=[tool_call("answer_directly", {"q": q})]) for q in queries]
+    return ScriptedChatModel(script=[*calls, ai("Fallback answer.")])
+
+
+def test_a_refused_output_of_a_return_direct_tool_goes_back_to_the_model() -> None:
+    """As in the graph form: the verdict says retry, so the run does not end on the refusal."""
+    runs = {}
+    for form in ("middleware", "graph"):
+        model = _direct_model("x", "y")
+        agent = (
+            create_agent(model, [answer_directly], middleware=[VerifyToolOutputsMiddleware()])
+            if form == "middleware"
+            else build_harnessed_agent(model, [answer_directly])
+        )
+        out = agent.invoke({"messages": [HumanMessage("q")]})
+        runs[form] = ([v["action"] for v in out["verdicts"]], out["messages"][-1].text)
+        assert model.calls == 3
+    assert runs["middleware"] == runs["graph"] == (["retry", "retry"], "Fallback answer.")
+
+
+async def test_a_good_output_of_a_return_direct_tool_still_ends_the_run_async() -> None:
+    model = _direct_model("ok")
+    agent = create_agent(model, [answer_directly], middleware=[VerifyToolOutputsMiddleware()])
+    out = await agent.ainvoke({"messages": [HumanMessage("q")]})
+    assert model.calls == 1
+    assert isinstance(out["messages"][-1], ToolMessage)
+    assert [v["action"] for v in out["verdicts"]] == ["ok"]
+
+
+async def test_a_failed_output_of_a_return_direct_tool_ends_as_verification_failed_async() -> None:
+    model = _direct_model("x")
+    verify = VerifyToolOutputsMiddleware({"answer_directly": ToolContract(max_retries=0)})
+    agent = create_agent(model, [answer_directly], middleware=[verify])
+    out = await agent.ainvoke({"messages": [HumanMessage("q")]})
+    assert model.calls == 1
+    assert out["outcome"]["status"] == "verification_failed"
+    assert "backend down" in out["outcome"]["reason"]
+
+
+def test_an_escalated_output_of_a_return_direct_tool_waits_for_review() -> None:
+    ANSWERS.clear()
+    model = _direct_model("x")
+    contracts = {"answer_directly": ToolContract(side_effects=True)}
+    with open_backend("memory://") as backend:
+        agent = create_agent(
+            model,
+            [answer_directly],
+            middleware=[VerifyToolOutputsMiddleware(contracts), ReviewQueueMiddleware()],
+            checkpointer=backend.checkpointer,
+        )
+        queue = ReviewQueue(backend, agent)
+        queue.invoke({"messages": [HumanMessage("q")]}, thread_id="d1")
+        (item,) = queue.pending()
+        assert item.requests[0]["kind"] == "escalation"
+        out = queue.decide(item.id, {"type": "respond", "message": "It is 42."}, reviewer="ana")
+    assert out["messages"][-1].text == "Fallback answer."
+    assert ANSWERS == ["x"]  # never re-run

@@ -554,6 +554,23 @@ def test_verification_stop_can_raise_instead() -> None:
     assert (e.value.tool, e.value.tool_call_id) == ("pay", "n")
 
 
+def test_verification_stop_of_an_unreviewed_escalation_gives_the_escalations_reason() -> None:
+    """An escalation another layer wrote (no verdict of its own) and nobody reviewed."""
+    unknown = {"kind": "effect_unknown", "reason": "refund started, no result recorded"}
+    messages = [
+        AIMessage("", tool_calls=[tool_call("refund", {}, id="r")], id="a"),
+        ToolMessage(
+            "?", tool_call_id="r", id="t", additional_kwargs={"harness": {"escalation": unknown}}
+        ),
+    ]
+    update = VerificationStop()({"messages": messages})
+    assert update["outcome"]["reason"] == "refund started, no result recorded"
+    assert update["messages"][0].content == (
+        "I stopped: a tool output failed verification and needs a person, but no human review "
+        "is set up. refund started, no result recorded"
+    )
+
+
 # --- wiring mistakes -----------------------------------------------------------------------
 
 

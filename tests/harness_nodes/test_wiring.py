@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import pytest
@@ -253,6 +254,23 @@ def test_add_harness_stops_the_task_when_retries_are_exhausted() -> None:
     assert outcome["status"] == "verification_failed"
 
 
+def test_add_harness_without_review_says_an_escalation_found_no_reviewer() -> None:
+    builder = add_harness(
+        _docs_react_loop(_model("broken")),
+        model_node="llm_call",
+        tools_node="tool_node",
+        contracts={"lookup": ToolContract(on_fail="escalate")},
+    )
+    out = builder.compile().invoke({"messages": [HumanMessage("go")]})
+    verdict = out["messages"][2].additional_kwargs["harness"]["verdict"]
+    assert verdict["action"] == "escalate"
+    reason = "lookup: " + "; ".join(verdict["reasons"])
+    assert out["messages"][-1].content == (
+        "I stopped: a tool output failed verification and needs a person, "
+        f"but no human review is set up. {reason}"
+    )
+
+
 def test_add_harness_keeps_the_users_node_objects() -> None:
     builder = _docs_react_loop(_model("a"))
     before = {name: spec.runnable for name, spec in builder.nodes.items()}
@@ -314,6 +332,27 @@ def test_add_harness_works_with_a_richer_state() -> None:
 def test_add_harness_wiring_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(UserError, match=message):
         add_harness(_docs_react_loop(_model()), **kwargs)
+
+
+def test_add_harness_checks_a_function_tool_nodes_contracts_against_the_tools_given() -> None:
+    """A function tool node has no tool list: the names are checked against ``tools=`` only
+    (with none, as the docstring says, they cannot be)."""
+    contracts = {"lookpu": ToolContract()}
+    with pytest.raises(UserError, match=re.escape("does not have: lookpu (tools: lookup)")):
+        add_harness(
+            _docs_react_loop(_model()),
+            model_node="llm_call",
+            tools_node="tool_node",
+            contracts=contracts,
+            tools=tools,
+        )
+    unchecked = add_harness(
+        _docs_react_loop(_model()),
+        model_node="llm_call",
+        tools_node="tool_node",
+        contracts=contracts,
+    )
+    assert "verify" in unchecked.nodes
 
 
 def test_add_harness_knows_the_tools_of_a_tool_node() -> None:
