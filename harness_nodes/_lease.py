@@ -161,6 +161,20 @@ def claim_sql(statuses: Sequence[str]) -> str:
     return CLAIM.format(statuses=", ".join(f"'{s}'" for s in statuses))
 
 
+def claim(
+    thread_id: str, owner: str, lease_seconds: float, *, resuming: bool
+) -> tuple[str, tuple[Any, ...]]:
+    """The statement and parameters claiming *thread_id*'s run for *owner*.
+
+    *resuming* claims a run paused for review (``interrupted``), to answer its pause; else a
+    run waiting to start or whose process died (``pending``, or ``running`` on an expired
+    lease).
+    """
+    statuses = ("interrupted",) if resuming else ("pending", "running")
+    t = now()
+    return claim_sql(statuses), (owner, t + lease_seconds, t, thread_id, t)
+
+
 def run_config(
     thread_id: str, task_key: str, task_type: str, base: RunnableConfig | None
 ) -> RunnableConfig:

@@ -55,7 +55,7 @@ from harness_nodes._lease import (
     RunStatus,
     TaskRun,
     backoff,
-    claim_sql,
+    claim,
     compile_graph,
     new_owner,
     now,
@@ -509,20 +509,26 @@ class AsyncTaskRunner:
     async def aexecute(self, thread_id: str, *, resume: Any = _NO_RESUME) -> TaskRun:
         """Run the task on *thread_id* here if its lease can be claimed."""
         owner = new_owner()
-        statuses = ("interrupted",) if resume is not _NO_RESUME else ("pending", "running")
-        t = now()
+        resuming = resume is not _NO_RESUME
         claimed = await self.backend.execute(
-            claim_sql(statuses), (owner, t + self.lease_seconds, t, thread_id, t)
+            *claim(thread_id, owner, self.lease_seconds, resuming=resuming)
         )
         if not claimed:
             rows = await self.backend.execute(SELECT_THREAD, (thread_id,))
             if not rows:
                 raise UnknownTask(thread_id)
             return TaskRun.from_row(rows[0])
+        return await self._run_claimed(claimed[0], owner, resume)
+
+    async def _run_claimed(
+        self, row: dict[str, Any], owner: str, resume: Any = _NO_RESUME
+    ) -> TaskRun:
+        """Run the task whose row *owner* just claimed (see `TaskRunner._run_claimed`)."""
+        thread_id = row["thread_id"]
         token = CURRENT_LEASE.set(Lease(thread_id, owner, self.lease_seconds))
         try:
             async with _AsyncHeartbeat(self.backend, thread_id, owner, self.lease_seconds):
-                return await self._attempts(claimed[0], owner, resume)
+                return await self._attempts(row, owner, resume)
         finally:
             CURRENT_LEASE.reset(token)
 

@@ -63,7 +63,7 @@ from harness_nodes._lease import (
     RunStatus,
     TaskRun,
     backoff,
-    claim_sql,
+    claim,
     compile_graph,
     new_owner,
     now,
@@ -387,17 +387,23 @@ class TaskRunner:
         returns the task as it is without running anything.
         """
         owner = new_owner()
-        statuses = ("interrupted",) if resume is not _NO_RESUME else ("pending", "running")
-        t = now()
+        resuming = resume is not _NO_RESUME
         claimed = self.backend.execute(
-            claim_sql(statuses), (owner, t + self.lease_seconds, t, thread_id, t)
+            *claim(thread_id, owner, self.lease_seconds, resuming=resuming)
         )
         if not claimed:
             rows = self.backend.execute(SELECT_THREAD, (thread_id,))
             if not rows:
                 raise UnknownTask(thread_id)
             return TaskRun.from_row(rows[0])
-        row = claimed[0]
+        return self._run_claimed(claimed[0], owner, resume)
+
+    def _run_claimed(self, row: dict[str, Any], owner: str, resume: Any = _NO_RESUME) -> TaskRun:
+        """Run the task whose row *owner* just claimed, under that lease, and settle it.
+
+        `execute` calls it after its claim.
+        """
+        thread_id = row["thread_id"]
         token = CURRENT_LEASE.set(Lease(thread_id, owner, self.lease_seconds))
         try:
             with _Heartbeat(self.backend, thread_id, owner, self.lease_seconds):
