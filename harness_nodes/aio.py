@@ -426,7 +426,7 @@ class AsyncTaskRunner:
         run = TaskRun.from_row(rows[0])
         if run.status != "interrupted":
             return run
-        # Resumed directly by a reviewer (AsyncReviewQueue.adecide)? Record its outcome.
+        # Resumed outside the runner (a Command on the graph itself)? Record its outcome.
         config = run_config(run.thread_id, run.task_key, run.task_type, self._config)
         snapshot = await self.graph.aget_state(config)
         if snapshot.tasks:

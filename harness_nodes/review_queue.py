@@ -5,7 +5,8 @@ pending ones means scanning every thread. The queue keeps one row per pause in
 ``harness_reviews`` (keyed on thread + interrupt id), lists them with filters served by an
 index, shows each with its trace, and applies a decision: it validates it, records who
 decided what (``harness_review_audit``), resumes the run with ``Command(resume=...)`` and
-``durability="sync"``, and lets exactly one of several racing reviewers win.
+``durability="sync"`` (a `TaskRunner`'s task under the runner's lease, as `TaskRunner.resume`
+does), and lets exactly one of several racing reviewers win.
 
 Rows are written from the graph's state after a run pauses (`ReviewQueue.sync`, called by
 `ReviewQueue.invoke` and after every decision), never from inside the node: the node stays
@@ -70,6 +71,7 @@ from langgraph.errors import EmptyInputError
 from langgraph.prebuilt import ToolNode
 from langgraph.types import Command, Interrupt, StateSnapshot
 
+from harness_nodes._lease import SELECT_THREAD, TaskRun, claim, new_owner
 from harness_nodes._trace_local import Trace, build_trace
 from harness_nodes.errors import (
     AlreadyDecided,
@@ -77,6 +79,7 @@ from harness_nodes.errors import (
     HarnessError,
     InvalidDecision,
     ReviewNotFound,
+    RunFailed,
     UnknownThread,
     UserError,
 )
@@ -93,6 +96,8 @@ if TYPE_CHECKING:
 
     from checkpointers import AsyncBackend, Backend
     from checkpointers.backend import Row
+    from harness_nodes.aio import AsyncTaskRunner
+    from harness_nodes.runner import TaskRunner
 
 __all__ = [
     "AsyncReviewQueue",
@@ -242,6 +247,16 @@ _AUDIT = (
     "INSERT INTO harness_review_audit (review_id, reviewer, decision, before, after, at) "
     "VALUES (%s, %s, %s, %s, %s, %s)"
 )
+_UNDECIDE = (
+    "UPDATE harness_reviews SET status = 'pending', decision = NULL, "
+    "decided_by = NULL, decided_at = NULL WHERE id = %s AND status = 'decided'"
+)
+_APPLIED = "UPDATE harness_reviews SET status = 'applied' WHERE id = %s AND status = 'decided'"
+_CLOSE = "UPDATE harness_reviews SET status = 'closed' WHERE id = %s AND status = 'pending'"
+
+
+class _ThreadBusy(Exception):
+    """Rolls a review's claim back: its task's lease is held elsewhere (or the task ended)."""
 
 
 PendingOrder = Literal["age", "urgency"]
@@ -430,6 +445,29 @@ def _died_after(snapshot: StateSnapshot) -> bool:
     return bool(snapshot.next) and not snapshot.interrupts
 
 
+def _state_of(snapshot: StateSnapshot) -> dict[str, Any]:
+    """What ``invoke`` returns for the thread as it stands: its values, and its pauses."""
+    values: dict[str, Any] = dict(snapshot.values)
+    if snapshot.interrupts:
+        values["__interrupt__"] = list(snapshot.interrupts)
+    return values
+
+
+def _answer(item: ReviewItem) -> dict[str, Any]:
+    """The resume value that applies *item*'s decision to its pause."""
+    return {item.interrupt_id: item.decision}
+
+
+def _leased_outcome(run: TaskRun) -> None:
+    """Raise for a runner's task whose resumed run failed after its attempts.
+
+    Raises:
+        RunFailed: the run failed (the decision stands; the task is ``failed``).
+    """
+    if run.status == "failed":
+        raise RunFailed(run.thread_id, "TaskFailed", run.error or "unknown error")
+
+
 def review_id_for(thread_id: str, interrupt_id: str) -> str:
     """The queue id of the pause *interrupt_id* in *thread_id* (stable across processes).
 
@@ -547,6 +585,24 @@ def _find_tools(graph: Any) -> dict[str, BaseTool]:
             for name, t in spec.runnable.tools_by_name.items():
                 tools.setdefault(name, t)
     return tools
+
+
+def _answered_outside(item: ReviewItem) -> AlreadyDecided:
+    return AlreadyDecided(item.id, "a resume outside the queue", "an unknown time", "closed")
+
+
+def _decision_audit(
+    item: ReviewItem, prepared: _Prepared, reviewer: str, now: float
+) -> tuple[Any, ...]:
+    """The audit row of a decision."""
+    return (
+        item.id,
+        reviewer,
+        "+".join(sorted({p["type"] for p in prepared.payload})),
+        json.dumps(prepared.before, default=str),
+        json.dumps(prepared.after, default=str),
+        now,
+    )
 
 
 @dataclass(frozen=True)
@@ -667,12 +723,18 @@ class _QueueCore:
     @staticmethod
     def already(item: ReviewItem) -> AlreadyDecided:
         if item.status == "closed":  # the run was resumed directly, not through the queue
-            return AlreadyDecided(
-                item.id, "a resume outside the queue", "an unknown time", "closed"
-            )
+            return _answered_outside(item)
         words = sorted({d.get("type", "?") for d in item.decision or []}) or [item.status]
         by = item.decided_by or "?"
         return AlreadyDecided(item.id, by, _iso(item.decided_at), "+".join(words))
+
+    @staticmethod
+    def held_elsewhere(item: ReviewItem, run: TaskRun) -> AlreadyDecided:
+        """Why a decision on a runner's task was not applied: its lease was not free."""
+        if run.done:  # cancelled (or ended) while paused: its runner will not resume it
+            at = _iso(run.finished_at or run.updated_at)
+            return AlreadyDecided(item.id, "its task runner", at, run.status)
+        return _answered_outside(item)  # another process is resuming it (TaskRunner.resume)
 
     @staticmethod
     def trace(item: ReviewItem, history: list[StateSnapshot]) -> list[str]:
@@ -705,6 +767,12 @@ class ReviewQueue:
         on_expire: ``"reject"`` (the run continues as if rejected) or ``"escalate"``
             (reassign to ``escalate_to`` with a fresh deadline and a higher priority).
         escalate_to: The assignee expired items escalate to.
+        runner: The `TaskRunner` of this graph, whose lease length, attempts and config
+            resume the tasks it manages (default: a `TaskRunner` on the queue's graph).
+
+    A thread a `TaskRunner` manages (it has a ``harness_runs`` row) is resumed under the
+    runner's lease, as `TaskRunner.resume` does: one process runs it at a time, and a run
+    that dies is carried on by `TaskRunner.recover`. Other threads are resumed directly.
 
     The module docstring walks a full pause → decide → resume; the queue alone:
 
@@ -735,6 +803,7 @@ class ReviewQueue:
         deadline: float | None = None,
         on_expire: Literal["reject", "escalate"] = "reject",
         escalate_to: str | None = None,
+        runner: TaskRunner | None = None,
     ) -> None:
         self.backend = backend
         self._core = _QueueCore(
@@ -745,12 +814,25 @@ class ReviewQueue:
             on_expire=on_expire,
             escalate_to=escalate_to,
         )
+        if runner is not None and runner.backend is not backend:
+            raise UserError("ReviewQueue(runner=...) needs a TaskRunner on the queue's backend")
         self.graph = graph
+        self._runner = runner
 
     @property
     def tools(self) -> dict[str, BaseTool]:
         """The tools edited arguments are validated against, by name."""
         return self._core.tools
+
+    def _runner_for(self, thread_id: str) -> TaskRunner | None:
+        """The runner whose lease *thread_id* is resumed under; None if no runner manages it."""
+        if not self.backend.execute(SELECT_THREAD, (thread_id,)):
+            return None
+        if self._runner is None:
+            from harness_nodes.runner import TaskRunner
+
+            self._runner = TaskRunner(self.backend, self.graph)
+        return self._runner
 
     # -- running and syncing --
 
@@ -786,6 +868,11 @@ class ReviewQueue:
         died between the decision and the resume) are resumed now, and a run that died after
         its resume, before it ended, is carried on — only do this when no other process is
         still applying that decision.
+
+        A `TaskRunner`'s task needs no such care: its decision is resumed under the runner's
+        lease (only once no live process holds it), and a run of it that died after its
+        decision is left to `TaskRunner.recover`, which carries it on when the lease expires;
+        its row stays ``decided`` until a sync sees the run end.
         """
         cfg = _thread_config(thread_id, None)
         snapshot = self.graph.get_state(cfg)
@@ -802,7 +889,7 @@ class ReviewQueue:
         for item in map(_item, rows):
             if item.interrupt_id not in live:
                 died = item.status == "decided" and _died_after(snapshot)
-                if died and not recover:
+                if died and (not recover or self._runner_for(thread_id) is not None):
                     continue  # stays decided: recovery carries its run on (it may be running)
                 if died and not carried_on:
                     # The decision was applied, but its run died before it ended: carry it on.
@@ -816,8 +903,7 @@ class ReviewQueue:
                 )
             elif item.status == "decided":
                 if recover:  # a decision won but the run never resumed
-                    self._settle_effects(item, item.decided_by or "")
-                    self._resume(item)
+                    self._resume_decided(item)
             else:
                 pending.append(item)
         return self.sync(thread_id) if carried_on else pending  # it may have paused again
@@ -914,26 +1000,57 @@ class ReviewQueue:
             raise self._core.already(item)
         prepared = self._core.prepare(item, decision, reviewer)
         self._check_against_the_ledger(item, prepared.payload)
-        now = time.time()
-        with self.backend.transaction() as tx:
-            won = tx.execute(_CLAIM, (json.dumps(prepared.payload), reviewer, now, review_id))
-            if won:
-                tx.execute(
-                    _AUDIT,
-                    (
-                        review_id,
-                        reviewer,
-                        "+".join(sorted({p["type"] for p in prepared.payload})),
-                        json.dumps(prepared.before, default=str),
-                        json.dumps(prepared.after, default=str),
-                        now,
-                    ),
-                )
+        runner = self._runner_for(item.thread_id)
+        owner = new_owner()
+        try:
+            won, leased = self._claim(item, prepared, reviewer, runner, owner)
+        except _ThreadBusy:
+            raise self._held_elsewhere(item) from None
         if not won:
             raise self._core.already(self.get(review_id))
         decided = self.get(review_id)
+        if runner is not None and leased is not None:
+            return self._resume_leased(runner, decided, leased, owner)
         self._settle_effects(decided, reviewer)
         return self._resume(decided)
+
+    def _claim(
+        self,
+        item: ReviewItem,
+        prepared: _Prepared,
+        reviewer: str,
+        runner: TaskRunner | None,
+        owner: str,
+    ) -> tuple[bool, Row | None]:
+        """Claim the item and audit the decision; for a runner's task, claim its lease too.
+
+        Both in one transaction: a decision is recorded only by the process that applies it.
+
+        Raises:
+            _ThreadBusy: the item was won but the task's lease was not free (rolled back).
+        """
+        now = time.time()
+        with self.backend.transaction() as tx:
+            won = tx.execute(_CLAIM, (json.dumps(prepared.payload), reviewer, now, item.id))
+            if not won:
+                return False, None
+            leased = None
+            if runner is not None:
+                lease = claim(item.thread_id, owner, runner.lease_seconds, resuming=True)
+                rows = tx.execute(*lease)
+                if not rows:
+                    raise _ThreadBusy
+                leased = rows[0]
+            tx.execute(_AUDIT, _decision_audit(item, prepared, reviewer, now))
+        return True, leased
+
+    def _held_elsewhere(self, item: ReviewItem) -> AlreadyDecided:
+        """The error for a decision whose task's lease was not free; closes what is over."""
+        self.sync(item.thread_id)  # closes the item if the other resume has moved past it
+        run = TaskRun.from_row(self.backend.execute(SELECT_THREAD, (item.thread_id,))[0])
+        if run.done:
+            self.backend.execute(_CLOSE, (item.id,))
+        return self._core.held_elsewhere(item, run)
 
     def _check_against_the_ledger(self, item: ReviewItem, payload: list[dict[str, Any]]) -> None:
         check_effect_answers(self.backend, item.thread_id, item.requests, payload, item.id)
@@ -946,24 +1063,48 @@ class ReviewQueue:
     def _resume(self, item: ReviewItem) -> dict[str, Any]:
         cfg = _thread_config(item.thread_id, None)
         try:
-            result = self.graph.invoke(
-                Command(resume={item.interrupt_id: item.decision}), cfg, durability="sync"
-            )
+            result = self.graph.invoke(Command(resume=_answer(item)), cfg, durability="sync")
         except InvalidDecision:
             # The graph refused what the queue accepted (e.g. a schema only the node knows):
             # nothing ran; put the item back so someone can decide again.
-            self.backend.execute(
-                "UPDATE harness_reviews SET status = 'pending', decision = NULL, "
-                "decided_by = NULL, decided_at = NULL WHERE id = %s AND status = 'decided'",
-                (item.id,),
-            )
+            self.backend.execute(_UNDECIDE, (item.id,))
             raise
-        self.backend.execute(
-            "UPDATE harness_reviews SET status = 'applied' WHERE id = %s AND status = 'decided'",
-            (item.id,),
-        )
+        self.backend.execute(_APPLIED, (item.id,))
         self.sync(item.thread_id)
         return cast(dict[str, Any], result)
+
+    def _resume_leased(
+        self, runner: TaskRunner, item: ReviewItem, row: Row, owner: str
+    ) -> dict[str, Any]:
+        """Apply a decided item to a runner's task whose lease *owner* holds, and settle both.
+
+        Raises:
+            InvalidDecision: the graph refused the decision; item and task are paused again.
+            RunFailed: the resumed run failed after the runner's attempts.
+        """
+        self._settle_effects(item, item.decided_by or "")
+        try:
+            run = runner._run_claimed(row, owner, _answer(item))
+        except InvalidDecision:
+            self.backend.execute(_UNDECIDE, (item.id,))  # the runner paused its task again
+            raise
+        self.backend.execute(_APPLIED, (item.id,))
+        self.sync(item.thread_id)
+        _leased_outcome(run)
+        return _state_of(self.graph.get_state(_thread_config(item.thread_id, None)))
+
+    def _resume_decided(self, item: ReviewItem) -> None:
+        """``sync(recover=True)``: apply a decision whose run never resumed."""
+        runner = self._runner_for(item.thread_id)
+        if runner is None:
+            self._settle_effects(item, item.decided_by or "")
+            self._resume(item)
+            return
+        owner = new_owner()
+        lease = claim(item.thread_id, owner, runner.lease_seconds, resuming=True)
+        rows = self.backend.execute(*lease)
+        if rows:  # else its dead holder's lease has not expired, or the task ended
+            self._resume_leased(runner, item, rows[0], owner)
 
     def assign(self, review_id: str, assignee: str | None, *, by: str = "harness") -> ReviewItem:
         """Assign a pending item to someone (recorded in the audit)."""
@@ -1040,6 +1181,7 @@ class AsyncReviewQueue:
         deadline: float | None = None,
         on_expire: Literal["reject", "escalate"] = "reject",
         escalate_to: str | None = None,
+        runner: AsyncTaskRunner | None = None,
     ) -> None:
         self.backend = backend
         self._core = _QueueCore(
@@ -1050,12 +1192,27 @@ class AsyncReviewQueue:
             on_expire=on_expire,
             escalate_to=escalate_to,
         )
+        if runner is not None and runner.backend is not backend:
+            raise UserError(
+                "AsyncReviewQueue(runner=...) needs an AsyncTaskRunner on the queue's backend"
+            )
         self.graph = graph
+        self._runner = runner
 
     @property
     def tools(self) -> dict[str, BaseTool]:
         """The tools edited arguments are validated against, by name."""
         return self._core.tools
+
+    async def _runner_for(self, thread_id: str) -> AsyncTaskRunner | None:
+        """Async `ReviewQueue._runner_for` (default: an `AsyncTaskRunner` on the graph)."""
+        if not await self.backend.execute(SELECT_THREAD, (thread_id,)):
+            return None
+        if self._runner is None:
+            from harness_nodes.aio import AsyncTaskRunner
+
+            self._runner = AsyncTaskRunner(self.backend, self.graph)
+        return self._runner
 
     async def ainvoke(
         self,
@@ -1078,7 +1235,7 @@ class AsyncReviewQueue:
         return cast(dict[str, Any], result)
 
     async def sync(self, thread_id: str, *, recover: bool = False) -> list[ReviewItem]:
-        """Async `ReviewQueue.sync`."""
+        """Async `ReviewQueue.sync` (an `AsyncTaskRunner`'s task is left to ``arecover``)."""
         snapshot = await self.graph.aget_state(_thread_config(thread_id, None))
         live = {i.id for i in snapshot.interrupts}
         for row in self._core.rows_for(thread_id, snapshot):
@@ -1093,7 +1250,7 @@ class AsyncReviewQueue:
         for item in map(_item, rows):
             if item.interrupt_id not in live:
                 died = item.status == "decided" and _died_after(snapshot)
-                if died and not recover:
+                if died and (not recover or await self._runner_for(thread_id) is not None):
                     continue  # stays decided: recovery carries its run on (it may be running)
                 if died and not carried_on:
                     # The decision was applied, but its run died before it ended: carry it on.
@@ -1108,8 +1265,7 @@ class AsyncReviewQueue:
                 )
             elif item.status == "decided":
                 if recover:  # a decision won but the run never resumed
-                    await self._settle_effects(item, item.decided_by or "")
-                    await self._resume(item)
+                    await self._resume_decided(item)
             else:
                 pending.append(item)
         return await self.sync(thread_id) if carried_on else pending
@@ -1177,26 +1333,52 @@ class AsyncReviewQueue:
             raise self._core.already(item)
         prepared = self._core.prepare(item, decision, reviewer)
         await self._check_against_the_ledger(item, prepared.payload)
-        now = time.time()
-        async with self.backend.transaction() as tx:
-            won = await tx.execute(_CLAIM, (json.dumps(prepared.payload), reviewer, now, review_id))
-            if won:
-                await tx.execute(
-                    _AUDIT,
-                    (
-                        review_id,
-                        reviewer,
-                        "+".join(sorted({p["type"] for p in prepared.payload})),
-                        json.dumps(prepared.before, default=str),
-                        json.dumps(prepared.after, default=str),
-                        now,
-                    ),
-                )
+        runner = await self._runner_for(item.thread_id)
+        owner = new_owner()
+        try:
+            won, leased = await self._claim(item, prepared, reviewer, runner, owner)
+        except _ThreadBusy:
+            raise await self._held_elsewhere(item) from None
         if not won:
             raise self._core.already(await self.get(review_id))
         decided = await self.get(review_id)
+        if runner is not None and leased is not None:
+            return await self._resume_leased(runner, decided, leased, owner)
         await self._settle_effects(decided, reviewer)
         return await self._resume(decided)
+
+    async def _claim(
+        self,
+        item: ReviewItem,
+        prepared: _Prepared,
+        reviewer: str,
+        runner: AsyncTaskRunner | None,
+        owner: str,
+    ) -> tuple[bool, Row | None]:
+        """Async `ReviewQueue._claim`: the item, its audit and (a runner's task) its lease."""
+        now = time.time()
+        async with self.backend.transaction() as tx:
+            won = await tx.execute(_CLAIM, (json.dumps(prepared.payload), reviewer, now, item.id))
+            if not won:
+                return False, None
+            leased = None
+            if runner is not None:
+                lease = claim(item.thread_id, owner, runner.lease_seconds, resuming=True)
+                rows = await tx.execute(*lease)
+                if not rows:
+                    raise _ThreadBusy
+                leased = rows[0]
+            await tx.execute(_AUDIT, _decision_audit(item, prepared, reviewer, now))
+        return True, leased
+
+    async def _held_elsewhere(self, item: ReviewItem) -> AlreadyDecided:
+        """Async `ReviewQueue._held_elsewhere`."""
+        await self.sync(item.thread_id)
+        rows = await self.backend.execute(SELECT_THREAD, (item.thread_id,))
+        run = TaskRun.from_row(rows[0])
+        if run.done:
+            await self.backend.execute(_CLOSE, (item.id,))
+        return self._core.held_elsewhere(item, run)
 
     async def _check_against_the_ledger(
         self, item: ReviewItem, payload: list[dict[str, Any]]
@@ -1244,19 +1426,38 @@ class AsyncReviewQueue:
     async def _resume(self, item: ReviewItem) -> dict[str, Any]:
         cfg = _thread_config(item.thread_id, None)
         try:
-            result = await self.graph.ainvoke(
-                Command(resume={item.interrupt_id: item.decision}), cfg, durability="sync"
-            )
+            result = await self.graph.ainvoke(Command(resume=_answer(item)), cfg, durability="sync")
         except InvalidDecision:
-            await self.backend.execute(
-                "UPDATE harness_reviews SET status = 'pending', decision = NULL, "
-                "decided_by = NULL, decided_at = NULL WHERE id = %s AND status = 'decided'",
-                (item.id,),
-            )
+            await self.backend.execute(_UNDECIDE, (item.id,))
             raise
-        await self.backend.execute(
-            "UPDATE harness_reviews SET status = 'applied' WHERE id = %s AND status = 'decided'",
-            (item.id,),
-        )
+        await self.backend.execute(_APPLIED, (item.id,))
         await self.sync(item.thread_id)
         return cast(dict[str, Any], result)
+
+    async def _resume_leased(
+        self, runner: AsyncTaskRunner, item: ReviewItem, row: Row, owner: str
+    ) -> dict[str, Any]:
+        """Async `ReviewQueue._resume_leased`."""
+        await self._settle_effects(item, item.decided_by or "")
+        try:
+            run = await runner._run_claimed(row, owner, _answer(item))
+        except InvalidDecision:
+            await self.backend.execute(_UNDECIDE, (item.id,))
+            raise
+        await self.backend.execute(_APPLIED, (item.id,))
+        await self.sync(item.thread_id)
+        _leased_outcome(run)
+        return _state_of(await self.graph.aget_state(_thread_config(item.thread_id, None)))
+
+    async def _resume_decided(self, item: ReviewItem) -> None:
+        """Async `ReviewQueue._resume_decided`."""
+        runner = await self._runner_for(item.thread_id)
+        if runner is None:
+            await self._settle_effects(item, item.decided_by or "")
+            await self._resume(item)
+            return
+        owner = new_owner()
+        lease = claim(item.thread_id, owner, runner.lease_seconds, resuming=True)
+        rows = await self.backend.execute(*lease)
+        if rows:  # else its dead holder's lease has not expired, or the task ended
+            await self._resume_leased(runner, item, rows[0], owner)

@@ -276,8 +276,8 @@ class TaskRunner:
         return run
 
     def _reconcile(self, run: TaskRun) -> TaskRun:
-        # A reviewer may have resumed the graph directly (ReviewQueue.decide): if nothing is
-        # left to run, record the outcome so result() returns it.
+        # The graph may have been resumed outside the runner (``Command(resume=...)`` on it
+        # directly): if nothing is left to run, record the outcome so result() returns it.
         config = run_config(run.thread_id, run.task_key, run.task_type, self._config)
         snapshot = self.graph.get_state(config)
         if snapshot.tasks:
@@ -401,7 +401,8 @@ class TaskRunner:
     def _run_claimed(self, row: dict[str, Any], owner: str, resume: Any = _NO_RESUME) -> TaskRun:
         """Run the task whose row *owner* just claimed, under that lease, and settle it.
 
-        `execute` calls it after its claim.
+        `execute` calls it after its claim; `ReviewQueue.decide` after claiming the lease in
+        the transaction that claims its review.
         """
         thread_id = row["thread_id"]
         token = CURRENT_LEASE.set(Lease(thread_id, owner, self.lease_seconds))

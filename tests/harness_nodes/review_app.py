@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import tool
 from langgraph.graph import START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
+from langgraph.types import Command
 
 from harness_nodes import HumanReview, ReviewPolicy
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
@@ -26,6 +30,23 @@ KILL_ENV = "REVIEW_KILL_IN_REFUND"  # set in a child process: a refund of order 
 
 class ProcessDied(BaseException):
     """Stands for a kill -9: nothing in the graph catches it."""
+
+
+class Gate:
+    """Holds the first run that reaches it until released; later runs pass straight on."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+        self._used = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            first, self._used = not self._used, True
+        if first:
+            self.entered.set()
+            self.release.wait(30)
 
 
 def _record(name: str) -> None:
@@ -89,8 +110,13 @@ def build_builder(
     script: list[Any] | None = None,
     policy: ReviewPolicy | None = None,
     state: type[Any] = MessagesState,
+    gate: Callable[[], None] | None = None,
 ) -> StateGraph[Any]:
-    """agent → (review) → tools → agent, in a plain MessagesState app (or *state*)."""
+    """agent → (review) → tools → agent, in a plain MessagesState app (or *state*).
+
+    *gate* is called when the review node has its answer, before that step is saved: a
+    `Gate` holds a resumed run there (its lease held, the pause still in the checkpoint).
+    """
     model = ScriptedChatModel(script=script if script is not None else refund_turns())
     review = HumanReview(
         policy
@@ -105,9 +131,16 @@ def build_builder(
     def agent(state: MessagesState) -> dict[str, list[AIMessage]]:
         return {"messages": [model.invoke(state["messages"])]}
 
+    def gated_review(state: MessagesState, config: RunnableConfig) -> Command[str]:
+        command = review(state, config)  # pauses on its first pass
+        if gate is not None:
+            gate()
+        return command
+
     builder = StateGraph(state)
     builder.add_node("agent", agent)
-    builder.add_node("review", review, destinations=("tools", "agent"))
+    review_node: Any = review if gate is None else gated_review
+    builder.add_node("review", review_node, destinations=("tools", "agent"))
     builder.add_node("tools", ToolNode(TOOLS))
     builder.add_edge(START, "agent")
     builder.add_conditional_edges("agent", review.route)

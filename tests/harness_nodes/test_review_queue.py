@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +24,13 @@ from checkpointers import AsyncBackend, Backend, open_backend
 from harness_nodes import (
     AlreadyDecided,
     AsyncReviewQueue,
+    AsyncTaskRunner,
     InvalidDecision,
     ReviewNotFound,
     ReviewPolicy,
     ReviewQueue,
+    RunFailed,
+    TaskRunner,
     UnknownThread,
     UserError,
 )
@@ -256,6 +262,9 @@ def test_queue_wiring_mistakes_raise_user_error() -> None:
             ReviewQueue(backend, graph, deadline=0)
         with pytest.raises(UserError, match="compiled with a checkpointer"):
             ReviewQueue(backend, build_builder().compile())
+        with open_backend("memory://") as other:
+            with pytest.raises(UserError, match="TaskRunner on the queue's backend"):
+                ReviewQueue(backend, graph, runner=TaskRunner(other, build_builder()))
 
 
 def test_a_pause_answered_outside_the_queue_is_closed(backend: Backend) -> None:
@@ -580,3 +589,226 @@ async def test_async_queue_assigns_and_expires(abackend: AsyncBackend) -> None:
     assert (moved.assignee, moved.status) == ("lead", "pending")
     assert [a["decision"] for a in (await queue.show(item.id)).audit] == ["assign", "escalate"]
     assert EFFECTS == {}
+
+
+# --- a TaskRunner's tasks: decisions are applied under the runner's lease --------------------
+
+REFUND = {"messages": [HumanMessage("refund A1")]}
+
+
+def _paused(runner: TaskRunner, task_key: str) -> None:
+    deadline = time.monotonic() + 30
+    while runner.status(task_key).status != "interrupted":
+        assert time.monotonic() < deadline, runner.status(task_key)
+        time.sleep(0.02)
+
+
+async def _apaused(runner: AsyncTaskRunner, task_key: str) -> None:
+    deadline = time.monotonic() + 30
+    while (await runner.astatus(task_key)).status != "interrupted":
+        assert time.monotonic() < deadline, await runner.astatus(task_key)
+        await asyncio.sleep(0.02)
+
+
+def _run_row(backend: Backend, thread_id: str) -> dict[str, Any]:
+    [row] = backend.execute("SELECT * FROM harness_runs WHERE thread_id = %s", (thread_id,))
+    return row
+
+
+def _audits(backend: Backend, review_id: str) -> int:
+    sql = "SELECT count(*) AS n FROM harness_review_audit WHERE review_id = %s"
+    return int(backend.execute(sql, (review_id,))[0]["n"])
+
+
+def test_a_runner_task_decided_in_the_queue_is_settled_by_that_run(backend: Backend) -> None:
+    builder = build_builder()
+    with TaskRunner(backend, builder) as runner:
+        runner.submit("t-q", REFUND)
+        _paused(runner, "t-q")
+        queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+        [item] = queue.sync("t-q")
+        out = queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert out["messages"][-1].content == "Done: refunded 250 on A1 | order A1: paid"
+        # The queue claimed the task as a runner does (a second attempt) and settled it.
+        row = _run_row(backend, "t-q")
+        assert (row["status"], row["attempts"], row["lease_owner"]) == ("completed", 2, None)
+        assert runner.result("t-q", timeout=1)["partial_result"] == out["messages"][-1].content
+    assert queue.get(item.id).status == "applied"
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+def test_a_queue_decision_while_the_runner_resumes_the_pause_is_not_applied(
+    backend: Backend,
+) -> None:
+    from tests.harness_nodes.review_app import Gate
+    from tests.harness_nodes.test_runner import linear_chain
+
+    gate = Gate()
+    builder = build_builder(gate=gate)
+    with TaskRunner(backend, builder, lease_seconds=5) as runner:
+        runner.submit("t-race", REFUND)
+        _paused(runner, "t-race")
+        queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+        [item] = queue.sync("t-race")
+        with ThreadPoolExecutor(1) as pool:
+            resumed = pool.submit(runner.resume, "t-race", {"type": "approve"})
+            assert gate.entered.wait(10)  # it holds the lease; the pause is not saved as answered
+            try:
+                with pytest.raises(AlreadyDecided, match="closed.*outside the queue"):
+                    queue.decide(item.id, {"type": "reject", "message": "no"}, reviewer="bob")
+            finally:
+                gate.release.set()
+            assert resumed.result(timeout=30).status == "completed"
+        assert _run_row(backend, "t-race")["attempts"] == 2  # the run and its resume: no third
+    assert EFFECTS == {"refund": 1, "lookup": 1}  # the approve ran once; the reject never ran
+    assert queue.sync("t-race") == [] and queue.get(item.id).status == "closed"
+    assert _audits(backend, item.id) == 0  # a decision that was not applied is not audited
+    linear_chain(backend, "t-race")
+
+
+def test_a_decision_on_a_cancelled_runner_task_is_refused_and_its_review_closed(
+    backend: Backend,
+) -> None:
+    builder = build_builder()
+    with TaskRunner(backend, builder) as runner:
+        runner.submit("t-off", REFUND)
+        _paused(runner, "t-off")
+        queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+        [item] = queue.sync("t-off")
+        assert runner.cancel("t-off").status == "cancelled"
+        with pytest.raises(AlreadyDecided, match=r"\(cancelled\) by its task runner") as e:
+            queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert e.value.decision == "cancelled"
+        assert runner.status("t-off").status == "cancelled"
+    assert queue.get(item.id).status == "closed" and queue.pending() == []
+    assert EFFECTS == {}  # the cancelled task did not run on
+
+
+def test_a_runner_task_whose_decided_run_fails_raises_run_failed(backend: Backend) -> None:
+    script = [ai(tool_calls=[tool_call("refund", {"order": "BANK-DOWN", "amount": 250})])]
+    builder = build_builder(script=script)
+    with TaskRunner(backend, builder, max_attempts=2) as runner:
+        runner.submit("t-down", REFUND)
+        _paused(runner, "t-down")
+        queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+        [item] = queue.sync("t-down")
+        with pytest.raises(RunFailed, match="RuntimeError: the bank is down") as e:
+            queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert e.value.thread_id == "t-down"
+        row = _run_row(backend, "t-down")
+        assert (row["status"], row["attempts"], row["lease_owner"]) == ("failed", 2, None)
+    assert queue.get(item.id).status == "applied"  # the decision stands
+
+
+_KILLED_IN_DECISION = """
+import sys
+from checkpointers import open_backend
+from harness_nodes import ReviewQueue, TaskRunner
+from harness_nodes.testing import ai, tool_call
+from tests.harness_nodes.review_app import build_builder
+script = [ai(tool_calls=[tool_call("refund", {"order": "KILL", "amount": 250})]), "ok"]
+url, review_id = sys.argv[1], sys.argv[2]
+with open_backend(url) as backend:
+    builder = build_builder(script=script)
+    runner = TaskRunner(backend, builder, lease_seconds=0.5)
+    graph = builder.compile(checkpointer=backend.checkpointer)
+    queue = ReviewQueue(backend, graph, runner=runner)
+    queue.decide(review_id, {"type": "approve"}, reviewer="alice")  # killed inside the refund
+"""
+
+
+@pytest.mark.slow
+def test_a_runner_task_killed_after_a_queue_decision_is_carried_on_by_recover(
+    durable_url: str,
+) -> None:
+    from tests.harness_nodes.review_app import KILL_ENV
+
+    script = [ai(tool_calls=[tool_call("refund", {"order": "KILL", "amount": 250})]), "ok"]
+    builder = build_builder(script=script)
+    cfg = {"configurable": {"thread_id": "t-qk"}}
+    with open_backend(durable_url) as backend:
+        with TaskRunner(backend, builder, lease_seconds=0.5) as runner:
+            runner.submit("t-qk", {"messages": [HumanMessage("refund")]})
+            _paused(runner, "t-qk")
+            queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+            [item] = queue.sync("t-qk")
+            proc = subprocess.run(
+                [sys.executable, "-c", _KILLED_IN_DECISION, durable_url, item.id],
+                env=subprocess_env(**{KILL_ENV: "1"}),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert proc.returncode == -signal.SIGKILL, proc.stderr
+            state = queue.graph.get_state(cfg)
+            assert (state.next, state.interrupts) == (("tools",), ())  # past its pause
+            assert runner.status("t-qk").status == "running"  # on a lease nobody renews
+            assert queue.sync("t-qk", recover=True) == []  # left to the runner
+            assert EFFECTS["refund"] == 0 and queue.get(item.id).status == "decided"
+            deadline = time.monotonic() + 30
+            while not (recovered := runner.recover()):  # once the lease has expired
+                assert time.monotonic() < deadline, runner.status("t-qk")
+                time.sleep(0.05)
+            assert recovered == ["t-qk"]
+            assert runner.result("t-qk", timeout=30)["partial_result"] == "ok"
+            assert runner.status("t-qk").attempts == 3  # run, the queue's resume, recovery
+        assert queue.sync("t-qk") == [] and queue.get(item.id).status == "applied"
+    assert EFFECTS["refund"] == 1  # the recovery's (the killed one never got that far)
+
+
+async def test_async_runner_task_that_died_after_a_queue_decision_is_carried_on_by_arecover(
+    abackend: AsyncBackend,
+) -> None:
+    from tests.harness_nodes.review_app import CRASHED, ProcessDied
+
+    CRASHED.clear()
+    script = [ai(tool_calls=[tool_call("refund", {"order": "CRASH-ONCE", "amount": 250})]), "ok"]
+    builder = build_builder(script=script)
+    cfg = {"configurable": {"thread_id": "t-ad"}}
+    async with AsyncTaskRunner(abackend, builder, lease_seconds=0.3) as runner:
+        await runner.asubmit("t-ad", REFUND)
+        await _apaused(runner, "t-ad")
+        graph = builder.compile(checkpointer=abackend.checkpointer)
+        queue = AsyncReviewQueue(abackend, graph, runner=runner)
+        [item] = await queue.sync("t-ad")
+        with pytest.raises(ProcessDied):  # inside the approved refund
+            await queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        state = await graph.aget_state(cfg)
+        assert (state.next, state.interrupts) == (("tools",), ())
+        assert (await runner.astatus("t-ad")).status == "running"  # on a dead lease
+        assert await queue.sync("t-ad", recover=True) == []  # left to the runner
+        assert EFFECTS["refund"] == 0
+        deadline = time.monotonic() + 30
+        while not (recovered := await runner.arecover()):  # once the lease has expired
+            assert time.monotonic() < deadline, await runner.astatus("t-ad")
+            await asyncio.sleep(0.05)
+        assert recovered == ["t-ad"]
+        assert (await runner.aresult("t-ad", timeout=30))["partial_result"] == "ok"
+        assert (await runner.astatus("t-ad")).attempts == 3
+    assert await queue.sync("t-ad") == [] and (await queue.get(item.id)).status == "applied"
+    assert EFFECTS["refund"] == 1
+
+
+async def test_async_queue_decision_while_the_runner_resumes_the_pause_is_not_applied(
+    abackend: AsyncBackend,
+) -> None:
+    from tests.harness_nodes.review_app import Gate
+
+    gate = Gate()
+    builder = build_builder(gate=gate)
+    async with AsyncTaskRunner(abackend, builder, lease_seconds=5) as runner:
+        await runner.asubmit("t-arace", REFUND)
+        await _apaused(runner, "t-arace")
+        queue = AsyncReviewQueue(abackend, builder.compile(checkpointer=abackend.checkpointer))
+        [item] = await queue.sync("t-arace")
+        resumed = asyncio.create_task(runner.aresume("t-arace", {"type": "approve"}))
+        assert await asyncio.to_thread(gate.entered.wait, 10)  # it holds the lease
+        try:
+            with pytest.raises(AlreadyDecided, match="closed.*outside the queue"):
+                await queue.decide(item.id, {"type": "reject", "message": "no"}, reviewer="bob")
+        finally:
+            gate.release.set()
+        done = await resumed
+        assert (done.status, done.attempts) == ("completed", 2)
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+    assert await queue.sync("t-arace") == [] and (await queue.get(item.id)).status == "closed"
