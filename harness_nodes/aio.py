@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -101,8 +102,11 @@ if TYPE_CHECKING:
     from langgraph.types import Command
 
     from checkpointers import AsyncBackend
+    from harness_nodes.review_queue import AsyncReviewQueue
 
 __all__ = ["AsyncEffectLedger", "AsyncTaskRunner"]
+
+logger = logging.getLogger("harness_nodes.runner")
 
 _NO_RESUME = object()
 
@@ -332,8 +336,8 @@ class _AsyncHeartbeat:
 class AsyncTaskRunner:
     """The async `TaskRunner`, over an `AsyncBackend`: tasks run as asyncio tasks.
 
-    Same arguments and guarantees as `TaskRunner` (without a queue: background workers run
-    the sync runner); methods are ``a``-prefixed.
+    Same arguments and guarantees as `TaskRunner` (*reviews* is an `AsyncReviewQueue`; no
+    queue: background workers run the sync runner); methods are ``a``-prefixed.
 
     Example:
         ```python
@@ -371,6 +375,7 @@ class AsyncTaskRunner:
         lease_seconds: float = 30.0,
         max_attempts: int = 3,
         config: RunnableConfig | None = None,
+        reviews: AsyncReviewQueue | None = None,
     ) -> None:
         from checkpointers import AsyncBackend
 
@@ -389,6 +394,11 @@ class AsyncTaskRunner:
         self._saver = FencedSaver(backend.checkpointer, abackend=backend)
         self.graph = compile_graph(graph, backend, self._saver)
         self._tasks: set[asyncio.Task[TaskRun]] = set()
+        if reviews is not None and reviews.backend is not backend:
+            raise UserError(
+                "AsyncTaskRunner(reviews=...) needs an AsyncReviewQueue on the runner's backend"
+            )
+        self._reviews = reviews
 
     def __repr__(self) -> str:
         return f"AsyncTaskRunner({self.backend!r}, graph={self.graph_path or self.graph.name!r})"
@@ -549,8 +559,28 @@ class AsyncTaskRunner:
                     await asyncio.sleep(backoff(attempt))
                     continue
                 return await self._settle(thread_id, owner, "failed", None, error)
-            return await self._settle(thread_id, owner, status, outcome, None)
+            run = await self._settle(thread_id, owner, status, outcome, None)
+            if status == "interrupted":
+                await self._queue_pauses(thread_id)
+            return run
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _queue_pauses(self, thread_id: str) -> None:
+        """Record the task's review pauses in the review queue (see `TaskRunner`)."""
+        try:
+            if self._reviews is None:
+                from harness_nodes.review_queue import AsyncReviewQueue
+
+                self._reviews = AsyncReviewQueue(self.backend, self.graph, runner=self)
+            await self._reviews.sync(thread_id)
+        except Exception:  # the pause is in the checkpoint: a later sync records it
+            logger.warning(
+                "could not record the review pauses of thread %s in the review queue "
+                "(AsyncReviewQueue.sync(%r) will)",
+                thread_id,
+                thread_id,
+                exc_info=True,
+            )
 
     async def _invoke(self, row: dict[str, Any], resume: Any) -> tuple[RunStatus, Any]:
         thread_id = row["thread_id"]

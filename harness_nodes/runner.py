@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -82,8 +83,11 @@ from harness_nodes.errors import (
 if TYPE_CHECKING:
     from checkpointers import Backend
     from harness_nodes.background import JobQueue
+    from harness_nodes.review_queue import ReviewQueue
 
 __all__ = ["RunStatus", "TaskRun", "TaskRunner"]
+
+logger = logging.getLogger("harness_nodes.runner")
 
 _NO_RESUME = object()
 
@@ -131,6 +135,9 @@ class TaskRunner:
         max_workers: Threads running submitted tasks in this process (without *queue*).
         config: Extra `RunnableConfig` for every invocation (callbacks, recursion_limit...).
         queue: Run tasks on ``harness worker`` processes instead of in this process.
+        reviews: The `ReviewQueue` a task's review pauses are recorded in when its run
+            pauses, so ``harness review`` and the inbox list them (default: a queue on this
+            runner's graph with the default policies; pass yours for its deadline, assignee...).
 
     Raises:
         UserError: a graph that cannot be compiled, or *queue* without an import path.
@@ -186,6 +193,7 @@ class TaskRunner:
         max_workers: int = 4,
         config: RunnableConfig | None = None,
         queue: JobQueue | None = None,
+        reviews: ReviewQueue | None = None,
     ) -> None:
         from checkpointers import Backend
 
@@ -212,6 +220,9 @@ class TaskRunner:
         self._max_workers = max_workers
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        if reviews is not None and reviews.backend is not backend:
+            raise UserError("TaskRunner(reviews=...) needs a ReviewQueue on the runner's backend")
+        self._reviews = reviews
 
     def __repr__(self) -> str:
         return f"TaskRunner({self.backend!r}, graph={self.graph_path or self.graph.name!r})"
@@ -431,8 +442,28 @@ class TaskRunner:
                     time.sleep(backoff(attempt))
                     continue
                 return self._settle(thread_id, owner, "failed", None, error)
-            return self._settle(thread_id, owner, status, outcome, None)
+            run = self._settle(thread_id, owner, status, outcome, None)
+            if status == "interrupted":
+                self._queue_pauses(thread_id)
+            return run
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _queue_pauses(self, thread_id: str) -> None:
+        """Record the task's review pauses in the review queue (its inbox lists them)."""
+        try:
+            if self._reviews is None:
+                from harness_nodes.review_queue import ReviewQueue
+
+                self._reviews = ReviewQueue(self.backend, self.graph, runner=self)
+            self._reviews.sync(thread_id)
+        except Exception:  # the pause is in the checkpoint: a later sync records it
+            logger.warning(
+                "could not record the review pauses of thread %s in the review queue "
+                "(ReviewQueue.sync(%r) will)",
+                thread_id,
+                thread_id,
+                exc_info=True,
+            )
 
     def _invoke(self, row: dict[str, Any], resume: Any) -> tuple[RunStatus, Any]:
         thread_id = row["thread_id"]

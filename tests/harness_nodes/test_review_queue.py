@@ -812,3 +812,56 @@ async def test_async_queue_decision_while_the_runner_resumes_the_pause_is_not_ap
         assert (done.status, done.attempts) == ("completed", 2)
     assert EFFECTS == {"refund": 1, "lookup": 1}
     assert await queue.sync("t-arace") == [] and (await queue.get(item.id)).status == "closed"
+
+
+def test_a_runner_task_that_pauses_is_listed_in_the_queue_without_a_sync(
+    backend: Backend,
+) -> None:
+    # The worker that ran it records the pause: the inbox and `harness review list` read
+    # the queue's rows, and nobody else knows the thread paused.
+    builder = build_builder()
+    graph = builder.compile(checkpointer=backend.checkpointer)
+    reviews = ReviewQueue(backend, graph, deadline=600, assignee="billing")
+    with TaskRunner(backend, builder, reviews=reviews) as runner:
+        runner.submit("t-listed", REFUND)
+        _paused(runner, "t-listed")
+        [item] = ReviewQueue(backend, graph).pending()
+        assert (item.thread_id, item.assignee) == ("t-listed", "billing")
+        assert item.deadline is not None and item.deadline > time.time() + 500
+        ReviewQueue(backend, graph).decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert runner.status("t-listed").status == "completed"
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+def test_a_runner_without_a_queue_lists_its_pauses_with_the_default_policies(
+    backend: Backend,
+) -> None:
+    with TaskRunner(backend, build_builder()) as runner:
+        runner.submit("t-default", REFUND)
+        _paused(runner, "t-default")
+        graph = build_builder().compile(checkpointer=backend.checkpointer)
+        [item] = ReviewQueue(backend, graph).pending()
+    assert (item.thread_id, item.status, item.deadline) == ("t-default", "pending", None)
+
+
+async def test_an_async_runner_task_that_pauses_is_listed_in_the_queue_without_a_sync(
+    abackend: AsyncBackend,
+) -> None:
+    builder = build_builder()
+    graph = builder.compile(checkpointer=abackend.checkpointer)
+    async with AsyncTaskRunner(abackend, builder) as runner:
+        await runner.asubmit("t-alisted", REFUND)
+        await _apaused(runner, "t-alisted")
+        queue = AsyncReviewQueue(abackend, graph)
+        [item] = await queue.pending()
+        assert item.thread_id == "t-alisted"
+        await queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert (await runner.astatus("t-alisted")).status == "completed"
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+def test_a_runner_refuses_a_review_queue_on_another_backend(backend: Backend) -> None:
+    with open_backend("memory://") as other:
+        reviews = ReviewQueue(other, build_builder().compile(checkpointer=other.checkpointer))
+        with pytest.raises(UserError, match="on the runner's backend"):
+            TaskRunner(backend, build_builder(), reviews=reviews)
