@@ -559,10 +559,11 @@ class AsyncTaskRunner:
                     await asyncio.sleep(backoff(attempt))
                     continue
                 return await self._settle(thread_id, owner, "failed", None, error)
-            run = await self._settle(thread_id, owner, status, outcome, None)
             if status == "interrupted":
+                # Before the row says so: a crash in between is recovered (the run pauses
+                # again and records its pauses again), never a pause nobody lists.
                 await self._queue_pauses(thread_id)
-            return run
+            return await self._settle(thread_id, owner, status, outcome, None)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _queue_pauses(self, thread_id: str) -> None:

@@ -442,10 +442,11 @@ class TaskRunner:
                     time.sleep(backoff(attempt))
                     continue
                 return self._settle(thread_id, owner, "failed", None, error)
-            run = self._settle(thread_id, owner, status, outcome, None)
             if status == "interrupted":
+                # Before the row says so: a crash in between is recovered (the run pauses
+                # again and records its pauses again), never a pause nobody lists.
                 self._queue_pauses(thread_id)
-            return run
+            return self._settle(thread_id, owner, status, outcome, None)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _queue_pauses(self, thread_id: str) -> None:
