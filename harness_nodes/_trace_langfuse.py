@@ -31,7 +31,7 @@ from langchain_core.runnables.config import merge_configs
 from pydantic import BaseModel
 
 from harness_nodes._events import EVENT_PREFIX
-from harness_nodes._pricing import call_cost
+from harness_nodes._pricing import answer_cost
 from harness_nodes.errors import UserError
 from harness_nodes.pricing import Pricing
 
@@ -715,7 +715,9 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         self._skipped: dict[UUID, UUID | None] = {}
         self._prompts: dict[UUID, Any] = {}  # Langfuse prompts to link to a generation
         self._streamed: set[UUID] = set()  # generations whose first token was recorded
-        self._costs: dict[tuple[str, int, int], Any] = {}  # (model, in, out) → priced
+        self._costs: dict[
+            tuple[str, tuple[tuple[str, Any], ...]], Any
+        ] = {}  # (model, usage) → priced
         self._common: dict[str, Any] = {}  # environment and release, on every observation
         if self._client._environment is not None:
             self._common[sdk.ENVIRONMENT] = self._client._environment
@@ -1289,8 +1291,6 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         if not isinstance(last, ChatGeneration) or not isinstance(last.message, AIMessage):
             return None
         msg = last.message
-        usage: Mapping[str, Any] = msg.usage_metadata or {}
-        inp, out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
         meta = msg.additional_kwargs.get("harness") or {}
         budget = meta.get("budget") or {} if isinstance(meta, Mapping) else {}
         model = str(
@@ -1302,12 +1302,13 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         if not model:
             return None
         spent = budget.get("spent_usd")
-        key = (model, inp, out)
+        usage = msg.usage_metadata
+        key = (model, tuple(sorted(_flat_usage(usage))) if usage else ())
         priced = self._costs.get(key, _NOT_PRICED)
         if priced is _NOT_PRICED:
             if len(self._costs) >= 1024:
                 self._costs.clear()
-            priced = self._costs[key] = call_cost(self._pricing, model, inp, out)
+            priced = self._costs[key] = answer_cost(self._pricing, model, usage)[2]
         if isinstance(spent, int | float):
             total = float(spent)
             split = priced or (total, 0.0)
@@ -1869,6 +1870,19 @@ def _flat_json(sdk: Any, data: Mapping[str, Any]) -> str | None:
 
 _PLAIN_JSON = _json_encoder(str)
 """``json.dumps`` for plain data, its C encoder built once (`_flat_json`)."""
+
+
+def _flat_usage(usage: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """*usage*'s counts as ``(path, value)`` pairs (a cache key for what a call cost)."""
+    out: list[tuple[str, Any]] = []
+    for key, value in usage.items():
+        if isinstance(value, Mapping):
+            out.extend(_flat_usage(value, f"{prefix}{key}."))
+        else:
+            out.append(
+                (f"{prefix}{key}", value if isinstance(value, int | float | str) else repr(value))
+            )
+    return out
 
 
 def _quiet(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -21,7 +21,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langgraph.checkpoint.base import CheckpointTuple
 
 from checkpointers._spend import flush_pending
-from harness_nodes._pricing import call_cost
+from harness_nodes._pricing import answer_cost
 from harness_nodes._trace_langfuse import Masker
 from harness_nodes.errors import UnknownThread
 from harness_nodes.pricing import Pricing
@@ -250,8 +250,6 @@ class _Pricer:
         self._pricing = pricing
 
     def cost(self, msg: AIMessage) -> tuple[str, int, int, float, bool]:
-        usage: Mapping[str, Any] = msg.usage_metadata or {}
-        inp, out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
         budget = _harness_meta(msg).get("budget") or {}
         model = str(
             budget.get("model")
@@ -259,9 +257,9 @@ class _Pricer:
             or msg.response_metadata.get("model")
             or ""
         )
+        inp, out, priced = answer_cost(self._pricing, model, msg.usage_metadata)
         if isinstance(budget.get("spent_usd"), int | float):
             return model, inp, out, float(budget["spent_usd"]), True
-        priced = call_cost(self._pricing, model, inp, out)
         if priced is None:
             return model, inp, out, 0.0, False
         return model, inp, out, priced[0] + priced[1], True

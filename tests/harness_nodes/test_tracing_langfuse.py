@@ -981,3 +981,35 @@ def test_a_stream_the_caller_stops_reading_is_not_an_error(
     assert root.attributes["langfuse.observation.status_message"] == (
         "stopped by the caller (GeneratorExit)"
     )
+
+
+def test_a_generations_cost_prices_its_cache_reads_at_their_rate(public_key: str) -> None:
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    handler = langfuse_handler(
+        public_key=public_key,
+        secret_key="sk-lf-x",
+        base_url="http://127.0.0.1:9",  # nothing listens: spans go to the exporter
+        span_exporter=exporter,
+    )
+    usage: Any = {
+        "input_tokens": 100_000,
+        "output_tokens": 1_000,
+        "total_tokens": 101_000,
+        "input_token_details": {"cache_read": 90_000},
+    }
+    answer = AIMessage("hi", usage_metadata=usage, response_metadata={"model_name": "gpt-4o"})
+    model = GenericFakeChatModel(messages=iter([answer]))
+    model.invoke([HumanMessage("hi")], {"callbacks": [handler]})
+    _flush(public_key)
+    [generation] = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.attributes.get("langfuse.observation.type") == "generation"
+    ]
+    cost = json.loads(str(generation.attributes["langfuse.observation.cost_details"]))
+    expected = Pricing().cost_nanos("gpt-4o", 100_000, 1_000, 90_000) / 1e9
+    assert cost["total"] == pytest.approx(expected)
+    assert cost["total"] < Pricing().cost_nanos("gpt-4o", 100_000, 1_000) / 1e9

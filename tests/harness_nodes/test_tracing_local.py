@@ -506,3 +506,55 @@ def test_secrets_are_masked_in_the_local_trace_too() -> None:
     for secret in ("plain-secret-1234", "sk-proj-LOCALLEAK0123456789", "4111111111111111"):
         assert secret not in text, secret
     assert '"api_key": "***"' in text and "found with ***" in text
+
+
+@pytest.mark.parametrize(
+    ("details", "priced"),
+    [
+        pytest.param({"cache_read": 90_000}, True, id="cache-reads"),
+        pytest.param({"cache_creation": 50_000}, True, id="cache-writes"),
+        pytest.param(None, True, id="no-details"),
+        pytest.param({"cache_read": -5}, False, id="malformed"),
+    ],
+)
+def test_a_model_call_is_costed_with_its_cache_reads_and_writes(
+    details: dict[str, int] | None, priced: bool
+) -> None:
+    # An unbudgeted model's answer is priced from its usage as the budget settles it: cached
+    # input at the cache rate, cache writes at theirs; malformed usage is unpriced, not a credit.
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    from checkpointers import open_backend
+    from harness_nodes import Pricing
+
+    usage: dict[str, Any] = {
+        "input_tokens": 100_000,
+        "output_tokens": 1_000,
+        "total_tokens": 101_000,
+    }
+    if details is not None:
+        usage["input_token_details"] = details
+    answer = AIMessage(
+        "hi", usage_metadata=usage, response_metadata={"model_name": "claude-3-5-sonnet-latest"}
+    )
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [answer]})
+    builder.add_edge(START, "agent")
+    with open_backend("memory://") as backend:
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        graph.invoke({"messages": [HumanMessage("hi")]}, {"configurable": {"thread_id": "c-1"}})
+        [llm] = [n for n in build_trace(backend, "c-1").walk() if n.kind == "llm"]
+    if not priced:
+        assert (llm.input_tokens, llm.cost_usd) == (0, 0.0)
+        return
+    details = details or {}
+    expected = Pricing().cost_nanos(
+        "claude-3-5-sonnet-latest",
+        100_000,
+        1_000,
+        details.get("cache_read", 0),
+        cache_write_tokens=details.get("cache_creation", 0),
+    )
+    assert llm.input_tokens == 100_000
+    assert llm.cost_usd == pytest.approx(expected / 1e9)
