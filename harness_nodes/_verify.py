@@ -5,7 +5,8 @@ One implementation: both forms call `check_output` (what is wrong with an output
 the verdict and any escalation in its metadata). Nothing here keeps state between calls:
 retry counts are read back from the verdicts already recorded on the task's messages and,
 where the state keeps them, in its ``verdicts`` records (which a trimmed message history
-does not lose), so they are checkpointed and survive a resume in another process.
+does not lose), so they are checkpointed and survive a resume in another process. Only the
+current task counts (`current_task`): a thread's next question starts with a full budget.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import is_dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 import pydantic_core
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, ToolMessage
@@ -97,6 +98,37 @@ def prior_failures(messages: Sequence[BaseMessage], tool: str) -> int:
     return len(turns)
 
 
+class Task(NamedTuple):
+    """Where the current task begins in the visible history, and the mark its verdicts carry."""
+
+    first: int
+    """Index of the task's first message in the messages (0 when its start is out of sight)."""
+    start: str | None
+    """Id of the message that opened the task (`Verdict.task_start`), ``None`` if unknown."""
+
+
+def current_task(messages: Sequence[BaseMessage], verdicts: Sequence[Any]) -> Task:
+    """The task the tool calls at the end of ``messages`` belong to.
+
+    A task ends on an AI message without tool calls: the model's answer, or a harness stop
+    note (`VerificationStop`, a budget stop), which is what ends the run in the node, hook
+    and middleware forms alike. The next task opens with the message after it (the user's
+    new question), and its verdicts carry that message's id. When no end is in sight, this
+    is the thread's first task or a history trimmed past the previous end: the task is then
+    the one the latest failed ``verdicts`` record belongs to, so trimming never gives a
+    task a fresh budget.
+    """
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if isinstance(m, AIMessage) and not m.tool_calls:
+            first = i + 1
+            return Task(first, messages[first].id if first < len(messages) else None)
+    for v in reversed(verdicts):
+        if isinstance(v, Mapping) and isinstance(v.get("task_start"), str):
+            return Task(0, v["task_start"])
+    return Task(0, messages[0].id if messages else None)
+
+
 def verdicts_of(state: Any) -> list[Any]:
     """The state's ``verdicts`` records, or ``[]`` where it keeps none."""
     if isinstance(state, Mapping):
@@ -106,28 +138,34 @@ def verdicts_of(state: Any) -> list[Any]:
     return list(found) if isinstance(found, list) else []
 
 
-def recorded_failures(verdicts: Sequence[Any], tool: str) -> int:
-    """How many model turns had an output of ``tool`` fail, from ``verdicts`` records.
+def recorded_failures(verdicts: Sequence[Any], tool: str, task_start: str | None = None) -> int:
+    """How many model turns of the task had an output of ``tool`` fail, from ``verdicts``.
 
     The calls of one turn share their attempt number, so the distinct attempts among the
-    tool's failed verdicts are its failed turns.
+    tool's failed verdicts are its failed turns. Records of other tasks are left out; a
+    record without a ``task_start`` (written before verdicts carried one) counts, as then.
     """
     return len(
         {
             v.get("attempt")
             for v in verdicts
-            if isinstance(v, Mapping) and v.get("tool") == tool and not v.get("ok")
+            if isinstance(v, Mapping)
+            and v.get("tool") == tool
+            and not v.get("ok")
+            and v.get("task_start", task_start) == task_start
         }
     )
 
 
-def attempt_of(state: Any, earlier: Sequence[BaseMessage], tool: str) -> int:
+def attempt_of(state: Any, earlier: Sequence[BaseMessage], tool: str, task: Task) -> int:
     """The attempt number of an output of ``tool`` in this turn (after the ``earlier`` ones).
 
-    Both sources undercount at worst — a trimmed history has lost messages, a state without
-    a ``verdicts`` key keeps no records — so the larger count is the right one.
+    Only the current ``task`` counts. Both sources undercount at worst — a trimmed history
+    has lost messages, a state without a ``verdicts`` key keeps no records — so the larger
+    count is the right one.
     """
-    return max(prior_failures(earlier, tool), recorded_failures(verdicts_of(state), tool)) + 1
+    in_task = prior_failures(earlier[task.first :], tool)
+    return max(in_task, recorded_failures(verdicts_of(state), tool, task.start)) + 1
 
 
 def failed_verdicts(messages: Sequence[BaseMessage], *, escalated: bool = False) -> list[Verdict]:
@@ -591,11 +629,12 @@ def apply_verdict(
     attempt: int,
     reasons: list[str],
     side_effects: bool = False,
+    task_start: str | None = None,
 ) -> tuple[ToolMessage, Verdict]:
     """The message to keep (same id and call id) with the verdict, and the verdict itself.
 
     ``side_effects`` marks a tool known to change the world (an `effect_kind` mark) whatever
-    its contract says.
+    its contract says; ``task_start`` is the `Task.start` a failed verdict counts against.
     """
     ok = not reasons
     existing = harness_meta(message)
@@ -613,6 +652,8 @@ def apply_verdict(
         attempt=attempt,
         action=action,
     )
+    if not ok and task_start is not None:  # only failures count against a task's retries
+        verdict["task_start"] = task_start
     meta = {**existing, "verdict": verdict}
     update: dict[str, Any] = {}
     if not ok:

@@ -112,6 +112,10 @@ class Verdict(TypedDict):
     one AI message share their turn's attempt)."""
     action: Literal["ok", "retry", "escalate", "fail"]
     """What the harness decided to do about it."""
+    task_start: NotRequired[str]
+    """On a failed verdict: id of the message that opened its task (the input after the
+    previous task's answer). Retries are counted per task, so a thread's next question
+    starts with the tool's full `ToolContract.max_retries`."""
 
 
 class ReviewRecord(TypedDict):

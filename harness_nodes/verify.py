@@ -22,9 +22,12 @@ graph back to the model (``retry``), to human review (``escalate``), to a `Verif
 Retry counts are per tool per task, counted in model turns: a tool's output is attempt n when
 n - 1 earlier turns of the task had an output of that tool fail verification. Parallel calls
 of one AI message are one turn (they share an attempt, and the model corrects them together
-in its next turn). The count is read from the verdicts already on the task's messages and,
-where the state keeps them, from its ``verdicts`` records (the larger count wins), so it is
-checkpointed, survives a crash or an interrupt, and survives a trimmed message history
+in its next turn). A task ends on an AI message without tool calls (the answer, or a stop
+note); new input on the thread after it starts a new task with a full budget, and failed
+verdicts carry the id of the message that opened their task (`Verdict.task_start`). The
+count is read from the verdicts already on the task's messages and, where the state keeps
+them, from its ``verdicts`` records (the larger count wins), so it is checkpointed,
+survives a crash or an interrupt, and survives a trimmed message history
 (``RemoveMessage``) in any state with a ``verdicts`` key — `HarnessState`, the middleware's
 `HarnessAgentState` — and in the node form everywhere.
 
@@ -557,6 +560,7 @@ class VerifyToolOutputs:
         assert isinstance(ai, AIMessage)
         calls = {c["id"]: c for c in ai.tool_calls if c.get("id")}
         earlier = messages[:start]
+        task = _verify.current_task(messages, _verify.verdicts_of(state))
         out_messages: list[ToolMessage] = []
         verdicts: list[Verdict] = []
         for message in messages[start + 1 :]:
@@ -567,10 +571,11 @@ class VerifyToolOutputs:
             contract = self.contract_for(tool)
             if contract is None:
                 continue
-            attempt = _verify.attempt_of(state, earlier, tool)
+            attempt = _verify.attempt_of(state, earlier, tool, task)
             reasons = _check(contract, message, raised=message.status == "error")
+            args = call["args"] if call else None
             checked, verdict = _verify.apply_verdict(
-                contract, message, tool, call["args"] if call else None, attempt, reasons
+                contract, message, tool, args, attempt, reasons, task_start=task.start
             )
             out_messages.append(checked)
             verdicts.append(verdict)
@@ -616,7 +621,7 @@ class VerifyToolOutputs:
             assert msg.additional_kwargs["harness"]["verdict"]["action"] == "retry"
             ```
         """
-        tool, contract, attempt = self._prepare(request)
+        tool, contract, attempt, task_start = self._prepare(request)
         if contract is None:
             return execute(request)
         try:
@@ -627,7 +632,7 @@ class VerifyToolOutputs:
             if _is_invalid_resume(e):
                 raise
             result = _verify.exception_message(tool, request.tool_call["id"] or "", e)
-        out, verdict = self._finish(request, result, tool, contract, attempt)
+        out, verdict = self._finish(request, result, tool, contract, attempt, task_start)
         if verdict is not None:
             emit("verdict", dict(verdict), _config_of(request))
         return out
@@ -670,7 +675,7 @@ class VerifyToolOutputs:
             assert "HTML page" in verdict["reasons"][0]
             ```
         """
-        tool, contract, attempt = self._prepare(request)
+        tool, contract, attempt, task_start = self._prepare(request)
         if contract is None:
             return await execute(request)
         try:
@@ -681,18 +686,21 @@ class VerifyToolOutputs:
             if _is_invalid_resume(e):
                 raise
             result = _verify.exception_message(tool, request.tool_call["id"] or "", e)
-        out, verdict = self._finish(request, result, tool, contract, attempt)
+        out, verdict = self._finish(request, result, tool, contract, attempt, task_start)
         if verdict is not None:
             await aemit("verdict", dict(verdict), _config_of(request))
         return out
 
-    def _prepare(self, request: ToolCallRequest) -> tuple[str, ToolContract | None, int]:
+    def _prepare(
+        self, request: ToolCallRequest
+    ) -> tuple[str, ToolContract | None, int, str | None]:
         tool = request.tool_call["name"]
         contract = self.contract_for(tool)
         if contract is None:
-            return tool, None, 0
+            return tool, None, 0, None
         messages = _verify.messages_of(request.state)
-        return tool, contract, _verify.attempt_of(request.state, messages, tool)
+        task = _verify.current_task(messages, _verify.verdicts_of(request.state))
+        return tool, contract, _verify.attempt_of(request.state, messages, tool, task), task.start
 
     def _finish(
         self,
@@ -701,6 +709,7 @@ class VerifyToolOutputs:
         tool: str,
         contract: ToolContract,
         attempt: int,
+        task_start: str | None,
     ) -> tuple[ToolMessage | Command[Any], Verdict | None]:
         call_id = request.tool_call["id"]
         args = request.tool_call["args"]
@@ -711,7 +720,7 @@ class VerifyToolOutputs:
                 return result, None
             reasons = _check(contract, result, raised=result.status == "error")
             checked, verdict = _verify.apply_verdict(
-                contract, result, tool, args, attempt, reasons, side_effects
+                contract, result, tool, args, attempt, reasons, side_effects, task_start
             )
             if isinstance(request.state, list):  # a ToolNode fed a bare message list
                 return checked, verdict
@@ -727,7 +736,7 @@ class VerifyToolOutputs:
                     return result, None
                 reasons = _check(contract, m, raised=m.status == "error")
                 messages[i], verdict = _verify.apply_verdict(
-                    contract, m, tool, args, attempt, reasons, side_effects
+                    contract, m, tool, args, attempt, reasons, side_effects, task_start
                 )
                 verdicts = [*(update.get("verdicts") or []), verdict]
                 new_update = {**update, "messages": messages, "verdicts": verdicts}

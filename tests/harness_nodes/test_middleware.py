@@ -204,6 +204,43 @@ def test_retry_limit_holds_when_a_middleware_trims_the_history(trim_first: bool)
     assert model.calls == 3
 
 
+@pytest.mark.parametrize("trim", [False, True], ids=["whole-history", "trimmed"])
+def test_a_new_task_on_the_thread_gets_its_full_retry_budget(trim: bool) -> None:
+    """A chat app: task 1 exhausts search's retries (max_retries=1) and stops; the user's
+    next question on the same thread is a new task, with one retry of its own again."""
+    answers = iter(
+        [
+            ai(tool_calls=[tool_call("search", {"query": "typo"}, id="s1")]),
+            ai(tool_calls=[tool_call("search", {"query": "typo"}, id="s2")]),
+            ai(tool_calls=[tool_call("search", {"query": "typo"}, id="s3")]),
+            ai(tool_calls=[tool_call("search", {"query": "storage"}, id="s4")]),
+            ai("Found note-1."),
+        ]
+    )
+    # In order, whatever the (trimmed) prompt: the script's turns count AI messages.
+    model = ScriptedChatModel(script=[lambda _: next(answers)], loop=True)
+    verify = VerifyToolOutputsMiddleware({"search": ToolContract(max_retries=1)})
+    middleware: list[Any] = [verify, keep_last_turn] if trim else [verify]
+    with open_backend("memory://") as backend:
+        agent = create_agent(
+            model, [search], middleware=middleware, checkpointer=backend.checkpointer
+        )
+        config: Any = {"configurable": {"thread_id": "chat-1"}}
+        first = agent.invoke({"messages": [HumanMessage("find typo")]}, config)
+        assert first["outcome"]["status"] == "verification_failed"
+
+        second = agent.invoke({"messages": [HumanMessage("notes on storage?")]}, config)
+
+    assert [(v["attempt"], v["action"]) for v in second["verdicts"]] == [
+        (1, "retry"),
+        (2, "fail"),
+        (1, "retry"),
+        (2, "ok"),
+    ]
+    assert second["messages"][-1].content == "Found note-1."
+    assert model.calls == 5
+
+
 def _refund_agent(backend: Backend, extra: list[AgentMiddleware[Any, Any, Any]] = []) -> Any:  # noqa: B006
     model = ScriptedChatModel(
         script=[

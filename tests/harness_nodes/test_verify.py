@@ -1124,6 +1124,65 @@ def test_retry_limit_holds_when_the_history_is_trimmed(form: Form, state_schema:
         ]
 
 
+@pytest.mark.parametrize(
+    ("form", "state_schema", "trim"),
+    [
+        pytest.param("node", HarnessState, False, id="node"),
+        pytest.param("hook", HarnessState, False, id="hook"),
+        pytest.param("node", MessagesState, False, id="node-messages-state"),
+        pytest.param("hook", MessagesState, False, id="hook-messages-state"),
+        pytest.param("node", HarnessState, True, id="node-trimmed"),
+        pytest.param("hook", HarnessState, True, id="hook-trimmed"),
+    ],
+)
+def test_a_new_task_on_the_thread_gets_its_full_retry_budget(
+    backend: Backend, form: Form, state_schema: type[Any], trim: bool
+) -> None:
+    """Task 1 exhausts weather's retries (max_retries=1) and stops; a new question on the
+    same thread is a new task: its first refused output is attempt 1 again, and its own
+    limit still holds (trimmed or not)."""
+    config = {"configurable": {"thread_id": f"tasks-{uuid.uuid4().hex}"}}
+    ids = itertools.count()
+
+    def same_bad_call(_: list[AnyMessage]) -> AIMessage:
+        return ai(tool_calls=[tool_call("weather", {"city": "Empty"}, id=f"w{next(ids)}")])
+
+    model = ScriptedChatModel(script=[same_bad_call], loop=True)
+    verify = VerifyToolOutputs({"weather": ToolContract(max_retries=1)})
+    app = build_app(
+        model,
+        verify,
+        form=form,
+        state_schema=state_schema,
+        trim=trim,
+        checkpointer=backend.checkpointer,
+    )
+
+    first = app.invoke({"messages": [HumanMessage("weather in Empty?")]}, config)
+    assert [(v["attempt"], v["action"]) for v in verdicts_in(first["messages"])] == [
+        (1, "retry"),
+        (2, "fail"),
+    ]
+    assert first["messages"][-1].content.startswith("I stopped")
+
+    CALLS.clear()
+    second = app.invoke({"messages": [HumanMessage("and now?")]}, config)
+
+    assert CALLS == ["Empty", "Empty"]  # one retry again, then the limit
+    task_two = verdicts_in(second["messages"][len(first["messages"]) :])
+    if trim:  # the first refused output of task 2 was trimmed away
+        task_two = verdicts_in(second["messages"])[-1:]
+    assert [(v["attempt"], v["action"]) for v in task_two][-1] == (2, "fail")
+    assert second["messages"][-1].content.startswith("I stopped")
+    if "verdicts" in second:
+        assert [(v["attempt"], v["action"]) for v in second["verdicts"]] == [
+            (1, "retry"),
+            (2, "fail"),
+            (1, "retry"),
+            (2, "fail"),
+        ]
+
+
 # --- resume in the middle of a retry loop --------------------------------------------------
 
 
