@@ -112,6 +112,7 @@ from harness_nodes.state import (
     Verdict,
     keep_first_outcome,
     merge_spend,
+    replace_outcome,
 )
 from harness_nodes.verify import (
     ToolContract,
@@ -309,9 +310,10 @@ class CostEnvelopeMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
         return any(_is_stop_message(m) for m in response.result)
 
     @staticmethod
-    def _completed(response: ModelResponse[Any]) -> ExtendedModelResponse[Any]:
+    def _completed(response: ModelResponse[Any], state: Any) -> ExtendedModelResponse[Any]:
         # As `ModelNode`: an answer without tool calls completes the task (unless it is an
-        # inner middleware's stop note, which carries its own outcome).
+        # inner middleware's stop note, which carries its own outcome) — replacing an earlier
+        # task's outcome on the same thread.
         update: dict[str, Any] = {}
         last = response.result[-1] if response.result else None
         if (
@@ -319,7 +321,9 @@ class CostEnvelopeMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
             and not last.tool_calls
             and "outcome" not in _verify.harness_meta(last)
         ):
-            update["outcome"] = Outcome(status="completed", partial_result=last.text)
+            update["outcome"] = replace_outcome(
+                state, Outcome(status="completed", partial_result=last.text)
+            )
         return ExtendedModelResponse(response, Command(update=update) if update else None)
 
     @staticmethod
@@ -335,7 +339,7 @@ class CostEnvelopeMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
         budgeted_request, guard = self._request(request)
         response = handler(budgeted_request)
         if not self._stopped(response):
-            return self._completed(response)
+            return self._completed(response, request.state)
         return self._finished(guard.finish({"messages": list(request.messages)}, _config()))
 
     async def awrap_model_call(
@@ -347,7 +351,7 @@ class CostEnvelopeMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
         budgeted_request, guard = self._request(request)
         response = await handler(budgeted_request)
         if not self._stopped(response):
-            return self._completed(response)
+            return self._completed(response, request.state)
         update = await guard.afinish({"messages": list(request.messages)}, _config())
         return self._finished(update)
 

@@ -778,3 +778,20 @@ def test_an_escalated_output_of_a_return_direct_tool_waits_for_review() -> None:
         out = queue.decide(item.id, {"type": "respond", "message": "It is 42."}, reviewer="ana")
     assert out["messages"][-1].text == "Fallback answer."
     assert ANSWERS == ["x"]  # never re-run
+
+
+def test_a_new_question_on_the_thread_gets_its_own_outcome(backend: Backend) -> None:
+    model = ScriptedChatModel(
+        model_name="gpt-4o-mini", script=[ai("first answer"), ai("second answer")]
+    )
+    agent = create_agent(
+        model,
+        [],
+        middleware=[CostEnvelopeMiddleware(Envelope(max_usd=1.0), backend=backend)],
+        checkpointer=backend.checkpointer,
+    )
+    cfg: Any = {"configurable": {"thread_id": "two-questions"}}
+    first = agent.invoke({"messages": [HumanMessage("q1")]}, cfg)["outcome"]
+    second = agent.invoke({"messages": [HumanMessage("q2")]}, cfg)["outcome"]
+    assert first == {"status": "completed", "partial_result": "first answer"}
+    assert second == {"status": "completed", "partial_result": "second answer"}
