@@ -87,7 +87,7 @@ from langgraph.config import get_config
 from langgraph.graph import END
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.runtime import Runtime
-from langgraph.types import Command
+from langgraph.types import Command, Overwrite
 
 from harness_nodes import _verify
 from harness_nodes.aio import AsyncEffectLedger
@@ -464,6 +464,28 @@ class VerifyToolOutputsMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
         if route_after_verify(state) != "fail":
             return None
         return _stop_update(self.stop(cast(Any, state)))
+
+    @staticmethod
+    def _new_task(state: HarnessAgentState) -> dict[str, Any] | None:
+        # New input after a finished task starts a new task: the previous task's outcome (a
+        # verification stop, say) is not this one's. A paused task resumed has no outcome.
+        if cast(Any, state).get("outcome") is None:
+            return None
+        messages = _verify.messages_of(state)
+        start = _verify.current_task(messages, ()).first
+        return {"outcome": Overwrite(None)} if 0 < start < len(messages) else None
+
+    def before_agent(
+        self, state: HarnessAgentState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """Clear the previous task's outcome when new input starts a new task on the thread."""
+        return self._new_task(state)
+
+    async def abefore_agent(
+        self, state: HarnessAgentState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """Async `before_agent`."""
+        return self._new_task(state)
 
     @staticmethod
     def _after(state: HarnessAgentState) -> dict[str, Any] | None:

@@ -239,6 +239,7 @@ def test_a_new_task_on_the_thread_gets_its_full_retry_budget(trim: bool) -> None
     ]
     assert second["messages"][-1].content == "Found note-1."
     assert model.calls == 5
+    assert second.get("outcome") is None  # task 1's verification_failed is not task 2's
 
 
 def _refund_agent(backend: Backend, extra: list[AgentMiddleware[Any, Any, Any]] = []) -> Any:  # noqa: B006
