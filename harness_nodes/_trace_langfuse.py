@@ -1905,6 +1905,25 @@ _MASKERS: dict[str, Masker] = {}
 """One masker per Langfuse public key: its client's ``mask`` is fixed when first built."""
 
 
+def score_failed_task(callbacks: Any, thread_id: str, error: str) -> None:
+    """Give the trace of a task its runner gave up on the outcome score ``failed``.
+
+    The run's own spans end in the error, but no node ran to report an outcome; a runner
+    calls this with its config's callbacks (a list or a callback manager) after the last
+    attempt. Handlers other than the harness's are ignored; never raises.
+    """
+    handlers = getattr(callbacks, "handlers", callbacks)
+    if not isinstance(handlers, list | tuple):
+        return
+    for handler in handlers:
+        if isinstance(handler, HarnessLangfuseHandler):
+            try:
+                outcome = {"status": "failed", "reason": error}
+                handler._score_outcome(outcome, trace_id_for(thread_id))
+            except Exception:  # never break the runner for a trace
+                logger.exception("could not score a failed task in Langfuse")
+
+
 def langfuse_callbacks(
     config_or_thread_id: RunnableConfig | str,
     *,

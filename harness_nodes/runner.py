@@ -441,6 +441,7 @@ class TaskRunner:
                 if attempt < self.max_attempts:
                     time.sleep(backoff(attempt))
                     continue
+                self._score_failure(thread_id, error)
                 return self._settle(thread_id, owner, "failed", None, error)
             if status == "interrupted":
                 # Before the row says so: a crash in between is recovered (the run pauses
@@ -448,6 +449,14 @@ class TaskRunner:
                 self._queue_pauses(thread_id)
             return self._settle(thread_id, owner, status, outcome, None)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _score_failure(self, thread_id: str, error: str) -> None:
+        """The task failed for good: its Langfuse trace (when traced) gets that outcome."""
+        callbacks = (self._config or {}).get("callbacks")
+        if callbacks:
+            from harness_nodes._trace_langfuse import score_failed_task
+
+            score_failed_task(callbacks, thread_id, error)
 
     def _queue_pauses(self, thread_id: str) -> None:
         """Record the task's review pauses in the review queue (its inbox lists them)."""

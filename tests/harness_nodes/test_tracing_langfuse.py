@@ -1013,3 +1013,72 @@ def test_a_generations_cost_prices_its_cache_reads_at_their_rate(public_key: str
     expected = Pricing().cost_nanos("gpt-4o", 100_000, 1_000, 90_000) / 1e9
     assert cost["total"] == pytest.approx(expected)
     assert cost["total"] < Pricing().cost_nanos("gpt-4o", 100_000, 1_000) / 1e9
+
+
+def test_a_task_its_runner_gives_up_on_is_scored_failed(
+    receiver: LangfuseReceiver, public_key: str
+) -> None:
+    from harness_nodes import RunFailed, TaskRunner
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        raise RuntimeError("the bank is down")
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", END)
+    handler = langfuse_handler(
+        public_key=public_key,
+        secret_key="sk-lf-test-secret",
+        base_url=receiver.base_url,
+        flush_interval=0.05,
+    )
+    with (
+        open_backend("memory://") as backend,
+        TaskRunner(backend, builder, max_attempts=1, config={"callbacks": [handler]}) as runner,
+    ):
+        runner.submit("t-fail", {"messages": [HumanMessage("pay")]})
+        with pytest.raises(RunFailed):
+            runner.result("t-fail", timeout=10)
+        thread_id = runner.status("t-fail").thread_id
+    _flush(public_key)
+    assert receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
+    [score] = [s for s in receiver.scores if s["name"] == "outcome"]
+    assert (score["traceId"], score["value"]) == (trace_id_for(thread_id), "failed")
+    assert "the bank is down" in score["comment"]
+
+
+async def test_a_task_its_async_runner_gives_up_on_is_scored_failed(
+    receiver: LangfuseReceiver, public_key: str
+) -> None:
+    from checkpointers import aopen_backend
+    from harness_nodes import RunFailed
+    from harness_nodes.aio import AsyncTaskRunner
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        raise RuntimeError("the bank is down")
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", END)
+    handler = langfuse_handler(
+        public_key=public_key,
+        secret_key="sk-lf-test-secret",
+        base_url=receiver.base_url,
+        flush_interval=0.05,
+    )
+    async with (
+        await aopen_backend("memory://") as backend,
+        AsyncTaskRunner(
+            backend, builder, max_attempts=1, config={"callbacks": [handler]}
+        ) as runner,
+    ):
+        await runner.asubmit("t-afail", {"messages": [HumanMessage("pay")]})
+        with pytest.raises(RunFailed):
+            await runner.aresult("t-afail", timeout=10)
+        thread_id = (await runner.astatus("t-afail")).thread_id
+    _flush(public_key)
+    assert receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
+    [score] = [s for s in receiver.scores if s["name"] == "outcome"]
+    assert (score["traceId"], score["value"]) == (trace_id_for(thread_id), "failed")
