@@ -21,7 +21,7 @@ from dataclasses import is_dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 import pydantic_core
-from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, ToolMessage
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, ToolMessage
 from langgraph.errors import GraphBubbleUp
 from pydantic import BaseModel, ValidationError
 
@@ -112,17 +112,21 @@ def current_task(messages: Sequence[BaseMessage], verdicts: Sequence[Any]) -> Ta
 
     A task ends on an AI message without tool calls: the model's answer, or a harness stop
     note (`VerificationStop`, a budget stop), which is what ends the run in the node, hook
-    and middleware forms alike. The next task opens with the message after it (the user's
-    new question), and its verdicts carry that message's id. When no end is in sight, this
-    is the thread's first task or a history trimmed past the previous end: the task is then
-    the one the latest failed ``verdicts`` record belongs to, so trimming never gives a
-    task a fresh budget.
+    and middleware forms alike. The next task opens with the user's new question right after
+    it, and its verdicts carry that message's id (a text-only AI message followed by more of
+    the agent's own messages — a planner's, a sub-agent's — is not an end). When no end is in
+    sight, this is the thread's first task or a history trimmed past the previous end: the
+    task is then the one the latest failed ``verdicts`` record belongs to, so trimming never
+    gives a task a fresh budget.
     """
-    for i in range(len(messages) - 1, -1, -1):
+    for i in range(len(messages) - 2, -1, -1):
         m = messages[i]
-        if isinstance(m, AIMessage) and not m.tool_calls:
-            first = i + 1
-            return Task(first, messages[first].id if first < len(messages) else None)
+        if (
+            isinstance(m, AIMessage)
+            and not m.tool_calls
+            and isinstance(messages[i + 1], HumanMessage)
+        ):
+            return Task(i + 1, messages[i + 1].id)
     for v in reversed(verdicts):
         if isinstance(v, Mapping) and isinstance(v.get("task_start"), str):
             return Task(0, v["task_start"])

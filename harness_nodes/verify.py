@@ -23,7 +23,8 @@ Retry counts are per tool per task, counted in model turns: a tool's output is a
 n - 1 earlier turns of the task had an output of that tool fail verification. Parallel calls
 of one AI message are one turn (they share an attempt, and the model corrects them together
 in its next turn). A task ends on an AI message without tool calls (the answer, or a stop
-note); new input on the thread after it starts a new task with a full budget, and failed
+note); a human message right after it starts a new task with a full budget (text-only AI
+messages inside a task, a planner's or a sub-agent's, do not), and failed
 verdicts carry the id of the message that opened their task (`Verdict.task_start`). The
 count is read from the verdicts already on the task's messages and, where the state keeps
 them, from its ``verdicts`` records (the larger count wins), so it is checkpointed,

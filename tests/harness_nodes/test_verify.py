@@ -1451,3 +1451,35 @@ def test_an_approved_escalation_gives_the_model_the_output_and_its_artifact_back
     [message] = seen
     assert (message.status, message.content) == ("success", '{"booking_id": ""}')
     assert message.artifact == {"booking_id": "", "room": "A"}
+
+
+def test_a_text_message_in_the_middle_of_a_task_does_not_restart_its_retry_count() -> None:
+    # A planner (or a supervisor's sub-agent) writes a text-only AI message between the
+    # model's attempts: that is not the end of the task, so it gives no fresh retries.
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("weather", {"city": "Down"})])], loop=True
+    )
+    verify = VerifyToolOutputs({"weather": ToolContract(max_retries=1)})
+    builder = StateGraph(HarnessState)
+    builder.add_node("planner", lambda s: {"messages": [AIMessage("Plan: ask for the weather.")]})
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([weather], handle_tool_errors=True))
+    builder.add_node("verify", verify)
+    builder.add_node("stop", VerificationStop())
+    builder.add_edge(START, "planner")
+    builder.add_edge("planner", "agent")
+    builder.add_edge("agent", "tools")
+    builder.add_edge("tools", "verify")
+    builder.add_conditional_edges(
+        "verify", route_after_verify, {"ok": "planner", "retry": "planner", "fail": "stop"}
+    )
+    builder.add_edge("stop", END)
+    graph = builder.compile(checkpointer=InMemorySaver())
+    out = graph.invoke(
+        {"messages": [HumanMessage("weather in Down?")]},
+        {"configurable": {"thread_id": "planner"}, "recursion_limit": 60},
+    )
+    assert [(v["attempt"], v["action"]) for v in out["verdicts"]] == [(1, "retry"), (2, "fail")]
+    assert out["outcome"]["status"] == "verification_failed"
