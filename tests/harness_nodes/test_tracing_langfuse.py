@@ -1015,16 +1015,14 @@ def test_a_generations_cost_prices_its_cache_reads_at_their_rate(public_key: str
     assert cost["total"] < Pricing().cost_nanos("gpt-4o", 100_000, 1_000) / 1e9
 
 
-def test_a_task_its_runner_gives_up_on_is_scored_failed(
-    receiver: LangfuseReceiver, public_key: str
-) -> None:
-    from harness_nodes import RunFailed, TaskRunner
+def _bank_down(state: MessagesState) -> dict[str, Any]:
+    raise RuntimeError("the bank is down")
 
-    def agent(state: MessagesState) -> dict[str, Any]:
-        raise RuntimeError("the bank is down")
 
+def _failing_task(receiver: LangfuseReceiver, public_key: str) -> tuple[Any, Any]:
+    """A graph whose only node always fails, and a harness handler to the receiver."""
     builder = StateGraph(MessagesState)
-    builder.add_node("agent", agent)
+    builder.add_node("agent", _bank_down)
     builder.add_edge(START, "agent")
     builder.add_edge("agent", END)
     handler = langfuse_handler(
@@ -1033,6 +1031,22 @@ def test_a_task_its_runner_gives_up_on_is_scored_failed(
         base_url=receiver.base_url,
         flush_interval=0.05,
     )
+    return builder, handler
+
+
+def _failed_score(receiver: LangfuseReceiver, public_key: str) -> dict[str, Any]:
+    _flush(public_key)
+    assert receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
+    [score] = [s for s in receiver.scores if s["name"] == "outcome"]
+    return score
+
+
+def test_a_task_its_runner_gives_up_on_is_scored_failed(
+    receiver: LangfuseReceiver, public_key: str
+) -> None:
+    from harness_nodes import RunFailed, TaskRunner
+
+    builder, handler = _failing_task(receiver, public_key)
     with (
         open_backend("memory://") as backend,
         TaskRunner(backend, builder, max_attempts=1, config={"callbacks": [handler]}) as runner,
@@ -1041,9 +1055,7 @@ def test_a_task_its_runner_gives_up_on_is_scored_failed(
         with pytest.raises(RunFailed):
             runner.result("t-fail", timeout=10)
         thread_id = runner.status("t-fail").thread_id
-    _flush(public_key)
-    assert receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
-    [score] = [s for s in receiver.scores if s["name"] == "outcome"]
+    score = _failed_score(receiver, public_key)
     assert (score["traceId"], score["value"]) == (trace_id_for(thread_id), "failed")
     assert "the bank is down" in score["comment"]
 
@@ -1055,19 +1067,7 @@ async def test_a_task_its_async_runner_gives_up_on_is_scored_failed(
     from harness_nodes import RunFailed
     from harness_nodes.aio import AsyncTaskRunner
 
-    async def agent(state: MessagesState) -> dict[str, Any]:
-        raise RuntimeError("the bank is down")
-
-    builder = StateGraph(MessagesState)
-    builder.add_node("agent", agent)
-    builder.add_edge(START, "agent")
-    builder.add_edge("agent", END)
-    handler = langfuse_handler(
-        public_key=public_key,
-        secret_key="sk-lf-test-secret",
-        base_url=receiver.base_url,
-        flush_interval=0.05,
-    )
+    builder, handler = _failing_task(receiver, public_key)
     async with (
         await aopen_backend("memory://") as backend,
         AsyncTaskRunner(
@@ -1078,7 +1078,5 @@ async def test_a_task_its_async_runner_gives_up_on_is_scored_failed(
         with pytest.raises(RunFailed):
             await runner.aresult("t-afail", timeout=10)
         thread_id = (await runner.astatus("t-afail")).thread_id
-    _flush(public_key)
-    assert receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
-    [score] = [s for s in receiver.scores if s["name"] == "outcome"]
+    score = _failed_score(receiver, public_key)
     assert (score["traceId"], score["value"]) == (trace_id_for(thread_id), "failed")
