@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -70,8 +70,10 @@ class ModelPrice:
         ```python
         from harness_nodes import ModelPrice
 
-        price = ModelPrice(input_per_mtok=3, output_per_mtok=15, cached_input_per_mtok=0.3)
-        assert price.output_per_mtok == 15
+        price = ModelPrice(
+            input_per_mtok=3, output_per_mtok=15, cached_input_per_mtok=0.3, cache_write_per_mtok=6
+        )
+        assert price.rates().cache_write == 6000  # nano-dollars per token
         ```
     """
 
@@ -81,12 +83,17 @@ class ModelPrice:
     """USD per million output tokens (reasoning tokens included, as providers bill them)."""
     cached_input_per_mtok: float | int | str | Decimal | None = None
     """USD per million input tokens served from the provider's cache (default: the input price)."""
+    cache_write_per_mtok: float | int | str | Decimal | None = None
+    """USD per million input tokens written to the provider's cache (Anthropic bills them above
+    the input price: give the dearest cache lifetime you use). Default: the input price."""
 
     def __post_init__(self) -> None:
         _decimal(self.input_per_mtok, "input_per_mtok")
         _decimal(self.output_per_mtok, "output_per_mtok")
         if self.cached_input_per_mtok is not None:
             _decimal(self.cached_input_per_mtok, "cached_input_per_mtok")
+        if self.cache_write_per_mtok is not None:
+            _decimal(self.cache_write_per_mtok, "cache_write_per_mtok")
 
     def rates(self) -> Rates:
         """This price as nano-dollars per token."""
@@ -97,10 +104,16 @@ class ModelPrice:
             if self.cached_input_per_mtok is None
             else _decimal(self.cached_input_per_mtok, "cached_input_per_mtok") * k
         )
+        written = (
+            None
+            if self.cache_write_per_mtok is None
+            else _decimal(self.cache_write_per_mtok, "cache_write_per_mtok") * k
+        )
         return Rates(
             input=inp,
             output=_decimal(self.output_per_mtok, "output_per_mtok") * k,
             cached_input=cached,
+            cache_write=written,
         )
 
 
@@ -267,8 +280,7 @@ class Pricing:
                 # returns, without its ~60 µs); tiered ones go through calc_price per call.
                 return found, not _is_flat(model, found)
         if self.fallback is not None:
-            r = self.fallback.rates()
-            return Rates(r.input, r.output, r.cached_input, source="fallback"), False
+            return replace(self.fallback.rates(), source="fallback"), False
         provider, _ = _split_provider(model)
         raise UnpricedModelError(model, provider)
 
@@ -286,7 +298,8 @@ class Pricing:
         *input_tokens* counts every prompt token, cached ones included (LangChain's
         ``usage_metadata`` convention); *cached_input_tokens* of them are billed at the cached rate,
         *cache_write_tokens* at the catalogue's cache-write rate (*cache_write_1h_tokens* of those
-        at its 1-hour rate; a price you declared has none: the input rate).
+        at its 1-hour rate; a price you declared, at its ``cache_write_per_mtok``, else the input
+        rate).
         A negative count counts as zero: a cost is never a credit.
 
         Example:
@@ -308,8 +321,10 @@ class Pricing:
             exact = _catalogue_cost(model, input_tokens, output_tokens, cached, written, written_1h)
             if exact is not None:
                 return exact
+        write_rate = rates.input if rates.cache_write is None else rates.cache_write
         return math.ceil(
-            rates.input * (input_tokens - cached)
+            rates.input * (input_tokens - cached - written)
+            + write_rate * written
             + rates.cached_input * cached
             + rates.output * output_tokens
         )

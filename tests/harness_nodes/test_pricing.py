@@ -89,6 +89,32 @@ def test_bad_prices_are_wiring_errors(kwargs: dict[str, object]) -> None:
         ModelPrice(**kwargs)  # type: ignore[arg-type]
 
 
+def test_a_declared_cache_write_price_is_billed_and_reserved() -> None:
+    # A negotiated Claude rate: input $3, cache writes $6 (1-hour lifetime), reads $0.30.
+    price = ModelPrice(
+        input_per_mtok=3, output_per_mtok=15, cached_input_per_mtok="0.3", cache_write_per_mtok=6
+    )
+    pricing = Pricing(overrides={"claude-negotiated": price}, fallback=price)
+    cost = pricing.cost_nanos(
+        "claude-negotiated", 1_000_000, 0, cached_input_tokens=200_000, cache_write_tokens=500_000
+    )
+    # 300k plain input at $3, 500k written at $6, 200k read at $0.30 (per million).
+    assert cost == 900_000_000 + 3_000_000_000 + 60_000_000
+    # The reservation bounds a prompt written to the cache whole.
+    rates = pricing.rates("claude-negotiated")
+    assert rates.worst_case_nanos(1_000_000, 0) == 6 * NANOS
+    # The fallback price keeps it too.
+    assert pricing.rates("nobody-knows-me").cache_write == rates.cache_write == 6000
+    assert pricing.cost_nanos("nobody-knows-me", 1_000_000, 0, cache_write_tokens=1_000_000) == (
+        6 * NANOS
+    )
+    # Without one, writes cost the input price, as before.
+    plain = Pricing(overrides={"m": ModelPrice(input_per_mtok=3, output_per_mtok=15)})
+    assert plain.cost_nanos("m", 1_000_000, 0, cache_write_tokens=500_000) == 3 * NANOS
+    with pytest.raises(UserError, match="cache_write_per_mtok"):
+        ModelPrice(input_per_mtok=3, output_per_mtok=15, cache_write_per_mtok=-1)
+
+
 def test_pricing_arguments_of_the_wrong_kind_are_refused_at_construction() -> None:
     with pytest.raises(UserError, match="fallback must be a ModelPrice"):
         Pricing(fallback={"input_per_mtok": 1, "output_per_mtok": 1})  # type: ignore[arg-type]
