@@ -617,8 +617,8 @@ def feedback(contract: ToolContract, tool: str, verdict: Verdict) -> str:
         )
     elif action == "escalate":
         lines.append(
-            "Do not use this output and do not call the tool again: "
-            "it was sent to a human reviewer."
+            "Do not use this output and do not call the tool again: it is held for a "
+            "person's review (where nobody reviews, the task stops here)."
         )
     else:
         lines.append("Do not use this output: the task stops here (verification failed).")

@@ -587,7 +587,7 @@ def test_an_escalation_with_no_reviewer_ends_the_agent_with_its_reasons(
     out = create_agent(model, [charge_card], middleware=[verify]).invoke(
         {"messages": [HumanMessage("charge 5")]}
     )
-    assert model.calls == 1  # not called again with "it was sent to a human reviewer"
+    assert model.calls == 1  # not called again with "it is held for a person's review"
     (verdict,) = out["verdicts"]
     assert verdict["action"] == "escalate"
     reason = "charge_card: " + "; ".join(verdict["reasons"])

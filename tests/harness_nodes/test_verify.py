@@ -416,7 +416,7 @@ def test_policy_paths(
         assert escalation["kind"] == "verification" and escalation["tool_call_id"] == "now"
         assert escalation["args"] == {"amount": 5}
         assert escalation["details"]["reasons"] == verdict["reasons"]
-        assert "sent to a human reviewer" in update["messages"][0].content
+        assert "held for a person's review" in update["messages"][0].content
     else:
         assert escalation is None
 
