@@ -287,6 +287,22 @@ def _assign_audit(item: ReviewItem, assignee: str | None, by: str) -> tuple[Any,
     return (item.id, by, "assign", json.dumps(item.assignee), json.dumps(assignee), time.time())
 
 
+def _refused_audit(item: ReviewItem, error: InvalidDecision) -> tuple[Any, ...]:
+    """The row that says a claimed decision was refused by the graph and never applied.
+
+    The decision's own row stays (the audit only grows); this one follows it, so the history
+    reads "bob: edit" then "bob: refused (why)".
+    """
+    return (
+        item.id,
+        item.decided_by or "",
+        "refused",
+        json.dumps(item.decision, default=str),
+        json.dumps(error.reason),
+        time.time(),
+    )
+
+
 def _effect_answers(
     requests: Sequence[ReviewRequest], decisions: Sequence[Mapping[str, Any]]
 ) -> list[tuple[str, bool, str]]:
@@ -1064,14 +1080,20 @@ class ReviewQueue:
         cfg = _thread_config(item.thread_id, None)
         try:
             result = self.graph.invoke(Command(resume=_answer(item)), cfg, durability="sync")
-        except InvalidDecision:
+        except InvalidDecision as e:
             # The graph refused what the queue accepted (e.g. a schema only the node knows):
             # nothing ran; put the item back so someone can decide again.
-            self.backend.execute(_UNDECIDE, (item.id,))
+            self._undecide(item, e)
             raise
         self.backend.execute(_APPLIED, (item.id,))
         self.sync(item.thread_id)
         return cast(dict[str, Any], result)
+
+    def _undecide(self, item: ReviewItem, error: InvalidDecision) -> None:
+        """The graph refused *item*'s decision: pending again, and the audit says so."""
+        with self.backend.transaction() as tx:
+            if tx.execute(_UNDECIDE + " RETURNING id", (item.id,)):
+                tx.execute(_AUDIT, _refused_audit(item, error))
 
     def _resume_leased(
         self, runner: TaskRunner, item: ReviewItem, row: Row, owner: str
@@ -1085,8 +1107,8 @@ class ReviewQueue:
         self._settle_effects(item, item.decided_by or "")
         try:
             run = runner._run_claimed(row, owner, _answer(item))
-        except InvalidDecision:
-            self.backend.execute(_UNDECIDE, (item.id,))  # the runner paused its task again
+        except InvalidDecision as e:
+            self._undecide(item, e)  # the runner paused its task again
             raise
         self.backend.execute(_APPLIED, (item.id,))
         self.sync(item.thread_id)
@@ -1427,12 +1449,18 @@ class AsyncReviewQueue:
         cfg = _thread_config(item.thread_id, None)
         try:
             result = await self.graph.ainvoke(Command(resume=_answer(item)), cfg, durability="sync")
-        except InvalidDecision:
-            await self.backend.execute(_UNDECIDE, (item.id,))
+        except InvalidDecision as e:
+            await self._undecide(item, e)
             raise
         await self.backend.execute(_APPLIED, (item.id,))
         await self.sync(item.thread_id)
         return cast(dict[str, Any], result)
+
+    async def _undecide(self, item: ReviewItem, error: InvalidDecision) -> None:
+        """Async `ReviewQueue._undecide`."""
+        async with self.backend.transaction() as tx:
+            if await tx.execute(_UNDECIDE + " RETURNING id", (item.id,)):
+                await tx.execute(_AUDIT, _refused_audit(item, error))
 
     async def _resume_leased(
         self, runner: AsyncTaskRunner, item: ReviewItem, row: Row, owner: str
@@ -1441,8 +1469,8 @@ class AsyncReviewQueue:
         await self._settle_effects(item, item.decided_by or "")
         try:
             run = await runner._run_claimed(row, owner, _answer(item))
-        except InvalidDecision:
-            await self.backend.execute(_UNDECIDE, (item.id,))
+        except InvalidDecision as e:
+            await self._undecide(item, e)
             raise
         await self.backend.execute(_APPLIED, (item.id,))
         await self.sync(item.thread_id)

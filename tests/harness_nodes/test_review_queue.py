@@ -147,6 +147,49 @@ def test_malformed_decisions_are_refused_and_the_item_stays_pending(backend: Bac
     assert EFFECTS == {"refund": 1, "lookup": 1}
 
 
+def test_a_decision_the_graph_refuses_is_audited_as_refused(backend: Backend) -> None:
+    # The queue does not know the tool's schema (tools=[]): it accepts an edit the review node
+    # refuses. The audit must not read as if that edit had been applied.
+    queue = _queue(backend, tools=[])
+    tid = _pause(queue)
+    [item] = queue.pending()
+    bad = {"type": "edit", "args": {"order": "A1", "amount": "lots"}}
+    with pytest.raises(InvalidDecision):
+        queue.decide(item.id, bad, reviewer="alice")
+    assert queue.get(item.id).status == "pending"
+    assert queue.graph.get_state({"configurable": {"thread_id": tid}}).next == ("review",)
+    audit = queue.show(item.id).audit
+    assert [(a["reviewer"], a["decision"]) for a in audit] == [
+        ("alice", "edit"),
+        ("alice", "refused"),
+    ]
+    assert json.loads(audit[1]["before"])[0]["args"]["amount"] == "lots"
+    assert "amount" in json.loads(audit[1]["after"])  # the graph's reason
+    queue.decide(item.id, {"type": "approve"}, reviewer="carol")
+    assert [a["decision"] for a in queue.show(item.id).audit][-1] == "approve"
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+async def test_async_decision_the_graph_refuses_is_audited_as_refused(
+    abackend: AsyncBackend,
+) -> None:
+    graph = build_builder().compile(checkpointer=abackend.checkpointer)
+    queue = AsyncReviewQueue(abackend, graph, tools=[])
+    await queue.ainvoke({"messages": [HumanMessage("refund")]}, thread_id="a-refused")
+    [item] = await queue.pending()
+    bad = {"type": "edit", "args": {"order": "A1", "amount": "lots"}}
+    with pytest.raises(InvalidDecision):
+        await queue.decide(item.id, bad, reviewer="alice")
+    assert (await queue.get(item.id)).status == "pending"
+    audit = (await queue.show(item.id)).audit
+    assert [(a["reviewer"], a["decision"]) for a in audit] == [
+        ("alice", "edit"),
+        ("alice", "refused"),
+    ]
+    await queue.decide(item.id, {"type": "approve"}, reviewer="carol")
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
 def test_edit_of_a_non_editable_call_is_refused() -> None:
     backend = open_backend("memory://")
     graph = build_builder(
@@ -682,6 +725,25 @@ def test_a_decision_on_a_cancelled_runner_task_is_refused_and_its_review_closed(
         assert runner.status("t-off").status == "cancelled"
     assert queue.get(item.id).status == "closed" and queue.pending() == []
     assert EFFECTS == {}  # the cancelled task did not run on
+
+
+def test_a_runner_task_decision_the_graph_refuses_is_audited_as_refused(backend: Backend) -> None:
+    builder = build_builder()
+    with TaskRunner(backend, builder) as runner:
+        runner.submit("t-refused", REFUND)
+        _paused(runner, "t-refused")
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        queue = ReviewQueue(backend, graph, tools=[], runner=runner)
+        [item] = queue.sync("t-refused")
+        bad = {"type": "edit", "args": {"order": "A1", "amount": "lots"}}
+        with pytest.raises(InvalidDecision):
+            queue.decide(item.id, bad, reviewer="alice")
+        assert runner.status("t-refused").status == "interrupted"
+        assert queue.get(item.id).status == "pending"
+        assert [a["decision"] for a in queue.show(item.id).audit] == ["edit", "refused"]
+        queue.decide(item.id, {"type": "approve"}, reviewer="carol")
+        assert runner.status("t-refused").status == "completed"
+    assert EFFECTS == {"refund": 1, "lookup": 1}
 
 
 def test_a_runner_task_whose_decided_run_fails_raises_run_failed(backend: Backend) -> None:
