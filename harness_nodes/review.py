@@ -420,10 +420,12 @@ def check_decisions(
                 try:
                     schema.model_validate(dec.args)
                 except ValidationError as e:
+                    missing = any(err["type"] == "missing" for err in e.errors())
                     raise InvalidDecision(
                         review_id,
                         f"edited args for {req['action_request']['action']} (call {call}) "
-                        f"fail its schema: {_one_line(e)}",
+                        f"fail its schema: {_one_line(e)}"
+                        + (" (an edit replaces all of the call's arguments)" if missing else ""),
                     ) from None
     return decisions
 

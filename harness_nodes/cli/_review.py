@@ -284,7 +284,10 @@ def approve(
 @review_app.command("edit")
 def edit(
     review_id: Annotated[str, typer.Argument()],
-    args: Annotated[str, typer.Option("--args", help="The new arguments, as a JSON object")],
+    args: Annotated[
+        str,
+        typer.Option("--args", help="The call's new arguments, all of them, as a JSON object"),
+    ],
     db: DbOption = None,
     graph: GraphOption = None,
     reviewer: ReviewerOption = None,

@@ -236,6 +236,12 @@ MALFORMED = [
     ),
     pytest.param(
         None,
+        {"type": "edit", "args": {"amount": 90}},
+        "order: Field required (an edit replaces all of the call's arguments)",
+        id="args-partial",  # a reviewer who meant "change the amount only"
+    ),
+    pytest.param(
+        None,
         {"type": "edit", "args": {"order": "A1", "amount": 250, "amuont": 90}},
         "name no argument of the tool: amuont",
         id="args-misspelt",  # the schema would drop it: the audit would show a lie
