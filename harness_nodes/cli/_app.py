@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from harness_nodes.errors import HarnessError
+
+if TYPE_CHECKING:
+    from checkpointers import Backend
 
 app = typer.Typer(
     name="harness",
@@ -30,6 +34,28 @@ def _root(
 ) -> None:
     """The production harness for LangGraph agents."""
     _state["debug"] = debug
+
+
+def open_existing(db: str | None) -> Backend:
+    """Open the backend of a command that reads what earlier runs wrote.
+
+    A SQLite file that does not exist is an error, not a new empty database: a mistyped
+    ``--db`` must not answer "no runs" (and leave a stray file behind).
+    """
+    from checkpointers import default_url, open_backend
+    from checkpointers._url import parse_url
+    from harness_nodes.errors import BackendURLError
+
+    url = default_url() if db is None else db
+    parsed = parse_url(url)
+    if parsed.kind == "sqlite" and parsed.target != ":memory:":
+        if not Path(parsed.target).is_file():
+            raise BackendURLError(
+                parsed.masked,
+                f"no database at {parsed.target}: nothing has run against it "
+                "(check --db or HARNESS_DATABASE_URL)",
+            )
+    return open_backend(url)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from harness_nodes.cli._app import app, console
+from harness_nodes.cli._app import app, console, open_existing
 from harness_nodes.errors import HarnessError, ReviewNotFound, UserError
 from harness_nodes.review import _allowed
 from harness_nodes.review_queue import ReviewItem, ReviewQueue, _item, pending_sql
@@ -105,9 +105,7 @@ def _row(backend: Any, review_id: str) -> ReviewItem:
 
 @contextmanager
 def _queue(db: str | None, graph: str | None, review_id: str) -> Iterator[ReviewQueue]:
-    from checkpointers import open_backend
-
-    with open_backend(db) as backend:
+    with open_existing(db) as backend:
         item = _row(backend, review_id)
         yield ReviewQueue(backend, _graph(backend, graph, item.thread_id))
 
@@ -134,12 +132,10 @@ def list_reviews(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
 ) -> None:
     """List pending reviews across all threads, oldest first."""
-    from checkpointers import open_backend
-
     sql, params = pending_sql(
         task_type=task_type, reason=reason, assignee=assignee, older_than=older_than, limit=limit
     )
-    with open_backend(db) as backend:
+    with open_existing(db) as backend:
         items = [_item(r) for r in backend.execute(sql, params)]
     if as_json:
         for it in items:
@@ -181,12 +177,11 @@ def show(
     graph: GraphOption = None,
 ) -> None:
     """Show one review: what is asked, why, and the task's trace so far."""
-    from checkpointers import open_backend
     from harness_nodes.cli._trace import render
     from harness_nodes.tracing import build_trace
 
     tree: Any = None
-    with open_backend(db) as backend:
+    with open_existing(db) as backend:
         item = _row(backend, review_id)
         try:
             detail = ReviewQueue(backend, _graph(backend, graph, item.thread_id)).show(review_id)

@@ -11,10 +11,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from checkpointers import default_url, open_backend
 from harness_nodes._trace_local import Trace, TraceNode
 from harness_nodes._trace_report import list_runs, reliability_report
-from harness_nodes.cli._app import app, console
+from harness_nodes.cli._app import app, console, open_existing
 from harness_nodes.tracing import build_trace
 
 DbOption = Annotated[
@@ -116,7 +115,7 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print the trace as JSON.")] = False,
 ) -> None:
     """Show a task's decision tree, rebuilt from its checkpoints and the ledgers."""
-    with open_backend(default_url() if db is None else db) as backend:
+    with open_existing(db) as backend:
         trace = build_trace(backend, thread)
     if as_json:
         print(trace.to_json())
@@ -137,7 +136,7 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List recent runs: status, task type, cost, duration."""
-    with open_backend(default_url() if db is None else db) as backend:
+    with open_existing(db) as backend:
         rows = list_runs(backend, limit=limit)
     if as_json:
         print(json.dumps([r.__dict__ for r in rows], indent=2))
@@ -164,7 +163,7 @@ def report(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Reliability across runs: completion, outcomes, failures, escalations, cost per type."""
-    with open_backend(default_url() if db is None else db) as backend:
+    with open_existing(db) as backend:
         rep = reliability_report(backend, top=top)
     if as_json:
         print(json.dumps(rep.to_dict(), indent=2))

@@ -88,6 +88,30 @@ def test_bad_db_url_prints_one_line_and_exits_2(
     assert "hunter2" not in captured.err
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["runs"],
+        ["report"],
+        ["show", "t1"],
+        ["review", "list"],
+        ["review", "show", "r-1"],
+        ["review", "approve", "r-1"],
+    ],
+    ids=lambda c: " ".join(c),
+)
+def test_reading_a_database_that_does_not_exist_is_an_error_not_a_new_file(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "harnes.db"
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--db", f"sqlite:///{typo}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"no database at {typo}" in " ".join(err.split())
+    assert not typo.exists()  # the typo left no empty database behind
+
+
 @pytest.mark.slow
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
