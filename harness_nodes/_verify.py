@@ -409,43 +409,65 @@ def lookup(payload: Any, path: str) -> Any:
 
 def signal_reasons(signals: ErrorSignals, payload: Any, text: str, structured: bool) -> list[str]:
     """Error signals inside an output that otherwise looks like a success."""
-    reasons: list[str] = []
     if structured and isinstance(payload, str):  # a JSON string: its text is the output
         text, structured = payload, False
     if not structured:
-        head = text[: signals.scan_chars]
-        if signals.html and signals.html_pattern.search(head):
-            return [f"the tool returned an HTML page, not data: {excerpt(head[:120])}"]
-        for pattern in signals.compiled_patterns:
-            match = pattern.search(head)
-            if match:
-                return [
-                    f"the output reads like an error ({match.group(0)!r}): {excerpt(text[:200])}"
-                ]
-        return reasons
-    if isinstance(payload, BaseModel):
-        payload = payload.model_dump()
-    elif is_dataclass(payload) and not isinstance(payload, type):
-        payload = vars(payload)
-    if not isinstance(payload, Mapping):
-        return reasons
-    for key, value in payload.items():
+        return _text_reasons(signals, text)
+    fields = _fields_of(payload)
+    if fields is None:
+        return []
+    reasons: list[str] = []
+    _field_reasons(signals, fields, "", signals.envelope_depth, reasons)
+    return reasons
+
+
+def _text_reasons(signals: ErrorSignals, text: str) -> list[str]:
+    head = text[: signals.scan_chars]
+    if signals.html and signals.html_pattern.search(head):
+        return [f"the tool returned an HTML page, not data: {excerpt(head[:120])}"]
+    for pattern in signals.compiled_patterns:
+        match = pattern.search(head)
+        if match:
+            return [f"the output reads like an error ({match.group(0)!r}): {excerpt(text[:200])}"]
+    return []
+
+
+def _fields_of(value: Any) -> Mapping[Any, Any] | None:
+    """The fields of a mapping, a pydantic model or a dataclass instance; else ``None``."""
+    if isinstance(value, dict | Mapping):  # dict first: the ABC check is slow
+        return value
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    if is_dataclass(value) and not isinstance(value, type):
+        return vars(value)
+    return None
+
+
+def _field_reasons(
+    signals: ErrorSignals, fields: Mapping[Any, Any], prefix: str, depth: int, reasons: list[str]
+) -> None:
+    """The signals in one object's keys, then in its envelopes' (``depth`` more levels)."""
+    for key, value in fields.items():
         if not isinstance(key, str):
             continue
+        path = prefix + key
         if key in signals.error_keys and not _is_blank(value) and not _is_zero(value):
-            reasons.append(f"the output carries an error: {key}={excerpt(value)}")
+            reasons.append(f"the output carries an error: {path}={excerpt(value)}")
         elif (
             key in signals.status_keys
             and isinstance(value, str)
             and value.strip().lower() in signals.failed_statuses
         ):
-            reasons.append(f"the output reports a failure: {key}={value!r}")
+            reasons.append(f"the output reports a failure: {path}={value!r}")
         elif key in signals.success_flags and _is_false(value):
             flag = "false" if value is False else repr(value)
-            reasons.append(f"the output reports a failure: {key}={flag}")
+            reasons.append(f"the output reports a failure: {path}={flag}")
         elif key in signals.code_keys and _is_error_status(value):
-            reasons.append(f"the output reports an error status: {key}={value!r}")
-    return reasons
+            reasons.append(f"the output reports an error status: {path}={value!r}")
+        elif depth > 0 and key in signals.envelope_keys:
+            inner = _fields_of(value)
+            if inner is not None:
+                _field_reasons(signals, inner, path + ".", depth - 1, reasons)
 
 
 def _is_zero(value: Any) -> bool:

@@ -178,6 +178,36 @@ FAILURES = [
         "the output reports a failure: success='false'",
     ),
     Case(
+        "nested-error",
+        {"data": None, "response": {"error": "quota exceeded"}},
+        "the output carries an error: response.error='quota exceeded'",
+        ToolContract(),
+    ),
+    Case(
+        "nested-status-failed",
+        {"result": {"status": "failed", "message": "disk full"}},
+        "the output reports a failure: result.status='failed'",
+        ToolContract(),
+    ),
+    Case(
+        "nested-success-false",
+        {"body": {"success": False}},
+        "the output reports a failure: body.success=false",
+        ToolContract(),
+    ),
+    Case(
+        "nested-http-status",
+        {"payload": {"statusCode": 503, "items": [1]}},
+        "the output reports an error status: payload.statusCode=503",
+        ToolContract(),
+    ),
+    Case(
+        "two-envelopes-deep",
+        {"response": {"status_code": 200, "body": {"errors": ["token expired"]}}},
+        "the output carries an error: response.body.errors=['token expired']",
+        ToolContract(),
+    ),
+    Case(
         "rate-limit-text",
         "Rate limit exceeded, retry in 30s",
         "the output reads like an error ('Rate limit'",
@@ -283,6 +313,30 @@ def test_schema_feedback_says_what_is_needed() -> None:
         pytest.param("450 results for your query", ToolContract(), id="a-count-is-not-a-status"),
         pytest.param(
             "x" * 600 + " the request timed out", ToolContract(), id="late-timeout-is-data"
+        ),
+        # errors in envelopes are read; data that merely looks like one is not
+        pytest.param(
+            {"data": [{"job": 1, "status": "failed"}, {"job": 2, "status": "done"}]},
+            ToolContract(),
+            id="a-list-of-jobs-some-failed",
+        ),
+        pytest.param(
+            {"order": {"id": "A1", "status": "failed"}, "data": {"id": "A1"}},
+            ToolContract(),
+            id="status-of-a-domain-record",
+        ),
+        pytest.param(
+            {"data": {"error": None, "items": [1]}}, ToolContract(), id="nested-null-error"
+        ),
+        pytest.param(
+            {"response": {"error": "quota exceeded"}},
+            ToolContract(signals=ErrorSignals(envelope_keys=frozenset())),
+            id="envelopes-off",
+        ),
+        pytest.param(
+            {"response": {"error": "quota exceeded"}},
+            ToolContract(signals=ErrorSignals(envelope_depth=0)),
+            id="envelope-depth-0",
         ),
     ],
 )
@@ -640,6 +694,16 @@ class Item(BaseModel):
         ),
         pytest.param(
             lambda: ErrorSignals(text_patterns=("(",)), "invalid text pattern '('", id="bad-regex"
+        ),
+        pytest.param(
+            lambda: ErrorSignals(envelope_depth=-1),
+            "envelope_depth must be >= 0, got -1",
+            id="negative-envelope-depth",
+        ),
+        pytest.param(
+            lambda: ErrorSignals(envelope_keys="data"),  # type: ignore[arg-type]
+            "envelope_keys must be a set of strings, not a str",
+            id="envelope-keys-str",
         ),
         pytest.param(
             lambda: VerifyToolOutputs({"t": {"max_retries": 1}}),
@@ -1386,6 +1450,12 @@ class _Job:
             None,
             ["the output reads like an error"],
             id="json-string",
+        ),
+        pytest.param(
+            {"data": None, "response": {"error": "quota exceeded"}},
+            None,
+            ["the output carries an error: response.error='quota exceeded'"],
+            id="nested-error",
         ),
     ],
 )
