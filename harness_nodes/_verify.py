@@ -17,6 +17,7 @@ import math
 import re
 import reprlib
 from collections.abc import Mapping, Sequence
+from dataclasses import fields as dataclass_fields
 from dataclasses import is_dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
@@ -439,7 +440,7 @@ def _fields_of(value: Any) -> Mapping[Any, Any] | None:
     if isinstance(value, BaseModel):
         return value.model_dump()
     if is_dataclass(value) and not isinstance(value, type):
-        return vars(value)
+        return {f.name: getattr(value, f.name) for f in dataclass_fields(value)}  # slots too
     return None
 
 

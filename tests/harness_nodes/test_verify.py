@@ -738,6 +738,20 @@ def test_a_predicate_check_passes_on_true_and_fails_on_false() -> None:
     assert check_output(contract, '{"price": -1}') == ["check positive_price returned False"]
 
 
+@dataclass(slots=True)
+class _SlotsJob:
+    status: str
+    rows: int
+
+
+def test_a_slots_dataclass_artifact_is_checked_like_any_object() -> None:
+    from harness_nodes._verify import check_output
+
+    failed = check_output(ToolContract(), "", artifact={"data": _SlotsJob("failed", 0)})
+    assert failed == ["the output reports a failure: data.status='failed'"]
+    assert check_output(ToolContract(), "", artifact=_SlotsJob("done", 3)) == []
+
+
 def test_range_on_optional_number_field_is_accepted() -> None:
     contract = ToolContract(schema=Item, ranges={"price": (0, None)})
     assert contract.requirements().endswith("price in [0, +inf]; a non-empty result")
