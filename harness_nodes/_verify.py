@@ -367,9 +367,51 @@ def payload_of(contract: ToolContract, content: Any, artifact: Any) -> tuple[Any
 
 _EMPTY_TEXT = frozenset({"", "null", "none", "nil", "undefined", "[]", "{}", '""'})
 
+# A result's counts and page marks describe its items, they are not data: beside empty
+# items, a count of 0, a page number and a ``has_more: false`` leave the result empty.
+_COUNT_KEYS = frozenset(
+    {
+        "count",
+        "total",
+        "total_count",
+        "totalCount",
+        "total_results",
+        "totalResults",
+        "num_results",
+        "numResults",
+        "result_count",
+        "resultCount",
+    }
+)
+_PAGE_KEYS = frozenset({"page", "page_size", "pageSize", "per_page", "perPage"})
+# Only an absent next page counts: a cursor or ``has_more: true`` says there is more data.
+_MORE_KEYS = frozenset(
+    {
+        "has_more",
+        "hasMore",
+        "next",
+        "next_cursor",
+        "nextCursor",
+        "next_page",
+        "nextPage",
+        "next_page_token",
+        "nextPageToken",
+        "cursor",
+        "previous",
+        "prev",
+    }
+)
+_RESULT_META_KEYS = _COUNT_KEYS | _PAGE_KEYS | _MORE_KEYS
+
 
 def is_empty(value: Any) -> bool:
-    """None, blank text, an empty container, or an object whose every value is empty."""
+    """None, blank text, an empty container, or an object that carries no data.
+
+    An object carries no data when every value is empty, or when its data fields are all
+    empty beside counts of 0 and page marks (``{"results": [], "total": 0}``, ``{"items":
+    [], "count": 0, "next": null}``). A count alone (``{"count": 0}``) is an answer, and a
+    non-zero count, a next cursor or any non-empty field keeps an object from being empty.
+    """
     if value is None:
         return True
     if isinstance(value, str):
@@ -377,10 +419,36 @@ def is_empty(value: Any) -> bool:
     if isinstance(value, list | tuple | set | frozenset):
         return len(value) == 0
     if isinstance(value, Mapping):
-        return all(_is_blank(v) for v in value.values())
+        return _carries_no_data(value)
     if isinstance(value, BaseModel):
-        return all(_is_blank(getattr(value, name)) for name in type(value).model_fields)
+        return _carries_no_data({name: getattr(value, name) for name in type(value).model_fields})
     return False
+
+
+def _carries_no_data(fields: Mapping[Any, Any]) -> bool:
+    all_blank, empty_data = True, False
+    for key, value in fields.items():
+        if _is_blank(value):
+            empty_data = empty_data or key not in _RESULT_META_KEYS
+            continue
+        all_blank = False
+        if key in _COUNT_KEYS and _is_count(value, 0):
+            continue
+        if key in _PAGE_KEYS and _is_count(value):
+            continue
+        if key in _MORE_KEYS and value is False:
+            continue
+        return False
+    return all_blank or empty_data
+
+
+def _is_count(value: Any, equal: int | None = None) -> bool:
+    """A non-negative whole number (not a bool), equal to *equal* when given."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if not (value >= 0 and float(value).is_integer()):
+        return False
+    return equal is None or value == equal
 
 
 def _is_blank(value: Any) -> bool:

@@ -243,6 +243,19 @@ FAILURES = [
     Case("blank", "   ", "empty result"),
     Case("python-none", "None", "empty result"),
     Case("all-empty-object", {"results": [], "next": None}, "empty result"),
+    Case("empty-with-zero-total", {"results": [], "total": 0}, "empty result", ToolContract()),
+    Case(
+        "empty-with-count-and-cursor",
+        {"items": [], "count": 0, "next": None},
+        "empty result",
+        ToolContract(),
+    ),
+    Case(
+        "empty-page",
+        {"items": [], "page": 1, "per_page": 20, "total_count": 0, "has_more": False},
+        "empty result",
+        ToolContract(),
+    ),
     Case(
         "tool-error-status",
         "Error: ValueError('bad city')",
@@ -338,6 +351,13 @@ def test_schema_feedback_says_what_is_needed() -> None:
             ToolContract(signals=ErrorSignals(envelope_depth=0)),
             id="envelope-depth-0",
         ),
+        # an empty list beside data, or beside counts that say there is data, is not empty
+        pytest.param({"count": 0}, ToolContract(), id="a-zero-count-is-an-answer"),
+        pytest.param(
+            {"results": [], "total": 0, "query": "storage"}, ToolContract(), id="beside-data"
+        ),
+        pytest.param({"results": [], "total": 57}, ToolContract(), id="nonzero-total"),
+        pytest.param({"items": [], "next": "cursor-2"}, ToolContract(), id="more-to-come"),
     ],
 )
 def test_good_outputs_pass_and_keep_their_content(output: Any, contract: ToolContract) -> None:
@@ -1471,6 +1491,7 @@ class _Job:
             ["the output carries an error: response.error='quota exceeded'"],
             id="nested-error",
         ),
+        pytest.param({"results": [], "total": 0}, None, ["empty result"], id="empty-wrapper"),
     ],
 )
 def test_outputs_of_every_kind_get_the_verdict_their_data_deserves(
