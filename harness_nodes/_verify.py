@@ -494,11 +494,33 @@ def _text_reasons(signals: ErrorSignals, text: str) -> list[str]:
     head = text[: signals.scan_chars]
     if signals.html and signals.html_pattern.search(head):
         return [f"the tool returned an HTML page, not data: {excerpt(head[:120])}"]
+    first_line_end = _first_line_end(head)
     for pattern in signals.compiled_patterns:
-        match = pattern.search(head)
-        if match:
-            return [f"the output reads like an error ({match.group(0)!r}): {excerpt(text[:200])}"]
+        for match in pattern.finditer(head):
+            if _where_errors_are(head, match.start(), first_line_end):
+                return [
+                    f"the output reads like an error ({match.group(0)!r}): {excerpt(text[:200])}"
+                ]
     return []
+
+
+def _first_line_end(text: str) -> int:
+    """Where the first non-blank line of *text* ends."""
+    start = len(text) - len(text.lstrip())
+    end = text.find("\n", start)
+    return len(text) if end < 0 else end
+
+
+def _where_errors_are(text: str, start: int, first_line_end: int) -> bool:
+    """Whether a match at *start* is where an error message puts its words.
+
+    That is the first line (an error leads with what went wrong, whatever label precedes it)
+    or the start of a line; in the middle of a later line, it is text about errors (docs, a
+    search snippet).
+    """
+    if start < first_line_end:
+        return True
+    return not text[text.rfind("\n", 0, start) + 1 : start].strip()
 
 
 def _fields_of(value: Any) -> Mapping[Any, Any] | None:

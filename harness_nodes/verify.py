@@ -149,11 +149,18 @@ class Check(Protocol):
 
 
 _DEFAULT_TEXT_PATTERNS = (
-    r"\brate[ _-]?limit",
+    # Each says the call failed, not what a text is about: "Rate limit exceeded", never "our
+    # API has a rate limit of 100 requests per minute" (documentation, a search snippet).
+    r"\brate[ _-]?limit(?=(?:s|ed|ing)?[ _-]?(?:exceeded|reached|hit|error|exception)\b)",
+    r"\b(?:been|being|got|getting) rate[ _-]?limited\b",
+    r"\A\W*rate[ _-]?limited\b",
+    r"\bexceeded\s+(?:(?:the|your|our|its|an?)\s+)?(?:\w+\s+)?rate[ _-]?limits?\b",
     r"\btoo many requests\b",
     r"\bquota (?:exceeded|exhausted)\b",
-    r"\btimed? ?out\b",
-    r"\btimeout\b",
+    r"\btimed[ _-]?out\b",
+    r"\b\w*timeout(?:error|exception)\b",  # TimeoutError, ReadTimeoutError
+    r"\btimeout (?:error|exceeded|expired)\b",
+    r"\A\s*(?:[\w-]+\s+)?timeout\s*[.!]?\s*\Z",  # the whole output: "upstream timeout"
     r"\b(?:service unavailable|bad gateway|gateway timeout|internal server error)\b",
     r"\A\s*(?:error|exception)\b\s*[:!-]",
     # an HTTP status line served as the output: "404 Not Found", "ERROR 403 Forbidden"
@@ -177,8 +184,11 @@ class ErrorSignals:
     a list (jobs, some of which have ``"status": "failed"``) and any other key (an order
     record's ``status``) are data.
 
-    Plain text is checked on its first ``scan_chars`` characters (errors announce themselves
-    up front, and a long article that mentions a "timeout" later is data, not an error).
+    Plain text is checked where an error message puts its words: its first line, and the
+    start of any other line, within the first ``scan_chars`` characters. The default patterns
+    are phrased as errors ("Rate limit exceeded", "429 Too Many Requests", "Request timed
+    out"), so a text that merely mentions a rate limit or a timeout — documentation, a search
+    snippet — is data, not an error.
 
     Example:
         ```python
@@ -217,11 +227,14 @@ class ErrorSignals:
     """How many envelopes deep the checks go: 2 reads ``response.body.error``; 0 reads the
     top-level keys only."""
     text_patterns: tuple[str, ...] = _DEFAULT_TEXT_PATTERNS
-    """Regular expressions (case-insensitive) that mark plain text as an error message."""
+    """Regular expressions (case-insensitive) that mark plain text as an error message. A
+    match counts in the text's first line or at the start of a line (see `scan_chars`)."""
     html: bool = True
     """Refuse text that is an HTML page (an error page served instead of data)."""
     scan_chars: int = 512
-    """How much of a plain-text output the text detectors read."""
+    """How much of a plain-text output the text detectors read: its first line and the
+    starts of its lines within this many characters (errors announce themselves up front;
+    an article that mentions a "timeout" later, or in the middle of a line, is data)."""
 
     compiled_patterns: tuple[re.Pattern[str], ...] = field(
         init=False, repr=False, compare=False, default=()

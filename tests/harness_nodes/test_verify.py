@@ -257,6 +257,11 @@ FAILURES = [
         ToolContract(),
     ),
     Case(
+        "error-on-a-later-line",
+        "Search failed.\nRate limit exceeded: retry after 30s",
+        "the output reads like an error ('Rate limit",
+    ),
+    Case(
         "tool-error-status",
         "Error: ValueError('bad city')",
         "the tool raised an error",
@@ -358,6 +363,29 @@ def test_schema_feedback_says_what_is_needed() -> None:
         ),
         pytest.param({"results": [], "total": 57}, ToolContract(), id="nonzero-total"),
         pytest.param({"items": [], "next": "cursor-2"}, ToolContract(), id="more-to-come"),
+        # text that mentions an error is data; an error message leads with it
+        pytest.param(
+            "Our API has a rate limit of 100 requests per minute.",
+            ToolContract(),
+            id="docs-mention-a-rate-limit",
+        ),
+        pytest.param(
+            "1. Rate limits | Example API docs\n"
+            "https://example.com/docs/rate-limits\n"
+            "Over the limit, requests fail with 429 Too Many Requests until the window resets.",
+            ToolContract(),
+            id="search-snippet-mentions-429",
+        ),
+        pytest.param(
+            "Set the request timeout to 30 seconds in config.yaml.",
+            ToolContract(),
+            id="docs-mention-a-timeout",
+        ),
+        pytest.param(
+            "Troubleshooting uploads\nA slow upload may have timed out; retry a smaller file.",
+            ToolContract(),
+            id="timed-out-mid-line",
+        ),
     ],
 )
 def test_good_outputs_pass_and_keep_their_content(output: Any, contract: ToolContract) -> None:
@@ -1492,6 +1520,13 @@ class _Job:
             id="nested-error",
         ),
         pytest.param({"results": [], "total": 0}, None, ["empty result"], id="empty-wrapper"),
+        pytest.param(
+            "Rate limits\nOur API has a rate limit of 100 requests per minute; over it, "
+            "requests get 429 Too Many Requests.",
+            None,
+            [],
+            id="docs-text",
+        ),
     ],
 )
 def test_outputs_of_every_kind_get_the_verdict_their_data_deserves(
