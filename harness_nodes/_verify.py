@@ -17,6 +17,7 @@ import math
 import re
 import reprlib
 from collections.abc import Mapping, Sequence
+from dataclasses import fields as dataclass_fields
 from dataclasses import is_dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
@@ -366,9 +367,51 @@ def payload_of(contract: ToolContract, content: Any, artifact: Any) -> tuple[Any
 
 _EMPTY_TEXT = frozenset({"", "null", "none", "nil", "undefined", "[]", "{}", '""'})
 
+# A result's counts and page marks describe its items, they are not data: beside empty
+# items, a count of 0, a page number and a ``has_more: false`` leave the result empty.
+_COUNT_KEYS = frozenset(
+    {
+        "count",
+        "total",
+        "total_count",
+        "totalCount",
+        "total_results",
+        "totalResults",
+        "num_results",
+        "numResults",
+        "result_count",
+        "resultCount",
+    }
+)
+_PAGE_KEYS = frozenset({"page", "page_size", "pageSize", "per_page", "perPage"})
+# Only an absent next page counts: a cursor or ``has_more: true`` says there is more data.
+_MORE_KEYS = frozenset(
+    {
+        "has_more",
+        "hasMore",
+        "next",
+        "next_cursor",
+        "nextCursor",
+        "next_page",
+        "nextPage",
+        "next_page_token",
+        "nextPageToken",
+        "cursor",
+        "previous",
+        "prev",
+    }
+)
+_RESULT_META_KEYS = _COUNT_KEYS | _PAGE_KEYS | _MORE_KEYS
+
 
 def is_empty(value: Any) -> bool:
-    """None, blank text, an empty container, or an object whose every value is empty."""
+    """None, blank text, an empty container, or an object that carries no data.
+
+    An object carries no data when every value is empty, or when its data fields are all
+    empty beside counts of 0 and page marks (``{"results": [], "total": 0}``, ``{"items":
+    [], "count": 0, "next": null}``). A count alone (``{"count": 0}``) is an answer, and a
+    non-zero count, a next cursor or any non-empty field keeps an object from being empty.
+    """
     if value is None:
         return True
     if isinstance(value, str):
@@ -376,10 +419,36 @@ def is_empty(value: Any) -> bool:
     if isinstance(value, list | tuple | set | frozenset):
         return len(value) == 0
     if isinstance(value, Mapping):
-        return all(_is_blank(v) for v in value.values())
+        return _carries_no_data(value)
     if isinstance(value, BaseModel):
-        return all(_is_blank(getattr(value, name)) for name in type(value).model_fields)
+        return _carries_no_data({name: getattr(value, name) for name in type(value).model_fields})
     return False
+
+
+def _carries_no_data(fields: Mapping[Any, Any]) -> bool:
+    all_blank, empty_data = True, False
+    for key, value in fields.items():
+        if _is_blank(value):
+            empty_data = empty_data or key not in _RESULT_META_KEYS
+            continue
+        all_blank = False
+        if key in _COUNT_KEYS and _is_count(value, 0):
+            continue
+        if key in _PAGE_KEYS and _is_count(value):
+            continue
+        if key in _MORE_KEYS and value is False:
+            continue
+        return False
+    return all_blank or empty_data
+
+
+def _is_count(value: Any, equal: int | None = None) -> bool:
+    """A non-negative whole number (not a bool), equal to *equal* when given."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if not (value >= 0 and float(value).is_integer()):
+        return False
+    return equal is None or value == equal
 
 
 def _is_blank(value: Any) -> bool:
@@ -409,43 +478,87 @@ def lookup(payload: Any, path: str) -> Any:
 
 def signal_reasons(signals: ErrorSignals, payload: Any, text: str, structured: bool) -> list[str]:
     """Error signals inside an output that otherwise looks like a success."""
-    reasons: list[str] = []
     if structured and isinstance(payload, str):  # a JSON string: its text is the output
         text, structured = payload, False
     if not structured:
-        head = text[: signals.scan_chars]
-        if signals.html and signals.html_pattern.search(head):
-            return [f"the tool returned an HTML page, not data: {excerpt(head[:120])}"]
-        for pattern in signals.compiled_patterns:
-            match = pattern.search(head)
-            if match:
+        return _text_reasons(signals, text)
+    fields = _fields_of(payload)
+    if fields is None:
+        return []
+    reasons: list[str] = []
+    _field_reasons(signals, fields, "", signals.envelope_depth, reasons)
+    return reasons
+
+
+def _text_reasons(signals: ErrorSignals, text: str) -> list[str]:
+    head = text[: signals.scan_chars]
+    if signals.html and signals.html_pattern.search(head):
+        return [f"the tool returned an HTML page, not data: {excerpt(head[:120])}"]
+    first_line_end = _first_line_end(head)
+    for pattern in signals.compiled_patterns:
+        for match in pattern.finditer(head):
+            if _where_errors_are(head, match.start(), first_line_end):
                 return [
                     f"the output reads like an error ({match.group(0)!r}): {excerpt(text[:200])}"
                 ]
-        return reasons
-    if isinstance(payload, BaseModel):
-        payload = payload.model_dump()
-    elif is_dataclass(payload) and not isinstance(payload, type):
-        payload = vars(payload)
-    if not isinstance(payload, Mapping):
-        return reasons
-    for key, value in payload.items():
+    return []
+
+
+def _first_line_end(text: str) -> int:
+    """Where the first non-blank line of *text* ends."""
+    start = len(text) - len(text.lstrip())
+    end = text.find("\n", start)
+    return len(text) if end < 0 else end
+
+
+def _where_errors_are(text: str, start: int, first_line_end: int) -> bool:
+    """Whether a match at *start* is where an error message puts its words.
+
+    That is the first line (an error leads with what went wrong, whatever label precedes it)
+    or the start of a line; in the middle of a later line, it is text about errors (docs, a
+    search snippet).
+    """
+    if start < first_line_end:
+        return True
+    return not text[text.rfind("\n", 0, start) + 1 : start].strip()
+
+
+def _fields_of(value: Any) -> Mapping[Any, Any] | None:
+    """The fields of a mapping, a pydantic model or a dataclass instance; else ``None``."""
+    if isinstance(value, dict | Mapping):  # dict first: the ABC check is slow
+        return value
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclass_fields(value)}  # slots too
+    return None
+
+
+def _field_reasons(
+    signals: ErrorSignals, fields: Mapping[Any, Any], prefix: str, depth: int, reasons: list[str]
+) -> None:
+    """The signals in one object's keys, then in its envelopes' (``depth`` more levels)."""
+    for key, value in fields.items():
         if not isinstance(key, str):
             continue
+        path = prefix + key
         if key in signals.error_keys and not _is_blank(value) and not _is_zero(value):
-            reasons.append(f"the output carries an error: {key}={excerpt(value)}")
+            reasons.append(f"the output carries an error: {path}={excerpt(value)}")
         elif (
             key in signals.status_keys
             and isinstance(value, str)
             and value.strip().lower() in signals.failed_statuses
         ):
-            reasons.append(f"the output reports a failure: {key}={value!r}")
+            reasons.append(f"the output reports a failure: {path}={value!r}")
         elif key in signals.success_flags and _is_false(value):
             flag = "false" if value is False else repr(value)
-            reasons.append(f"the output reports a failure: {key}={flag}")
+            reasons.append(f"the output reports a failure: {path}={flag}")
         elif key in signals.code_keys and _is_error_status(value):
-            reasons.append(f"the output reports an error status: {key}={value!r}")
-    return reasons
+            reasons.append(f"the output reports an error status: {path}={value!r}")
+        elif depth > 0 and key in signals.envelope_keys:
+            inner = _fields_of(value)
+            if inner is not None:
+                _field_reasons(signals, inner, path + ".", depth - 1, reasons)
 
 
 def _is_zero(value: Any) -> bool:

@@ -149,11 +149,18 @@ class Check(Protocol):
 
 
 _DEFAULT_TEXT_PATTERNS = (
-    r"\brate[ _-]?limit",
+    # Each says the call failed, not what a text is about: "Rate limit exceeded", never "our
+    # API has a rate limit of 100 requests per minute" (documentation, a search snippet).
+    r"\brate[ _-]?limit(?=(?:s|ed|ing)?[ _-]?(?:exceeded|reached|hit|error|exception)\b)",
+    r"\b(?:been|being|got|getting) rate[ _-]?limited\b",
+    r"\A\W*rate[ _-]?limited\b",
+    r"\bexceeded\s+(?:(?:the|your|our|its|an?)\s+)?(?:\w+\s+)?rate[ _-]?limits?\b",
     r"\btoo many requests\b",
     r"\bquota (?:exceeded|exhausted)\b",
-    r"\btimed? ?out\b",
-    r"\btimeout\b",
+    r"\btimed[ _-]?out\b",
+    r"\b\w*timeout(?:error|exception)\b",  # TimeoutError, ReadTimeoutError
+    r"\btimeout (?:error|exceeded|expired)\b",
+    r"\A\s*(?:[\w-]+\s+)?timeout\s*[.!]?\s*\Z",  # the whole output: "upstream timeout"
     r"\b(?:service unavailable|bad gateway|gateway timeout|internal server error)\b",
     r"\A\s*(?:error|exception)\b\s*[:!-]",
     # an HTTP status line served as the output: "404 Not Found", "ERROR 403 Forbidden"
@@ -170,9 +177,18 @@ _DEFAULT_TEXT_PATTERNS = (
 class ErrorSignals:
     """Detectors for errors hidden in outputs that look like success. On by default.
 
-    Structured outputs (JSON objects, artifacts) are checked on their top-level keys; plain
-    text is checked on its first ``scan_chars`` characters (errors announce themselves up
-    front, and a long article that mentions a "timeout" later is data, not an error).
+    Structured outputs (JSON objects, artifacts) are checked on their top-level keys and, as
+    far as `envelope_depth` goes, inside the envelopes APIs wrap their answer in
+    (`envelope_keys`): ``{"data": null, "response": {"error": "quota exceeded"}}`` fails
+    with the reason ``response.error='quota exceeded'``. Only an envelope's own keys are read:
+    a list (jobs, some of which have ``"status": "failed"``) and any other key (an order
+    record's ``status``) are data.
+
+    Plain text is checked where an error message puts its words: its first line, and the
+    start of any other line, within the first ``scan_chars`` characters. The default patterns
+    are phrased as errors ("Rate limit exceeded", "429 Too Many Requests", "Request timed
+    out"), so a text that merely mentions a rate limit or a timeout — documentation, a search
+    snippet — is data, not an error.
 
     Example:
         ```python
@@ -181,13 +197,18 @@ class ErrorSignals:
         # An order-status tool: "failed" is data here, not an error signal.
         contract = ToolContract(signals=ErrorSignals(failed_statuses=frozenset()))
         assert contract.signals is not None and not contract.signals.failed_statuses
+
+        # An API that wraps its answer in "Payload": look inside it too.
+        signals = ErrorSignals(envelope_keys=ErrorSignals().envelope_keys | {"Payload"})
+        assert "Payload" in signals.envelope_keys
         ```
     """
 
     error_keys: frozenset[str] = frozenset(
         {"error", "errors", "error_message", "errorMessage", "exception", "fault"}
     )
-    """A top-level key among these with a non-empty value means the call failed."""
+    """A key among these (at the top level or in an envelope) with a non-empty value means
+    the call failed."""
     status_keys: frozenset[str] = frozenset({"status", "state", "outcome", "result"})
     """Keys whose text value is compared with `failed_statuses`."""
     failed_statuses: frozenset[str] = frozenset(
@@ -199,12 +220,21 @@ class ErrorSignals:
     code_keys: frozenset[str] = frozenset({"status_code", "statusCode", "http_status", "code"})
     """Keys whose value is an HTTP error status (400-599, as a number or a string such as
     ``"500"``) mean the call failed."""
+    envelope_keys: frozenset[str] = frozenset({"data", "result", "response", "body", "payload"})
+    """Keys whose object value wraps the answer: its keys are checked as the top level's are
+    (a list under such a key is data and is not looked into)."""
+    envelope_depth: int = 2
+    """How many envelopes deep the checks go: 2 reads ``response.body.error``; 0 reads the
+    top-level keys only."""
     text_patterns: tuple[str, ...] = _DEFAULT_TEXT_PATTERNS
-    """Regular expressions (case-insensitive) that mark plain text as an error message."""
+    """Regular expressions (case-insensitive) that mark plain text as an error message. A
+    match counts in the text's first line or at the start of a line (see `scan_chars`)."""
     html: bool = True
     """Refuse text that is an HTML page (an error page served instead of data)."""
     scan_chars: int = 512
-    """How much of a plain-text output the text detectors read."""
+    """How much of a plain-text output the text detectors read: its first line and the
+    starts of its lines within this many characters (errors announce themselves up front;
+    an article that mentions a "timeout" later, or in the middle of a line, is data)."""
 
     compiled_patterns: tuple[re.Pattern[str], ...] = field(
         init=False, repr=False, compare=False, default=()
@@ -227,7 +257,22 @@ class ErrorSignals:
                 raise UserError(f"ErrorSignals: invalid text pattern {pattern!r}: {e}") from e
         if self.scan_chars < 1:
             raise UserError(f"ErrorSignals.scan_chars must be >= 1, got {self.scan_chars}")
-        for name in ("error_keys", "status_keys", "failed_statuses", "success_flags", "code_keys"):
+        if (
+            isinstance(self.envelope_depth, bool)
+            or not isinstance(self.envelope_depth, int)
+            or self.envelope_depth < 0
+        ):
+            raise UserError(
+                f"ErrorSignals.envelope_depth must be >= 0, got {self.envelope_depth!r}"
+            )
+        for name in (
+            "error_keys",
+            "status_keys",
+            "failed_statuses",
+            "success_flags",
+            "code_keys",
+            "envelope_keys",
+        ):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise UserError(f"ErrorSignals.{name} must be a set of strings, not a str")

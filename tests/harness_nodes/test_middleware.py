@@ -173,6 +173,51 @@ def test_failed_verification_ends_the_agent() -> None:
     assert _model_calls(out["messages"]) == 1  # no second model call
 
 
+@tool
+def find_notes(query: str) -> dict[str, Any]:
+    """Look a query up in the knowledge base."""
+    if query == "typo":
+        return {"results": [], "total": 0}
+    if query == "busy":
+        return {"data": None, "response": {"error": "quota exceeded"}}
+    return {"results": ["note-1"], "total": 1}
+
+
+@tool
+def read_docs(topic: str) -> str:
+    """The API documentation on a topic."""
+    return f"{topic.title()}\nOur API has a rate limit of 100 requests per minute."
+
+
+def test_empty_wrappers_and_nested_errors_go_back_to_the_model_docs_do_not() -> None:
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("find_notes", {"query": "typo"})]),
+            ai(tool_calls=[tool_call("find_notes", {"query": "busy"})]),
+            ai(tool_calls=[tool_call("read_docs", {"topic": "rate limits"})]),
+            ai(tool_calls=[tool_call("find_notes", {"query": "storage"})]),
+            ai("Found note-1."),
+        ]
+    )
+    contracts = {"find_notes": ToolContract(), "read_docs": ToolContract()}
+    verify = VerifyToolOutputsMiddleware(contracts)
+    out = create_agent(model, [find_notes, read_docs], middleware=[verify]).invoke(
+        {"messages": [HumanMessage("find storage notes")]}
+    )
+
+    assert [(v["tool"], v["action"]) for v in out["verdicts"]] == [
+        ("find_notes", "retry"),
+        ("find_notes", "retry"),
+        ("read_docs", "ok"),
+        ("find_notes", "ok"),
+    ]
+    assert out["verdicts"][0]["reasons"] == ["empty result: {'results': [], 'total': 0}"]
+    assert out["verdicts"][1]["reasons"] == [
+        "the output carries an error: response.error='quota exceeded'"
+    ]
+    assert out["messages"][-1].text == "Found note-1."
+
+
 @before_model
 def keep_last_turn(state: Any, runtime: Runtime[Any]) -> dict[str, Any] | None:
     """The LangChain docs' trimming middleware: keep the first message and the last turn."""

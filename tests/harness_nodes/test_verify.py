@@ -178,6 +178,36 @@ FAILURES = [
         "the output reports a failure: success='false'",
     ),
     Case(
+        "nested-error",
+        {"data": None, "response": {"error": "quota exceeded"}},
+        "the output carries an error: response.error='quota exceeded'",
+        ToolContract(),
+    ),
+    Case(
+        "nested-status-failed",
+        {"result": {"status": "failed", "message": "disk full"}},
+        "the output reports a failure: result.status='failed'",
+        ToolContract(),
+    ),
+    Case(
+        "nested-success-false",
+        {"body": {"success": False}},
+        "the output reports a failure: body.success=false",
+        ToolContract(),
+    ),
+    Case(
+        "nested-http-status",
+        {"payload": {"statusCode": 503, "items": [1]}},
+        "the output reports an error status: payload.statusCode=503",
+        ToolContract(),
+    ),
+    Case(
+        "two-envelopes-deep",
+        {"response": {"status_code": 200, "body": {"errors": ["token expired"]}}},
+        "the output carries an error: response.body.errors=['token expired']",
+        ToolContract(),
+    ),
+    Case(
         "rate-limit-text",
         "Rate limit exceeded, retry in 30s",
         "the output reads like an error ('Rate limit'",
@@ -213,6 +243,24 @@ FAILURES = [
     Case("blank", "   ", "empty result"),
     Case("python-none", "None", "empty result"),
     Case("all-empty-object", {"results": [], "next": None}, "empty result"),
+    Case("empty-with-zero-total", {"results": [], "total": 0}, "empty result", ToolContract()),
+    Case(
+        "empty-with-count-and-cursor",
+        {"items": [], "count": 0, "next": None},
+        "empty result",
+        ToolContract(),
+    ),
+    Case(
+        "empty-page",
+        {"items": [], "page": 1, "per_page": 20, "total_count": 0, "has_more": False},
+        "empty result",
+        ToolContract(),
+    ),
+    Case(
+        "error-on-a-later-line",
+        "Search failed.\nRate limit exceeded: retry after 30s",
+        "the output reads like an error ('Rate limit",
+    ),
     Case(
         "tool-error-status",
         "Error: ValueError('bad city')",
@@ -283,6 +331,60 @@ def test_schema_feedback_says_what_is_needed() -> None:
         pytest.param("450 results for your query", ToolContract(), id="a-count-is-not-a-status"),
         pytest.param(
             "x" * 600 + " the request timed out", ToolContract(), id="late-timeout-is-data"
+        ),
+        # errors in envelopes are read; data that merely looks like one is not
+        pytest.param(
+            {"data": [{"job": 1, "status": "failed"}, {"job": 2, "status": "done"}]},
+            ToolContract(),
+            id="a-list-of-jobs-some-failed",
+        ),
+        pytest.param(
+            {"order": {"id": "A1", "status": "failed"}, "data": {"id": "A1"}},
+            ToolContract(),
+            id="status-of-a-domain-record",
+        ),
+        pytest.param(
+            {"data": {"error": None, "items": [1]}}, ToolContract(), id="nested-null-error"
+        ),
+        pytest.param(
+            {"response": {"error": "quota exceeded"}},
+            ToolContract(signals=ErrorSignals(envelope_keys=frozenset())),
+            id="envelopes-off",
+        ),
+        pytest.param(
+            {"response": {"error": "quota exceeded"}},
+            ToolContract(signals=ErrorSignals(envelope_depth=0)),
+            id="envelope-depth-0",
+        ),
+        # an empty list beside data, or beside counts that say there is data, is not empty
+        pytest.param({"count": 0}, ToolContract(), id="a-zero-count-is-an-answer"),
+        pytest.param(
+            {"results": [], "total": 0, "query": "storage"}, ToolContract(), id="beside-data"
+        ),
+        pytest.param({"results": [], "total": 57}, ToolContract(), id="nonzero-total"),
+        pytest.param({"items": [], "next": "cursor-2"}, ToolContract(), id="more-to-come"),
+        # text that mentions an error is data; an error message leads with it
+        pytest.param(
+            "Our API has a rate limit of 100 requests per minute.",
+            ToolContract(),
+            id="docs-mention-a-rate-limit",
+        ),
+        pytest.param(
+            "1. Rate limits | Example API docs\n"
+            "https://example.com/docs/rate-limits\n"
+            "Over the limit, requests fail with 429 Too Many Requests until the window resets.",
+            ToolContract(),
+            id="search-snippet-mentions-429",
+        ),
+        pytest.param(
+            "Set the request timeout to 30 seconds in config.yaml.",
+            ToolContract(),
+            id="docs-mention-a-timeout",
+        ),
+        pytest.param(
+            "Troubleshooting uploads\nA slow upload may have timed out; retry a smaller file.",
+            ToolContract(),
+            id="timed-out-mid-line",
         ),
     ],
 )
@@ -642,6 +744,16 @@ class Item(BaseModel):
             lambda: ErrorSignals(text_patterns=("(",)), "invalid text pattern '('", id="bad-regex"
         ),
         pytest.param(
+            lambda: ErrorSignals(envelope_depth=-1),
+            "envelope_depth must be >= 0, got -1",
+            id="negative-envelope-depth",
+        ),
+        pytest.param(
+            lambda: ErrorSignals(envelope_keys="data"),  # type: ignore[arg-type]
+            "envelope_keys must be a set of strings, not a str",
+            id="envelope-keys-str",
+        ),
+        pytest.param(
             lambda: VerifyToolOutputs({"t": {"max_retries": 1}}),
             "must be a ToolContract, got dict",
             id="contract-not-contract",
@@ -672,6 +784,20 @@ def test_a_predicate_check_passes_on_true_and_fails_on_false() -> None:
     contract = ToolContract(checks=(positive_price,))
     assert check_output(contract, '{"price": 3}') == []
     assert check_output(contract, '{"price": -1}') == ["check positive_price returned False"]
+
+
+@dataclass(slots=True)
+class _SlotsJob:
+    status: str
+    rows: int
+
+
+def test_a_slots_dataclass_artifact_is_checked_like_any_object() -> None:
+    from harness_nodes._verify import check_output
+
+    failed = check_output(ToolContract(), "", artifact={"data": _SlotsJob("failed", 0)})
+    assert failed == ["the output reports a failure: data.status='failed'"]
+    assert check_output(ToolContract(), "", artifact=_SlotsJob("done", 3)) == []
 
 
 def test_range_on_optional_number_field_is_accepted() -> None:
@@ -1386,6 +1512,20 @@ class _Job:
             None,
             ["the output reads like an error"],
             id="json-string",
+        ),
+        pytest.param(
+            {"data": None, "response": {"error": "quota exceeded"}},
+            None,
+            ["the output carries an error: response.error='quota exceeded'"],
+            id="nested-error",
+        ),
+        pytest.param({"results": [], "total": 0}, None, ["empty result"], id="empty-wrapper"),
+        pytest.param(
+            "Rate limits\nOur API has a rate limit of 100 requests per minute; over it, "
+            "requests get 429 Too Many Requests.",
+            None,
+            [],
+            id="docs-text",
         ),
     ],
 )
