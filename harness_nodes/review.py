@@ -752,10 +752,13 @@ class HumanReview:
     run). Review records ride on the messages' ``additional_kwargs["harness"]``.
 
     With a plain tools node every call of the AI message runs, so when some calls were
-    rejected or answered the rest are sent to the tools node one by one with ``Send``, in the
-    input format `ToolNode` accepts (as LangChain's ``create_agent`` does). When nothing is
-    left to run and a tool result of the turn failed verification for good (``fail``), it
-    ends the task (to ``END``, with `VerificationStop`'s outcome and closing message).
+    rejected or answered the rest are sent to the tools node with one ``Send`` of
+    ``{"messages": ...}``: the conversation up to a copy of the AI message that holds only
+    those calls (the input `ToolNode` takes; the state keeps every call). They run as one
+    task, as a turn nobody reviewed does, so the edge after the tools routes on all their
+    results together. When nothing is left to run and a tool result of the turn failed
+    verification for good (``fail``), it ends the task (to ``END``, with
+    `VerificationStop`'s outcome and closing message).
 
     See the module docstring for a complete example.
 
@@ -1038,15 +1041,16 @@ class HumanReview:
             return Command(update=update, goto=self.model_node if ai_msg.tool_calls else END)
         if len(to_run) == len(ai_msg.tool_calls):
             return Command(update=update, goto=self.tools_node)
-        state = {"messages": list(messages)}
-        sends = [
-            Send(
-                self.tools_node,
-                {"__type": "tool_call_with_context", "tool_call": call, "state": state},
-            )
-            for call in to_run
-        ]
-        return Command(update=update, goto=sends)
+        # One Send, not one per call: the calls left run as one task of the tools node, as a
+        # whole turn does, so the edge after it routes on all their results together (the
+        # edge after a Send task sees that task's writes only: with a Send per call, a
+        # sibling's result went back to the model while an escalated one waited for review).
+        # Its input is the conversation as if the model had asked for these calls only,
+        # which any tools node runs: ToolNode (and the quickstart's tool node) run the calls
+        # of the last AI message. The copy is not written back; the state keeps every call.
+        remaining = ai_msg.model_copy(update={"tool_calls": to_run})
+        asked = [*messages[:idx], remaining]
+        return Command(update=update, goto=Send(self.tools_node, {"messages": asked}))
 
 
 def _verification_stop(

@@ -508,6 +508,47 @@ def test_a_sibling_fail_verdict_still_ends_the_agent_once_the_escalation_is_revi
     assert out["messages"][-1].text.startswith("I stopped: a tool output failed verification.")
 
 
+@tool
+def pay(order: str) -> dict[str, str]:
+    """Pay for an order (a side effect)."""
+    return {"status": "failed", "error": "card declined"}
+
+
+@pytest.mark.parametrize("verify_first", [True, False], ids=["verify-first", "review-first"])
+def test_calls_left_after_a_rejection_wait_for_the_escalation_before_the_model(
+    verify_first: bool,
+) -> None:
+    """As in the graph form: `ping` is rejected; of the calls left, `pay` escalates while
+    `search` is fine, and the model answers once, after the escalation is decided."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    calls = [
+        tool_call("ping", {}, id="p1"),
+        tool_call("pay", {"order": "A1"}, id="c1"),
+        tool_call("search", {"query": "a"}, id="s1"),
+    ]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("Payment held.")])
+    verify = VerifyToolOutputsMiddleware({"pay": ToolContract(side_effects=True)})
+    review = ReviewQueueMiddleware(ReviewPolicy(always=["ping"]), tools=[ping, pay, search])
+    middleware: list[Any] = [verify, review] if verify_first else [review, verify]
+    agent = create_agent(
+        model, [ping, pay, search], middleware=middleware, checkpointer=InMemorySaver()
+    )
+    config = {"configurable": {"thread_id": "t"}}
+    agent.invoke({"messages": [HumanMessage("go")]}, config)
+    paused = agent.invoke(Command(resume={"type": "reject"}), config)
+    [request] = paused["__interrupt__"][0].value
+    assert (request["kind"], request["tool_call_id"]) == ("escalation", "c1")
+    assert model.calls == 1
+
+    out = agent.invoke(Command(resume={"type": "approve"}), config)
+
+    assert model.calls == 2
+    answers = [m.text for m in out["messages"] if isinstance(m, AIMessage) and not m.tool_calls]
+    assert answers == ["Payment held."]
+
+
 def test_edited_arguments_validated_by_the_queue_against_the_agents_tools() -> None:
     from harness_nodes import InvalidDecision
 

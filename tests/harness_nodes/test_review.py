@@ -5,14 +5,15 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMessage
+from langchain_core.tools import tool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, MessagesState, StateGraph
-from langgraph.prebuilt import ToolNode
+from langgraph.prebuilt import InjectedState, ToolNode, ToolRuntime
 from langgraph.types import Command
 
 from checkpointers import Backend
@@ -328,6 +329,62 @@ def test_all_calls_needing_review_are_batched_into_one_interrupt() -> None:
     ]
     graph.invoke(Command(resume=list(reversed(decisions))), cfg)  # matched by call id
     assert EFFECTS == {"send_email": 1, "lookup": 1}
+
+
+SEEN: dict[str, list[AnyMessage]] = {}
+
+
+@tool
+def conversation(
+    order: str, messages: Annotated[list[AnyMessage], InjectedState("messages")]
+) -> str:
+    """Read the conversation (state injected)."""
+    SEEN["conversation"] = list(messages)
+    return f"{len(messages)} messages about {order}"
+
+
+@tool
+def order_status(order: str, runtime: ToolRuntime) -> str:
+    """Read the run (runtime injected)."""
+    SEEN["order_status"] = list(runtime.state["messages"])
+    return f"order {order}: paid ({runtime.tool_call_id})"
+
+
+def test_calls_left_after_a_rejection_run_as_one_task_with_the_state_injected() -> None:
+    """The calls a reviewer left run together, in one task of the tools node; tools that read
+    the graph state get the conversation that asked for them (the turn's calls left)."""
+    SEEN.clear()
+    calls = [
+        tool_call("refund", {"order": "A1", "amount": 500}, id="r1"),
+        tool_call("conversation", {"order": "A1"}, id="h1"),
+        tool_call("order_status", {"order": "A1"}, id="s1"),
+    ]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("ok")])
+    review = HumanReview(ReviewPolicy(irreversible=["refund"]), tools=TOOLS)
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode([*TOOLS, conversation, order_status]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_edge("tools", "agent")
+    graph = builder.compile(checkpointer=InMemorySaver())
+    cfg = _cfg()
+    graph.invoke({"messages": [HumanMessage("go")]}, cfg)
+
+    steps = [next(iter(u)) for u in graph.stream(Command(resume={"type": "reject"}), cfg)]
+
+    assert steps == ["review", "tools", "agent"]
+    assert EFFECTS == {}
+    out = graph.get_state(cfg).values
+    answered = {m.tool_call_id: m.content for m in out["messages"] if isinstance(m, ToolMessage)}
+    assert answered["h1"] == "2 messages about A1"
+    assert answered["s1"] == "order A1: paid (s1)"
+    assert set(SEEN) == {"conversation", "order_status"}
+    for seen in SEEN.values():
+        assert seen[0].content == "go"
+        assert [c["id"] for c in seen[-1].tool_calls] == ["h1", "s1"]
+    assert [c["id"] for c in out["messages"][1].tool_calls] == ["r1", "h1", "s1"]
 
 
 def test_calls_no_one_flags_go_straight_to_the_tools() -> None:

@@ -6,7 +6,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import pytest
-from langchain_core.messages import AnyMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
@@ -561,6 +561,87 @@ def test_a_sibling_fail_verdict_still_ends_the_task_once_the_escalation_is_revie
     assert [r["decision"] for r in out["reviews"]] == [decision["type"]]
 
 
+@tool
+def charge(order: str) -> dict[str, Any]:
+    """Charge an order (a side effect)."""
+    return {"status": "failed", "error": "card declined"}
+
+
+def test_calls_left_after_a_rejection_are_routed_together_before_the_model_answers(
+    backend_url: str,
+) -> None:
+    """One AI message: `transfer` is reviewed and rejected; of the calls left, `charge` (side
+    effects) fails verification and escalates while `lookup` is fine. The model must not
+    answer while the charge waits for a person: it answers once, after that decision."""
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewPolicy
+
+    calls = [
+        tool_call("transfer", {"amount": 900}, id="t1"),
+        tool_call("charge", {"order": "A1"}, id="c1"),
+        tool_call("lookup", {"key": "a"}, id="l1"),
+    ]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("Transfer refused, charge held.")])
+    with open_backend(backend_url) as backend:
+        agent = build_harnessed_agent(
+            model,
+            [transfer, charge, lookup],
+            contracts={"charge": ToolContract(side_effects=True), "lookup": ToolContract()},
+            review_policy=ReviewPolicy(always=["transfer"]),
+            backend=backend,
+        )
+        config = {"configurable": {"thread_id": "t-split"}}
+        agent.invoke({"messages": [HumanMessage("go")]}, config, durability="sync")
+        (request,) = _paused(agent, config)
+        assert (request["kind"], request["tool_call_id"]) == ("tool_call", "t1")
+        agent.invoke(Command(resume={"type": "reject"}), config, durability="sync")
+
+        (request,) = _paused(agent, config)
+        assert (request["kind"], request["tool_call_id"]) == ("escalation", "c1")
+        assert agent.get_state(config).next == ("review",)
+        assert model.calls == 1  # no answer while a sibling's output waits for a person
+
+        out = agent.invoke(Command(resume={"type": "approve"}), config, durability="sync")
+    assert model.calls == 2
+    answers = [m.text for m in out["messages"] if isinstance(m, AIMessage) and not m.tool_calls]
+    assert answers == ["Transfer refused, charge held."]
+    assert out["outcome"] == {"status": "completed", "partial_result": answers[0]}
+    tool_msgs = [m.tool_call_id for m in out["messages"] if isinstance(m, ToolMessage)]
+    assert sorted(tool_msgs) == ["c1", "l1", "t1"]
+    assert [c["id"] for c in out["messages"][1].tool_calls] == ["t1", "c1", "l1"]  # all kept
+    assert [r["decision"] for r in out["reviews"]] == ["reject", "approve"]
+
+
+def test_a_fail_verdict_after_a_rejection_stops_the_task_without_the_model() -> None:
+    """Of the calls left after a rejection, one fails verification for good and one is
+    fine: the task stops on the failure, as it does when no call was rejected."""
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewPolicy
+
+    calls = [
+        tool_call("transfer", {"amount": 900}, id="t1"),
+        tool_call("lookup", {"key": "broken"}, id="l1"),
+        tool_call("lookup", {"key": "a"}, id="l2"),
+    ]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("All done, everything worked.")])
+    agent = build_harnessed_agent(
+        model,
+        [transfer, lookup],
+        contracts={"lookup": ToolContract(on_fail="fail")},
+        review_policy=ReviewPolicy(always=["transfer"]),
+        checkpointer=InMemorySaver(),
+    )
+    config = {"configurable": {"thread_id": "t-split-fail"}}
+    agent.invoke({"messages": [HumanMessage("go")]}, config)
+    out = agent.invoke(Command(resume={"type": "reject"}), config)
+    assert model.calls == 1  # the model never ran on the failed output
+    assert out["outcome"]["status"] == "verification_failed"
+    assert out["messages"][-1].text.startswith("I stopped: a tool output failed verification.")
+    assert [v["action"] for v in out["verdicts"]] == ["fail", "ok"]
+
+
 def test_add_harness_puts_review_in_front_of_the_users_tool_node() -> None:
     from langgraph.checkpoint.memory import InMemorySaver
     from langgraph.types import Command
@@ -582,6 +663,35 @@ def test_add_harness_puts_review_in_front_of_the_users_tool_node() -> None:
     out = graph.invoke(Command(resume={"type": "edit", "args": {"key": "b"}}), config)
     assert out["messages"][1].tool_calls[0]["args"] == {"key": "b"}  # edited in place
     assert out["messages"][-1].content == "Looked up."
+
+
+def test_add_harness_runs_the_calls_a_reviewer_left_through_the_users_tool_node() -> None:
+    """The quickstart's hand-written tool node runs the calls of the last message: after one
+    call of the turn is rejected, it gets the turn with the other calls only."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewPolicy
+
+    calls = [tool_call("lookup", {"key": "a"}, id="a"), tool_call("lookup", {"key": "b"}, id="b")]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("Looked a up.")])
+    builder = add_harness(
+        _docs_react_loop(model),
+        model_node="llm_call",
+        tools_node="tool_node",
+        review_policy=ReviewPolicy(rules={"lookup": lambda args: args["key"] == "b"}),
+        tools=[lookup],
+    )
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t-add-partial"}}
+    graph.invoke({"messages": [HumanMessage("go")]}, config)
+    (request,) = _paused(graph, config)
+    assert request["tool_call_id"] == "b"
+    out = graph.invoke(Command(resume={"type": "reject"}), config)
+    answered = {m.tool_call_id: m for m in out["messages"] if isinstance(m, ToolMessage)}
+    assert answered["a"].status == "success" and answered["b"].status == "error"
+    assert [c["id"] for c in out["messages"][1].tool_calls] == ["a", "b"]
+    assert out["messages"][-1].content == "Looked a up."
 
 
 def test_add_harness_review_needs_one_router_out_of_the_model_node() -> None:
