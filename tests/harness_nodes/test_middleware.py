@@ -862,3 +862,25 @@ async def test_a_new_task_does_not_show_the_previous_tasks_outcome_while_it_runs
         "status": "completed",
         "partial_result": "second answer",
     }
+
+
+def test_a_task_the_budget_stops_after_an_answered_one_reports_its_own_stop(
+    backend: Backend,
+) -> None:
+    ping_call = ai(tool_calls=[tool_call("ping", {})])
+    model = ScriptedChatModel(
+        model_name="gpt-4o-mini", script=[ai("first answer"), ping_call], loop=True
+    )
+    agent = create_agent(
+        model,
+        [ping],
+        middleware=[CostEnvelopeMiddleware(Envelope(max_calls=2), backend=backend)],
+        checkpointer=backend.checkpointer,
+    )
+    outcomes = []
+    for text, task_id in (("q1", "task-1"), ("q2", "task-2")):
+        cfg: Any = {"configurable": {"thread_id": "stopped-second", "task_id": task_id}}
+        outcomes.append(agent.invoke({"messages": [HumanMessage(text)]}, cfg)["outcome"])
+    assert outcomes[0] == {"status": "completed", "partial_result": "first answer"}
+    assert outcomes[1]["status"] == "budget_exhausted"  # not task 1's "completed"
+    assert outcomes[1]["reason"] == "calls limit reached: used 2 of 2"
