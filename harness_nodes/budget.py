@@ -1827,7 +1827,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     no usage, or usage that cannot be trusted (a negative count, say), is recorded at its worst
     case, with a warning, as the wrapper keeps its reservation: the prompt's bytes in, and out
     the call's output cap (or, with none, its answer's bytes and at least the envelope's
-    ``max_output_tokens``).
+    ``max_output_tokens``) — never more than a reservation may take of the ledger's 64-bit
+    counts, however absurd the cap.
 
     Example:
         ```python
@@ -1928,8 +1929,10 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         envelope = (self.envelopes or Envelopes(default=Envelope())).for_type(run.task_type)
         sizes = [_generation_bytes(g) for gens in response.generations for g in gens] or [0]
         if cap is not None:
-            return cap * len(sizes)
-        return sum(max(envelope.max_output_tokens, size) for size in sizes)
+            worst = cap * len(sizes)
+        else:
+            worst = sum(max(envelope.max_output_tokens, size) for size in sizes)
+        return min(worst, _ledger_room(0))  # an absurd cap (10**30) must fit the ledger
 
     def _priced(self, run: _Run, response: LLMResult) -> tuple[str, int, int, int]:
         """``(model, input tokens, output tokens, nano-dollars)`` to record for a finished call.
@@ -1955,7 +1958,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             total = _added(cast(list[_Usage], usages))
             return model, total.input, total.output, _usage_cost(self.pricing, model, total)
         inp, out = run.prompt_bound(), self._worst_output(run, response)
-        nanos = self.pricing.rates(model).worst_case_nanos(inp, out)
+        nanos = min(self.pricing.rates(model).worst_case_nanos(inp, out), _ledger_room(0))
         log.warning(
             "%s (called outside a budgeted model) %s; the call is recorded at its worst case "
             "(%d input tokens, the prompt's bytes, and %d output tokens, $%.6f)",

@@ -777,6 +777,22 @@ def test_a_task_at_the_end_of_the_ledgers_range_is_refused_with_the_budget_error
     assert task == {"used": INT64_MAX - 1000, "calls": 1}
 
 
+def test_an_unwrapped_call_with_an_absurd_output_cap_is_recorded_within_the_ledgers_range(
+    backend: Backend,
+) -> None:
+    raw = RawUsage(script=["ok"], usage=None, model_name="gpt-4o")  # no usage: its worst case
+    handler = BudgetCallbackHandler(backend)
+    config: Any = {"callbacks": [handler], "metadata": {"thread_id": "raw-absurd"}}
+    assert raw.invoke("hi", config, max_tokens=10**30).text == "ok"
+    flush_pending(backend)
+    [row] = backend.execute(
+        "SELECT output_tokens, cost_nanos FROM harness_spend WHERE task_id = %s",
+        ("raw-absurd",),
+    )
+    assert row["output_tokens"] * 2**20 <= INT64_MAX
+    assert row["cost_nanos"] * 2**20 <= INT64_MAX
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
