@@ -93,6 +93,7 @@ from harness_nodes.errors import (
     LeaseLost,
     RunFailed,
     TaskNotFinished,
+    TaskNotPaused,
     UnknownTask,
     UserError,
 )
@@ -490,12 +491,33 @@ class AsyncTaskRunner:
         """Answer the interrupt a task is paused on and run it on (see `TaskRunner.resume`).
 
         Raises:
+            UnknownTask: nothing was submitted with this key.
+            TaskNotPaused: the task is not paused for review, or another runner holds it;
+                nothing was run or recorded.
             InvalidDecision: *value* is not a valid answer to the pause; the task stays
                 ``interrupted`` and a corrected answer can be given.
         """
         run = await self.astatus(task_key)
-        await self._answer_effects(run.thread_id, value)
-        return await self.aexecute(run.thread_id, resume=value)
+        return await self._resume(run.thread_id, value)
+
+    async def _resume(self, thread_id: str, value: Any) -> TaskRun:
+        """Claim the paused task's lease, then answer its pause under it (`aresume`)."""
+        owner = new_owner()
+        claimed = await self.backend.execute(
+            *claim(thread_id, owner, self.lease_seconds, resuming=True)
+        )
+        if not claimed:
+            rows = await self.backend.execute(SELECT_THREAD, (thread_id,))
+            if not rows:
+                raise UnknownTask(thread_id)
+            raise TaskNotPaused(rows[0]["task_key"], rows[0]["status"])
+        try:
+            await self._answer_effects(thread_id, value)
+        except BaseException:
+            # Nothing ran: give the lease back, the task paused as before.
+            await self._settle(thread_id, owner, "interrupted", None, None)
+            raise
+        return await self._run_claimed(claimed[0], owner, value)
 
     async def _answer_effects(self, thread_id: str, value: Any) -> None:
         """Check an answer to "did this call take effect?" against the ledger; record it there.
@@ -517,11 +539,15 @@ class AsyncTaskRunner:
         await arecord_effect_answers(self.backend, thread_id, requests, decisions, reviewer)
 
     async def aexecute(self, thread_id: str, *, resume: Any = _NO_RESUME) -> TaskRun:
-        """Run the task on *thread_id* here if its lease can be claimed."""
+        """Run the task on *thread_id* here if its lease can be claimed (see `TaskRunner.execute`).
+
+        With *resume* it is `aresume` by thread id, and raises as `aresume` does.
+        """
+        if resume is not _NO_RESUME:
+            return await self._resume(thread_id, resume)
         owner = new_owner()
-        resuming = resume is not _NO_RESUME
         claimed = await self.backend.execute(
-            *claim(thread_id, owner, self.lease_seconds, resuming=resuming)
+            *claim(thread_id, owner, self.lease_seconds, resuming=False)
         )
         if not claimed:
             rows = await self.backend.execute(SELECT_THREAD, (thread_id,))

@@ -109,6 +109,21 @@ _INT64_MAX = 2**63 - 1
 """The ledger keeps nano-dollars, tokens and calls in signed 64-bit integers (BIGINT)."""
 _MAX_USD = Decimal(_INT64_MAX) / NANOS_PER_USD
 
+_IN_FLIGHT_SHARE = 2**20
+"""One call's worst case takes at most this fraction of what the ledger can still hold.
+
+An output cap can be absurd (a model's ``max_tokens=10**30``, an envelope with no dollar or
+token limit): its worst case would overflow the ledger's 64-bit counts. So beside the
+envelope's limits, a reservation must fit in what the ledger has left — shared, so that a
+million calls reserved at once (parallel branches, a budget lease booking several) still add
+up to a number the ledger holds. No real call comes near: the share starts at 8.8 trillion
+tokens and $8,796."""
+
+
+def _ledger_room(used: int) -> int:
+    """What one reservation may take of a 64-bit count already at *used* (see above)."""
+    return max(0, _INT64_MAX - used) // _IN_FLIGHT_SHARE
+
 
 def _usd_to_nanos(usd: float | int | str | Decimal, what: str) -> int:
     try:
@@ -211,7 +226,9 @@ class Envelope:
     """``"end"``: stop the task with outcome ``budget_exhausted``; ``"error"``: raise
     `BudgetExceeded`."""
     max_output_tokens: int = 4096
-    """Output cap per call when the model declares none (the worst case that is reserved)."""
+    """Output cap per call when the model declares none (the worst case that is reserved).
+    Whichever cap applies is lowered to what the envelope has left — and never above what the
+    ledger's 64-bit counts can hold, so an absurd cap is capped, not an overflow."""
     min_output_tokens: int = 256
     """A model "fits" only if at least this many output tokens remain affordable after the
     prompt; below that the wrapper steps down the ladder (or stops)."""
@@ -550,21 +567,28 @@ def _plan(
     lim, env = ctx.limits, ctx.envelope
     if lim.max_calls is not None and totals.calls + 1 > lim.max_calls:
         return _Refusal("calls", totals.calls, lim.max_calls)
+    # What the envelope has left, and never more than the ledger can hold: an output cap of
+    # 10**30 is capped like any other (or refused at the end of the ledger's range).
     budgets: list[tuple[str, int]] = []
+    nanos_left = _ledger_room(totals.committed_nanos)
     if lim.max_nanos is not None:
-        budgets.append(("usd", lim.max_nanos - totals.committed_nanos))
-    if lim.window_max_nanos is not None:
-        budgets.append(("window_usd", lim.window_max_nanos - totals.window_nanos))
-    tokens_left = None if lim.max_tokens is None else lim.max_tokens - totals.committed_tokens
+        nanos_left = min(nanos_left, lim.max_nanos - totals.committed_nanos)
+    budgets.append(("usd", nanos_left))
+    if lim.window_seconds is not None:  # the type's window is a running total too
+        window_left = _ledger_room(totals.window_nanos)
+        if lim.window_max_nanos is not None:
+            window_left = min(window_left, lim.window_max_nanos - totals.window_nanos)
+        budgets.append(("window_usd", window_left))
+    tokens_left = _ledger_room(totals.committed_tokens)
+    if lim.max_tokens is not None:
+        tokens_left = min(tokens_left, lim.max_tokens - totals.committed_tokens)
     blocked = "usd"
     for i, (name, _) in enumerate(ctx.ladder):
         r, call_max, input_tokens = rates[i], output_caps[i], inputs[i]
-        cap = call_max
-        if tokens_left is not None:
-            cap = min(cap, tokens_left - input_tokens)
-            if cap < min(env.min_output_tokens, call_max):
-                blocked = "tokens"
-                continue
+        cap = min(call_max, tokens_left - input_tokens)
+        if cap < min(env.min_output_tokens, call_max):
+            blocked = "tokens"
+            continue
         why = None
         for limit, nanos_left in budgets:
             cap = min(cap, r.affordable_output_tokens(input_tokens, max(0, nanos_left)))
@@ -575,11 +599,17 @@ def _plan(
             blocked = why
             continue
         return _Plan(i, name, cap, input_tokens, r.worst_case_nanos(input_tokens, cap))
+    # With no limit of its own, the maximum is the ledger's (a task at the end of its range).
     if blocked == "tokens":
-        return _Refusal("tokens", totals.committed_tokens, lim.max_tokens or 0)
+        return _Refusal("tokens", totals.committed_tokens, _or_int64(lim.max_tokens))
     if blocked == "window_usd":
-        return _Refusal("window_usd", _usd(totals.window_nanos), _usd(lim.window_max_nanos or 0))
-    return _Refusal("usd", _usd(totals.committed_nanos), _usd(lim.max_nanos or 0))
+        window_max = _or_int64(lim.window_max_nanos)
+        return _Refusal("window_usd", _usd(totals.window_nanos), _usd(window_max))
+    return _Refusal("usd", _usd(totals.committed_nanos), _usd(_or_int64(lim.max_nanos)))
+
+
+def _or_int64(limit: int | None) -> int:
+    return _INT64_MAX if limit is None else limit
 
 
 def _budget_meta(m: BaseMessage) -> dict[str, Any]:
@@ -1797,7 +1827,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     no usage, or usage that cannot be trusted (a negative count, say), is recorded at its worst
     case, with a warning, as the wrapper keeps its reservation: the prompt's bytes in, and out
     the call's output cap (or, with none, its answer's bytes and at least the envelope's
-    ``max_output_tokens``).
+    ``max_output_tokens``) — never more than a reservation may take of the ledger's 64-bit
+    counts, however absurd the cap.
 
     Example:
         ```python
@@ -1898,8 +1929,10 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         envelope = (self.envelopes or Envelopes(default=Envelope())).for_type(run.task_type)
         sizes = [_generation_bytes(g) for gens in response.generations for g in gens] or [0]
         if cap is not None:
-            return cap * len(sizes)
-        return sum(max(envelope.max_output_tokens, size) for size in sizes)
+            worst = cap * len(sizes)
+        else:
+            worst = sum(max(envelope.max_output_tokens, size) for size in sizes)
+        return min(worst, _ledger_room(0))  # an absurd cap (10**30) must fit the ledger
 
     def _priced(self, run: _Run, response: LLMResult) -> tuple[str, int, int, int]:
         """``(model, input tokens, output tokens, nano-dollars)`` to record for a finished call.
@@ -1925,7 +1958,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             total = _added(cast(list[_Usage], usages))
             return model, total.input, total.output, _usage_cost(self.pricing, model, total)
         inp, out = run.prompt_bound(), self._worst_output(run, response)
-        nanos = self.pricing.rates(model).worst_case_nanos(inp, out)
+        nanos = min(self.pricing.rates(model).worst_case_nanos(inp, out), _ledger_room(0))
         log.warning(
             "%s (called outside a budgeted model) %s; the call is recorded at its worst case "
             "(%d input tokens, the prompt's bytes, and %d output tokens, $%.6f)",

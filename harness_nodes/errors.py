@@ -25,6 +25,7 @@ them all::
     └── TaskError
         ├── UnknownThread         no task / checkpoint for that thread id
         ├── TaskNotFinished       a result was asked for before the task finished
+        ├── TaskNotPaused         a resume for a task that is not paused (or held elsewhere)
         ├── RunFailed             a run stopped on an error; its checkpoints are kept
         ├── UnknownTask           no task was submitted with that key
         └── LeaseLost             another worker took the task over (or it was cancelled)
@@ -57,6 +58,7 @@ __all__ = [
     "RunFailed",
     "TaskError",
     "TaskNotFinished",
+    "TaskNotPaused",
     "UnguardedEffect",
     "UnknownGraph",
     "UnknownTask",
@@ -617,9 +619,11 @@ class TaskError(HarnessError):
     Example:
         ```python
         from harness_nodes import LeaseLost, RunFailed, TaskError, TaskNotFinished
-        from harness_nodes import UnknownTask, UnknownThread
+        from harness_nodes import TaskNotPaused, UnknownTask, UnknownThread
 
-        for cls in (UnknownThread, TaskNotFinished, RunFailed, UnknownTask, LeaseLost):
+        for cls in (
+            UnknownThread, TaskNotFinished, TaskNotPaused, RunFailed, UnknownTask, LeaseLost
+        ):
             assert issubclass(cls, TaskError)
         ```
     """
@@ -673,6 +677,54 @@ class TaskNotFinished(TaskError):
 
     def __str__(self) -> str:
         return f"Task {self.task_key!r} has not finished (status: {self.status})"
+
+
+_NOT_PAUSED_BECAUSE = {
+    "pending": "it is waiting to run",
+    "running": "another runner holds it",
+    "interrupted": "another resume answered its pause first",
+    "completed": "it has finished",
+    "failed": "it has finished",
+    "cancelled": "it was cancelled",
+}
+
+
+class TaskNotPaused(TaskError):
+    """A resume answered a task that is not paused for review; nothing was run or recorded.
+
+    Another runner holds the task (it is applying an answer to the pause, e.g. from the
+    review queue), or the task is not at a pause: it finished, was cancelled, or has not
+    paused yet. The answer is not applied anywhere, so check the task's status before
+    answering again.
+
+    Attributes:
+        task_key: The task.
+        status: Its status when the resume tried to claim it.
+
+    Example:
+        ```python
+        from harness_nodes import TaskNotPaused
+
+        err = TaskNotPaused("ticket-42", "running")
+        assert (err.task_key, err.status) == ("ticket-42", "running")
+        assert str(err) == (
+            "Task 'ticket-42' is not paused for review (running: another runner holds it); "
+            "nothing was resumed"
+        )
+        ```
+    """
+
+    def __init__(self, task_key: str, status: str) -> None:
+        super().__init__(task_key, status)
+        self.task_key = task_key
+        self.status = status
+
+    def __str__(self) -> str:
+        because = _NOT_PAUSED_BECAUSE.get(self.status, "it cannot be resumed now")
+        return (
+            f"Task {self.task_key!r} is not paused for review ({self.status}: {because}); "
+            "nothing was resumed"
+        )
 
 
 class RunFailed(TaskError):

@@ -7,12 +7,14 @@ lives in one place.
   the same spend ledger, keyed by task = thread id). Spend survives pauses, crashes and
   resumes, unlike ``ModelCallLimitMiddleware``'s run counters. A refused call ends the agent
   with the `BudgetGuard` finish note (outcome ``budget_exhausted``), or raises
-  `BudgetExceeded` with ``exit_behavior="error"``.
+  `BudgetExceeded` with ``exit_behavior="error"``. New input after a finished task clears
+  that task's outcome (a ``before_agent`` step, as with verification).
 - `VerifyToolOutputsMiddleware`: `VerifyToolOutputs.wrap_tool_call` around each tool call
   (a bad output goes back to the model as a corrective error message; a tool with side
   effects is never re-run, it escalates), and `VerificationStop` before the next model call
   when a verdict says ``fail`` or an escalation has no reviewer (also after a ``return_direct``
-  tool, whose refused output would otherwise end the run).
+  tool, whose refused output would otherwise end the run). New input after a finished task
+  clears that task's outcome (a ``before_agent`` step).
 - `EffectLedgerMiddleware`: tools marked `irreversible`/`effect` run through the
   `EffectLedger`: at most once per ``(thread_id, tool_call_id)``, replayed after a crash.
 - `ReviewQueueMiddleware`: `HumanReview` after the model (flagged calls) and before the next
@@ -184,7 +186,40 @@ def _stop_update(update: dict[str, Any]) -> dict[str, Any]:
     return {**update, "jump_to": "end"}
 
 
-class CostEnvelopeMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
+def _new_task(state: HarnessAgentState) -> dict[str, Any] | None:
+    # New input after a finished task starts a new task: the previous task's outcome (a
+    # budget or verification stop, an answer) is not this one's. A paused task resumed has
+    # no outcome, and its run does not start with this step.
+    if cast(Any, state).get("outcome") is None:
+        return None
+    messages = _verify.messages_of(state)
+    start = _verify.current_task(messages, ()).first
+    return {"outcome": Overwrite(None)} if 0 < start < len(messages) else None
+
+
+class _OutcomePerTask(AgentMiddleware[HarnessAgentState, Any, Any]):
+    """A ``before_agent`` step for the middleware that write ``outcome``: one task's each.
+
+    ``create_agent`` keeps a thread's state across runs, and `keep_first_outcome` keeps an
+    outcome once written, so new input after a finished task would show (and keep) that task's
+    outcome. Each middleware writing one clears it first; the first such step to run does,
+    the others find nothing left to clear.
+    """
+
+    def before_agent(
+        self, state: HarnessAgentState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """Clear the previous task's outcome when new input starts a new task on the thread."""
+        return _new_task(state)
+
+    async def abefore_agent(
+        self, state: HarnessAgentState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """Async `before_agent`."""
+        return _new_task(state)
+
+
+class CostEnvelopeMiddleware(_OutcomePerTask):
     """A task's cost envelope for ``create_agent``: every model call goes through `budgeted`.
 
     Before each call the worst case is reserved in the backend's spend ledger, keyed by task
@@ -193,6 +228,8 @@ class CostEnvelopeMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
     fit, and when nothing fits the agent ends with outcome ``budget_exhausted``
     (``exit_behavior="end"``, the envelope's) or `BudgetExceeded` is raised (``"error"``).
     Spend is read back from the ledger, so it survives resume — in another process too.
+    A run that brings new input after a finished task first clears that task's ``outcome``
+    (a ``before_agent`` step), so the new task does not show it while it runs.
 
     Args:
         envelope: One `Envelope` for every task, or `Envelopes` by task type.
@@ -356,7 +393,7 @@ class CostEnvelopeMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
         return self._finished(update)
 
 
-class VerifyToolOutputsMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
+class VerifyToolOutputsMiddleware(_OutcomePerTask):
     """Tool contracts for ``create_agent``: `VerifyToolOutputs` at the tool boundary.
 
     Each tool call's output is checked against its `ToolContract` inside ``wrap_tool_call``
@@ -464,28 +501,6 @@ class VerifyToolOutputsMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
         if route_after_verify(state) != "fail":
             return None
         return _stop_update(self.stop(cast(Any, state)))
-
-    @staticmethod
-    def _new_task(state: HarnessAgentState) -> dict[str, Any] | None:
-        # New input after a finished task starts a new task: the previous task's outcome (a
-        # verification stop, say) is not this one's. A paused task resumed has no outcome.
-        if cast(Any, state).get("outcome") is None:
-            return None
-        messages = _verify.messages_of(state)
-        start = _verify.current_task(messages, ()).first
-        return {"outcome": Overwrite(None)} if 0 < start < len(messages) else None
-
-    def before_agent(
-        self, state: HarnessAgentState, runtime: Runtime[Any]
-    ) -> dict[str, Any] | None:
-        """Clear the previous task's outcome when new input starts a new task on the thread."""
-        return self._new_task(state)
-
-    async def abefore_agent(
-        self, state: HarnessAgentState, runtime: Runtime[Any]
-    ) -> dict[str, Any] | None:
-        """Async `before_agent`."""
-        return self._new_task(state)
 
     @staticmethod
     def _after(state: HarnessAgentState) -> dict[str, Any] | None:

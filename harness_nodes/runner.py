@@ -76,6 +76,7 @@ from harness_nodes.errors import (
     LeaseLost,
     RunFailed,
     TaskNotFinished,
+    TaskNotPaused,
     UnknownTask,
     UserError,
 )
@@ -358,18 +359,42 @@ class TaskRunner:
     def resume(self, task_key: str, value: Any) -> TaskRun:
         """Answer the interrupt a task is paused on (a review decision) and run it on, here.
 
+        The task's lease is claimed first, as `ReviewQueue.decide` does: the answer is
+        checked, recorded (an answer to "did this call take effect?" goes to the effect
+        ledger) and applied only by the process that holds the task.
+
         Returns:
             The task after this run (``completed``, or ``interrupted`` again).
 
         Raises:
+            UnknownTask: nothing was submitted with this key.
+            TaskNotPaused: the task is not paused for review (it finished, was cancelled, or
+                has not paused yet), or another runner holds it (it is answering the pause);
+                nothing was run or recorded.
             InvalidDecision: *value* is not a valid answer to the pause (a malformed or
                 disallowed review decision, or "it did not happen" for a call the effect
                 ledger records as done); the task stays ``interrupted``, nothing ran, and a
                 corrected decision can be given.
         """
         run = self.status(task_key)
-        self._answer_effects(run.thread_id, value)
-        return self.execute(run.thread_id, resume=value)
+        return self._resume(run.thread_id, value)
+
+    def _resume(self, thread_id: str, value: Any) -> TaskRun:
+        """Claim the paused task's lease, then answer its pause under it (`resume`)."""
+        owner = new_owner()
+        claimed = self.backend.execute(*claim(thread_id, owner, self.lease_seconds, resuming=True))
+        if not claimed:
+            rows = self.backend.execute(SELECT_THREAD, (thread_id,))
+            if not rows:
+                raise UnknownTask(thread_id)
+            raise TaskNotPaused(rows[0]["task_key"], rows[0]["status"])
+        try:
+            self._answer_effects(thread_id, value)
+        except BaseException:
+            # Nothing ran: give the lease back, the task paused as before.
+            self._settle(thread_id, owner, "interrupted", None, None)
+            raise
+        return self._run_claimed(claimed[0], owner, value)
 
     def _answer_effects(self, thread_id: str, value: Any) -> None:
         """Check an answer to "did this call take effect?" against the ledger; record it there.
@@ -395,13 +420,13 @@ class TaskRunner:
         """Run the task on *thread_id* in this thread if its lease can be claimed.
 
         Workers call this. If another process holds the lease, or the task is finished, it
-        returns the task as it is without running anything.
+        returns the task as it is without running anything. With *resume* (an answer to
+        the task's pause) it is `resume` by thread id, and raises as `resume` does.
         """
+        if resume is not _NO_RESUME:
+            return self._resume(thread_id, resume)
         owner = new_owner()
-        resuming = resume is not _NO_RESUME
-        claimed = self.backend.execute(
-            *claim(thread_id, owner, self.lease_seconds, resuming=resuming)
-        )
+        claimed = self.backend.execute(*claim(thread_id, owner, self.lease_seconds, resuming=False))
         if not claimed:
             rows = self.backend.execute(SELECT_THREAD, (thread_id,))
             if not rows:

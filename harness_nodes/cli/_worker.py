@@ -74,6 +74,10 @@ def resume_managed(backend: Backend, thread_id: str, answer: Any) -> dict[str, A
 
     Such a task is resumed through its runner, under its lease — never beside a live worker
     that holds it. Returns ``None`` for threads the runner does not manage.
+
+    Raises:
+        TaskNotPaused: an answer for a task that is not paused, or that another runner holds
+            (the CLI prints it as a one-line error).
     """
     from harness_nodes.runner import TaskRunner
 

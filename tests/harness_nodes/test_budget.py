@@ -691,6 +691,109 @@ def test_the_largest_limits_work_on_every_backend(backend: Backend) -> None:
 
 
 @pytest.mark.parametrize(
+    ("model_cap", "envelope", "lease"),
+    [
+        pytest.param(10**30, Envelope(max_calls=5), 1, id="model-max_tokens"),
+        pytest.param(
+            None, Envelope(max_calls=5, max_output_tokens=2**62), 1, id="envelope-output-cap"
+        ),
+        pytest.param(10**30, Envelope(max_calls=5), 4, id="with-a-lease"),
+        pytest.param(  # the lease books 3 more calls like the first: 4x a whole budget
+            10**30, Envelope(max_usd=9_223_372_036.0), 4, id="largest-usd-limit-with-a-lease"
+        ),
+    ],
+)
+def test_an_absurd_output_cap_is_capped_never_a_64_bit_overflow(
+    backend: Backend, model_cap: int | None, envelope: Envelope, lease: int
+) -> None:
+    # SQLite raised OverflowError, Postgres found no reservation function for a numeric.
+    model = ScriptedChatModel(
+        script=["ok"], loop=True, model_name="gpt-4o-mini", max_tokens=model_cap
+    )
+    llm = budgeted(model, envelope=envelope, backend=backend, lease=lease)
+    config = _config("absurd-cap")
+    messages: list[BaseMessage] = [HumanMessage("hi")]
+    for _ in range(3):  # later calls add to the totals the first one booked
+        messages.append(llm.invoke(messages, config))
+    assert [m.text for m in messages[1:]] == ["ok", "ok", "ok"]
+    for m in messages[1:]:
+        budget = _budget(m)
+        # Capped to what the ledger can hold with a million such calls in flight at once.
+        assert round(budget["reserved_usd"] * NANOS) * 2**20 <= INT64_MAX
+    flush_pending(backend)
+    assert llm.spend(config)["calls"] == 3
+    [task] = backend.execute(
+        "SELECT reserved_nanos, reserved_tokens FROM harness_spend_tasks WHERE task_id = %s",
+        ("absurd-cap",),
+    )
+    if lease == 1:
+        assert task == {"reserved_nanos": 0, "reserved_tokens": 0}
+
+
+async def test_an_absurd_output_cap_is_capped_async(abackend: AsyncBackend) -> None:
+    model = ScriptedChatModel(script=["ok"], loop=True, model_name="gpt-4o-mini", max_tokens=2**62)
+    llm = budgeted(model, envelope=Envelope(max_calls=5), backend=abackend)
+    config = _config("absurd-cap-async")
+    for _ in range(2):
+        answer = await llm.ainvoke([HumanMessage("hi")], config)
+        assert answer.text == "ok"
+        assert round(_budget(answer)["reserved_usd"] * NANOS) * 2**20 <= INT64_MAX
+    assert (await llm.aspend(config))["calls"] == 2
+
+
+@pytest.mark.parametrize(
+    ("column", "limit"),
+    [
+        pytest.param("spent_nanos", "usd", id="usd"),
+        pytest.param("spent_tokens", "tokens", id="tokens"),
+    ],
+)
+def test_a_task_at_the_end_of_the_ledgers_range_is_refused_with_the_budget_error(
+    backend: Backend, column: str, limit: str
+) -> None:
+    envelope = Envelope(max_calls=5, exit_behavior="error")  # no usd or token limit of its own
+    llm = budgeted(
+        ScriptedChatModel(script=["ok"], model_name="gpt-4o-mini"),
+        envelope=envelope,
+        backend=backend,
+    )
+    config = _config("at-the-end")
+    assert llm.invoke([HumanMessage("hi")], config).text == "ok"
+    flush_pending(backend)
+    backend.execute(  # a task that has used (almost) all the 64-bit counts can hold
+        f"UPDATE harness_spend_tasks SET {column} = %s WHERE task_id = %s",
+        (INT64_MAX - 1000, "at-the-end"),
+    )
+    check = llm.check([HumanMessage("hi")], config)
+    assert (check.decision, check.limit) == ("stop", limit)
+    with pytest.raises(BudgetExceeded) as info:
+        llm.invoke([HumanMessage("hi")], config)
+    assert (info.value.limit, info.value.task_id) == (limit, "at-the-end")
+    flush_pending(backend)
+    [task] = backend.execute(
+        f"SELECT {column} AS used, calls FROM harness_spend_tasks WHERE task_id = %s",
+        ("at-the-end",),
+    )
+    assert task == {"used": INT64_MAX - 1000, "calls": 1}
+
+
+def test_an_unwrapped_call_with_an_absurd_output_cap_is_recorded_within_the_ledgers_range(
+    backend: Backend,
+) -> None:
+    raw = RawUsage(script=["ok"], usage=None, model_name="gpt-4o")  # no usage: its worst case
+    handler = BudgetCallbackHandler(backend)
+    config: Any = {"callbacks": [handler], "metadata": {"thread_id": "raw-absurd"}}
+    assert raw.invoke("hi", config, max_tokens=10**30).text == "ok"
+    flush_pending(backend)
+    [row] = backend.execute(
+        "SELECT output_tokens, cost_nanos FROM harness_spend WHERE task_id = %s",
+        ("raw-absurd",),
+    )
+    assert row["output_tokens"] * 2**20 <= INT64_MAX
+    assert row["cost_nanos"] * 2**20 <= INT64_MAX
+
+
+@pytest.mark.parametrize(
     ("name", "value"),
     [
         pytest.param("max_tokens", True, id="max_tokens"),  # was accepted as 1

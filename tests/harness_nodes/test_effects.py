@@ -701,6 +701,60 @@ async def test_an_async_runner_answer_about_an_unknown_effect_is_checked_and_rec
     assert len(world.calls) == 1
 
 
+def test_a_runner_answer_about_an_effect_is_not_recorded_while_another_runner_holds_the_task(
+    memory_backend: Backend,
+) -> None:
+    from harness_nodes import TaskNotPaused, TaskRunner
+    from harness_nodes._lease import claim
+
+    world = Counter()
+    refund = _timing_out_refund(world, times=None)
+    ledger = EffectLedger(memory_backend)
+    with TaskRunner(memory_backend, _reviewed_refund(refund, ledger), max_attempts=2) as runner:
+        runner.submit("k", {"messages": [HumanMessage("refund o1")]})
+        deadline = time.monotonic() + 10
+        while runner.status("k").status != "interrupted":  # the retry asks: did it happen?
+            assert time.monotonic() < deadline, runner.status("k")
+            time.sleep(0.02)
+        thread = runner.status("k").thread_id
+        asked = ledger.get(thread, "c1")
+        # Another runner claimed the task to answer the pause (the review queue, say).
+        assert memory_backend.execute(*claim(thread, "elsewhere:1:x", 30, resuming=True))
+        with pytest.raises(TaskNotPaused, match="another runner holds it"):
+            runner.resume("k", {"type": "reject", "reviewer": "al"})  # "it did not happen"
+    record = ledger.get(thread, "c1")
+    assert asked is not None and asked.resolved_by is None
+    assert record == asked  # not answered: that is for the runner holding the task
+    assert len(world.calls) == 1
+
+
+async def test_an_async_runner_answer_about_an_effect_is_not_recorded_while_the_task_is_held(
+    abackend: AsyncBackend,
+) -> None:
+    from harness_nodes import AsyncTaskRunner, TaskNotPaused
+    from harness_nodes._lease import claim
+
+    world = Counter()
+    refund = _timing_out_refund(world, times=None)
+    ledger = AsyncEffectLedger(abackend)
+    graph = _reviewed_refund(refund, ledger)
+    async with AsyncTaskRunner(abackend, graph, max_attempts=2) as runner:
+        await runner.asubmit("k", {"messages": [HumanMessage("refund o1")]})
+        deadline = time.monotonic() + 10
+        while (await runner.astatus("k")).status != "interrupted":  # did it happen?
+            assert time.monotonic() < deadline, await runner.astatus("k")
+            await asyncio.sleep(0.02)
+        thread = (await runner.astatus("k")).thread_id
+        asked = await ledger.aget(thread, "c1")
+        assert await abackend.execute(*claim(thread, "elsewhere:1:x", 30, resuming=True))
+        with pytest.raises(TaskNotPaused, match="another runner holds it"):
+            await runner.aresume("k", {"type": "reject", "reviewer": "al"})
+    record = await ledger.aget(thread, "c1")
+    assert asked is not None and asked.resolved_by is None
+    assert record == asked  # not answered: that is for the runner holding the task
+    assert len(world.calls) == 1
+
+
 def _dying_once(died: bool) -> Any:
     """The agent's last answer, "ok" — after a process death the first time, with *died*."""
     from tests.harness_nodes.review_app import ProcessDied

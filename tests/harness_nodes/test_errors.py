@@ -25,6 +25,7 @@ CASES = [
     errors.EffectNotResolvable("t1", "call-9", "its result is already recorded"),
     errors.UnknownThread("nope"),
     errors.TaskNotFinished("k1", "running"),
+    errors.TaskNotPaused("k1", "completed"),
     errors.UnknownGraph("reserch", ["research", "support"]),
     errors.ModelUnavailable("openai:gpt-4o-mini", "OPENAI_API_KEY is not set"),
     errors.RunFailed("t1", "SimulatedCrash", "simulated crash in model turn 2"),

@@ -882,3 +882,91 @@ def test_a_new_question_on_the_thread_gets_its_own_outcome(backend: Backend) -> 
     second = agent.invoke({"messages": [HumanMessage("q2")]}, cfg)["outcome"]
     assert first == {"status": "completed", "partial_result": "first answer"}
     assert second == {"status": "completed", "partial_result": "second answer"}
+
+
+def _stopped_then_asked_again() -> tuple[ScriptedChatModel, Envelope]:
+    """Two calls a task: the first task loops into its stop, the second answers in two."""
+    ping_call = ai(tool_calls=[tool_call("ping", {})])
+    model = ScriptedChatModel(
+        model_name="gpt-4o-mini",
+        # By turn (AI messages in the prompt): turn 2 is the first task's refused call, its
+        # stop note the third AI message; the second task pings at turn 3, answers at 4.
+        script=[ping_call, ping_call, ping_call, ping_call, ai("second answer")],
+    )
+    return model, Envelope(max_calls=2)
+
+
+def test_a_new_task_does_not_show_the_previous_tasks_outcome_while_it_runs(
+    backend: Backend,
+) -> None:
+    model, envelope = _stopped_then_asked_again()
+    agent = create_agent(
+        model,
+        [ping],
+        middleware=[CostEnvelopeMiddleware(envelope, backend=backend)],
+        checkpointer=backend.checkpointer,
+        interrupt_before=["tools"],  # a look at the state mid-task
+    )
+
+    def run(text: str, task_id: str) -> dict[str, Any]:
+        cfg: Any = {"configurable": {"thread_id": "asked-again", "task_id": task_id}}
+        out = agent.invoke({"messages": [HumanMessage(text)]}, cfg)
+        while agent.get_state(cfg).next:  # each pause before the tools, resumed
+            assert agent.get_state(cfg).values.get("outcome") is None, task_id
+            out = agent.invoke(None, cfg)
+        return out
+
+    assert run("loop", "task-1")["outcome"]["status"] == "budget_exhausted"
+    assert run("answer", "task-2")["outcome"] == {
+        "status": "completed",
+        "partial_result": "second answer",
+    }
+
+
+async def test_a_new_task_does_not_show_the_previous_tasks_outcome_while_it_runs_async(
+    abackend: Any,
+) -> None:
+    model, envelope = _stopped_then_asked_again()
+    agent = create_agent(
+        model,
+        [ping],
+        middleware=[CostEnvelopeMiddleware(envelope, backend=abackend)],
+        checkpointer=abackend.checkpointer,
+        interrupt_before=["tools"],
+    )
+
+    async def run(text: str, task_id: str) -> dict[str, Any]:
+        cfg: Any = {"configurable": {"thread_id": "asked-again", "task_id": task_id}}
+        out = await agent.ainvoke({"messages": [HumanMessage(text)]}, cfg)
+        while (await agent.aget_state(cfg)).next:
+            assert (await agent.aget_state(cfg)).values.get("outcome") is None, task_id
+            out = await agent.ainvoke(None, cfg)
+        return out
+
+    assert (await run("loop", "task-1"))["outcome"]["status"] == "budget_exhausted"
+    assert (await run("answer", "task-2"))["outcome"] == {
+        "status": "completed",
+        "partial_result": "second answer",
+    }
+
+
+def test_a_task_the_budget_stops_after_an_answered_one_reports_its_own_stop(
+    backend: Backend,
+) -> None:
+    ping_call = ai(tool_calls=[tool_call("ping", {})])
+    model = ScriptedChatModel(
+        model_name="gpt-4o-mini", script=[ai("first answer"), ping_call], loop=True
+    )
+    agent = create_agent(
+        model,
+        [ping],
+        middleware=[CostEnvelopeMiddleware(Envelope(max_calls=2), backend=backend)],
+        checkpointer=backend.checkpointer,
+    )
+    outcomes = []
+    for text, task_id in (("q1", "task-1"), ("q2", "task-2")):
+        cfg: Any = {"configurable": {"thread_id": "stopped-second", "task_id": task_id}}
+        outcomes.append(agent.invoke({"messages": [HumanMessage(text)]}, cfg)["outcome"])
+    assert outcomes[0] == {"status": "completed", "partial_result": "first answer"}
+    assert outcomes[1]["status"] == "budget_exhausted"  # not task 1's "completed"
+    assert outcomes[1]["reason"] == "calls limit reached: used 2 of 2"

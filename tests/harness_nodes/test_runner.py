@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from harness_nodes import (
     InvalidDecision,
     RunFailed,
     TaskNotFinished,
+    TaskNotPaused,
     TaskRunner,
     UnknownTask,
     UserError,
@@ -174,6 +176,41 @@ def test_a_paused_task_waits_for_its_reviewer_not_for_recover(backend: Backend) 
         config = {"configurable": {"thread_id": "t-review-2"}}
         runner.graph.invoke(Command(resume="ok"), config, durability="sync")
         assert runner.result("t-review-2", timeout=1)["partial_result"] == "reviewer said ok"
+
+
+def _hold_lease(backend: Backend, thread_id: str) -> None:
+    """Another runner claims the paused task's lease (it is answering the pause)."""
+    from harness_nodes._lease import claim
+
+    assert backend.execute(*claim(thread_id, "elsewhere:1:held", 30, resuming=True))
+
+
+def test_resuming_a_task_that_is_not_paused_is_refused_not_reported_as_resumed(
+    backend: Backend,
+) -> None:
+    with TaskRunner(backend, _review_graph()) as runner:
+        runner.submit("t-held", INPUT)
+        with pytest.raises(TaskNotFinished, match="interrupted"):
+            runner.result("t-held", timeout=2)
+        _hold_lease(backend, "t-held")
+        with pytest.raises(TaskNotPaused, match=re.escape("another runner holds it")) as e:
+            runner.resume("t-held", "yes")
+        assert (e.value.task_key, e.value.status) == ("t-held", "running")
+        state = runner.graph.get_state({"configurable": {"thread_id": "t-held"}})
+        assert [i.value for i in state.interrupts] == [{"question": "approve?"}]  # unanswered
+        assert runner.status("t-held").attempts == 2  # its run and the other claim; not ours
+
+        runner.submit("t-done", INPUT)
+        with pytest.raises(TaskNotFinished, match="interrupted"):
+            runner.result("t-done", timeout=2)
+        assert runner.resume("t-done", "yes").status == "completed"
+        with pytest.raises(TaskNotPaused, match=re.escape("(completed: it has finished)")) as e:
+            runner.resume("t-done", "no")  # a second answer: the first one stands
+        assert (e.value.task_key, e.value.status) == ("t-done", "completed")
+        assert runner.result("t-done", timeout=1)["partial_result"] == "reviewer said yes"
+        assert runner.status("t-done").attempts == 2
+        with pytest.raises(UnknownTask, match="t-nope"):
+            runner.resume("t-nope", "yes")
 
 
 def test_a_malformed_review_decision_leaves_the_task_paused_for_a_corrected_one(
@@ -426,6 +463,30 @@ def test_harness_resume_carries_a_runner_task_on_under_its_lease(
     with open_backend(url) as backend:
         assert chaos.world(backend, "t-cli") == ["refund", "email"]
         assert TaskRunner(backend, GRAPH).status("t-cli").attempts == 2
+
+
+def test_harness_resume_of_a_runner_task_that_is_not_paused_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness_nodes.cli import main
+
+    url = f"sqlite:///{tmp_path / 'harness.db'}"
+    with open_backend(url) as backend:
+        chaos.create_tables(backend)
+        with TaskRunner(backend, GRAPH) as runner:
+            outcome = runner.run("t-cli-done", INPUT, timeout=60)
+    with pytest.raises(SystemExit) as e:
+        main(["resume", "t-cli-done", "--db", url, "--decision", '{"type": "approve"}'])
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert "completed" not in out  # not reported as if the decision had been applied
+    [line] = [line for line in err.splitlines() if line.strip()]
+    assert line == (
+        "error: Task 't-cli-done' is not paused for review (completed: it has finished); "
+        "nothing was resumed"
+    )
+    with open_backend(url) as backend:
+        assert TaskRunner(backend, GRAPH).result("t-cli-done", timeout=1) == outcome
 
 
 def test_background_queue_needs_postgres() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from harness_nodes import (
     InvalidDecision,
     RunFailed,
     TaskNotFinished,
+    TaskNotPaused,
     UnknownTask,
     UserError,
     current_effect,
@@ -123,6 +125,41 @@ async def test_paused_task_is_resumed_by_its_answer(abackend: AsyncBackend) -> N
         assert (await runner.aresume("t-review", "yes")).status == "completed"
         outcome = await runner.aresult("t-review", timeout=1)
     assert outcome["partial_result"] == "reviewer said yes"
+
+
+async def test_resuming_a_task_that_is_not_paused_is_refused_not_reported_as_resumed(
+    abackend: AsyncBackend,
+) -> None:
+    from harness_nodes._lease import claim
+
+    async def ask(state: MessagesState) -> dict[str, Any]:
+        answer = interrupt({"question": "approve?"})
+        return {"messages": [AIMessage(f"reviewer said {answer}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "ask")
+    builder.add_edge("ask", END)
+    async with AsyncTaskRunner(abackend, builder) as runner:
+        for key in ("t-held", "t-done"):
+            await runner.asubmit(key, INPUT)
+            with pytest.raises(TaskNotFinished, match="interrupted"):
+                await runner.aresult(key, timeout=2)
+        # Another runner is answering t-held's pause: it holds the lease.
+        assert await abackend.execute(*claim("t-held", "elsewhere:1:x", 30, resuming=True))
+        with pytest.raises(TaskNotPaused, match=re.escape("another runner holds it")) as e:
+            await runner.aresume("t-held", "yes")
+        assert (e.value.task_key, e.value.status) == ("t-held", "running")
+        state = await runner.graph.aget_state({"configurable": {"thread_id": "t-held"}})
+        assert [i.value for i in state.interrupts] == [{"question": "approve?"}]
+
+        assert (await runner.aresume("t-done", "yes")).status == "completed"
+        with pytest.raises(TaskNotPaused, match=re.escape("(completed: it has finished)")):
+            await runner.aresume("t-done", "no")  # a second answer: the first one stands
+        outcome = await runner.aresult("t-done", timeout=1)
+        assert outcome["partial_result"] == "reviewer said yes"
+        with pytest.raises(UnknownTask, match="t-nope"):
+            await runner.aresume("t-nope", "yes")
 
 
 async def test_failures_cancellation_and_bad_input(abackend: AsyncBackend) -> None:
