@@ -21,6 +21,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langgraph.checkpoint.base import CheckpointTuple
 
 from checkpointers._spend import flush_pending
+from harness_nodes import _codec
 from harness_nodes._pricing import answer_cost
 from harness_nodes._trace_langfuse import Masker
 from harness_nodes.errors import UnknownThread
@@ -467,6 +468,18 @@ def _loads(raw: Any) -> Any:
     return raw
 
 
+def _decoded(raw: Any) -> Any:
+    """A column the harness writes with its codec (a run's outcome, an effect's arguments).
+
+    The codec wraps plain JSON as ``{"json": ...}`` and anything else (messages...) as
+    LangGraph's serializer output; read as plain JSON, the wrapper hid the value.
+    """
+    doc = _loads(raw)
+    if isinstance(raw, str) and isinstance(doc, Mapping) and ("json" in doc or "serde" in doc):
+        return _codec.decode(raw)
+    return doc
+
+
 def build_trace(
     backend: Backend,
     thread_id: str,
@@ -610,10 +623,11 @@ def build_trace(
 
     last_values = _harness_view(history[-1].checkpoint["channel_values"] if history else {})
     task: Mapping[str, Any] = last_values.get("task") or {}
+    stored = _decoded(run.get("outcome"))  # what a runner recorded (a cancellation...)
     outcome: Mapping[str, Any] = (
         last_values.get("outcome")
         or _message_outcome(_messages(last_values))
-        or _loads(run.get("outcome"))
+        or (stored if isinstance(stored, Mapping) and stored.get("status") else None)
         or {}
     )
     if not any(n.kind == "outcome" for s in steps for n in s.children) and outcome:
@@ -797,7 +811,7 @@ def _add_effect_ledger(node: TraceNode, effects: Mapping[str, Mapping[str, Any]]
     data = {
         "status": row.get("status"),
         "idempotency_key": row.get("idempotency_key"),
-        "args": _loads(row.get("args")),
+        "args": _decoded(row.get("args")),
     }
     existing = [c for c in node.children if c.kind == "effect"]
     if existing:

@@ -558,3 +558,84 @@ def test_a_model_call_is_costed_with_its_cache_reads_and_writes(
     )
     assert llm.input_tokens == 100_000
     assert llm.cost_usd == pytest.approx(expected / 1e9)
+
+
+def _reviewed_refund_graph(backend: Backend, script: list[Any]) -> Any:
+    """A plain `MessagesState` app: refunds pause for review and run through the effect ledger."""
+    from langchain_core.tools import tool
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+
+    from harness_nodes import EffectLedger, HumanReview, ReviewPolicy, irreversible
+    from harness_nodes.testing import ScriptedChatModel
+
+    @irreversible
+    @tool
+    def refund(order: str, amount: float) -> str:
+        """Refund an order."""
+        return f"refunded {amount:g} on {order}"
+
+    model = ScriptedChatModel(script=script)
+    review = HumanReview(ReviewPolicy(irreversible=["refund"]), tools=[refund])
+    ledger = EffectLedger(backend)
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode([refund], wrap_tool_call=ledger.wrap_tool_call))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_edge("tools", "agent")
+    return builder
+
+
+def test_a_runners_task_shows_the_outcome_and_effect_arguments_it_stored(
+    backend: Backend,
+) -> None:
+    # The runner writes the outcome (and the effect ledger the arguments) through the
+    # harness's codec: the trace read them as plain JSON and showed `outcome None` with
+    # `{"json": {...}}` as its data, and the effect's arguments wrapped the same way.
+    from langchain_core.messages import HumanMessage
+
+    from harness_nodes import TaskNotFinished, TaskRunner
+    from harness_nodes.testing import ai, tool_call
+
+    script = [ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 250})]), ai("Done.")]
+    with TaskRunner(backend, _reviewed_refund_graph(backend, script)) as runner:
+        runner.submit("k-1", {"messages": [HumanMessage("refund A1")]})
+        with pytest.raises(TaskNotFinished):
+            runner.result("k-1", timeout=2)
+        assert runner.resume("k-1", {"type": "approve"}).status == "completed"
+        thread_id = runner.status("k-1").thread_id
+
+    trace = build_trace(backend, thread_id)
+    assert (trace.status, trace.reason) == ("completed", None)
+    [outcome] = [n for n in trace.walk() if n.kind == "outcome"]
+    assert outcome.name == "completed"
+    assert outcome.data == {"status": "completed", "partial_result": "Done."}
+    [effect] = [n for n in trace.walk() if n.kind == "effect"]
+    assert effect.data["args"] == {"order": "A1", "amount": 250}
+    assert Trace.from_json(trace.to_json()) == trace
+
+
+def test_a_task_cancelled_while_paused_is_listed_and_reported_as_cancelled(
+    backend: Backend,
+) -> None:
+    from langchain_core.messages import HumanMessage
+
+    from harness_nodes import TaskNotFinished, TaskRunner
+    from harness_nodes.testing import ai, tool_call
+
+    script = [ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 250})]), ai("Done.")]
+    with TaskRunner(backend, _reviewed_refund_graph(backend, script)) as runner:
+        runner.submit("k-2", {"messages": [HumanMessage("refund A1")]})
+        with pytest.raises(TaskNotFinished):
+            runner.result("k-2", timeout=2)
+        assert runner.cancel("k-2").status == "cancelled"
+        thread_id = runner.status("k-2").thread_id
+
+    trace = build_trace(backend, thread_id)
+    assert trace.status == "cancelled"
+    assert [n.name for n in trace.walk() if n.kind == "outcome"] == ["cancelled"]
+    assert [r.status for r in list_runs(backend)] == ["cancelled"]
+    report = reliability_report(backend)
+    assert report.outcomes == {"cancelled": 1} and report.finished == 1
