@@ -324,8 +324,20 @@ def _llm_node(msg: AIMessage, pricer: _Pricer) -> list[TraceNode]:
     return nodes
 
 
-def _tool_node(msg: ToolMessage) -> TraceNode:
+def _tool_node(msg: ToolMessage, previous: ToolMessage | None = None) -> TraceNode:
+    """A tool's result with the harness's records on it.
+
+    *previous* is the message it replaced in place (same id): a reviewer's answer to an
+    escalation, verification's corrective message. Only the records that changed are new
+    facts; the others (the verdict the escalation came from...) were shown with *previous*.
+    """
     meta = _harness_meta(msg)
+    before = _harness_meta(previous) if previous is not None else {}
+
+    def changed(key: str) -> Mapping[str, Any] | None:
+        value = meta.get(key)
+        return value if isinstance(value, Mapping) and value != before.get(key) else None
+
     node = TraceNode(
         kind="tool_result",
         name=str(msg.name or "tool"),
@@ -342,8 +354,8 @@ def _tool_node(msg: ToolMessage) -> TraceNode:
             }
         ),
     )
-    effect = meta.get("effect")
-    if isinstance(effect, Mapping):
+    effect = changed("effect")
+    if effect is not None:
         replayed = bool(effect.get("replayed"))
         node.children.append(
             TraceNode(
@@ -352,11 +364,11 @@ def _tool_node(msg: ToolMessage) -> TraceNode:
                 data=_jsonable(dict(effect)),
             )
         )
-    verdict = meta.get("verdict")
-    if isinstance(verdict, Mapping):
+    verdict = changed("verdict")
+    if verdict is not None:
         node.children.append(_verdict_node(verdict))
-    escalation = meta.get("escalation")
-    if isinstance(escalation, Mapping):
+    escalation = changed("escalation")
+    if escalation is not None:
         node.children.append(
             TraceNode(
                 kind="review",
@@ -581,15 +593,18 @@ def build_trace(
             if isinstance(previous, AIMessage) and isinstance(msg, AIMessage):
                 step.children.extend(_review_nodes(previous, msg))
                 continue
+            if isinstance(previous, ToolMessage) and isinstance(msg, ToolMessage):
+                step.children.append(_tool_node(msg, previous))  # its effect was shown
+                continue
             for node in _message_nodes(msg, pricer):
+                if node.kind == "tool_result":
+                    _add_effect_ledger(node, effects)
                 step.children.append(node)
         for node in step.walk():
             if node.kind == "verdict":
                 seen_verdicts.add(
                     (str(node.data.get("tool_call_id")), int(node.data.get("attempt", 0)))
                 )
-            if node.kind == "tool_result":
-                _add_effect_ledger(node, effects)
         shown = {
             str(n.data.get("review_id"))
             for s in [*steps, step]

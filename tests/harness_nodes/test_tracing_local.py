@@ -639,3 +639,103 @@ def test_a_task_cancelled_while_paused_is_listed_and_reported_as_cancelled(
     assert [r.status for r in list_runs(backend)] == ["cancelled"]
     report = reliability_report(backend)
     assert report.outcomes == {"cancelled": 1} and report.finished == 1
+
+
+def _declined_charge() -> Any:
+    from langchain_core.tools import tool
+
+    @tool
+    def charge(order: str) -> dict[str, str]:
+        """Charge an order's card."""
+        return {"status": "failed", "error": "card declined"}
+
+    return charge
+
+
+_DECLINED_REASONS = [
+    "the output reports a failure: status='failed'",
+    "the output carries an error: error='card declined'",
+]
+
+
+def _failed_verdicts_and_escalation_are_counted_once(backend: Backend) -> None:
+    report = reliability_report(backend)
+    assert report.failing_tools == [("charge", 1)]
+    assert report.failure_reasons == [(r, 1) for r in _DECLINED_REASONS]
+    assert report.escalation_rate == 1.0
+
+
+def test_an_escalation_decided_in_the_queue_shows_its_verdict_once(backend: Backend) -> None:
+    # The reviewer's answer replaces the escalated tool message (same id): the replaced message
+    # was shown again with its old verdict, and `harness report` counted that verdict twice.
+    from langchain_core.messages import HumanMessage
+
+    from harness_nodes import ReviewPolicy, ReviewQueue, ToolContract, build_harnessed_agent
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    charge = _declined_charge()
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("charge", {"order": "A1"}, id="c1")]), ai("Done.")]
+    )
+    agent = build_harnessed_agent(
+        model,
+        [charge],
+        contracts={"charge": ToolContract(side_effects=True)},
+        review_policy=ReviewPolicy(),
+        backend=backend,
+    )
+    queue = ReviewQueue(backend, agent)
+    queue.invoke({"messages": [HumanMessage("charge A1")]}, thread_id="esc-q")
+    [item] = queue.pending()
+    queue.decide(item.id, {"type": "approve"}, reviewer="ana")
+
+    trace = build_trace(backend, "esc-q")
+    assert [(n.kind, n.name) for n in trace.decisions()] == [
+        ("verdict", "charge: escalate"),
+        ("review", "escalate: verification"),
+        ("interrupt", "paused → resumed"),
+        ("review", "approve by ana"),
+        ("outcome", "completed"),
+    ]
+    review_step = next(s for s in trace.steps if s.name == "review")
+    [resolved] = [n for n in review_step.children if n.kind == "tool_result"]
+    assert resolved.data["content"] == '{"status": "failed", "error": "card declined"}'
+    assert resolved.children == []  # what changed: the output the reviewer accepted
+    _failed_verdicts_and_escalation_are_counted_once(backend)
+    assert Trace.from_json(trace.to_json()) == trace
+
+
+def test_an_escalation_answered_directly_in_a_harness_state_shows_one_decision(
+    backend: Backend,
+) -> None:
+    # The decision is both a `reviews` record and on the tool message: one node.
+    from langchain_core.messages import HumanMessage
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewPolicy, ToolContract, build_harnessed_agent
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    charge = _declined_charge()
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("charge", {"order": "A1"}, id="c1")]), ai("Done.")]
+    )
+    agent = build_harnessed_agent(
+        model,
+        [charge],
+        contracts={"charge": ToolContract(side_effects=True)},
+        review_policy=ReviewPolicy(),
+        backend=backend,
+    )
+    config = {"configurable": {"thread_id": "esc-h"}}
+    agent.invoke({"messages": [HumanMessage("charge A1")]}, config, durability="sync")
+    agent.invoke(Command(resume={"type": "approve"}), config, durability="sync")
+
+    trace = build_trace(backend, "esc-h")
+    assert [(n.kind, n.name) for n in trace.decisions()] == [
+        ("verdict", "charge: escalate"),
+        ("review", "escalate: verification"),
+        ("interrupt", "paused → resumed"),
+        ("review", "approve (reviewer not recorded)"),
+        ("outcome", "completed"),
+    ]
+    _failed_verdicts_and_escalation_are_counted_once(backend)
