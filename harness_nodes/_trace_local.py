@@ -376,6 +376,15 @@ def _tool_node(msg: ToolMessage, previous: ToolMessage | None = None) -> TraceNo
                 data=_jsonable({"action": "escalate", **escalation}),
             )
         )
+    review = changed("review")
+    if review is not None and review.get("escalation"):
+        # The decision on an escalation, recorded on the message it resolved (the only record
+        # of it in a state with no `reviews` channel, resumed with Command(resume=...)). A
+        # rejected call's answer carries its decision too, shown from the AI message.
+        data = {"tool_call_id": msg.tool_call_id, "tool": msg.name, **review}
+        node.children.append(
+            TraceNode(kind="review", name=_review_name(review), data=_jsonable(data))
+        )
     return node
 
 
@@ -613,11 +622,7 @@ def build_trace(
             for n in i.children
             if n.kind == "review"
         }
-        step.children = [
-            c
-            for c in step.children
-            if not (c.kind == "review" and str(c.data.get("review_id")) in shown)
-        ]
+        _drop_reviews(step, shown)
         seen_reviews = {
             str(n.data.get("review_id"))
             for s in steps + [step]
@@ -799,6 +804,18 @@ def _add_interrupts(
                         )
                     )
             step.children.append(node)
+
+
+def _drop_reviews(node: TraceNode, shown: set[str]) -> None:
+    """Remove the review records of decisions already shown under their interrupt."""
+    node.children = [
+        c
+        for c in node.children
+        if not (c.kind == "review" and str(c.data.get("review_id")) in shown)
+    ]
+    for child in node.children:
+        if child.kind != "interrupt":
+            _drop_reviews(child, shown)
 
 
 def _decision_word(decision: Any) -> str:

@@ -705,6 +705,71 @@ def test_an_escalation_decided_in_the_queue_shows_its_verdict_once(backend: Back
     assert Trace.from_json(trace.to_json()) == trace
 
 
+def test_an_escalation_answered_directly_shows_the_decision_on_the_tool_result(
+    backend: Backend,
+) -> None:
+    # A plain `MessagesState` app has no `reviews` channel: the decision is recorded only on
+    # the tool message it resolves. The trace showed `paused → resumed` with no decision (and
+    # the replaced message again with its old verdict).
+    from langchain_core.messages import HumanMessage
+    from langgraph.graph import END, START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+    from langgraph.types import Command
+
+    from harness_nodes import (
+        HumanReview,
+        ReviewPolicy,
+        ToolContract,
+        VerificationStop,
+        VerifyToolOutputs,
+        route_after_verify,
+    )
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    charge = _declined_charge()
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("charge", {"order": "A1"}, id="c1")]), ai("Done.")]
+    )
+    review = HumanReview(ReviewPolicy(), tools=[charge])
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([charge]))
+    builder.add_node("verify", VerifyToolOutputs({"charge": ToolContract(side_effects=True)}))
+    builder.add_node("review", review)
+    builder.add_node("stop", VerificationStop())
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_edge("tools", "verify")
+    routes = {"ok": "agent", "retry": "agent", "escalate": "review", "fail": "stop"}
+    builder.add_conditional_edges("verify", route_after_verify, routes)
+    builder.add_edge("stop", END)
+    graph = builder.compile(checkpointer=backend.checkpointer)
+    config = {"configurable": {"thread_id": "esc-d"}}
+    graph.invoke({"messages": [HumanMessage("charge A1")]}, config, durability="sync")
+    decision = {"type": "reject", "message": "wrong card"}
+    graph.invoke(Command(resume=decision), config, durability="sync")
+
+    trace = build_trace(backend, "esc-d")
+    assert [(n.kind, n.name) for n in trace.decisions()] == [
+        ("verdict", "charge: escalate"),
+        ("review", "escalate: verification"),
+        ("interrupt", "paused → resumed"),
+        ("review", "reject (reviewer not recorded)"),
+    ]
+    review_step = next(s for s in trace.steps if s.name == "review")
+    [resolved] = [n for n in review_step.children if n.kind == "tool_result"]
+    assert (
+        resolved.data["content"]
+        == "A human reviewer rejected this result. Reviewer's note: wrong card"
+    )
+    [decided] = resolved.children
+    assert decided.kind == "review"
+    assert decided.data["decision"] == "reject" and decided.data["message"] == "wrong card"
+    assert decided.data["tool_call_id"] == "c1" and decided.data["escalation"] == "verification"
+    _failed_verdicts_and_escalation_are_counted_once(backend)
+    assert Trace.from_json(trace.to_json()) == trace
+
+
 def test_an_escalation_answered_directly_in_a_harness_state_shows_one_decision(
     backend: Backend,
 ) -> None:
@@ -739,3 +804,56 @@ def test_an_escalation_answered_directly_in_a_harness_state_shows_one_decision(
         ("outcome", "completed"),
     ]
     _failed_verdicts_and_escalation_are_counted_once(backend)
+
+
+def test_an_unknown_effect_confirmed_by_a_reviewer_shows_the_decision_and_the_effect_once(
+    backend: Backend,
+) -> None:
+    # The reviewer's answer replaces the escalated tool message: the decision on it was not
+    # shown, and the effect ledger's record was attached to it a second time.
+    from langchain_core.messages import HumanMessage
+    from langgraph.types import Command
+
+    from harness_nodes import EffectLedger
+    from tests.harness_nodes.test_effects import Counter, _reviewed_refund, _timing_out_refund
+
+    ledger = EffectLedger(backend)
+    refund = _timing_out_refund(Counter(), times=1)
+    graph = _reviewed_refund(refund, ledger).compile(checkpointer=backend.checkpointer)
+    config: Any = {"configurable": {"thread_id": "unknown-1"}}
+    with pytest.raises(TimeoutError):
+        graph.invoke({"messages": [HumanMessage("refund o1")]}, config, durability="sync")
+    graph.invoke(None, config, durability="sync")  # paused: did the refund go through?
+    ledger.resolve("unknown-1", "c1", happened=True, result="refunded", reviewer="ann")
+    graph.invoke(Command(resume={"type": "approve"}), config, durability="sync")
+
+    trace = build_trace(backend, "unknown-1")
+    assert [(n.kind, n.name) for n in trace.decisions()] == [
+        ("effect", "ran"),
+        ("review", "escalate: effect_unknown"),
+        ("interrupt", "paused → resumed"),
+        ("review", "approve (reviewer not recorded)"),
+    ]
+
+
+def test_a_call_rejected_directly_shows_one_decision(backend: Backend) -> None:
+    # The rejected call's answer carries the decision too, as the AI message does: one node.
+    from langchain_core.messages import HumanMessage
+    from langgraph.types import Command
+
+    from harness_nodes.testing import ai, tool_call
+
+    script = [ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 250})]), ai("Done.")]
+    graph = _reviewed_refund_graph(backend, script).compile(checkpointer=backend.checkpointer)
+    config = {"configurable": {"thread_id": "rej-d"}}
+    graph.invoke({"messages": [HumanMessage("refund A1")]}, config, durability="sync")
+    decision = {"type": "reject", "message": "not this order"}
+    graph.invoke(Command(resume=decision), config, durability="sync")
+
+    trace = build_trace(backend, "rej-d")
+    assert [(n.kind, n.name) for n in trace.decisions()] == [
+        ("interrupt", "paused → resumed"),
+        ("review", "reject (reviewer not recorded)"),
+    ]
+    [decided] = [n for n in trace.walk() if n.kind == "review"]
+    assert decided.data["message"] == "not this order"
