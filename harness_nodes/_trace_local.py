@@ -199,12 +199,13 @@ def _review_nodes(old: AIMessage, new: AIMessage) -> list[TraceNode]:
     before = _harness_meta(old).get("reviews") or {}
     after = _harness_meta(new).get("reviews") or {}
     old_args = {c["id"]: c["args"] for c in old.tool_calls}
+    names = {c["id"]: c["name"] for c in new.tool_calls}
     nodes = []
     for call_id, record in after.items():
         if call_id in before or not isinstance(record, Mapping):
             continue
         new_args = next((c["args"] for c in new.tool_calls if c["id"] == call_id), None)
-        data = {"tool_call_id": call_id, **record}
+        data = {"tool_call_id": call_id, "tool": names.get(call_id), **record}
         if new_args is not None and new_args != old_args.get(call_id):
             data["args_before"], data["args_after"] = old_args.get(call_id), new_args
         nodes.append(
@@ -615,7 +616,7 @@ def build_trace(
                     (str(node.data.get("tool_call_id")), int(node.data.get("attempt", 0)))
                 )
         shown = {
-            str(n.data.get("review_id"))
+            str(n.data.get("review_id")): n
             for s in [*steps, step]
             for i in s.walk()
             if i.kind == "interrupt"
@@ -806,13 +807,25 @@ def _add_interrupts(
             step.children.append(node)
 
 
-def _drop_reviews(node: TraceNode, shown: set[str]) -> None:
-    """Remove the review records of decisions already shown under their interrupt."""
-    node.children = [
-        c
-        for c in node.children
-        if not (c.kind == "review" and str(c.data.get("review_id")) in shown)
-    ]
+_CALL_DETAILS = ("tool_call_id", "tool", "decision", "args_before", "args_after", "message")
+"""What a per-call review record adds to the queue's record of the same decision."""
+
+
+def _drop_reviews(node: TraceNode, shown: Mapping[str, TraceNode]) -> None:
+    """Fold the review records of decisions shown under their interrupt into that node.
+
+    The queue's ledger has the decision with its reviewer and latency; the records on the
+    messages have, per call, what it did: the arguments an edit gave, a reject's message.
+    """
+    kept = []
+    for child in node.children:
+        ledger = shown.get(str(child.data.get("review_id"))) if child.kind == "review" else None
+        if ledger is None:
+            kept.append(child)
+        elif child.data.get("tool_call_id"):
+            call = {k: child.data[k] for k in _CALL_DETAILS if child.data.get(k) is not None}
+            ledger.data.setdefault("calls", []).append(call)
+    node.children = kept
     for child in node.children:
         if child.kind != "interrupt":
             _drop_reviews(child, shown)

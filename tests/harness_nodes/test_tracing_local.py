@@ -857,3 +857,65 @@ def test_a_call_rejected_directly_shows_one_decision(backend: Backend) -> None:
     ]
     [decided] = [n for n in trace.walk() if n.kind == "review"]
     assert decided.data["message"] == "not this order"
+
+
+def test_harness_show_has_the_queue_reviewers_edited_arguments_and_message(
+    backend: Backend,
+) -> None:
+    # A decision made in the queue is shown under its interrupt (reviewer, latency): the
+    # arguments an edit gave a call and a reject's message were in no line of the tree.
+    import io
+
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from rich.console import Console
+
+    from harness_nodes import ReviewPolicy, ReviewQueue, build_harnessed_agent
+    from harness_nodes.cli._trace import render
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    @tool
+    def refund(order: str, amount: float, api_key: str = "") -> str:
+        """Refund an order."""
+        return f"refunded {amount:g} on {order}"
+
+    @tool
+    def email(to: str, body: str) -> str:
+        """Email a customer."""
+        return f"emailed {to}"
+
+    calls = [
+        tool_call("refund", {"order": "A1", "amount": 250}, id="r1"),
+        tool_call("email", {"to": "d@example.com", "body": "refunded"}, id="e1"),
+    ]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("Done.")])
+    policy = ReviewPolicy(always=["refund", "email"])
+    agent = build_harnessed_agent(model, [refund, email], review_policy=policy, backend=backend)
+    queue = ReviewQueue(backend, agent)
+    queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="edit-1")
+    [item] = queue.pending()
+    secret = "sk-live-EDITEDKEY0123456789abcdef"
+    edited = {"order": "A1", "amount": 90, "api_key": secret}
+    decisions = [{"type": "edit", "args": edited}, {"type": "reject", "message": "not yet"}]
+    queue.decide(item.id, decisions, reviewer="ana")
+
+    trace = build_trace(backend, "edit-1")
+    shown = io.StringIO()
+    Console(file=shown, width=300).print(render(trace))
+    [line] = [ln for ln in shown.getvalue().splitlines() if "edit+reject by ana" in ln]
+    assert 'refund → {"order": "A1", "amount": 90, "api_key": "***"}' in line
+    assert "email: not yet" in line
+    [decided] = [n for n in trace.walk() if n.kind == "review"]
+    assert decided.name == "edit+reject by ana"
+    assert decided.data["calls"] == [
+        {
+            "tool_call_id": "r1",
+            "tool": "refund",
+            "decision": "edit",
+            "args_before": {"order": "A1", "amount": 250},
+            "args_after": {"order": "A1", "amount": 90, "api_key": "***"},
+        },
+        {"tool_call_id": "e1", "tool": "email", "decision": "reject", "message": "not yet"},
+    ]
+    text = trace.to_json()
+    assert secret not in text and Trace.from_json(text) == trace
