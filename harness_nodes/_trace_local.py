@@ -21,6 +21,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langgraph.checkpoint.base import CheckpointTuple
 
 from checkpointers._spend import flush_pending
+from harness_nodes import _codec
 from harness_nodes._pricing import answer_cost
 from harness_nodes._trace_langfuse import Masker
 from harness_nodes.errors import UnknownThread
@@ -198,12 +199,13 @@ def _review_nodes(old: AIMessage, new: AIMessage) -> list[TraceNode]:
     before = _harness_meta(old).get("reviews") or {}
     after = _harness_meta(new).get("reviews") or {}
     old_args = {c["id"]: c["args"] for c in old.tool_calls}
+    names = {c["id"]: c["name"] for c in new.tool_calls}
     nodes = []
     for call_id, record in after.items():
         if call_id in before or not isinstance(record, Mapping):
             continue
         new_args = next((c["args"] for c in new.tool_calls if c["id"] == call_id), None)
-        data = {"tool_call_id": call_id, **record}
+        data = {"tool_call_id": call_id, "tool": names.get(call_id), **record}
         if new_args is not None and new_args != old_args.get(call_id):
             data["args_before"], data["args_after"] = old_args.get(call_id), new_args
         nodes.append(
@@ -323,8 +325,20 @@ def _llm_node(msg: AIMessage, pricer: _Pricer) -> list[TraceNode]:
     return nodes
 
 
-def _tool_node(msg: ToolMessage) -> TraceNode:
+def _tool_node(msg: ToolMessage, previous: ToolMessage | None = None) -> TraceNode:
+    """A tool's result with the harness's records on it.
+
+    *previous* is the message it replaced in place (same id): a reviewer's answer to an
+    escalation, verification's corrective message. Only the records that changed are new
+    facts; the others (the verdict the escalation came from...) were shown with *previous*.
+    """
     meta = _harness_meta(msg)
+    before = _harness_meta(previous) if previous is not None else {}
+
+    def changed(key: str) -> Mapping[str, Any] | None:
+        value = meta.get(key)
+        return value if isinstance(value, Mapping) and value != before.get(key) else None
+
     node = TraceNode(
         kind="tool_result",
         name=str(msg.name or "tool"),
@@ -341,8 +355,8 @@ def _tool_node(msg: ToolMessage) -> TraceNode:
             }
         ),
     )
-    effect = meta.get("effect")
-    if isinstance(effect, Mapping):
+    effect = changed("effect")
+    if effect is not None:
         replayed = bool(effect.get("replayed"))
         node.children.append(
             TraceNode(
@@ -351,17 +365,26 @@ def _tool_node(msg: ToolMessage) -> TraceNode:
                 data=_jsonable(dict(effect)),
             )
         )
-    verdict = meta.get("verdict")
-    if isinstance(verdict, Mapping):
+    verdict = changed("verdict")
+    if verdict is not None:
         node.children.append(_verdict_node(verdict))
-    escalation = meta.get("escalation")
-    if isinstance(escalation, Mapping):
+    escalation = changed("escalation")
+    if escalation is not None:
         node.children.append(
             TraceNode(
                 kind="review",
                 name=f"escalate: {escalation.get('kind', '?')}",
                 data=_jsonable({"action": "escalate", **escalation}),
             )
+        )
+    review = changed("review")
+    if review is not None and review.get("escalation"):
+        # The decision on an escalation, recorded on the message it resolved (the only record
+        # of it in a state with no `reviews` channel, resumed with Command(resume=...)). A
+        # rejected call's answer carries its decision too, shown from the AI message.
+        data = {"tool_call_id": msg.tool_call_id, "tool": msg.name, **review}
+        node.children.append(
+            TraceNode(kind="review", name=_review_name(review), data=_jsonable(data))
         )
     return node
 
@@ -467,6 +490,18 @@ def _loads(raw: Any) -> Any:
     return raw
 
 
+def _decoded(raw: Any) -> Any:
+    """A column the harness writes with its codec (a run's outcome, an effect's arguments).
+
+    The codec wraps plain JSON as ``{"json": ...}`` and anything else (messages...) as
+    LangGraph's serializer output; read as plain JSON, the wrapper hid the value.
+    """
+    doc = _loads(raw)
+    if isinstance(raw, str) and isinstance(doc, Mapping) and ("json" in doc or "serde" in doc):
+        return _codec.decode(raw)
+    return doc
+
+
 def build_trace(
     backend: Backend,
     thread_id: str,
@@ -568,28 +603,27 @@ def build_trace(
             if isinstance(previous, AIMessage) and isinstance(msg, AIMessage):
                 step.children.extend(_review_nodes(previous, msg))
                 continue
+            if isinstance(previous, ToolMessage) and isinstance(msg, ToolMessage):
+                step.children.append(_tool_node(msg, previous))  # its effect was shown
+                continue
             for node in _message_nodes(msg, pricer):
+                if node.kind == "tool_result":
+                    _add_effect_ledger(node, effects)
                 step.children.append(node)
         for node in step.walk():
             if node.kind == "verdict":
                 seen_verdicts.add(
                     (str(node.data.get("tool_call_id")), int(node.data.get("attempt", 0)))
                 )
-            if node.kind == "tool_result":
-                _add_effect_ledger(node, effects)
         shown = {
-            str(n.data.get("review_id"))
+            str(n.data.get("review_id")): n
             for s in [*steps, step]
             for i in s.walk()
             if i.kind == "interrupt"
             for n in i.children
             if n.kind == "review"
         }
-        step.children = [
-            c
-            for c in step.children
-            if not (c.kind == "review" and str(c.data.get("review_id")) in shown)
-        ]
+        _drop_reviews(step, shown)
         seen_reviews = {
             str(n.data.get("review_id"))
             for s in steps + [step]
@@ -610,10 +644,11 @@ def build_trace(
 
     last_values = _harness_view(history[-1].checkpoint["channel_values"] if history else {})
     task: Mapping[str, Any] = last_values.get("task") or {}
+    stored = _decoded(run.get("outcome"))  # what a runner recorded (a cancellation...)
     outcome: Mapping[str, Any] = (
         last_values.get("outcome")
         or _message_outcome(_messages(last_values))
-        or _loads(run.get("outcome"))
+        or (stored if isinstance(stored, Mapping) and stored.get("status") else None)
         or {}
     )
     if not any(n.kind == "outcome" for s in steps for n in s.children) and outcome:
@@ -772,6 +807,30 @@ def _add_interrupts(
             step.children.append(node)
 
 
+_CALL_DETAILS = ("tool_call_id", "tool", "decision", "args_before", "args_after", "message")
+"""What a per-call review record adds to the queue's record of the same decision."""
+
+
+def _drop_reviews(node: TraceNode, shown: Mapping[str, TraceNode]) -> None:
+    """Fold the review records of decisions shown under their interrupt into that node.
+
+    The queue's ledger has the decision with its reviewer and latency; the records on the
+    messages have, per call, what it did: the arguments an edit gave, a reject's message.
+    """
+    kept = []
+    for child in node.children:
+        ledger = shown.get(str(child.data.get("review_id"))) if child.kind == "review" else None
+        if ledger is None:
+            kept.append(child)
+        elif child.data.get("tool_call_id"):
+            call = {k: child.data[k] for k in _CALL_DETAILS if child.data.get(k) is not None}
+            ledger.data.setdefault("calls", []).append(call)
+    node.children = kept
+    for child in node.children:
+        if child.kind != "interrupt":
+            _drop_reviews(child, shown)
+
+
 def _decision_word(decision: Any) -> str:
     # The queue stores one decision or a batch (one per paused call).
     items = decision if isinstance(decision, list) else [decision]
@@ -797,7 +856,7 @@ def _add_effect_ledger(node: TraceNode, effects: Mapping[str, Mapping[str, Any]]
     data = {
         "status": row.get("status"),
         "idempotency_key": row.get("idempotency_key"),
-        "args": _loads(row.get("args")),
+        "args": _decoded(row.get("args")),
     }
     existing = [c for c in node.children if c.kind == "effect"]
     if existing:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -82,8 +83,26 @@ def _label(node: TraceNode) -> str:
         bits.append(_short(d["reason"]))
     elif node.kind == "interrupt" and d.get("reason"):
         bits.append(_short(d["reason"]))
+    elif node.kind == "review" and (detail := _review_detail(d)):
+        bits.append(_short(detail, 200))
     tail = "  ".join(bits)
     return f"{head}  [dim]{tail}[/]" if tail else head
+
+
+def _review_detail(d: Mapping[str, Any]) -> str:
+    """What a decision did to each call: the arguments an edit gave, a reviewer's message."""
+    calls = d.get("calls")
+    parts: list[str] = []
+    for item in calls if isinstance(calls, list) else [d]:
+        if not isinstance(item, Mapping):
+            continue
+        tool = str(item.get("tool") or "")
+        if "args_after" in item:
+            args = json.dumps(item["args_after"], default=str)
+            parts.append(f"{tool} → {args}" if tool else f"→ {args}")
+        if item.get("message"):
+            parts.append(f"{tool}: {item['message']}" if tool else str(item["message"]))
+    return "; ".join(parts)
 
 
 def _add(tree: Tree, node: TraceNode) -> None:

@@ -558,3 +558,364 @@ def test_a_model_call_is_costed_with_its_cache_reads_and_writes(
     )
     assert llm.input_tokens == 100_000
     assert llm.cost_usd == pytest.approx(expected / 1e9)
+
+
+def _reviewed_refund_graph(backend: Backend, script: list[Any]) -> Any:
+    """A plain `MessagesState` app: refunds pause for review and run through the effect ledger."""
+    from langchain_core.tools import tool
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+
+    from harness_nodes import EffectLedger, HumanReview, ReviewPolicy, irreversible
+    from harness_nodes.testing import ScriptedChatModel
+
+    @irreversible
+    @tool
+    def refund(order: str, amount: float) -> str:
+        """Refund an order."""
+        return f"refunded {amount:g} on {order}"
+
+    model = ScriptedChatModel(script=script)
+    review = HumanReview(ReviewPolicy(irreversible=["refund"]), tools=[refund])
+    ledger = EffectLedger(backend)
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode([refund], wrap_tool_call=ledger.wrap_tool_call))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_edge("tools", "agent")
+    return builder
+
+
+def test_a_runners_task_shows_the_outcome_and_effect_arguments_it_stored(
+    backend: Backend,
+) -> None:
+    # The runner writes the outcome (and the effect ledger the arguments) through the
+    # harness's codec: the trace read them as plain JSON and showed `outcome None` with
+    # `{"json": {...}}` as its data, and the effect's arguments wrapped the same way.
+    from langchain_core.messages import HumanMessage
+
+    from harness_nodes import TaskNotFinished, TaskRunner
+    from harness_nodes.testing import ai, tool_call
+
+    script = [ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 250})]), ai("Done.")]
+    with TaskRunner(backend, _reviewed_refund_graph(backend, script)) as runner:
+        runner.submit("k-1", {"messages": [HumanMessage("refund A1")]})
+        with pytest.raises(TaskNotFinished):
+            runner.result("k-1", timeout=2)
+        assert runner.resume("k-1", {"type": "approve"}).status == "completed"
+        thread_id = runner.status("k-1").thread_id
+
+    trace = build_trace(backend, thread_id)
+    assert (trace.status, trace.reason) == ("completed", None)
+    [outcome] = [n for n in trace.walk() if n.kind == "outcome"]
+    assert outcome.name == "completed"
+    assert outcome.data == {"status": "completed", "partial_result": "Done."}
+    [effect] = [n for n in trace.walk() if n.kind == "effect"]
+    assert effect.data["args"] == {"order": "A1", "amount": 250}
+    assert Trace.from_json(trace.to_json()) == trace
+
+
+def test_a_task_cancelled_while_paused_is_listed_and_reported_as_cancelled(
+    backend: Backend,
+) -> None:
+    from langchain_core.messages import HumanMessage
+
+    from harness_nodes import TaskNotFinished, TaskRunner
+    from harness_nodes.testing import ai, tool_call
+
+    script = [ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 250})]), ai("Done.")]
+    with TaskRunner(backend, _reviewed_refund_graph(backend, script)) as runner:
+        runner.submit("k-2", {"messages": [HumanMessage("refund A1")]})
+        with pytest.raises(TaskNotFinished):
+            runner.result("k-2", timeout=2)
+        assert runner.cancel("k-2").status == "cancelled"
+        thread_id = runner.status("k-2").thread_id
+
+    trace = build_trace(backend, thread_id)
+    assert trace.status == "cancelled"
+    assert [n.name for n in trace.walk() if n.kind == "outcome"] == ["cancelled"]
+    assert [r.status for r in list_runs(backend)] == ["cancelled"]
+    report = reliability_report(backend)
+    assert report.outcomes == {"cancelled": 1} and report.finished == 1
+
+
+def _declined_charge() -> Any:
+    from langchain_core.tools import tool
+
+    @tool
+    def charge(order: str) -> dict[str, str]:
+        """Charge an order's card."""
+        return {"status": "failed", "error": "card declined"}
+
+    return charge
+
+
+_DECLINED_REASONS = [
+    "the output reports a failure: status='failed'",
+    "the output carries an error: error='card declined'",
+]
+
+
+def _failed_verdicts_and_escalation_are_counted_once(backend: Backend) -> None:
+    report = reliability_report(backend)
+    assert report.failing_tools == [("charge", 1)]
+    assert report.failure_reasons == [(r, 1) for r in _DECLINED_REASONS]
+    assert report.escalation_rate == 1.0
+
+
+def test_an_escalation_decided_in_the_queue_shows_its_verdict_once(backend: Backend) -> None:
+    # The reviewer's answer replaces the escalated tool message (same id): the replaced message
+    # was shown again with its old verdict, and `harness report` counted that verdict twice.
+    from langchain_core.messages import HumanMessage
+
+    from harness_nodes import ReviewPolicy, ReviewQueue, ToolContract, build_harnessed_agent
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    charge = _declined_charge()
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("charge", {"order": "A1"}, id="c1")]), ai("Done.")]
+    )
+    agent = build_harnessed_agent(
+        model,
+        [charge],
+        contracts={"charge": ToolContract(side_effects=True)},
+        review_policy=ReviewPolicy(),
+        backend=backend,
+    )
+    queue = ReviewQueue(backend, agent)
+    queue.invoke({"messages": [HumanMessage("charge A1")]}, thread_id="esc-q")
+    [item] = queue.pending()
+    queue.decide(item.id, {"type": "approve"}, reviewer="ana")
+
+    trace = build_trace(backend, "esc-q")
+    assert [(n.kind, n.name) for n in trace.decisions()] == [
+        ("verdict", "charge: escalate"),
+        ("review", "escalate: verification"),
+        ("interrupt", "paused → resumed"),
+        ("review", "approve by ana"),
+        ("outcome", "completed"),
+    ]
+    review_step = next(s for s in trace.steps if s.name == "review")
+    [resolved] = [n for n in review_step.children if n.kind == "tool_result"]
+    assert resolved.data["content"] == '{"status": "failed", "error": "card declined"}'
+    assert resolved.children == []  # what changed: the output the reviewer accepted
+    _failed_verdicts_and_escalation_are_counted_once(backend)
+    assert Trace.from_json(trace.to_json()) == trace
+
+
+def test_an_escalation_answered_directly_shows_the_decision_on_the_tool_result(
+    backend: Backend,
+) -> None:
+    # A plain `MessagesState` app has no `reviews` channel: the decision is recorded only on
+    # the tool message it resolves. The trace showed `paused → resumed` with no decision (and
+    # the replaced message again with its old verdict).
+    from langchain_core.messages import HumanMessage
+    from langgraph.graph import END, START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+    from langgraph.types import Command
+
+    from harness_nodes import (
+        HumanReview,
+        ReviewPolicy,
+        ToolContract,
+        VerificationStop,
+        VerifyToolOutputs,
+        route_after_verify,
+    )
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    charge = _declined_charge()
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("charge", {"order": "A1"}, id="c1")]), ai("Done.")]
+    )
+    review = HumanReview(ReviewPolicy(), tools=[charge])
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([charge]))
+    builder.add_node("verify", VerifyToolOutputs({"charge": ToolContract(side_effects=True)}))
+    builder.add_node("review", review)
+    builder.add_node("stop", VerificationStop())
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_edge("tools", "verify")
+    routes = {"ok": "agent", "retry": "agent", "escalate": "review", "fail": "stop"}
+    builder.add_conditional_edges("verify", route_after_verify, routes)
+    builder.add_edge("stop", END)
+    graph = builder.compile(checkpointer=backend.checkpointer)
+    config = {"configurable": {"thread_id": "esc-d"}}
+    graph.invoke({"messages": [HumanMessage("charge A1")]}, config, durability="sync")
+    decision = {"type": "reject", "message": "wrong card"}
+    graph.invoke(Command(resume=decision), config, durability="sync")
+
+    trace = build_trace(backend, "esc-d")
+    assert [(n.kind, n.name) for n in trace.decisions()] == [
+        ("verdict", "charge: escalate"),
+        ("review", "escalate: verification"),
+        ("interrupt", "paused → resumed"),
+        ("review", "reject (reviewer not recorded)"),
+    ]
+    review_step = next(s for s in trace.steps if s.name == "review")
+    [resolved] = [n for n in review_step.children if n.kind == "tool_result"]
+    assert (
+        resolved.data["content"]
+        == "A human reviewer rejected this result. Reviewer's note: wrong card"
+    )
+    [decided] = resolved.children
+    assert decided.kind == "review"
+    assert decided.data["decision"] == "reject" and decided.data["message"] == "wrong card"
+    assert decided.data["tool_call_id"] == "c1" and decided.data["escalation"] == "verification"
+    _failed_verdicts_and_escalation_are_counted_once(backend)
+    assert Trace.from_json(trace.to_json()) == trace
+
+
+def test_an_escalation_answered_directly_in_a_harness_state_shows_one_decision(
+    backend: Backend,
+) -> None:
+    # The decision is both a `reviews` record and on the tool message: one node.
+    from langchain_core.messages import HumanMessage
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewPolicy, ToolContract, build_harnessed_agent
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    charge = _declined_charge()
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("charge", {"order": "A1"}, id="c1")]), ai("Done.")]
+    )
+    agent = build_harnessed_agent(
+        model,
+        [charge],
+        contracts={"charge": ToolContract(side_effects=True)},
+        review_policy=ReviewPolicy(),
+        backend=backend,
+    )
+    config = {"configurable": {"thread_id": "esc-h"}}
+    agent.invoke({"messages": [HumanMessage("charge A1")]}, config, durability="sync")
+    agent.invoke(Command(resume={"type": "approve"}), config, durability="sync")
+
+    trace = build_trace(backend, "esc-h")
+    assert [(n.kind, n.name) for n in trace.decisions()] == [
+        ("verdict", "charge: escalate"),
+        ("review", "escalate: verification"),
+        ("interrupt", "paused → resumed"),
+        ("review", "approve (reviewer not recorded)"),
+        ("outcome", "completed"),
+    ]
+    _failed_verdicts_and_escalation_are_counted_once(backend)
+
+
+def test_an_unknown_effect_confirmed_by_a_reviewer_shows_the_decision_and_the_effect_once(
+    backend: Backend,
+) -> None:
+    # The reviewer's answer replaces the escalated tool message: the decision on it was not
+    # shown, and the effect ledger's record was attached to it a second time.
+    from langchain_core.messages import HumanMessage
+    from langgraph.types import Command
+
+    from harness_nodes import EffectLedger
+    from tests.harness_nodes.test_effects import Counter, _reviewed_refund, _timing_out_refund
+
+    ledger = EffectLedger(backend)
+    refund = _timing_out_refund(Counter(), times=1)
+    graph = _reviewed_refund(refund, ledger).compile(checkpointer=backend.checkpointer)
+    config: Any = {"configurable": {"thread_id": "unknown-1"}}
+    with pytest.raises(TimeoutError):
+        graph.invoke({"messages": [HumanMessage("refund o1")]}, config, durability="sync")
+    graph.invoke(None, config, durability="sync")  # paused: did the refund go through?
+    ledger.resolve("unknown-1", "c1", happened=True, result="refunded", reviewer="ann")
+    graph.invoke(Command(resume={"type": "approve"}), config, durability="sync")
+
+    trace = build_trace(backend, "unknown-1")
+    assert [(n.kind, n.name) for n in trace.decisions()] == [
+        ("effect", "ran"),
+        ("review", "escalate: effect_unknown"),
+        ("interrupt", "paused → resumed"),
+        ("review", "approve (reviewer not recorded)"),
+    ]
+
+
+def test_a_call_rejected_directly_shows_one_decision(backend: Backend) -> None:
+    # The rejected call's answer carries the decision too, as the AI message does: one node.
+    from langchain_core.messages import HumanMessage
+    from langgraph.types import Command
+
+    from harness_nodes.testing import ai, tool_call
+
+    script = [ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 250})]), ai("Done.")]
+    graph = _reviewed_refund_graph(backend, script).compile(checkpointer=backend.checkpointer)
+    config = {"configurable": {"thread_id": "rej-d"}}
+    graph.invoke({"messages": [HumanMessage("refund A1")]}, config, durability="sync")
+    decision = {"type": "reject", "message": "not this order"}
+    graph.invoke(Command(resume=decision), config, durability="sync")
+
+    trace = build_trace(backend, "rej-d")
+    assert [(n.kind, n.name) for n in trace.decisions()] == [
+        ("interrupt", "paused → resumed"),
+        ("review", "reject (reviewer not recorded)"),
+    ]
+    [decided] = [n for n in trace.walk() if n.kind == "review"]
+    assert decided.data["message"] == "not this order"
+
+
+def test_harness_show_has_the_queue_reviewers_edited_arguments_and_message(
+    backend: Backend,
+) -> None:
+    # A decision made in the queue is shown under its interrupt (reviewer, latency): the
+    # arguments an edit gave a call and a reject's message were in no line of the tree.
+    import io
+
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from rich.console import Console
+
+    from harness_nodes import ReviewPolicy, ReviewQueue, build_harnessed_agent
+    from harness_nodes.cli._trace import render
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    @tool
+    def refund(order: str, amount: float, api_key: str = "") -> str:
+        """Refund an order."""
+        return f"refunded {amount:g} on {order}"
+
+    @tool
+    def email(to: str, body: str) -> str:
+        """Email a customer."""
+        return f"emailed {to}"
+
+    calls = [
+        tool_call("refund", {"order": "A1", "amount": 250}, id="r1"),
+        tool_call("email", {"to": "d@example.com", "body": "refunded"}, id="e1"),
+    ]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("Done.")])
+    policy = ReviewPolicy(always=["refund", "email"])
+    agent = build_harnessed_agent(model, [refund, email], review_policy=policy, backend=backend)
+    queue = ReviewQueue(backend, agent)
+    queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="edit-1")
+    [item] = queue.pending()
+    secret = "sk-live-EDITEDKEY0123456789abcdef"
+    edited = {"order": "A1", "amount": 90, "api_key": secret}
+    decisions = [{"type": "edit", "args": edited}, {"type": "reject", "message": "not yet"}]
+    queue.decide(item.id, decisions, reviewer="ana")
+
+    trace = build_trace(backend, "edit-1")
+    shown = io.StringIO()
+    Console(file=shown, width=300).print(render(trace))
+    [line] = [ln for ln in shown.getvalue().splitlines() if "edit+reject by ana" in ln]
+    assert 'refund → {"order": "A1", "amount": 90, "api_key": "***"}' in line
+    assert "email: not yet" in line
+    [decided] = [n for n in trace.walk() if n.kind == "review"]
+    assert decided.name == "edit+reject by ana"
+    assert decided.data["calls"] == [
+        {
+            "tool_call_id": "r1",
+            "tool": "refund",
+            "decision": "edit",
+            "args_before": {"order": "A1", "amount": 250},
+            "args_after": {"order": "A1", "amount": 90, "api_key": "***"},
+        },
+        {"tool_call_id": "e1", "tool": "email", "decision": "reject", "message": "not yet"},
+    ]
+    text = trace.to_json()
+    assert secret not in text and Trace.from_json(text) == trace
