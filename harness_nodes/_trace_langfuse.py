@@ -1084,7 +1084,12 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
             if parent_run_id is None and isinstance(outputs, Mapping):
                 outcome = outputs.get("outcome")
                 trace_id = self._trace_of(run_id)
-                if isinstance(outcome, Mapping) and outcome.get("status") and trace_id:
+                if (
+                    isinstance(outcome, Mapping)
+                    and outcome.get("status")
+                    and trace_id
+                    and not _earlier_tasks_outcome(outputs, outcome)
+                ):
                     self._score_outcome(outcome, trace_id)
             self._end(run_id, outputs, root=parent_run_id is None)
         except Exception:
@@ -1676,6 +1681,16 @@ _PLUMBING_TAGS = ("seq:step:", "graph:step:")
 _PLUMBING_METADATA_PREFIXES = ("langgraph_", "ls_", "lc_", "__pregel_")
 _KEPT_METADATA = frozenset({"langgraph_node", "langgraph_step"})
 _PLUMBING_METADATA = frozenset({"checkpoint_ns", "checkpoint_id", "thread_id"})
+
+
+def _earlier_tasks_outcome(outputs: Mapping[str, Any], outcome: Mapping[str, Any]) -> bool:
+    """An earlier task's stop still in a drop-in graph's state: not this run's outcome."""
+    from harness_nodes._verify import earlier_tasks_outcome
+
+    messages = outputs.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, BaseMessage) for m in messages):
+        return False
+    return earlier_tasks_outcome(messages, outcome)
 
 
 def _is_plumbing(

@@ -21,7 +21,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langgraph.checkpoint.base import CheckpointTuple
 
 from checkpointers._spend import flush_pending
-from harness_nodes import _codec
+from harness_nodes import _codec, _verify
 from harness_nodes._pricing import answer_cost
 from harness_nodes._trace_langfuse import Masker
 from harness_nodes.errors import UnknownThread
@@ -645,11 +645,20 @@ def build_trace(
     last_values = _harness_view(history[-1].checkpoint["channel_values"] if history else {})
     task: Mapping[str, Any] = last_values.get("task") or {}
     stored = _decoded(run.get("outcome"))  # what a runner recorded (a cancellation...)
+    messages = _messages(last_values)
+    # A drop-in graph keeps an earlier task's stop after the next question started a new
+    # task: that task's state speaks for it (completed, paused...), not the stop.
+    current = [
+        found
+        for found in (last_values.get("outcome"), _message_outcome(messages))
+        if found and not _verify.earlier_tasks_outcome(messages, found)
+    ]
     outcome: Mapping[str, Any] = (
-        last_values.get("outcome")
-        or _message_outcome(_messages(last_values))
-        or (stored if isinstance(stored, Mapping) and stored.get("status") else None)
-        or {}
+        current[0]
+        if current
+        else stored
+        if isinstance(stored, Mapping) and stored.get("status")
+        else {}
     )
     if not any(n.kind == "outcome" for s in steps for n in s.children) and outcome:
         steps.append(

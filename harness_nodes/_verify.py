@@ -134,6 +134,23 @@ def current_task(messages: Sequence[BaseMessage], verdicts: Sequence[Any]) -> Ta
     return Task(0, messages[0].id if messages else None)
 
 
+def earlier_tasks_outcome(messages: Sequence[BaseMessage], outcome: Mapping[str, Any]) -> bool:
+    """Whether *outcome* is an earlier task's, kept in the state after the thread moved on.
+
+    A stop (`VerificationStop`, a budget stop) writes the outcome with the closing message
+    that reports it; a drop-in graph has nothing that rewrites it when the user's next question
+    starts a new task. It is that earlier task's when the message reporting it comes before the
+    current task (`current_task`). An outcome no message reports (written by a `HarnessState`
+    node) is taken as current.
+    """
+    status = outcome.get("status")
+    for i in range(len(messages) - 1, -1, -1):
+        reported = harness_meta(messages[i]).get("outcome")
+        if isinstance(reported, Mapping) and reported.get("status") == status:
+            return current_task(messages, ()).first > i
+    return False
+
+
 def verdicts_of(state: Any) -> list[Any]:
     """The state's ``verdicts`` records, or ``[]`` where it keeps none."""
     if isinstance(state, Mapping):

@@ -1080,3 +1080,57 @@ async def test_a_task_its_async_runner_gives_up_on_is_scored_failed(
         thread_id = (await runner.astatus("t-afail")).thread_id
     score = _failed_score(receiver, public_key)
     assert (score["traceId"], score["value"]) == (trace_id_for(thread_id), "failed")
+
+
+def test_a_drop_in_apps_next_task_does_not_score_the_stop_of_the_one_before_again(
+    receiver: LangfuseReceiver, public_key: str
+) -> None:
+    # add_harness on an app whose state has an `outcome` (HarnessState): task 1 stops
+    # (verification_failed), task 2 on the thread completes. The user's model node never
+    # rewrites the outcome, so task 2's run ends with task 1's still in its state: that is
+    # not task 2's outcome, and it must not be scored again as if it were.
+    from langchain_core.tools import tool
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    from harness_nodes import HarnessState, ToolContract, add_harness
+
+    @tool
+    def search(query: str) -> list[str]:
+        """Search."""
+        return [] if query == "x" else ["r"]
+
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("search", {"query": "x"})]),
+            ai(tool_calls=[tool_call("search", {"query": "y"})]),
+            ai("Found r."),
+        ]
+    )
+    builder = StateGraph(HarnessState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([search]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    add_harness(
+        builder,
+        model_node="agent",
+        tools_node="tools",
+        contracts={"search": ToolContract(max_retries=0)},
+    )
+    graph = builder.compile(checkpointer=InMemorySaver())
+
+    def outcomes() -> list[Any]:
+        _flush(public_key)
+        receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
+        return [s["value"] for s in receiver.scores if s["name"] == "outcome"]
+
+    graph.invoke({"messages": [HumanMessage("q1")]}, _config("t-drop-in", receiver, public_key))
+    first = outcomes()
+    assert first and set(first) == {"verification_failed"}
+    out = graph.invoke(
+        {"messages": [HumanMessage("q2")]}, _config("t-drop-in", receiver, public_key)
+    )
+    assert out["messages"][-1].content == "Found r."
+    assert out["outcome"]["status"] == "verification_failed"  # still in the state
+    assert outcomes() == first

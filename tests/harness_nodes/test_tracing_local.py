@@ -221,6 +221,59 @@ def test_plain_messages_state_app_with_real_verification_fails_visibly(backend: 
     assert report.failing_tools == [("search", 2)]
 
 
+def test_a_drop_in_apps_next_task_is_not_reported_with_the_stop_of_the_one_before(
+    backend: Backend,
+) -> None:
+    # add_harness in a MessagesState app: task 1 stops (verification_failed), the user asks
+    # again on the thread and task 2 completes. Nothing in the drop-in form rewrites the
+    # outcome the stop left in the state; the trace, the runs list and the report must not
+    # take it for task 2's.
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    from harness_nodes import ToolContract, add_harness
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    @tool
+    def search(query: str) -> list[str]:
+        """Search."""
+        return [] if query == "x" else ["r"]
+
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("search", {"query": "x"})]),  # task 1: empty, no retry
+            ai(tool_calls=[tool_call("search", {"query": "y"})]),  # task 2: fine
+            ai("Found r."),
+        ]
+    )
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([search]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    add_harness(
+        builder,
+        model_node="agent",
+        tools_node="tools",
+        contracts={"search": ToolContract(max_retries=0)},
+    )
+    graph = builder.compile(checkpointer=backend.checkpointer)
+    cfg = {"configurable": {"thread_id": "drop-in"}}
+    graph.invoke({"messages": [HumanMessage("q1")]}, cfg, durability="sync")
+    assert build_trace(backend, "drop-in").status == "verification_failed"
+    out = graph.invoke({"messages": [HumanMessage("q2")]}, cfg, durability="sync")
+    assert out["messages"][-1].content == "Found r."
+    trace = build_trace(backend, "drop-in")
+    assert trace.status == "completed" and trace.reason is None
+    # Task 1's stop is still in its place in the tree.
+    assert [n.name for n in trace.walk() if n.kind == "outcome"] == ["verification_failed"]
+    assert [r.status for r in list_runs(backend)] == ["completed"]
+    assert reliability_report(backend).outcomes == {"completed": 1}
+
+
 def test_real_review_queue_decision_shows_with_reviewer_and_latency(backend: Backend) -> None:
     from langchain_core.messages import HumanMessage
     from langchain_core.tools import tool
