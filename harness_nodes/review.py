@@ -65,7 +65,7 @@ import json
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, TypeGuard, cast
 
 from langchain_core.messages import AIMessage, AnyMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
@@ -82,6 +82,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import ErrorDetails
 from typing_extensions import TypedDict
 
 from harness_nodes import _verify
@@ -324,15 +325,34 @@ class _Decisions(RootModel[ReviewDecision | list[ReviewDecision]]):
 # --- validation shared by the node and the queue -------------------------------------------
 
 
+def _is_model(schema: object) -> TypeGuard[type[BaseModel]]:
+    return isinstance(schema, type) and issubclass(schema, BaseModel)
+
+
 def _tool_schema(tool: BaseTool | None) -> type[BaseModel] | None:
     schema = getattr(tool, "args_schema", None) if tool is not None else None
-    return schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
+    return schema if _is_model(schema) else None
 
 
-def _argument_names(schema: type[BaseModel]) -> set[str]:
-    names = set(schema.model_fields)
-    for info in schema.model_fields.values():
-        names.update(a for a in (info.alias, info.validation_alias) if isinstance(a, str))
+def _injected_fields(tool: BaseTool, schema: type[BaseModel]) -> set[str]:
+    """The arguments LangGraph injects when *tool* runs: not the call's (or a reviewer's) to set.
+
+    ``InjectedToolCallId``, ``ToolRuntime``, ``InjectedState``, ``InjectedStore``: they are in
+    the tool's ``args_schema`` but not in ``tool_call_schema``, what the model is shown.
+    """
+    call_schema = tool.tool_call_schema
+    if not _is_model(call_schema):
+        return set()
+    return set(schema.model_fields) - set(call_schema.model_fields)
+
+
+def _argument_names(schema: type[BaseModel], only: Collection[str] | None = None) -> set[str]:
+    """The names the fields of *schema* (or *only* these) accept: their own and their aliases."""
+    names: set[str] = set()
+    for name, info in schema.model_fields.items():
+        if only is None or name in only:
+            names.add(name)
+            names.update(a for a in (info.alias, info.validation_alias) if isinstance(a, str))
     return names
 
 
@@ -351,8 +371,10 @@ def check_decisions(
     Raises:
         InvalidDecision: wrong type or shape, an unknown decision word, a decision the
             request does not allow (editing a call that is not editable), edited arguments
-            that fail the tool's argument schema or name none of its arguments, or a count
-            that does not match.
+            that fail the tool's argument schema, name none of its arguments or set one
+            LangGraph injects when the tool runs (``ToolRuntime``, ``InjectedToolCallId``,
+            ``InjectedState``: an edit gives what the call sets, as the model does), or a
+            count that does not match.
 
     Example:
         ```python
@@ -406,28 +428,58 @@ def check_decisions(
                     f"an edit of call {call} names tool {dec.action!r}, but the call is "
                     f"{req['action_request']['action']!r}: an edit changes arguments, not the tool",
                 )
-            schema = _tool_schema(by_name.get(req["action_request"]["action"]))
-            if schema is not None:
-                unknown = sorted(set(dec.args or {}) - _argument_names(schema))
-                if unknown and schema.model_config.get("extra") != "allow":
-                    # The schema would drop them silently: the audit would show arguments
-                    # (a misspelt amount) that never reached the tool.
-                    raise InvalidDecision(
-                        review_id,
-                        f"edited args for {req['action_request']['action']} (call {call}) "
-                        f"name no argument of the tool: {', '.join(unknown)}",
-                    )
-                try:
-                    schema.model_validate(dec.args)
-                except ValidationError as e:
-                    missing = any(err["type"] == "missing" for err in e.errors())
-                    raise InvalidDecision(
-                        review_id,
-                        f"edited args for {req['action_request']['action']} (call {call}) "
-                        f"fail its schema: {_one_line(e)}"
-                        + (" (an edit replaces all of the call's arguments)" if missing else ""),
-                    ) from None
+            tool = by_name.get(req["action_request"]["action"])
+            schema = _tool_schema(tool)
+            if tool is not None and schema is not None:
+                _check_edited_args(tool, schema, dec.args or {}, req, review_id)
     return decisions
+
+
+def _check_edited_args(
+    tool: BaseTool,
+    schema: type[BaseModel],
+    args: Mapping[str, Any],
+    req: ReviewRequest,
+    review_id: str,
+) -> None:
+    """Refuse edited *args* the tool would not run with as the reviewer wrote them.
+
+    They are checked against the arguments a call sets, as the model's own are: the tool's
+    ``args_schema`` (its types, constraints, validators and aliases) without the arguments
+    LangGraph injects when the tool runs, which an edit neither gives nor may set.
+    """
+    where = f"edited args for {req['action_request']['action']} (call {req['tool_call_id']})"
+    injected = _argument_names(schema, _injected_fields(tool, schema))
+    forced = sorted(set(args) & injected)
+    if forced:
+        # The tool node overwrites them: the audit would show values the tool never got.
+        raise InvalidDecision(
+            review_id,
+            f"{where} set arguments the tool gets injected when it runs: {', '.join(forced)}",
+        )
+    unknown = sorted(set(args) - _argument_names(schema))
+    if unknown and schema.model_config.get("extra") != "allow":
+        # The schema would drop them silently: the audit would show arguments (a misspelt
+        # amount) that never reached the tool.
+        raise InvalidDecision(
+            review_id, f"{where} name no argument of the tool: {', '.join(unknown)}"
+        )
+    try:
+        schema.model_validate(args)
+    except ValidationError as e:
+        # An injected argument is missing from every edit (and from the model's calls).
+        errors = [
+            err
+            for err in e.errors()
+            if not (err["type"] == "missing" and err["loc"][:1] and err["loc"][0] in injected)
+        ]
+        if errors:
+            missing = any(err["type"] == "missing" for err in errors)
+            raise InvalidDecision(
+                review_id,
+                f"{where} fail its schema: {_error_lines(errors)}"
+                + (" (an edit replaces all of the call's arguments)" if missing else ""),
+            ) from None
 
 
 def _request_event(requests: Sequence[ReviewRequest]) -> dict[str, Any]:
@@ -498,12 +550,16 @@ def _align(
 
 
 def _one_line(e: ValidationError) -> str:
+    return _error_lines(e.errors()) or str(e)
+
+
+def _error_lines(errors: Sequence[ErrorDetails]) -> str:
     parts = []
-    for err in e.errors():
+    for err in errors:
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts) or str(e)
+    return "; ".join(parts)
 
 
 # --- the policy ----------------------------------------------------------------------------
