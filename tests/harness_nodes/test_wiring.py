@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 import pytest
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
@@ -692,6 +693,64 @@ def test_add_harness_runs_the_calls_a_reviewer_left_through_the_users_tool_node(
     assert answered["a"].status == "success" and answered["b"].status == "error"
     assert [c["id"] for c in out["messages"][1].tool_calls] == ["a", "b"]
     assert out["messages"][-1].content == "Looked a up."
+
+
+async def _async_should_continue(state: MessagesState) -> str:
+    return "tools" if state["messages"][-1].tool_calls else END
+
+
+def _should_continue(state: MessagesState) -> str:
+    return "tools" if state["messages"][-1].tool_calls else END
+
+
+def _should_continue_with_config(state: MessagesState, config: RunnableConfig) -> str:
+    assert config["configurable"]["thread_id"] == "t-async-router"  # the run's config
+    return "tools" if state["messages"][-1].tool_calls else END
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "router",
+    [_async_should_continue, _should_continue, _should_continue_with_config],
+    ids=["async", "sync", "sync-with-config"],
+)
+async def test_add_harness_review_runs_the_users_router_under_ainvoke(router: Any) -> None:
+    """An async app (LangGraph's templates) whose router out of the model is ``async def``:
+    with a review policy, the router still decides every turn the review does not take."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewPolicy
+
+    model = _model("a", "b", answer="Looked both up.")
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([lookup]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", router, ["tools", END])
+    builder.add_edge("tools", "agent")
+    add_harness(
+        builder,
+        model_node="agent",
+        tools_node="tools",
+        review_policy=ReviewPolicy(rules={"lookup": lambda args: args["key"] == "b"}),
+        tools=[lookup],
+    )
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t-async-router"}}
+
+    await graph.ainvoke({"messages": [HumanMessage("go")]}, config)  # a: the router's turn
+    (request,) = _paused(graph, config)  # b: the review's
+    assert request["action_request"] == {"action": "lookup", "args": {"key": "b"}}
+    out = await graph.ainvoke(Command(resume={"type": "approve"}), config)
+
+    answered = [m.tool_call_id for m in out["messages"] if isinstance(m, ToolMessage)]
+    assert answered == ["c0", "c1"]
+    assert out["messages"][-1].content == "Looked both up."  # the router ended the task
 
 
 def test_add_harness_review_needs_one_router_out_of_the_model_node() -> None:
