@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeGuard, cast
 
@@ -802,17 +802,19 @@ class HumanReview:
     """Pause for a person before flagged tool calls run, or when a node escalated.
 
     Add it as a node between the model and the tools and route to it with `route`
-    (``add_conditional_edges(model_node, review.route)``). It reads only ``messages``, so it
-    drops into a plain ``MessagesState`` app, and it leaves with a ``Command``: to the tools
+    (``add_conditional_edges(model_node, review.route)``). It reads the state's ``messages``
+    and writes nothing else the state must have, so it drops into a plain ``MessagesState``
+    app (or a dataclass or pydantic state), and it leaves with a ``Command``: to the tools
     node (the approved and edited calls) or back to the model node (when nothing is left to
     run). Review records ride on the messages' ``additional_kwargs["harness"]``.
 
     With a plain tools node every call of the AI message runs, so when some calls were
-    rejected or answered the rest are sent to the tools node with one ``Send`` of
-    ``{"messages": ...}``: the conversation up to a copy of the AI message that holds only
-    those calls (the input `ToolNode` takes; the state keeps every call). They run as one
-    task, as a turn nobody reviewed does, so the edge after the tools routes on all their
-    results together. When nothing is left to run and a tool result of the turn failed
+    rejected or answered the rest are sent to the tools node with one ``Send`` of the graph's
+    state, its ``messages`` replaced by the conversation up to a copy of the AI message that
+    holds only those calls (the input `ToolNode` takes; the state keeps every call; tools
+    reading the state, such as ``InjectedState("customer_id")``, find the rest of it). They
+    run as one task, as a turn nobody reviewed does, so the edge after the tools routes on all
+    their results together. When nothing is left to run and a tool result of the turn failed
     verification for good (``fail``), it ends the task (to ``END``, with
     `VerificationStop`'s outcome and closing message).
 
@@ -977,12 +979,19 @@ class HumanReview:
 
     # -- the node --
 
-    def __call__(self, state: MessagesOnly, config: RunnableConfig) -> Command[str]:
-        """Pause for review when needed; route on to the tools or back to the model."""
-        messages = list(state["messages"])
+    def __call__(self, state: Any, config: RunnableConfig) -> Command[str]:
+        """Pause for review when needed; route on to the tools or back to the model.
+
+        *state* is the graph's whole state, of any schema (a ``TypedDict``, a dataclass, a
+        pydantic model): the node reads its messages, and the calls a reviewer left go to the
+        tools with the rest of it.
+        """
+        # Typed Any, not MessagesOnly: LangGraph gives a node only the keys its first
+        # parameter's type names, and tools reading the state (InjectedState) need them all.
+        messages = _messages_of(state)
         requests = self.requests(messages)
         if not requests:
-            return self._onward(messages, [])
+            return self._onward(state, messages, [])
         tools = self._tools_by_name
         # Pure up to here: LangGraph re-runs the node from its top when the run resumes.
         schema = _response_model(requests, tools)
@@ -995,10 +1004,11 @@ class HumanReview:
         except ValidationError as e:
             raise _invalid_resume(InvalidDecision("", _one_line(e))) from None
         decisions: list[ReviewDecision] = answer.decisions
-        return self._apply(messages, requests, decisions, config)
+        return self._apply(state, messages, requests, decisions, config)
 
     def _apply(
         self,
+        state: Any,
         messages: list[AnyMessage],
         requests: list[ReviewRequest],
         decisions: list[ReviewDecision],
@@ -1074,10 +1084,11 @@ class HumanReview:
             )
             updates.insert(0, updated_ai)  # same id: add_messages replaces it in place
         merged = _merge(messages, updates)
-        return self._onward(merged, updates, records)
+        return self._onward(state, merged, updates, records)
 
     def _onward(
         self,
+        state: Any,
         messages: Sequence[AnyMessage],
         updates: list[AnyMessage],
         records: Sequence[ReviewRecord] = (),
@@ -1101,12 +1112,15 @@ class HumanReview:
         # whole turn does, so the edge after it routes on all their results together (the
         # edge after a Send task sees that task's writes only: with a Send per call, a
         # sibling's result went back to the model while an escalated one waited for review).
-        # Its input is the conversation as if the model had asked for these calls only,
-        # which any tools node runs: ToolNode (and the quickstart's tool node) run the calls
-        # of the last AI message. The copy is not written back; the state keeps every call.
+        # Its input is the graph's state with the conversation as if the model had asked for
+        # these calls only, which any tools node runs: ToolNode (and the quickstart's tool
+        # node) run the calls of the last AI message, and tools reading the state
+        # (InjectedState("customer_id"), ToolRuntime) find all of it. The copy is not written
+        # back; the state keeps every call.
         remaining = ai_msg.model_copy(update={"tool_calls": to_run})
         asked = [*messages[:idx], remaining]
-        return Command(update=update, goto=Send(self.tools_node, {"messages": asked}))
+        task = {**_state_values(state), "messages": asked}
+        return Command(update=update, goto=Send(self.tools_node, task))
 
 
 def _verification_stop(
@@ -1128,6 +1142,21 @@ def _messages_of(state: Any) -> list[AnyMessage]:
     if isinstance(state, list):
         return state
     return list(getattr(state, "messages", None) or [])
+
+
+def _state_values(state: Any) -> dict[str, Any]:
+    """The keys and values of a graph state, one level down (messages stay message objects).
+
+    The state of a ``TypedDict`` graph is a dict; of a dataclass or pydantic graph, an
+    instance of it (not dumped: ``model_dump`` would turn the messages into dicts).
+    """
+    if isinstance(state, Mapping):
+        return dict(state)
+    if isinstance(state, BaseModel):
+        return {name: getattr(state, name) for name in type(state).model_fields}
+    if is_dataclass(state) and not isinstance(state, type):
+        return {f.name: getattr(state, f.name) for f in fields(state)}
+    return {}
 
 
 def _merge(messages: Sequence[AnyMessage], updates: Iterable[AnyMessage]) -> list[AnyMessage]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -13,6 +14,7 @@ from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.graph.message import add_messages
 from langgraph.prebuilt import InjectedState, ToolNode, ToolRuntime
 from langgraph.types import Command
 from pydantic import BaseModel, Field, field_validator
@@ -478,6 +480,99 @@ def test_an_edit_is_checked_by_the_validators_of_a_tool_with_injected_arguments(
         [request], {"type": "edit", "args": {"order_id": "A2", "amount": 5}}, [refund_order]
     )
     assert ok.args == {"order_id": "A2", "amount": 5}
+
+
+class CustomerState(MessagesState):
+    customer_id: str
+
+
+@dataclass
+class CustomerDataclassState:
+    messages: Annotated[list[AnyMessage], add_messages] = field(default_factory=list)
+    customer_id: str = ""
+
+
+class CustomerModelState(BaseModel):
+    messages: Annotated[list[AnyMessage], add_messages] = []
+    customer_id: str = ""
+
+
+CUSTOMER_STATES = [
+    pytest.param(CustomerState, id="TypedDict"),
+    pytest.param(CustomerDataclassState, id="dataclass"),
+    pytest.param(CustomerModelState, id="pydantic"),
+]
+
+
+@tool
+def customer_order(order: str, customer_id: Annotated[str, InjectedState("customer_id")]) -> str:
+    """Look up an order of the current customer (read from the app's state)."""
+    return f"order {order} of customer {customer_id}"
+
+
+def _customer_graph(state_schema: type[Any], checkpointer: BaseCheckpointSaver[Any]) -> Any:
+    """A lookup reading the app's own state key beside a refund a reviewer rejects."""
+    calls = [
+        tool_call("customer_order", {"order": "A1"}, id="o1"),
+        tool_call("refund", {"order": "A1", "amount": 500}, id="r1"),
+    ]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("ok")])
+    review = HumanReview(ReviewPolicy(irreversible=["refund"]), tools=TOOLS)
+
+    def agent(state: Any) -> dict[str, Any]:
+        messages = state["messages"] if isinstance(state, dict) else state.messages
+        return {"messages": [model.invoke(messages)]}
+
+    builder = StateGraph(state_schema)
+    builder.add_node("agent", agent)
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode([*TOOLS, customer_order]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_edge("tools", "agent")
+    return builder.compile(checkpointer=checkpointer)
+
+
+def _answered(graph: Any, cfg: dict[str, Any]) -> dict[str, str]:
+    messages = graph.get_state(cfg).values["messages"]
+    return {m.tool_call_id: m.text for m in messages if isinstance(m, ToolMessage)}
+
+
+@pytest.mark.parametrize("state_schema", CUSTOMER_STATES)
+def test_calls_left_after_a_rejection_read_the_whole_state(
+    state_schema: type[Any], checkpointer: BaseCheckpointSaver[Any]
+) -> None:
+    """A tool reading the app's own key (``InjectedState("customer_id")``) runs after the
+    reviewer turned down its sibling as it runs when nothing was turned down."""
+    graph = _customer_graph(state_schema, checkpointer)
+    cfg = _cfg()
+    graph.invoke({"messages": [HumanMessage("refund A1")], "customer_id": "c-7"}, cfg)
+
+    graph.invoke(Command(resume={"type": "reject", "message": "no refunds today"}), cfg)
+
+    answered = _answered(graph, cfg)
+    assert answered["o1"] == "order A1 of customer c-7"
+    assert answered["r1"].endswith("no refunds today Do not retry it unless the user asks.")
+    assert EFFECTS == {}
+    values = graph.get_state(cfg).values
+    assert values["customer_id"] == "c-7"
+    assert [c["id"] for c in values["messages"][1].tool_calls] == ["o1", "r1"]  # all kept
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("state_schema", CUSTOMER_STATES)
+async def test_async_calls_left_after_a_rejection_read_the_whole_state(
+    state_schema: type[Any],
+) -> None:
+    graph = _customer_graph(state_schema, InMemorySaver())
+    cfg = _cfg()
+    await graph.ainvoke({"messages": [HumanMessage("refund A1")], "customer_id": "c-7"}, cfg)
+
+    await graph.ainvoke(Command(resume={"type": "respond", "message": "Refunded by hand."}), cfg)
+
+    answered = _answered(graph, cfg)
+    assert answered == {"o1": "order A1 of customer c-7", "r1": "Refunded by hand."}
+    assert EFFECTS == {}
 
 
 def test_calls_no_one_flags_go_straight_to_the_tools() -> None:

@@ -12,7 +12,7 @@ from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.message import add_messages
-from langgraph.prebuilt import ToolNode, tools_condition
+from langgraph.prebuilt import InjectedState, ToolNode, tools_condition
 from typing_extensions import TypedDict
 
 from checkpointers import open_backend
@@ -641,6 +641,48 @@ def test_a_fail_verdict_after_a_rejection_stops_the_task_without_the_model() -> 
     assert out["outcome"]["status"] == "verification_failed"
     assert out["messages"][-1].text.startswith("I stopped: a tool output failed verification.")
     assert [v["action"] for v in out["verdicts"]] == ["fail", "ok"]
+
+
+class SupportState(HarnessState):
+    customer_id: str
+
+
+@tool
+def customer_lookup(key: str, customer_id: Annotated[str, InjectedState("customer_id")]) -> str:
+    """Look a key up for the current customer (read from the app's state)."""
+    return f"{key} of customer {customer_id}"
+
+
+def test_calls_left_after_a_rejection_read_the_apps_own_state_keys() -> None:
+    """A reviewer rejects one call of a turn; the other reads the app's own state key
+    (``InjectedState``) and passes verification, instead of failing with a KeyError and
+    costing the model a retry."""
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewPolicy
+
+    calls = [
+        tool_call("customer_lookup", {"key": "plan"}, id="l1"),
+        tool_call("transfer", {"amount": 900}, id="t1"),
+    ]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("Plan found, transfer refused.")])
+    agent = build_harnessed_agent(
+        model,
+        [customer_lookup, transfer],
+        review_policy=ReviewPolicy(always=["transfer"]),
+        state_schema=SupportState,
+        checkpointer=InMemorySaver(),
+    )
+    config = {"configurable": {"thread_id": "t-split-state"}}
+    agent.invoke({"messages": [HumanMessage("go")], "customer_id": "c-7"}, config)
+
+    out = agent.invoke(Command(resume={"type": "reject"}), config)
+
+    answered = {m.tool_call_id: m for m in out["messages"] if isinstance(m, ToolMessage)}
+    assert answered["l1"].text == "plan of customer c-7"
+    assert [(v["tool"], v["action"]) for v in out["verdicts"]] == [("customer_lookup", "ok")]
+    assert model.calls == 2  # the answer, no retry
+    assert out["outcome"] == {"status": "completed", "partial_result": out["messages"][-1].text}
 
 
 def test_add_harness_puts_review_in_front_of_the_users_tool_node() -> None:
