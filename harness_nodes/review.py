@@ -63,9 +63,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, TypeGuard, cast
 
 from langchain_core.messages import AIMessage, AnyMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
@@ -82,6 +82,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import ErrorDetails
 from typing_extensions import TypedDict
 
 from harness_nodes import _verify
@@ -324,15 +325,34 @@ class _Decisions(RootModel[ReviewDecision | list[ReviewDecision]]):
 # --- validation shared by the node and the queue -------------------------------------------
 
 
+def _is_model(schema: object) -> TypeGuard[type[BaseModel]]:
+    return isinstance(schema, type) and issubclass(schema, BaseModel)
+
+
 def _tool_schema(tool: BaseTool | None) -> type[BaseModel] | None:
     schema = getattr(tool, "args_schema", None) if tool is not None else None
-    return schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
+    return schema if _is_model(schema) else None
 
 
-def _argument_names(schema: type[BaseModel]) -> set[str]:
-    names = set(schema.model_fields)
-    for info in schema.model_fields.values():
-        names.update(a for a in (info.alias, info.validation_alias) if isinstance(a, str))
+def _injected_fields(tool: BaseTool, schema: type[BaseModel]) -> set[str]:
+    """The arguments LangGraph injects when *tool* runs: not the call's (or a reviewer's) to set.
+
+    ``InjectedToolCallId``, ``ToolRuntime``, ``InjectedState``, ``InjectedStore``: they are in
+    the tool's ``args_schema`` but not in ``tool_call_schema``, what the model is shown.
+    """
+    call_schema = tool.tool_call_schema
+    if not _is_model(call_schema):
+        return set()
+    return set(schema.model_fields) - set(call_schema.model_fields)
+
+
+def _argument_names(schema: type[BaseModel], only: Collection[str] | None = None) -> set[str]:
+    """The names the fields of *schema* (or *only* these) accept: their own and their aliases."""
+    names: set[str] = set()
+    for name, info in schema.model_fields.items():
+        if only is None or name in only:
+            names.add(name)
+            names.update(a for a in (info.alias, info.validation_alias) if isinstance(a, str))
     return names
 
 
@@ -351,8 +371,10 @@ def check_decisions(
     Raises:
         InvalidDecision: wrong type or shape, an unknown decision word, a decision the
             request does not allow (editing a call that is not editable), edited arguments
-            that fail the tool's argument schema or name none of its arguments, or a count
-            that does not match.
+            that fail the tool's argument schema, name none of its arguments or set one
+            LangGraph injects when the tool runs (``ToolRuntime``, ``InjectedToolCallId``,
+            ``InjectedState``: an edit gives what the call sets, as the model does), or a
+            count that does not match.
 
     Example:
         ```python
@@ -406,28 +428,58 @@ def check_decisions(
                     f"an edit of call {call} names tool {dec.action!r}, but the call is "
                     f"{req['action_request']['action']!r}: an edit changes arguments, not the tool",
                 )
-            schema = _tool_schema(by_name.get(req["action_request"]["action"]))
-            if schema is not None:
-                unknown = sorted(set(dec.args or {}) - _argument_names(schema))
-                if unknown and schema.model_config.get("extra") != "allow":
-                    # The schema would drop them silently: the audit would show arguments
-                    # (a misspelt amount) that never reached the tool.
-                    raise InvalidDecision(
-                        review_id,
-                        f"edited args for {req['action_request']['action']} (call {call}) "
-                        f"name no argument of the tool: {', '.join(unknown)}",
-                    )
-                try:
-                    schema.model_validate(dec.args)
-                except ValidationError as e:
-                    missing = any(err["type"] == "missing" for err in e.errors())
-                    raise InvalidDecision(
-                        review_id,
-                        f"edited args for {req['action_request']['action']} (call {call}) "
-                        f"fail its schema: {_one_line(e)}"
-                        + (" (an edit replaces all of the call's arguments)" if missing else ""),
-                    ) from None
+            tool = by_name.get(req["action_request"]["action"])
+            schema = _tool_schema(tool)
+            if tool is not None and schema is not None:
+                _check_edited_args(tool, schema, dec.args or {}, req, review_id)
     return decisions
+
+
+def _check_edited_args(
+    tool: BaseTool,
+    schema: type[BaseModel],
+    args: Mapping[str, Any],
+    req: ReviewRequest,
+    review_id: str,
+) -> None:
+    """Refuse edited *args* the tool would not run with as the reviewer wrote them.
+
+    They are checked against the arguments a call sets, as the model's own are: the tool's
+    ``args_schema`` (its types, constraints, validators and aliases) without the arguments
+    LangGraph injects when the tool runs, which an edit neither gives nor may set.
+    """
+    where = f"edited args for {req['action_request']['action']} (call {req['tool_call_id']})"
+    injected = _argument_names(schema, _injected_fields(tool, schema))
+    forced = sorted(set(args) & injected)
+    if forced:
+        # The tool node overwrites them: the audit would show values the tool never got.
+        raise InvalidDecision(
+            review_id,
+            f"{where} set arguments the tool gets injected when it runs: {', '.join(forced)}",
+        )
+    unknown = sorted(set(args) - _argument_names(schema))
+    if unknown and schema.model_config.get("extra") != "allow":
+        # The schema would drop them silently: the audit would show arguments (a misspelt
+        # amount) that never reached the tool.
+        raise InvalidDecision(
+            review_id, f"{where} name no argument of the tool: {', '.join(unknown)}"
+        )
+    try:
+        schema.model_validate(args)
+    except ValidationError as e:
+        # An injected argument is missing from every edit (and from the model's calls).
+        errors = [
+            err
+            for err in e.errors()
+            if not (err["type"] == "missing" and err["loc"][:1] and err["loc"][0] in injected)
+        ]
+        if errors:
+            missing = any(err["type"] == "missing" for err in errors)
+            raise InvalidDecision(
+                review_id,
+                f"{where} fail its schema: {_error_lines(errors)}"
+                + (" (an edit replaces all of the call's arguments)" if missing else ""),
+            ) from None
 
 
 def _request_event(requests: Sequence[ReviewRequest]) -> dict[str, Any]:
@@ -498,12 +550,16 @@ def _align(
 
 
 def _one_line(e: ValidationError) -> str:
+    return _error_lines(e.errors()) or str(e)
+
+
+def _error_lines(errors: Sequence[ErrorDetails]) -> str:
     parts = []
-    for err in e.errors():
+    for err in errors:
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts) or str(e)
+    return "; ".join(parts)
 
 
 # --- the policy ----------------------------------------------------------------------------
@@ -746,17 +802,19 @@ class HumanReview:
     """Pause for a person before flagged tool calls run, or when a node escalated.
 
     Add it as a node between the model and the tools and route to it with `route`
-    (``add_conditional_edges(model_node, review.route)``). It reads only ``messages``, so it
-    drops into a plain ``MessagesState`` app, and it leaves with a ``Command``: to the tools
+    (``add_conditional_edges(model_node, review.route)``). It reads the state's ``messages``
+    and writes nothing else the state must have, so it drops into a plain ``MessagesState``
+    app (or a dataclass or pydantic state), and it leaves with a ``Command``: to the tools
     node (the approved and edited calls) or back to the model node (when nothing is left to
     run). Review records ride on the messages' ``additional_kwargs["harness"]``.
 
     With a plain tools node every call of the AI message runs, so when some calls were
-    rejected or answered the rest are sent to the tools node with one ``Send`` of
-    ``{"messages": ...}``: the conversation up to a copy of the AI message that holds only
-    those calls (the input `ToolNode` takes; the state keeps every call). They run as one
-    task, as a turn nobody reviewed does, so the edge after the tools routes on all their
-    results together. When nothing is left to run and a tool result of the turn failed
+    rejected or answered the rest are sent to the tools node with one ``Send`` of the graph's
+    state, its ``messages`` replaced by the conversation up to a copy of the AI message that
+    holds only those calls (the input `ToolNode` takes; the state keeps every call; tools
+    reading the state, such as ``InjectedState("customer_id")``, find the rest of it). They
+    run as one task, as a turn nobody reviewed does, so the edge after the tools routes on all
+    their results together. When nothing is left to run and a tool result of the turn failed
     verification for good (``fail``), it ends the task (to ``END``, with
     `VerificationStop`'s outcome and closing message).
 
@@ -921,12 +979,19 @@ class HumanReview:
 
     # -- the node --
 
-    def __call__(self, state: MessagesOnly, config: RunnableConfig) -> Command[str]:
-        """Pause for review when needed; route on to the tools or back to the model."""
-        messages = list(state["messages"])
+    def __call__(self, state: Any, config: RunnableConfig) -> Command[str]:
+        """Pause for review when needed; route on to the tools or back to the model.
+
+        *state* is the graph's whole state, of any schema (a ``TypedDict``, a dataclass, a
+        pydantic model): the node reads its messages, and the calls a reviewer left go to the
+        tools with the rest of it.
+        """
+        # Typed Any, not MessagesOnly: LangGraph gives a node only the keys its first
+        # parameter's type names, and tools reading the state (InjectedState) need them all.
+        messages = _messages_of(state)
         requests = self.requests(messages)
         if not requests:
-            return self._onward(messages, [])
+            return self._onward(state, messages, [])
         tools = self._tools_by_name
         # Pure up to here: LangGraph re-runs the node from its top when the run resumes.
         schema = _response_model(requests, tools)
@@ -939,10 +1004,11 @@ class HumanReview:
         except ValidationError as e:
             raise _invalid_resume(InvalidDecision("", _one_line(e))) from None
         decisions: list[ReviewDecision] = answer.decisions
-        return self._apply(messages, requests, decisions, config)
+        return self._apply(state, messages, requests, decisions, config)
 
     def _apply(
         self,
+        state: Any,
         messages: list[AnyMessage],
         requests: list[ReviewRequest],
         decisions: list[ReviewDecision],
@@ -1018,10 +1084,11 @@ class HumanReview:
             )
             updates.insert(0, updated_ai)  # same id: add_messages replaces it in place
         merged = _merge(messages, updates)
-        return self._onward(merged, updates, records)
+        return self._onward(state, merged, updates, records)
 
     def _onward(
         self,
+        state: Any,
         messages: Sequence[AnyMessage],
         updates: list[AnyMessage],
         records: Sequence[ReviewRecord] = (),
@@ -1045,12 +1112,15 @@ class HumanReview:
         # whole turn does, so the edge after it routes on all their results together (the
         # edge after a Send task sees that task's writes only: with a Send per call, a
         # sibling's result went back to the model while an escalated one waited for review).
-        # Its input is the conversation as if the model had asked for these calls only,
-        # which any tools node runs: ToolNode (and the quickstart's tool node) run the calls
-        # of the last AI message. The copy is not written back; the state keeps every call.
+        # Its input is the graph's state with the conversation as if the model had asked for
+        # these calls only, which any tools node runs: ToolNode (and the quickstart's tool
+        # node) run the calls of the last AI message, and tools reading the state
+        # (InjectedState("customer_id"), ToolRuntime) find all of it. The copy is not written
+        # back; the state keeps every call.
         remaining = ai_msg.model_copy(update={"tool_calls": to_run})
         asked = [*messages[:idx], remaining]
-        return Command(update=update, goto=Send(self.tools_node, {"messages": asked}))
+        task = {**_state_values(state), "messages": asked}
+        return Command(update=update, goto=Send(self.tools_node, task))
 
 
 def _verification_stop(
@@ -1072,6 +1142,21 @@ def _messages_of(state: Any) -> list[AnyMessage]:
     if isinstance(state, list):
         return state
     return list(getattr(state, "messages", None) or [])
+
+
+def _state_values(state: Any) -> dict[str, Any]:
+    """The keys and values of a graph state, one level down (messages stay message objects).
+
+    The state of a ``TypedDict`` graph is a dict; of a dataclass or pydantic graph, an
+    instance of it (not dumped: ``model_dump`` would turn the messages into dicts).
+    """
+    if isinstance(state, Mapping):
+        return dict(state)
+    if isinstance(state, BaseModel):
+        return {name: getattr(state, name) for name in type(state).model_fields}
+    if is_dataclass(state) and not isinstance(state, type):
+        return {f.name: getattr(state, f.name) for f in fields(state)}
+    return {}
 
 
 def _merge(messages: Sequence[AnyMessage], updates: Iterable[AnyMessage]) -> list[AnyMessage]:

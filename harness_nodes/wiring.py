@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
-from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
@@ -443,16 +443,28 @@ class _AfterVerify:
 
 @dataclass(frozen=True)
 class _ReviewFirst:
-    """The user's own router out of the model node, with a detour to review first."""
+    """The user's own router out of the model node, with a detour to review first.
+
+    Both paths, as the user's router may have only one: LangGraph's async templates route
+    with an ``async def``, which ``invoke`` refuses (``No synchronous function provided``).
+    """
 
     review: HumanReview
     original: Runnable[Any, Any]
 
-    def __call__(self, state: Any) -> Any:
+    def route(self, state: Any, config: RunnableConfig) -> Any:
         if self.review.route(state) == self.review.node:
             return self.review.node
-        # The run's config reaches the user's router through LangChain's context.
-        return self.original.invoke(state)
+        return self.original.invoke(state, config)
+
+    async def aroute(self, state: Any, config: RunnableConfig) -> Any:
+        if self.review.route(state) == self.review.node:
+            return self.review.node
+        return await self.original.ainvoke(state, config)
+
+    def runnable(self) -> Runnable[Any, Any]:
+        """The router to add: `route` under ``invoke``, `aroute` under ``ainvoke``."""
+        return RunnableLambda(self.route, afunc=self.aroute, name="review_first")
 
 
 def add_harness(
@@ -589,7 +601,7 @@ def add_harness(
             ends = {**branch.ends, review_node: review_node}
         builder.add_node(review_node, review, destinations=(tools_node, model_node, END))
         builder.add_conditional_edges(
-            model_node, _ReviewFirst(review, branch.path), cast(Any, ends)
+            model_node, _ReviewFirst(review, branch.path).runnable(), cast(Any, ends)
         )
     _, after_tools = out_edges[0]
     builder.edges.discard(out_edges[0])

@@ -11,13 +11,13 @@ import signal
 import threading
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.messages import AIMessage, AnyMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
-from langchain_core.tools import tool
+from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.graph import START, MessagesState, StateGraph
-from langgraph.prebuilt import ToolNode
+from langgraph.prebuilt import InjectedState, ToolNode, ToolRuntime
 from langgraph.types import Command
 
 from harness_nodes import HumanReview, ReviewPolicy
@@ -86,6 +86,29 @@ def send_email(to: str, body: str) -> str:
 
 
 TOOLS = [refund, lookup, send_email]
+
+
+# Refunds with an argument LangGraph injects when the tool runs (not the model's to set).
+@tool
+def refund_replying(
+    order: str, amount: float, tool_call_id: Annotated[str, InjectedToolCallId]
+) -> str:
+    """Refund an order (the call id injected, to answer with a Command)."""
+    return f"refunded {amount:g} on {order} ({tool_call_id})"
+
+
+@tool
+def refund_with_runtime(order: str, amount: float, runtime: ToolRuntime) -> str:
+    """Refund an order (the run injected: LangChain v1's usual tool)."""
+    return f"refunded {amount:g} on {order} ({runtime.tool_call_id})"
+
+
+@tool
+def refund_reading_state(
+    order: str, amount: float, messages: Annotated[list[AnyMessage], InjectedState("messages")]
+) -> str:
+    """Refund an order (the conversation injected)."""
+    return f"refunded {amount:g} on {order} (after {len(messages)} messages)"
 
 
 def refund_turns(amount: float = 250) -> list[Any]:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any
 
 import pytest
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMessage
-from langchain_core.tools import tool
+from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.graph.message import add_messages
 from langgraph.prebuilt import InjectedState, ToolNode, ToolRuntime
 from langgraph.types import Command
+from pydantic import BaseModel, Field, field_validator
 
 from checkpointers import Backend
 from harness_nodes import (
@@ -29,7 +32,15 @@ from harness_nodes import (
 )
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 from tests.harness_nodes import review_app
-from tests.harness_nodes.review_app import EFFECTS, TOOLS, build_builder, refund_turns
+from tests.harness_nodes.review_app import (
+    EFFECTS,
+    TOOLS,
+    build_builder,
+    refund_reading_state,
+    refund_replying,
+    refund_turns,
+    refund_with_runtime,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -385,6 +396,183 @@ def test_calls_left_after_a_rejection_run_as_one_task_with_the_state_injected() 
         assert seen[0].content == "go"
         assert [c["id"] for c in seen[-1].tool_calls] == ["h1", "s1"]
     assert [c["id"] for c in out["messages"][1].tool_calls] == ["r1", "h1", "s1"]
+
+
+INJECTED_TOOLS = [
+    pytest.param(refund_replying, "tool_call_id", id="InjectedToolCallId"),
+    pytest.param(refund_with_runtime, "runtime", id="ToolRuntime"),
+    pytest.param(refund_reading_state, "messages", id="InjectedState"),
+]
+
+
+@pytest.mark.parametrize(("refund_tool", "injected"), INJECTED_TOOLS)
+def test_an_edit_of_a_tool_with_injected_arguments_gives_the_calls_arguments_only(
+    refund_tool: Any, injected: str
+) -> None:
+    """A reviewer sets what the model sets (the tool's call schema); the arguments LangGraph
+    injects when the tool runs are neither required in an edit nor settable by one."""
+    name = refund_tool.name
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call(name, {"order": "A1", "amount": 250}, id="r1")]), ai("ok")]
+    )
+    review = HumanReview(ReviewPolicy(irreversible=[name]), tools=[refund_tool])
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode([refund_tool]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_edge("tools", "agent")
+    graph = builder.compile(checkpointer=InMemorySaver())
+    cfg = _cfg()
+    graph.invoke({"messages": [HumanMessage("refund A1")]}, cfg)
+
+    refused = [
+        ({"amount": 90}, "order: Field required (an edit replaces all of the call's arguments)"),
+        (
+            {"order": "A1", "amount": 90, injected: "forged"},
+            f"set arguments the tool gets injected when it runs: {injected}",
+        ),
+    ]
+    for args, reason in refused:
+        with pytest.raises(InvalidDecision, match=re.escape(reason)):
+            graph.invoke(Command(resume={"type": "edit", "args": args}), cfg)
+        assert graph.get_state(cfg).next == ("review",)
+    out = graph.invoke(Command(resume={"type": "edit", "args": {"order": "A1", "amount": 90}}), cfg)
+
+    [result] = [m.content for m in out["messages"] if isinstance(m, ToolMessage)]
+    assert result.startswith("refunded 90 on A1")
+    assert out["messages"][1].tool_calls[0]["args"] == {"order": "A1", "amount": 90}
+
+
+def test_an_edit_is_checked_by_the_validators_of_a_tool_with_injected_arguments() -> None:
+    """The call's arguments are still checked by the tool's own schema (constraints,
+    validators, aliases), which LangChain's call schema for the model leaves out."""
+
+    class RefundArgs(BaseModel):
+        order: str = Field(alias="order_id")
+        amount: float = Field(gt=0)
+        tool_call_id: Annotated[str, InjectedToolCallId]
+
+        @field_validator("order")
+        @classmethod
+        def _known_order(cls, order: str) -> str:
+            if not order.startswith("A"):
+                raise ValueError("orders start with A")
+            return order
+
+    @tool(args_schema=RefundArgs)
+    def refund_order(order: str, amount: float, tool_call_id: str) -> str:
+        """Refund an order."""
+        return f"refunded {amount:g} on {order}"
+
+    [request] = HumanReview(ReviewPolicy(irreversible=["refund_order"])).requests(
+        [ai(tool_calls=[tool_call("refund_order", {"order_id": "A1", "amount": 5})])]
+    )
+    for args, reason in [
+        ({"order_id": "B1", "amount": 5}, "orders start with A"),
+        ({"order_id": "A1", "amount": -5}, "amount: Input should be greater than 0"),
+        ({"order": "A1", "amount": 5}, "order_id: Field required"),
+    ]:
+        with pytest.raises(InvalidDecision, match=re.escape(reason)):
+            check_decisions([request], {"type": "edit", "args": args}, [refund_order])
+    [ok] = check_decisions(
+        [request], {"type": "edit", "args": {"order_id": "A2", "amount": 5}}, [refund_order]
+    )
+    assert ok.args == {"order_id": "A2", "amount": 5}
+
+
+class CustomerState(MessagesState):
+    customer_id: str
+
+
+@dataclass
+class CustomerDataclassState:
+    messages: Annotated[list[AnyMessage], add_messages] = field(default_factory=list)
+    customer_id: str = ""
+
+
+class CustomerModelState(BaseModel):
+    messages: Annotated[list[AnyMessage], add_messages] = []
+    customer_id: str = ""
+
+
+CUSTOMER_STATES = [
+    pytest.param(CustomerState, id="TypedDict"),
+    pytest.param(CustomerDataclassState, id="dataclass"),
+    pytest.param(CustomerModelState, id="pydantic"),
+]
+
+
+@tool
+def customer_order(order: str, customer_id: Annotated[str, InjectedState("customer_id")]) -> str:
+    """Look up an order of the current customer (read from the app's state)."""
+    return f"order {order} of customer {customer_id}"
+
+
+def _customer_graph(state_schema: type[Any], checkpointer: BaseCheckpointSaver[Any]) -> Any:
+    """A lookup reading the app's own state key beside a refund a reviewer rejects."""
+    calls = [
+        tool_call("customer_order", {"order": "A1"}, id="o1"),
+        tool_call("refund", {"order": "A1", "amount": 500}, id="r1"),
+    ]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("ok")])
+    review = HumanReview(ReviewPolicy(irreversible=["refund"]), tools=TOOLS)
+
+    def agent(state: Any) -> dict[str, Any]:
+        messages = state["messages"] if isinstance(state, dict) else state.messages
+        return {"messages": [model.invoke(messages)]}
+
+    builder = StateGraph(state_schema)
+    builder.add_node("agent", agent)
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode([*TOOLS, customer_order]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_edge("tools", "agent")
+    return builder.compile(checkpointer=checkpointer)
+
+
+def _answered(graph: Any, cfg: dict[str, Any]) -> dict[str, str]:
+    messages = graph.get_state(cfg).values["messages"]
+    return {m.tool_call_id: m.text for m in messages if isinstance(m, ToolMessage)}
+
+
+@pytest.mark.parametrize("state_schema", CUSTOMER_STATES)
+def test_calls_left_after_a_rejection_read_the_whole_state(
+    state_schema: type[Any], checkpointer: BaseCheckpointSaver[Any]
+) -> None:
+    """A tool reading the app's own key (``InjectedState("customer_id")``) runs after the
+    reviewer turned down its sibling as it runs when nothing was turned down."""
+    graph = _customer_graph(state_schema, checkpointer)
+    cfg = _cfg()
+    graph.invoke({"messages": [HumanMessage("refund A1")], "customer_id": "c-7"}, cfg)
+
+    graph.invoke(Command(resume={"type": "reject", "message": "no refunds today"}), cfg)
+
+    answered = _answered(graph, cfg)
+    assert answered["o1"] == "order A1 of customer c-7"
+    assert answered["r1"].endswith("no refunds today Do not retry it unless the user asks.")
+    assert EFFECTS == {}
+    values = graph.get_state(cfg).values
+    assert values["customer_id"] == "c-7"
+    assert [c["id"] for c in values["messages"][1].tool_calls] == ["o1", "r1"]  # all kept
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("state_schema", CUSTOMER_STATES)
+async def test_async_calls_left_after_a_rejection_read_the_whole_state(
+    state_schema: type[Any],
+) -> None:
+    graph = _customer_graph(state_schema, InMemorySaver())
+    cfg = _cfg()
+    await graph.ainvoke({"messages": [HumanMessage("refund A1")], "customer_id": "c-7"}, cfg)
+
+    await graph.ainvoke(Command(resume={"type": "respond", "message": "Refunded by hand."}), cfg)
+
+    answered = _answered(graph, cfg)
+    assert answered == {"o1": "order A1 of customer c-7", "r1": "Refunded by hand."}
+    assert EFFECTS == {}
 
 
 def test_calls_no_one_flags_go_straight_to_the_tools() -> None:

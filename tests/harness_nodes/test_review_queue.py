@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain.agents import create_agent
 from langchain_core.messages import HumanMessage, ToolMessage
-from langchain_core.tools import tool
+from langchain_core.tools import BaseTool, tool
 from langgraph.types import Command
 
 from checkpointers import AsyncBackend, Backend, open_backend
@@ -29,15 +30,22 @@ from harness_nodes import (
     ReviewNotFound,
     ReviewPolicy,
     ReviewQueue,
+    ReviewQueueMiddleware,
     RunFailed,
     TaskRunner,
     UnknownThread,
     UserError,
 )
 from harness_nodes.review_queue import _INSERT, pending_sql, review_id_for
-from harness_nodes.testing import ai, tool_call
+from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 from tests.conftest import subprocess_env
-from tests.harness_nodes.review_app import EFFECTS, build_builder, refund_turns
+from tests.harness_nodes.review_app import (
+    EFFECTS,
+    build_builder,
+    refund_replying,
+    refund_turns,
+    refund_with_runtime,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -188,6 +196,52 @@ async def test_async_decision_the_graph_refuses_is_audited_as_refused(
     ]
     await queue.decide(item.id, {"type": "approve"}, reviewer="carol")
     assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+def _create_agent_on(backend: Backend | AsyncBackend, refund_tool: BaseTool) -> Any:
+    """LangChain v1's agent, reviewed by the middleware; its tools read what LangGraph injects."""
+    name = refund_tool.name
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call(name, {"order": "A1", "amount": 250})]), ai("Handled.")]
+    )
+    review = ReviewQueueMiddleware(ReviewPolicy(irreversible=[name]), tools=[refund_tool])
+    return create_agent(
+        model, [refund_tool], middleware=[review], checkpointer=backend.checkpointer
+    )
+
+
+def test_an_edit_of_a_tool_with_injected_arguments_is_applied(backend: Backend) -> None:
+    """The queue checks an edit against the arguments a call sets (what the inbox's form
+    shows), not the ones LangGraph injects when the tool runs (here a `ToolRuntime`)."""
+    queue = ReviewQueue(backend, _create_agent_on(backend, refund_with_runtime))
+    queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="t-injected")
+    [item] = queue.pending()
+    forged = {"order": "A1", "amount": 90, "runtime": "forged"}
+    with pytest.raises(InvalidDecision, match="set arguments the tool gets injected"):
+        queue.decide(item.id, {"type": "edit", "args": forged}, reviewer="alice")
+    assert queue.get(item.id).status == "pending"
+
+    edit = {"type": "edit", "args": {"order": "A1", "amount": 90}}
+    out = queue.decide(item.id, edit, reviewer="alice")
+
+    [result] = [m.text for m in out["messages"] if isinstance(m, ToolMessage)]
+    assert result.startswith("refunded 90 on A1")
+    assert queue.get(item.id).status == "applied"
+    [audit] = queue.show(item.id).audit
+    assert json.loads(audit["after"])[0]["args"] == {"order": "A1", "amount": 90}
+
+
+async def test_async_edit_of_a_tool_with_injected_arguments_is_applied(
+    abackend: AsyncBackend,
+) -> None:
+    queue = AsyncReviewQueue(abackend, _create_agent_on(abackend, refund_replying))
+    await queue.ainvoke({"messages": [HumanMessage("refund A1")]}, thread_id="a-injected")
+    [item] = await queue.pending()
+    edit = {"type": "edit", "args": {"order": "A1", "amount": 90}}
+    out = await queue.decide(item.id, edit, reviewer="alice")
+    [result] = [m.text for m in out["messages"] if isinstance(m, ToolMessage)]
+    assert result.startswith("refunded 90 on A1")
+    assert (await queue.get(item.id)).status == "applied"
 
 
 def test_edit_of_a_non_editable_call_is_refused() -> None:

@@ -7,11 +7,12 @@ from typing import Annotated, Any, Literal
 
 import pytest
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.message import add_messages
-from langgraph.prebuilt import ToolNode, tools_condition
+from langgraph.prebuilt import InjectedState, ToolNode, tools_condition
 from typing_extensions import TypedDict
 
 from checkpointers import open_backend
@@ -642,6 +643,48 @@ def test_a_fail_verdict_after_a_rejection_stops_the_task_without_the_model() -> 
     assert [v["action"] for v in out["verdicts"]] == ["fail", "ok"]
 
 
+class SupportState(HarnessState):
+    customer_id: str
+
+
+@tool
+def customer_lookup(key: str, customer_id: Annotated[str, InjectedState("customer_id")]) -> str:
+    """Look a key up for the current customer (read from the app's state)."""
+    return f"{key} of customer {customer_id}"
+
+
+def test_calls_left_after_a_rejection_read_the_apps_own_state_keys() -> None:
+    """A reviewer rejects one call of a turn; the other reads the app's own state key
+    (``InjectedState``) and passes verification, instead of failing with a KeyError and
+    costing the model a retry."""
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewPolicy
+
+    calls = [
+        tool_call("customer_lookup", {"key": "plan"}, id="l1"),
+        tool_call("transfer", {"amount": 900}, id="t1"),
+    ]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("Plan found, transfer refused.")])
+    agent = build_harnessed_agent(
+        model,
+        [customer_lookup, transfer],
+        review_policy=ReviewPolicy(always=["transfer"]),
+        state_schema=SupportState,
+        checkpointer=InMemorySaver(),
+    )
+    config = {"configurable": {"thread_id": "t-split-state"}}
+    agent.invoke({"messages": [HumanMessage("go")], "customer_id": "c-7"}, config)
+
+    out = agent.invoke(Command(resume={"type": "reject"}), config)
+
+    answered = {m.tool_call_id: m for m in out["messages"] if isinstance(m, ToolMessage)}
+    assert answered["l1"].text == "plan of customer c-7"
+    assert [(v["tool"], v["action"]) for v in out["verdicts"]] == [("customer_lookup", "ok")]
+    assert model.calls == 2  # the answer, no retry
+    assert out["outcome"] == {"status": "completed", "partial_result": out["messages"][-1].text}
+
+
 def test_add_harness_puts_review_in_front_of_the_users_tool_node() -> None:
     from langgraph.checkpoint.memory import InMemorySaver
     from langgraph.types import Command
@@ -692,6 +735,64 @@ def test_add_harness_runs_the_calls_a_reviewer_left_through_the_users_tool_node(
     assert answered["a"].status == "success" and answered["b"].status == "error"
     assert [c["id"] for c in out["messages"][1].tool_calls] == ["a", "b"]
     assert out["messages"][-1].content == "Looked a up."
+
+
+async def _async_should_continue(state: MessagesState) -> str:
+    return "tools" if state["messages"][-1].tool_calls else END
+
+
+def _should_continue(state: MessagesState) -> str:
+    return "tools" if state["messages"][-1].tool_calls else END
+
+
+def _should_continue_with_config(state: MessagesState, config: RunnableConfig) -> str:
+    assert config["configurable"]["thread_id"] == "t-async-router"  # the run's config
+    return "tools" if state["messages"][-1].tool_calls else END
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "router",
+    [_async_should_continue, _should_continue, _should_continue_with_config],
+    ids=["async", "sync", "sync-with-config"],
+)
+async def test_add_harness_review_runs_the_users_router_under_ainvoke(router: Any) -> None:
+    """An async app (LangGraph's templates) whose router out of the model is ``async def``:
+    with a review policy, the router still decides every turn the review does not take."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewPolicy
+
+    model = _model("a", "b", answer="Looked both up.")
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([lookup]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", router, ["tools", END])
+    builder.add_edge("tools", "agent")
+    add_harness(
+        builder,
+        model_node="agent",
+        tools_node="tools",
+        review_policy=ReviewPolicy(rules={"lookup": lambda args: args["key"] == "b"}),
+        tools=[lookup],
+    )
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t-async-router"}}
+
+    await graph.ainvoke({"messages": [HumanMessage("go")]}, config)  # a: the router's turn
+    (request,) = _paused(graph, config)  # b: the review's
+    assert request["action_request"] == {"action": "lookup", "args": {"key": "b"}}
+    out = await graph.ainvoke(Command(resume={"type": "approve"}), config)
+
+    answered = [m.tool_call_id for m in out["messages"] if isinstance(m, ToolMessage)]
+    assert answered == ["c0", "c1"]
+    assert out["messages"][-1].content == "Looked both up."  # the router ended the task
 
 
 def test_add_harness_review_needs_one_router_out_of_the_model_node() -> None:

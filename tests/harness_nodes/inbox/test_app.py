@@ -7,10 +7,16 @@ import time
 from typing import Any
 
 import pytest
+from langchain_core.messages import HumanMessage
+from langchain_core.tools import tool
+from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode, ToolRuntime
 from starlette.testclient import TestClient
 
 from checkpointers import open_backend
-from harness_nodes.review_queue import pending_sql
+from harness_nodes import HumanReview, ReviewPolicy
+from harness_nodes.review_queue import ReviewQueue, pending_sql
+from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 from tests.harness_nodes.inbox.conftest import TOKENS, Shop, basic, make_app
 
 ARGS = {"order": "A1", "amount": 120.0, "note": "customer called"}
@@ -189,6 +195,51 @@ def test_edits_are_validated_by_the_queue_and_the_item_stays_pending(shop: Shop)
     )
     assert r.status_code == 422 and "non-empty" in r.text
     assert status_of(shop, rid) == "pending" and shop.refunds == []
+
+
+def test_the_edit_form_of_a_tool_with_injected_arguments_is_applied(tmp_path: Any) -> None:
+    """The form shows the arguments a call sets (no `runtime`, which LangGraph injects when
+    the tool runs), and submitting it edits the call: the queue does not ask for `runtime`."""
+    refunds: list[str] = []
+
+    @tool
+    def refund(order: str, amount: float, runtime: ToolRuntime) -> str:
+        """Refund an order (irreversible: money leaves)."""
+        refunds.append(f"{amount:g} on {order}")
+        return f"refunded {amount:g} on {order}"
+
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 120.0})]), ai("Ok.")]
+    )
+    review = HumanReview(ReviewPolicy(irreversible=["refund"]), tools=[refund])
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("review", review)
+    builder.add_node("tools", ToolNode([refund]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", review.route)
+    builder.add_edge("tools", "agent")
+    with open_backend(f"sqlite:///{tmp_path / 'inbox.db'}") as backend:
+        queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+        queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="t-injected")
+        [item] = queue.pending()
+        c = TestClient(make_app(queue), base_url=ORIGIN)
+        page = c.get(f"/reviews/{item.id}", headers=basic("alice")).text
+        assert 'name="arg.amount"' in page and 'name="arg.runtime"' not in page
+        r = c.post(
+            f"/reviews/{item.id}/decision",
+            headers={**basic("alice"), "origin": ORIGIN},
+            data={
+                "decision": "edit",
+                "csrf_token": csrf_of(c, item.id),
+                "arg.order": "A1",
+                "arg.amount": "90",
+            },
+            follow_redirects=False,
+        )
+        assert r.status_code == 303, r.text
+        assert queue.get(item.id).status == "applied"
+    assert refunds == ["90 on A1"]
 
 
 def test_agent_text_is_escaped_and_pages_carry_security_headers(shop: Shop) -> None:
