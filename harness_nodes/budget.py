@@ -470,15 +470,21 @@ class _Usage:
     """Of those, tokens written to the 1-hour cache (billed higher than the 5-minute one)."""
 
 
+_MOST_TOKENS = 2**40
+"""More tokens than any call is billed for (a trillion): a count above it is malformed, and
+priced as given it would overflow the ledger's 64-bit counts."""
+
+
 def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MOST_TOKENS
 
 
 def _reported_usage(usage: object) -> _Usage | str:
     """The usage an answer reports, or why it cannot be priced.
 
-    A count that is not a whole number >= 0 (negative, NaN, a fraction, text, missing) makes the
-    whole usage malformed: priced as given it could be a credit, or nothing.
+    A count that is not a whole number from 0 to 2**40 (negative, NaN, a fraction, text,
+    missing, absurdly large) makes the whole usage malformed: priced as given it could be a
+    credit, nothing, or more than the ledger can hold.
     """
     if usage is None:
         return "reported no usage"
@@ -497,7 +503,10 @@ def _reported_usage(usage: object) -> _Usage | str:
     }
     bad = ", ".join(f"{k}={v!r}" for k, v in counts.items() if not _is_count(v))
     if bad:
-        return f"reported malformed usage ({bad}: token counts are whole numbers >= 0)"
+        return (
+            f"reported malformed usage ({bad}: token counts are whole numbers from 0 to "
+            f"{_MOST_TOKENS})"
+        )
     inp, out, read, creation, five_min, one_hour = (cast(int, v) for v in counts.values())
     # langchain-anthropic gives the writes as cache_creation, or split by cache lifetime
     # (cache_creation then 0 in recent versions, the total of the split in older ones).

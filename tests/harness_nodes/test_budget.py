@@ -1020,6 +1020,10 @@ def test_a_negative_token_count_is_never_a_credit(
             id="more-cached-than-input",
         ),
         pytest.param([10, 5], id="not-a-mapping"),
+        # No call bills 10**30 tokens: priced as given it overflowed the ledger's 64-bit counts
+        # after the provider had answered.
+        pytest.param({"input_tokens": 10, "output_tokens": 10**30}, id="absurd-output"),
+        pytest.param({"input_tokens": 2**70, "output_tokens": 5}, id="absurd-input"),
     ],
 )
 def test_malformed_usage_is_settled_at_the_worst_case(
@@ -1039,6 +1043,7 @@ def test_malformed_usage_is_settled_at_the_worst_case(
     [
         pytest.param(None, id="no-usage"),
         pytest.param({"input_tokens": 10, "output_tokens": -5_000_000}, id="negative"),
+        pytest.param({"input_tokens": 10, "output_tokens": 10**30}, id="absurd"),
     ],
 )
 def test_unwrapped_calls_without_usable_usage_are_recorded_at_their_worst_case(
