@@ -108,25 +108,41 @@ class Task(NamedTuple):
     """Id of the message that opened the task (`Verdict.task_start`), ``None`` if unknown."""
 
 
+TASK_END = "task_end"
+"""Harness metadata key marking a message a task ends on that is not an answer without tool
+calls: the response-format tool's message (``create_agent`` with ``ToolStrategy`` ends its run
+there), marked by the harness middleware."""
+
+
+def _ends_task(messages: Sequence[BaseMessage], i: int) -> bool:
+    """Whether the agent's run ended on ``messages[i]`` (its task's last message)."""
+    m = messages[i]
+    if isinstance(m, AIMessage):
+        return not m.tool_calls
+    # The response-format tool's message may be followed by the results of the tools called
+    # beside it (the run ends after them): any message of that block ends the task.
+    while i >= 0 and isinstance(messages[i], ToolMessage):
+        if harness_meta(messages[i]).get(TASK_END):
+            return True
+        i -= 1
+    return False
+
+
 def current_task(messages: Sequence[BaseMessage], verdicts: Sequence[Any]) -> Task:
     """The task the tool calls at the end of ``messages`` belong to.
 
     A task ends on an AI message without tool calls: the model's answer, or a harness stop
     note (`VerificationStop`, a budget stop), which is what ends the run in the node, hook
-    and middleware forms alike. The next task opens with the user's new question right after
-    it, and its verdicts carry that message's id (a text-only AI message followed by more of
-    the agent's own messages — a planner's, a sub-agent's — is not an end). When no end is in
-    sight, this is the thread's first task or a history trimmed past the previous end: the
-    task is then the one the latest failed ``verdicts`` record belongs to, so trimming never
-    gives a task a fresh budget.
+    and middleware forms alike; or on a structured response given through a tool (the
+    response-format tool's message, marked `TASK_END`). The next task opens with the user's
+    new question right after it, and its verdicts carry that message's id (a text-only AI
+    message followed by more of the agent's own messages — a planner's, a sub-agent's — is
+    not an end). When no end is in sight, this is the thread's first task or a history
+    trimmed past the previous end: the task is then the one the latest failed ``verdicts``
+    record belongs to, so trimming never gives a task a fresh budget.
     """
     for i in range(len(messages) - 2, -1, -1):
-        m = messages[i]
-        if (
-            isinstance(m, AIMessage)
-            and not m.tool_calls
-            and isinstance(messages[i + 1], HumanMessage)
-        ):
+        if isinstance(messages[i + 1], HumanMessage) and _ends_task(messages, i):
             return Task(i + 1, messages[i + 1].id)
     for v in reversed(verdicts):
         if isinstance(v, Mapping) and isinstance(v.get("task_start"), str):

@@ -186,6 +186,28 @@ def _stop_update(update: dict[str, Any]) -> dict[str, Any]:
     return {**update, "jump_to": "end"}
 
 
+def _mark_structured_end(response: ModelResponse[Any]) -> ModelResponse[Any]:
+    """Mark the message a structured response ends the task on, when it is not an answer.
+
+    With ``ToolStrategy`` the model's answer is a call of the response-format tool, and
+    ``create_agent`` ends the run on that tool's message (made in the model node): the mark
+    tells `_verify.current_task` that the user's next message opens a new task.
+    """
+    if response.structured_response is None or not response.result:
+        return response
+    last = response.result[-1]
+    if not isinstance(last, ToolMessage) or _verify.harness_meta(last).get(_verify.TASK_END):
+        return response  # an answer without tool calls ends a task anyway
+    harness = {**_verify.harness_meta(last), _verify.TASK_END: "structured_response"}
+    marked = last.model_copy(
+        update={"additional_kwargs": {**last.additional_kwargs, _verify.HARNESS_KEY: harness}}
+    )
+    return ModelResponse(
+        result=[*response.result[:-1], marked],
+        structured_response=response.structured_response,
+    )
+
+
 def _new_task(state: HarnessAgentState) -> dict[str, Any] | None:
     # New input after a finished task starts a new task: the previous task's outcome (a
     # budget or verification stop, an answer) is not this one's. A paused task resumed has
@@ -350,10 +372,16 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
     def _completed(response: ModelResponse[Any], state: Any) -> ExtendedModelResponse[Any]:
         # As `ModelNode`: an answer without tool calls completes the task (unless it is an
         # inner middleware's stop note, which carries its own outcome) — replacing an earlier
-        # task's outcome on the same thread.
+        # task's outcome on the same thread. So does a structured response (``response_format``),
+        # which is the task's result; with ``ToolStrategy`` the run ends on a tool message.
         update: dict[str, Any] = {}
+        response = _mark_structured_end(response)
         last = response.result[-1] if response.result else None
-        if (
+        if response.structured_response is not None:
+            update["outcome"] = replace_outcome(
+                state, Outcome(status="completed", partial_result=response.structured_response)
+            )
+        elif (
             isinstance(last, AIMessage)
             and not last.tool_calls
             and "outcome" not in _verify.harness_meta(last)
@@ -540,9 +568,11 @@ class VerifyToolOutputsMiddleware(_OutcomePerTask):
         """Call the model, unless an escalation found no reviewer: then end the task.
 
         With no `ReviewQueueMiddleware` nobody takes the escalation, so `VerificationStop`
-        ends the task, as `add_harness` without a review policy does.
+        ends the task, as `add_harness` without a review policy does. A structured response
+        given through the response-format tool (``ToolStrategy``) marks that tool's message
+        as the end of the task, so the user's next question gets its own retries.
         """
-        return self._unreviewed_stop(request) or handler(request)
+        return self._unreviewed_stop(request) or _mark_structured_end(handler(request))
 
     async def awrap_model_call(
         self,
@@ -550,7 +580,7 @@ class VerifyToolOutputsMiddleware(_OutcomePerTask):
         handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]],
     ) -> ModelResponse[Any] | ExtendedModelResponse[Any]:
         """Async `wrap_model_call`."""
-        return self._unreviewed_stop(request) or await handler(request)
+        return self._unreviewed_stop(request) or _mark_structured_end(await handler(request))
 
     @hook_config(can_jump_to=["end"])
     def before_model(

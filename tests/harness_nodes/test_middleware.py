@@ -9,13 +9,15 @@ from typing import Any
 import pytest
 from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware, ModelCallLimitMiddleware, before_model
+from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
 from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage, ToolMessage
 from langchain_core.tools import tool
 from langgraph.graph.message import REMOVE_ALL_MESSAGES
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.runtime import Runtime
+from pydantic import BaseModel
 
-from checkpointers import Backend, open_backend
+from checkpointers import Backend, aopen_backend, open_backend
 from harness_nodes import (
     CostEnvelopeMiddleware,
     EffectLedger,
@@ -970,3 +972,139 @@ def test_a_task_the_budget_stops_after_an_answered_one_reports_its_own_stop(
     assert outcomes[0] == {"status": "completed", "partial_result": "first answer"}
     assert outcomes[1]["status"] == "budget_exhausted"  # not task 1's "completed"
     assert outcomes[1]["reason"] == "calls limit reached: used 2 of 2"
+
+
+# --- structured output (response_format) -------------------------------------------------
+
+
+class Order(BaseModel):
+    """The order found."""
+
+    order: str
+
+
+def _answer(strategy: str) -> AIMessage:
+    if strategy == "tool":  # the response-format tool's call, answered in the model node
+        return ai(tool_calls=[tool_call("Order", {"order": "note-1"})])
+    return ai('{"order": "note-1"}')  # the provider's native structured output
+
+
+def _two_structured_tasks(strategy: str) -> tuple[ScriptedChatModel, list[str]]:
+    """Each task: an empty search (retried), a good one, then the structured answer."""
+    turn = [
+        ai(tool_calls=[tool_call("search", {"query": "typo"})]),
+        ai(tool_calls=[tool_call("search", {"query": "storage"})]),
+        _answer(strategy),
+    ]
+    model = ScriptedChatModel(script=[*turn, *turn], model_name="gpt-4o-mini")
+    return model, ["find the order", "and the next one?"]
+
+
+def _structured_agent(model: ScriptedChatModel, strategy: str, backend: Any) -> Any:
+    return create_agent(
+        model,
+        [search],
+        middleware=[
+            CostEnvelopeMiddleware(Envelope(max_usd=0.5), backend=backend),
+            VerifyToolOutputsMiddleware({"search": ToolContract(max_retries=1)}),
+        ],
+        response_format=ToolStrategy(Order) if strategy == "tool" else ProviderStrategy(Order),
+        checkpointer=backend.checkpointer,
+        interrupt_before=["tools"],  # a look at the state mid-task
+    )
+
+
+def _check_structured_tasks(first: dict[str, Any], second: dict[str, Any]) -> None:
+    done = {"status": "completed", "partial_result": Order(order="note-1")}
+    assert first["structured_response"] == Order(order="note-1")
+    assert first["outcome"] == done
+    # Task 2 gets its own retry: task 1's failed search does not count against it.
+    task_2 = second["verdicts"][len(first["verdicts"]) :]
+    assert [(v["action"], v["attempt"]) for v in task_2] == [("retry", 1), ("ok", 2)]
+    assert second["structured_response"] == Order(order="note-1")
+    assert second["outcome"] == done
+
+
+STRATEGIES = [
+    pytest.param("tool", id="ToolStrategy"),
+    pytest.param("provider", id="ProviderStrategy"),
+]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_structured_response_completes_the_task_and_the_next_question_is_a_new_task(
+    strategy: str,
+) -> None:
+    """With ToolStrategy the run ends on the response-format tool's message, not on an AI
+    answer: the task still completes (with the structured response) and ends there."""
+    model, questions = _two_structured_tasks(strategy)
+    with open_backend("memory://") as backend:
+        agent = _structured_agent(model, strategy, backend)
+        cfg: Any = {"configurable": {"thread_id": f"structured-{strategy}"}}
+
+        def run(question: str) -> dict[str, Any]:
+            out = agent.invoke({"messages": [HumanMessage(question)]}, cfg)
+            while agent.get_state(cfg).next:  # each pause before the tools, resumed
+                assert agent.get_state(cfg).values.get("outcome") is None, question
+                out = agent.invoke(None, cfg)
+            return out
+
+        first, second = run(questions[0]), run(questions[1])
+    _check_structured_tasks(first, second)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_a_structured_response_completes_the_task_async(strategy: str) -> None:
+    model, questions = _two_structured_tasks(strategy)
+    backend = await aopen_backend("memory://")
+    try:
+        agent = _structured_agent(model, strategy, backend)
+        cfg: Any = {"configurable": {"thread_id": f"structured-{strategy}"}}
+
+        async def run(question: str) -> dict[str, Any]:
+            out = await agent.ainvoke({"messages": [HumanMessage(question)]}, cfg)
+            while (await agent.aget_state(cfg)).next:
+                assert (await agent.aget_state(cfg)).values.get("outcome") is None, question
+                out = await agent.ainvoke(None, cfg)
+            return out
+
+        first, second = await run(questions[0]), await run(questions[1])
+    finally:
+        await backend.close()
+    _check_structured_tasks(first, second)
+
+
+@pytest.mark.parametrize("beside_a_tool", [False, True], ids=["alone", "beside-a-tool-call"])
+def test_after_a_structured_response_the_next_question_gets_its_own_retries(
+    beside_a_tool: bool,
+) -> None:
+    """Verification alone: the response-format tool's message (or the results of the tools
+    called beside it), then the user's next message, is the end of a task, as an answer
+    without tool calls is."""
+    model, questions = _two_structured_tasks("tool")
+    if beside_a_tool:  # task 1 answers in the same turn as its good search
+        good, answer = model.script[1], model.script[2]
+        assert isinstance(good, AIMessage) and isinstance(answer, AIMessage)
+        both = ai(tool_calls=[*good.tool_calls, *answer.tool_calls])
+        model = model.model_copy(update={"script": [model.script[0], both, *model.script[3:]]})
+    verify = VerifyToolOutputsMiddleware({"search": ToolContract(max_retries=1)})
+    with open_backend("memory://") as backend:
+        agent = create_agent(
+            model,
+            [search],
+            middleware=[verify],
+            response_format=ToolStrategy(Order),
+            checkpointer=backend.checkpointer,
+        )
+        cfg: Any = {"configurable": {"thread_id": "structured-verify"}}
+        first = agent.invoke({"messages": [HumanMessage(questions[0])]}, cfg)
+        assert first["structured_response"] == Order(order="note-1")
+        second = agent.invoke({"messages": [HumanMessage(questions[1])]}, cfg)
+    assert [(v["action"], v["attempt"]) for v in second["verdicts"]] == [
+        ("retry", 1),
+        ("ok", 2),
+        ("retry", 1),  # not ("fail", 2): task 1's failed search is not task 2's
+        ("ok", 2),
+    ]
+    assert second["structured_response"] == Order(order="note-1")
+    assert second.get("outcome") is None
