@@ -1751,10 +1751,12 @@ class BudgetGuard:
 
         The partial result keeps the last useful answer and every tool result so far. In a
         plain ``MessagesState`` app the outcome rides on the final message's
-        ``additional_kwargs["harness"]["outcome"]``.
+        ``additional_kwargs["harness"]["outcome"]``. When the messages end on the wrapper's
+        stop message, the limit it reports is the reason (the ladder that refused may not be
+        this guard's: a model another middleware swapped in).
         """
         messages = _messages_of(state)
-        check = self.model.check(messages, config)
+        check = _stopped_by_model(messages) or self.model.check(messages, config)
         spend = self.model.spend(config, model=_last_model(messages))
         emit("outcome", {"status": "budget_exhausted", "reason": check.limit}, config)
         update = self._finish_update(messages, check, spend)
@@ -1764,7 +1766,7 @@ class BudgetGuard:
     async def afinish(self, state: MessagesAndOutcome, config: RunnableConfig) -> dict[str, Any]:
         """Async `finish`."""
         messages = _messages_of(state)
-        check = await self.model.acheck(messages, config)
+        check = _stopped_by_model(messages) or await self.model.acheck(messages, config)
         spend = await self.model.aspend(config, model=_last_model(messages))
         await aemit("outcome", {"status": "budget_exhausted", "reason": check.limit}, config)
         update = self._finish_update(messages, check, spend)

@@ -4,7 +4,8 @@ Each middleware is a thin adapter: it calls the objects the harness nodes call, 
 lives in one place.
 
 - `CostEnvelopeMiddleware`: wraps the agent's model with `budgeted` (the same reservation in
-  the same spend ledger, keyed by task = thread id). Spend survives pauses, crashes and
+  the same spend ledger, keyed by task = thread id), and any model a middleware inside it
+  swaps into the request (``ModelFallbackMiddleware``). Spend survives pauses, crashes and
   resumes, unlike ``ModelCallLimitMiddleware``'s run counters. A refused call ends the agent
   with the `BudgetGuard` finish note (outcome ``budget_exhausted``), or raises
   `BudgetExceeded` with ``exit_behavior="error"``. New input after a finished task clears
@@ -68,10 +69,11 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Annotated, Any, Literal, NotRequired, cast
+from typing import Annotated, Any, ClassVar, Literal, NotRequired, cast
 
 from langchain.agents.middleware.types import (
     AgentMiddleware,
@@ -108,6 +110,7 @@ from harness_nodes.errors import UserError
 from harness_nodes.pricing import Pricing
 from harness_nodes.review import HumanReview, ReviewPolicy
 from harness_nodes.state import (
+    MessagesAndOutcome,
     Outcome,
     ReviewRecord,
     Spend,
@@ -219,6 +222,30 @@ def _new_task(state: HarnessAgentState) -> dict[str, Any] | None:
     return {"outcome": Overwrite(None)} if 0 < start < len(messages) else None
 
 
+class _BudgetedRequest(ModelRequest[Any]):
+    """A model request whose model stays budgeted when an inner middleware swaps it.
+
+    `CostEnvelopeMiddleware` hands the middleware inside it a request of this class (one
+    subclass per middleware instance, naming it in `budget`). ``ModelRequest.override``
+    builds its new request with ``dataclasses.replace``, i.e. through this ``__init__``, so a
+    model swapped in there (``ModelFallbackMiddleware``'s fallback, a router's choice) is
+    wrapped in the same envelope before anything calls it: whatever the order the middleware
+    are listed in, no call inside the cost middleware goes unreserved.
+    """
+
+    budget: ClassVar[CostEnvelopeMiddleware]
+
+    def __init__(self, **fields: Any) -> None:
+        super().__init__(**fields)
+        object.__setattr__(self, "model", self.budget._budgeted(self.model))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Direct assignment is deprecated by LangChain but still works: budget it too.
+        if name == "model":
+            value = self.budget._budgeted(value)
+        super().__setattr__(name, value)
+
+
 class _OutcomePerTask(AgentMiddleware[HarnessAgentState, Any, Any]):
     """A ``before_agent`` step for the middleware that write ``outcome``: one task's each.
 
@@ -250,6 +277,11 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
     fit, and when nothing fits the agent ends with outcome ``budget_exhausted``
     (``exit_behavior="end"``, the envelope's) or `BudgetExceeded` is raised (``"error"``).
     Spend is read back from the ledger, so it survives resume — in another process too.
+    A model that a middleware listed after this one swaps into the request
+    (``ModelFallbackMiddleware``'s fallback, a router's choice: ``request.override(model=...)``)
+    is wrapped the same way before it is called, so the order does not matter. A middleware
+    that calls a model of its own outside the request (a summarizer, a tool selector given its
+    own model) is not: account those calls with `BudgetCallbackHandler`.
     A run that brings new input after a finished task first clears that task's ``outcome``
     (a ``before_agent`` step), so the new task does not show it while it runs.
 
@@ -326,6 +358,10 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         self.lease = lease
         self._wrapped: dict[int, tuple[BaseChatModel, BudgetedChatModel]] = {}
         self._lock = threading.Lock()
+        self._request_type = cast(
+            type[_BudgetedRequest],
+            type("BudgetedModelRequest", (_BudgetedRequest,), {"budget": self}),
+        )
         for m in self.fallbacks:  # fail fast on an unpriced or non-chat fallback
             budgeted(m, envelope=envelope, pricing=self.pricing)
 
@@ -355,14 +391,18 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
             self._wrapped[id(model)] = (model, wrapped)
         return wrapped
 
-    def _request(self, request: ModelRequest[Any]) -> tuple[ModelRequest[Any], BudgetGuard]:
-        if not isinstance(request.model, BaseChatModel):
+    def _budgeted(self, model: Any) -> BudgetedChatModel:
+        if not isinstance(model, BaseChatModel):
             raise UserError(
                 "CostEnvelopeMiddleware wraps a chat model; got "
-                f"{type(request.model).__name__} (pass the unbound model to create_agent)"
+                f"{type(model).__name__} (pass the unbound model to create_agent)"
             )
-        model = self.budgeted_model(request.model)
-        return request.override(model=model), BudgetGuard(model)
+        return self.budgeted_model(model)
+
+    def _request(self, request: ModelRequest[Any]) -> tuple[ModelRequest[Any], BudgetGuard]:
+        fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
+        budgeted_request = self._request_type(**fields)
+        return budgeted_request, BudgetGuard(cast(BudgetedChatModel, budgeted_request.model))
 
     @staticmethod
     def _stopped(response: ModelResponse[Any]) -> bool:
@@ -392,6 +432,12 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         return ExtendedModelResponse(response, Command(update=update) if update else None)
 
     @staticmethod
+    def _ended(request: ModelRequest[Any], response: ModelResponse[Any]) -> MessagesAndOutcome:
+        # The stop message last, so `BudgetGuard.finish` reports the limit that refused.
+        stop = [m for m in response.result if isinstance(m, AIMessage) and _is_stop_message(m)]
+        return {"messages": [*request.messages, *stop[-1:]]}
+
+    @staticmethod
     def _finished(update: dict[str, Any]) -> ExtendedModelResponse[Any]:
         response: ModelResponse[Any] = ModelResponse(result=list(update["messages"]))
         rest = {"outcome": update["outcome"], "spend": update["spend"]}
@@ -405,7 +451,7 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         response = handler(budgeted_request)
         if not self._stopped(response):
             return self._completed(response, request.state)
-        return self._finished(guard.finish({"messages": list(request.messages)}, _config()))
+        return self._finished(guard.finish(self._ended(request, response), _config()))
 
     async def awrap_model_call(
         self,
@@ -417,7 +463,7 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         response = await handler(budgeted_request)
         if not self._stopped(response):
             return self._completed(response, request.state)
-        update = await guard.afinish({"messages": list(request.messages)}, _config())
+        update = await guard.afinish(self._ended(request, response), _config())
         return self._finished(update)
 
 

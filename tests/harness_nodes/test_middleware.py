@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 from langchain.agents import create_agent
-from langchain.agents.middleware import AgentMiddleware, ModelCallLimitMiddleware, before_model
+from langchain.agents.middleware import (
+    AgentMiddleware,
+    ModelCallLimitMiddleware,
+    ModelFallbackMiddleware,
+    before_model,
+    wrap_model_call,
+)
 from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
 from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage, ToolMessage
 from langchain_core.tools import tool
@@ -1108,3 +1114,113 @@ def test_after_a_structured_response_the_next_question_gets_its_own_retries(
     ]
     assert second["structured_response"] == Order(order="note-1")
     assert second.get("outcome") is None
+
+
+# --- a model another middleware swaps in -------------------------------------------------
+
+ORDERS = [
+    pytest.param("cost-first", id="cost-first"),  # the order the README lists them in
+    pytest.param("fallback-first", id="fallback-first"),
+]
+
+
+def _fallback_agent(
+    order: str, envelope: Envelope, backend: Any
+) -> tuple[Any, CostEnvelopeMiddleware, ScriptedChatModel, ScriptedChatModel]:
+    """An agent whose model always fails (503), with LangChain's ModelFallbackMiddleware."""
+    primary = ScriptedChatModel(
+        script=[ai("from the primary")],
+        model_name="gpt-4o-mini",
+        faults={0: RuntimeError("503 Service Unavailable")},
+        fault_attempts=99,
+    )
+    backup = ScriptedChatModel(
+        script=[ai("from the backup", usage={"input_tokens": 40, "output_tokens": 900})],
+        model_name="gpt-4o",
+    )
+    cost = CostEnvelopeMiddleware(envelope, backend=backend)
+    fallback = ModelFallbackMiddleware(backup)
+    middleware: list[Any] = [cost, fallback] if order == "cost-first" else [fallback, cost]
+    agent = create_agent(primary, [], middleware=middleware, checkpointer=backend.checkpointer)
+    return agent, cost, primary, backup
+
+
+def _check_backup_budgeted(out: dict[str, Any], cost: CostEnvelopeMiddleware, cfg: Any) -> None:
+    answer = out["messages"][-1]
+    assert answer.text == "from the backup"
+    assert answer.additional_kwargs["harness"]["budget"]["model"] == "gpt-4o"
+    spend = cost.budgeted_model(ScriptedChatModel(model_name="gpt-4o-mini")).spend(cfg)
+    assert spend["calls"] == 1
+    assert spend["by_model"]["gpt-4o"]["output_tokens"] == 900  # settled to its usage
+    assert spend["usd"] == pytest.approx((40 * 2.5 + 900 * 10) / 1e6)
+    assert out["outcome"] == {"status": "completed", "partial_result": "from the backup"}
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_a_fallback_models_call_is_reserved_and_settled_whatever_the_order(order: str) -> None:
+    """ModelFallbackMiddleware swaps its model into the request: listed inside the cost
+    middleware, that call was made unbudgeted (no reservation, no ledger row: free)."""
+    with open_backend("memory://") as backend:
+        agent, cost, primary, backup = _fallback_agent(order, Envelope(max_usd=1.0), backend)
+        cfg: Any = {"configurable": {"thread_id": f"fallback-{order}"}}
+        out = agent.invoke({"messages": [HumanMessage("hi")]}, cfg)
+        _check_backup_budgeted(out, cost, cfg)
+    assert (primary.calls, backup.calls) == (1, 1)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+async def test_a_fallback_models_call_is_reserved_and_settled_whatever_the_order_async(
+    order: str,
+) -> None:
+    backend = await aopen_backend("memory://")
+    try:
+        agent, cost, primary, backup = _fallback_agent(order, Envelope(max_usd=1.0), backend)
+        cfg: Any = {"configurable": {"thread_id": f"fallback-{order}"}}
+        out = await agent.ainvoke({"messages": [HumanMessage("hi")]}, cfg)
+        spend = await cost.budgeted_model(ScriptedChatModel(model_name="gpt-4o-mini")).aspend(cfg)
+    finally:
+        await backend.close()
+    answer = out["messages"][-1]
+    assert answer.additional_kwargs["harness"]["budget"]["model"] == "gpt-4o"
+    assert (spend["calls"], spend["by_model"]["gpt-4o"]["output_tokens"]) == (1, 900)
+    assert (primary.calls, backup.calls) == (1, 1)
+
+
+@pytest.mark.parametrize("run", ["invoke", "ainvoke"])
+@pytest.mark.parametrize("order", ORDERS)
+async def test_a_fallback_model_the_envelope_cannot_pay_for_is_not_called(
+    order: str, run: str
+) -> None:
+    """$0.001 pays for a short gpt-4o-mini answer (the failing primary), not for the
+    gpt-4o fallback's smallest one (256 output tokens, $0.00256): the hard limit holds."""
+    with open_backend("memory://") as backend:
+        agent, _, primary, backup = _fallback_agent(order, Envelope(max_usd=0.001), backend)
+        cfg: Any = {"configurable": {"thread_id": f"fallback-{order}"}}
+        question = {"messages": [HumanMessage("hi")]}
+        out = agent.invoke(question, cfg) if run == "invoke" else await agent.ainvoke(question, cfg)
+    assert (primary.calls, backup.calls) == (1, 0)
+    assert out["outcome"]["status"] == "budget_exhausted"
+    assert out["outcome"]["reason"] == "usd limit reached: used 0 of 0.001"
+
+
+def test_a_model_a_middleware_assigns_to_the_request_is_budgeted_too() -> None:
+    """LangChain deprecates ``request.model = ...`` (use ``override``), but it still works."""
+    backup = ScriptedChatModel(script=[ai("from the backup")], model_name="gpt-4o")
+
+    @wrap_model_call
+    def swap(request: Any, handler: Callable[[Any], Any]) -> Any:
+        with pytest.warns(DeprecationWarning, match="request.override"):
+            request.model = backup
+        return handler(request)
+
+    with open_backend("memory://") as backend:
+        cost = CostEnvelopeMiddleware(Envelope(max_usd=0.001), backend=backend)
+        agent = create_agent(
+            ScriptedChatModel(script=[ai("from the primary")], model_name="gpt-4o-mini"),
+            [],
+            middleware=[cost, swap],
+            checkpointer=backend.checkpointer,
+        )
+        out = agent.invoke({"messages": [HumanMessage("hi")]}, {"configurable": {"thread_id": "a"}})
+    assert backup.calls == 0  # $0.001 cannot pay for a gpt-4o answer
+    assert out["outcome"]["status"] == "budget_exhausted"
