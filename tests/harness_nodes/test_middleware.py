@@ -1116,6 +1116,22 @@ def test_after_a_structured_response_the_next_question_gets_its_own_retries(
     assert second.get("outcome") is None
 
 
+def test_a_bare_schema_resolves_to_the_tool_strategy_under_the_budget() -> None:
+    """LangChain picks ProviderStrategy for gpt-4o by its name; through the budget wrapper it
+    cannot see the model, and picks ToolStrategy (README: pass ProviderStrategy explicitly)."""
+    with open_backend("memory://") as backend:
+        agent = create_agent(
+            ScriptedChatModel(script=[_answer("tool")], model_name="gpt-4o"),
+            [search],
+            middleware=[CostEnvelopeMiddleware(Envelope(max_usd=0.5), backend=backend)],
+            response_format=Order,
+        )
+        out = agent.invoke({"messages": [HumanMessage("find the order")]})
+    assert isinstance(out["messages"][-1], ToolMessage)  # the response-format tool's
+    assert out["structured_response"] == Order(order="note-1")
+    assert out["outcome"] == {"status": "completed", "partial_result": Order(order="note-1")}
+
+
 # --- a model another middleware swaps in -------------------------------------------------
 
 ORDERS = [
