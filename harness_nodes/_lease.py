@@ -175,6 +175,17 @@ def claim(
     return claim_sql(statuses), (owner, t + lease_seconds, t, thread_id, t)
 
 
+def carries_on(row: Mapping[str, Any]) -> bool:
+    """Whether the run just claimed in *row* carries its task on from where a run stopped.
+
+    Not the task's first claim: it answers a pause (`TaskRunner.resume`, `ReviewQueue.decide`)
+    or continues a run that died, perhaps after answering one; the runner then syncs the
+    review queue after it, closing what it answered. A first run answers no pause, so a task
+    that never paused costs no sync.
+    """
+    return int(row["attempts"]) > 1
+
+
 def run_config(
     thread_id: str, task_key: str, task_type: str, base: RunnableConfig | None
 ) -> RunnableConfig:

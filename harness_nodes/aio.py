@@ -56,6 +56,7 @@ from harness_nodes._lease import (
     RunStatus,
     TaskRun,
     backoff,
+    carries_on,
     claim,
     compile_graph,
     new_owner,
@@ -490,6 +491,9 @@ class AsyncTaskRunner:
     async def aresume(self, task_key: str, value: Any) -> TaskRun:
         """Answer the interrupt a task is paused on and run it on (see `TaskRunner.resume`).
 
+        Not through the review queue: once the run has moved past the pause, the queue is
+        synced and the pause's item closed (answered outside the queue, no reviewer).
+
         Raises:
             UnknownTask: nothing was submitted with this key.
             TaskNotPaused: the task is not paused for review, or another runner holds it;
@@ -585,11 +589,13 @@ class AsyncTaskRunner:
                     await asyncio.sleep(backoff(attempt))
                     continue
                 self._score_failure(thread_id, error)
+                if carries_on(row):
+                    await self._sync_reviews(thread_id)
                 return await self._settle(thread_id, owner, "failed", None, error)
-            if status == "interrupted":
-                # Before the row says so: a crash in between is recovered (the run pauses
-                # again and records its pauses again), never a pause nobody lists.
-                await self._queue_pauses(thread_id)
+            if status == "interrupted" or carries_on(row):
+                # Before the row says so (see TaskRunner._attempts): never a pause nobody
+                # lists, nor one listed for a reviewer after the run moved past it.
+                await self._sync_reviews(thread_id)
             return await self._settle(thread_id, owner, status, outcome, None)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -601,8 +607,8 @@ class AsyncTaskRunner:
 
             score_failed_task(callbacks, thread_id, error)
 
-    async def _queue_pauses(self, thread_id: str) -> None:
-        """Record the task's review pauses in the review queue (see `TaskRunner`)."""
+    async def _sync_reviews(self, thread_id: str) -> None:
+        """Bring the review queue up to date with the task's pauses (see `TaskRunner`)."""
         try:
             if self._reviews is None:
                 from harness_nodes.review_queue import AsyncReviewQueue

@@ -64,6 +64,7 @@ from harness_nodes._lease import (
     RunStatus,
     TaskRun,
     backoff,
+    carries_on,
     claim,
     compile_graph,
     new_owner,
@@ -136,9 +137,11 @@ class TaskRunner:
         max_workers: Threads running submitted tasks in this process (without *queue*).
         config: Extra `RunnableConfig` for every invocation (callbacks, recursion_limit...).
         queue: Run tasks on ``harness worker`` processes instead of in this process.
-        reviews: The `ReviewQueue` a task's review pauses are recorded in when its run
-            pauses, so ``harness review`` and the inbox list them (default: a queue on this
-            runner's graph with the default policies; pass yours for its deadline, assignee...).
+        reviews: The `ReviewQueue` kept up to date with a task's review pauses: synced after
+            a run that pauses, so ``harness review`` and the inbox list them, and after one
+            that carries on from a pause, which closes what it answered (default: a queue on
+            this runner's graph with the default policies; pass yours for its deadline,
+            assignee...).
 
     Raises:
         UserError: a graph that cannot be compiled, or *queue* without an import path.
@@ -363,6 +366,13 @@ class TaskRunner:
         checked, recorded (an answer to "did this call take effect?" goes to the effect
         ledger) and applied only by the process that holds the task.
 
+        The answer does not go through the review queue: it has no reviewer to audit. Once
+        the run has moved past the pause, the runner syncs the queue, which closes the
+        pause's item (``closed``: answered outside the queue), so no reviewer is left a
+        decision that can no longer apply. A person's decision goes through
+        `ReviewQueue.decide` (validated, audited with their name, applied under this same
+        lease); ``harness resume THREAD --decision`` does that.
+
         Returns:
             The task after this run (``completed``, or ``interrupted`` again).
 
@@ -467,11 +477,14 @@ class TaskRunner:
                     time.sleep(backoff(attempt))
                     continue
                 self._score_failure(thread_id, error)
+                if carries_on(row):
+                    self._sync_reviews(thread_id)
                 return self._settle(thread_id, owner, "failed", None, error)
-            if status == "interrupted":
+            if status == "interrupted" or carries_on(row):
                 # Before the row says so: a crash in between is recovered (the run pauses
-                # again and records its pauses again), never a pause nobody lists.
-                self._queue_pauses(thread_id)
+                # again and records its pauses again), never a pause nobody lists, nor one
+                # listed for a reviewer after the run moved past it.
+                self._sync_reviews(thread_id)
             return self._settle(thread_id, owner, status, outcome, None)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -483,8 +496,12 @@ class TaskRunner:
 
             score_failed_task(callbacks, thread_id, error)
 
-    def _queue_pauses(self, thread_id: str) -> None:
-        """Record the task's review pauses in the review queue (its inbox lists them)."""
+    def _sync_reviews(self, thread_id: str) -> None:
+        """Bring the review queue up to date with the task's pauses (`ReviewQueue.sync`).
+
+        A pause the run stopped on is listed (the inbox shows it); one the run went past is
+        closed (answered by `resume`, outside the queue) or applied (decided in the queue).
+        """
         try:
             if self._reviews is None:
                 from harness_nodes.review_queue import ReviewQueue

@@ -343,7 +343,8 @@ def resume_thread(
 ) -> dict[str, Any]:
     """Carry a task on from its last checkpoint (after a crash, or with a review answer).
 
-    A review answer goes through the `ReviewQueue` (validated, audited with *reviewer*).
+    A review answer goes through the `ReviewQueue` (validated, audited with *reviewer*), a
+    `TaskRunner`'s task's under its runner's lease.
     """
     from checkpointers import open_backend
     from harness_nodes.cli._worker import resume_managed
@@ -351,7 +352,7 @@ def resume_thread(
     narrator = narrator or Narrator(console)
     config = {"configurable": {"thread_id": thread_id}}
     with open_backend(db) as backend:
-        managed = resume_managed(backend, thread_id, resume)
+        managed = resume_managed(backend, thread_id, resume, reviewer or _user())
         if managed is not None:  # a TaskRunner task: resumed under its lease
             return managed
         meta = run_metadata(backend, thread_id)

@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from harness_nodes.cli._app import app, console, err_console
-from harness_nodes.errors import UserError
+from harness_nodes.errors import RunFailed, UserError
 
 if TYPE_CHECKING:
     from checkpointers import Backend
+    from harness_nodes._lease import TaskRun
+    from harness_nodes.runner import TaskRunner
 
 
 @app.command()
@@ -69,15 +72,22 @@ def worker(
     asyncio.run(run_worker(url, options))
 
 
-def resume_managed(backend: Backend, thread_id: str, answer: Any) -> dict[str, Any] | None:
-    """``harness resume THREAD`` for a task submitted through a `TaskRunner` with a queue.
+def resume_managed(
+    backend: Backend, thread_id: str, answer: Any, reviewer: str
+) -> dict[str, Any] | None:
+    """``harness resume THREAD`` for a task submitted through a `TaskRunner` with a graph path.
 
     Such a task is resumed through its runner, under its lease — never beside a live worker
-    that holds it. Returns ``None`` for threads the runner does not manage.
+    that holds it. An answer to a review pause is decided in the `ReviewQueue` with the runner,
+    as for a thread without one: validated, audited with *reviewer*, applied under the lease.
+    An answer to any other pause goes to `TaskRunner.resume`. Returns ``None`` for threads the
+    runner does not manage.
 
     Raises:
         TaskNotPaused: an answer for a task that is not paused, or that another runner holds
             (the CLI prints it as a one-line error).
+        InvalidDecision: a malformed or disallowed decision (the task stays paused).
+        AlreadyDecided: another reviewer, or another process, is answering the pause.
     """
     from harness_nodes.runner import TaskRunner
 
@@ -89,7 +99,7 @@ def resume_managed(backend: Backend, thread_id: str, answer: Any) -> dict[str, A
     row = rows[0]
     runner = TaskRunner(backend, row["graph"])
     if answer is not None:
-        run = runner.resume(row["task_key"], answer)
+        run = _answer_pause(backend, runner, thread_id, row, answer, reviewer)
     elif row["status"] == "interrupted":
         console.print(
             escape(f"task {row['task_key']} is paused for review: pass --decision JSON"),
@@ -101,3 +111,32 @@ def resume_managed(backend: Backend, thread_id: str, answer: Any) -> dict[str, A
     outcome = escape(str(run.outcome or ""))
     console.print(f"task {escape(run.task_key)}: [bold]{escape(run.status)}[/] {outcome}")
     return {"task_key": run.task_key, "status": run.status, "outcome": run.outcome}
+
+
+def _answer_pause(
+    backend: Backend,
+    runner: TaskRunner,
+    thread_id: str,
+    row: Mapping[str, Any],
+    answer: Any,
+    reviewer: str,
+) -> TaskRun:
+    """Apply *answer* to the paused runner task: its queued reviews, else the pause itself."""
+    from harness_nodes.cli._review import _words
+    from harness_nodes.review_queue import ReviewQueue
+
+    queue = ReviewQueue(backend, runner.graph, runner=runner)
+    # A task that is not paused (finished, held by another runner) is resume's to refuse.
+    items = queue.sync(thread_id) if row["status"] == "interrupted" else []
+    if not items:
+        return runner.resume(row["task_key"], answer)
+    for item in items:
+        failed = False
+        try:
+            queue.decide(item.id, answer, reviewer=reviewer)
+        except RunFailed:  # the decision stands; the task's line says it failed
+            failed = True
+        console.print(escape(f"review {item.id}: {_words(answer)} by {reviewer}"), highlight=False)
+        if failed:
+            break
+    return runner.status(row["task_key"])

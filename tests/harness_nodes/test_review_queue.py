@@ -976,6 +976,150 @@ async def test_an_async_runner_task_that_pauses_is_listed_in_the_queue_without_a
     assert EFFECTS == {"refund": 1, "lookup": 1}
 
 
+# --- a pause a runner answers itself (TaskRunner.resume) leaves the queue ---------------------
+
+TWO_REFUNDS = [
+    ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 250})]),
+    ai(tool_calls=[tool_call("refund", {"order": "B2", "amount": 300})]),
+    "ok",
+]
+
+
+def _orders(items: list[Any]) -> list[str]:
+    return [i.requests[0]["action_request"]["args"]["order"] for i in items]
+
+
+def test_a_pause_answered_by_task_runner_resume_is_closed_when_its_run_moves_on(
+    backend: Backend,
+) -> None:
+    # resume() answers outside the queue (no reviewer): once the run is past the pause its
+    # item is closed, not left pending for a reviewer whose decision could never apply.
+    builder = build_builder(script=TWO_REFUNDS)
+    queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+    with TaskRunner(backend, builder) as runner:
+        runner.submit("t-rr", REFUND)
+        _paused(runner, "t-rr")
+        [first] = queue.pending()
+        assert runner.resume("t-rr", {"type": "approve"}).status == "interrupted"
+        [second] = queue.pending()  # paused again, on the second refund
+        assert _orders([first, second]) == ["A1", "B2"]
+        assert queue.get(first.id).status == "closed"
+        done = runner.resume("t-rr", {"type": "reject", "message": "not this one"})
+        assert done.status == "completed"
+        assert queue.pending() == []  # nothing left for `harness review list`
+        assert queue.get(second.id).status == "closed"
+    # Nobody decided in the queue: no reviewer is invented, nothing is audited.
+    assert _audits(backend, first.id) == _audits(backend, second.id) == 0
+    with pytest.raises(AlreadyDecided, match="closed.*outside the queue"):
+        queue.decide(second.id, {"type": "approve"}, reviewer="bob")
+    assert EFFECTS == {"refund": 1}
+
+
+def test_a_pause_answered_by_task_runner_resume_is_closed_when_its_run_fails(
+    backend: Backend,
+) -> None:
+    down = [ai(tool_calls=[tool_call("refund", {"order": "BANK-DOWN", "amount": 250})])]
+    builder = build_builder(script=down)
+    queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+    with TaskRunner(backend, builder, max_attempts=1) as runner:
+        runner.submit("t-rf", REFUND)
+        _paused(runner, "t-rf")
+        [item] = queue.pending()
+        assert runner.resume("t-rf", {"type": "approve"}).status == "failed"
+    assert queue.pending() == [] and queue.get(item.id).status == "closed"
+    assert _audits(backend, item.id) == 0
+
+
+def test_a_pause_answered_by_task_runner_resume_is_closed_by_the_run_recovery_carries_on(
+    backend: Backend,
+) -> None:
+    from tests.harness_nodes.review_app import CRASHED, ProcessDied
+
+    CRASHED.clear()
+    crash = [ai(tool_calls=[tool_call("refund", {"order": "CRASH-ONCE", "amount": 250})]), "ok"]
+    builder = build_builder(script=crash)
+    queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+    with TaskRunner(backend, builder, lease_seconds=0.3) as runner:
+        runner.submit("t-rd", REFUND)
+        _paused(runner, "t-rd")
+        [item] = queue.pending()
+        with pytest.raises(ProcessDied):  # inside the approved refund
+            runner.resume("t-rd", {"type": "approve"})
+        deadline = time.monotonic() + 30
+        while not runner.recover():  # once the lease has expired
+            assert time.monotonic() < deadline, runner.status("t-rd")
+            time.sleep(0.05)
+        assert runner.result("t-rd", timeout=30)["partial_result"] == "ok"
+    assert queue.pending() == [] and queue.get(item.id).status == "closed"
+    assert _audits(backend, item.id) == 0
+    assert EFFECTS == {"refund": 1}
+
+
+async def test_async_a_pause_answered_by_aresume_is_closed_when_its_run_moves_on(
+    abackend: AsyncBackend,
+) -> None:
+    builder = build_builder(script=TWO_REFUNDS)
+    queue = AsyncReviewQueue(abackend, builder.compile(checkpointer=abackend.checkpointer))
+    async with AsyncTaskRunner(abackend, builder) as runner:
+        await runner.asubmit("t-arr", REFUND)
+        await _apaused(runner, "t-arr")
+        [first] = await queue.pending()
+        assert (await runner.aresume("t-arr", {"type": "approve"})).status == "interrupted"
+        [second] = await queue.pending()
+        assert _orders([first, second]) == ["A1", "B2"]
+        assert (await queue.get(first.id)).status == "closed"
+        done = await runner.aresume("t-arr", {"type": "reject", "message": "not this one"})
+        assert done.status == "completed"
+        assert await queue.pending() == []
+        assert (await queue.get(second.id)).status == "closed"
+    for item in (first, second):
+        sql = "SELECT count(*) AS n FROM harness_review_audit WHERE review_id = %s"
+        assert await abackend.execute(sql, (item.id,)) == [{"n": 0}]
+    with pytest.raises(AlreadyDecided, match="closed.*outside the queue"):
+        await queue.decide(second.id, {"type": "approve"}, reviewer="bob")
+    assert EFFECTS == {"refund": 1}
+
+
+async def test_async_a_pause_answered_by_aresume_is_closed_when_its_run_fails(
+    abackend: AsyncBackend,
+) -> None:
+    down = [ai(tool_calls=[tool_call("refund", {"order": "BANK-DOWN", "amount": 250})])]
+    builder = build_builder(script=down)
+    queue = AsyncReviewQueue(abackend, builder.compile(checkpointer=abackend.checkpointer))
+    async with AsyncTaskRunner(abackend, builder, max_attempts=1) as runner:
+        await runner.asubmit("t-arf", REFUND)
+        await _apaused(runner, "t-arf")
+        [item] = await queue.pending()
+        assert (await runner.aresume("t-arf", {"type": "approve"})).status == "failed"
+    assert await queue.pending() == []
+    assert (await queue.get(item.id)).status == "closed"
+
+
+async def test_async_a_pause_answered_by_aresume_is_closed_by_the_run_arecover_carries_on(
+    abackend: AsyncBackend,
+) -> None:
+    from tests.harness_nodes.review_app import CRASHED, ProcessDied
+
+    CRASHED.clear()
+    crash = [ai(tool_calls=[tool_call("refund", {"order": "CRASH-ONCE", "amount": 250})]), "ok"]
+    builder = build_builder(script=crash)
+    queue = AsyncReviewQueue(abackend, builder.compile(checkpointer=abackend.checkpointer))
+    async with AsyncTaskRunner(abackend, builder, lease_seconds=0.3) as runner:
+        await runner.asubmit("t-ard", REFUND)
+        await _apaused(runner, "t-ard")
+        [item] = await queue.pending()
+        with pytest.raises(ProcessDied):  # inside the approved refund
+            await runner.aresume("t-ard", {"type": "approve"})
+        deadline = time.monotonic() + 30
+        while not await runner.arecover():  # once the lease has expired
+            assert time.monotonic() < deadline, await runner.astatus("t-ard")
+            await asyncio.sleep(0.05)
+        assert (await runner.aresult("t-ard", timeout=30))["partial_result"] == "ok"
+    assert await queue.pending() == []
+    assert (await queue.get(item.id)).status == "closed"
+    assert EFFECTS == {"refund": 1}
+
+
 def test_a_runner_refuses_a_review_queue_on_another_backend(backend: Backend) -> None:
     with open_backend("memory://") as other:
         reviews = ReviewQueue(other, build_builder().compile(checkpointer=other.checkpointer))

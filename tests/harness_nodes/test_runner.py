@@ -489,6 +489,51 @@ def test_harness_resume_of_a_runner_task_that_is_not_paused_is_a_one_line_error(
         assert TaskRunner(backend, GRAPH).result("t-cli-done", timeout=1) == outcome
 
 
+REVIEW_GRAPH = "tests.harness_nodes.review_app:builder"
+
+
+def test_harness_resume_decides_a_runner_tasks_review_in_the_queue_with_its_reviewer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `harness resume THREAD --decision` for a runner's task: the answer to a review pause
+    # is validated, audited with --reviewer and applied under the lease, as for a thread
+    # without a runner (`ReviewQueue.decide` with the runner), not resumed around the queue.
+    from harness_nodes import ReviewQueue
+    from harness_nodes.cli import main
+    from tests.harness_nodes.review_app import EFFECTS
+
+    EFFECTS.clear()
+    url = f"sqlite:///{tmp_path / 'harness.db'}"
+    with open_backend(url) as backend, TaskRunner(backend, REVIEW_GRAPH) as runner:
+        runner.submit("t-cli-review", INPUT)
+        deadline = time.monotonic() + 30
+        while runner.status("t-cli-review").status != "interrupted":
+            assert time.monotonic() < deadline, runner.status("t-cli-review")
+            time.sleep(0.02)
+        [item] = ReviewQueue(backend, runner.graph).pending()
+    argv = ["resume", "t-cli-review", "--db", url, "--reviewer", "ana", "--decision"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, '{"type": "approved"}'])  # a typo: refused, nothing claimed or audited
+    assert e.value.code == 2
+    assert "Input should be 'approve'" in capsys.readouterr().err
+    main([*argv, '{"type": "approve"}'])
+    out = capsys.readouterr().out
+    with open_backend(url) as backend:
+        runner = TaskRunner(backend, REVIEW_GRAPH)
+        queue = ReviewQueue(backend, runner.graph)
+        assert queue.pending() == []  # `harness review list` has nothing left
+        done = queue.get(item.id)
+        assert (done.status, done.decided_by) == ("applied", "ana")
+        audit = [(a["reviewer"], a["decision"]) for a in queue.show(item.id).audit]
+        assert audit == [("ana", "approve")]
+        assert runner.status("t-cli-review").attempts == 2  # its run, then the decision's
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+    assert f"review {item.id}: approve by ana" in out
+    assert "task t-cli-review: completed" in out
+    main(["show", "t-cli-review", "--db", url])
+    assert "review approve by ana" in capsys.readouterr().out  # not "reviewer not recorded"
+
+
 def test_background_queue_needs_postgres() -> None:
     from harness_nodes import JobQueue
 
