@@ -88,6 +88,7 @@ def resume_managed(
             (the CLI prints it as a one-line error).
         InvalidDecision: a malformed or disallowed decision (the task stays paused).
         AlreadyDecided: another reviewer, or another process, is answering the pause.
+        RunFailed: the run this resume carried on failed after the runner's attempts.
     """
     from harness_nodes.runner import TaskRunner
 
@@ -110,6 +111,12 @@ def resume_managed(
         run = runner.execute(thread_id)
     outcome = escape(str(run.outcome or ""))
     console.print(f"task {escape(run.task_key)}: [bold]{escape(run.status)}[/] {outcome}")
+    if run.status == "failed" and (answer is not None or row["status"] != "failed"):
+        # This resume ran it and it failed: an error (exit 2), as `harness review approve` and
+        # a thread without a runner have it, not a status line that exits 0.
+        from harness_nodes.review_queue import _leased_outcome
+
+        _leased_outcome(run)
     return {"task_key": run.task_key, "status": run.status, "outcome": run.outcome}
 
 

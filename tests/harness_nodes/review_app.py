@@ -179,3 +179,9 @@ def compiled_on(model: Any = None, *, backend: Any) -> Any:
     """A factory shaped like ``graphs.support:build_graph``: model first, backend by name."""
     assert model is None, "the backend must be passed by keyword"
     return build_builder().compile(checkpointer=backend.checkpointer)
+
+
+bank_down_builder = build_builder(
+    script=[ai(tool_calls=[tool_call("refund", {"order": "BANK-DOWN", "amount": 250})])]
+)
+"""A task whose approved refund fails (the bank is down): ``review_app:bank_down_builder``."""

@@ -492,6 +492,36 @@ def test_harness_resume_of_a_runner_task_that_is_not_paused_is_a_one_line_error(
 REVIEW_GRAPH = "tests.harness_nodes.review_app:builder"
 
 
+def test_harness_resume_of_a_runner_task_whose_run_then_fails_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The approved refund fails on every attempt: the resume did not carry the task to an
+    # end, so the command fails (exit 2, the one-line error), as `harness review approve`
+    # does — not a "failed" status line that exits 0.
+    from harness_nodes.cli import main
+
+    graph = "tests.harness_nodes.review_app:bank_down_builder"
+    url = f"sqlite:///{tmp_path / 'harness.db'}"
+    with open_backend(url) as backend, TaskRunner(backend, graph) as runner:
+        runner.submit("t-bank-down", INPUT)
+        deadline = time.monotonic() + 30
+        while runner.status("t-bank-down").status != "interrupted":
+            assert time.monotonic() < deadline, runner.status("t-bank-down")
+            time.sleep(0.02)
+    argv = ["resume", "t-bank-down", "--db", url, "--reviewer", "ana"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--decision", '{"type": "approve"}'])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert "task t-bank-down: failed" in captured.out
+    assert "the bank is down" in captured.err
+    with open_backend(url) as backend:
+        assert TaskRunner(backend, graph).status("t-bank-down").status == "failed"
+    # Carrying on a task that had already failed is not a new failure: its status, exit 0.
+    main(argv)
+    assert "task t-bank-down: failed" in capsys.readouterr().out
+
+
 def test_harness_resume_decides_a_runner_tasks_review_in_the_queue_with_its_reviewer(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
