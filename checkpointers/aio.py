@@ -83,6 +83,8 @@ class _AsqliteDB:
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self.conn = conn
         self.lock = asyncio.Lock()
+        self._rollbacks: set[asyncio.Task[None]] = set()
+        """Rollbacks of transactions cancelled before they began (see `transaction`)."""
 
     @classmethod
     async def open(cls, path: str) -> _AsqliteDB:
@@ -102,14 +104,50 @@ class _AsqliteDB:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_AsqliteTx]:
-        async with self.lock:
+        # aiosqlite runs a connection's statements in order in its own thread, and runs one
+        # even when the task awaiting it was cancelled. So every way out queues a ROLLBACK
+        # behind what may still be running, before the connection is anyone else's.
+        await self.lock.acquire()
+        try:
             await self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield _AsqliteTx(self.conn)
-            except BaseException:
-                await self.conn.execute("ROLLBACK")
-                raise
+        except sqlite3.Error:
+            self.lock.release()  # the BEGIN ran and failed: no transaction to end
+            raise
+        except BaseException:
+            # Cancelled (a client gone, a timeout) while the BEGIN waits for another
+            # writer's lock, up to busy_timeout: it will still begin. A task of its own rolls
+            # it back and frees the connection then, so the caller is let go now.
+            rollback = asyncio.get_running_loop().create_task(self._rollback_and_release())
+            self._rollbacks.add(rollback)
+            rollback.add_done_callback(self._rollbacks.discard)
+            raise
+        try:
+            yield _AsqliteTx(self.conn)
             await self.conn.execute("COMMIT")
+        except BaseException:
+            # The body failed or was cancelled, or the COMMIT did (a cancelled COMMIT still
+            # runs: the ROLLBACK behind it then finds no transaction).
+            await self._rollback()
+            raise
+        finally:
+            self.lock.release()
+
+    async def _rollback(self) -> None:
+        # Queued as soon as this is called (a cancellation can only interrupt the wait for
+        # it), so it runs before any statement of the lock's next holder.
+        try:
+            await self.conn.execute("ROLLBACK")
+        except sqlite3.OperationalError as e:
+            if "no transaction is active" not in str(e):
+                log.warning("rollback failed: %s", e)
+        except sqlite3.Error as e:  # never hide the error (or cancellation) being handled
+            log.warning("rollback failed: %s", e)
+
+    async def _rollback_and_release(self) -> None:
+        try:
+            await self._rollback()
+        finally:
+            self.lock.release()
 
     async def migrate(self) -> None:
         async with self.transaction() as tx:
@@ -127,6 +165,8 @@ class _AsqliteDB:
                 )
 
     async def close(self) -> None:
+        # Closing is queued behind them anyway; waiting lets them end without an error.
+        await asyncio.gather(*self._rollbacks, return_exceptions=True)
         await self.conn.close()
 
 

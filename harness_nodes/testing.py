@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, BaseMessage, ToolCall
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolCall
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from harness_nodes._langfuse_receiver import LangfuseReceiver, ReceivedSpan
@@ -134,12 +136,56 @@ def _prompt_text(messages: Sequence[BaseMessage]) -> str:
     return "\n".join(parts)
 
 
+def _chunks(msg: AIMessage) -> Iterator[ChatGenerationChunk]:
+    """Split an answer as a provider streams it.
+
+    Its text word by word, each tool call as a chunk with its name and id and then its
+    arguments in pieces, and a last chunk with the usage and the response metadata (model
+    name, finish reason), which providers send once, at the end.
+    """
+    content = msg.content
+    if isinstance(content, str):
+        for word in re.split(r"(\s)", content):
+            if word:
+                yield ChatGenerationChunk(message=AIMessageChunk(content=word, id=msg.id))
+    elif content:
+        yield ChatGenerationChunk(message=AIMessageChunk(content=content, id=msg.id))
+    for index, call in enumerate(msg.tool_calls):
+        start = tool_call_chunk(name=call["name"], args="", id=call["id"], index=index)
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(content="", id=msg.id, tool_call_chunks=[start])
+        )
+        for piece in re.split(r"(?<=,)", json.dumps(call["args"])):
+            args = tool_call_chunk(args=piece, index=index)
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(content="", id=msg.id, tool_call_chunks=[args])
+            )
+    yield ChatGenerationChunk(
+        message=AIMessageChunk(
+            content="",
+            id=msg.id,
+            usage_metadata=msg.usage_metadata,
+            response_metadata=dict(msg.response_metadata),
+            chunk_position="last",
+        )
+    )
+
+
+def _answer(result: ChatResult) -> AIMessage:
+    message = result.generations[0].message
+    if not isinstance(message, AIMessage):  # a subclass's _generate answered something else
+        raise TypeError(f"expected an AIMessage answer, got {type(message).__name__}")
+    return message
+
+
 class ScriptedChatModel(GenericFakeChatModel):
     """A deterministic chat model that plays a script, turn by turn.
 
     It subclasses LangChain's `GenericFakeChatModel`, binds tools (by ignoring them, so graphs
     that call ``bind_tools`` work), honours ``max_tokens`` (truncating its answer and its
-    reported output tokens), and reports ``model_name`` in its response metadata.
+    reported output tokens), and reports ``model_name`` in its response metadata. With
+    ``disable_streaming=False`` it streams each answer as a provider does: the aggregated
+    chunks carry the same text, tool calls, usage and metadata as the answer itself.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -218,6 +264,33 @@ class ScriptedChatModel(GenericFakeChatModel):
             )
         finished = self._finish(msg, messages, kwargs)
         return ChatResult(generations=[ChatGeneration(message=finished)])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        answer = _answer(self._generate(messages, stop=stop, run_manager=run_manager, **kwargs))
+        for chunk in _chunks(answer):
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        # Through _agenerate, so a subclass that answers asynchronously streams that answer.
+        result = await self._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
+        for chunk in _chunks(_answer(result)):
+            if run_manager:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
 
     def _call_id(self, call: ToolCall, turn: int, index: int) -> ToolCall:
         call_id = call["id"] or ""

@@ -1,9 +1,16 @@
 from __future__ import annotations
 
+import asyncio
 import re
+import sqlite3
+import time
 import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import anyio
+import psycopg
 import pytest
 from langchain_core.messages import HumanMessage
 from langgraph.graph import END, START, StateGraph
@@ -163,3 +170,109 @@ async def test_async_backend_persists_graph_state(backend_url: str) -> None:
                 ("a1", "running", 1.0, 1.0),
             )
         assert await backend.execute("SELECT status FROM harness_runs") == [{"status": "running"}]
+
+
+_INSERT_RUN = (
+    "INSERT INTO harness_runs (thread_id, status, created_at, updated_at) VALUES (%s, %s, %s, %s)"
+)
+
+
+async def _cancel_by_task(transaction: Callable[[], Awaitable[None]]) -> None:
+    task = asyncio.create_task(transaction())
+    await asyncio.sleep(0.2)  # the task waits on BEGIN IMMEDIATE (busy_timeout)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def _cancel_by_timeout(transaction: Callable[[], Awaitable[None]]) -> None:
+    # anyio cancels again at every await until the scope exits (Starlette, FastAPI).
+    with anyio.move_on_after(0.2) as scope:
+        await transaction()
+    assert scope.cancelled_caught
+
+
+def _write_from_another_connection(path: Path, thread_id: str) -> None:
+    conn = sqlite3.connect(path, timeout=5, isolation_level=None)
+    try:
+        conn.execute(_INSERT_RUN.replace("%s", "?"), (thread_id, "running", 1.0, 1.0))
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "cancel",
+    [
+        pytest.param(_cancel_by_task, id="task-cancel"),
+        pytest.param(_cancel_by_timeout, id="anyio-timeout"),
+    ],
+)
+async def test_a_transaction_cancelled_while_it_waits_for_the_write_lock_leaves_none_open(
+    tmp_path: Path, cancel: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
+) -> None:
+    path = tmp_path / "harness.db"
+    async with await aopen_backend(f"sqlite:///{path}") as backend:
+        # Another writer (a worker process, the saver's connection) holds the file's lock.
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+
+        async def transaction() -> None:
+            async with backend.transaction() as tx:
+                await tx.execute(_INSERT_RUN, ("cancelled", "running", 1.0, 1.0))
+
+        started = time.monotonic()
+        await cancel(transaction)
+        # The caller is let go at once, not when the other writer is done (up to 30 s).
+        assert time.monotonic() - started < 5
+        other.execute("COMMIT")
+        other.close()
+
+        # The BEGIN the cancelled caller queued ran once the lock was free: nothing of it
+        # stays open, so later writes commit, and other connections can write.
+        await backend.execute(_INSERT_RUN, ("autocommitted", "running", 1.0, 1.0))
+        async with backend.transaction() as tx:
+            await tx.execute(_INSERT_RUN, ("transaction", "running", 1.0, 1.0))
+        await anyio.to_thread.run_sync(_write_from_another_connection, path, "elsewhere")
+    with sqlite3.connect(path) as fresh:
+        rows = fresh.execute("SELECT thread_id FROM harness_runs ORDER BY thread_id").fetchall()
+    assert rows == [("autocommitted",), ("elsewhere",), ("transaction",)]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "cancel",
+    [
+        pytest.param(_cancel_by_task, id="task-cancel"),
+        pytest.param(_cancel_by_timeout, id="anyio-timeout"),
+    ],
+)
+async def test_a_postgres_transaction_cancelled_while_it_waits_for_a_row_lock_leaves_none_open(
+    postgres_url: str, cancel: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
+) -> None:
+    update = "UPDATE harness_runs SET status = %s WHERE thread_id = %s"
+    async with await aopen_backend(postgres_url, pool_size=2) as backend:
+        await backend.execute(_INSERT_RUN, ("t-locked", "running", 1.0, 1.0))
+        other = psycopg.connect(postgres_url)  # holds the row's lock until it rolls back
+        try:
+            other.execute("SELECT 1 FROM harness_runs WHERE thread_id = 't-locked' FOR UPDATE")
+
+            async def transaction() -> None:
+                async with backend.transaction() as tx:
+                    await tx.execute(_INSERT_RUN, ("t-cancelled", "running", 1.0, 1.0))
+                    await tx.execute(update, ("cancelled", "t-locked"))  # waits for the lock
+
+            started = time.monotonic()
+            await cancel(transaction)
+            assert time.monotonic() - started < 5
+        finally:
+            other.rollback()
+            other.close()
+        # psycopg cancels the statement on the server (or, cancelled again while it does,
+        # closes the connection: the server session then ends once it has the lock), and
+        # the pool rolls back or drops the connection it gets back.
+        await backend.execute(update, ("autocommitted", "t-locked"))
+        async with backend.transaction() as tx:
+            await tx.execute(_INSERT_RUN, ("t-transaction", "running", 1.0, 1.0))
+    with psycopg.connect(postgres_url) as fresh:
+        rows = fresh.execute("SELECT thread_id, status FROM harness_runs ORDER BY 1").fetchall()
+    assert rows == [("t-locked", "autocommitted"), ("t-transaction", "running")]

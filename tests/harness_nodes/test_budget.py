@@ -19,6 +19,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import (
     AIMessage,
+    AIMessageChunk,
     AnyMessage,
     BaseMessage,
     HumanMessage,
@@ -739,6 +740,55 @@ async def test_an_absurd_output_cap_is_capped_async(abackend: AsyncBackend) -> N
         assert answer.text == "ok"
         assert round(_budget(answer)["reserved_usd"] * NANOS) * 2**20 <= INT64_MAX
     assert (await llm.aspend(config))["calls"] == 2
+
+
+async def test_a_streamed_graph_settles_each_call_at_its_reported_usage(
+    abackend: AsyncBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # stream_mode="messages" makes each model call stream: the usage is on its last chunk.
+    usage = {"input_tokens": 10, "output_tokens": 20}
+    model = ScriptedChatModel(
+        script=[
+            ai("Let me search.", tool_calls=[tool_call("search", {"query": "a"})], usage=usage),
+            ai("Here is the summary.", usage=usage),
+        ],
+        model_name="gpt-4o-mini",
+        disable_streaming=False,
+    )
+    llm = budgeted(model, envelope=Envelope(max_usd=1.0), backend=abackend)
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await llm.ainvoke(state["messages"])]}
+
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([search]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    graph = builder.compile(checkpointer=abackend.checkpointer)
+    tokens: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="harness_nodes.budget"):
+        async for chunk, _ in graph.astream(
+            {"messages": [HumanMessage("go")]},
+            _config("streamed"),
+            stream_mode="messages",
+            durability="sync",
+        ):
+            if isinstance(chunk, AIMessageChunk):
+                tokens.append(chunk.text)
+    assert "".join(tokens) == "Let me search.Here is the summary."
+    await aflush_pending(abackend)
+    rows = await abackend.execute(
+        "SELECT model, state, input_tokens, output_tokens FROM harness_spend "
+        "WHERE task_id = %s ORDER BY id",
+        ("streamed",),
+    )
+    settled = {"model": "gpt-4o-mini", "state": "settled", "input_tokens": 10, "output_tokens": 20}
+    assert rows == [settled, settled]
+    assert "worst case" not in caplog.text
 
 
 @pytest.mark.parametrize(

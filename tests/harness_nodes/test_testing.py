@@ -7,13 +7,21 @@ import re
 from typing import Any
 
 import pytest
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    ToolMessage,
+)
 from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode, tools_condition
 from langgraph.types import RetryPolicy
 
 from harness_nodes.testing import ScriptedChatModel, ScriptExhausted, ai, tool_call
+
+pytestmark = pytest.mark.anyio
 
 
 def _script() -> list[Any]:
@@ -180,3 +188,59 @@ def test_bind_tools_works_in_a_tool_calling_graph() -> None:
     tool_results = [m.content for m in out["messages"] if isinstance(m, ToolMessage)]
     assert tool_results == ["result for a", "result for b"]
     assert out["messages"][-1].content == "saw 4 messages"
+
+
+async def _streamed(model: ScriptedChatModel, prompt: Any, how: str, **kwargs: Any) -> AIMessage:
+    chunks: list[AIMessageChunk] = []
+    if how == "astream":
+        chunks = [c async for c in model.astream(prompt, **kwargs)]
+    else:
+        chunks = list(model.stream(prompt, **kwargs))
+    assert len(chunks) > 1  # it streams, not one chunk with the whole answer
+    whole = chunks[0]
+    for chunk in chunks[1:]:
+        whole += chunk
+    return AIMessage(
+        content=whole.content,
+        tool_calls=whole.tool_calls,
+        invalid_tool_calls=whole.invalid_tool_calls,
+        usage_metadata=whole.usage_metadata,
+        response_metadata=whole.response_metadata,
+    )
+
+
+@pytest.mark.parametrize("how", ["stream", "astream"])
+@pytest.mark.parametrize(
+    ("reply", "kwargs"),
+    [
+        pytest.param(ai("It is sunny in Paris."), {}, id="text"),
+        pytest.param("an estimated answer", {}, id="estimated-usage"),
+        pytest.param(
+            ai(
+                "Let me look.",
+                tool_calls=[
+                    tool_call("lookup", {"q": "a, b", "n": 2}),
+                    tool_call("lookup", {}, id="mine"),
+                ],
+                usage={"input_tokens": 30, "output_tokens": 12},
+            ),
+            {},
+            id="tool-calls",
+        ),
+        pytest.param(ai("word " * 200), {"max_tokens": 5}, id="truncated"),
+    ],
+)
+async def test_a_streamed_answer_carries_what_the_invoked_one_does(
+    reply: Any, kwargs: dict[str, Any], how: str
+) -> None:
+    def model() -> ScriptedChatModel:
+        return ScriptedChatModel(script=[reply], model_name="gpt-4o-mini", disable_streaming=False)
+
+    invoked = model().invoke("What is the weather in Paris?", **kwargs)
+    streamed = await _streamed(model(), "What is the weather in Paris?", how, **kwargs)
+    assert streamed.content == invoked.content
+    assert streamed.tool_calls == invoked.tool_calls and streamed.invalid_tool_calls == []
+    assert streamed.usage_metadata is not None
+    assert streamed.usage_metadata == invoked.usage_metadata
+    assert streamed.response_metadata["model_name"] == "gpt-4o-mini"
+    assert streamed.response_metadata["finish_reason"] == invoked.response_metadata["finish_reason"]
