@@ -809,7 +809,13 @@ class _AsyncPending:
         return True
 
     async def close(self) -> None:
-        """Cancel the timer, end the leases, write what is pending (before the backend closes)."""
+        """Let a flush in flight finish, cancel the timer, end the leases, write what is pending.
+
+        Before the backend closes: a flush still writing when the connection closed under it
+        failed, and what it carried was kept pending in a store about to go away.
+        """
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

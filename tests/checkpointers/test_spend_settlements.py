@@ -16,7 +16,13 @@ import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from checkpointers import AsyncBackend, Backend, open_backend
-from checkpointers._spend import SETTLE_DELAY, _sync_pending, aflush_pending, flush_pending
+from checkpointers._spend import (
+    SETTLE_DELAY,
+    _async_pending,
+    _sync_pending,
+    aflush_pending,
+    flush_pending,
+)
 from harness_nodes import Envelope, budgeted
 from harness_nodes.pricing import Pricing
 from harness_nodes.testing import ScriptedChatModel, ai
@@ -184,6 +190,29 @@ async def test_async_settlements_ride_on_the_next_statement_and_the_timer_flushe
         ("async",),
     )
     assert total == [{"spent_nanos": 4 * COST, "reserved_nanos": 0}]
+
+
+@pytest.mark.anyio
+async def test_closing_an_async_backend_while_its_flusher_writes_loses_nothing(
+    durable_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The app shuts down just as the flusher's timer fires: close() must not close the
+    # connection under the flush in flight (its write failed, "kept pending" in a backend
+    # that is going away: the settlement was lost, the call left at its reservation).
+    from checkpointers import aopen_backend
+
+    backend = await aopen_backend(durable_url)
+    store = _async_pending(backend)
+    store.delay = 3600.0
+    llm = budgeted(_model(), envelope=Envelope(max_usd=10), backend=backend)
+    await llm.ainvoke("hi", {"configurable": {"thread_id": "closing-async"}})
+    assert store.pending
+    store._fire()  # the timer's flush starts...
+    with caplog.at_level("WARNING"):
+        await backend.close()  # ...and the backend closes
+    assert "write failed" not in caplog.text
+    with open_backend(durable_url) as reopened:
+        assert _rows(reopened, "closing-async") == [{"state": "settled", "cost_nanos": COST}]
 
 
 async def _sleep(seconds: float) -> None:
