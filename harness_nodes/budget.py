@@ -7,8 +7,9 @@
   call it counts the prompt's tokens offline, **reserves the worst case** (input + output cap at
   the model's highest price) in the spend ledger atomically, caps ``max_tokens`` to what
   remains, steps down the ladder when the next call would not fit and refuses when even the
-  cheapest cannot. After the call it settles the reservation to the reported usage; a failed
-  call releases it.
+  cheapest cannot. After the call it settles the reservation to the reported usage; a call
+  the provider answered with an error releases it, and one cancelled or timed out after its
+  request went out keeps its worst case (it may be billed in full).
 - `BudgetGuard`: the graph side. Its `route` runs on the edge into the model (no extra
   superstep): ``"ok"``, ``"degrade"`` or ``"stop"``; its `finish` node ends the task with
   outcome ``budget_exhausted``, keeping the partial result. The guard itself is also a node
@@ -642,14 +643,45 @@ def _settled(ctx: _Context, reserved: Totals, plan: _Plan, cost: int, tokens: in
     )
 
 
+def _maybe_billed(error: BaseException) -> bool:
+    """Whether a call that ended in *error* may still be billed by its provider.
+
+    A cancellation (asyncio's, a stream closed early, Ctrl-C) can come at any moment after the
+    request went out, and a read or write timeout comes after it did: the provider may still be
+    generating, and bills what it generates. A provider's error answer is not billed, nor is a
+    timeout while connecting (the request never left). Provider SDKs wrap their client's
+    timeout in their own error (openai's and anthropic's ``APITimeoutError`` over httpx's), so
+    the error's causes are looked at too.
+    """
+    if not isinstance(error, Exception):
+        return True  # CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit
+    import httpx  # langchain-core's own dependency, and the provider SDKs' transport
+
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, httpx.ConnectTimeout | httpx.PoolTimeout):
+            return False
+        if isinstance(cause, TimeoutError | httpx.TimeoutException):
+            return True
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    return False
+
+
+def _defer(ledger: SpendLedger | AsyncSpendLedger, args: tuple[Any, ...]) -> None:
+    """Defer a settlement: no I/O, and no ``await`` (a cancellation cannot cut it short)."""
+    task_id, spend_id, inp, out, nanos, model, lease = args
+    ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model, lease=lease)
+
+
 def _ledger_op(ledger: SpendLedger, op: str, args: tuple[Any, ...]) -> Any:
     if op == "totals":
         return ledger.totals(*args)
     if op == "reserve":
         return ledger.reserve(*args)
     if op == "defer":
-        task_id, spend_id, inp, out, nanos, model, lease = args
-        return ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model, lease=lease)
+        return _defer(ledger, args)
     return ledger.settle(args[0], 0, 0, 0, released=True)
 
 
@@ -658,9 +690,6 @@ async def _aledger_op(ledger: AsyncSpendLedger, op: str, args: tuple[Any, ...]) 
         return await ledger.totals(*args)
     if op == "reserve":
         return await ledger.reserve(*args)
-    if op == "defer":
-        task_id, spend_id, inp, out, nanos, model, lease = args
-        return ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model, lease=lease)
     return await ledger.settle(args[0], 0, 0, 0, released=True)
 
 
@@ -1173,9 +1202,10 @@ class BudgetedChatModel(BaseChatModel):
         """The whole call as a sequence of effects, driven by `invoke` or `ainvoke`.
 
         Yields ``("totals" | "reserve" | "defer" | "release", args)`` for the ledger,
-        ``("emit", (kind, data))`` for events and ``("call", (index, cap))`` for the model; a
-        failed model call is thrown back in, so the reservation is released before it
-        propagates.
+        ``("emit", (kind, data))`` for events and ``("call", (index, cap))`` for the model. A
+        failed model call is thrown back in and settled before it propagates: released when
+        the provider cannot have billed it (an error answer), else kept at its worst case
+        (cancelled, or timed out, after the request went out: see `_maybe_billed`).
         """
         rates = self._rates(ctx)
         caps = self._output_caps(ctx, kwargs.pop("max_tokens", None))
@@ -1231,8 +1261,31 @@ class BudgetedChatModel(BaseChatModel):
             yield ("emit", event)
         try:
             raw = yield ("call", (ctx.positions[plan.index], plan.cap))
-        except BaseException:
-            self._remember(ctx.task_id, (yield ("release", (reservation.id,))))
+        except BaseException as error:
+            if not _maybe_billed(error):
+                self._remember(ctx.task_id, (yield ("release", (reservation.id,))))
+                raise
+            # The request went out: the provider may bill the call in full, and nothing says
+            # how much. It keeps its reserved worst case (never silently free). Deferred, so
+            # nothing awaits while the task is being cancelled; until it lands, the ledger
+            # holds the reservation, the same worst case.
+            settle = (ctx.task_id, reservation.id, plan.input_tokens, plan.cap, plan.nanos)
+            yield ("defer", (*settle, plan.name, None))
+            self._note_deferred(reservation.id)
+            worst = plan.input_tokens + plan.cap
+            self._remember(ctx.task_id, _settled(ctx, reservation.totals, plan, plan.nanos, worst))
+            level = logging.WARNING if isinstance(error, Exception) else logging.INFO
+            log.log(
+                level,
+                "%s call %s (%s); it is recorded at its reserved worst case (%d input and %d "
+                "output tokens, $%.6f)",
+                plan.name or "a model",
+                "timed out" if isinstance(error, Exception) else "cancelled",
+                type(error).__name__,
+                plan.input_tokens,
+                plan.cap,
+                _usd(plan.nanos),
+            )
             raise
         msg = raw if isinstance(raw, AIMessage) else AIMessage(content=getattr(raw, "content", ""))
         name, i_tok, o_tok, cost = self._settle_figures(plan.name, msg, plan)
@@ -1324,10 +1377,10 @@ class BudgetedChatModel(BaseChatModel):
             elif op == "emit":
                 if config.get("callbacks"):
                     await aemit(args[0], args[1], config)
+            elif op == "defer":  # no I/O: no thread, no await
+                _defer(ledger, args)
             elif isinstance(ledger, AsyncSpendLedger):
                 value = await _aledger_op(ledger, op, args)
-            elif op == "defer":  # no I/O: no thread
-                value = _ledger_op(ledger, op, args)
             else:
                 value = await asyncio.to_thread(_ledger_op, ledger, op, args)
 
