@@ -1669,7 +1669,7 @@ def _last_model(messages: Sequence[BaseMessage]) -> str | None:
 
 
 @dataclass(frozen=True)
-class BudgetGuard:
+class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
     """The budget's graph side: a routing function, a ``finish`` node, and a node form.
 
     Routing form (no extra superstep on the common path): put `route` on every edge into the
@@ -1680,6 +1680,8 @@ class BudgetGuard:
     answers with a flagged stop message: route it to `finish` too (the reference wiring,
     `build_harnessed_agent`, does) to end with outcome ``budget_exhausted``.
     Node form: add the guard itself as a node before the model; it routes with ``Command``.
+    It is a `Runnable` with both paths, so the same node runs under ``invoke`` (a `Backend`)
+    and under ``ainvoke`` (an `AsyncBackend` natively, a `Backend` from a thread).
 
     Example:
         ```python
@@ -1722,18 +1724,28 @@ class BudgetGuard:
                 f"BudgetGuard needs the budgeted() model, got {type(self.model).__name__}"
             )
 
+    def _stop_data(self, check: BudgetCheck) -> dict[str, Any]:
+        return {
+            "task_id": check.task_id,
+            "limit": check.limit,
+            "used": check.used,
+            "maximum": check.maximum,
+        }
+
+    def _raise_if_error(self, check: BudgetCheck, config: RunnableConfig) -> None:
+        if self.model._context(ensure_config(config)).envelope.exit_behavior == "error":
+            raise BudgetExceeded(check.task_id, check.limit or "usd", check.used, check.maximum)
+
     def _decide(self, check: BudgetCheck, config: RunnableConfig) -> Decision:
         if check.decision == "stop":
-            ctx = self.model._context(ensure_config(config))
-            data = {
-                "task_id": check.task_id,
-                "limit": check.limit,
-                "used": check.used,
-                "maximum": check.maximum,
-            }
-            emit("budget.stop", data, config)
-            if ctx.envelope.exit_behavior == "error":
-                raise BudgetExceeded(check.task_id, check.limit or "usd", check.used, check.maximum)
+            emit("budget.stop", self._stop_data(check), config)
+            self._raise_if_error(check, config)
+        return check.decision
+
+    async def _adecide(self, check: BudgetCheck, config: RunnableConfig) -> Decision:
+        if check.decision == "stop":
+            await aemit("budget.stop", self._stop_data(check), config)
+            self._raise_if_error(check, config)
         return check.decision
 
     def route(self, state: MessagesOnly, config: RunnableConfig) -> Decision:
@@ -1754,18 +1766,7 @@ class BudgetGuard:
         check = _stopped_by_model(messages) or self.model._ok_from_view(messages, config)
         if check is None:
             check = await self.model.acheck(messages, config)
-        if check.decision == "stop":
-            ctx = self.model._context(ensure_config(config))
-            data = {
-                "task_id": check.task_id,
-                "limit": check.limit,
-                "used": check.used,
-                "maximum": check.maximum,
-            }
-            await aemit("budget.stop", data, config)
-            if ctx.envelope.exit_behavior == "error":
-                raise BudgetExceeded(check.task_id, check.limit or "usd", check.used, check.maximum)
-        return check.decision
+        return await self._adecide(check, config)
 
     def _finish_update(
         self, messages: Sequence[BaseMessage], check: BudgetCheck, spend: Spend
@@ -1825,13 +1826,40 @@ class BudgetGuard:
         return update
 
     def __call__(self, state: MessagesAndOutcome, config: RunnableConfig) -> Command[str]:
-        """Node form: go to `next` (writing the spend mirror) or finish and go to `on_stop`."""
+        """Node form: go to `next` (writing the spend mirror) or finish and go to `on_stop`.
+
+        LangGraph infers the node's input (``messages``, ``outcome``) from this signature.
+        """
         messages = _messages_of(state)
         check = self.model.check(messages, config)
         decision = self._decide(check, config)
         if decision == "stop":
             return Command(goto=self.on_stop, update=self.finish(state, config))
         spend = self.model.spend(config, model=check.model)
+        return Command(goto=self.next, update={"spend": spend})
+
+    def invoke(
+        self, input: MessagesAndOutcome, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Command[str]:
+        """Node form under ``invoke``: `__call__` (needs a sync `Backend`)."""
+        return self(input, ensure_config(config))
+
+    async def ainvoke(
+        self, input: MessagesAndOutcome, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Command[str]:
+        """Node form under ``ainvoke``: `__call__` with the async reads.
+
+        A plain callable node only has a sync path, which LangGraph runs in a thread under
+        ``ainvoke``; an `AsyncBackend` cannot serve it there. Being a `Runnable`, the guard
+        gets this path instead.
+        """
+        config = ensure_config(config)
+        messages = _messages_of(input)
+        check = await self.model.acheck(messages, config)
+        decision = await self._adecide(check, config)
+        if decision == "stop":
+            return Command(goto=self.on_stop, update=await self.afinish(input, config))
+        spend = await self.model.aspend(config, model=check.model)
         return Command(goto=self.next, update={"spend": spend})
 
 

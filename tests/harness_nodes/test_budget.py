@@ -212,6 +212,35 @@ async def test_async_runaway_ends_budget_exhausted(abackend: AsyncBackend) -> No
     assert int(rows[0]["n"]) <= LIMIT_NANOS and int(rows[0]["c"]) == out["spend"]["calls"]
 
 
+@pytest.mark.parametrize("state", [HarnessState, MessagesState], ids=["harness", "messages"])
+async def test_the_guard_node_stops_an_async_runaway_on_an_async_backend(
+    abackend: AsyncBackend, state: type[Any]
+) -> None:
+    # The node form, in an async graph run with ainvoke: it used to fail at its first step
+    # with "invoke() needs a sync Backend ...; with an AsyncBackend use ainvoke()".
+    llm = runaway_llm(abackend)
+    builder = guarded_loop(llm, form="node", state=state, asynchronous=True)
+    graph = builder.compile(checkpointer=abackend.checkpointer)
+    out = await graph.ainvoke(
+        {"messages": [HumanMessage("go")]}, _config("async-node"), durability="sync"
+    )
+    outcome = out["messages"][-1].additional_kwargs["harness"]["outcome"]
+    assert outcome["status"] == "budget_exhausted"
+    assert "usd limit reached" in outcome["reason"]
+    assert len(outcome["partial_result"]["tool_results"]) >= 5
+    if state is HarnessState:
+        assert out["outcome"]["status"] == "budget_exhausted"
+        assert 0 < out["spend"]["usd"] <= MAX_USD
+    await aflush_pending(abackend)
+    rows = await abackend.execute(
+        "SELECT COALESCE(SUM(cost_nanos), 0) AS n, COUNT(*) AS c FROM harness_spend "
+        "WHERE task_id = %s AND state = 'settled'",
+        ("async-node",),
+    )
+    assert 0 < int(rows[0]["n"]) <= LIMIT_NANOS
+    assert int(rows[0]["c"]) == len(outcome["partial_result"]["tool_results"])
+
+
 # --- degradation ---------------------------------------------------------------------------
 
 
