@@ -7,8 +7,9 @@
   call it counts the prompt's tokens offline, **reserves the worst case** (input + output cap at
   the model's highest price) in the spend ledger atomically, caps ``max_tokens`` to what
   remains, steps down the ladder when the next call would not fit and refuses when even the
-  cheapest cannot. After the call it settles the reservation to the reported usage; a failed
-  call releases it.
+  cheapest cannot. After the call it settles the reservation to the reported usage; a call
+  the provider answered with an error releases it, and one cancelled or timed out after its
+  request went out keeps its worst case (it may be billed in full).
 - `BudgetGuard`: the graph side. Its `route` runs on the edge into the model (no extra
   superstep): ``"ok"``, ``"degrade"`` or ``"stop"``; its `finish` node ends the task with
   outcome ``budget_exhausted``, keeping the partial result. The guard itself is also a node
@@ -642,14 +643,45 @@ def _settled(ctx: _Context, reserved: Totals, plan: _Plan, cost: int, tokens: in
     )
 
 
+def _maybe_billed(error: BaseException) -> bool:
+    """Whether a call that ended in *error* may still be billed by its provider.
+
+    A cancellation (asyncio's, a stream closed early, Ctrl-C) can come at any moment after the
+    request went out, and a read or write timeout comes after it did: the provider may still be
+    generating, and bills what it generates. A provider's error answer is not billed, nor is a
+    timeout while connecting (the request never left). Provider SDKs wrap their client's
+    timeout in their own error (openai's and anthropic's ``APITimeoutError`` over httpx's), so
+    the error's causes are looked at too.
+    """
+    if not isinstance(error, Exception):
+        return True  # CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit
+    import httpx  # langchain-core's own dependency, and the provider SDKs' transport
+
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, httpx.ConnectTimeout | httpx.PoolTimeout):
+            return False
+        if isinstance(cause, TimeoutError | httpx.TimeoutException):
+            return True
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    return False
+
+
+def _defer(ledger: SpendLedger | AsyncSpendLedger, args: tuple[Any, ...]) -> None:
+    """Defer a settlement: no I/O, and no ``await`` (a cancellation cannot cut it short)."""
+    task_id, spend_id, inp, out, nanos, model, lease = args
+    ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model, lease=lease)
+
+
 def _ledger_op(ledger: SpendLedger, op: str, args: tuple[Any, ...]) -> Any:
     if op == "totals":
         return ledger.totals(*args)
     if op == "reserve":
         return ledger.reserve(*args)
     if op == "defer":
-        task_id, spend_id, inp, out, nanos, model, lease = args
-        return ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model, lease=lease)
+        return _defer(ledger, args)
     return ledger.settle(args[0], 0, 0, 0, released=True)
 
 
@@ -658,9 +690,6 @@ async def _aledger_op(ledger: AsyncSpendLedger, op: str, args: tuple[Any, ...]) 
         return await ledger.totals(*args)
     if op == "reserve":
         return await ledger.reserve(*args)
-    if op == "defer":
-        task_id, spend_id, inp, out, nanos, model, lease = args
-        return ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model, lease=lease)
     return await ledger.settle(args[0], 0, 0, 0, released=True)
 
 
@@ -1173,9 +1202,10 @@ class BudgetedChatModel(BaseChatModel):
         """The whole call as a sequence of effects, driven by `invoke` or `ainvoke`.
 
         Yields ``("totals" | "reserve" | "defer" | "release", args)`` for the ledger,
-        ``("emit", (kind, data))`` for events and ``("call", (index, cap))`` for the model; a
-        failed model call is thrown back in, so the reservation is released before it
-        propagates.
+        ``("emit", (kind, data))`` for events and ``("call", (index, cap))`` for the model. A
+        failed model call is thrown back in and settled before it propagates: released when
+        the provider cannot have billed it (an error answer), else kept at its worst case
+        (cancelled, or timed out, after the request went out: see `_maybe_billed`).
         """
         rates = self._rates(ctx)
         caps = self._output_caps(ctx, kwargs.pop("max_tokens", None))
@@ -1231,8 +1261,31 @@ class BudgetedChatModel(BaseChatModel):
             yield ("emit", event)
         try:
             raw = yield ("call", (ctx.positions[plan.index], plan.cap))
-        except BaseException:
-            self._remember(ctx.task_id, (yield ("release", (reservation.id,))))
+        except BaseException as error:
+            if not _maybe_billed(error):
+                self._remember(ctx.task_id, (yield ("release", (reservation.id,))))
+                raise
+            # The request went out: the provider may bill the call in full, and nothing says
+            # how much. It keeps its reserved worst case (never silently free). Deferred, so
+            # nothing awaits while the task is being cancelled; until it lands, the ledger
+            # holds the reservation, the same worst case.
+            settle = (ctx.task_id, reservation.id, plan.input_tokens, plan.cap, plan.nanos)
+            yield ("defer", (*settle, plan.name, None))
+            self._note_deferred(reservation.id)
+            worst = plan.input_tokens + plan.cap
+            self._remember(ctx.task_id, _settled(ctx, reservation.totals, plan, plan.nanos, worst))
+            level = logging.WARNING if isinstance(error, Exception) else logging.INFO
+            log.log(
+                level,
+                "%s call %s (%s); it is recorded at its reserved worst case (%d input and %d "
+                "output tokens, $%.6f)",
+                plan.name or "a model",
+                "timed out" if isinstance(error, Exception) else "cancelled",
+                type(error).__name__,
+                plan.input_tokens,
+                plan.cap,
+                _usd(plan.nanos),
+            )
             raise
         msg = raw if isinstance(raw, AIMessage) else AIMessage(content=getattr(raw, "content", ""))
         name, i_tok, o_tok, cost = self._settle_figures(plan.name, msg, plan)
@@ -1324,10 +1377,10 @@ class BudgetedChatModel(BaseChatModel):
             elif op == "emit":
                 if config.get("callbacks"):
                     await aemit(args[0], args[1], config)
+            elif op == "defer":  # no I/O: no thread, no await
+                _defer(ledger, args)
             elif isinstance(ledger, AsyncSpendLedger):
                 value = await _aledger_op(ledger, op, args)
-            elif op == "defer":  # no I/O: no thread
-                value = _ledger_op(ledger, op, args)
             else:
                 value = await asyncio.to_thread(_ledger_op, ledger, op, args)
 
@@ -1616,7 +1669,7 @@ def _last_model(messages: Sequence[BaseMessage]) -> str | None:
 
 
 @dataclass(frozen=True)
-class BudgetGuard:
+class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
     """The budget's graph side: a routing function, a ``finish`` node, and a node form.
 
     Routing form (no extra superstep on the common path): put `route` on every edge into the
@@ -1627,6 +1680,8 @@ class BudgetGuard:
     answers with a flagged stop message: route it to `finish` too (the reference wiring,
     `build_harnessed_agent`, does) to end with outcome ``budget_exhausted``.
     Node form: add the guard itself as a node before the model; it routes with ``Command``.
+    It is a `Runnable` with both paths, so the same node runs under ``invoke`` (a `Backend`)
+    and under ``ainvoke`` (an `AsyncBackend` natively, a `Backend` from a thread).
 
     Example:
         ```python
@@ -1669,18 +1724,28 @@ class BudgetGuard:
                 f"BudgetGuard needs the budgeted() model, got {type(self.model).__name__}"
             )
 
+    def _stop_data(self, check: BudgetCheck) -> dict[str, Any]:
+        return {
+            "task_id": check.task_id,
+            "limit": check.limit,
+            "used": check.used,
+            "maximum": check.maximum,
+        }
+
+    def _raise_if_error(self, check: BudgetCheck, config: RunnableConfig) -> None:
+        if self.model._context(ensure_config(config)).envelope.exit_behavior == "error":
+            raise BudgetExceeded(check.task_id, check.limit or "usd", check.used, check.maximum)
+
     def _decide(self, check: BudgetCheck, config: RunnableConfig) -> Decision:
         if check.decision == "stop":
-            ctx = self.model._context(ensure_config(config))
-            data = {
-                "task_id": check.task_id,
-                "limit": check.limit,
-                "used": check.used,
-                "maximum": check.maximum,
-            }
-            emit("budget.stop", data, config)
-            if ctx.envelope.exit_behavior == "error":
-                raise BudgetExceeded(check.task_id, check.limit or "usd", check.used, check.maximum)
+            emit("budget.stop", self._stop_data(check), config)
+            self._raise_if_error(check, config)
+        return check.decision
+
+    async def _adecide(self, check: BudgetCheck, config: RunnableConfig) -> Decision:
+        if check.decision == "stop":
+            await aemit("budget.stop", self._stop_data(check), config)
+            self._raise_if_error(check, config)
         return check.decision
 
     def route(self, state: MessagesOnly, config: RunnableConfig) -> Decision:
@@ -1701,18 +1766,7 @@ class BudgetGuard:
         check = _stopped_by_model(messages) or self.model._ok_from_view(messages, config)
         if check is None:
             check = await self.model.acheck(messages, config)
-        if check.decision == "stop":
-            ctx = self.model._context(ensure_config(config))
-            data = {
-                "task_id": check.task_id,
-                "limit": check.limit,
-                "used": check.used,
-                "maximum": check.maximum,
-            }
-            await aemit("budget.stop", data, config)
-            if ctx.envelope.exit_behavior == "error":
-                raise BudgetExceeded(check.task_id, check.limit or "usd", check.used, check.maximum)
-        return check.decision
+        return await self._adecide(check, config)
 
     def _finish_update(
         self, messages: Sequence[BaseMessage], check: BudgetCheck, spend: Spend
@@ -1774,13 +1828,40 @@ class BudgetGuard:
         return update
 
     def __call__(self, state: MessagesAndOutcome, config: RunnableConfig) -> Command[str]:
-        """Node form: go to `next` (writing the spend mirror) or finish and go to `on_stop`."""
+        """Node form: go to `next` (writing the spend mirror) or finish and go to `on_stop`.
+
+        LangGraph infers the node's input (``messages``, ``outcome``) from this signature.
+        """
         messages = _messages_of(state)
         check = self.model.check(messages, config)
         decision = self._decide(check, config)
         if decision == "stop":
             return Command(goto=self.on_stop, update=self.finish(state, config))
         spend = self.model.spend(config, model=check.model)
+        return Command(goto=self.next, update={"spend": spend})
+
+    def invoke(
+        self, input: MessagesAndOutcome, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Command[str]:
+        """Node form under ``invoke``: `__call__` (needs a sync `Backend`)."""
+        return self(input, ensure_config(config))
+
+    async def ainvoke(
+        self, input: MessagesAndOutcome, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Command[str]:
+        """Node form under ``ainvoke``: `__call__` with the async reads.
+
+        A plain callable node only has a sync path, which LangGraph runs in a thread under
+        ``ainvoke``; an `AsyncBackend` cannot serve it there. Being a `Runnable`, the guard
+        gets this path instead.
+        """
+        config = ensure_config(config)
+        messages = _messages_of(input)
+        check = await self.model.acheck(messages, config)
+        decision = await self._adecide(check, config)
+        if decision == "stop":
+            return Command(goto=self.on_stop, update=await self.afinish(input, config))
+        spend = await self.model.aspend(config, model=check.model)
         return Command(goto=self.next, update={"spend": spend})
 
 

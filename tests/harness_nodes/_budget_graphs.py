@@ -69,8 +69,13 @@ def guarded_loop(
     form: Literal["route", "node"] = "route",
     state: type[Any] = HarnessState,
     tools: list[Any] | None = None,
+    asynchronous: bool = False,
 ) -> StateGraph[Any]:
-    """agent → tools → agent, guarded by `BudgetGuard` as a routing function or as a node."""
+    """agent → tools → agent, guarded by `BudgetGuard` as a routing function or as a node.
+
+    *asynchronous*: the model node is an ``async def`` (run it with ``ainvoke``), as in
+    LangGraph's async templates; the guard's node form is the same object either way.
+    """
     tools = tools or [search]
     guard = BudgetGuard(llm, next="agent", on_stop=END)
 
@@ -78,8 +83,12 @@ def guarded_loop(
         messages = s["messages"] if isinstance(s, dict) else s.messages
         return {"messages": [llm.invoke(messages)]}
 
+    async def aagent(s: Any) -> dict[str, list[BaseMessage]]:
+        messages = s["messages"] if isinstance(s, dict) else s.messages
+        return {"messages": [await llm.ainvoke(messages)]}
+
     builder: StateGraph[Any] = StateGraph(state)
-    builder.add_node("agent", agent)
+    builder.add_node("agent", aagent if asynchronous else agent)
     builder.add_node("tools", ToolNode(tools))
     builder.add_conditional_edges("agent", tools_condition, {"tools": "tools", END: END})
     if form == "route":

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
+import httpx
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
@@ -208,6 +211,35 @@ async def test_async_runaway_ends_budget_exhausted(abackend: AsyncBackend) -> No
         ("async",),
     )
     assert int(rows[0]["n"]) <= LIMIT_NANOS and int(rows[0]["c"]) == out["spend"]["calls"]
+
+
+@pytest.mark.parametrize("state", [HarnessState, MessagesState], ids=["harness", "messages"])
+async def test_the_guard_node_stops_an_async_runaway_on_an_async_backend(
+    abackend: AsyncBackend, state: type[Any]
+) -> None:
+    # The node form, in an async graph run with ainvoke: it used to fail at its first step
+    # with "invoke() needs a sync Backend ...; with an AsyncBackend use ainvoke()".
+    llm = runaway_llm(abackend)
+    builder = guarded_loop(llm, form="node", state=state, asynchronous=True)
+    graph = builder.compile(checkpointer=abackend.checkpointer)
+    out = await graph.ainvoke(
+        {"messages": [HumanMessage("go")]}, _config("async-node"), durability="sync"
+    )
+    outcome = out["messages"][-1].additional_kwargs["harness"]["outcome"]
+    assert outcome["status"] == "budget_exhausted"
+    assert "usd limit reached" in outcome["reason"]
+    assert len(outcome["partial_result"]["tool_results"]) >= 5
+    if state is HarnessState:
+        assert out["outcome"]["status"] == "budget_exhausted"
+        assert 0 < out["spend"]["usd"] <= MAX_USD
+    await aflush_pending(abackend)
+    rows = await abackend.execute(
+        "SELECT COALESCE(SUM(cost_nanos), 0) AS n, COUNT(*) AS c FROM harness_spend "
+        "WHERE task_id = %s AND state = 'settled'",
+        ("async-node",),
+    )
+    assert 0 < int(rows[0]["n"]) <= LIMIT_NANOS
+    assert int(rows[0]["c"]) == len(outcome["partial_result"]["tool_results"])
 
 
 # --- degradation ---------------------------------------------------------------------------
@@ -512,6 +544,136 @@ def test_a_failed_call_releases_its_reservation(backend: Backend) -> None:
     assert llm.invoke("hi", config).content == "fine"  # the call budget was given back too
     again = llm.invoke("hi", config)
     assert again.additional_kwargs["harness"]["budget"]["stopped"]["limit"] == "calls"
+
+
+def _charged_at_worst_case(rows: list[dict[str, Any]]) -> bool:
+    """Every row is a settled call recorded at exactly what its reservation booked."""
+    return bool(rows) and all(
+        r["state"] == "settled"
+        and int(r["cost_nanos"]) == int(r["reserved_nanos"]) > 0
+        and int(r["input_tokens"]) + int(r["output_tokens"]) == int(r["reserved_tokens"])
+        for r in rows
+    )
+
+
+_SPEND_ROWS = (
+    "SELECT state, cost_nanos, reserved_nanos, input_tokens, output_tokens, reserved_tokens "
+    "FROM harness_spend WHERE task_id = %s ORDER BY id"
+)
+
+
+def _provider_timeout() -> Exception:
+    # What openai/anthropic raise on a read timeout: their own error, from the client's.
+    error = RuntimeError("Request timed out.")
+    error.__cause__ = httpx.ReadTimeout("The read operation timed out")
+    return error
+
+
+@pytest.mark.parametrize(
+    ("fault", "charged"),
+    [
+        pytest.param(KeyboardInterrupt(), True, id="interrupted"),
+        pytest.param(TimeoutError("The read operation timed out"), True, id="timeout"),
+        pytest.param(httpx.ReadTimeout("timed out"), True, id="read-timeout"),
+        pytest.param(_provider_timeout(), True, id="provider-timeout"),
+        pytest.param(httpx.ConnectTimeout("timed out"), False, id="connect-timeout"),
+        pytest.param(ConnectionError("provider down"), False, id="provider-error"),
+    ],
+)
+def test_a_call_the_provider_may_have_billed_keeps_its_worst_case(
+    backend: Backend, fault: BaseException, charged: bool
+) -> None:
+    # Interrupted or timed out once the request was sent, a call may be billed in full and
+    # nothing says how much: it keeps its reserved worst case. A provider error, or a timeout
+    # before the request left (connecting), is not billed: the reservation is given back.
+    model = ScriptedChatModel(script=["fine"], loop=True, model_name="gpt-4o", faults={0: fault})
+    llm = budgeted(model, envelope=Envelope(max_usd=0.05), backend=backend)
+    config: Any = {"configurable": {"thread_id": "cut"}}
+    with pytest.raises(type(fault)):
+        llm.invoke("hi", config)
+    flush_pending(backend)
+    rows = backend.execute(_SPEND_ROWS, ("cut",))
+    if charged:
+        assert _charged_at_worst_case(rows), rows
+        assert llm.spend(config)["usd"] == int(rows[0]["cost_nanos"]) / NANOS > 0
+    else:
+        assert [r["state"] for r in rows] == ["released"]
+        assert llm.spend(config)["usd"] == 0
+
+
+async def test_a_call_cancelled_in_flight_is_charged_its_worst_case_and_the_envelope_holds(
+    abackend: AsyncBackend,
+) -> None:
+    # A chat UI's stop, a request timeout, a client disconnect: the task is cancelled while the
+    # provider is answering. The request went out and may be billed in full; it used to be
+    # released as free, so a task cancelled on every turn spent without limit at $0.
+    in_flight, answer = threading.Event(), threading.Event()
+
+    def provider(prompt: list[BaseMessage]) -> AIMessage:
+        in_flight.set()
+        answer.wait(10)
+        return ai("too late", usage={"input_tokens": 10, "output_tokens": 5})
+
+    model = ScriptedChatModel(script=[provider], loop=True, model_name="gpt-4o")
+    # About $0.003 reserved per call: two fit, a third does not.
+    envelope = Envelope(max_usd=0.007, max_output_tokens=300)
+    llm = budgeted(model, envelope=envelope, backend=abackend)
+    config = _config("stopped")
+    try:
+        call = asyncio.ensure_future(llm.ainvoke("q", config))
+        assert await asyncio.to_thread(in_flight.wait, 10)
+        call.cancel()  # the user pressed stop
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        in_flight.clear()
+        with pytest.raises(TimeoutError):  # the request timed out
+            await asyncio.wait_for(llm.ainvoke("q", config), 0.5)
+        assert in_flight.is_set()
+    finally:
+        answer.set()
+    await aflush_pending(abackend)
+    rows = await abackend.execute(_SPEND_ROWS, ("stopped",))
+    assert len(rows) == 2 and _charged_at_worst_case(rows), rows
+    spent = sum(int(r["cost_nanos"]) for r in rows)
+    assert (await llm.aspend(config))["usd"] == spent / NANOS
+    assert spent <= 0.007 * NANOS
+    stop = await llm.ainvoke("q", config)  # the envelope is spent: no third request goes out
+    assert stop.additional_kwargs["harness"]["budget"]["stopped"]["limit"] == "usd"
+    assert model.calls == 2
+
+
+async def test_a_stream_its_reader_left_mid_answer_is_charged_its_worst_case(
+    abackend: AsyncBackend,
+) -> None:
+    # graph.astream(stream_mode="messages") and the reader stops (a closed chat, a client
+    # disconnect): LangGraph cancels the node while the model is still streaming its answer.
+    answer = ai("word " * 2000, usage={"input_tokens": 10, "output_tokens": 2000})
+    model = ScriptedChatModel(
+        script=[answer], loop=True, model_name="gpt-4o-mini", disable_streaming=False
+    )
+    llm = budgeted(model, envelope=Envelope(max_usd=1.0), backend=abackend)
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await llm.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", END)
+    graph = builder.compile(checkpointer=abackend.checkpointer)
+    stream = graph.astream(
+        {"messages": [HumanMessage("q")]}, _config("left"), stream_mode="messages"
+    )
+    async for _chunk in stream:
+        break  # the first words arrived; the reader is gone
+    await stream.aclose()
+    rows: list[dict[str, Any]] = []
+    with anyio.fail_after(10):
+        while not rows or rows[0]["state"] == "reserved":
+            await aflush_pending(abackend)
+            rows = await abackend.execute(_SPEND_ROWS, ("left",))
+            await anyio.sleep(0.01)
+    assert _charged_at_worst_case(rows), rows
 
 
 def test_unknown_model_fails_fast_naming_it_and_how_to_price_it() -> None:
