@@ -368,7 +368,8 @@ def build_harnessed_agent(
 
     Raises:
         UserError: for contracts that name no tool of *tools*, effectful tools without a
-            backend, a model ladder without an envelope, or a bad argument.
+            backend, a *backend* that is neither a `Backend` nor an `AsyncBackend`, a model
+            ladder without an envelope, or a bad argument.
         UnpricedModelError: with an envelope, for a model without a known price.
 
     Example:
@@ -443,6 +444,11 @@ def _agent_builder(
     """The uncompiled `StateGraph` behind `build_harnessed_agent` (same arguments)."""
     from checkpointers import AsyncBackend, Backend
 
+    if backend is not None and not isinstance(backend, Backend | AsyncBackend):
+        raise UserError(
+            "backend must be a checkpointers.Backend (open_backend) or AsyncBackend "
+            f"(aopen_backend), got {type(backend).__name__}"
+        )
     tool_node_probe = ToolNode(list(tools))
     tool_names = set(tool_node_probe.tools_by_name)
     effectful = sorted(n for n, t in tool_node_probe.tools_by_name.items() if effect_kind(t))

@@ -1045,6 +1045,18 @@ async def test_an_agent_on_an_async_backend_refuses_invoke_before_anything_runs(
     assert model.calls == 0 and log == []
 
 
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("sqlite:///harness.db", id="url"),
+        pytest.param(InMemorySaver(), id="saver"),
+    ],
+)
+def test_a_backend_that_is_neither_backend_is_a_wiring_error(backend: Any) -> None:
+    with pytest.raises(UserError, match=re.escape("backend must be a checkpointers.Backend")):
+        build_harnessed_agent(_model(), [lookup], backend=backend)
+
+
 @pytest.mark.anyio
 async def test_model_node_awaits_the_model_under_ainvoke() -> None:
     """`ModelNode` dropped into an async app: under ``ainvoke`` it calls ``model.ainvoke``
