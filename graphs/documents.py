@@ -229,7 +229,8 @@ def build_graph(
 
     Args:
         model: Any chat model; defaults to the scripted one.
-        backend: A `checkpointers.Backend` for checkpoints and ledgers (none: in-memory run).
+        backend: A `checkpointers.Backend` for checkpoints and ledgers (none: in-memory run),
+            or an `AsyncBackend` to run the agent with ``ainvoke``/``astream``.
         faults: Fault-injection flags (`Faults` or a mapping).
         budget_usd: The task's dollar limit (outcome ``budget_exhausted`` when reached);
             ``None``: no cost envelope.

@@ -256,7 +256,8 @@ def build_graph(
 
     Args:
         model: Any chat model; defaults to the scripted "gpt-4o".
-        backend: A `checkpointers.Backend` for checkpoints and ledgers (none: in-memory run).
+        backend: A `checkpointers.Backend` for checkpoints and ledgers (none: in-memory run),
+            or an `AsyncBackend` to run the agent with ``ainvoke``/``astream``.
         cheaper: The model to degrade to when the budget runs low; defaults to the
             scripted "gpt-4o-mini" when *model* is the default, else to *model* itself.
         faults: Fault-injection flags (`Faults` or a mapping).

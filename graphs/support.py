@@ -47,7 +47,7 @@ from langchain_core.tools import BaseTool, tool
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.prebuilt import ToolRuntime
 
-from checkpointers import Backend, open_backend
+from checkpointers import AsyncBackend, Backend, open_backend
 from graphs._common import (
     Faults,
     as_json,
@@ -398,7 +398,7 @@ def scripted_model(faults: Faults | Mapping[str, Any] | None = None) -> BaseChat
 def build_graph(
     model: BaseChatModel | None = None,
     *,
-    backend: Backend | None = None,
+    backend: Backend | AsyncBackend | None = None,
     world: SupportWorld | None = None,
     faults: Faults | Mapping[str, Any] | None = None,
     budget_usd: float | None = DEFAULT_BUDGET_USD,
@@ -409,8 +409,9 @@ def build_graph(
 
     Args:
         model: Any chat model; defaults to the scripted one.
-        backend: A `checkpointers.Backend` for checkpoints and the effect ledger; without
-            one both live in memory. Runs need a ``thread_id`` (the ledger keys on it).
+        backend: A `checkpointers.Backend` for checkpoints and the effect ledger (or an
+            `AsyncBackend` to run the agent with ``ainvoke``/``astream``); without one both
+            live in memory. Runs need a ``thread_id`` (the ledger keys on it).
         world: Where refunds and emails land; defaults to a fresh in-memory `SupportWorld`.
         faults: Fault-injection flags (`Faults` or a mapping).
         budget_usd: The task's dollar limit (outcome ``budget_exhausted`` when reached);

@@ -9,6 +9,10 @@ runs inside the tool node (``ToolNode(wrap_tool_call=...)``) and its routing is 
 a node is entered only when something has to happen (a verification failure that ends the
 task).
 
+Each piece has both paths: run the agent with ``invoke``/``stream`` on a `Backend`
+(``open_backend``), or with ``ainvoke``/``astream`` on an `AsyncBackend` (``aopen_backend``),
+where the model, the budget and the effect ledger are awaited.
+
 Example:
     ```python
     from langchain_core.messages import HumanMessage
@@ -46,7 +50,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
-from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, ensure_config
 from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
@@ -55,6 +59,7 @@ from langgraph.prebuilt import ToolNode
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
+from harness_nodes.aio import AsyncEffectLedger
 from harness_nodes.budget import BudgetedChatModel, BudgetGuard, Envelope, Envelopes, budgeted
 from harness_nodes.effects import EffectLedger, effect_kind
 from harness_nodes.errors import UserError
@@ -75,7 +80,7 @@ from harness_nodes.verify import (
 )
 
 if TYPE_CHECKING:
-    from checkpointers import Backend
+    from checkpointers import AsyncBackend, Backend
 
 __all__ = ["ModelNode", "add_harness", "build_harnessed_agent"]
 
@@ -105,12 +110,16 @@ def _verifier(contracts: Contracts) -> VerifyToolOutputs:
 
 
 @dataclass(frozen=True)
-class ModelNode:
+class ModelNode(Runnable[MessagesAndOutcome, dict[str, Any]]):
     """The model call of a harnessed agent: prompt → the model → one AI message.
 
     When the model answers without tool calls the task is done: the node also writes
     ``outcome = {"status": "completed", "partial_result": <answer>}`` (kept where the state
     has an ``outcome`` key), so finishing costs no extra superstep.
+
+    The node is a ``Runnable`` with both paths: under ``invoke``/``stream`` it calls
+    ``model.invoke``, under ``ainvoke``/``astream`` it awaits ``model.ainvoke`` (a model
+    budgeted on an `AsyncBackend` has only that path).
 
     Example:
         ```python
@@ -131,12 +140,31 @@ class ModelNode:
     """Prepended to every call (not stored in the state)."""
 
     def __call__(self, state: MessagesAndOutcome) -> dict[str, Any]:
-        """Call the model on the conversation."""
+        """Call the model on the conversation (the run's config comes from LangChain's context).
+
+        LangGraph reads the node's input schema from this signature (`MessagesAndOutcome`).
+        """
+        return self.invoke(state)
+
+    def invoke(
+        self, input: MessagesAndOutcome, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Call the model on the conversation; the update for the state."""
+        return self._update(input, self.model.invoke(self._prompt(input), config))
+
+    async def ainvoke(
+        self, input: MessagesAndOutcome, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Async `invoke`: awaits ``model.ainvoke``."""
+        return self._update(input, await self.model.ainvoke(self._prompt(input), config))
+
+    def _prompt(self, state: MessagesAndOutcome) -> list[BaseMessage]:
         messages: list[BaseMessage] = list(state["messages"])
         if self.system_prompt:
             messages = [SystemMessage(self.system_prompt), *messages]
-        # Callbacks and the run's config reach the model through LangChain's context.
-        reply = self.model.invoke(messages)
+        return messages
+
+    def _update(self, state: MessagesAndOutcome, reply: BaseMessage) -> dict[str, Any]:
         update: dict[str, Any] = {"messages": [reply]}
         outcome: Outcome | None = None
         if isinstance(reply, AIMessage) and not reply.tool_calls and not _budget_stopped(reply):
@@ -164,6 +192,13 @@ class _FromBackend:
 FROM_BACKEND: Any = _FromBackend()
 
 
+def _sync_refused(needs: str) -> UserError:
+    return UserError(
+        f"this agent keeps its {needs} in an AsyncBackend: run it with ainvoke() or astream(), "
+        "or build it on open_backend(url) to run it with invoke() or stream()"
+    )
+
+
 @dataclass(frozen=True)
 class _ToolHooks:
     """Verification around the effect ledger, as one ``ToolNode`` hook pair.
@@ -173,7 +208,7 @@ class _ToolHooks:
     """
 
     verify: VerifyToolOutputs
-    ledger: EffectLedger | None
+    ledger: EffectLedger | AsyncEffectLedger | None
 
     def wrap(
         self, request: ToolCallRequest, execute: Callable[[ToolCallRequest], Any]
@@ -181,6 +216,10 @@ class _ToolHooks:
         ledger = self.ledger
         if ledger is None:
             return self.verify.wrap_tool_call(request, execute)
+        if isinstance(ledger, AsyncEffectLedger):
+            # A run resumed with invoke() can start here (after a review): refuse every call,
+            # effectful or not, before any tool runs.
+            raise _sync_refused("effect ledger")
         return self.verify.wrap_tool_call(request, lambda r: ledger.wrap_tool_call(r, execute))
 
     async def awrap(
@@ -202,11 +241,25 @@ class _IntoModel:
     """The edge into the model: the budget check, when there is an envelope (no node)."""
 
     guard: BudgetGuard | None
+    async_needs: str | None = None
+    """What of this agent lives in an `AsyncBackend` (the budget, the effect ledger): then
+    ``invoke`` cannot run it, and is refused here, on the edge every new input takes."""
 
-    def __call__(self, state: MessagesOnly, config: RunnableConfig) -> str:
+    def route(self, state: MessagesOnly, config: RunnableConfig) -> str:
+        if self.async_needs is not None:
+            raise _sync_refused(self.async_needs)
         if self.guard is not None and self.guard.route(state, config) == "stop":
             return BUDGET_STOP
         return AGENT
+
+    async def aroute(self, state: MessagesOnly, config: RunnableConfig) -> str:
+        if self.guard is not None and await self.guard.aroute(state, config) == "stop":
+            return BUDGET_STOP
+        return AGENT
+
+    def runnable(self) -> Runnable[Any, str]:
+        """The router to add: `route` under ``invoke``, `aroute` under ``ainvoke``."""
+        return RunnableLambda(self.route, afunc=self.aroute, name=type(self).__name__)
 
 
 @dataclass(frozen=True)
@@ -228,13 +281,46 @@ class _AfterTools:
 
     into_model: _IntoModel
 
-    def __call__(self, state: MessagesOnly, config: RunnableConfig) -> str:
-        route = route_after_verify(state)
-        if route == "escalate":
-            return REVIEW
-        if route == "fail":
-            return STOP
-        return self.into_model(state, config)
+    def route(self, state: MessagesOnly, config: RunnableConfig) -> str:
+        return _verified_route(state) or self.into_model.route(state, config)
+
+    async def aroute(self, state: MessagesOnly, config: RunnableConfig) -> str:
+        return _verified_route(state) or await self.into_model.aroute(state, config)
+
+    def runnable(self) -> Runnable[Any, str]:
+        """The router to add: `route` under ``invoke``, `aroute` under ``ainvoke``."""
+        return RunnableLambda(self.route, afunc=self.aroute, name=type(self).__name__)
+
+
+def _verified_route(state: MessagesOnly) -> str | None:
+    """Review or stop after a verdict that says so; ``None``: on to the model."""
+    route = route_after_verify(state)
+    if route == "escalate":
+        return REVIEW
+    if route == "fail":
+        return STOP
+    return None
+
+
+@dataclass(frozen=True)
+class _BudgetStop(Runnable[MessagesAndOutcome, dict[str, Any]]):
+    """The node a budget stop leads to: `BudgetGuard.finish`, or `afinish` under ``ainvoke``.
+
+    A ``Runnable`` of its own (not a ``RunnableLambda``) so that, like any node function, it
+    adds no run to traces.
+    """
+
+    guard: BudgetGuard
+
+    def invoke(
+        self, input: MessagesAndOutcome, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        return self.guard.finish(input, ensure_config(config))
+
+    async def ainvoke(
+        self, input: MessagesAndOutcome, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        return await self.guard.afinish(input, ensure_config(config))
 
 
 def build_harnessed_agent(
@@ -246,7 +332,7 @@ def build_harnessed_agent(
     review_policy: ReviewPolicy | None = None,
     system_prompt: str | None = None,
     state_schema: type[Any] = HarnessState,
-    backend: Backend | None = None,
+    backend: Backend | AsyncBackend | None = None,
     checkpointer: BaseCheckpointSaver[Any] | None = FROM_BACKEND,
     pricing: Pricing | None = None,
     task_type: str = "default",
@@ -268,8 +354,12 @@ def build_harnessed_agent(
             (verification exhausted, an effect's outcome unknown) always go to review.
         system_prompt: Prepended to every model call.
         state_schema: The state; `HarnessState` or a subclass of it.
-        backend: A `checkpointers.Backend`: the effect ledger for tools marked `irreversible`
-            or `effect` lives there, and by default so do the checkpoints.
+        backend: A `checkpointers.Backend` (``open_backend``: run the agent with ``invoke``
+            or ``stream``) or `AsyncBackend` (``aopen_backend``: with ``ainvoke`` or
+            ``astream``, where the model, the budget and the effect ledger are awaited;
+            ``invoke`` is refused when the budget or the effect ledger lives there). The
+            spend ledger for *envelope*, the effect ledger for tools marked `irreversible`
+            or `effect`, and by default the checkpoints live there.
         checkpointer: Where checkpoints go; defaults to *backend*'s saver. Pass ``None`` to
             compile without one (a server such as ``langgraph dev`` brings its own).
         pricing: Prices for the budget (default: genai-prices, no fallback).
@@ -278,7 +368,8 @@ def build_harnessed_agent(
 
     Raises:
         UserError: for contracts that name no tool of *tools*, effectful tools without a
-            backend, a model ladder without an envelope, or a bad argument.
+            backend, a *backend* that is neither a `Backend` nor an `AsyncBackend`, a model
+            ladder without an envelope, or a bad argument.
         UnpricedModelError: with an envelope, for a model without a known price.
 
     Example:
@@ -348,19 +439,32 @@ def _agent_builder(
     review_policy: ReviewPolicy | None = None,
     system_prompt: str | None = None,
     state_schema: type[Any] = HarnessState,
-    backend: Backend | None = None,
+    backend: Backend | AsyncBackend | None = None,
 ) -> StateGraph[Any]:
     """The uncompiled `StateGraph` behind `build_harnessed_agent` (same arguments)."""
+    from checkpointers import AsyncBackend, Backend
+
+    if backend is not None and not isinstance(backend, Backend | AsyncBackend):
+        raise UserError(
+            "backend must be a checkpointers.Backend (open_backend) or AsyncBackend "
+            f"(aopen_backend), got {type(backend).__name__}"
+        )
     tool_node_probe = ToolNode(list(tools))
     tool_names = set(tool_node_probe.tools_by_name)
     effectful = sorted(n for n, t in tool_node_probe.tools_by_name.items() if effect_kind(t))
     if effectful and backend is None:
         raise UserError(
             f"tools {', '.join(effectful)} have side effects (irreversible/effect): pass "
-            "backend=open_backend(url) so the effect ledger can run them at most once"
+            "backend=open_backend(url) (aopen_backend(url) for ainvoke) so the effect ledger "
+            "can run them at most once"
         )
     verify = _verifier(contracts)
-    hooks = _ToolHooks(verify, EffectLedger(backend) if effectful and backend else None)
+    ledger: EffectLedger | AsyncEffectLedger | None = None
+    if effectful and isinstance(backend, AsyncBackend):
+        ledger = AsyncEffectLedger(backend)
+    elif effectful and isinstance(backend, Backend):
+        ledger = EffectLedger(backend)
+    hooks = _ToolHooks(verify, ledger)
     unknown = sorted(set(verify.contracts) - tool_names)
     if unknown:
         raise UserError(
@@ -395,7 +499,12 @@ def _agent_builder(
         llm = model.bind_tools(base_tools)
     else:
         raise UserError("a model ladder needs an envelope (the budget decides when to step down)")
-    into_model = _IntoModel(guard)
+    on_async: list[str] = []  # what only ainvoke() can reach: invoke() is refused up front
+    if guard is not None and isinstance(guard.model.backend, AsyncBackend):
+        on_async.append("budget")
+    if isinstance(ledger, AsyncEffectLedger):
+        on_async.append("effect ledger")
+    into_model = _IntoModel(guard, " and ".join(on_async) or None)
     builder: StateGraph[Any] = StateGraph(state_schema)
     builder.add_node(AGENT, ModelNode(llm, system_prompt))
     builder.add_node(
@@ -406,17 +515,17 @@ def _agent_builder(
     builder.add_node(STOP, VerificationStop())
     into = {AGENT: AGENT}
     if guard is not None:
-        builder.add_node(BUDGET_STOP, guard.finish)
+        builder.add_node(BUDGET_STOP, _BudgetStop(guard), input_schema=MessagesAndOutcome)
         builder.add_edge(BUDGET_STOP, END)
         into[BUDGET_STOP] = BUDGET_STOP
-    builder.add_conditional_edges(START, into_model, cast(Any, into))
+    builder.add_conditional_edges(START, into_model.runnable(), cast(Any, into))
     # Review when the policy flags a call, else the tools, else the end.
     after_model = {REVIEW: REVIEW, TOOLS: TOOLS, AGENT: AGENT, END: END}
     if guard is not None:
         after_model[BUDGET_STOP] = BUDGET_STOP
     builder.add_conditional_edges(AGENT, _AfterModel(review), cast(Any, after_model))
     after_tools = {**into, REVIEW: REVIEW, STOP: STOP}
-    builder.add_conditional_edges(TOOLS, _AfterTools(into_model), cast(Any, after_tools))
+    builder.add_conditional_edges(TOOLS, _AfterTools(into_model).runnable(), cast(Any, after_tools))
     builder.add_edge(STOP, END)
     return builder
 

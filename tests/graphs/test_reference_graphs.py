@@ -17,7 +17,7 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.errors import GraphRecursionError
 from langgraph.types import Command
 
-from checkpointers import open_backend
+from checkpointers import AsyncBackend, open_backend
 from graphs import Faults, SimulatedCrash, documents, research, support
 from harness_nodes import UserError
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
@@ -29,6 +29,17 @@ def _run(graph: Any, task: str, config: dict[str, Any] | None = None) -> dict[st
     out: dict[str, Any] = graph.invoke({"messages": [HumanMessage(task)]}, config)
     while out.get("__interrupt__"):
         out = graph.invoke(Command(resume={"type": "approve"}), config)
+    return out
+
+
+async def _arun(graph: Any, task: str, thread_id: str) -> dict[str, Any]:
+    """`_run` with ``ainvoke`` (durably, as a resumable async app runs)."""
+    config = {"configurable": {"thread_id": thread_id}}
+    out: dict[str, Any] = await graph.ainvoke(
+        {"messages": [HumanMessage(task)]}, config, durability="sync"
+    )
+    while out.get("__interrupt__"):
+        out = await graph.ainvoke(Command(resume={"type": "approve"}), config, durability="sync")
     return out
 
 
@@ -338,3 +349,66 @@ def test_support_tools_run_unguarded_in_a_bare_agent() -> None:
     for _ in range(2):
         assert refund.invoke(args)["status"] == "succeeded"
     assert [r["idempotency_key"] for r in world.refunds] == [None, None]
+
+
+# --- async apps ----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("module", [research, support, documents], ids=lambda m: m.TASK_TYPE)
+async def test_each_graph_runs_on_an_async_backend_under_ainvoke(
+    module: Any, abackend: AsyncBackend
+) -> None:
+    """Budget, verification and (support) the effect ledger on an `AsyncBackend`."""
+    kwargs: dict[str, Any] = {"world": support.SupportWorld()} if module is support else {}
+    graph = module.build_graph(backend=abackend, **kwargs)
+    out = await _arun(graph, module.DEFAULT_TASK, "t-async")
+    assert out["outcome"]["status"] == "completed", out["outcome"]
+    assert [m.type for m in out["messages"]][-1] == "ai"
+    spent = await abackend.execute(
+        "SELECT task_id FROM harness_spend WHERE task_id = %s LIMIT 1", ("t-async",)
+    )
+    assert spent  # the budget's reservations are in the backend
+    if module is support:
+        world = kwargs["world"]
+        assert [r["amount_usd"] for r in world.refunds] == [49.0] and len(world.emails) == 1
+        effects = await abackend.execute("SELECT tool, status FROM harness_effects")
+        assert sorted((r["tool"], r["status"]) for r in effects) == [
+            ("issue_refund", "done"),
+            ("send_email", "done"),
+        ]
+
+
+@pytest.mark.anyio
+async def test_support_resumed_under_ainvoke_after_a_model_error_sends_nothing_twice(
+    abackend: AsyncBackend,
+) -> None:
+    world = support.SupportWorld()
+    model = support.scripted_model()
+    # A provider error after the refund and the email went out. (Not `crash_at_turn`: a
+    # BaseException raised by a chat model's async path surfaces from langchain-core as
+    # an AttributeError.)
+    model.faults[3] = RuntimeError("provider down")
+    graph = support.build_graph(model, world=world, backend=abackend)
+    config = {"configurable": {"thread_id": "t-model-error"}}
+    task = {"messages": [HumanMessage(support.DEFAULT_TASK)]}
+    await graph.ainvoke(task, config, durability="sync")
+    with pytest.raises(RuntimeError, match="provider down"):
+        await graph.ainvoke(Command(resume={"type": "approve"}), config, durability="sync")
+    assert len(world.refunds) == 1 and len(world.emails) == 1
+    out = await graph.ainvoke(None, config, durability="sync")
+    assert out["outcome"]["status"] == "completed"
+    assert len(world.refunds) == 1 and len(world.emails) == 1
+
+
+@pytest.mark.anyio
+async def test_documents_batches_run_as_async_background_tasks(abackend: AsyncBackend) -> None:
+    """`AsyncTaskRunner` with the graph factory: the agent is built on the runner's backend."""
+    from harness_nodes.aio import AsyncTaskRunner
+
+    batch = {"messages": [HumanMessage(documents.DEFAULT_TASK)]}
+    async with AsyncTaskRunner(abackend, "graphs.documents:build") as runner:
+        await runner.asubmit("batch-12", batch, task_type=documents.TASK_TYPE)
+        result = await runner.aresult("batch-12", timeout=60)
+    assert result["status"] == "completed", result
+    assert len(json.loads(result["partial_result"])) == 6

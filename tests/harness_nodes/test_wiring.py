@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Annotated, Any, Literal
 
@@ -15,8 +16,8 @@ from langgraph.graph.message import add_messages
 from langgraph.prebuilt import InjectedState, ToolNode, tools_condition
 from typing_extensions import TypedDict
 
-from checkpointers import open_backend
-from checkpointers._spend import flush_pending
+from checkpointers import AsyncBackend, aopen_backend, open_backend
+from checkpointers._spend import aflush_pending, flush_pending
 from harness_nodes import (
     HarnessState,
     ToolContract,
@@ -870,3 +871,208 @@ def test_a_budgeted_model_is_guarded_with_its_own_envelope_and_options(
 def test_a_model_ladder_needs_an_envelope() -> None:
     with pytest.raises(UserError, match="a model ladder needs an envelope"):
         build_harnessed_agent([_model(), _model()], [lookup])
+
+
+# --- async apps: an AsyncBackend under ainvoke / astream -----------------------------------
+
+
+class _Died(BaseException):
+    """The process dies (not an error a tool node could turn into a result)."""
+
+
+def _mini(*script: Any, loop: bool = False, name: str = "gpt-4o-mini") -> ScriptedChatModel:
+    return ScriptedChatModel(script=list(script), loop=loop, model_name=name)
+
+
+@pytest.mark.anyio
+async def test_a_budgeted_agent_on_an_async_backend_runs_under_ainvoke(
+    abackend: AsyncBackend,
+) -> None:
+    from harness_nodes import Envelope
+
+    model = _mini(ai(tool_calls=[tool_call("lookup", {"key": "a"})]), ai("Done."))
+    agent = build_harnessed_agent(
+        model, [lookup], envelope=Envelope(max_usd=0.05), backend=abackend
+    )
+    config = {"configurable": {"thread_id": "t-async"}}
+    out = await agent.ainvoke({"messages": [HumanMessage("go")]}, config, durability="sync")
+
+    assert out["outcome"] == {"status": "completed", "partial_result": "Done."}
+    assert [v["action"] for v in out["verdicts"]] == ["ok"]
+    assert (await agent.aget_state(config)).values["outcome"]["status"] == "completed"
+    await aflush_pending(abackend)
+    (task,) = await abackend.execute(
+        "SELECT reserved_nanos, spent_nanos FROM harness_spend_tasks WHERE task_id = %s",
+        ("t-async",),
+    )
+    assert task["reserved_nanos"] == 0 and task["spent_nanos"] > 0  # in the backend's ledger
+
+
+@pytest.mark.anyio
+async def test_astream_on_an_async_backend_adds_no_superstep_and_stops_a_runaway(
+    abackend: AsyncBackend,
+) -> None:
+    from harness_nodes import Envelope
+
+    calm = build_harnessed_agent(
+        _mini(ai(tool_calls=[tool_call("lookup", {"key": "a"})]), ai("Done.")),
+        [lookup],
+        envelope=Envelope(max_usd=0.05),
+        backend=abackend,
+    )
+    config = {"configurable": {"thread_id": "t-calm"}}
+    steps = [next(iter(u)) async for u in calm.astream({"messages": [HumanMessage("go")]}, config)]
+    assert steps == ["agent", "tools", "agent"]
+
+    runaway = _mini(ai(tool_calls=[tool_call("lookup", {"key": "a"})]), loop=True, name="gpt-4o")
+    agent = build_harnessed_agent(
+        runaway, [lookup], envelope=Envelope(max_usd=0.05), backend=abackend
+    )
+    config = {"configurable": {"thread_id": "t-runaway"}}
+    steps = [next(iter(u)) async for u in agent.astream({"messages": [HumanMessage("go")]}, config)]
+    out = (await agent.aget_state(config)).values
+    assert steps[-1] == "budget_exhausted"
+    assert out["outcome"]["status"] == "budget_exhausted"
+    assert out["messages"][-1].content.startswith("Stopped: budget exhausted")
+    assert out["spend"]["usd"] > 0  # the finish node read the backend's ledger
+
+
+@pytest.mark.anyio
+async def test_an_irreversible_call_runs_once_under_ainvoke_when_its_turn_is_replayed(
+    abackend: AsyncBackend,
+) -> None:
+    from harness_nodes import AsyncEffectLedger
+
+    log: list[str] = []
+    refund = _refund_tool(log)
+    calls = [
+        tool_call("refund", {"order": "A1"}, id="r1"),
+        tool_call("lookup", {"key": "x"}, id="l1"),
+    ]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("Refunded.")])
+    ledger = AsyncEffectLedger(abackend)
+    died: list[bool] = []
+
+    @tool
+    async def lookup(key: str) -> dict[str, Any]:
+        """Look a key up."""
+        if not died:
+            # The process dies once the refund has run and its result is recorded.
+            while (record := await ledger.aget("t-effects", "r1")) is None or (
+                record.status != "done"
+            ):
+                await asyncio.sleep(0.01)
+            died.append(True)
+            raise _Died
+        return {"key": key}
+
+    agent = build_harnessed_agent(model, [refund, lookup], backend=abackend)
+    config = {"configurable": {"thread_id": "t-effects"}}
+    with pytest.raises(_Died):
+        await agent.ainvoke({"messages": [HumanMessage("refund A1")]}, config, durability="sync")
+    assert log == ["t-effects:r1"]
+
+    out = await agent.ainvoke(None, config, durability="sync")
+
+    assert log == ["t-effects:r1"]  # replayed from the ledger, not run again
+    assert out["outcome"]["status"] == "completed"
+    refund_msg = next(
+        m for m in out["messages"] if isinstance(m, ToolMessage) and m.name == "refund"
+    )
+    assert refund_msg.additional_kwargs["harness"]["effect"]["replayed"] is True
+    assert [(r.tool_call_id, r.status) for r in await ledger.alist("t-effects")] == [("r1", "done")]
+
+
+@pytest.mark.anyio
+async def test_two_concurrent_resumes_under_ainvoke_run_an_approved_refund_once(
+    abackend: AsyncBackend,
+) -> None:
+    """Both resume the same approval (a client retry): the ledger lets one run the refund;
+    the other replays it, or — while it runs — asks a person instead of running it again."""
+    from langgraph.types import Command
+
+    from harness_nodes import AsyncEffectLedger, ReviewPolicy, current_effect, irreversible
+
+    log: list[str] = []
+
+    @irreversible
+    @tool
+    async def refund(order: str) -> dict[str, Any]:
+        """Refund an order."""
+        log.append(current_effect().idempotency_key)
+        await asyncio.sleep(0.2)  # long enough for the other resume to reach the ledger
+        return {"refund_id": "r-1", "order": order}
+
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("refund", {"order": "A1"}, id="r1")]), ai("Refunded.")]
+    )
+    agent = build_harnessed_agent(
+        model, [refund], review_policy=ReviewPolicy(always=["refund"]), backend=abackend
+    )
+    config = {"configurable": {"thread_id": "t-retry"}}
+    await agent.ainvoke({"messages": [HumanMessage("refund A1")]}, config, durability="sync")
+    approve = Command(resume={"type": "approve"})
+
+    outs = await asyncio.gather(
+        *(agent.ainvoke(approve, config, durability="sync") for _ in range(2))
+    )
+
+    assert log == ["t-retry:r1"]
+    assert "completed" in [(out.get("outcome") or {}).get("status") for out in outs]
+    records = await AsyncEffectLedger(abackend).alist("t-retry")
+    assert [(r.tool_call_id, r.status) for r in records] == [("r1", "done")]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("needs", ["budget", "effects"])
+async def test_an_agent_on_an_async_backend_refuses_invoke_before_anything_runs(
+    abackend: AsyncBackend, needs: str
+) -> None:
+    """Which of invoke/ainvoke a run uses is only known when it starts: it is refused there,
+    naming the fix, before the model or any tool runs."""
+    from harness_nodes import Envelope
+
+    log: list[str] = []
+    model = _mini(ai(tool_calls=[tool_call("refund", {"order": "A1"}, id="r1")]), ai("Done."))
+    tools = [lookup, _refund_tool(log)] if needs == "effects" else [lookup]
+    envelope = Envelope(max_usd=0.05) if needs == "budget" else None
+    agent = build_harnessed_agent(model, tools, envelope=envelope, backend=abackend)
+    config = {"configurable": {"thread_id": "t-sync"}}
+    message = "in an AsyncBackend: run it with ainvoke() or astream()"
+    with pytest.raises(UserError, match=re.escape(message)):
+        # From a worker thread, as a sync caller would: the async saver itself answers there.
+        await asyncio.to_thread(agent.invoke, {"messages": [HumanMessage("go")]}, config)
+    assert model.calls == 0 and log == []
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("sqlite:///harness.db", id="url"),
+        pytest.param(InMemorySaver(), id="saver"),
+    ],
+)
+def test_a_backend_that_is_neither_backend_is_a_wiring_error(backend: Any) -> None:
+    with pytest.raises(UserError, match=re.escape("backend must be a checkpointers.Backend")):
+        build_harnessed_agent(_model(), [lookup], backend=backend)
+
+
+@pytest.mark.anyio
+async def test_model_node_awaits_the_model_under_ainvoke() -> None:
+    """`ModelNode` dropped into an async app: under ``ainvoke`` it calls ``model.ainvoke``
+    (a model budgeted on an AsyncBackend has no sync path)."""
+    from harness_nodes import Envelope, ModelNode, budgeted
+
+    async with await aopen_backend("memory://") as backend:
+        llm = budgeted(_mini(ai("Hello.")), envelope=Envelope(max_usd=0.05), backend=backend)
+        builder = StateGraph(HarnessState)
+        builder.add_node("agent", ModelNode(llm, system_prompt="Be brief."))
+        builder.add_edge(START, "agent")
+        builder.add_edge("agent", END)
+        out = await builder.compile().ainvoke(
+            {"messages": [HumanMessage("hi")]}, {"configurable": {"thread_id": "t-node"}}
+        )
+        spend = await llm.aspend({"configurable": {"thread_id": "t-node"}})
+    assert spend["calls"] == 1
+    assert out["outcome"] == {"status": "completed", "partial_result": "Hello."}
+    assert out["messages"][-1].additional_kwargs["harness"]["budget"]["model"] == "gpt-4o-mini"
