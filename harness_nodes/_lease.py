@@ -30,8 +30,9 @@ from langgraph.checkpoint.base import (
     CheckpointMetadata,
     CheckpointTuple,
 )
-from langgraph.graph import StateGraph
+from langgraph.graph import START, StateGraph
 from langgraph.pregel import Pregel
+from langgraph.types import StateSnapshot
 
 from harness_nodes import _codec
 from harness_nodes.errors import LeaseLost, UserError
@@ -213,6 +214,20 @@ def outcome_of(values: Mapping[str, Any]) -> dict[str, Any]:
             getattr(last, "content", last)
         )
     return result
+
+
+def input_not_taken(snapshot: StateSnapshot) -> bool:
+    """The run failed on its input, before its first node (a router out of START raised).
+
+    LangGraph keeps the failed input step's writes, and carrying it on with ``None`` applies
+    them but never routes them: the run "completes" with the input as its state. The attempt
+    is made again with the input (replacing that failed step, so nothing is doubled).
+    """
+    return (
+        snapshot.metadata is not None
+        and snapshot.metadata.get("step") == -1
+        and any(t.name == START and t.error for t in snapshot.tasks)
+    )
 
 
 # --- graphs ----------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from harness_nodes._lease import (
     carries_on,
     claim,
     compile_graph,
+    input_not_taken,
     new_owner,
     now,
     outcome_of,
@@ -635,7 +636,7 @@ class AsyncTaskRunner:
             snapshot = await self.graph.aget_state(config)
             if not snapshot.tasks:
                 return "completed", outcome_of(snapshot.values)
-            inputs = None
+            inputs = _codec.decode(row["input"]) if input_not_taken(snapshot) else None
         await self.graph.ainvoke(inputs, config, durability="sync")
         snapshot = await self.graph.aget_state(config)
         if snapshot.tasks:

@@ -67,6 +67,7 @@ from harness_nodes._lease import (
     carries_on,
     claim,
     compile_graph,
+    input_not_taken,
     new_owner,
     now,
     outcome_of,
@@ -531,7 +532,7 @@ class TaskRunner:
                 # `snapshot.next`: it omits tasks whose writes were saved before a crash
                 # cut the step short, and those still have to be applied.)
                 return "completed", outcome_of(snapshot.values)
-            inputs = None
+            inputs = _codec.decode(row["input"]) if input_not_taken(snapshot) else None
         self.graph.invoke(inputs, config, durability="sync")
         snapshot = self.graph.get_state(config)
         if snapshot.tasks:

@@ -184,6 +184,19 @@ async def test_failures_cancellation_and_bad_input(abackend: AsyncBackend) -> No
         AsyncTaskRunner(object(), builder)  # type: ignore[arg-type]
 
 
+async def test_an_attempt_that_failed_on_its_input_is_retried_with_it(
+    abackend: AsyncBackend,
+) -> None:
+    from tests.harness_nodes.test_runner import _router_failing_once
+
+    async with AsyncTaskRunner(abackend, _router_failing_once(), max_attempts=2) as runner:
+        await runner.asubmit("t-start", INPUT)
+        result = await runner.aresult("t-start", timeout=30)
+        assert result["partial_result"] == "answered 1 message(s)"
+        state = await runner.graph.aget_state({"configurable": {"thread_id": "t-start"}})
+        assert [m.type for m in state.values["messages"]] == ["human", "ai"]
+
+
 async def test_a_malformed_review_decision_leaves_the_task_paused_for_a_corrected_one(
     abackend: AsyncBackend,
 ) -> None:
