@@ -825,6 +825,15 @@ class BudgetedChatModel(BaseChatModel):
             )
         return SpendLedger(backend, sync_commit=self.sync_commit, lease=self.lease)
 
+    async def _aready(self) -> None:
+        """Open the model's own in-memory ledger (no *backend* given) off the event loop.
+
+        Opening it is SQLite work: on the loop it would block every other coroutine (an
+        ASGI server — ``langgraph dev`` — refuses such a call outright).
+        """
+        if self.backend is None and _private(self)["_owned_backend"][0] is None:
+            await asyncio.to_thread(self._ledger)
+
     def _aledger(self) -> AsyncSpendLedger | SpendLedger:
         from checkpointers import AsyncBackend
 
@@ -1354,6 +1363,7 @@ class BudgetedChatModel(BaseChatModel):
         config = ensure_config(config)
         messages = self._convert_input(input).to_messages()
         ctx = self._context(config)
+        await self._aready()
         ledger = self._aledger()
         flow = self._flow(ctx, messages, kwargs)
         child = self._child_config(config)
@@ -1463,6 +1473,7 @@ class BudgetedChatModel(BaseChatModel):
         """Async `check`."""
         config = ensure_config(config)
         ctx = self._context(config)
+        await self._aready()
         ledger = self._aledger()
         for recovered in self._recoverable(ctx, messages):  # folded into the read (no I/O)
             task_id, spend_id, inp, out, nanos, model, lease = recovered
@@ -1519,6 +1530,7 @@ class BudgetedChatModel(BaseChatModel):
         """Async `spend`."""
         config = ensure_config(config)
         ctx = self._context(config)
+        await self._aready()
         ledger = self._aledger()
         if isinstance(ledger, AsyncSpendLedger):
             totals = await ledger.totals(ctx.task_id, ctx.task_type, ctx.limits)
@@ -1763,6 +1775,7 @@ class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
     async def aroute(self, state: MessagesOnly, config: RunnableConfig) -> Decision:
         """Async `route` (use it with an `AsyncBackend`)."""
         messages = _messages_of(state)
+        await self.model._aready()
         check = _stopped_by_model(messages) or self.model._ok_from_view(messages, config)
         if check is None:
             check = await self.model.acheck(messages, config)
