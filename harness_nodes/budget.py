@@ -647,9 +647,10 @@ def _maybe_billed(error: BaseException) -> bool:
     """Whether a call that ended in *error* may still be billed by its provider.
 
     A cancellation (asyncio's, a stream closed early, Ctrl-C) can come at any moment after the
-    request went out, and a read or write timeout comes after it did: the provider may still be
-    generating, and bills what it generates. A provider's error answer is not billed, nor is a
-    timeout while connecting (the request never left). Provider SDKs wrap their client's
+    request went out, and a read or write timeout, or a connection dropped while the answer was
+    awaited, comes after it did: the provider may still be generating, and bills what it
+    generates. A provider's error answer is not billed, nor is a failure to connect (the
+    request never left). Provider SDKs wrap their client's
     timeout in their own error (openai's and anthropic's ``APITimeoutError`` over httpx's), so
     the error's causes are looked at too.
     """
@@ -661,9 +662,12 @@ def _maybe_billed(error: BaseException) -> bool:
     cause: BaseException | None = error
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, httpx.ConnectTimeout | httpx.PoolTimeout):
+        if isinstance(cause, httpx.ConnectTimeout | httpx.PoolTimeout | httpx.ConnectError):
             return False
         if isinstance(cause, TimeoutError | httpx.TimeoutException):
+            return True
+        # The connection dropped while the answer was awaited or read: the request went out.
+        if isinstance(cause, httpx.ReadError | httpx.RemoteProtocolError):
             return True
         cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
     return False
@@ -2019,9 +2023,39 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self._start(run_id, metadata, kwargs, None, prompts)
 
     def on_llm_error(self, error: BaseException, *, run_id: uuid.UUID, **kwargs: Any) -> None:
-        """A failed call costs nothing here (the provider reports no usage)."""
+        """A failed call costs nothing, unless the provider may still bill it.
+
+        An error answer is not billed. A call cut short after its request went out (a
+        cancellation, a read timeout, a dropped connection) may be: it is recorded at its worst
+        case, as the budgeted wrapper keeps its reservation's.
+        """
         with self._lock:
-            self._runs.pop(run_id, None)
+            run = self._runs.pop(run_id, None)
+        if run is None or not _maybe_billed(error):
+            return
+        model = _priced_name(self.pricing, run.model, None)
+        if not model:
+            raise UnpricedModelError("<unnamed model>")
+        cap = run.output_cap()
+        if cap is None:
+            cap = (
+                (self.envelopes or Envelopes(default=Envelope()))
+                .for_type(run.task_type)
+                .max_output_tokens
+            )
+        inp, out = run.prompt_bound(), min(cap, _ledger_room(0))
+        nanos = min(self.pricing.rates(model).worst_case_nanos(inp, out), _ledger_room(0))
+        log.warning(
+            "%s (called outside a budgeted model) was cut short (%s) after its request went "
+            "out; the call is recorded at its worst case (%d input tokens, %d output tokens, "
+            "$%.6f)",
+            model,
+            type(error).__name__,
+            inp,
+            out,
+            _usd(nanos),
+        )
+        self._record(run, model, inp, out, nanos)
 
     def _worst_output(self, run: _Run, response: LLMResult) -> int:
         """Output tokens to record for a call whose usage is unknown.
@@ -2081,8 +2115,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             run = self._runs.pop(run_id, None)
         if run is None:
             return
+        self._record(run, *self._priced(run, response))
+
+    def _record(self, run: _Run, model: str, inp: int, out: int, nanos: int) -> None:
+        """Record a finished call against its task (one reservation, settled at once)."""
         task_id, task_type = run.task_id, run.task_type
-        model, inp, out, nanos = self._priced(run, response)
         limits = Limits()
         if self.envelopes is not None:
             cap = self.envelopes.for_type(task_type).type_cap

@@ -576,7 +576,14 @@ def _provider_timeout() -> Exception:
         pytest.param(TimeoutError("The read operation timed out"), True, id="timeout"),
         pytest.param(httpx.ReadTimeout("timed out"), True, id="read-timeout"),
         pytest.param(_provider_timeout(), True, id="provider-timeout"),
+        pytest.param(httpx.ReadError("connection reset by peer"), True, id="dropped-reading"),
+        pytest.param(
+            httpx.RemoteProtocolError("Server disconnected without sending a response."),
+            True,
+            id="server-disconnected",
+        ),
         pytest.param(httpx.ConnectTimeout("timed out"), False, id="connect-timeout"),
+        pytest.param(httpx.ConnectError("connection refused"), False, id="connect-error"),
         pytest.param(ConnectionError("provider down"), False, id="provider-error"),
     ],
 )
@@ -599,6 +606,44 @@ def test_a_call_the_provider_may_have_billed_keeps_its_worst_case(
     else:
         assert [r["state"] for r in rows] == ["released"]
         assert llm.spend(config)["usd"] == 0
+
+
+@pytest.mark.parametrize(
+    ("fault", "charged"),
+    [
+        pytest.param(httpx.ReadTimeout("timed out"), True, id="read-timeout"),
+        pytest.param(httpx.ReadError("connection reset by peer"), True, id="dropped-reading"),
+        pytest.param(KeyboardInterrupt(), True, id="interrupted"),
+        pytest.param(httpx.ConnectError("connection refused"), False, id="connect-error"),
+        pytest.param(ConnectionError("provider down"), False, id="provider-error"),
+    ],
+)
+def test_an_unwrapped_call_the_provider_may_have_billed_is_recorded_at_its_worst_case(
+    backend: Backend, fault: BaseException, charged: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The same call through a model the harness does not wrap, accounted by the callback:
+    # it was recorded as free whatever cut it short.
+    model = ScriptedChatModel(script=["fine"], loop=True, model_name="gpt-4o", faults={0: fault})
+    handler = BudgetCallbackHandler(backend)
+    config: Any = {"callbacks": [handler], "metadata": {"thread_id": "raw-cut"}}
+    with caplog.at_level(logging.WARNING, logger="harness_nodes.budget"):
+        with pytest.raises(type(fault)):
+            model.invoke("summarise " * 100, config, max_tokens=300)
+    flush_pending(backend)
+    rows = backend.execute(
+        "SELECT model, input_tokens, output_tokens, cost_nanos FROM harness_spend "
+        "WHERE task_id = %s",
+        ("raw-cut",),
+    )
+    if charged:
+        inp = bytes_bound([HumanMessage("summarise " * 100)])
+        worst = Pricing().rates("gpt-4o").worst_case_nanos(inp, 300)
+        assert rows == [
+            {"model": "gpt-4o", "input_tokens": inp, "output_tokens": 300, "cost_nanos": worst}
+        ]
+        assert "cut short" in caplog.text
+    else:
+        assert rows == []
 
 
 async def test_a_call_cancelled_in_flight_is_charged_its_worst_case_and_the_envelope_holds(
