@@ -221,11 +221,12 @@ def input_not_taken(snapshot: StateSnapshot) -> bool:
 
     LangGraph keeps the failed input step's writes, and carrying it on with ``None`` applies
     them but never routes them: the run "completes" with the input as its state. The attempt
-    is made again with the input (replacing that failed step, so nothing is doubled).
+    is made again with the input (replacing that failed step, so nothing is doubled). The
+    step is an input step whichever attempt made it (the first is step -1, a retry's the next).
     """
     return (
         snapshot.metadata is not None
-        and snapshot.metadata.get("step") == -1
+        and snapshot.metadata.get("source") == "input"
         and any(t.name == START and t.error for t in snapshot.tasks)
     )
 

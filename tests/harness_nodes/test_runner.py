@@ -134,12 +134,12 @@ def test_a_failing_attempt_is_retried_then_the_task_completes(backend: Backend) 
         assert runner.status("t-flaky").error is None
 
 
-def _router_failing_once() -> StateGraph[MessagesState]:
-    """A graph whose router out of START fails on the first attempt (its input not taken)."""
+def _router_failing_once(failures: int = 1) -> StateGraph[MessagesState]:
+    """A graph whose router out of START fails on its first attempts (its input not taken)."""
     failed: list[bool] = []
 
     def route(state: MessagesState) -> str:
-        if not failed:
+        if len(failed) < failures:
             failed.append(True)
             raise ConnectionError("the routing service went away")
         return "agent"
@@ -157,11 +157,16 @@ def _router_failing_once() -> StateGraph[MessagesState]:
 def test_an_attempt_that_failed_on_its_input_is_retried_with_it(backend: Backend) -> None:
     # LangGraph keeps the failed input step's writes; carried on with None they are applied
     # but never routed, and the task "completed" with the user's own message as its result.
-    with TaskRunner(backend, _router_failing_once(), max_attempts=2) as runner:
+    with TaskRunner(backend, _router_failing_once(failures=2), max_attempts=3) as runner:
         runner.submit("t-start", INPUT)
         assert runner.result("t-start", timeout=30)["partial_result"] == "answered 1 message(s)"
         state = runner.graph.get_state({"configurable": {"thread_id": "t-start"}})
         assert [m.type for m in state.values["messages"]] == ["human", "ai"]  # input once
+    # Failing on every attempt, it fails; it never "completes" on the user's message.
+    with TaskRunner(backend, _router_failing_once(failures=9), max_attempts=3) as runner:
+        runner.submit("t-start-down", INPUT)
+        with pytest.raises(RunFailed, match="routing service went away"):
+            runner.result("t-start-down", timeout=30)
 
 
 def test_a_task_failing_every_attempt_is_failed_with_its_reason(backend: Backend) -> None:

@@ -189,7 +189,9 @@ async def test_an_attempt_that_failed_on_its_input_is_retried_with_it(
 ) -> None:
     from tests.harness_nodes.test_runner import _router_failing_once
 
-    async with AsyncTaskRunner(abackend, _router_failing_once(), max_attempts=2) as runner:
+    async with AsyncTaskRunner(
+        abackend, _router_failing_once(failures=2), max_attempts=3
+    ) as runner:
         await runner.asubmit("t-start", INPUT)
         result = await runner.aresult("t-start", timeout=30)
         assert result["partial_result"] == "answered 1 message(s)"
