@@ -209,17 +209,21 @@ class _ToolHooks:
 
     verify: VerifyToolOutputs
     ledger: EffectLedger | AsyncEffectLedger | None
+    async_needs: str | None = None
+    """What of the agent lives in an `AsyncBackend` (see `_IntoModel.async_needs`)."""
 
     def wrap(
         self, request: ToolCallRequest, execute: Callable[[ToolCallRequest], Any]
     ) -> ToolMessage | Command[Any]:
+        if self.async_needs is not None:
+            # A run resumed with invoke() can start here (after a review): refuse every call,
+            # effectful or not, before any tool runs (the budget check after the tools would
+            # refuse only once they had run).
+            raise _sync_refused(self.async_needs)
         ledger = self.ledger
         if ledger is None:
             return self.verify.wrap_tool_call(request, execute)
-        if isinstance(ledger, AsyncEffectLedger):
-            # A run resumed with invoke() can start here (after a review): refuse every call,
-            # effectful or not, before any tool runs.
-            raise _sync_refused("effect ledger")
+        assert isinstance(ledger, EffectLedger)
         return self.verify.wrap_tool_call(request, lambda r: ledger.wrap_tool_call(r, execute))
 
     async def awrap(
@@ -464,7 +468,6 @@ def _agent_builder(
         ledger = AsyncEffectLedger(backend)
     elif effectful and isinstance(backend, Backend):
         ledger = EffectLedger(backend)
-    hooks = _ToolHooks(verify, ledger)
     unknown = sorted(set(verify.contracts) - tool_names)
     if unknown:
         raise UserError(
@@ -505,6 +508,7 @@ def _agent_builder(
     if isinstance(ledger, AsyncEffectLedger):
         on_async.append("effect ledger")
     into_model = _IntoModel(guard, " and ".join(on_async) or None)
+    hooks = _ToolHooks(verify, ledger, into_model.async_needs)
     builder: StateGraph[Any] = StateGraph(state_schema)
     builder.add_node(AGENT, ModelNode(llm, system_prompt))
     builder.add_node(

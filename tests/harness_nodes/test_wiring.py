@@ -1045,6 +1045,43 @@ async def test_an_agent_on_an_async_backend_refuses_invoke_before_anything_runs(
     assert model.calls == 0 and log == []
 
 
+@pytest.mark.anyio
+async def test_a_review_resumed_with_invoke_on_an_async_budget_runs_no_tool(
+    abackend: AsyncBackend,
+) -> None:
+    """A run resumed after a review starts at the tools: with the budget in an AsyncBackend
+    (no effectful tool), invoke() is refused there, before the approved call runs — not by
+    the budget check after it, which left the thread with the tool run and no way on."""
+    from langgraph.types import Command
+
+    from harness_nodes import Envelope, ReviewPolicy
+
+    sent: list[str] = []
+
+    @tool
+    def send_email(to: str) -> str:
+        """Send an email."""
+        sent.append(to)
+        return f"sent to {to}"
+
+    model = _mini(ai(tool_calls=[tool_call("send_email", {"to": "bob"}, id="e1")]), ai("Done."))
+    agent = build_harnessed_agent(
+        model,
+        [send_email],
+        envelope=Envelope(max_usd=0.05),
+        review_policy=ReviewPolicy(always=["send_email"]),
+        backend=abackend,
+    )
+    config = {"configurable": {"thread_id": "t-mail"}}
+    await agent.ainvoke({"messages": [HumanMessage("mail bob")]}, config)
+    approve = Command(resume={"type": "approve"})
+    with pytest.raises(UserError, match=re.escape("run it with ainvoke() or astream()")):
+        await asyncio.to_thread(agent.invoke, approve, config)
+    assert sent == []
+    out = await agent.ainvoke(None, config)  # carried on as it should have been run
+    assert sent == ["bob"] and out["messages"][-1].content == "Done."
+
+
 @pytest.mark.parametrize(
     "backend",
     [
