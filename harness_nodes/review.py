@@ -1115,8 +1115,9 @@ class HumanReview:
         # Its input is the graph's state with the conversation as if the model had asked for
         # these calls only, which any tools node runs: ToolNode (and the quickstart's tool
         # node) run the calls of the last AI message, and tools reading the state
-        # (InjectedState("customer_id"), ToolRuntime) find all of it. The copy is not written
-        # back; the state keeps every call.
+        # (InjectedState("customer_id"), ToolRuntime) find all of it. A tools node returns
+        # only its tool messages, so the copy is not written back and the state keeps every
+        # call (a tools node returning its input messages would: see decision 0006).
         remaining = ai_msg.model_copy(update={"tool_calls": to_run})
         asked = [*messages[:idx], remaining]
         task = {**_state_values(state), "messages": asked}
