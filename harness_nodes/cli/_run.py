@@ -346,12 +346,12 @@ def resume_thread(
     A review answer goes through the `ReviewQueue` (validated, audited with *reviewer*), a
     `TaskRunner`'s task's under its runner's lease.
     """
-    from checkpointers import open_backend
+    from harness_nodes.cli._app import open_existing
     from harness_nodes.cli._worker import resume_managed
 
     narrator = narrator or Narrator(console)
     config = {"configurable": {"thread_id": thread_id}}
-    with open_backend(db) as backend:
+    with open_existing(db) as backend:  # nothing to carry on in a database that is not there
         managed = resume_managed(backend, thread_id, resume, reviewer or _user())
         if managed is not None:  # a TaskRunner task: resumed under its lease
             return managed

@@ -97,6 +97,7 @@ def test_bad_db_url_prints_one_line_and_exits_2(
         ["review", "list"],
         ["review", "show", "r-1"],
         ["review", "approve", "r-1"],
+        ["resume", "t1"],
     ],
     ids=lambda c: " ".join(c),
 )
