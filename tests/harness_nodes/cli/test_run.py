@@ -236,9 +236,14 @@ ERROR_CASES = [
         id="unknown-graph",
     ),
     pytest.param(
-        ["resume", "no-such-thread"],
+        ["resume", "no-such-thread", "--db", "memory://"],
         "error: No task found for thread 'no-such-thread'",
         id="unknown-thread",
+    ),
+    pytest.param(  # nothing ever ran here: no database to carry a task on from
+        ["resume", "no-such-thread"],
+        "error: Cannot use backend URL 'sqlite:///harness.db': no database at harness.db",
+        id="no-database",
     ),
     pytest.param(
         ["run", "support", "--args", "{faults: yes}"],
