@@ -562,27 +562,43 @@ class AsyncTaskRunner:
         return await self._run_claimed(claimed[0], owner, resume)
 
     async def _run_claimed(
-        self, row: dict[str, Any], owner: str, resume: Any = _NO_RESUME
+        self,
+        row: dict[str, Any],
+        owner: str,
+        resume: Any = _NO_RESUME,
+        *,
+        on_refused: Callable[[InvalidDecision], Awaitable[None]] | None = None,
     ) -> TaskRun:
         """Run the task whose row *owner* just claimed (see `TaskRunner._run_claimed`)."""
         thread_id = row["thread_id"]
         token = CURRENT_LEASE.set(Lease(thread_id, owner, self.lease_seconds))
         try:
             async with _AsyncHeartbeat(self.backend, thread_id, owner, self.lease_seconds):
-                return await self._attempts(row, owner, resume)
+                return await self._attempts(row, owner, resume, on_refused)
         finally:
             CURRENT_LEASE.reset(token)
 
-    async def _attempts(self, row: dict[str, Any], owner: str, resume: Any) -> TaskRun:
+    async def _attempts(
+        self,
+        row: dict[str, Any],
+        owner: str,
+        resume: Any,
+        on_refused: Callable[[InvalidDecision], Awaitable[None]] | None = None,
+    ) -> TaskRun:
         thread_id = row["thread_id"]
         for attempt in range(1, self.max_attempts + 1):
             try:
                 status, outcome = await self._invoke(row, resume)
             except LeaseLost:
                 return await self._current(thread_id)
-            except InvalidDecision:
-                # A bad answer to the pause, not a failed run (see TaskRunner._attempts).
-                await self._settle(thread_id, owner, "interrupted", None, None)
+            except InvalidDecision as e:
+                # A bad answer to the pause, not a failed run; undone by whoever gave it
+                # before the task is freed (see TaskRunner._attempts).
+                try:
+                    if on_refused is not None:
+                        await on_refused(e)
+                finally:
+                    await self._settle(thread_id, owner, "interrupted", None, None)
                 raise
             except Exception as e:
                 error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"

@@ -57,6 +57,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -1105,11 +1106,12 @@ class ReviewQueue:
             RunFailed: the resumed run failed after the runner's attempts.
         """
         self._settle_effects(item, item.decided_by or "")
-        try:
-            run = runner._run_claimed(row, owner, _answer(item))
-        except InvalidDecision as e:
-            self._undecide(item, e)  # the runner paused its task again
-            raise
+        # A refused decision is undone while the lease is held, before the runner pauses the
+        # task again: a resume claiming it as soon as it is free would otherwise find the item
+        # still decided, and its run's sync would mark the refused decision applied.
+        run = runner._run_claimed(
+            row, owner, _answer(item), on_refused=functools.partial(self._undecide, item)
+        )
         self.backend.execute(_APPLIED, (item.id,))
         self.sync(item.thread_id)
         _leased_outcome(run)
@@ -1467,11 +1469,10 @@ class AsyncReviewQueue:
     ) -> dict[str, Any]:
         """Async `ReviewQueue._resume_leased`."""
         await self._settle_effects(item, item.decided_by or "")
-        try:
-            run = await runner._run_claimed(row, owner, _answer(item))
-        except InvalidDecision as e:
-            await self._undecide(item, e)
-            raise
+        # Undone under the lease (see ReviewQueue._resume_leased).
+        run = await runner._run_claimed(
+            row, owner, _answer(item), on_refused=functools.partial(self._undecide, item)
+        )
         await self.backend.execute(_APPLIED, (item.id,))
         await self.sync(item.thread_id)
         _leased_outcome(run)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -445,21 +446,35 @@ class TaskRunner:
             return TaskRun.from_row(rows[0])
         return self._run_claimed(claimed[0], owner, resume)
 
-    def _run_claimed(self, row: dict[str, Any], owner: str, resume: Any = _NO_RESUME) -> TaskRun:
+    def _run_claimed(
+        self,
+        row: dict[str, Any],
+        owner: str,
+        resume: Any = _NO_RESUME,
+        *,
+        on_refused: Callable[[InvalidDecision], None] | None = None,
+    ) -> TaskRun:
         """Run the task whose row *owner* just claimed, under that lease, and settle it.
 
         `execute` calls it after its claim; `ReviewQueue.decide` after claiming the lease in
-        the transaction that claims its review.
+        the transaction that claims its review, with *on_refused*: called with the graph's
+        `InvalidDecision` while the lease is still held, before the task is paused again.
         """
         thread_id = row["thread_id"]
         token = CURRENT_LEASE.set(Lease(thread_id, owner, self.lease_seconds))
         try:
             with _Heartbeat(self.backend, thread_id, owner, self.lease_seconds):
-                return self._attempts(row, owner, resume)
+                return self._attempts(row, owner, resume, on_refused)
         finally:
             CURRENT_LEASE.reset(token)
 
-    def _attempts(self, row: dict[str, Any], owner: str, resume: Any) -> TaskRun:
+    def _attempts(
+        self,
+        row: dict[str, Any],
+        owner: str,
+        resume: Any,
+        on_refused: Callable[[InvalidDecision], None] | None = None,
+    ) -> TaskRun:
         thread_id = row["thread_id"]
         error = ""
         for attempt in range(1, self.max_attempts + 1):
@@ -467,10 +482,17 @@ class TaskRunner:
                 status, outcome = self._invoke(row, resume)
             except LeaseLost:
                 return self._current(thread_id)
-            except InvalidDecision:
+            except InvalidDecision as e:
                 # A bad answer to the pause, not a failed run: LangGraph keeps it unsaved,
-                # so the task is paused as before and the caller may answer again.
-                self._settle(thread_id, owner, "interrupted", None, None)
+                # so the task is paused as before and the caller may answer again. Whoever
+                # gave the answer undoes it first, under the lease: once the task is paused
+                # again another resume can claim it, and its run must not find the refused
+                # answer still standing (the queue's sync would mark it applied).
+                try:
+                    if on_refused is not None:
+                        on_refused(e)
+                finally:
+                    self._settle(thread_id, owner, "interrupted", None, None)
                 raise
             except Exception as e:
                 error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"

@@ -800,6 +800,67 @@ def test_a_runner_task_decision_the_graph_refuses_is_audited_as_refused(backend:
     assert EFFECTS == {"refund": 1, "lookup": 1}
 
 
+def test_a_resume_after_a_refused_runner_task_decision_does_not_apply_it(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The runner frees the task when the graph refuses the decision; a resume landing as soon
+    # as it does must find the decision already undone and audited as refused, or the run's
+    # queue sync marks it applied (with the refused edit) and no refused row is ever written.
+    builder = build_builder()
+    with TaskRunner(backend, builder) as runner:
+        runner.submit("t-gap", REFUND)
+        _paused(runner, "t-gap")
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        queue = ReviewQueue(backend, graph, tools=[], runner=runner)
+        [item] = queue.sync("t-gap")
+        settle, resumed = runner._settle, []
+
+        def settle_then_resume(thread_id: str, owner: str, status: str, *rest: Any) -> Any:
+            run = settle(thread_id, owner, status, *rest)
+            if status == "interrupted" and not resumed:  # the lease is free again: answer now
+                resumed.append(runner.resume("t-gap", {"type": "approve"}).status)
+            return run
+
+        monkeypatch.setattr(runner, "_settle", settle_then_resume)
+        bad = {"type": "edit", "args": {"order": "A1", "amount": "lots"}}
+        with pytest.raises(InvalidDecision):
+            queue.decide(item.id, bad, reviewer="alice")
+        assert resumed == ["completed"]
+    assert [a["decision"] for a in queue.show(item.id).audit] == ["edit", "refused"]
+    decided = queue.get(item.id)
+    assert (decided.status, decided.decided_by) == ("closed", None)  # answered by the resume
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+async def test_async_a_resume_after_a_refused_runner_task_decision_does_not_apply_it(
+    abackend: AsyncBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builder = build_builder()
+    async with AsyncTaskRunner(abackend, builder) as runner:
+        await runner.asubmit("t-agap", REFUND)
+        await _apaused(runner, "t-agap")
+        graph = builder.compile(checkpointer=abackend.checkpointer)
+        queue = AsyncReviewQueue(abackend, graph, tools=[], runner=runner)
+        [item] = await queue.sync("t-agap")
+        settle, resumed = runner._settle, []
+
+        async def settle_then_resume(thread_id: str, owner: str, status: str, *rest: Any) -> Any:
+            run = await settle(thread_id, owner, status, *rest)
+            if status == "interrupted" and not resumed:  # the lease is free again: answer now
+                resumed.append((await runner.aresume("t-agap", {"type": "approve"})).status)
+            return run
+
+        monkeypatch.setattr(runner, "_settle", settle_then_resume)
+        bad = {"type": "edit", "args": {"order": "A1", "amount": "lots"}}
+        with pytest.raises(InvalidDecision):
+            await queue.decide(item.id, bad, reviewer="alice")
+        assert resumed == ["completed"]
+    assert [a["decision"] for a in (await queue.show(item.id)).audit] == ["edit", "refused"]
+    decided = await queue.get(item.id)
+    assert (decided.status, decided.decided_by) == ("closed", None)  # answered by the resume
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
 def test_a_runner_task_whose_decided_run_fails_raises_run_failed(backend: Backend) -> None:
     script = [ai(tool_calls=[tool_call("refund", {"order": "BANK-DOWN", "amount": 250})])]
     builder = build_builder(script=script)
