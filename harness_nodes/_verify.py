@@ -570,7 +570,13 @@ def _fields_of(value: Any) -> Mapping[Any, Any] | None:
 def _field_reasons(
     signals: ErrorSignals, fields: Mapping[Any, Any], prefix: str, depth: int, reasons: list[str]
 ) -> None:
-    """The signals in one object's keys, then in its envelopes' (``depth`` more levels)."""
+    """The signals in one object's keys, then in its envelopes' (``depth`` more levels).
+
+    Inside an envelope (a non-empty *prefix*) only error keys and success flags are signals:
+    a wrapped record's ``status`` or ``code`` (an order that failed, a product code, the
+    status code of a page an HTTP tool fetched) is its data.
+    """
+    top = not prefix
     for key, value in fields.items():
         if not isinstance(key, str):
             continue
@@ -578,7 +584,8 @@ def _field_reasons(
         if key in signals.error_keys and not _is_blank(value) and not _is_zero(value):
             reasons.append(f"the output carries an error: {path}={excerpt(value)}")
         elif (
-            key in signals.status_keys
+            top
+            and key in signals.status_keys
             and isinstance(value, str)
             and value.strip().lower() in signals.failed_statuses
         ):
@@ -586,7 +593,7 @@ def _field_reasons(
         elif key in signals.success_flags and _is_false(value):
             flag = "false" if value is False else repr(value)
             reasons.append(f"the output reports a failure: {path}={flag}")
-        elif key in signals.code_keys and _is_error_status(value):
+        elif top and key in signals.code_keys and _is_error_status(value):
             reasons.append(f"the output reports an error status: {path}={value!r}")
         elif depth > 0 and key in signals.envelope_keys:
             inner = _fields_of(value)

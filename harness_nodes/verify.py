@@ -178,11 +178,12 @@ class ErrorSignals:
     """Detectors for errors hidden in outputs that look like success. On by default.
 
     Structured outputs (JSON objects, artifacts) are checked on their top-level keys and, as
-    far as `envelope_depth` goes, inside the envelopes APIs wrap their answer in
-    (`envelope_keys`): ``{"data": null, "response": {"error": "quota exceeded"}}`` fails
-    with the reason ``response.error='quota exceeded'``. Only an envelope's own keys are read:
-    a list (jobs, some of which have ``"status": "failed"``) and any other key (an order
-    record's ``status``) are data.
+    far as `envelope_depth` goes, for an error key or a false success flag inside the
+    envelopes APIs wrap their answer in (`envelope_keys`): ``{"data": null, "response":
+    {"error": "quota exceeded"}}`` fails with the reason ``response.error='quota exceeded'``.
+    A wrapped record's status and codes are data (``{"data": {"status": "failed"}}`` is an
+    order that failed; ``{"response": {"status_code": 404}}`` the page an HTTP tool fetched),
+    as are a list (jobs, some of which have ``"status": "failed"``) and any other key.
 
     Plain text is checked where an error message puts its words: its first line, and the
     start of any other line, within the first ``scan_chars`` characters. The default patterns
@@ -210,19 +211,21 @@ class ErrorSignals:
     """A key among these (at the top level or in an envelope) with a non-empty value means
     the call failed."""
     status_keys: frozenset[str] = frozenset({"status", "state", "outcome", "result"})
-    """Keys whose text value is compared with `failed_statuses`."""
+    """Top-level keys whose text value is compared with `failed_statuses`."""
     failed_statuses: frozenset[str] = frozenset(
         {"error", "failed", "failure", "fail", "errored", "timeout", "timed_out", "rate_limited"}
     )
     """Status values (lower-cased) that mean the call failed."""
     success_flags: frozenset[str] = frozenset({"success", "ok", "succeeded"})
-    """Keys whose ``false`` value (or the text ``"false"``, ``"no"``, ``"0"``) means it failed."""
+    """Keys whose ``false`` value (or the text ``"false"``, ``"no"``, ``"0"``) means it failed
+    (at the top level or in an envelope)."""
     code_keys: frozenset[str] = frozenset({"status_code", "statusCode", "http_status", "code"})
-    """Keys whose value is an HTTP error status (400-599, as a number or a string such as
-    ``"500"``) mean the call failed."""
+    """Top-level keys whose value is an HTTP error status (400-599, as a number or a string
+    such as ``"500"``) mean the call failed."""
     envelope_keys: frozenset[str] = frozenset({"data", "result", "response", "body", "payload"})
-    """Keys whose object value wraps the answer: its keys are checked as the top level's are
-    (a list under such a key is data and is not looked into)."""
+    """Keys whose object value wraps the answer: its `error_keys` and `success_flags` are
+    checked (not its status or codes, which are the wrapped record's data; a list under such
+    a key is data and is not looked into)."""
     envelope_depth: int = 2
     """How many envelopes deep the checks go: 2 reads ``response.body.error``; 0 reads the
     top-level keys only."""

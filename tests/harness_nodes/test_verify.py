@@ -184,21 +184,15 @@ FAILURES = [
         ToolContract(),
     ),
     Case(
-        "nested-status-failed",
-        {"result": {"status": "failed", "message": "disk full"}},
-        "the output reports a failure: result.status='failed'",
-        ToolContract(),
-    ),
-    Case(
         "nested-success-false",
         {"body": {"success": False}},
         "the output reports a failure: body.success=false",
         ToolContract(),
     ),
     Case(
-        "nested-http-status",
-        {"payload": {"statusCode": 503, "items": [1]}},
-        "the output reports an error status: payload.statusCode=503",
+        "nested-success-false-as-text",
+        {"payload": {"ok": "false", "items": [1]}},
+        "the output reports a failure: payload.ok='false'",
         ToolContract(),
     ),
     Case(
@@ -356,6 +350,23 @@ def test_schema_feedback_says_what_is_needed() -> None:
             ToolContract(signals=ErrorSignals(envelope_depth=0)),
             id="envelope-depth-0",
         ),
+        pytest.param(
+            {"result": {"status": "failed", "message": "disk full"}},
+            ToolContract(),
+            id="status-in-an-envelope-is-data",
+        ),
+        pytest.param(
+            {"data": {"order_id": "o1", "status": "failed", "reason": "card declined"}},
+            ToolContract(),
+            id="a-failed-order-in-data",
+        ),
+        pytest.param({"data": {"sku": "X", "code": "404"}}, ToolContract(), id="a-product-code"),
+        pytest.param(
+            {"url": "https://example.com/a", "response": {"status_code": 404, "body": "gone"}},
+            ToolContract(),
+            id="an-http-fetch-of-a-missing-page",
+        ),
+        pytest.param({"result": {"state": "timeout"}}, ToolContract(), id="a-timed-out-job"),
         # an empty list beside data, or beside counts that say there is data, is not empty
         pytest.param({"count": 0}, ToolContract(), id="a-zero-count-is-an-answer"),
         pytest.param(
@@ -795,8 +806,8 @@ class _SlotsJob:
 def test_a_slots_dataclass_artifact_is_checked_like_any_object() -> None:
     from harness_nodes._verify import check_output
 
-    failed = check_output(ToolContract(), "", artifact={"data": _SlotsJob("failed", 0)})
-    assert failed == ["the output reports a failure: data.status='failed'"]
+    failed = check_output(ToolContract(), "", artifact=_SlotsJob("failed", 0))
+    assert failed == ["the output reports a failure: status='failed'"]
     assert check_output(ToolContract(), "", artifact=_SlotsJob("done", 3)) == []
 
 
