@@ -250,6 +250,38 @@ FAILURES = [
         "empty result",
         ToolContract(),
     ),
+    # the standard empty list responses of major APIs
+    Case(
+        "github-empty-search",
+        {"total_count": 0, "incomplete_results": False, "items": []},
+        "empty result",
+        ToolContract(),
+    ),
+    Case(
+        "stripe-empty-list",
+        {"object": "list", "data": [], "has_more": False, "url": "/v1/charges"},
+        "empty result",
+        ToolContract(),
+    ),
+    Case(
+        "slack-empty-history",
+        {"ok": True, "messages": [], "has_more": False, "response_metadata": {"next_cursor": ""}},
+        "empty result",
+        ToolContract(),
+    ),
+    Case(
+        "google-empty-list",
+        {"kind": "youtube#searchListResponse", "items": [], "pageInfo": {"totalResults": 0}},
+        "empty result",
+        ToolContract(),
+    ),
+    Case("empty-in-a-wrapper", {"data": {"items": [], "total": 0}}, "empty result", ToolContract()),
+    Case(
+        "empty-beside-page-meta",
+        {"results": [], "meta": {"page": 1, "total": 0}},
+        "empty result",
+        ToolContract(),
+    ),
     Case(
         "error-on-a-later-line",
         "Search failed.\nRate limit exceeded: retry after 30s",
@@ -374,6 +406,19 @@ def test_schema_feedback_says_what_is_needed() -> None:
         ),
         pytest.param({"results": [], "total": 57}, ToolContract(), id="nonzero-total"),
         pytest.param({"items": [], "next": "cursor-2"}, ToolContract(), id="more-to-come"),
+        pytest.param({"data": {"count": 0}}, ToolContract(), id="a-zero-count-in-a-wrapper"),
+        pytest.param(
+            {"ok": True, "channel": "C1", "messages": []}, ToolContract(), id="slack-beside-data"
+        ),
+        pytest.param(
+            {"object": "list", "data": [{"id": "ch_1"}], "has_more": False, "url": "/v1/charges"},
+            ToolContract(),
+            id="stripe-list-with-data",
+        ),
+        pytest.param(
+            {"notifications": True, "blocked_users": []}, ToolContract(), id="a-settings-record"
+        ),
+        pytest.param({"url": "https://sho.rt/x", "tags": []}, ToolContract(), id="a-link-record"),
         # text that mentions an error is data; an error message leads with it
         pytest.param(
             "Our API has a rate limit of 100 requests per minute.",
