@@ -598,16 +598,25 @@ def _first_line_end(text: str) -> int:
     return len(text) if end < 0 else end
 
 
+# An error's label opening a line: "Error: ", "[ERROR] ", "**Exception:** ".
+_ERROR_LABEL = re.compile(
+    r"\s*(?:\[(?:error|exception|fatal)\]|[*_]*(?:error|exception|fatal)[*_]*\s*[:!-][*_]*)\s*",
+    re.IGNORECASE,
+)
+
+
 def _where_errors_are(text: str, start: int, first_line_end: int) -> bool:
     """Whether a match at *start* is where an error message puts its words.
 
-    That is the first line (an error leads with what went wrong, whatever label precedes it)
-    or the start of a line; in the middle of a later line, it is text about errors (docs, a
-    search snippet).
+    That is the first line (an error leads with what went wrong, whatever label precedes it),
+    the start of a line, or right after an error's label opening a line (``Error: Rate limit
+    exceeded``); in the middle of a later line, it is text about errors (docs, a search
+    snippet).
     """
     if start < first_line_end:
         return True
-    return not text[text.rfind("\n", 0, start) + 1 : start].strip()
+    before = text[text.rfind("\n", 0, start) + 1 : start]
+    return not before.strip() or _ERROR_LABEL.fullmatch(before) is not None
 
 
 def _fields_of(value: Any) -> Mapping[Any, Any] | None:

@@ -158,9 +158,20 @@ _DEFAULT_TEXT_PATTERNS = (
     r"\btoo many requests\b",
     r"\bquota (?:exceeded|exhausted)\b",
     r"\btimed[ _-]?out\b",
-    r"\b\w*timeout(?:error|exception)\b",  # TimeoutError, ReadTimeoutError
+    # An exception class as a traceback's last line prints it ("TimeoutError: ...",
+    # "asyncio.exceptions.TimeoutError"): opening an unindented line or after a label, then
+    # ":" or "(", or the whole output. "TimeoutError is raised when ..." and a docstring's
+    # indented "Raises:" entry are documentation.
+    r"(?m)(?:\A\s*|^|(?<=[:\]] ))(?:\w+\.)*\w*timeout(?:error|exception)(?=[ \t]*[:(])",
+    r"\A\s*(?:\w+\.)*\w*timeout(?:error|exception)\s*\Z",
     r"\btimeout (?:error|exceeded|expired)\b",
     r"\A\s*(?:[\w-]+\s+)?timeout\s*[.!]?\s*\Z",  # the whole output: "upstream timeout"
+    # A leading timeout: "Timeout: the server did not respond", "Timeout after 30s waiting
+    # ..." (not a setting: "timeout: 30"), and axios's "timeout of 5000ms exceeded".
+    r"\A\s*timeout\s*(?:!|:(?=[ \t]*[a-z]+[ \t]+[a-z]))",
+    r"\A\s*timeout\s+(?:after|while|waiting)\b",
+    r"\btimeout of \d+(?:\.\d+)?\s*(?:ms|s|secs?|seconds?|milliseconds?|minutes?)?"
+    r"\s+(?:exceeded|expired|elapsed|reached)\b",
     r"\b(?:service unavailable|bad gateway|gateway timeout|internal server error)\b",
     r"\A\s*(?:error|exception)\b\s*[:!-]",
     # an HTTP status line served as the output: "404 Not Found", "ERROR 403 Forbidden"
@@ -186,9 +197,11 @@ class ErrorSignals:
     as are a list (jobs, some of which have ``"status": "failed"``) and any other key.
 
     Plain text is checked where an error message puts its words: its first line, and the
-    start of any other line, within the first ``scan_chars`` characters. The default patterns
-    are phrased as errors ("Rate limit exceeded", "429 Too Many Requests", "Request timed
-    out"), so a text that merely mentions a rate limit or a timeout — documentation, a search
+    start of any other line or right after an error's label opening it (``Error: Rate limit
+    exceeded``), within the first ``scan_chars`` characters. The default patterns are phrased
+    as errors ("Rate limit exceeded", "429 Too Many Requests", "Request timed out", "timeout
+    of 5000ms exceeded", "Timeout: ...", a traceback's ``TimeoutError: ...``), so a text that
+    merely mentions a rate limit, a timeout or an exception class — documentation, a search
     snippet — is data, not an error.
 
     Example:
@@ -231,7 +244,8 @@ class ErrorSignals:
     top-level keys only."""
     text_patterns: tuple[str, ...] = _DEFAULT_TEXT_PATTERNS
     """Regular expressions (case-insensitive) that mark plain text as an error message. A
-    match counts in the text's first line or at the start of a line (see `scan_chars`)."""
+    match counts in the text's first line, at the start of a line, or right after an error's
+    label (``Error:``, ``[ERROR]``) opening a line (see `scan_chars`)."""
     html: bool = True
     """Refuse text that is an HTML page (an error page served instead of data)."""
     scan_chars: int = 512

@@ -288,6 +288,36 @@ FAILURES = [
         "the output reads like an error ('Rate limit",
     ),
     Case(
+        "error-label-on-a-later-line",
+        "Search results:\nError: Rate limit exceeded",
+        "the output reads like an error ('Rate limit'",
+    ),
+    Case(
+        "axios-timeout",
+        "timeout of 5000ms exceeded",
+        "the output reads like an error ('timeout of 5000ms exceeded'",
+    ),
+    Case(
+        "timeout-after",
+        "Timeout after 30s waiting for the upstream",
+        "the output reads like an error ('Timeout after'",
+    ),
+    Case(
+        "timeout-label",
+        "Timeout: the server did not respond in time",
+        "the output reads like an error ('Timeout:'",
+    ),
+    Case(
+        "traceback-last-line",
+        "Traceback (most recent call last):\n  ...\nasyncio.exceptions.TimeoutError",
+        "the output reads like an error",
+    ),
+    Case(
+        "exception-class-opening-a-line",
+        "Fetching https://example.com/feed\nReadTimeoutError: read timed out after 10s",
+        "the output reads like an error ('ReadTimeoutError'",
+    ),
+    Case(
         "tool-error-status",
         "Error: ValueError('bad city')",
         "the tool raised an error",
@@ -436,6 +466,32 @@ def test_schema_feedback_says_what_is_needed() -> None:
             "Set the request timeout to 30 seconds in config.yaml.",
             ToolContract(),
             id="docs-mention-a-timeout",
+        ),
+        pytest.param(
+            "# Errors\n\nTimeoutError is raised when the call takes too long.",
+            ToolContract(),
+            id="docs-name-an-exception-class",
+        ),
+        pytest.param(
+            "TimeoutError is raised when the call takes longer than its deadline.",
+            ToolContract(),
+            id="docs-open-with-an-exception-class",
+        ),
+        pytest.param(
+            'def fetch(url):\n    """Raises:\n        TimeoutError: past the deadline."""',
+            ToolContract(),
+            id="a-docstring-names-an-exception-class",
+        ),
+        pytest.param("timeout: 30\nretries: 3", ToolContract(), id="a-config-dump"),
+        pytest.param(
+            "A timeout of 30 seconds applies to every request.",
+            ToolContract(),
+            id="docs-state-a-timeout",
+        ),
+        pytest.param(
+            "Search results:\nThe message Error: Rate limit exceeded means the quota is spent.",
+            ToolContract(),
+            id="docs-quote-an-error-mid-line",
         ),
         pytest.param(
             "Troubleshooting uploads\nA slow upload may have timed out; retry a smaller file.",
