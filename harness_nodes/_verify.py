@@ -435,15 +435,29 @@ _MORE_KEYS = frozenset(
     }
 )
 _RESULT_META_KEYS = _COUNT_KEYS | _PAGE_KEYS | _MORE_KEYS
+# What a list response says about itself, not about its items: Slack's ``ok: true``, GitHub's
+# ``incomplete_results``, and the marks naming the object a list (Stripe's and OpenAI's
+# ``object: "list"``, Google's ``kind: "drive#fileList"``), beside which Stripe's ``url`` is
+# the list's own address. A boolean elsewhere (``notifications: true``) is a record's data.
+_TRUE_FLAG_KEYS = frozenset({"ok", "success", "succeeded"})
+_COMPLETENESS_KEYS = frozenset({"incomplete_results", "incompleteResults", "truncated"})
+_LIST_MARK_KEYS = frozenset({"object", "type", "kind"})
+_LIST_MARK = re.compile(r"list|collection|[\w.-]*#\w*list(?:response)?", re.IGNORECASE)
+_LIST_URL_KEYS = frozenset({"url"})
+# How many nested objects deep an empty result is looked for ({"data": {"items": []}}).
+_EMPTY_DEPTH = 3
 
 
 def is_empty(value: Any) -> bool:
     """None, blank text, an empty container, or an object that carries no data.
 
     An object carries no data when every value is empty, or when its data fields are all
-    empty beside counts of 0 and page marks (``{"results": [], "total": 0}``, ``{"items":
-    [], "count": 0, "next": null}``). A count alone (``{"count": 0}``) is an answer, and a
-    non-zero count, a next cursor or any non-empty field keeps an object from being empty.
+    empty beside counts of 0, page marks and what a list response says about itself
+    (``{"results": [], "total": 0}``, ``{"items": [], "next": null}``, ``{"ok": true,
+    "messages": []}``, ``{"object": "list", "data": [], "url": "/v1/charges"}``); a nested
+    object is looked into (``{"data": {"items": [], "total": 0}}``). A count alone
+    (``{"count": 0}``) is an answer, and a non-zero count, a next cursor or any non-empty
+    field keeps an object from being empty.
     """
     if value is None:
         return True
@@ -458,21 +472,61 @@ def is_empty(value: Any) -> bool:
     return False
 
 
+class _Held(NamedTuple):
+    """What an object's values hold, for `is_empty`."""
+
+    data: bool
+    """A value that is data (nothing else matters then)."""
+    empty_data: bool
+    """A data field that is empty (``"items": []``)."""
+    blank: bool
+    """Every value is empty."""
+
+
 def _carries_no_data(fields: Mapping[Any, Any]) -> bool:
+    held = _held(fields, _EMPTY_DEPTH)
+    return not held.data and (held.empty_data or held.blank)
+
+
+def _held(fields: Mapping[Any, Any], depth: int) -> _Held:
+    listed = any(
+        key in _LIST_MARK_KEYS and isinstance(value, str) and _LIST_MARK.fullmatch(value.strip())
+        for key, value in fields.items()
+    )
     all_blank, empty_data = True, False
     for key, value in fields.items():
         if _is_blank(value):
             empty_data = empty_data or key not in _RESULT_META_KEYS
             continue
         all_blank = False
-        if key in _COUNT_KEYS and _is_count(value, 0):
+        if _is_result_meta(key, value, listed):
             continue
-        if key in _PAGE_KEYS and _is_count(value):
+        if isinstance(value, Mapping) and depth > 0:
+            inner = _held(value, depth - 1)
+            if inner.data:
+                return inner
+            # an object of empty data fields is one; one of marks only ({"page": 1}) is a mark
+            empty_data = empty_data or inner.empty_data
             continue
-        if key in _MORE_KEYS and value is False:
-            continue
-        return False
-    return all_blank or empty_data
+        return _Held(data=True, empty_data=False, blank=False)
+    return _Held(data=False, empty_data=empty_data, blank=all_blank)
+
+
+def _is_result_meta(key: Any, value: Any, listed: bool) -> bool:
+    """Whether a non-empty value describes a result rather than being its data."""
+    if key in _COUNT_KEYS:
+        return _is_count(value, 0)
+    if key in _PAGE_KEYS:
+        return _is_count(value)
+    if key in _MORE_KEYS:
+        return value is False
+    if key in _TRUE_FLAG_KEYS:
+        return value is True
+    if key in _COMPLETENESS_KEYS:
+        return isinstance(value, bool)
+    if key in _LIST_MARK_KEYS:
+        return listed and isinstance(value, str) and _LIST_MARK.fullmatch(value.strip()) is not None
+    return listed and key in _LIST_URL_KEYS and isinstance(value, str)
 
 
 def _is_count(value: Any, equal: int | None = None) -> bool:
@@ -544,16 +598,25 @@ def _first_line_end(text: str) -> int:
     return len(text) if end < 0 else end
 
 
+# An error's label opening a line: "Error: ", "[ERROR] ", "**Exception:** ".
+_ERROR_LABEL = re.compile(
+    r"\s*(?:\[(?:error|exception|fatal)\]|[*_]*(?:error|exception|fatal)[*_]*\s*[:!-][*_]*)\s*",
+    re.IGNORECASE,
+)
+
+
 def _where_errors_are(text: str, start: int, first_line_end: int) -> bool:
     """Whether a match at *start* is where an error message puts its words.
 
-    That is the first line (an error leads with what went wrong, whatever label precedes it)
-    or the start of a line; in the middle of a later line, it is text about errors (docs, a
-    search snippet).
+    That is the first line (an error leads with what went wrong, whatever label precedes it),
+    the start of a line, or right after an error's label opening a line (``Error: Rate limit
+    exceeded``); in the middle of a later line, it is text about errors (docs, a search
+    snippet).
     """
     if start < first_line_end:
         return True
-    return not text[text.rfind("\n", 0, start) + 1 : start].strip()
+    before = text[text.rfind("\n", 0, start) + 1 : start]
+    return not before.strip() or _ERROR_LABEL.fullmatch(before) is not None
 
 
 def _fields_of(value: Any) -> Mapping[Any, Any] | None:
@@ -570,7 +633,13 @@ def _fields_of(value: Any) -> Mapping[Any, Any] | None:
 def _field_reasons(
     signals: ErrorSignals, fields: Mapping[Any, Any], prefix: str, depth: int, reasons: list[str]
 ) -> None:
-    """The signals in one object's keys, then in its envelopes' (``depth`` more levels)."""
+    """The signals in one object's keys, then in its envelopes' (``depth`` more levels).
+
+    Inside an envelope (a non-empty *prefix*) only error keys and success flags are signals:
+    a wrapped record's ``status`` or ``code`` (an order that failed, a product code, the
+    status code of a page an HTTP tool fetched) is its data.
+    """
+    top = not prefix
     for key, value in fields.items():
         if not isinstance(key, str):
             continue
@@ -578,7 +647,8 @@ def _field_reasons(
         if key in signals.error_keys and not _is_blank(value) and not _is_zero(value):
             reasons.append(f"the output carries an error: {path}={excerpt(value)}")
         elif (
-            key in signals.status_keys
+            top
+            and key in signals.status_keys
             and isinstance(value, str)
             and value.strip().lower() in signals.failed_statuses
         ):
@@ -586,7 +656,7 @@ def _field_reasons(
         elif key in signals.success_flags and _is_false(value):
             flag = "false" if value is False else repr(value)
             reasons.append(f"the output reports a failure: {path}={flag}")
-        elif key in signals.code_keys and _is_error_status(value):
+        elif top and key in signals.code_keys and _is_error_status(value):
             reasons.append(f"the output reports an error status: {path}={value!r}")
         elif depth > 0 and key in signals.envelope_keys:
             inner = _fields_of(value)

@@ -158,9 +158,20 @@ _DEFAULT_TEXT_PATTERNS = (
     r"\btoo many requests\b",
     r"\bquota (?:exceeded|exhausted)\b",
     r"\btimed[ _-]?out\b",
-    r"\b\w*timeout(?:error|exception)\b",  # TimeoutError, ReadTimeoutError
+    # An exception class as a traceback's last line prints it ("TimeoutError: ...",
+    # "asyncio.exceptions.TimeoutError"): opening an unindented line or after a label, then
+    # ":" or "(", or the whole output. "TimeoutError is raised when ..." and a docstring's
+    # indented "Raises:" entry are documentation.
+    r"(?m)(?:\A\s*|^|(?<=[:\]] ))(?:\w+\.)*\w*timeout(?:error|exception)(?=[ \t]*[:(])",
+    r"\A\s*(?:\w+\.)*\w*timeout(?:error|exception)\s*\Z",
     r"\btimeout (?:error|exceeded|expired)\b",
     r"\A\s*(?:[\w-]+\s+)?timeout\s*[.!]?\s*\Z",  # the whole output: "upstream timeout"
+    # A leading timeout: "Timeout: the server did not respond", "Timeout after 30s waiting
+    # ..." (not a setting: "timeout: 30"), and axios's "timeout of 5000ms exceeded".
+    r"\A\s*timeout\s*(?:!|:(?=[ \t]*[a-z]+[ \t]+[a-z]))",
+    r"\A\s*timeout\s+(?:after|while|waiting)\b",
+    r"\btimeout of \d+(?:\.\d+)?\s*(?:ms|s|secs?|seconds?|milliseconds?|minutes?)?"
+    r"\s+(?:exceeded|expired|elapsed|reached)\b",
     r"\b(?:service unavailable|bad gateway|gateway timeout|internal server error)\b",
     r"\A\s*(?:error|exception)\b\s*[:!-]",
     # an HTTP status line served as the output: "404 Not Found", "ERROR 403 Forbidden"
@@ -178,16 +189,19 @@ class ErrorSignals:
     """Detectors for errors hidden in outputs that look like success. On by default.
 
     Structured outputs (JSON objects, artifacts) are checked on their top-level keys and, as
-    far as `envelope_depth` goes, inside the envelopes APIs wrap their answer in
-    (`envelope_keys`): ``{"data": null, "response": {"error": "quota exceeded"}}`` fails
-    with the reason ``response.error='quota exceeded'``. Only an envelope's own keys are read:
-    a list (jobs, some of which have ``"status": "failed"``) and any other key (an order
-    record's ``status``) are data.
+    far as `envelope_depth` goes, for an error key or a false success flag inside the
+    envelopes APIs wrap their answer in (`envelope_keys`): ``{"data": null, "response":
+    {"error": "quota exceeded"}}`` fails with the reason ``response.error='quota exceeded'``.
+    A wrapped record's status and codes are data (``{"data": {"status": "failed"}}`` is an
+    order that failed; ``{"response": {"status_code": 404}}`` the page an HTTP tool fetched),
+    as are a list (jobs, some of which have ``"status": "failed"``) and any other key.
 
     Plain text is checked where an error message puts its words: its first line, and the
-    start of any other line, within the first ``scan_chars`` characters. The default patterns
-    are phrased as errors ("Rate limit exceeded", "429 Too Many Requests", "Request timed
-    out"), so a text that merely mentions a rate limit or a timeout — documentation, a search
+    start of any other line or right after an error's label opening it (``Error: Rate limit
+    exceeded``), within the first ``scan_chars`` characters. The default patterns are phrased
+    as errors ("Rate limit exceeded", "429 Too Many Requests", "Request timed out", "timeout
+    of 5000ms exceeded", "Timeout: ...", a traceback's ``TimeoutError: ...``), so a text that
+    merely mentions a rate limit, a timeout or an exception class — documentation, a search
     snippet — is data, not an error.
 
     Example:
@@ -210,25 +224,28 @@ class ErrorSignals:
     """A key among these (at the top level or in an envelope) with a non-empty value means
     the call failed."""
     status_keys: frozenset[str] = frozenset({"status", "state", "outcome", "result"})
-    """Keys whose text value is compared with `failed_statuses`."""
+    """Top-level keys whose text value is compared with `failed_statuses`."""
     failed_statuses: frozenset[str] = frozenset(
         {"error", "failed", "failure", "fail", "errored", "timeout", "timed_out", "rate_limited"}
     )
     """Status values (lower-cased) that mean the call failed."""
     success_flags: frozenset[str] = frozenset({"success", "ok", "succeeded"})
-    """Keys whose ``false`` value (or the text ``"false"``, ``"no"``, ``"0"``) means it failed."""
+    """Keys whose ``false`` value (or the text ``"false"``, ``"no"``, ``"0"``) means it failed
+    (at the top level or in an envelope)."""
     code_keys: frozenset[str] = frozenset({"status_code", "statusCode", "http_status", "code"})
-    """Keys whose value is an HTTP error status (400-599, as a number or a string such as
-    ``"500"``) mean the call failed."""
+    """Top-level keys whose value is an HTTP error status (400-599, as a number or a string
+    such as ``"500"``) mean the call failed."""
     envelope_keys: frozenset[str] = frozenset({"data", "result", "response", "body", "payload"})
-    """Keys whose object value wraps the answer: its keys are checked as the top level's are
-    (a list under such a key is data and is not looked into)."""
+    """Keys whose object value wraps the answer: its `error_keys` and `success_flags` are
+    checked (not its status or codes, which are the wrapped record's data; a list under such
+    a key is data and is not looked into)."""
     envelope_depth: int = 2
     """How many envelopes deep the checks go: 2 reads ``response.body.error``; 0 reads the
     top-level keys only."""
     text_patterns: tuple[str, ...] = _DEFAULT_TEXT_PATTERNS
     """Regular expressions (case-insensitive) that mark plain text as an error message. A
-    match counts in the text's first line or at the start of a line (see `scan_chars`)."""
+    match counts in the text's first line, at the start of a line, or right after an error's
+    label (``Error:``, ``[ERROR]``) opening a line (see `scan_chars`)."""
     html: bool = True
     """Refuse text that is an HTML page (an error page served instead of data)."""
     scan_chars: int = 512

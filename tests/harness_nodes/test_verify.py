@@ -184,21 +184,15 @@ FAILURES = [
         ToolContract(),
     ),
     Case(
-        "nested-status-failed",
-        {"result": {"status": "failed", "message": "disk full"}},
-        "the output reports a failure: result.status='failed'",
-        ToolContract(),
-    ),
-    Case(
         "nested-success-false",
         {"body": {"success": False}},
         "the output reports a failure: body.success=false",
         ToolContract(),
     ),
     Case(
-        "nested-http-status",
-        {"payload": {"statusCode": 503, "items": [1]}},
-        "the output reports an error status: payload.statusCode=503",
+        "nested-success-false-as-text",
+        {"payload": {"ok": "false", "items": [1]}},
+        "the output reports a failure: payload.ok='false'",
         ToolContract(),
     ),
     Case(
@@ -256,10 +250,72 @@ FAILURES = [
         "empty result",
         ToolContract(),
     ),
+    # the standard empty list responses of major APIs
+    Case(
+        "github-empty-search",
+        {"total_count": 0, "incomplete_results": False, "items": []},
+        "empty result",
+        ToolContract(),
+    ),
+    Case(
+        "stripe-empty-list",
+        {"object": "list", "data": [], "has_more": False, "url": "/v1/charges"},
+        "empty result",
+        ToolContract(),
+    ),
+    Case(
+        "slack-empty-history",
+        {"ok": True, "messages": [], "has_more": False, "response_metadata": {"next_cursor": ""}},
+        "empty result",
+        ToolContract(),
+    ),
+    Case(
+        "google-empty-list",
+        {"kind": "youtube#searchListResponse", "items": [], "pageInfo": {"totalResults": 0}},
+        "empty result",
+        ToolContract(),
+    ),
+    Case("empty-in-a-wrapper", {"data": {"items": [], "total": 0}}, "empty result", ToolContract()),
+    Case(
+        "empty-beside-page-meta",
+        {"results": [], "meta": {"page": 1, "total": 0}},
+        "empty result",
+        ToolContract(),
+    ),
     Case(
         "error-on-a-later-line",
         "Search failed.\nRate limit exceeded: retry after 30s",
         "the output reads like an error ('Rate limit",
+    ),
+    Case(
+        "error-label-on-a-later-line",
+        "Search results:\nError: Rate limit exceeded",
+        "the output reads like an error ('Rate limit'",
+    ),
+    Case(
+        "axios-timeout",
+        "timeout of 5000ms exceeded",
+        "the output reads like an error ('timeout of 5000ms exceeded'",
+    ),
+    Case(
+        "timeout-after",
+        "Timeout after 30s waiting for the upstream",
+        "the output reads like an error ('Timeout after'",
+    ),
+    Case(
+        "timeout-label",
+        "Timeout: the server did not respond in time",
+        "the output reads like an error ('Timeout:'",
+    ),
+    Case(
+        "traceback-last-line",
+        "Traceback (most recent call last):\n  ...\nasyncio.exceptions.TimeoutError",
+        "the output reads like an error",
+    ),
+    Case(
+        "exception-class-opening-a-line",
+        "Fetching https://example.com/feed\nReadTimeoutError: read timed out after 10s",
+        "the output reads like an error ('ReadTimeoutError'",
     ),
     Case(
         "tool-error-status",
@@ -356,6 +412,23 @@ def test_schema_feedback_says_what_is_needed() -> None:
             ToolContract(signals=ErrorSignals(envelope_depth=0)),
             id="envelope-depth-0",
         ),
+        pytest.param(
+            {"result": {"status": "failed", "message": "disk full"}},
+            ToolContract(),
+            id="status-in-an-envelope-is-data",
+        ),
+        pytest.param(
+            {"data": {"order_id": "o1", "status": "failed", "reason": "card declined"}},
+            ToolContract(),
+            id="a-failed-order-in-data",
+        ),
+        pytest.param({"data": {"sku": "X", "code": "404"}}, ToolContract(), id="a-product-code"),
+        pytest.param(
+            {"url": "https://example.com/a", "response": {"status_code": 404, "body": "gone"}},
+            ToolContract(),
+            id="an-http-fetch-of-a-missing-page",
+        ),
+        pytest.param({"result": {"state": "timeout"}}, ToolContract(), id="a-timed-out-job"),
         # an empty list beside data, or beside counts that say there is data, is not empty
         pytest.param({"count": 0}, ToolContract(), id="a-zero-count-is-an-answer"),
         pytest.param(
@@ -363,6 +436,19 @@ def test_schema_feedback_says_what_is_needed() -> None:
         ),
         pytest.param({"results": [], "total": 57}, ToolContract(), id="nonzero-total"),
         pytest.param({"items": [], "next": "cursor-2"}, ToolContract(), id="more-to-come"),
+        pytest.param({"data": {"count": 0}}, ToolContract(), id="a-zero-count-in-a-wrapper"),
+        pytest.param(
+            {"ok": True, "channel": "C1", "messages": []}, ToolContract(), id="slack-beside-data"
+        ),
+        pytest.param(
+            {"object": "list", "data": [{"id": "ch_1"}], "has_more": False, "url": "/v1/charges"},
+            ToolContract(),
+            id="stripe-list-with-data",
+        ),
+        pytest.param(
+            {"notifications": True, "blocked_users": []}, ToolContract(), id="a-settings-record"
+        ),
+        pytest.param({"url": "https://sho.rt/x", "tags": []}, ToolContract(), id="a-link-record"),
         # text that mentions an error is data; an error message leads with it
         pytest.param(
             "Our API has a rate limit of 100 requests per minute.",
@@ -380,6 +466,32 @@ def test_schema_feedback_says_what_is_needed() -> None:
             "Set the request timeout to 30 seconds in config.yaml.",
             ToolContract(),
             id="docs-mention-a-timeout",
+        ),
+        pytest.param(
+            "# Errors\n\nTimeoutError is raised when the call takes too long.",
+            ToolContract(),
+            id="docs-name-an-exception-class",
+        ),
+        pytest.param(
+            "TimeoutError is raised when the call takes longer than its deadline.",
+            ToolContract(),
+            id="docs-open-with-an-exception-class",
+        ),
+        pytest.param(
+            'def fetch(url):\n    """Raises:\n        TimeoutError: past the deadline."""',
+            ToolContract(),
+            id="a-docstring-names-an-exception-class",
+        ),
+        pytest.param("timeout: 30\nretries: 3", ToolContract(), id="a-config-dump"),
+        pytest.param(
+            "A timeout of 30 seconds applies to every request.",
+            ToolContract(),
+            id="docs-state-a-timeout",
+        ),
+        pytest.param(
+            "Search results:\nThe message Error: Rate limit exceeded means the quota is spent.",
+            ToolContract(),
+            id="docs-quote-an-error-mid-line",
         ),
         pytest.param(
             "Troubleshooting uploads\nA slow upload may have timed out; retry a smaller file.",
@@ -795,8 +907,8 @@ class _SlotsJob:
 def test_a_slots_dataclass_artifact_is_checked_like_any_object() -> None:
     from harness_nodes._verify import check_output
 
-    failed = check_output(ToolContract(), "", artifact={"data": _SlotsJob("failed", 0)})
-    assert failed == ["the output reports a failure: data.status='failed'"]
+    failed = check_output(ToolContract(), "", artifact=_SlotsJob("failed", 0))
+    assert failed == ["the output reports a failure: status='failed'"]
     assert check_output(ToolContract(), "", artifact=_SlotsJob("done", 3)) == []
 
 
