@@ -1935,9 +1935,13 @@ def _generation_bytes(gen: Any) -> int:
 class BudgetCallbackHandler(BaseCallbackHandler):
     """Accounts calls made through models that are not `budgeted` (inside tools, say).
 
-    Add it to the run's callbacks; each finished chat-model call is priced and recorded in the
-    ledger against its task (``task_id`` or ``thread_id`` from the run's metadata). It counts
-    after the fact — it cannot stop a call — so the next budgeted call sees the spend. Calls
+    Add it to the run's callbacks; each chat-model call is recorded in the ledger against its
+    task (``task_id`` or ``thread_id`` from the run's metadata): its worst case is booked when
+    it starts (the prompt's bound and its output cap, else the envelope's
+    ``max_output_tokens``), then settled to its priced usage when it ends, or given back on an
+    error answer; a call that never reports back (an ``ainvoke`` cancelled in flight) stays
+    booked at its worst case. It cannot stop a call, so the next budgeted call sees the spend.
+    An unpriced model is booked nothing and raises `UnpricedModelError` when it ends. Calls
     made by a `budgeted` model are skipped (they are already accounted). A call that reports
     no usage, or usage that cannot be trusted (a negative count, say), is recorded at its worst
     case, with a warning, as the wrapper keeps its reservation: the prompt's bytes in, and out
