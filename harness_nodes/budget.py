@@ -50,9 +50,10 @@ import logging
 import math
 import numbers
 import threading
+import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Literal, cast
 
@@ -1901,6 +1902,11 @@ class _Run:
     """The text prompts (a text model)."""
     params: dict[str, Any]
     """The invocation params (for the output cap and the tools)."""
+    started: float = field(default_factory=time.monotonic)
+    """When the call started (a call that never reports back is forgotten after a while)."""
+    reserved: tuple[int, str, int, int, int] | None = None
+    """The worst case booked when the call started: ``(spend id, model, input tokens,
+    output tokens, nano-dollars)``; None for an unpriced model (recorded when it ends)."""
 
     def prompt_bound(self) -> int:
         """An upper bound on the prompt's tokens: its UTF-8 bytes (see `bytes_bound`)."""
@@ -1929,9 +1935,13 @@ def _generation_bytes(gen: Any) -> int:
 class BudgetCallbackHandler(BaseCallbackHandler):
     """Accounts calls made through models that are not `budgeted` (inside tools, say).
 
-    Add it to the run's callbacks; each finished chat-model call is priced and recorded in the
-    ledger against its task (``task_id`` or ``thread_id`` from the run's metadata). It counts
-    after the fact — it cannot stop a call — so the next budgeted call sees the spend. Calls
+    Add it to the run's callbacks; each chat-model call is recorded in the ledger against its
+    task (``task_id`` or ``thread_id`` from the run's metadata): its worst case is booked when
+    it starts (the prompt's bound and its output cap, else the envelope's
+    ``max_output_tokens``), then settled to its priced usage when it ends, or given back on an
+    error answer; a call that never reports back (an ``ainvoke`` cancelled in flight) stays
+    booked at its worst case. It cannot stop a call, so the next budgeted call sees the spend.
+    An unpriced model is booked nothing and raises `UnpricedModelError` when it ends. Calls
     made by a `budgeted` model are skipped (they are already accounted). A call that reports
     no usage, or usage that cannot be trusted (a negative count, say), is recorded at its worst
     case, with a warning, as the wrapper keeps its reservation: the prompt's bytes in, and out
@@ -1955,6 +1965,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     """
 
     raise_error = True  # an unpriced model must not pass silently as free
+    forget_after: float = 3600.0
+    """Seconds after which a call that never reported back (an ``ainvoke`` cancelled in flight:
+    LangChain calls no handler then) is forgotten; its worst case stays booked in the ledger."""
 
     def __init__(
         self,
@@ -1995,8 +2008,47 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         params = kwargs.get("invocation_params") or {}
         model = params.get("model_name") or params.get("model") or meta.get("ls_model_name")
         run = _Run(task_id, task_type, str(model) if model else None, messages, prompts, params)
+        if run.model and self.pricing.is_priced(run.model):
+            run = self._reserve(run, run.model)
+        now = time.monotonic()
         with self._lock:
+            # A call cancelled in flight never reports back (an awaited gather that was cut
+            # short calls no handler): its worst case stays booked, and it is forgotten here.
+            for stale in [k for k, r in self._runs.items() if now - r.started >= self.forget_after]:
+                del self._runs[stale]
             self._runs[run_id] = run
+
+    def _limits(self, task_type: str) -> Limits:
+        if self.envelopes is not None:
+            cap = self.envelopes.for_type(task_type).type_cap
+            if cap is not None:
+                return Limits(window_seconds=float(cap.seconds))
+        return Limits()
+
+    def _reserve(self, run: _Run, model: str) -> _Run:
+        """Book the call's worst case before it runs: the prompt's bound and its output cap."""
+        cap = run.output_cap()
+        if cap is None:
+            envelope = (self.envelopes or Envelopes(default=Envelope())).for_type(run.task_type)
+            cap = envelope.max_output_tokens
+        inp, out = run.prompt_bound(), min(cap, _ledger_room(0))
+        nanos = min(self.pricing.rates(model).worst_case_nanos(inp, out), _ledger_room(0))
+        r = self.ledger.reserve(
+            run.task_id, run.task_type, model, inp, out, nanos, self._limits(run.task_type)
+        )
+        self.ledger._store.pending.forget_view(run.task_id)  # budgeted calls read afresh
+        if r.id is None:  # the ledger's range is spent: recorded when the call ends, as before
+            return run
+        return replace(run, reserved=(r.id, model, inp, out, nanos))
+
+    def _settle(self, run: _Run, model: str | None, inp: int, out: int, nanos: int) -> None:
+        """Settle the call's reservation, carried by the task's next ledger statement."""
+        assert run.reserved is not None
+        released = model is None
+        self.ledger.defer_settle(
+            run.task_id, run.reserved[0], inp, out, nanos, model=model, released=released
+        )
+        self.ledger._store.pending.forget_view(run.task_id)
 
     def on_chat_model_start(
         self,
@@ -2031,7 +2083,26 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         """
         with self._lock:
             run = self._runs.pop(run_id, None)
-        if run is None or not _maybe_billed(error):
+        if run is None:
+            return
+        if run.reserved is not None:
+            _, reserved_model, inp, out, nanos = run.reserved
+            if not _maybe_billed(error):
+                self._settle(run, None, 0, 0, 0)
+                return
+            log.warning(
+                "%s (called outside a budgeted model) was cut short (%s) after its request "
+                "went out; the call is recorded at its worst case (%d input tokens, %d output "
+                "tokens, $%.6f)",
+                reserved_model,
+                type(error).__name__,
+                inp,
+                out,
+                _usd(nanos),
+            )
+            self._settle(run, reserved_model, inp, out, nanos)
+            return
+        if not _maybe_billed(error):
             return
         model = _priced_name(self.pricing, run.model, None)
         if not model:
@@ -2115,17 +2186,16 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             run = self._runs.pop(run_id, None)
         if run is None:
             return
-        self._record(run, *self._priced(run, response))
+        priced = self._priced(run, response)
+        if run.reserved is not None:
+            self._settle(run, *priced)
+            return
+        self._record(run, *priced)
 
     def _record(self, run: _Run, model: str, inp: int, out: int, nanos: int) -> None:
         """Record a finished call against its task (one reservation, settled at once)."""
         task_id, task_type = run.task_id, run.task_type
-        limits = Limits()
-        if self.envelopes is not None:
-            cap = self.envelopes.for_type(task_type).type_cap
-            if cap is not None:
-                limits = Limits(window_seconds=float(cap.seconds))
-        r = self.ledger.reserve(task_id, task_type, model, inp, out, 0, limits)
+        r = self.ledger.reserve(task_id, task_type, model, inp, out, 0, self._limits(task_type))
         if r.id is not None:
             self.ledger.settle(r.id, inp, out, nanos, model=model)
         self.ledger._store.pending.forget_view(task_id)  # budgeted calls read afresh

@@ -70,6 +70,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -85,7 +86,7 @@ from langchain.agents.middleware.types import (
 )
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, ToolMessage
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langchain_core.tools import BaseTool
 from langgraph.config import get_config
 from langgraph.graph import END
@@ -96,6 +97,7 @@ from langgraph.types import Command, Overwrite
 from harness_nodes import _verify
 from harness_nodes.aio import AsyncEffectLedger
 from harness_nodes.budget import (
+    BudgetCallbackHandler,
     BudgetedChatModel,
     BudgetGuard,
     Envelope,
@@ -176,6 +178,8 @@ class HarnessAgentState(AgentState[Any]):
     """How the task ended, when a harness layer ended it."""
 
 
+log = logging.getLogger(__name__)
+
 ModelHandler = Callable[[ModelRequest[Any]], ModelResponse[Any]]
 ToolHandler = Callable[[ToolCallRequest], ToolMessage | Command[Any]]
 AsyncToolHandler = Callable[[ToolCallRequest], Awaitable[ToolMessage | Command[Any]]]
@@ -246,6 +250,31 @@ class _BudgetedRequest(ModelRequest[Any]):
         super().__setattr__(name, value)
 
 
+class _BoundBudget(RunnableBinding[Any, Any]):
+    """A binding over a model `CostEnvelopeMiddleware` put in place of the one it bound.
+
+    ``model.bind(temperature=0)`` swapped into a request is budgeted inside: the binding is
+    rebuilt around the `budgeted` model, with its kwargs and config. ``create_agent`` then
+    calls ``bind_tools`` on it, which a plain ``RunnableBinding`` hands to the model inside,
+    dropping its own kwargs; here they are applied again on top of the tools.
+    """
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Runnable[Any, Any]:
+        """The model inside bound to *tools*, with this binding's kwargs and config."""
+        return _BoundBudget(
+            bound=cast(Any, self.bound).bind_tools(tools, **kwargs),
+            kwargs=self.kwargs,
+            config=self.config,
+            config_factories=self.config_factories,
+        )
+
+
+def _budgeted_inside(model: Any) -> BudgetedChatModel | None:
+    while isinstance(model, RunnableBinding):
+        model = model.bound
+    return model if isinstance(model, BudgetedChatModel) else None
+
+
 class _OutcomePerTask(AgentMiddleware[HarnessAgentState, Any, Any]):
     """A ``before_agent`` step for the middleware that write ``outcome``: one task's each.
 
@@ -279,7 +308,12 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
     Spend is read back from the ledger, so it survives resume — in another process too.
     A model that a middleware listed after this one swaps into the request
     (``ModelFallbackMiddleware``'s fallback, a router's choice: ``request.override(model=...)``)
-    is wrapped the same way before it is called, so the order does not matter. A middleware
+    is wrapped the same way before it is called, so the order does not matter; a binding of
+    one (``backup.bind(temperature=0)``) is rebuilt around the wrapped model, its kwargs kept.
+    A Runnable that is no chat model (``init_chat_model`` with configurable fields) cannot be
+    wrapped: it runs, with a warning, and its calls are recorded in the ledger after the fact,
+    as `BudgetCallbackHandler` records them (on a sync `Backend`; on an `AsyncBackend` they
+    are not recorded). A middleware
     that calls a model of its own outside the request (a summarizer, a tool selector given its
     own model) is not: account those calls with `BudgetCallbackHandler`.
     A run that brings new input after a finished task first clears that task's ``outcome``
@@ -357,6 +391,8 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         self.sync_commit = sync_commit
         self.lease = lease
         self._wrapped: dict[int, tuple[BaseChatModel, BudgetedChatModel]] = {}
+        self._handler: BudgetCallbackHandler | None = None
+        self._warned: set[type[Any]] = set()
         self._lock = threading.Lock()
         self._request_type = cast(
             type[_BudgetedRequest],
@@ -391,18 +427,79 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
             self._wrapped[id(model)] = (model, wrapped)
         return wrapped
 
-    def _budgeted(self, model: Any) -> BudgetedChatModel:
-        if not isinstance(model, BaseChatModel):
-            raise UserError(
-                "CostEnvelopeMiddleware wraps a chat model; got "
-                f"{type(model).__name__} (pass the unbound model to create_agent)"
-            )
-        return self.budgeted_model(model)
+    def _budgeted(self, model: Any) -> Any:
+        """*model* as the request calls it: budgeted, or (if it cannot be) accounted.
 
-    def _request(self, request: ModelRequest[Any]) -> tuple[ModelRequest[Any], BudgetGuard]:
+        A request's model may be any Runnable a middleware put there, so nothing here raises
+        (it runs mid-run): a chat model is wrapped, a binding over one is rebuilt around the
+        wrapper, and anything else runs with its calls recorded after the fact.
+        """
+        if isinstance(model, BaseChatModel):
+            return self.budgeted_model(model)
+        if isinstance(model, _BoundBudget):
+            return model  # already this middleware's (a request rebuilt by ``override``)
+        if isinstance(model, RunnableBinding):
+            return _BoundBudget(
+                bound=self._budgeted(model.bound),
+                kwargs=model.kwargs,
+                config=model.config,
+                config_factories=model.config_factories,
+                custom_input_type=model.custom_input_type,
+                custom_output_type=model.custom_output_type,
+            )
+        return self._accounted(model)
+
+    def _accounted(self, model: Any) -> Any:
+        """A model the wrapper cannot go around, accounted after the fact.
+
+        ``init_chat_model`` with configurable fields picks its model per call: its calls are
+        recorded through the ledger, as `BudgetCallbackHandler` records them, and cannot be
+        refused beforehand.
+        """
+        from checkpointers import Backend
+
+        with self._lock:
+            first = type(model) not in self._warned  # once per kind, however many instances
+            self._warned.add(type(model))
+            if isinstance(self.backend, Backend) and self._handler is None:
+                self._handler = BudgetCallbackHandler(
+                    self.backend, self.pricing, envelopes=self.envelope, task_type=self.task_type
+                )
+            handler = self._handler
+        if handler is None:  # an AsyncBackend: the handler writes through a sync Backend
+            if first:
+                log.warning(
+                    "CostEnvelopeMiddleware cannot wrap %s (not a chat model, nor a binding "
+                    "of one), and on an AsyncBackend cannot record its calls: they are not "
+                    "budgeted; pass a chat model",
+                    type(model).__name__,
+                )
+            return model
+        if first:
+            log.warning(
+                "CostEnvelopeMiddleware cannot wrap %s (not a chat model, nor a binding of "
+                "one): its calls are recorded in the ledger after the fact "
+                "(BudgetCallbackHandler), with no reservation and no refusal beforehand",
+                type(model).__name__,
+            )
+        return _BoundBudget(bound=model, kwargs={}, config={"callbacks": [handler]})
+
+    def _guard(self, model: Any) -> BudgetGuard:
+        """The guard that finishes a stopped task.
+
+        Over the request's budgeted model, else any this middleware built (all share its
+        envelope, backend and pricing; a stop message comes only from one of them).
+        """
+        inside = _budgeted_inside(model)
+        if inside is None:
+            with self._lock:
+                inside = next(iter(self._wrapped.values()))[1]
+        return BudgetGuard(inside)
+
+    def _request(self, request: ModelRequest[Any]) -> tuple[ModelRequest[Any], Any]:
         fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
         budgeted_request = self._request_type(**fields)
-        return budgeted_request, BudgetGuard(cast(BudgetedChatModel, budgeted_request.model))
+        return budgeted_request, budgeted_request.model
 
     @staticmethod
     def _stopped(response: ModelResponse[Any]) -> bool:
@@ -447,10 +544,11 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         self, request: ModelRequest[Any], handler: ModelHandler
     ) -> ExtendedModelResponse[Any]:
         """Call the model through the budget; a refusal ends the task (`BudgetGuard.finish`)."""
-        budgeted_request, guard = self._request(request)
+        budgeted_request, model = self._request(request)
         response = handler(budgeted_request)
         if not self._stopped(response):
             return self._completed(response, request.state)
+        guard = self._guard(model)
         return self._finished(guard.finish(self._ended(request, response), _config()))
 
     async def awrap_model_call(
@@ -459,11 +557,11 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]],
     ) -> ExtendedModelResponse[Any]:
         """Async `wrap_model_call`."""
-        budgeted_request, guard = self._request(request)
+        budgeted_request, model = self._request(request)
         response = await handler(budgeted_request)
         if not self._stopped(response):
             return self._completed(response, request.state)
-        update = await guard.afinish(self._ended(request, response), _config())
+        update = await self._guard(model).afinish(self._ended(request, response), _config())
         return self._finished(update)
 
 

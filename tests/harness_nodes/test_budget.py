@@ -642,8 +642,8 @@ def test_an_unwrapped_call_the_provider_may_have_billed_is_recorded_at_its_worst
             {"model": "gpt-4o", "input_tokens": inp, "output_tokens": 300, "cost_nanos": worst}
         ]
         assert "cut short" in caplog.text
-    else:
-        assert rows == []
+    else:  # the reservation booked at the start is released: nothing charged
+        assert rows == [{"model": "gpt-4o", "input_tokens": 0, "output_tokens": 0, "cost_nanos": 0}]
 
 
 async def test_a_call_cancelled_in_flight_is_charged_its_worst_case_and_the_envelope_holds(
@@ -719,6 +719,74 @@ async def test_a_stream_its_reader_left_mid_answer_is_charged_its_worst_case(
             rows = await abackend.execute(_SPEND_ROWS, ("left",))
             await anyio.sleep(0.01)
     assert _charged_at_worst_case(rows), rows
+
+
+async def test_an_unwrapped_call_cancelled_in_flight_stays_counted_at_its_worst_case(
+    backend: Backend,
+) -> None:
+    # asyncio.wait_for around a raw model's ainvoke: BaseChatModel.agenerate awaits a gather
+    # that the cancellation cuts short, so on_llm_error never runs. The handler recorded
+    # nothing (the call was free) and kept the run in memory for good.
+    in_flight, answer = threading.Event(), threading.Event()
+
+    def provider(prompt: list[BaseMessage]) -> AIMessage:
+        in_flight.set()
+        answer.wait(10)
+        return ai("too late", usage={"input_tokens": 10, "output_tokens": 5})
+
+    model = ScriptedChatModel(script=[provider], loop=True, model_name="gpt-4o")
+    handler = BudgetCallbackHandler(backend)
+    config: Any = {"callbacks": [handler], "metadata": {"thread_id": "raw-cancelled"}}
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(model.ainvoke("summarise " * 100, config, max_tokens=300), 0.5)
+        assert in_flight.is_set()
+    finally:
+        answer.set()
+    flush_pending(backend)
+    rows = backend.execute(_SPEND_ROWS, ("raw-cancelled",))
+    inp = bytes_bound([HumanMessage("summarise " * 100)])
+    worst = Pricing().rates("gpt-4o").worst_case_nanos(inp, 300)
+    assert [(r["state"], int(r["reserved_nanos"]), int(r["reserved_tokens"])) for r in rows] == [
+        ("reserved", worst, inp + 300)
+    ]
+    # A later call through the handler settles to its usage and forgets the lost one.
+    handler.forget_after = 0.0
+    quick = ScriptedChatModel(
+        script=[ai("ok", usage={"input_tokens": 7, "output_tokens": 2})], model_name="gpt-4o"
+    )
+    await quick.ainvoke("hi", config)
+    flush_pending(backend)
+    rows = backend.execute(_SPEND_ROWS, ("raw-cancelled",))
+    assert [(r["state"], r["input_tokens"], r["output_tokens"]) for r in rows][1:] == [
+        ("settled", 7, 2)
+    ]
+    assert handler._runs == {}
+
+
+def test_an_unwrapped_call_is_reserved_while_it_runs_and_settled_to_its_usage(
+    backend: Backend,
+) -> None:
+    # The reservation is booked when the call starts: a budgeted call of the same task made
+    # meanwhile sees it, and a call that never reports back stays counted.
+    seen: list[list[dict[str, Any]]] = []
+
+    def provider(prompt: list[BaseMessage]) -> AIMessage:
+        seen.append(backend.execute(_SPEND_ROWS, ("raw-live",)))
+        return ai("fine", usage={"input_tokens": 11, "output_tokens": 3})
+
+    model = ScriptedChatModel(script=[provider], model_name="gpt-4o")
+    handler = BudgetCallbackHandler(backend)
+    config: Any = {"callbacks": [handler], "metadata": {"thread_id": "raw-live"}}
+    model.invoke("hello", config, max_tokens=200)
+    inp = bytes_bound([HumanMessage("hello")])
+    assert [(r["state"], int(r["reserved_tokens"])) for r in seen[0]] == [("reserved", inp + 200)]
+    flush_pending(backend)
+    rows = backend.execute(_SPEND_ROWS, ("raw-live",))
+    assert [(r["state"], r["input_tokens"], r["output_tokens"]) for r in rows] == [
+        ("settled", 11, 3)
+    ]
+    assert handler._runs == {}
 
 
 def test_unknown_model_fails_fast_naming_it_and_how_to_price_it() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ from langchain.agents.middleware import (
 )
 from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
 from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage, ToolMessage
+from langchain_core.runnables import Runnable
 from langchain_core.tools import tool
 from langgraph.graph.message import REMOVE_ALL_MESSAGES
 from langgraph.prebuilt.tool_node import ToolCallRequest
@@ -1240,3 +1242,87 @@ def test_a_model_a_middleware_assigns_to_the_request_is_budgeted_too() -> None:
         out = agent.invoke({"messages": [HumanMessage("hi")]}, {"configurable": {"thread_id": "a"}})
     assert backup.calls == 0  # $0.001 cannot pay for a gpt-4o answer
     assert out["outcome"]["status"] == "budget_exhausted"
+
+
+def _swapping_agent(backend: Any, swapped: Any, tools: list[Any]) -> tuple[Any, Any]:
+    """An agent whose inner middleware swaps *swapped* into every model request."""
+
+    class Swap(AgentMiddleware[Any, Any, Any]):
+        def wrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
+            return handler(request.override(model=swapped))
+
+        async def awrap_model_call(self, request: Any, handler: Any) -> Any:
+            return await handler(request.override(model=swapped))
+
+    cost = CostEnvelopeMiddleware(Envelope(max_usd=1.0), backend=backend)
+    agent = create_agent(
+        ScriptedChatModel(script=[ai("from the primary")], model_name="gpt-4o-mini"),
+        tools,
+        middleware=[cost, Swap()],
+        checkpointer=backend.checkpointer,
+    )
+    return agent, cost
+
+
+@pytest.mark.parametrize("run", ["invoke", "ainvoke"])
+@pytest.mark.parametrize(
+    "tools", [pytest.param([], id="no-tools"), pytest.param([ping], id="tools")]
+)
+async def test_a_bound_model_a_middleware_swaps_in_is_budgeted_with_its_bindings(
+    run: str, tools: list[Any]
+) -> None:
+    """``request.override(model=backup.bind(...))``: a RunnableBinding, not a chat model. It
+    failed mid-run with a UserError (pass the unbound model to create_agent), a model the user
+    never passed there; the model inside is budgeted and the binding's kwargs still apply."""
+    answer = ai("word " * 400, usage={"input_tokens": 40, "output_tokens": 900})
+    backup = ScriptedChatModel(script=[answer], model_name="gpt-4o")
+    with open_backend("memory://") as backend:
+        agent, cost = _swapping_agent(backend, backup.bind(max_tokens=5), tools)
+        cfg: Any = {"configurable": {"thread_id": f"bound-{run}"}}
+        question = {"messages": [HumanMessage("hi")]}
+        out = agent.invoke(question, cfg) if run == "invoke" else await agent.ainvoke(question, cfg)
+        spend = cost.budgeted_model(ScriptedChatModel(model_name="gpt-4o-mini")).spend(cfg)
+    last = out["messages"][-1]
+    assert last.additional_kwargs["harness"]["budget"]["model"] == "gpt-4o"
+    assert last.response_metadata["finish_reason"] == "length"  # the bound max_tokens=5
+    assert (spend["calls"], spend["by_model"]["gpt-4o"]["output_tokens"]) == (1, 5)
+    assert backup.calls == 1
+
+
+class RoutedModel(Runnable[Any, Any]):
+    """A model picked per call, as ``init_chat_model(configurable_fields=...)`` does: a
+    Runnable that is no chat model, so the harness cannot put its wrapper around it."""
+
+    def __init__(self, model: ScriptedChatModel) -> None:
+        self.model = model
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+        return self.model.bind_tools(tools, **kwargs)
+
+    def invoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        return self.model.invoke(input, config, **kwargs)
+
+
+def test_a_model_the_budget_cannot_wrap_is_accounted_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A configurable model swapped in failed mid-run with a UserError; it runs, and its
+    reported usage is recorded in the task's ledger (as BudgetCallbackHandler records it)."""
+    routed = ScriptedChatModel(
+        script=[ai("from the router", usage={"input_tokens": 40, "output_tokens": 900})],
+        model_name="gpt-4o",
+    )
+    with open_backend("memory://") as backend:
+        agent, cost = _swapping_agent(backend, RoutedModel(routed), [])
+        cfg: Any = {"configurable": {"thread_id": "routed"}}
+        with caplog.at_level(logging.WARNING, logger="harness_nodes.middleware"):
+            out = agent.invoke({"messages": [HumanMessage("hi")]}, cfg)
+        spend = cost.budgeted_model(ScriptedChatModel(model_name="gpt-4o-mini")).spend(cfg)
+    assert out["messages"][-1].text == "from the router"
+    assert spend["by_model"]["gpt-4o"] == {
+        "input_tokens": 40,
+        "output_tokens": 900,
+        "usd": pytest.approx((40 * 2.5 + 900 * 10) / 1e6),
+        "calls": 1,
+    }
+    assert "RoutedModel" in caplog.text and "cannot wrap" in caplog.text
