@@ -51,7 +51,9 @@ def _documented(module: ModuleType) -> Iterator[tuple[str, Any]]:
     yield module.__name__, module
     exported = set(getattr(module, "__all__", ()))
     for name, obj in vars(module).items():
-        if name.startswith("_"):
+        # Not a name one imports: pydantic files a parametrized generic it builds at module
+        # level (`RunnableBinding[Any, Any]`, a base class) under its repr, in that module.
+        if name.startswith("_") or not name.isidentifier():
             continue
         # Defined here, or re-exported from a private module (``checkpointers._url``).
         if name not in exported and getattr(obj, "__module__", None) != module.__name__:
