@@ -336,7 +336,9 @@ def test_a_compiled_graph_is_rebound_to_the_runners_checkpointer(memory_backend:
 
 def test_recover_resumes_runs_whose_process_died(durable_url: str) -> None:
     with open_backend(durable_url) as backend:
-        with TaskRunner(backend, GRAPH, lease_seconds=0.5) as runner:
+        # The dead run's lease expired long ago, whatever the lease length: a lease long
+        # enough that the recovered run keeps its own on a loaded machine (heartbeats late).
+        with TaskRunner(backend, GRAPH, lease_seconds=5) as runner:
             # A run that died: its row says running, its lease expired long ago. And one
             # whose lease is still live (another process is on it): left alone.
             for key, expires in (("t-dead", 1.0), ("t-alive", time.time() + 60)):
