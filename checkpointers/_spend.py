@@ -763,6 +763,9 @@ class _SyncPending:
 class _AsyncPending:
     """An `AsyncBackend`'s pending settlements, flushed by a timer on the event loop."""
 
+    close_timeout = 10.0
+    """Seconds `close` waits for a flush in flight (the sync flusher's thread: the same)."""
+
     def __init__(self, backend: AsyncBackend) -> None:
         self.pending = PendingSettles()
         self.delay = SETTLE_DELAY
@@ -812,10 +815,14 @@ class _AsyncPending:
         """Let a flush in flight finish, cancel the timer, end the leases, write what is pending.
 
         Before the backend closes: a flush still writing when the connection closed under it
-        failed, and what it carried was kept pending in a store about to go away.
+        failed, and what it carried was kept pending in a store about to go away. A flush that
+        hangs (a database that stopped answering) is waited for `close_timeout` seconds, as
+        the sync flusher's thread is: closing must end.
         """
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, hung = await asyncio.wait(set(self._tasks), timeout=self.close_timeout)
+            if hung:
+                log.warning("a spend settlement flush did not finish in %gs", self.close_timeout)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

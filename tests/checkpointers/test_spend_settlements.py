@@ -215,6 +215,40 @@ async def test_closing_an_async_backend_while_its_flusher_writes_loses_nothing(
         assert _rows(reopened, "closing-async") == [{"state": "settled", "cost_nanos": COST}]
 
 
+@pytest.mark.anyio
+async def test_closing_an_async_backend_does_not_wait_for_a_hung_flush_forever(
+    durable_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The database stopped answering the flusher's write: close() waits for it a while (as
+    # the sync flusher's thread is joined with a timeout), then writes what is pending itself.
+    import asyncio
+
+    import checkpointers._spend as spend
+    from checkpointers import aopen_backend
+
+    backend = await aopen_backend(durable_url)
+    store = _async_pending(backend)
+    store.delay, store.close_timeout = 3600.0, 0.2
+    llm = budgeted(_model(), envelope=Envelope(max_usd=10), backend=backend)
+    await llm.ainvoke("hi", {"configurable": {"thread_id": "hung"}})
+    write, hung = spend._write_async, asyncio.Event()
+
+    async def first_write_hangs(*args: Any) -> None:
+        if not hung.is_set():
+            hung.set()
+            await asyncio.Event().wait()  # never answers
+        await write(*args)
+
+    monkeypatch.setattr(spend, "_write_async", first_write_hangs)
+    store._fire()
+    await asyncio.sleep(0)
+    with caplog.at_level("WARNING"):
+        await asyncio.wait_for(backend.close(), timeout=10)
+    assert hung.is_set() and "did not finish in 0.2s" in caplog.text
+    with open_backend(durable_url) as reopened:
+        assert _rows(reopened, "hung") == [{"state": "settled", "cost_nanos": COST}]
+
+
 async def _sleep(seconds: float) -> None:
     import anyio
 
