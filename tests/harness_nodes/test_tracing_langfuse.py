@@ -1089,35 +1089,9 @@ def test_a_drop_in_apps_next_task_does_not_score_the_stop_of_the_one_before_agai
     # (verification_failed), task 2 on the thread completes. The user's model node never
     # rewrites the outcome, so task 2's run ends with task 1's still in its state: that is
     # not task 2's outcome, and it must not be scored again as if it were.
-    from langchain_core.tools import tool
-    from langgraph.prebuilt import ToolNode, tools_condition
+    from harness_nodes import HarnessState
 
-    from harness_nodes import HarnessState, ToolContract, add_harness
-
-    @tool
-    def search(query: str) -> list[str]:
-        """Search."""
-        return [] if query == "x" else ["r"]
-
-    model = ScriptedChatModel(
-        script=[
-            ai(tool_calls=[tool_call("search", {"query": "x"})]),
-            ai(tool_calls=[tool_call("search", {"query": "y"})]),
-            ai("Found r."),
-        ]
-    )
-    builder = StateGraph(HarnessState)
-    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
-    builder.add_node("tools", ToolNode([search]))
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", tools_condition)
-    builder.add_edge("tools", "agent")
-    add_harness(
-        builder,
-        model_node="agent",
-        tools_node="tools",
-        contracts={"search": ToolContract(max_retries=0)},
-    )
+    builder = traced_task.drop_in_two_tasks(HarnessState)
     graph = builder.compile(checkpointer=InMemorySaver())
 
     def outcomes() -> list[Any]:

@@ -229,37 +229,9 @@ def test_a_drop_in_apps_next_task_is_not_reported_with_the_stop_of_the_one_befor
     # outcome the stop left in the state; the trace, the runs list and the report must not
     # take it for task 2's.
     from langchain_core.messages import HumanMessage
-    from langchain_core.tools import tool
-    from langgraph.graph import START, MessagesState, StateGraph
-    from langgraph.prebuilt import ToolNode, tools_condition
+    from langgraph.graph import MessagesState
 
-    from harness_nodes import ToolContract, add_harness
-    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
-
-    @tool
-    def search(query: str) -> list[str]:
-        """Search."""
-        return [] if query == "x" else ["r"]
-
-    model = ScriptedChatModel(
-        script=[
-            ai(tool_calls=[tool_call("search", {"query": "x"})]),  # task 1: empty, no retry
-            ai(tool_calls=[tool_call("search", {"query": "y"})]),  # task 2: fine
-            ai("Found r."),
-        ]
-    )
-    builder = StateGraph(MessagesState)
-    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
-    builder.add_node("tools", ToolNode([search]))
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", tools_condition)
-    builder.add_edge("tools", "agent")
-    add_harness(
-        builder,
-        model_node="agent",
-        tools_node="tools",
-        contracts={"search": ToolContract(max_retries=0)},
-    )
+    builder = traced_task.drop_in_two_tasks(MessagesState)
     graph = builder.compile(checkpointer=backend.checkpointer)
     cfg = {"configurable": {"thread_id": "drop-in"}}
     graph.invoke({"messages": [HumanMessage("q1")]}, cfg, durability="sync")

@@ -203,3 +203,40 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def drop_in_two_tasks(state_schema: Any) -> StateGraph[Any]:
+    """A user's ReAct loop with `add_harness` whose first task stops and whose second completes.
+
+    Task 1: `search` comes back empty and the contract allows no retry (verification_failed);
+    task 2, the user's next question on the thread: `search` finds "r", the model answers.
+    """
+    from langgraph.prebuilt import tools_condition
+
+    from harness_nodes import ToolContract, add_harness
+
+    @tool
+    def search(query: str) -> list[str]:
+        """Search."""
+        return [] if query == "x" else ["r"]
+
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("search", {"query": "x"})]),  # task 1: empty, no retry
+            ai(tool_calls=[tool_call("search", {"query": "y"})]),  # task 2: fine
+            ai("Found r."),
+        ]
+    )
+    builder: StateGraph[Any] = StateGraph(state_schema)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([search]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    add_harness(
+        builder,
+        model_node="agent",
+        tools_node="tools",
+        contracts={"search": ToolContract(max_retries=0)},
+    )
+    return builder
