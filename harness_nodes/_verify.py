@@ -574,7 +574,50 @@ def signal_reasons(signals: ErrorSignals, payload: Any, text: str, structured: b
         return []
     reasons: list[str] = []
     _field_reasons(signals, fields, "", signals.envelope_depth, reasons)
-    return reasons
+    return reasons or _message_reasons(signals, fields)
+
+
+# What an error object holds beside its message: where to read about it, which request it
+# was, when, which kind (GitHub, Twilio, RFC 9457 problem details, Spring).
+_ERROR_REFERENCES = frozenset(
+    {"documentation_url", "more_info", "request_id", "requestId", "type", "instance", "title"}
+    | {"timestamp", "path"}
+)
+# The whole message is an HTTP reason phrase (API Gateway's {"message": "Forbidden"}, Django
+# REST framework's {"detail": "Not found."}).
+_REASON_PHRASE = re.compile(
+    r"\s*(?:bad request|unauthori[sz]ed|forbidden|not found|method not allowed|request timeout"
+    r"|payload too large|unprocessable (?:entity|content)|too many requests"
+    r"|internal server error|bad gateway|service unavailable|gateway timeout"
+    r"|missing authentication token)\s*[.!]?\s*",
+    re.IGNORECASE,
+)
+
+
+def _message_reasons(signals: ErrorSignals, fields: Mapping[Any, Any]) -> list[str]:
+    """An object that is only an error message (see `ErrorSignals.message_keys`)."""
+    allowed = signals.message_keys | signals.code_keys | signals.status_keys | _ERROR_REFERENCES
+    if not fields or not all(isinstance(k, str) and k in allowed for k in fields):
+        return []
+    for key in fields:
+        value = fields[key]
+        if key not in signals.message_keys:
+            continue
+        if isinstance(value, str) and value.strip():
+            if (
+                "documentation_url" in fields
+                or _REASON_PHRASE.fullmatch(value)
+                or _text_reasons(signals, value)
+            ):
+                return [f"the output is an error message: {key}={excerpt(value)}"]
+        elif (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, Mapping) and "msg" in v and "loc" in v for v in value)
+        ):
+            # FastAPI's validation error: {"detail": [{"loc": [...], "msg": ..., "type": ...}]}
+            return [f"the output is a validation error: {key}={excerpt(value)}"]
+    return []
 
 
 def _text_reasons(signals: ErrorSignals, text: str) -> list[str]:
@@ -660,8 +703,22 @@ def _field_reasons(
             reasons.append(f"the output reports an error status: {path}={value!r}")
         elif depth > 0 and key in signals.envelope_keys:
             inner = _fields_of(value)
+            if inner is None and isinstance(value, str):
+                inner = _json_object(value)  # a JSON body sent as text
             if inner is not None:
                 _field_reasons(signals, inner, path + ".", depth - 1, reasons)
+
+
+def _json_object(text: str) -> Mapping[Any, Any] | None:
+    """The object a JSON text holds, else None (any other text is data)."""
+    stripped = text.strip()
+    if not (stripped.startswith("{") and stripped.endswith("}")):
+        return None
+    try:
+        value = json.loads(stripped)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _is_zero(value: Any) -> bool:

@@ -194,7 +194,9 @@ class ErrorSignals:
     {"error": "quota exceeded"}}`` fails with the reason ``response.error='quota exceeded'``.
     A wrapped record's status and codes are data (``{"data": {"status": "failed"}}`` is an
     order that failed; ``{"response": {"status_code": 404}}`` the page an HTTP tool fetched),
-    as are a list (jobs, some of which have ``"status": "failed"``) and any other key.
+    as are a list (jobs, some of which have ``"status": "failed"``) and any other key. An
+    object that is only an error message (`message_keys`) fails when the message reads like
+    an error: ``{"message": "Forbidden"}``.
 
     Plain text is checked where an error message puts its words: its first line, and the
     start of any other line or right after an error's label opening it (``Error: Rate limit
@@ -226,19 +228,47 @@ class ErrorSignals:
     status_keys: frozenset[str] = frozenset({"status", "state", "outcome", "result"})
     """Top-level keys whose text value is compared with `failed_statuses`."""
     failed_statuses: frozenset[str] = frozenset(
-        {"error", "failed", "failure", "fail", "errored", "timeout", "timed_out", "rate_limited"}
+        {
+            "error",
+            "failed",
+            "failure",
+            "fail",
+            "errored",
+            "timeout",
+            "timed_out",
+            "rate_limited",
+            # gRPC's canonical codes as Google's JSON APIs spell them, where they cannot be
+            # a record's state ("unavailable", "cancelled" and "not_found" can).
+            "deadline_exceeded",
+            "resource_exhausted",
+            "permission_denied",
+            "unauthenticated",
+        }
     )
     """Status values (lower-cased) that mean the call failed."""
     success_flags: frozenset[str] = frozenset({"success", "ok", "succeeded"})
     """Keys whose ``false`` value (or the text ``"false"``, ``"no"``, ``"0"``) means it failed
     (at the top level or in an envelope)."""
-    code_keys: frozenset[str] = frozenset({"status_code", "statusCode", "http_status", "code"})
+    code_keys: frozenset[str] = frozenset(
+        {"status_code", "statusCode", "http_status", "code", "status"}
+    )
     """Top-level keys whose value is an HTTP error status (400-599, as a number or a string
-    such as ``"500"``) mean the call failed."""
+    such as ``"500"``) mean the call failed: ``{"code": 20404, "message": "...", "status":
+    404}`` (Twilio), ``{"title": "Not Found", "status": 404}`` (RFC 9457 problem details)."""
+    message_keys: frozenset[str] = frozenset({"message", "Message", "msg", "detail"})
+    """Keys of the message in an object that is only an error message, with no data beside
+    it (only these keys, `code_keys`, `status_keys` and an error's references such as
+    ``documentation_url``, ``request_id``, ``type``): it fails when the message reads like an
+    error (`text_patterns`, or an HTTP reason phrase such as ``"Forbidden"`` or ``"Not
+    Found"``), or when a ``documentation_url`` names the error (GitHub's ``{"message": "Bad
+    credentials", "documentation_url": ...}``). API Gateway's ``{"message": "Forbidden"}``
+    fails; ``{"message": "Email sent"}`` and a log record's ``{"level": "error", "message":
+    "Request timed out"}`` (data beside it) are answers."""
     envelope_keys: frozenset[str] = frozenset({"data", "result", "response", "body", "payload"})
     """Keys whose object value wraps the answer: its `error_keys` and `success_flags` are
     checked (not its status or codes, which are the wrapped record's data; a list under such
-    a key is data and is not looked into)."""
+    a key is data and is not looked into). A JSON object sent as text is read as the object:
+    a Lambda proxy's ``{"statusCode": 200, "body": "{\\"error\\": \\"...\\"}"}``."""
     envelope_depth: int = 2
     """How many envelopes deep the checks go: 2 reads ``response.body.error``; 0 reads the
     top-level keys only."""
@@ -288,6 +318,7 @@ class ErrorSignals:
             "failed_statuses",
             "success_flags",
             "code_keys",
+            "message_keys",
             "envelope_keys",
         ):
             value = getattr(self, name)

@@ -201,6 +201,61 @@ FAILURES = [
         "the output carries an error: response.body.errors=['token expired']",
         ToolContract(),
     ),
+    # the error bodies of well-known APIs, each sent with a "successful" tool call
+    Case(
+        "twilio-error",
+        {"code": 20404, "message": "The requested resource was not found", "status": 404},
+        "the output reports an error status: status=404",
+        ToolContract(),
+    ),
+    Case(
+        "problem-details",
+        {"type": "about:blank", "title": "Not Found", "status": 404, "detail": "no order 7"},
+        "the output reports an error status: status=404",
+        ToolContract(),
+    ),
+    Case(
+        "github-error",
+        {"message": "Bad credentials", "documentation_url": "https://docs.github.com/rest"},
+        "the output is an error message: message='Bad credentials'",
+        ToolContract(),
+    ),
+    Case(
+        "api-gateway-forbidden",
+        {"message": "Forbidden"},
+        "the output is an error message: message='Forbidden'",
+        ToolContract(),
+    ),
+    Case(
+        "api-gateway-timeout",
+        {"message": "Endpoint request timed out"},
+        "the output is an error message: message='Endpoint request timed out'",
+        ToolContract(),
+    ),
+    Case(
+        "django-rest-not-found",
+        {"detail": "Not found."},
+        "the output is an error message: detail='Not found.'",
+        ToolContract(),
+    ),
+    Case(
+        "fastapi-validation-error",
+        {"detail": [{"loc": ["body", "city"], "msg": "Field required", "type": "missing"}]},
+        "the output is a validation error: detail=",
+        ToolContract(),
+    ),
+    Case(
+        "grpc-deadline",
+        {"status": "DEADLINE_EXCEEDED", "message": "deadline exceeded after 30s"},
+        "the output reports a failure: status='DEADLINE_EXCEEDED'",
+        ToolContract(),
+    ),
+    Case(
+        "lambda-proxy-json-body",
+        {"statusCode": 200, "body": '{"error": "card declined"}'},
+        "the output carries an error: body.error='card declined'",
+        ToolContract(),
+    ),
     Case(
         "rate-limit-text",
         "Rate limit exceeded, retry in 30s",
@@ -429,6 +484,22 @@ def test_schema_feedback_says_what_is_needed() -> None:
             id="an-http-fetch-of-a-missing-page",
         ),
         pytest.param({"result": {"state": "timeout"}}, ToolContract(), id="a-timed-out-job"),
+        # a message is an error only when nothing else is there and it reads like one
+        pytest.param({"message": "Email sent"}, ToolContract(), id="a-confirmation-message"),
+        pytest.param(
+            {"level": "error", "message": "Request timed out", "ts": 1},
+            ToolContract(),
+            id="a-log-record-of-an-error",
+        ),
+        pytest.param({"id": 3, "message": "Not Found"}, ToolContract(), id="a-chat-message"),
+        pytest.param({"status": 200, "items": [1]}, ToolContract(), id="an-ok-status"),
+        pytest.param({"status": "unavailable"}, ToolContract(), id="a-product-out-of-stock"),
+        pytest.param(
+            {"statusCode": 200, "body": '{"items": [1]}'}, ToolContract(), id="a-json-body"
+        ),
+        pytest.param(
+            {"statusCode": 200, "body": "{ not json }"}, ToolContract(), id="a-braced-text-body"
+        ),
         # an empty list beside data, or beside counts that say there is data, is not empty
         pytest.param({"count": 0}, ToolContract(), id="a-zero-count-is-an-answer"),
         pytest.param(
@@ -864,6 +935,11 @@ class Item(BaseModel):
             lambda: ErrorSignals(envelope_keys="data"),  # type: ignore[arg-type]
             "envelope_keys must be a set of strings, not a str",
             id="envelope-keys-str",
+        ),
+        pytest.param(
+            lambda: ErrorSignals(message_keys="message"),  # type: ignore[arg-type]
+            "message_keys must be a set of strings, not a str",
+            id="message-keys-str",
         ),
         pytest.param(
             lambda: VerifyToolOutputs({"t": {"max_retries": 1}}),
