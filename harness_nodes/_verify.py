@@ -596,8 +596,10 @@ _REASON_PHRASE = re.compile(
 
 def _message_reasons(signals: ErrorSignals, fields: Mapping[Any, Any]) -> list[str]:
     """An object that is only an error message (see `ErrorSignals.message_keys`)."""
+    if not any(k in fields for k in signals.message_keys):
+        return []
     allowed = signals.message_keys | signals.code_keys | signals.status_keys | _ERROR_REFERENCES
-    if not fields or not all(isinstance(k, str) and k in allowed for k in fields):
+    if not all(isinstance(k, str) and k in allowed for k in fields):
         return []
     for key in fields:
         value = fields[key]
