@@ -598,7 +598,9 @@ def _message_reasons(signals: ErrorSignals, fields: Mapping[Any, Any]) -> list[s
     """An object that is only an error message (see `ErrorSignals.message_keys`)."""
     if not any(k in fields for k in signals.message_keys):
         return []
-    allowed = signals.message_keys | signals.code_keys | signals.status_keys | _ERROR_REFERENCES
+    # A status beside the message is the call's own word (a failed one was read already):
+    # {"status": "sent", "message": "Sorry, the request timed out"} echoes what was sent.
+    allowed = signals.message_keys | (signals.code_keys - signals.status_keys) | _ERROR_REFERENCES
     if not all(isinstance(k, str) and k in allowed for k in fields):
         return []
     for key in fields:

@@ -492,6 +492,11 @@ def test_schema_feedback_says_what_is_needed() -> None:
             id="a-log-record-of-an-error",
         ),
         pytest.param({"id": 3, "message": "Not Found"}, ToolContract(), id="a-chat-message"),
+        pytest.param(
+            {"status": "sent", "message": "Sorry, the request timed out."},
+            ToolContract(),
+            id="a-sent-message-echoed",
+        ),
         pytest.param({"status": 200, "items": [1]}, ToolContract(), id="an-ok-status"),
         pytest.param({"status": "unavailable"}, ToolContract(), id="a-product-out-of-stock"),
         pytest.param(
