@@ -19,6 +19,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields as dataclass_fields
 from dataclasses import is_dataclass
 from typing import Any
 from uuid import UUID
@@ -28,6 +29,7 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import merge_configs
+from langgraph.types import Command
 from pydantic import BaseModel
 
 from harness_nodes._events import EVENT_PREFIX
@@ -376,7 +378,10 @@ class Masker:
         if isinstance(data, BaseModel):
             return self._mask(data.model_dump(), depth + 1, chat)
         if is_dataclass(data) and not isinstance(data, type):
-            return self._mask(vars(data), depth + 1, chat)
+            # Its fields, as `dataclasses.asdict` reads them: `vars()` misses a slots
+            # dataclass's (LangGraph's Command showed as {}).
+            fields = {f.name: getattr(data, f.name) for f in dataclass_fields(data)}
+            return self._mask(fields, depth + 1, chat)
         if isinstance(data, set | frozenset):
             return [self._mask(v, depth + 1, chat) for v in data]  # a list in JSON
         if isinstance(data, bytes | bytearray):
@@ -1017,13 +1022,20 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
                     traced.update(_trace_attributes(str(traced["thread_id"]), traced))
                 # The root's metadata becomes trace attributes, which Langfuse does not mask.
                 traced = self._masker(data=traced)
+                own = _root_metadata(tags, traced)
+                if isinstance(inputs, Command):
+                    # A resumed leg: Langfuse shows the latest leg's root input as the trace's
+                    # input, so the resume value goes in the leg's metadata and the trace keeps
+                    # the task's request.
+                    own.update(_command_fields(inputs))
+                    inputs = None
                 self._start(
                     run_id,
                     None,
                     name,
                     kind,
                     input=inputs,
-                    metadata=_root_metadata(tags, traced),
+                    metadata=own,
                     level=level,
                     root_metadata=metadata,
                     root_tags=tags,
@@ -1820,6 +1832,18 @@ def _strip_langfuse_keys(
         for key in _LANGFUSE_TRACE_KEYS:
             metadata.pop(key, None)
     return metadata
+
+
+def _command_fields(command: Command[Any]) -> dict[str, Any]:
+    """What a `Command` starting a leg carries: ``resume``, ``update``, ``goto`` when set."""
+    fields: dict[str, Any] = {}
+    if command.resume is not None:
+        fields["resume"] = command.resume
+    if command.update is not None:
+        fields["update"] = command.update
+    if command.goto:
+        fields["goto"] = command.goto
+    return fields
 
 
 def _root_metadata(

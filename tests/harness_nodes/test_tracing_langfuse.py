@@ -106,6 +106,13 @@ def test_a_task_is_one_trace_with_guardrails_generations_events_and_scores(
     roots = _roots(spans)
     assert len(roots) == 2
     assert all(s.attributes["session.id"] == "lf-1" for s in spans)
+    # Langfuse shows the latest leg's root input as the trace's input: the resumed leg's root
+    # carries the reviewer's answer in its metadata, so the trace keeps the task's request
+    first, resumed = sorted(roots, key=lambda s: s.start_ns)
+    assert first.attr("input")["messages"][0]["content"] == "Refund order 42, it arrived broken."
+    assert resumed.attr("input") is None
+    ((decision,),) = resumed.attr("metadata.resume").values()  # interrupt id → decisions
+    assert (decision["type"], decision["reviewer"]) == ("approve", "alice")
     assert all("refunds" in s.attributes["langfuse.trace.tags"] for s in spans)
 
     # verdicts → guardrail observations, under the node that ran the check
@@ -940,16 +947,25 @@ def test_masker_masks_at_every_depth_and_in_every_container() -> None:
         user: str
         password: str
 
+    class Base:  # no __slots__: its instances have a __dict__, empty here
+        pass
+
+    @dataclass(slots=True)
+    class Slotted(Base):  # as LangGraph's Command is
+        resume: Any
+
     secret = "sk-abcdefghijklmnop1234"
     mask = Masker(sensitive_fields=["card_number"])
     data = {
         "calls": [{"args": {"Card_Number": "4111", "note": f"key {secret}"}}, (f"x {secret}", 1)],
         "login": Login("ann", "hunter22"),
+        "slotted": Slotted({"password": "hunter22", "ok": True}),
         7: [True, None, 2.5, "short", {"token": ["a", "b"]}],
     }
     assert mask(data=data) == {
         "calls": [{"args": {"Card_Number": "***", "note": "key ***"}}, ["x ***", 1]],
         "login": {"user": "ann", "password": "***"},
+        "slotted": {"resume": {"password": "***", "ok": True}},
         7: [True, None, 2.5, "short", {"token": "***"}],
     }
 
