@@ -93,6 +93,10 @@ class Faults:
             return cls()
         if isinstance(value, Faults):
             return value
+        if not isinstance(value, Mapping):
+            raise UserError(
+                f'faults must be an object of flag → value, e.g. {{"runaway": true}}, got {value!r}'
+            )
         known = {f.name for f in fields(cls) if not f.name.startswith("_")}
         unknown = sorted(set(value) - known)
         if unknown:

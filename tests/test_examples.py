@@ -164,3 +164,18 @@ def test_readme_budget_example_ends_budget_exhausted_when_another_worker_takes_t
     assert out["outcome"]["partial_result"]  # the task's result so far is kept
     refused = out["messages"][-2].additional_kwargs["harness"]["budget"]
     assert refused["stopped"]["limit"] == "usd" and refused["model"] is None  # the race happened
+
+
+def test_the_readmes_async_example_runs_again_in_the_same_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reader runs it twice: the second run reused the finished thread, whose next task
+    # asked the one-answer scripted model again (ScriptExhausted).
+    [code] = [
+        p.values[0]
+        for p in EXAMPLES
+        if str(p.id).startswith("README.md:") and "aopen_backend(" in str(p.values[0])
+    ]
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        exec(compile(str(code), "<example>", "exec"), {"__name__": "__example__"})

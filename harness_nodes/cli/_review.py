@@ -17,9 +17,7 @@ serve`` lives in ``_inbox.py``).
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
@@ -62,7 +60,9 @@ ReviewerOption = Annotated[
 
 
 def _reviewer(name: str | None) -> str:
-    return name or os.environ.get("HARNESS_REVIEWER") or getpass.getuser()
+    from harness_nodes.cli._run import reviewer_name
+
+    return reviewer_name(name)
 
 
 def _graph(backend: Any, spec: str | None, thread_id: str | None) -> Any:
@@ -110,13 +110,16 @@ def _queue(db: str | None, graph: str | None, review_id: str) -> Iterator[Review
         yield ReviewQueue(backend, _graph(backend, graph, item.thread_id))
 
 
-def _summary(item: ReviewItem) -> str:
+def _summary(item: ReviewItem, width: int | None = 70) -> str:
+    """The calls waiting, ``action(key=value, ...)`` each; cut at *width* (None: whole)."""
     calls = [
-        f"{r['action_request']['action']}({json.dumps(r['action_request']['args'])[1:-1]})"
+        f"{r['action_request']['action']}("
+        + ", ".join(f"{k}={json.dumps(v)}" for k, v in r["action_request"]["args"].items())
+        + ")"
         for r in item.requests
     ]
     text = ", ".join(calls)
-    return text if len(text) <= 70 else text[:69] + "…"
+    return text if width is None or len(text) <= width else text[: width - 1] + "…"
 
 
 @review_app.command("list")
@@ -128,7 +131,7 @@ def list_reviews(
     older_than: Annotated[
         float | None, typer.Option("--older-than", help="Only items waiting this many seconds")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit")] = 50,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="How many items.")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
 ) -> None:
     """List pending reviews across all threads, oldest first."""
@@ -149,7 +152,7 @@ def list_reviews(
                         "risk": it.risk,
                         "assignee": it.assignee,
                         "age_s": round(it.age, 1),
-                        "calls": _summary(it),
+                        "calls": _summary(it, None),
                     }
                 )
             )
@@ -159,7 +162,8 @@ def list_reviews(
         return
     table = Table(title=f"{len(items)} pending review(s)")
     for col in ("id", "thread", "task type", "reason", "risk", "assignee", "age", "calls"):
-        table.add_column(col)
+        # ids are what the other commands take: folded onto more lines, never cut
+        table.add_column(col, overflow="fold" if col in ("id", "thread") else "ellipsis")
     for it in items:
         table.add_row(
             *(escape(v) for v in (it.id, it.thread_id, it.task_type, it.reason, it.risk)),
@@ -187,6 +191,8 @@ def show(
             detail = ReviewQueue(backend, _graph(backend, graph, item.thread_id)).show(review_id)
             trace, tree = detail.trace, detail.tree
         except UserError:
+            if graph is not None:
+                raise  # the graph asked for could not be loaded: say so
             # No graph given or recorded: the excerpt the request carries, and the decision
             # tree rebuilt from the checkpoints alone.
             trace = item.requests[0]["trace"]["steps"]

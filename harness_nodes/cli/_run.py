@@ -256,6 +256,8 @@ def run_graph(
     narrator = narrator or Narrator(console)
     thread = thread_id or f"{graph_name.rsplit('.', 1)[-1]}-{uuid.uuid4().hex[:8]}"
     with opened_graph(db, graph_name, args or {}, model, thread) as target:
+        if thread_id is not None:
+            _refuse_existing(target, thread)
         module = load_graph_module(graph_name)
         text = task or getattr(module, "DEFAULT_TASK", None)
         if not text:
@@ -271,6 +273,26 @@ def run_graph(
             _queue(target).sync(thread)
     narrator.end(state)
     return state
+
+
+def _refuse_existing(target: RunTarget, thread_id: str) -> None:
+    """Refuse to start a task on a thread that already holds one.
+
+    A thread's checkpoints, ledgers and review items are one task's; ``harness resume``
+    carries a thread on.
+    """
+    config: Any = {"configurable": {"thread_id": thread_id}}
+    if target.backend.checkpointer.get_tuple(config) is None:
+        return
+    snapshot = target.graph.get_state(config)
+    graph = str(run_metadata(target.backend, thread_id).get(META_GRAPH) or "another graph")
+    if snapshot.interrupts:
+        where = "is paused for review: decide with `harness review`, or `harness resume`"
+    elif snapshot.tasks:
+        where = f"stopped mid-run: `harness resume {thread_id}` carries it on"
+    else:
+        where = "has finished: start a new task on a new --thread (or leave it out)"
+    raise UserError(f"Thread {thread_id!r} already holds a {graph} task, which {where}")
 
 
 def _queue(target: RunTarget) -> Any:
@@ -352,7 +374,7 @@ def resume_thread(
     narrator = narrator or Narrator(console)
     config = {"configurable": {"thread_id": thread_id}}
     with open_existing(db) as backend:  # nothing to carry on in a database that is not there
-        managed = resume_managed(backend, thread_id, resume, reviewer or _user())
+        managed = resume_managed(backend, thread_id, resume, reviewer_name(reviewer))
         if managed is not None:  # a TaskRunner task: resumed under its lease
             return managed
         meta = run_metadata(backend, thread_id)
@@ -365,6 +387,10 @@ def resume_thread(
         snapshot = target.graph.get_state(config)
         # `tasks`, not `next`: `next` omits tasks whose writes were saved before a crash cut
         # their step short, and those writes still have to be applied by resuming.
+        if not snapshot.tasks and resume is not None:
+            raise UserError(
+                f"Thread {thread_id!r} has already finished: there is no pause to decide"
+            )
         if not snapshot.tasks:
             narrator.note(f"thread {thread_id} has already finished")
             state = dict(snapshot.values)
@@ -376,10 +402,15 @@ def resume_thread(
                 f"Thread {thread_id!r} is paused for review: decide with `harness review`, "
                 "or pass --decision JSON"
             )
+        if not snapshot.interrupts and resume is not None:
+            raise UserError(
+                f"Thread {thread_id!r} is not paused for review (it stopped mid-run): "
+                f"`harness resume {thread_id}` without --decision carries it on"
+            )
         narrator.note(f"resuming thread {thread_id} ({graph_name})")
         decided = None
         if snapshot.interrupts and resume is not None:
-            decided = decide_pending(target, resume, reviewer or _user(), narrator)
+            decided = decide_pending(target, resume, reviewer_name(reviewer), narrator)
         if decided is not None:
             state = decided
         else:
@@ -391,9 +422,15 @@ def resume_thread(
     return state
 
 
-def _user() -> str:
+def reviewer_name(name: str | None = None) -> str:
+    """Who decides: *name*, else ``$HARNESS_REVIEWER``, else the login name."""
+    if name:
+        return name
     import getpass
+    import os
 
+    if os.environ.get("HARNESS_REVIEWER"):
+        return os.environ["HARNESS_REVIEWER"]
     try:
         return getpass.getuser()
     except Exception:  # no login name in some containers
@@ -469,7 +506,8 @@ def resume(
     ] = None,
     model: ModelOption = None,
     reviewer: Annotated[
-        str | None, typer.Option("--reviewer", help="Who decides (default: the login name)")
+        str | None,
+        typer.Option("--reviewer", help="Who decides (default: $HARNESS_REVIEWER or your login)"),
     ] = None,
 ) -> None:
     """Resume a task from its last checkpoint (after a crash or a pause)."""

@@ -162,7 +162,8 @@ def runs(
         return
     table = Table(title="recent runs")
     for col in ("thread", "task type", "status", "cost", "duration", "started (UTC)"):
-        table.add_column(col)
+        # a thread id is what `harness show` takes: folded onto more lines, never cut
+        table.add_column(col, overflow="fold" if col == "thread" else "ellipsis")
     for r in rows:
         table.add_row(
             escape(r.thread_id),
@@ -178,7 +179,7 @@ def runs(
 @app.command()
 def report(
     db: DbOption = None,
-    top: Annotated[int, typer.Option(help="How many failure reasons / tools to list.")] = 5,
+    top: Annotated[int, typer.Option(min=1, help="How many failure reasons / tools to list.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Reliability across runs: completion, outcomes, failures, escalations, cost per type."""

@@ -130,6 +130,41 @@ def test_unknown_review_and_unusable_graph_are_one_line(
     code, _, err = _cli(capsys, "review", "approve", rid, "--db", db, "--graph", "json:dumps")
     assert code == 2 and "--graph" in err
     assert _status(db, rid) == ("pending", None)
+    # show with a graph that cannot be loaded says so too (it fell back without one, exit 0)
+    code, out, err = _cli(capsys, "review", "show", rid, "--db", db, "--graph", "nosuch.mod:x")
+    assert code == 2 and "nosuch" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_review_list_needs_a_positive_limit(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _pause(db, "t-1")
+    for limit in ("0", "-1"):  # 0 said "no pending reviews"; -1 broke Postgres's LIMIT
+        code, out, err = _cli(capsys, "review", "list", "--db", db, "--limit", limit)
+        assert code == 2 and "--limit" in err and not out, (limit, err)
+    code, out, _ = _cli(capsys, "review", "list", "--db", db, "--limit", "1", "--json")
+    assert code == 0 and len(out.splitlines()) == 1
+
+
+def _column(table: str, index: int) -> str:
+    """The text of one column of a one-row rich table, its folded lines joined."""
+    rows = [line.split("│")[1:-1] for line in table.splitlines() if line.startswith("│")]
+    return "".join(cells[index].strip() for cells in rows)
+
+
+def test_ids_in_the_tables_are_never_cut(
+    db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The commands that take an id take it whole: an 80-column table showed "7c2c1c2e…".
+    monkeypatch.setenv("COLUMNS", "80")
+    thread = "support-a-rather-long-thread-id-0123456789"
+    [rid] = _pause(db, thread)
+    code, out, _ = _cli(capsys, "review", "list", "--db", db)
+    assert code == 0
+    assert _column(out, 0) == rid and _column(out, 1) == thread
+    code, out, _ = _cli(capsys, "runs", "--db", db)
+    assert code == 0 and _column(out, 0) == thread
+    # --json gives every call whole, as key=value
+    code, out, _ = _cli(capsys, "review", "list", "--db", db, "--json")
+    assert json.loads(out)["calls"] == 'refund(order="A1", amount=250)'
 
 
 def test_graph_factories_get_the_backend_by_keyword(

@@ -170,6 +170,57 @@ def test_resume_of_a_finished_thread_says_so(capsys: pytest.CaptureFixture[str],
     code, out, _ = _cli(capsys, "resume", "d2", "--db", db)
     assert code == 0
     assert "thread d2 has already finished" in out and "completed" in out
+    # a decision for a thread with nothing to decide is refused, not dropped
+    code, out, err = _cli(capsys, "resume", "d2", "--db", db, "--decision", '{"type": "approve"}')
+    assert code == 2
+    assert "Thread 'd2' has already finished: there is no pause to decide" in _one_line_error(err)
+
+
+def test_a_decision_for_a_thread_that_stopped_mid_run_is_refused(
+    capsys: pytest.CaptureFixture[str], db: str
+) -> None:
+    args = '{"faults": {"crash_at_turn": 1}}'
+    code, _, _ = _cli(capsys, "run", "research", "--db", db, "--thread", "c1", "--args", args)
+    assert code == 2  # the simulated crash: its checkpoints are kept
+    code, _, err = _cli(capsys, "resume", "c1", "--db", db, "--decision", '{"type": "approve"}')
+    assert code == 2
+    assert "Thread 'c1' is not paused for review (it stopped mid-run)" in _one_line_error(err)
+    code, out, _ = _cli(capsys, "resume", "c1", "--db", db)
+    assert code == 0 and "completed" in out
+
+
+def test_run_on_a_thread_that_holds_a_task_is_refused(
+    capsys: pytest.CaptureFixture[str], db: str
+) -> None:
+    # A run on an existing thread ran the other graph on its conversation (the support
+    # ticket became a research query) or dropped its pending pause.
+    assert _cli(capsys, "run", "support", "--db", db, "--thread", "t1")[0] == 0  # paused
+    code, out, err = _cli(capsys, "run", "research", "--db", db, "--thread", "t1")
+    assert code == 2
+    line = _one_line_error(err)
+    assert "Thread 't1' already holds a support task, which is paused for review" in line
+    assert "research" not in out
+    assert _cli(capsys, "run", "documents", "--db", db, "--thread", "t2")[0] == 0  # finished
+    code, _, err = _cli(capsys, "run", "documents", "--db", db, "--thread", "t2")
+    assert code == 2
+    assert "which has finished: start a new task on a new --thread" in _one_line_error(err)
+    with open_backend(db) as backend:
+        state = backend.checkpointer.get_tuple({"configurable": {"thread_id": "t1"}})
+        pending = backend.execute(
+            "SELECT id FROM harness_reviews WHERE thread_id = 't1' AND status = 'pending'"
+        )
+    assert state is not None
+    assert state.checkpoint["channel_values"]["task"]["task_type"] == "support"  # untouched
+    assert len(pending) == 1
+
+
+def test_resume_takes_the_reviewer_from_the_environment(
+    capsys: pytest.CaptureFixture[str], db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HARNESS_REVIEWER", "carol")
+    assert _cli(capsys, "run", "support", "--db", db, "--thread", "r1")[0] == 0
+    code, out, _ = _cli(capsys, "resume", "r1", "--db", db, "--decision", '{"type": "approve"}')
+    assert code == 0 and "carol decided approve on review" in out
 
 
 def test_runaway_loop_is_stopped_by_the_budget(capsys: pytest.CaptureFixture[str], db: str) -> None:
@@ -249,6 +300,11 @@ ERROR_CASES = [
         ["run", "support", "--args", "{faults: yes}"],
         "error: --args is not valid JSON",
         id="malformed-args-json",
+    ),
+    pytest.param(
+        ["run", "support", "--args", '{"faults": "yes"}'],
+        "error: faults must be an object of flag → value",
+        id="faults-not-an-object",  # was read letter by letter: "Unknown fault flag(s) e, s, y"
     ),
     pytest.param(
         ["run", "support", "--args", "[1, 2]"],
@@ -347,3 +403,10 @@ def test_errors_show_a_traceback_with_debug(capsys: pytest.CaptureFixture[str]) 
 
     with pytest.raises(UnknownGraph):
         main(["--debug", "run", "reserch"])
+
+
+def test_report_needs_a_positive_top(capsys: pytest.CaptureFixture[str], db: str) -> None:
+    assert _cli(capsys, "run", "documents", "--db", db, "--thread", "d9")[0] == 0
+    for top in ("0", "-1"):  # hid the failure tables without a word
+        code, out, err = _cli(capsys, "report", "--db", db, "--top", top)
+        assert code == 2 and "--top" in err and not out, (top, err)
