@@ -60,7 +60,7 @@ from typing import Any, Literal, cast
 from langchain_core.callbacks import BaseCallbackHandler, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import BaseLanguageModel
-from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -1734,6 +1734,11 @@ class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
     """Node form: where ``ok``/``degrade`` go."""
     on_stop: str = END
     """Node form: where ``stop`` goes after writing the outcome."""
+    system_prompt: str | None = None
+    """The system prompt the guarded node prepends to the state's messages (as `ModelNode`
+    does): the guard checks the prompt the node will send. Without it, the last answer's
+    reported input tokens cannot anchor the estimate (its prompt had the system message), and
+    the whole history is bounded by its bytes: a tight envelope stops early."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, BudgetedChatModel):
@@ -1765,13 +1770,20 @@ class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
             self._raise_if_error(check, config)
         return check.decision
 
+    def _prompt(self, state: Any) -> list[BaseMessage]:
+        """The prompt the guarded node sends: the state's messages after `system_prompt`."""
+        messages = _messages_of(state)
+        if self.system_prompt:
+            return [SystemMessage(self.system_prompt), *messages]
+        return messages
+
     def route(self, state: MessagesOnly, config: RunnableConfig) -> Decision:
         """``"ok"``, ``"degrade"`` or ``"stop"`` for the next model call (an edge function).
 
         Raises:
             BudgetExceeded: on stop, when the envelope says ``exit_behavior="error"``.
         """
-        messages = _messages_of(state)
+        messages = self._prompt(state)
         check = _stopped_by_model(messages) or self.model._ok_from_view(messages, config)
         if check is None:
             check = self.model.check(messages, config)
@@ -1779,7 +1791,7 @@ class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
 
     async def aroute(self, state: MessagesOnly, config: RunnableConfig) -> Decision:
         """Async `route` (use it with an `AsyncBackend`)."""
-        messages = _messages_of(state)
+        messages = self._prompt(state)
         await self.model._aready()
         check = _stopped_by_model(messages) or self.model._ok_from_view(messages, config)
         if check is None:
@@ -1850,8 +1862,7 @@ class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
 
         LangGraph infers the node's input (``messages``, ``outcome``) from this signature.
         """
-        messages = _messages_of(state)
-        check = self.model.check(messages, config)
+        check = self.model.check(self._prompt(state), config)
         decision = self._decide(check, config)
         if decision == "stop":
             return Command(goto=self.on_stop, update=self.finish(state, config))
@@ -1874,8 +1885,7 @@ class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
         gets this path instead.
         """
         config = ensure_config(config)
-        messages = _messages_of(input)
-        check = await self.model.acheck(messages, config)
+        check = await self.model.acheck(self._prompt(input), config)
         decision = await self._adecide(check, config)
         if decision == "stop":
             return Command(goto=self.on_stop, update=await self.afinish(input, config))

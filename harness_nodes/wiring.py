@@ -490,13 +490,13 @@ def _agent_builder(
                 "model is already budgeted(...), with its own envelope: pass envelope=None"
             )
         budgeted_model = model.bind_tools(base_tools)
-        guard = BudgetGuard(budgeted_model)
+        guard = BudgetGuard(budgeted_model, system_prompt=system_prompt)
         llm = budgeted_model
     elif envelope is not None:
         budgeted_model = budgeted(
             model, envelope=envelope, backend=backend, pricing=pricing, task_type=task_type
         ).bind_tools(base_tools)
-        guard = BudgetGuard(budgeted_model)
+        guard = BudgetGuard(budgeted_model, system_prompt=system_prompt)
         llm = budgeted_model
     elif isinstance(model, BaseChatModel):
         llm = model.bind_tools(base_tools)

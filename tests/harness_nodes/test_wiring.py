@@ -838,6 +838,32 @@ def test_the_budget_check_adds_no_superstep_and_stops_a_runaway() -> None:
     assert out["messages"][-1].content.startswith("Stopped: budget exhausted")
 
 
+@pytest.mark.parametrize("run", ["invoke", "ainvoke"])
+def test_the_budget_check_on_the_edge_counts_the_prompt_the_model_node_sends(run: str) -> None:
+    # The guard on the edge into the model checked the state's messages without the system
+    # prompt the node prepends, so the last answer's reported input tokens (counted with it)
+    # could not anchor the estimate: the whole history was bounded by its bytes, and a task
+    # whose real spend fitted three times over stopped at its second call.
+    from harness_nodes import Envelope
+
+    usage = {"input_tokens": 2000, "output_tokens": 10}
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("lookup", {"key": "a"})], usage=usage), ai("Done.")],
+        model_name="gpt-4o-mini",
+    )
+    envelope = Envelope(max_usd=0.0064, max_output_tokens=256, min_output_tokens=256)
+    agent = build_harnessed_agent(model, [lookup], envelope=envelope, system_prompt="Be brief.")
+    long_task = "Summarise this. " + "x" * 40_000  # ~40k tokens by its bytes; 2,000 reported
+    inputs = {"messages": [HumanMessage(long_task)]}
+    config: RunnableConfig = {"configurable": {"thread_id": "t-anchor"}}
+    if run == "invoke":
+        out = agent.invoke(inputs, config)
+    else:
+        out = asyncio.run(agent.ainvoke(inputs, config))
+    assert out["outcome"]["status"] == "completed", out["outcome"]
+    assert out["messages"][-1].content == "Done."
+
+
 def test_a_budgeted_model_is_guarded_with_its_own_envelope_and_options(
     postgres_url: str,
 ) -> None:
