@@ -124,12 +124,12 @@ def serve(
             'harness review serve needs the inbox extra: pip install "langgraph-harness[inbox]"'
         ) from e
 
-    from checkpointers import open_backend
+    from harness_nodes.cli._app import open_existing
     from harness_nodes.inbox import create_app
     from harness_nodes.review_queue import ReviewQueue
 
     obj = load_object(graph)
-    with open_backend(db) as backend:
+    with open_existing(db) as backend:  # the inbox reads what runs wrote: never a new database
         queue = ReviewQueue(backend, resolve_graph(obj, backend))
         app = create_app(queue, auth, page_size=page_size)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")

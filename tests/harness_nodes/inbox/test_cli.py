@@ -87,6 +87,48 @@ def test_serve_refuses_unsafe_configuration(
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("existing", "message"),
+    [
+        pytest.param(False, "no database at", id="missing-file"),
+        pytest.param(True, "no harness data in", id="unrelated-file"),
+    ],
+)
+def test_serve_refuses_a_database_nothing_ran_against(
+    existing: bool,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import sqlite3
+    from contextlib import closing
+
+    import uvicorn
+
+    from harness_nodes.cli import main
+
+    def served(*args: object, **kwargs: object) -> None:
+        raise AssertionError("served an empty inbox")
+
+    monkeypatch.setattr(uvicorn.Server, "run", served)
+    typo = tmp_path / "typo.db"
+    if existing:
+        with closing(sqlite3.connect(typo)) as conn:
+            conn.execute("CREATE TABLE unrelated (x INTEGER)")
+    argv = ["review", "serve", "--db", f"sqlite:///{typo}", "--graph", GRAPH, "--allow-anonymous"]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("error: ") and f"{message} {typo}: nothing has run against it" in err
+    assert typo.exists() is existing  # no new file; no harness tables in the unrelated one
+    if existing:
+        with closing(sqlite3.connect(typo)) as conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert tables == {"unrelated"}
+
+
 def test_graph_option_accepts_builders_graphs_and_factories(shop: Shop) -> None:
     from harness_nodes import UserError
     from harness_nodes.inbox._serve import load_object, resolve_graph
