@@ -129,6 +129,20 @@ def test_serve_refuses_a_database_nothing_ran_against(
         assert tables == {"unrelated"}
 
 
+@pytest.mark.parametrize("port", ["0", "65536", "99999", "-1"])
+def test_serve_refuses_a_port_out_of_range_as_a_usage_error(
+    port: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness_nodes.cli import main
+
+    argv = ["review", "serve", "--db", f"sqlite:///{tmp_path / 'x.db'}", "--graph", GRAPH]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--allow-anonymous", "--port", port])
+    assert info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("Usage: ") and "Invalid value for '--port'" in err  # click's words
+
+
 def test_graph_option_accepts_builders_graphs_and_factories(shop: Shop) -> None:
     from harness_nodes import UserError
     from harness_nodes.inbox._serve import load_object, resolve_graph
