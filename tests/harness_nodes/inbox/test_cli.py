@@ -143,6 +143,22 @@ def test_serve_refuses_a_port_out_of_range_as_a_usage_error(
     assert err.startswith("Usage: ") and "Invalid value for '--port'" in err  # click's words
 
 
+def test_serve_on_a_port_in_use_is_a_one_line_error(
+    shop: Shop, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness_nodes.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["review", "serve", "--db", shop.backend.url, "--graph", GRAPH, "--port", str(port)]
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--allow-anonymous"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"error: port {port} on 127.0.0.1 is in use\n"
+
+
 def test_graph_option_accepts_builders_graphs_and_factories(shop: Shop) -> None:
     from harness_nodes import UserError
     from harness_nodes.inbox._serve import load_object, resolve_graph
