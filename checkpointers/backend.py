@@ -25,7 +25,8 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -507,6 +508,48 @@ def _take_setup_lock(conn: Connection[Any], parsed: ParsedURL) -> None:
             )
         time.sleep(pause)
         pause = min(pause * 2, 0.1)
+
+
+HARNESS_MARKER_TABLES = ("harness_migrations", "checkpoints")
+"""Tables whose presence says something has run against a database (harness or LangGraph)."""
+
+
+def has_harness_data(parsed: ParsedURL, connect_timeout: float = 10.0) -> bool:
+    """Whether the existing database *parsed* names holds the harness's tables or checkpoints.
+
+    Looks without creating anything (a SQLite file is opened read-only), so a command that
+    only reads what runs wrote can refuse a database nothing has run against instead of
+    setting the schema up in it. ``memory://`` and ``sqlite:///:memory:`` hold nothing.
+
+    Raises:
+        BackendUnavailable: the database did not answer, or is not a database.
+    """
+    if parsed.kind == "memory" or parsed.target == ":memory:":
+        return False
+    if parsed.kind == "sqlite":
+        uri = f"{Path(parsed.target).resolve().as_uri()}?mode=ro"
+        try:
+            with closing(sqlite3.connect(uri, uri=True, timeout=connect_timeout)) as conn:
+                rows = conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)",
+                    HARNESS_MARKER_TABLES,
+                ).fetchall()
+        except sqlite3.Error as e:
+            raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
+        return bool(rows)
+    import psycopg
+
+    try:
+        with psycopg.connect(
+            parsed.target, autocommit=True, connect_timeout=max(1, int(connect_timeout))
+        ) as pg:
+            row = pg.execute(
+                "SELECT to_regclass(%s) IS NOT NULL OR to_regclass(%s) IS NOT NULL",
+                HARNESS_MARKER_TABLES,
+            ).fetchone()
+    except psycopg.Error as e:
+        raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
+    return bool(row and row[0])
 
 
 def setup_postgres(parsed: ParsedURL, connect_timeout: float) -> None:

@@ -28,7 +28,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from harness_nodes.errors import UserError
+from harness_nodes.errors import BackendUnavailable, UserError
 
 if TYPE_CHECKING:
     from checkpointers import Backend
@@ -38,6 +38,7 @@ __all__ = ["JobQueue", "WorkerOptions", "run_worker"]
 
 TASK_NAME = "harness.run_task"
 LOCK_KEY = 0x6C67_6871  # "lghq": serialises procrastinate's schema set-up across processes
+CONNECT_TIMEOUT = 10  # seconds, as open_backend's default: a dead host fails, not hangs
 
 logger = logging.getLogger("harness.worker")
 
@@ -92,6 +93,7 @@ class JobQueue:
             )
         self.conninfo = parsed.target
         self.masked_url = parsed.masked
+        self._parsed = parsed
         self.queue = queue
         self._app: Any = None
         self._opened = False
@@ -112,17 +114,29 @@ class JobQueue:
         return self._app
 
     def setup(self) -> None:
-        """Apply procrastinate's schema if it is missing (safe from many processes at once)."""
+        """Apply procrastinate's schema if it is missing (safe from many processes at once).
+
+        Raises:
+            BackendUnavailable: the database did not answer (or refused us).
+        """
         import psycopg
 
-        with psycopg.connect(self.conninfo, autocommit=True) as conn:
-            conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
-            try:
-                found = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
-                if found is None or found[0] is None:
-                    conn.execute(_procrastinate().schema.SchemaManager.get_schema())
-            finally:
-                conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+        from checkpointers.backend import _first_line
+
+        try:
+            with psycopg.connect(
+                self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+            ) as conn:
+                conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+                try:
+                    found = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
+                    if found is None or found[0] is None:
+                        conn.execute(_procrastinate().schema.SchemaManager.get_schema())
+                finally:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+        except psycopg.Error as e:
+            reason = self._parsed.redact(_first_line(e))
+            raise BackendUnavailable(self.masked_url, reason) from None
 
     def defer(self, thread_id: str, graph: str) -> bool:
         """Queue a run of *thread_id*; ``False`` if one is already waiting (not a duplicate)."""

@@ -39,22 +39,34 @@ def _root(
 def open_existing(db: str | None) -> Backend:
     """Open the backend of a command that reads what earlier runs wrote.
 
-    A SQLite file that does not exist is an error, not a new empty database: a mistyped
-    ``--db`` must not answer "no runs" (and leave a stray file behind).
+    A database nothing has run against is an error, not a new empty harness database: a
+    mistyped ``--db`` must not answer "no runs", nor leave a stray file or the harness's
+    tables behind. So a SQLite file must exist, and the database must hold the harness's
+    tables or LangGraph checkpoints (looked for without creating anything); one with an
+    older harness schema opens, and is migrated, as usual.
     """
     from checkpointers import default_url, open_backend
     from checkpointers._url import parse_url
+    from checkpointers.backend import has_harness_data
     from harness_nodes.errors import BackendURLError
 
     url = default_url() if db is None else db
     parsed = parse_url(url)
-    if parsed.kind == "sqlite" and parsed.target != ":memory:":
-        if not Path(parsed.target).is_file():
-            raise BackendURLError(
-                parsed.masked,
-                f"no database at {parsed.target}: nothing has run against it "
-                "(check --db or HARNESS_DATABASE_URL)",
-            )
+    if parsed.kind == "memory" or parsed.target == ":memory:":
+        return open_backend(url)
+    if parsed.kind == "sqlite" and not Path(parsed.target).is_file():
+        raise BackendURLError(
+            parsed.masked,
+            f"no database at {parsed.target}: nothing has run against it "
+            "(check --db or HARNESS_DATABASE_URL)",
+        )
+    if not has_harness_data(parsed):
+        where = parsed.target if parsed.kind == "sqlite" else parsed.masked
+        raise BackendURLError(
+            parsed.masked,
+            f"no harness data in {where}: nothing has run against it "
+            "(check --db or HARNESS_DATABASE_URL)",
+        )
     return open_backend(url)
 
 

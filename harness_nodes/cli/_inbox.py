@@ -25,7 +25,7 @@ def serve(
         typer.Option(help="Backend URL (default: $HARNESS_DATABASE_URL or sqlite:///harness.db)"),
     ] = None,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8765,
     reviewer: Annotated[
         list[str] | None,
         typer.Option(

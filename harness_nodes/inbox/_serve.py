@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import inspect
 import os
+import socket
 from typing import Any
 
 from harness_nodes.errors import UserError
@@ -101,6 +103,37 @@ def resolve_graph(obj: Any, backend: Any) -> Any:
     )
 
 
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to *port* on every address *host* names, as uvicorn would bind them.
+
+    Bound here, before uvicorn starts, so that a port in use is a one-line error (exit 2)
+    rather than uvicorn's log line and exit 3; uvicorn then serves on these very sockets.
+
+    Raises:
+        UserError: the port is in use, or *host* cannot be listened on.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"cannot listen on {host}: {e.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio's create_server: no IPv4-mapped twin
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use") from None
+        raise UserError(f"cannot listen on {host} port {port}: {e.strerror or e}") from None
+    return sockets
+
+
 def serve(
     *,
     db: str | None,
@@ -124,16 +157,21 @@ def serve(
             'harness review serve needs the inbox extra: pip install "langgraph-harness[inbox]"'
         ) from e
 
-    from checkpointers import open_backend
+    from harness_nodes.cli._app import open_existing
     from harness_nodes.inbox import create_app
     from harness_nodes.review_queue import ReviewQueue
 
     obj = load_object(graph)
-    with open_backend(db) as backend:
+    with open_existing(db) as backend:  # the inbox reads what runs wrote: never a new database
         queue = ReviewQueue(backend, resolve_graph(obj, backend))
         app = create_app(queue, auth, page_size=page_size)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
         server = uvicorn.Server(config)
-        if on_ready is not None:
-            on_ready(backend)
-        server.run()
+        sockets = bind(host, port)
+        try:
+            if on_ready is not None:
+                on_ready(backend)
+            server.run(sockets=sockets)
+        finally:
+            for sock in sockets:
+                sock.close()

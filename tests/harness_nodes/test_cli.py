@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from checkpointers._schema import MIGRATIONS, MIGRATIONS_TABLE, Dialect
 from harness_nodes.cli import main
 from tests.conftest import subprocess_env
 
@@ -111,6 +115,101 @@ def test_reading_a_database_that_does_not_exist_is_an_error_not_a_new_file(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and f"no database at {typo}" in " ".join(err.split())
     assert not typo.exists()  # the typo left no empty database behind
+
+
+def _select(url: str, sql: str) -> list[tuple[object, ...]]:
+    if url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
+            return conn.execute(sql).fetchall()
+    with psycopg.connect(url) as pg:
+        return pg.execute(sql.encode()).fetchall()
+
+
+def _tables(url: str) -> set[str]:
+    if url.startswith("sqlite:///"):
+        sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
+    else:
+        sql = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+    return {r[0] for r in _select(url, sql)}
+
+
+def _run_sql(url: str, *statements: str) -> None:
+    if url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
+            for statement in statements:
+                conn.executescript(statement)
+        return
+    with psycopg.connect(url, autocommit=True) as pg:
+        for statement in statements:
+            pg.execute(statement.encode())  # several statements, no parameters
+
+
+@pytest.mark.parametrize(
+    "command", [["runs"], ["report"], ["show", "t1"], ["review", "list"]], ids=" ".join
+)
+def test_reading_a_database_nothing_ran_against_is_an_error_and_creates_nothing(
+    command: list[str], durable_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _run_sql(durable_url, "CREATE TABLE unrelated (x INTEGER)")  # an existing, foreign database
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--db", durable_url])
+    assert exc.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    where = durable_url.removeprefix("sqlite:///")
+    assert err.startswith("error: ") and f"no harness data in {where}: nothing has run" in err
+    assert _tables(durable_url) == {"unrelated"}  # no harness schema left behind
+
+
+def _older_harness_schema(url: str) -> None:
+    dialect: Dialect = "sqlite" if url.startswith("sqlite:") else "postgres"
+    real = "REAL" if dialect == "sqlite" else "DOUBLE PRECISION"
+    _run_sql(
+        url,
+        MIGRATIONS_TABLE.format(float=real),
+        MIGRATIONS[0].sql(dialect),
+        f"INSERT INTO harness_migrations VALUES ('{MIGRATIONS[0].name}', 0)",
+    )
+
+
+def _langgraph_checkpoints_only(url: str) -> None:
+    if url.startswith("sqlite:///"):
+        from langgraph.checkpoint.sqlite import SqliteSaver
+
+        with SqliteSaver.from_conn_string(url.removeprefix("sqlite:///")) as saver:
+            saver.setup()
+        return
+    from langgraph.checkpoint.postgres import PostgresSaver
+
+    with PostgresSaver.from_conn_string(url) as pg_saver:
+        pg_saver.setup()
+
+
+@pytest.mark.parametrize(
+    "prepare",
+    [
+        pytest.param(_older_harness_schema, id="older-harness-schema"),
+        pytest.param(_langgraph_checkpoints_only, id="langgraph-checkpoints"),
+    ],
+)
+def test_reading_an_older_harness_or_a_langgraph_database_opens_and_migrates_it(
+    prepare: Callable[[str], None], durable_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prepare(durable_url)
+    main(["runs", "--db", durable_url])
+    assert "recent runs" in capsys.readouterr().out
+    applied = {r[0] for r in _select(durable_url, "SELECT name FROM harness_migrations")}
+    assert applied == {m.name for m in MIGRATIONS}
+
+
+def test_reading_a_database_that_does_not_answer_is_backend_unavailable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["runs", "--db", "postgresql://u:hunter2@127.0.0.1:1/db"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Cannot open backend 'postgresql://u:***@127.0.0.1:1/db'")
+    assert len(err.strip().splitlines()) == 1 and "hunter2" not in err
 
 
 @pytest.mark.slow

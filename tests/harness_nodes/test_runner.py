@@ -620,6 +620,36 @@ def test_harness_worker_refuses_a_database_it_cannot_queue_on(
     assert "Background runs need Postgres" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("database", ["dead-port", "no-such-database"])
+def test_harness_worker_on_a_database_that_does_not_answer_is_a_one_line_error(
+    database: str, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness_nodes.cli import main
+    from tests.conftest import _with_db
+
+    if database == "dead-port":
+        url, masked = "postgresql://u:hunter2@127.0.0.1:1/db", "postgresql://u:***@127.0.0.1:1/db"
+    else:
+        url = masked = _with_db(request.getfixturevalue("postgres_server"), "dbopen_no_such_db")
+    with pytest.raises(SystemExit) as e:
+        main(["worker", "--db", url])
+    assert e.value.code == 2
+    err = capsys.readouterr().err  # the worker's banner, then the error on one line
+    assert err.strip().splitlines()[-1].startswith(f"error: Cannot open backend {masked!r}: ")
+    assert "Traceback" not in err and "hunter2" not in err
+
+
+def test_job_queue_on_a_database_that_does_not_answer_raises_backend_unavailable() -> None:
+    from harness_nodes import BackendUnavailable, JobQueue
+
+    queue = JobQueue("postgresql://u:hunter2@127.0.0.1:1/db")
+    with pytest.raises(BackendUnavailable, match=re.escape("'postgresql://u:***@127.0.0.1:1/db'")):
+        queue.setup()
+    with pytest.raises(BackendUnavailable) as exc:
+        queue.defer("t1", GRAPH)  # sets the queue up first
+    assert exc.value.url == "postgresql://u:***@127.0.0.1:1/db" and exc.value.reason
+
+
 FROZEN = """
 import sys
 from checkpointers import open_backend

@@ -87,6 +87,78 @@ def test_serve_refuses_unsafe_configuration(
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("existing", "message"),
+    [
+        pytest.param(False, "no database at", id="missing-file"),
+        pytest.param(True, "no harness data in", id="unrelated-file"),
+    ],
+)
+def test_serve_refuses_a_database_nothing_ran_against(
+    existing: bool,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import sqlite3
+    from contextlib import closing
+
+    import uvicorn
+
+    from harness_nodes.cli import main
+
+    def served(*args: object, **kwargs: object) -> None:
+        raise AssertionError("served an empty inbox")
+
+    monkeypatch.setattr(uvicorn.Server, "run", served)
+    typo = tmp_path / "typo.db"
+    if existing:
+        with closing(sqlite3.connect(typo)) as conn:
+            conn.execute("CREATE TABLE unrelated (x INTEGER)")
+    argv = ["review", "serve", "--db", f"sqlite:///{typo}", "--graph", GRAPH, "--allow-anonymous"]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("error: ") and f"{message} {typo}: nothing has run against it" in err
+    assert typo.exists() is existing  # no new file; no harness tables in the unrelated one
+    if existing:
+        with closing(sqlite3.connect(typo)) as conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert tables == {"unrelated"}
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "99999", "-1"])
+def test_serve_refuses_a_port_out_of_range_as_a_usage_error(
+    port: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness_nodes.cli import main
+
+    argv = ["review", "serve", "--db", f"sqlite:///{tmp_path / 'x.db'}", "--graph", GRAPH]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--allow-anonymous", "--port", port])
+    assert info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("Usage: ") and "Invalid value for '--port'" in err  # click's words
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error(
+    shop: Shop, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness_nodes.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["review", "serve", "--db", shop.backend.url, "--graph", GRAPH, "--port", str(port)]
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--allow-anonymous"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"error: port {port} on 127.0.0.1 is in use\n"
+
+
 def test_graph_option_accepts_builders_graphs_and_factories(shop: Shop) -> None:
     from harness_nodes import UserError
     from harness_nodes.inbox._serve import load_object, resolve_graph
