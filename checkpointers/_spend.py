@@ -334,8 +334,14 @@ class PendingSettles:
                 )
             return held
 
-    def release_leases(self, task_id: str | None = None, *, idle: float | None = None) -> None:
-        """End leases (of *task_id*, or all; or those unused for *idle* seconds).
+    def release_leases(
+        self,
+        task_id: str | None = None,
+        *,
+        idle: float | None = None,
+        task_type: str | None = None,
+    ) -> None:
+        """End leases (of *task_id*, or all; or those unused for *idle* seconds; of *task_type*).
 
         Their unused rest waits with the settlements, to be written by the next flush.
         """
@@ -345,6 +351,8 @@ class PendingSettles:
         with self._lock:
             for key, lease in list(self._leases.items()):
                 if task_id is not None and key[0] != task_id:
+                    continue
+                if task_type is not None and key[1] != task_type:
                     continue
                 if idle is not None and now - lease.used < idle:
                     continue
@@ -1007,6 +1015,18 @@ class _Ledger:
             settles.append(ended)
         return settles
 
+    def _hold_back(self, task_type: str) -> bool:
+        """Whether this process holds spend the ledger still books above the truth.
+
+        Settlements not yet written (calls of any task, each still at its worst case) and
+        leases of *task_type* (their unused rest): a window of the type reads that much too
+        high. The leases end here; their rest waits with the settlements, for the flush that
+        follows to give back.
+        """
+        pending = self._store.pending
+        pending.release_leases(task_type=task_type)
+        return bool(pending)
+
     def _reserve_statement(
         self,
         settles: list[PendingSettle],
@@ -1148,19 +1168,37 @@ class SpendLedger(_Ledger):
     ) -> Reservation:
         """Reserve *nanos* and the tokens for one call if every limit still holds, atomically.
 
-        The task's deferred settlements are applied first, in the same transaction.
+        The task's deferred settlements are applied first, in the same transaction. A window
+        refusal is final only once this process holds nothing the window still books above
+        the truth (`flush_held`): other tasks' calls settled here but not yet written.
         """
         now, key, tokens = time.time(), (task_id, task_type, limits), input_tokens + output_tokens
         granted = self._granted(key, tokens, nanos, now)
         if granted is not None:
             return granted
+        r = self._reserve(key, model, input_tokens, output_tokens, nanos, now)
+        if r.refused == "window_usd" and self.flush_held(task_type):
+            r = self._reserve(key, model, input_tokens, output_tokens, nanos, time.time())
+        return r
+
+    def _reserve(
+        self,
+        key: LeaseKey,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        nanos: int,
+        now: float,
+    ) -> Reservation:
+        """One reservation statement, carrying the task's deferred settlements."""
         settles = self._carried(key)
         try:
             if self.backend.dialect == "postgres":
                 sql, params = self._reserve_statement(
                     settles, key, model, input_tokens, output_tokens, nanos, now
                 )
-                return self._reserved(key, self.backend.execute(sql, params), tokens, nanos, now)
+                rows = self.backend.execute(sql, params)
+                return self._reserved(key, rows, input_tokens + output_tokens, nanos, now)
             steps = self._sqlite_reserve_steps(
                 settles, key, model, input_tokens, output_tokens, nanos, now
             )
@@ -1170,6 +1208,18 @@ class SpendLedger(_Ledger):
         except BaseException:
             self._store.pending.put_back(settles)
             raise
+
+    def flush_held(self, task_type: str) -> bool:
+        """Write what this process holds that the ledger books above the truth; True if any.
+
+        Before a window refusal or a stop is final: a call settled in this process waits
+        ``SETTLE_DELAY`` for its own task's next statement, and until then every *other* task
+        of the type reads the window with that call's worst case in it. So the settlements of
+        every task are written (a transaction each) and this process's leases of
+        *task_type* end (their unused rest goes back). True means a new read or reservation
+        may now fit; False, that nothing was held (or a write failed: it stays pending).
+        """
+        return self._hold_back(task_type) and self._store.flush()
 
     def settle(
         self,
@@ -1250,11 +1300,26 @@ class AsyncSpendLedger(_Ledger):
         nanos: int,
         limits: Limits,
     ) -> Reservation:
-        """Reserve *nanos* and the tokens for one call if every limit still holds, atomically."""
+        """`SpendLedger.reserve`: a window refusal is final once nothing is held here."""
         now, key, tokens = time.time(), (task_id, task_type, limits), input_tokens + output_tokens
         granted = self._granted(key, tokens, nanos, now)
         if granted is not None:
             return granted
+        r = await self._reserve(key, model, input_tokens, output_tokens, nanos, now)
+        if r.refused == "window_usd" and await self.flush_held(task_type):
+            r = await self._reserve(key, model, input_tokens, output_tokens, nanos, time.time())
+        return r
+
+    async def _reserve(
+        self,
+        key: LeaseKey,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        nanos: int,
+        now: float,
+    ) -> Reservation:
+        """One reservation statement, carrying the task's deferred settlements."""
         settles = self._carried(key)
         try:
             if self.backend.dialect == "postgres":
@@ -1262,7 +1327,7 @@ class AsyncSpendLedger(_Ledger):
                     settles, key, model, input_tokens, output_tokens, nanos, now
                 )
                 rows = await self.backend.execute(sql, params)
-                return self._reserved(key, rows, tokens, nanos, now)
+                return self._reserved(key, rows, input_tokens + output_tokens, nanos, now)
             steps = self._sqlite_reserve_steps(
                 settles, key, model, input_tokens, output_tokens, nanos, now
             )
@@ -1272,6 +1337,10 @@ class AsyncSpendLedger(_Ledger):
         except BaseException:
             self._store.pending.put_back(settles)
             raise
+
+    async def flush_held(self, task_type: str) -> bool:
+        """`SpendLedger.flush_held`, on the event loop."""
+        return self._hold_back(task_type) and await self._store.flush()
 
     async def settle(
         self,

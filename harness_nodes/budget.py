@@ -687,6 +687,8 @@ def _ledger_op(ledger: SpendLedger, op: str, args: tuple[Any, ...]) -> Any:
         return ledger.reserve(*args)
     if op == "defer":
         return _defer(ledger, args)
+    if op == "flush_held":
+        return ledger.flush_held(*args)
     return ledger.settle(args[0], 0, 0, 0, released=True)
 
 
@@ -695,6 +697,8 @@ async def _aledger_op(ledger: AsyncSpendLedger, op: str, args: tuple[Any, ...]) 
         return await ledger.totals(*args)
     if op == "reserve":
         return await ledger.reserve(*args)
+    if op == "flush_held":
+        return await ledger.flush_held(*args)
     return await ledger.settle(args[0], 0, 0, 0, released=True)
 
 
@@ -1215,10 +1219,10 @@ class BudgetedChatModel(BaseChatModel):
     ) -> Generator[tuple[str, Any], Any, AIMessage]:
         """The whole call as a sequence of effects, driven by `invoke` or `ainvoke`.
 
-        Yields ``("totals" | "reserve" | "defer" | "release", args)`` for the ledger,
-        ``("emit", (kind, data))`` for events and ``("call", (index, cap))`` for the model. A
-        failed model call is thrown back in and settled before it propagates: released when
-        the provider cannot have billed it (an error answer), else kept at its worst case
+        Yields ``("totals" | "reserve" | "defer" | "flush_held" | "release", args)`` for the
+        ledger, ``("emit", (kind, data))`` for events and ``("call", (index, cap))`` for the
+        model. A failed model call is thrown back in and settled before it propagates: released
+        when the provider cannot have billed it (an error answer), else kept at its worst case
         (cancelled, or timed out, after the request went out: see `_maybe_billed`).
         """
         rates = self._rates(ctx)
@@ -1231,6 +1235,7 @@ class BudgetedChatModel(BaseChatModel):
         totals, fresh = (cached, False) if cached is not None else (Totals(), False)
         reservation: Reservation | None = None
         plan: _Plan | _Refusal = _Refusal("usd", 0, 0)
+        held_written = False
         for _ in range(32):
             plan = _plan(ctx, rates, caps, inputs, totals)
             if not fresh and (isinstance(plan, _Refusal) or plan.index > 0):
@@ -1238,6 +1243,13 @@ class BudgetedChatModel(BaseChatModel):
                 totals, fresh = (yield ("totals", (ctx.task_id, ctx.task_type, ctx.limits))), True
                 continue
             if isinstance(plan, _Refusal):
+                if plan.limit == "window_usd" and not held_written:
+                    # Nor on other tasks' calls this process settled but has not written yet
+                    # (the window still books their worst case): write them, read again.
+                    held_written = True
+                    if (yield ("flush_held", (ctx.task_type,))):
+                        totals = yield ("totals", (ctx.task_id, ctx.task_type, ctx.limits))
+                        continue
                 break
             reservation = yield (
                 "reserve",
@@ -1469,8 +1481,14 @@ class BudgetedChatModel(BaseChatModel):
         for recovered in self._recoverable(ctx, messages):  # folded into the read below
             _ledger_op(ledger, "defer", recovered)
         totals = ledger.totals(ctx.task_id, ctx.task_type, ctx.limits)
+        check = self._check_from(ctx, totals, messages)
+        if check.limit == "window_usd" and ledger.flush_held(ctx.task_type):
+            # The window booked other tasks' calls this process had settled but not yet
+            # written at their worst case: now written, the stop is decided on a new read.
+            totals = ledger.totals(ctx.task_id, ctx.task_type, ctx.limits)
+            check = self._check_from(ctx, totals, messages)
         self._remember(ctx.task_id, totals)
-        return self._check_from(ctx, totals, messages)
+        return check
 
     async def acheck(
         self, messages: Sequence[BaseMessage], config: RunnableConfig | None = None
@@ -1483,12 +1501,25 @@ class BudgetedChatModel(BaseChatModel):
         for recovered in self._recoverable(ctx, messages):  # folded into the read (no I/O)
             task_id, spend_id, inp, out, nanos, model, lease = recovered
             ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model, lease=lease)
-        if isinstance(ledger, AsyncSpendLedger):
-            totals = await ledger.totals(ctx.task_id, ctx.task_type, ctx.limits)
-        else:
-            totals = await asyncio.to_thread(ledger.totals, ctx.task_id, ctx.task_type, ctx.limits)
+        args = (ctx.task_id, ctx.task_type, ctx.limits)
+        totals = await self._aledger_call(ledger, "totals", args)
+        check = self._check_from(ctx, totals, messages)
+        if check.limit == "window_usd" and await self._aledger_call(
+            ledger, "flush_held", (ctx.task_type,)
+        ):  # as in `check`: other tasks' settlements written, read again
+            totals = await self._aledger_call(ledger, "totals", args)
+            check = self._check_from(ctx, totals, messages)
         self._remember(ctx.task_id, totals)
-        return self._check_from(ctx, totals, messages)
+        return check
+
+    @staticmethod
+    async def _aledger_call(
+        ledger: SpendLedger | AsyncSpendLedger, op: str, args: tuple[Any, ...]
+    ) -> Any:
+        """A ledger statement from the event loop: native on an `AsyncSpendLedger`."""
+        if isinstance(ledger, AsyncSpendLedger):
+            return await _aledger_op(ledger, op, args)
+        return await asyncio.to_thread(_ledger_op, ledger, op, args)
 
     @staticmethod
     def _mirror(totals: Totals, rows: list[dict[str, Any]], model: str | None) -> Spend:

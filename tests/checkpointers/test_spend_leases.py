@@ -451,3 +451,20 @@ def test_cost_envelope_middleware_takes_lease_too(pg: Backend) -> None:
     reservations = counting.sent - counting.reads
     # 12 calls and the refused 13th: 13 reservation statements without a lease.
     assert reservations == 7, reservations
+
+
+def test_a_window_refusal_ends_this_process_s_leases_of_the_type_first(pg: Backend) -> None:
+    # Each single-call task of the type leaves a lease booked in the window (its unused rest
+    # waits `LEASE_IDLE` to go back) and its settlement pending: the window filled with room
+    # nobody would use, and the next task of the type was refused.
+    _sync_pending(pg).delay = 3600.0
+    ledger = SpendLedger(pg, lease=4)
+    cap = Limits(window_seconds=3600, window_max_nanos=10_000)
+    for i in range(40):
+        r = ledger.reserve(f"t{i}", "research", "gpt-4o", 1, 1, 300, cap)
+        assert r.id is not None, (i, r)
+        ledger.defer_settle(f"t{i}", r.id, 1, 1, 10)
+    flush_pending(pg)
+    (window,) = pg.execute("SELECT reserved_nanos, spent_nanos FROM harness_spend_windows")
+    assert window == {"reserved_nanos": 0, "spent_nanos": 40 * 10}
+    assert pg.execute("SELECT count(*) AS n FROM harness_spend WHERE state = 'lease'") == [{"n": 0}]

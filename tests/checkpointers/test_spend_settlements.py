@@ -374,3 +374,170 @@ def test_a_reservation_never_runs_beside_a_half_written_settlement(backend: Back
     flush_pending(backend)
     assert _rows(backend, "race") == [{"state": "settled", "cost_nanos": COST}] * 2
     assert _totals(backend, "race") == {"reserved_nanos": 0, "spent_nanos": 2 * COST, "calls": 2}
+
+
+# --- a window is never refused on settlements this process holds ----------------------------
+# Tasks of one type share a window. A call settled here waits for its *own* task's next
+# statement; until it is written the window books its worst case, and every other task of the
+# type read it that way: single-call tasks were refused ("used 0.3 of 0.3") while the window
+# had $0.013 really spent. The settlers are kept waiting (`delay`), so the race is certain.
+
+SMALL = {"input_tokens": 10, "output_tokens": 10}  # $0.000125; reserved ~$0.01 (1000 out)
+SMALL_COST = Pricing().cost_nanos("gpt-4o", 10, 10)
+WINDOW_CAP = 0.045  # four worst cases fit, five do not
+
+
+def _window_llm(backend: Any, usage: dict[str, int] = SMALL) -> Any:
+    from harness_nodes import WindowCap
+
+    envelope = Envelope(
+        max_output_tokens=1000,
+        min_output_tokens=1000,  # a fixed worst case: the window refuses, never trims it
+        type_cap=WindowCap(max_usd=WINDOW_CAP, seconds=3600),
+    )
+    model = ScriptedChatModel(script=[ai("ok", usage=usage)], loop=True, model_name="gpt-4o")
+    return budgeted(model, envelope=envelope, backend=backend, task_type="short")
+
+
+def _window(backend: Backend) -> dict[str, Any]:
+    (row,) = backend.execute(
+        "SELECT reserved_nanos, spent_nanos FROM harness_spend_windows WHERE task_type = %s",
+        ("short",),
+    )
+    return row
+
+
+def _budget(answer: AIMessage) -> dict[str, Any]:
+    budget: dict[str, Any] = answer.additional_kwargs["harness"]["budget"]
+    return budget
+
+
+def test_tasks_of_a_type_are_not_refused_for_calls_this_process_settled_unwritten(
+    backend: Backend,
+) -> None:
+    _sync_pending(backend).delay = 3600.0
+    llm = _window_llm(backend)
+    for i in range(30):  # 30 worst cases are $0.30; what they cost, $0.004
+        budget = _budget(llm.invoke("hi", {"configurable": {"thread_id": f"task{i}"}}))
+        assert budget.get("stopped") is None, (i, budget.get("stopped"))
+        assert 4 * budget["reserved_usd"] <= WINDOW_CAP < 5 * budget["reserved_usd"]
+    flush_pending(backend)
+    assert _window(backend) == {"reserved_nanos": 0, "spent_nanos": 30 * SMALL_COST}
+
+
+@pytest.mark.anyio
+async def test_async_tasks_of_a_type_are_not_refused_for_calls_settled_unwritten(
+    abackend: AsyncBackend,
+) -> None:
+    _async_pending(abackend).delay = 3600.0
+    llm = _window_llm(abackend)
+    for i in range(30):
+        answer = await llm.ainvoke("hi", {"configurable": {"thread_id": f"task{i}"}})
+        assert _budget(answer).get("stopped") is None, (i, _budget(answer).get("stopped"))
+    await aflush_pending(abackend)
+    rows = await abackend.execute(
+        "SELECT reserved_nanos, spent_nanos FROM harness_spend_windows WHERE task_type = %s",
+        ("short",),
+    )
+    assert rows == [{"reserved_nanos": 0, "spent_nanos": 30 * SMALL_COST}]
+
+
+def _four_tasks_held(backend: Backend | AsyncBackend) -> None:
+    store = _sync_pending(backend) if isinstance(backend, Backend) else _async_pending(backend)
+    assert len(store.pending.peek_batches()) == 4  # four worst cases booked: the next won't fit
+
+
+def test_the_guard_does_not_stop_a_task_on_settlements_held(
+    backend: Backend,
+) -> None:
+    from harness_nodes import BudgetGuard
+
+    _sync_pending(backend).delay = 3600.0
+    llm = _window_llm(backend)
+    for i in range(4):
+        llm.invoke("hi", {"configurable": {"thread_id": f"task{i}"}})
+    _four_tasks_held(backend)
+    config: Any = {"configurable": {"thread_id": "next"}}
+    assert BudgetGuard(llm).route({"messages": [HumanMessage("hi")]}, config) == "ok"
+    assert not _sync_pending(backend).pending  # written before the stop could be decided
+    assert _window(backend) == {"reserved_nanos": 0, "spent_nanos": 4 * SMALL_COST}
+
+
+@pytest.mark.anyio
+async def test_the_async_guard_does_not_stop_a_task_on_settlements_held(
+    abackend: AsyncBackend,
+) -> None:
+    from harness_nodes import BudgetGuard
+
+    _async_pending(abackend).delay = 3600.0
+    llm = _window_llm(abackend)
+    for i in range(4):
+        await llm.ainvoke("hi", {"configurable": {"thread_id": f"task{i}"}})
+    _four_tasks_held(abackend)
+    config: Any = {"configurable": {"thread_id": "next"}}
+    assert await BudgetGuard(llm).aroute({"messages": [HumanMessage("hi")]}, config) == "ok"
+    assert not _async_pending(abackend).pending
+
+
+def test_a_stale_full_view_read_again_is_not_a_stop_on_settlements_held(
+    backend: Backend,
+) -> None:
+    from checkpointers._spend import Totals
+
+    _sync_pending(backend).delay = 3600.0
+    llm = _window_llm(backend)
+    for i in range(4):
+        llm.invoke("hi", {"configurable": {"thread_id": f"task{i}"}})
+    # This process last saw the window full (the wrapper reads the ledger before stopping).
+    llm._views().note_view("next", Totals(window_nanos=int(WINDOW_CAP * 1e9)))
+    answer = llm.invoke("hi", {"configurable": {"thread_id": "next"}})
+    assert _budget(answer).get("stopped") is None
+
+
+def test_a_window_really_spent_is_still_refused_with_what_it_spent(backend: Backend) -> None:
+    _sync_pending(backend).delay = 3600.0
+    big = {"input_tokens": 10, "output_tokens": 900}  # near its worst case: $0.009025
+    llm = _window_llm(backend, usage=big)
+    for i in range(4):
+        budget = _budget(llm.invoke("hi", {"configurable": {"thread_id": f"task{i}"}}))
+        assert budget.get("stopped") is None
+    spent = 4 * Pricing().cost_nanos("gpt-4o", 10, 900)  # $0.0361: no room for $0.01 more
+    stop = _budget(llm.invoke("hi", {"configurable": {"thread_id": "task4"}}))["stopped"]
+    assert (stop["limit"], stop["used"]) == ("window_usd", pytest.approx(spent / 1e9))
+    assert _window(backend) == {"reserved_nanos": 0, "spent_nanos": spent}
+
+
+def test_a_ledger_window_refusal_writes_what_this_process_holds_first(backend: Backend) -> None:
+    from checkpointers._spend import Limits, SpendLedger
+
+    _sync_pending(backend).delay = 3600.0
+    ledger = SpendLedger(backend)
+    cap = Limits(window_seconds=3600, window_max_nanos=1000)
+    for i in range(20):  # worst case 300, cost 10: three fit at their worst, twenty at cost
+        r = ledger.reserve(f"t{i}", "research", "m", 1, 1, 300, cap)
+        assert r.id is not None, (i, r)
+        ledger.defer_settle(f"t{i}", r.id, 1, 1, 10)
+    refused = ledger.reserve("t20", "research", "m", 1, 1, 850, cap)  # 200 spent + 850 > 1000
+    assert (refused.refused, refused.totals.window_nanos) == ("window_usd", 200)
+    assert not _sync_pending(backend).pending
+    # Nothing held: a refusal costs no write (and other types' windows are their own).
+    assert ledger.reserve("t21", "research", "m", 1, 1, 850, cap).refused == "window_usd"
+    assert ledger.reserve("t21", "support", "m", 1, 1, 850, cap).refused is None
+
+
+@pytest.mark.anyio
+async def test_an_async_ledger_window_refusal_writes_what_is_held_first(
+    abackend: AsyncBackend,
+) -> None:
+    from checkpointers._spend import AsyncSpendLedger, Limits
+
+    _async_pending(abackend).delay = 3600.0
+    ledger = AsyncSpendLedger(abackend)
+    cap = Limits(window_seconds=3600, window_max_nanos=1000)
+    for i in range(20):
+        r = await ledger.reserve(f"t{i}", "research", "m", 1, 1, 300, cap)
+        assert r.id is not None, (i, r)
+        ledger.defer_settle(f"t{i}", r.id, 1, 1, 10)
+    refused = await ledger.reserve("t20", "research", "m", 1, 1, 850, cap)
+    assert (refused.refused, refused.totals.window_nanos) == ("window_usd", 200)
+    assert not _async_pending(abackend).pending
