@@ -912,6 +912,41 @@ async def test_an_answer_the_budget_cut_short_ends_as_a_budget_stop_with_the_wor
     assert [r["tool_call_id"] for r in results] == ["call_t0_0", "call_t1_0"]
 
 
+class _Provider(ScriptedChatModel):
+    """Says "cut at the cap" in a given provider's words (langchain-core passes them as is)."""
+
+    key: str = "finish_reason"
+    word: str = "length"
+
+    def _finish(self, msg: AIMessage, prompt: Any, kwargs: Any) -> AIMessage:
+        out = super()._finish(msg, prompt, kwargs)
+        meta = dict(out.response_metadata)
+        if meta.pop("finish_reason") == "length":
+            meta[self.key] = self.word
+        return out.model_copy(update={"response_metadata": meta})
+
+
+@pytest.mark.parametrize(
+    ("key", "word"),
+    [
+        pytest.param("stop_reason", "max_tokens", id="anthropic"),
+        pytest.param("finish_reason", "MAX_TOKENS", id="google"),
+        pytest.param("stopReason", "max_tokens", id="bedrock"),
+        pytest.param("done_reason", "length", id="ollama"),
+    ],
+)
+def test_an_answer_cut_short_is_read_in_each_providers_words(key: str, word: str) -> None:
+    from harness_nodes import Envelope
+
+    call = ai(tool_calls=[tool_call("lookup", {"key": "a"})], usage=_USAGE_200)
+    model = _Provider(script=[call], loop=True, model_name="gpt-4o", key=key, word=word)
+    agent = build_harnessed_agent(model, [lookup], envelope=Envelope(**_TIGHT))
+    out = agent.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "p"}})
+
+    assert out["messages"][-2].response_metadata[key] == word
+    assert out["outcome"]["status"] == "budget_exhausted"
+
+
 def test_an_answer_the_budget_cut_short_raises_with_exit_behavior_error_and_stays() -> None:
     from harness_nodes import BudgetExceeded, Envelope
 
