@@ -316,6 +316,19 @@ def _llm_node(msg: AIMessage, pricer: _Pricer) -> list[TraceNode]:
             children=calls,
         )
     )
+    cut = budget.get("truncated")
+    if isinstance(cut, Mapping):
+        # The answer ran into the output cap the budget lowered: the task stops on it.
+        nodes.append(
+            TraceNode(
+                kind="budget",
+                name=(
+                    f"cut short at {cut.get('output_cap', '?')} output tokens: "
+                    f"{cut.get('limit', '?')} {cut.get('used', '?')}/{cut.get('maximum', '?')}"
+                ),
+                data=_jsonable({"action": "truncate", **cut}),
+            )
+        )
     outcome = _harness_meta(msg).get("outcome")
     if isinstance(outcome, Mapping) and outcome.get("status"):
         # A node that ends the task in a plain MessagesState app says so on its message.

@@ -548,6 +548,10 @@ class _Plan:
     cap: int
     input_tokens: int
     nanos: int
+    lowered_by: str | None = None
+    """The limit that lowered *cap* below the call's own (``None``: the call's own cap)."""
+    uncapped: int = 0
+    """The call's own output cap, before the envelope lowered it."""
 
 
 @dataclass(frozen=True)
@@ -600,16 +604,20 @@ def _plan(
         if cap < min(env.min_output_tokens, call_max):
             blocked = "tokens"
             continue
+        lowered_by = "tokens" if cap < call_max else None
         why = None
         for limit, nanos_left in budgets:
-            cap = min(cap, r.affordable_output_tokens(input_tokens, max(0, nanos_left)))
+            affordable = r.affordable_output_tokens(input_tokens, max(0, nanos_left))
+            if affordable < cap:
+                cap, lowered_by = affordable, limit
             if cap < min(env.min_output_tokens, call_max):
                 why = limit
                 break
         if why is not None:
             blocked = why
             continue
-        return _Plan(i, name, cap, input_tokens, r.worst_case_nanos(input_tokens, cap))
+        nanos = r.worst_case_nanos(input_tokens, cap)
+        return _Plan(i, name, cap, input_tokens, nanos, lowered_by, call_max)
     # With no limit of its own, the maximum is the ledger's (a task at the end of its range).
     if blocked == "tokens":
         return _Refusal("tokens", totals.committed_tokens, _or_int64(lim.max_tokens))
@@ -627,6 +635,33 @@ def _budget_meta(m: BaseMessage) -> dict[str, Any]:
     harness = (m.additional_kwargs or {}).get("harness") or {}
     budget = harness.get("budget") if isinstance(harness, dict) else None
     return budget if isinstance(budget, dict) else {}
+
+
+_CUT_AT_CAP = frozenset({"length", "max_tokens"})
+"""Finish reasons, lowercased, of an answer cut at its output cap: OpenAI's ``finish_reason``
+(and Ollama's ``done_reason``) ``"length"``, Anthropic's ``stop_reason`` and Bedrock's
+``stopReason`` ``"max_tokens"``, Google's ``finish_reason`` ``"MAX_TOKENS"``. langchain-core
+passes each provider's own word through in ``response_metadata``, unnormalised."""
+
+
+def _cut_at_cap(msg: AIMessage) -> bool:
+    """Whether the provider says *msg* stopped because it reached its output cap."""
+    meta = msg.response_metadata or {}
+    for key in ("finish_reason", "stop_reason", "stopReason", "done_reason"):
+        reason = meta.get(key)
+        reason = getattr(reason, "name", reason)  # an enum, as Google's FinishReason
+        if isinstance(reason, str) and reason.lower() in _CUT_AT_CAP:
+            return True
+    return False
+
+
+def _limit_figures(lim: Limits, limit: str, totals: Totals) -> tuple[float, float]:
+    """``(used, maximum)`` of *limit* in *totals*, in the units a `_Refusal` reports."""
+    if limit == "tokens":
+        return totals.committed_tokens, _or_int64(lim.max_tokens)
+    if limit == "window_usd":
+        return _usd(totals.window_nanos), _usd(_or_int64(lim.window_max_nanos))
+    return _usd(totals.committed_nanos), _usd(_or_int64(lim.max_nanos))
 
 
 def _settled(ctx: _Context, reserved: Totals, plan: _Plan, cost: int, tokens: int) -> Totals:
@@ -1080,6 +1115,19 @@ class BudgetedChatModel(BaseChatModel):
             "prompt_messages": len(prompt),
             "prompt_fingerprint": _fingerprint(prompt, self._tools_signature()[1]),
         }
+        if plan.lowered_by is not None and _cut_at_cap(msg):
+            # The answer ran into the cap the envelope lowered: its work (a tool call, the
+            # rest of the text) was cut for want of budget, so it ends the task as a budget
+            # stop, not as a completion (`BudgetGuard.finish`, `CostEnvelopeMiddleware`).
+            used, maximum = _limit_figures(ctx.limits, plan.lowered_by, totals)
+            budget["truncated"] = {
+                "task_id": ctx.task_id,
+                "limit": plan.lowered_by,
+                "used": used,
+                "maximum": maximum,
+                "output_cap": plan.cap,
+                "uncapped": plan.uncapped,
+            }
         if reservation.lease_id is not None:  # enough to settle it again after a crash
             budget["lease_id"] = reservation.lease_id
             budget["reserved_tokens"] = plan.input_tokens + plan.cap
@@ -1676,11 +1724,27 @@ def _is_stop_message(m: BaseMessage) -> bool:
     return isinstance(m, AIMessage) and bool(budget.get("stopped"))
 
 
+def _truncation(m: BaseMessage) -> dict[str, Any] | None:
+    """The record of an answer cut at the output cap the envelope lowered (else ``None``)."""
+    cut = _budget_meta(m).get("truncated") if isinstance(m, AIMessage) else None
+    return cut if isinstance(cut, dict) else None
+
+
+def _ends_on_budget(m: BaseMessage) -> bool:
+    """*m* ends its task on the budget: a refusal's stop message, or an answer cut short."""
+    return _is_stop_message(m) or _truncation(m) is not None
+
+
 def _stopped_by_model(messages: Sequence[BaseMessage]) -> BudgetCheck | None:
-    """The wrapper refused the last call (a race the guard's estimate missed): stop too."""
-    if not messages or not _is_stop_message(messages[-1]):
+    """The wrapper refused the last call, or cut its answer short: stop too.
+
+    A refusal is a race the guard's estimate missed; an answer cut short ran into the output
+    cap the envelope lowered (its record carries ``truncated``).
+    """
+    if not messages or not _ends_on_budget(messages[-1]):
         return None
-    data = messages[-1].additional_kwargs["harness"]["budget"]["stopped"]
+    budget = _budget_meta(messages[-1])
+    data = _truncation(messages[-1]) or budget["stopped"]
     return BudgetCheck(
         "stop",
         str(data["task_id"]),
@@ -1688,7 +1752,7 @@ def _stopped_by_model(messages: Sequence[BaseMessage]) -> BudgetCheck | None:
         str(data["limit"]),
         float(data["used"]),
         float(data["maximum"]),
-        float(messages[-1].additional_kwargs["harness"]["budget"].get("task_spent_usd", 0.0)),
+        float(budget.get("task_spent_usd", 0.0)),
     )
 
 
@@ -1834,6 +1898,12 @@ class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
     ) -> dict[str, Any]:
         limit = check.limit or "usd"
         reason = f"{limit} limit reached: used {check.used:g} of {check.maximum:g}"
+        cut = _truncation(messages[-1]) if messages else None
+        if cut is not None:
+            reason += (
+                f"; the last answer was cut short at the {cut['output_cap']} output tokens "
+                f"the budget left it (of {cut['uncapped']})"
+            )
         outcome = Outcome(
             status="budget_exhausted", reason=reason, partial_result=_partial_result(messages)
         )
@@ -1868,10 +1938,19 @@ class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
         plain ``MessagesState`` app the outcome rides on the final message's
         ``additional_kwargs["harness"]["outcome"]``. When the messages end on the wrapper's
         stop message, the limit it reports is the reason (the ladder that refused may not be
-        this guard's: a model another middleware swapped in).
+        this guard's: a model another middleware swapped in). When they end on an answer cut
+        short at the output cap the budget lowered, that answer stays, the stop is reported
+        (a ``budget.stop`` event) and, with ``exit_behavior="error"``, `BudgetExceeded` is
+        raised here.
+
+        Raises:
+            BudgetExceeded: the messages end on an answer the budget cut short and the
+                envelope says ``exit_behavior="error"``.
         """
         messages = _messages_of(state)
         check = _stopped_by_model(messages) or self.model.check(messages, config)
+        if messages and _truncation(messages[-1]) is not None:
+            self._decide(check, config)  # nothing reported this stop yet
         spend = self.model.spend(config, model=_last_model(messages))
         emit("outcome", {"status": "budget_exhausted", "reason": check.limit}, config)
         update = self._finish_update(messages, check, spend)
@@ -1882,6 +1961,8 @@ class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
         """Async `finish`."""
         messages = _messages_of(state)
         check = _stopped_by_model(messages) or await self.model.acheck(messages, config)
+        if messages and _truncation(messages[-1]) is not None:
+            await self._adecide(check, config)  # nothing reported this stop yet
         spend = await self.model.aspend(config, model=_last_model(messages))
         await aemit("outcome", {"status": "budget_exhausted", "reason": check.limit}, config)
         update = self._finish_update(messages, check, spend)

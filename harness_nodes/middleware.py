@@ -6,7 +6,8 @@ lives in one place.
 - `CostEnvelopeMiddleware`: wraps the agent's model with `budgeted` (the same reservation in
   the same spend ledger, keyed by task = thread id), and any model a middleware inside it
   swaps into the request (``ModelFallbackMiddleware``). Spend survives pauses, crashes and
-  resumes, unlike ``ModelCallLimitMiddleware``'s run counters. A refused call ends the agent
+  resumes, unlike ``ModelCallLimitMiddleware``'s run counters. A refused call, or an answer
+  cut short at the output cap the budget lowered (kept, before the note), ends the agent
   with the `BudgetGuard` finish note (outcome ``budget_exhausted``), or raises
   `BudgetExceeded` with ``exit_behavior="error"``. New input after a finished task clears
   that task's outcome (a ``before_agent`` step, as with verification).
@@ -104,6 +105,7 @@ from harness_nodes.budget import (
     Envelopes,
     ExitBehavior,
     _check_lease,
+    _ends_on_budget,
     _is_stop_message,
     budgeted,
 )
@@ -305,6 +307,9 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
     remains, the model steps down the ladder (``fallbacks``) when the next call would not
     fit, and when nothing fits the agent ends with outcome ``budget_exhausted``
     (``exit_behavior="end"``, the envelope's) or `BudgetExceeded` is raised (``"error"``).
+    So does an answer cut short at the output cap the budget lowered (finish reason
+    ``length``/``max_tokens``: its tool call or the rest of its text lost for want of budget),
+    which stays in the messages, marked ``truncated`` in its budget record.
     Spend is read back from the ledger, so it survives resume — in another process too.
     A model that a middleware listed after this one swaps into the request
     (``ModelFallbackMiddleware``'s fallback, a router's choice: ``request.override(model=...)``)
@@ -503,7 +508,9 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
 
     @staticmethod
     def _stopped(response: ModelResponse[Any]) -> bool:
-        return any(_is_stop_message(m) for m in response.result)
+        # A refusal, or an answer cut at the output cap the budget lowered (its tool call or
+        # the rest of its text lost for want of budget): a budget stop, not a completion.
+        return any(_ends_on_budget(m) for m in response.result)
 
     @staticmethod
     def _completed(response: ModelResponse[Any], state: Any) -> ExtendedModelResponse[Any]:
@@ -530,15 +537,22 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
 
     @staticmethod
     def _ended(request: ModelRequest[Any], response: ModelResponse[Any]) -> MessagesAndOutcome:
-        # The stop message last, so `BudgetGuard.finish` reports the limit that refused.
-        stop = [m for m in response.result if isinstance(m, AIMessage) and _is_stop_message(m)]
+        # The stop message (or the answer cut short) last, so `BudgetGuard.finish` reports
+        # the limit that refused (or cut it).
+        stop = [m for m in response.result if isinstance(m, AIMessage) and _ends_on_budget(m)]
         return {"messages": [*request.messages, *stop[-1:]]}
 
     @staticmethod
-    def _finished(update: dict[str, Any]) -> ExtendedModelResponse[Any]:
-        response: ModelResponse[Any] = ModelResponse(result=list(update["messages"]))
+    def _finished(
+        response: ModelResponse[Any], update: dict[str, Any]
+    ) -> ExtendedModelResponse[Any]:
+        # An answer cut short stays in the messages, before the finish note: it is the
+        # model's (billed) work, and the trace shows why the task stopped there. A refusal's
+        # stop message gives way to the note.
+        cut = [m for m in response.result if not _is_stop_message(m)]
+        result: ModelResponse[Any] = ModelResponse(result=[*cut, *update["messages"]])
         rest = {"outcome": update["outcome"], "spend": update["spend"]}
-        return ExtendedModelResponse(response, Command(update=rest))
+        return ExtendedModelResponse(result, Command(update=rest))
 
     def wrap_model_call(
         self, request: ModelRequest[Any], handler: ModelHandler
@@ -549,7 +563,7 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         if not self._stopped(response):
             return self._completed(response, request.state)
         guard = self._guard(model)
-        return self._finished(guard.finish(self._ended(request, response), _config()))
+        return self._finished(response, guard.finish(self._ended(request, response), _config()))
 
     async def awrap_model_call(
         self,
@@ -562,7 +576,7 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         if not self._stopped(response):
             return self._completed(response, request.state)
         update = await self._guard(model).afinish(self._ended(request, response), _config())
-        return self._finished(update)
+        return self._finished(response, update)
 
 
 class VerifyToolOutputsMiddleware(_OutcomePerTask):

@@ -60,7 +60,14 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
 from harness_nodes.aio import AsyncEffectLedger
-from harness_nodes.budget import BudgetedChatModel, BudgetGuard, Envelope, Envelopes, budgeted
+from harness_nodes.budget import (
+    BudgetedChatModel,
+    BudgetGuard,
+    Envelope,
+    Envelopes,
+    _ends_on_budget,
+    budgeted,
+)
 from harness_nodes.effects import EffectLedger, effect_kind
 from harness_nodes.errors import UserError
 from harness_nodes.pricing import Pricing
@@ -115,7 +122,9 @@ class ModelNode(Runnable[MessagesAndOutcome, dict[str, Any]]):
 
     When the model answers without tool calls the task is done: the node also writes
     ``outcome = {"status": "completed", "partial_result": <answer>}`` (kept where the state
-    has an ``outcome`` key), so finishing costs no extra superstep.
+    has an ``outcome`` key), so finishing costs no extra superstep. A budget stop is no
+    answer: neither a budgeted model's refusal nor an answer cut short at the output cap the
+    budget lowered completes the task (the graph goes on to its budget stop).
 
     The node is a ``Runnable`` with both paths: under ``invoke``/``stream`` it calls
     ``model.invoke``, under ``ainvoke``/``astream`` it awaits ``model.ainvoke`` (a model
@@ -176,10 +185,12 @@ class ModelNode(Runnable[MessagesAndOutcome, dict[str, Any]]):
 
 
 def _budget_stopped(message: BaseMessage) -> bool:
-    """A budgeted model refused the call (its answer carries ``budget.stopped``)."""
-    meta = message.additional_kwargs.get("harness")
-    budget = meta.get("budget") if isinstance(meta, dict) else None
-    return isinstance(budget, dict) and bool(budget.get("stopped"))
+    """The task ends on the budget: a refusal, or an answer the budget cut short.
+
+    A budgeted model's refusal carries ``budget.stopped``; an answer cut at the output cap
+    the budget lowered carries ``budget.truncated``.
+    """
+    return _ends_on_budget(message)
 
 
 class _FromBackend:

@@ -136,6 +136,35 @@ def test_budget_error_exit_behavior_raises() -> None:
         assert info.value.limit == "calls"
 
 
+@pytest.mark.parametrize("way", ["invoke", "ainvoke"])
+async def test_an_answer_the_budget_cut_short_ends_the_agent_as_a_budget_stop(way: str) -> None:
+    # Each turn a tool call of 200 output tokens on gpt-4o, under $0.006: the third call fits
+    # only with its output cap lowered below 200, and is cut there (its tool call lost).
+    call = ai(tool_calls=[tool_call("ping", {})], usage={"input_tokens": 50, "output_tokens": 200})
+    model = ScriptedChatModel(script=[call], loop=True, model_name="gpt-4o")
+    envelope = Envelope(max_usd=0.006, max_output_tokens=256, min_output_tokens=64)
+    with open_backend("memory://") as backend:
+        agent = create_agent(
+            model,
+            [ping],
+            middleware=[CostEnvelopeMiddleware(envelope, backend=backend)],
+            checkpointer=backend.checkpointer,
+        )
+        state = {"messages": [HumanMessage("go")]}
+        config: Any = {"configurable": {"thread_id": f"cut-{way}"}}
+        out = agent.invoke(state, config) if way == "invoke" else await agent.ainvoke(state, config)
+
+    cut, note = out["messages"][-2:]
+    assert cut.response_metadata["finish_reason"] == "length" and not cut.tool_calls
+    truncated = cut.additional_kwargs["harness"]["budget"]["truncated"]
+    assert truncated["limit"] == "usd" and truncated["output_cap"] < 200
+    assert note.content.startswith("Stopped: budget exhausted")
+    assert out["outcome"]["status"] == "budget_exhausted"
+    assert "the last answer was cut short" in out["outcome"]["reason"]
+    results = out["outcome"]["partial_result"]["tool_results"]
+    assert [r["content"] for r in results] == ["pong", "pong"]
+
+
 def _search_model() -> ScriptedChatModel:
     return ScriptedChatModel(
         script=[

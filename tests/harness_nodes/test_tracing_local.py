@@ -325,6 +325,34 @@ def test_a_budget_stop_message_is_a_budget_decision_not_a_model_call(backend: Ba
     assert not [n for n in trace.walk() if n.kind == "llm"]
 
 
+def test_an_answer_the_budget_cut_short_shows_why_the_task_stopped_there() -> None:
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+
+    from checkpointers import open_backend
+    from harness_nodes import Envelope, build_harnessed_agent
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    @tool
+    def ping() -> str:
+        """Ping."""
+        return "pong"
+
+    call = ai(tool_calls=[tool_call("ping", {})], usage={"input_tokens": 50, "output_tokens": 200})
+    model = ScriptedChatModel(script=[call], loop=True, model_name="gpt-4o")
+    envelope = Envelope(max_usd=0.006, max_output_tokens=256, min_output_tokens=64)
+    with open_backend("memory://") as backend:
+        agent = build_harnessed_agent(model, [ping], envelope=envelope, backend=backend)
+        agent.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "cut"}})
+        trace = build_trace(backend, "cut")
+    cut, stop, outcome = trace.decisions()[-3:]
+    assert cut.kind == "budget" and re.match(r"cut short at \d+ output tokens: usd ", cut.name)
+    assert (stop.kind, outcome.name) == ("budget", "budget_exhausted")  # the finish note
+    assert trace.status == "budget_exhausted" and "cut short" in str(trace.reason)
+    (llm,) = [n for n in trace.walk() if n.kind == "llm" and n.data["finish_reason"] == "length"]
+    assert llm.data["budget"]["truncated"]["limit"] == "usd"
+
+
 def test_runs_are_listed_without_loading_every_checkpoint(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

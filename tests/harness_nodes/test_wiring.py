@@ -894,6 +894,137 @@ def test_a_budgeted_model_is_guarded_with_its_own_envelope_and_options(
     assert task["reserved_nanos"] == 0 and 0 < task["spent_nanos"] <= 0.05 * 1e9
 
 
+# Each turn a tool call of 200 output tokens, on gpt-4o, under $0.006: the third call fits
+# only with its output cap lowered from 256 to 132 tokens (min_output_tokens=64).
+_TIGHT = {"max_usd": 0.006, "max_output_tokens": 256, "min_output_tokens": 64}
+
+
+def _tight_model(*script: AIMessage) -> ScriptedChatModel:
+    call = ai(tool_calls=[tool_call("lookup", {"key": "a"})], usage=_USAGE_200)
+    return ScriptedChatModel(script=[call, call, *script], loop=True, model_name="gpt-4o")
+
+
+_USAGE_200 = {"input_tokens": 50, "output_tokens": 200}
+
+
+def _budget_record(message: Any) -> dict[str, Any]:
+    return dict(message.additional_kwargs["harness"]["budget"])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("way", ["invoke", "ainvoke"])
+async def test_an_answer_the_budget_cut_short_ends_as_a_budget_stop_with_the_work_so_far(
+    way: str,
+) -> None:
+    from harness_nodes import Envelope
+
+    agent = build_harnessed_agent(_tight_model(), [lookup], envelope=Envelope(**_TIGHT))
+    config: Any = {"configurable": {"thread_id": f"t-cut-{way}"}}
+    state = {"messages": [HumanMessage("go")]}
+    out = agent.invoke(state, config) if way == "invoke" else await agent.ainvoke(state, config)
+
+    cut, note = out["messages"][-2:]
+    # The answer cut short stays in the state, marked with why it stopped there.
+    assert isinstance(cut, AIMessage) and not cut.tool_calls
+    assert cut.response_metadata["finish_reason"] == "length"
+    truncated = _budget_record(cut)["truncated"]
+    assert (truncated["limit"], truncated["uncapped"]) == ("usd", 256)
+    assert 64 <= truncated["output_cap"] == cut.usage_metadata["output_tokens"] < 200
+    assert note.content.startswith("Stopped: budget exhausted")
+    outcome = out["outcome"]
+    assert outcome["status"] == "budget_exhausted"
+    assert f"cut short at the {truncated['output_cap']} output tokens" in outcome["reason"]
+    results = outcome["partial_result"]["tool_results"]
+    assert [r["tool_call_id"] for r in results] == ["call_t0_0", "call_t1_0"]
+
+
+class _Provider(ScriptedChatModel):
+    """Says "cut at the cap" in a given provider's words (langchain-core passes them as is)."""
+
+    key: str = "finish_reason"
+    word: str = "length"
+
+    def _finish(self, msg: AIMessage, prompt: Any, kwargs: Any) -> AIMessage:
+        out = super()._finish(msg, prompt, kwargs)
+        meta = dict(out.response_metadata)
+        if meta.pop("finish_reason") == "length":
+            meta[self.key] = self.word
+        return out.model_copy(update={"response_metadata": meta})
+
+
+@pytest.mark.parametrize(
+    ("key", "word"),
+    [
+        pytest.param("stop_reason", "max_tokens", id="anthropic"),
+        pytest.param("finish_reason", "MAX_TOKENS", id="google"),
+        pytest.param("stopReason", "max_tokens", id="bedrock"),
+        pytest.param("done_reason", "length", id="ollama"),
+    ],
+)
+def test_an_answer_cut_short_is_read_in_each_providers_words(key: str, word: str) -> None:
+    from harness_nodes import Envelope
+
+    call = ai(tool_calls=[tool_call("lookup", {"key": "a"})], usage=_USAGE_200)
+    model = _Provider(script=[call], loop=True, model_name="gpt-4o", key=key, word=word)
+    agent = build_harnessed_agent(model, [lookup], envelope=Envelope(**_TIGHT))
+    out = agent.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "p"}})
+
+    assert out["messages"][-2].response_metadata[key] == word
+    assert out["outcome"]["status"] == "budget_exhausted"
+
+
+def test_an_answer_the_budget_cut_short_raises_with_exit_behavior_error_and_stays() -> None:
+    from harness_nodes import BudgetExceeded, Envelope
+
+    with open_backend("memory://") as backend:
+        agent = build_harnessed_agent(
+            _tight_model(),
+            [lookup],
+            envelope=Envelope(**_TIGHT, exit_behavior="error"),
+            backend=backend,
+        )
+        config: Any = {"configurable": {"thread_id": "t-cut-error"}}
+        with pytest.raises(BudgetExceeded) as info:
+            agent.invoke({"messages": [HumanMessage("go")]}, config)
+        assert info.value.limit == "usd"
+        last = agent.get_state(config).values["messages"][-1]
+    assert _budget_record(last)["truncated"]["limit"] == "usd"  # the answer is kept
+
+
+def test_an_answer_that_fits_under_a_lowered_cap_completes() -> None:
+    from harness_nodes import Envelope
+
+    done = ai("Done.", usage={"input_tokens": 50, "output_tokens": 20})
+    agent = build_harnessed_agent(_tight_model(done), [lookup], envelope=Envelope(**_TIGHT))
+    out = agent.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "t-f"}})
+
+    assert out["outcome"] == {"status": "completed", "partial_result": "Done."}
+    assert "truncated" not in _budget_record(out["messages"][-1])
+    # Its cap was lowered (a longer prompt, a smaller worst case reserved than the first's).
+    assert (
+        _budget_record(out["messages"][-1])["reserved_usd"]
+        < _budget_record(out["messages"][1])["reserved_usd"]
+    )
+
+
+def test_an_answer_cut_at_the_models_own_cap_completes_as_before() -> None:
+    from harness_nodes import Envelope
+
+    # Not the budget's doing: the model's own max_tokens cut it, with plenty of budget left.
+    model = ScriptedChatModel(
+        script=[ai("A long answer. " * 40, usage={"input_tokens": 50, "output_tokens": 200})],
+        model_name="gpt-4o",
+        max_tokens=64,
+    )
+    agent = build_harnessed_agent(model, [lookup], envelope=Envelope(max_usd=1))
+    out = agent.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "t-o"}})
+
+    answer = out["messages"][-1]
+    assert answer.response_metadata["finish_reason"] == "length"
+    assert "truncated" not in _budget_record(answer)
+    assert out["outcome"]["status"] == "completed"
+
+
 def test_a_model_ladder_needs_an_envelope() -> None:
     with pytest.raises(UserError, match="a model ladder needs an envelope"):
         build_harnessed_agent([_model(), _model()], [lookup])
