@@ -1948,7 +1948,7 @@ class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
                 envelope says ``exit_behavior="error"``.
         """
         messages = _messages_of(state)
-        check = _stopped_by_model(messages) or self.model.check(messages, config)
+        check = _stopped_by_model(messages) or self.model.check(self._prompt(state), config)
         if messages and _truncation(messages[-1]) is not None:
             self._decide(check, config)  # nothing reported this stop yet
         spend = self.model.spend(config, model=_last_model(messages))
@@ -1960,7 +1960,7 @@ class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
     async def afinish(self, state: MessagesAndOutcome, config: RunnableConfig) -> dict[str, Any]:
         """Async `finish`."""
         messages = _messages_of(state)
-        check = _stopped_by_model(messages) or await self.model.acheck(messages, config)
+        check = _stopped_by_model(messages) or await self.model.acheck(self._prompt(state), config)
         if messages and _truncation(messages[-1]) is not None:
             await self._adecide(check, config)  # nothing reported this stop yet
         spend = await self.model.aspend(config, model=_last_model(messages))
