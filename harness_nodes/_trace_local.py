@@ -528,7 +528,9 @@ def build_trace(
     order, what it produced: prompts, model calls (model, tokens, cost, tool calls with their
     full arguments), tool results with the harness's verdict and effect records, budget
     degradations, interrupts with the review request and its decision (reviewer, latency),
-    and the outcome.
+    and the outcome. A budgeted call a crash or a cancellation cut off (no answer reached a
+    checkpoint) shows as a ``lost_call`` budget node with the worst case the ledger charged or
+    keeps booked for it, so the steps add up to the task's cost.
 
     Args:
         backend: The backend the task was checkpointed in.
@@ -693,6 +695,11 @@ def build_trace(
     ledger_cost = _ledger_cost(backend, task_id)
     if ledger_cost is not None:
         cost = ledger_cost
+    lost = _lost_calls(backend, task_id, steps)
+    if lost:
+        _place(steps, lost)
+        input_tokens = sum(s.input_tokens for s in steps)
+        output_tokens = sum(s.output_tokens for s in steps)
     times = [_ts(t.checkpoint) for t in history]
     known = [t for t in times if t is not None]
     trace = Trace(
@@ -780,6 +787,77 @@ def _ledger_cost(backend: Backend, task_id: str) -> float | None:
     if not rows or not rows[0]["n"]:
         return None
     return int(rows[0]["nanos"]) / 1e9
+
+
+def _lost_calls(
+    backend: Backend, task_id: str, steps: Sequence[TraceNode]
+) -> list[tuple[float, TraceNode]]:
+    """Budgeted calls whose answer never reached a checkpoint, as ``budget`` nodes.
+
+    A call cut off by a crash or a cancellation may still have been billed: the ledger
+    charges its worst case (settled) or, for a process killed mid-call, keeps it booked
+    (reserved). Without these nodes the steps would not add up to the task's cost.
+    """
+    shown = {
+        str(n.data["budget"]["spend_id"])
+        for step in steps
+        for n in step.walk()
+        if n.kind == "llm" and isinstance(n.data.get("budget"), Mapping)
+        if n.data["budget"].get("spend_id") is not None
+    }
+    rows = _rows(
+        backend,
+        "SELECT id, model, state, input_tokens, output_tokens, cost_nanos, reserved_nanos, "
+        "created_at FROM harness_spend WHERE task_id = %s AND state IN ('settled', 'reserved') "
+        "AND lease_id IS NULL AND reserved_calls = 0 ORDER BY id",
+        (task_id,),
+    )
+    lost: list[tuple[float, TraceNode]] = []
+    for row in rows:
+        if str(row["id"]) in shown:
+            continue
+        settled = row["state"] == "settled"
+        usd = int(row["cost_nanos" if settled else "reserved_nanos"]) / 1e9
+        node = TraceNode(
+            kind="budget",
+            name=(
+                f"lost call {row['model']}: charged its worst case ${usd:.6f}"
+                if settled
+                else f"call {row['model']} in flight when its process died: ${usd:.6f} stays booked"
+            ),
+            input_tokens=int(row["input_tokens"]) if settled else 0,
+            output_tokens=int(row["output_tokens"]) if settled else 0,
+            cost_usd=usd if settled else 0.0,
+            data={
+                "action": "lost_call",
+                "spend_id": row["id"],
+                "state": row["state"],
+                "model": row["model"],
+                ("charged_usd" if settled else "booked_usd"): usd,
+                "why": "no answer reached a checkpoint (a crash or a cancellation cut the call "
+                "off); it may have been billed, so the ledger counts its worst case",
+            },
+        )
+        lost.append((float(row["created_at"]), node))
+    return lost
+
+
+def _place(steps: list[TraceNode], lost: Sequence[tuple[float, TraceNode]]) -> None:
+    """Put each lost call in the step that was running when it started (else the last before)."""
+    for at, node in lost:
+        home = None
+        for step in steps:
+            if step.started_at is not None and step.started_at <= at:
+                home = step
+                if step.duration_s is not None and at <= step.started_at + step.duration_s:
+                    break
+        home = home or (steps[0] if steps else None)
+        if home is None:
+            continue
+        home.children.insert(0, node)  # it started before what the step then did
+        home.input_tokens += node.input_tokens
+        home.output_tokens += node.output_tokens
+        home.cost_usd += node.cost_usd
 
 
 def _add_interrupts(

@@ -972,3 +972,37 @@ def test_harness_show_has_the_queue_reviewers_edited_arguments_and_message(
     ]
     text = trace.to_json()
     assert secret not in text and Trace.from_json(text) == trace
+
+
+def test_a_call_a_crash_cut_off_shows_where_its_charge_went(backend: Backend) -> None:
+    # The crashed call's worst case was charged (it may have been billed) but no answer of it
+    # reached a checkpoint: the tree's steps came to half the task's cost, with no word why.
+    from langchain_core.messages import HumanMessage
+
+    from checkpointers._spend import SpendLedger
+    from graphs import SimulatedCrash, support
+    from harness_nodes import Envelope
+
+    config: Any = {"configurable": {"thread_id": "t-crash"}}
+    first = support.build_graph(
+        backend=backend, faults={"crash_at_turn": 2}, budget_usd=0.01, review_policy=None
+    )
+    with pytest.raises(SimulatedCrash):
+        first.invoke({"messages": [HumanMessage(support.DEFAULT_TASK)]}, config)
+    again = support.build_graph(backend=backend, budget_usd=0.01, review_policy=None)
+    again.invoke(None, config)
+    # ...and a call in flight in a process killed since: its worst case stays booked.
+    limits = Envelope(max_usd=0.01).limits()
+    SpendLedger(backend).reserve("t-crash", "support", "gpt-4o-mini", 10, 10, 5_000, limits)
+
+    trace = build_trace(backend, "t-crash")
+    lost = [n for n in trace.walk() if n.kind == "budget" and n.data.get("action") == "lost_call"]
+    assert [n.data["state"] for n in lost] == ["settled", "reserved"]
+    charged, booked = lost
+    assert charged.name.startswith("lost call gpt-4o-mini: charged its worst case $0.00")
+    assert charged.output_tokens == 4096 and charged.cost_usd > 0  # the output cap it was given
+    assert booked.cost_usd == 0 and booked.data["booked_usd"] == pytest.approx(5e-6)
+    # the steps add up to what the ledger says the task spent
+    assert sum(s.cost_usd for s in trace.steps) == pytest.approx(trace.cost_usd)
+    assert trace.status == "completed"
+    assert Trace.from_json(trace.to_json()) == trace
