@@ -68,8 +68,10 @@ from harness_nodes._lease import (
 from harness_nodes.effects import (
     _ABORT,
     _FINISH,
+    _FINISH_LATE,
     _RESOLVE,
     _SELECT,
+    LATE_NOTE,
     EffectContext,
     EffectRecord,
     EffectStatus,
@@ -82,6 +84,7 @@ from harness_nodes.effects import (
     _event,
     _ledger_retry,
     _list_query,
+    _log_late,
     _replay_result,
     _replayed,
     _resolution,
@@ -284,8 +287,16 @@ class AsyncEffectLedger:
 
     async def _finish(self, call: _Call, status: str, value: Any, error: str | None) -> None:
         encoded = None if value is None else _codec.encode(value)
-        params = (status, encoded, error, time.time(), call.thread_id, call.call_id)
-        await _aledger_statement(self.backend, lambda: self.backend.execute(_FINISH, params))
+        now = time.time()
+        params = (status, encoded, error, now, call.thread_id, call.call_id)
+
+        async def finish() -> list[dict[str, Any]]:
+            if await self.backend.execute(_FINISH, params) or status != "done":
+                return []
+            late = (encoded, LATE_NOTE, now, call.thread_id, call.call_id)
+            return list(await self.backend.execute(_FINISH_LATE, late))
+
+        _log_late(call, await _aledger_statement(self.backend, finish))
 
     async def _abort(self, call: _Call) -> None:
         params = (time.time(), call.thread_id, call.call_id)

@@ -71,8 +71,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ from harness_nodes.errors import (
     UserError,
 )
 from harness_nodes.state import Escalation
+
+logger = logging.getLogger("harness_nodes.effects")
 
 if TYPE_CHECKING:
     from langgraph.prebuilt.tool_node import ToolCallRequest
@@ -455,7 +458,18 @@ _RESTART = (
 )
 _FINISH = (
     "UPDATE harness_effects SET status = %s, result = %s, error = %s, finished_at = %s "
-    "WHERE thread_id = %s AND tool_call_id = %s AND status = 'started'"
+    "WHERE thread_id = %s AND tool_call_id = %s AND status = 'started' RETURNING attempts"
+)
+# A run that had lost its lease (a stalled worker, carried on after another one recovered the
+# task) finished a call a reviewer had since answered "it did not happen": it did. The truth is
+# recorded (a later execution of the call replays it instead of running it again) and logged.
+_FINISH_LATE = (
+    "UPDATE harness_effects SET status = 'done', result = %s, error = %s, finished_at = %s "
+    "WHERE thread_id = %s AND tool_call_id = %s AND status = 'aborted' RETURNING resolved_by"
+)
+LATE_NOTE = (
+    "finished after it was answered 'did not happen': a run that had lost its lease carried "
+    "it out; check whether it was done twice"
 )
 _ABORT = (
     "UPDATE harness_effects SET status = 'aborted', finished_at = %s "
@@ -847,12 +861,32 @@ class EffectLedger:
 
     def _finish(self, call: _Call, status: str, value: Any, error: str | None) -> None:
         encoded = None if value is None else _codec.encode(value)
-        params = (status, encoded, error, time.time(), call.thread_id, call.call_id)
-        _ledger_statement(self.backend, lambda: self.backend.execute(_FINISH, params))
+        now = time.time()
+        params = (status, encoded, error, now, call.thread_id, call.call_id)
+
+        def finish() -> list[dict[str, Any]]:
+            if self.backend.execute(_FINISH, params) or status != "done":
+                return []
+            late = (encoded, LATE_NOTE, now, call.thread_id, call.call_id)
+            return self.backend.execute(_FINISH_LATE, late)
+
+        _log_late(call, _ledger_statement(self.backend, finish))
 
     def _abort(self, call: _Call) -> None:
         params = (time.time(), call.thread_id, call.call_id)
         _ledger_statement(self.backend, lambda: self.backend.execute(_ABORT, params))
+
+
+def _log_late(call: _Call, rows: Sequence[Mapping[str, Any]]) -> None:
+    if rows:
+        logger.error(
+            "%s (thread %s, call %s) %s (it had been answered by %s)",
+            call.tool,
+            call.thread_id,
+            call.call_id,
+            LATE_NOTE,
+            rows[0].get("resolved_by"),
+        )
 
 
 def _ledger_statement(backend: Any, run: Callable[[], T]) -> T:

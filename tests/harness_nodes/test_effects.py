@@ -923,3 +923,47 @@ def test_a_ledger_that_cannot_record_a_result_fails_the_run_and_the_resume_asks_
     [intr] = graph.get_state(cfg).interrupts
     assert intr.value[0]["trigger"] == "effect_unknown"  # did it happen? a person says
     assert len(world.calls) == 1
+
+
+def test_a_call_finished_after_it_was_answered_did_not_happen_is_recorded_done(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A stalled worker (its lease lost, the task recovered elsewhere and a reviewer told
+    # "it did not happen") carries the call out after all: its result was dropped (the row
+    # was no longer 'started') and the ledger kept saying it never happened, so a re-issued
+    # call of the same id would run it a second time.
+    ledger = EffectLedger(backend)
+
+    def refund(ctx: Any) -> str:
+        # ...meanwhile, in the process that recovered the task:
+        EffectLedger(backend).resolve("t-late", "c1", happened=False, reviewer="alice")
+        return "refunded 25"
+
+    kw: Any = {"name": "refund", "thread_id": "t-late", "call_id": "c1"}
+    assert ledger.run(refund, args={"amount": 25}, **kw) == "refunded 25"
+    record = ledger.get("t-late", "c1")
+    assert record is not None
+    assert (record.status, record.result, record.resolved_by) == ("done", "refunded 25", "alice")
+    assert record.error is not None and "lost its lease" in record.error
+    assert any(
+        "lost its lease" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records
+    )
+    # the call again: replayed, not run a second time
+    assert ledger.run(lambda ctx: "refunded twice", **kw) == "refunded 25"
+
+
+async def test_an_async_call_finished_after_it_was_answered_did_not_happen_is_recorded_done(
+    abackend: AsyncBackend,
+) -> None:
+    from harness_nodes.aio import AsyncEffectLedger
+
+    ledger = AsyncEffectLedger(abackend)
+
+    async def refund(ctx: Any) -> str:
+        await AsyncEffectLedger(abackend).aresolve("t-late", "c1", happened=False, reviewer="al")
+        return "refunded 25"
+
+    kw: Any = {"name": "refund", "thread_id": "t-late", "call_id": "c1"}
+    assert await ledger.arun(refund, **kw) == "refunded 25"
+    record = await ledger.aget("t-late", "c1")
+    assert record is not None and (record.status, record.result) == ("done", "refunded 25")
