@@ -108,7 +108,7 @@ if TYPE_CHECKING:
     from langgraph.types import Command
 
     from checkpointers import AsyncBackend
-    from harness_nodes.review_queue import AsyncReviewQueue
+    from harness_nodes.review_queue import AsyncReviewQueue, ReviewItem
 
 __all__ = ["AsyncEffectLedger", "AsyncTaskRunner"]
 
@@ -638,11 +638,7 @@ class AsyncTaskRunner:
     async def _sync_reviews(self, thread_id: str) -> None:
         """Bring the review queue up to date with the task's pauses (see `TaskRunner`)."""
         try:
-            if self._reviews is None:
-                from harness_nodes.review_queue import AsyncReviewQueue
-
-                self._reviews = AsyncReviewQueue(self.backend, self.graph, runner=self)
-            await self._reviews.sync(thread_id)
+            await self._queue().sync(thread_id)
         except Exception:  # the pause is in the checkpoint: a later sync records it
             logger.warning(
                 "could not record the review pauses of thread %s in the review queue "
@@ -651,6 +647,14 @@ class AsyncTaskRunner:
                 thread_id,
                 exc_info=True,
             )
+
+    def _queue(self) -> AsyncReviewQueue:
+        """The review queue this runner keeps up to date (*reviews*, or a default one)."""
+        if self._reviews is None:
+            from harness_nodes.review_queue import AsyncReviewQueue
+
+            self._reviews = AsyncReviewQueue(self.backend, self.graph, runner=self)
+        return self._reviews
 
     async def _invoke(self, row: dict[str, Any], resume: Any) -> tuple[RunStatus, Any]:
         thread_id = row["thread_id"]
@@ -663,12 +667,41 @@ class AsyncTaskRunner:
             snapshot = await self.graph.aget_state(config)
             if not snapshot.tasks:
                 return "completed", outcome_of(snapshot.values)
+            decided = await self._queue()._decided_pauses(thread_id, snapshot)
+            if decided:
+                return await self._apply_decided(config, decided)
             inputs = _codec.decode(row["input"]) if input_not_taken(snapshot) else None
         await self.graph.ainvoke(inputs, config, durability="sync")
+        return await self._ran(config)
+
+    async def _ran(self, config: RunnableConfig) -> tuple[RunStatus, Any]:
         snapshot = await self.graph.aget_state(config)
         if snapshot.tasks:
             return "interrupted", None
         return "completed", outcome_of(snapshot.values)
+
+    async def _apply_decided(
+        self, config: RunnableConfig, items: list[ReviewItem]
+    ) -> tuple[RunStatus, Any]:
+        """Carry the task on with the decisions its dead run never applied.
+
+        See `TaskRunner._apply_decided`.
+        """
+        queue = self._queue()
+        for item in items:
+            await queue._settle_effects(item, item.decided_by or "")
+        answer: Command[Any] = Command(resume={i.interrupt_id: i.decision for i in items})
+        try:
+            await self.graph.ainvoke(answer, config, durability="sync")
+        except InvalidDecision as e:
+            # Nothing ran and the task is paused as before: a reviewer decides again.
+            await queue._settle_decided(items, await self.graph.aget_state(config), refused=e)
+            return "interrupted", None
+        except Exception:
+            await queue._settle_decided(items, await self.graph.aget_state(config))
+            raise
+        await queue._settle_decided(items, await self.graph.aget_state(config))
+        return await self._ran(config)
 
     async def _settle(
         self, thread_id: str, owner: str, status: str, outcome: Any, error: str | None

@@ -254,6 +254,7 @@ _UNDECIDE = (
 )
 _APPLIED = "UPDATE harness_reviews SET status = 'applied' WHERE id = %s AND status = 'decided'"
 _CLOSE = "UPDATE harness_reviews SET status = 'closed' WHERE id = %s AND status = 'pending'"
+_DECIDED = f"SELECT {_COLUMNS} FROM harness_reviews WHERE thread_id = %s AND status = 'decided'"
 
 
 class _ThreadBusy(Exception):
@@ -460,6 +461,12 @@ def _effect_answer_of(
 def _died_after(snapshot: StateSnapshot) -> bool:
     """A run that is neither paused nor finished: it died mid-way (after its resume)."""
     return bool(snapshot.next) and not snapshot.interrupts
+
+
+def _on_live_pauses(rows: Sequence[Row], snapshot: StateSnapshot) -> list[ReviewItem]:
+    """The decided items among *rows* whose pause the thread is still stopped at."""
+    live = {i.id for i in snapshot.interrupts}
+    return [item for item in map(_item, rows) if item.interrupt_id in live]
 
 
 def _state_of(snapshot: StateSnapshot) -> dict[str, Any]:
@@ -888,7 +895,8 @@ class ReviewQueue:
 
         A `TaskRunner`'s task needs no such care: its decision is resumed under the runner's
         lease (only once no live process holds it), and a run of it that died after its
-        decision is left to `TaskRunner.recover`, which carries it on when the lease expires;
+        decision was recorded, before or after the run took it, is left to
+        `TaskRunner.recover`, which carries it on with that decision when the lease expires;
         its row stays ``decided`` until a sync sees the run end.
         """
         cfg = _thread_config(thread_id, None)
@@ -1129,6 +1137,37 @@ class ReviewQueue:
         rows = self.backend.execute(*lease)
         if rows:  # else its dead holder's lease has not expired, or the task ended
             self._resume_leased(runner, item, rows[0], owner)
+
+    def _decided_pauses(self, thread_id: str, snapshot: StateSnapshot) -> list[ReviewItem]:
+        """Decided items on a pause *thread_id* is still stopped at: decisions never applied.
+
+        `decide` records a decision and claims the task's lease in one transaction, then
+        resumes the run; a process that dies in between leaves the decision recorded, the
+        pause live and the lease to expire. The runner that recovers the task applies them
+        under its own lease (`TaskRunner.recover`), as `decide` would have.
+        """
+        if not snapshot.interrupts:
+            return []
+        return _on_live_pauses(self.backend.execute(_DECIDED, (thread_id,)), snapshot)
+
+    def _settle_decided(
+        self,
+        items: Sequence[ReviewItem],
+        snapshot: StateSnapshot,
+        refused: InvalidDecision | None = None,
+    ) -> None:
+        """After a recovery resumed *items*: ``applied`` once the run moved past their pause.
+
+        An item the graph *refused* (its pause still live) is pending again, audited as
+        refused, as in `decide`; one still live otherwise (the attempt failed before the run
+        took it) stays decided for the next attempt.
+        """
+        live = {i.id for i in snapshot.interrupts}
+        for item in items:
+            if item.interrupt_id not in live:
+                self.backend.execute(_APPLIED, (item.id,))
+            elif refused is not None:
+                self._undecide(item, refused)
 
     def assign(self, review_id: str, assignee: str | None, *, by: str = "harness") -> ReviewItem:
         """Assign a pending item to someone (recorded in the audit)."""
@@ -1477,6 +1516,26 @@ class AsyncReviewQueue:
         await self.sync(item.thread_id)
         _leased_outcome(run)
         return _state_of(await self.graph.aget_state(_thread_config(item.thread_id, None)))
+
+    async def _decided_pauses(self, thread_id: str, snapshot: StateSnapshot) -> list[ReviewItem]:
+        """Async `ReviewQueue._decided_pauses` (applied by `AsyncTaskRunner.arecover`)."""
+        if not snapshot.interrupts:
+            return []
+        return _on_live_pauses(await self.backend.execute(_DECIDED, (thread_id,)), snapshot)
+
+    async def _settle_decided(
+        self,
+        items: Sequence[ReviewItem],
+        snapshot: StateSnapshot,
+        refused: InvalidDecision | None = None,
+    ) -> None:
+        """Async `ReviewQueue._settle_decided`."""
+        live = {i.id for i in snapshot.interrupts}
+        for item in items:
+            if item.interrupt_id not in live:
+                await self.backend.execute(_APPLIED, (item.id,))
+            elif refused is not None:
+                await self._undecide(item, refused)
 
     async def _resume_decided(self, item: ReviewItem) -> None:
         """Async `ReviewQueue._resume_decided`."""

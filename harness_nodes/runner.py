@@ -87,7 +87,7 @@ from harness_nodes.errors import (
 if TYPE_CHECKING:
     from checkpointers import Backend
     from harness_nodes.background import JobQueue
-    from harness_nodes.review_queue import ReviewQueue
+    from harness_nodes.review_queue import ReviewItem, ReviewQueue
 
 __all__ = ["RunStatus", "TaskRun", "TaskRunner"]
 
@@ -349,8 +349,10 @@ class TaskRunner:
     def recover(self) -> list[str]:
         """Resume the runs of this runner's graph whose process died (lease expired).
 
-        Runs paused for review are left to their reviewer. Call it at start-up (workers do,
-        and periodically).
+        Runs paused for review are left to their reviewer. A run that died after a
+        reviewer's decision was recorded (`ReviewQueue.decide` claims the lease with it) is
+        carried on with that decision, whether or not the run had taken it: it is applied
+        once. Call it at start-up (workers do, and periodically).
 
         Returns:
             The thread ids dispatched again.
@@ -526,11 +528,7 @@ class TaskRunner:
         closed (answered by `resume`, outside the queue) or applied (decided in the queue).
         """
         try:
-            if self._reviews is None:
-                from harness_nodes.review_queue import ReviewQueue
-
-                self._reviews = ReviewQueue(self.backend, self.graph, runner=self)
-            self._reviews.sync(thread_id)
+            self._queue().sync(thread_id)
         except Exception:  # the pause is in the checkpoint: a later sync records it
             logger.warning(
                 "could not record the review pauses of thread %s in the review queue "
@@ -539,6 +537,14 @@ class TaskRunner:
                 thread_id,
                 exc_info=True,
             )
+
+    def _queue(self) -> ReviewQueue:
+        """The review queue this runner keeps up to date (*reviews*, or a default one)."""
+        if self._reviews is None:
+            from harness_nodes.review_queue import ReviewQueue
+
+            self._reviews = ReviewQueue(self.backend, self.graph, runner=self)
+        return self._reviews
 
     def _invoke(self, row: dict[str, Any], resume: Any) -> tuple[RunStatus, Any]:
         thread_id = row["thread_id"]
@@ -554,12 +560,46 @@ class TaskRunner:
                 # `snapshot.next`: it omits tasks whose writes were saved before a crash
                 # cut the step short, and those still have to be applied.)
                 return "completed", outcome_of(snapshot.values)
+            decided = self._queue()._decided_pauses(thread_id, snapshot)
+            if decided:
+                return self._apply_decided(config, decided)
             inputs = _codec.decode(row["input"]) if input_not_taken(snapshot) else None
         self.graph.invoke(inputs, config, durability="sync")
+        return self._ran(config)
+
+    def _ran(self, config: RunnableConfig) -> tuple[RunStatus, Any]:
         snapshot = self.graph.get_state(config)
         if snapshot.tasks:
             return "interrupted", None
         return "completed", outcome_of(snapshot.values)
+
+    def _apply_decided(
+        self, config: RunnableConfig, items: list[ReviewItem]
+    ) -> tuple[RunStatus, Any]:
+        """Carry the task on with review decisions its dead run recorded but never applied.
+
+        Carrying it on with no answer (``None``) would only pause it again at the same spot,
+        its item still ``decided``: listed nowhere, and refused to a second decision. So the
+        recovering run does what `ReviewQueue.decide` would have done under the lease it
+        claimed: records the answers to "did this call take effect?" in the ledger, resumes
+        with the decisions, and marks the items ``applied`` once the run is past their pause
+        (``pending`` again, audited as refused, if the graph refuses one).
+        """
+        queue = self._queue()
+        for item in items:
+            queue._settle_effects(item, item.decided_by or "")
+        answer: Command[Any] = Command(resume={i.interrupt_id: i.decision for i in items})
+        try:
+            self.graph.invoke(answer, config, durability="sync")
+        except InvalidDecision as e:
+            # Nothing ran and the task is paused as before: a reviewer decides again.
+            queue._settle_decided(items, self.graph.get_state(config), refused=e)
+            return "interrupted", None
+        except Exception:
+            queue._settle_decided(items, self.graph.get_state(config))
+            raise
+        queue._settle_decided(items, self.graph.get_state(config))
+        return self._ran(config)
 
     def _settle(
         self, thread_id: str, owner: str, status: str, outcome: Any, error: str | None

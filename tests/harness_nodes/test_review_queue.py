@@ -32,6 +32,7 @@ from harness_nodes import (
     ReviewQueue,
     ReviewQueueMiddleware,
     RunFailed,
+    TaskNotFinished,
     TaskRunner,
     UnknownThread,
     UserError,
@@ -964,6 +965,134 @@ async def test_async_runner_task_that_died_after_a_queue_decision_is_carried_on_
         assert (await runner.astatus("t-ad")).attempts == 3
     assert await queue.sync("t-ad") == [] and (await queue.get(item.id)).status == "applied"
     assert EFFECTS["refund"] == 1
+
+
+def _expire_lease(backend: Backend, thread_id: str) -> None:
+    """The lease of a process that died runs out (without waiting for it)."""
+    sql = "UPDATE harness_runs SET lease_expires_at = 1 WHERE thread_id = %s AND status = 'running'"
+    assert backend.execute(sql + " RETURNING thread_id", (thread_id,))
+
+
+def _killed_after_the_decision(*args: Any) -> Any:
+    from tests.harness_nodes.review_app import ProcessDied
+
+    raise ProcessDied("killed after the decision and the lease claim were committed")
+
+
+def test_a_runner_task_killed_before_its_queue_decision_was_applied_is_carried_on_by_recover(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The process dies between `decide`'s transaction (the decision, its audit row and the
+    # task's lease) and the resumed run: the pause is still live. Recovery carried the run
+    # on with no answer, which paused it again with its item decided: listed nowhere, a
+    # second decision refused, the approved refund never run.
+    from tests.harness_nodes.review_app import ProcessDied
+    from tests.harness_nodes.test_runner import linear_chain
+
+    builder = build_builder()
+    with (
+        TaskRunner(backend, builder, lease_seconds=5) as runner,
+        TaskRunner(backend, builder, lease_seconds=5) as other,
+    ):
+        runner.submit("t-strand", REFUND)
+        _paused(runner, "t-strand")
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        queue = ReviewQueue(backend, graph, runner=runner)
+        [item] = queue.sync("t-strand")
+        with monkeypatch.context() as patch:
+            patch.setattr(queue, "_resume_leased", _killed_after_the_decision)
+            with pytest.raises(ProcessDied):
+                queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert queue.get(item.id).status == "decided" and EFFECTS == {}
+        assert runner.status("t-strand").status == "running"  # on a lease nobody renews
+        _expire_lease(backend, "t-strand")
+        with ThreadPoolExecutor(2) as pool:  # two recoverers race: one claims the task
+            recovered = list(pool.map(lambda r: r.recover(), (runner, other)))
+        assert ["t-strand"] in recovered
+        done = runner.result("t-strand", timeout=30)
+        assert done["partial_result"] == "Done: refunded 250 on A1 | order A1: paid"
+        assert runner.status("t-strand").attempts == 3  # run, the queue's claim, one recovery
+        with pytest.raises(AlreadyDecided, match="alice"):
+            queue.decide(item.id, {"type": "reject", "message": "no"}, reviewer="bob")
+    decided = queue.get(item.id)
+    assert (decided.status, decided.decided_by) == ("applied", "alice")
+    assert [a["decision"] for a in queue.show(item.id).audit] == ["approve"]
+    assert queue.pending() == [] and queue.sync("t-strand") == []
+    assert EFFECTS == {"refund": 1, "lookup": 1}  # the approved refund, once
+    linear_chain(backend, "t-strand")
+
+
+def test_a_recorded_decision_the_graph_refuses_on_recovery_is_pending_again(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.harness_nodes.review_app import ProcessDied
+
+    builder = build_builder()
+    with TaskRunner(backend, builder, lease_seconds=5) as runner:
+        runner.submit("t-srefused", REFUND)
+        _paused(runner, "t-srefused")
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        queue = ReviewQueue(backend, graph, tools=[], runner=runner)  # the node checks edits
+        [item] = queue.sync("t-srefused")
+        bad = {"type": "edit", "args": {"order": "A1", "amount": "lots"}}
+        with monkeypatch.context() as patch:
+            patch.setattr(queue, "_resume_leased", _killed_after_the_decision)
+            with pytest.raises(ProcessDied):
+                queue.decide(item.id, bad, reviewer="alice")
+        _expire_lease(backend, "t-srefused")
+        assert runner.recover() == ["t-srefused"]
+        with pytest.raises(TaskNotFinished):
+            runner.result("t-srefused", timeout=2)
+        assert runner.status("t-srefused").status == "interrupted"
+        assert [i.id for i in queue.pending()] == [item.id]  # listed again, for a new decision
+        assert [a["decision"] for a in queue.show(item.id).audit] == ["edit", "refused"]
+        queue.decide(item.id, {"type": "approve"}, reviewer="carol")
+        assert runner.status("t-srefused").status == "completed"
+    assert queue.get(item.id).decided_by == "carol"
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+async def test_async_runner_task_killed_before_its_queue_decision_was_applied_is_carried_on(
+    abackend: AsyncBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.harness_nodes.review_app import ProcessDied
+
+    async def killed(*args: Any) -> Any:
+        _killed_after_the_decision()
+
+    builder = build_builder()
+    expire = (
+        "UPDATE harness_runs SET lease_expires_at = 1 WHERE thread_id = %s "
+        "AND status = 'running' RETURNING thread_id"
+    )
+    async with (
+        AsyncTaskRunner(abackend, builder, lease_seconds=5) as runner,
+        AsyncTaskRunner(abackend, builder, lease_seconds=5) as other,
+    ):
+        await runner.asubmit("t-astrand", REFUND)
+        await _apaused(runner, "t-astrand")
+        graph = builder.compile(checkpointer=abackend.checkpointer)
+        queue = AsyncReviewQueue(abackend, graph, runner=runner)
+        [item] = await queue.sync("t-astrand")
+        with monkeypatch.context() as patch:
+            patch.setattr(queue, "_resume_leased", killed)
+            with pytest.raises(ProcessDied):
+                await queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert (await queue.get(item.id)).status == "decided"
+        assert await abackend.execute(expire, ("t-astrand",))
+        recovered = await asyncio.gather(runner.arecover(), other.arecover())
+        assert ["t-astrand"] in recovered
+        done = await runner.aresult("t-astrand", timeout=30)
+        assert done["partial_result"] == "Done: refunded 250 on A1 | order A1: paid"
+        await other.aclose()  # the recoverer that lost the claim has returned
+        assert (await runner.astatus("t-astrand")).attempts == 3
+        with pytest.raises(AlreadyDecided, match="alice"):
+            await queue.decide(item.id, {"type": "reject", "message": "no"}, reviewer="bob")
+    decided = await queue.get(item.id)
+    assert (decided.status, decided.decided_by) == ("applied", "alice")
+    assert [a["decision"] for a in (await queue.show(item.id)).audit] == ["approve"]
+    assert await queue.pending() == []
+    assert EFFECTS == {"refund": 1, "lookup": 1}
 
 
 async def test_async_queue_decision_while_the_runner_resumes_the_pause_is_not_applied(
