@@ -574,7 +574,25 @@ def signal_reasons(signals: ErrorSignals, payload: Any, text: str, structured: b
         return []
     reasons: list[str] = []
     _field_reasons(signals, fields, "", signals.envelope_depth, reasons)
+    _graphql_reasons(signals, fields, reasons)
     return reasons or _message_reasons(signals, fields)
+
+
+_GRAPHQL_KEYS = frozenset({"data", "errors", "extensions"})
+
+
+def _graphql_reasons(signals: ErrorSignals, fields: Mapping[Any, Any], reasons: list[str]) -> None:
+    """A GraphQL mutation's own errors, in its payload under ``data`` (`payload_error_keys`)."""
+    data = fields.get("data")
+    if not isinstance(data, Mapping) or not all(k in _GRAPHQL_KEYS for k in fields):
+        return
+    for name, payload in data.items():
+        if not isinstance(payload, Mapping):
+            continue
+        for key in signals.payload_error_keys:
+            errors = payload.get(key)
+            if isinstance(errors, list) and errors:
+                reasons.append(f"the output carries an error: data.{name}.{key}={excerpt(errors)}")
 
 
 # What an error object holds beside its message: where to read about it, which request it

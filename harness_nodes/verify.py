@@ -269,6 +269,12 @@ class ErrorSignals:
     checked (not its status or codes, which are the wrapped record's data; a list under such
     a key is data and is not looked into). A JSON object sent as text is read as the object:
     a Lambda proxy's ``{"statusCode": 200, "body": "{\\"error\\": \\"...\\"}"}``."""
+    payload_error_keys: frozenset[str] = frozenset({"userErrors", "user_errors"})
+    """Keys of a GraphQL mutation payload's errors, read in each object under a GraphQL
+    response's ``data`` (an object of only ``data``, ``errors``, ``extensions``): Shopify's
+    ``{"data": {"productCreate": {"product": null, "userErrors": [...]}}}`` fails with the
+    reason ``data.productCreate.userErrors=...``. Add ``"errors"`` for APIs that name them so
+    in the payload (Saleor)."""
     envelope_depth: int = 2
     """How many envelopes deep the checks go: 2 reads ``response.body.error``; 0 reads the
     top-level keys only."""
@@ -319,6 +325,7 @@ class ErrorSignals:
             "success_flags",
             "code_keys",
             "message_keys",
+            "payload_error_keys",
             "envelope_keys",
         ):
             value = getattr(self, name)

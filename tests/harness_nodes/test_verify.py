@@ -251,6 +251,12 @@ FAILURES = [
         ToolContract(),
     ),
     Case(
+        "graphql-mutation-user-errors",
+        {"data": {"productCreate": {"product": None, "userErrors": [{"message": "Title blank"}]}}},
+        "the output carries an error: data.productCreate.userErrors=",
+        ToolContract(),
+    ),
+    Case(
         "lambda-proxy-json-body",
         {"statusCode": 200, "body": '{"error": "card declined"}'},
         "the output carries an error: body.error='card declined'",
@@ -486,6 +492,16 @@ def test_schema_feedback_says_what_is_needed() -> None:
         pytest.param({"result": {"state": "timeout"}}, ToolContract(), id="a-timed-out-job"),
         # a message is an error only when nothing else is there and it reads like one
         pytest.param({"message": "Email sent"}, ToolContract(), id="a-confirmation-message"),
+        pytest.param(
+            {"data": {"productCreate": {"product": {"id": "gid://P/1"}, "userErrors": []}}},
+            ToolContract(),
+            id="a-graphql-mutation-that-worked",
+        ),
+        pytest.param(
+            {"data": {"job": {"id": 1, "userErrors": ["x"]}}, "meta": {"page": 1}},
+            ToolContract(),
+            id="not-a-graphql-response",
+        ),
         pytest.param(
             {"level": "error", "message": "Request timed out", "ts": 1},
             ToolContract(),
@@ -940,6 +956,11 @@ class Item(BaseModel):
             lambda: ErrorSignals(envelope_keys="data"),  # type: ignore[arg-type]
             "envelope_keys must be a set of strings, not a str",
             id="envelope-keys-str",
+        ),
+        pytest.param(
+            lambda: ErrorSignals(payload_error_keys="userErrors"),  # type: ignore[arg-type]
+            "payload_error_keys must be a set of strings, not a str",
+            id="payload-error-keys-str",
         ),
         pytest.param(
             lambda: ErrorSignals(message_keys="message"),  # type: ignore[arg-type]
