@@ -40,7 +40,8 @@ from harness_nodes.errors import LeaseLost, UserError
 RunStatus = Literal["pending", "running", "interrupted", "completed", "failed", "cancelled"]
 """``pending``: submitted (or released after a failed attempt), waiting for a worker.
 ``running``: a worker holds its lease. ``interrupted``: paused for a person (not resumed by
-`recover`). ``completed`` / ``failed`` / ``cancelled``: final."""
+`recover`, unless a review decision on its pause was recorded and never applied).
+``completed`` / ``failed`` / ``cancelled``: final."""
 
 FINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
@@ -151,10 +152,22 @@ REVIEWED = (
     "updated_at = %s WHERE thread_id = %s AND status = 'interrupted' RETURNING *"
 )
 """A paused task finished by a reviewer's resume made outside the runner (`ReviewQueue`)."""
-STALE = (
-    "SELECT thread_id, task_key, graph FROM harness_runs WHERE status IN ('pending', 'running') "
-    "AND (lease_expires_at IS NULL OR lease_expires_at < %s) ORDER BY created_at"
+DECIDED_REVIEW = (
+    "EXISTS (SELECT 1 FROM harness_reviews WHERE harness_reviews.thread_id = "
+    "harness_runs.thread_id AND harness_reviews.status = 'decided')"
 )
+"""A review of the run's thread was decided and is not yet known to be applied."""
+STALE = (
+    "SELECT thread_id, task_key, graph FROM harness_runs "
+    "WHERE (lease_expires_at IS NULL OR lease_expires_at < %s) AND (status IN ('pending', "
+    f"'running') OR (status = 'interrupted' AND {DECIDED_REVIEW})) ORDER BY created_at"
+)
+"""Runs to carry on: their process died (lease expired), or they are paused on a pause a
+review decided that the run may never have taken (`TaskRunner.recover`)."""
+CLAIM_DECIDED = CLAIM.format(statuses="'interrupted'").replace(
+    " RETURNING *", f" AND {DECIDED_REVIEW} RETURNING *"
+)
+"""Claim a paused run with a decided review (see `claim_decided`)."""
 
 
 def claim_sql(statuses: Sequence[str]) -> str:
@@ -174,6 +187,18 @@ def claim(
     statuses = ("interrupted",) if resuming else ("pending", "running")
     t = now()
     return claim_sql(statuses), (owner, t + lease_seconds, t, thread_id, t)
+
+
+def claim_decided(thread_id: str, owner: str, lease_seconds: float) -> tuple[str, tuple[Any, ...]]:
+    """The statement and parameters claiming *thread_id*'s paused run for *owner*.
+
+    Only while a review of the thread is ``decided``: a decision recorded with the lease of
+    a run that died before taking it, and left so by a recovery that paused the run again
+    (before `TaskRunner.recover` applied such decisions). The claimer applies it if the
+    thread is still stopped at its pause; one claimer wins.
+    """
+    t = now()
+    return CLAIM_DECIDED, (owner, t + lease_seconds, t, thread_id, t)
 
 
 def carries_on(row: Mapping[str, Any]) -> bool:

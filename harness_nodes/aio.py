@@ -58,6 +58,7 @@ from harness_nodes._lease import (
     backoff,
     carries_on,
     claim,
+    claim_decided,
     compile_graph,
     input_not_taken,
     new_owner,
@@ -493,7 +494,11 @@ class AsyncTaskRunner:
         return TaskRun.from_row(rows[0]) if rows else await self.astatus(task_key)
 
     async def arecover(self) -> list[str]:
-        """Resume this runner's runs whose process died (see `TaskRunner.recover`)."""
+        """Resume this runner's runs whose process died (see `TaskRunner.recover`).
+
+        Also a paused run whose thread is still stopped at a pause with a ``decided`` review
+        (an earlier recovery paused it again without applying the decision): applied once.
+        """
         stale = await self.backend.execute(STALE, (now(),))
         threads = [r["thread_id"] for r in stale if r["graph"] == self.graph_path]
         for thread_id in threads:
@@ -569,8 +574,28 @@ class AsyncTaskRunner:
             rows = await self.backend.execute(SELECT_THREAD, (thread_id,))
             if not rows:
                 raise UnknownTask(thread_id)
+            if rows[0]["status"] == "interrupted":
+                claimed = await self.backend.execute(
+                    *claim_decided(thread_id, owner, self.lease_seconds)
+                )
+                if claimed:
+                    return await self._carry_on_decided(claimed[0], owner)
             return TaskRun.from_row(rows[0])
         return await self._run_claimed(claimed[0], owner, resume)
+
+    async def _carry_on_decided(self, row: dict[str, Any], owner: str) -> TaskRun:
+        """Apply the decisions a paused task's run never took (see `TaskRunner`)."""
+        thread_id = row["thread_id"]
+        try:
+            snapshot = await self.graph.aget_state(_thread_config(thread_id))
+            decided = await self._queue()._decided_pauses(thread_id, snapshot)
+        except BaseException:
+            await self._settle(thread_id, owner, "interrupted", None, None)
+            raise
+        if decided:
+            return await self._run_claimed(row, owner)
+        await self._sync_reviews(thread_id)
+        return await self._settle(thread_id, owner, "interrupted", None, None)
 
     async def _run_claimed(
         self,

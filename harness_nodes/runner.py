@@ -67,6 +67,7 @@ from harness_nodes._lease import (
     backoff,
     carries_on,
     claim,
+    claim_decided,
     compile_graph,
     input_not_taken,
     new_owner,
@@ -352,7 +353,9 @@ class TaskRunner:
         Runs paused for review are left to their reviewer. A run that died after a
         reviewer's decision was recorded (`ReviewQueue.decide` claims the lease with it) is
         carried on with that decision, whether or not the run had taken it: it is applied
-        once. Call it at start-up (workers do, and periodically).
+        once. So is a paused run whose thread is still stopped at a pause with a ``decided``
+        review (one an earlier recovery paused again without applying it). Call it at
+        start-up (workers do, and periodically).
 
         Returns:
             The thread ids dispatched again.
@@ -434,8 +437,10 @@ class TaskRunner:
         """Run the task on *thread_id* in this thread if its lease can be claimed.
 
         Workers call this. If another process holds the lease, or the task is finished, it
-        returns the task as it is without running anything. With *resume* (an answer to
-        the task's pause) it is `resume` by thread id, and raises as `resume` does.
+        returns the task as it is without running anything; a task paused for review too,
+        unless a ``decided`` review of it was never applied (see `recover`). With *resume*
+        (an answer to the task's pause) it is `resume` by thread id, and raises as `resume`
+        does.
         """
         if resume is not _NO_RESUME:
             return self._resume(thread_id, resume)
@@ -445,8 +450,36 @@ class TaskRunner:
             rows = self.backend.execute(SELECT_THREAD, (thread_id,))
             if not rows:
                 raise UnknownTask(thread_id)
+            if rows[0]["status"] == "interrupted":
+                claimed = self.backend.execute(*claim_decided(thread_id, owner, self.lease_seconds))
+                if claimed:
+                    return self._carry_on_decided(claimed[0], owner)
             return TaskRun.from_row(rows[0])
         return self._run_claimed(claimed[0], owner, resume)
+
+    def _carry_on_decided(self, row: dict[str, Any], owner: str) -> TaskRun:
+        """Apply the decisions a paused task's run never took, under the lease *owner* holds.
+
+        A run that died after `ReviewQueue.decide` recorded a decision, before it took it,
+        was recovered (before `recover` applied such decisions) with no answer, which paused
+        it again at the same spot: the task ``interrupted``, the item ``decided``. If the
+        thread is still stopped at a decided pause, the run carries on with the decision as
+        any recovery does; else (the decision was applied and its item not yet settled) the
+        queue is synced and the task is left paused, nothing run.
+        """
+        thread_id = row["thread_id"]
+        try:
+            snapshot = self.graph.get_state(_thread_config(thread_id))
+            decided = self._queue()._decided_pauses(thread_id, snapshot)
+        except BaseException:
+            # Nothing ran: give the lease back, the task paused as before (the next sweep
+            # tries again; an expired lease would have it carried on with no answer).
+            self._settle(thread_id, owner, "interrupted", None, None)
+            raise
+        if decided:
+            return self._run_claimed(row, owner)
+        self._sync_reviews(thread_id)
+        return self._settle(thread_id, owner, "interrupted", None, None)
 
     def _run_claimed(
         self,

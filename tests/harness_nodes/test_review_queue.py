@@ -1095,6 +1095,144 @@ async def test_async_runner_task_killed_before_its_queue_decision_was_applied_is
     assert EFFECTS == {"refund": 1, "lookup": 1}
 
 
+def _strand(backend: Backend, runner: TaskRunner, queue: ReviewQueue, thread_id: str) -> None:
+    """A decision stranded by the old recovery: the task paused again, its item decided.
+
+    The process died between `decide`'s transaction and the resumed run; recovery then
+    carried the run on with no answer, which paused it again at the same spot.
+    """
+    from tests.harness_nodes.review_app import ProcessDied
+
+    [item] = queue.sync(thread_id)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(queue, "_resume_leased", _killed_after_the_decision)
+        with pytest.raises(ProcessDied):
+            queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+    _expire_lease(backend, thread_id)
+    backend.execute(
+        "UPDATE harness_runs SET status = 'interrupted', lease_owner = NULL, "
+        "lease_expires_at = NULL WHERE thread_id = %s",
+        (thread_id,),
+    )
+    state = queue.graph.get_state({"configurable": {"thread_id": thread_id}})
+    assert [i.id for i in state.interrupts] == [item.interrupt_id]  # still paused there
+    assert queue.get(item.id).status == "decided" and queue.sync(thread_id) == []
+    assert runner.status(thread_id).status == "interrupted"
+
+
+def test_a_decision_an_old_recovery_left_stranded_is_carried_on_by_recover(
+    backend: Backend,
+) -> None:
+    # Before recovery applied recorded decisions it left the task paused again, its run
+    # `interrupted` and its item `decided`: listed nowhere, a second decision refused, and
+    # recover() never looked at it again (only `sync(thread, recover=True)` got it out).
+    from tests.harness_nodes.test_runner import linear_chain
+
+    builder = build_builder()
+    with (
+        TaskRunner(backend, builder, lease_seconds=5) as runner,
+        TaskRunner(backend, builder, lease_seconds=5) as other,
+    ):
+        runner.submit("t-old", REFUND)
+        _paused(runner, "t-old")
+        graph = builder.compile(checkpointer=backend.checkpointer)
+        queue = ReviewQueue(backend, graph, runner=runner)
+        [item] = queue.sync("t-old")
+        _strand(backend, runner, queue, "t-old")
+        assert EFFECTS == {}
+        with ThreadPoolExecutor(2) as pool:  # two recoverers race: one claims the task
+            recovered = list(pool.map(lambda r: r.recover(), (runner, other)))
+        assert ["t-old"] in recovered
+        done = runner.result("t-old", timeout=30)
+        assert done["partial_result"] == "Done: refunded 250 on A1 | order A1: paid"
+        assert runner.status("t-old").attempts == 3  # run, the queue's claim, one recovery
+        assert runner.recover() == []  # nothing left to carry on
+    decided = queue.get(item.id)
+    assert (decided.status, decided.decided_by) == ("applied", "alice")
+    assert [a["decision"] for a in queue.show(item.id).audit] == ["approve"]
+    assert queue.pending() == [] and queue.sync("t-old") == []
+    assert EFFECTS == {"refund": 1, "lookup": 1}  # the approved refund, once
+    linear_chain(backend, "t-old")
+
+
+def test_a_decided_item_off_the_live_pause_is_settled_by_recover_without_running(
+    backend: Backend,
+) -> None:
+    # A paused task whose decided item is not on the pause it is stopped at (its decision
+    # was applied, the item not yet settled): recovery runs nothing, settles the item and
+    # leaves the task paused for its reviewer, and does not pick it up again.
+    builder = build_builder()
+    with TaskRunner(backend, builder, lease_seconds=5) as runner:
+        runner.submit("t-off", REFUND)
+        _paused(runner, "t-off")
+        queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer))
+        [item] = queue.sync("t-off")
+        cfg = {"configurable": {"thread_id": "t-off"}}
+        checkpoints = len(list(queue.graph.get_state_history(cfg)))
+        backend.execute(
+            "UPDATE harness_reviews SET id = 'gone', interrupt_id = 'gone', "
+            "status = 'decided', decision = %s, decided_by = 'alice' WHERE id = %s",
+            (json.dumps([{"type": "approve"}]), item.id),
+        )
+        assert runner.recover() == ["t-off"]
+        deadline = time.monotonic() + 30
+        while queue.get("gone").status == "decided":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        _paused(runner, "t-off")
+        assert queue.get("gone").status == "applied"
+        assert runner.recover() == []
+        [again] = queue.pending()  # the live pause, listed for a reviewer again
+        assert again.id == item.id
+        assert runner.status("t-off").status == "interrupted"
+        assert len(list(queue.graph.get_state_history(cfg))) == checkpoints  # nothing ran
+    assert EFFECTS == {}
+
+
+async def test_async_a_decision_an_old_recovery_left_stranded_is_carried_on_by_arecover(
+    abackend: AsyncBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.harness_nodes.review_app import ProcessDied
+
+    async def killed(*args: Any) -> Any:
+        _killed_after_the_decision()
+
+    builder = build_builder()
+    strand = (
+        "UPDATE harness_runs SET status = 'interrupted', lease_owner = NULL, "
+        "lease_expires_at = NULL WHERE thread_id = %s AND status = 'running' RETURNING thread_id"
+    )
+    async with (
+        AsyncTaskRunner(abackend, builder, lease_seconds=5) as runner,
+        AsyncTaskRunner(abackend, builder, lease_seconds=5) as other,
+    ):
+        await runner.asubmit("t-aold", REFUND)
+        await _apaused(runner, "t-aold")
+        graph = builder.compile(checkpointer=abackend.checkpointer)
+        queue = AsyncReviewQueue(abackend, graph, runner=runner)
+        [item] = await queue.sync("t-aold")
+        with monkeypatch.context() as patch:
+            patch.setattr(queue, "_resume_leased", killed)
+            with pytest.raises(ProcessDied):
+                await queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert await abackend.execute(strand, ("t-aold",))  # what the old recovery left
+        state = await graph.aget_state({"configurable": {"thread_id": "t-aold"}})
+        assert [i.id for i in state.interrupts] == [item.interrupt_id]
+        assert (await queue.get(item.id)).status == "decided" and await queue.pending() == []
+        recovered = await asyncio.gather(runner.arecover(), other.arecover())
+        assert ["t-aold"] in recovered
+        done = await runner.aresult("t-aold", timeout=30)
+        assert done["partial_result"] == "Done: refunded 250 on A1 | order A1: paid"
+        await other.aclose()  # the recoverer that lost the claim has returned
+        assert (await runner.astatus("t-aold")).attempts == 3
+        assert await runner.arecover() == []
+    decided = await queue.get(item.id)
+    assert (decided.status, decided.decided_by) == ("applied", "alice")
+    assert [a["decision"] for a in (await queue.show(item.id)).audit] == ["approve"]
+    assert await queue.pending() == []
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
 async def test_async_queue_decision_while_the_runner_resumes_the_pause_is_not_applied(
     abackend: AsyncBackend,
 ) -> None:
