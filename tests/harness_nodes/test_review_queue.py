@@ -1052,14 +1052,34 @@ def test_a_recorded_decision_the_graph_refuses_on_recovery_is_pending_again(
     assert EFFECTS == {"refund": 1, "lookup": 1}
 
 
-async def test_async_runner_task_killed_before_its_queue_decision_was_applied_is_carried_on(
-    abackend: AsyncBackend, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def _adecided_then_killed(
+    abackend: AsyncBackend,
+    runner: AsyncTaskRunner,
+    builder: Any,
+    thread_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Any, AsyncReviewQueue, Any]:
+    """Submit, pause, then alice's approval is committed and its process dies before the run."""
     from tests.harness_nodes.review_app import ProcessDied
 
     async def killed(*args: Any) -> Any:
         _killed_after_the_decision()
 
+    await runner.asubmit(thread_id, REFUND)
+    await _apaused(runner, thread_id)
+    graph = builder.compile(checkpointer=abackend.checkpointer)
+    queue = AsyncReviewQueue(abackend, graph, runner=runner)
+    [item] = await queue.sync(thread_id)
+    with monkeypatch.context() as patch:
+        patch.setattr(queue, "_resume_leased", killed)
+        with pytest.raises(ProcessDied):
+            await queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+    return graph, queue, item
+
+
+async def test_async_runner_task_killed_before_its_queue_decision_was_applied_is_carried_on(
+    abackend: AsyncBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     builder = build_builder()
     expire = (
         "UPDATE harness_runs SET lease_expires_at = 1 WHERE thread_id = %s "
@@ -1069,15 +1089,9 @@ async def test_async_runner_task_killed_before_its_queue_decision_was_applied_is
         AsyncTaskRunner(abackend, builder, lease_seconds=5) as runner,
         AsyncTaskRunner(abackend, builder, lease_seconds=5) as other,
     ):
-        await runner.asubmit("t-astrand", REFUND)
-        await _apaused(runner, "t-astrand")
-        graph = builder.compile(checkpointer=abackend.checkpointer)
-        queue = AsyncReviewQueue(abackend, graph, runner=runner)
-        [item] = await queue.sync("t-astrand")
-        with monkeypatch.context() as patch:
-            patch.setattr(queue, "_resume_leased", killed)
-            with pytest.raises(ProcessDied):
-                await queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        _, queue, item = await _adecided_then_killed(
+            abackend, runner, builder, "t-astrand", monkeypatch
+        )
         assert (await queue.get(item.id)).status == "decided"
         assert await abackend.execute(expire, ("t-astrand",))
         recovered = await asyncio.gather(runner.arecover(), other.arecover())
@@ -1192,11 +1206,6 @@ def test_a_decided_item_off_the_live_pause_is_settled_by_recover_without_running
 async def test_async_a_decision_an_old_recovery_left_stranded_is_carried_on_by_arecover(
     abackend: AsyncBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.harness_nodes.review_app import ProcessDied
-
-    async def killed(*args: Any) -> Any:
-        _killed_after_the_decision()
-
     builder = build_builder()
     strand = (
         "UPDATE harness_runs SET status = 'interrupted', lease_owner = NULL, "
@@ -1206,15 +1215,9 @@ async def test_async_a_decision_an_old_recovery_left_stranded_is_carried_on_by_a
         AsyncTaskRunner(abackend, builder, lease_seconds=5) as runner,
         AsyncTaskRunner(abackend, builder, lease_seconds=5) as other,
     ):
-        await runner.asubmit("t-aold", REFUND)
-        await _apaused(runner, "t-aold")
-        graph = builder.compile(checkpointer=abackend.checkpointer)
-        queue = AsyncReviewQueue(abackend, graph, runner=runner)
-        [item] = await queue.sync("t-aold")
-        with monkeypatch.context() as patch:
-            patch.setattr(queue, "_resume_leased", killed)
-            with pytest.raises(ProcessDied):
-                await queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        graph, queue, item = await _adecided_then_killed(
+            abackend, runner, builder, "t-aold", monkeypatch
+        )
         assert await abackend.execute(strand, ("t-aold",))  # what the old recovery left
         state = await graph.aget_state({"configurable": {"thread_id": "t-aold"}})
         assert [i.id for i in state.interrupts] == [item.interrupt_id]
