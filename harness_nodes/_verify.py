@@ -596,10 +596,11 @@ def _graphql_reasons(signals: ErrorSignals, fields: Mapping[Any, Any], reasons: 
 
 
 # What an error object holds beside its message: where to read about it, which request it
-# was, when, which kind (GitHub, Twilio, RFC 9457 problem details, Spring).
+# was (GitHub, Twilio, AWS). Not a `type`, `title`, `timestamp` or `path`: records (an
+# event, a commit, a ticket, a notification) have those beside a message that may mention an
+# error; RFC 9457 problem details and Spring's error bodies carry a status or an `error`.
 _ERROR_REFERENCES = frozenset(
-    {"documentation_url", "more_info", "request_id", "requestId", "type", "instance", "title"}
-    | {"timestamp", "path"}
+    {"documentation_url", "more_info", "request_id", "requestId", "instance"}
 )
 # The whole message is an HTTP reason phrase (API Gateway's {"message": "Forbidden"}, Django
 # REST framework's {"detail": "Not found."}).

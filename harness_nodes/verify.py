@@ -258,7 +258,7 @@ class ErrorSignals:
     message_keys: frozenset[str] = frozenset({"message", "Message", "msg", "detail"})
     """Keys of the message in an object that is only an error message, with no data beside
     it (only these keys, `code_keys` but a status, and an error's references such as
-    ``documentation_url``, ``request_id``, ``type``): it fails when the message reads like an
+    ``documentation_url``, ``request_id``): it fails when the message reads like an
     error (`text_patterns`, or an HTTP reason phrase such as ``"Forbidden"`` or ``"Not
     Found"``), or when a ``documentation_url`` names the error (GitHub's ``{"message": "Bad
     credentials", "documentation_url": ...}``). API Gateway's ``{"message": "Forbidden"}``

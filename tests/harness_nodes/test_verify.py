@@ -509,6 +509,26 @@ def test_schema_feedback_says_what_is_needed() -> None:
         ),
         pytest.param({"id": 3, "message": "Not Found"}, ToolContract(), id="a-chat-message"),
         pytest.param(
+            {"type": "message", "message": "the nightly deploy timed out again", "timestamp": 1},
+            ToolContract(),
+            id="a-chat-event-about-an-error",
+        ),
+        pytest.param(
+            {"message": "Retry requests that timed out", "timestamp": 1, "path": "src/a.py"},
+            ToolContract(),
+            id="a-commit-about-an-error",
+        ),
+        pytest.param(
+            {"title": "Payments", "type": "incident", "detail": "Service unavailable on /pay"},
+            ToolContract(),
+            id="a-ticket-about-an-error",
+        ),
+        pytest.param(
+            {"title": "Deploy", "message": "Request timed out on host 3, retried OK"},
+            ToolContract(),
+            id="a-notification-about-an-error",
+        ),
+        pytest.param(
             {"status": "sent", "message": "Sorry, the request timed out."},
             ToolContract(),
             id="a-sent-message-echoed",
