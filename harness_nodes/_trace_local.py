@@ -814,16 +814,21 @@ def _lost_calls(
     )
     lost: list[tuple[float, TraceNode]] = []
     for row in rows:
+        settled = row["state"] == "settled"
         if str(row["id"]) in shown:
             continue
-        settled = row["state"] == "settled"
+        if settled and int(row["cost_nanos"]) != int(row["reserved_nanos"]):
+            # Settled at what it cost: an answer came back (a call a `BudgetCallbackHandler`
+            # recorded, inside a tool or a node, carries no spend id on any message).
+            continue
         usd = int(row["cost_nanos" if settled else "reserved_nanos"]) / 1e9
         node = TraceNode(
             kind="budget",
             name=(
                 f"lost call {row['model']}: charged its worst case ${usd:.6f}"
                 if settled
-                else f"call {row['model']} in flight when its process died: ${usd:.6f} stays booked"
+                else f"call {row['model']} with no answer: ${usd:.6f} booked "
+                "(still in flight, or its process died)"
             ),
             input_tokens=int(row["input_tokens"]) if settled else 0,
             output_tokens=int(row["output_tokens"]) if settled else 0,
@@ -835,7 +840,8 @@ def _lost_calls(
                 "model": row["model"],
                 ("charged_usd" if settled else "booked_usd"): usd,
                 "why": "no answer reached a checkpoint (a crash or a cancellation cut the call "
-                "off); it may have been billed, so the ledger counts its worst case",
+                "off, or it is still running); it may be billed, so the ledger counts its "
+                "worst case",
             },
         )
         lost.append((float(row["created_at"]), node))

@@ -1002,7 +1002,37 @@ def test_a_call_a_crash_cut_off_shows_where_its_charge_went(backend: Backend) ->
     assert charged.name.startswith("lost call gpt-4o-mini: charged its worst case $0.00")
     assert charged.output_tokens == 4096 and charged.cost_usd > 0  # the output cap it was given
     assert booked.cost_usd == 0 and booked.data["booked_usd"] == pytest.approx(5e-6)
+    assert "still in flight, or its process died" in booked.name
     # the steps add up to what the ledger says the task spent
     assert sum(s.cost_usd for s in trace.steps) == pytest.approx(trace.cost_usd)
     assert trace.status == "completed"
     assert Trace.from_json(trace.to_json()) == trace
+
+
+def test_a_call_a_budget_callback_recorded_inside_a_node_is_not_a_lost_call(
+    backend: Backend,
+) -> None:
+    # Its answer carries no spend id (no budgeted wrapper annotated it): it was shown as a
+    # call a crash had cut off, "charged its worst case" (its real cost).
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langgraph.graph import END, START, MessagesState, StateGraph
+
+    from harness_nodes import BudgetCallbackHandler
+    from harness_nodes.testing import ScriptedChatModel
+
+    handler = BudgetCallbackHandler(backend)
+    raw = ScriptedChatModel(script=["summary ok"], model_name="gpt-4o-mini")
+
+    def node(state: MessagesState) -> dict[str, Any]:
+        config: Any = {"callbacks": [handler], "metadata": {"thread_id": "t-cb"}}
+        return {"messages": [AIMessage(raw.invoke("summarise", config).content)]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("n", node)
+    builder.add_edge(START, "n")
+    builder.add_edge("n", END)
+    graph = builder.compile(checkpointer=backend.checkpointer)
+    graph.invoke({"messages": [HumanMessage("hi")]}, {"configurable": {"thread_id": "t-cb"}})
+    trace = build_trace(backend, "t-cb")
+    assert trace.cost_usd > 0  # the handler's call is in the ledger...
+    assert not [n for n in trace.walk() if n.data.get("action") == "lost_call"]  # ...not lost
