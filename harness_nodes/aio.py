@@ -70,9 +70,11 @@ from harness_nodes.effects import (
     _ABORT,
     _FINISH,
     _FINISH_LATE,
+    _FINISH_SUPERSEDED,
     _RESOLVE,
     _SELECT,
     LATE_NOTE,
+    SUPERSEDED_NOTE,
     EffectContext,
     EffectRecord,
     EffectStatus,
@@ -235,12 +237,12 @@ class AsyncEffectLedger:
             try:
                 value = await fn(begin.run)
             except GraphBubbleUp:
-                await self._abort(call)
+                await self._abort(call, begin.run.attempt)
                 raise
             except BaseException as e:
-                await self._finish(call, "error", None, _error_text(e))
+                await self._finish(call, begin.run.attempt, "error", None, _error_text(e))
                 raise
-        await self._finish(call, "done", value, None)
+        await self._finish(call, begin.run.attempt, "done", value, None)
         return value
 
     async def awrap_tool_call(
@@ -269,14 +271,14 @@ class AsyncEffectLedger:
             try:
                 out = await execute(request)
             except GraphBubbleUp:
-                await self._abort(call)
+                await self._abort(call, begin.run.attempt)
                 raise
             except BaseException as e:
-                await self._finish(call, "error", None, _error_text(e))
+                await self._finish(call, begin.run.attempt, "error", None, _error_text(e))
                 raise
         if isinstance(out, ToolMessage):
             out = _with_effect_meta(out, call.key, replayed=False)
-        await self._finish(call, "done", out, None)
+        await self._finish(call, begin.run.attempt, "done", out, None)
         return out
 
     async def _begin(self, call: _Call) -> _Begin:
@@ -286,21 +288,27 @@ class AsyncEffectLedger:
 
         return await _aledger_statement(self.backend, begin)
 
-    async def _finish(self, call: _Call, status: str, value: Any, error: str | None) -> None:
+    async def _finish(
+        self, call: _Call, attempt: int, status: str, value: Any, error: str | None
+    ) -> None:
         encoded = None if value is None else _codec.encode(value)
         now = time.time()
-        params = (status, encoded, error, now, call.thread_id, call.call_id)
+        params = (status, encoded, error, now, call.thread_id, call.call_id, attempt)
 
-        async def finish() -> list[dict[str, Any]]:
+        async def finish() -> tuple[str, list[dict[str, Any]]]:
             if await self.backend.execute(_FINISH, params) or status != "done":
-                return []
-            late = (encoded, LATE_NOTE, now, call.thread_id, call.call_id)
-            return list(await self.backend.execute(_FINISH_LATE, late))
+                return "", []
+            key = (call.thread_id, call.call_id, attempt)
+            late = await self.backend.execute(_FINISH_LATE, (encoded, LATE_NOTE, now, *key))
+            if late:
+                return "late", list(late)
+            note = SUPERSEDED_NOTE.format(attempt=attempt)
+            return "twice", list(await self.backend.execute(_FINISH_SUPERSEDED, (note, *key)))
 
-        _log_late(call, await _aledger_statement(self.backend, finish))
+        _log_late(call, attempt, *await _aledger_statement(self.backend, finish))
 
-    async def _abort(self, call: _Call) -> None:
-        params = (time.time(), call.thread_id, call.call_id)
+    async def _abort(self, call: _Call, attempt: int) -> None:
+        params = (time.time(), call.thread_id, call.call_id, attempt)
         await _aledger_statement(self.backend, lambda: self.backend.execute(_ABORT, params))
 
 

@@ -456,24 +456,38 @@ _RESTART = (
     "finished_at = NULL, error = NULL WHERE thread_id = %s AND tool_call_id = %s "
     "RETURNING attempts"
 )
+# Each statement that ends an execution is fenced by its attempt: a run that had lost its lease
+# (a stalled worker, carried on after another one recovered the task) must not record its
+# result as a later attempt's. A note an earlier attempt left (below) is kept.
 _FINISH = (
-    "UPDATE harness_effects SET status = %s, result = %s, error = %s, finished_at = %s "
-    "WHERE thread_id = %s AND tool_call_id = %s AND status = 'started' RETURNING attempts"
+    "UPDATE harness_effects SET status = %s, result = %s, error = COALESCE(%s, error), "
+    "finished_at = %s WHERE thread_id = %s AND tool_call_id = %s AND status = 'started' "
+    "AND attempts = %s RETURNING attempts"
 )
-# A run that had lost its lease (a stalled worker, carried on after another one recovered the
-# task) finished a call a reviewer had since answered "it did not happen": it did. The truth is
-# recorded (a later execution of the call replays it instead of running it again) and logged.
+# Such a run finished a call a reviewer had since answered "it did not happen": it did. The
+# truth is recorded (a later execution of the call replays it instead of running it again).
 _FINISH_LATE = (
     "UPDATE harness_effects SET status = 'done', result = %s, error = %s, finished_at = %s "
-    "WHERE thread_id = %s AND tool_call_id = %s AND status = 'aborted' RETURNING resolved_by"
+    "WHERE thread_id = %s AND tool_call_id = %s AND status = 'aborted' AND attempts = %s "
+    "RETURNING resolved_by"
 )
 LATE_NOTE = (
     "finished after it was answered 'did not happen': a run that had lost its lease carried "
     "it out; check whether it was done twice"
 )
+# ...or finished it after a later attempt had started it again: it ran more than once. The
+# later attempt's record stands; the row says so.
+_FINISH_SUPERSEDED = (
+    "UPDATE harness_effects SET error = %s WHERE thread_id = %s AND tool_call_id = %s "
+    "AND attempts > %s RETURNING attempts"
+)
+SUPERSEDED_NOTE = (
+    "attempt {attempt}, by a run that had lost its lease, also carried it out after a later "
+    "attempt started: it ran more than once"
+)
 _ABORT = (
     "UPDATE harness_effects SET status = 'aborted', finished_at = %s "
-    "WHERE thread_id = %s AND tool_call_id = %s AND status = 'started'"
+    "WHERE thread_id = %s AND tool_call_id = %s AND status = 'started' AND attempts = %s"
 )
 _RESOLVE = (
     "UPDATE harness_effects SET status = %s, result = %s, finished_at = %s, resolved_by = %s "
@@ -766,12 +780,12 @@ class EffectLedger:
             try:
                 value = fn(begin.run)
             except GraphBubbleUp:
-                self._abort(call)
+                self._abort(call, begin.run.attempt)
                 raise
             except BaseException as e:
-                self._finish(call, "error", None, _error_text(e))
+                self._finish(call, begin.run.attempt, "error", None, _error_text(e))
                 raise
-        self._finish(call, "done", value, None)
+        self._finish(call, begin.run.attempt, "done", value, None)
         return value
 
     def wrap_tool_call(
@@ -800,14 +814,14 @@ class EffectLedger:
             try:
                 out = execute(request)
             except GraphBubbleUp:
-                self._abort(call)
+                self._abort(call, begin.run.attempt)
                 raise
             except BaseException as e:
-                self._finish(call, "error", None, _error_text(e))
+                self._finish(call, begin.run.attempt, "error", None, _error_text(e))
                 raise
         if isinstance(out, ToolMessage):
             out = _with_effect_meta(out, call.key, replayed=False)
-        self._finish(call, "done", out, None)
+        self._finish(call, begin.run.attempt, "done", out, None)
         return out
 
     async def awrap_tool_call(
@@ -840,14 +854,16 @@ class EffectLedger:
             try:
                 out = await execute(request)
             except GraphBubbleUp:
-                await asyncio.to_thread(self._abort, call)
+                await asyncio.to_thread(self._abort, call, begin.run.attempt)
                 raise
             except BaseException as e:
-                await asyncio.to_thread(self._finish, call, "error", None, _error_text(e))
+                await asyncio.to_thread(
+                    self._finish, call, begin.run.attempt, "error", None, _error_text(e)
+                )
                 raise
         if isinstance(out, ToolMessage):
             out = _with_effect_meta(out, call.key, replayed=False)
-        await asyncio.to_thread(self._finish, call, "done", out, None)
+        await asyncio.to_thread(self._finish, call, begin.run.attempt, "done", out, None)
         return out
 
     # -- internals ----------------------------------------------------------------------------
@@ -859,33 +875,43 @@ class EffectLedger:
 
         return _ledger_statement(self.backend, begin)
 
-    def _finish(self, call: _Call, status: str, value: Any, error: str | None) -> None:
+    def _finish(
+        self, call: _Call, attempt: int, status: str, value: Any, error: str | None
+    ) -> None:
         encoded = None if value is None else _codec.encode(value)
         now = time.time()
-        params = (status, encoded, error, now, call.thread_id, call.call_id)
+        params = (status, encoded, error, now, call.thread_id, call.call_id, attempt)
 
-        def finish() -> list[dict[str, Any]]:
+        def finish() -> tuple[str, list[dict[str, Any]]]:
             if self.backend.execute(_FINISH, params) or status != "done":
-                return []
-            late = (encoded, LATE_NOTE, now, call.thread_id, call.call_id)
-            return self.backend.execute(_FINISH_LATE, late)
+                return "", []
+            key = (call.thread_id, call.call_id, attempt)
+            late = self.backend.execute(_FINISH_LATE, (encoded, LATE_NOTE, now, *key))
+            if late:
+                return "late", late
+            note = SUPERSEDED_NOTE.format(attempt=attempt)
+            return "twice", self.backend.execute(_FINISH_SUPERSEDED, (note, *key))
 
-        _log_late(call, _ledger_statement(self.backend, finish))
+        _log_late(call, attempt, *_ledger_statement(self.backend, finish))
 
-    def _abort(self, call: _Call) -> None:
-        params = (time.time(), call.thread_id, call.call_id)
+    def _abort(self, call: _Call, attempt: int) -> None:
+        params = (time.time(), call.thread_id, call.call_id, attempt)
         _ledger_statement(self.backend, lambda: self.backend.execute(_ABORT, params))
 
 
-def _log_late(call: _Call, rows: Sequence[Mapping[str, Any]]) -> None:
-    if rows:
+def _log_late(call: _Call, attempt: int, kind: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Say loudly that a run that had lost its lease carried out a call after all."""
+    if not rows:
+        return
+    where = f"{call.tool} (thread {call.thread_id}, call {call.call_id})"
+    if kind == "late":
+        logger.error("%s %s (answered by %s)", where, LATE_NOTE, rows[0].get("resolved_by"))
+    else:
         logger.error(
-            "%s (thread %s, call %s) %s (it had been answered by %s)",
-            call.tool,
-            call.thread_id,
-            call.call_id,
-            LATE_NOTE,
-            rows[0].get("resolved_by"),
+            "%s %s (attempt %s is the one recorded)",
+            where,
+            SUPERSEDED_NOTE.format(attempt=attempt),
+            rows[0].get("attempts"),
         )
 
 

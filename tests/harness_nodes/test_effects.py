@@ -967,3 +967,35 @@ async def test_an_async_call_finished_after_it_was_answered_did_not_happen_is_re
     assert await ledger.arun(refund, **kw) == "refunded 25"
     record = await ledger.aget("t-late", "c1")
     assert record is not None and (record.status, record.result) == ("done", "refunded 25")
+
+
+def test_a_call_a_stalled_run_finished_after_a_later_attempt_ran_it_is_recorded_twice_run(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The usual order: answered "did not happen", the new worker runs the call again (attempt
+    # 2), then the stalled one finishes attempt 1. Its finish matched attempt 2's row (any
+    # 'started' row): no note, nothing logged, and a result recorded as the wrong attempt's.
+    ran: list[int] = []
+    kw: Any = {"name": "refund", "thread_id": "t-twice", "call_id": "c1"}
+
+    def again(ctx: Any) -> str:
+        ran.append(ctx.attempt)
+        return "refunded by the new worker"
+
+    def stalled(ctx: Any) -> str:
+        EffectLedger(backend).resolve("t-twice", "c1", happened=False, reviewer="alice")
+        assert EffectLedger(backend).run(again, **kw) == "refunded by the new worker"
+        ran.append(ctx.attempt)
+        return "refunded by the stalled worker"
+
+    EffectLedger(backend).run(stalled, **kw)
+    assert ran == [2, 1]  # it did run twice: the ledger must say so
+    record = EffectLedger(backend).get("t-twice", "c1")
+    assert record is not None
+    assert (record.status, record.result, record.attempts) == (
+        "done",
+        "refunded by the new worker",
+        2,
+    )
+    assert record.error is not None and "ran more than once" in record.error
+    assert any("ran more than once" in r.getMessage() for r in caplog.records)
