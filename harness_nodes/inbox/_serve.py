@@ -103,11 +103,14 @@ def resolve_graph(obj: Any, backend: Any) -> Any:
     )
 
 
-def bind(host: str, port: int) -> list[socket.socket]:
-    """Sockets bound to *port* on every address *host* names, as uvicorn would bind them.
+def bind(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:
+    """Listening sockets on *port* at every address *host* names, as uvicorn would open them.
 
-    Bound here, before uvicorn starts, so that a port in use is a one-line error (exit 2)
+    Opened here, before uvicorn starts, so that a port in use is a one-line error (exit 2)
     rather than uvicorn's log line and exit 3; uvicorn then serves on these very sockets.
+    They listen at once: with ``SO_REUSEADDR`` a second process could bind the same port
+    until the first listens. An IPv6 socket is dual-stack (as uvicorn's, so ``::`` takes IPv4
+    clients too) unless *host* also names an IPv4 address, which gets its own socket.
 
     Raises:
         UserError: the port is in use, or *host* cannot be listened on.
@@ -117,14 +120,16 @@ def bind(host: str, port: int) -> list[socket.socket]:
     except socket.gaierror as e:
         raise UserError(f"cannot listen on {host}: {e.strerror}") from None
     sockets: list[socket.socket] = []
+    both = {info[0] for info in infos} >= {socket.AF_INET, socket.AF_INET6}
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:  # as asyncio's create_server: no IPv4-mapped twin
+            if family == socket.AF_INET6 and both:  # its IPv4 twin has a socket of its own
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
+            sock.listen(backlog)
     except OSError as e:
         for sock in sockets:
             sock.close()
@@ -167,7 +172,7 @@ def serve(
         app = create_app(queue, auth, page_size=page_size)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
         server = uvicorn.Server(config)
-        sockets = bind(host, port)
+        sockets = bind(host, port, config.backlog)
         try:
             if on_ready is not None:
                 on_ready(backend)

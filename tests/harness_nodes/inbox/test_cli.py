@@ -159,6 +159,40 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(
     assert capsys.readouterr().err == f"error: port {port} on 127.0.0.1 is in use\n"
 
 
+def test_the_inbox_sockets_listen_at_once_so_a_second_server_is_refused() -> None:
+    # Bound but not listening, a second bind of the port succeeded (SO_REUSEADDR) and the
+    # second server failed later, in uvicorn (exit 3), the race the check was meant to close.
+    from harness_nodes.errors import UserError
+    from harness_nodes.inbox._serve import bind
+
+    first = bind("127.0.0.1", 0)
+    try:
+        port = first[0].getsockname()[1]
+        with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is in use"):
+            bind("127.0.0.1", port)
+    finally:
+        for sock in first:
+            sock.close()
+
+
+def test_an_inbox_on_the_ipv6_wildcard_takes_ipv4_clients_too() -> None:
+    # `--host ::` was IPv6-only (IPV6_V6ONLY): 127.0.0.1 was refused, as uvicorn never did.
+    from harness_nodes.errors import UserError
+    from harness_nodes.inbox._serve import bind
+
+    try:
+        sockets = bind("::", 0)
+    except UserError as e:
+        pytest.skip(f"no IPv6 on this host: {e}")
+    try:
+        port = sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def test_graph_option_accepts_builders_graphs_and_factories(shop: Shop) -> None:
     from harness_nodes import UserError
     from harness_nodes.inbox._serve import load_object, resolve_graph
