@@ -640,7 +640,8 @@ def _budget_meta(m: BaseMessage) -> dict[str, Any]:
 _CUT_AT_CAP = frozenset({"length", "max_tokens"})
 """Finish reasons, lowercased, of an answer cut at its output cap: OpenAI's ``finish_reason``
 (and Ollama's ``done_reason``) ``"length"``, Anthropic's ``stop_reason`` and Bedrock's
-``stopReason`` ``"max_tokens"``, Google's ``finish_reason`` ``"MAX_TOKENS"``. langchain-core
+``stopReason`` ``"max_tokens"``, Google's ``finish_reason`` ``"MAX_TOKENS"`` (and OpenAI's
+Responses API's ``incomplete_details.reason`` ``"max_output_tokens"``). langchain-core
 passes each provider's own word through in ``response_metadata``, unnormalised."""
 
 
@@ -652,7 +653,10 @@ def _cut_at_cap(msg: AIMessage) -> bool:
         reason = getattr(reason, "name", reason)  # an enum, as Google's FinishReason
         if isinstance(reason, str) and reason.lower() in _CUT_AT_CAP:
             return True
-    return False
+    # OpenAI's Responses API: status "incomplete", incomplete_details.reason.
+    details = meta.get("incomplete_details")
+    reason = details.get("reason") if isinstance(details, Mapping) else None
+    return reason == "max_output_tokens"
 
 
 def _limit_figures(lim: Limits, limit: str, totals: Totals) -> tuple[float, float]:

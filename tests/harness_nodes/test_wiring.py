@@ -948,7 +948,9 @@ class _Provider(ScriptedChatModel):
         out = super()._finish(msg, prompt, kwargs)
         meta = dict(out.response_metadata)
         if meta.pop("finish_reason") == "length":
-            meta[self.key] = self.word
+            meta[self.key] = (
+                {"reason": self.word} if self.key == "incomplete_details" else self.word
+            )
         return out.model_copy(update={"response_metadata": meta})
 
 
@@ -959,6 +961,7 @@ class _Provider(ScriptedChatModel):
         pytest.param("finish_reason", "MAX_TOKENS", id="google"),
         pytest.param("stopReason", "max_tokens", id="bedrock"),
         pytest.param("done_reason", "length", id="ollama"),
+        pytest.param("incomplete_details", "max_output_tokens", id="openai-responses-api"),
     ],
 )
 def test_an_answer_cut_short_is_read_in_each_providers_words(key: str, word: str) -> None:
@@ -969,7 +972,7 @@ def test_an_answer_cut_short_is_read_in_each_providers_words(key: str, word: str
     agent = build_harnessed_agent(model, [lookup], envelope=Envelope(**_TIGHT))
     out = agent.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "p"}})
 
-    assert out["messages"][-2].response_metadata[key] == word
+    assert word in str(out["messages"][-2].response_metadata[key])
     assert out["outcome"]["status"] == "budget_exhausted"
 
 
