@@ -1911,6 +1911,24 @@ class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
         outcome = Outcome(
             status="budget_exhausted", reason=reason, partial_result=_partial_result(messages)
         )
+        # A cut answer's tool calls (whole or, cut mid-way, invalid) never run: each is
+        # answered, or the next model call on the thread is refused by providers that want a
+        # result for every call (OpenAI, Anthropic).
+        unanswered = []
+        if cut is not None and isinstance(messages[-1], AIMessage):
+            last = messages[-1]
+            calls = [*last.tool_calls, *last.invalid_tool_calls]
+            unanswered = [
+                ToolMessage(
+                    content="Not run: the answer was cut short at the output cap the budget "
+                    "left it.",
+                    tool_call_id=str(c["id"]),
+                    name=c.get("name") or None,
+                    status="error",
+                )
+                for c in calls
+                if c.get("id")
+            ]
         note = AIMessage(
             content=f"Stopped: budget exhausted ({reason}).",
             additional_kwargs={
@@ -1933,7 +1951,7 @@ class BudgetGuard(Runnable[MessagesAndOutcome, Command[str]]):
                 }
             },
         )
-        return {"messages": [note], "outcome": outcome, "spend": spend}
+        return {"messages": [*unanswered, note], "outcome": outcome, "spend": spend}
 
     def finish(self, state: MessagesAndOutcome, config: RunnableConfig) -> dict[str, Any]:
         """The node ``stop`` leads to: writes outcome ``budget_exhausted`` and the spend mirror.

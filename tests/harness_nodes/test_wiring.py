@@ -954,6 +954,44 @@ class _Provider(ScriptedChatModel):
         return out.model_copy(update={"response_metadata": meta})
 
 
+class _CutMidCall(ScriptedChatModel):
+    """Cut at the cap in the middle of a tool call's arguments, as a provider would be."""
+
+    def _finish(self, msg: AIMessage, prompt: Any, kwargs: Any) -> AIMessage:
+        out = super()._finish(msg, prompt, kwargs)
+        if out.response_metadata.get("finish_reason") != "length":
+            return out
+        cut = {"name": "lookup", "args": '{"key": "a', "id": "call_cut", "error": None}
+        return out.model_copy(update={"invalid_tool_calls": [cut]})
+
+
+def test_a_cut_answers_tool_calls_are_answered_so_the_thread_can_go_on() -> None:
+    # The cut call (invalid: its arguments end mid-way) stayed unanswered, and a provider
+    # refuses the next model call on the thread ("tool_calls must be followed by tool
+    # messages"), so the thread's next task could never run.
+    from harness_nodes import Envelope
+
+    call = ai(tool_calls=[tool_call("lookup", {"key": "a"})], usage=_USAGE_200)
+    model = _CutMidCall(script=[call], loop=True, model_name="gpt-4o")
+    agent = build_harnessed_agent(model, [lookup], envelope=Envelope(**_TIGHT))
+    out = agent.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "c"}})
+
+    assert out["outcome"]["status"] == "budget_exhausted"
+    calls = {
+        c["id"]
+        for m in out["messages"]
+        if isinstance(m, AIMessage)
+        for c in [*m.tool_calls, *m.invalid_tool_calls]
+    }
+    answered = {m.tool_call_id for m in out["messages"] if isinstance(m, ToolMessage)}
+    assert "call_cut" in calls and calls <= answered
+    [note] = [
+        m for m in out["messages"] if isinstance(m, ToolMessage) and m.tool_call_id == "call_cut"
+    ]
+    assert note.status == "error" and "cut short" in note.content
+    assert out["messages"][-1].content.startswith("Stopped: budget exhausted")
+
+
 @pytest.mark.parametrize(
     ("key", "word"),
     [
