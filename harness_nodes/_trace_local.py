@@ -24,7 +24,7 @@ from checkpointers._spend import flush_pending
 from harness_nodes import _codec, _verify
 from harness_nodes._pricing import answer_cost
 from harness_nodes._trace_langfuse import Masker
-from harness_nodes.errors import UnknownThread
+from harness_nodes.errors import UnknownThread, UserError
 from harness_nodes.pricing import Pricing
 
 if TYPE_CHECKING:
@@ -485,6 +485,21 @@ def _state_nodes(
     return nodes
 
 
+def needs_sync_backend(backend: Any, what: str) -> None:
+    """Refuse an `AsyncBackend`: the local traces read with sync calls.
+
+    Its saver refuses them on the event loop's thread, and its ``execute`` returns a
+    coroutine: without this, the error named neither.
+    """
+    from checkpointers.aio import AsyncBackend
+
+    if isinstance(backend, AsyncBackend):
+        raise UserError(
+            f"{what} reads with a sync Backend, not an AsyncBackend: open one on the same "
+            "database with open_backend(url) (it can stay open beside the async one)"
+        )
+
+
 def _history(backend: Backend, thread_id: str) -> list[CheckpointTuple]:
     config: Any = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
     return list(reversed(list(backend.checkpointer.list(config))))
@@ -543,6 +558,7 @@ def build_trace(
 
     Raises:
         UnknownThread: No checkpoint and no run record exist for the thread.
+        UserError: *backend* is an `AsyncBackend` (open a `Backend` on the same database).
 
     Example:
         ```python
@@ -557,6 +573,7 @@ def build_trace(
         assert [s.name for s in trace.steps] == ["input", "agent", "tools", "agent", "finish"]
         ```
     """
+    needs_sync_backend(backend, "build_trace")
     history = _history(backend, thread_id)
     run_rows = _rows(backend, "SELECT * FROM harness_runs WHERE thread_id = %s", (thread_id,))
     if not history and not run_rows:

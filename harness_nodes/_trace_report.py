@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from harness_nodes._trace_langfuse import Masker
-from harness_nodes._trace_local import Trace, build_trace
+from harness_nodes._trace_local import Trace, build_trace, needs_sync_backend
 from harness_nodes.pricing import Pricing
 
 if TYPE_CHECKING:
@@ -95,7 +95,8 @@ def _thread_ids(backend: Backend) -> dict[str, float]:
     return seen
 
 
-def _traces(backend: Backend, limit: int | None, pricing: Pricing | None) -> list[Trace]:
+def _traces(backend: Backend, limit: int | None, pricing: Pricing | None, what: str) -> list[Trace]:
+    needs_sync_backend(backend, what)
     ids = sorted(_thread_ids(backend).items(), key=lambda kv: kv[1], reverse=True)
     if limit is not None:
         ids = ids[:limit]
@@ -131,7 +132,7 @@ def list_runs(
             duration_s=t.duration_s,
             started_at=t.started_at,
         )
-        for t in _traces(backend, limit, pricing)
+        for t in _traces(backend, limit, pricing, "list_runs")
     ]
 
 
@@ -196,7 +197,7 @@ def reliability_report(backend: Backend, *, top: int = 5, pricing: Pricing | Non
             assert reliability_report(backend).tasks == 0
         ```
     """
-    traces = _traces(backend, None, pricing)
+    traces = _traces(backend, None, pricing, "reliability_report")
     report = Report(tasks=len(traces))
     if not traces:
         return report

@@ -1036,3 +1036,20 @@ def test_a_call_a_budget_callback_recorded_inside_a_node_is_not_a_lost_call(
     trace = build_trace(backend, "t-cb")
     assert trace.cost_usd > 0  # the handler's call is in the ledger...
     assert not [n for n in trace.walk() if n.data.get("action") == "lost_call"]  # ...not lost
+
+
+@pytest.mark.anyio
+async def test_the_local_traces_refuse_an_async_backend_with_a_clear_error(tmp_path: Any) -> None:
+    # build_trace gave the async saver's InvalidStateError; list_runs and reliability_report
+    # a "'coroutine' object is not iterable" TypeError (and an un-awaited coroutine warning).
+    from checkpointers import aopen_backend
+    from harness_nodes import UserError
+
+    async with await aopen_backend(f"sqlite:///{tmp_path / 'a.db'}") as backend:
+        for name, read in (
+            ("build_trace", lambda: build_trace(backend, "t")),  # type: ignore[arg-type]
+            ("list_runs", lambda: list_runs(backend)),  # type: ignore[arg-type]
+            ("reliability_report", lambda: reliability_report(backend)),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(UserError, match=f"{name} reads with a sync Backend"):
+                read()
