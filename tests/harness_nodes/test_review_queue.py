@@ -979,6 +979,27 @@ def _killed_after_the_decision(*args: Any) -> Any:
     raise ProcessDied("killed after the decision and the lease claim were committed")
 
 
+def _decided_then_killed(
+    backend: Backend,
+    runner: TaskRunner,
+    builder: Any,
+    thread_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[ReviewQueue, Any]:
+    """Submit, pause, then alice's approval is committed and its process dies before the run."""
+    from tests.harness_nodes.review_app import ProcessDied
+
+    runner.submit(thread_id, REFUND)
+    _paused(runner, thread_id)
+    queue = ReviewQueue(backend, builder.compile(checkpointer=backend.checkpointer), runner=runner)
+    [item] = queue.sync(thread_id)
+    with monkeypatch.context() as patch:
+        patch.setattr(queue, "_resume_leased", _killed_after_the_decision)
+        with pytest.raises(ProcessDied):
+            queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+    return queue, item
+
+
 def test_a_runner_task_killed_before_its_queue_decision_was_applied_is_carried_on_by_recover(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -986,7 +1007,6 @@ def test_a_runner_task_killed_before_its_queue_decision_was_applied_is_carried_o
     # task's lease) and the resumed run: the pause is still live. Recovery carried the run
     # on with no answer, which paused it again with its item decided: listed nowhere, a
     # second decision refused, the approved refund never run.
-    from tests.harness_nodes.review_app import ProcessDied
     from tests.harness_nodes.test_runner import linear_chain
 
     builder = build_builder()
@@ -994,15 +1014,7 @@ def test_a_runner_task_killed_before_its_queue_decision_was_applied_is_carried_o
         TaskRunner(backend, builder, lease_seconds=5) as runner,
         TaskRunner(backend, builder, lease_seconds=5) as other,
     ):
-        runner.submit("t-strand", REFUND)
-        _paused(runner, "t-strand")
-        graph = builder.compile(checkpointer=backend.checkpointer)
-        queue = ReviewQueue(backend, graph, runner=runner)
-        [item] = queue.sync("t-strand")
-        with monkeypatch.context() as patch:
-            patch.setattr(queue, "_resume_leased", _killed_after_the_decision)
-            with pytest.raises(ProcessDied):
-                queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        queue, item = _decided_then_killed(backend, runner, builder, "t-strand", monkeypatch)
         assert queue.get(item.id).status == "decided" and EFFECTS == {}
         assert runner.status("t-strand").status == "running"  # on a lease nobody renews
         _expire_lease(backend, "t-strand")
@@ -1109,19 +1121,14 @@ async def test_async_runner_task_killed_before_its_queue_decision_was_applied_is
     assert EFFECTS == {"refund": 1, "lookup": 1}
 
 
-def _strand(backend: Backend, runner: TaskRunner, queue: ReviewQueue, thread_id: str) -> None:
+def _strand(
+    backend: Backend, runner: TaskRunner, queue: ReviewQueue, item: Any, thread_id: str
+) -> None:
     """A decision stranded by the old recovery: the task paused again, its item decided.
 
-    The process died between `decide`'s transaction and the resumed run; recovery then
-    carried the run on with no answer, which paused it again at the same spot.
+    The process died between `decide`'s transaction and the resumed run (*item* decided);
+    recovery then carried the run on with no answer, which paused it again at the same spot.
     """
-    from tests.harness_nodes.review_app import ProcessDied
-
-    [item] = queue.sync(thread_id)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(queue, "_resume_leased", _killed_after_the_decision)
-        with pytest.raises(ProcessDied):
-            queue.decide(item.id, {"type": "approve"}, reviewer="alice")
     _expire_lease(backend, thread_id)
     backend.execute(
         "UPDATE harness_runs SET status = 'interrupted', lease_owner = NULL, "
@@ -1135,7 +1142,7 @@ def _strand(backend: Backend, runner: TaskRunner, queue: ReviewQueue, thread_id:
 
 
 def test_a_decision_an_old_recovery_left_stranded_is_carried_on_by_recover(
-    backend: Backend,
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Before recovery applied recorded decisions it left the task paused again, its run
     # `interrupted` and its item `decided`: listed nowhere, a second decision refused, and
@@ -1147,12 +1154,8 @@ def test_a_decision_an_old_recovery_left_stranded_is_carried_on_by_recover(
         TaskRunner(backend, builder, lease_seconds=5) as runner,
         TaskRunner(backend, builder, lease_seconds=5) as other,
     ):
-        runner.submit("t-old", REFUND)
-        _paused(runner, "t-old")
-        graph = builder.compile(checkpointer=backend.checkpointer)
-        queue = ReviewQueue(backend, graph, runner=runner)
-        [item] = queue.sync("t-old")
-        _strand(backend, runner, queue, "t-old")
+        queue, item = _decided_then_killed(backend, runner, builder, "t-old", monkeypatch)
+        _strand(backend, runner, queue, item, "t-old")
         assert EFFECTS == {}
         with ThreadPoolExecutor(2) as pool:  # two recoverers race: one claims the task
             recovered = list(pool.map(lambda r: r.recover(), (runner, other)))
