@@ -1,7 +1,8 @@
-"""Review items stay with the pause they were made for: two pauses in one node run."""
+"""Review items stay with the pause they were made for: two pauses in one node, breakpoints."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -10,10 +11,17 @@ from langchain_core.messages import AIMessage, HumanMessage
 from langgraph.graph import START, MessagesState, StateGraph
 from langgraph.types import interrupt
 
-from checkpointers import Backend
-from harness_nodes import HumanReview, ReviewPolicy, ReviewQueue, TaskRunner
+from checkpointers import AsyncBackend, Backend
+from harness_nodes import (
+    AsyncReviewQueue,
+    AsyncTaskRunner,
+    HumanReview,
+    ReviewPolicy,
+    ReviewQueue,
+    TaskRunner,
+)
 from harness_nodes.testing import ai, tool_call
-from tests.harness_nodes.review_app import EFFECTS
+from tests.harness_nodes.review_app import EFFECTS, build_builder
 
 pytestmark = pytest.mark.anyio
 
@@ -111,3 +119,60 @@ def test_recover_never_applies_the_first_pauses_approval_to_the_second(backend: 
         queue.decide(second.id, {"type": "reject", "message": "too much"}, reviewer="bob")
         assert runner.status("t-two-r").status == "completed"
     assert PAID == ["A1"]
+
+
+def _at_the_breakpoint(backend: Backend | AsyncBackend) -> tuple[Any, str]:
+    """The billing agent, stopping before its tools (a breakpoint of the graph)."""
+    builder = build_builder()
+    graph = builder.compile(checkpointer=backend.checkpointer, interrupt_before=["tools"])
+    return graph, "UPDATE harness_reviews SET status = 'decided' WHERE id = %s RETURNING id"
+
+
+def test_a_decided_item_left_at_a_breakpoint_is_settled_by_one_sweep(backend: Backend) -> None:
+    # The approval was applied and the run stopped before the tools (interrupt_before), with
+    # no pause left; the process died before marking the item applied. The sync cannot tell
+    # that stop from a run that died, so it left the item decided, and every recover() sweep
+    # claimed the task again (one more attempt each) to run nothing.
+    graph, undo_applied = _at_the_breakpoint(backend)
+    with TaskRunner(backend, graph, lease_seconds=5) as runner:
+        runner.submit("t-bp", ASK)
+        _paused(runner, "t-bp")
+        queue = ReviewQueue(backend, graph, runner=runner)
+        [item] = queue.sync("t-bp")
+        queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        state = graph.get_state({"configurable": {"thread_id": "t-bp"}})
+        assert state.next == ("tools",) and not state.interrupts
+        assert backend.execute(undo_applied, (item.id,))
+        attempts = runner.status("t-bp").attempts
+        assert runner.recover() == ["t-bp"]
+        runner.close()  # waits for the dispatched run
+        assert queue.get(item.id).status == "applied"
+        assert runner.recover() == []  # not claimed again
+        run = runner.status("t-bp")
+        assert (run.status, run.attempts) == ("interrupted", attempts + 1)
+        assert graph.get_state({"configurable": {"thread_id": "t-bp"}}).next == ("tools",)
+    assert EFFECTS == {}  # nothing ran past the breakpoint
+
+
+async def test_async_decided_item_left_at_a_breakpoint_is_settled_by_one_sweep(
+    abackend: AsyncBackend,
+) -> None:
+    graph, undo_applied = _at_the_breakpoint(abackend)
+    async with AsyncTaskRunner(abackend, graph, lease_seconds=5) as runner:
+        await runner.asubmit("t-abp", ASK)
+        deadline = time.monotonic() + 30
+        while (await runner.astatus("t-abp")).status != "interrupted":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        queue = AsyncReviewQueue(abackend, graph, runner=runner)
+        [item] = await queue.sync("t-abp")
+        await queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert await abackend.execute(undo_applied, (item.id,))
+        attempts = (await runner.astatus("t-abp")).attempts
+        assert await runner.arecover() == ["t-abp"]
+        await runner.aclose()  # waits for the dispatched run
+        assert (await queue.get(item.id)).status == "applied"
+        assert await runner.arecover() == []
+        run = await runner.astatus("t-abp")
+        assert (run.status, run.attempts) == ("interrupted", attempts + 1)
+    assert EFFECTS == {}
