@@ -597,6 +597,8 @@ class AsyncTaskRunner:
         try:
             snapshot = await self.graph.aget_state(_thread_config(thread_id))
             decided = await self._queue()._decided_pauses(thread_id, snapshot)
+            if not decided:  # see TaskRunner._carry_on_decided
+                await self._queue()._settle_stopped(thread_id, snapshot)
         except BaseException:
             await self._settle(thread_id, owner, "interrupted", None, None)
             raise

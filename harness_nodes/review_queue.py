@@ -1150,6 +1150,18 @@ class ReviewQueue:
             return []
         return _on_live_pauses(self.backend.execute(_DECIDED, (thread_id,)), snapshot)
 
+    def _settle_stopped(self, thread_id: str, snapshot: StateSnapshot) -> None:
+        """*thread_id*'s run stopped (``interrupted``): decided items off its pauses are applied.
+
+        The run went past their pause, so it took their decisions; it did not die after doing
+        so. `sync` cannot tell a stop with no pause (a breakpoint: ``interrupt_before`` /
+        ``interrupt_after``) from a run that died mid-way, and leaves such items ``decided``
+        for recovery, whose every sweep would otherwise claim the task again to run nothing.
+        """
+        self._settle_decided(
+            list(map(_item, self.backend.execute(_DECIDED, (thread_id,)))), snapshot
+        )
+
     def _settle_decided(
         self,
         items: Sequence[ReviewItem],
@@ -1522,6 +1534,11 @@ class AsyncReviewQueue:
         if not snapshot.interrupts:
             return []
         return _on_live_pauses(await self.backend.execute(_DECIDED, (thread_id,)), snapshot)
+
+    async def _settle_stopped(self, thread_id: str, snapshot: StateSnapshot) -> None:
+        """Async `ReviewQueue._settle_stopped`."""
+        rows = await self.backend.execute(_DECIDED, (thread_id,))
+        await self._settle_decided(list(map(_item, rows)), snapshot)
 
     async def _settle_decided(
         self,

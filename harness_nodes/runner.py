@@ -464,13 +464,18 @@ class TaskRunner:
         was recovered (before `recover` applied such decisions) with no answer, which paused
         it again at the same spot: the task ``interrupted``, the item ``decided``. If the
         thread is still stopped at a decided pause, the run carries on with the decision as
-        any recovery does; else (the decision was applied and its item not yet settled) the
+        any recovery does; else (the decision was applied and its item not yet settled, e.g.
+        the run stopped at a breakpoint of the graph) the item is settled ``applied``, the
         queue is synced and the task is left paused, nothing run.
         """
         thread_id = row["thread_id"]
         try:
             snapshot = self.graph.get_state(_thread_config(thread_id))
             decided = self._queue()._decided_pauses(thread_id, snapshot)
+            if not decided:
+                # Settled here, not left to the sync: it cannot tell a breakpoint from a run
+                # that died, so the item would stay decided and every sweep claim the task.
+                self._queue()._settle_stopped(thread_id, snapshot)
         except BaseException:
             # Nothing ran: give the lease back, the task paused as before (the next sweep
             # tries again; an expired lease would have it carried on with no answer).
