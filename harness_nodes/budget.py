@@ -719,6 +719,12 @@ def _defer(ledger: SpendLedger | AsyncSpendLedger, args: tuple[Any, ...]) -> Non
     ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model, lease=lease)
 
 
+def _forgo(ledger: SpendLedger | AsyncSpendLedger, args: tuple[Any, ...]) -> None:
+    """Give back a reservation whose call was never made, deferred like a settlement."""
+    task_id, spend_id = args
+    ledger.defer_settle(task_id, spend_id, 0, 0, 0, released=True)
+
+
 def _ledger_op(ledger: SpendLedger, op: str, args: tuple[Any, ...]) -> Any:
     if op == "totals":
         return ledger.totals(*args)
@@ -726,6 +732,8 @@ def _ledger_op(ledger: SpendLedger, op: str, args: tuple[Any, ...]) -> Any:
         return ledger.reserve(*args)
     if op == "defer":
         return _defer(ledger, args)
+    if op == "forgo":
+        return _forgo(ledger, args)
     if op == "flush_held":
         return ledger.flush_held(*args)
     return ledger.settle(args[0], 0, 0, 0, released=True)
@@ -1271,11 +1279,14 @@ class BudgetedChatModel(BaseChatModel):
     ) -> Generator[tuple[str, Any], Any, AIMessage]:
         """The whole call as a sequence of effects, driven by `invoke` or `ainvoke`.
 
-        Yields ``("totals" | "reserve" | "defer" | "flush_held" | "release", args)`` for the
-        ledger, ``("emit", (kind, data))`` for events and ``("call", (index, cap))`` for the
-        model. A failed model call is thrown back in and settled before it propagates: released
-        when the provider cannot have billed it (an error answer), else kept at its worst case
-        (cancelled, or timed out, after the request went out: see `_maybe_billed`).
+        Yields ``("totals" | "reserve" | "defer" | "forgo" | "flush_held" | "release", args)``
+        for the ledger, ``("emit", (kind, data))`` for events and ``("call", (index, cap))`` for
+        the model. A failed model call is thrown back in and settled before it propagates:
+        released when the provider cannot have billed it (an error answer), else kept at its
+        worst case (cancelled, or timed out, after the request went out: see `_maybe_billed`).
+        A failed event is thrown back in too: one that cuts the call short between its
+        reservation and the model call (a cancellation while a tracer takes the reservation's
+        event) gives the reservation back, deferred, before it propagates.
         """
         rates = self._rates(ctx)
         caps = self._output_caps(ctx, kwargs.pop("max_tokens", None))
@@ -1335,8 +1346,19 @@ class BudgetedChatModel(BaseChatModel):
             }
             yield ("emit", ("budget.stop", data))
             return self._stop(ctx, refusal, totals)[0]
-        for event in self._reserve_events(ctx, plan, totals):
-            yield ("emit", event)
+        try:
+            for event in self._reserve_events(ctx, plan, totals):
+                yield ("emit", event)
+        except GeneratorExit:
+            raise
+        except BaseException:
+            # Cut short before the model was called (the task cancelled while a tracer took the
+            # event, a client gone): nothing was sent, so nothing can be billed. The reservation
+            # goes back, deferred like a settlement (nothing awaited while the task is being
+            # cancelled); kept, it booked the worst case for good.
+            yield ("forgo", (ctx.task_id, reservation.id))
+            self._views().forget_view(ctx.task_id)
+            raise
         try:
             raw = yield ("call", (ctx.positions[plan.index], plan.cap))
         except BaseException as error:
@@ -1416,7 +1438,10 @@ class BudgetedChatModel(BaseChatModel):
                     error = e
             elif op == "emit":
                 if config.get("callbacks"):  # nobody listens otherwise; skip the dispatch cost
-                    emit(args[0], args[1], config)
+                    try:
+                        emit(args[0], args[1], config)
+                    except BaseException as e:  # thrown into the flow: it settles first
+                        error = e
             else:
                 value = _ledger_op(ledger, op, args)
 
@@ -1455,9 +1480,14 @@ class BudgetedChatModel(BaseChatModel):
                     error = e
             elif op == "emit":
                 if config.get("callbacks"):
-                    await aemit(args[0], args[1], config)
+                    try:
+                        await aemit(args[0], args[1], config)
+                    except BaseException as e:  # a cancellation: thrown into the flow
+                        error = e
             elif op == "defer":  # no I/O: no thread, no await
                 _defer(ledger, args)
+            elif op == "forgo":
+                _forgo(ledger, args)
             elif isinstance(ledger, AsyncSpendLedger):
                 value = await _aledger_op(ledger, op, args)
             else:

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import anyio
 import httpx
 import pytest
-from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import (
     AIMessage,
@@ -685,6 +685,61 @@ async def test_a_call_cancelled_in_flight_is_charged_its_worst_case_and_the_enve
     stop = await llm.ainvoke("q", config)  # the envelope is spent: no third request goes out
     assert stop.additional_kwargs["harness"]["budget"]["stopped"]["limit"] == "usd"
     assert model.calls == 2
+
+
+@pytest.mark.parametrize("event", ["budget.reserve", "budget.degrade"])
+async def test_a_task_cancelled_while_its_reservation_is_reported_gives_the_reservation_back(
+    abackend: AsyncBackend, event: str
+) -> None:
+    # A tracer slow to take the reservation's event (an exporter over the network) and a
+    # client that disconnects meanwhile: the task is cancelled inside `aemit`, before the model
+    # is called. The reservation stayed booked for good, at the worst case, and the envelope
+    # had that much less room for every later call of the task.
+    reporting = asyncio.Event()
+
+    class SlowTracer(AsyncCallbackHandler):
+        async def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+            if name == "harness." + event:
+                reporting.set()
+                await asyncio.Event().wait()  # never answers
+
+    big = ScriptedChatModel(script=["big"], loop=True, model_name="gpt-4o")
+    small = ScriptedChatModel(script=["small"], loop=True, model_name="gpt-4o-mini")
+    # About $0.003 reserved per gpt-4o call: two fit, a third does not. With the ladder's top
+    # rung priced out (degrade), every call goes to gpt-4o-mini.
+    envelope = Envelope(max_usd=0.007, max_output_tokens=300)
+    ladder = [big, small] if event == "budget.degrade" else [big]
+    pricing = (
+        Pricing(overrides={"gpt-4o": ModelPrice(input_per_mtok=10**6, output_per_mtok=10**6)})
+        if event == "budget.degrade"
+        else Pricing()
+    )
+    llm = budgeted(ladder, envelope=envelope, backend=abackend, pricing=pricing)
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await llm.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", END)
+    graph = builder.compile(checkpointer=abackend.checkpointer)
+    config = _config("disconnected", callbacks=[SlowTracer()])
+    run = asyncio.ensure_future(graph.ainvoke({"messages": [HumanMessage("q")]}, config))
+    await asyncio.wait_for(reporting.wait(), 10)
+    run.cancel()  # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert big.calls == small.calls == 0  # nothing was sent
+    await aflush_pending(abackend)
+    rows = await abackend.execute(_SPEND_ROWS, ("disconnected",))
+    assert [(r["state"], int(r["cost_nanos"])) for r in rows] == [("released", 0)]
+    assert (await llm.aspend(_config("disconnected")))["usd"] == 0
+    # The envelope's room is whole again: two more calls fit.
+    for _ in range(2):
+        answer = await llm.ainvoke("q", _config("disconnected"))
+        assert "stopped" not in answer.additional_kwargs["harness"]["budget"], answer
+    assert big.calls + small.calls == 2
 
 
 async def test_a_stream_its_reader_left_mid_answer_is_charged_its_worst_case(
