@@ -819,6 +819,63 @@ async def test_an_unwrapped_call_cancelled_in_flight_stays_counted_at_its_worst_
     assert handler._runs == {}
 
 
+async def test_an_unwrapped_unpriced_call_cancelled_in_flight_is_still_recorded(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An unpriced model is booked nothing when its call starts and raises UnpricedModelError
+    # when it ends; cancelled in flight, it never ends (no handler runs), so the call went
+    # unrecorded: no row, no error, no warning, the tokens it may have been billed for unseen.
+    in_flight, answer = threading.Event(), threading.Event()
+
+    def provider(prompt: list[BaseMessage]) -> AIMessage:
+        in_flight.set()
+        answer.wait(10)
+        return ai("too late", usage={"input_tokens": 10, "output_tokens": 5})
+
+    model = ScriptedChatModel(script=[provider], loop=True, model_name="acme-7b")
+    handler = BudgetCallbackHandler(backend)
+    config: Any = {"callbacks": [handler], "metadata": {"thread_id": "raw-unpriced"}}
+    try:
+        with caplog.at_level(logging.WARNING, logger="harness_nodes.budget"):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(
+                    model.ainvoke("summarise " * 100, config, max_tokens=300), 0.5
+                )
+        assert in_flight.is_set()
+    finally:
+        answer.set()
+    flush_pending(backend)
+    rows = backend.execute(
+        "SELECT model, state, reserved_tokens, reserved_nanos FROM harness_spend "
+        "WHERE task_id = %s",
+        ("raw-unpriced",),
+    )
+    inp = bytes_bound([HumanMessage("summarise " * 100)])
+    # Its tokens and the call are booked (a token or call limit sees them); no price, no $.
+    assert [
+        (r["model"], r["state"], int(r["reserved_tokens"]), int(r["reserved_nanos"])) for r in rows
+    ] == [("acme-7b", "reserved", inp + 300, 0)]
+    assert "acme-7b" in caplog.text and "no price" in caplog.text
+
+
+def test_an_unwrapped_unpriced_call_that_ends_still_raises_and_keeps_its_tokens(
+    backend: Backend,
+) -> None:
+    model = ScriptedChatModel(
+        script=[ai("ok", usage={"input_tokens": 10, "output_tokens": 5})], model_name="acme-7b"
+    )
+    handler = BudgetCallbackHandler(backend)
+    config: Any = {"callbacks": [handler], "metadata": {"thread_id": "raw-unpriced-end"}}
+    with pytest.raises(UnpricedModelError, match=re.escape("'acme-7b'")):
+        model.invoke("hi", config)
+    flush_pending(backend)
+    rows = backend.execute(_SPEND_ROWS, ("raw-unpriced-end",))
+    assert [
+        (r["state"], r["input_tokens"], r["output_tokens"], int(r["cost_nanos"])) for r in rows
+    ] == [("settled", 10, 5, 0)]
+    assert handler._runs == {}
+
+
 def test_an_unwrapped_call_is_reserved_while_it_runs_and_settled_to_its_usage(
     backend: Backend,
 ) -> None:
