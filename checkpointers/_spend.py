@@ -686,6 +686,44 @@ async def _write_async(backend: AsyncBackend, settles: list[PendingSettle]) -> N
         await _run_async(tx, _sqlite_settle_many(settles))
 
 
+def _write_at_exit(
+    target: tuple[str, str], batches: list[list[PendingSettle]], pending: PendingSettles
+) -> None:
+    """Write *batches* through a connection of their own, sync (the event loop is gone).
+
+    Each batch is forgotten once written; a failure leaves the rest pending.
+    """
+    kind, where = target
+    if kind == "postgres":
+        import psycopg
+
+        # Exiting must end: a database that does not answer is given seconds, not forever.
+        with psycopg.connect(
+            where,
+            autocommit=True,
+            prepare_threshold=0,
+            connect_timeout=5,
+            options="-c statement_timeout=5000",
+        ) as conn:
+            for settles in batches:
+                conn.execute(
+                    "SELECT harness_spend_flush(%s::jsonb, %s)",
+                    (_settles_json(settles), settles[0].task_id),
+                )
+                pending.discard(settles)
+        return
+    from checkpointers.backend import _SqliteDB
+
+    db = _SqliteDB(where)
+    try:
+        for settles in batches:
+            with db.transaction() as tx:
+                _run_sync(tx, _sqlite_settle_many(settles))
+            pending.discard(settles)
+    finally:
+        db.close()
+
+
 def _write_failed(error: BaseException, strict: bool) -> bool:
     """A flush's write failed (what it did not write is still pending): raise or say False."""
     if strict or not isinstance(error, Exception):
@@ -780,6 +818,8 @@ class _AsyncPending:
         self._backend = weakref.ref(backend)
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._exit_target = backend._exit_target
+        self._closed = False
 
     def add(self, settle: PendingSettle) -> None:
         self.pending.add(settle)
@@ -827,6 +867,7 @@ class _AsyncPending:
         hangs (a database that stopped answering) is waited for `close_timeout` seconds, as
         the sync flusher's thread is: closing must end.
         """
+        self._closed = True
         if self._tasks:
             _, hung = await asyncio.wait(set(self._tasks), timeout=self.close_timeout)
             if hung:
@@ -836,6 +877,51 @@ class _AsyncPending:
             self._timer = None
         self.pending.release_leases()
         await self.flush()
+
+    def write_at_exit(self) -> None:
+        """The process exits with the backend never closed: write what is pending anyway.
+
+        ``asyncio.run`` returns right after the last call, the timer's flush never runs and
+        the loop is closed, so the settlements go through a sync connection of their own (as
+        the sync backend's go at exit). What cannot be written is logged: those calls stay
+        booked at their reserved worst case until their tasks resume (the checkpointed answers
+        settle them) and leases keep their unused rest. memory:// has nothing to write: its
+        ledger ends with the process.
+        """
+        if self._closed:
+            return  # close() wrote them, or logged why it could not
+        self.pending.release_leases()
+        batches = self.pending.peek_batches()
+        if not batches or self._exit_target is None:
+            return
+        try:
+            _write_at_exit(self._exit_target, batches, self.pending)
+        except Exception as e:
+            lost = self.pending.peek_batches()
+            tasks = sorted({settles[0].task_id for settles in lost})
+            log.warning(
+                "an AsyncBackend left open at exit: %d spend settlement(s) of task(s) %s could "
+                "not be written (%s); the ledger keeps those calls at their reserved worst case "
+                "until the tasks resume. Close the backend (async with) to write them.",
+                sum(map(len, lost)),
+                ", ".join(tasks[:10]) + (" ..." if len(tasks) > 10 else ""),
+                e,
+            )
+            return
+        log.info(
+            "an AsyncBackend left open at exit: wrote its %d pending spend settlement(s)",
+            sum(map(len, batches)),
+        )
+
+
+_ORPHANED: list[_AsyncPending] = []
+"""Stores of AsyncBackends collected unclosed with settlements pending: written at exit."""
+
+
+def _orphaned(store: _AsyncPending) -> None:
+    """An AsyncBackend was collected unclosed: keep its store if it holds anything unwritten."""
+    if not store._closed and (store.pending or store.pending._leases):
+        _ORPHANED.append(store)
 
 
 _REGISTRY_LOCK = threading.Lock()
@@ -862,6 +948,9 @@ def _async_pending(backend: AsyncBackend) -> _AsyncPending:
             if store is None:
                 store = _ASYNC_PENDING[backend] = _AsyncPending(backend)
                 backend._before_close.append(store.close)
+                # A backend dropped without close() (collected with main()'s locals when
+                # asyncio.run returns) takes the registry's entry with it: keep its store.
+                weakref.finalize(backend, _orphaned, store).atexit = False
     return store
 
 
@@ -869,6 +958,9 @@ def _async_pending(backend: AsyncBackend) -> _AsyncPending:
 def _flush_at_exit() -> None:
     for store in list(_SYNC_PENDING.values()):
         store.close()
+    stores = {id(s): s for s in [*_ASYNC_PENDING.values(), *_ORPHANED]}
+    for astore in stores.values():
+        astore.write_at_exit()
 
 
 def flush_pending(backend: Backend, task_id: str | None = None) -> None:

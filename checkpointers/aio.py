@@ -24,7 +24,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
@@ -249,6 +249,10 @@ class AsyncBackend:
         self._closed = False
         self._before_close: list[Callable[[], Awaitable[None]]] = []
         """Run first by `close` (the spend ledger writes its deferred settlements)."""
+        self._exit_target: tuple[Literal["sqlite", "postgres"], str] | None = None
+        """Where a sync connection reaches the harness tables (SQLite path, Postgres conninfo):
+        what the spend ledger still holds when the process exits with the backend open is
+        written through it (the event loop is gone by then). None for memory://."""
 
     @property
     def dialect(self) -> Dialect:
@@ -362,7 +366,11 @@ async def _aopen_sqlite_backend(parsed: ParsedURL) -> AsyncBackend:
     except sqlite3.Error as e:
         await db.close()
         raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
-    return AsyncBackend(url=parsed.masked, kind="sqlite", checkpointer=saver, db=db, closers=[conn])
+    backend = AsyncBackend(
+        url=parsed.masked, kind="sqlite", checkpointer=saver, db=db, closers=[conn]
+    )
+    backend._exit_target = ("sqlite", parsed.target)
+    return backend
 
 
 async def _aopen_postgres_backend(
@@ -396,6 +404,8 @@ async def _aopen_postgres_backend(
         await pool.close()
         raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
     saver = AsyncPostgresSaver(pool)
-    return AsyncBackend(
+    backend = AsyncBackend(
         url=parsed.masked, kind="postgres", checkpointer=saver, db=_APostgresDB(pool)
     )
+    backend._exit_target = ("postgres", parsed.target)
+    return backend

@@ -719,6 +719,12 @@ def _defer(ledger: SpendLedger | AsyncSpendLedger, args: tuple[Any, ...]) -> Non
     ledger.defer_settle(task_id, spend_id, inp, out, nanos, model=model, lease=lease)
 
 
+def _forgo(ledger: SpendLedger | AsyncSpendLedger, args: tuple[Any, ...]) -> None:
+    """Give back a reservation whose call was never made, deferred like a settlement."""
+    task_id, spend_id = args
+    ledger.defer_settle(task_id, spend_id, 0, 0, 0, released=True)
+
+
 def _ledger_op(ledger: SpendLedger, op: str, args: tuple[Any, ...]) -> Any:
     if op == "totals":
         return ledger.totals(*args)
@@ -726,6 +732,8 @@ def _ledger_op(ledger: SpendLedger, op: str, args: tuple[Any, ...]) -> Any:
         return ledger.reserve(*args)
     if op == "defer":
         return _defer(ledger, args)
+    if op == "forgo":
+        return _forgo(ledger, args)
     if op == "flush_held":
         return ledger.flush_held(*args)
     return ledger.settle(args[0], 0, 0, 0, released=True)
@@ -1271,11 +1279,14 @@ class BudgetedChatModel(BaseChatModel):
     ) -> Generator[tuple[str, Any], Any, AIMessage]:
         """The whole call as a sequence of effects, driven by `invoke` or `ainvoke`.
 
-        Yields ``("totals" | "reserve" | "defer" | "flush_held" | "release", args)`` for the
-        ledger, ``("emit", (kind, data))`` for events and ``("call", (index, cap))`` for the
-        model. A failed model call is thrown back in and settled before it propagates: released
-        when the provider cannot have billed it (an error answer), else kept at its worst case
-        (cancelled, or timed out, after the request went out: see `_maybe_billed`).
+        Yields ``("totals" | "reserve" | "defer" | "forgo" | "flush_held" | "release", args)``
+        for the ledger, ``("emit", (kind, data))`` for events and ``("call", (index, cap))`` for
+        the model. A failed model call is thrown back in and settled before it propagates:
+        released when the provider cannot have billed it (an error answer), else kept at its
+        worst case (cancelled, or timed out, after the request went out: see `_maybe_billed`).
+        A failed event is thrown back in too: one that cuts the call short between its
+        reservation and the model call (a cancellation while a tracer takes the reservation's
+        event) gives the reservation back, deferred, before it propagates.
         """
         rates = self._rates(ctx)
         caps = self._output_caps(ctx, kwargs.pop("max_tokens", None))
@@ -1335,8 +1346,19 @@ class BudgetedChatModel(BaseChatModel):
             }
             yield ("emit", ("budget.stop", data))
             return self._stop(ctx, refusal, totals)[0]
-        for event in self._reserve_events(ctx, plan, totals):
-            yield ("emit", event)
+        try:
+            for event in self._reserve_events(ctx, plan, totals):
+                yield ("emit", event)
+        except GeneratorExit:
+            raise
+        except BaseException:
+            # Cut short before the model was called (the task cancelled while a tracer took the
+            # event, a client gone): nothing was sent, so nothing can be billed. The reservation
+            # goes back, deferred like a settlement (nothing awaited while the task is being
+            # cancelled); kept, it booked the worst case for good.
+            yield ("forgo", (ctx.task_id, reservation.id))
+            self._views().forget_view(ctx.task_id)
+            raise
         try:
             raw = yield ("call", (ctx.positions[plan.index], plan.cap))
         except BaseException as error:
@@ -1416,7 +1438,10 @@ class BudgetedChatModel(BaseChatModel):
                     error = e
             elif op == "emit":
                 if config.get("callbacks"):  # nobody listens otherwise; skip the dispatch cost
-                    emit(args[0], args[1], config)
+                    try:
+                        emit(args[0], args[1], config)
+                    except BaseException as e:  # thrown into the flow: it settles first
+                        error = e
             else:
                 value = _ledger_op(ledger, op, args)
 
@@ -1455,9 +1480,14 @@ class BudgetedChatModel(BaseChatModel):
                     error = e
             elif op == "emit":
                 if config.get("callbacks"):
-                    await aemit(args[0], args[1], config)
+                    try:
+                        await aemit(args[0], args[1], config)
+                    except BaseException as e:  # a cancellation: thrown into the flow
+                        error = e
             elif op == "defer":  # no I/O: no thread, no await
                 _defer(ledger, args)
+            elif op == "forgo":
+                _forgo(ledger, args)
             elif isinstance(ledger, AsyncSpendLedger):
                 value = await _aledger_op(ledger, op, args)
             else:
@@ -2050,7 +2080,7 @@ class _Run:
     """When the call started (a call that never reports back is forgotten after a while)."""
     reserved: tuple[int, str, int, int, int] | None = None
     """The worst case booked when the call started: ``(spend id, model, input tokens,
-    output tokens, nano-dollars)``; None for an unpriced model (recorded when it ends)."""
+    output tokens, nano-dollars)``; nano-dollars 0 for an unpriced model (its tokens only)."""
 
     def prompt_bound(self) -> int:
         """An upper bound on the prompt's tokens: its UTF-8 bytes (see `bytes_bound`)."""
@@ -2085,7 +2115,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     ``max_output_tokens``), then settled to its priced usage when it ends, or given back on an
     error answer; a call that never reports back (an ``ainvoke`` cancelled in flight) stays
     booked at its worst case. It cannot stop a call, so the next budgeted call sees the spend.
-    An unpriced model is booked nothing and raises `UnpricedModelError` when it ends. Calls
+    An unpriced model is booked its tokens only (with a warning), and raises
+    `UnpricedModelError` when it ends (its tokens settled, at no price). Calls
     made by a `budgeted` model are skipped (they are already accounted). A call that reports
     no usage, or usage that cannot be trusted (a negative count, say), is recorded at its worst
     case, with a warning, as the wrapper keeps its reservation: the prompt's bytes in, and out
@@ -2152,8 +2183,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         params = kwargs.get("invocation_params") or {}
         model = params.get("model_name") or params.get("model") or meta.get("ls_model_name")
         run = _Run(task_id, task_type, str(model) if model else None, messages, prompts, params)
-        if run.model and self.pricing.is_priced(run.model):
-            run = self._reserve(run, run.model)
+        run = self._reserve(run, run.model or "")
         now = time.monotonic()
         with self._lock:
             # A call cancelled in flight never reports back (an awaited gather that was cut
@@ -2170,13 +2200,28 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         return Limits()
 
     def _reserve(self, run: _Run, model: str) -> _Run:
-        """Book the call's worst case before it runs: the prompt's bound and its output cap."""
+        """Book the call's worst case before it runs: the prompt's bound and its output cap.
+
+        An unpriced model (its answer may still name a priced one) has its tokens and the call
+        booked at no price: cancelled in flight, it would otherwise go unrecorded.
+        """
         cap = run.output_cap()
         if cap is None:
             envelope = (self.envelopes or Envelopes(default=Envelope())).for_type(run.task_type)
             cap = envelope.max_output_tokens
         inp, out = run.prompt_bound(), min(cap, _ledger_room(0))
-        nanos = min(self.pricing.rates(model).worst_case_nanos(inp, out), _ledger_room(0))
+        if self.pricing.is_priced(model):
+            nanos = min(self.pricing.rates(model).worst_case_nanos(inp, out), _ledger_room(0))
+        else:
+            nanos = 0
+            log.warning(
+                "%s (called outside a budgeted model) has no price: the call is booked with "
+                "its tokens only (%d input, %d output), and raises UnpricedModelError when it "
+                "ends unless its answer names a priced model",
+                model or "an unnamed model",
+                inp,
+                out,
+            )
         r = self.ledger.reserve(
             run.task_id, run.task_type, model, inp, out, nanos, self._limits(run.task_type)
         )
@@ -2234,6 +2279,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             if not _maybe_billed(error):
                 self._settle(run, None, 0, 0, 0)
                 return
+            if not self.pricing.is_priced(reserved_model):
+                self._settle(run, reserved_model, inp, out, 0)  # its tokens, no price
+                raise UnpricedModelError(reserved_model or "<unnamed model>")
             log.warning(
                 "%s (called outside a budgeted model) was cut short (%s) after its request "
                 "went out; the call is recorded at its worst case (%d input tokens, %d output "
@@ -2330,11 +2378,30 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             run = self._runs.pop(run_id, None)
         if run is None:
             return
-        priced = self._priced(run, response)
+        try:
+            priced = self._priced(run, response)
+        except UnpricedModelError:
+            if run.reserved is not None:  # its tokens were booked: settle them, no price
+                self._settle(run, run.reserved[1], *self._tokens(run, response), 0)
+            raise
         if run.reserved is not None:
             self._settle(run, *priced)
             return
         self._record(run, *priced)
+
+    def _tokens(self, run: _Run, response: LLMResult) -> tuple[int, int]:
+        """``(input, output)`` tokens of a finished call: as reported, else its worst case."""
+        answers = [
+            m
+            for gens in response.generations
+            for g in gens
+            if isinstance(m := getattr(g, "message", None), AIMessage)
+        ]
+        usages = [_reported_usage(m.usage_metadata) for m in answers]
+        if usages and not any(isinstance(u, str) for u in usages):
+            total = _added(cast(list[_Usage], usages))
+            return total.input, total.output
+        return run.prompt_bound(), self._worst_output(run, response)
 
     def _record(self, run: _Run, model: str, inp: int, out: int, nanos: int) -> None:
         """Record a finished call against its task (one reservation, settled at once)."""

@@ -249,6 +249,97 @@ async def test_closing_an_async_backend_does_not_wait_for_a_hung_flush_forever(
         assert _rows(reopened, "hung") == [{"state": "settled", "cost_nanos": COST}]
 
 
+@pytest.mark.anyio
+async def test_leaving_an_async_backend_s_context_writes_pending_settlements(
+    durable_url: str,
+) -> None:
+    from checkpointers import aopen_backend
+
+    async with await aopen_backend(durable_url) as backend:
+        store = _async_pending(backend)
+        store.delay = 3600.0  # the timer would not get to them before the block ends
+        llm = budgeted(_model(), envelope=Envelope(max_usd=10), backend=backend)
+        await llm.ainvoke("hi", {"configurable": {"thread_id": "leaving"}})
+        assert store.pending
+    with open_backend(durable_url) as reopened:
+        assert _rows(reopened, "leaving") == [{"state": "settled", "cost_nanos": COST}]
+
+
+_EXITS_UNCLOSED = """
+import asyncio, sys
+from checkpointers import aopen_backend
+from checkpointers._spend import _async_pending
+from harness_nodes import Envelope, budgeted
+from harness_nodes.testing import ScriptedChatModel, ai
+
+async def main(url: str) -> None:
+    backend = await aopen_backend(url)
+    model = ScriptedChatModel(script=[ai("Paris.", usage={usage!r})], model_name="gpt-4o")
+    llm = budgeted(model, envelope=Envelope(max_usd=10), backend=backend)
+    await llm.ainvoke("hi", {{"configurable": {{"thread_id": "exited"}}}})
+    if sys.argv[2] == "kept":
+        globals()["kept"] = backend  # still open at exit; else collected with main's locals
+    if sys.argv[2] == "unreachable":  # the database is gone by the time the process exits
+        _async_pending(backend)._exit_target = ("postgres", "postgresql://postgres@127.0.0.1:9/x")
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("backend_ref", ["kept", "dropped", "unreachable"])
+def test_a_process_that_exits_with_its_async_backend_open_writes_its_settlements(
+    postgres_url: str, backend_ref: str
+) -> None:
+    # asyncio.run(main()) returns right after the last call, its settlement still pending (the
+    # timer's flush never runs: the loop is closed). The sync Backend writes its pending
+    # settlements at exit; an AsyncBackend's were lost, leaving a call that finished at its
+    # reserved worst case in the ledger.
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    script = _EXITS_UNCLOSED.format(usage=USAGE)
+    done = subprocess.run(
+        [sys.executable, "-c", script, postgres_url, backend_ref],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    with open_backend(postgres_url) as backend:
+        rows = _rows(backend, "exited")
+    if backend_ref == "unreachable":  # what is lost is said, with the tasks it belongs to
+        assert rows == [{"state": "reserved", "cost_nanos": 0}]
+        assert "1 spend settlement(s) of task(s) exited could not be written" in done.stderr
+    else:
+        assert rows == [{"state": "settled", "cost_nanos": COST}]
+
+
+@pytest.mark.anyio
+async def test_what_an_async_backend_left_open_holds_at_exit_is_written_sync(
+    durable_url: str,
+) -> None:
+    # SQLite cannot be shown in a child process: an AsyncBackend left open there never lets
+    # the interpreter reach its exit hooks (aiosqlite's worker threads are not daemons). The
+    # exit hook's write is called here, as it would be, while the loop is not used.
+    from checkpointers import aopen_backend
+
+    backend = await aopen_backend(durable_url)
+    try:
+        store = _async_pending(backend)
+        store.delay = 3600.0
+        llm = budgeted(_model(), envelope=Envelope(max_usd=10), backend=backend)
+        await llm.ainvoke("hi", {"configurable": {"thread_id": "at-exit"}})
+        store.write_at_exit()
+        assert not store.pending
+        with open_backend(durable_url) as reopened:
+            assert _rows(reopened, "at-exit") == [{"state": "settled", "cost_nanos": COST}]
+    finally:
+        await backend.close()
+
+
 async def _sleep(seconds: float) -> None:
     import anyio
 

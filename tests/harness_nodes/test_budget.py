@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import anyio
 import httpx
 import pytest
-from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import (
     AIMessage,
@@ -687,6 +687,61 @@ async def test_a_call_cancelled_in_flight_is_charged_its_worst_case_and_the_enve
     assert model.calls == 2
 
 
+@pytest.mark.parametrize("event", ["budget.reserve", "budget.degrade"])
+async def test_a_task_cancelled_while_its_reservation_is_reported_gives_the_reservation_back(
+    abackend: AsyncBackend, event: str
+) -> None:
+    # A tracer slow to take the reservation's event (an exporter over the network) and a
+    # client that disconnects meanwhile: the task is cancelled inside `aemit`, before the model
+    # is called. The reservation stayed booked for good, at the worst case, and the envelope
+    # had that much less room for every later call of the task.
+    reporting = asyncio.Event()
+
+    class SlowTracer(AsyncCallbackHandler):
+        async def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+            if name == "harness." + event:
+                reporting.set()
+                await asyncio.Event().wait()  # never answers
+
+    big = ScriptedChatModel(script=["big"], loop=True, model_name="gpt-4o")
+    small = ScriptedChatModel(script=["small"], loop=True, model_name="gpt-4o-mini")
+    # About $0.003 reserved per gpt-4o call: two fit, a third does not. With the ladder's top
+    # rung priced out (degrade), every call goes to gpt-4o-mini.
+    envelope = Envelope(max_usd=0.007, max_output_tokens=300)
+    ladder = [big, small] if event == "budget.degrade" else [big]
+    pricing = (
+        Pricing(overrides={"gpt-4o": ModelPrice(input_per_mtok=10**6, output_per_mtok=10**6)})
+        if event == "budget.degrade"
+        else Pricing()
+    )
+    llm = budgeted(ladder, envelope=envelope, backend=abackend, pricing=pricing)
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await llm.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", END)
+    graph = builder.compile(checkpointer=abackend.checkpointer)
+    config = _config("disconnected", callbacks=[SlowTracer()])
+    run = asyncio.ensure_future(graph.ainvoke({"messages": [HumanMessage("q")]}, config))
+    await asyncio.wait_for(reporting.wait(), 10)
+    run.cancel()  # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert big.calls == small.calls == 0  # nothing was sent
+    await aflush_pending(abackend)
+    rows = await abackend.execute(_SPEND_ROWS, ("disconnected",))
+    assert [(r["state"], int(r["cost_nanos"])) for r in rows] == [("released", 0)]
+    assert (await llm.aspend(_config("disconnected")))["usd"] == 0
+    # The envelope's room is whole again: two more calls fit.
+    for _ in range(2):
+        answer = await llm.ainvoke("q", _config("disconnected"))
+        assert "stopped" not in answer.additional_kwargs["harness"]["budget"], answer
+    assert big.calls + small.calls == 2
+
+
 async def test_a_stream_its_reader_left_mid_answer_is_charged_its_worst_case(
     abackend: AsyncBackend,
 ) -> None:
@@ -761,6 +816,63 @@ async def test_an_unwrapped_call_cancelled_in_flight_stays_counted_at_its_worst_
     assert [(r["state"], r["input_tokens"], r["output_tokens"]) for r in rows][1:] == [
         ("settled", 7, 2)
     ]
+    assert handler._runs == {}
+
+
+async def test_an_unwrapped_unpriced_call_cancelled_in_flight_is_still_recorded(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An unpriced model is booked nothing when its call starts and raises UnpricedModelError
+    # when it ends; cancelled in flight, it never ends (no handler runs), so the call went
+    # unrecorded: no row, no error, no warning, the tokens it may have been billed for unseen.
+    in_flight, answer = threading.Event(), threading.Event()
+
+    def provider(prompt: list[BaseMessage]) -> AIMessage:
+        in_flight.set()
+        answer.wait(10)
+        return ai("too late", usage={"input_tokens": 10, "output_tokens": 5})
+
+    model = ScriptedChatModel(script=[provider], loop=True, model_name="acme-7b")
+    handler = BudgetCallbackHandler(backend)
+    config: Any = {"callbacks": [handler], "metadata": {"thread_id": "raw-unpriced"}}
+    try:
+        with caplog.at_level(logging.WARNING, logger="harness_nodes.budget"):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(
+                    model.ainvoke("summarise " * 100, config, max_tokens=300), 0.5
+                )
+        assert in_flight.is_set()
+    finally:
+        answer.set()
+    flush_pending(backend)
+    rows = backend.execute(
+        "SELECT model, state, reserved_tokens, reserved_nanos FROM harness_spend "
+        "WHERE task_id = %s",
+        ("raw-unpriced",),
+    )
+    inp = bytes_bound([HumanMessage("summarise " * 100)])
+    # Its tokens and the call are booked (a token or call limit sees them); no price, no $.
+    assert [
+        (r["model"], r["state"], int(r["reserved_tokens"]), int(r["reserved_nanos"])) for r in rows
+    ] == [("acme-7b", "reserved", inp + 300, 0)]
+    assert "acme-7b" in caplog.text and "no price" in caplog.text
+
+
+def test_an_unwrapped_unpriced_call_that_ends_still_raises_and_keeps_its_tokens(
+    backend: Backend,
+) -> None:
+    model = ScriptedChatModel(
+        script=[ai("ok", usage={"input_tokens": 10, "output_tokens": 5})], model_name="acme-7b"
+    )
+    handler = BudgetCallbackHandler(backend)
+    config: Any = {"callbacks": [handler], "metadata": {"thread_id": "raw-unpriced-end"}}
+    with pytest.raises(UnpricedModelError, match=re.escape("'acme-7b'")):
+        model.invoke("hi", config)
+    flush_pending(backend)
+    rows = backend.execute(_SPEND_ROWS, ("raw-unpriced-end",))
+    assert [
+        (r["state"], r["input_tokens"], r["output_tokens"], int(r["cost_nanos"])) for r in rows
+    ] == [("settled", 10, 5, 0)]
     assert handler._runs == {}
 
 
