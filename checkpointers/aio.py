@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -90,7 +91,7 @@ class _AsqliteDB:
     async def open(cls, path: str) -> _AsqliteDB:
         import aiosqlite
 
-        conn = await aiosqlite.connect(path, timeout=30, isolation_level=None)
+        conn = await _daemon(aiosqlite.connect(path, timeout=30, isolation_level=None))
         await conn.execute("PRAGMA busy_timeout = 30000")
         if path != ":memory:":
             await conn.execute("PRAGMA journal_mode = WAL")
@@ -353,13 +354,26 @@ async def _aopen_sqlite(parsed: ParsedURL) -> _AsqliteDB:
         raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
 
 
+def _daemon(conn: aiosqlite.Connection) -> aiosqlite.Connection:
+    """*conn* (not yet awaited) with its worker thread a daemon.
+
+    aiosqlite's thread is not one: an `AsyncBackend` left open kept the interpreter from ever
+    exiting (it waits for such threads before its exit hooks, which write the spend ledger's
+    held settlements). SQLite rolls back whatever a thread stopped at exit left uncommitted.
+    """
+    thread = getattr(conn, "_thread", conn)  # aiosqlite < 0.21: the connection is the thread
+    if isinstance(thread, threading.Thread) and not thread.is_alive():
+        thread.daemon = True
+    return conn
+
+
 async def _aopen_sqlite_backend(parsed: ParsedURL) -> AsyncBackend:
     import aiosqlite
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
     db = await _aopen_sqlite(parsed)
     try:
-        conn = await aiosqlite.connect(parsed.target, timeout=30)
+        conn = await _daemon(aiosqlite.connect(parsed.target, timeout=30))
         await conn.execute("PRAGMA busy_timeout = 30000")
         saver = AsyncSqliteSaver(conn)
         await saver.setup()

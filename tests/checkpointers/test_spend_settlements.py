@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -321,9 +322,8 @@ def test_a_process_that_exits_with_its_async_backend_open_writes_its_settlements
 async def test_what_an_async_backend_left_open_holds_at_exit_is_written_sync(
     durable_url: str,
 ) -> None:
-    # SQLite cannot be shown in a child process: an AsyncBackend left open there never lets
-    # the interpreter reach its exit hooks (aiosqlite's worker threads are not daemons). The
-    # exit hook's write is called here, as it would be, while the loop is not used.
+    # The exit hook's write, called in this process as it would be at exit, while the loop is
+    # not used (the child-process tests above show the hook runs).
     from checkpointers import aopen_backend
 
     backend = await aopen_backend(durable_url)
@@ -632,3 +632,30 @@ async def test_an_async_ledger_window_refusal_writes_what_is_held_first(
     refused = await ledger.reserve("t20", "research", "m", 1, 1, 850, cap)
     assert (refused.refused, refused.totals.window_nanos) == ("window_usd", 200)
     assert not _async_pending(abackend).pending
+
+
+@pytest.mark.parametrize("backend_ref", ["kept", "dropped"])
+def test_a_process_that_exits_with_its_sqlite_async_backend_open_ends_and_writes_them(
+    tmp_path: Path, backend_ref: str
+) -> None:
+    # aiosqlite's worker threads were not daemons: with an AsyncBackend still open, the
+    # interpreter waited for them forever and never reached the exit hook that writes the
+    # held settlements.
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    url = f"sqlite:///{tmp_path / 'exits.db'}"
+    with open_backend(url):
+        pass  # the harness tables, as a deployment has them
+    done = subprocess.run(
+        [sys.executable, "-c", _EXITS_UNCLOSED.format(usage=USAGE), url, backend_ref],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    with open_backend(url) as backend:
+        assert _rows(backend, "exited") == [{"state": "settled", "cost_nanos": COST}]
