@@ -530,6 +530,203 @@ def _decoded(raw: Any) -> Any:
     return doc
 
 
+def _sub_key(ns: str, checkpoint_id: str) -> str:
+    return f"{ns}\x00{checkpoint_id}"
+
+
+def _subgraph_histories(
+    backend: Backend, thread_id: str
+) -> dict[str, list[tuple[str, list[CheckpointTuple]]]]:
+    """The checkpoints of the thread's subgraphs, by namespace, oldest first.
+
+    A compiled graph added as a node (or invoked inside one) checkpoints in a namespace of its
+    own (``node:task_id``, nested ones joined by ``|``), each checkpoint naming the parent
+    checkpoint its task ran from: keyed by that parent namespace and checkpoint id (`_sub_key`).
+    """
+    by_ns: dict[str, list[CheckpointTuple]] = {}
+    config: Any = {"configurable": {"thread_id": thread_id}}
+    for tup in backend.checkpointer.list(config):
+        ns = str(tup.config["configurable"].get("checkpoint_ns") or "")
+        if ns:
+            by_ns.setdefault(ns, []).append(tup)
+    out: dict[str, list[tuple[str, list[CheckpointTuple]]]] = {}
+    for ns, tups in sorted(by_ns.items()):
+        parent_ns = ns.rpartition("|")[0]
+        parents = (tups[0].metadata or {}).get("parents") or {}
+        parent_id = parents.get(parent_ns)
+        if parent_id is not None:
+            key = _sub_key(parent_ns, str(parent_id))
+            out.setdefault(key, []).append((ns, list(reversed(tups))))
+    return out
+
+
+def _keys(tup: CheckpointTuple) -> set[tuple[str | None, str]]:
+    """The keys (`_msg_key`) of the messages in a checkpoint's state."""
+    return {_msg_key(m) for m in _messages(_harness_view(tup.checkpoint["channel_values"]))}
+
+
+def _total(node: TraceNode) -> None:
+    """Sum a step's (or a subgraph's) tokens and cost over what it holds."""
+    inner = [n for n in node.walk() if n is not node and n.kind not in ("step", "subgraph")]
+    node.input_tokens = sum(n.input_tokens for n in inner)
+    node.output_tokens = sum(n.output_tokens for n in inner)
+    node.cost_usd = sum(n.cost_usd for n in inner)
+
+
+def _drop_nested_interrupts(step: TraceNode) -> None:
+    """A subgraph's pause reaches its parent too: show it once, where it happened."""
+    nested = {
+        str(n.data.get("interrupt_id"))
+        for sub in step.children
+        if sub.kind == "subgraph"
+        for n in sub.walk()
+        if n.kind == "interrupt"
+    }
+    step.children = [
+        c
+        for c in step.children
+        if c.kind != "interrupt" or str(c.data.get("interrupt_id")) not in nested
+    ]
+
+
+class _StepBuilder:
+    """Turns a checkpoint history (the root graph's, or a subgraph's) into step nodes."""
+
+    def __init__(
+        self,
+        pricer: _Pricer,
+        reviews: Mapping[str, Mapping[str, Any]],
+        effects: Mapping[str, Mapping[str, Any]],
+        subgraphs: Mapping[str, list[tuple[str, list[CheckpointTuple]]]],
+    ) -> None:
+        self.pricer, self.reviews, self.effects = pricer, reviews, effects
+        self.subgraphs = subgraphs
+        self.seen_verdicts: set[tuple[str, int]] = set()
+        self.all_steps: list[TraceNode] = []  # every step built so far, nested ones too
+
+    def _subgraph_nodes(
+        self, ns: str, tup: CheckpointTuple, known: set[tuple[str | None, str]]
+    ) -> list[TraceNode]:
+        """The subgraphs that ran from *tup*, each holding its own steps."""
+        nodes = []
+        key = _sub_key(ns, _cid(tup))
+        for sub_ns, history in self.subgraphs.get(key, []):
+            name = sub_ns.rpartition("|")[2].partition(":")[0]
+            sub_steps = self.steps(history, sub_ns, known)
+            if sub_steps:
+                node = TraceNode(kind="subgraph", name=name, children=sub_steps)
+                _total(node)
+                # Popped by the parent's step: its state repeats these messages.
+                node.data = {"checkpoint_ns": sub_ns, "_message_keys": sorted(_keys(history[-1]))}
+                nodes.append(node)
+        return nodes
+
+    def steps(
+        self,
+        history: Sequence[CheckpointTuple],
+        ns: str = "",
+        known: set[tuple[str | None, str]] | None = None,
+    ) -> list[TraceNode]:
+        """The steps of *history*; in a subgraph, messages in *known* were its input."""
+        known = known or set()
+        steps: list[TraceNode] = []
+        for i, tup in enumerate(history):
+            nxt = history[i + 1] if i + 1 < len(history) else None
+            interrupts = [w for w in tup.pending_writes or [] if w[1] == "__interrupt__"]
+            errors = [w for w in tup.pending_writes or [] if w[1] == "__error__"]
+            if nxt is None:
+                subgraphs = self._subgraph_nodes(ns, tup, known | _keys(tup))
+                if interrupts or errors or subgraphs:
+                    step = TraceNode(kind="step", name=", ".join(_next_nodes(tup)) or "pending")
+                    step.started_at = _ts(tup.checkpoint)
+                    step.children.extend(subgraphs)
+                    _add_interrupts(step, interrupts, self.reviews, pending=True)
+                    _add_errors(step, errors)
+                    _drop_nested_interrupts(step)
+                    _total(step)
+                    steps.append(step)
+                    self.all_steps.append(step)
+                break
+            before = _harness_view(tup.checkpoint["channel_values"])
+            after = _harness_view(nxt.checkpoint["channel_values"])
+            ran = _ran_between(tup, nxt)
+            if nxt.metadata and nxt.metadata.get("source") == "update" and not ran:
+                ran = ["update_state"]
+            name = ", ".join(ran) or ("input" if (tup.metadata or {}).get("step") == -1 else "?")
+            if "__start__" in nxt.checkpoint.get("versions_seen", {}) and not ran:
+                name = "input"
+            start, end = _ts(tup.checkpoint), _ts(nxt.checkpoint)
+            step = TraceNode(
+                kind="step",
+                name=name,
+                started_at=start,
+                duration_s=(end - start) if start is not None and end is not None else None,
+                data={"step": (nxt.metadata or {}).get("step"), "checkpoint_id": _cid(nxt)},
+            )
+            # What a subgraph did in this step shows under it, in its own steps; the parent's
+            # state then only repeats its messages.
+            subgraphs = self._subgraph_nodes(ns, tup, known | _keys(tup))
+            step.children.extend(subgraphs)
+            _add_interrupts(step, interrupts, self.reviews, pending=False)
+            _add_errors(step, errors)
+            _drop_nested_interrupts(step)
+            old = {_msg_key(m) for m in _messages(before)} | known
+            for sub in subgraphs:
+                old |= set(sub.data.pop("_message_keys", ()))
+            old_by_id = {m.id: m for m in _messages(before) if m.id}
+            for msg in _messages(after):
+                if _msg_key(msg) in old:
+                    continue
+                previous = old_by_id.get(msg.id) if msg.id else None
+                if isinstance(previous, AIMessage) and isinstance(msg, AIMessage):
+                    step.children.extend(_review_nodes(previous, msg))
+                    continue
+                if isinstance(previous, ToolMessage) and isinstance(msg, ToolMessage):
+                    step.children.append(_tool_node(msg, previous))  # its effect was shown
+                    continue
+                for node in _message_nodes(msg, self.pricer):
+                    if node.kind == "tool_result":
+                        _add_effect_ledger(node, self.effects)
+                    step.children.append(node)
+            for node in step.walk():
+                if node.kind == "verdict":
+                    self.seen_verdicts.add(
+                        (str(node.data.get("tool_call_id")), int(node.data.get("attempt", 0)))
+                    )
+            shown = {
+                str(n.data.get("review_id")): n
+                for s in [*self.all_steps, step]
+                for i in s.walk()
+                if i.kind == "interrupt"
+                for n in i.children
+                if n.kind == "review"
+            }
+            _drop_reviews(step, shown)
+            seen_reviews = {
+                str(n.data.get("review_id"))
+                for s in [*self.all_steps, step]
+                for n in s.walk()
+                if n.kind == "review"
+            }
+            for node in _state_nodes(before, after, self.seen_verdicts, seen_reviews):
+                if node.kind == "outcome" and any(
+                    c.kind == "outcome" and (c in step.children or c.data == node.data)
+                    for c in step.walk()
+                ):
+                    continue  # the step, or a subgraph in it, reported this outcome
+                step.children.append(node)
+            llm_calls = [n for n in step.children if n.kind == "llm"]
+            if len(llm_calls) == 1 and len(ran) == 1:
+                llm_calls[0].duration_s = step.duration_s
+            _total(step)
+            if ns and name == "input" and not step.children:
+                continue  # a subgraph's input: its parent's state, shown there
+            steps.append(step)
+            self.all_steps.append(step)
+
+        return steps
+
+
 def build_trace(
     backend: Backend,
     thread_id: str,
@@ -594,85 +791,8 @@ def build_trace(
         for r in _rows(backend, "SELECT * FROM harness_effects WHERE thread_id = %s", (thread_id,))
     }
 
-    steps: list[TraceNode] = []
-    seen_verdicts: set[tuple[str, int]] = set()
-    for i, tup in enumerate(history):
-        nxt = history[i + 1] if i + 1 < len(history) else None
-        interrupts = [w for w in tup.pending_writes or [] if w[1] == "__interrupt__"]
-        errors = [w for w in tup.pending_writes or [] if w[1] == "__error__"]
-        if nxt is None:
-            if interrupts or errors:
-                step = TraceNode(kind="step", name=", ".join(_next_nodes(tup)) or "pending")
-                step.started_at = _ts(tup.checkpoint)
-                _add_interrupts(step, interrupts, reviews, pending=True)
-                _add_errors(step, errors)
-                steps.append(step)
-            break
-        before = _harness_view(tup.checkpoint["channel_values"])
-        after = _harness_view(nxt.checkpoint["channel_values"])
-        ran = _ran_between(tup, nxt)
-        if nxt.metadata and nxt.metadata.get("source") == "update" and not ran:
-            ran = ["update_state"]
-        name = ", ".join(ran) or ("input" if (tup.metadata or {}).get("step") == -1 else "?")
-        if "__start__" in nxt.checkpoint.get("versions_seen", {}) and not ran:
-            name = "input"
-        start, end = _ts(tup.checkpoint), _ts(nxt.checkpoint)
-        step = TraceNode(
-            kind="step",
-            name=name,
-            started_at=start,
-            duration_s=(end - start) if start is not None and end is not None else None,
-            data={"step": (nxt.metadata or {}).get("step"), "checkpoint_id": _cid(nxt)},
-        )
-        _add_interrupts(step, interrupts, reviews, pending=False)
-        _add_errors(step, errors)
-        old = {_msg_key(m) for m in _messages(before)}
-        old_by_id = {m.id: m for m in _messages(before) if m.id}
-        for msg in _messages(after):
-            if _msg_key(msg) in old:
-                continue
-            previous = old_by_id.get(msg.id) if msg.id else None
-            if isinstance(previous, AIMessage) and isinstance(msg, AIMessage):
-                step.children.extend(_review_nodes(previous, msg))
-                continue
-            if isinstance(previous, ToolMessage) and isinstance(msg, ToolMessage):
-                step.children.append(_tool_node(msg, previous))  # its effect was shown
-                continue
-            for node in _message_nodes(msg, pricer):
-                if node.kind == "tool_result":
-                    _add_effect_ledger(node, effects)
-                step.children.append(node)
-        for node in step.walk():
-            if node.kind == "verdict":
-                seen_verdicts.add(
-                    (str(node.data.get("tool_call_id")), int(node.data.get("attempt", 0)))
-                )
-        shown = {
-            str(n.data.get("review_id")): n
-            for s in [*steps, step]
-            for i in s.walk()
-            if i.kind == "interrupt"
-            for n in i.children
-            if n.kind == "review"
-        }
-        _drop_reviews(step, shown)
-        seen_reviews = {
-            str(n.data.get("review_id"))
-            for s in steps + [step]
-            for n in s.walk()
-            if n.kind == "review"
-        }
-        for node in _state_nodes(before, after, seen_verdicts, seen_reviews):
-            if node.kind == "outcome" and any(c.kind == "outcome" for c in step.children):
-                continue
-            step.children.append(node)
-        llm_calls = [n for n in step.children if n.kind == "llm"]
-        if len(llm_calls) == 1 and len(ran) == 1:
-            llm_calls[0].duration_s = step.duration_s
-        step.input_tokens = sum(n.input_tokens for n in step.walk() if n is not step)
-        step.output_tokens = sum(n.output_tokens for n in step.walk() if n is not step)
-        step.cost_usd = sum(n.cost_usd for n in step.walk() if n is not step)
-        steps.append(step)
+    builder = _StepBuilder(pricer, reviews, effects, _subgraph_histories(backend, thread_id))
+    steps = builder.steps(history)
 
     last_values = _harness_view(history[-1].checkpoint["channel_values"] if history else {})
     task: Mapping[str, Any] = last_values.get("task") or {}
@@ -692,7 +812,7 @@ def build_trace(
         if isinstance(stored, Mapping) and stored.get("status")
         else {}
     )
-    if not any(n.kind == "outcome" for s in steps for n in s.children) and outcome:
+    if not any(n.kind == "outcome" for s in steps for n in s.walk()) and outcome:
         steps.append(
             TraceNode(
                 kind="step",

@@ -26,6 +26,7 @@ DbOption = Annotated[
 
 _STYLE = {
     "step": "bold",
+    "subgraph": "bold",
     "llm": "cyan",
     "tool_call": "magenta",
     "tool_result": "green",

@@ -1053,3 +1053,94 @@ async def test_the_local_traces_refuse_an_async_backend_with_a_clear_error(tmp_p
         ):
             with pytest.raises(UserError, match=f"{name} reads with a sync Backend"):
                 read()
+
+
+def _subgraph_refund_task(backend: Backend) -> Any:
+    """A harnessed agent added as a node of a parent graph: a $50 refund runs, then a $500
+    one pauses for review inside the subgraph."""
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from langgraph.graph import END, START, StateGraph
+
+    from harness_nodes import (
+        HarnessState,
+        ReviewPolicy,
+        ReviewQueue,
+        build_harnessed_agent,
+        irreversible,
+    )
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    @irreversible
+    @tool
+    def refund(order: str, amount: float) -> dict[str, Any]:
+        """Refund an order."""
+        return {"refund_id": f"r-{amount:g}", "amount": amount}
+
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 50}, id="c-small")]),
+            ai(tool_calls=[tool_call("refund", {"order": "A1", "amount": 500}, id="c-big")]),
+            ai("Done."),
+        ],
+        model_name="gpt-4o-mini",
+    )
+    agent = build_harnessed_agent(
+        model,
+        [refund],
+        review_policy=ReviewPolicy(rules={"refund": lambda a: a["amount"] > 100 and "big"}),
+        backend=backend,
+        checkpointer=None,
+    )
+    parent = StateGraph(HarnessState)
+    parent.add_node("support", agent)
+    parent.add_edge(START, "support")
+    parent.add_edge("support", END)
+    queue = ReviewQueue(backend, parent.compile(checkpointer=backend.checkpointer))
+    queue.invoke({"messages": [HumanMessage("refund A1")]}, thread_id="t-sub")
+    return queue
+
+
+def _under_subgraph(trace: Trace) -> list[tuple[str, str]]:
+    [sub] = [n for n in trace.walk() if n.kind == "subgraph"]
+    assert sub.name == "support"
+    return [(n.kind, n.name) for n in sub.walk() if n.kind in ("llm", "effect", "interrupt")]
+
+
+def test_trace_of_a_pause_inside_a_subgraph_shows_what_the_subgraph_did(backend: Backend) -> None:
+    queue = _subgraph_refund_task(backend)
+
+    paused = build_trace(backend, "t-sub")
+
+    # The reviewer sees the $50 refund that already went out and the call asking for $500.
+    assert paused.status == "paused"
+    assert _under_subgraph(paused) == [
+        ("llm", "gpt-4o-mini"),
+        ("effect", "ran"),
+        ("llm", "gpt-4o-mini"),
+        ("interrupt", "paused for review"),
+    ]
+    assert [n.kind for n in paused.walk()].count("interrupt") == 1
+    assert paused.input_tokens > 0 and paused.cost_usd > 0
+
+    [item] = queue.pending()
+    queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+    done = build_trace(backend, "t-sub")
+
+    assert done.status == "completed"
+    assert _under_subgraph(done) == [
+        ("llm", "gpt-4o-mini"),
+        ("effect", "ran"),
+        ("llm", "gpt-4o-mini"),
+        ("interrupt", "paused → resumed"),
+        ("effect", "ran"),
+        ("llm", "gpt-4o-mini"),
+    ]
+    # Each fact once: the parent's state repeats the subgraph's messages and its pause.
+    assert [n.kind for n in done.walk()].count("llm") == 3
+    assert [n.kind for n in done.walk()].count("interrupt") == 1
+    assert [n.name for n in done.decisions() if n.kind in ("review", "outcome")] == [
+        "approve by alice",
+        "completed",
+    ]
+    assert Trace.from_json(done.to_json()) == done
