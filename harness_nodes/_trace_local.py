@@ -1077,8 +1077,8 @@ def _drop_reviews(node: TraceNode, shown: Mapping[str, TraceNode]) -> None:
 def _decision_word(decision: Any) -> str:
     # The queue stores one decision or a batch (one per paused call).
     items = decision if isinstance(decision, list) else [decision]
-    words = [str(d.get("type", d)) if isinstance(d, Mapping) else str(d) for d in items]
-    return "+".join(dict.fromkeys(words))
+    words = {str(d.get("type", d)) if isinstance(d, Mapping) else str(d) for d in items}
+    return "+".join(sorted(words))  # as the audit row and the inbox name it
 
 
 def _add_errors(step: TraceNode, errors: Sequence[tuple[str, str, Any]]) -> None:

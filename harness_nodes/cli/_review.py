@@ -244,8 +244,9 @@ def _decide(
 
 
 def _words(decision: Any) -> str:
+    """A decision's types as its audit row names them: sorted, each once (edit+reject)."""
     decisions = decision if isinstance(decision, list) else [decision]
-    return "+".join(str(d.get("type")) if isinstance(d, dict) else "?" for d in decisions)
+    return "+".join(sorted({str(d.get("type")) if isinstance(d, dict) else "?" for d in decisions}))
 
 
 @review_app.command("decide")

@@ -410,3 +410,27 @@ def test_report_needs_a_positive_top(capsys: pytest.CaptureFixture[str], db: str
     for top in ("0", "-1"):  # hid the failure tables without a word
         code, out, err = _cli(capsys, "report", "--db", db, "--top", top)
         assert code == 2 and "--top" in err and not out, (top, err)
+
+
+def test_a_decision_is_named_as_its_audit_row_names_it(
+    capsys: pytest.CaptureFixture[str], db: str
+) -> None:
+    # Reject the refund, edit the email: the audit row says edit+reject (its decision types,
+    # sorted); `review decide` and `show` said reject+edit, in the calls' order.
+    assert _cli(capsys, "run", "support", "--db", db, "--thread", "s6")[0] == 0
+    with open_backend(db) as backend:
+        [row] = backend.execute("SELECT id FROM harness_reviews WHERE thread_id = %s", ("s6",))
+    email = {"to": "dana@example.com", "subject": "Your refund", "body": "We are on it."}
+    decisions = json.dumps([{"type": "reject"}, {"type": "edit", "args": email}])
+    code, out, err = _cli(
+        capsys, "review", "decide", row["id"], "--db", db, "--decision", decisions
+    )
+    assert code == 0, err
+    with open_backend(db) as backend:
+        [audit] = backend.execute(
+            "SELECT decision FROM harness_review_audit WHERE review_id = %s", (row["id"],)
+        )
+    assert audit["decision"] == "edit+reject"
+    assert "review " + row["id"] + ": edit+reject by" in " ".join(out.split())
+    code, out, _ = _cli(capsys, "show", "s6", "--db", db)
+    assert "review edit+reject by" in out
