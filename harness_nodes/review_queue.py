@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.errors import EmptyInputError
 from langgraph.prebuilt import ToolNode
 from langgraph.types import Command, Interrupt, StateSnapshot
@@ -93,6 +94,7 @@ from harness_nodes.review import (
 )
 
 if TYPE_CHECKING:
+    from langgraph.checkpoint.base import CheckpointTuple
     from langgraph.pregel import Pregel
 
     from checkpointers import AsyncBackend, Backend
@@ -461,6 +463,46 @@ def _effect_answer_of(
 def _died_after(snapshot: StateSnapshot) -> bool:
     """A run that is neither paused nor finished: it died mid-way (after its resume)."""
     return bool(snapshot.next) and not snapshot.interrupts
+
+
+def _breakpoints(graph: Any) -> tuple[Any, Any]:
+    """The compiled graph's static breakpoints: ``(interrupt_before, interrupt_after)``."""
+    before = getattr(graph, "interrupt_before_nodes", None) or ()
+    after = getattr(graph, "interrupt_after_nodes", None) or ()
+    return before, after
+
+
+def _at_breakpoint(
+    before: Any,
+    after: Any,
+    tup: CheckpointTuple | None,
+    snapshot: StateSnapshot,
+    ran: Sequence[str],
+) -> bool:
+    """Whether a thread with no pause stands where a static breakpoint stopped its run.
+
+    Such a stop (``interrupt_before`` / ``interrupt_after`` given to ``compile``) leaves the
+    thread as a run that died does: nodes next, no pause. LangGraph notes the channels it saw
+    at a breakpoint (``versions_seen["__interrupt__"]``) only when a run is resumed past it,
+    so a thread whose channels changed since, with a breakpoint node next (before) or just run
+    (*ran*, after), stands at one. It is not carried on: nobody said to pass it. (A run that
+    was resumed past it and died before its next step was saved looks the same: it stays
+    there too, for whoever resumes it.)
+    """
+    if tup is None:
+        return False
+    checkpoint: Mapping[str, Any] = tup.checkpoint
+    seen: Mapping[str, Any] = checkpoint.get("versions_seen", {}).get("__interrupt__", {})
+    versions: Mapping[str, Any] = checkpoint.get("channel_versions", {})
+    # LangGraph's own test (`should_interrupt`): a version a saver gives is an int, a float
+    # or a string, compared with the null version of its type.
+    if not any(
+        version > seen.get(channel, type(version)()) for channel, version in versions.items()
+    ):
+        return False
+    hit_before = before == "*" or any(node in before for node in snapshot.next)
+    hit_after = bool(after) and (after == "*" or any(node in after for node in ran))
+    return hit_before or hit_after
 
 
 def _on_live_pauses(rows: Sequence[Row], snapshot: StateSnapshot) -> list[ReviewItem]:
@@ -911,9 +953,10 @@ class ReviewQueue:
         )
         pending: list[ReviewItem] = []
         carried_on = False
+        died_after = _died_after(snapshot) and not self._stopped_at_breakpoint(snapshot)
         for item in map(_item, rows):
             if item.interrupt_id not in live:
-                died = item.status == "decided" and _died_after(snapshot)
+                died = item.status == "decided" and died_after
                 if died and (not recover or self._runner_for(thread_id) is not None):
                     continue  # stays decided: recovery carries its run on (it may be running)
                 if died and not carried_on:
@@ -932,6 +975,20 @@ class ReviewQueue:
             else:
                 pending.append(item)
         return self.sync(thread_id) if carried_on else pending  # it may have paused again
+
+    def _stopped_at_breakpoint(self, snapshot: StateSnapshot) -> bool:
+        """Whether the thread's run stopped at a static breakpoint (see `_at_breakpoint`)."""
+        before, after = _breakpoints(self.graph)
+        if not (before or after) or not _died_after(snapshot):
+            return False
+        checkpointer = self.graph.checkpointer
+        if not isinstance(checkpointer, BaseCheckpointSaver):
+            return False
+        tup = checkpointer.get_tuple(snapshot.config)
+        ran: Sequence[str] = ()
+        if after and tup is not None and tup.parent_config is not None:
+            ran = self.graph.get_state(tup.parent_config).next
+        return _at_breakpoint(before, after, tup, snapshot, ran)
 
     # -- reading --
 
@@ -1322,9 +1379,10 @@ class AsyncReviewQueue:
         )
         pending: list[ReviewItem] = []
         carried_on = False
+        died_after = _died_after(snapshot) and not await self._stopped_at_breakpoint(snapshot)
         for item in map(_item, rows):
             if item.interrupt_id not in live:
-                died = item.status == "decided" and _died_after(snapshot)
+                died = item.status == "decided" and died_after
                 if died and (not recover or await self._runner_for(thread_id) is not None):
                     continue  # stays decided: recovery carries its run on (it may be running)
                 if died and not carried_on:
@@ -1344,6 +1402,20 @@ class AsyncReviewQueue:
             else:
                 pending.append(item)
         return await self.sync(thread_id) if carried_on else pending
+
+    async def _stopped_at_breakpoint(self, snapshot: StateSnapshot) -> bool:
+        """Async `ReviewQueue._stopped_at_breakpoint`."""
+        before, after = _breakpoints(self.graph)
+        if not (before or after) or not _died_after(snapshot):
+            return False
+        checkpointer = self.graph.checkpointer
+        if not isinstance(checkpointer, BaseCheckpointSaver):
+            return False
+        tup = await checkpointer.aget_tuple(snapshot.config)
+        ran: Sequence[str] = ()
+        if after and tup is not None and tup.parent_config is not None:
+            ran = (await self.graph.aget_state(tup.parent_config)).next
+        return _at_breakpoint(before, after, tup, snapshot, ran)
 
     async def pending(
         self,

@@ -176,3 +176,47 @@ async def test_async_decided_item_left_at_a_breakpoint_is_settled_by_one_sweep(
         run = await runner.astatus("t-abp")
         assert (run.status, run.attempts) == ("interrupted", attempts + 1)
     assert EFFECTS == {}
+
+
+@pytest.mark.parametrize("where", ["interrupt_before", "interrupt_after"])
+def test_sync_recover_never_runs_past_a_breakpoint(backend: Backend, where: str) -> None:
+    # No runner: the approval was applied, the run stopped at a breakpoint of the graph
+    # (before the tools, or after the review node), and the process died before it marked
+    # the item applied. sync(recover=True) took the stop for a run that died and ran on
+    # through the breakpoint: the refund went out with nobody at the breakpoint.
+    stop = {where: ["tools"] if where == "interrupt_before" else ["review"]}
+    graph = build_builder().compile(checkpointer=backend.checkpointer, **stop)
+    queue = ReviewQueue(backend, graph)
+    thread = f"t-sbp-{where}"
+    config: Any = {"configurable": {"thread_id": thread}}
+    queue.invoke(ASK, thread_id=thread)
+    [item] = queue.pending()
+    queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+    state = graph.get_state(config)
+    assert state.next == ("tools",) and not state.interrupts  # stopped at the breakpoint
+    backend.execute(
+        "UPDATE harness_reviews SET status = 'decided' WHERE id = %s RETURNING id", (item.id,)
+    )
+    assert queue.sync(thread, recover=True) == []
+    assert queue.get(item.id).status == "applied"  # its run went past its pause
+    assert EFFECTS == {}  # nothing ran past the breakpoint
+    assert graph.get_state(config).next == ("tools",)
+    graph.invoke(None, config)  # the user resumes from the breakpoint, as LangGraph has it
+    assert EFFECTS
+
+
+async def test_async_sync_recover_never_runs_past_a_breakpoint(abackend: AsyncBackend) -> None:
+    graph = build_builder().compile(checkpointer=abackend.checkpointer, interrupt_before=["tools"])
+    queue = AsyncReviewQueue(abackend, graph)
+    config: Any = {"configurable": {"thread_id": "t-asbp"}}
+    await queue.ainvoke(ASK, thread_id="t-asbp")
+    [item] = await queue.pending()
+    await queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+    assert (await graph.aget_state(config)).next == ("tools",)
+    await abackend.execute(
+        "UPDATE harness_reviews SET status = 'decided' WHERE id = %s RETURNING id", (item.id,)
+    )
+    assert await queue.sync("t-asbp", recover=True) == []
+    assert (await queue.get(item.id)).status == "applied"
+    assert EFFECTS == {}
+    assert (await graph.aget_state(config)).next == ("tools",)
