@@ -665,14 +665,17 @@ class _Leg:
 class _Obs:
     """An exported run: its OpenTelemetry span, observation type, leg and context token."""
 
-    __slots__ = ("span", "kind", "leg", "token", "context")
+    __slots__ = ("span", "kind", "leg", "token", "context", "parent")
 
-    def __init__(self, span: Any, kind: str, leg: _Leg, token: Any, context: Any) -> None:
+    def __init__(
+        self, span: Any, kind: str, leg: _Leg, token: Any, context: Any, parent: _Obs | None
+    ) -> None:
         self.span = span
         self.kind = kind
         self.leg = leg
         self.token = token
         self.context = context  # its children's parent context
+        self.parent = parent  # the observation it is under (None for a leg's root)
 
 
 class HarnessLangfuseHandler(BaseCallbackHandler):
@@ -779,7 +782,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         own = sdk.set_span_in_context(span, leg.context)
         # Current while the run runs: spans the application creates inside nest under it.
         token = sdk.attach(own if leg.context is None else sdk.set_span_in_context(span))
-        self._obs[run_id] = _Obs(span, kind, leg, token, own)
+        self._obs[run_id] = _Obs(span, kind, leg, token, own, parent)
         return span
 
     def _leg(
@@ -965,10 +968,36 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
             return None
         sdk = self._sdk
         level, message = self._error_level_and_message(error)
+        if isinstance(error, _CANCELLATIONS):
+            self._close_abandoned(obs, level, message)
         attributes: dict[str, Any] = {sdk.LEVEL: level, sdk.STATUS_MESSAGE: message}
         if obs.kind in sdk.generation_like:
             attributes[sdk.COST] = sdk.serialize({"total": 0})
         return self._close(run_id, attributes, root=root)
+
+    def _close_abandoned(self, obs: _Obs, level: str, message: str) -> None:
+        """End what is still open under *obs*, a run cancelled: it will never report back.
+
+        LangChain calls no handler for a call cut short inside an awaited gather (a model's
+        ``ainvoke``) nor for a retriever (it catches ``Exception`` only): left open, such an
+        observation was never exported — the node showed no model call — and stayed in the
+        handler for good. Only on a cancellation: after an ordinary error a sibling may still
+        be running, and reports its own end.
+        """
+        sdk = self._sdk
+        below: list[tuple[UUID, _Obs]] = []
+        for run_id, other in self._obs.items():
+            above = other.parent
+            while above is not None and above is not obs:
+                above = above.parent
+            if above is obs:
+                below.append((run_id, other))
+        for run_id, other in reversed(below):  # innermost first: contexts detach in order
+            attributes: dict[str, Any] = {sdk.LEVEL: level, sdk.STATUS_MESSAGE: message}
+            if other.kind in sdk.generation_like:
+                attributes[sdk.COST] = sdk.serialize({"total": 0})
+            self._streamed.discard(run_id)
+            self._close(run_id, attributes)
 
     def _error_level_and_message(self, error: BaseException) -> tuple[str, str]:
         # LangGraph's control flow (interrupts, handoffs) is not an error. Langfuse does not
@@ -982,7 +1011,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
                 payload = self._masker(data=[i.value for i in interrupts])
                 return "DEFAULT", "interrupted: " + json.dumps(payload, default=str)
             return "DEFAULT", self._masker.text(str(error) or type(error).__name__)
-        if isinstance(error, GeneratorExit | asyncio.CancelledError):
+        if isinstance(error, _CANCELLATIONS):
             # The caller stopped reading a stream (or cancelled the task): nothing failed.
             return "WARNING", f"stopped by the caller ({type(error).__name__})"
         return "ERROR", self._masker.text(str(error))
@@ -1688,6 +1717,8 @@ _NOT_SKIPPED: Any = object()
 _NOT_PRICED: Any = object()
 _CHAINS = frozenset({"chain", "agent"})
 """Observations whose payloads (graph state, node updates) show messages in chat form."""
+_CANCELLATIONS = (GeneratorExit, asyncio.CancelledError)
+"""A run cut short by its caller (a stream closed early, a task cancelled): not a failure."""
 _PLUMBING_TAGS = ("seq:step:", "graph:step:")
 """LangChain/LangGraph bookkeeping tags (a run's position in its sequence or graph)."""
 _PLUMBING_METADATA_PREFIXES = ("langgraph_", "ls_", "lc_", "__pregel_")

@@ -999,6 +999,45 @@ def test_a_stream_the_caller_stops_reading_is_not_an_error(
     )
 
 
+async def test_a_model_call_cancelled_in_flight_is_ended_with_its_node(
+    receiver: LangfuseReceiver, public_key: str
+) -> None:
+    import asyncio
+
+    class SlowModel(ScriptedChatModel):
+        async def _agenerate(self, *args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(30)  # the provider is still answering when the task is cancelled
+            raise AssertionError("not cancelled")
+
+    model = SlowModel(model_name="gpt-4o-mini", script=[ai("never")])
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config = _config("lf-cancel", receiver, public_key)
+    handler = config["callbacks"][0]
+    task = asyncio.create_task(graph.ainvoke({"messages": [HumanMessage("hi")]}, config))
+    while not any(o.kind == "generation" for o in handler._obs.values()):
+        await asyncio.sleep(0.01)
+    task.cancel()  # a client gone, an asyncio.wait_for timeout
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    _flush(public_key)
+    # LangChain reports nothing for an ainvoke cut short: the generation ends with its node
+    spans = receiver.spans
+    (generation,) = _by_type(spans, "generation")
+    (node,) = [s for s in spans if s.name == "agent"]
+    assert generation.parent_span_id == node.span_id
+    assert generation.attr("model.name") == "gpt-4o-mini"
+    assert generation.attr("level") == node.attr("level") == "WARNING"
+    assert generation.attr("status_message") == "stopped by the caller (CancelledError)"
+    assert not handler._obs  # nothing left open in the handler
+
+
 def test_a_generations_cost_prices_its_cache_reads_at_their_rate(public_key: str) -> None:
     from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
