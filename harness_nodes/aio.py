@@ -232,7 +232,7 @@ class AsyncEffectLedger:
             await aemit("effect.replay", _event(begin.replay))
             return _replayed(begin.replay)  # type: ignore[no-any-return]
         assert begin.run is not None
-        await aemit("effect.run", _event(begin.run))
+        await self._reported(call, begin.run, None)
         with _active(begin.run):
             try:
                 value = await fn(begin.run)
@@ -266,7 +266,7 @@ class AsyncEffectLedger:
             await aemit("effect.replay", _event(begin.replay), config)
             return _replay_result(begin.replay, call)
         assert begin.run is not None
-        await aemit("effect.run", _event(begin.run), config)
+        await self._reported(call, begin.run, config)
         with _active(begin.run):
             try:
                 out = await execute(request)
@@ -280,6 +280,22 @@ class AsyncEffectLedger:
             out = _with_effect_meta(out, call.key, replayed=False)
         await self._finish(call, begin.run.attempt, "done", out, None)
         return out
+
+    async def _reported(
+        self, call: _Call, run: EffectContext, config: RunnableConfig | None
+    ) -> None:
+        """Report the execution about to start; cut short, it is recorded as never made.
+
+        The intent is already recorded (``started``): a task cancelled while a callback
+        handler takes the event (a slow tracer and a client that disconnects, an
+        ``asyncio.wait_for`` timeout) never ran the call, so it is aborted — the next
+        execution runs it — instead of left for a person to answer "did it happen?".
+        """
+        try:
+            await aemit("effect.run", _event(run), config)
+        except BaseException:
+            await self._abort(call, run.attempt)
+            raise
 
     async def _begin(self, call: _Call) -> _Begin:
         async def begin() -> _Begin:

@@ -849,7 +849,11 @@ class EffectLedger:
             await aemit("effect.replay", _event(begin.replay), config)
             return _replay_result(begin.replay, call)
         assert begin.run is not None
-        await aemit("effect.run", _event(begin.run), config)
+        try:
+            await aemit("effect.run", _event(begin.run), config)
+        except BaseException:  # cut short before the call ran: see AsyncEffectLedger._reported
+            await asyncio.to_thread(self._abort, call, begin.run.attempt)
+            raise
         with _active(begin.run):
             try:
                 out = await execute(request)

@@ -14,7 +14,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import BaseTool, tool
 from langgraph.graph import END, START, MessagesState, StateGraph
@@ -464,6 +464,72 @@ async def test_sync_ledger_guards_async_graphs_too() -> None:
         )
     assert len(tool_messages(out["messages"])) == 2
     assert world.calls == [("refund o1 10", "t-1:call-1")]
+
+
+async def _cancel_while_effect_run_is_reported(graph: Any, thread_id: str) -> None:
+    """Run *graph*; cancel it while a slow tracer takes its ``effect.run`` event."""
+    reporting = asyncio.Event()
+
+    class SlowTracer(AsyncCallbackHandler):
+        async def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+            if name.endswith("effect.run"):
+                reporting.set()
+                await asyncio.sleep(30)  # an exporter over the network
+
+    config: Any = {"configurable": {"thread_id": thread_id}, "callbacks": [SlowTracer()]}
+    run = asyncio.ensure_future(
+        graph.ainvoke({"messages": [HumanMessage("go")]}, config, durability="sync")
+    )
+    await asyncio.wait_for(reporting.wait(), 10)
+    run.cancel()  # the client disconnected
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+
+async def test_a_call_cancelled_while_its_run_is_reported_runs_on_resume_not_asks_a_person(
+    abackend: AsyncBackend,
+) -> None:
+    # The intent is recorded, then the execution is reported; a task cancelled meanwhile never
+    # made the call. It was left `started`, so the resumed run answered "outcome unknown" and
+    # stopped for a person to say whether a call that never ran had happened.
+    world = Counter()
+    ledger = AsyncEffectLedger(abackend)
+    refund = call("refund", {"order_id": "o1", "amount": 10}, "call-1")
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        if len(state["messages"]) == 1:
+            return {"messages": [AIMessage("", tool_calls=[refund])]}
+        return {"messages": [AIMessage("done")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode(make_tools(world), awrap_tool_call=ledger.awrap_tool_call))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges(
+        "agent", lambda s: "tools" if s["messages"][-1].tool_calls else END
+    )
+    builder.add_edge("tools", "agent")
+    graph = builder.compile(checkpointer=abackend.checkpointer)
+    await _cancel_while_effect_run_is_reported(graph, "t-1")
+    assert world.calls == []
+    record = await ledger.aget("t-1", "call-1")
+    assert record is not None and record.status == "aborted"
+
+    out = await graph.ainvoke(None, {"configurable": {"thread_id": "t-1"}}, durability="sync")
+    [result] = tool_messages(out["messages"])
+    assert (result.status, result.text) == ("success", "refunded 10 on o1")
+    assert world.calls == [("refund o1 10", "t-1:call-1")]
+
+    # The sync ledger guarding an async graph, likewise.
+    sync_world = Counter()
+    with open_backend("memory://") as backend:
+        graph = build(backend, make_tools(sync_world), [[refund]])
+        await _cancel_while_effect_run_is_reported(graph, "t-2")
+        assert sync_world.calls == []
+        out = await graph.ainvoke(None, {"configurable": {"thread_id": "t-2"}}, durability="sync")
+    [result] = tool_messages(out["messages"])
+    assert (result.status, result.text) == ("success", "refunded 10 on o1")
+    assert sync_world.calls == [("refund o1 10", "t-2:call-1")]
 
 
 CRASHING_CHILD = """
