@@ -17,8 +17,10 @@ from typing import Annotated, Any
 
 import anyio
 import httpx
+import httpx2
 import pytest
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from langchain_core.exceptions import ModelTimeoutError
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import (
     AIMessage,
@@ -569,6 +571,20 @@ def _provider_timeout() -> Exception:
     return error
 
 
+class _IntegrationTimeout(ModelTimeoutError):
+    """langchain-openai's ``OpenAITimeoutError``: the SDK's ``APITimeoutError``, classified."""
+
+
+def _integration_timeout(transport: BaseException | None) -> Exception:
+    # What langchain-openai raises on a timeout with the openai 3.x SDK: its own error, from
+    # openai's APITimeoutError, from httpx2's (not httpx's) error, from httpcore2's.
+    sdk = RuntimeError("Request timed out.")
+    sdk.__cause__ = transport
+    error = _IntegrationTimeout("Request timed out.")
+    error.__cause__ = sdk
+    return error
+
+
 @pytest.mark.parametrize(
     ("fault", "charged"),
     [
@@ -585,6 +601,22 @@ def _provider_timeout() -> Exception:
         pytest.param(httpx.ConnectTimeout("timed out"), False, id="connect-timeout"),
         pytest.param(httpx.ConnectError("connection refused"), False, id="connect-error"),
         pytest.param(ConnectionError("provider down"), False, id="provider-error"),
+        pytest.param(
+            _integration_timeout(httpx2.ReadTimeout("timed out")), True, id="openai3-read-timeout"
+        ),
+        pytest.param(httpx2.ReadError("connection reset by peer"), True, id="httpx2-dropped"),
+        pytest.param(
+            httpx2.RemoteProtocolError("Server disconnected without sending a response."),
+            True,
+            id="httpx2-server-disconnected",
+        ),
+        pytest.param(_integration_timeout(None), True, id="model-timeout-of-unknown-client"),
+        pytest.param(
+            _integration_timeout(httpx2.ConnectTimeout("timed out")),
+            False,
+            id="openai3-connect-timeout",
+        ),
+        pytest.param(httpx2.ConnectError("connection refused"), False, id="httpx2-connect-error"),
     ],
 )
 def test_a_call_the_provider_may_have_billed_keeps_its_worst_case(
@@ -616,6 +648,10 @@ def test_a_call_the_provider_may_have_billed_keeps_its_worst_case(
         pytest.param(KeyboardInterrupt(), True, id="interrupted"),
         pytest.param(httpx.ConnectError("connection refused"), False, id="connect-error"),
         pytest.param(ConnectionError("provider down"), False, id="provider-error"),
+        pytest.param(
+            _integration_timeout(httpx2.ReadTimeout("timed out")), True, id="openai3-read-timeout"
+        ),
+        pytest.param(httpx2.ConnectError("connection refused"), False, id="httpx2-connect-error"),
     ],
 )
 def test_an_unwrapped_call_the_provider_may_have_billed_is_recorded_at_its_worst_case(
