@@ -840,7 +840,7 @@ class BudgetedChatModel(BaseChatModel):
     token_counter: Literal["auto", "bytes"] | Callable[..., int] = "auto"
     """``"auto"``: the model's own offline counter if it has one that works, else the UTF-8
     byte bound; ``"bytes"``: always the byte bound (a hard upper bound); or a function of the
-    messages."""
+    messages. The bound tools' schemas are added to each, as their UTF-8 bytes."""
     tools: list[Any] = Field(default_factory=list)
     """Tools bound with `bind_tools` (bound on each model of the ladder)."""
     tool_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -981,9 +981,14 @@ class BudgetedChatModel(BaseChatModel):
             assert model.count_tokens([HumanMessage("héllo")]) >= 6  # bytes, not characters
             ```
         """
+        # The bound tools' schemas are part of the prompt the provider bills, and are bounded
+        # by their bytes whatever counts the messages: ChatOpenAI's own counter ignores the
+        # tools it is given (with a warning on every call), and a counter function sees the
+        # messages only. Counted twice by a counter that does count them: the safe side.
+        tools_bound = self._tools_signature()[0]
         counter = self.token_counter
         if callable(counter):
-            return int(counter(list(messages)))
+            return int(counter(list(messages))) + tools_bound
         model = model or self.models[0]
         if (
             counter == "auto"
@@ -991,11 +996,11 @@ class BudgetedChatModel(BaseChatModel):
             and id(model) not in _private(self)["_counter_failed"]
         ):
             try:
-                return int(model.get_num_tokens_from_messages(list(messages), tools=self.tools))
+                return int(model.get_num_tokens_from_messages(list(messages))) + tools_bound
             except Exception:  # offline tokenizers fail in many ways
                 with _private(self)["_lock"]:
                     _private(self)["_counter_failed"].add(id(model))
-        return bytes_bound(messages) + self._tools_signature()[0]
+        return bytes_bound(messages) + tools_bound
 
     def _tools_signature(self) -> tuple[int, int]:
         """The bound tools' schema bytes and fingerprint (computed once per bound copy)."""

@@ -30,10 +30,13 @@ from langchain_core.messages import (
     HumanMessage,
     SystemMessage,
 )
+from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.types import Command, Send
+from pydantic import Field
 from typing_extensions import TypedDict
 
 from checkpointers import AsyncBackend, Backend, open_backend
@@ -583,6 +586,63 @@ def _integration_timeout(transport: BaseException | None) -> Exception:
     error = _IntegrationTimeout("Request timed out.")
     error.__cause__ = sdk
     return error
+
+
+class _CountsWithoutTools(GenericFakeChatModel):
+    """ChatOpenAI's shape: an offline counter (tiktoken) that ignores the tools it is given,
+    and a provider whose ``prompt_tokens`` include the bound tools' schemas."""
+
+    model_name: str = "gpt-4o-mini"
+    tool_tokens: int = 0
+    caps: list[int] = Field(default_factory=list)
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> _CountsWithoutTools:
+        return self
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Any = None) -> int:
+        return sum(4 + len(str(m.content)) // 4 for m in messages)  # tools ignored
+
+    def _generate(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> ChatResult:
+        cap = int(kw["max_tokens"])
+        self.caps.append(cap)
+        prompt = self.get_num_tokens_from_messages(messages) + self.tool_tokens
+        answer = AIMessage(
+            "cut at the cap",
+            usage_metadata={
+                "input_tokens": prompt,
+                "output_tokens": cap,
+                "total_tokens": prompt + cap,
+            },
+            response_metadata={"finish_reason": "length", "model_name": "gpt-4o-mini-2024-07-18"},
+        )
+        return ChatResult(generations=[ChatGeneration(message=answer)])
+
+
+def test_a_model_counter_that_ignores_tools_still_reserves_their_schemas(
+    backend: Backend,
+) -> None:
+    # ChatOpenAI's own counter (tiktoken, online) counts the messages and ignores the tool
+    # schemas, which OpenAI bills as prompt tokens: reserved without them, an answer cut at the
+    # cap the envelope lowered cost more than the envelope ($0.00165 of $0.0015 here).
+    fields = " ".join(f"f{i}: what the order's field {i} holds" for i in range(100))
+
+    @tool(description=f"Look up an order. {fields}")
+    def lookup(order: str) -> str:
+        return order
+
+    schema_bytes = len(json.dumps(convert_to_openai_tool(lookup)).encode())
+    model = _CountsWithoutTools(messages=iter([]), tool_tokens=schema_bytes // 4)
+    max_usd = 0.0015
+    llm = budgeted(model, envelope=Envelope(max_usd=max_usd), backend=backend)
+    config: Any = {"configurable": {"thread_id": "tools-counted"}}
+    answer = llm.bind_tools([lookup]).invoke([HumanMessage("Where is order A1?")], config)
+    assert model.caps  # the call was made, its cap lowered to what the envelope had left
+    budget = answer.additional_kwargs["harness"]["budget"]
+    assert budget["truncated"]["limit"] == "usd"
+    assert budget["spent_usd"] <= budget["reserved_usd"]
+    assert llm.spend(config)["usd"] <= max_usd
 
 
 @pytest.mark.parametrize(
