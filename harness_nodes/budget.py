@@ -45,6 +45,8 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib
 import json
 import logging
 import math
@@ -683,6 +685,34 @@ def _settled(ctx: _Context, reserved: Totals, plan: _Plan, cost: int, tokens: in
     )
 
 
+@functools.cache
+def _transport_errors() -> tuple[tuple[type[BaseException], ...], ...]:
+    """``(not sent, sent and awaited, timeouts)``: the error classes `_maybe_billed` tells apart.
+
+    The first two are the HTTP clients' that provider SDKs send through: httpx,
+    langchain-core's own dependency, and httpx2, its successor (genai-prices depends on it),
+    which current openai SDKs (3.x) send through. A client missing from the environment is
+    simply not looked for. The last is langchain-core's provider-neutral
+    ``ModelTimeoutError`` (recent langchain-core; integrations raise it over the SDK's own).
+    """
+    not_sent: list[type[BaseException]] = []
+    awaited: list[type[BaseException]] = []
+    for name in ("httpx", "httpx2"):
+        try:
+            client = importlib.import_module(name)
+        except ImportError:
+            continue
+        not_sent += [client.ConnectTimeout, client.PoolTimeout, client.ConnectError]
+        # A read or write timeout, or the connection dropped while the answer was awaited or
+        # read: the request went out.
+        awaited += [client.TimeoutException, client.ReadError, client.RemoteProtocolError]
+    import langchain_core.exceptions
+
+    timeout = getattr(langchain_core.exceptions, "ModelTimeoutError", None)
+    timeouts = (timeout,) if isinstance(timeout, type) else ()
+    return tuple(not_sent), (TimeoutError, *awaited), timeouts
+
+
 def _maybe_billed(error: BaseException) -> bool:
     """Whether a call that ended in *error* may still be billed by its provider.
 
@@ -690,27 +720,27 @@ def _maybe_billed(error: BaseException) -> bool:
     request went out, and a read or write timeout, or a connection dropped while the answer was
     awaited, comes after it did: the provider may still be generating, and bills what it
     generates. A provider's error answer is not billed, nor is a failure to connect (the
-    request never left). Provider SDKs wrap their client's
-    timeout in their own error (openai's and anthropic's ``APITimeoutError`` over httpx's), so
-    the error's causes are looked at too.
+    request never left). Provider SDKs wrap their client's error in their own (openai's and
+    anthropic's ``APITimeoutError`` over httpx's or httpx2's, itself over httpcore's), and
+    LangChain's integrations wrap that again: the error's causes are looked at, and a
+    timeout none of them explains (langchain-core's ``ModelTimeoutError``, from a client the
+    harness does not know) counts as one after the request went out.
     """
     if not isinstance(error, Exception):
         return True  # CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit
-    import httpx  # langchain-core's own dependency, and the provider SDKs' transport
-
+    not_sent, awaited, timeouts = _transport_errors()
+    timed_out = False
     seen: set[int] = set()
     cause: BaseException | None = error
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, httpx.ConnectTimeout | httpx.PoolTimeout | httpx.ConnectError):
+        if isinstance(cause, not_sent):
             return False
-        if isinstance(cause, TimeoutError | httpx.TimeoutException):
+        if isinstance(cause, awaited):
             return True
-        # The connection dropped while the answer was awaited or read: the request went out.
-        if isinstance(cause, httpx.ReadError | httpx.RemoteProtocolError):
-            return True
+        timed_out = timed_out or isinstance(cause, timeouts)
         cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
-    return False
+    return timed_out
 
 
 def _defer(ledger: SpendLedger | AsyncSpendLedger, args: tuple[Any, ...]) -> None:
@@ -810,7 +840,7 @@ class BudgetedChatModel(BaseChatModel):
     token_counter: Literal["auto", "bytes"] | Callable[..., int] = "auto"
     """``"auto"``: the model's own offline counter if it has one that works, else the UTF-8
     byte bound; ``"bytes"``: always the byte bound (a hard upper bound); or a function of the
-    messages."""
+    messages. The bound tools' schemas are added to each, as their UTF-8 bytes."""
     tools: list[Any] = Field(default_factory=list)
     """Tools bound with `bind_tools` (bound on each model of the ladder)."""
     tool_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -951,9 +981,14 @@ class BudgetedChatModel(BaseChatModel):
             assert model.count_tokens([HumanMessage("héllo")]) >= 6  # bytes, not characters
             ```
         """
+        # The bound tools' schemas are part of the prompt the provider bills, and are bounded
+        # by their bytes whatever counts the messages: ChatOpenAI's own counter ignores the
+        # tools it is given (with a warning on every call), and a counter function sees the
+        # messages only. Counted twice by a counter that does count them: the safe side.
+        tools_bound = self._tools_signature()[0]
         counter = self.token_counter
         if callable(counter):
-            return int(counter(list(messages)))
+            return int(counter(list(messages))) + tools_bound
         model = model or self.models[0]
         if (
             counter == "auto"
@@ -961,11 +996,11 @@ class BudgetedChatModel(BaseChatModel):
             and id(model) not in _private(self)["_counter_failed"]
         ):
             try:
-                return int(model.get_num_tokens_from_messages(list(messages), tools=self.tools))
+                return int(model.get_num_tokens_from_messages(list(messages))) + tools_bound
             except Exception:  # offline tokenizers fail in many ways
                 with _private(self)["_lock"]:
                     _private(self)["_counter_failed"].add(id(model))
-        return bytes_bound(messages) + self._tools_signature()[0]
+        return bytes_bound(messages) + tools_bound
 
     def _tools_signature(self) -> tuple[int, int]:
         """The bound tools' schema bytes and fingerprint (computed once per bound copy)."""

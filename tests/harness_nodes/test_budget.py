@@ -17,8 +17,10 @@ from typing import Annotated, Any
 
 import anyio
 import httpx
+import httpx2
 import pytest
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from langchain_core.exceptions import ModelTimeoutError
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import (
     AIMessage,
@@ -28,10 +30,13 @@ from langchain_core.messages import (
     HumanMessage,
     SystemMessage,
 )
+from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.types import Command, Send
+from pydantic import Field
 from typing_extensions import TypedDict
 
 from checkpointers import AsyncBackend, Backend, open_backend
@@ -569,6 +574,77 @@ def _provider_timeout() -> Exception:
     return error
 
 
+class _IntegrationTimeout(ModelTimeoutError):
+    """langchain-openai's ``OpenAITimeoutError``: the SDK's ``APITimeoutError``, classified."""
+
+
+def _integration_timeout(transport: BaseException | None) -> Exception:
+    # What langchain-openai raises on a timeout with the openai 3.x SDK: its own error, from
+    # openai's APITimeoutError, from httpx2's (not httpx's) error, from httpcore2's.
+    sdk = RuntimeError("Request timed out.")
+    sdk.__cause__ = transport
+    error = _IntegrationTimeout("Request timed out.")
+    error.__cause__ = sdk
+    return error
+
+
+class _CountsWithoutTools(GenericFakeChatModel):
+    """ChatOpenAI's shape: an offline counter (tiktoken) that ignores the tools it is given,
+    and a provider whose ``prompt_tokens`` include the bound tools' schemas."""
+
+    model_name: str = "gpt-4o-mini"
+    tool_tokens: int = 0
+    caps: list[int] = Field(default_factory=list)
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> _CountsWithoutTools:
+        return self
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Any = None) -> int:
+        return sum(4 + len(str(m.content)) // 4 for m in messages)  # tools ignored
+
+    def _generate(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> ChatResult:
+        cap = int(kw["max_tokens"])
+        self.caps.append(cap)
+        prompt = self.get_num_tokens_from_messages(messages) + self.tool_tokens
+        answer = AIMessage(
+            "cut at the cap",
+            usage_metadata={
+                "input_tokens": prompt,
+                "output_tokens": cap,
+                "total_tokens": prompt + cap,
+            },
+            response_metadata={"finish_reason": "length", "model_name": "gpt-4o-mini-2024-07-18"},
+        )
+        return ChatResult(generations=[ChatGeneration(message=answer)])
+
+
+def test_a_model_counter_that_ignores_tools_still_reserves_their_schemas(
+    backend: Backend,
+) -> None:
+    # ChatOpenAI's own counter (tiktoken, online) counts the messages and ignores the tool
+    # schemas, which OpenAI bills as prompt tokens: reserved without them, an answer cut at the
+    # cap the envelope lowered cost more than the envelope ($0.00165 of $0.0015 here).
+    fields = " ".join(f"f{i}: what the order's field {i} holds" for i in range(100))
+
+    @tool(description=f"Look up an order. {fields}")
+    def lookup(order: str) -> str:
+        return order
+
+    schema_bytes = len(json.dumps(convert_to_openai_tool(lookup)).encode())
+    model = _CountsWithoutTools(messages=iter([]), tool_tokens=schema_bytes // 4)
+    max_usd = 0.0015
+    llm = budgeted(model, envelope=Envelope(max_usd=max_usd), backend=backend)
+    config: Any = {"configurable": {"thread_id": "tools-counted"}}
+    answer = llm.bind_tools([lookup]).invoke([HumanMessage("Where is order A1?")], config)
+    assert model.caps  # the call was made, its cap lowered to what the envelope had left
+    budget = answer.additional_kwargs["harness"]["budget"]
+    assert budget["truncated"]["limit"] == "usd"
+    assert budget["spent_usd"] <= budget["reserved_usd"]
+    assert llm.spend(config)["usd"] <= max_usd
+
+
 @pytest.mark.parametrize(
     ("fault", "charged"),
     [
@@ -585,6 +661,22 @@ def _provider_timeout() -> Exception:
         pytest.param(httpx.ConnectTimeout("timed out"), False, id="connect-timeout"),
         pytest.param(httpx.ConnectError("connection refused"), False, id="connect-error"),
         pytest.param(ConnectionError("provider down"), False, id="provider-error"),
+        pytest.param(
+            _integration_timeout(httpx2.ReadTimeout("timed out")), True, id="openai3-read-timeout"
+        ),
+        pytest.param(httpx2.ReadError("connection reset by peer"), True, id="httpx2-dropped"),
+        pytest.param(
+            httpx2.RemoteProtocolError("Server disconnected without sending a response."),
+            True,
+            id="httpx2-server-disconnected",
+        ),
+        pytest.param(_integration_timeout(None), True, id="model-timeout-of-unknown-client"),
+        pytest.param(
+            _integration_timeout(httpx2.ConnectTimeout("timed out")),
+            False,
+            id="openai3-connect-timeout",
+        ),
+        pytest.param(httpx2.ConnectError("connection refused"), False, id="httpx2-connect-error"),
     ],
 )
 def test_a_call_the_provider_may_have_billed_keeps_its_worst_case(
@@ -616,6 +708,10 @@ def test_a_call_the_provider_may_have_billed_keeps_its_worst_case(
         pytest.param(KeyboardInterrupt(), True, id="interrupted"),
         pytest.param(httpx.ConnectError("connection refused"), False, id="connect-error"),
         pytest.param(ConnectionError("provider down"), False, id="provider-error"),
+        pytest.param(
+            _integration_timeout(httpx2.ReadTimeout("timed out")), True, id="openai3-read-timeout"
+        ),
+        pytest.param(httpx2.ConnectError("connection refused"), False, id="httpx2-connect-error"),
     ],
 )
 def test_an_unwrapped_call_the_provider_may_have_billed_is_recorded_at_its_worst_case(
