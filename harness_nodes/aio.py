@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -355,8 +354,9 @@ class _AsyncHeartbeat:
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        # Waited for, not awaited: a cancellation of this task meanwhile propagates (awaiting
+        # the heartbeat and suppressing its CancelledError swallowed that one too).
+        await asyncio.wait({self._task})
 
     async def _run(self) -> None:
         while True:

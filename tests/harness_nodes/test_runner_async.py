@@ -247,3 +247,35 @@ async def test_a_run_that_died_after_its_review_decision_is_carried_on_by_recove
         assert recovered == ["t-died"]
         assert (await runner.aresult("t-died", timeout=30))["partial_result"] == "ok"
     assert EFFECTS["refund"] == 1
+
+
+async def test_a_cancellation_while_the_lease_heartbeat_stops_is_kept() -> None:
+    # The step had ended and its lease heartbeat was stopping (a renewal still finishing)
+    # when the task was cancelled: the heartbeat's exit swallowed that cancellation, and the
+    # task went on as if nobody had cancelled it.
+    from harness_nodes.aio import _AsyncHeartbeat
+
+    class SlowToStop(_AsyncHeartbeat):
+        async def _run(self) -> None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.2)  # the renewal in flight ends first
+                raise
+
+    exiting = asyncio.Event()
+    went_on: list[str] = []
+
+    async def step() -> None:
+        async with SlowToStop(Any, "t-hb", "owner", 30.0):  # type: ignore[arg-type]
+            await asyncio.sleep(0.01)  # the step runs; its heartbeat waits for its turn
+            exiting.set()
+        went_on.append("after the step")
+
+    task = asyncio.create_task(step())
+    await exiting.wait()
+    await asyncio.sleep(0.05)  # in the heartbeat's exit, waiting for it to stop
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert went_on == []
