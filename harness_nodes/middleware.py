@@ -107,6 +107,7 @@ from harness_nodes.budget import (
     _check_lease,
     _ends_on_budget,
     _is_stop_message,
+    _last_model,
     budgeted,
 )
 from harness_nodes.effects import EffectLedger
@@ -561,7 +562,10 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         budgeted_request, model = self._request(request)
         response = handler(budgeted_request)
         if not self._stopped(response):
-            return self._completed(response, request.state)
+            done = self._completed(response, request.state)
+            if _completes(done) and isinstance(model, BudgetedChatModel):
+                _with_spend(done, model.spend(_config(), model=_last_model(response.result)))
+            return done
         guard = self._guard(model)
         return self._finished(response, guard.finish(self._ended(request, response), _config()))
 
@@ -574,9 +578,27 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         budgeted_request, model = self._request(request)
         response = await handler(budgeted_request)
         if not self._stopped(response):
-            return self._completed(response, request.state)
+            done = self._completed(response, request.state)
+            if _completes(done) and isinstance(model, BudgetedChatModel):
+                spend = await model.aspend(_config(), model=_last_model(response.result))
+                _with_spend(done, spend)
+            return done
         update = await self._guard(model).afinish(self._ended(request, response), _config())
         return self._finished(response, update)
+
+
+def _completes(response: ExtendedModelResponse[Any]) -> bool:
+    """The response completes the task (see `ModelNode`: the spend mirror goes with it)."""
+    command = response.command
+    update = command.update if command is not None else None
+    outcome = update.get("outcome") if isinstance(update, dict) else None
+    return isinstance(outcome, Mapping) and outcome.get("status") == "completed"
+
+
+def _with_spend(response: ExtendedModelResponse[Any], spend: Spend) -> None:
+    """Write the task's spend mirror with the update that completes it."""
+    assert response.command is not None and isinstance(response.command.update, dict)
+    response.command.update["spend"] = spend
 
 
 class VerifyToolOutputsMiddleware(_OutcomePerTask):

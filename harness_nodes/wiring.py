@@ -66,6 +66,7 @@ from harness_nodes.budget import (
     Envelope,
     Envelopes,
     _ends_on_budget,
+    _last_model,
     budgeted,
 )
 from harness_nodes.effects import EffectLedger, effect_kind
@@ -159,13 +160,21 @@ class ModelNode(Runnable[MessagesAndOutcome, dict[str, Any]]):
         self, input: MessagesAndOutcome, config: RunnableConfig | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         """Call the model on the conversation; the update for the state."""
-        return self._update(input, self.model.invoke(self._prompt(input), config))
+        reply = self.model.invoke(self._prompt(input), config)
+        update = self._update(input, reply)
+        if _completes(update) and isinstance(self.model, BudgetedChatModel):
+            update["spend"] = self.model.spend(config, model=_last_model([reply]))
+        return update
 
     async def ainvoke(
         self, input: MessagesAndOutcome, config: RunnableConfig | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         """Async `invoke`: awaits ``model.ainvoke``."""
-        return self._update(input, await self.model.ainvoke(self._prompt(input), config))
+        reply = await self.model.ainvoke(self._prompt(input), config)
+        update = self._update(input, reply)
+        if _completes(update) and isinstance(self.model, BudgetedChatModel):
+            update["spend"] = await self.model.aspend(config, model=_last_model([reply]))
+        return update
 
     def _prompt(self, state: MessagesAndOutcome) -> list[BaseMessage]:
         messages: list[BaseMessage] = list(state["messages"])
@@ -182,6 +191,17 @@ class ModelNode(Runnable[MessagesAndOutcome, dict[str, Any]]):
             # The model runs once an outcome is set only on new input: a new task's turn.
             update["outcome"] = replace_outcome(state, outcome)
         return update
+
+
+def _completes(update: Mapping[str, Any]) -> bool:
+    """The update completes the task: the spend mirror is written with it.
+
+    A budget stop writes it (`BudgetGuard.finish`); in between, the guard on the edge into
+    the model cannot write state, so without this the mirror stayed empty on a task that
+    ended well. One read of the ledger per task.
+    """
+    outcome = update.get("outcome")
+    return isinstance(outcome, Mapping) and outcome.get("status") == "completed"
 
 
 def _budget_stopped(message: BaseMessage) -> bool:

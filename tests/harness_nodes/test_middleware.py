@@ -1355,3 +1355,46 @@ def test_a_model_the_budget_cannot_wrap_is_accounted_with_a_warning(
         "calls": 1,
     }
     assert "RoutedModel" in caplog.text and "cannot wrap" in caplog.text
+
+
+_MIRROR_USAGE = {"input_tokens": 100, "output_tokens": 20, "total_tokens": 120}
+
+
+def _mirror_agent(backend: Any) -> Any:
+    model = ScriptedChatModel(
+        model_name="gpt-4o-mini",
+        script=[
+            ai(tool_calls=[tool_call("ping", {})], usage=_MIRROR_USAGE),
+            ai("Done.", usage=_MIRROR_USAGE),
+        ],
+    )
+    budget = CostEnvelopeMiddleware(Envelope(max_usd=1), backend=backend)
+    return create_agent(model, [ping], middleware=[budget], checkpointer=backend.checkpointer)
+
+
+def _assert_completed_with_mirror(out: dict[str, Any]) -> None:
+    assert out["outcome"]["status"] == "completed"
+    answers = [m for m in out["messages"] if isinstance(m, AIMessage)]
+    usd = sum(m.additional_kwargs["harness"]["budget"]["spent_usd"] for m in answers)
+    assert out["spend"]["calls"] == len(answers) == 2
+    assert out["spend"]["usd"] == pytest.approx(usd) and usd > 0
+    assert out["spend"]["model"] == "gpt-4o-mini"
+
+
+def test_cost_middleware_writes_the_spend_mirror_when_the_task_completes(backend: Backend) -> None:
+    # Only a budget stop wrote it: an agent that answered kept spend {} in its state.
+    agent = _mirror_agent(backend)
+    out = agent.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "m1"}})
+    _assert_completed_with_mirror(out)
+
+
+async def test_cost_middleware_writes_the_spend_mirror_under_ainvoke() -> None:
+    backend = await aopen_backend("memory://")
+    try:
+        agent = _mirror_agent(backend)
+        config: Any = {"configurable": {"thread_id": "m2"}}
+        _assert_completed_with_mirror(
+            await agent.ainvoke({"messages": [HumanMessage("go")]}, config)
+        )
+    finally:
+        await backend.close()

@@ -1311,3 +1311,56 @@ async def test_model_node_awaits_the_model_under_ainvoke() -> None:
     assert spend["calls"] == 1
     assert out["outcome"] == {"status": "completed", "partial_result": "Hello."}
     assert out["messages"][-1].additional_kwargs["harness"]["budget"]["model"] == "gpt-4o-mini"
+
+
+# --- the spend mirror: written with the outcome --------------------------------------------
+
+_USAGE = {"input_tokens": 100, "output_tokens": 20, "total_tokens": 120}
+
+
+def _spent(messages: list[Any]) -> tuple[float, int]:
+    """What the model's answers say they cost, and how many there were."""
+    costs = [
+        m.additional_kwargs["harness"]["budget"]["spent_usd"]
+        for m in messages
+        if isinstance(m, AIMessage)
+    ]
+    return sum(costs), len(costs)
+
+
+def _assert_mirror(out: dict[str, Any]) -> None:
+    assert out["outcome"]["status"] == "completed"
+    usd, calls = _spent(out["messages"])
+    spend = out["spend"]
+    assert spend["calls"] == calls == 2
+    assert spend["usd"] == pytest.approx(usd) and usd > 0
+    assert spend["by_model"]["gpt-4o-mini"]["input_tokens"] == 200
+    assert spend["model"] == "gpt-4o-mini"
+
+
+def test_a_task_that_completes_has_its_spend_mirror(backend: Any) -> None:
+    # The guard on the edge into the model cannot write state: the mirror was written only by
+    # a budget stop, so a task that ended well showed spend {} in its final state.
+    from harness_nodes import Envelope
+
+    model = _mini(
+        ai(tool_calls=[tool_call("lookup", {"key": "a"})], usage=_USAGE), ai("Done.", usage=_USAGE)
+    )
+    agent = build_harnessed_agent(model, [lookup], envelope=Envelope(max_usd=1), backend=backend)
+    config: Any = {"configurable": {"thread_id": "t-mirror"}}
+    _assert_mirror(agent.invoke({"messages": [HumanMessage("go")]}, config))
+    assert agent.get_state(config).values["spend"]["calls"] == 2  # checkpointed
+
+
+@pytest.mark.anyio
+async def test_a_task_that_completes_has_its_spend_mirror_under_ainvoke(
+    abackend: AsyncBackend,
+) -> None:
+    from harness_nodes import Envelope
+
+    model = _mini(
+        ai(tool_calls=[tool_call("lookup", {"key": "a"})], usage=_USAGE), ai("Done.", usage=_USAGE)
+    )
+    agent = build_harnessed_agent(model, [lookup], envelope=Envelope(max_usd=1), backend=abackend)
+    config: Any = {"configurable": {"thread_id": "t-amirror"}}
+    _assert_mirror(await agent.ainvoke({"messages": [HumanMessage("go")]}, config))
