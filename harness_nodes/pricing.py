@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Mapping
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from genai_prices.types import ModelPrice as CataloguePrice
 
 __all__ = ["ModelPrice", "Pricing", "Rates"]
+
+log = logging.getLogger("harness_nodes.pricing")
 
 NANOS_PER_USD = 1_000_000_000
 _NANOS_PER_TOKEN_PER_USD_PER_MTOK = Decimal(NANOS_PER_USD) / Decimal(1_000_000)  # = 1000
@@ -364,15 +367,27 @@ def _catalogue_calc(model: str, usage: Any, service_tier: str | None = None) -> 
     from genai_prices import calc_price
 
     # The tier's prices where the catalogue has them (OpenAI's priority and flex), else the
-    # standard ones.
-    context = {"service_tier": service_tier} if service_tier else None
+    # standard ones. Passed only with a tier: older genai-prices have no price_context.
+    extra: dict[str, Any] = (
+        {"price_context": {"service_tier": service_tier}} if service_tier else {}
+    )
     provider, name = _split_provider(model)
     try:
         if provider is not None:
-            return calc_price(usage, name, provider_id=provider, price_context=context)
-        return calc_price(usage, model, price_context=context)
+            return calc_price(usage, name, provider_id=provider, **extra)
+        return calc_price(usage, model, **extra)
     except LookupError:
         return None
+    except TypeError:
+        if not extra:
+            raise
+        log.warning(
+            "this genai-prices has no service-tier prices: %s at tier %r is priced at its "
+            "standard prices (upgrade genai-prices)",
+            model,
+            service_tier,
+        )
+        return _catalogue_calc(model, usage)
 
 
 def _catalogue_rates(model: str) -> Rates | None:
