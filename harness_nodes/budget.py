@@ -472,6 +472,15 @@ class _Usage:
     """Prompt tokens written to the provider's cache (Anthropic's ``cache_creation``)."""
     cache_write_1h: int
     """Of those, tokens written to the 1-hour cache (billed higher than the 5-minute one)."""
+    service_tier: str | None = None
+    """The tier the provider answered at when it bills it apart (OpenAI's ``"priority"``,
+    ``"flex"``); None: the standard one."""
+
+
+_SERVICE_TIERS = ("priority", "flex")
+"""The tiers langchain-openai reports apart: it names the cached and reasoning tokens of a
+call answered at one ``{tier}_cache_read`` and ``{tier}_reasoning`` (no ``cache_read``), and
+its other tokens ``{tier}``."""
 
 
 _MOST_TOKENS = 2**40
@@ -497,10 +506,12 @@ def _reported_usage(usage: object) -> _Usage | str:
     details = usage.get("input_token_details") or {}
     if not isinstance(details, Mapping):
         return f"reported malformed usage (input_token_details={details!r})"
+    tier = next((t for t in _SERVICE_TIERS if t in details or f"{t}_cache_read" in details), None)
+    read_key = f"{tier}_cache_read" if tier else "cache_read"
     counts = {
         "input_tokens": usage.get("input_tokens"),
         "output_tokens": usage.get("output_tokens"),
-        "cache_read": details.get("cache_read") or 0,
+        read_key: details.get(read_key) or details.get("cache_read") or 0,
         "cache_creation": details.get("cache_creation") or 0,
         "ephemeral_5m_input_tokens": details.get("ephemeral_5m_input_tokens") or 0,
         "ephemeral_1h_input_tokens": details.get("ephemeral_1h_input_tokens") or 0,
@@ -520,7 +531,7 @@ def _reported_usage(usage: object) -> _Usage | str:
             f"reported malformed usage (cache_read={read} + cache writes={written} > "
             f"input_tokens={inp})"
         )
-    return _Usage(inp, out, read, written, one_hour)
+    return _Usage(inp, out, read, written, one_hour, tier)
 
 
 def _usage_cost(pricing: Pricing, model: str, usage: _Usage) -> int:
@@ -532,12 +543,19 @@ def _usage_cost(pricing: Pricing, model: str, usage: _Usage) -> int:
         usage.cache_read,
         cache_write_tokens=usage.cache_write,
         cache_write_1h_tokens=usage.cache_write_1h,
+        service_tier=usage.service_tier,
     )
 
 
 def _added(usages: list[_Usage]) -> _Usage:
-    """The usages of a call's answers, added up count by count."""
-    return _Usage(*(sum(counts) for counts in zip(*map(astuple, usages), strict=True)))
+    """The usages of a call's answers, added up count by count (at the dearest tier)."""
+    inp, out, read, written, one_hour = (
+        sum(counts) for counts in zip(*(astuple(u)[:-1] for u in usages), strict=True)
+    )
+    tiers = {u.service_tier for u in usages}
+    # Answers at different tiers (none known): price them all at the dearer one.
+    tier = "priority" if "priority" in tiers else (tiers.pop() if len(tiers) == 1 else None)
+    return _Usage(inp, out, read, written, one_hour, tier)
 
 
 # --- planning (pure) -----------------------------------------------------------------------

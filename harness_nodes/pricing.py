@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Mapping
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from genai_prices.types import ModelPrice as CataloguePrice
 
 __all__ = ["ModelPrice", "Pricing", "Rates"]
+
+log = logging.getLogger("harness_nodes.pricing")
 
 NANOS_PER_USD = 1_000_000_000
 _NANOS_PER_TOKEN_PER_USD_PER_MTOK = Decimal(NANOS_PER_USD) / Decimal(1_000_000)  # = 1000
@@ -292,6 +295,7 @@ class Pricing:
         cached_input_tokens: int = 0,
         cache_write_tokens: int = 0,
         cache_write_1h_tokens: int = 0,
+        service_tier: str | None = None,
     ) -> int:
         """The actual cost of a call's usage, in nano-dollars (rounded up).
 
@@ -300,6 +304,9 @@ class Pricing:
         *cache_write_tokens* at the catalogue's cache-write rate (*cache_write_1h_tokens* of those
         at its 1-hour rate; a price you declared, at its ``cache_write_per_mtok``, else the input
         rate).
+        *service_tier* is the tier the provider answered at (OpenAI's ``"priority"`` or
+        ``"flex"``): a catalogue model is billed at that tier's prices, a price you declared
+        as declared.
         A negative count counts as zero: a cost is never a credit.
 
         Example:
@@ -317,8 +324,17 @@ class Pricing:
         written_1h = max(0, min(cache_write_1h_tokens, written))
         with self._lock:
             tiered = self._cache[model][1]
-        if tiered or (written and rates.source == "genai-prices"):
-            exact = _catalogue_cost(model, input_tokens, output_tokens, cached, written, written_1h)
+        catalogue = rates.source == "genai-prices"
+        if tiered or (catalogue and (written or service_tier)):
+            exact = _catalogue_cost(
+                model,
+                input_tokens,
+                output_tokens,
+                cached,
+                written,
+                written_1h,
+                service_tier if catalogue else None,
+            )
             if exact is not None:
                 return exact
         write_rate = rates.input if rates.cache_write is None else rates.cache_write
@@ -347,16 +363,31 @@ def _catalogue_usage(
     )
 
 
-def _catalogue_calc(model: str, usage: Any) -> Any | None:
+def _catalogue_calc(model: str, usage: Any, service_tier: str | None = None) -> Any | None:
     from genai_prices import calc_price
 
+    # The tier's prices where the catalogue has them (OpenAI's priority and flex), else the
+    # standard ones. Passed only with a tier: older genai-prices have no price_context.
+    extra: dict[str, Any] = (
+        {"price_context": {"service_tier": service_tier}} if service_tier else {}
+    )
     provider, name = _split_provider(model)
     try:
         if provider is not None:
-            return calc_price(usage, name, provider_id=provider)
-        return calc_price(usage, model)
+            return calc_price(usage, name, provider_id=provider, **extra)
+        return calc_price(usage, model, **extra)
     except LookupError:
         return None
+    except TypeError:
+        if not extra:
+            raise
+        log.warning(
+            "this genai-prices has no service-tier prices: %s at tier %r is priced at its "
+            "standard prices (upgrade genai-prices)",
+            model,
+            service_tier,
+        )
+        return _catalogue_calc(model, usage)
 
 
 def _catalogue_rates(model: str) -> Rates | None:
@@ -450,10 +481,16 @@ def _is_flat(model: str, top: Rates) -> bool:
 
 
 def _catalogue_cost(
-    model: str, input_tokens: int, output_tokens: int, cached: int, written: int, written_1h: int
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    cached: int,
+    written: int,
+    written_1h: int,
+    service_tier: str | None = None,
 ) -> int | None:
     usage = _catalogue_usage(input_tokens, output_tokens, cached, written, written_1h)
-    calc = _catalogue_calc(model, usage)
+    calc = _catalogue_calc(model, usage, service_tier)
     if calc is None:
         return None
     return math.ceil(Decimal(calc.total_price) * NANOS_PER_USD)

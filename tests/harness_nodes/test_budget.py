@@ -1658,6 +1658,29 @@ def test_cache_writes_are_priced_and_reserved_at_the_cache_write_rate(
     assert budget["spent_usd"] <= budget["reserved_usd"]
 
 
+@pytest.mark.parametrize("tier", ["priority", "flex"])
+def test_an_openai_service_tier_is_priced_at_its_prices(backend: Backend, tier: str) -> None:
+    from genai_prices import Usage, calc_price
+
+    # How langchain-openai reports a call answered at a service tier: the cached and reasoning
+    # tokens under the tier's name, no `cache_read`. Read as the standard tier, the 6k cached
+    # tokens were billed in full and the call at standard prices: o3 flex $0.024 for $0.0075,
+    # priority $0.024 for $0.02625.
+    usage = {
+        "input_tokens": 10_000,
+        "output_tokens": 500,
+        "total_tokens": 10_500,
+        "input_token_details": {f"{tier}_cache_read": 6_000, tier: 4_000},
+        "output_token_details": {f"{tier}_reasoning": 300, tier: 200},
+    }
+    model = RawUsage(script=["ok"], usage=usage, model_name="o3")
+    llm = budgeted(model, envelope=Envelope(max_usd=1), backend=backend)
+    budget = _budget(llm.invoke("hi", _config(f"service-tier-{tier}")))
+    billed = Usage(input_tokens=10_000, cache_read_tokens=6_000, output_tokens=500)
+    expected = calc_price(billed, "o3", price_context={"service_tier": tier}).total_price
+    assert budget["spent_usd"] == float(expected)
+
+
 def test_unwrapped_cache_writes_are_priced_at_the_cache_write_rate(backend: Backend) -> None:
     name = "claude-3-5-sonnet-20241022"
     usage = {

@@ -3,6 +3,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from decimal import Decimal
+from typing import Any
 
 import genai_prices.data_snapshot as snapshot
 import pytest
@@ -257,3 +258,25 @@ def test_cache_writes_are_billed_and_reserved_at_the_cache_write_rate(model: str
         model, 300_000, 0, cache_write_tokens=300_000, cache_write_1h_tokens=300_000
     )
     assert pricing.rates(model).worst_case_nanos(300_000, 0) >= written
+
+
+def test_a_service_tier_on_a_genai_prices_without_tier_prices_is_priced_standard(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # genai-prices before price contexts: calc_price takes no price_context. A call at a
+    # tier is priced at the standard prices, with a warning, not failed with a TypeError.
+    import logging
+
+    import genai_prices
+
+    real = genai_prices.calc_price
+
+    def calc_price(usage: Any, model_ref: str, *, provider_id: Any = None) -> Any:
+        return real(usage, model_ref, provider_id=provider_id)
+
+    monkeypatch.setattr(genai_prices, "calc_price", calc_price)
+    pricing = Pricing()
+    standard = pricing.cost_nanos("gpt-4o", 10_000, 500, 6_000)
+    with caplog.at_level(logging.WARNING, "harness_nodes.pricing"):
+        assert pricing.cost_nanos("gpt-4o", 10_000, 500, 6_000, service_tier="priority") == standard
+    assert "no service-tier prices" in caplog.text
