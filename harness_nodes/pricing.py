@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -155,8 +156,19 @@ class Rates:
         return int(left / self.output)
 
 
+# An Amazon Bedrock model id (``ChatBedrock``/``ChatBedrockConverse``'s ``model_id``): a
+# vendor-prefixed name, maybe a cross-region inference profile's prefix (``us.``), and a
+# version after a colon that is not a provider (``anthropic.claude-3-5-sonnet-20240620-v1:0``).
+_BEDROCK_ID = re.compile(
+    r"(?:(?:us|us-gov|eu|apac|jp|au|ca|global)\.)?"
+    r"(?:anthropic|meta|amazon|mistral|cohere|ai21|deepseek|qwen|writer|openai)\.[\w.-]+(?::\d+)?"
+)
+
+
 def _split_provider(model: str) -> tuple[str | None, str]:
     # "openai:gpt-4o" (init_chat_model style) names the provider explicitly.
+    if _BEDROCK_ID.fullmatch(model):
+        return "aws", model  # genai-prices knows Bedrock's ids under its "aws" provider
     provider, sep, name = model.partition(":")
     if sep and provider and name and "/" not in provider:
         return provider, name

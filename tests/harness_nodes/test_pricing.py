@@ -280,3 +280,21 @@ def test_a_service_tier_on_a_genai_prices_without_tier_prices_is_priced_standard
     with caplog.at_level(logging.WARNING, "harness_nodes.pricing"):
         assert pricing.cost_nanos("gpt-4o", 10_000, 500, 6_000, service_tier="priority") == standard
     assert "no service-tier prices" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "model_id",
+    [
+        "anthropic.claude-3-5-sonnet-20240620-v1:0",  # ChatBedrock's model_id
+        "us.anthropic.claude-3-5-sonnet-20240620-v1:0",  # a cross-region inference profile
+        "meta.llama3-70b-instruct-v1:0",
+    ],
+)
+def test_a_bedrock_model_id_is_priced_as_bedrock_prices_it(model_id: str) -> None:
+    # Its version suffix read as "provider:model": provider 'anthropic.claude-...-v1', model
+    # '0', an UnpricedModelError naming that provider, though the catalogue prices it.
+    expected = calc_price(Usage(input_tokens=1000, output_tokens=100), model_id, provider_id="aws")
+    cost = Pricing().cost_nanos(model_id, 1000, 100)
+    assert cost == int(Decimal(expected.total_price) * 1_000_000_000)
+    with pytest.raises(UnpricedModelError, match="provider 'aws'"):
+        Pricing().rates("anthropic.claude-unknown-v9:0")
