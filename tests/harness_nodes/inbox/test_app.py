@@ -380,6 +380,29 @@ def test_anonymous_decisions_only_when_enabled(shop: Shop) -> None:
     assert shop.queue.get(rid).decided_by == "anonymous"
 
 
+def test_anonymous_inbox_refuses_a_dns_rebinding_page(shop: Shop) -> None:
+    """`create_app` with `allow_anonymous` and no `allowed_hosts` still answers loopback only.
+
+    A page on attacker.example whose name is re-pointed at 127.0.0.1 is same-origin with the
+    inbox; anonymous, it needs no credentials, so only the Host check stops it reading the
+    CSRF token and approving the refund.
+    """
+    from harness_nodes.inbox import InboxAuth, create_app
+
+    rid = shop.pause("t-rebind", ARGS)
+    app = create_app(shop.queue, InboxAuth(allow_anonymous=True))
+    evil = "http://rebind.attacker.example:8765"
+    attacker = TestClient(app, base_url=evil)
+    assert attacker.get(f"/reviews/{rid}").status_code == 421
+    r = attacker.post(
+        f"/reviews/{rid}/decision", headers={"origin": evil}, data={"decision": "approve"}
+    )
+    assert r.status_code == 421
+    assert status_of(shop, rid) == "pending" and shop.refunds == []
+    local = TestClient(app, base_url="http://127.0.0.1:8765")
+    assert local.get(f"/reviews/{rid}").status_code == 200
+
+
 @pytest.mark.slow
 def test_concurrent_decisions_through_the_server_apply_once(shop: Shop) -> None:
     """Six reviewers click at once on a real server: one wins, five get 409, one refund."""
