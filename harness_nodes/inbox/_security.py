@@ -127,7 +127,8 @@ class InboxAuth:
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     """Key for CSRF tokens; set the same value on every process serving one inbox."""
     allowed_hosts: frozenset[str] | None = None
-    """``Host`` names accepted (without port); ``None`` accepts any."""
+    """``Host`` names accepted (without port); ``None`` accepts any — except with
+    ``allow_anonymous``, where it means the loopback names only."""
 
     def __post_init__(self) -> None:
         if not self.reviewers and not self.allow_anonymous:
@@ -135,6 +136,11 @@ class InboxAuth:
                 "The review inbox needs reviewers: set HARNESS_INBOX_REVIEWERS='alice:TOKEN' "
                 "(or pass --reviewer alice:TOKEN); --allow-anonymous is for local use only"
             )
+        if self.allow_anonymous and self.allowed_hosts is None:
+            # Anonymous means local. Accepting any Host would let a DNS-rebinding page
+            # (attacker.example re-pointed at 127.0.0.1) be same-origin with the inbox: no
+            # credentials to lack, so it could read the CSRF token and decide.
+            object.__setattr__(self, "allowed_hosts", _LOOPBACK_NAMES)
         for name, token in self.reviewers.items():
             if len(token) < 8:
                 raise UserError(f"Token of reviewer {name!r} is too short (8 characters minimum)")

@@ -7,6 +7,7 @@ queue's; this module only reads its items, the task's trace and the graph's stat
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,23 @@ _RISK_CLASSES = {"low": "low", "medium": "medium", "high": "high"}
 _DECIDED = frozenset({"decided", "applied", "closed"})
 # Trace nodes whose details are shown unfolded: what was called, what came back, decisions.
 _OPEN_KINDS = frozenset({"tool_call", "tool_result", "verdict", "review", "outcome", "error"})
+# Characters a reviewer cannot see, or that reorder what they see: controls, zero-width and
+# bidi formatting characters (U+202E shows "moc.live@x" as "x@evil.com"), Unicode tags.
+_INVISIBLE = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f"
+    "\u202a-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]"
+)
+
+
+def _visible(text: str) -> str:
+    r"""*text* as the reviewer should read it: invisible characters shown as ``\uXXXX``.
+
+    Only for what the pages display; the edit form keeps the values as they are, so an
+    argument left unchanged is sent back unchanged.
+    """
+    return _INVISIBLE.sub(
+        lambda m: f"\\u{ord(m[0]):04x}" if ord(m[0]) <= 0xFFFF else f"\\U{ord(m[0]):08x}", text
+    )
 
 
 def _iso(ts: float | None) -> str:
@@ -66,7 +84,7 @@ def _actions(
                 "args": dict(ar.get("args") or {}),
                 "schema": schemas.get(name),
                 "config": dict(r.get("config") or {}),
-                "description": str(r.get("description") or ""),
+                "description": _visible(str(r.get("description") or "")),
                 "reason": str(r.get("reason") or ""),
                 "tool_call_id": str(r.get("tool_call_id") or ""),
             }
@@ -81,9 +99,9 @@ def item_row(item: Any, now: float | None = None) -> dict[str, Any]:
     if len(actions) == 1:
         inner = json.dumps(actions[0]["args"], ensure_ascii=False)[1:-1]
         inner = inner if len(inner) <= 80 else inner[:79] + "…"
-        summary = f"{actions[0]['name']}({inner})"
+        summary = _visible(f"{actions[0]['name']}({inner})")
     else:
-        summary = ", ".join(a["name"] for a in actions) or "(no action)"
+        summary = _visible(", ".join(a["name"] for a in actions)) or "(no action)"
     return {
         "id": item.id,
         "thread_id": item.thread_id,
@@ -178,9 +196,9 @@ def _trace_nodes(nodes: Sequence[Any]) -> list[dict[str, Any]]:
             {
                 "kind": n.kind,
                 "kind_class": "".join(c if c.isalnum() else "-" for c in n.kind),
-                "name": n.name,
+                "name": _visible(n.name),
                 "meta": " · ".join(meta),
-                "detail": detail,
+                "detail": _visible(detail) if detail else None,
                 "open": n.kind in _OPEN_KINDS,
                 "children": _trace_nodes(n.children),
             }
@@ -219,10 +237,12 @@ def _outcome(queue: Any, item: Any) -> dict[str, Any] | None:
         result = outcome.get("partial_result", last)
         return {
             "status": str(outcome.get("status", "completed")),
-            "reason": str(outcome.get("reason", "") or ""),
-            "result": result if isinstance(result, str) or result is None else json.dumps(result),
+            "reason": _visible(str(outcome.get("reason", "") or "")),
+            "result": _visible(result if isinstance(result, str) else json.dumps(result))
+            if result is not None
+            else None,
         }
-    return {"status": "completed", "reason": "", "result": last}
+    return {"status": "completed", "reason": "", "result": _visible(last) if last else last}
 
 
 def item_detail(queue: Any, review_id: str, failure: str | None = None) -> ItemDetail:
@@ -231,7 +251,7 @@ def item_detail(queue: Any, review_id: str, failure: str | None = None) -> ItemD
     view = item_row(item)
     actions = _actions(item.requests, _tool_schemas(queue))
     for a in actions:
-        a["args_json"] = json.dumps(a["args"], indent=2, ensure_ascii=False)
+        a["args_json"] = _visible(json.dumps(a["args"], indent=2, ensure_ascii=False))
         a["fields"] = form_fields(a["schema"], a["args"])
     nodes, trace_json, trace = _trace(queue, item.thread_id)
     excerpt = item.requests[0].get("trace", {}) if item.requests else {}
@@ -268,7 +288,9 @@ def item_detail(queue: Any, review_id: str, failure: str | None = None) -> ItemD
         decision="+".join(words) if words else None,
         decision_message="\n".join(messages) or None,
         edited_args=edited[0] if edited else None,
-        edited_args_json=json.dumps(edited[0], indent=2, ensure_ascii=False) if edited else None,
+        edited_args_json=(
+            _visible(json.dumps(edited[0], indent=2, ensure_ascii=False)) if edited else None
+        ),
         outcome=outcome,
     )
     view["poll"] = item.status in _DECIDED and outcome is None

@@ -380,6 +380,63 @@ def test_anonymous_decisions_only_when_enabled(shop: Shop) -> None:
     assert shop.queue.get(rid).decided_by == "anonymous"
 
 
+def test_invisible_and_bidi_characters_in_arguments_are_shown_to_the_reviewer(
+    shop: Shop,
+) -> None:
+    """U+202E makes "\u202eA1-resu" read "user-1A"; zero-width spaces hide in anything.
+
+    The pages show such characters as escapes; the edit form keeps the value itself, so an
+    argument the reviewer leaves alone is sent back as the agent wrote it.
+    """
+    note = "for \u202eresu-ffats\u202c\u200b"
+    rid = shop.pause("t-bidi", {**ARGS, "note": note})
+    c = client(shop)
+    hidden = re.compile("[\u202a-\u202e\u200b]")
+    listing = c.get("/reviews", headers=basic("alice")).text
+    assert "\\u202e" in listing and not hidden.search(listing)
+    page = c.get(f"/reviews/{rid}", headers=basic("alice")).text
+    shown, form = page.split('id="edit-form"')
+    assert not hidden.search(shown)
+    args = re.search(r'<pre class="args" id="args-0">(.*?)</pre>', shown, re.S)
+    assert args and "\\u202eresu-ffats\\u202c\\u200b" in args[1]
+    assert f'value="{note}"' in form
+    r = c.post(
+        f"/reviews/{rid}/decision",
+        headers=basic("alice"),
+        data={
+            "csrf_token": csrf_of(c, rid),
+            "decision": "edit",
+            "arg.order": "A1",
+            "arg.amount": "120.0",
+            "arg.note": note,
+        },
+    )
+    assert r.status_code == 200 and shop.refunds == [{**ARGS, "note": note}]
+
+
+def test_anonymous_inbox_refuses_a_dns_rebinding_page(shop: Shop) -> None:
+    """`create_app` with `allow_anonymous` and no `allowed_hosts` still answers loopback only.
+
+    A page on attacker.example whose name is re-pointed at 127.0.0.1 is same-origin with the
+    inbox; anonymous, it needs no credentials, so only the Host check stops it reading the
+    CSRF token and approving the refund.
+    """
+    from harness_nodes.inbox import InboxAuth, create_app
+
+    rid = shop.pause("t-rebind", ARGS)
+    app = create_app(shop.queue, InboxAuth(allow_anonymous=True))
+    evil = "http://rebind.attacker.example:8765"
+    attacker = TestClient(app, base_url=evil)
+    assert attacker.get(f"/reviews/{rid}").status_code == 421
+    r = attacker.post(
+        f"/reviews/{rid}/decision", headers={"origin": evil}, data={"decision": "approve"}
+    )
+    assert r.status_code == 421
+    assert status_of(shop, rid) == "pending" and shop.refunds == []
+    local = TestClient(app, base_url="http://127.0.0.1:8765")
+    assert local.get(f"/reviews/{rid}").status_code == 200
+
+
 @pytest.mark.slow
 def test_concurrent_decisions_through_the_server_apply_once(shop: Shop) -> None:
     """Six reviewers click at once on a real server: one wins, five get 409, one refund."""

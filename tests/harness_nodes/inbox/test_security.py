@@ -114,6 +114,15 @@ def test_host_allowlist_blocks_dns_rebinding() -> None:
     assert host_name("[::1]:8080") == "::1" and host_name("Example.COM") == "example.com"
 
 
+def test_anonymous_inbox_answers_loopback_names_only_unless_told() -> None:
+    anon = InboxAuth(allow_anonymous=True)
+    assert anon.host_ok("127.0.0.1:8765") and anon.host_ok("localhost") and anon.host_ok("[::1]")
+    assert not anon.host_ok("rebind.attacker.example:8765")
+    lan = InboxAuth(allow_anonymous=True, allowed_hosts=frozenset({"inbox.lan"}))
+    assert lan.host_ok("inbox.lan:8765") and not lan.host_ok("localhost")
+    assert InboxAuth(reviewers={"alice": "alice-token"}).host_ok("inbox.example.com")
+
+
 def test_anonymous_is_refused_off_loopback() -> None:
     with pytest.raises(UserError, match="local use only"):
         build_auth(host="0.0.0.0", reviewers=None, allow_anonymous=True, allowed_hosts=None)
