@@ -46,6 +46,9 @@ _log = logging.getLogger("harness_nodes.inbox")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+_MAX_PAGE = 1_000_000
+"""The last page number the list serves (a larger one shows that page: empty)."""
+
 class _Guard:
     """ASGI middleware: Host check, authentication, Origin check, session cookie, headers.
 
@@ -181,7 +184,8 @@ class _Inbox:
         q = request.query_params
         filters = {k: (q.get(k) or None) for k in ("task_type", "reason", "assignee")}
         try:
-            number = max(1, int(q.get("page", "1")))
+            # Bounded: an offset past what a database integer holds was a 500.
+            number = min(_MAX_PAGE, max(1, int(q.get("page", "1"))))
         except ValueError:
             number = 1
         try:
@@ -280,7 +284,7 @@ class _Inbox:
         if as_json:
             try:
                 body = json.loads(await request.body())
-            except ValueError:
+            except (ValueError, RecursionError):  # nested past the parser's depth: not data
                 return _error(request, 400, "bad_json", "The request body is not JSON")
             if not isinstance(body, dict):
                 return _error(request, 400, "bad_json", "The decision must be a JSON object")

@@ -153,6 +153,8 @@ def parse_form(
                 out[f.name] = raw.replace("\r\n", "\n")
         except ValueError as e:
             problems[f.name] = f"not a valid {f.kind}: {str(e).splitlines()[0]}"
+        except RecursionError:
+            problems[f.name] = f"not a valid {f.kind}: nested too deep"
     if problems:
         raise FormError(problems)
     return out

@@ -152,6 +152,8 @@ def test_json_api_decides_with_bearer_and_reports_conflicts(backend_url: str) ->
         pytest.param("application/json", "{not json", 400, "bad_json", id="not-json"),
         pytest.param("application/json", "null", 400, "bad_json", id="null"),
         pytest.param("application/json", '["approve"]', 400, "bad_json", id="array"),
+        # Nested past the JSON parser's depth: a RecursionError, which was a 500.
+        pytest.param("application/json", "[" * 100_000 + "]" * 100_000, 400, "bad_json", id="deep"),
         pytest.param("application/json", '{"type": null}', 422, "invalid_decision", id="no-type"),
         pytest.param("text/plain", '{"type": "approve"}', 415, "unsupported_media_type", id="text"),
         pytest.param("", '{"type": "approve"}', 415, "unsupported_media_type", id="no-type-header"),
@@ -267,6 +269,13 @@ def test_requests_for_foreign_host_names_are_refused(shop: Shop) -> None:
     c = client(shop)
     r = c.get("/reviews", headers={**basic("alice"), "host": "attacker.example"})
     assert r.status_code == 421
+
+
+def test_a_page_number_past_any_database_integer_is_an_empty_page(shop: Shop) -> None:
+    # Its offset overflowed the database's integers: a 500.
+    shop.pause("t-page", ARGS)
+    r = client(shop).get("/reviews?page=4611686018427387904", headers=basic("alice"))
+    assert r.status_code == 200 and "t-page" not in r.text
 
 
 def test_missing_item_is_404(shop: Shop) -> None:
