@@ -483,6 +483,20 @@ call answered at one ``{tier}_cache_read`` and ``{tier}_reasoning`` (no ``cache_
 its other tokens ``{tier}``."""
 
 
+def _asks_priority(model: Any, kwargs: Mapping[str, Any] | None) -> bool:
+    """Whether a call asks OpenAI's priority tier: reserved at its prices (about 1.7x).
+
+    ``ChatOpenAI(service_tier="priority")``, its ``model_kwargs``, or the call's own kwargs.
+    A project whose default tier is priority is not seen here: its calls are settled at the
+    tier's prices but reserved at standard ones (see the README).
+    """
+    asked = (kwargs or {}).get("service_tier") or getattr(model, "service_tier", None)
+    if asked is None:
+        extra = getattr(model, "model_kwargs", None)
+        asked = extra.get("service_tier") if isinstance(extra, Mapping) else None
+    return asked == "priority"
+
+
 _MOST_TOKENS = 2**40
 """More tokens than any call is billed for (a trillion): a count above it is malformed, and
 priced as given it would overflow the ledger's 64-bit counts."""
@@ -962,13 +976,15 @@ class BudgetedChatModel(BaseChatModel):
         pairs = [(self.names[i], self.models[i]) for i in positions]
         return _Context(task_id, task_type, envelope, envelope.limits(), pairs, positions)
 
-    def _rates(self, ctx: _Context) -> list[Rates]:
+    def _rates(self, ctx: _Context, kwargs: Mapping[str, Any] | None = None) -> list[Rates]:
         out = []
         for name, model in ctx.ladder:
             if not name:
                 if self.pricing.fallback is None:
                     raise UnpricedModelError(f"<{type(model).__name__}: no model name>")
                 out.append(self.pricing.fallback.rates())
+            elif _asks_priority(model, kwargs):
+                out.append(self.pricing.tier_rates(name, "priority"))
             else:
                 out.append(self.pricing.rates(name))
         return out
@@ -1341,7 +1357,7 @@ class BudgetedChatModel(BaseChatModel):
         reservation and the model call (a cancellation while a tracer takes the reservation's
         event) gives the reservation back, deferred, before it propagates.
         """
-        rates = self._rates(ctx)
+        rates = self._rates(ctx, kwargs)
         caps = self._output_caps(ctx, kwargs.pop("max_tokens", None))
         keys = [_message_key(m) for m in messages]  # for the anchor and the annotation
         inputs = self._inputs(ctx, messages, keys)

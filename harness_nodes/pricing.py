@@ -263,6 +263,42 @@ class Pricing:
                 self._cache[model] = hit
         return hit[0]
 
+    def tier_rates(self, model: str, service_tier: str) -> Rates:
+        """`rates` for a call made at a provider's service tier (OpenAI's ``"priority"``).
+
+        A catalogue model's tier prices where they are dearer (never below `rates`); a price
+        you declared, as declared.
+
+        Example:
+            ```python
+            from harness_nodes import Pricing
+
+            pricing = Pricing()
+            assert pricing.tier_rates("gpt-4o", "priority").input > pricing.rates("gpt-4o").input
+            ```
+        """
+        base = self.rates(model)
+        if base.source != "genai-prices":
+            return base
+        key = f"{model}\x00{service_tier}"
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is None:
+            tier = _catalogue_rates(model, service_tier)
+            rates = base
+            if tier is not None:
+                rates = replace(
+                    base,
+                    input=max(base.input, tier.input),
+                    output=max(base.output, tier.output),
+                    cached_input=max(base.cached_input, tier.cached_input),
+                    cache_write=max(base.cache_write or base.input, tier.cache_write or tier.input),
+                )
+            hit = (rates, True)  # costed through calc_price, at the tier it answered at
+            with self._lock:
+                self._cache[key] = hit
+        return hit[0]
+
     def is_priced(self, model: str) -> bool:
         """Whether *model* has a price of its own (an override or a catalogue entry).
 
@@ -402,13 +438,13 @@ def _catalogue_calc(model: str, usage: Any, service_tier: str | None = None) -> 
         return _catalogue_calc(model, usage)
 
 
-def _catalogue_rates(model: str) -> Rates | None:
+def _catalogue_rates(model: str, service_tier: str | None = None) -> Rates | None:
     n = _TOP_TIER_TOKENS
-    both = _catalogue_calc(model, _catalogue_usage(n, n))
+    both = _catalogue_calc(model, _catalogue_usage(n, n), service_tier)
     if both is None:
         return None
-    cached = _catalogue_calc(model, _catalogue_usage(n, 0, cached=n))
-    written = _catalogue_calc(model, _catalogue_usage(n, 0, written=n, written_1h=n))
+    cached = _catalogue_calc(model, _catalogue_usage(n, 0, cached=n), service_tier)
+    written = _catalogue_calc(model, _catalogue_usage(n, 0, written=n, written_1h=n), service_tier)
     k = Decimal(NANOS_PER_USD) / n
     inp = Decimal(both.input_price) * k
     out = Decimal(both.output_price) * k

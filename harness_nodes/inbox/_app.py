@@ -49,6 +49,7 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _MAX_PAGE = 1_000_000
 """The last page number the list serves (a larger one shows that page: empty)."""
 
+
 class _Guard:
     """ASGI middleware: Host check, authentication, Origin check, session cookie, headers.
 

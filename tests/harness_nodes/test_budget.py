@@ -1681,6 +1681,53 @@ def test_an_openai_service_tier_is_priced_at_its_prices(backend: Backend, tier: 
     assert budget["spent_usd"] == float(expected)
 
 
+class _PriorityModel(ScriptedChatModel):
+    """A model configured for OpenAI's priority tier, as ``ChatOpenAI(service_tier=...)``."""
+
+    service_tier: str | None = "priority"
+
+
+def _priority_answer(tokens: int) -> AIMessage:
+    usage = {
+        "input_tokens": 2,
+        "output_tokens": tokens,
+        "total_tokens": 2 + tokens,
+        "input_token_details": {"priority": 2},
+        "output_token_details": {"priority": tokens},
+    }
+    return ai("x" * tokens, usage=usage)
+
+
+def test_a_call_that_asks_the_priority_tier_is_reserved_at_its_prices(backend: Backend) -> None:
+    from genai_prices import Usage, calc_price
+
+    # Reserved at standard prices, settled at priority ones (about 1.7x): an envelope that let
+    # the call through at its standard worst case was overspent by the priority answer.
+    limit = 0.012  # gpt-4o, 1,000 output tokens: $0.010 standard, $0.017 priority
+    model = _PriorityModel(model_name="gpt-4o", max_tokens=1000, script=[_priority_answer(1000)])
+    llm = budgeted(model, envelope=Envelope(max_usd=limit), backend=backend)
+    out = llm.invoke("hi", _config("priority-tier"))
+    cap = out.usage_metadata["output_tokens"]  # the scripted model stops at the cap it got
+    billed = Usage(input_tokens=_budget(out)["input_tokens"], output_tokens=cap)
+    worst = calc_price(billed, "gpt-4o", price_context={"service_tier": "priority"})
+    assert float(worst.total_price) <= limit  # a full answer at that cap stays in the envelope
+    standard = budgeted(
+        ScriptedChatModel(model_name="gpt-4o", max_tokens=1000, script=["x"]),
+        envelope=Envelope(max_usd=1),
+        backend=backend,
+    )
+    asked = budgeted(
+        _PriorityModel(model_name="gpt-4o", max_tokens=1000, script=["x"]),
+        envelope=Envelope(max_usd=1),
+        backend=backend,
+    )
+    reserved = [
+        _budget(m.invoke("hi", _config(f"priority-reserve-{i}")))["reserved_usd"]
+        for i, m in enumerate((standard, asked))
+    ]
+    assert reserved[1] == pytest.approx(reserved[0] * 1.7, rel=0.01)
+
+
 def test_unwrapped_cache_writes_are_priced_at_the_cache_write_rate(backend: Backend) -> None:
     name = "claude-3-5-sonnet-20241022"
     usage = {
