@@ -45,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib
 import json
@@ -54,7 +55,16 @@ import numbers
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import astuple, dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Literal, cast
@@ -62,7 +72,15 @@ from typing import Any, Literal, cast
 from langchain_core.callbacks import BaseCallbackHandler, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import BaseLanguageModel
-from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    SystemMessage,
+    ToolMessage,
+    message_chunk_to_message,
+)
+from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatResult, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -1505,14 +1523,8 @@ class BudgetedChatModel(BaseChatModel):
                     )
                 except BaseException as e:
                     error = e
-            elif op == "emit":
-                if config.get("callbacks"):  # nobody listens otherwise; skip the dispatch cost
-                    try:
-                        emit(args[0], args[1], config)
-                    except BaseException as e:  # thrown into the flow: it settles first
-                        error = e
             else:
-                value = _ledger_op(ledger, op, args)
+                value, error = _sync_step(ledger, config, op, args)
 
     async def ainvoke(
         self,
@@ -1547,20 +1559,120 @@ class BudgetedChatModel(BaseChatModel):
                     )
                 except BaseException as e:
                     error = e
-            elif op == "emit":
-                if config.get("callbacks"):
-                    try:
-                        await aemit(args[0], args[1], config)
-                    except BaseException as e:  # a cancellation: thrown into the flow
-                        error = e
-            elif op == "defer":  # no I/O: no thread, no await
-                _defer(ledger, args)
-            elif op == "forgo":
-                _forgo(ledger, args)
-            elif isinstance(ledger, AsyncSpendLedger):
-                value = await _aledger_op(ledger, op, args)
             else:
-                value = await asyncio.to_thread(_ledger_op, ledger, op, args)
+                value, error = await _async_step(ledger, config, op, args)
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        """`invoke`, streamed: the model's chunks as it sends them, then one with the budget.
+
+        Added up, the chunks are `invoke`'s answer (the last carries its ``harness.budget``
+        annotation; a refused call is that one chunk, the stop message). A stream the caller
+        stops reading is a call cut short after its request went out: recorded at its
+        reserved worst case, as a cancelled ``invoke`` is.
+
+        Example:
+            ```python
+            from harness_nodes import Envelope, budgeted
+            from harness_nodes.testing import ScriptedChatModel
+
+            model = ScriptedChatModel(
+                model_name="gpt-4o", script=["Hello there."], disable_streaming=False
+            )
+            llm = budgeted(model, envelope=Envelope())
+            chunks = list(llm.stream("hi", {"configurable": {"thread_id": "s"}}))
+            answer = sum(chunks[1:], chunks[0])
+            assert answer.content == "Hello there." and len(chunks) > 2
+            assert answer.additional_kwargs["harness"]["budget"]["model"] == "gpt-4o"
+            ```
+        """
+        config = ensure_config(config)
+        messages = self._convert_input(input).to_messages()
+        ctx = self._context(config)
+        ledger = self._ledger()
+        flow = self._flow(ctx, messages, kwargs)
+        child = self._child_config(config)
+        value: Any = None
+        error: BaseException | None = None
+        streamed: AIMessageChunk | None = None
+        while True:
+            try:
+                op, args = flow.throw(error) if error is not None else flow.send(value)
+            except StopIteration as done:
+                yield _last_chunk(done.value, streamed)
+                return
+            value, error = None, None
+            if op == "call":
+                index, cap = args
+                chunks = cast(
+                    Generator[Any, None, None],
+                    self._runnable(index).stream(
+                        messages, child, stop=stop, max_tokens=cap, **kwargs
+                    ),
+                )
+                try:
+                    with contextlib.closing(chunks):
+                        for chunk in chunks:
+                            streamed = _added_chunk(streamed, chunk)
+                            yield cast(AIMessageChunk, chunk)
+                except BaseException as e:  # GeneratorExit too: the caller stopped reading
+                    error = e
+                else:
+                    value = _streamed_answer(streamed)
+            else:
+                value, error = _sync_step(ledger, config, op, args)
+
+    async def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        """Async `stream`."""
+        config = ensure_config(config)
+        messages = self._convert_input(input).to_messages()
+        ctx = self._context(config)
+        await self._aready()
+        ledger = self._aledger()
+        flow = self._flow(ctx, messages, kwargs)
+        child = self._child_config(config)
+        value: Any = None
+        error: BaseException | None = None
+        streamed: AIMessageChunk | None = None
+        while True:
+            try:
+                op, args = flow.throw(error) if error is not None else flow.send(value)
+            except StopIteration as done:
+                yield _last_chunk(done.value, streamed)
+                return
+            value, error = None, None
+            if op == "call":
+                index, cap = args
+                achunks = cast(
+                    AsyncGenerator[Any, None],
+                    self._runnable(index).astream(
+                        messages, child, stop=stop, max_tokens=cap, **kwargs
+                    ),
+                )
+                try:
+                    async with contextlib.aclosing(achunks):
+                        async for chunk in achunks:
+                            streamed = _added_chunk(streamed, chunk)
+                            yield cast(AIMessageChunk, chunk)
+                except BaseException as e:  # GeneratorExit, CancelledError: cut short
+                    error = e
+                else:
+                    value = _streamed_answer(streamed)
+            else:
+                value, error = await _async_step(ledger, config, op, args)
 
     def _generate(
         self,
@@ -1726,6 +1838,82 @@ class BudgetedChatModel(BaseChatModel):
             totals = await asyncio.to_thread(ledger.totals, ctx.task_id, ctx.task_type, ctx.limits)
             rows = await asyncio.to_thread(ledger.by_model, ctx.task_id)
         return self._mirror(totals, rows, model)
+
+
+def _sync_step(
+    ledger: SpendLedger, config: RunnableConfig, op: str, args: tuple[Any, ...]
+) -> tuple[Any, BaseException | None]:
+    """One of the flow's ledger or event effects (not a call), done.
+
+    Returns its value, or the error to throw back into the flow (an event cut short: the flow
+    settles first).
+    """
+    if op != "emit":
+        return _ledger_op(ledger, op, args), None
+    if config.get("callbacks"):  # nobody listens otherwise; skip the dispatch cost
+        try:
+            emit(args[0], args[1], config)
+        except BaseException as e:
+            return None, e
+    return None, None
+
+
+async def _async_step(
+    ledger: SpendLedger | AsyncSpendLedger,
+    config: RunnableConfig,
+    op: str,
+    args: tuple[Any, ...],
+) -> tuple[Any, BaseException | None]:
+    """Async `_sync_step`."""
+    if op == "emit":
+        if config.get("callbacks"):
+            try:
+                await aemit(args[0], args[1], config)
+            except BaseException as e:  # a cancellation: thrown into the flow
+                return None, e
+        return None, None
+    if op in ("defer", "forgo"):  # no I/O: no thread, no await
+        (_defer if op == "defer" else _forgo)(ledger, args)
+        return None, None
+    if isinstance(ledger, AsyncSpendLedger):
+        return await _aledger_op(ledger, op, args), None
+    return await asyncio.to_thread(_ledger_op, ledger, op, args), None
+
+
+def _added_chunk(streamed: AIMessageChunk | None, chunk: Any) -> AIMessageChunk:
+    if not isinstance(chunk, AIMessageChunk):
+        raise TypeError(f"a chat model streamed {type(chunk).__name__}, not AIMessageChunk")
+    return chunk if streamed is None else streamed + chunk
+
+
+def _streamed_answer(streamed: AIMessageChunk | None) -> AIMessage:
+    """The answer the chunks add up to (what ``invoke`` would have returned)."""
+    if streamed is None:
+        return AIMessage(content="")
+    return cast(AIMessage, message_chunk_to_message(streamed))
+
+
+def _last_chunk(result: AIMessage, streamed: AIMessageChunk | None) -> AIMessageChunk:
+    """What the stream still owes after the model's chunks: the budget's annotation.
+
+    Nothing streamed (a refused call): the whole answer, the stop message, as one chunk.
+    """
+    if streamed is not None:
+        harness = (result.additional_kwargs or {}).get("harness")
+        return AIMessageChunk(
+            content="", id=streamed.id, additional_kwargs={"harness": harness} if harness else {}
+        )
+    return AIMessageChunk(
+        content=result.content,
+        id=result.id,
+        additional_kwargs=dict(result.additional_kwargs),
+        response_metadata=dict(result.response_metadata),
+        tool_call_chunks=[
+            tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
+            for i, c in enumerate(result.tool_calls)
+        ],
+        usage_metadata=result.usage_metadata,
+    )
 
 
 def _check_lease(lease: object) -> None:

@@ -1744,3 +1744,69 @@ def test_unwrapped_cache_writes_are_priced_at_the_cache_write_rate(backend: Back
         "SELECT cost_nanos FROM harness_spend WHERE task_id = %s", ("raw-cache-write",)
     )
     assert rows == [{"cost_nanos": 369_000_000}]  # 10k x $3 + 90k x $3.75 + 100 x $15 per M
+
+
+# --- streaming through the budget ----------------------------------------------------------
+
+_STREAM_USAGE = {"input_tokens": 10, "output_tokens": 40, "total_tokens": 50}
+
+
+def _streaming(*script: Any) -> ScriptedChatModel:
+    return ScriptedChatModel(model_name="gpt-4o-mini", script=list(script), disable_streaming=False)
+
+
+def test_a_budgeted_model_streams_and_its_chunks_add_up_to_the_annotated_answer(
+    backend: Backend,
+) -> None:
+    # BudgetedChatModel had no stream: `.stream()` fell back to one chunk, after the call.
+    answer = "A long answer, streamed word by word to the reader."
+    llm = budgeted(
+        _streaming(ai(answer, usage=_STREAM_USAGE)), envelope=Envelope(max_usd=1), backend=backend
+    )
+    chunks = list(llm.stream("hi", _config("stream")))
+    assert len(chunks) > 3 and all(isinstance(c, AIMessageChunk) for c in chunks)
+    whole = sum(chunks[1:], chunks[0])
+    assert whole.content == answer
+    budget = whole.additional_kwargs["harness"]["budget"]
+    assert (budget["input_tokens"], budget["output_tokens"]) == (10, 40)
+    spent, booked = _ledger_nanos(backend, "stream")
+    assert spent == booked == round(budget["spent_usd"] * 1e9) > 0  # settled, nothing left open
+
+
+def test_a_refused_streamed_call_is_the_stop_message_in_one_chunk(backend: Backend) -> None:
+    llm = budgeted(
+        _streaming(ai("first", usage=_STREAM_USAGE), ai("second", usage=_STREAM_USAGE)),
+        envelope=Envelope(max_calls=1),
+        backend=backend,
+    )
+    list(llm.stream("hi", _config("stream-refused")))
+    [chunk] = list(llm.stream("again", _config("stream-refused")))
+    assert chunk.additional_kwargs["harness"]["budget"]["stopped"]["limit"] == "calls"
+
+
+def test_a_stream_the_reader_leaves_is_recorded_at_its_worst_case(backend: Backend) -> None:
+    # The request went out and the provider bills what it generates: as a cancelled invoke.
+    llm = budgeted(
+        _streaming(ai("word " * 30, usage=_STREAM_USAGE)),
+        envelope=Envelope(max_usd=1),
+        backend=backend,
+    )
+    stream = llm.stream("hi", _config("stream-left"))
+    next(stream)
+    stream.close()
+    spent, booked = _ledger_nanos(backend, "stream-left")
+    cap = Envelope().max_output_tokens  # the call's output cap: its worst case's output
+    assert spent == booked >= Pricing().cost_nanos("gpt-4o-mini", 0, cap)
+
+
+@pytest.mark.anyio
+async def test_a_budgeted_model_streams_under_astream(abackend: AsyncBackend) -> None:
+    answer = "Streamed asynchronously, chunk by chunk."
+    llm = budgeted(
+        _streaming(ai(answer, usage=_STREAM_USAGE)), envelope=Envelope(max_usd=1), backend=abackend
+    )
+    chunks = [c async for c in llm.astream("hi", _config("astream"))]
+    assert len(chunks) > 3
+    whole = sum(chunks[1:], chunks[0])
+    assert whole.content == answer
+    assert whole.additional_kwargs["harness"]["budget"]["output_tokens"] == 40
