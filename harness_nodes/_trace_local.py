@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import ChainMap
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -500,9 +501,96 @@ def needs_sync_backend(backend: Any, what: str) -> None:
         )
 
 
+_PAGE = 25
+"""Checkpoints listed at a time from a database (`PostgresSaver.list` fetches a listing whole)."""
+
+
 def _history(backend: Backend, thread_id: str) -> list[CheckpointTuple]:
-    config: Any = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
-    return list(reversed(list(backend.checkpointer.list(config))))
+    """The thread's checkpoints, namespace by namespace (the root's first), newest first.
+
+    Each is read once (see `_Shared`). From a database, each namespace is listed on its own
+    and a page at a time: a listing of every namespace is ordered by no index (SQLite sorted
+    the whole thread's checkpoints in memory: 2 GB for 3,000 steps), and `PostgresSaver.list`
+    fetches every row — every checkpoint's whole state — before it yields the first.
+    """
+    shared = _Shared()
+    if backend.kind not in ("sqlite", "postgres"):  # in memory: listed per namespace anyway
+        config: Any = {"configurable": {"thread_id": thread_id}}
+        return [shared(tup) for tup in backend.checkpointer.list(config)]
+    rows = _rows(
+        backend, "SELECT DISTINCT checkpoint_ns FROM checkpoints WHERE thread_id = %s", (thread_id,)
+    )
+    history: list[CheckpointTuple] = []
+    for ns in sorted({""} | {str(r["checkpoint_ns"]) for r in rows}):
+        config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns}}
+        before: Any = None
+        while True:
+            page = list(backend.checkpointer.list(config, before=before, limit=_PAGE))
+            history.extend(shared(tup) for tup in page)
+            if len(page) < _PAGE:
+                break
+            before = page[-1].config
+    return history
+
+
+def _root(history: Sequence[CheckpointTuple]) -> list[CheckpointTuple]:
+    """The root graph's checkpoints of `_history`, oldest first."""
+    return [t for t in reversed(history) if not t.config["configurable"].get("checkpoint_ns")]
+
+
+class _Shared:
+    """Makes the checkpoints of a history share the values they repeat.
+
+    Every checkpoint holds the whole state, so a thread of n steps deserializes ≈ n²/2
+    messages (and verdicts, reviews): 1,000 steps held ≈ 500,000 messages, gigabytes. An item
+    equal to one already read (the same message in the next checkpoint, by id; the same record
+    at the same place of a list) is replaced by that one: what is kept grows with the distinct
+    items, not with their repetitions. Equal values are interchangeable in the trace.
+    """
+
+    def __init__(self) -> None:
+        self._lists: dict[tuple[str, str], list[Any]] = {}
+        self._messages: dict[tuple[type[Any], str], list[BaseMessage]] = {}
+
+    def __call__(self, tup: CheckpointTuple) -> CheckpointTuple:
+        values = tup.checkpoint.get("channel_values")
+        if not isinstance(values, dict):
+            return tup
+        ns = str(tup.config["configurable"].get("checkpoint_ns") or "")
+        for channel, value in values.items():
+            if isinstance(value, list) and value:
+                values[channel] = self._list((ns, channel), value)
+        return tup
+
+    def _list(self, key: tuple[str, str], items: list[Any]) -> list[Any]:
+        last = self._lists.get(key, [])
+        shared = [
+            self._item(item, last[i] if i < len(last) else None) for i, item in enumerate(items)
+        ]
+        self._lists[key] = shared
+        return shared
+
+    def _item(self, item: Any, there: Any) -> Any:
+        if not isinstance(item, BaseMessage | Mapping):
+            return item
+        if there is not None and _same(item, there):
+            return there
+        if isinstance(item, BaseMessage) and item.id:
+            known = self._messages.setdefault((type(item), item.id), [])
+            for other in known:
+                if _same(item, other):
+                    return other
+            known.append(item)
+        return item
+
+
+def _same(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # a value that refuses to compare (an array...) is kept as is
+        return False
 
 
 def _rows(backend: Backend, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
@@ -535,17 +623,16 @@ def _sub_key(ns: str, checkpoint_id: str) -> str:
 
 
 def _subgraph_histories(
-    backend: Backend, thread_id: str
+    history: Sequence[CheckpointTuple],
 ) -> dict[str, list[tuple[str, list[CheckpointTuple]]]]:
-    """The checkpoints of the thread's subgraphs, by namespace, oldest first.
+    """The checkpoints of the thread's subgraphs (from `_history`), by namespace, oldest first.
 
     A compiled graph added as a node (or invoked inside one) checkpoints in a namespace of its
     own (``node:task_id``, nested ones joined by ``|``), each checkpoint naming the parent
     checkpoint its task ran from: keyed by that parent namespace and checkpoint id (`_sub_key`).
     """
     by_ns: dict[str, list[CheckpointTuple]] = {}
-    config: Any = {"configurable": {"thread_id": thread_id}}
-    for tup in backend.checkpointer.list(config):
+    for tup in history:
         ns = str(tup.config["configurable"].get("checkpoint_ns") or "")
         if ns:
             by_ns.setdefault(ns, []).append(tup)
@@ -558,11 +645,6 @@ def _subgraph_histories(
             key = _sub_key(parent_ns, str(parent_id))
             out.setdefault(key, []).append((ns, list(reversed(tups))))
     return out
-
-
-def _keys(tup: CheckpointTuple) -> set[tuple[str | None, str]]:
-    """The keys (`_msg_key`) of the messages in a checkpoint's state."""
-    return {_msg_key(m) for m in _messages(_harness_view(tup.checkpoint["channel_values"]))}
 
 
 def _total(node: TraceNode) -> None:
@@ -589,6 +671,21 @@ def _drop_nested_interrupts(step: TraceNode) -> None:
     ]
 
 
+def _shown_reviews(step: TraceNode) -> dict[str, TraceNode]:
+    """The review decisions *step* shows under their interrupt, by review id."""
+    return {
+        str(n.data.get("review_id")): n
+        for i in step.walk()
+        if i.kind == "interrupt"
+        for n in i.children
+        if n.kind == "review"
+    }
+
+
+def _review_ids(step: TraceNode) -> set[str]:
+    return {str(n.data.get("review_id")) for n in step.walk() if n.kind == "review"}
+
+
 class _StepBuilder:
     """Turns a checkpoint history (the root graph's, or a subgraph's) into step nodes."""
 
@@ -602,7 +699,30 @@ class _StepBuilder:
         self.pricer, self.reviews, self.effects = pricer, reviews, effects
         self.subgraphs = subgraphs
         self.seen_verdicts: set[tuple[str, int]] = set()
-        self.all_steps: list[TraceNode] = []  # every step built so far, nested ones too
+        # What the steps built so far (nested ones too) show: review decisions under their
+        # interrupt, by review id, and every review id. Kept as each step is added, not
+        # re-walked from every step at each step (quadratic in a long task).
+        self.shown: dict[str, TraceNode] = {}
+        self.seen_reviews: set[str] = set()
+        # A message's `_msg_key`, by object: the checkpoints share equal messages (`_Shared`),
+        # so each is encoded once, not once per checkpoint holding it.
+        self._msg_keys: dict[int, tuple[BaseMessage, tuple[str | None, str]]] = {}
+
+    def _add(self, steps: list[TraceNode], step: TraceNode) -> None:
+        steps.append(step)
+        self.shown.update(_shown_reviews(step))
+        self.seen_reviews.update(_review_ids(step))
+
+    def _key(self, msg: BaseMessage) -> tuple[str | None, str]:
+        cached = self._msg_keys.get(id(msg))
+        if cached is None or cached[0] is not msg:
+            cached = self._msg_keys[id(msg)] = (msg, _msg_key(msg))
+        return cached[1]
+
+    def _keys(self, tup: CheckpointTuple) -> set[tuple[str | None, str]]:
+        """The keys (`_msg_key`) of the messages in a checkpoint's state."""
+        values = _harness_view(tup.checkpoint["channel_values"])
+        return {self._key(m) for m in _messages(values)}
 
     def _subgraph_nodes(
         self, ns: str, tup: CheckpointTuple, known: set[tuple[str | None, str]]
@@ -610,14 +730,18 @@ class _StepBuilder:
         """The subgraphs that ran from *tup*, each holding its own steps."""
         nodes = []
         key = _sub_key(ns, _cid(tup))
-        for sub_ns, history in self.subgraphs.get(key, []):
+        ran = self.subgraphs.get(key, [])
+        if ran:
+            known = known | self._keys(tup)
+        for sub_ns, history in ran:
             name = sub_ns.rpartition("|")[2].partition(":")[0]
             sub_steps = self.steps(history, sub_ns, known)
             if sub_steps:
                 node = TraceNode(kind="subgraph", name=name, children=sub_steps)
                 _total(node)
                 # Popped by the parent's step: its state repeats these messages.
-                node.data = {"checkpoint_ns": sub_ns, "_message_keys": sorted(_keys(history[-1]))}
+                keys = sorted(self._keys(history[-1]))
+                node.data = {"checkpoint_ns": sub_ns, "_message_keys": keys}
                 nodes.append(node)
         return nodes
 
@@ -635,7 +759,7 @@ class _StepBuilder:
             interrupts = [w for w in tup.pending_writes or [] if w[1] == "__interrupt__"]
             errors = [w for w in tup.pending_writes or [] if w[1] == "__error__"]
             if nxt is None:
-                subgraphs = self._subgraph_nodes(ns, tup, known | _keys(tup))
+                subgraphs = self._subgraph_nodes(ns, tup, known)
                 if interrupts or errors or subgraphs:
                     step = TraceNode(kind="step", name=", ".join(_next_nodes(tup)) or "pending")
                     step.started_at = _ts(tup.checkpoint)
@@ -644,8 +768,7 @@ class _StepBuilder:
                     _add_errors(step, errors)
                     _drop_nested_interrupts(step)
                     _total(step)
-                    steps.append(step)
-                    self.all_steps.append(step)
+                    self._add(steps, step)
                 break
             before = _harness_view(tup.checkpoint["channel_values"])
             after = _harness_view(nxt.checkpoint["channel_values"])
@@ -665,17 +788,17 @@ class _StepBuilder:
             )
             # What a subgraph did in this step shows under it, in its own steps; the parent's
             # state then only repeats its messages.
-            subgraphs = self._subgraph_nodes(ns, tup, known | _keys(tup))
+            subgraphs = self._subgraph_nodes(ns, tup, known)
             step.children.extend(subgraphs)
             _add_interrupts(step, interrupts, self.reviews, pending=False)
             _add_errors(step, errors)
             _drop_nested_interrupts(step)
-            old = {_msg_key(m) for m in _messages(before)} | known
+            old = {self._key(m) for m in _messages(before)} | known
             for sub in subgraphs:
                 old |= set(sub.data.pop("_message_keys", ()))
             old_by_id = {m.id: m for m in _messages(before) if m.id}
             for msg in _messages(after):
-                if _msg_key(msg) in old:
+                if self._key(msg) in old:
                     continue
                 previous = old_by_id.get(msg.id) if msg.id else None
                 if isinstance(previous, AIMessage) and isinstance(msg, AIMessage):
@@ -693,21 +816,8 @@ class _StepBuilder:
                     self.seen_verdicts.add(
                         (str(node.data.get("tool_call_id")), int(node.data.get("attempt", 0)))
                     )
-            shown = {
-                str(n.data.get("review_id")): n
-                for s in [*self.all_steps, step]
-                for i in s.walk()
-                if i.kind == "interrupt"
-                for n in i.children
-                if n.kind == "review"
-            }
-            _drop_reviews(step, shown)
-            seen_reviews = {
-                str(n.data.get("review_id"))
-                for s in [*self.all_steps, step]
-                for n in s.walk()
-                if n.kind == "review"
-            }
+            _drop_reviews(step, ChainMap(_shown_reviews(step), self.shown))
+            seen_reviews = self.seen_reviews | _review_ids(step)
             for node in _state_nodes(before, after, self.seen_verdicts, seen_reviews):
                 if node.kind == "outcome" and any(
                     c.kind == "outcome" and (c in step.children or c.data == node.data)
@@ -721,8 +831,7 @@ class _StepBuilder:
             _total(step)
             if ns and name == "input" and not step.children:
                 continue  # a subgraph's input: its parent's state, shown there
-            steps.append(step)
-            self.all_steps.append(step)
+            self._add(steps, step)
 
         return steps
 
@@ -771,7 +880,8 @@ def build_trace(
         ```
     """
     needs_sync_backend(backend, "build_trace")
-    history = _history(backend, thread_id)
+    listed = _history(backend, thread_id)
+    history = _root(listed)
     run_rows = _rows(backend, "SELECT * FROM harness_runs WHERE thread_id = %s", (thread_id,))
     if not history and not run_rows:
         raise UnknownThread(thread_id)
@@ -791,7 +901,7 @@ def build_trace(
         for r in _rows(backend, "SELECT * FROM harness_effects WHERE thread_id = %s", (thread_id,))
     }
 
-    builder = _StepBuilder(pricer, reviews, effects, _subgraph_histories(backend, thread_id))
+    builder = _StepBuilder(pricer, reviews, effects, _subgraph_histories(listed))
     steps = builder.steps(history)
 
     last_values = _harness_view(history[-1].checkpoint["channel_values"] if history else {})

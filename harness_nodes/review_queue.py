@@ -620,6 +620,25 @@ def _is_review_interrupt(intr: Interrupt) -> bool:
     )
 
 
+_PAGE = 25
+"""Checkpoints read at a time for `ReviewQueue.show`'s history lines."""
+
+
+def _as_history_line(snap: StateSnapshot, *, newest: bool) -> StateSnapshot:
+    """What `_Core.trace` reads of a snapshot: the newest one whole, the others' step and next.
+
+    Each snapshot holds the whole state, and `get_state_history` reads every checkpoint before
+    it yields one: a task of 1,000 steps held ≈ 500,000 messages (1.8 GB) to show one line per
+    checkpoint. Read a page at a time and kept thin, what is held grows with one page.
+    """
+    return snap if newest else snap._replace(values={}, tasks=(), interrupts=())
+
+
+def _before(history: Sequence[StateSnapshot]) -> RunnableConfig | None:
+    """Where the next page of a newest-first history starts (None: at the newest)."""
+    return history[-1].config if history else None
+
+
 def _task_type(snapshot: StateSnapshot) -> str:
     values = snapshot.values if isinstance(snapshot.values, Mapping) else {}
     task = values.get("task") if isinstance(values, Mapping) else None
@@ -1044,7 +1063,14 @@ class ReviewQueue:
     def show(self, review_id: str) -> ReviewDetail:
         """The item with the task's trace so far and its audit rows."""
         item = self.get(review_id)
-        history = list(self.graph.get_state_history(_thread_config(item.thread_id, None)))
+        cfg = _thread_config(item.thread_id, None)
+        history: list[StateSnapshot] = []
+        while True:  # a page at a time: LangGraph reads the whole history before the first
+            page = list(self.graph.get_state_history(cfg, before=_before(history), limit=_PAGE))
+            first = not history
+            history.extend(_as_history_line(s, newest=first and i == 0) for i, s in enumerate(page))
+            if len(page) < _PAGE:
+                break
         audit = self.backend.execute(
             "SELECT reviewer, decision, before, after, at FROM harness_review_audit "
             "WHERE review_id = %s ORDER BY id",
@@ -1455,7 +1481,14 @@ class AsyncReviewQueue:
         """Async `ReviewQueue.show`."""
         item = await self.get(review_id)
         cfg = _thread_config(item.thread_id, None)
-        history = [s async for s in self.graph.aget_state_history(cfg)]
+        history: list[StateSnapshot] = []
+        while True:  # a page at a time (see `ReviewQueue.show`)
+            before = _before(history)
+            page = [s async for s in self.graph.aget_state_history(cfg, before=before, limit=_PAGE)]
+            first = not history
+            history.extend(_as_history_line(s, newest=first and i == 0) for i, s in enumerate(page))
+            if len(page) < _PAGE:
+                break
         audit = await self.backend.execute(
             "SELECT reviewer, decision, before, after, at FROM harness_review_audit "
             "WHERE review_id = %s ORDER BY id",

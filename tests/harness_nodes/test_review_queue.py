@@ -1459,3 +1459,29 @@ def test_a_runner_refuses_a_review_queue_on_another_backend(backend: Backend) ->
         reviews = ReviewQueue(other, build_builder().compile(checkpointer=other.checkpointer))
         with pytest.raises(UserError, match="on the runner's backend"):
             TaskRunner(backend, build_builder(), reviews=reviews)
+
+
+def test_show_reads_the_history_a_page_at_a_time(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `get_state_history` reads every checkpoint (each one the whole state) before it yields
+    # the first: read whole, a task of 1,000 steps took 1.8 GB to show its review.
+    import harness_nodes.review_queue as review_queue
+
+    queue = _queue(backend)
+    tid = _pause(queue)
+    [item] = queue.pending()
+    whole = queue.show(item.id).trace
+    checkpoints = len(list(queue.graph.get_state_history({"configurable": {"thread_id": tid}})))
+    limits: list[object] = []
+    original = queue.graph.get_state_history
+
+    def history(*a: Any, **k: Any) -> Any:
+        limits.append(k.get("limit"))
+        return original(*a, **k)
+
+    monkeypatch.setattr(queue.graph, "get_state_history", history)
+    monkeypatch.setattr(review_queue, "_PAGE", 2, raising=False)
+    assert queue.show(item.id).trace == whole  # the same lines, one per checkpoint
+    assert sum(line.startswith("checkpoint step") for line in whole) == checkpoints > 2
+    assert limits and set(limits) == {2}

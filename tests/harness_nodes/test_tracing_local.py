@@ -1144,3 +1144,50 @@ def test_trace_of_a_pause_inside_a_subgraph_shows_what_the_subgraph_did(backend:
         "completed",
     ]
     assert Trace.from_json(done.to_json()) == done
+
+
+def test_a_long_task_is_read_once_and_holds_each_message_once(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every checkpoint holds the whole state: a thread of n steps repeats ≈ n²/2 messages.
+    # Listed twice and each copy kept, 1,000 steps took 1.9 GB and 90 s to show.
+    from langchain_core.messages import BaseMessage, HumanMessage
+    from langchain_core.tools import tool
+
+    from harness_nodes import Envelope, build_harnessed_agent
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    @tool
+    def look(q: str) -> str:
+        """Look."""
+        return f"seen {q}"
+
+    call = ai(tool_calls=[tool_call("look", {"q": "x"})])
+    model = ScriptedChatModel(script=[call], loop=True, model_name="gpt-4o-mini")
+    agent = build_harnessed_agent(model, [look], envelope=Envelope(max_calls=15), backend=backend)
+    agent.invoke({"messages": [HumanMessage("go")]}, {"configurable": {"thread_id": "long"}})
+    read: list[Any] = []
+    original = backend.checkpointer.list
+
+    def listing(*a: Any, **k: Any) -> Any:
+        for tup in original(*a, **k):
+            read.append(tup)
+            yield tup
+
+    monkeypatch.setattr(backend.checkpointer, "list", listing)
+    trace = build_trace(backend, "long")
+    reads, checkpoints = (
+        len(read),
+        len({str(t.config["configurable"]["checkpoint_id"]) for t in read}),
+    )
+    assert reads == checkpoints > 30  # each checkpoint deserialized once
+    held = {
+        id(m)
+        for t in read
+        for m in t.checkpoint["channel_values"].get("messages", [])
+        if isinstance(m, BaseMessage)
+    }
+    last = max(read, key=lambda t: str(t.config["configurable"]["checkpoint_id"]))
+    distinct = len(last.checkpoint["channel_values"]["messages"])
+    assert len(held) == distinct  # not one per copy
+    assert len([n for n in trace.walk() if n.kind == "llm"]) == 15
