@@ -312,16 +312,24 @@ CURRENT_LEASE: ContextVar[Lease | None] = ContextVar("harness_lease", default=No
 
 FENCE = (
     "UPDATE harness_runs SET lease_expires_at = %s, updated_at = %s WHERE thread_id = %s "
-    "AND lease_owner = %s AND status = 'running' AND lease_expires_at > %s RETURNING thread_id"
+    "AND lease_owner = %s AND status = 'running' RETURNING thread_id"
 )
-"""Extend the lease only if it is still ours and unexpired: done before every checkpoint
-write, so a run that lost its lease (stalled past it, or cancelled) can never write after
-another run claimed the thread. The check and the extension are one statement."""
+"""Extend the lease only if it is still ours: done before every checkpoint write, so a run
+that lost its lease (another run claimed the thread, or it was cancelled) can never write
+after that. The check and the extension are one statement.
+
+Ours, not "unexpired": every claim writes a new owner, so an owner that still matches proves
+nobody took the thread over, and the claim (which needs an expired lease) and this statement
+are serialised on the row. A lease can run out with no one to blame — the database was away
+longer than the lease (a failover), so the heartbeat could not renew it — and a run that
+stopped then would leave its task ``running`` with no process carrying it. If it was
+expired, whichever comes first wins: this fence (the claim then fails) or a claim (this fence
+then fails)."""
 
 
 def _fence_params(lease: Lease) -> tuple[Any, ...]:
     t = time.time()
-    return (t + lease.seconds, t, lease.thread_id, lease.owner, t)
+    return (t + lease.seconds, t, lease.thread_id, lease.owner)
 
 
 def _leased(config: RunnableConfig) -> Lease | None:

@@ -208,6 +208,14 @@ async def _sweep(queue: JobQueue, backend: Backend, options: WorkerOptions) -> N
     ):
         try:
             await manager.retry_job(job)
+        except procrastinate.exceptions.UniqueViolation as e:
+            # ``retry_job`` reports a waiting job with the same queueing lock this way, not
+            # as `AlreadyEnqueued`. After a database outage every worker's heartbeat is
+            # stale, so the jobs running then look stalled while their runs were queued
+            # again (lease expiry, or a submitter's retry): common, and not to stop the sweep.
+            if e.constraint_name != procrastinate.manager.QUEUEING_LOCK_CONSTRAINT:
+                raise
+            await manager.finish_job(job, procrastinate.jobs.Status.FAILED, delete_job=False)
         except procrastinate.exceptions.AlreadyEnqueued:
             # Its run was re-deferred already (lease expiry): close this copy.
             await manager.finish_job(job, procrastinate.jobs.Status.FAILED, delete_job=False)
