@@ -1486,6 +1486,19 @@ class BudgetedChatModel(BaseChatModel):
             yield ("emit", event)
         return self._annotate(msg, ctx, plan, cost, after, i_tok, o_tok, reservation, keys)
 
+    def _started(
+        self, input: LanguageModelInput, config: RunnableConfig, kwargs: dict[str, Any]
+    ) -> tuple[
+        list[BaseMessage],
+        _Context,
+        Generator[tuple[str, Any], Any, AIMessage],
+        RunnableConfig,
+    ]:
+        """A call's messages, context, effects (`_flow`, not started) and its model's config."""
+        messages = self._convert_input(input).to_messages()
+        ctx = self._context(config)
+        return messages, ctx, self._flow(ctx, messages, kwargs), self._child_config(config)
+
     def invoke(
         self,
         input: LanguageModelInput,
@@ -1501,11 +1514,8 @@ class BudgetedChatModel(BaseChatModel):
             UnpricedModelError: a model of the ladder has no price.
         """
         config = ensure_config(config)
-        messages = self._convert_input(input).to_messages()
-        ctx = self._context(config)
+        messages, ctx, flow, child = self._started(input, config, kwargs)
         ledger = self._ledger()
-        flow = self._flow(ctx, messages, kwargs)
-        child = self._child_config(config)
         value: Any = None
         error: BaseException | None = None
         while True:
@@ -1536,12 +1546,9 @@ class BudgetedChatModel(BaseChatModel):
     ) -> AIMessage:
         """Async `invoke` (an `AsyncBackend` is used natively; a sync one from a thread)."""
         config = ensure_config(config)
-        messages = self._convert_input(input).to_messages()
-        ctx = self._context(config)
+        messages, ctx, flow, child = self._started(input, config, kwargs)
         await self._aready()
         ledger = self._aledger()
-        flow = self._flow(ctx, messages, kwargs)
-        child = self._child_config(config)
         value: Any = None
         error: BaseException | None = None
         while True:
@@ -1593,11 +1600,8 @@ class BudgetedChatModel(BaseChatModel):
             ```
         """
         config = ensure_config(config)
-        messages = self._convert_input(input).to_messages()
-        ctx = self._context(config)
+        messages, ctx, flow, child = self._started(input, config, kwargs)
         ledger = self._ledger()
-        flow = self._flow(ctx, messages, kwargs)
-        child = self._child_config(config)
         value: Any = None
         error: BaseException | None = None
         streamed: AIMessageChunk | None = None
@@ -1638,12 +1642,9 @@ class BudgetedChatModel(BaseChatModel):
     ) -> AsyncIterator[AIMessageChunk]:
         """Async `stream`."""
         config = ensure_config(config)
-        messages = self._convert_input(input).to_messages()
-        ctx = self._context(config)
+        messages, ctx, flow, child = self._started(input, config, kwargs)
         await self._aready()
         ledger = self._aledger()
-        flow = self._flow(ctx, messages, kwargs)
-        child = self._child_config(config)
         value: Any = None
         error: BaseException | None = None
         streamed: AIMessageChunk | None = None
