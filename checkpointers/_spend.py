@@ -43,6 +43,8 @@ from collections.abc import Generator
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from checkpointers.errors import outage
+
 if TYPE_CHECKING:
     from checkpointers.aio import AsyncBackend
     from checkpointers.backend import Backend, Params, Row
@@ -967,22 +969,25 @@ def flush_pending(backend: Backend, task_id: str | None = None) -> None:
     """Write *backend*'s deferred settlements now (of *task_id*, or all), before reading spend.
 
     Budget leases end too (their unused rest is given back), so the ledger reads exact.
-    Raises whatever the database raises; the settlements stay pending then.
+    Raises what the database raises (an outage: `BackendUnavailable`); the settlements stay
+    pending then.
     """
-    store = _SYNC_PENDING.get(backend)
-    if store is not None:
-        store.pending.release_leases(task_id)
-        if store.pending:
-            store.flush(task_id, strict=True)
+    with outage(backend, "spend ledger"):
+        store = _SYNC_PENDING.get(backend)
+        if store is not None:
+            store.pending.release_leases(task_id)
+            if store.pending:
+                store.flush(task_id, strict=True)
 
 
 async def aflush_pending(backend: AsyncBackend, task_id: str | None = None) -> None:
     """`flush_pending` for an `AsyncBackend`."""
-    store = _ASYNC_PENDING.get(backend)
-    if store is not None:
-        store.pending.release_leases(task_id)
-        if store.pending:
-            await store.flush(task_id, strict=True)
+    with outage(backend, "spend ledger"):
+        store = _ASYNC_PENDING.get(backend)
+        if store is not None:
+            store.pending.release_leases(task_id)
+            if store.pending:
+                await store.flush(task_id, strict=True)
 
 
 # --- the ledgers ---------------------------------------------------------------------------
@@ -1220,6 +1225,12 @@ class SpendLedger(_Ledger):
     the lease cannot serve a call, after `LEASE_IDLE` seconds unused, on `flush_pending`, at
     ``close()`` and at exit; a process killed holding a lease leaves that rest booked (the
     safe side: the task has less room, never more).
+
+    A statement that cannot reach the database (a dropped connection, the pool's wait for
+    one running out) raises `BackendUnavailable`, chained from the driver's error. Each
+    statement is one transaction, so a reservation or settlement is written whole or not at
+    all (one committed just before the connection dropped stays booked at its worst case: the
+    safe side); the deferred settlements it carried stay pending.
     """
 
     backend: Backend
@@ -1231,22 +1242,23 @@ class SpendLedger(_Ledger):
 
     def totals(self, task_id: str, task_type: str, limits: Limits) -> Totals:
         """The task's current totals (and its type's window), deferred settlements applied."""
-        now = time.time()
-        settles = self._store.pending.take(task_id)
-        try:
-            if self.backend.dialect == "postgres":
-                sql, params = self._totals_statement(settles, task_id, task_type, limits, now)
-                return self._totals_read(
-                    (task_id, task_type, limits), self.backend.execute(sql, params)
-                )
-            with self.backend.transaction() as tx:
-                result: Totals = _run_sync(
-                    tx, _sqlite_then(settles, _sqlite_totals(task_id, task_type, limits, now))
-                )
-            return result
-        except BaseException:
-            self._store.pending.put_back(settles)
-            raise
+        with outage(self.backend, "spend ledger"):
+            now = time.time()
+            settles = self._store.pending.take(task_id)
+            try:
+                if self.backend.dialect == "postgres":
+                    sql, params = self._totals_statement(settles, task_id, task_type, limits, now)
+                    return self._totals_read(
+                        (task_id, task_type, limits), self.backend.execute(sql, params)
+                    )
+                with self.backend.transaction() as tx:
+                    result: Totals = _run_sync(
+                        tx, _sqlite_then(settles, _sqlite_totals(task_id, task_type, limits, now))
+                    )
+                return result
+            except BaseException:
+                self._store.pending.put_back(settles)
+                raise
 
     def reserve(
         self,
@@ -1283,23 +1295,24 @@ class SpendLedger(_Ledger):
         now: float,
     ) -> Reservation:
         """One reservation statement, carrying the task's deferred settlements."""
-        settles = self._carried(key)
-        try:
-            if self.backend.dialect == "postgres":
-                sql, params = self._reserve_statement(
+        with outage(self.backend, "spend ledger"):
+            settles = self._carried(key)
+            try:
+                if self.backend.dialect == "postgres":
+                    sql, params = self._reserve_statement(
+                        settles, key, model, input_tokens, output_tokens, nanos, now
+                    )
+                    rows = self.backend.execute(sql, params)
+                    return self._reserved(key, rows, input_tokens + output_tokens, nanos, now)
+                steps = self._sqlite_reserve_steps(
                     settles, key, model, input_tokens, output_tokens, nanos, now
                 )
-                rows = self.backend.execute(sql, params)
-                return self._reserved(key, rows, input_tokens + output_tokens, nanos, now)
-            steps = self._sqlite_reserve_steps(
-                settles, key, model, input_tokens, output_tokens, nanos, now
-            )
-            with self.backend.transaction() as tx:
-                res: Reservation = _run_sync(tx, steps)
-            return res
-        except BaseException:
-            self._store.pending.put_back(settles)
-            raise
+                with self.backend.transaction() as tx:
+                    res: Reservation = _run_sync(tx, steps)
+                return res
+            except BaseException:
+                self._store.pending.put_back(settles)
+                raise
 
     def flush_held(self, task_type: str) -> bool:
         """Write what this process holds that the ledger books above the truth; True if any.
@@ -1324,24 +1337,32 @@ class SpendLedger(_Ledger):
         released: bool = False,
     ) -> Totals:
         """Replace a reservation by the call's actual usage (or release it), now. Idempotent."""
-        now = time.time()
-        state = "released" if released else "settled"
-        key = self._held_key(spend_id)
-        if key is not None:  # lease mode: through the task's totals, which carry it
-            self.defer_settle(
-                key[0], spend_id, input_tokens, output_tokens, nanos, model=model, released=released
-            )
-            return self.totals(*key)
-        if self.backend.dialect == "postgres":
-            rows = self.backend.execute(
-                _SETTLE_PG, (spend_id, state, model, input_tokens, output_tokens, nanos, now)
-            )
-            return Totals.from_row(_pg_json(rows))
-        with self.backend.transaction() as tx:
-            result: Totals = _run_sync(
-                tx, _sqlite_settle(spend_id, state, model, input_tokens, output_tokens, nanos, now)
-            )
-        return result
+        with outage(self.backend, "spend ledger"):
+            now = time.time()
+            state = "released" if released else "settled"
+            key = self._held_key(spend_id)
+            if key is not None:  # lease mode: through the task's totals, which carry it
+                self.defer_settle(
+                    key[0],
+                    spend_id,
+                    input_tokens,
+                    output_tokens,
+                    nanos,
+                    model=model,
+                    released=released,
+                )
+                return self.totals(*key)
+            if self.backend.dialect == "postgres":
+                rows = self.backend.execute(
+                    _SETTLE_PG, (spend_id, state, model, input_tokens, output_tokens, nanos, now)
+                )
+                return Totals.from_row(_pg_json(rows))
+            with self.backend.transaction() as tx:
+                result: Totals = _run_sync(
+                    tx,
+                    _sqlite_settle(spend_id, state, model, input_tokens, output_tokens, nanos, now),
+                )
+            return result
 
     def flush(self, task_id: str | None = None) -> None:
         """Write deferred settlements now (of *task_id*, or all); leases end too."""
@@ -1349,9 +1370,10 @@ class SpendLedger(_Ledger):
 
     def by_model(self, task_id: str) -> list[Row]:
         """Settled spend per model: ``model, input_tokens, output_tokens, nanos, calls``."""
-        if self._store.pending:
-            self._store.flush(task_id, strict=True)
-        return self.backend.execute(_BY_MODEL_SQL, (task_id,))
+        with outage(self.backend, "spend ledger"):
+            if self._store.pending:
+                self._store.flush(task_id, strict=True)
+            return self.backend.execute(_BY_MODEL_SQL, (task_id,))
 
 
 class AsyncSpendLedger(_Ledger):
@@ -1366,21 +1388,22 @@ class AsyncSpendLedger(_Ledger):
 
     async def totals(self, task_id: str, task_type: str, limits: Limits) -> Totals:
         """The task's current totals (and its type's window), deferred settlements applied."""
-        now = time.time()
-        settles = self._store.pending.take(task_id)
-        try:
-            if self.backend.dialect == "postgres":
-                sql, params = self._totals_statement(settles, task_id, task_type, limits, now)
-                rows = await self.backend.execute(sql, params)
-                return self._totals_read((task_id, task_type, limits), rows)
-            async with self.backend.transaction() as tx:
-                result: Totals = await _run_async(
-                    tx, _sqlite_then(settles, _sqlite_totals(task_id, task_type, limits, now))
-                )
-            return result
-        except BaseException:
-            self._store.pending.put_back(settles)
-            raise
+        with outage(self.backend, "spend ledger"):
+            now = time.time()
+            settles = self._store.pending.take(task_id)
+            try:
+                if self.backend.dialect == "postgres":
+                    sql, params = self._totals_statement(settles, task_id, task_type, limits, now)
+                    rows = await self.backend.execute(sql, params)
+                    return self._totals_read((task_id, task_type, limits), rows)
+                async with self.backend.transaction() as tx:
+                    result: Totals = await _run_async(
+                        tx, _sqlite_then(settles, _sqlite_totals(task_id, task_type, limits, now))
+                    )
+                return result
+            except BaseException:
+                self._store.pending.put_back(settles)
+                raise
 
     async def reserve(
         self,
@@ -1412,23 +1435,24 @@ class AsyncSpendLedger(_Ledger):
         now: float,
     ) -> Reservation:
         """One reservation statement, carrying the task's deferred settlements."""
-        settles = self._carried(key)
-        try:
-            if self.backend.dialect == "postgres":
-                sql, params = self._reserve_statement(
+        with outage(self.backend, "spend ledger"):
+            settles = self._carried(key)
+            try:
+                if self.backend.dialect == "postgres":
+                    sql, params = self._reserve_statement(
+                        settles, key, model, input_tokens, output_tokens, nanos, now
+                    )
+                    rows = await self.backend.execute(sql, params)
+                    return self._reserved(key, rows, input_tokens + output_tokens, nanos, now)
+                steps = self._sqlite_reserve_steps(
                     settles, key, model, input_tokens, output_tokens, nanos, now
                 )
-                rows = await self.backend.execute(sql, params)
-                return self._reserved(key, rows, input_tokens + output_tokens, nanos, now)
-            steps = self._sqlite_reserve_steps(
-                settles, key, model, input_tokens, output_tokens, nanos, now
-            )
-            async with self.backend.transaction() as tx:
-                res: Reservation = await _run_async(tx, steps)
-            return res
-        except BaseException:
-            self._store.pending.put_back(settles)
-            raise
+                async with self.backend.transaction() as tx:
+                    res: Reservation = await _run_async(tx, steps)
+                return res
+            except BaseException:
+                self._store.pending.put_back(settles)
+                raise
 
     async def flush_held(self, task_type: str) -> bool:
         """`SpendLedger.flush_held`, on the event loop."""
@@ -1445,24 +1469,32 @@ class AsyncSpendLedger(_Ledger):
         released: bool = False,
     ) -> Totals:
         """Replace a reservation by the call's actual usage (or release it), now. Idempotent."""
-        now = time.time()
-        state = "released" if released else "settled"
-        key = self._held_key(spend_id)
-        if key is not None:  # lease mode: through the task's totals, which carry it
-            self.defer_settle(
-                key[0], spend_id, input_tokens, output_tokens, nanos, model=model, released=released
-            )
-            return await self.totals(*key)
-        if self.backend.dialect == "postgres":
-            rows = await self.backend.execute(
-                _SETTLE_PG, (spend_id, state, model, input_tokens, output_tokens, nanos, now)
-            )
-            return Totals.from_row(_pg_json(rows))
-        async with self.backend.transaction() as tx:
-            result: Totals = await _run_async(
-                tx, _sqlite_settle(spend_id, state, model, input_tokens, output_tokens, nanos, now)
-            )
-        return result
+        with outage(self.backend, "spend ledger"):
+            now = time.time()
+            state = "released" if released else "settled"
+            key = self._held_key(spend_id)
+            if key is not None:  # lease mode: through the task's totals, which carry it
+                self.defer_settle(
+                    key[0],
+                    spend_id,
+                    input_tokens,
+                    output_tokens,
+                    nanos,
+                    model=model,
+                    released=released,
+                )
+                return await self.totals(*key)
+            if self.backend.dialect == "postgres":
+                rows = await self.backend.execute(
+                    _SETTLE_PG, (spend_id, state, model, input_tokens, output_tokens, nanos, now)
+                )
+                return Totals.from_row(_pg_json(rows))
+            async with self.backend.transaction() as tx:
+                result: Totals = await _run_async(
+                    tx,
+                    _sqlite_settle(spend_id, state, model, input_tokens, output_tokens, nanos, now),
+                )
+            return result
 
     async def flush(self, task_id: str | None = None) -> None:
         """Write deferred settlements now (of *task_id*, or all); leases end too."""
@@ -1470,6 +1502,7 @@ class AsyncSpendLedger(_Ledger):
 
     async def by_model(self, task_id: str) -> list[Row]:
         """Settled spend per model: ``model, input_tokens, output_tokens, nanos, calls``."""
-        if self._store.pending:
-            await self._store.flush(task_id, strict=True)
-        return await self.backend.execute(_BY_MODEL_SQL, (task_id,))
+        with outage(self.backend, "spend ledger"):
+            if self._store.pending:
+                await self._store.flush(task_id, strict=True)
+            return await self.backend.execute(_BY_MODEL_SQL, (task_id,))

@@ -87,7 +87,6 @@ from langgraph.errors import GraphBubbleUp
 from harness_nodes import _codec
 from harness_nodes._events import aemit, emit
 from harness_nodes.errors import (
-    BackendUnavailable,
     EffectError,
     EffectNotResolvable,
     EffectOutcomeUnknown,
@@ -939,13 +938,11 @@ def _ledger_statement(backend: Any, run: Callable[[], T]) -> T:
 
 def _ledger_retry(backend: Any, error: Exception, attempt: int) -> float:
     """Seconds to wait before retrying a ledger statement that raised *error*; or raise."""
-    from checkpointers.errors import is_transient
+    from checkpointers.errors import is_transient, unavailable
 
     if is_transient(error) and attempt < 3:
         return float(0.1 * 2**attempt)
-    url = str(getattr(backend, "url", "") or "the backend")
-    first = (str(error).splitlines() or [""])[0]
-    raise BackendUnavailable(url, f"effect ledger: {type(error).__name__}: {first}") from error
+    raise unavailable(backend, "effect ledger", error) from error
 
 
 def _error_text(e: BaseException) -> str:

@@ -73,6 +73,7 @@ from langgraph.errors import EmptyInputError
 from langgraph.prebuilt import ToolNode
 from langgraph.types import Command, Interrupt, StateSnapshot
 
+from checkpointers.errors import outage
 from harness_nodes._lease import SELECT_THREAD, TaskRun, claim, new_owner
 from harness_nodes._trace_local import Trace, build_trace
 from harness_nodes.errors import (
@@ -1100,23 +1101,30 @@ class ReviewQueue:
             InvalidDecision: the decision is malformed or not allowed (the item stays pending).
             AlreadyDecided: another reviewer decided first, or the pause was answered outside
                 the queue (``Command(resume=...)`` on the graph); nothing was applied.
+            BackendUnavailable: the database could not be reached. The decision, its audit
+                row and the task's lease are claimed in one transaction: before it commits,
+                nothing is recorded (the item stays pending); after, the decision stands and
+                ``sync(thread_id, recover=True)`` applies it.
         """
-        item = self.get(review_id)
-        if item.status == "pending" and item.id not in {i.id for i in self.sync(item.thread_id)}:
-            item = self.get(review_id)  # its pause was answered outside the queue: closed now
-        if item.status != "pending":
-            raise self._core.already(item)
-        prepared = self._core.prepare(item, decision, reviewer)
-        self._check_against_the_ledger(item, prepared.payload)
-        runner = self._runner_for(item.thread_id)
-        owner = new_owner()
-        try:
-            won, leased = self._claim(item, prepared, reviewer, runner, owner)
-        except _ThreadBusy:
-            raise self._held_elsewhere(item) from None
-        if not won:
-            raise self._core.already(self.get(review_id))
-        decided = self.get(review_id)
+        with outage(self.backend, "review queue"):
+            item = self.get(review_id)
+            if item.status == "pending" and item.id not in {
+                i.id for i in self.sync(item.thread_id)
+            }:
+                item = self.get(review_id)  # its pause was answered outside the queue: closed now
+            if item.status != "pending":
+                raise self._core.already(item)
+            prepared = self._core.prepare(item, decision, reviewer)
+            self._check_against_the_ledger(item, prepared.payload)
+            runner = self._runner_for(item.thread_id)
+            owner = new_owner()
+            try:
+                won, leased = self._claim(item, prepared, reviewer, runner, owner)
+            except _ThreadBusy:
+                raise self._held_elsewhere(item) from None
+            if not won:
+                raise self._core.already(self.get(review_id))
+            decided = self.get(review_id)
         if runner is not None and leased is not None:
             return self._resume_leased(runner, decided, leased, owner)
         self._settle_effects(decided, reviewer)
@@ -1164,9 +1172,10 @@ class ReviewQueue:
         check_effect_answers(self.backend, item.thread_id, item.requests, payload, item.id)
 
     def _settle_effects(self, item: ReviewItem, reviewer: str) -> None:
-        record_effect_answers(
-            self.backend, item.thread_id, item.requests, item.decision or [], reviewer
-        )
+        with outage(self.backend, "review queue"):
+            record_effect_answers(
+                self.backend, item.thread_id, item.requests, item.decision or [], reviewer
+            )
 
     def _resume(self, item: ReviewItem) -> dict[str, Any]:
         cfg = _thread_config(item.thread_id, None)
@@ -1177,8 +1186,9 @@ class ReviewQueue:
             # nothing ran; put the item back so someone can decide again.
             self._undecide(item, e)
             raise
-        self.backend.execute(_APPLIED, (item.id,))
-        self.sync(item.thread_id)
+        with outage(self.backend, "review queue"):  # the run is past the pause: applied
+            self.backend.execute(_APPLIED, (item.id,))
+            self.sync(item.thread_id)
         return cast(dict[str, Any], result)
 
     def _undecide(self, item: ReviewItem, error: InvalidDecision) -> None:
@@ -1203,8 +1213,9 @@ class ReviewQueue:
         run = runner._run_claimed(
             row, owner, _answer(item), on_refused=functools.partial(self._undecide, item)
         )
-        self.backend.execute(_APPLIED, (item.id,))
-        self.sync(item.thread_id)
+        with outage(self.backend, "review queue"):
+            self.backend.execute(_APPLIED, (item.id,))
+            self.sync(item.thread_id)
         _leased_outcome(run)
         return _state_of(self.graph.get_state(_thread_config(item.thread_id, None)))
 
@@ -1504,24 +1515,25 @@ class AsyncReviewQueue:
         reviewer: str,
     ) -> dict[str, Any]:
         """Async `ReviewQueue.decide`."""
-        item = await self.get(review_id)
-        if item.status == "pending" and item.id not in {
-            i.id for i in await self.sync(item.thread_id)
-        }:
-            item = await self.get(review_id)  # its pause was answered outside the queue
-        if item.status != "pending":
-            raise self._core.already(item)
-        prepared = self._core.prepare(item, decision, reviewer)
-        await self._check_against_the_ledger(item, prepared.payload)
-        runner = await self._runner_for(item.thread_id)
-        owner = new_owner()
-        try:
-            won, leased = await self._claim(item, prepared, reviewer, runner, owner)
-        except _ThreadBusy:
-            raise await self._held_elsewhere(item) from None
-        if not won:
-            raise self._core.already(await self.get(review_id))
-        decided = await self.get(review_id)
+        with outage(self.backend, "review queue"):
+            item = await self.get(review_id)
+            if item.status == "pending" and item.id not in {
+                i.id for i in await self.sync(item.thread_id)
+            }:
+                item = await self.get(review_id)  # its pause was answered outside the queue
+            if item.status != "pending":
+                raise self._core.already(item)
+            prepared = self._core.prepare(item, decision, reviewer)
+            await self._check_against_the_ledger(item, prepared.payload)
+            runner = await self._runner_for(item.thread_id)
+            owner = new_owner()
+            try:
+                won, leased = await self._claim(item, prepared, reviewer, runner, owner)
+            except _ThreadBusy:
+                raise await self._held_elsewhere(item) from None
+            if not won:
+                raise self._core.already(await self.get(review_id))
+            decided = await self.get(review_id)
         if runner is not None and leased is not None:
             return await self._resume_leased(runner, decided, leased, owner)
         await self._settle_effects(decided, reviewer)
@@ -1566,9 +1578,10 @@ class AsyncReviewQueue:
         await acheck_effect_answers(self.backend, item.thread_id, item.requests, payload, item.id)
 
     async def _settle_effects(self, item: ReviewItem, reviewer: str) -> None:
-        await arecord_effect_answers(
-            self.backend, item.thread_id, item.requests, item.decision or [], reviewer
-        )
+        with outage(self.backend, "review queue"):
+            await arecord_effect_answers(
+                self.backend, item.thread_id, item.requests, item.decision or [], reviewer
+            )
 
     async def assign(
         self, review_id: str, assignee: str | None, *, by: str = "harness"
@@ -1610,8 +1623,9 @@ class AsyncReviewQueue:
         except InvalidDecision as e:
             await self._undecide(item, e)
             raise
-        await self.backend.execute(_APPLIED, (item.id,))
-        await self.sync(item.thread_id)
+        with outage(self.backend, "review queue"):  # the run is past the pause: applied
+            await self.backend.execute(_APPLIED, (item.id,))
+            await self.sync(item.thread_id)
         return cast(dict[str, Any], result)
 
     async def _undecide(self, item: ReviewItem, error: InvalidDecision) -> None:
@@ -1629,8 +1643,9 @@ class AsyncReviewQueue:
         run = await runner._run_claimed(
             row, owner, _answer(item), on_refused=functools.partial(self._undecide, item)
         )
-        await self.backend.execute(_APPLIED, (item.id,))
-        await self.sync(item.thread_id)
+        with outage(self.backend, "review queue"):
+            await self.backend.execute(_APPLIED, (item.id,))
+            await self.sync(item.thread_id)
         _leased_outcome(run)
         return _state_of(await self.graph.aget_state(_thread_config(item.thread_id, None)))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -206,3 +207,46 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
+
+
+DEAD_PORT_URL = "postgresql://postgres@127.0.0.1:1/gone"
+"""Where nothing listens: a pool pointed here cannot reconnect."""
+
+
+def drop_connections(url: str) -> None:
+    """Kill every other connection to *url*'s database and wait until the server closed them."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+        pids = [pid for pid, ok in rows if ok]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            alive = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+            ).fetchone()
+            if alive is not None and alive[0] == 0:
+                return
+            time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def database_away(
+    backend: Backend | AsyncBackend, url: str, *, drop: bool = True
+) -> Iterator[None]:
+    """The database at *url* goes away under *backend* (Postgres), the server staying up.
+
+    The backend's connections are dropped (unless *drop* is False: the caller drops them) and
+    its pool reconnects to a port nothing listens on, waiting 0.3 s for a connection instead
+    of 30 s. On exit the pool points at the database again.
+    """
+    pool: Any = backend._db.pool  # type: ignore[union-attr]
+    conninfo, timeout = pool.conninfo, pool.timeout
+    pool.conninfo, pool.timeout = DEAD_PORT_URL, 0.3
+    try:
+        if drop:
+            drop_connections(url)
+        yield
+    finally:
+        pool.conninfo, pool.timeout = conninfo, timeout

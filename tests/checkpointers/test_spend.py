@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import re
 import threading
+from typing import Any
 
+import psycopg
 import pytest
 
-from checkpointers import AsyncBackend, Backend
+from checkpointers import AsyncBackend, Backend, open_backend
 from checkpointers._spend import AsyncSpendLedger, Limits, SpendLedger
+from harness_nodes import BackendUnavailable
+from tests.conftest import database_away
 
 pytestmark = pytest.mark.anyio
 
@@ -119,3 +124,53 @@ def test_reservations_without_waiting_for_disk_enforce_the_same_limits(backend: 
     assert ledger.reserve("t1", "default", "m", 10, 20, 600, LIMITS).refused == "usd"
     assert ledger.settle(first.id, 1, 1, 10).spent_nanos == 10
     assert SpendLedger(backend).totals("t1", "default", LIMITS).spent_nanos == 10
+
+
+def _spend_rows(url: str, task_id: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        sql = "SELECT id, state FROM harness_spend WHERE task_id = %s ORDER BY id"
+        return conn.execute(sql, (task_id,)).fetchall()
+
+
+def _unavailable(backend: Backend | AsyncBackend) -> str:
+    return re.escape(f"Cannot open backend {backend.url!r}: spend ledger: PoolTimeout")
+
+
+@pytest.mark.postgres
+def test_ledger_statements_with_the_database_away_raise_backend_unavailable(
+    postgres_url: str,
+) -> None:
+    with open_backend(postgres_url) as backend:
+        ledger = SpendLedger(backend)
+        r = ledger.reserve("t1", "default", "gpt-4o", 10, 20, 600, LIMITS)
+        assert r.id is not None
+        with database_away(backend, postgres_url):
+            with pytest.raises(BackendUnavailable, match=_unavailable(backend)) as exc:
+                ledger.reserve("t1", "default", "gpt-4o", 10, 20, 300, LIMITS)
+            assert isinstance(exc.value.__cause__, psycopg.OperationalError)
+            assert exc.value.url == backend.url
+            with pytest.raises(BackendUnavailable, match=_unavailable(backend)):
+                ledger.totals("t1", "default", LIMITS)
+            with pytest.raises(BackendUnavailable, match=_unavailable(backend)):
+                ledger.settle(r.id, 7, 3, 120)
+        # Nothing half-written: the first reservation stands, the refused ones left no row.
+        assert _spend_rows(postgres_url, "t1") == [(r.id, "reserved")]
+
+
+@pytest.mark.postgres
+async def test_async_ledger_statements_with_the_database_away_raise_backend_unavailable(
+    postgres_url: str,
+) -> None:
+    async with AsyncBackend.from_conn_string(postgres_url) as backend:
+        ledger = AsyncSpendLedger(backend)
+        r = await ledger.reserve("t1", "default", "gpt-4o", 10, 20, 600, LIMITS)
+        assert r.id is not None
+        with database_away(backend, postgres_url):
+            with pytest.raises(BackendUnavailable, match=_unavailable(backend)) as exc:
+                await ledger.reserve("t1", "default", "gpt-4o", 10, 20, 300, LIMITS)
+            assert isinstance(exc.value.__cause__, psycopg.OperationalError)
+            with pytest.raises(BackendUnavailable, match=_unavailable(backend)):
+                await ledger.totals("t1", "default", LIMITS)
+            with pytest.raises(BackendUnavailable, match=_unavailable(backend)):
+                await ledger.settle(r.id, 7, 3, 120)
+        assert _spend_rows(postgres_url, "t1") == [(r.id, "reserved")]

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from langchain.agents import create_agent
 from langchain_core.messages import HumanMessage, ToolMessage
@@ -26,6 +27,7 @@ from harness_nodes import (
     AlreadyDecided,
     AsyncReviewQueue,
     AsyncTaskRunner,
+    BackendUnavailable,
     InvalidDecision,
     ReviewNotFound,
     ReviewPolicy,
@@ -39,7 +41,7 @@ from harness_nodes import (
 )
 from harness_nodes.review_queue import _INSERT, pending_sql, review_id_for
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
-from tests.conftest import subprocess_env
+from tests.conftest import database_away, drop_connections, subprocess_env
 from tests.harness_nodes.review_app import (
     EFFECTS,
     build_builder,
@@ -1485,3 +1487,81 @@ def test_show_reads_the_history_a_page_at_a_time(
     assert queue.show(item.id).trace == whole  # the same lines, one per checkpoint
     assert sum(line.startswith("checkpoint step") for line in whole) == checkpoints > 2
     assert limits and set(limits) == {2}
+
+
+def _review_rows(url: str, review_id: str) -> tuple[Any, ...]:
+    with psycopg.connect(url) as conn:
+        item = conn.execute(
+            "SELECT status, decided_by FROM harness_reviews WHERE id = %s", (review_id,)
+        ).fetchone()
+        audit = conn.execute(
+            "SELECT count(*) FROM harness_review_audit WHERE review_id = %s", (review_id,)
+        ).fetchone()
+    assert item is not None and audit is not None
+    return (*item, audit[0])
+
+
+def _queue_unavailable(backend: Backend | AsyncBackend) -> str:
+    return re.escape(f"Cannot open backend {backend.url!r}: review queue: ")
+
+
+@pytest.mark.postgres
+def test_a_decision_with_the_database_away_raises_backend_unavailable(postgres_url: str) -> None:
+    with open_backend(postgres_url) as backend:
+        queue = _queue(backend)
+        _pause(queue)
+        [item] = queue.pending()
+        with database_away(backend, postgres_url):
+            with pytest.raises(BackendUnavailable, match=_queue_unavailable(backend)) as exc:
+                queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert isinstance(exc.value.__cause__, psycopg.OperationalError)
+        assert exc.value.url == backend.url
+    # Nothing recorded: still pending, no audit row, the refund never ran.
+    assert _review_rows(postgres_url, item.id) == ("pending", None, 0)
+    assert "refund" not in EFFECTS
+
+
+@pytest.mark.postgres
+def test_a_decision_whose_connection_drops_mid_claim_is_not_recorded(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harness_nodes import review_queue
+
+    with open_backend(postgres_url) as backend:
+        queue = _queue(backend)
+        _pause(queue)
+        [item] = queue.pending()
+        audit_row = review_queue._decision_audit
+
+        def dropped_mid_claim(*args: Any) -> Any:
+            # The item is claimed in the open transaction; the server drops the connection
+            # before the audit row is written.
+            drop_connections(postgres_url)
+            return audit_row(*args)
+
+        monkeypatch.setattr(review_queue, "_decision_audit", dropped_mid_claim)
+        with database_away(backend, postgres_url, drop=False):
+            with pytest.raises(BackendUnavailable, match=_queue_unavailable(backend)) as exc:
+                queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert isinstance(exc.value.__cause__, psycopg.OperationalError)
+    # The claim was rolled back with the transaction: pending, no audit row, nothing ran.
+    assert _review_rows(postgres_url, item.id) == ("pending", None, 0)
+    assert "refund" not in EFFECTS
+
+
+@pytest.mark.postgres
+async def test_async_decision_with_the_database_away_raises_backend_unavailable(
+    postgres_url: str,
+) -> None:
+    async with AsyncBackend.from_conn_string(postgres_url) as backend:
+        queue = AsyncReviewQueue(
+            backend, build_builder().compile(checkpointer=backend.checkpointer)
+        )
+        await queue.ainvoke({"messages": [HumanMessage("refund A1")]}, thread_id="a1")
+        [item] = await queue.pending()
+        with database_away(backend, postgres_url):
+            with pytest.raises(BackendUnavailable, match=_queue_unavailable(backend)) as exc:
+                await queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert isinstance(exc.value.__cause__, psycopg.OperationalError)
+    assert _review_rows(postgres_url, item.id) == ("pending", None, 0)
+    assert "refund" not in EFFECTS
