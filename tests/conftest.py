@@ -213,12 +213,17 @@ DEAD_PORT_URL = "postgresql://postgres@127.0.0.1:1/gone"
 """Where nothing listens: a pool pointed here cannot reconnect."""
 
 
-def drop_connections(url: str) -> None:
-    """Kill every other connection to *url*'s database and wait until the server closed them."""
+def drop_connections(url: str, dbname: str | None = None) -> int:
+    """Kill every other connection to *dbname* (default: *url*'s database); how many.
+
+    ``pg_terminate_backend`` only signals: this waits until the server has closed them, so
+    they are connections the server dropped, as an outage or a failover leaves them.
+    """
     with psycopg.connect(url, autocommit=True) as admin:
         rows = admin.execute(
             "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " WHERE datname = COALESCE(%s, current_database()) AND pid <> pg_backend_pid()",
+            (dbname,),
         ).fetchall()
         pids = [pid for pid, ok in rows if ok]
         deadline = time.monotonic() + 10
@@ -227,8 +232,9 @@ def drop_connections(url: str) -> None:
                 "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
             ).fetchone()
             if alive is not None and alive[0] == 0:
-                return
+                break
             time.sleep(0.01)
+    return len(pids)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ server, which other test runs share.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import psycopg
@@ -16,6 +15,7 @@ from langgraph.graph import END, START, StateGraph
 
 from checkpointers import aopen_backend, open_backend
 from harness_nodes import HarnessState
+from tests.conftest import drop_connections
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -31,30 +31,6 @@ def _graph() -> StateGraph[HarnessState]:
     return builder
 
 
-def _terminate_connections(admin_url: str, dbname: str) -> int:
-    """Kill every connection to *dbname* and wait until the server has closed them all.
-
-    ``pg_terminate_backend`` only signals; waiting for the backends to exit makes these the
-    connections "the server dropped while they idled in the pool" the tests are about.
-    """
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        rows = admin.execute(
-            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = %s AND pid <> pg_backend_pid()",
-            (dbname,),
-        ).fetchall()
-        pids = [pid for pid, ok in rows if ok]
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            alive = admin.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
-            ).fetchone()
-            if alive is not None and alive[0] == 0:
-                break
-            time.sleep(0.01)
-    return len(pids)
-
-
 def test_a_healthy_pooled_connection_passes_the_check_and_a_dropped_one_fails_it(
     postgres_server: str, postgres_url: str
 ) -> None:
@@ -64,7 +40,7 @@ def test_a_healthy_pooled_connection_passes_the_check_and_a_dropped_one_fails_it
     with psycopg.connect(postgres_url, **postgres_pool_kwargs()) as conn:
         _check_pooled_connection(conn)  # idle and healthy: passes (a poll, no query)
         assert conn.execute("SELECT 1 AS one").fetchall() == [{"one": 1}]
-        assert _terminate_connections(postgres_server, dbname) >= 1
+        assert drop_connections(postgres_server, dbname) >= 1
         with pytest.raises(psycopg.OperationalError):
             _check_pooled_connection(conn)  # the server closed it: the real check raises
 
@@ -79,7 +55,7 @@ def test_backend_recovers_after_its_connections_are_killed(
         graph.invoke({"messages": [HumanMessage("hi")]}, config, durability="sync")
         assert backend.execute("SELECT 1 AS one") == [{"one": 1}]
 
-        assert _terminate_connections(postgres_server, dbname) >= 1
+        assert drop_connections(postgres_server, dbname) >= 1
 
         # The pool checks each connection on checkout and replaces the dead ones.
         assert backend.execute("SELECT 1 AS one") == [{"one": 1}]
@@ -87,7 +63,7 @@ def test_backend_recovers_after_its_connections_are_killed(
         assert [m.content for m in out["messages"]] == ["hi", "seen 1", "again", "seen 3"]
 
         # And again, with every connection killed while idle in the pool.
-        assert _terminate_connections(postgres_server, dbname) >= 1
+        assert drop_connections(postgres_server, dbname) >= 1
         with backend.transaction() as tx:
             tx.execute(
                 "INSERT INTO harness_runs (thread_id, status, created_at, updated_at)"
@@ -106,7 +82,7 @@ async def test_async_backend_recovers_after_its_connections_are_killed(
         config = {"configurable": {"thread_id": "pool-async"}}
         await graph.ainvoke({"messages": [HumanMessage("hi")]}, config, durability="sync")
 
-        assert _terminate_connections(postgres_server, dbname) >= 1
+        assert drop_connections(postgres_server, dbname) >= 1
 
         assert await backend.execute("SELECT 1 AS one") == [{"one": 1}]
         out = await graph.ainvoke({"messages": [HumanMessage("again")]}, config, durability="sync")
