@@ -96,6 +96,7 @@ from langgraph.runtime import Runtime
 from langgraph.types import Command, Overwrite
 
 from harness_nodes import _verify
+from harness_nodes._events import aemit, emit
 from harness_nodes.aio import AsyncEffectLedger
 from harness_nodes.budget import (
     BudgetCallbackHandler,
@@ -128,6 +129,7 @@ from harness_nodes.verify import (
     ToolContract,
     VerificationStop,
     VerifyToolOutputs,
+    _answer_invalid_calls,
     route_after_verify,
 )
 
@@ -529,6 +531,7 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         elif (
             isinstance(last, AIMessage)
             and not last.tool_calls
+            and not last.invalid_tool_calls  # malformed calls: no answer (see the verifier)
             and "outcome" not in _verify.harness_meta(last)
         ):
             update["outcome"] = replace_outcome(
@@ -615,6 +618,10 @@ class VerifyToolOutputsMiddleware(_OutcomePerTask):
     `VerificationFailed` with ``exit_behavior="error"``. ``create_agent`` ends the run after a
     ``return_direct`` tool; when verification refused its output, an ``after_agent`` step (one
     per run) sends the run back into the loop, so the verdict is honoured as in the graph form.
+    A model answer with malformed tool calls (arguments that are not valid JSON, in
+    ``invalid_tool_calls``) is not a final answer: an ``after_model`` step answers each with an
+    error message and sends the agent back to the model, within the tool's ``max_retries``;
+    then the task ends ``verification_failed`` (as `ModelNode` does in the graph form).
 
     A contract naming a tool the agent does not have (a misspelt name would leave the real
     tool on the default contract) raises `UserError` at the first tool call, before any tool
@@ -761,6 +768,41 @@ class VerifyToolOutputsMiddleware(_OutcomePerTask):
     ) -> ModelResponse[Any] | ExtendedModelResponse[Any]:
         """Async `wrap_model_call`."""
         return self._unreviewed_stop(request) or _mark_structured_end(await handler(request))
+
+    def _malformed(self, state: HarnessAgentState) -> dict[str, Any] | None:
+        messages = _verify.messages_of(state)
+        reply = messages[-1] if messages else None
+        if not isinstance(reply, AIMessage) or _ends_on_budget(reply):
+            return None
+        earlier = {**cast(Mapping[str, Any], state), "messages": messages[:-1]}
+        answers, verdicts = _answer_invalid_calls(self.verify, earlier, reply)
+        if not verdicts:
+            return None
+        update: dict[str, Any] = {"messages": answers, "verdicts": verdicts}
+        answered = {m.tool_call_id for m in answers}
+        if all(c["id"] in answered for c in reply.tool_calls):
+            # No call left for the tools node: ``create_agent`` would end the run here. Back
+            # to the model, through `before_model`, which stops on a ``fail`` verdict.
+            update["jump_to"] = "model"
+        return update
+
+    @hook_config(can_jump_to=["model"])
+    def after_model(self, state: HarnessAgentState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        """Answer malformed tool calls with corrective errors and go back to the model."""
+        update = self._malformed(state)
+        for verdict in (update or {}).get("verdicts", ()):
+            emit("verdict", dict(verdict), _config())
+        return update
+
+    @hook_config(can_jump_to=["model"])
+    async def aafter_model(
+        self, state: HarnessAgentState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """Async `after_model`."""
+        update = self._malformed(state)
+        for verdict in (update or {}).get("verdicts", ()):
+            await aemit("verdict", dict(verdict), _config())
+        return update
 
     @hook_config(can_jump_to=["end"])
     def before_model(

@@ -160,6 +160,12 @@ def _chunks(msg: AIMessage) -> Iterator[ChatGenerationChunk]:
             yield ChatGenerationChunk(
                 message=AIMessageChunk(content="", id=msg.id, tool_call_chunks=[args])
             )
+    for index, bad in enumerate(msg.invalid_tool_calls, start=len(msg.tool_calls)):
+        # The raw arguments as sent: the aggregated message parses them into an invalid call.
+        raw = tool_call_chunk(name=bad["name"], args=bad["args"] or "", id=bad["id"], index=index)
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(content="", id=msg.id, tool_call_chunks=[raw])
+        )
     yield ChatGenerationChunk(
         message=AIMessageChunk(
             content="",
@@ -321,7 +327,9 @@ class ScriptedChatModel(GenericFakeChatModel):
                 total_tokens=0,
             )
         out_tokens = usage["output_tokens"]
-        finish = "tool_calls" if msg.tool_calls else "stop"
+        # A malformed call (arguments that are not valid JSON) is still a call the provider
+        # made: it stays, in ``invalid_tool_calls``, as langchain's parsers leave it.
+        finish = "tool_calls" if msg.tool_calls or msg.invalid_tool_calls else "stop"
         if cap is not None and out_tokens > int(cap):
             out_tokens = int(cap)
             finish = "length"
@@ -333,9 +341,11 @@ class ScriptedChatModel(GenericFakeChatModel):
             total_tokens=usage["input_tokens"] + out_tokens,
         )
         tool_calls = [] if finish == "length" else list(msg.tool_calls)
+        invalid = [] if finish == "length" else list(msg.invalid_tool_calls)
         return AIMessage(
             content=content,
             tool_calls=tool_calls,
+            invalid_tool_calls=invalid,
             usage_metadata=usage,
             response_metadata={"model_name": self.model_name, "finish_reason": finish},
             id=msg.id,

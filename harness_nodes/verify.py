@@ -871,6 +871,87 @@ def _is_invalid_resume(error: BaseException) -> bool:
     return bool(is_invalid_resume(error))
 
 
+# --- malformed tool calls ----------------------------------------------------------------
+
+
+def _answer_invalid_calls(
+    verify: VerifyToolOutputs | None, state: Any, reply: AIMessage
+) -> tuple[list[ToolMessage], list[Verdict]]:
+    """Error messages answering *reply*'s malformed tool calls, and their failed verdicts.
+
+    A provider's tool call whose arguments are not valid JSON lands in
+    ``reply.invalid_tool_calls``, not ``tool_calls``: routed by its ``tool_calls`` alone, the
+    reply reads as a final answer. Each such call is answered instead by an error
+    ``ToolMessage`` (its id, so the history stays valid for providers that want every call
+    answered) telling the model what was wrong; its verdict counts against the tool's
+    ``max_retries`` like a refused output, and once they are spent the verdict is ``fail``.
+    The tool never ran, so a retry is always safe: the contract's ``on_fail`` and side effects
+    do not apply. On ``fail`` the reply's well-formed calls are answered "not run" too, as the
+    task stops before any tool runs. *state* holds the messages before *reply*.
+    """
+    invalid = list(reply.invalid_tool_calls)
+    if not invalid:
+        return [], []
+    earlier = _verify.messages_of(state)
+    task = _verify.current_task([*earlier, reply], _verify.verdicts_of(state))
+    answers: list[ToolMessage] = []
+    verdicts: list[Verdict] = []
+    for call in invalid:
+        tool = call.get("name") or ""
+        contract = (verify.contract_for(tool) if verify is not None else None) or ToolContract()
+        attempt = _verify.attempt_of(state, earlier, tool, task)
+        reason = "the arguments are not valid JSON"
+        if call.get("error"):
+            reason += f" ({_verify.excerpt(str(call['error'])[:200])})"
+        reason += f": {_verify.excerpt(call.get('args'))}"
+        verdict = Verdict(
+            tool=tool,
+            tool_call_id=call.get("id") or "",
+            ok=False,
+            reasons=[reason],
+            attempt=attempt,
+            action="retry" if attempt <= contract.max_retries else "fail",
+        )
+        if task.start is not None:
+            verdict["task_start"] = task.start
+        lines = [f"Tool call {tool!r} was not run: {reason}."]
+        if verdict["action"] == "retry":
+            lines.append(
+                "Call the tool again with its arguments as one valid JSON object that matches "
+                f"its schema (retry {attempt} of {contract.max_retries} for this tool)."
+            )
+        else:
+            lines.append("The task stops here (verification failed).")
+        answers.append(
+            ToolMessage(
+                content="\n".join(lines),
+                tool_call_id=verdict["tool_call_id"],
+                name=tool or None,
+                status="error",
+                additional_kwargs={
+                    _verify.HARNESS_KEY: {
+                        "verdict": verdict,
+                        "rejected_arguments": call.get("args"),
+                    }
+                },
+            )
+        )
+        verdicts.append(verdict)
+    if any(v["action"] == "fail" for v in verdicts):
+        answers += [
+            ToolMessage(
+                content="Not run: another call in the same answer was malformed and the task "
+                "stopped.",
+                tool_call_id=str(c["id"]),
+                name=c["name"],
+                status="error",
+            )
+            for c in reply.tool_calls
+            if c.get("id")
+        ]
+    return answers, verdicts
+
+
 # --- routing and the finish node -----------------------------------------------------------
 
 _ROUTE_ORDER: dict[str, int] = {"ok": 0, "retry": 1, "fail": 2, "escalate": 3}

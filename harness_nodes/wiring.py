@@ -44,9 +44,10 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
@@ -59,6 +60,8 @@ from langgraph.prebuilt import ToolNode
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
+from harness_nodes import _verify
+from harness_nodes._events import aemit, emit
 from harness_nodes.aio import AsyncEffectLedger
 from harness_nodes.budget import (
     BudgetedChatModel,
@@ -78,12 +81,14 @@ from harness_nodes.state import (
     MessagesAndOutcome,
     MessagesOnly,
     Outcome,
+    Verdict,
     replace_outcome,
 )
 from harness_nodes.verify import (
     ToolContract,
     VerificationStop,
     VerifyToolOutputs,
+    _answer_invalid_calls,
     route_after_verify,
 )
 
@@ -117,6 +122,12 @@ def _verifier(contracts: Contracts) -> VerifyToolOutputs:
     )
 
 
+class _ModelInput(MessagesAndOutcome, total=False):
+    """What `ModelNode` reads: the messages, the outcome, and the verdicts (retry counts)."""
+
+    verdicts: Annotated[list[Verdict], operator.add]
+
+
 @dataclass(frozen=True)
 class ModelNode(Runnable[MessagesAndOutcome, dict[str, Any]]):
     """The model call of a harnessed agent: prompt → the model → one AI message.
@@ -125,7 +136,12 @@ class ModelNode(Runnable[MessagesAndOutcome, dict[str, Any]]):
     ``outcome = {"status": "completed", "partial_result": <answer>}`` (kept where the state
     has an ``outcome`` key), so finishing costs no extra superstep. A budget stop is no
     answer: neither a budgeted model's refusal nor an answer cut short at the output cap the
-    budget lowered completes the task (the graph goes on to its budget stop).
+    budget lowered completes the task (the graph goes on to its budget stop). Nor does an
+    answer with malformed tool calls (arguments that are not valid JSON, which LangChain puts
+    in ``invalid_tool_calls``): each is answered by an error ``ToolMessage`` that tells the
+    model what was wrong, with a failed verdict counted against the tool's ``max_retries``
+    (from `verify`); once they are spent the verdict is ``fail``, which `route_after_verify`
+    reads.
 
     The node is a ``Runnable`` with both paths: under ``invoke``/``stream`` it calls
     ``model.invoke``, under ``ainvoke``/``astream`` it awaits ``model.ainvoke`` (a model
@@ -148,11 +164,15 @@ class ModelNode(Runnable[MessagesAndOutcome, dict[str, Any]]):
     """The chat model, with its tools bound."""
     system_prompt: str | None = None
     """Prepended to every call (not stored in the state)."""
+    verify: VerifyToolOutputs | None = None
+    """Whose contracts bound the retries of malformed tool calls (``None``: the default
+    `ToolContract`'s)."""
 
-    def __call__(self, state: MessagesAndOutcome) -> dict[str, Any]:
+    def __call__(self, state: _ModelInput) -> dict[str, Any]:
         """Call the model on the conversation (the run's config comes from LangChain's context).
 
-        LangGraph reads the node's input schema from this signature (`MessagesAndOutcome`).
+        LangGraph reads the node's input schema from this signature (messages, outcome and
+        verdicts).
         """
         return self.invoke(state)
 
@@ -162,6 +182,8 @@ class ModelNode(Runnable[MessagesAndOutcome, dict[str, Any]]):
         """Call the model on the conversation; the update for the state."""
         reply = self.model.invoke(self._prompt(input), config)
         update = self._update(input, reply)
+        for verdict in update.get("verdicts", ()):
+            emit("verdict", dict(verdict), config)
         if _completes(update) and isinstance(self.model, BudgetedChatModel):
             update["spend"] = self.model.spend(config, model=_last_model([reply]))
         return update
@@ -172,6 +194,8 @@ class ModelNode(Runnable[MessagesAndOutcome, dict[str, Any]]):
         """Async `invoke`: awaits ``model.ainvoke``."""
         reply = await self.model.ainvoke(self._prompt(input), config)
         update = self._update(input, reply)
+        for verdict in update.get("verdicts", ()):
+            await aemit("verdict", dict(verdict), config)
         if _completes(update) and isinstance(self.model, BudgetedChatModel):
             update["spend"] = await self.model.aspend(config, model=_last_model([reply]))
         return update
@@ -185,8 +209,12 @@ class ModelNode(Runnable[MessagesAndOutcome, dict[str, Any]]):
     def _update(self, state: MessagesAndOutcome, reply: BaseMessage) -> dict[str, Any]:
         update: dict[str, Any] = {"messages": [reply]}
         outcome: Outcome | None = None
-        if isinstance(reply, AIMessage) and not reply.tool_calls and not _budget_stopped(reply):
-            outcome = Outcome(status="completed", partial_result=reply.text)
+        if isinstance(reply, AIMessage) and not _budget_stopped(reply):
+            if reply.invalid_tool_calls:
+                answers, verdicts = _answer_invalid_calls(self.verify, state, reply)
+                update = {"messages": [reply, *answers], "verdicts": verdicts}
+            elif not reply.tool_calls:
+                outcome = Outcome(status="completed", partial_result=reply.text)
         if outcome is not None or state.get("outcome") is not None:
             # The model runs once an outcome is set only on new input: a new task's turn.
             update["outcome"] = replace_outcome(state, outcome)
@@ -299,15 +327,41 @@ class _IntoModel:
 
 @dataclass(frozen=True)
 class _AfterModel:
-    """Out of the model: review when flagged, else the tools, else the end (or a budget stop)."""
+    """Out of the model: review when flagged, else the tools, else the end (or a budget stop).
+
+    An answer with malformed tool calls is followed by the model node's error messages for
+    them: its well-formed calls (if any) go on to review or the tools, else the graph goes
+    back to the model (through the budget check), or to the stop once the retries are spent.
+    """
 
     review: HumanReview
+    into_model: _IntoModel
 
-    def __call__(self, state: MessagesOnly) -> str:
+    def _route(self, state: MessagesOnly) -> str | None:
+        """Where to go; ``None``: back into the model."""
         messages = state["messages"]
         if messages and _budget_stopped(messages[-1]):
             return BUDGET_STOP  # the wrapper refused a call the edge check let through
-        return self.review.route(state)
+        if not messages or not isinstance(messages[-1], ToolMessage):
+            return self.review.route(state)
+        verified = _verified_route(state)
+        if verified is not None:
+            return verified
+        i = _verify.last_ai_index(messages)
+        reply = messages[i]
+        if isinstance(reply, AIMessage) and reply.tool_calls:
+            return self.review.route({"messages": messages[: i + 1]})
+        return None
+
+    def route(self, state: MessagesOnly, config: RunnableConfig) -> str:
+        return self._route(state) or self.into_model.route(state, config)
+
+    async def aroute(self, state: MessagesOnly, config: RunnableConfig) -> str:
+        return self._route(state) or await self.into_model.aroute(state, config)
+
+    def runnable(self) -> Runnable[Any, str]:
+        """The router to add: `route` under ``invoke``, `aroute` under ``ainvoke``."""
+        return RunnableLambda(self.route, afunc=self.aroute, name=type(self).__name__)
 
 
 @dataclass(frozen=True)
@@ -541,7 +595,7 @@ def _agent_builder(
     into_model = _IntoModel(guard, " and ".join(on_async) or None)
     hooks = _ToolHooks(verify, ledger, into_model.async_needs)
     builder: StateGraph[Any] = StateGraph(state_schema)
-    builder.add_node(AGENT, ModelNode(llm, system_prompt))
+    builder.add_node(AGENT, ModelNode(llm, system_prompt, verify))
     builder.add_node(
         TOOLS,
         ToolNode(list(tools), wrap_tool_call=hooks.wrap, awrap_tool_call=hooks.awrap),
@@ -555,10 +609,12 @@ def _agent_builder(
         into[BUDGET_STOP] = BUDGET_STOP
     builder.add_conditional_edges(START, into_model.runnable(), cast(Any, into))
     # Review when the policy flags a call, else the tools, else the end.
-    after_model = {REVIEW: REVIEW, TOOLS: TOOLS, AGENT: AGENT, END: END}
+    after_model = {REVIEW: REVIEW, TOOLS: TOOLS, AGENT: AGENT, END: END, STOP: STOP}
     if guard is not None:
         after_model[BUDGET_STOP] = BUDGET_STOP
-    builder.add_conditional_edges(AGENT, _AfterModel(review), cast(Any, after_model))
+    builder.add_conditional_edges(
+        AGENT, _AfterModel(review, into_model).runnable(), cast(Any, after_model)
+    )
     after_tools = {**into, REVIEW: REVIEW, STOP: STOP}
     builder.add_conditional_edges(TOOLS, _AfterTools(into_model).runnable(), cast(Any, after_tools))
     builder.add_edge(STOP, END)
