@@ -61,6 +61,11 @@ def build_graph(model: BaseChatModel | None = None) -> StateGraph[HarnessState]:
     def finish(state: HarnessState) -> dict[str, Any]:
         last = state["messages"][-1]
         outcome: Outcome = {"status": "completed", "partial_result": last.text}
+        if isinstance(last, AIMessage) and last.invalid_tool_calls:
+            # Arguments that were not valid JSON: no tool ran, so this is no answer.
+            names = ", ".join(str(call.get("name")) for call in last.invalid_tool_calls)
+            reason = f"the model's tool call had malformed arguments ({names})"
+            outcome = {"status": "failed", "reason": reason, "partial_result": last.text}
         return {"outcome": outcome}
 
     builder = StateGraph(HarnessState)

@@ -412,3 +412,27 @@ async def test_documents_batches_run_as_async_background_tasks(abackend: AsyncBa
         result = await runner.aresult("batch-12", timeout=60)
     assert result["status"] == "completed", result
     assert len(json.loads(result["partial_result"])) == 6
+
+
+def test_quickstart_a_malformed_tool_call_is_no_answer() -> None:
+    # A provider's tool call whose arguments are not JSON lands in invalid_tool_calls, so
+    # tools_condition ends the loop: the task failed, it did not complete with "".
+    from graphs import quickstart
+
+    bad = AIMessage(
+        "",
+        invalid_tool_calls=[
+            {
+                "name": "get_weather",
+                "args": '{"city": "Par',
+                "id": "call-bad",
+                "error": None,
+                "type": "invalid_tool_call",
+            }
+        ],
+    )
+    with open_backend("memory://") as backend:
+        builder = quickstart.build_graph(ScriptedChatModel(script=[bad]))
+        out = quickstart.run(builder, backend, thread_id="t-bad-args")
+    assert out["outcome"]["status"] == "failed"
+    assert "get_weather" in out["outcome"]["reason"]
