@@ -33,6 +33,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from checkpointers._schema import MIGRATIONS, MIGRATIONS_TABLE, Dialect
 from checkpointers._url import Kind, ParsedURL, parse_url
 from checkpointers.backend import (
+    CLOSE_TIMEOUT,
     Params,
     Row,
     _first_line,
@@ -183,18 +184,24 @@ class _APgTx:
 class _APostgresDB:
     def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Row]]) -> None:
         self.pool = pool
+        self.wait: float | None = None
+        """Seconds a statement waits for a connection (None: the pool's 30 s)."""
 
     async def execute(self, sql: str, params: Params) -> list[Row]:
-        async with self.pool.connection() as conn:
+        async with self.pool.connection(timeout=self.wait) as conn:
             return await _APgTx(conn).execute(sql, params)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_APgTx]:
-        async with self.pool.connection() as conn, conn.transaction():
+        async with self.pool.connection(timeout=self.wait) as conn, conn.transaction():
             yield _APgTx(conn)
 
+    def closing(self, timeout: float) -> None:
+        """`_PostgresDB.closing`."""
+        self.wait = timeout
+
     async def close(self) -> None:
-        await self.pool.close()
+        await self.pool.close(timeout=min(5.0, self.wait or 5.0))
 
 
 class AsyncBackend:
@@ -270,10 +277,16 @@ class AsyncBackend:
         async with self._db.transaction() as tx:
             yield tx
 
-    async def close(self) -> None:
-        """Close every connection. Safe to call twice."""
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close every connection. Safe to call twice.
+
+        Args:
+            timeout: Seconds closing waits for a database connection (see `Backend.close`).
+        """
         if self._closed:
             return
+        if isinstance(self._db, _APostgresDB):
+            self._db.closing(timeout)
         for hook in self._before_close:
             try:
                 await hook()

@@ -181,18 +181,24 @@ class _PgTx:
 class _PostgresDB:
     def __init__(self, pool: ConnectionPool[Connection[Row]]) -> None:
         self.pool = pool
+        self.wait: float | None = None
+        """Seconds a statement waits for a connection (None: the pool's 30 s)."""
 
     def execute(self, sql: str, params: Params) -> list[Row]:
-        with self.pool.connection() as conn:
+        with self.pool.connection(timeout=self.wait) as conn:
             return _PgTx(conn).execute(sql, params)
 
     @contextmanager
     def transaction(self) -> Iterator[_PgTx]:
-        with self.pool.connection() as conn, conn.transaction():
+        with self.pool.connection(timeout=self.wait) as conn, conn.transaction():
             yield _PgTx(conn)
 
+    def closing(self, timeout: float) -> None:
+        """From now on (the backend is closing) wait at most *timeout* s for a connection."""
+        self.wait = timeout
+
     def close(self) -> None:
-        self.pool.close()
+        self.pool.close(timeout=min(5.0, self.wait or 5.0))
 
 
 def _migrate_postgres(conn: Connection[Any]) -> None:
@@ -247,6 +253,9 @@ def postgres_pool_kwargs() -> dict[str, Any]:
 
 
 # --- the backend ---------------------------------------------------------------------------
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds `Backend.close` waits for the database (psycopg_pool's ``close`` waits as long)."""
 
 
 class Backend:
@@ -340,10 +349,19 @@ class Backend:
         with self._db.transaction() as tx:
             yield tx
 
-    def close(self) -> None:
-        """Close the saver's connections and the harness's. Safe to call twice."""
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close the saver's connections and the harness's. Safe to call twice.
+
+        Args:
+            timeout: Seconds closing waits for a database connection, to write what is
+                pending (spend settlements). With the database away, what cannot be written
+                is logged and closing goes on: a process shutting down during an outage
+                is not held for the pool's 30 s wait.
+        """
         if self._closed:
             return
+        if isinstance(self._db, _PostgresDB):
+            self._db.closing(timeout)
         for hook in self._before_close:
             try:
                 hook()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -138,6 +139,54 @@ class JobQueue:
             reason = self._parsed.redact(_first_line(e))
             raise BackendUnavailable(self.masked_url, reason) from None
 
+    def wait_until_up(self, timeout: float) -> None:
+        """`setup`, retried while the server is not up yet, for at most *timeout* seconds.
+
+        A server that does not answer (connection refused: not started) or refuses
+        connections while it starts up (or shuts down, or recovers) is waited for, as
+        ``pg_isready`` tells them apart; one that answers but refuses us (wrong password,
+        no such database) fails at once: waiting would not help.
+
+        Raises:
+            BackendUnavailable: the server refused us, or was not up within *timeout*.
+        """
+        from psycopg import pq
+        from psycopg.conninfo import make_conninfo
+
+        ping = make_conninfo(self.conninfo, connect_timeout=CONNECT_TIMEOUT).encode()
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        up_but_refused = False
+        said, say_again = "", 0.0
+        while True:
+            try:
+                self.setup()
+                return
+            except BackendUnavailable as e:
+                # Ping after the failure: a server that is up now but refused us twice in a
+                # row refuses us for good; once may be the end of its start-up.
+                if pq.PGconn.ping(ping) == pq.Ping.OK:
+                    if up_but_refused:
+                        raise
+                    up_but_refused = True
+                    continue
+                up_but_refused = False
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BackendUnavailable(
+                        self.masked_url, f"not up after {timeout:g} s: {e.reason}"
+                    ) from e
+                if e.reason != said or time.monotonic() >= say_again:  # not every retry
+                    logger.warning(
+                        "waiting for the database %s (up to %.0f s more): %s",
+                        self.masked_url,
+                        left,
+                        e.reason,
+                    )
+                    said, say_again = e.reason, time.monotonic() + 10
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 2.0)
+
     def defer(self, thread_id: str, graph: str) -> bool:
         """Queue a run of *thread_id*; ``False`` if one is already waiting (not a duplicate)."""
         procrastinate = _procrastinate()
@@ -178,6 +227,8 @@ class WorkerOptions:
     """Fallback polling for new jobs (LISTEN/NOTIFY wakes workers at once)."""
     name: str | None = None
     """The worker's name in procrastinate's tables and logs."""
+    startup_wait: float = 60.0
+    """Seconds to wait for a database that is not up yet when the worker starts (0: none)."""
     runners: dict[str, TaskRunner] = field(default_factory=dict, repr=False)
 
 
@@ -248,7 +299,8 @@ async def run_worker(
 
     options = options or WorkerOptions()
     queue = JobQueue(url)
-    await asyncio.to_thread(queue.setup)
+    # Started beside the database (docker compose, a restarting host): wait until it is up.
+    await asyncio.to_thread(queue.wait_until_up, options.startup_wait)
     backend = await asyncio.to_thread(open_backend, url, pool_size=max(4, 2 * options.concurrency))
     try:
         async with queue.app.open_async():

@@ -939,11 +939,12 @@ class ReviewQueue:
         if not tid:
             raise UserError("ReviewQueue.invoke needs a thread_id")
         run_cfg = _thread_config(str(tid), cast(RunnableConfig, cfg))
-        try:
-            result = self.graph.invoke(input, run_cfg, durability="sync")
-        except EmptyInputError:  # input None and no checkpoint: nothing to carry on
-            raise UnknownThread(str(tid)) from None
-        self.sync(str(tid))
+        with outage(self.backend, "review queue"):
+            try:
+                result = self.graph.invoke(input, run_cfg, durability="sync")
+            except EmptyInputError:  # input None and no checkpoint: nothing to carry on
+                raise UnknownThread(str(tid)) from None
+            self.sync(str(tid))
         return cast(dict[str, Any], result)
 
     def sync(self, thread_id: str, *, recover: bool = False) -> list[ReviewItem]:
@@ -960,7 +961,15 @@ class ReviewQueue:
         decision was recorded, before or after the run took it, is left to
         `TaskRunner.recover`, which carries it on with that decision when the lease expires;
         its row stays ``decided`` until a sync sees the run end.
+
+        Raises:
+            BackendUnavailable: the database could not be reached (see `decide` for what a
+                decision whose resume it cut short leaves).
         """
+        with outage(self.backend, "review queue"):
+            return self._sync(thread_id, recover=recover)
+
+    def _sync(self, thread_id: str, *, recover: bool) -> list[ReviewItem]:
         cfg = _thread_config(thread_id, None)
         snapshot = self.graph.get_state(cfg)
         live = {i.id for i in snapshot.interrupts}
@@ -1035,6 +1044,9 @@ class ReviewQueue:
             limit: At most this many items.
             offset: Skip this many (pagination).
             order: ``"age"`` (oldest first) or ``"urgency"`` (priority, deadline, age).
+
+        Raises:
+            BackendUnavailable: the database could not be reached.
         """
         sql, params = pending_sql(
             task_type=task_type,
@@ -1046,23 +1058,35 @@ class ReviewQueue:
             offset=offset,
             order=order,
         )
-        return [_item(r) for r in self.backend.execute(sql, params)]
+        with outage(self.backend, "review queue"):
+            return [_item(r) for r in self.backend.execute(sql, params)]
 
     def get(self, review_id: str) -> ReviewItem:
         """The item *review_id*, whatever its status.
 
         Raises:
             ReviewNotFound: no such item.
+            BackendUnavailable: the database could not be reached.
         """
-        rows = self.backend.execute(
-            f"SELECT {_COLUMNS} FROM harness_reviews WHERE id = %s", (review_id,)
-        )
+        with outage(self.backend, "review queue"):
+            rows = self.backend.execute(
+                f"SELECT {_COLUMNS} FROM harness_reviews WHERE id = %s", (review_id,)
+            )
         if not rows:
             raise ReviewNotFound(review_id)
         return _item(rows[0])
 
     def show(self, review_id: str) -> ReviewDetail:
-        """The item with the task's trace so far and its audit rows."""
+        """The item with the task's trace so far and its audit rows.
+
+        Raises:
+            ReviewNotFound: no such item.
+            BackendUnavailable: the database could not be reached.
+        """
+        with outage(self.backend, "review queue"):
+            return self._show(review_id)
+
+    def _show(self, review_id: str) -> ReviewDetail:
         item = self.get(review_id)
         cfg = _thread_config(item.thread_id, None)
         history: list[StateSnapshot] = []
@@ -1101,30 +1125,33 @@ class ReviewQueue:
             InvalidDecision: the decision is malformed or not allowed (the item stays pending).
             AlreadyDecided: another reviewer decided first, or the pause was answered outside
                 the queue (``Command(resume=...)`` on the graph); nothing was applied.
-            BackendUnavailable: the database could not be reached. The decision, its audit
-                row and the task's lease are claimed in one transaction: before it commits,
-                nothing is recorded (the item stays pending); after, the decision stands and
-                ``sync(thread_id, recover=True)`` applies it.
+            BackendUnavailable: the database could not be reached, before or during the
+                resumed run. The decision, its audit row and the task's lease are claimed in
+                one transaction: before it commits, nothing is recorded (the item stays
+                pending); after, the decision stands (``decided``) and is applied later —
+                by ``sync(thread_id, recover=True)``, or for a `TaskRunner`'s task by
+                `TaskRunner.recover` once the lease this call held expires.
         """
         with outage(self.backend, "review queue"):
-            item = self.get(review_id)
-            if item.status == "pending" and item.id not in {
-                i.id for i in self.sync(item.thread_id)
-            }:
-                item = self.get(review_id)  # its pause was answered outside the queue: closed now
-            if item.status != "pending":
-                raise self._core.already(item)
-            prepared = self._core.prepare(item, decision, reviewer)
-            self._check_against_the_ledger(item, prepared.payload)
-            runner = self._runner_for(item.thread_id)
-            owner = new_owner()
-            try:
-                won, leased = self._claim(item, prepared, reviewer, runner, owner)
-            except _ThreadBusy:
-                raise self._held_elsewhere(item) from None
-            if not won:
-                raise self._core.already(self.get(review_id))
-            decided = self.get(review_id)
+            return self._decide(review_id, decision, reviewer)
+
+    def _decide(self, review_id: str, decision: Any, reviewer: str) -> dict[str, Any]:
+        item = self.get(review_id)
+        if item.status == "pending" and item.id not in {i.id for i in self.sync(item.thread_id)}:
+            item = self.get(review_id)  # its pause was answered outside the queue: closed now
+        if item.status != "pending":
+            raise self._core.already(item)
+        prepared = self._core.prepare(item, decision, reviewer)
+        self._check_against_the_ledger(item, prepared.payload)
+        runner = self._runner_for(item.thread_id)
+        owner = new_owner()
+        try:
+            won, leased = self._claim(item, prepared, reviewer, runner, owner)
+        except _ThreadBusy:
+            raise self._held_elsewhere(item) from None
+        if not won:
+            raise self._core.already(self.get(review_id))
+        decided = self.get(review_id)
         if runner is not None and leased is not None:
             return self._resume_leased(runner, decided, leased, owner)
         self._settle_effects(decided, reviewer)
@@ -1186,9 +1213,8 @@ class ReviewQueue:
             # nothing ran; put the item back so someone can decide again.
             self._undecide(item, e)
             raise
-        with outage(self.backend, "review queue"):  # the run is past the pause: applied
-            self.backend.execute(_APPLIED, (item.id,))
-            self.sync(item.thread_id)
+        self.backend.execute(_APPLIED, (item.id,))  # the run is past the pause: applied
+        self.sync(item.thread_id)
         return cast(dict[str, Any], result)
 
     def _undecide(self, item: ReviewItem, error: InvalidDecision) -> None:
@@ -1213,9 +1239,8 @@ class ReviewQueue:
         run = runner._run_claimed(
             row, owner, _answer(item), on_refused=functools.partial(self._undecide, item)
         )
-        with outage(self.backend, "review queue"):
-            self.backend.execute(_APPLIED, (item.id,))
-            self.sync(item.thread_id)
+        self.backend.execute(_APPLIED, (item.id,))
+        self.sync(item.thread_id)
         _leased_outcome(run)
         return _state_of(self.graph.get_state(_thread_config(item.thread_id, None)))
 
@@ -1276,9 +1301,13 @@ class ReviewQueue:
                 self._undecide(item, refused)
 
     def assign(self, review_id: str, assignee: str | None, *, by: str = "harness") -> ReviewItem:
-        """Assign a pending item to someone (recorded in the audit)."""
+        """Assign a pending item to someone (recorded in the audit).
+
+        Raises:
+            BackendUnavailable: the database could not be reached (nothing was recorded).
+        """
         item = self.get(review_id)
-        with self.backend.transaction() as tx:
+        with outage(self.backend, "review queue"), self.backend.transaction() as tx:
             tx.execute(_ASSIGN, (assignee, review_id))
             tx.execute(_AUDIT, _assign_audit(item, assignee, by))
         return self.get(review_id)
@@ -1290,8 +1319,15 @@ class ReviewQueue:
         items asking whether an effect happened: a deadline says nothing about the refund, so
         those are escalated (to ``escalate_to``) or left pending. ``"escalate"`` reassigns
         to ``escalate_to`` with a fresh deadline and a higher priority.
+
+        Raises:
+            BackendUnavailable: the database could not be reached (items already expired
+                stay so; a rejection cut short is a `decide` cut short).
         """
-        now = time.time() if now is None else now
+        with outage(self.backend, "review queue"):
+            return self._expire(time.time() if now is None else now)
+
+    def _expire(self, now: float) -> list[str]:
         done: list[str] = []
         for row in self.backend.execute(_EXPIRED, (now,)):
             item = _item(row)
@@ -1396,15 +1432,20 @@ class AsyncReviewQueue:
         if not tid:
             raise UserError("AsyncReviewQueue.ainvoke needs a thread_id")
         run_cfg = _thread_config(str(tid), cast(RunnableConfig, cfg))
-        try:
-            result = await self.graph.ainvoke(input, run_cfg, durability="sync")
-        except EmptyInputError:  # input None and no checkpoint: nothing to carry on
-            raise UnknownThread(str(tid)) from None
-        await self.sync(str(tid))
+        with outage(self.backend, "review queue"):
+            try:
+                result = await self.graph.ainvoke(input, run_cfg, durability="sync")
+            except EmptyInputError:  # input None and no checkpoint: nothing to carry on
+                raise UnknownThread(str(tid)) from None
+            await self.sync(str(tid))
         return cast(dict[str, Any], result)
 
     async def sync(self, thread_id: str, *, recover: bool = False) -> list[ReviewItem]:
         """Async `ReviewQueue.sync` (an `AsyncTaskRunner`'s task is left to ``arecover``)."""
+        with outage(self.backend, "review queue"):
+            return await self._sync(thread_id, recover=recover)
+
+    async def _sync(self, thread_id: str, *, recover: bool) -> list[ReviewItem]:
         snapshot = await self.graph.aget_state(_thread_config(thread_id, None))
         live = {i.id for i in snapshot.interrupts}
         for row in self._core.rows_for(thread_id, snapshot):
@@ -1477,19 +1518,25 @@ class AsyncReviewQueue:
             offset=offset,
             order=order,
         )
-        return [_item(r) for r in await self.backend.execute(sql, params)]
+        with outage(self.backend, "review queue"):
+            return [_item(r) for r in await self.backend.execute(sql, params)]
 
     async def get(self, review_id: str) -> ReviewItem:
         """Async `ReviewQueue.get`."""
-        rows = await self.backend.execute(
-            f"SELECT {_COLUMNS} FROM harness_reviews WHERE id = %s", (review_id,)
-        )
+        with outage(self.backend, "review queue"):
+            rows = await self.backend.execute(
+                f"SELECT {_COLUMNS} FROM harness_reviews WHERE id = %s", (review_id,)
+            )
         if not rows:
             raise ReviewNotFound(review_id)
         return _item(rows[0])
 
     async def show(self, review_id: str) -> ReviewDetail:
         """Async `ReviewQueue.show`."""
+        with outage(self.backend, "review queue"):
+            return await self._show(review_id)
+
+    async def _show(self, review_id: str) -> ReviewDetail:
         item = await self.get(review_id)
         cfg = _thread_config(item.thread_id, None)
         history: list[StateSnapshot] = []
@@ -1516,24 +1563,27 @@ class AsyncReviewQueue:
     ) -> dict[str, Any]:
         """Async `ReviewQueue.decide`."""
         with outage(self.backend, "review queue"):
-            item = await self.get(review_id)
-            if item.status == "pending" and item.id not in {
-                i.id for i in await self.sync(item.thread_id)
-            }:
-                item = await self.get(review_id)  # its pause was answered outside the queue
-            if item.status != "pending":
-                raise self._core.already(item)
-            prepared = self._core.prepare(item, decision, reviewer)
-            await self._check_against_the_ledger(item, prepared.payload)
-            runner = await self._runner_for(item.thread_id)
-            owner = new_owner()
-            try:
-                won, leased = await self._claim(item, prepared, reviewer, runner, owner)
-            except _ThreadBusy:
-                raise await self._held_elsewhere(item) from None
-            if not won:
-                raise self._core.already(await self.get(review_id))
-            decided = await self.get(review_id)
+            return await self._decide(review_id, decision, reviewer)
+
+    async def _decide(self, review_id: str, decision: Any, reviewer: str) -> dict[str, Any]:
+        item = await self.get(review_id)
+        if item.status == "pending" and item.id not in {
+            i.id for i in await self.sync(item.thread_id)
+        }:
+            item = await self.get(review_id)  # its pause was answered outside the queue
+        if item.status != "pending":
+            raise self._core.already(item)
+        prepared = self._core.prepare(item, decision, reviewer)
+        await self._check_against_the_ledger(item, prepared.payload)
+        runner = await self._runner_for(item.thread_id)
+        owner = new_owner()
+        try:
+            won, leased = await self._claim(item, prepared, reviewer, runner, owner)
+        except _ThreadBusy:
+            raise await self._held_elsewhere(item) from None
+        if not won:
+            raise self._core.already(await self.get(review_id))
+        decided = await self.get(review_id)
         if runner is not None and leased is not None:
             return await self._resume_leased(runner, decided, leased, owner)
         await self._settle_effects(decided, reviewer)
@@ -1588,14 +1638,18 @@ class AsyncReviewQueue:
     ) -> ReviewItem:
         """Async `ReviewQueue.assign`."""
         item = await self.get(review_id)
-        async with self.backend.transaction() as tx:
-            await tx.execute(_ASSIGN, (assignee, review_id))
-            await tx.execute(_AUDIT, _assign_audit(item, assignee, by))
+        with outage(self.backend, "review queue"):
+            async with self.backend.transaction() as tx:
+                await tx.execute(_ASSIGN, (assignee, review_id))
+                await tx.execute(_AUDIT, _assign_audit(item, assignee, by))
         return await self.get(review_id)
 
     async def expire(self, *, now: float | None = None) -> list[str]:
         """Async `ReviewQueue.expire`."""
-        now = time.time() if now is None else now
+        with outage(self.backend, "review queue"):
+            return await self._expire(time.time() if now is None else now)
+
+    async def _expire(self, now: float) -> list[str]:
         done: list[str] = []
         for row in await self.backend.execute(_EXPIRED, (now,)):
             item = _item(row)
@@ -1623,9 +1677,8 @@ class AsyncReviewQueue:
         except InvalidDecision as e:
             await self._undecide(item, e)
             raise
-        with outage(self.backend, "review queue"):  # the run is past the pause: applied
-            await self.backend.execute(_APPLIED, (item.id,))
-            await self.sync(item.thread_id)
+        await self.backend.execute(_APPLIED, (item.id,))  # the run is past the pause: applied
+        await self.sync(item.thread_id)
         return cast(dict[str, Any], result)
 
     async def _undecide(self, item: ReviewItem, error: InvalidDecision) -> None:
@@ -1643,9 +1696,8 @@ class AsyncReviewQueue:
         run = await runner._run_claimed(
             row, owner, _answer(item), on_refused=functools.partial(self._undecide, item)
         )
-        with outage(self.backend, "review queue"):
-            await self.backend.execute(_APPLIED, (item.id,))
-            await self.sync(item.thread_id)
+        await self.backend.execute(_APPLIED, (item.id,))
+        await self.sync(item.thread_id)
         _leased_outcome(run)
         return _state_of(await self.graph.aget_state(_thread_config(item.thread_id, None)))
 

@@ -46,6 +46,14 @@ def worker(
         typer.Option("--stalled-after", min=0.5, help="Seconds of silence before a worker is dead"),
     ] = 15.0,
     name: Annotated[str | None, typer.Option("--name", help="Worker name in logs")] = None,
+    wait_for_db: Annotated[
+        float,
+        typer.Option(
+            "--wait-for-db",
+            min=0,
+            help="Seconds to wait for a database that is not up yet (starting) before failing",
+        ),
+    ] = 60.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each job")] = False,
 ) -> None:
     """Run a background worker: execute queued tasks, resume those of dead workers."""
@@ -67,6 +75,7 @@ def worker(
         heartbeat_interval=max(0.2, stalled_after / 3),
         stalled_after=stalled_after,
         name=name,
+        startup_wait=wait_for_db,
     )
     err_console.print(f"harness worker: {queue.masked_url} (concurrency {concurrency})")
     asyncio.run(run_worker(url, options))

@@ -276,3 +276,64 @@ async def test_a_postgres_transaction_cancelled_while_it_waits_for_a_row_lock_le
     with psycopg.connect(postgres_url) as fresh:
         rows = fresh.execute("SELECT thread_id, status FROM harness_runs ORDER BY 1").fetchall()
     assert rows == [("t-locked", "autocommitted"), ("t-transaction", "running")]
+
+
+def _settlement_pending(backend: Any, task_id: str) -> Any:
+    """A budgeted call whose settlement is still pending when the backend closes."""
+    from harness_nodes import Envelope, budgeted
+    from harness_nodes.testing import ScriptedChatModel, ai
+
+    model = ScriptedChatModel(
+        script=[ai("Paris.", usage={"input_tokens": 10, "output_tokens": 2})],
+        model_name="gpt-4o",
+    )
+    return budgeted(model, envelope=Envelope(max_usd=1), backend=backend), {
+        "configurable": {"thread_id": task_id}
+    }
+
+
+def _reserved(url: str, task_id: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT state FROM harness_spend WHERE task_id = %s", (task_id,)
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _away_keeping_the_pool_wait(backend: Any, url: str) -> None:
+    """The database goes away; the pool keeps its 30 s wait for a connection."""
+    from tests.conftest import DEAD_PORT_URL, drop_connections
+
+    backend._db.pool.conninfo = DEAD_PORT_URL
+    drop_connections(url)
+
+
+@pytest.mark.postgres
+def test_closing_with_the_database_away_is_bounded(postgres_url: str) -> None:
+    from checkpointers._spend import _sync_pending
+
+    backend = open_backend(postgres_url)
+    _sync_pending(backend).delay = 3600.0  # the settlement is left to close()
+    llm, config = _settlement_pending(backend, "closing-away")
+    llm.invoke("capital of France?", config)
+    _away_keeping_the_pool_wait(backend, postgres_url)
+    started = time.monotonic()
+    backend.close()
+    # The pool's wait is 30 s; closing waits CLOSE_TIMEOUT (5 s) for the settlement's write.
+    assert time.monotonic() - started < 8
+    assert _reserved(postgres_url, "closing-away") == ["reserved"]  # kept at its worst case
+
+
+@pytest.mark.postgres
+async def test_async_closing_with_the_database_away_is_bounded(postgres_url: str) -> None:
+    from checkpointers._spend import _async_pending
+
+    backend = await aopen_backend(postgres_url)
+    _async_pending(backend).delay = 3600.0
+    llm, config = _settlement_pending(backend, "aclosing-away")
+    await llm.ainvoke("capital of France?", config)
+    _away_keeping_the_pool_wait(backend, postgres_url)
+    started = time.monotonic()
+    await backend.close(timeout=1)
+    assert time.monotonic() - started < 4
+    assert _reserved(postgres_url, "aclosing-away") == ["reserved"]

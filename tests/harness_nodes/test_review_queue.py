@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -1565,3 +1566,148 @@ async def test_async_decision_with_the_database_away_raises_backend_unavailable(
         assert isinstance(exc.value.__cause__, psycopg.OperationalError)
     assert _review_rows(postgres_url, item.id) == ("pending", None, 0)
     assert "refund" not in EFFECTS
+
+
+class _AwayOnResume:
+    """A review node's gate: the database goes away once the resumed run has its answer.
+
+    The run is then past the decision's transaction and before its next checkpoint: the
+    outage cuts the resume short, the decision already recorded.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.backend: Backend | AsyncBackend | None = None
+        self._away: contextlib.ExitStack | None = None
+
+    def __call__(self) -> None:
+        if self.backend is not None and self._away is None:
+            self._away = contextlib.ExitStack()
+            self._away.enter_context(database_away(self.backend, self.url))
+
+    def back(self) -> None:
+        """The database is back (the pool reconnects)."""
+        assert self._away is not None, "the resumed run never reached the review node"
+        self._away.close()
+
+
+@pytest.mark.postgres
+def test_a_resume_cut_short_by_an_outage_raises_backend_unavailable_and_keeps_the_decision(
+    postgres_url: str,
+) -> None:
+    away = _AwayOnResume(postgres_url)
+    with open_backend(postgres_url) as backend:
+        queue = ReviewQueue(
+            backend, build_builder(gate=away).compile(checkpointer=backend.checkpointer)
+        )
+        tid = _pause(queue)
+        [item] = queue.pending()
+        away.backend = backend
+        with pytest.raises(BackendUnavailable, match=_queue_unavailable(backend)) as exc:
+            queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert isinstance(exc.value.__cause__, psycopg.OperationalError)
+        away.back()
+        # The decision stands, not applied; nothing ran. Recovery applies it, once.
+        assert _review_rows(postgres_url, item.id) == ("decided", "alice", 1)
+        assert "refund" not in EFFECTS
+        assert queue.sync(tid, recover=True) == []
+        assert queue.get(item.id).status == "applied"
+        assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+@pytest.mark.postgres
+def test_a_runner_task_resume_cut_short_by_an_outage_is_carried_on_by_recovery(
+    postgres_url: str,
+) -> None:
+    away = _AwayOnResume(postgres_url)
+    builder = build_builder(gate=away)
+    with open_backend(postgres_url) as backend:
+        with TaskRunner(backend, builder, lease_seconds=0.5, max_attempts=1) as runner:
+            runner.submit("t-out", REFUND)
+            _paused(runner, "t-out")
+            queue = ReviewQueue(backend, runner.graph, runner=runner)
+            [item] = queue.sync("t-out")
+            away.backend = backend
+            with pytest.raises(BackendUnavailable, match=_queue_unavailable(backend)) as exc:
+                queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+            assert isinstance(exc.value.__cause__, psycopg.OperationalError)
+            away.back()
+            # Decided under a lease nobody renews: the task is a dead run, not a failed one.
+            assert _review_rows(postgres_url, item.id) == ("decided", "alice", 1)
+            assert _run_row(backend, "t-out")["status"] == "running"
+            assert "refund" not in EFFECTS
+            time.sleep(0.6)  # the lease expires
+            assert runner.execute("t-out").status == "completed"  # what recover() dispatches
+        assert queue.get(item.id).status == "applied"
+        assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+@pytest.mark.postgres
+async def test_async_resume_cut_short_by_an_outage_raises_backend_unavailable(
+    postgres_url: str,
+) -> None:
+    away = _AwayOnResume(postgres_url)
+    async with AsyncBackend.from_conn_string(postgres_url) as backend:
+        queue = AsyncReviewQueue(
+            backend, build_builder(gate=away).compile(checkpointer=backend.checkpointer)
+        )
+        await queue.ainvoke({"messages": [HumanMessage("refund A1")]}, thread_id="a-out")
+        [item] = await queue.pending()
+        away.backend = backend
+        with pytest.raises(BackendUnavailable, match=_queue_unavailable(backend)) as exc:
+            await queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+        assert isinstance(exc.value.__cause__, psycopg.OperationalError)
+        away.back()
+        assert _review_rows(postgres_url, item.id) == ("decided", "alice", 1)
+        assert "refund" not in EFFECTS
+        assert await queue.sync("a-out", recover=True) == []
+        assert (await queue.get(item.id)).status == "applied"
+        assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+_READS = ["pending", "get", "show", "sync", "assign", "expire"]
+
+
+def _read(queue: Any, name: str, item: Any) -> Any:
+    return {
+        "pending": lambda: queue.pending(),
+        "get": lambda: queue.get(item.id),
+        "show": lambda: queue.show(item.id),
+        "sync": lambda: queue.sync(item.thread_id),
+        "assign": lambda: queue.assign(item.id, "bob"),
+        "expire": lambda: queue.expire(),
+    }[name]()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("call", _READS)
+def test_queue_reads_with_the_database_away_raise_backend_unavailable(
+    postgres_url: str, call: str
+) -> None:
+    with open_backend(postgres_url) as backend:
+        queue = _queue(backend)
+        _pause(queue)
+        [item] = queue.pending()
+        with database_away(backend, postgres_url):
+            with pytest.raises(BackendUnavailable, match=_queue_unavailable(backend)) as exc:
+                _read(queue, call, item)
+        assert isinstance(exc.value.__cause__, psycopg.OperationalError)
+        assert queue.get(item.id).assignee is None  # nothing half-written
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("call", _READS)
+async def test_async_queue_reads_with_the_database_away_raise_backend_unavailable(
+    postgres_url: str, call: str
+) -> None:
+    async with AsyncBackend.from_conn_string(postgres_url) as backend:
+        queue = AsyncReviewQueue(
+            backend, build_builder().compile(checkpointer=backend.checkpointer)
+        )
+        await queue.ainvoke({"messages": [HumanMessage("refund A1")]}, thread_id="a-read")
+        [item] = await queue.pending()
+        with database_away(backend, postgres_url):
+            with pytest.raises(BackendUnavailable, match=_queue_unavailable(backend)) as exc:
+                await _read(queue, call, item)
+        assert isinstance(exc.value.__cause__, psycopg.OperationalError)
+        assert (await queue.get(item.id)).assignee is None
