@@ -113,7 +113,11 @@ def test_reading_a_database_that_does_not_exist_is_an_error_not_a_new_file(
         main([*command, "--db", f"sqlite:///{typo}"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and f"no database at {typo}" in " ".join(err.split())
+    err = " ".join(err.split())
+    assert err.startswith("error: ") and f"no database at {typo}" in err
+    # a new user's first `harness show` is told what creates the database, not URL syntax
+    assert "`harness demo` or `harness run GRAPH` creates it" in err
+    assert "Expected memory://" not in err
     assert not typo.exists()  # the typo left no empty database behind
 
 
@@ -155,8 +159,10 @@ def test_reading_a_database_nothing_ran_against_is_an_error_and_creates_nothing(
         main([*command, "--db", durable_url])
     assert exc.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
-    where = durable_url.removeprefix("sqlite:///")
+    where = durable_url.removeprefix("sqlite:///") if "sqlite" in durable_url else "that database"
     assert err.startswith("error: ") and f"no harness data in {where}: nothing has run" in err
+    # the URL is well formed: no list of URL forms, and the URL is named once
+    assert "Expected memory://" not in err and err.count(durable_url) == 1
     assert _tables(durable_url) == {"unrelated"}  # no harness schema left behind
 
 
