@@ -123,7 +123,9 @@ def demo(
         rows.append((scene.graph, thread, outcome, did or "-", f"{tokens} ({models})"))
     table = Table(title="what the harness did")
     for col in ("graph", "thread", "outcome", "harness decisions", "tokens (models)"):
-        table.add_column(col)
+        # a thread id is what `harness show` takes, an outcome what `harness report` counts:
+        # folded onto more lines, never cut (as in `harness runs`)
+        table.add_column(col, overflow="fold" if col in ("thread", "outcome") else "ellipsis")
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -46,6 +46,24 @@ def test_demo_runs_the_three_graphs_and_narrates_the_harness(
         "support",
     ]
     assert audit == [("demo-reviewer", "approve")]
+    # The summary table shows each thread id and outcome whole (folded, not cut with "…"),
+    # on an 80-column terminal: the ids are what `harness show` takes.
+    cells: list[list[str]] = []
+    for line in out.split("what the harness did", 1)[1].splitlines():
+        parts = [p.strip() for p in line.split("│")]  # body rows only: the header uses ┃
+        if len(parts) < 7:
+            continue
+        if parts[1]:
+            cells.append([parts[2], parts[3]])
+        else:
+            cells[-1] = [cells[-1][0] + parts[2], cells[-1][1] + parts[3]]
+    assert {thread for thread, _ in cells} == threads
+    assert sorted(outcome for _, outcome in cells) == [
+        "budget_exhausted",
+        "completed",
+        "completed",
+        "completed",
+    ]
     # `harness show` on the support task: the pause, the decision, the resumed steps.
     support_thread = next(t for t in threads if t.startswith("demo-support-"))
     main(["show", support_thread, "--db", f"sqlite:///{db}"])
