@@ -106,12 +106,17 @@ def demo(
                 narrator=narrator,
             )
         events = narrator.events[first_event:]
-        kinds = [k for k, _ in events]
+        # a review is counted by the calls it held, not also by the decision that released them
+        kinds = [
+            "held" if text.startswith("paused for review") else k
+            for k, text in events
+            if k != "review" or text.startswith("paused for review")
+        ]
         did = ", ".join(
             f"{kinds.count(k)} {label}"
             for k, label in (
                 ("verdict", "refused"),
-                ("review", "review"),
+                ("held", "held for review"),
                 ("budget", "degraded"),
                 ("outcome", "stopped"),
             )

@@ -48,22 +48,27 @@ def test_demo_runs_the_three_graphs_and_narrates_the_harness(
     assert audit == [("demo-reviewer", "approve")]
     # The summary table shows each thread id and outcome whole (folded, not cut with "…"),
     # on an 80-column terminal: the ids are what `harness show` takes.
-    cells: list[list[str]] = []
+    rows: list[list[str]] = []
     for line in out.split("what the harness did", 1)[1].splitlines():
         parts = [p.strip() for p in line.split("│")]  # body rows only: the header uses ┃
         if len(parts) < 7:
             continue
         if parts[1]:
-            cells.append([parts[2], parts[3]])
-        else:
-            cells[-1] = [cells[-1][0] + parts[2], cells[-1][1] + parts[3]]
-    assert {thread for thread, _ in cells} == threads
-    assert sorted(outcome for _, outcome in cells) == [
+            rows.append(parts[1:5])
+        else:  # cells folded onto this line: ids and outcomes are cut anywhere, text at spaces
+            graph, thread, outcome, did = rows[-1]
+            rows[-1] = [graph, thread + parts[2], outcome + parts[3], f"{did} {parts[4]}"]
+    assert {row[1] for row in rows} == threads
+    assert sorted(row[2] for row in rows) == [
         "budget_exhausted",
         "completed",
         "completed",
         "completed",
     ]
+    # the support task's one pause held its two calls (refund, email): "2 held for review"
+    # (it said "3 review", counting the decision that released them too)
+    [support_row] = [row for row in rows if row[0] == "support"]
+    assert " ".join(support_row[3].split()) == "1 refused, 2 held for review"
     # `harness show` on the support task: the pause, the decision, the resumed steps.
     support_thread = next(t for t in threads if t.startswith("demo-support-"))
     main(["show", support_thread, "--db", f"sqlite:///{db}"])
