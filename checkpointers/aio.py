@@ -38,6 +38,7 @@ from checkpointers.backend import (
     Row,
     _first_line,
     _socket_readable,
+    _sqlite_reason,
     default_url,
     postgres_pool_kwargs,
 )
@@ -364,7 +365,7 @@ async def _aopen_sqlite(parsed: ParsedURL) -> _AsqliteDB:
     try:
         return await _AsqliteDB.open(parsed.target or ":memory:")
     except sqlite3.Error as e:
-        raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
+        raise BackendUnavailable(parsed.masked, _sqlite_reason(parsed, e)) from None
 
 
 def _daemon(conn: aiosqlite.Connection) -> aiosqlite.Connection:
@@ -392,7 +393,7 @@ async def _aopen_sqlite_backend(parsed: ParsedURL) -> AsyncBackend:
         await saver.setup()
     except sqlite3.Error as e:
         await db.close()
-        raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
+        raise BackendUnavailable(parsed.masked, _sqlite_reason(parsed, e)) from None
     backend = AsyncBackend(
         url=parsed.masked, kind="sqlite", checkpointer=saver, db=db, closers=[conn]
     )

@@ -110,6 +110,23 @@ def _first_line(e: BaseException) -> str:
 # --- SQLite (also backs memory://) ---------------------------------------------------------
 
 
+def _sqlite_reason(parsed: ParsedURL, e: sqlite3.Error) -> str:
+    """SQLite's one-line error, with the likely cause when it could not open or write the file.
+
+    "unable to open database file" names neither the path nor why: a read-only directory (the
+    file and its ``-wal``/``-shm`` journal are created beside it), or a path that is a directory.
+    """
+    reason = parsed.redact(_first_line(e))
+    on_disk = parsed.target not in ("", ":memory:")
+    if on_disk and ("unable to open database file" in reason or "readonly database" in reason):
+        where = Path(parsed.target).expanduser().resolve()
+        reason += (
+            f" ({str(where)!r} must be a file, or not exist yet, in a directory this process "
+            "can write: SQLite creates its -wal and -shm files beside it)"
+        )
+    return reason
+
+
 class _SqliteTx:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
@@ -477,7 +494,7 @@ def _open_sqlite(parsed: ParsedURL) -> _SqliteDB:
     try:
         return _retry_locked(setup)
     except sqlite3.Error as e:
-        raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
+        raise BackendUnavailable(parsed.masked, _sqlite_reason(parsed, e)) from None
 
 
 def _open_sqlite_backend(parsed: ParsedURL) -> Backend:
@@ -500,7 +517,7 @@ def _open_sqlite_backend(parsed: ParsedURL) -> Backend:
         conn, saver = _retry_locked(setup)
     except sqlite3.Error as e:
         db.close()
-        raise BackendUnavailable(parsed.masked, parsed.redact(_first_line(e))) from None
+        raise BackendUnavailable(parsed.masked, _sqlite_reason(parsed, e)) from None
     return Backend(url=parsed.masked, kind="sqlite", checkpointer=saver, db=db, closers=[conn])
 
 

@@ -2155,9 +2155,19 @@ def _make_handler(
     if not public_key or not secret_key:
         if not _NOTICE_SHOWN:
             _NOTICE_SHOWN = True
+            # Name the key that is missing: one set and the other forgotten is the usual slip.
+            missing = [
+                name
+                for name, value in (
+                    ("LANGFUSE_PUBLIC_KEY", public_key),
+                    ("LANGFUSE_SECRET_KEY", secret_key),
+                )
+                if not value
+            ]
             logger.warning(
-                "Langfuse tracing is off (no LANGFUSE_PUBLIC_KEY/LANGFUSE_SECRET_KEY); "
-                "`harness show THREAD` still rebuilds traces locally."
+                "Langfuse tracing is off (no %s); `harness show THREAD` still rebuilds traces "
+                "locally.",
+                " and no ".join(missing),
             )
         return None
 

@@ -195,6 +195,8 @@ class BackendURLError(BackendError):
     Attributes:
         url: The URL with any password masked.
         reason: What is wrong with it.
+        show_forms: Whether the message lists the URL forms the harness takes (not when the
+            URL is well formed and the problem is what it points at).
 
     Example:
         ```python
@@ -211,12 +213,15 @@ class BackendURLError(BackendError):
         ```
     """
 
-    def __init__(self, url: str, reason: str) -> None:
-        super().__init__(url, reason)
+    def __init__(self, url: str, reason: str, show_forms: bool = True) -> None:
+        super().__init__(url, reason, show_forms)
         self.url = url
         self.reason = reason
+        self.show_forms = show_forms
 
     def __str__(self) -> str:
+        if not self.show_forms:
+            return f"Cannot use backend URL {self.url!r}: {self.reason}"
         return (
             f"Cannot use backend URL {self.url!r}: {self.reason}. "
             "Expected memory://, sqlite:///path/to/file.db or postgresql://user@host:port/db"

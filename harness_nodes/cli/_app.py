@@ -36,6 +36,9 @@ def _root(
     _state["debug"] = debug
 
 
+_FIRST_RUN = "`harness demo` or `harness run GRAPH` creates it"
+
+
 def open_existing(db: str | None) -> Backend:
     """Open the backend of a command that reads what earlier runs wrote.
 
@@ -54,18 +57,21 @@ def open_existing(db: str | None) -> Backend:
     parsed = parse_url(url)
     if parsed.kind == "memory" or parsed.target == ":memory:":
         return open_backend(url)
+    # The URL is well formed: the message says what is missing, not which URL forms exist.
     if parsed.kind == "sqlite" and not Path(parsed.target).is_file():
         raise BackendURLError(
             parsed.masked,
-            f"no database at {parsed.target}: nothing has run against it "
-            "(check --db or HARNESS_DATABASE_URL)",
+            f"no database at {parsed.target}: nothing has run against it yet "
+            f"({_FIRST_RUN}; or check --db or HARNESS_DATABASE_URL)",
+            False,
         )
     if not has_harness_data(parsed):
-        where = parsed.target if parsed.kind == "sqlite" else parsed.masked
+        where = parsed.target if parsed.kind == "sqlite" else "that database"
         raise BackendURLError(
             parsed.masked,
-            f"no harness data in {where}: nothing has run against it "
-            "(check --db or HARNESS_DATABASE_URL)",
+            f"no harness data in {where}: nothing has run against it yet "
+            f"({_FIRST_RUN}; or check --db or HARNESS_DATABASE_URL)",
+            False,
         )
     return open_backend(url)
 

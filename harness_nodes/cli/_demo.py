@@ -106,12 +106,17 @@ def demo(
                 narrator=narrator,
             )
         events = narrator.events[first_event:]
-        kinds = [k for k, _ in events]
+        # a review is counted by the calls it held, not also by the decision that released them
+        kinds = [
+            "held" if text.startswith("paused for review") else k
+            for k, text in events
+            if k != "review" or text.startswith("paused for review")
+        ]
         did = ", ".join(
             f"{kinds.count(k)} {label}"
             for k, label in (
                 ("verdict", "refused"),
-                ("review", "review"),
+                ("held", "held for review"),
                 ("budget", "degraded"),
                 ("outcome", "stopped"),
             )
@@ -123,7 +128,9 @@ def demo(
         rows.append((scene.graph, thread, outcome, did or "-", f"{tokens} ({models})"))
     table = Table(title="what the harness did")
     for col in ("graph", "thread", "outcome", "harness decisions", "tokens (models)"):
-        table.add_column(col)
+        # a thread id is what `harness show` takes, an outcome what `harness report` counts:
+        # folded onto more lines, never cut (as in `harness runs`)
+        table.add_column(col, overflow="fold" if col in ("thread", "outcome") else "ellipsis")
     for row in rows:
         table.add_row(*row)
     console.print(table)

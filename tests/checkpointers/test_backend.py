@@ -337,3 +337,14 @@ async def test_async_closing_with_the_database_away_is_bounded(postgres_url: str
     await backend.close(timeout=1)
     assert time.monotonic() - started < 4
     assert _reserved(postgres_url, "aclosing-away") == ["reserved"]
+
+
+def test_sqlite_file_that_cannot_be_opened_says_where_and_why(tmp_path: Path) -> None:
+    # SQLite's own "unable to open database file" names neither the path nor the cause (a
+    # read-only directory; here, a path that is a directory): the error names both.
+    target = tmp_path / "harness.db"
+    target.mkdir()
+    expected = f"unable to open database file ('{target}' must be a file, or not exist yet"
+    with pytest.raises(BackendUnavailable, match=re.escape(expected)) as exc:
+        open_backend(f"sqlite:///{target}")
+    assert "directory this process can write" in str(exc.value)

@@ -46,6 +46,29 @@ def test_demo_runs_the_three_graphs_and_narrates_the_harness(
         "support",
     ]
     assert audit == [("demo-reviewer", "approve")]
+    # The summary table shows each thread id and outcome whole (folded, not cut with "…"),
+    # on an 80-column terminal: the ids are what `harness show` takes.
+    rows: list[list[str]] = []
+    for line in out.split("what the harness did", 1)[1].splitlines():
+        parts = [p.strip() for p in line.split("│")]  # body rows only: the header uses ┃
+        if len(parts) < 7:
+            continue
+        if parts[1]:
+            rows.append(parts[1:5])
+        else:  # cells folded onto this line: ids and outcomes are cut anywhere, text at spaces
+            graph, thread, outcome, did = rows[-1]
+            rows[-1] = [graph, thread + parts[2], outcome + parts[3], f"{did} {parts[4]}"]
+    assert {row[1] for row in rows} == threads
+    assert sorted(row[2] for row in rows) == [
+        "budget_exhausted",
+        "completed",
+        "completed",
+        "completed",
+    ]
+    # the support task's one pause held its two calls (refund, email): "2 held for review"
+    # (it said "3 review", counting the decision that released them too)
+    [support_row] = [row for row in rows if row[0] == "support"]
+    assert " ".join(support_row[3].split()) == "1 refused, 2 held for review"
     # `harness show` on the support task: the pause, the decision, the resumed steps.
     support_thread = next(t for t in threads if t.startswith("demo-support-"))
     main(["show", support_thread, "--db", f"sqlite:///{db}"])
@@ -113,7 +136,11 @@ def test_reading_a_database_that_does_not_exist_is_an_error_not_a_new_file(
         main([*command, "--db", f"sqlite:///{typo}"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and f"no database at {typo}" in " ".join(err.split())
+    err = " ".join(err.split())
+    assert err.startswith("error: ") and f"no database at {typo}" in err
+    # a new user's first `harness show` is told what creates the database, not URL syntax
+    assert "`harness demo` or `harness run GRAPH` creates it" in err
+    assert "Expected memory://" not in err
     assert not typo.exists()  # the typo left no empty database behind
 
 
@@ -155,8 +182,10 @@ def test_reading_a_database_nothing_ran_against_is_an_error_and_creates_nothing(
         main([*command, "--db", durable_url])
     assert exc.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
-    where = durable_url.removeprefix("sqlite:///")
+    where = durable_url.removeprefix("sqlite:///") if "sqlite" in durable_url else "that database"
     assert err.startswith("error: ") and f"no harness data in {where}: nothing has run" in err
+    # the URL is well formed: no list of URL forms, and the URL is named once
+    assert "Expected memory://" not in err and err.count(durable_url) == 1
     assert _tables(durable_url) == {"unrelated"}  # no harness schema left behind
 
 

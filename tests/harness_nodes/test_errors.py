@@ -11,6 +11,7 @@ from harness_nodes import errors
 CASES = [
     errors.UserError("wired wrong"),
     errors.BackendURLError("mysql://x", "unknown scheme"),
+    errors.BackendURLError("sqlite:///h.db", "no database at h.db", False),
     errors.BackendUnavailable("postgresql://u:***@h/db", "refused"),
     errors.UnpricedModelError("my-model", "self-hosted"),
     errors.BudgetExceeded("task-1", "usd", 0.51, 0.5),

@@ -220,6 +220,34 @@ def test_without_keys_tracing_is_off_with_one_notice(
     assert graph.get_state(first).interrupts  # ran untraced, to the review pause
 
 
+@pytest.mark.parametrize(
+    ("env", "missing"),
+    [
+        pytest.param({}, "no LANGFUSE_PUBLIC_KEY and no LANGFUSE_SECRET_KEY", id="neither"),
+        pytest.param({"LANGFUSE_PUBLIC_KEY": "pk-lf-1"}, "no LANGFUSE_SECRET_KEY)", id="no-secret"),
+        pytest.param({"LANGFUSE_SECRET_KEY": "sk-lf-1"}, "no LANGFUSE_PUBLIC_KEY)", id="no-public"),
+    ],
+)
+def test_the_notice_names_the_missing_key(
+    env: dict[str, str],
+    missing: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import harness_nodes._trace_langfuse as lf
+
+    monkeypatch.setattr(lf, "_NOTICE_SHOWN", False)
+    for name in ("LANGFUSE_PUBLIC_KEY", "LANGFUSE_SECRET_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.WARNING, logger="harness_nodes.tracing"):
+        config = langfuse_callbacks("t-half")
+    assert "callbacks" not in config
+    [notice] = [r.getMessage() for r in caplog.records if r.name == "harness_nodes.tracing"]
+    assert f"Langfuse tracing is off ({missing}" in notice
+
+
 def test_a_thread_id_is_required() -> None:
     from harness_nodes import UserError
 
