@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from harness_nodes.cli._app import console
 from harness_nodes.cli._review import review_app
+
+if TYPE_CHECKING:
+    from checkpointers import Backend
 
 
 @review_app.command("serve")
@@ -46,8 +49,8 @@ def serve(
     """Serve the review inbox: pending items, their traces, and one click to decide."""
     from harness_nodes.inbox._serve import serve as run
 
-    def ready(backend: object) -> None:
-        console.print(f"review inbox on [bold]http://{host}:{port}/[/] over {backend}")
+    def ready(backend: Backend) -> None:
+        console.print(f"review inbox on [bold]http://{host}:{port}/[/] over {backend.url}")
 
     run(
         db=db,
