@@ -34,11 +34,13 @@ from langgraph.graph import START, StateGraph
 from langgraph.pregel import Pregel
 from langgraph.types import StateSnapshot
 
+from checkpointers.errors import outage
 from harness_nodes import _codec
 from harness_nodes.errors import LeaseLost, UserError
 
 RunStatus = Literal["pending", "running", "interrupted", "completed", "failed", "cancelled"]
-"""``pending``: submitted (or released after a failed attempt), waiting for a worker.
+"""``pending``: submitted (or released by a run that waited longer than its runner's
+``outage_seconds`` for its database), waiting for a worker.
 ``running``: a worker holds its lease. ``interrupted``: paused for a person (not resumed by
 `recover`, unless a review decision on its pause was recorded and never applied).
 ``completed`` / ``failed`` / ``cancelled``: final."""
@@ -342,7 +344,13 @@ def _leased(config: RunnableConfig) -> Lease | None:
 
 
 class FencedSaver(BaseCheckpointSaver[Any]):
-    """Delegates to a saver; writes for a leased run first prove the lease is still held."""
+    """Delegates to a saver; writes for a leased run first prove the lease is still held.
+
+    A passing database fault in any of its calls (the fence's or the saver's) is raised as
+    `BackendUnavailable` ("checkpointer"): a run cut short by it was cut short by its store,
+    not by its own code, and the runner waits for the database instead of counting a failed
+    attempt (see `TaskRunner`'s *outage_seconds*).
+    """
 
     def __init__(
         self,
@@ -354,6 +362,10 @@ class FencedSaver(BaseCheckpointSaver[Any]):
         self.inner = inner
         self.backend = backend
         self.abackend = abackend
+
+    def _away(self) -> Any:
+        """Raise a passing database fault in the block as `BackendUnavailable`."""
+        return outage(self.abackend if self.abackend is not None else self.backend, "checkpointer")
 
     def _fence(self, config: RunnableConfig) -> None:
         lease = _leased(config)
@@ -379,7 +391,8 @@ class FencedSaver(BaseCheckpointSaver[Any]):
         return self.inner.get_next_version(current, channel)
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return self.inner.get_tuple(config)
+        with self._away():
+            return self.inner.get_tuple(config)
 
     def list(
         self,
@@ -389,7 +402,8 @@ class FencedSaver(BaseCheckpointSaver[Any]):
         before: RunnableConfig | None = None,
         limit: int | None = None,
     ) -> Iterator[CheckpointTuple]:
-        return self.inner.list(config, filter=filter, before=before, limit=limit)
+        with self._away():
+            yield from self.inner.list(config, filter=filter, before=before, limit=limit)
 
     def put(
         self,
@@ -398,8 +412,9 @@ class FencedSaver(BaseCheckpointSaver[Any]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        self._fence(config)
-        return self.inner.put(config, checkpoint, metadata, new_versions)
+        with self._away():
+            self._fence(config)
+            return self.inner.put(config, checkpoint, metadata, new_versions)
 
     def put_writes(
         self,
@@ -408,14 +423,17 @@ class FencedSaver(BaseCheckpointSaver[Any]):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        self._fence(config)
-        self.inner.put_writes(config, writes, task_id, task_path)
+        with self._away():
+            self._fence(config)
+            self.inner.put_writes(config, writes, task_id, task_path)
 
     def delete_thread(self, thread_id: str) -> None:
-        self.inner.delete_thread(thread_id)
+        with self._away():
+            self.inner.delete_thread(thread_id)
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return await self.inner.aget_tuple(config)
+        with self._away():
+            return await self.inner.aget_tuple(config)
 
     async def alist(
         self,
@@ -425,8 +443,9 @@ class FencedSaver(BaseCheckpointSaver[Any]):
         before: RunnableConfig | None = None,
         limit: int | None = None,
     ) -> AsyncIterator[CheckpointTuple]:
-        async for item in self.inner.alist(config, filter=filter, before=before, limit=limit):
-            yield item
+        with self._away():
+            async for item in self.inner.alist(config, filter=filter, before=before, limit=limit):
+                yield item
 
     async def aput(
         self,
@@ -435,8 +454,9 @@ class FencedSaver(BaseCheckpointSaver[Any]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        await self._afence(config)
-        return await self.inner.aput(config, checkpoint, metadata, new_versions)
+        with self._away():
+            await self._afence(config)
+            return await self.inner.aput(config, checkpoint, metadata, new_versions)
 
     async def aput_writes(
         self,
@@ -445,16 +465,51 @@ class FencedSaver(BaseCheckpointSaver[Any]):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        await self._afence(config)
-        await self.inner.aput_writes(config, writes, task_id, task_path)
+        with self._away():
+            await self._afence(config)
+            await self.inner.aput_writes(config, writes, task_id, task_path)
 
     async def adelete_thread(self, thread_id: str) -> None:
-        await self.inner.adelete_thread(thread_id)
+        with self._away():
+            await self.inner.adelete_thread(thread_id)
+
+
+class OutageBudget:
+    """How long a run waits for its database to come back, retrying with backoff.
+
+    The clock starts at the first attempt the outage cuts short and stops (`over`) once an
+    attempt gets past it; the waits are `backoff`'s, never past the budget.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._since: float | None = None
+        self._retries = 0
+
+    def wait(self) -> float | None:
+        """Seconds to wait before the next attempt; None once the budget is spent."""
+        t = time.monotonic()
+        if self._since is None:
+            self._since = t
+        left = self._since + self.seconds - t
+        if left <= 0:
+            return None
+        self._retries += 1
+        return min(backoff(self._retries), left)
+
+    def over(self) -> None:
+        """The database answered: the next outage starts a budget of its own."""
+        self._since, self._retries = None, 0
 
 
 def backoff(attempt: int) -> float:
     """Seconds to wait before in-process retry *attempt* (1, 2, ...): 0.2, 0.4, 0.8 ... 5."""
     return float(min(5.0, 0.2 * 2 ** (attempt - 1)))
+
+
+def error_line(error: BaseException) -> str:
+    """*error*'s type and the first line of its message: a run row's ``error``."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 
 def now() -> float:

@@ -52,6 +52,7 @@ from harness_nodes._lease import (
     STALE,
     FencedSaver,
     Lease,
+    OutageBudget,
     RunStatus,
     TaskRun,
     backoff,
@@ -59,6 +60,7 @@ from harness_nodes._lease import (
     claim,
     claim_decided,
     compile_graph,
+    error_line,
     input_not_taken,
     new_owner,
     now,
@@ -95,6 +97,7 @@ from harness_nodes.effects import (
     effect_kind,
 )
 from harness_nodes.errors import (
+    BackendUnavailable,
     HarnessError,
     InvalidDecision,
     LeaseLost,
@@ -413,6 +416,7 @@ class AsyncTaskRunner:
         *,
         lease_seconds: float = 30.0,
         max_attempts: int = 3,
+        outage_seconds: float = 60.0,
         config: RunnableConfig | None = None,
         reviews: AsyncReviewQueue | None = None,
     ) -> None:
@@ -423,11 +427,12 @@ class AsyncTaskRunner:
                 f"AsyncTaskRunner needs a checkpointers.AsyncBackend, got "
                 f"{type(backend).__name__}; for a Backend use harness_nodes.TaskRunner"
             )
-        if lease_seconds <= 0 or max_attempts < 1:
-            raise UserError("lease_seconds must be > 0 and max_attempts >= 1")
+        if lease_seconds <= 0 or outage_seconds < 0 or max_attempts < 1:
+            raise UserError("lease_seconds must be > 0, outage_seconds >= 0 and max_attempts >= 1")
         self.backend = backend
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.outage_seconds = outage_seconds
         self.graph_path: str | None = graph if isinstance(graph, str) else None
         self._config = config
         self._saver = FencedSaver(backend.checkpointer, abackend=backend)
@@ -648,7 +653,9 @@ class AsyncTaskRunner:
         on_refused: Callable[[InvalidDecision], Awaitable[None]] | None = None,
     ) -> TaskRun:
         thread_id = row["thread_id"]
-        for attempt in range(1, self.max_attempts + 1):
+        attempt = 0
+        outage = OutageBudget(self.outage_seconds)
+        while True:
             try:
                 status, outcome = await self._invoke(row, resume)
             except LeaseLost:
@@ -662,8 +669,18 @@ class AsyncTaskRunner:
                 finally:
                     await self._settle(thread_id, owner, "interrupted", None, None)
                 raise
+            except BackendUnavailable as e:
+                # The store was away: no attempt spent, never failed (see TaskRunner).
+                wait = outage.wait()
+                if wait is None:
+                    await self._release(thread_id, owner, error_line(e))
+                    raise
+                await asyncio.sleep(wait)
+                continue
             except Exception as e:
-                error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                outage.over()
+                attempt += 1
+                error = error_line(e)
                 if attempt < self.max_attempts:
                     await asyncio.sleep(backoff(attempt))
                     continue
@@ -676,7 +693,20 @@ class AsyncTaskRunner:
                 # lists, nor one listed for a reviewer after the run moved past it.
                 await self._sync_reviews(thread_id)
             return await self._settle(thread_id, owner, status, outcome, None)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _release(self, thread_id: str, owner: str, error: str) -> None:
+        """Give up a run whose database stayed away (see `TaskRunner._release`)."""
+        try:
+            await self.backend.execute(
+                SETTLE, ("pending", None, error, None, now(), thread_id, owner)
+            )
+        except Exception:
+            logger.warning(
+                "the database of thread %s is still away: its task is left to recovery once "
+                "its lease expires",
+                thread_id,
+                exc_info=True,
+            )
 
     def _score_failure(self, thread_id: str, error: str) -> None:
         """The task failed for good: its Langfuse trace (when traced) gets that outcome."""

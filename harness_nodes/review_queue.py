@@ -1228,9 +1228,16 @@ class ReviewQueue:
     ) -> dict[str, Any]:
         """Apply a decided item to a runner's task whose lease *owner* holds, and settle both.
 
+        The item is ``applied`` only once the checkpoint is past its pause: a run that
+        stopped before (an outage outlasting the runner's wait, a lost lease, a failure in
+        the review step itself) leaves it ``decided``, for the run that carries the task on
+        (`TaskRunner.recover`) to apply.
+
         Raises:
             InvalidDecision: the graph refused the decision; item and task are paused again.
             RunFailed: the resumed run failed after the runner's attempts.
+            BackendUnavailable: the database stayed away longer than the runner waits for
+                it; the decision stands, and recovery applies it.
         """
         self._settle_effects(item, item.decided_by or "")
         # A refused decision is undone while the lease is held, before the runner pauses the
@@ -1239,7 +1246,8 @@ class ReviewQueue:
         run = runner._run_claimed(
             row, owner, _answer(item), on_refused=functools.partial(self._undecide, item)
         )
-        self.backend.execute(_APPLIED, (item.id,))
+        snapshot = self.graph.get_state(_thread_config(item.thread_id, None))
+        self._settle_decided([item], snapshot)
         self.sync(item.thread_id)
         _leased_outcome(run)
         return _state_of(self.graph.get_state(_thread_config(item.thread_id, None)))
@@ -1267,7 +1275,8 @@ class ReviewQueue:
         """
         if not snapshot.interrupts:
             return []
-        return _on_live_pauses(self.backend.execute(_DECIDED, (thread_id,)), snapshot)
+        with outage(self.backend, "review queue"):
+            return _on_live_pauses(self.backend.execute(_DECIDED, (thread_id,)), snapshot)
 
     def _settle_stopped(self, thread_id: str, snapshot: StateSnapshot) -> None:
         """*thread_id*'s run stopped (``interrupted``): decided items off its pauses are applied.
@@ -1277,9 +1286,9 @@ class ReviewQueue:
         ``interrupt_after``) from a run that died mid-way, and leaves such items ``decided``
         for recovery, whose every sweep would otherwise claim the task again to run nothing.
         """
-        self._settle_decided(
-            list(map(_item, self.backend.execute(_DECIDED, (thread_id,)))), snapshot
-        )
+        with outage(self.backend, "review queue"):
+            rows = self.backend.execute(_DECIDED, (thread_id,))
+        self._settle_decided(list(map(_item, rows)), snapshot)
 
     def _settle_decided(
         self,
@@ -1294,11 +1303,12 @@ class ReviewQueue:
         took it) stays decided for the next attempt.
         """
         live = {i.id for i in snapshot.interrupts}
-        for item in items:
-            if item.interrupt_id not in live:
-                self.backend.execute(_APPLIED, (item.id,))
-            elif refused is not None:
-                self._undecide(item, refused)
+        with outage(self.backend, "review queue"):
+            for item in items:
+                if item.interrupt_id not in live:
+                    self.backend.execute(_APPLIED, (item.id,))
+                elif refused is not None:
+                    self._undecide(item, refused)
 
     def assign(self, review_id: str, assignee: str | None, *, by: str = "harness") -> ReviewItem:
         """Assign a pending item to someone (recorded in the audit).
@@ -1696,7 +1706,9 @@ class AsyncReviewQueue:
         run = await runner._run_claimed(
             row, owner, _answer(item), on_refused=functools.partial(self._undecide, item)
         )
-        await self.backend.execute(_APPLIED, (item.id,))
+        # Applied only once the checkpoint is past its pause (see ReviewQueue._resume_leased).
+        snapshot = await self.graph.aget_state(_thread_config(item.thread_id, None))
+        await self._settle_decided([item], snapshot)
         await self.sync(item.thread_id)
         _leased_outcome(run)
         return _state_of(await self.graph.aget_state(_thread_config(item.thread_id, None)))
@@ -1705,11 +1717,13 @@ class AsyncReviewQueue:
         """Async `ReviewQueue._decided_pauses` (applied by `AsyncTaskRunner.arecover`)."""
         if not snapshot.interrupts:
             return []
-        return _on_live_pauses(await self.backend.execute(_DECIDED, (thread_id,)), snapshot)
+        with outage(self.backend, "review queue"):
+            return _on_live_pauses(await self.backend.execute(_DECIDED, (thread_id,)), snapshot)
 
     async def _settle_stopped(self, thread_id: str, snapshot: StateSnapshot) -> None:
         """Async `ReviewQueue._settle_stopped`."""
-        rows = await self.backend.execute(_DECIDED, (thread_id,))
+        with outage(self.backend, "review queue"):
+            rows = await self.backend.execute(_DECIDED, (thread_id,))
         await self._settle_decided(list(map(_item, rows)), snapshot)
 
     async def _settle_decided(
@@ -1720,11 +1734,12 @@ class AsyncReviewQueue:
     ) -> None:
         """Async `ReviewQueue._settle_decided`."""
         live = {i.id for i in snapshot.interrupts}
-        for item in items:
-            if item.interrupt_id not in live:
-                await self.backend.execute(_APPLIED, (item.id,))
-            elif refused is not None:
-                await self._undecide(item, refused)
+        with outage(self.backend, "review queue"):
+            for item in items:
+                if item.interrupt_id not in live:
+                    await self.backend.execute(_APPLIED, (item.id,))
+                elif refused is not None:
+                    await self._undecide(item, refused)
 
     async def _resume_decided(self, item: ReviewItem) -> None:
         """Async `ReviewQueue._resume_decided`."""

@@ -62,6 +62,7 @@ from harness_nodes._lease import (
     STALE,
     FencedSaver,
     Lease,
+    OutageBudget,
     RunStatus,
     TaskRun,
     backoff,
@@ -69,6 +70,7 @@ from harness_nodes._lease import (
     claim,
     claim_decided,
     compile_graph,
+    error_line,
     input_not_taken,
     new_owner,
     now,
@@ -76,6 +78,7 @@ from harness_nodes._lease import (
     run_config,
 )
 from harness_nodes.errors import (
+    BackendUnavailable,
     InvalidDecision,
     LeaseLost,
     RunFailed,
@@ -135,8 +138,15 @@ class TaskRunner:
             with *queue*, since workers rebuild the graph from it).
         lease_seconds: How long a run's lease lasts without a heartbeat; a crashed run is
             resumed by `recover` after this long.
-        max_attempts: In-process attempts of a run that raises before it is ``failed``
-            (a lost database connection is retried with backoff).
+        max_attempts: In-process attempts of a run that raises before it is ``failed``.
+            An attempt cut short by the database being away (`BackendUnavailable`: the
+            checkpointer, a ledger or the queue could not reach it) is not one of them: it
+            is not the task's failure.
+        outage_seconds: How long a run whose database is away waits for it, retrying with
+            backoff, before it stops and leaves the task to recovery: released as
+            ``pending`` if the database answers that, else ``running`` on a lease nobody
+            renews; `recover` (a worker's sweep) carries it on from its last checkpoint.
+            The run then raises the `BackendUnavailable` (`ReviewQueue.decide` does too).
         max_workers: Threads running submitted tasks in this process (without *queue*).
         config: Extra `RunnableConfig` for every invocation (callbacks, recursion_limit...).
         queue: Run tasks on ``harness worker`` processes instead of in this process.
@@ -197,6 +207,7 @@ class TaskRunner:
         *,
         lease_seconds: float = 30.0,
         max_attempts: int = 3,
+        outage_seconds: float = 60.0,
         max_workers: int = 4,
         config: RunnableConfig | None = None,
         queue: JobQueue | None = None,
@@ -209,8 +220,10 @@ class TaskRunner:
                 f"TaskRunner needs a checkpointers.Backend, got {type(backend).__name__}; "
                 "for an AsyncBackend use harness_nodes.aio.AsyncTaskRunner"
             )
-        if lease_seconds <= 0 or max_attempts < 1 or max_workers < 1:
-            raise UserError("lease_seconds must be > 0, max_attempts and max_workers >= 1")
+        if lease_seconds <= 0 or outage_seconds < 0 or max_attempts < 1 or max_workers < 1:
+            raise UserError(
+                "lease_seconds must be > 0, outage_seconds >= 0, max_attempts and max_workers >= 1"
+            )
         if queue is not None and not isinstance(graph, str):
             raise UserError(
                 "A TaskRunner with a queue needs the graph as an import path "
@@ -219,6 +232,7 @@ class TaskRunner:
         self.backend = backend
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.outage_seconds = outage_seconds
         self.queue = queue
         self.graph_path: str | None = graph if isinstance(graph, str) else None
         self._config = config
@@ -516,8 +530,9 @@ class TaskRunner:
         on_refused: Callable[[InvalidDecision], None] | None = None,
     ) -> TaskRun:
         thread_id = row["thread_id"]
-        error = ""
-        for attempt in range(1, self.max_attempts + 1):
+        attempt = 0
+        outage = OutageBudget(self.outage_seconds)
+        while True:
             try:
                 status, outcome = self._invoke(row, resume)
             except LeaseLost:
@@ -534,8 +549,20 @@ class TaskRunner:
                 finally:
                     self._settle(thread_id, owner, "interrupted", None, None)
                 raise
+            except BackendUnavailable as e:
+                # The store was away, not the task at fault: no attempt spent. Wait for it
+                # (what the attempt saved stays; the next carries on from there), or leave
+                # the task to recovery, never ``failed`` for an outage.
+                wait = outage.wait()
+                if wait is None:
+                    self._release(thread_id, owner, error_line(e))
+                    raise
+                time.sleep(wait)
+                continue
             except Exception as e:
-                error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                outage.over()
+                attempt += 1
+                error = error_line(e)
                 if attempt < self.max_attempts:
                     time.sleep(backoff(attempt))
                     continue
@@ -549,7 +576,22 @@ class TaskRunner:
                 # listed for a reviewer after the run moved past it.
                 self._sync_reviews(thread_id)
             return self._settle(thread_id, owner, status, outcome, None)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _release(self, thread_id: str, owner: str, error: str) -> None:
+        """Give up a run whose database stayed away: the task ``pending``, for recovery.
+
+        One try: the database is likely still away, and then the lease, which nobody renews,
+        expires and recovery carries the task on all the same.
+        """
+        try:
+            self.backend.execute(SETTLE, ("pending", None, error, None, now(), thread_id, owner))
+        except Exception:
+            logger.warning(
+                "the database of thread %s is still away: its task is left to recovery once "
+                "its lease expires",
+                thread_id,
+                exc_info=True,
+            )
 
     def _score_failure(self, thread_id: str, error: str) -> None:
         """The task failed for good: its Langfuse trace (when traced) gets that outcome."""

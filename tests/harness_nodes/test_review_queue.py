@@ -1506,6 +1506,11 @@ def _queue_unavailable(backend: Backend | AsyncBackend) -> str:
     return re.escape(f"Cannot open backend {backend.url!r}: review queue: ")
 
 
+def _store_unavailable(backend: Backend | AsyncBackend) -> str:
+    """The runner's run found its checkpointer's database away."""
+    return re.escape(f"Cannot open backend {backend.url!r}: checkpointer: ")
+
+
 @pytest.mark.postgres
 def test_a_decision_with_the_database_away_raises_backend_unavailable(postgres_url: str) -> None:
     with open_backend(postgres_url) as backend:
@@ -1622,13 +1627,14 @@ def test_a_runner_task_resume_cut_short_by_an_outage_is_carried_on_by_recovery(
     away = _AwayOnResume(postgres_url)
     builder = build_builder(gate=away)
     with open_backend(postgres_url) as backend:
-        with TaskRunner(backend, builder, lease_seconds=0.5, max_attempts=1) as runner:
+        # The outage outlasts what the runner waits for its database (here: not at all).
+        with TaskRunner(backend, builder, lease_seconds=0.5, outage_seconds=0) as runner:
             runner.submit("t-out", REFUND)
             _paused(runner, "t-out")
             queue = ReviewQueue(backend, runner.graph, runner=runner)
             [item] = queue.sync("t-out")
             away.backend = backend
-            with pytest.raises(BackendUnavailable, match=_queue_unavailable(backend)) as exc:
+            with pytest.raises(BackendUnavailable, match=_store_unavailable(backend)) as exc:
                 queue.decide(item.id, {"type": "approve"}, reviewer="alice")
             assert isinstance(exc.value.__cause__, psycopg.OperationalError)
             away.back()
@@ -1640,6 +1646,86 @@ def test_a_runner_task_resume_cut_short_by_an_outage_is_carried_on_by_recovery(
             assert runner.execute("t-out").status == "completed"  # what recover() dispatches
         assert queue.get(item.id).status == "applied"
         assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+class _AwayForAWhile:
+    """A review node's gate: the database goes away once the resumed run has its answer, and
+    comes back *seconds* later (a failover), on its own."""
+
+    def __init__(self, url: str, seconds: float) -> None:
+        self.url, self.seconds = url, seconds
+        self.backend: Backend | AsyncBackend | None = None
+        self._away: contextlib.ExitStack | None = None
+        self._timer: threading.Timer | None = None
+
+    def __call__(self) -> None:
+        if self.backend is not None and self._away is None:
+            self._away = contextlib.ExitStack()
+            self._away.enter_context(database_away(self.backend, self.url))
+            self._timer = threading.Timer(self.seconds, self._away.close)
+            self._timer.start()
+
+    def join(self) -> None:
+        assert self._timer is not None, "the resumed run never reached the review node"
+        self._timer.join()
+
+
+@pytest.mark.postgres
+def test_a_queue_decision_whose_run_meets_an_outage_is_applied_once_the_database_is_back(
+    postgres_url: str,
+) -> None:
+    # The outage outlasts every attempt the runner makes: it spends none of them on it.
+    away = _AwayForAWhile(postgres_url, seconds=1.5)
+    builder = build_builder(gate=away)
+    with open_backend(postgres_url) as backend:
+        with TaskRunner(backend, builder, max_attempts=2, outage_seconds=30) as runner:
+            runner.submit("t-fo", REFUND)
+            _paused(runner, "t-fo")
+            queue = ReviewQueue(backend, runner.graph, runner=runner)
+            [item] = queue.sync("t-fo")
+            away.backend = backend
+            state = queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+            away.join()
+            assert "Done: refunded 250 on A1" in state["messages"][-1].content
+            row = _run_row(backend, "t-fo")
+            # Two claims: the first run and the decision's. No failure recorded.
+            assert (row["status"], row["attempts"], row["error"]) == ("completed", 2, None)
+    assert _review_rows(postgres_url, item.id) == ("applied", "alice", 1)
+    assert EFFECTS == {"refund": 1, "lookup": 1}
+
+
+class _ReviewStepFails:
+    """A review node's gate that fails every resumed run before its step is saved."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def __call__(self) -> None:
+        if self.armed:
+            raise RuntimeError("the review step broke")
+
+
+@pytest.mark.postgres
+def test_a_decision_whose_run_failed_before_taking_it_is_not_marked_applied(
+    postgres_url: str,
+) -> None:
+    gate = _ReviewStepFails()
+    builder = build_builder(gate=gate)
+    with open_backend(postgres_url) as backend:
+        with TaskRunner(backend, builder, max_attempts=2) as runner:
+            runner.submit("t-rf", REFUND)
+            _paused(runner, "t-rf")
+            queue = ReviewQueue(backend, runner.graph, runner=runner)
+            [item] = queue.sync("t-rf")
+            gate.armed = True
+            with pytest.raises(RunFailed, match="the review step broke"):
+                queue.decide(item.id, {"type": "approve"}, reviewer="alice")
+            state = runner.graph.get_state({"configurable": {"thread_id": "t-rf"}})
+            assert [i.id for i in state.interrupts] == [item.interrupt_id]  # never taken
+            assert _run_row(backend, "t-rf")["status"] == "failed"
+    # Recorded (audited), not applied: the checkpoint never went past its pause.
+    assert _review_rows(postgres_url, item.id) == ("decided", "alice", 1)
+    assert "refund" not in EFFECTS
 
 
 @pytest.mark.postgres
