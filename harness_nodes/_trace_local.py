@@ -567,12 +567,28 @@ def _reader(
     serde = saver.serde
     if type(serde) is not JsonPlusSerializer:
         return saver, None
-    decode: Callable[[int, bytes], Any] = serde._unpack_ext_hook
-    raw = copy.copy(serde)
-    raw._unpack_ext_hook = slice
     reader = copy.copy(saver)
-    reader.serde = raw
-    return reader, decode
+    reader.serde = raw = _RawExtensions(serde)
+    return reader, raw.decode
+
+
+class _RawExtensions:
+    """A `JsonPlusSerializer` that reads its msgpack extensions as ``slice(code, data)``."""
+
+    def __init__(self, serde: JsonPlusSerializer) -> None:
+        self._serde = serde
+        self._raw = copy.copy(serde)
+        self._raw._unpack_ext_hook = slice
+        self.decode: Callable[[int, bytes], Any] = serde._unpack_ext_hook
+        """What turns an extension's bytes into its object (the serializer's own hook)."""
+
+    def loads_typed(self, data: tuple[str, bytes]) -> Any:
+        return self._raw.loads_typed(data)
+
+    def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+        # A saver writes while it reads only to migrate an old checkpoint (format < 4: its
+        # pending sends, `PostgresSaver`): what it read is written back decoded.
+        return self._serde.dumps_typed(_Shared(self.decode).value(obj))
 
 
 def _root(history: Sequence[CheckpointTuple]) -> list[CheckpointTuple]:
@@ -604,9 +620,9 @@ class _Shared:
 
     def __call__(self, tup: CheckpointTuple) -> CheckpointTuple:
         if self._decode is not None:
-            writes = [(t, ch, self._value(v)) for t, ch, v in tup.pending_writes or []]
+            writes = [(t, ch, self.value(v)) for t, ch, v in tup.pending_writes or []]
             tup = tup._replace(
-                metadata=self._value(tup.metadata),
+                metadata=self.value(tup.metadata),
                 pending_writes=writes if tup.pending_writes is not None else None,
             )
         values = tup.checkpoint.get("channel_values")
@@ -617,10 +633,10 @@ class _Shared:
             if isinstance(value, list) and value:
                 values[channel] = self._list((ns, channel), value)
             else:
-                values[channel] = self._value(value)
+                values[channel] = self.value(value)
         return tup
 
-    def _value(self, value: Any) -> Any:
+    def value(self, value: Any) -> Any:
         """*value* with the extensions `_reader` kept raw decoded (each distinct one once)."""
         kind = type(value)
         if kind is slice:
@@ -633,10 +649,10 @@ class _Shared:
         if self._decode is None:
             return value
         if kind is list:
-            items = [self._value(v) for v in value]
+            items = [self.value(v) for v in value]
             return value if all(map(operator.is_, items, value)) else items
         if kind is dict:
-            pairs = {k: self._value(v) for k, v in value.items()}
+            pairs = {k: self.value(v) for k, v in value.items()}
             return value if all(map(operator.is_, pairs.values(), value.values())) else pairs
         return value
 
@@ -644,7 +660,7 @@ class _Shared:
         last_raw, last = self._lists.get(key, ([], []))
         n = _same_head(items, last_raw)
         shared = last[:n] + [
-            self._item(self._value(item), last[i] if i < len(last) else None)
+            self._item(self.value(item), last[i] if i < len(last) else None)
             for i, item in enumerate(items[n:], n)
         ]
         self._lists[key] = (items, shared)

@@ -1238,5 +1238,5 @@ def test_a_long_task_is_read_decoding_each_message_once_not_once_per_checkpoint(
     assert len([n for n in trace.walk() if n.kind == "llm"]) == 20
     assert Trace.from_json(trace.to_json()) == trace
     # The same tree as every checkpoint deserialized whole, as the saver's listing gives it.
-    monkeypatch.setattr(local, "_reader", lambda saver: saver)
+    monkeypatch.setattr(local, "_reader", lambda saver: (saver, None))
     assert build_trace(backend, "long").to_json() == trace.to_json()
