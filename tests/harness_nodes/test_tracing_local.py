@@ -1240,3 +1240,23 @@ def test_a_long_task_is_read_decoding_each_message_once_not_once_per_checkpoint(
     # The same tree as every checkpoint deserialized whole, as the saver's listing gives it.
     monkeypatch.setattr(local, "_reader", lambda saver: (saver, None))
     assert build_trace(backend, "long").to_json() == trace.to_json()
+
+
+def test_building_a_trace_leaves_the_garbage_collector_as_it_found_it(backend: Backend) -> None:
+    # The collector is paused while a history is read (its full passes revisit every
+    # checkpoint's lists): on again afterwards, and still off for an app that turned it off.
+    import gc
+
+    traced_task.run_to_end(backend, "t-1")
+    assert gc.isenabled()
+    build_trace(backend, "t-1")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        build_trace(backend, "t-1")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(UnknownThread):
+        build_trace(backend, "nobody")
+    assert gc.isenabled()
