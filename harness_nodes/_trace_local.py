@@ -566,7 +566,10 @@ def _reader(
     lock), not its serializer. Another serializer (encryption...) reads as is (and None).
     """
     serde = saver.serde
-    if type(serde) is not JsonPlusSerializer:
+    # (`_unpack_ext_hook` is the serializer's own attribute, checked in langgraph-checkpoint 4.x)
+    if type(serde) is not JsonPlusSerializer or not callable(
+        getattr(serde, "_unpack_ext_hook", None)
+    ):
         return saver, None
     reader = copy.copy(saver)
     reader.serde = raw = _RawExtensions(serde)
