@@ -3,7 +3,8 @@
 A harnessed agent (scripted model looping one tool call, budget envelope, checkpointed with
 ``durability="sync"``) runs *n* model calls on a thread; then `build_trace` reads it back,
 timed. The task is built once per size and database and kept (``--keep DIR``), so the code
-before and after a change reads the same checkpoints. Target: time grows ~linearly with n.
+before and after a change reads the same checkpoints (the Postgres databases,
+``<prefix>_<n>``, are kept too: drop them when done). Target: time grows ~linearly with n.
 
     python bench/trace_read.py [--sizes 250,500,1000,2000] [--db sqlite,postgres]
         [--postgres postgresql://postgres@127.0.0.1:5432/postgres] [--keep DIR]
