@@ -11,15 +11,19 @@ idempotency keys, and the authoritative spend.
 from __future__ import annotations
 
 import contextlib
+import copy
+import gc
 import json
+import operator
 from collections import ChainMap
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
-from langgraph.checkpoint.base import CheckpointTuple
+from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
 from checkpointers._spend import flush_pending
 from harness_nodes import _codec, _verify
@@ -227,7 +231,18 @@ def _review_name(record: Mapping[str, Any]) -> str:
 
 def _messages(values: Mapping[str, Any]) -> list[BaseMessage]:
     raw = values.get("messages") or []
+    if isinstance(raw, list) and _all_are(raw, BaseMessage):
+        return raw
     return [m for m in raw if isinstance(m, BaseMessage)]
+
+
+def _all_are(items: list[Any], kind: type[Any]) -> bool:
+    """Whether every item is a *kind*: by their distinct types, gathered in C.
+
+    It runs on every checkpoint's lists; ``isinstance`` item by item, against an abstract
+    class, was a Python-level call per item per checkpoint.
+    """
+    return all(issubclass(t, kind) for t in set(map(type, items)))
 
 
 def _ran_between(before: CheckpointTuple, after: CheckpointTuple) -> list[str]:
@@ -437,8 +452,7 @@ def _harness_view(values: Mapping[str, Any]) -> Mapping[str, Any]:
     lists = {
         k: [r for r in values[k] if isinstance(r, Mapping)]
         for k in ("verdicts", "reviews")
-        if k in values
-        and (not isinstance(values[k], list) or not all(isinstance(r, Mapping) for r in values[k]))
+        if k in values and (not isinstance(values[k], list) or not _all_are(values[k], Mapping))
     }
     if not bad and not lists:
         return values
@@ -508,15 +522,18 @@ _PAGE = 25
 def _history(backend: Backend, thread_id: str) -> list[CheckpointTuple]:
     """The thread's checkpoints, namespace by namespace (the root's first), newest first.
 
-    Each is read once (see `_Shared`). From a database, each namespace is listed on its own
-    and a page at a time: a listing of every namespace is ordered by no index (SQLite sorted
-    the whole thread's checkpoints in memory: 2 GB for 3,000 steps), and `PostgresSaver.list`
-    fetches every row — every checkpoint's whole state — before it yields the first.
+    Each is read once, through `_reader`, and shares with the others the values they repeat
+    (`_Shared`, which deserializes each distinct message once). From a database, each
+    namespace is listed on its own and a page at a time: a listing of every namespace is
+    ordered by no index (SQLite sorted the whole thread's checkpoints in memory: 2 GB for
+    3,000 steps), and `PostgresSaver.list` fetches every row — every checkpoint's whole
+    state — before it yields the first.
     """
-    shared = _Shared()
+    saver, decode = _reader(backend.checkpointer)
+    shared = _Shared(decode)
     if backend.kind not in ("sqlite", "postgres"):  # in memory: listed per namespace anyway
         config: Any = {"configurable": {"thread_id": thread_id}}
-        return [shared(tup) for tup in backend.checkpointer.list(config)]
+        return [shared(tup) for tup in saver.list(config)]
     rows = _rows(
         backend, "SELECT DISTINCT checkpoint_ns FROM checkpoints WHERE thread_id = %s", (thread_id,)
     )
@@ -525,12 +542,57 @@ def _history(backend: Backend, thread_id: str) -> list[CheckpointTuple]:
         config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns}}
         before: Any = None
         while True:
-            page = list(backend.checkpointer.list(config, before=before, limit=_PAGE))
+            page = list(saver.list(config, before=before, limit=_PAGE))
             history.extend(shared(tup) for tup in page)
             if len(page) < _PAGE:
                 break
             before = page[-1].config
     return history
+
+
+def _reader(
+    saver: BaseCheckpointSaver[Any],
+) -> tuple[BaseCheckpointSaver[Any], Callable[[int, bytes], Any] | None]:
+    """*saver*, reading what its serializer writes as msgpack extensions as raw `slice`s.
+
+    Every checkpoint holds the whole state, so a thread of n steps stores ≈ n²/2 messages;
+    deserializing each copy (a pydantic model built per message per checkpoint, ≈ 60 µs) was
+    the quadratic part of reading a long task: 3,000 steps took minutes. LangGraph's
+    `JsonPlusSerializer` writes each message (each object that is not plain msgpack) as one
+    extension; a copy of the saver whose serializer keeps each extension's bytes instead —
+    ``slice(code, data)``, built in C — reads a checkpoint at the speed of msgpack, and
+    `_Shared` decodes only what no checkpoint read before held, with the function returned
+    beside the copy (the serializer's own). The copy shares the saver's connection (and its
+    lock), not its serializer. Another serializer (encryption...) reads as is (and None).
+    """
+    serde = saver.serde
+    # (`_unpack_ext_hook` is the serializer's own attribute, checked in langgraph-checkpoint 4.x)
+    if type(serde) is not JsonPlusSerializer or not callable(
+        getattr(serde, "_unpack_ext_hook", None)
+    ):
+        return saver, None
+    reader = copy.copy(saver)
+    reader.serde = raw = _RawExtensions(serde)
+    return reader, raw.decode
+
+
+class _RawExtensions:
+    """A `JsonPlusSerializer` that reads its msgpack extensions as ``slice(code, data)``."""
+
+    def __init__(self, serde: JsonPlusSerializer) -> None:
+        self._serde = serde
+        self._raw = copy.copy(serde)
+        self._raw._unpack_ext_hook = slice
+        self.decode: Callable[[int, bytes], Any] = serde._unpack_ext_hook
+        """What turns an extension's bytes into its object (the serializer's own hook)."""
+
+    def loads_typed(self, data: tuple[str, bytes]) -> Any:
+        return self._raw.loads_typed(data)
+
+    def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+        # A saver writes while it reads only to migrate an old checkpoint (format < 4: its
+        # pending sends, `PostgresSaver`): what it read is written back decoded.
+        return self._serde.dumps_typed(_Shared(self.decode).value(obj))
 
 
 def _root(history: Sequence[CheckpointTuple]) -> list[CheckpointTuple]:
@@ -541,18 +603,32 @@ def _root(history: Sequence[CheckpointTuple]) -> list[CheckpointTuple]:
 class _Shared:
     """Makes the checkpoints of a history share the values they repeat.
 
-    Every checkpoint holds the whole state, so a thread of n steps deserializes ≈ n²/2
-    messages (and verdicts, reviews): 1,000 steps held ≈ 500,000 messages, gigabytes. An item
+    Every checkpoint holds the whole state, so a thread of n steps deserializes ≈ n²/2 messages
+    (and verdicts, reviews): 1,000 steps held ≈ 500,000 messages, gigabytes. An item
     equal to one already read (the same message in the next checkpoint, by id; the same record
     at the same place of a list) is replaced by that one: what is kept grows with the distinct
     items, not with their repetitions. Equal values are interchangeable in the trace.
+
+    A list that the previous checkpoint's list starts with, or that starts with it (a step
+    appends; the history is listed newest first), is compared with it in C and shares its
+    items; only the others are looked at one by one. Read through `_reader`, the extensions
+    (messages...) come as raw bytes: compared as bytes, and each distinct one decoded once,
+    with *decode*.
     """
 
-    def __init__(self) -> None:
-        self._lists: dict[tuple[str, str], list[Any]] = {}
+    def __init__(self, decode: Callable[[int, bytes], Any] | None = None) -> None:
+        self._decode = decode
+        self._decoded: dict[tuple[int, bytes], Any] = {}
+        self._lists: dict[tuple[str, str], tuple[list[Any], list[Any]]] = {}
         self._messages: dict[tuple[type[Any], str], list[BaseMessage]] = {}
 
     def __call__(self, tup: CheckpointTuple) -> CheckpointTuple:
+        if self._decode is not None:
+            writes = [(t, ch, self.value(v)) for t, ch, v in tup.pending_writes or []]
+            tup = tup._replace(
+                metadata=self.value(tup.metadata),
+                pending_writes=writes if tup.pending_writes is not None else None,
+            )
         values = tup.checkpoint.get("channel_values")
         if not isinstance(values, dict):
             return tup
@@ -560,14 +636,38 @@ class _Shared:
         for channel, value in values.items():
             if isinstance(value, list) and value:
                 values[channel] = self._list((ns, channel), value)
+            else:
+                values[channel] = self.value(value)
         return tup
 
+    def value(self, value: Any) -> Any:
+        """*value* with the extensions `_reader` kept raw decoded (each distinct one once)."""
+        kind = type(value)
+        if kind is slice:
+            key = (value.start, value.stop)
+            found = self._decoded.get(key, _MISSING)
+            if found is _MISSING:
+                assert self._decode is not None
+                found = self._decoded[key] = self._decode(*key)
+            return found
+        if self._decode is None:
+            return value
+        if kind is list:
+            items = [self.value(v) for v in value]
+            return value if all(map(operator.is_, items, value)) else items
+        if kind is dict:
+            pairs = {k: self.value(v) for k, v in value.items()}
+            return value if all(map(operator.is_, pairs.values(), value.values())) else pairs
+        return value
+
     def _list(self, key: tuple[str, str], items: list[Any]) -> list[Any]:
-        last = self._lists.get(key, [])
-        shared = [
-            self._item(item, last[i] if i < len(last) else None) for i, item in enumerate(items)
+        last_raw, last = self._lists.get(key, ([], []))
+        n = _same_head(items, last_raw)
+        shared = last[:n] + [
+            self._item(self.value(item), last[i] if i < len(last) else None)
+            for i, item in enumerate(items[n:], n)
         ]
-        self._lists[key] = shared
+        self._lists[key] = (items, shared)
         return shared
 
     def _item(self, item: Any, there: Any) -> Any:
@@ -582,6 +682,28 @@ class _Shared:
                     return other
             known.append(item)
         return item
+
+
+_MISSING: Any = object()
+
+
+def _same_head(items: list[Any], last: list[Any]) -> int:
+    """How many items *items* and *last* have alike from the start, when one starts the other.
+
+    Alike: the same objects, or equal items of the same types (extensions `_reader` kept raw
+    are equal when their bytes are). 0 when neither list is the other's start.
+    """
+    n = min(len(items), len(last))
+    if not n:
+        return 0
+    head, other = items[:n], last[:n]
+    if all(map(operator.is_, head, other)):
+        return n
+    try:
+        equal = list(map(type, head)) == list(map(type, other)) and head == other
+    except Exception:  # a value that refuses to compare: item by item, as `_same` does
+        return 0
+    return n if equal else 0
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -686,6 +808,37 @@ def _review_ids(step: TraceNode) -> set[str]:
     return {str(n.data.get("review_id")) for n in step.walk() if n.kind == "review"}
 
 
+def _shared_head(items: list[Any], start: list[Any]) -> int:
+    """``len(start)`` when *items* begins with the very objects of *start* (in C), else 0."""
+    n = len(start)
+    return n if len(items) >= n and all(map(operator.is_, items[:n], start)) else 0
+
+
+class _MessageIndex:
+    """The `_msg_key`s and ids of one checkpoint's messages, carried to the next checkpoint."""
+
+    def __init__(self, key: Callable[[BaseMessage], tuple[str | None, str]]) -> None:
+        self._key = key
+        self._of: list[BaseMessage] | None = None
+        self.keys: set[tuple[str | None, str]] = set()
+        """The keys of the messages."""
+        self.by_id: dict[str | None, BaseMessage] = {}
+        """The messages by id (the last one of an id)."""
+
+    def at(self, messages: list[BaseMessage]) -> None:
+        """Describe *messages*: the last ones described plus new ones, or from scratch."""
+        if self._of is messages:
+            return
+        n = _shared_head(messages, self._of) if self._of is not None else 0
+        if not n:
+            self.keys, self.by_id = set(), {}
+        for msg in messages[n:]:
+            self.keys.add(self._key(msg))
+            if msg.id:
+                self.by_id[msg.id] = msg
+        self._of = messages
+
+
 class _StepBuilder:
     """Turns a checkpoint history (the root graph's, or a subgraph's) into step nodes."""
 
@@ -754,6 +907,7 @@ class _StepBuilder:
         """The steps of *history*; in a subgraph, messages in *known* were its input."""
         known = known or set()
         steps: list[TraceNode] = []
+        index = _MessageIndex(self._key)
         for i, tup in enumerate(history):
             nxt = history[i + 1] if i + 1 < len(history) else None
             interrupts = [w for w in tup.pending_writes or [] if w[1] == "__interrupt__"]
@@ -793,14 +947,20 @@ class _StepBuilder:
             _add_interrupts(step, interrupts, self.reviews, pending=False)
             _add_errors(step, errors)
             _drop_nested_interrupts(step)
-            old = {self._key(m) for m in _messages(before)} | known
+            # The messages of *after* not in *before*: past the messages the two share from
+            # the start (the usual step appends), each looked up in *before*'s keys, which
+            # are carried from checkpoint to checkpoint — not rebuilt at every step
+            # (quadratic in a long task).
+            old_msgs, new_msgs = _messages(before), _messages(after)
+            index.at(old_msgs)
+            also = set(known)
             for sub in subgraphs:
-                old |= set(sub.data.pop("_message_keys", ()))
-            old_by_id = {m.id: m for m in _messages(before) if m.id}
-            for msg in _messages(after):
-                if self._key(msg) in old:
+                also |= set(sub.data.pop("_message_keys", ()))
+            for msg in new_msgs[_shared_head(new_msgs, old_msgs) :]:
+                key = self._key(msg)
+                if key in index.keys or key in also:
                     continue
-                previous = old_by_id.get(msg.id) if msg.id else None
+                previous = index.by_id.get(msg.id) if msg.id else None
                 if isinstance(previous, AIMessage) and isinstance(msg, AIMessage):
                     step.children.extend(_review_nodes(previous, msg))
                     continue
@@ -880,6 +1040,32 @@ def build_trace(
         ```
     """
     needs_sync_backend(backend, "build_trace")
+    with _collection_paused():
+        return _build_trace(backend, thread_id, pricing, masker)
+
+
+@contextlib.contextmanager
+def _collection_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused while a trace is built.
+
+    Reading a history allocates objects by the million (each checkpoint's lists, read as
+    bytes), which set off collections, and each full collection visits every list the history
+    keeps — one per checkpoint, ≈ n²/2 references for n steps: it was most of the time left
+    (1,000 model calls: 14 s, 4.2 s paused). Reading makes little cyclic garbage (≈ 1,600
+    objects over those 1,000 calls): the next collection after it takes it.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:  # (an application that turned it off keeps it off)
+            gc.enable()
+
+
+def _build_trace(
+    backend: Backend, thread_id: str, pricing: Pricing | None, masker: Masker | None
+) -> Trace:
     listed = _history(backend, thread_id)
     history = _root(listed)
     run_rows = _rows(backend, "SELECT * FROM harness_runs WHERE thread_id = %s", (thread_id,))

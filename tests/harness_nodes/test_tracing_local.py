@@ -1191,3 +1191,72 @@ def test_a_long_task_is_read_once_and_holds_each_message_once(
     distinct = len(last.checkpoint["channel_values"]["messages"])
     assert len(held) == distinct  # not one per copy
     assert len([n for n in trace.walk() if n.kind == "llm"]) == 15
+
+
+def test_a_long_task_is_read_decoding_each_message_once_not_once_per_checkpoint(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every checkpoint holds the whole state: decoding every copy of every message made the
+    # time to read n steps grow as n² (3,000 steps: minutes). Each distinct message's bytes
+    # are decoded once; the checkpoints are read as bytes.
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+
+    from harness_nodes import Envelope, build_harnessed_agent
+    from harness_nodes import _trace_local as local
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    @tool
+    def look(q: str) -> str:
+        """Look."""
+        return f"seen {q}"
+
+    call = ai(tool_calls=[tool_call("look", {"q": "x"})])
+    model = ScriptedChatModel(script=[call], loop=True, model_name="gpt-4o-mini")
+    agent = build_harnessed_agent(model, [look], envelope=Envelope(max_calls=20), backend=backend)
+    config: Any = {"configurable": {"thread_id": "long"}}
+    agent.invoke({"messages": [HumanMessage("go")]}, config, durability="sync")
+    messages = agent.get_state(config).values["messages"]
+    checkpoints = len(list(agent.get_state_history(config)))
+
+    serde = backend.checkpointer.serde
+    decode = serde._unpack_ext_hook
+    decoded: list[int] = []
+
+    def counting(code: int, data: bytes) -> Any:
+        decoded.append(code)
+        return decode(code, data)
+
+    monkeypatch.setattr(serde, "_unpack_ext_hook", counting)
+    trace = build_trace(backend, "long")
+    monkeypatch.undo()
+
+    assert len(messages) > 40 and checkpoints > 40
+    # Each message once from the checkpoints, once from the write that added it: linear.
+    # Decoding every checkpoint's copy is ≈ messages × checkpoints / 2 (over 800 here).
+    assert len(decoded) <= 2 * len(messages) + 10, (len(decoded), len(messages), checkpoints)
+    assert len([n for n in trace.walk() if n.kind == "llm"]) == 20
+    assert Trace.from_json(trace.to_json()) == trace
+    # The same tree as every checkpoint deserialized whole, as the saver's listing gives it.
+    monkeypatch.setattr(local, "_reader", lambda saver: (saver, None))
+    assert build_trace(backend, "long").to_json() == trace.to_json()
+
+
+def test_building_a_trace_leaves_the_garbage_collector_as_it_found_it(backend: Backend) -> None:
+    # The collector is paused while a history is read (its full passes revisit every
+    # checkpoint's lists): on again afterwards, and still off for an app that turned it off.
+    import gc
+
+    traced_task.run_to_end(backend, "t-1")
+    assert gc.isenabled()
+    build_trace(backend, "t-1")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        build_trace(backend, "t-1")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(UnknownThread):
+        build_trace(backend, "nobody")
+    assert gc.isenabled()
