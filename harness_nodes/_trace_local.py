@@ -15,6 +15,7 @@ import copy
 import gc
 import json
 import operator
+import threading
 from collections import ChainMap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -1054,13 +1055,26 @@ def _collection_paused() -> Iterator[None]:
     (1,000 model calls: 14 s, 4.2 s paused). Reading makes little cyclic garbage (≈ 1,600
     objects over those 1,000 calls): the next collection after it takes it.
     """
-    enabled = gc.isenabled()
-    gc.disable()
+    with _PAUSE_LOCK:
+        global _PAUSED, _WAS_ENABLED
+        if _PAUSED == 0:
+            _WAS_ENABLED = gc.isenabled()
+            gc.disable()
+        _PAUSED += 1
     try:
         yield
     finally:
-        if enabled:  # (an application that turned it off keeps it off)
-            gc.enable()
+        with _PAUSE_LOCK:
+            _PAUSED -= 1
+            if _PAUSED == 0 and _WAS_ENABLED:  # an app that turned it off keeps it off
+                gc.enable()
+
+
+# Traces built at once (an inbox's request threads): the first pauses the collector, the last
+# restores it as the first found it — none turns it back on while another is still reading.
+_PAUSE_LOCK = threading.Lock()
+_PAUSED = 0
+_WAS_ENABLED = True
 
 
 def _build_trace(

@@ -1260,3 +1260,21 @@ def test_building_a_trace_leaves_the_garbage_collector_as_it_found_it(backend: B
     with pytest.raises(UnknownThread):
         build_trace(backend, "nobody")
     assert gc.isenabled()
+
+
+def test_traces_built_at_once_keep_the_collector_paused_until_the_last_ends() -> None:
+    # An inbox builds traces on several request threads: the first to finish must not turn
+    # the collector back on under one still reading, nor leave it off after the last.
+    import gc
+
+    from harness_nodes._trace_local import _collection_paused
+
+    assert gc.isenabled()
+    first, second = _collection_paused(), _collection_paused()
+    first.__enter__()
+    second.__enter__()
+    assert not gc.isenabled()
+    first.__exit__(None, None, None)
+    assert not gc.isenabled()  # the second is still reading
+    second.__exit__(None, None, None)
+    assert gc.isenabled()
