@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import re
 import socket
 import time
 import uuid
@@ -32,7 +33,7 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.graph import START, StateGraph
 from langgraph.pregel import Pregel
-from langgraph.types import StateSnapshot
+from langgraph.types import Command, StateSnapshot
 
 from checkpointers.errors import outage
 from harness_nodes import _codec
@@ -255,6 +256,64 @@ def input_not_taken(snapshot: StateSnapshot) -> bool:
         snapshot.metadata is not None
         and snapshot.metadata.get("source") == "input"
         and any(t.name == START and t.error for t in snapshot.tasks)
+    )
+
+
+_INTERRUPT_ID = re.compile(r"[0-9a-f]{32}")
+ANSWER_TAKEN = (
+    "thread %s: an earlier attempt took the answer to its pause; the run carries on from its "
+    "last checkpoint without it"
+)
+
+
+class Answer:
+    """An answer to a thread's pause, sent again by a retried attempt only while it is pending.
+
+    LangGraph keeps a resume value sent without an interrupt id as an answer for the thread,
+    which the next ``interrupt()`` to run takes, whichever pause that is. So an attempt that
+    took the answer, moved past its pause and then failed (or was cut short by the database)
+    must not send it again: the retry's next pause would take it, and an approval of one
+    refund would approve the next, which nobody saw. Keyed by interrupt id (what
+    `ReviewQueue.decide` sends) it is matched to its pause, and one whose pause is gone is
+    dropped, but only because LangGraph does not check it by default; it is filtered here too.
+
+    The first attempt notes the pauses the thread stands at (and its head checkpoint: a
+    thread stopped at a breakpoint has no pause). A retry sends the answer again only to
+    those of them still pending, else carries the run on from its last checkpoint (``None``).
+    """
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self._pauses: frozenset[str] | None = None
+        self._checkpoint: str | None = None
+
+    def command(self, snapshot: StateSnapshot) -> Command[Any] | None:
+        """The input for an attempt of the run on the thread as *snapshot* shows it.
+
+        Returns:
+            ``Command(resume=...)`` if the pauses the answer is for are still pending (for a
+            keyed answer: the entries for those still pending), else None: the answer was
+            taken by an earlier attempt, and the run carries on without it.
+        """
+        live = frozenset(i.id for i in snapshot.interrupts)
+        head = (snapshot.config.get("configurable") or {}).get("checkpoint_id")
+        if self._pauses is None:  # the first attempt: the answer is for what it finds
+            self._pauses, self._checkpoint = live, head
+            return Command(resume=self.value)
+        if _keyed(self.value):
+            left = {k: v for k, v in self.value.items() if k in live}
+            return Command(resume=left) if left else None
+        if self._pauses <= live if self._pauses else head == self._checkpoint:
+            return Command(resume=self.value)
+        return None
+
+
+def _keyed(value: Any) -> bool:
+    """*value* answers pauses by interrupt id (``{interrupt_id: answer}``), as LangGraph reads."""
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(k, str) and _INTERRUPT_ID.fullmatch(k) for k in value)
     )
 
 

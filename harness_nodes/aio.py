@@ -41,6 +41,7 @@ from checkpointers.errors import is_transient
 from harness_nodes import _codec
 from harness_nodes._events import aemit
 from harness_nodes._lease import (
+    ANSWER_TAKEN,
     CANCEL,
     CURRENT_LEASE,
     INSERT,
@@ -50,6 +51,7 @@ from harness_nodes._lease import (
     SELECT_THREAD,
     SETTLE,
     STALE,
+    Answer,
     FencedSaver,
     Lease,
     OutageBudget,
@@ -655,9 +657,10 @@ class AsyncTaskRunner:
         thread_id = row["thread_id"]
         attempt = 0
         outage = OutageBudget(self.outage_seconds)
+        answer = None if resume is _NO_RESUME else Answer(resume)  # see TaskRunner._attempts
         while True:
             try:
-                status, outcome = await self._invoke(row, resume)
+                status, outcome = await self._invoke(row, answer)
             except LeaseLost:
                 return await self._current(thread_id)
             except InvalidDecision as e:
@@ -737,12 +740,17 @@ class AsyncTaskRunner:
             self._reviews = AsyncReviewQueue(self.backend, self.graph, runner=self)
         return self._reviews
 
-    async def _invoke(self, row: dict[str, Any], resume: Any) -> tuple[RunStatus, Any]:
+    async def _invoke(self, row: dict[str, Any], answer: Answer | None) -> tuple[RunStatus, Any]:
         thread_id = row["thread_id"]
         config = run_config(thread_id, row["task_key"], row["task_type"], self._config)
-        if resume is not _NO_RESUME:
-            inputs: Any = Command(resume=resume)
-        elif await self._saver.aget_tuple(_thread_config(thread_id)) is None:
+        if answer is not None:
+            command = answer.command(await self.graph.aget_state(config))
+            if command is not None:
+                await self.graph.ainvoke(command, config, durability="sync")
+                return await self._ran(config)
+            logger.info(ANSWER_TAKEN, thread_id)
+        inputs: Any
+        if await self._saver.aget_tuple(_thread_config(thread_id)) is None:
             inputs = _codec.decode(row["input"])
         else:
             snapshot = await self.graph.aget_state(config)

@@ -51,6 +51,7 @@ from langgraph.types import Command
 from checkpointers.errors import is_transient
 from harness_nodes import _codec
 from harness_nodes._lease import (
+    ANSWER_TAKEN,
     CANCEL,
     CURRENT_LEASE,
     INSERT,
@@ -60,6 +61,7 @@ from harness_nodes._lease import (
     SELECT_THREAD,
     SETTLE,
     STALE,
+    Answer,
     FencedSaver,
     Lease,
     OutageBudget,
@@ -532,9 +534,12 @@ class TaskRunner:
         thread_id = row["thread_id"]
         attempt = 0
         outage = OutageBudget(self.outage_seconds)
+        # Each attempt goes on from the last checkpoint: an answer to the pause is sent again
+        # only while that pause is pending, never to the next one (see `Answer`).
+        answer = None if resume is _NO_RESUME else Answer(resume)
         while True:
             try:
-                status, outcome = self._invoke(row, resume)
+                status, outcome = self._invoke(row, answer)
             except LeaseLost:
                 return self._current(thread_id)
             except InvalidDecision as e:
@@ -626,12 +631,17 @@ class TaskRunner:
             self._reviews = ReviewQueue(self.backend, self.graph, runner=self)
         return self._reviews
 
-    def _invoke(self, row: dict[str, Any], resume: Any) -> tuple[RunStatus, Any]:
+    def _invoke(self, row: dict[str, Any], answer: Answer | None) -> tuple[RunStatus, Any]:
         thread_id = row["thread_id"]
         config = run_config(thread_id, row["task_key"], row["task_type"], self._config)
-        if resume is not _NO_RESUME:
-            inputs: Any = Command(resume=resume)
-        elif self._saver.get_tuple(_thread_config(thread_id)) is None:
+        if answer is not None:
+            command = answer.command(self.graph.get_state(config))
+            if command is not None:
+                self.graph.invoke(command, config, durability="sync")
+                return self._ran(config)
+            logger.info(ANSWER_TAKEN, thread_id)
+        inputs: Any
+        if self._saver.get_tuple(_thread_config(thread_id)) is None:
             inputs = _codec.decode(row["input"])
         else:
             snapshot = self.graph.get_state(config)
