@@ -44,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,11 +55,12 @@ from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolM
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, ensure_config
 from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.prebuilt import ToolNode
 from langgraph.prebuilt.tool_node import ToolCallRequest
-from langgraph.types import Command
+from langgraph.types import Command, Send
 
 from harness_nodes import _verify
 from harness_nodes._events import aemit, emit
@@ -107,6 +109,10 @@ VERIFY = "verify"
 STOP = "verification_stop"
 REVIEW = "review"
 BUDGET_STOP = "budget_exhausted"
+REROUTE = "reroute_after_"
+"""Prefix of the node that takes over a router that raised (`_Rerouting`): + the source node."""
+
+logger = logging.getLogger(__name__)
 
 
 def _verifier(contracts: Contracts) -> VerifyToolOutputs:
@@ -359,10 +365,6 @@ class _AfterModel:
     async def aroute(self, state: MessagesOnly, config: RunnableConfig) -> str:
         return self._route(state) or await self.into_model.aroute(state, config)
 
-    def runnable(self) -> Runnable[Any, str]:
-        """The router to add: `route` under ``invoke``, `aroute` under ``ainvoke``."""
-        return RunnableLambda(self.route, afunc=self.aroute, name=type(self).__name__)
-
 
 @dataclass(frozen=True)
 class _AfterTools:
@@ -375,10 +377,6 @@ class _AfterTools:
 
     async def aroute(self, state: MessagesOnly, config: RunnableConfig) -> str:
         return _verified_route(state) or await self.into_model.aroute(state, config)
-
-    def runnable(self) -> Runnable[Any, str]:
-        """The router to add: `route` under ``invoke``, `aroute` under ``ainvoke``."""
-        return RunnableLambda(self.route, afunc=self.aroute, name=type(self).__name__)
 
 
 def _verified_route(state: MessagesOnly) -> str | None:
@@ -410,6 +408,103 @@ class _BudgetStop(Runnable[MessagesAndOutcome, dict[str, Any]]):
         self, input: MessagesAndOutcome, config: RunnableConfig | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         return await self.guard.afinish(input, ensure_config(config))
+
+
+Route = Callable[[Any, RunnableConfig], Any]
+"""A router's sync path: ``(state, config) -> destination``."""
+ARoute = Callable[[Any, RunnableConfig], Awaitable[Any]]
+"""A router's async path."""
+
+
+@dataclass(frozen=True)
+class _Rerouting:
+    """A harness router that never raises past the node it leaves: its error goes to a node.
+
+    LangGraph runs the router of a conditional edge inside the task of the node it leaves,
+    after that node's writes (``graph/state.py`` appends the branch to the node's writers).
+    When the router raises, the task fails with its writes recorded
+    (``PregelRunner.commit``), and LangGraph counts a failed task with writes as finished
+    (``pregel/_task_status.py``): a resume applies them, but no branch was written, so no
+    node is scheduled and the run ends, e.g. with the model's tool call neither reviewed
+    nor run. So an error here routes to `_Reroute`, which routes again as a node: a
+    passing error is gone; a lasting one fails that node, whose writes LangGraph then
+    keeps pending, so a resume (or the runner's next attempt) routes again — nothing is
+    skipped and nothing runs without the review the policy asks for.
+    """
+
+    route: Route
+    aroute: ARoute
+    node: str
+    """The `_Reroute` node an error routes to."""
+
+    def _fallback(self) -> str:
+        logger.warning("a router raised; the run routes again in node %r", self.node, exc_info=True)
+        return self.node
+
+    def _route(self, state: Any, config: RunnableConfig) -> Any:
+        try:
+            return self.route(state, config)
+        except GraphBubbleUp:
+            raise
+        except Exception:
+            return self._fallback()
+
+    async def _aroute(self, state: Any, config: RunnableConfig) -> Any:
+        try:
+            return await self.aroute(state, config)
+        except GraphBubbleUp:
+            raise
+        except Exception:
+            return self._fallback()
+
+    def runnable(self, name: str) -> Runnable[Any, Any]:
+        """The router to add: `route` under ``invoke``, `aroute` under ``ainvoke``."""
+        return RunnableLambda(self._route, afunc=self._aroute, name=name)
+
+
+@dataclass(frozen=True)
+class _Reroute(Runnable[Any, Command[Any]]):
+    """The node a router's error leads to: the same routing, as a node (see `_Rerouting`).
+
+    Its error fails this node (the task stays at it, to be carried on); its answer goes on
+    as a ``Command``, through the edge's path map as the edge would have.
+    """
+
+    route: Route
+    aroute: ARoute
+    ends: Mapping[Any, str] | None
+
+    def invoke(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Command[Any]:
+        return self._goto(self.route(input, ensure_config(config)))
+
+    async def ainvoke(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Command[Any]:
+        return self._goto(await self.aroute(input, ensure_config(config)))
+
+    def _goto(self, destination: Any) -> Command[Any]:
+        items = list(destination) if isinstance(destination, list | tuple) else [destination]
+        goto = [d if isinstance(d, Send) or self.ends is None else self.ends[d] for d in items]
+        return Command(goto=goto[0] if len(goto) == 1 else goto)
+
+
+def _add_router(
+    builder: StateGraph[Any],
+    source: str,
+    route: Route,
+    aroute: ARoute,
+    ends: Mapping[Any, str] | None,
+    name: str,
+) -> None:
+    """Add the edge out of *source* with a harness router that never raises (`_Rerouting`)."""
+    node = REROUTE + source
+    destinations = tuple(dict.fromkeys(ends.values())) if ends is not None else None
+    builder.add_node(node, _Reroute(route, aroute, ends), destinations=destinations)
+    path_map = {**ends, node: node} if ends is not None else None
+    router = _Rerouting(route, aroute, node).runnable(name)
+    builder.add_conditional_edges(source, router, cast(Any, path_map))
 
 
 def build_harnessed_agent(
@@ -612,11 +707,11 @@ def _agent_builder(
     after_model = {REVIEW: REVIEW, TOOLS: TOOLS, AGENT: AGENT, END: END, STOP: STOP}
     if guard is not None:
         after_model[BUDGET_STOP] = BUDGET_STOP
-    builder.add_conditional_edges(
-        AGENT, _AfterModel(review, into_model).runnable(), cast(Any, after_model)
-    )
+    after_agent = _AfterModel(review, into_model)
+    _add_router(builder, AGENT, after_agent.route, after_agent.aroute, after_model, "_AfterModel")
     after_tools = {**into, REVIEW: REVIEW, STOP: STOP}
-    builder.add_conditional_edges(TOOLS, _AfterTools(into_model).runnable(), cast(Any, after_tools))
+    out_of_tools = _AfterTools(into_model)
+    _add_router(builder, TOOLS, out_of_tools.route, out_of_tools.aroute, after_tools, "_AfterTools")
     builder.add_edge(STOP, END)
     return builder
 
@@ -629,6 +724,12 @@ class _AfterVerify:
     model_node: str
     stop: str
     review: str | None
+
+    def route(self, state: MessagesOnly, config: RunnableConfig) -> str:
+        return self(state)
+
+    async def aroute(self, state: MessagesOnly, config: RunnableConfig) -> str:
+        return self(state)
 
     def __call__(self, state: MessagesOnly) -> str:
         route = route_after_verify(state)
@@ -661,10 +762,6 @@ class _ReviewFirst:
         if self.review.route(state) == self.review.node:
             return self.review.node
         return await self.original.ainvoke(state, config)
-
-    def runnable(self) -> Runnable[Any, Any]:
-        """The router to add: `route` under ``invoke``, `aroute` under ``ainvoke``."""
-        return RunnableLambda(self.route, afunc=self.aroute, name="review_first")
 
 
 def add_harness(
@@ -768,7 +865,9 @@ def add_harness(
             f"add_harness: contracts name tools the graph does not have: {', '.join(unknown)} "
             f"(tools: {', '.join(sorted(known))})"
         )
-    added = [verify_node, stop_node] + ([review_node] if review_policy is not None else [])
+    added = [verify_node, stop_node, REROUTE + verify_node]
+    if review_policy is not None:
+        added += [review_node, REROUTE + model_node]
     for new in added:
         if new in builder.nodes:
             raise UserError(f"add_harness: the graph already has a node named {new!r}")
@@ -800,9 +899,8 @@ def add_harness(
         if branch.ends is not None:
             ends = {**branch.ends, review_node: review_node}
         builder.add_node(review_node, review, destinations=(tools_node, model_node, END))
-        builder.add_conditional_edges(
-            model_node, _ReviewFirst(review, branch.path).runnable(), cast(Any, ends)
-        )
+        first = _ReviewFirst(review, branch.path)
+        _add_router(builder, model_node, first.route, first.aroute, ends, "review_first")
     _, after_tools = out_edges[0]
     builder.edges.discard(out_edges[0])
     builder.add_node(verify_node, verifier)
@@ -818,6 +916,6 @@ def add_harness(
     verify_ends[stop_node] = stop_node
     if review is not None:
         verify_ends[review_node] = review_node
-    builder.add_conditional_edges(verify_node, router, cast(Any, verify_ends))
+    _add_router(builder, verify_node, router.route, router.aroute, verify_ends, "_AfterVerify")
     builder.add_edge(stop_node, END)
     return builder
