@@ -292,6 +292,14 @@ CREATE INDEX IF NOT EXISTS harness_runs_lease ON harness_runs (status, lease_exp
 # error: why the last attempt failed; finished_at: when the run reached a final status.
 # The lease index serves recover(): running rows whose lease expired.
 
+_RUNS_0203 = """
+ALTER TABLE harness_runs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE harness_runs ADD COLUMN crashed_owner TEXT
+"""
+# crashes: runs in a row whose process died holding the lease (counted by the claim that
+# finds the row still ``running``); crashed_owner: the lease owner of the last of them.
+# Recovery fails a task past its runner's ``max_recoveries`` instead of running it again.
+
 # The review inbox lists pending items most urgent first (`ReviewQueue.pending(order=
 # "urgency")`: priority, then deadline — none last —, then age), a page at a time. These
 # indexes repeat that ORDER BY expression for expression, so the page is read off an index,
@@ -756,6 +764,11 @@ MIGRATIONS: list[Migration] = [
         name="0410_review_inbox_urgency",
         postgres=_REVIEW_INBOX_INDEXES,
         sqlite=_REVIEW_INBOX_INDEXES,
+    ),
+    Migration(
+        name="0203_runs_crash_count",
+        postgres=_RUNS_0203,
+        sqlite=_RUNS_0203,
     ),
 ]
 """Every harness migration, in the order they apply. Append; never edit an applied one."""

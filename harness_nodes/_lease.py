@@ -95,6 +95,10 @@ class TaskRun:
     created_at: float
     updated_at: float
     finished_at: float | None = None
+    crashes: int = 0
+    """How many of its runs in a row ended with their process dead (OOM kill, segfault...),
+    counted when the next run claimed it; a task past its runner's ``max_recoveries`` is
+    ``failed`` instead of run again."""
 
     @property
     def done(self) -> bool:
@@ -116,6 +120,7 @@ class TaskRun:
             created_at=float(row["created_at"]),
             updated_at=float(row["updated_at"]),
             finished_at=row["finished_at"],
+            crashes=int(row.get("crashes") or 0),
         )
 
 
@@ -133,9 +138,26 @@ INSERT = (
 )
 CLAIM = (
     "UPDATE harness_runs SET status = 'running', lease_owner = %s, lease_expires_at = %s, "
-    "attempts = attempts + 1, updated_at = %s WHERE thread_id = %s AND status IN ({statuses}) "
+    "attempts = attempts + 1, updated_at = %s, "
+    "crashes = CASE WHEN status = 'running' THEN crashes + 1 ELSE 0 END, "
+    "crashed_owner = CASE WHEN status = 'running' THEN lease_owner ELSE NULL END "
+    "WHERE thread_id = %s AND status IN ({statuses}) "
     "AND (lease_owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < %s) RETURNING *"
 )
+"""Claim a run: a new owner on a fresh lease, one more attempt.
+
+The same statement counts a crash: a row still ``running`` (its lease expired, or it could
+not be claimed) was left by a run whose process died before settling it (OOM kill, segfault,
+``os._exit``). ``crashes`` counts such runs in a row, ``crashed_owner`` names the last; a
+claim of a settled row (``pending``, ``interrupted``) starts the count again. Counted by the
+claim itself, so a run that dies at once, even before its first step, is counted all the
+same (see `crash_loop`)."""
+UNCOUNT = (
+    "UPDATE harness_runs SET crashes = crashes - 1, crashed_owner = NULL "
+    "WHERE thread_id = %s AND crashed_owner = %s AND crashes > 0"
+)
+"""A run that lost its lease and is still alive to see it did not crash (it stalled, or
+waited out its database): the claim that took over counted it, this takes it back."""
 RENEW = (
     "UPDATE harness_runs SET lease_expires_at = %s, updated_at = %s "
     "WHERE thread_id = %s AND lease_owner = %s AND status = 'running' RETURNING thread_id"
@@ -202,6 +224,32 @@ def claim_decided(thread_id: str, owner: str, lease_seconds: float) -> tuple[str
     """
     t = now()
     return CLAIM_DECIDED, (owner, t + lease_seconds, t, thread_id, t)
+
+
+def crash_loop(row: Mapping[str, Any], max_recoveries: int | None) -> str | None:
+    """Why the run just claimed in *row* must not run again, or None if it may.
+
+    Its process died in each of its last ``crashes`` runs; past *max_recoveries* (None:
+    no bound) recovery stops: running it again would only kill another worker (after paying
+    for the same model calls again). The task is then ``failed`` with this reason.
+    """
+    crashes = int(row.get("crashes") or 0)
+    if max_recoveries is None or crashes <= max_recoveries:
+        return None
+    return (
+        f"crashed its process {crashes} times in a row (last claimed by "
+        f"{row.get('crashed_owner') or 'unknown'}); not recovered again "
+        f"(max_recoveries={max_recoveries})"
+    )
+
+
+def check_max_recoveries(max_recoveries: int | None) -> None:
+    """Raise `UserError` unless *max_recoveries* is None or a count >= 0."""
+    if max_recoveries is None:
+        return
+    n = max_recoveries
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise UserError(f"max_recoveries must be None or an int >= 0, got {max_recoveries!r}")
 
 
 def carries_on(row: Mapping[str, Any]) -> bool:

@@ -51,6 +51,7 @@ from harness_nodes._lease import (
     SELECT_THREAD,
     SETTLE,
     STALE,
+    UNCOUNT,
     Answer,
     FencedSaver,
     Lease,
@@ -59,9 +60,11 @@ from harness_nodes._lease import (
     TaskRun,
     backoff,
     carries_on,
+    check_max_recoveries,
     claim,
     claim_decided,
     compile_graph,
+    crash_loop,
     error_line,
     input_not_taken,
     new_owner,
@@ -418,6 +421,7 @@ class AsyncTaskRunner:
         *,
         lease_seconds: float = 30.0,
         max_attempts: int = 3,
+        max_recoveries: int | None = 5,
         outage_seconds: float = 60.0,
         config: RunnableConfig | None = None,
         reviews: AsyncReviewQueue | None = None,
@@ -433,7 +437,9 @@ class AsyncTaskRunner:
             raise UserError("lease_seconds must be > 0, outage_seconds >= 0 and max_attempts >= 1")
         self.backend = backend
         self.lease_seconds = lease_seconds
+        check_max_recoveries(max_recoveries)
         self.max_attempts = max_attempts
+        self.max_recoveries = max_recoveries
         self.outage_seconds = outage_seconds
         self.graph_path: str | None = graph if isinstance(graph, str) else None
         self._config = config
@@ -612,6 +618,11 @@ class AsyncTaskRunner:
                 if claimed:
                     return await self._carry_on_decided(claimed[0], owner)
             return TaskRun.from_row(rows[0])
+        reason = crash_loop(claimed[0], self.max_recoveries)
+        if reason is not None:  # see TaskRunner._crashed_out
+            logger.error("thread %s %s: marked failed", thread_id, reason)
+            self._score_failure(thread_id, reason)
+            return await self._settle(thread_id, owner, "failed", None, reason)
         return await self._run_claimed(claimed[0], owner, resume)
 
     async def _carry_on_decided(self, row: dict[str, Any], owner: str) -> TaskRun:
@@ -662,6 +673,10 @@ class AsyncTaskRunner:
             try:
                 status, outcome = await self._invoke(row, answer)
             except LeaseLost:
+                try:  # alive, so not a crash (see TaskRunner._uncount)
+                    await self.backend.execute(UNCOUNT, (thread_id, owner))
+                except Exception:
+                    logger.warning("could not uncount the lease of %s", thread_id, exc_info=True)
                 return await self._current(thread_id)
             except InvalidDecision as e:
                 # A bad answer to the pause, not a failed run; undone by whoever gave it

@@ -219,6 +219,10 @@ class WorkerOptions:
     """A run's lease: a crashed run is resumed after this long."""
     recover_interval: float = 5.0
     """Seconds between sweeps for stalled jobs and expired leases."""
+    max_recoveries: int | None = 5
+    """Times in a row a task whose process died in its run is run again; past that it is
+    ``failed`` ("crashed its process N times"), not given to another worker (None: no bound;
+    see `TaskRunner`)."""
     heartbeat_interval: float = 5.0
     """procrastinate worker heartbeat."""
     stalled_after: float = 15.0
@@ -237,7 +241,12 @@ def _runner(backend: Backend, options: WorkerOptions, graph: str) -> TaskRunner:
 
     runner = options.runners.get(graph)
     if runner is None:
-        runner = TaskRunner(backend, graph, lease_seconds=options.lease_seconds)
+        runner = TaskRunner(
+            backend,
+            graph,
+            lease_seconds=options.lease_seconds,
+            max_recoveries=options.max_recoveries,
+        )
         options.runners[graph] = runner
     return runner
 

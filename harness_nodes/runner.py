@@ -61,6 +61,7 @@ from harness_nodes._lease import (
     SELECT_THREAD,
     SETTLE,
     STALE,
+    UNCOUNT,
     Answer,
     FencedSaver,
     Lease,
@@ -69,9 +70,11 @@ from harness_nodes._lease import (
     TaskRun,
     backoff,
     carries_on,
+    check_max_recoveries,
     claim,
     claim_decided,
     compile_graph,
+    crash_loop,
     error_line,
     input_not_taken,
     new_owner,
@@ -144,6 +147,12 @@ class TaskRunner:
             An attempt cut short by the database being away (`BackendUnavailable`: the
             checkpointer, a ledger or the queue could not reach it) is not one of them: it
             is not the task's failure.
+        max_recoveries: How many times in a row recovery runs a task again after its
+            process died in its run (an OOM kill, a segfault, ``os._exit``: nothing raised,
+            so *max_attempts* never saw it). Past that, the claim that finds the task dead
+            once more marks it ``failed`` ("crashed its process N times in a row (last
+            claimed by ...)") instead of killing another worker. A run that settles (even
+            ``pending``, given up for an outage) starts the count again; None: no bound.
         outage_seconds: How long a run whose database is away waits for it, retrying with
             backoff, before it stops and leaves the task to recovery: released as
             ``pending`` if the database answers that, else ``running`` on a lease nobody
@@ -209,6 +218,7 @@ class TaskRunner:
         *,
         lease_seconds: float = 30.0,
         max_attempts: int = 3,
+        max_recoveries: int | None = 5,
         outage_seconds: float = 60.0,
         max_workers: int = 4,
         config: RunnableConfig | None = None,
@@ -233,7 +243,9 @@ class TaskRunner:
             )
         self.backend = backend
         self.lease_seconds = lease_seconds
+        check_max_recoveries(max_recoveries)
         self.max_attempts = max_attempts
+        self.max_recoveries = max_recoveries
         self.outage_seconds = outage_seconds
         self.queue = queue
         self.graph_path: str | None = graph if isinstance(graph, str) else None
@@ -471,7 +483,16 @@ class TaskRunner:
                 if claimed:
                     return self._carry_on_decided(claimed[0], owner)
             return TaskRun.from_row(rows[0])
+        reason = crash_loop(claimed[0], self.max_recoveries)
+        if reason is not None:
+            return self._crashed_out(thread_id, owner, reason)
         return self._run_claimed(claimed[0], owner, resume)
+
+    def _crashed_out(self, thread_id: str, owner: str, reason: str) -> TaskRun:
+        """Fail a task whose runs keep killing their process, under the lease just claimed."""
+        logger.error("thread %s %s: marked failed", thread_id, reason)
+        self._score_failure(thread_id, reason)
+        return self._settle(thread_id, owner, "failed", None, reason)
 
     def _carry_on_decided(self, row: dict[str, Any], owner: str) -> TaskRun:
         """Apply the decisions a paused task's run never took, under the lease *owner* holds.
@@ -541,6 +562,7 @@ class TaskRunner:
             try:
                 status, outcome = self._invoke(row, answer)
             except LeaseLost:
+                self._uncount(thread_id, owner)
                 return self._current(thread_id)
             except InvalidDecision as e:
                 # A bad answer to the pause, not a failed run: LangGraph keeps it unsaved,
@@ -581,6 +603,16 @@ class TaskRunner:
                 # listed for a reviewer after the run moved past it.
                 self._sync_reviews(thread_id)
             return self._settle(thread_id, owner, status, outcome, None)
+
+    def _uncount(self, thread_id: str, owner: str) -> None:
+        """This run lost its lease but is alive: not a crash (see `UNCOUNT`).
+
+        It stalled, or waited out its database; the claim that took over counted it.
+        """
+        try:
+            self.backend.execute(UNCOUNT, (thread_id, owner))
+        except Exception:  # at worst the task keeps one crash too many
+            logger.warning("could not uncount the lost lease of %s", thread_id, exc_info=True)
 
     def _release(self, thread_id: str, owner: str, error: str) -> None:
         """Give up a run whose database stayed away: the task ``pending``, for recovery.

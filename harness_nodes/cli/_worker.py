@@ -41,6 +41,15 @@ def worker(
     recover_interval: Annotated[
         float, typer.Option("--recover-interval", min=0.1, help="Seconds between sweeps")
     ] = 5.0,
+    max_recoveries: Annotated[
+        int,
+        typer.Option(
+            "--max-recoveries",
+            min=-1,
+            help="Times in a row a task whose run killed its process is run again before it "
+            "is marked failed (-1: no bound)",
+        ),
+    ] = 5,
     stalled_after: Annotated[
         float,
         typer.Option("--stalled-after", min=0.5, help="Seconds of silence before a worker is dead"),
@@ -72,6 +81,7 @@ def worker(
         concurrency=concurrency,
         lease_seconds=lease,
         recover_interval=recover_interval,
+        max_recoveries=None if max_recoveries < 0 else max_recoveries,
         heartbeat_interval=max(0.2, stalled_after / 3),
         stalled_after=stalled_after,
         name=name,
