@@ -33,7 +33,7 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.graph import START, StateGraph
 from langgraph.pregel import Pregel
-from langgraph.types import Command, StateSnapshot
+from langgraph.types import Command, StateSnapshot, StateUpdate
 
 from checkpointers.errors import outage
 from harness_nodes import _codec
@@ -305,6 +305,81 @@ def input_not_taken(snapshot: StateSnapshot) -> bool:
         and snapshot.metadata.get("source") == "input"
         and any(t.name == START and t.error for t in snapshot.tasks)
     )
+
+
+ROUTE_AGAIN = "thread %s: a router raised after node(s) %s; the step is replayed to route again"
+
+
+class BranchLost(Exception):
+    """A router raised after its node's writes, and its branch cannot be routed again.
+
+    `lost_branch` raises it; the runner fails the task with it, at once (another attempt
+    would find the same step), never ``completed``.
+    """
+
+
+# LangGraph's reserved channels (errors, interrupts, "no writes", returns) are dunder names;
+# a task's other writes are its output. A step whose failed node has an error handler of
+# LangGraph's own (``__error_source_node__``) is routed by LangGraph, not repaired here.
+_ERROR_HANDLED = "__error_source_node__"
+
+
+def _reserved(channel: str) -> bool:
+    return channel.startswith("__") and channel.endswith("__")
+
+
+def lost_branch(
+    snapshot: StateSnapshot, pending_writes: Sequence[tuple[str, str, Any]] | None
+) -> list[StateUpdate] | None:
+    """The updates that route again a step whose router raised after its node's writes.
+
+    LangGraph runs a conditional edge's router inside the task of the node it leaves, after
+    that node's writes. A router that raises fails the task with those writes kept, and
+    LangGraph reads a failed task with writes as finished: carrying the run on (``None``,
+    a retry, a recovery) applies the writes, finds no branch and ends, the task
+    "completed" with, say, a tool call nobody ran. Replaying each finished task of the step
+    with ``update_state(values=<its output>, as_node=<its node>)`` (one superstep, same task
+    ids) runs the node's writers again, its branch included, so the router routes again (or
+    raises again: nothing is saved then); ``add_messages`` replaces messages by id, so
+    nothing is doubled.
+
+    Args:
+        snapshot: The thread's head (``get_state``).
+        pending_writes: The head checkpoint's writes (``(task_id, channel, value)``).
+
+    Returns:
+        None when no task of the step failed after writing (nothing to repair), else the
+        updates to apply as one superstep (``bulk_update_state(config, [updates])``).
+
+    Raises:
+        BranchLost: the step cannot be replayed faithfully: another of its tasks has not
+            finished (replaying would close the step without it), or a task's writes are not
+            its output keys once each (a ``Command``'s ``goto``, a channel written twice).
+    """
+    failed = [t for t in snapshot.tasks if t.error is not None and t.result is not None]
+    if not failed or any(t.name == START for t in failed):
+        return None  # the edge out of START is `input_not_taken`'s
+    writes: dict[str, list[str]] = {}
+    for task_id, channel, _ in pending_writes or ():
+        if channel == _ERROR_HANDLED:
+            return None
+        writes.setdefault(task_id, []).append(channel)
+    nodes = ", ".join(sorted({t.name for t in failed}))
+    lost = f"a router raised after node {nodes}; its branch was lost"
+    updates = []
+    for task in snapshot.tasks:
+        if task.result is None or task.interrupts:
+            raise BranchLost(f"{lost} (task {task.name} of the same step has not finished)")
+        output = [c for c in writes.get(task.id, ()) if not _reserved(c)]
+        result = task.result
+        if (
+            not isinstance(result, dict)
+            or len(set(output)) != len(output)
+            or set(output) != set(result)
+        ):
+            raise BranchLost(f"{lost} (the writes of node {task.name} cannot be replayed)")
+        updates.append(StateUpdate(result, task.name, task.id))
+    return updates
 
 
 _INTERRUPT_ID = re.compile(r"[0-9a-f]{32}")

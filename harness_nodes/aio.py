@@ -47,12 +47,14 @@ from harness_nodes._lease import (
     INSERT,
     RENEW,
     REVIEWED,
+    ROUTE_AGAIN,
     SELECT_KEY,
     SELECT_THREAD,
     SETTLE,
     STALE,
     UNCOUNT,
     Answer,
+    BranchLost,
     FencedSaver,
     Lease,
     OutageBudget,
@@ -67,6 +69,7 @@ from harness_nodes._lease import (
     crash_loop,
     error_line,
     input_not_taken,
+    lost_branch,
     new_owner,
     now,
     outcome_of,
@@ -699,7 +702,8 @@ class AsyncTaskRunner:
                 outage.over()
                 attempt += 1
                 error = error_line(e)
-                if attempt < self.max_attempts:
+                # A lost branch that cannot be routed again is lost to every attempt.
+                if attempt < self.max_attempts and not isinstance(e, BranchLost):
                     await asyncio.sleep(backoff(attempt))
                     continue
                 self._score_failure(thread_id, error)
@@ -765,7 +769,8 @@ class AsyncTaskRunner:
                 return await self._ran(config)
             logger.info(ANSWER_TAKEN, thread_id)
         inputs: Any
-        if await self._saver.aget_tuple(_thread_config(thread_id)) is None:
+        head = await self._saver.aget_tuple(_thread_config(thread_id))
+        if head is None:
             inputs = _codec.decode(row["input"])
         else:
             snapshot = await self.graph.aget_state(config)
@@ -774,6 +779,11 @@ class AsyncTaskRunner:
             decided = await self._queue()._decided_pauses(thread_id, snapshot)
             if decided:
                 return await self._apply_decided(config, decided)
+            updates = lost_branch(snapshot, head.pending_writes)
+            if updates:
+                # A router raised after its node's writes (see `lost_branch`): route again.
+                logger.warning(ROUTE_AGAIN, thread_id, ", ".join(u.as_node or "" for u in updates))
+                await self.graph.abulk_update_state(config, [updates])
             inputs = _codec.decode(row["input"]) if input_not_taken(snapshot) else None
         await self.graph.ainvoke(inputs, config, durability="sync")
         return await self._ran(config)

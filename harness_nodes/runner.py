@@ -57,12 +57,14 @@ from harness_nodes._lease import (
     INSERT,
     RENEW,
     REVIEWED,
+    ROUTE_AGAIN,
     SELECT_KEY,
     SELECT_THREAD,
     SETTLE,
     STALE,
     UNCOUNT,
     Answer,
+    BranchLost,
     FencedSaver,
     Lease,
     OutageBudget,
@@ -77,6 +79,7 @@ from harness_nodes._lease import (
     crash_loop,
     error_line,
     input_not_taken,
+    lost_branch,
     new_owner,
     now,
     outcome_of,
@@ -590,7 +593,8 @@ class TaskRunner:
                 outage.over()
                 attempt += 1
                 error = error_line(e)
-                if attempt < self.max_attempts:
+                # A lost branch that cannot be routed again is lost to every attempt.
+                if attempt < self.max_attempts and not isinstance(e, BranchLost):
                     time.sleep(backoff(attempt))
                     continue
                 self._score_failure(thread_id, error)
@@ -673,7 +677,8 @@ class TaskRunner:
                 return self._ran(config)
             logger.info(ANSWER_TAKEN, thread_id)
         inputs: Any
-        if self._saver.get_tuple(_thread_config(thread_id)) is None:
+        head = self._saver.get_tuple(_thread_config(thread_id))
+        if head is None:
             inputs = _codec.decode(row["input"])
         else:
             snapshot = self.graph.get_state(config)
@@ -685,6 +690,11 @@ class TaskRunner:
             decided = self._queue()._decided_pauses(thread_id, snapshot)
             if decided:
                 return self._apply_decided(config, decided)
+            updates = lost_branch(snapshot, head.pending_writes)
+            if updates:
+                # A router raised after its node's writes (see `lost_branch`): route again.
+                logger.warning(ROUTE_AGAIN, thread_id, ", ".join(u.as_node or "" for u in updates))
+                self.graph.bulk_update_state(config, [updates])
             inputs = _codec.decode(row["input"]) if input_not_taken(snapshot) else None
         self.graph.invoke(inputs, config, durability="sync")
         return self._ran(config)
