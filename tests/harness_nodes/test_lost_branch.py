@@ -21,7 +21,7 @@ from langgraph.prebuilt import ToolNode, tools_condition
 from langgraph.types import Command
 
 from checkpointers import AsyncBackend, Backend, aopen_backend, open_backend
-from harness_nodes import AsyncTaskRunner, RunFailed, TaskRunner
+from harness_nodes import AsyncTaskRunner, RunFailed, TaskRunner, build_trace
 from harness_nodes._lease import run_config
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 
@@ -103,6 +103,12 @@ def test_router_raising_once_is_routed_again_not_completed(durable: Backend) -> 
     assert (state.next, state.tasks) == ((), ())
     answered_once(state.values["messages"])
     assert router.calls == 3  # raised; routed again to the tools; after the final answer
+    # The replayed step reads as the history it is: the call, its tool result, the answer.
+    trace = build_trace(durable, "t-once")
+    assert trace.status == "completed"
+    text = trace.to_json()
+    assert '"call_1"' in text and "Shipped." in text and "shipped" in text
+    assert json.loads(text) == trace.to_dict()
 
 
 def test_router_that_keeps_raising_fails_the_task_with_its_error(durable: Backend) -> None:
