@@ -632,7 +632,8 @@ def test_harness_worker_on_a_database_that_does_not_answer_is_a_one_line_error(
     else:
         url = masked = _with_db(request.getfixturevalue("postgres_server"), "dbopen_no_such_db")
     with pytest.raises(SystemExit) as e:
-        main(["worker", "--db", url])
+        # No start-up wait: waiting for a database still starting is test_worker_startup's.
+        main(["worker", "--db", url, "--wait-for-db", "0"])
     assert e.value.code == 2
     err = capsys.readouterr().err  # the worker's banner, then the error on one line
     assert err.strip().splitlines()[-1].startswith(f"error: Cannot open backend {masked!r}: ")
