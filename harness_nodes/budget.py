@@ -9,7 +9,8 @@
   remains, steps down the ladder when the next call would not fit and refuses when even the
   cheapest cannot. After the call it settles the reservation to the reported usage; a call
   the provider answered with an error releases it, and one cancelled or timed out after its
-  request went out keeps its worst case (it may be billed in full).
+  request went out, or answered with a success status but unreadably (a malformed body), keeps
+  its worst case (it may be billed in full).
 - `BudgetGuard`: the graph side. Its `route` runs on the edge into the model (no extra
   superstep): ``"ok"``, ``"degrade"`` or ``"stop"``; its `finish` node ends the task with
   outcome ``budget_exhausted``, keeping the partial result. The guard itself is also a node
@@ -86,7 +87,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph import END
 from langgraph.types import Command
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SkipValidation
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SkipValidation, ValidationError
 
 from checkpointers._spend import (
     AsyncSpendLedger,
@@ -763,21 +764,60 @@ def _transport_errors() -> tuple[tuple[type[BaseException], ...], ...]:
     return tuple(not_sent), (TimeoutError, *awaited), timeouts
 
 
-def _maybe_billed(error: BaseException) -> bool:
-    """Whether a call that ended in *error* may still be billed by its provider.
+# Functions that turn a provider's answer into LangChain's result: the answer arrived (a success
+# status: an error status raises before them), so an error raised in one of them is raised after
+# the call was billed. langchain-openai's (and the integrations built on it, for any
+# OpenAI-compatible endpoint) raises a bare ``TypeError`` or ``ValueError`` there on a 200 whose
+# body its SDK, with its lax validation (the default), let through: ``choices`` missing or
+# malformed, an HTML page.
+_ANSWER_READERS = frozenset({"_create_chat_result"})
 
-    A cancellation (asyncio's, a stream closed early, Ctrl-C) can come at any moment after the
+
+def _answered(error: BaseException) -> bool:
+    """Whether *error* was raised reading an answer the provider gave with a success status.
+
+    An SDK's own error for an unreadable answer carries the HTTP response (openai's and
+    anthropic's ``APIResponseValidationError``: a body that is not JSON, or does not fit their
+    schema); a body that does not decode is ``json.JSONDecodeError``, one that does not fit a
+    pydantic model is pydantic's ``ValidationError``; and LangChain's integrations raise while
+    building the message from it (`_ANSWER_READERS`).
+    """
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return 200 <= status < 300  # an error status is the provider's refusal: not billed
+    if isinstance(error, (json.JSONDecodeError, ValidationError)):
+        return True
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in _ANSWER_READERS:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _maybe_billed(error: BaseException) -> str | None:
+    """Why a call that ended in *error* may still be billed by its provider, else ``None``.
+
+    The one place that tells a billed failure from a free one (docs/decisions/0004). A
+    cancellation (asyncio's, a stream closed early, Ctrl-C) can come at any moment after the
     request went out, and a read or write timeout, or a connection dropped while the answer was
     awaited, comes after it did: the provider may still be generating, and bills what it
-    generates. A provider's error answer is not billed, nor is a failure to connect (the
-    request never left). Provider SDKs wrap their client's error in their own (openai's and
-    anthropic's ``APITimeoutError`` over httpx's or httpx2's, itself over httpcore's), and
-    LangChain's integrations wrap that again: the error's causes are looked at, and a
-    timeout none of them explains (langchain-core's ``ModelTimeoutError``, from a client the
-    harness does not know) counts as one after the request went out.
+    generates. An answer the provider gave with a success status but that cannot be read (a
+    malformed or truncated body, one the client's schema rejects: `_answered`) was generated,
+    and billed, in full. A provider's error answer (an auth error, a rejected request, a rate
+    limit: a 4xx or 5xx status) is not billed, nor is a failure to connect (the request never
+    left). Provider SDKs wrap their client's error in their own (openai's and anthropic's
+    ``APITimeoutError`` over httpx's or httpx2's, itself over httpcore's), and LangChain's
+    integrations wrap that again: the error's causes are looked at, and a timeout none of them
+    explains (langchain-core's ``ModelTimeoutError``, from a client the harness does not know)
+    counts as one after the request went out.
+
+    Returns:
+        ``"cancelled"``, ``"timed out"`` or ``"answer unreadable"`` (recorded on the call's
+        ``budget.settle`` event and in the log), or ``None``: not billed, released.
     """
     if not isinstance(error, Exception):
-        return True  # CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit
+        return "cancelled"  # CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit
     not_sent, awaited, timeouts = _transport_errors()
     timed_out = False
     seen: set[int] = set()
@@ -785,12 +825,14 @@ def _maybe_billed(error: BaseException) -> bool:
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
         if isinstance(cause, not_sent):
-            return False
+            return None
         if isinstance(cause, awaited):
-            return True
+            return "timed out"
+        if _answered(cause):
+            return "answer unreadable"
         timed_out = timed_out or isinstance(cause, timeouts)
         cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
-    return timed_out
+    return "timed out" if timed_out else None
 
 
 def _defer(ledger: SpendLedger | AsyncSpendLedger, args: tuple[Any, ...]) -> None:
@@ -1370,7 +1412,8 @@ class BudgetedChatModel(BaseChatModel):
         for the ledger, ``("emit", (kind, data))`` for events and ``("call", (index, cap))`` for
         the model. A failed model call is thrown back in and settled before it propagates:
         released when the provider cannot have billed it (an error answer), else kept at its
-        worst case (cancelled, or timed out, after the request went out: see `_maybe_billed`).
+        worst case (cancelled, or timed out, after the request went out, or answered unreadably:
+        see `_maybe_billed`), with a ``budget.settle`` event giving the reason.
         A failed event is thrown back in too: one that cuts the call short between its
         reservation and the model call (a cancellation while a tracer takes the reservation's
         event) gives the reservation back, deferred, before it propagates.
@@ -1449,7 +1492,8 @@ class BudgetedChatModel(BaseChatModel):
         try:
             raw = yield ("call", (ctx.positions[plan.index], plan.cap))
         except BaseException as error:
-            if not _maybe_billed(error):
+            reason = _maybe_billed(error)
+            if reason is None:
                 self._remember(ctx.task_id, (yield ("release", (reservation.id,))))
                 raise
             # The request went out: the provider may bill the call in full, and nothing says
@@ -1460,19 +1504,30 @@ class BudgetedChatModel(BaseChatModel):
             yield ("defer", (*settle, plan.name, None))
             self._note_deferred(reservation.id)
             worst = plan.input_tokens + plan.cap
-            self._remember(ctx.task_id, _settled(ctx, reservation.totals, plan, plan.nanos, worst))
+            after = _settled(ctx, reservation.totals, plan, plan.nanos, worst)
+            self._remember(ctx.task_id, after)
             level = logging.WARNING if isinstance(error, Exception) else logging.INFO
             log.log(
                 level,
                 "%s call %s (%s); it is recorded at its reserved worst case (%d input and %d "
                 "output tokens, $%.6f)",
                 plan.name or "a model",
-                "timed out" if isinstance(error, Exception) else "cancelled",
+                reason,
                 type(error).__name__,
                 plan.input_tokens,
                 plan.cap,
                 _usd(plan.nanos),
             )
+            if isinstance(error, Exception):  # a cancelled task reports nothing more
+                events = self._events_after(
+                    ctx, plan, totals, after, plan.nanos, plan.input_tokens, plan.cap
+                )
+                events[0][1]["reason"] = f"{reason} ({type(error).__name__}): worst case kept"
+                try:
+                    for event in events:
+                        yield ("emit", event)
+                except Exception:
+                    log.debug("the worst-case settlement's event was not reported", exc_info=True)
             raise
         msg = raw if isinstance(raw, AIMessage) else AIMessage(content=getattr(raw, "content", ""))
         name, i_tok, o_tok, cost = self._settle_figures(plan.name, msg, plan)
@@ -2525,26 +2580,29 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         """A failed call costs nothing, unless the provider may still bill it.
 
         An error answer is not billed. A call cut short after its request went out (a
-        cancellation, a read timeout, a dropped connection) may be: it is recorded at its worst
-        case, as the budgeted wrapper keeps its reservation's.
+        cancellation, a read timeout, a dropped connection), or answered with a success status
+        but unreadably (a malformed body), may be: it is recorded at its worst case, as the
+        budgeted wrapper keeps its reservation's (`_maybe_billed`).
         """
         with self._lock:
             run = self._runs.pop(run_id, None)
         if run is None:
             return
+        reason = _maybe_billed(error)
         if run.reserved is not None:
             _, reserved_model, inp, out, nanos = run.reserved
-            if not _maybe_billed(error):
+            if reason is None:
                 self._settle(run, None, 0, 0, 0)
                 return
             if not self.pricing.is_priced(reserved_model):
                 self._settle(run, reserved_model, inp, out, 0)  # its tokens, no price
                 raise UnpricedModelError(reserved_model or "<unnamed model>")
             log.warning(
-                "%s (called outside a budgeted model) was cut short (%s) after its request "
+                "%s (called outside a budgeted model) may be billed: %s (%s) after its request "
                 "went out; the call is recorded at its worst case (%d input tokens, %d output "
                 "tokens, $%.6f)",
                 reserved_model,
+                reason,
                 type(error).__name__,
                 inp,
                 out,
@@ -2552,7 +2610,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             )
             self._settle(run, reserved_model, inp, out, nanos)
             return
-        if not _maybe_billed(error):
+        if reason is None:
             return
         model = _priced_name(self.pricing, run.model, None)
         if not model:
@@ -2567,10 +2625,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         inp, out = run.prompt_bound(), min(cap, _ledger_room(0))
         nanos = min(self.pricing.rates(model).worst_case_nanos(inp, out), _ledger_room(0))
         log.warning(
-            "%s (called outside a budgeted model) was cut short (%s) after its request went "
-            "out; the call is recorded at its worst case (%d input tokens, %d output tokens, "
-            "$%.6f)",
+            "%s (called outside a budgeted model) may be billed: %s (%s) after its request "
+            "went out; the call is recorded at its worst case (%d input tokens, %d output "
+            "tokens, $%.6f)",
             model,
+            reason,
             type(error).__name__,
             inp,
             out,

@@ -31,12 +31,13 @@ from langchain_core.messages import (
     SystemMessage,
 )
 from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.types import Command, Send
-from pydantic import Field
+from pydantic import BaseModel, Field, ValidationError
 from typing_extensions import TypedDict
 
 from checkpointers import AsyncBackend, Backend, open_backend
@@ -737,9 +738,243 @@ def test_an_unwrapped_call_the_provider_may_have_billed_is_recorded_at_its_worst
         assert rows == [
             {"model": "gpt-4o", "input_tokens": inp, "output_tokens": 300, "cost_nanos": worst}
         ]
-        assert "cut short" in caplog.text
+        assert "may be billed" in caplog.text
     else:  # the reservation booked at the start is released: nothing charged
         assert rows == [{"model": "gpt-4o", "input_tokens": 0, "output_tokens": 0, "cost_nanos": 0}]
+
+
+# --- answered with a success status, but unreadably -----------------------------------------
+
+
+class _SDKError(Exception):
+    """openai's and anthropic's errors that carry the HTTP response: ``APIStatusError`` (an
+    error status: 400, 401, 429...) and ``APIResponseValidationError`` (a 200 whose body the
+    SDK's strict validation rejects)."""
+
+    def __init__(self, message: str, response: httpx.Response) -> None:
+        super().__init__(message, response)
+        self.response = response
+        self.status_code = response.status_code
+
+
+class _Completion(BaseModel):
+    choices: list[dict[str, Any]]
+
+
+_GOOD_BODY = json.dumps(
+    {
+        "choices": [{"message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 2},
+    }
+)
+
+
+class _OpenAICompatible(GenericFakeChatModel):
+    """What langchain-openai (1.7, openai 3.57) does with an answer from an OpenAI-compatible
+    endpoint, checked against a loopback server: an error status raises the SDK's error; a
+    200's body is decoded (``json.JSONDecodeError`` when it is malformed or cut short),
+    checked against the SDK's schema in strict mode (``APIResponseValidationError``), else let
+    through, and the message is built from it in ``_create_chat_result``, which raises a bare
+    ``TypeError`` or ``ValueError`` on a shape it cannot read."""
+
+    model_name: str = "gpt-4o"
+    status: int = 200
+    body: str = _GOOD_BODY
+    strict: bool = False
+    calls: int = 0
+
+    def _generate(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> ChatResult:
+        self.calls += 1
+        response = httpx.Response(
+            self.status,
+            content=self.body.encode(),
+            request=httpx.Request("POST", "http://127.0.0.1/v1/chat/completions"),
+        )
+        if self.status >= 400:
+            raise _SDKError(f"Error code: {self.status}", response)
+        data = response.json()
+        if self.strict:
+            try:
+                _Completion.model_validate(data)
+            except ValidationError as e:
+                raise _SDKError(
+                    "Data returned by API invalid for expected schema.", response
+                ) from e
+        return self._create_chat_result(data)
+
+    def _create_chat_result(self, response: Any) -> ChatResult:
+        if not isinstance(response, dict):
+            raise ValueError("Unexpected response type from OpenAI-compatible endpoint.")
+        if response.get("choices") is None:
+            raise TypeError("Received response with null value for 'choices'.")
+        message = response["choices"][0]["message"]
+        usage = response["usage"]
+        answer = AIMessage(
+            content=message["content"],  # not a string (nor a list): pydantic's ValidationError
+            usage_metadata={
+                "input_tokens": usage["prompt_tokens"],
+                "output_tokens": usage["completion_tokens"],
+                "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+            },
+        )
+        return ChatResult(generations=[ChatGeneration(message=answer)])
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """One answer of the endpoint, and what the call raises from it."""
+
+    raises: type[BaseException]
+    body: str = _GOOD_BODY
+    status: int = 200
+    strict: bool = False
+
+    def model(self) -> _OpenAICompatible:
+        return _OpenAICompatible(
+            messages=iter([]), body=self.body, status=self.status, strict=self.strict
+        )
+
+
+_UNREADABLE = [
+    pytest.param(_Answer(json.JSONDecodeError, body='{"choices": ['), id="malformed-json"),
+    pytest.param(_Answer(json.JSONDecodeError, body=_GOOD_BODY[:40]), id="truncated-body"),
+    pytest.param(_Answer(TypeError, body='{"choices": "nope"}'), id="choices-malformed"),
+    pytest.param(_Answer(TypeError, body='{"usage": {}}'), id="choices-missing"),
+    pytest.param(_Answer(ValueError, body="[]"), id="not-an-object"),
+    pytest.param(
+        _Answer(
+            ValidationError,
+            body=_GOOD_BODY.replace('"hi"', "42"),  # the message cannot be built from it
+        ),
+        id="message-invalid",
+    ),
+    pytest.param(_Answer(_SDKError, body='{"choices": "nope"}', strict=True), id="strict-schema"),
+]
+_REFUSED = [
+    pytest.param(_Answer(_SDKError, status=401), id="401-auth"),
+    pytest.param(_Answer(_SDKError, status=400), id="400-invalid-request"),
+    pytest.param(_Answer(_SDKError, status=429), id="429-rate-limit"),
+]
+
+
+@pytest.mark.parametrize("answer", _UNREADABLE)
+def test_a_200_answer_that_cannot_be_read_keeps_its_worst_case(
+    backend: Backend, answer: _Answer
+) -> None:
+    # The provider answered 200 and billed the call, but its body could not be read (malformed,
+    # cut short, of a shape the client rejects): the call was released as if never billed.
+    events = Events()
+    llm = budgeted(answer.model(), envelope=Envelope(max_usd=0.05), backend=backend)
+    config: Any = {"configurable": {"thread_id": "unreadable"}, "callbacks": [events]}
+    agent = RunnableLambda(llm.invoke)  # events reach the callbacks of a run (a graph node's)
+    with pytest.raises(answer.raises):
+        agent.invoke("hi", config)
+    flush_pending(backend)
+    rows = backend.execute(_SPEND_ROWS, ("unreadable",))
+    assert _charged_at_worst_case(rows), rows
+    assert llm.spend(config)["usd"] == int(rows[0]["cost_nanos"]) / NANOS > 0
+    [settled] = events.of("budget.settle")
+    assert settled["reason"].startswith("answer unreadable (")
+    assert settled["usd"] == int(rows[0]["cost_nanos"]) / NANOS
+
+
+@pytest.mark.parametrize("answer", _UNREADABLE)
+async def test_a_200_answer_that_cannot_be_read_keeps_its_worst_case_async(
+    abackend: AsyncBackend, answer: _Answer
+) -> None:
+    llm = budgeted(answer.model(), envelope=Envelope(max_usd=0.05), backend=abackend)
+    config: Any = {"configurable": {"thread_id": "unreadable"}}
+    with pytest.raises(answer.raises):
+        await llm.ainvoke("hi", config)
+    await aflush_pending(abackend)
+    rows = await abackend.execute(_SPEND_ROWS, ("unreadable",))
+    assert _charged_at_worst_case(rows), rows
+    assert (await llm.aspend(config))["usd"] == int(rows[0]["cost_nanos"]) / NANOS > 0
+
+
+@pytest.mark.parametrize("answer", _REFUSED)
+async def test_an_error_answer_is_still_released(abackend: AsyncBackend, answer: _Answer) -> None:
+    # An error status is the provider's refusal, before any generation: not billed.
+    llm = budgeted(answer.model(), envelope=Envelope(max_usd=0.05), backend=abackend)
+    config: Any = {"configurable": {"thread_id": "refused"}}
+    with pytest.raises(_SDKError, match=str(answer.status)):
+        await llm.ainvoke("hi", config)
+    await aflush_pending(abackend)
+    rows = await abackend.execute(_SPEND_ROWS, ("refused",))
+    assert [r["state"] for r in rows] == ["released"]
+    assert (await llm.aspend(config))["usd"] == 0
+
+
+def test_repeated_unreadable_answers_stop_the_task_at_its_envelope(backend: Backend) -> None:
+    # A provider (or a proxy in front of it) that answers 200 with a broken body every time:
+    # each call is billed, and the task retried without limit at $0 (30 requests of a $0.02
+    # envelope against a loopback server, ledger still $0).
+    model = _Answer(json.JSONDecodeError, body='{"choices": [').model()
+    envelope = Envelope(max_usd=0.02, max_output_tokens=500)
+    llm = budgeted(model, envelope=envelope, backend=backend)
+    config: Any = {"configurable": {"thread_id": "broken-proxy"}}
+    stopped = None
+    for _ in range(30):
+        try:
+            answer = llm.invoke("hi", config)
+        except json.JSONDecodeError:
+            continue
+        stopped = answer.additional_kwargs["harness"]["budget"]["stopped"]
+        break
+    assert stopped is not None and stopped["limit"] == "usd"
+    assert model.calls < 10  # about $0.0055 booked per call
+    spent, committed = _ledger_nanos(backend, "broken-proxy")
+    assert committed == spent <= 0.02 * NANOS
+    assert spent > 0.02 * NANOS * 0.6
+
+
+async def test_repeated_unreadable_answers_stop_the_task_at_its_envelope_async(
+    abackend: AsyncBackend,
+) -> None:
+    model = _Answer(TypeError, body='{"usage": {}}').model()
+    envelope = Envelope(max_usd=0.02, max_output_tokens=500)
+    llm = budgeted(model, envelope=envelope, backend=abackend)
+    config: Any = {"configurable": {"thread_id": "broken-proxy"}}
+    stopped = None
+    for _ in range(30):
+        try:
+            answer = await llm.ainvoke("hi", config)
+        except TypeError:
+            continue
+        stopped = answer.additional_kwargs["harness"]["budget"]["stopped"]
+        break
+    assert stopped is not None and stopped["limit"] == "usd"
+    assert model.calls < 10
+    assert 0.02 * 0.6 < (await llm.aspend(config))["usd"] <= 0.02
+
+
+@pytest.mark.parametrize(
+    ("answer", "charged"),
+    [
+        pytest.param(_Answer(json.JSONDecodeError, body='{"choices": ['), True, id="malformed"),
+        pytest.param(_Answer(TypeError, body='{"usage": {}}'), True, id="choices-missing"),
+        pytest.param(_Answer(_SDKError, body="[]", strict=True), True, id="strict-schema"),
+        pytest.param(_Answer(_SDKError, status=429), False, id="429-rate-limit"),
+    ],
+)
+def test_an_unwrapped_call_answered_unreadably_is_recorded_at_its_worst_case(
+    backend: Backend, answer: _Answer, charged: bool
+) -> None:
+    handler = BudgetCallbackHandler(backend)
+    config: Any = {"callbacks": [handler], "metadata": {"thread_id": "raw-unreadable"}}
+    with pytest.raises(answer.raises):
+        answer.model().invoke("summarise " * 100, config, max_tokens=300)
+    flush_pending(backend)
+    rows = backend.execute(
+        "SELECT output_tokens, cost_nanos FROM harness_spend WHERE task_id = %s",
+        ("raw-unreadable",),
+    )
+    if charged:
+        assert len(rows) == 1 and rows[0]["output_tokens"] == 300 and rows[0]["cost_nanos"] > 0
+    else:
+        assert rows == [{"output_tokens": 0, "cost_nanos": 0}]
 
 
 async def test_a_call_cancelled_in_flight_is_charged_its_worst_case_and_the_envelope_holds(
