@@ -27,7 +27,13 @@ __all__ = ["ANONYMOUS", "InboxAuth", "create_app", "is_loopback", "parse_reviewe
 
 
 def create_app(
-    queue: Any, auth: InboxAuth, *, page_size: int = 50, decide_wait: float = 5.0
+    queue: Any,
+    auth: InboxAuth,
+    *,
+    page_size: int = 50,
+    decide_wait: float = 5.0,
+    max_body_size: int = 1 << 20,
+    body_timeout: float = 30.0,
 ) -> Starlette:
     """Build the inbox as an ASGI app over a `ReviewQueue`.
 
@@ -37,6 +43,12 @@ def create_app(
         page_size: Items per list page.
         decide_wait: Seconds a decision request waits for the resumed task; after that the
             page shows "resuming" and picks the outcome up when it arrives.
+        max_body_size: Bytes a request body may have; a larger one is refused with 413
+            before it is read whole (a decision is a small JSON object or form).
+        body_timeout: Seconds a request may take to send its body; a slower one gets 408.
+            Headers are the server's to bound: ``harness review serve`` does (see
+            `harness_nodes.inbox._serve.ServerLimits`); behind your own ASGI server, set its
+            limits or put a reverse proxy in front.
 
     Routes: ``GET /reviews`` (pending list; ``task_type``, ``reason``, ``assignee``,
     ``page`` query parameters), ``GET /reviews/{id}`` (item, trace, outcome),
@@ -53,4 +65,11 @@ def create_app(
     """
     from harness_nodes.inbox._app import create_app as _create_app
 
-    return _create_app(queue, auth, page_size=page_size, decide_wait=decide_wait)
+    return _create_app(
+        queue,
+        auth,
+        page_size=page_size,
+        decide_wait=decide_wait,
+        max_body_size=max_body_size,
+        body_timeout=body_timeout,
+    )

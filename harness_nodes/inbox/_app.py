@@ -19,7 +19,13 @@ try:
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import MutableHeaders
     from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+    from starlette.responses import (
+        HTMLResponse,
+        JSONResponse,
+        PlainTextResponse,
+        RedirectResponse,
+        Response,
+    )
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -112,6 +118,62 @@ class _Guard:
         ):
             return _error(request, 403, "cross_site", "Cross-site request refused")
         return None
+
+
+class _BodyTooSlow(Exception):
+    """The request body did not arrive within the inbox's body timeout."""
+
+
+class _BodyDeadline:
+    """ASGI middleware: a request must send its whole body within *timeout* seconds, else 408.
+
+    The server bounds the headers (`harness_nodes.inbox._serve.ServerLimits`); this bounds the
+    body, which only the app reads: one byte a second on a decision POST held the request open
+    for as long as the client liked. The clock starts when the handler first asks for the body.
+    """
+
+    def __init__(self, app: ASGIApp, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        body_done = False
+        started = False
+
+        async def receive_in_time() -> Message:
+            nonlocal deadline, body_done
+            if body_done:
+                return await receive()  # waiting for a disconnect: not a body read
+            if deadline is None:
+                deadline = loop.time() + self.timeout
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise _BodyTooSlow from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive_in_time, send_tracking)
+        except _BodyTooSlow:
+            if started:
+                raise
+            response = PlainTextResponse(
+                "Request body too slow", status_code=408, headers={"connection": "close"}
+            )
+            await response(scope, receive, send)
 
 
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -356,9 +418,20 @@ class _Inbox:
 
 
 def create_app(
-    queue: Any, auth: InboxAuth, *, page_size: int = 50, decide_wait: float = 5.0
+    queue: Any,
+    auth: InboxAuth,
+    *,
+    page_size: int = 50,
+    decide_wait: float = 5.0,
+    max_body_size: int = 1 << 20,
+    body_timeout: float = 30.0,
 ) -> Starlette:
-    """Build the inbox ASGI app over *queue* (see `harness_nodes.inbox`)."""
+    """Build the inbox ASGI app over *queue* (see `harness_nodes.inbox`).
+
+    A request body over *max_body_size* bytes is refused with 413 (at once when its
+    Content-Length says so, else as soon as that many bytes have come), one slower than
+    *body_timeout* seconds with 408.
+    """
     inbox = _Inbox(queue, auth, page_size, decide_wait)
     routes = [
         Route("/", inbox.home, name="home"),
@@ -373,6 +446,7 @@ def create_app(
         yield
         inbox.resumers.shutdown(wait=True)  # let decided tasks finish resuming
 
-    app = Starlette(routes=routes, lifespan=lifespan, max_body_size=1 << 20)
+    app = Starlette(routes=routes, lifespan=lifespan, max_body_size=max_body_size)
     app.add_middleware(_Guard, auth=auth)
+    app.add_middleware(_BodyDeadline, timeout=body_timeout)
     return app

@@ -2,17 +2,108 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import importlib
 import inspect
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from harness_nodes.errors import UserError
 from harness_nodes.inbox._security import InboxAuth, is_loopback, parse_reviewers
 
 DEFAULT_PORT = 8765
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """How long and how much the inbox's server waits for a client before it hangs up.
+
+    uvicorn has no timeout for reading a request's headers: a client sending them one byte at
+    a time, or connecting and sending nothing, held its connection for ever. The inbox serves
+    with h11 (whose header size limit uvicorn exposes) and closes a connection whose next
+    request has not finished its headers in `header_timeout`; the app bounds the body (see
+    `create_app`). Public deployments still belong behind a reverse proxy, as uvicorn advises:
+    these bound each connection, not how many a client may open.
+    """
+
+    header_timeout: float = 10.0
+    """Seconds a connection may take to send a request's headers, counted from when it
+    connected or from the previous response; then it is closed."""
+    body_timeout: float = 30.0
+    """Seconds a request may take to send its body once its headers are in; then 408."""
+    max_body_size: int = 1 << 20
+    """Bytes a request body may have (a decision is a small JSON object or form); more: 413."""
+    max_header_size: int = 64 * 1024
+    """Bytes the request line and headers may have together; more: the request is refused."""
+    keep_alive: int = 5
+    """Seconds an idle keep-alive connection stays open after a response."""
+    graceful_shutdown: int = 10
+    """Seconds a stop waits for requests in flight before closing their connections."""
+
+
+def _header_timeout_protocol(header_timeout: float) -> type[asyncio.Protocol]:
+    """The h11 protocol of uvicorn, closing a connection whose request headers come too slowly.
+
+    Armed when the connection is made and again after each response; a request whose headers
+    arrived in time is being served (``cycle`` in progress) and is left alone, so a slow
+    *handler* is never cut off here.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(header_timeout, self._headers_too_slow)
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # its headers came in time: a request is being served
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11Protocol
+
+
+def server_config(app: Any, *, host: str, port: int, limits: ServerLimits) -> Any:
+    """The `uvicorn.Config` the inbox is served with, bounded by *limits*.
+
+    ``limit_concurrency`` is left unset on purpose: uvicorn counts open connections against it,
+    so a few slow clients holding connections would have every reviewer answered 503.
+    """
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        http=_header_timeout_protocol(limits.header_timeout),
+        h11_max_incomplete_event_size=limits.max_header_size,
+        timeout_keep_alive=limits.keep_alive,
+        timeout_graceful_shutdown=limits.graceful_shutdown,
+    )
 
 
 def load_object(spec: str) -> Any:
@@ -150,8 +241,10 @@ def serve(
     allowed_hosts: list[str] | None,
     page_size: int,
     on_ready: Any = None,
+    limits: ServerLimits | None = None,
 ) -> None:
     """Open the backend, build the queue over the graph and serve the inbox until stopped."""
+    limits = limits or ServerLimits()
     auth = build_auth(
         host=host, reviewers=reviewers, allow_anonymous=allow_anonymous, allowed_hosts=allowed_hosts
     )
@@ -169,8 +262,14 @@ def serve(
     obj = load_object(graph)
     with open_existing(db) as backend:  # the inbox reads what runs wrote: never a new database
         queue = ReviewQueue(backend, resolve_graph(obj, backend))
-        app = create_app(queue, auth, page_size=page_size)
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        app = create_app(
+            queue,
+            auth,
+            page_size=page_size,
+            max_body_size=limits.max_body_size,
+            body_timeout=limits.body_timeout,
+        )
+        config = server_config(app, host=host, port=port, limits=limits)
         server = uvicorn.Server(config)
         sockets = bind(host, port, config.backlog)
         try:
