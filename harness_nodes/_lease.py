@@ -403,6 +403,7 @@ class Answer:
     The first attempt notes the pauses the thread stands at (and its head checkpoint: a
     thread stopped at a breakpoint has no pause). A retry sends the answer again only to
     those of them still pending, else carries the run on from its last checkpoint (``None``).
+    A pause inside a subgraph is read from the subgraph's own state (`live_pauses`).
     """
 
     def __init__(self, value: Any) -> None:
@@ -413,15 +414,24 @@ class Answer:
     def command(self, snapshot: StateSnapshot) -> Command[Any] | None:
         """The input for an attempt of the run on the thread as *snapshot* shows it.
 
+        *snapshot* is read with ``get_state(config, subgraphs=True)``, so that a pause inside
+        a subgraph the run has moved past is not taken for pending (see `live_pauses`).
+
         Returns:
             ``Command(resume=...)`` if the pauses the answer is for are still pending (for a
             keyed answer: the entries for those still pending), else None: the answer was
             taken by an earlier attempt, and the run carries on without it.
         """
-        live = frozenset(i.id for i in snapshot.interrupts)
+        live = live_pauses(snapshot)
         head = (snapshot.config.get("configurable") or {}).get("checkpoint_id")
         if self._pauses is None:  # the first attempt: the answer is for what it finds
             self._pauses, self._checkpoint = live, head
+            if len(live) == 1 and not _keyed(self.value):
+                # Keyed to its one pause, as LangGraph would match it: sent without an id it
+                # is saved with the parent's step, which a subgraph's pause does not end, so
+                # a retry that carries on would hand it to the subgraph's next pause.
+                [pause] = live
+                self.value = {pause: self.value}
             return Command(resume=self.value)
         if _keyed(self.value):
             left = {k: v for k, v in self.value.items() if k in live}
@@ -429,6 +439,26 @@ class Answer:
         if self._pauses <= live if self._pauses else head == self._checkpoint:
             return Command(resume=self.value)
         return None
+
+
+def live_pauses(snapshot: StateSnapshot) -> frozenset[str]:
+    """The ids of the pauses still pending on a thread, subgraphs' included.
+
+    A pause raised inside a subgraph (a node that is a compiled graph, or one invoked from a
+    node function) is listed by the parent from its own checkpoint, which only moves when the
+    parent's step ends: a subgraph that took its answer, went past the pause and then failed
+    leaves the parent still listing the answered pause. The subgraph's own state (in
+    *snapshot* when read with ``subgraphs=True``) says which of its pauses are pending; a task
+    whose subgraph state is not there (not read, or not found) counts as the parent lists it.
+    """
+    live: set[str] = set()
+    for task in snapshot.tasks:
+        sub = task.state
+        if isinstance(sub, StateSnapshot) and sub.created_at is not None:
+            live |= live_pauses(sub)
+        else:
+            live.update(i.id for i in task.interrupts)
+    return frozenset(live)
 
 
 def _keyed(value: Any) -> bool:

@@ -763,7 +763,7 @@ class AsyncTaskRunner:
         thread_id = row["thread_id"]
         config = run_config(thread_id, row["task_key"], row["task_type"], self._config)
         if answer is not None:
-            command = answer.command(await self.graph.aget_state(config))
+            command = answer.command(await self.graph.aget_state(config, subgraphs=True))
             if command is not None:
                 await self.graph.ainvoke(command, config, durability="sync")
                 return await self._ran(config)

@@ -671,7 +671,7 @@ class TaskRunner:
         thread_id = row["thread_id"]
         config = run_config(thread_id, row["task_key"], row["task_type"], self._config)
         if answer is not None:
-            command = answer.command(self.graph.get_state(config))
+            command = answer.command(self.graph.get_state(config, subgraphs=True))
             if command is not None:
                 self.graph.invoke(command, config, durability="sync")
                 return self._ran(config)

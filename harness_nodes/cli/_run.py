@@ -143,6 +143,20 @@ def build_graph(
     A bad argument, or a ``build_graph`` that does not take ``(model, *, backend, ...)``, is a
     `UserError`; an error raised inside the builder is its own.
     """
+    check_args(module, args, model, backend)
+    try:
+        return module.build_graph(model, backend=backend, **args)
+    except TypeError as e:
+        if not args:
+            raise  # the builder's own bug, not the user's input
+        # **kwargs passed on (to build_harnessed_agent, say) are checked only there
+        raise UserError(f"Bad --args for graph {module.__name__}: {e}") from None
+
+
+def check_args(
+    module: ModuleType, args: Mapping[str, Any], model: BaseChatModel | None, backend: Any = None
+) -> None:
+    """Refuse *args* the module's ``build_graph`` signature cannot take (a `UserError`)."""
     try:
         signature = inspect.signature(module.build_graph)
     except (TypeError, ValueError):
@@ -159,13 +173,6 @@ def build_graph(
             signature.bind(model, backend=backend, **args)
         except TypeError as e:
             raise UserError(f"Bad --args for graph {module.__name__}: {e}") from None
-    try:
-        return module.build_graph(model, backend=backend, **args)
-    except TypeError as e:
-        if not args:
-            raise  # the builder's own bug, not the user's input
-        # **kwargs passed on (to build_harnessed_agent, say) are checked only there
-        raise UserError(f"Bad --args for graph {module.__name__}: {e}") from None
 
 
 @dataclass
@@ -192,6 +199,7 @@ def opened_graph(
 
     module = load_graph_module(graph_name)
     model = load_model(model_spec)
+    check_args(module, args, model)  # before the database is opened (or created)
     with open_backend(db) as backend:
         graph = build_graph(module, args, model, backend)
         config: dict[str, Any] = {
@@ -301,6 +309,15 @@ def _queue(target: RunTarget) -> Any:
     return ReviewQueue(target.backend, target.graph)
 
 
+def check_decision(target: RunTarget, decision: Any) -> None:
+    """Refuse (`InvalidDecision`, one line) a decision the thread's queued reviews cannot take."""
+    from harness_nodes.review import check_decisions
+
+    for item in _queue(target).sync(target.thread_id):
+        with run_errors(target.thread_id):
+            check_decisions(item.requests, decision, review_id=item.id)
+
+
 def decide_pending(
     target: RunTarget, decision: Any, reviewer: str, narrator: Narrator
 ) -> dict[str, Any] | None:
@@ -407,6 +424,8 @@ def resume_thread(
                 f"Thread {thread_id!r} is not paused for review (it stopped mid-run): "
                 f"`harness resume {thread_id}` without --decision carries it on"
             )
+        if snapshot.interrupts and resume is not None:
+            check_decision(target, resume)  # a bad decision is refused before anything is said
         narrator.note(f"resuming thread {thread_id} ({graph_name})")
         decided = None
         if snapshot.interrupts and resume is not None:

@@ -434,3 +434,13 @@ def test_a_decision_is_named_as_its_audit_row_names_it(
     assert "review " + row["id"] + ": edit+reject by" in " ".join(out.split())
     code, out, _ = _cli(capsys, "show", "s6", "--db", db)
     assert "review edit+reject by" in out
+
+
+def test_resume_with_an_invalid_decision_says_nothing_of_resuming(
+    capsys: pytest.CaptureFixture[str], db: str
+) -> None:
+    assert _cli(capsys, "run", "support", "--db", db, "--thread", "s9")[0] == 0
+    code, out, err = _cli(capsys, "resume", "s9", "--db", db, "--decision", '{"type": "nope"}')
+    assert code == 2
+    assert "Invalid decision" in _one_line_error(err)
+    assert "resuming" not in out + err, out
