@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
 
@@ -200,8 +201,15 @@ def opened_graph(
     module = load_graph_module(graph_name)
     model = load_model(model_spec)
     check_args(module, args, model)  # before the database is opened (or created)
+    created = _new_sqlite_file(db)
     with open_backend(db) as backend:
-        graph = build_graph(module, args, model, backend)
+        try:
+            graph = build_graph(module, args, model, backend)
+        except BaseException:
+            if created is not None:  # e.g. args the builder refused: leave no empty database
+                backend.close()
+                _remove_sqlite_files(created)
+            raise
         config: dict[str, Any] = {
             "configurable": {"thread_id": thread_id},
             "recursion_limit": RECURSION_LIMIT,
@@ -214,6 +222,24 @@ def opened_graph(
         }
         task_type = str(getattr(module, "TASK_TYPE", graph_name))
         yield RunTarget(graph, thread_id, config, task_type, backend)
+
+
+def _new_sqlite_file(db: str | None) -> Path | None:
+    """The SQLite file *db* names, if opening it will create it (else None)."""
+    from checkpointers import default_url
+    from checkpointers._url import parse_url
+
+    parsed = parse_url(db or default_url())
+    if parsed.kind != "sqlite" or parsed.target == ":memory:":
+        return None
+    path = Path(parsed.target).expanduser()
+    return None if path.exists() else path
+
+
+def _remove_sqlite_files(path: Path) -> None:
+    """Remove a SQLite database this run created (and its journal files), nothing ran on it."""
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        file.unlink(missing_ok=True)
 
 
 @contextmanager

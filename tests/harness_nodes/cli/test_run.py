@@ -444,3 +444,30 @@ def test_resume_with_an_invalid_decision_says_nothing_of_resuming(
     assert code == 2
     assert "Invalid decision" in _one_line_error(err)
     assert "resuming" not in out + err, out
+
+
+def test_run_with_args_the_builder_refuses_leaves_no_new_database(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # support.build_graph takes **compile_kwargs, so a wrong name is refused only inside the
+    # builder, after the database was opened: the file that opening created is removed.
+    path = tmp_path / "harness.db"
+    code, _, err = _cli(
+        capsys, "run", "support", "--db", f"sqlite:///{path}", "--args", '{"no_such_arg": 1}'
+    )
+    assert code == 2
+    assert "no_such_arg" in _one_line_error(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nor its -wal/-shm files
+
+
+def test_run_with_refused_args_keeps_an_existing_database(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "harness.db"
+    url = f"sqlite:///{path}"
+    assert _cli(capsys, "demo", "--db", url)[0] == 0
+    size = path.stat().st_size
+    code, _, _ = _cli(capsys, "run", "support", "--db", url, "--args", '{"no_such_arg": 1}')
+    assert code == 2
+    assert path.exists() and path.stat().st_size >= size  # what ran before is kept
+    assert _cli(capsys, "runs", "--db", url)[0] == 0
