@@ -2571,6 +2571,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self.task_type = task_type
         self.default_task_id = default_task_id
         self._runs: dict[uuid.UUID, _Run] = {}
+        self._answering: set[uuid.UUID] = set()
+        """Calls whose streamed answer started (their first chunk arrived)."""
         self._lock = threading.Lock()
 
     def _start(
@@ -2596,6 +2598,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             # short calls no handler): its worst case stays booked, and it is forgotten here.
             for stale in [k for k, r in self._runs.items() if now - r.started >= self.forget_after]:
                 del self._runs[stale]
+                self._answering.discard(stale)
             self._runs[run_id] = run
 
     def _limits(self, task_type: str) -> Limits:
@@ -2669,19 +2672,29 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         """Remember which task the call belongs to."""
         self._start(run_id, metadata, kwargs, None, prompts)
 
+    def on_llm_new_token(self, *args: Any, run_id: uuid.UUID, **kwargs: Any) -> None:
+        """A streamed answer started (see `on_llm_error`)."""
+        if run_id not in self._answering:
+            with self._lock:
+                if run_id in self._runs:
+                    self._answering.add(run_id)
+
     def on_llm_error(self, error: BaseException, *, run_id: uuid.UUID, **kwargs: Any) -> None:
         """A failed call costs nothing, unless the provider may still bill it.
 
         An error answer is not billed. A call cut short after its request went out (a
-        cancellation, a read timeout, a dropped connection), or answered with a success status
-        but unreadably (a malformed body), may be: it is recorded at its worst case, as the
-        budgeted wrapper keeps its reservation's (`_maybe_billed`).
+        cancellation, a read timeout, a dropped connection), answered with a success status
+        but unreadably (a malformed body), or whose streamed answer broke after it started,
+        may be: it is recorded at its worst case, as the budgeted wrapper keeps its
+        reservation's (`_maybe_billed`).
         """
         with self._lock:
             run = self._runs.pop(run_id, None)
+            answering = run_id in self._answering
+            self._answering.discard(run_id)
         if run is None:
             return
-        reason = _maybe_billed(error)
+        reason = _maybe_billed(error, answering=answering)
         if run.reserved is not None:
             _, reserved_model, inp, out, nanos = run.reserved
             if reason is None:
@@ -2786,6 +2799,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         """Price the call's usage and record it against its task."""
         with self._lock:
             run = self._runs.pop(run_id, None)
+            self._answering.discard(run_id)
         if run is None:
             return
         try:
