@@ -1496,8 +1496,9 @@ class BudgetedChatModel(BaseChatModel):
         for the ledger, ``("emit", (kind, data))`` for events and ``("call", _Call)`` for
         the model. A failed model call is thrown back in and settled before it propagates:
         released when the provider cannot have billed it (an error answer), else kept at its
-        worst case (cancelled, or timed out, after the request went out, or answered unreadably:
-        see `_maybe_billed`), with a ``budget.settle`` event giving the reason.
+        worst case (cancelled, or timed out, after the request went out, answered unreadably, or
+        broken once its streamed answer started: see `_maybe_billed`), with a ``budget.settle``
+        event giving the reason.
         A failed event is thrown back in too: one that cuts the call short between its
         reservation and the model call (a cancellation while a tracer takes the reservation's
         event) gives the reservation back, deferred, before it propagates.
@@ -1730,7 +1731,8 @@ class BudgetedChatModel(BaseChatModel):
         Added up, the chunks are `invoke`'s answer (the last carries its ``harness.budget``
         annotation; a refused call is that one chunk, the stop message). A stream the caller
         stops reading is a call cut short after its request went out: recorded at its
-        reserved worst case, as a cancelled ``invoke`` is.
+        reserved worst case, as a cancelled ``invoke`` is; so is one that breaks after its first
+        chunk (``"stream broken"``: the provider was generating, and bills it).
 
         Example:
             ```python
