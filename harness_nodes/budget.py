@@ -84,6 +84,8 @@ from langchain_core.messages import (
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatResult, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langchain_core.runnables.config import merge_configs
+from langchain_core.tracers._streaming import _StreamingCallbackHandler  # see `_may_stream`
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph import END
 from langgraph.types import Command
@@ -795,7 +797,7 @@ def _answered(error: BaseException) -> bool:
     return False
 
 
-def _maybe_billed(error: BaseException) -> str | None:
+def _maybe_billed(error: BaseException, *, answering: bool = False) -> str | None:
     """Why a call that ended in *error* may still be billed by its provider, else ``None``.
 
     The one place that tells a billed failure from a free one (docs/decisions/0004). A
@@ -812,12 +814,26 @@ def _maybe_billed(error: BaseException) -> str | None:
     explains (langchain-core's ``ModelTimeoutError``, from a client the harness does not know)
     counts as one after the request went out.
 
+    A streamed call that breaks once *answering* (its first chunk arrived: the provider accepted
+    the request with a success status and was generating) is billed whatever broke it: a
+    malformed chunk, an error event in the stream (openai's bare ``APIError``, with no status),
+    the connection dropped, a chunk the client cannot convert (a bare ``TypeError``). The
+    provider bills the prompt in full and what it generated before it noticed, which the
+    stream never reported.
+
+    Args:
+        error: What the call raised.
+        answering: Whether the answer had started to stream when it was raised.
+
     Returns:
-        ``"cancelled"``, ``"timed out"`` or ``"answer unreadable"`` (recorded on the call's
-        ``budget.settle`` event and in the log), or ``None``: not billed, released.
+        ``"cancelled"``, ``"timed out"``, ``"answer unreadable"`` or ``"stream broken"``
+        (recorded on the call's ``budget.settle`` event and in the log), or ``None``: not
+        billed, released.
     """
     if not isinstance(error, Exception):
         return "cancelled"  # CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit
+    if answering:
+        return "stream broken"
     not_sent, awaited, timeouts = _transport_errors()
     timed_out = False
     seen: set[int] = set()
@@ -833,6 +849,74 @@ def _maybe_billed(error: BaseException) -> str | None:
         timed_out = timed_out or isinstance(cause, timeouts)
         cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
     return "timed out" if timed_out else None
+
+
+@dataclass(slots=True)
+class _Call:
+    """The model call `_flow` asks its driver to make."""
+
+    index: int
+    """The ladder position of the model to call."""
+    cap: int
+    """Its output cap."""
+    answering: bool = False
+    """Set by the driver when the answer's first chunk arrives (see `_maybe_billed`)."""
+
+
+class _AnswerWatch(BaseCallbackHandler):
+    """Marks a call answering when its model, streaming under ``invoke``, hands its first chunk.
+
+    A chat model streams inside ``invoke`` when a streaming handler listens (a graph run with
+    ``stream_mode="messages"``, ``astream_events``) or it is told to (``streaming=True``): its
+    chunks then reach only the run's handlers, this one among them.
+    """
+
+    run_inline = True  # called in the model's own thread or task, before its next chunk
+
+    def __init__(self, call: _Call) -> None:
+        self.call = call
+
+    @property
+    def ignore_chat_model(self) -> bool:
+        return True
+
+    @property
+    def ignore_retriever(self) -> bool:
+        return True
+
+    @property
+    def ignore_chain(self) -> bool:
+        return True
+
+    @property
+    def ignore_agent(self) -> bool:
+        return True
+
+    @property
+    def ignore_custom_event(self) -> bool:
+        return True
+
+    def on_llm_new_token(self, *args: Any, **kwargs: Any) -> None:
+        """The answer started."""
+        self.call.answering = True
+
+
+def _may_stream(model: Any, config: RunnableConfig, kwargs: Mapping[str, Any]) -> bool:
+    """Whether *model* may stream its answer inside ``invoke`` (langchain-core's rule)."""
+    if kwargs.get("stream") or getattr(model, "streaming", False) is True:
+        return True
+    callbacks = config.get("callbacks")
+    handlers = getattr(callbacks, "handlers", callbacks)
+    return isinstance(handlers, list) and any(
+        isinstance(h, _StreamingCallbackHandler) for h in handlers
+    )
+
+
+def _watched(call: _Call, model: Any, child: RunnableConfig, kwargs: Mapping[str, Any]) -> Any:
+    """*child*, with `_AnswerWatch` on *call* when *model* may stream under ``invoke``."""
+    if not _may_stream(model, child, kwargs):
+        return child
+    return merge_configs(child, {"callbacks": [_AnswerWatch(call)]})
 
 
 def _defer(ledger: SpendLedger | AsyncSpendLedger, args: tuple[Any, ...]) -> None:
@@ -1409,11 +1493,12 @@ class BudgetedChatModel(BaseChatModel):
         """The whole call as a sequence of effects, driven by `invoke` or `ainvoke`.
 
         Yields ``("totals" | "reserve" | "defer" | "forgo" | "flush_held" | "release", args)``
-        for the ledger, ``("emit", (kind, data))`` for events and ``("call", (index, cap))`` for
+        for the ledger, ``("emit", (kind, data))`` for events and ``("call", _Call)`` for
         the model. A failed model call is thrown back in and settled before it propagates:
         released when the provider cannot have billed it (an error answer), else kept at its
-        worst case (cancelled, or timed out, after the request went out, or answered unreadably:
-        see `_maybe_billed`), with a ``budget.settle`` event giving the reason.
+        worst case (cancelled, or timed out, after the request went out, answered unreadably, or
+        broken once its streamed answer started: see `_maybe_billed`), with a ``budget.settle``
+        event giving the reason.
         A failed event is thrown back in too: one that cuts the call short between its
         reservation and the model call (a cancellation while a tracer takes the reservation's
         event) gives the reservation back, deferred, before it propagates.
@@ -1490,9 +1575,10 @@ class BudgetedChatModel(BaseChatModel):
             self._views().forget_view(ctx.task_id)
             raise
         try:
-            raw = yield ("call", (ctx.positions[plan.index], plan.cap))
+            call = _Call(ctx.positions[plan.index], plan.cap)
+            raw = yield ("call", call)
         except BaseException as error:
-            reason = _maybe_billed(error)
+            reason = _maybe_billed(error, answering=call.answering)
             if reason is None:
                 self._remember(ctx.task_id, (yield ("release", (reservation.id,))))
                 raise
@@ -1581,10 +1667,14 @@ class BudgetedChatModel(BaseChatModel):
                 return result
             value, error = None, None
             if op == "call":
-                index, cap = args
+                model = self._runnable(args.index)
                 try:
-                    value = self._runnable(index).invoke(
-                        messages, child, stop=stop, max_tokens=cap, **kwargs
+                    value = model.invoke(
+                        messages,
+                        _watched(args, model, child, kwargs),
+                        stop=stop,
+                        max_tokens=args.cap,
+                        **kwargs,
                     )
                 except BaseException as e:
                     error = e
@@ -1614,10 +1704,14 @@ class BudgetedChatModel(BaseChatModel):
                 return result
             value, error = None, None
             if op == "call":
-                index, cap = args
+                model = self._runnable(args.index)
                 try:
-                    value = await self._runnable(index).ainvoke(
-                        messages, child, stop=stop, max_tokens=cap, **kwargs
+                    value = await model.ainvoke(
+                        messages,
+                        _watched(args, model, child, kwargs),
+                        stop=stop,
+                        max_tokens=args.cap,
+                        **kwargs,
                     )
                 except BaseException as e:
                     error = e
@@ -1637,7 +1731,8 @@ class BudgetedChatModel(BaseChatModel):
         Added up, the chunks are `invoke`'s answer (the last carries its ``harness.budget``
         annotation; a refused call is that one chunk, the stop message). A stream the caller
         stops reading is a call cut short after its request went out: recorded at its
-        reserved worst case, as a cancelled ``invoke`` is.
+        reserved worst case, as a cancelled ``invoke`` is; so is one that breaks after its first
+        chunk (``"stream broken"``: the provider was generating, and bills it).
 
         Example:
             ```python
@@ -1668,16 +1763,16 @@ class BudgetedChatModel(BaseChatModel):
                 return
             value, error = None, None
             if op == "call":
-                index, cap = args
                 chunks = cast(
                     Generator[Any, None, None],
-                    self._runnable(index).stream(
-                        messages, child, stop=stop, max_tokens=cap, **kwargs
+                    self._runnable(args.index).stream(
+                        messages, child, stop=stop, max_tokens=args.cap, **kwargs
                     ),
                 )
                 try:
                     with contextlib.closing(chunks):
                         for chunk in chunks:
+                            args.answering = True
                             streamed = _added_chunk(streamed, chunk)
                             yield cast(AIMessageChunk, chunk)
                 except BaseException as e:  # GeneratorExit too: the caller stopped reading
@@ -1711,16 +1806,16 @@ class BudgetedChatModel(BaseChatModel):
                 return
             value, error = None, None
             if op == "call":
-                index, cap = args
                 achunks = cast(
                     AsyncGenerator[Any, None],
-                    self._runnable(index).astream(
-                        messages, child, stop=stop, max_tokens=cap, **kwargs
+                    self._runnable(args.index).astream(
+                        messages, child, stop=stop, max_tokens=args.cap, **kwargs
                     ),
                 )
                 try:
                     async with contextlib.aclosing(achunks):
                         async for chunk in achunks:
+                            args.answering = True
                             streamed = _added_chunk(streamed, chunk)
                             yield cast(AIMessageChunk, chunk)
                 except BaseException as e:  # GeneratorExit, CancelledError: cut short
@@ -2478,6 +2573,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self.task_type = task_type
         self.default_task_id = default_task_id
         self._runs: dict[uuid.UUID, _Run] = {}
+        self._answering: set[uuid.UUID] = set()
+        """Calls whose streamed answer started (their first chunk arrived)."""
         self._lock = threading.Lock()
 
     def _start(
@@ -2503,6 +2600,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             # short calls no handler): its worst case stays booked, and it is forgotten here.
             for stale in [k for k, r in self._runs.items() if now - r.started >= self.forget_after]:
                 del self._runs[stale]
+                self._answering.discard(stale)
             self._runs[run_id] = run
 
     def _limits(self, task_type: str) -> Limits:
@@ -2576,19 +2674,29 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         """Remember which task the call belongs to."""
         self._start(run_id, metadata, kwargs, None, prompts)
 
+    def on_llm_new_token(self, *args: Any, run_id: uuid.UUID, **kwargs: Any) -> None:
+        """A streamed answer started (see `on_llm_error`)."""
+        if run_id not in self._answering:
+            with self._lock:
+                if run_id in self._runs:
+                    self._answering.add(run_id)
+
     def on_llm_error(self, error: BaseException, *, run_id: uuid.UUID, **kwargs: Any) -> None:
         """A failed call costs nothing, unless the provider may still bill it.
 
         An error answer is not billed. A call cut short after its request went out (a
-        cancellation, a read timeout, a dropped connection), or answered with a success status
-        but unreadably (a malformed body), may be: it is recorded at its worst case, as the
-        budgeted wrapper keeps its reservation's (`_maybe_billed`).
+        cancellation, a read timeout, a dropped connection), answered with a success status
+        but unreadably (a malformed body), or whose streamed answer broke after it started,
+        may be: it is recorded at its worst case, as the budgeted wrapper keeps its
+        reservation's (`_maybe_billed`).
         """
         with self._lock:
             run = self._runs.pop(run_id, None)
+            answering = run_id in self._answering
+            self._answering.discard(run_id)
         if run is None:
             return
-        reason = _maybe_billed(error)
+        reason = _maybe_billed(error, answering=answering)
         if run.reserved is not None:
             _, reserved_model, inp, out, nanos = run.reserved
             if reason is None:
@@ -2693,6 +2801,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         """Price the call's usage and record it against its task."""
         with self._lock:
             run = self._runs.pop(run_id, None)
+            self._answering.discard(run_id)
         if run is None:
             return
         try:
