@@ -85,7 +85,6 @@ from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatResult, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.runnables.config import merge_configs
-from langchain_core.tracers._streaming import _StreamingCallbackHandler  # see `_may_stream`
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph import END
 from langgraph.types import Command
@@ -907,9 +906,23 @@ def _may_stream(model: Any, config: RunnableConfig, kwargs: Mapping[str, Any]) -
         return True
     callbacks = config.get("callbacks")
     handlers = getattr(callbacks, "handlers", callbacks)
-    return isinstance(handlers, list) and any(
-        isinstance(h, _StreamingCallbackHandler) for h in handlers
-    )
+    if not isinstance(handlers, list) or not handlers:
+        return False
+    if _STREAMING_HANDLER is None:  # langchain-core moved it: watch whenever handlers listen
+        return True
+    return any(isinstance(h, _STREAMING_HANDLER) for h in handlers)
+
+
+def _streaming_handler() -> type | None:
+    """langchain-core's marker class of handlers that make ``invoke`` stream (a private name)."""
+    try:
+        from langchain_core.tracers._streaming import _StreamingCallbackHandler
+    except ImportError:  # pragma: no cover - a langchain-core without it
+        return None
+    return cast(type, _StreamingCallbackHandler)
+
+
+_STREAMING_HANDLER = _streaming_handler()
 
 
 def _watched(call: _Call, model: Any, child: RunnableConfig, kwargs: Mapping[str, Any]) -> Any:
