@@ -50,7 +50,10 @@ def serve(
     from harness_nodes.inbox._serve import serve as run
 
     def ready(backend: Backend) -> None:
-        console.print(f"review inbox on [bold]http://{host}:{port}/[/] over {backend.url}")
+        # Not folded at the terminal's width: the address and the URL are copied from it.
+        console.print(
+            f"review inbox on [bold]http://{host}:{port}/[/] over {backend.url}", soft_wrap=True
+        )
 
     run(
         db=db,

@@ -61,7 +61,7 @@ def test_serve_resumes_a_task_paused_by_another_process(shop: Shop) -> None:
         proc.terminate()
         out, _ = proc.communicate(timeout=20)
     # The ready line names the database by its (masked) URL, not the Backend object's repr.
-    assert f"over {shop.backend.url}" in " ".join(out.split()), out
+    assert f"over {shop.backend.url}\n" in out, out  # whole, on one line
     assert "Backend(" not in out
     tool_msg = [m for m in shop.messages("t-cli") if m.type == "tool"][-1]
     assert tool_msg.content == "refunded 42.0 on A9"  # ran in the server process, once
