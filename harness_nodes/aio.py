@@ -411,6 +411,9 @@ class AsyncTaskRunner:
                     await runner.asubmit("q-1", {"messages": [HumanMessage("6 x 7?")]})
                     outcome = await runner.aresult("q-1", timeout=10)
                     assert outcome["partial_result"] == "42"
+                    # or both at once; a second call joins the same task
+                    again = await runner.arun("q-1", {"messages": []}, timeout=10)
+                    assert again == outcome
 
 
         asyncio.run(main())
@@ -500,6 +503,13 @@ class AsyncTaskRunner:
         outcome = _codec.encode(outcome_of(snapshot.values))
         updated = await self.backend.execute(REVIEWED, (outcome, t, t, run.thread_id))
         return TaskRun.from_row(updated[0]) if updated else await self._current(run.thread_id)
+
+    async def arun(
+        self, task_key: str, input: Any, *, task_type: str = "default", timeout: float | None = None
+    ) -> dict[str, Any]:
+        """`asubmit` then `aresult`: the task's outcome, however many times it is called."""
+        await self.asubmit(task_key, input, task_type=task_type)
+        return await self.aresult(task_key, timeout=timeout)
 
     async def aresult(self, task_key: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the task's stored outcome (see `TaskRunner.result`)."""

@@ -90,6 +90,22 @@ async def test_concurrent_and_repeated_submissions_make_one_run(abackend: AsyncB
     assert (run.attempts, run.task_type) == (1, "support")
 
 
+async def test_arun_submits_and_waits_and_a_retried_submission_joins(
+    abackend: AsyncBackend,
+) -> None:
+    world: list[str] = []
+    agent_runs: list[int] = []
+    async with AsyncTaskRunner(abackend, refund_graph(world, agent_runs)) as runner:
+        first, second = await asyncio.gather(
+            runner.arun("order-7", INPUT, task_type="support", timeout=60),
+            runner.arun("order-7", INPUT, task_type="support", timeout=60),  # a client retry
+        )
+        third = await runner.arun("order-7", {"messages": []}, timeout=5)  # joins, reruns nothing
+    assert first == second == third == {"status": "completed", "partial_result": "refund done"}
+    assert world == ["order-7:call-refund"] and agent_runs == [1, 3]
+    assert (await runner.astatus("order-7")).task_type == "support"
+
+
 async def test_recover_resumes_a_dead_run_and_leaves_a_live_one(abackend: AsyncBackend) -> None:
     world: list[str] = []
     runner = AsyncTaskRunner(abackend, refund_graph(world, []), lease_seconds=0.5)
