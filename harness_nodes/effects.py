@@ -488,6 +488,12 @@ _ABORT = (
     "UPDATE harness_effects SET status = 'aborted', finished_at = %s "
     "WHERE thread_id = %s AND tool_call_id = %s AND status = 'started' AND attempts = %s"
 )
+# An intent whose statement an interrupt cut short (see `_aborted_if_cut`): the row it wrote,
+# if any, is known by its start time.
+_ABORT_CUT = (
+    "UPDATE harness_effects SET status = 'aborted', finished_at = %s "
+    "WHERE thread_id = %s AND tool_call_id = %s AND status = 'started' AND started_at = %s"
+)
 _RESOLVE = (
     "UPDATE harness_effects SET status = %s, result = %s, finished_at = %s, resolved_by = %s "
     "WHERE thread_id = %s AND tool_call_id = %s RETURNING *"
@@ -513,8 +519,7 @@ def _existing(call: _Call, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return rows[0]
 
 
-def _begin_sync(tx: Transaction, dialect: str, call: _Call) -> _Begin:
-    now = time.time()
+def _begin_sync(tx: Transaction, dialect: str, call: _Call, now: float) -> _Begin:
     params = (call.thread_id, call.call_id, call.tool, _codec.encode(call.args), call.key, now)
     inserted = tx.execute(_INSERT, params)
     if inserted:
@@ -530,8 +535,7 @@ def _begin_sync(tx: Transaction, dialect: str, call: _Call) -> _Begin:
     return _Begin(run=call.context(int(attempts)))
 
 
-async def _abegin(tx: AsyncTransaction, dialect: str, call: _Call) -> _Begin:
-    now = time.time()
+async def _abegin(tx: AsyncTransaction, dialect: str, call: _Call, now: float) -> _Begin:
     params = (call.thread_id, call.call_id, call.tool, _codec.encode(call.args), call.key, now)
     inserted = await tx.execute(_INSERT, params)
     if inserted:
@@ -872,11 +876,19 @@ class EffectLedger:
     # -- internals ----------------------------------------------------------------------------
 
     def _begin(self, call: _Call) -> _Begin:
+        now = time.time()
+
         def begin() -> _Begin:
             with self.backend.transaction() as tx:
-                return _begin_sync(tx, self.backend.dialect, call)
+                return _begin_sync(tx, self.backend.dialect, call, now)
 
-        return _ledger_statement(self.backend, begin)
+        try:
+            return _ledger_statement(self.backend, begin)
+        except BaseException as e:
+            if _aborted_if_cut(self.backend.dialect, e):
+                params = (time.time(), call.thread_id, call.call_id, now)
+                _ledger_statement(self.backend, lambda: self.backend.execute(_ABORT_CUT, params))
+            raise
 
     def _finish(
         self, call: _Call, attempt: int, status: str, value: Any, error: str | None
@@ -900,6 +912,21 @@ class EffectLedger:
     def _abort(self, call: _Call, attempt: int) -> None:
         params = (time.time(), call.thread_id, call.call_id, attempt)
         _ledger_statement(self.backend, lambda: self.backend.execute(_ABORT, params))
+
+
+def _aborted_if_cut(dialect: str, error: BaseException) -> bool:
+    """An interrupt cut the intent's statement short: abort the row it may have written.
+
+    A ``KeyboardInterrupt``, a thread's async exception or a cancelled task (not an
+    ``Exception``: those the statement's retries handle) can arrive as the COMMIT returns,
+    leaving an intent ``started`` for a call that never ran, which the next execution took
+    for a crash mid-call ("outcome unknown") and handed to a person. On SQLite the
+    transaction is over by then — committed, or rolled back before anyone else's statement —
+    so the row, if there, is aborted (known by its start time) and the call runs next time.
+    On Postgres a cut-short COMMIT may still land after this check, from another
+    connection: the row stays ``started``, and a person answers (the safe side).
+    """
+    return dialect == "sqlite" and not isinstance(error, Exception)
 
 
 def _log_late(call: _Call, attempt: int, kind: str, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -1065,3 +1065,102 @@ def test_a_call_a_stalled_run_finished_after_a_later_attempt_ran_it_is_recorded_
     )
     assert record.error is not None and "ran more than once" in record.error
     assert any("ran more than once" in r.getMessage() for r in caplog.records)
+
+
+class _CommitThenInterrupt:
+    """A SQLite connection whose next COMMIT is interrupted once it has run.
+
+    As a ``KeyboardInterrupt`` (a signal handled when the statement returns) or a thread's
+    async exception arrives: SQLite committed, the caller sees only the interrupt.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self._conn, self.armed = conn, True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        out = self._conn.execute(sql, *args)
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+        return out
+
+
+class _CancelledAtCommit:
+    """An aiosqlite connection whose task is cancelled while its next COMMIT is queued.
+
+    aiosqlite runs a queued statement even when the task awaiting it is cancelled (a client
+    gone, an ``asyncio.wait_for`` timeout): the COMMIT lands, the caller sees the cancellation.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self._conn, self.armed = conn, True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            return self._cancelled_commit()
+        return self._conn.execute(sql, *args)
+
+    async def _cancelled_commit(self) -> None:
+        commit = asyncio.ensure_future(self._conn.execute("COMMIT"))
+        await asyncio.sleep(0)  # queued on aiosqlite's thread
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await commit
+
+
+def test_a_call_whose_intent_commit_was_interrupted_runs_again_not_asks_a_person(
+    tmp_path: Any,
+) -> None:
+    # The intent's COMMIT ran, the interrupt came as it returned; the call never ran, yet the
+    # row stayed `started` and the next execution answered "outcome unknown" (SQLite
+    # committed or rolled back: nothing about it is unknown).
+    with open_backend(f"sqlite:///{tmp_path / 'h.db'}") as backend:
+        ledger = EffectLedger(backend)
+        ran: list[str] = []
+
+        def send(ctx: Any) -> str:
+            ran.append(ctx.idempotency_key)
+            return "sent"
+
+        db: Any = backend._db  # pyright: ignore[reportPrivateUsage]
+        db.conn = _CommitThenInterrupt(db.conn)
+        with pytest.raises(KeyboardInterrupt):
+            ledger.run(send, name="email", thread_id="t", call_id="c1")
+        record = ledger.get("t", "c1")
+        assert ran == [] and record is not None and record.status == "aborted"
+
+        assert ledger.run(send, name="email", thread_id="t", call_id="c1") == "sent"
+        assert ran == ["t:c1"]
+
+
+async def test_a_call_whose_intent_commit_was_cancelled_runs_again_not_asks_a_person(
+    tmp_path: Any,
+) -> None:
+    from checkpointers import aopen_backend
+
+    async with await aopen_backend(f"sqlite:///{tmp_path / 'h.db'}") as backend:
+        ledger = AsyncEffectLedger(backend)
+        ran: list[str] = []
+
+        async def send(ctx: Any) -> str:
+            ran.append(ctx.idempotency_key)
+            return "sent"
+
+        db: Any = backend._db  # pyright: ignore[reportPrivateUsage]
+        db.conn = _CancelledAtCommit(db.conn)
+        run = asyncio.ensure_future(ledger.arun(send, name="email", thread_id="t", call_id="c1"))
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        record = await ledger.aget("t", "c1")
+        assert ran == [] and record is not None and record.status == "aborted"
+
+        assert await ledger.arun(send, name="email", thread_id="t", call_id="c1") == "sent"
+        assert ran == ["t:c1"]
