@@ -70,6 +70,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -842,7 +843,7 @@ class EffectLedger:
             return await execute(request)
         call = _call_of(request, idempotent=kind == "idempotent")
         config = request.runtime.config
-        begin = await asyncio.to_thread(self._begin, call)
+        begin = await self._begin_in_thread(call)
         if begin.unknown is not None:
             await aemit("effect.unknown", _event(call), config)
             if self.on_unknown == "raise":
@@ -874,6 +875,23 @@ class EffectLedger:
         return out
 
     # -- internals ----------------------------------------------------------------------------
+
+    async def _begin_in_thread(self, call: _Call) -> _Begin:
+        """`_begin` in a worker thread, for a task that may be cancelled meanwhile.
+
+        A cancelled task lets go of the thread, which records the intent anyway: the call
+        never ran, and was left ``started`` — an "outcome unknown" for a person on the next
+        execution. So the thread is waited for, and what it began is aborted.
+        """
+        begun = asyncio.ensure_future(asyncio.to_thread(self._begin, call))
+        try:
+            return await asyncio.shield(begun)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # the cancellation is what is reported
+                begin = await begun
+                if begin.run is not None:
+                    await asyncio.to_thread(self._abort, call, begin.run.attempt)
+            raise
 
     def _begin(self, call: _Call) -> _Begin:
         now = time.time()

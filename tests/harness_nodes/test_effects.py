@@ -1164,3 +1164,55 @@ async def test_a_call_whose_intent_commit_was_cancelled_runs_again_not_asks_a_pe
 
         assert await ledger.arun(send, name="email", thread_id="t", call_id="c1") == "sent"
         assert ran == ["t:c1"]
+
+
+class _SlowCommit:
+    """A SQLite connection whose next COMMIT waits for *release* (a slow disk, a busy lock)."""
+
+    def __init__(self, conn: Any, entered: threading.Event, release: threading.Event) -> None:
+        self._conn, self.entered, self.release, self.armed = conn, entered, release, True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            self.entered.set()
+            self.release.wait(10)
+        return self._conn.execute(sql, *args)
+
+
+async def test_a_call_cancelled_while_the_sync_ledger_records_its_intent_runs_on_resume() -> None:
+    # The sync ledger records the intent in a worker thread; the task cancelled meanwhile let
+    # go of the thread, which recorded it anyway: the call never ran, but its row stayed
+    # `started` and the resumed run answered "outcome unknown" (on any backend).
+    world = Counter()
+    refund = call("refund", {"order_id": "o1", "amount": 10}, "call-1")
+    entered, release = threading.Event(), threading.Event()
+    with open_backend("memory://") as backend:
+        db: Any = backend._db  # pyright: ignore[reportPrivateUsage]
+        graph = build(backend, make_tools(world), [[refund]])
+        db.conn = _SlowCommit(db.conn, entered, release)
+        config: Any = {"configurable": {"thread_id": "t-3"}}
+        run = asyncio.ensure_future(
+            graph.ainvoke({"messages": [HumanMessage("go")]}, config, durability="sync")
+        )
+        assert await asyncio.to_thread(entered.wait, 10)
+        run.cancel()  # the client disconnected
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        ledger = EffectLedger(backend)
+        for _ in range(100):  # the thread's transaction, if it was let go
+            record = ledger.get("t-3", "call-1")
+            if record is not None and record.status != "started":
+                break
+            await asyncio.sleep(0.02)
+        assert world.calls == []
+        assert record is not None and record.status == "aborted"
+
+        out = await graph.ainvoke(None, config, durability="sync")
+    [result] = tool_messages(out["messages"])
+    assert (result.status, result.text) == ("success", "refunded 10 on o1")
+    assert world.calls == [("refund o1 10", "t-3:call-1")]
