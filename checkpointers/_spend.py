@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import logging
 import math
@@ -726,6 +727,21 @@ def _write_at_exit(
         db.close()
 
 
+# A reservation whose statement an interrupt cut short (a ``KeyboardInterrupt`` as its COMMIT
+# returned, a task cancelled while aiosqlite ran it): the caller never got it, so no call is
+# made on it, yet its worst case stayed booked for good. SQLite committed or rolled back by
+# then, so the row, if there (known by its task and time), is released. On Postgres a
+# cut-short statement may still land later: it stays booked (the safe side).
+_CUT_SHORT = (
+    "SELECT id FROM harness_spend WHERE task_id = %s AND state = 'reserved' AND created_at = %s"
+)
+
+
+def _cut_short_on_sqlite(dialect: str, error: BaseException) -> bool:
+    """An interrupt, not an error (those the caller sees), cut a SQLite statement short."""
+    return dialect == "sqlite" and not isinstance(error, Exception)
+
+
 def _write_failed(error: BaseException, strict: bool) -> bool:
     """A flush's write failed (what it did not write is still pending): raise or say False."""
     if strict or not isinstance(error, Exception):
@@ -1310,9 +1326,18 @@ class SpendLedger(_Ledger):
                 with self.backend.transaction() as tx:
                     res: Reservation = _run_sync(tx, steps)
                 return res
-            except BaseException:
+            except BaseException as e:
                 self._store.pending.put_back(settles)
+                if _cut_short_on_sqlite(self.backend.dialect, e):
+                    for spend_id in self._reserved_at(key[0], now):
+                        self.settle(spend_id, 0, 0, 0, released=True)
                 raise
+
+    def _reserved_at(self, task_id: str, now: float) -> list[int]:
+        """The reservation written at *now*, if its transaction committed (see `_CUT_SHORT`)."""
+        with contextlib.suppress(Exception):  # the interrupt is what is reported
+            return [int(r["id"]) for r in self.backend.execute(_CUT_SHORT, (task_id, now))]
+        return []
 
     def flush_held(self, task_type: str) -> bool:
         """Write what this process holds that the ledger books above the truth; True if any.
@@ -1450,9 +1475,19 @@ class AsyncSpendLedger(_Ledger):
                 async with self.backend.transaction() as tx:
                     res: Reservation = await _run_async(tx, steps)
                 return res
-            except BaseException:
+            except BaseException as e:
                 self._store.pending.put_back(settles)
+                if _cut_short_on_sqlite(self.backend.dialect, e):
+                    for spend_id in await self._reserved_at(key[0], now):
+                        await self.settle(spend_id, 0, 0, 0, released=True)
                 raise
+
+    async def _reserved_at(self, task_id: str, now: float) -> list[int]:
+        """`SpendLedger._reserved_at`: queued behind the transaction's COMMIT or ROLLBACK."""
+        with contextlib.suppress(Exception):
+            rows = await self.backend.execute(_CUT_SHORT, (task_id, now))
+            return [int(r["id"]) for r in rows]
+        return []
 
     async def flush_held(self, task_type: str) -> bool:
         """`SpendLedger.flush_held`, on the event loop."""

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 
 from harness_nodes._events import EVENT_PREFIX
 from harness_nodes._pricing import answer_cost
+from harness_nodes.budget import _maybe_billed
 from harness_nodes.errors import UserError
 from harness_nodes.pricing import Pricing
 
@@ -723,6 +724,11 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         self._skipped: dict[UUID, UUID | None] = {}
         self._prompts: dict[UUID, Any] = {}  # Langfuse prompts to link to a generation
         self._streamed: set[UUID] = set()  # generations whose first token was recorded
+        # A budgeted call's reservation (its ``budget.reserve`` event), by the run it was
+        # emitted under until its generation starts, then by the generation: the cost a
+        # failed call keeps in the ledger (`_failed_cost`).
+        self._reserved: dict[UUID, list[dict[str, Any]]] = {}
+        self._worst: dict[UUID, dict[str, Any]] = {}
         self._costs: dict[
             tuple[str, tuple[tuple[str, Any], ...]], Any
         ] = {}  # (model, usage) → priced
@@ -962,20 +968,49 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
             attributes[sdk.OUTPUT] = self._payload(output, "output", obs.span, obs.kind in _CHAINS)
         return self._close(run_id, attributes, root=root)
 
-    def _fail(self, run_id: UUID, error: BaseException, *, root: bool = False) -> _Obs | None:
+    def _fail(
+        self, run_id: UUID, error: BaseException, *, root: bool = False, answering: bool = False
+    ) -> _Obs | None:
         obs = self._obs.get(run_id)
         if obs is None:
             return None
         sdk = self._sdk
         level, message = self._error_level_and_message(error)
         if isinstance(error, _CANCELLATIONS):
-            self._close_abandoned(obs, level, message)
+            self._close_abandoned(obs, level, message, error)
         attributes: dict[str, Any] = {sdk.LEVEL: level, sdk.STATUS_MESSAGE: message}
         if obs.kind in sdk.generation_like:
-            attributes[sdk.COST] = sdk.serialize({"total": 0})
+            attributes.update(self._failed_cost(run_id, error, answering=answering))
         return self._close(run_id, attributes, root=root)
 
-    def _close_abandoned(self, obs: _Obs, level: str, message: str) -> None:
+    def _failed_cost(self, run_id: UUID, error: BaseException, *, answering: bool) -> Any:
+        """A failed generation's cost: the worst case its budget kept, else 0.
+
+        A budgeted call that failed after its request went out (cancelled, timed out, its
+        answer unreadable, its stream broken: `_maybe_billed`, the budget's own rule) stays
+        in the ledger at its reserved worst case; the generation carries that figure, with
+        ``harness_cost`` in its metadata saying so, so Langfuse's cost per task is the
+        harness's. Else 0, said outright: with no usage Langfuse would infer a cost from the
+        prompt.
+        """
+        sdk = self._sdk
+        reserved = self._worst.pop(run_id, None)
+        usd = reserved.get("usd") if reserved is not None else None
+        reason = _maybe_billed(error, answering=answering) if usd is not None else None
+        if reserved is None or reason is None or not isinstance(usd, int | float):
+            return {sdk.COST: sdk.serialize({"total": 0})}
+        marker = {
+            "kept": "reserved worst case",
+            "reason": f"{reason} ({type(error).__name__})",
+            "input_tokens": reserved.get("input_tokens"),
+            "output_tokens": reserved.get("output_tokens"),
+        }
+        return {
+            sdk.COST: sdk.serialize({"total": float(usd)}),
+            **self._metadata({"harness_cost": marker}),
+        }
+
+    def _close_abandoned(self, obs: _Obs, level: str, message: str, error: BaseException) -> None:
         """End what is still open under *obs*, a run cancelled: it will never report back.
 
         LangChain calls no handler for a call cut short inside an awaited gather (a model's
@@ -995,7 +1030,8 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         for run_id, other in reversed(below):  # innermost first: contexts detach in order
             attributes: dict[str, Any] = {sdk.LEVEL: level, sdk.STATUS_MESSAGE: message}
             if other.kind in sdk.generation_like:
-                attributes[sdk.COST] = sdk.serialize({"total": 0})
+                answering = run_id in self._streamed
+                attributes.update(self._failed_cost(run_id, error, answering=answering))
             self._streamed.discard(run_id)
             self._close(run_id, attributes)
 
@@ -1246,6 +1282,16 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
             extra[sdk.PROMPT_NAME] = linked.name
             extra[sdk.PROMPT_VERSION] = linked.version
         parent = self._parent(parent_run_id)
+        if metadata and metadata.get("harness_budgeted") and parent_run_id is not None:
+            # The budget emitted the call's reservation under the run that called it.
+            key = self._skipped.get(parent_run_id) or parent_run_id
+            pending = self._reserved.get(key)
+            if pending:
+                if len(self._worst) >= 1024:  # generations that never ended
+                    self._worst.clear()
+                self._worst[run_id] = pending.pop(0)
+                if not pending:
+                    del self._reserved[key]
         # a model called on its own keeps its trace attributes
         own = self._own(parent, tags, metadata, keep_trace_attributes=True)
         self._start(
@@ -1282,6 +1328,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> Any:
         self._streamed.discard(run_id)
+        self._worst.pop(run_id, None)
         obs = self._obs.get(run_id)
         if obs is None:
             return
@@ -1325,9 +1372,10 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None,
         **kwargs: Any,
     ) -> Any:
+        answering = run_id in self._streamed
         self._streamed.discard(run_id)
         try:
-            self._fail(run_id, error)
+            self._fail(run_id, error, answering=answering)
         except Exception:
             logger.exception("could not end a Langfuse generation")
 
@@ -1605,6 +1653,10 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
             )
         elif kind.startswith("budget."):
             action = kind.removeprefix("budget.")
+            if action == "reserve":
+                if len(self._reserved) >= 1024:  # reservations whose call never started
+                    self._reserved.clear()
+                self._reserved.setdefault(run_id, []).append(data)
             self._observe(
                 run_id,
                 trace_id,

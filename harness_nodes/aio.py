@@ -77,6 +77,7 @@ from harness_nodes._lease import (
 )
 from harness_nodes.effects import (
     _ABORT,
+    _ABORT_CUT,
     _FINISH,
     _FINISH_LATE,
     _FINISH_SUPERSEDED,
@@ -88,6 +89,7 @@ from harness_nodes.effects import (
     EffectRecord,
     EffectStatus,
     _abegin,
+    _aborted_if_cut,
     _active,
     _Begin,
     _Call,
@@ -308,11 +310,22 @@ class AsyncEffectLedger:
             raise
 
     async def _begin(self, call: _Call) -> _Begin:
+        now = time.time()
+
         async def begin() -> _Begin:
             async with self.backend.transaction() as tx:
-                return await _abegin(tx, self.backend.dialect, call)
+                return await _abegin(tx, self.backend.dialect, call, now)
 
-        return await _aledger_statement(self.backend, begin)
+        try:
+            return await _aledger_statement(self.backend, begin)
+        except BaseException as e:
+            if _aborted_if_cut(self.backend.dialect, e):
+                # Queued behind the transaction's COMMIT or ROLLBACK (the connection's lock).
+                params = (time.time(), call.thread_id, call.call_id, now)
+                await _aledger_statement(
+                    self.backend, lambda: self.backend.execute(_ABORT_CUT, params)
+                )
+            raise
 
     async def _finish(
         self, call: _Call, attempt: int, status: str, value: Any, error: str | None

@@ -70,6 +70,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -488,6 +489,12 @@ _ABORT = (
     "UPDATE harness_effects SET status = 'aborted', finished_at = %s "
     "WHERE thread_id = %s AND tool_call_id = %s AND status = 'started' AND attempts = %s"
 )
+# An intent whose statement an interrupt cut short (see `_aborted_if_cut`): the row it wrote,
+# if any, is known by its start time.
+_ABORT_CUT = (
+    "UPDATE harness_effects SET status = 'aborted', finished_at = %s "
+    "WHERE thread_id = %s AND tool_call_id = %s AND status = 'started' AND started_at = %s"
+)
 _RESOLVE = (
     "UPDATE harness_effects SET status = %s, result = %s, finished_at = %s, resolved_by = %s "
     "WHERE thread_id = %s AND tool_call_id = %s RETURNING *"
@@ -513,8 +520,7 @@ def _existing(call: _Call, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return rows[0]
 
 
-def _begin_sync(tx: Transaction, dialect: str, call: _Call) -> _Begin:
-    now = time.time()
+def _begin_sync(tx: Transaction, dialect: str, call: _Call, now: float) -> _Begin:
     params = (call.thread_id, call.call_id, call.tool, _codec.encode(call.args), call.key, now)
     inserted = tx.execute(_INSERT, params)
     if inserted:
@@ -530,8 +536,7 @@ def _begin_sync(tx: Transaction, dialect: str, call: _Call) -> _Begin:
     return _Begin(run=call.context(int(attempts)))
 
 
-async def _abegin(tx: AsyncTransaction, dialect: str, call: _Call) -> _Begin:
-    now = time.time()
+async def _abegin(tx: AsyncTransaction, dialect: str, call: _Call, now: float) -> _Begin:
     params = (call.thread_id, call.call_id, call.tool, _codec.encode(call.args), call.key, now)
     inserted = await tx.execute(_INSERT, params)
     if inserted:
@@ -838,7 +843,7 @@ class EffectLedger:
             return await execute(request)
         call = _call_of(request, idempotent=kind == "idempotent")
         config = request.runtime.config
-        begin = await asyncio.to_thread(self._begin, call)
+        begin = await self._begin_in_thread(call)
         if begin.unknown is not None:
             await aemit("effect.unknown", _event(call), config)
             if self.on_unknown == "raise":
@@ -871,12 +876,37 @@ class EffectLedger:
 
     # -- internals ----------------------------------------------------------------------------
 
+    async def _begin_in_thread(self, call: _Call) -> _Begin:
+        """`_begin` in a worker thread, for a task that may be cancelled meanwhile.
+
+        A cancelled task lets go of the thread, which records the intent anyway: the call
+        never ran, and was left ``started`` — an "outcome unknown" for a person on the next
+        execution. So the thread is waited for, and what it began is aborted.
+        """
+        begun = asyncio.ensure_future(asyncio.to_thread(self._begin, call))
+        try:
+            return await asyncio.shield(begun)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # the cancellation is what is reported
+                begin = await begun
+                if begin.run is not None:
+                    await asyncio.to_thread(self._abort, call, begin.run.attempt)
+            raise
+
     def _begin(self, call: _Call) -> _Begin:
+        now = time.time()
+
         def begin() -> _Begin:
             with self.backend.transaction() as tx:
-                return _begin_sync(tx, self.backend.dialect, call)
+                return _begin_sync(tx, self.backend.dialect, call, now)
 
-        return _ledger_statement(self.backend, begin)
+        try:
+            return _ledger_statement(self.backend, begin)
+        except BaseException as e:
+            if _aborted_if_cut(self.backend.dialect, e):
+                params = (time.time(), call.thread_id, call.call_id, now)
+                _ledger_statement(self.backend, lambda: self.backend.execute(_ABORT_CUT, params))
+            raise
 
     def _finish(
         self, call: _Call, attempt: int, status: str, value: Any, error: str | None
@@ -900,6 +930,21 @@ class EffectLedger:
     def _abort(self, call: _Call, attempt: int) -> None:
         params = (time.time(), call.thread_id, call.call_id, attempt)
         _ledger_statement(self.backend, lambda: self.backend.execute(_ABORT, params))
+
+
+def _aborted_if_cut(dialect: str, error: BaseException) -> bool:
+    """An interrupt cut the intent's statement short: abort the row it may have written.
+
+    A ``KeyboardInterrupt``, a thread's async exception or a cancelled task (not an
+    ``Exception``: those the statement's retries handle) can arrive as the COMMIT returns,
+    leaving an intent ``started`` for a call that never ran, which the next execution took
+    for a crash mid-call ("outcome unknown") and handed to a person. On SQLite the
+    transaction is over by then — committed, or rolled back before anyone else's statement —
+    so the row, if there, is aborted (known by its start time) and the call runs next time.
+    On Postgres a cut-short COMMIT may still land after this check, from another
+    connection: the row stays ``started``, and a person answers (the safe side).
+    """
+    return dialect == "sqlite" and not isinstance(error, Exception)
 
 
 def _log_late(call: _Call, attempt: int, kind: str, rows: Sequence[Mapping[str, Any]]) -> None:

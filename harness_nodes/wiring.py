@@ -81,6 +81,7 @@ from harness_nodes.review import HumanReview, ReviewPolicy
 from harness_nodes.state import (
     HarnessState,
     MessagesAndOutcome,
+    MessagesAndVerdicts,
     MessagesOnly,
     Outcome,
     Verdict,
@@ -743,25 +744,78 @@ class _AfterVerify:
 
 
 @dataclass(frozen=True)
-class _ReviewFirst:
-    """The user's own router out of the model node, with a detour to review first.
+class _ModelDetours:
+    """The user's own router out of the model node, with the harness's detours first.
 
+    A reply with only malformed tool calls (``invalid_tool_calls``) goes to the verify node,
+    which answers them: the user's router reads ``tool_calls`` alone (``tools_condition``
+    does) and would end the run on it. With a review policy, a flagged call goes to review.
     Both paths, as the user's router may have only one: LangGraph's async templates route
     with an ``async def``, which ``invoke`` refuses (``No synchronous function provided``).
     """
 
-    review: HumanReview
     original: Runnable[Any, Any]
+    verify_node: str
+    review: HumanReview | None = None
+
+    def _detour(self, state: Any) -> str | None:
+        messages = _verify.messages_of(state)
+        last = messages[-1] if messages else None
+        if (
+            isinstance(last, AIMessage)
+            and last.invalid_tool_calls
+            and not last.tool_calls
+            and not _budget_stopped(last)
+        ):
+            return self.verify_node
+        if self.review is not None and self.review.route(state) == self.review.node:
+            return self.review.node
+        return None
 
     def route(self, state: Any, config: RunnableConfig) -> Any:
-        if self.review.route(state) == self.review.node:
-            return self.review.node
-        return self.original.invoke(state, config)
+        return self._detour(state) or self.original.invoke(state, config)
 
     async def aroute(self, state: Any, config: RunnableConfig) -> Any:
-        if self.review.route(state) == self.review.node:
-            return self.review.node
-        return await self.original.ainvoke(state, config)
+        return self._detour(state) or await self.original.ainvoke(state, config)
+
+
+@dataclass(frozen=True)
+class _VerifyAndAnswerMalformed:
+    """The verify node `add_harness` inserts: `VerifyToolOutputs`, then the malformed calls.
+
+    The user's model node keeps a reply's malformed tool calls as they are; such a reply
+    reaches this node straight from the model (`_ModelDetours`), or after the tools ran its
+    well-formed calls. Each malformed call not answered yet is answered as `ModelNode`
+    answers it: an error message and a failed verdict, counted against the tool's
+    ``max_retries``.
+    """
+
+    verify: VerifyToolOutputs
+
+    def __call__(self, state: MessagesAndVerdicts) -> dict[str, Any]:
+        """Check the tool outputs, and answer the last reply's unanswered malformed calls."""
+        update = self.verify(state)
+        messages = _verify.messages_of(state)
+        i = _verify.last_ai_index(messages)
+        reply = messages[i] if i >= 0 else None
+        if not isinstance(reply, AIMessage) or _budget_stopped(reply):
+            return update
+        answered = {m.tool_call_id for m in messages[i + 1 :] if isinstance(m, ToolMessage)}
+        before = {"messages": messages[:i], "verdicts": _verify.verdicts_of(state)}
+        answers, verdicts = _answer_invalid_calls(self.verify, before, reply)
+        # On a "fail" verdict the good calls are answered "not run": those the tools ran keep
+        # their own answers.
+        answers = [a for a in answers if a.tool_call_id not in answered]
+        ids = {a.tool_call_id for a in answers}
+        verdicts = [v for v in verdicts if v["tool_call_id"] in ids]
+        if not verdicts:
+            return update
+        for verdict in verdicts:
+            emit("verdict", dict(verdict))
+        return {
+            "messages": [*update.get("messages", ()), *answers],
+            "verdicts": [*update.get("verdicts", ()), *verdicts],
+        }
 
 
 def add_harness(
@@ -784,6 +838,13 @@ def add_harness(
     a `VerificationStop`. With a *review_policy*, your router out of *model_node* is wrapped
     so that flagged calls go to a `HumanReview` node (``review_node``) first, which then
     sends them on to *tools_node* (or the reviewer's answer back to *model_node*).
+
+    A model reply with malformed tool calls (arguments that are not valid JSON, which
+    LangChain puts in ``invalid_tool_calls``) is no final answer: when *model_node* leaves by
+    one router, a reply with only such calls goes to the verify node, which answers each with
+    a corrective error message and a failed verdict, back to *model_node* within the tool's
+    ``max_retries``, then to the `VerificationStop`; the malformed siblings of good calls are
+    answered there after the tools ran.
 
     Args:
         builder: The (uncompiled) ``StateGraph``.
@@ -865,9 +926,12 @@ def add_harness(
             f"add_harness: contracts name tools the graph does not have: {', '.join(unknown)} "
             f"(tools: {', '.join(sorted(known))})"
         )
+    model_branches = dict(builder.branches.get(model_node) or {})
     added = [verify_node, stop_node, REROUTE + verify_node]
     if review_policy is not None:
-        added += [review_node, REROUTE + model_node]
+        added.append(review_node)
+    if len(model_branches) == 1:
+        added.append(REROUTE + model_node)
     for new in added:
         if new in builder.nodes:
             raise UserError(f"add_harness: the graph already has a node named {new!r}")
@@ -878,7 +942,6 @@ def add_harness(
             "(add_edge(tools_node, model_node)); route it yourself with VerifyToolOutputs "
             "and route_after_verify otherwise"
         )
-    model_branches = dict(builder.branches.get(model_node) or {})
     if review_policy is not None and len(model_branches) != 1:
         raise UserError(
             f"add_harness: with a review_policy, {model_node!r} must leave by exactly one "
@@ -893,17 +956,22 @@ def add_harness(
             model_node=model_node,
             node=review_node,
         )
+        builder.add_node(review_node, review, destinations=(tools_node, model_node, END))
+    if len(model_branches) == 1:
+        # Without one router out of the model (a plain edge to the tools, several routers)
+        # there is no end a malformed-only reply could take to detour from.
         (branch_name, branch), *_ = model_branches.items()
         del builder.branches[model_node][branch_name]
         ends: dict[Hashable, str] | None = None
         if branch.ends is not None:
-            ends = {**branch.ends, review_node: review_node}
-        builder.add_node(review_node, review, destinations=(tools_node, model_node, END))
-        first = _ReviewFirst(review, branch.path)
-        _add_router(builder, model_node, first.route, first.aroute, ends, "review_first")
+            ends = {**branch.ends, verify_node: verify_node}
+            if review is not None:
+                ends[review_node] = review_node
+        first = _ModelDetours(branch.path, verify_node, review)
+        _add_router(builder, model_node, first.route, first.aroute, ends, "model_detours")
     _, after_tools = out_edges[0]
     builder.edges.discard(out_edges[0])
-    builder.add_node(verify_node, verifier)
+    builder.add_node(verify_node, _VerifyAndAnswerMalformed(verifier))
     builder.add_node(stop_node, VerificationStop())
     builder.add_edge(tools_node, verify_node)
     router = _AfterVerify(

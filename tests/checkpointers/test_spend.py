@@ -174,3 +174,70 @@ async def test_async_ledger_statements_with_the_database_away_raise_backend_unav
             with pytest.raises(BackendUnavailable, match=_unavailable(backend)):
                 await ledger.settle(r.id, 7, 3, 120)
         assert _spend_rows(postgres_url, "t1") == [(r.id, "reserved")]
+
+
+class _InterruptedReserveCommit:
+    """A SQLite connection whose reservation's COMMIT runs, then is interrupted.
+
+    Sync: a ``KeyboardInterrupt`` as the COMMIT returns. Async: the task cancelled while
+    aiosqlite runs the queued COMMIT (it runs even so).
+    """
+
+    def __init__(self, conn: Any, *, cancel: bool) -> None:
+        self._conn, self.cancel, self.seen, self.done = conn, cancel, False, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self.seen = self.seen or sql.startswith("INSERT INTO harness_spend (")
+        if sql != "COMMIT" or not self.seen or self.done:
+            return self._conn.execute(sql, *args)
+        self.done = True
+        if self.cancel:
+            return self._cancelled_commit()
+        self._conn.execute(sql)
+        raise KeyboardInterrupt
+
+    async def _cancelled_commit(self) -> None:
+        import asyncio
+
+        commit = asyncio.ensure_future(self._conn.execute("COMMIT"))
+        await asyncio.sleep(0)  # queued on aiosqlite's thread
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await commit
+
+
+def test_a_reservation_whose_sqlite_commit_was_interrupted_is_released(tmp_path: Any) -> None:
+    # SQLite committed it, the interrupt came as the COMMIT returned: the caller never got the
+    # reservation, so no call was made on it, yet its worst case stayed booked for good.
+    with open_backend(f"sqlite:///{tmp_path / 'h.db'}") as backend:
+        ledger = SpendLedger(backend)
+        db: Any = backend._db  # pyright: ignore[reportPrivateUsage]
+        db.conn = _InterruptedReserveCommit(db.conn, cancel=False)
+        with pytest.raises(KeyboardInterrupt):
+            ledger.reserve("t1", "default", "gpt-4o", 10, 20, 600, LIMITS)
+        rows = backend.execute("SELECT state FROM harness_spend WHERE task_id = 't1'")
+        assert [r["state"] for r in rows] == ["released"]
+        assert ledger.totals("t1", "default", LIMITS).committed_nanos == 0
+
+
+async def test_a_reservation_whose_sqlite_commit_was_cancelled_is_released(tmp_path: Any) -> None:
+    import asyncio
+
+    from checkpointers import aopen_backend
+
+    async with await aopen_backend(f"sqlite:///{tmp_path / 'h.db'}") as backend:
+        ledger = AsyncSpendLedger(backend)
+        db: Any = backend._db  # pyright: ignore[reportPrivateUsage]
+        db.conn = _InterruptedReserveCommit(db.conn, cancel=True)
+        reserve = asyncio.ensure_future(
+            ledger.reserve("t1", "default", "gpt-4o", 10, 20, 600, LIMITS)
+        )
+        with pytest.raises(asyncio.CancelledError):
+            await reserve
+        rows = await backend.execute("SELECT state FROM harness_spend WHERE task_id = 't1'")
+        assert [r["state"] for r in rows] == ["released"]
+        assert (await ledger.totals("t1", "default", LIMITS)).committed_nanos == 0

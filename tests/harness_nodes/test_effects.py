@@ -1065,3 +1065,154 @@ def test_a_call_a_stalled_run_finished_after_a_later_attempt_ran_it_is_recorded_
     )
     assert record.error is not None and "ran more than once" in record.error
     assert any("ran more than once" in r.getMessage() for r in caplog.records)
+
+
+class _CommitThenInterrupt:
+    """A SQLite connection whose next COMMIT is interrupted once it has run.
+
+    As a ``KeyboardInterrupt`` (a signal handled when the statement returns) or a thread's
+    async exception arrives: SQLite committed, the caller sees only the interrupt.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self._conn, self.armed = conn, True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        out = self._conn.execute(sql, *args)
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+        return out
+
+
+class _CancelledAtCommit:
+    """An aiosqlite connection whose task is cancelled while its next COMMIT is queued.
+
+    aiosqlite runs a queued statement even when the task awaiting it is cancelled (a client
+    gone, an ``asyncio.wait_for`` timeout): the COMMIT lands, the caller sees the cancellation.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self._conn, self.armed = conn, True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            return self._cancelled_commit()
+        return self._conn.execute(sql, *args)
+
+    async def _cancelled_commit(self) -> None:
+        commit = asyncio.ensure_future(self._conn.execute("COMMIT"))
+        await asyncio.sleep(0)  # queued on aiosqlite's thread
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await commit
+
+
+def test_a_call_whose_intent_commit_was_interrupted_runs_again_not_asks_a_person(
+    tmp_path: Any,
+) -> None:
+    # The intent's COMMIT ran, the interrupt came as it returned; the call never ran, yet the
+    # row stayed `started` and the next execution answered "outcome unknown" (SQLite
+    # committed or rolled back: nothing about it is unknown).
+    with open_backend(f"sqlite:///{tmp_path / 'h.db'}") as backend:
+        ledger = EffectLedger(backend)
+        ran: list[str] = []
+
+        def send(ctx: Any) -> str:
+            ran.append(ctx.idempotency_key)
+            return "sent"
+
+        db: Any = backend._db  # pyright: ignore[reportPrivateUsage]
+        db.conn = _CommitThenInterrupt(db.conn)
+        with pytest.raises(KeyboardInterrupt):
+            ledger.run(send, name="email", thread_id="t", call_id="c1")
+        record = ledger.get("t", "c1")
+        assert ran == [] and record is not None and record.status == "aborted"
+
+        assert ledger.run(send, name="email", thread_id="t", call_id="c1") == "sent"
+        assert ran == ["t:c1"]
+
+
+async def test_a_call_whose_intent_commit_was_cancelled_runs_again_not_asks_a_person(
+    tmp_path: Any,
+) -> None:
+    from checkpointers import aopen_backend
+
+    async with await aopen_backend(f"sqlite:///{tmp_path / 'h.db'}") as backend:
+        ledger = AsyncEffectLedger(backend)
+        ran: list[str] = []
+
+        async def send(ctx: Any) -> str:
+            ran.append(ctx.idempotency_key)
+            return "sent"
+
+        db: Any = backend._db  # pyright: ignore[reportPrivateUsage]
+        db.conn = _CancelledAtCommit(db.conn)
+        run = asyncio.ensure_future(ledger.arun(send, name="email", thread_id="t", call_id="c1"))
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        record = await ledger.aget("t", "c1")
+        assert ran == [] and record is not None and record.status == "aborted"
+
+        assert await ledger.arun(send, name="email", thread_id="t", call_id="c1") == "sent"
+        assert ran == ["t:c1"]
+
+
+class _SlowCommit:
+    """A SQLite connection whose next COMMIT waits for *release* (a slow disk, a busy lock)."""
+
+    def __init__(self, conn: Any, entered: threading.Event, release: threading.Event) -> None:
+        self._conn, self.entered, self.release, self.armed = conn, entered, release, True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            self.entered.set()
+            self.release.wait(10)
+        return self._conn.execute(sql, *args)
+
+
+async def test_a_call_cancelled_while_the_sync_ledger_records_its_intent_runs_on_resume() -> None:
+    # The sync ledger records the intent in a worker thread; the task cancelled meanwhile let
+    # go of the thread, which recorded it anyway: the call never ran, but its row stayed
+    # `started` and the resumed run answered "outcome unknown" (on any backend).
+    world = Counter()
+    refund = call("refund", {"order_id": "o1", "amount": 10}, "call-1")
+    entered, release = threading.Event(), threading.Event()
+    with open_backend("memory://") as backend:
+        db: Any = backend._db  # pyright: ignore[reportPrivateUsage]
+        graph = build(backend, make_tools(world), [[refund]])
+        db.conn = _SlowCommit(db.conn, entered, release)
+        config: Any = {"configurable": {"thread_id": "t-3"}}
+        run = asyncio.ensure_future(
+            graph.ainvoke({"messages": [HumanMessage("go")]}, config, durability="sync")
+        )
+        assert await asyncio.to_thread(entered.wait, 10)
+        run.cancel()  # the client disconnected
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        ledger = EffectLedger(backend)
+        for _ in range(100):  # the thread's transaction, if it was let go
+            record = ledger.get("t-3", "call-1")
+            if record is not None and record.status != "started":
+                break
+            await asyncio.sleep(0.02)
+        assert world.calls == []
+        assert record is not None and record.status == "aborted"
+
+        out = await graph.ainvoke(None, config, durability="sync")
+    [result] = tool_messages(out["messages"])
+    assert (result.status, result.text) == ("success", "refunded 10 on o1")
+    assert world.calls == [("refund o1 10", "t-3:call-1")]

@@ -15,13 +15,17 @@ import pytest
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
+from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode, tools_condition
 
 from checkpointers import Backend, open_backend
 from harness_nodes import (
     CostEnvelopeMiddleware,
     Envelope,
+    ReviewPolicy,
     ToolContract,
     VerifyToolOutputsMiddleware,
+    add_harness,
     build_harnessed_agent,
     build_trace,
 )
@@ -181,6 +185,82 @@ def test_graph_stops_before_the_good_call_when_the_malformed_one_fails() -> None
 
     assert out["outcome"]["status"] == "verification_failed"
     assert searched == []  # the task stops: its sibling does not run either
+    assert unanswered_calls(out["messages"]) == []
+
+
+def app_with_harness(model: ScriptedChatModel, **harness: Any) -> Any:
+    """A user's ``MessagesState`` app (model node, ``ToolNode``, ``tools_condition``), harnessed."""
+
+    def call_model(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [model.invoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", call_model)
+    builder.add_node("tools", ToolNode([search]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    return add_harness(builder, model_node="agent", tools_node="tools", **harness).compile()
+
+
+@pytest.mark.parametrize(
+    "review",
+    [
+        pytest.param({}, id="no-review-policy"),
+        pytest.param({"review_policy": ReviewPolicy()}, id="review-policy"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+async def test_add_harness_sends_a_malformed_call_back_to_the_model(
+    mode: str, review: dict[str, Any]
+) -> None:
+    model = ScriptedChatModel(
+        script=[malformed(), ai(tool_calls=[tool_call("search", {"query": "storage"})]), ai("OK")]
+    )
+    app = app_with_harness(model, contracts={"search": ToolContract()}, **review)
+    ask = {"messages": [HumanMessage("find notes on storage")]}
+    out = app.invoke(ask) if mode == "invoke" else await app.ainvoke(ask)
+
+    feedback = out["messages"][2]
+    assert isinstance(feedback, ToolMessage) and feedback.tool_call_id == "call_bad"
+    assert feedback.status == "error" and "not valid JSON" in str(feedback.content)
+    assert searched == ["storage"]
+    assert out["messages"][-1].content == "OK"
+    assert unanswered_calls(out["messages"]) == []
+
+
+def test_add_harness_stops_once_the_retries_on_a_malformed_call_are_spent() -> None:
+    model = ScriptedChatModel(script=[malformed()], loop=True)
+    app = app_with_harness(model, contracts={"search": ToolContract(max_retries=1)})
+    out = app.invoke({"messages": [HumanMessage("find notes on storage")]})
+
+    assert model.calls == 2 and searched == []
+    assert out["messages"][-1].content.startswith("I stopped: a tool output failed")
+    assert "not valid JSON" in str(out["messages"][-1].content)
+    assert unanswered_calls(out["messages"]) == []
+
+
+def test_add_harness_returns_the_malformed_sibling_of_a_good_call() -> None:
+    both = AIMessage(
+        "",
+        tool_calls=[tool_call("search", {"query": "a"}, id="call_ok")],
+        invalid_tool_calls=[
+            {
+                "name": "search",
+                "args": "{",
+                "id": "call_bad",
+                "error": None,
+                "type": "invalid_tool_call",
+            }
+        ],
+    )
+    model = ScriptedChatModel(
+        script=[both, ai(tool_calls=[tool_call("search", {"query": "b"})]), ai("OK")]
+    )
+    out = app_with_harness(model).invoke({"messages": [HumanMessage("a and b")]})
+
+    assert searched == ["a", "b"]
+    assert out["messages"][-1].content == "OK"
     assert unanswered_calls(out["messages"]) == []
 
 

@@ -1191,3 +1191,154 @@ def test_a_drop_in_apps_next_task_does_not_score_the_stop_of_the_one_before_agai
     assert out["messages"][-1].content == "Found r."
     assert out["outcome"]["status"] == "verification_failed"  # still in the state
     assert outcomes() == first
+
+
+class _UnreadableAnswer(ScriptedChatModel):
+    """The provider answered 200 with a body that cannot be read: billed, never delivered."""
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise json.JSONDecodeError("Expecting value", '{"choices": [', 13)
+
+    async def _agenerate(self, *args: Any, **kwargs: Any) -> Any:
+        raise json.JSONDecodeError("Expecting value", '{"choices": [', 13)
+
+
+def _exported_generations(exporter: Any) -> list[Any]:
+    return [
+        s
+        for s in exporter.get_finished_spans()
+        if s.attributes.get("langfuse.observation.type") == "generation"
+    ]
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+async def test_a_failed_call_the_budget_keeps_at_its_worst_case_costs_that_in_langfuse(
+    public_key: str, mode: str
+) -> None:
+    # The ledger keeps such a call at its reserved worst case; its generation was sent with
+    # cost 0, so Langfuse's cost per task disagreed with the harness's own spend.
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from harness_nodes import Envelope, budgeted
+
+    exporter = InMemorySpanExporter()
+    handler = langfuse_handler(
+        public_key=public_key,
+        secret_key="sk-lf-x",
+        base_url="http://127.0.0.1:9",  # nothing listens: spans go to the exporter
+        span_exporter=exporter,
+    )
+    model = _UnreadableAnswer(model_name="gpt-4o-mini", script=[ai("never")])
+    llm = budgeted(model, envelope=Envelope(max_usd=1, max_output_tokens=500))
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [llm.invoke(state["messages"])]}
+
+    async def aagent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await llm.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent if mode == "invoke" else aagent)
+    builder.add_edge(START, "agent")
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": f"lf-kept-{mode}"}, "callbacks": [handler]}
+    with pytest.raises(json.JSONDecodeError):
+        if mode == "invoke":
+            graph.invoke({"messages": [HumanMessage("hi")]}, config)
+        else:
+            await graph.ainvoke({"messages": [HumanMessage("hi")]}, config)
+    kept = llm.spend(config)["usd"]
+    assert kept > 0  # the harness's own figure
+    _flush(public_key)
+
+    [generation] = _exported_generations(exporter)
+    attributes = generation.attributes
+    assert attributes["langfuse.observation.level"] == "ERROR"
+    cost = json.loads(str(attributes["langfuse.observation.cost_details"]))
+    assert cost["total"] == pytest.approx(kept)
+    marker = json.loads(str(attributes["langfuse.observation.metadata.harness_cost"]))
+    assert marker["kept"] == "reserved worst case"
+    assert marker["reason"].startswith("answer unreadable")
+
+
+def test_a_failed_call_the_budget_releases_stays_at_no_cost_in_langfuse(public_key: str) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from harness_nodes import Envelope, budgeted
+
+    class Refused(ScriptedChatModel):
+        def _generate(self, *args: Any, **kwargs: Any) -> Any:
+            raise ConnectionRefusedError("nothing listens")  # the request never left
+
+    exporter = InMemorySpanExporter()
+    handler = langfuse_handler(
+        public_key=public_key,
+        secret_key="sk-lf-x",
+        base_url="http://127.0.0.1:9",
+        span_exporter=exporter,
+    )
+    llm = budgeted(
+        Refused(model_name="gpt-4o-mini", script=[ai("never")]),
+        envelope=Envelope(max_usd=1, max_output_tokens=500),
+    )
+    config: Any = {"configurable": {"thread_id": "lf-released"}, "callbacks": [handler]}
+    with pytest.raises(ConnectionRefusedError):
+        llm.invoke("hi", config)
+    assert llm.spend(config)["usd"] == 0
+    _flush(public_key)
+
+    [generation] = _exported_generations(exporter)
+    cost = json.loads(str(generation.attributes["langfuse.observation.cost_details"]))
+    assert cost == {"total": 0}
+    assert "langfuse.observation.metadata.harness_cost" not in generation.attributes
+
+
+async def test_a_budgeted_call_cancelled_in_flight_costs_its_kept_worst_case_in_langfuse(
+    public_key: str,
+) -> None:
+    import asyncio
+
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from harness_nodes import Envelope, budgeted
+
+    class SlowModel(ScriptedChatModel):
+        async def _agenerate(self, *args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(30)  # the provider is still answering when the task is cancelled
+            raise AssertionError("not cancelled")
+
+    exporter = InMemorySpanExporter()
+    handler = langfuse_handler(
+        public_key=public_key,
+        secret_key="sk-lf-x",
+        base_url="http://127.0.0.1:9",
+        span_exporter=exporter,
+    )
+    llm = budgeted(
+        SlowModel(model_name="gpt-4o-mini", script=[ai("never")]),
+        envelope=Envelope(max_usd=1, max_output_tokens=500),
+    )
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await llm.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "lf-kept-cancel"}, "callbacks": [handler]}
+    task = asyncio.create_task(graph.ainvoke({"messages": [HumanMessage("hi")]}, config))
+    while not any(o.kind == "generation" for o in handler._obs.values()):
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    kept = (await llm.aspend(config))["usd"]
+    assert kept > 0
+    _flush(public_key)
+
+    [generation] = _exported_generations(exporter)
+    cost = json.loads(str(generation.attributes["langfuse.observation.cost_details"]))
+    assert cost["total"] == pytest.approx(kept)
+    marker = json.loads(str(generation.attributes["langfuse.observation.metadata.harness_cost"]))
+    assert marker["reason"] == "cancelled (CancelledError)"
