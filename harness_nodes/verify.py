@@ -799,7 +799,7 @@ class VerifyToolOutputs:
         contract = self.contract_for(tool)
         if contract is None:
             return tool, None, 0, None
-        messages = _verify.messages_of(request.state)
+        messages = _verify.messages_of(request.state, _messages_key(request))
         task = _verify.current_task(messages, _verify.verdicts_of(request.state))
         return tool, contract, _verify.attempt_of(request.state, messages, tool, task), task.start
 
@@ -825,12 +825,14 @@ class VerifyToolOutputs:
             )
             if isinstance(request.state, list):  # a ToolNode fed a bare message list
                 return checked, verdict
-            return Command(update={"messages": [checked], "verdicts": [verdict]}), verdict
+            key = _messages_key(request)
+            return Command(update={key: [checked], "verdicts": [verdict]}), verdict
         # A tool returned a Command: check the ToolMessage it carries for this call.
         update = result.update
         if not isinstance(update, dict):
             return result, None
-        messages = list(update.get("messages") or [])
+        key = _messages_key(request)
+        messages = list(update.get(key) or [])
         for i, m in enumerate(messages):
             if isinstance(m, ToolMessage) and m.tool_call_id == call_id:
                 if "verdict" in _verify.harness_meta(m):
@@ -840,7 +842,7 @@ class VerifyToolOutputs:
                     contract, m, tool, args, attempt, reasons, side_effects, task_start
                 )
                 verdicts = [*(update.get("verdicts") or []), verdict]
-                new_update = {**update, "messages": messages, "verdicts": verdicts}
+                new_update = {**update, key: messages, "verdicts": verdicts}
                 return Command(
                     graph=result.graph,
                     update=new_update,
@@ -848,6 +850,27 @@ class VerifyToolOutputs:
                     goto=result.goto,
                 ), verdict
         return result, None
+
+
+def _messages_key(request: ToolCallRequest) -> str:
+    """The state key the ``ToolNode`` keeps its messages under.
+
+    ``messages``, else the key holding the AI message that made this call: a
+    ``ToolNode(messages_key="chat")`` writes its messages to ``chat``; the hook's checked
+    message must go there too, as a state with no ``messages`` key drops what is written to
+    it (the tool's answer was lost, and the call left unanswered).
+    """
+    state = request.state
+    values = state if isinstance(state, Mapping) else getattr(state, "__dict__", None)
+    if not isinstance(values, Mapping) or "messages" in values:
+        return "messages"
+    call_id = request.tool_call["id"]
+    for key, value in values.items():
+        if isinstance(key, str) and isinstance(value, list):
+            for m in reversed(value):
+                if isinstance(m, AIMessage) and any(c.get("id") == call_id for c in m.tool_calls):
+                    return key
+    return "messages"
 
 
 def _check(contract: ToolContract, message: ToolMessage, *, raised: bool) -> list[str]:

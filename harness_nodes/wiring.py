@@ -801,11 +801,14 @@ def add_harness(
         The same builder, for chaining into ``.compile(...)``.
 
     Raises:
-        UserError: when a named node is missing, *tools_node* does not leave by one plain
-            edge, (with a review policy) *model_node* does not leave by one router, or
-            *contracts* name a tool that neither *tools* nor a ``ToolNode`` at *tools_node*
-            has. With neither (your own function as *tools_node* and no *tools*) the names
-            cannot be checked: pass *tools* to have them checked.
+        UserError: when the state keeps its messages under a key other than ``messages``
+            (``ToolNode(messages_key=...)``: use the `VerifyToolOutputs` hook and
+            `route_after_verify` with that key instead), a named node is missing,
+            *tools_node* does not leave by one plain edge, (with a review policy)
+            *model_node* does not leave by one router, or *contracts* name a tool that
+            neither *tools* nor a ``ToolNode`` at *tools_node* has. With neither (your own
+            function as *tools_node* and no *tools*) the names cannot be checked: pass
+            *tools* to have them checked.
 
     Example:
         ```python
@@ -851,6 +854,18 @@ def add_harness(
                 f"add_harness: {role}={node!r} is not a node of this graph "
                 f"(nodes: {', '.join(sorted(builder.nodes))})"
             )
+    node_key = getattr(builder.nodes[tools_node].runnable, "_messages_key", "messages")
+    if node_key != "messages" or "messages" not in builder.channels:
+        # Its nodes and routers read the conversation from "messages": elsewhere they would
+        # see no tool output at all, and every bad one would reach the model as data.
+        where = repr(node_key) if node_key != "messages" else "another key"
+        raise UserError(
+            f"add_harness: this graph keeps its messages under {where} "
+            f"(state keys: {', '.join(sorted(builder.channels))}); the harness nodes read "
+            "them from 'messages' (MessagesState, HarnessState): rename the key, or put "
+            "VerifyToolOutputs on your ToolNode yourself (wrap_tool_call=verify.wrap_tool_call, "
+            "then route_after_verify(state, messages_key=...))"
+        )
     verifier = _verifier(contracts)
     known = {t.name for t in tools}
     node_tools = getattr(builder.nodes[tools_node].runnable, "tools_by_name", None)

@@ -336,6 +336,24 @@ def test_add_harness_wiring_errors(kwargs: dict[str, Any], message: str) -> None
         add_harness(_docs_react_loop(_model()), **kwargs)
 
 
+class ChatState(TypedDict):
+    chat: Annotated[list[AnyMessage], add_messages]
+
+
+def test_add_harness_refuses_a_state_whose_messages_are_not_under_messages() -> None:
+    """Its nodes read the conversation from ``messages``: on a state that keeps it under
+    another key they saw no tool output at all, and a failed one reached the model as data."""
+    model = _model("broken")
+    builder = StateGraph(ChatState)
+    builder.add_node("agent", lambda s: {"chat": [model.invoke(s["chat"])]})
+    builder.add_node("tools", ToolNode([lookup], messages_key="chat"))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", lambda s: tools_condition(s, messages_key="chat"))
+    builder.add_edge("tools", "agent")
+    with pytest.raises(UserError, match=re.escape("keeps its messages under 'chat'")):
+        add_harness(builder, model_node="agent", tools_node="tools")
+
+
 def test_add_harness_checks_a_function_tool_nodes_contracts_against_the_tools_given() -> None:
     """A function tool node has no tool list: the names are checked against ``tools=`` only
     (with none, as the docstring says, they cannot be)."""
