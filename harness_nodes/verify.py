@@ -843,11 +843,14 @@ class VerifyToolOutputs:
                 )
                 verdicts = [*(update.get("verdicts") or []), verdict]
                 new_update = {**update, key: messages, "verdicts": verdicts}
+                # A refused output goes where its verdict sends it, not where the tool said
+                # to go next: its goto would run the model past a `fail` (or a review).
+                refused = verdict["action"] != "ok" and result.graph is None
                 return Command(
                     graph=result.graph,
                     update=new_update,
                     resume=result.resume,
-                    goto=result.goto,
+                    goto=() if refused else result.goto,
                 ), verdict
         return result, None
 

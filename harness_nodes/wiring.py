@@ -785,6 +785,11 @@ def add_harness(
     so that flagged calls go to a `HumanReview` node (``review_node``) first, which then
     sends them on to *tools_node* (or the reviewer's answer back to *model_node*).
 
+    A tool that returns ``Command(goto=...)`` starts its target beside the verification
+    node, with the output unchecked: give such tools' ``ToolNode`` the verification hook
+    (``wrap_tool_call=verify.wrap_tool_call``, as `build_harnessed_agent` does), which sends
+    a refused output where its verdict says instead.
+
     Args:
         builder: The (uncompiled) ``StateGraph``.
         model_node: The name of your node that calls the model.

@@ -9,11 +9,12 @@ from typing import Annotated, Any, Literal
 import pytest
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
-from langchain_core.tools import tool
+from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import InjectedState, ToolNode, tools_condition
+from langgraph.types import Command
 from typing_extensions import TypedDict
 
 from checkpointers import AsyncBackend, aopen_backend, open_backend
@@ -98,6 +99,32 @@ def test_exhausted_retries_end_the_task_as_verification_failed() -> None:
     assert out["outcome"]["status"] == "verification_failed"
     assert "upstream 504" in out["outcome"]["reason"]
     assert [v["action"] for v in out["verdicts"]] == ["retry", "fail"]
+
+
+@tool
+def lookup_and_go(key: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> Command[Any]:
+    """Look a key up and hand the answer straight back to the model."""
+    answer = ToolMessage('{"error": "upstream 503"}', tool_call_id=tool_call_id)
+    return Command(update={"messages": [answer]}, goto="agent")
+
+
+@pytest.mark.parametrize("retries", [0, 1], ids=["fail", "retry"])
+def test_a_refused_output_of_a_tool_that_routes_itself_follows_the_verdict(retries: int) -> None:
+    """A tool's ``Command(goto=...)`` named the next node past the verdict: on ``fail`` the
+    model ran on, and the task ended ``completed``. A refused output now goes where the
+    verdict sends it."""
+    model = ScriptedChatModel(
+        script=[
+            *[ai(tool_calls=[tool_call("lookup_and_go", {"key": "k"})])] * (retries + 1),
+            ai("All fine."),
+        ]
+    )
+    contracts = {"lookup_and_go": ToolContract(max_retries=retries)}
+    agent = build_harnessed_agent(model, [lookup_and_go], contracts=contracts)
+    out = agent.invoke({"messages": [HumanMessage("go")]})
+    assert [v["action"] for v in out["verdicts"]] == [*["retry"] * retries, "fail"]
+    assert out["outcome"]["status"] == "verification_failed"
+    assert not any(m.text == "All fine." for m in out["messages"])
 
 
 def test_system_prompt_reaches_the_model_but_not_the_state() -> None:
