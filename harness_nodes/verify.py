@@ -566,7 +566,9 @@ class VerifyToolOutputs:
     messages (a refused one replaced by an error message with the same id) and ``verdicts``
     — in the state's output only where the state has that key; elsewhere LangGraph keeps
     them in a channel of their own, so retry counts outlive a trimmed history either way.
-    Messages that already carry a verdict are not checked again.
+    Messages that already carry a verdict are not checked again. A state that keeps its
+    messages under another key (``ToolNode(messages_key=...)``) takes the hook form, which
+    follows the tool node's key; the node form refuses it (`UserError` at its first run).
 
     Example:
         ```python
@@ -646,7 +648,20 @@ class VerifyToolOutputs:
     # --- node form -------------------------------------------------------------------------
 
     def __call__(self, state: MessagesAndVerdicts) -> dict[str, Any]:
-        """Check the tool messages since the last AI message; return the updates."""
+        """Check the tool messages since the last AI message; return the updates.
+
+        Raises:
+            UserError: the state holds no ``messages`` (at the node's first run, as LangGraph
+                gives a node only the keys of its input schema): the app keeps them under
+                another key, where this node would let every output through unchecked.
+        """
+        if not isinstance(state, list) and not _verify.messages_of(state):
+            raise UserError(
+                "VerifyToolOutputs found no messages under 'messages': a state that keeps them "
+                "under another key needs the hook form, ToolNode(..., messages_key=KEY, "
+                "wrap_tool_call=verify.wrap_tool_call), routed by "
+                "route_after_verify(state, messages_key=KEY)"
+            )
         messages, verdicts = self._check_messages(state)
         for verdict in verdicts:
             emit("verdict", dict(verdict))

@@ -1445,6 +1445,22 @@ async def test_hook_on_a_tool_node_with_its_own_messages_key(sync: bool) -> None
     assert all(isinstance(m, AIMessage) for m in out["chat"][1::2])  # every call answered
 
 
+def test_node_after_a_tool_node_with_its_own_messages_key_says_so() -> None:
+    # The node reads "messages" (its input schema): after ToolNode(messages_key="chat") it saw
+    # none, let every output through, and the failed one reached the model as data.
+    model = ScriptedChatModel(script=script("Down"))
+    builder = StateGraph(ChatState)
+    builder.add_node("agent", lambda s: {"chat": [model.invoke(s["chat"])]})
+    builder.add_node("tools", ToolNode([weather], messages_key="chat"))
+    builder.add_node("verify", VerifyToolOutputs({"weather": WEATHER}))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", lambda s: tools_condition(s, messages_key="chat"))
+    builder.add_edge("tools", "verify")
+    builder.add_edge("verify", "agent")
+    with pytest.raises(UserError, match=re.escape("found no messages under 'messages'")):
+        builder.compile().invoke({"chat": [HumanMessage("weather?")]})
+
+
 class Recorder(BaseCallbackHandler):
     def __init__(self) -> None:
         self.events: list[tuple[str, Any]] = []
