@@ -566,9 +566,10 @@ class VerifyToolOutputs:
     messages (a refused one replaced by an error message with the same id) and ``verdicts``
     — in the state's output only where the state has that key; elsewhere LangGraph keeps
     them in a channel of their own, so retry counts outlive a trimmed history either way.
-    Messages that already carry a verdict are not checked again. A state that keeps its
-    messages under another key (``ToolNode(messages_key=...)``) takes the hook form, which
-    follows the tool node's key; the node form refuses it (`UserError` at its first run).
+    Messages that already carry a verdict, and a reviewer's answers, are not checked. A state
+    that keeps its messages under another key (``ToolNode(messages_key=...)``) takes the hook
+    form, which follows the tool node's key; the node form refuses it (`UserError` at its
+    first run).
 
     Example:
         ```python
@@ -680,7 +681,12 @@ class VerifyToolOutputs:
         out_messages: list[ToolMessage] = []
         verdicts: list[Verdict] = []
         for message in messages[start + 1 :]:
-            if not isinstance(message, ToolMessage) or "verdict" in _verify.harness_meta(message):
+            if not isinstance(message, ToolMessage):
+                continue
+            meta = _verify.harness_meta(message)
+            # A reviewer's answer (a rejection, a response in the tool's place) is no tool
+            # output: the hook form never sees it, and its note must reach the model as is.
+            if "verdict" in meta or "review" in meta:
                 continue
             call = calls.get(message.tool_call_id)
             tool = (call["name"] if call else None) or message.name or ""

@@ -783,6 +783,35 @@ def test_add_harness_runs_the_calls_a_reviewer_left_through_the_users_tool_node(
     assert out["messages"][-1].content == "Looked a up."
 
 
+def test_add_harness_does_not_verify_a_reviewers_rejection_as_a_tool_output() -> None:
+    """The verify node took the rejection note for the tool's failed output: it told the
+    model to call the tool again (the note says not to) and spent the tool's retries — with
+    ``max_retries=0`` the rejection ended the task ``verification_failed``."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewPolicy
+
+    calls = [tool_call("lookup", {"key": "a"}, id="a"), tool_call("lookup", {"key": "b"}, id="b")]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("Looked a up.")])
+    builder = add_harness(
+        _docs_react_loop(model),
+        model_node="llm_call",
+        tools_node="tool_node",
+        contracts={"lookup": ToolContract(max_retries=0)},
+        review_policy=ReviewPolicy(rules={"lookup": lambda args: args["key"] == "b"}),
+        tools=[lookup],
+    )
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t-add-reject-verify"}}
+    graph.invoke({"messages": [HumanMessage("go")]}, config)
+    out = graph.invoke(Command(resume={"type": "reject", "message": "not b"}), config)
+    answered = {m.tool_call_id: m for m in out["messages"] if isinstance(m, ToolMessage)}
+    assert answered["b"].text.startswith("A human reviewer rejected this call to lookup")
+    assert "verdict" not in answered["b"].additional_kwargs["harness"]
+    assert out["messages"][-1].content == "Looked a up."
+
+
 async def _async_should_continue(state: MessagesState) -> str:
     return "tools" if state["messages"][-1].tool_calls else END
 
