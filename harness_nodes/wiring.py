@@ -537,7 +537,8 @@ def build_harnessed_agent(
         review_policy: Which calls a person approves first (`ReviewPolicy`). Escalations
             (verification exhausted, an effect's outcome unknown) always go to review.
         system_prompt: Prepended to every model call.
-        state_schema: The state; `HarnessState` or a subclass of it.
+        state_schema: The state; `HarnessState` or a subclass of it (a state with no
+            ``messages`` key raises `UserError`).
         backend: A `checkpointers.Backend` (``open_backend``: run the agent with ``invoke``
             or ``stream``) or `AsyncBackend` (``aopen_backend``: with ``ainvoke`` or
             ``astream``, where the model, the budget and the effect ledger are awaited;
@@ -690,6 +691,11 @@ def _agent_builder(
     into_model = _IntoModel(guard, " and ".join(on_async) or None)
     hooks = _ToolHooks(verify, ledger, into_model.async_needs)
     builder: StateGraph[Any] = StateGraph(state_schema)
+    if "messages" not in builder.channels:
+        raise UserError(
+            f"state_schema {getattr(state_schema, '__name__', state_schema)} has no 'messages' "
+            "key: extend HarnessState (or MessagesState) with your own keys"
+        )
     builder.add_node(AGENT, ModelNode(llm, system_prompt, verify))
     builder.add_node(
         TOOLS,

@@ -127,6 +127,12 @@ def test_a_refused_output_of_a_tool_that_routes_itself_follows_the_verdict(retri
     assert not any(m.text == "All fine." for m in out["messages"])
 
 
+def test_a_state_schema_without_messages_is_refused_up_front() -> None:
+    """It built, then failed in the tool node with LangGraph's "No message found in input"."""
+    with pytest.raises(UserError, match=re.escape("state_schema ChatState has no 'messages'")):
+        build_harnessed_agent(_model("a"), [lookup], state_schema=ChatState)
+
+
 def test_system_prompt_reaches_the_model_but_not_the_state() -> None:
     seen: list[list[AnyMessage]] = []
 
