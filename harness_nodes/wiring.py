@@ -794,7 +794,9 @@ def add_harness(
     A tool that returns ``Command(goto=...)`` starts its target beside the verification
     node, with the output unchecked: give such tools' ``ToolNode`` the verification hook
     (``wrap_tool_call=verify.wrap_tool_call``, as `build_harnessed_agent` does), which sends
-    a refused output where its verdict says instead.
+    a refused output where its verdict says instead. The outputs checked are the tool
+    messages after the last AI message: a *tools_node* that adds AI messages of its own after
+    them (a sub-agent summing up) hides them from verification; keep such a step out of it.
 
     Args:
         builder: The (uncompiled) ``StateGraph``.
