@@ -70,7 +70,7 @@ from __future__ import annotations
 import math
 import re
 import types
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import (
     Annotated,
@@ -84,7 +84,7 @@ from typing import (
     runtime_checkable,
 )
 
-from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.errors import GraphBubbleUp
 from langgraph.prebuilt.tool_node import ToolCallRequest
@@ -654,7 +654,9 @@ class VerifyToolOutputs:
         Raises:
             UserError: the state holds no ``messages`` (at the node's first run, as LangGraph
                 gives a node only the keys of its input schema): the app keeps them under
-                another key, where this node would let every output through unchecked.
+                another key, where this node would let every output through unchecked. Or the
+                tool node added an AI message without calls after the tool outputs, which
+                hides them (the node checks the tool messages after the last AI message).
         """
         if not isinstance(state, list) and not _verify.messages_of(state):
             raise UserError(
@@ -663,10 +665,39 @@ class VerifyToolOutputs:
                 "wrap_tool_call=verify.wrap_tool_call), routed by "
                 "route_after_verify(state, messages_key=KEY)"
             )
+        hidden = self._hidden_outputs(_verify.messages_of(state))
+        if hidden:
+            raise UserError(
+                f"VerifyToolOutputs: the outputs of {', '.join(hidden)} are followed by an AI "
+                "message that makes no tool calls, so they cannot be checked (the node checks "
+                "the tool messages after the last AI message): the tool node must end on its "
+                "tool messages; move the step that adds the AI message out of it"
+            )
         messages, verdicts = self._check_messages(state)
         for verdict in verdicts:
             emit("verdict", dict(verdict))
         return {"messages": messages, "verdicts": verdicts} if verdicts else {}
+
+    def _hidden_outputs(self, messages: Sequence[BaseMessage]) -> list[str]:
+        """Tools whose unchecked outputs end just before an AI message that makes no calls.
+
+        The node runs after the tool node, where the last AI message is the one that made the
+        calls; one without calls there was added by the tool node itself (a sub-agent summing
+        up) and hides the outputs before it.
+        """
+        start = _verify.last_ai_index(messages)
+        if start < 0 or cast(AIMessage, messages[start]).tool_calls:
+            return []
+        hidden: list[str] = []
+        for message in reversed(messages[:start]):
+            if not isinstance(message, ToolMessage):
+                break
+            meta = _verify.harness_meta(message)
+            tool = message.name or ""
+            if "verdict" in meta or "review" in meta or self.contract_for(tool) is None:
+                continue
+            hidden.insert(0, tool or f"call {message.tool_call_id}")
+        return list(dict.fromkeys(hidden))
 
     def _check_messages(self, state: Any) -> tuple[list[ToolMessage], list[Verdict]]:
         messages = _verify.messages_of(state)

@@ -795,8 +795,9 @@ def add_harness(
     node, with the output unchecked: give such tools' ``ToolNode`` the verification hook
     (``wrap_tool_call=verify.wrap_tool_call``, as `build_harnessed_agent` does), which sends
     a refused output where its verdict says instead. The outputs checked are the tool
-    messages after the last AI message: a *tools_node* that adds AI messages of its own after
-    them (a sub-agent summing up) hides them from verification; keep such a step out of it.
+    messages after the last AI message: a *tools_node* that adds an AI message of its own
+    after them (a sub-agent summing up) would hide them, and the verify node raises
+    `UserError` instead; keep such a step out of the tool node.
 
     Args:
         builder: The (uncompiled) ``StateGraph``.

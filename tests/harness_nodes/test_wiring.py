@@ -387,6 +387,26 @@ def test_add_harness_refuses_a_state_whose_messages_are_not_under_messages() -> 
         add_harness(builder, model_node="agent", tools_node="tools")
 
 
+def test_add_harness_refuses_a_tools_node_that_hides_its_outputs_behind_an_ai_message() -> None:
+    """A tools subgraph that sums up with an AI message of its own: the verify node checked
+    the messages after the last AI message — none — and the failed output reached the model."""
+    sub = StateGraph(MessagesState)
+    sub.add_node("run", ToolNode([lookup]))
+    sub.add_node("sum_up", lambda s: {"messages": [AIMessage("(the results, summed up)")]})
+    sub.add_edge(START, "run")
+    sub.add_edge("run", "sum_up")
+    builder = StateGraph(MessagesState)
+    model = _model("broken")
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", sub.compile())
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    graph = add_harness(builder, model_node="agent", tools_node="tools", tools=[lookup]).compile()
+    with pytest.raises(UserError, match=re.escape("outputs of lookup are followed by an AI")):
+        graph.invoke({"messages": [HumanMessage("go")]})
+
+
 def test_add_harness_checks_a_function_tool_nodes_contracts_against_the_tools_given() -> None:
     """A function tool node has no tool list: the names are checked against ``tools=`` only
     (with none, as the docstring says, they cannot be)."""
