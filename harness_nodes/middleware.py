@@ -627,6 +627,11 @@ class VerifyToolOutputsMiddleware(_OutcomePerTask):
     tool on the default contract) raises `UserError` at the first tool call, before any tool
     runs: the middleware meets the agent's tools only there.
 
+    List it before LangChain's ``ToolRetryMiddleware`` (``middleware=[verify, retry]``): a
+    tool's exception becomes a failed verdict here, so a retry middleware listed first (outer)
+    never sees the exception and never retries; listed after it (inner), it retries, and
+    verification judges what it ends with.
+
     Args:
         contracts: Tool name → `ToolContract`, or a ready `VerifyToolOutputs`; ``None``: the
             default contract (error signals, empty results) on every tool.

@@ -70,7 +70,7 @@ from __future__ import annotations
 import math
 import re
 import types
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import (
     Annotated,
@@ -84,7 +84,7 @@ from typing import (
     runtime_checkable,
 )
 
-from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.errors import GraphBubbleUp
 from langgraph.prebuilt.tool_node import ToolCallRequest
@@ -566,7 +566,10 @@ class VerifyToolOutputs:
     messages (a refused one replaced by an error message with the same id) and ``verdicts``
     — in the state's output only where the state has that key; elsewhere LangGraph keeps
     them in a channel of their own, so retry counts outlive a trimmed history either way.
-    Messages that already carry a verdict are not checked again.
+    Messages that already carry a verdict, and a reviewer's answers, are not checked. A state
+    that keeps its messages under another key (``ToolNode(messages_key=...)``) takes the hook
+    form, which follows the tool node's key; the node form refuses it (`UserError` at its
+    first run).
 
     Example:
         ```python
@@ -646,11 +649,60 @@ class VerifyToolOutputs:
     # --- node form -------------------------------------------------------------------------
 
     def __call__(self, state: MessagesAndVerdicts) -> dict[str, Any]:
-        """Check the tool messages since the last AI message; return the updates."""
+        """Check the tool messages since the last AI message; return the updates.
+
+        Raises:
+            UserError: the state holds no ``messages`` (at the node's first run, as LangGraph
+                gives a node only the keys of its input schema): the app keeps them under
+                another key, where this node would let every output through unchecked. Or the
+                tool node added an AI message without calls after the tool outputs, which
+                hides them (the node checks the tool messages after the last AI message).
+        """
+        if not isinstance(state, list) and not _verify.messages_of(state):
+            raise UserError(
+                "VerifyToolOutputs found no messages under 'messages': a state that keeps them "
+                "under another key needs the hook form, ToolNode(..., messages_key=KEY, "
+                "wrap_tool_call=verify.wrap_tool_call), routed by "
+                "route_after_verify(state, messages_key=KEY)"
+            )
+        hidden = self._hidden_outputs(_verify.messages_of(state))
+        if hidden:
+            raise UserError(
+                f"VerifyToolOutputs: the outputs of {', '.join(hidden)} are followed by an AI "
+                "message that makes no tool calls, so they cannot be checked (the node checks "
+                "the tool messages after the last AI message): the tool node must end on its "
+                "tool messages; move the step that adds the AI message out of it"
+            )
         messages, verdicts = self._check_messages(state)
         for verdict in verdicts:
             emit("verdict", dict(verdict))
         return {"messages": messages, "verdicts": verdicts} if verdicts else {}
+
+    def _hidden_outputs(self, messages: Sequence[BaseMessage]) -> list[str]:
+        """Tools whose unchecked outputs end just before an AI message that makes no calls.
+
+        The node runs after the tool node, where the last AI message is the one that made the
+        calls; one without calls there was added by the tool node itself (a sub-agent summing
+        up) and hides the outputs before it.
+        """
+        start = _verify.last_ai_index(messages)
+        if start < 0:
+            return []
+        last = cast(AIMessage, messages[start])
+        if last.tool_calls or last.invalid_tool_calls:
+            # Made by the model: a reply with only malformed calls comes here straight from
+            # it (`add_harness`), and the tool messages before it are history.
+            return []
+        hidden: list[str] = []
+        for message in reversed(messages[:start]):
+            if not isinstance(message, ToolMessage):
+                break
+            meta = _verify.harness_meta(message)
+            tool = message.name or ""
+            if "verdict" in meta or "review" in meta or self.contract_for(tool) is None:
+                continue
+            hidden.insert(0, tool or f"call {message.tool_call_id}")
+        return list(dict.fromkeys(hidden))
 
     def _check_messages(self, state: Any) -> tuple[list[ToolMessage], list[Verdict]]:
         messages = _verify.messages_of(state)
@@ -665,7 +717,12 @@ class VerifyToolOutputs:
         out_messages: list[ToolMessage] = []
         verdicts: list[Verdict] = []
         for message in messages[start + 1 :]:
-            if not isinstance(message, ToolMessage) or "verdict" in _verify.harness_meta(message):
+            if not isinstance(message, ToolMessage):
+                continue
+            meta = _verify.harness_meta(message)
+            # A reviewer's answer (a rejection, a response in the tool's place) is no tool
+            # output: the hook form never sees it, and its note must reach the model as is.
+            if "verdict" in meta or "review" in meta:
                 continue
             call = calls.get(message.tool_call_id)
             tool = (call["name"] if call else None) or message.name or ""
@@ -799,7 +856,7 @@ class VerifyToolOutputs:
         contract = self.contract_for(tool)
         if contract is None:
             return tool, None, 0, None
-        messages = _verify.messages_of(request.state)
+        messages = _verify.messages_of(request.state, _messages_key(request))
         task = _verify.current_task(messages, _verify.verdicts_of(request.state))
         return tool, contract, _verify.attempt_of(request.state, messages, tool, task), task.start
 
@@ -825,12 +882,14 @@ class VerifyToolOutputs:
             )
             if isinstance(request.state, list):  # a ToolNode fed a bare message list
                 return checked, verdict
-            return Command(update={"messages": [checked], "verdicts": [verdict]}), verdict
+            key = _messages_key(request)
+            return Command(update={key: [checked], "verdicts": [verdict]}), verdict
         # A tool returned a Command: check the ToolMessage it carries for this call.
         update = result.update
         if not isinstance(update, dict):
             return result, None
-        messages = list(update.get("messages") or [])
+        key = _messages_key(request)
+        messages = list(update.get(key) or [])
         for i, m in enumerate(messages):
             if isinstance(m, ToolMessage) and m.tool_call_id == call_id:
                 if "verdict" in _verify.harness_meta(m):
@@ -840,14 +899,38 @@ class VerifyToolOutputs:
                     contract, m, tool, args, attempt, reasons, side_effects, task_start
                 )
                 verdicts = [*(update.get("verdicts") or []), verdict]
-                new_update = {**update, "messages": messages, "verdicts": verdicts}
+                new_update = {**update, key: messages, "verdicts": verdicts}
+                # A refused output goes where its verdict sends it, not where the tool said
+                # to go next: its goto would run the model past a `fail` (or a review).
+                refused = verdict["action"] != "ok" and result.graph is None
                 return Command(
                     graph=result.graph,
                     update=new_update,
                     resume=result.resume,
-                    goto=result.goto,
+                    goto=() if refused else result.goto,
                 ), verdict
         return result, None
+
+
+def _messages_key(request: ToolCallRequest) -> str:
+    """The state key the ``ToolNode`` keeps its messages under.
+
+    ``messages``, else the key holding the AI message that made this call: a
+    ``ToolNode(messages_key="chat")`` writes its messages to ``chat``; the hook's checked
+    message must go there too, as a state with no ``messages`` key drops what is written to
+    it (the tool's answer was lost, and the call left unanswered).
+    """
+    state = request.state
+    values = state if isinstance(state, Mapping) else getattr(state, "__dict__", None)
+    if not isinstance(values, Mapping) or "messages" in values:
+        return "messages"
+    call_id = request.tool_call["id"]
+    for key, value in values.items():
+        if isinstance(key, str) and isinstance(value, list):
+            for m in reversed(value):
+                if isinstance(m, AIMessage) and any(c.get("id") == call_id for c in m.tool_calls):
+                    return key
+    return "messages"
 
 
 def _check(contract: ToolContract, message: ToolMessage, *, raised: bool) -> list[str]:

@@ -538,7 +538,8 @@ def build_harnessed_agent(
         review_policy: Which calls a person approves first (`ReviewPolicy`). Escalations
             (verification exhausted, an effect's outcome unknown) always go to review.
         system_prompt: Prepended to every model call.
-        state_schema: The state; `HarnessState` or a subclass of it.
+        state_schema: The state; `HarnessState` or a subclass of it (a state with no
+            ``messages`` key raises `UserError`).
         backend: A `checkpointers.Backend` (``open_backend``: run the agent with ``invoke``
             or ``stream``) or `AsyncBackend` (``aopen_backend``: with ``ainvoke`` or
             ``astream``, where the model, the budget and the effect ledger are awaited;
@@ -691,6 +692,11 @@ def _agent_builder(
     into_model = _IntoModel(guard, " and ".join(on_async) or None)
     hooks = _ToolHooks(verify, ledger, into_model.async_needs)
     builder: StateGraph[Any] = StateGraph(state_schema)
+    if "messages" not in builder.channels:
+        raise UserError(
+            f"state_schema {getattr(state_schema, '__name__', state_schema)} has no 'messages' "
+            "key: extend HarnessState (or MessagesState) with your own keys"
+        )
     builder.add_node(AGENT, ModelNode(llm, system_prompt, verify))
     builder.add_node(
         TOOLS,
@@ -846,6 +852,14 @@ def add_harness(
     ``max_retries``, then to the `VerificationStop`; the malformed siblings of good calls are
     answered there after the tools ran.
 
+    A tool that returns ``Command(goto=...)`` starts its target beside the verification
+    node, with the output unchecked: give such tools' ``ToolNode`` the verification hook
+    (``wrap_tool_call=verify.wrap_tool_call``, as `build_harnessed_agent` does), which sends
+    a refused output where its verdict says instead. The outputs checked are the tool
+    messages after the last AI message: a *tools_node* that adds an AI message of its own
+    after them (a sub-agent summing up) would hide them, and the verify node raises
+    `UserError` instead; keep such a step out of the tool node.
+
     Args:
         builder: The (uncompiled) ``StateGraph``.
         model_node: The name of your node that calls the model.
@@ -862,11 +876,14 @@ def add_harness(
         The same builder, for chaining into ``.compile(...)``.
 
     Raises:
-        UserError: when a named node is missing, *tools_node* does not leave by one plain
-            edge, (with a review policy) *model_node* does not leave by one router, or
-            *contracts* name a tool that neither *tools* nor a ``ToolNode`` at *tools_node*
-            has. With neither (your own function as *tools_node* and no *tools*) the names
-            cannot be checked: pass *tools* to have them checked.
+        UserError: when the state keeps its messages under a key other than ``messages``
+            (``ToolNode(messages_key=...)``: use the `VerifyToolOutputs` hook and
+            `route_after_verify` with that key instead), a named node is missing,
+            *tools_node* does not leave by one plain edge, (with a review policy)
+            *model_node* does not leave by one router, or *contracts* name a tool that
+            neither *tools* nor a ``ToolNode`` at *tools_node* has. With neither (your own
+            function as *tools_node* and no *tools*) the names cannot be checked: pass
+            *tools* to have them checked.
 
     Example:
         ```python
@@ -912,6 +929,18 @@ def add_harness(
                 f"add_harness: {role}={node!r} is not a node of this graph "
                 f"(nodes: {', '.join(sorted(builder.nodes))})"
             )
+    node_key = getattr(builder.nodes[tools_node].runnable, "_messages_key", "messages")
+    if node_key != "messages" or "messages" not in builder.channels:
+        # Its nodes and routers read the conversation from "messages": elsewhere they would
+        # see no tool output at all, and every bad one would reach the model as data.
+        where = repr(node_key) if node_key != "messages" else "another key"
+        raise UserError(
+            f"add_harness: this graph keeps its messages under {where} "
+            f"(state keys: {', '.join(sorted(builder.channels))}); the harness nodes read "
+            "them from 'messages' (MessagesState, HarnessState): rename the key, or put "
+            "VerifyToolOutputs on your ToolNode yourself (wrap_tool_call=verify.wrap_tool_call, "
+            "then route_after_verify(state, messages_key=...))"
+        )
     verifier = _verifier(contracts)
     known = {t.name for t in tools}
     node_tools = getattr(builder.nodes[tools_node].runnable, "tools_by_name", None)

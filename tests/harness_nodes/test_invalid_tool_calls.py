@@ -322,3 +322,25 @@ async def test_scripted_model_keeps_malformed_calls() -> None:
     assert reply.response_metadata["finish_reason"] == "tool_calls"
     streaming = ScriptedChatModel(script=[malformed()], disable_streaming=False)
     assert [c["id"] for c in (await streaming.ainvoke("hi")).invalid_tool_calls] == ["call_bad"]
+
+
+def test_add_harness_answers_a_malformed_call_after_a_conversation_given_as_input() -> None:
+    # The conversation handed in ends on a tool's answer from before the harness (no verdict
+    # on it); the model's next reply is malformed. The verify node answers that reply: the
+    # tool message before it is history, not an output a tool node hid behind its own AI
+    # message (which the node refuses with a UserError).
+    # The script is indexed by the AI messages in the prompt: the first reply is history.
+    model = ScriptedChatModel(script=[ai("unused"), malformed(), ai("OK")])
+    app = app_with_harness(model, contracts={"search": ToolContract()})
+    history: list[BaseMessage] = [
+        HumanMessage("find notes on storage"),
+        AIMessage("", tool_calls=[tool_call("search", {"query": "storage"}, id="call_old")]),
+        ToolMessage('["note on storage"]', tool_call_id="call_old", name="search"),
+    ]
+    out = app.invoke({"messages": history})
+
+    feedback = out["messages"][4]
+    assert isinstance(feedback, ToolMessage) and feedback.tool_call_id == "call_bad"
+    assert feedback.status == "error" and "not valid JSON" in str(feedback.content)
+    assert out["messages"][-1].content == "OK"
+    assert unanswered_calls(out["messages"]) == []

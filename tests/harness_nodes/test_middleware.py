@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from langchain.agents import create_agent
@@ -19,10 +19,11 @@ from langchain.agents.middleware import (
 from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
 from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage, ToolMessage
 from langchain_core.runnables import Runnable
-from langchain_core.tools import tool
+from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.graph.message import REMOVE_ALL_MESSAGES
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.runtime import Runtime
+from langgraph.types import Command
 from pydantic import BaseModel
 
 from checkpointers import Backend, aopen_backend, open_backend
@@ -1398,3 +1399,23 @@ async def test_cost_middleware_writes_the_spend_mirror_under_ainvoke() -> None:
         )
     finally:
         await backend.close()
+
+
+@tool
+def lookup_and_answer(key: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> Command[Any]:
+    """Look a key up and hand the answer straight back to the model."""
+    answer = ToolMessage('{"error": "upstream 503"}', tool_call_id=tool_call_id)
+    return Command(update={"messages": [answer]}, goto="model")
+
+
+def test_a_refused_output_of_a_tool_that_routes_itself_stops_the_task() -> None:
+    """The tool's ``goto="model"`` skipped the stop before the model: the model answered after
+    the task had stopped. A refused output now goes where its verdict sends it."""
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("lookup_and_answer", {"key": "k"})]), ai("All fine.")]
+    )
+    verify = VerifyToolOutputsMiddleware({"lookup_and_answer": ToolContract(max_retries=0)})
+    agent = create_agent(model, [lookup_and_answer], middleware=[verify])
+    out = agent.invoke({"messages": [HumanMessage("go")]})
+    assert out["outcome"]["status"] == "verification_failed"
+    assert out["messages"][-1].text.startswith("I stopped: a tool output failed verification")

@@ -29,6 +29,7 @@ from langgraph.graph.message import REMOVE_ALL_MESSAGES, add_messages
 from langgraph.prebuilt import ToolNode, tools_condition
 from langgraph.types import Command, interrupt
 from pydantic import BaseModel
+from typing_extensions import TypedDict
 
 from checkpointers import Backend, open_backend
 from harness_nodes import (
@@ -1407,6 +1408,57 @@ async def test_dataclass_and_pydantic_state_apps_async(state_schema: type[Any], 
     out = await builder.compile().ainvoke(state_schema(messages=[HumanMessage("q")], user="u1"))
     assert out["user"] == "u1"
     assert [v["action"] for v in verdicts_in(out["messages"])] == ["retry", "ok"]
+
+
+class ChatState(TypedDict):
+    chat: Annotated[list[AnyMessage], add_messages]
+
+
+@pytest.mark.parametrize("sync", [pytest.param(True, id="sync"), pytest.param(False, id="async")])
+async def test_hook_on_a_tool_node_with_its_own_messages_key(sync: bool) -> None:
+    # ToolNode(messages_key="chat") reads and writes "chat": the checked message must land
+    # there too (it was written to a "messages" key the state lacks, and dropped), and the
+    # retries must be counted from it.
+    model = ScriptedChatModel(script=script("Atlantis", "Empty", "Atlantis"))
+    verify = VerifyToolOutputs({"weather": WEATHER})
+    hook = {"wrap_tool_call": verify.wrap_tool_call, "awrap_tool_call": verify.awrap_tool_call}
+    builder = StateGraph(ChatState)
+
+    builder.add_node("agent", lambda s: {"chat": [model.invoke(s["chat"])]})
+    builder.add_node("tools", ToolNode([weather], messages_key="chat", **hook))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", lambda s: tools_condition(s, messages_key="chat"))
+    builder.add_conditional_edges(
+        "tools",
+        lambda s: route_after_verify(s, messages_key="chat"),
+        {"ok": "agent", "retry": "agent", "escalate": END, "fail": END},
+    )
+    app = builder.compile()
+    inputs = {"chat": [HumanMessage("weather?")]}
+    out = app.invoke(inputs) if sync else await app.ainvoke(inputs)
+
+    assert [(v["attempt"], v["action"]) for v in verdicts_in(out["chat"])] == [
+        (1, "retry"),
+        (2, "retry"),
+        (3, "fail"),
+    ]
+    assert all(isinstance(m, AIMessage) for m in out["chat"][1::2])  # every call answered
+
+
+def test_node_after_a_tool_node_with_its_own_messages_key_says_so() -> None:
+    # The node reads "messages" (its input schema): after ToolNode(messages_key="chat") it saw
+    # none, let every output through, and the failed one reached the model as data.
+    model = ScriptedChatModel(script=script("Down"))
+    builder = StateGraph(ChatState)
+    builder.add_node("agent", lambda s: {"chat": [model.invoke(s["chat"])]})
+    builder.add_node("tools", ToolNode([weather], messages_key="chat"))
+    builder.add_node("verify", VerifyToolOutputs({"weather": WEATHER}))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", lambda s: tools_condition(s, messages_key="chat"))
+    builder.add_edge("tools", "verify")
+    builder.add_edge("verify", "agent")
+    with pytest.raises(UserError, match=re.escape("found no messages under 'messages'")):
+        builder.compile().invoke({"chat": [HumanMessage("weather?")]})
 
 
 class Recorder(BaseCallbackHandler):

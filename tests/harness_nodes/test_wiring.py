@@ -9,11 +9,12 @@ from typing import Annotated, Any, Literal
 import pytest
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
-from langchain_core.tools import tool
+from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import InjectedState, ToolNode, tools_condition
+from langgraph.types import Command
 from typing_extensions import TypedDict
 
 from checkpointers import AsyncBackend, aopen_backend, open_backend
@@ -98,6 +99,38 @@ def test_exhausted_retries_end_the_task_as_verification_failed() -> None:
     assert out["outcome"]["status"] == "verification_failed"
     assert "upstream 504" in out["outcome"]["reason"]
     assert [v["action"] for v in out["verdicts"]] == ["retry", "fail"]
+
+
+@tool
+def lookup_and_go(key: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> Command[Any]:
+    """Look a key up and hand the answer straight back to the model."""
+    answer = ToolMessage('{"error": "upstream 503"}', tool_call_id=tool_call_id)
+    return Command(update={"messages": [answer]}, goto="agent")
+
+
+@pytest.mark.parametrize("retries", [0, 1], ids=["fail", "retry"])
+def test_a_refused_output_of_a_tool_that_routes_itself_follows_the_verdict(retries: int) -> None:
+    """A tool's ``Command(goto=...)`` named the next node past the verdict: on ``fail`` the
+    model ran on, and the task ended ``completed``. A refused output now goes where the
+    verdict sends it."""
+    model = ScriptedChatModel(
+        script=[
+            *[ai(tool_calls=[tool_call("lookup_and_go", {"key": "k"})])] * (retries + 1),
+            ai("All fine."),
+        ]
+    )
+    contracts = {"lookup_and_go": ToolContract(max_retries=retries)}
+    agent = build_harnessed_agent(model, [lookup_and_go], contracts=contracts)
+    out = agent.invoke({"messages": [HumanMessage("go")]})
+    assert [v["action"] for v in out["verdicts"]] == [*["retry"] * retries, "fail"]
+    assert out["outcome"]["status"] == "verification_failed"
+    assert not any(m.text == "All fine." for m in out["messages"])
+
+
+def test_a_state_schema_without_messages_is_refused_up_front() -> None:
+    """It built, then failed in the tool node with LangGraph's "No message found in input"."""
+    with pytest.raises(UserError, match=re.escape("state_schema ChatState has no 'messages'")):
+        build_harnessed_agent(_model("a"), [lookup], state_schema=ChatState)
 
 
 def test_system_prompt_reaches_the_model_but_not_the_state() -> None:
@@ -334,6 +367,44 @@ def test_add_harness_works_with_a_richer_state() -> None:
 def test_add_harness_wiring_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(UserError, match=message):
         add_harness(_docs_react_loop(_model()), **kwargs)
+
+
+class ChatState(TypedDict):
+    chat: Annotated[list[AnyMessage], add_messages]
+
+
+def test_add_harness_refuses_a_state_whose_messages_are_not_under_messages() -> None:
+    """Its nodes read the conversation from ``messages``: on a state that keeps it under
+    another key they saw no tool output at all, and a failed one reached the model as data."""
+    model = _model("broken")
+    builder = StateGraph(ChatState)
+    builder.add_node("agent", lambda s: {"chat": [model.invoke(s["chat"])]})
+    builder.add_node("tools", ToolNode([lookup], messages_key="chat"))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", lambda s: tools_condition(s, messages_key="chat"))
+    builder.add_edge("tools", "agent")
+    with pytest.raises(UserError, match=re.escape("keeps its messages under 'chat'")):
+        add_harness(builder, model_node="agent", tools_node="tools")
+
+
+def test_add_harness_refuses_a_tools_node_that_hides_its_outputs_behind_an_ai_message() -> None:
+    """A tools subgraph that sums up with an AI message of its own: the verify node checked
+    the messages after the last AI message — none — and the failed output reached the model."""
+    sub = StateGraph(MessagesState)
+    sub.add_node("run", ToolNode([lookup]))
+    sub.add_node("sum_up", lambda s: {"messages": [AIMessage("(the results, summed up)")]})
+    sub.add_edge(START, "run")
+    sub.add_edge("run", "sum_up")
+    builder = StateGraph(MessagesState)
+    model = _model("broken")
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", sub.compile())
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    graph = add_harness(builder, model_node="agent", tools_node="tools", tools=[lookup]).compile()
+    with pytest.raises(UserError, match=re.escape("outputs of lookup are followed by an AI")):
+        graph.invoke({"messages": [HumanMessage("go")]})
 
 
 def test_add_harness_checks_a_function_tool_nodes_contracts_against_the_tools_given() -> None:
@@ -735,6 +806,35 @@ def test_add_harness_runs_the_calls_a_reviewer_left_through_the_users_tool_node(
     answered = {m.tool_call_id: m for m in out["messages"] if isinstance(m, ToolMessage)}
     assert answered["a"].status == "success" and answered["b"].status == "error"
     assert [c["id"] for c in out["messages"][1].tool_calls] == ["a", "b"]
+    assert out["messages"][-1].content == "Looked a up."
+
+
+def test_add_harness_does_not_verify_a_reviewers_rejection_as_a_tool_output() -> None:
+    """The verify node took the rejection note for the tool's failed output: it told the
+    model to call the tool again (the note says not to) and spent the tool's retries — with
+    ``max_retries=0`` the rejection ended the task ``verification_failed``."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    from harness_nodes import ReviewPolicy
+
+    calls = [tool_call("lookup", {"key": "a"}, id="a"), tool_call("lookup", {"key": "b"}, id="b")]
+    model = ScriptedChatModel(script=[ai(tool_calls=calls), ai("Looked a up.")])
+    builder = add_harness(
+        _docs_react_loop(model),
+        model_node="llm_call",
+        tools_node="tool_node",
+        contracts={"lookup": ToolContract(max_retries=0)},
+        review_policy=ReviewPolicy(rules={"lookup": lambda args: args["key"] == "b"}),
+        tools=[lookup],
+    )
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t-add-reject-verify"}}
+    graph.invoke({"messages": [HumanMessage("go")]}, config)
+    out = graph.invoke(Command(resume={"type": "reject", "message": "not b"}), config)
+    answered = {m.tool_call_id: m for m in out["messages"] if isinstance(m, ToolMessage)}
+    assert answered["b"].text.startswith("A human reviewer rejected this call to lookup")
+    assert "verdict" not in answered["b"].additional_kwargs["harness"]
     assert out["messages"][-1].content == "Looked a up."
 
 
