@@ -159,10 +159,13 @@ class _SqliteDB:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield _SqliteTx(self.conn)
+                self.conn.execute("COMMIT")
             except BaseException:
+                # The body failed, or the COMMIT did: a refused COMMIT ("database is locked"
+                # while a reader holds a rollback journal) leaves the transaction open, with
+                # the file's lock, for every later statement on this connection to join.
                 self.conn.execute("ROLLBACK")
                 raise
-            self.conn.execute("COMMIT")
 
     def migrate(self) -> None:
         with self.transaction() as tx:
