@@ -164,8 +164,16 @@ class _SqliteDB:
                 # The body failed, or the COMMIT did: a refused COMMIT ("database is locked"
                 # while a reader holds a rollback journal) leaves the transaction open, with
                 # the file's lock, for every later statement on this connection to join.
-                self.conn.execute("ROLLBACK")
+                self._rollback()
                 raise
+
+    def _rollback(self) -> None:
+        if not self.conn.in_transaction:
+            return  # SQLite rolled it back itself (a full disk, an I/O error): keep its error
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.Error as e:  # never hide the error being handled
+            log.warning("rollback failed: %s", e)
 
     def migrate(self) -> None:
         with self.transaction() as tx:

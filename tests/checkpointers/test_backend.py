@@ -445,3 +445,37 @@ async def test_async_a_commit_refused_by_a_reader_leaves_no_transaction_open(
         ]
     finally:
         await db.close()
+
+
+def test_a_statement_sqlite_rolled_back_itself_keeps_its_own_error(tmp_path: Path) -> None:
+    # On a full disk SQLite rolls the whole transaction back itself: the error raised is the
+    # disk's, not "cannot rollback - no transaction is active" from the ROLLBACK after it.
+    path = tmp_path / "harness.db"
+    with open_backend(f"sqlite:///{path}") as backend:
+        pages = backend.execute("PRAGMA page_count")[0]["page_count"]
+        backend.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            with backend.transaction() as tx:
+                tx.execute(_INSERT_RUN, ("small", "running", 1.0, 1.0))
+                tx.execute(_INSERT_RUN, ("x" * 100_000, "running", 1.0, 1.0))
+        backend.execute(f"PRAGMA max_page_count = {2**30}")
+        with backend.transaction() as tx:
+            tx.execute(_INSERT_RUN, ("after", "running", 1.0, 1.0))
+        assert _rows_from_a_fresh_connection(path) == [("after",)]
+
+
+async def test_async_a_statement_sqlite_rolled_back_itself_keeps_its_own_error(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "harness.db"
+    async with await aopen_backend(f"sqlite:///{path}") as backend:
+        pages = (await backend.execute("PRAGMA page_count"))[0]["page_count"]
+        await backend.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            async with backend.transaction() as tx:
+                await tx.execute(_INSERT_RUN, ("small", "running", 1.0, 1.0))
+                await tx.execute(_INSERT_RUN, ("x" * 100_000, "running", 1.0, 1.0))
+        await backend.execute(f"PRAGMA max_page_count = {2**30}")
+        async with backend.transaction() as tx:
+            await tx.execute(_INSERT_RUN, ("after", "running", 1.0, 1.0))
+        assert _rows_from_a_fresh_connection(path) == [("after",)]
