@@ -159,10 +159,21 @@ class _SqliteDB:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield _SqliteTx(self.conn)
+                self.conn.execute("COMMIT")
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                # The body failed, or the COMMIT did: a refused COMMIT ("database is locked"
+                # while a reader holds a rollback journal) leaves the transaction open, with
+                # the file's lock, for every later statement on this connection to join.
+                self._rollback()
                 raise
-            self.conn.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if not self.conn.in_transaction:
+            return  # SQLite rolled it back itself (a full disk, an I/O error): keep its error
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.Error as e:  # never hide the error being handled
+            log.warning("rollback failed: %s", e)
 
     def migrate(self) -> None:
         with self.transaction() as tx:

@@ -6,6 +6,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from langgraph.graph import END, START, StateGraph
 
 from checkpointers import Backend, aopen_backend, mask_url, open_backend
 from checkpointers._schema import MIGRATIONS
+from checkpointers.aio import _AsqliteDB
+from checkpointers.backend import _SqliteDB
 from harness_nodes import BackendUnavailable, BackendURLError, HarnessState
 
 pytestmark = pytest.mark.anyio
@@ -348,3 +351,131 @@ def test_sqlite_file_that_cannot_be_opened_says_where_and_why(tmp_path: Path) ->
     with pytest.raises(BackendUnavailable, match=re.escape(expected)) as exc:
         open_backend(f"sqlite:///{target}")
     assert "directory this process can write" in str(exc.value)
+
+
+def _rows_from_a_fresh_connection(path: Path) -> list[tuple[Any, ...]]:
+    with closing(sqlite3.connect(path, timeout=5)) as fresh:
+        return fresh.execute("SELECT thread_id FROM harness_runs ORDER BY thread_id").fetchall()
+
+
+def _hold_a_read_transaction(path: Path) -> sqlite3.Connection:
+    """Another process (`harness show`, a notebook) in the middle of a read."""
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM harness_runs").fetchall()
+    return reader
+
+
+def test_a_reader_does_not_hold_up_a_commit_in_wal_mode(tmp_path: Path) -> None:
+    # The backend puts the file in WAL mode: a COMMIT there never waits on readers.
+    path = tmp_path / "harness.db"
+    with open_backend(f"sqlite:///{path}") as backend:
+        assert backend.execute("PRAGMA journal_mode") == [{"journal_mode": "wal"}]
+        reader = _hold_a_read_transaction(path)
+        started = time.monotonic()
+        with backend.transaction() as tx:
+            tx.execute(_INSERT_RUN, ("committed", "running", 1.0, 1.0))
+        assert time.monotonic() - started < 1
+        assert reader.execute("SELECT thread_id FROM harness_runs").fetchall() == []
+        reader.execute("COMMIT")
+        reader.close()
+        assert _rows_from_a_fresh_connection(path) == [("committed",)]
+
+
+def _rollback_journal_db(path: Path) -> _SqliteDB:
+    # In rollback-journal mode (a file system without WAL support, a file another tool
+    # switched) a COMMIT needs every reader gone; SQLite refuses it after the busy timeout,
+    # shortened here, and leaves the transaction open.
+    db = _SqliteDB(str(path))
+    db.migrate()
+    assert db.execute("PRAGMA journal_mode = DELETE", ()) == [{"journal_mode": "delete"}]
+    db.execute("PRAGMA busy_timeout = 200", ())
+    return db
+
+
+def test_a_commit_refused_by_a_reader_leaves_no_transaction_open(tmp_path: Path) -> None:
+    path = tmp_path / "harness.db"
+    db = _rollback_journal_db(path)
+    try:
+        reader = _hold_a_read_transaction(path)
+        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+            with db.transaction() as tx:
+                tx.execute(_INSERT_RUN, ("refused", "running", 1.0, 1.0))
+        reader.execute("COMMIT")
+        reader.close()
+
+        # Rolled back, not left open on the connection: holding the file's lock (no other
+        # process could read or write) and taking every later statement into it, uncommitted.
+        db.execute(_INSERT_RUN, ("autocommitted", "running", 1.0, 1.0))
+        with db.transaction() as tx:
+            tx.execute(_INSERT_RUN, ("transaction", "running", 1.0, 1.0))
+        _write_from_another_connection(path, "elsewhere")
+        assert _rows_from_a_fresh_connection(path) == [
+            ("autocommitted",),
+            ("elsewhere",),
+            ("transaction",),
+        ]
+    finally:
+        db.close()
+
+
+async def test_async_a_commit_refused_by_a_reader_leaves_no_transaction_open(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "harness.db"
+    db = await _AsqliteDB.open(str(path))
+    try:
+        assert await db.execute("PRAGMA journal_mode = DELETE", ()) == [{"journal_mode": "delete"}]
+        await db.execute("PRAGMA busy_timeout = 200", ())
+        reader = _hold_a_read_transaction(path)
+        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+            async with db.transaction() as tx:
+                await tx.execute(_INSERT_RUN, ("refused", "running", 1.0, 1.0))
+        reader.execute("COMMIT")
+        reader.close()
+
+        await db.execute(_INSERT_RUN, ("autocommitted", "running", 1.0, 1.0))
+        async with db.transaction() as tx:
+            await tx.execute(_INSERT_RUN, ("transaction", "running", 1.0, 1.0))
+        await anyio.to_thread.run_sync(_write_from_another_connection, path, "elsewhere")
+        assert _rows_from_a_fresh_connection(path) == [
+            ("autocommitted",),
+            ("elsewhere",),
+            ("transaction",),
+        ]
+    finally:
+        await db.close()
+
+
+def test_a_statement_sqlite_rolled_back_itself_keeps_its_own_error(tmp_path: Path) -> None:
+    # On a full disk SQLite rolls the whole transaction back itself: the error raised is the
+    # disk's, not "cannot rollback - no transaction is active" from the ROLLBACK after it.
+    path = tmp_path / "harness.db"
+    with open_backend(f"sqlite:///{path}") as backend:
+        pages = backend.execute("PRAGMA page_count")[0]["page_count"]
+        backend.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            with backend.transaction() as tx:
+                tx.execute(_INSERT_RUN, ("small", "running", 1.0, 1.0))
+                tx.execute(_INSERT_RUN, ("x" * 100_000, "running", 1.0, 1.0))
+        backend.execute(f"PRAGMA max_page_count = {2**30}")
+        with backend.transaction() as tx:
+            tx.execute(_INSERT_RUN, ("after", "running", 1.0, 1.0))
+        assert _rows_from_a_fresh_connection(path) == [("after",)]
+
+
+async def test_async_a_statement_sqlite_rolled_back_itself_keeps_its_own_error(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "harness.db"
+    async with await aopen_backend(f"sqlite:///{path}") as backend:
+        pages = (await backend.execute("PRAGMA page_count"))[0]["page_count"]
+        await backend.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            async with backend.transaction() as tx:
+                await tx.execute(_INSERT_RUN, ("small", "running", 1.0, 1.0))
+                await tx.execute(_INSERT_RUN, ("x" * 100_000, "running", 1.0, 1.0))
+        await backend.execute(f"PRAGMA max_page_count = {2**30}")
+        async with backend.transaction() as tx:
+            await tx.execute(_INSERT_RUN, ("after", "running", 1.0, 1.0))
+        assert _rows_from_a_fresh_connection(path) == [("after",)]

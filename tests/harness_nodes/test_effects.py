@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,10 +18,12 @@ import pytest
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import BaseTool, tool
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
 
 from checkpointers import AsyncBackend, Backend, open_backend
+from checkpointers.backend import _SqliteDB
 from harness_nodes import (
     AsyncEffectLedger,
     EffectError,
@@ -34,6 +37,7 @@ from harness_nodes import (
     effect_kind,
     irreversible,
 )
+from harness_nodes.effects import _Call
 from tests.conftest import subprocess_env
 
 pytestmark = pytest.mark.anyio
@@ -1216,3 +1220,36 @@ async def test_a_call_cancelled_while_the_sync_ledger_records_its_intent_runs_on
     [result] = tool_messages(out["messages"])
     assert (result.status, result.text) == ("success", "refunded 10 on o1")
     assert world.calls == [("refund o1 10", "t-3:call-1")]
+
+
+def test_a_refused_commit_of_the_intent_is_retried_once_whole(tmp_path: Any) -> None:
+    # A file in rollback-journal mode (the backend sets WAL; a file system without WAL
+    # support keeps it so): the intent's COMMIT waits for a reader in another process and is
+    # refused after the busy timeout. The ledger retries the whole transaction: the call is
+    # recorded once, as its first attempt, and nothing stays locked.
+    path = tmp_path / "harness.db"
+    db = _SqliteDB(str(path))
+    db.migrate()
+    assert db.execute("PRAGMA journal_mode = DELETE", ()) == [{"journal_mode": "delete"}]
+    db.execute("PRAGMA busy_timeout = 100", ())
+    backend = Backend(
+        url="sqlite:///harness.db", kind="sqlite", checkpointer=InMemorySaver(), db=db
+    )
+    reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM harness_effects").fetchall()
+    # Done reading after the first COMMIT was refused (100 ms), before the retry (200 ms later).
+    done_reading = threading.Timer(0.2, reader.execute, ("COMMIT",))
+    done_reading.start()
+    try:
+        begin = EffectLedger(backend)._begin(_Call("t-1", "call-1", "refund", {"amount": 10}))
+    finally:
+        done_reading.join()
+        reader.close()
+    assert begin.run is not None and begin.run.attempt == 1
+    with backend:
+        rows = backend.execute("SELECT status, attempts FROM harness_effects")
+        assert rows == [{"status": "started", "attempts": 1}]
+        other = sqlite3.connect(path, timeout=1, isolation_level=None)
+        other.execute("UPDATE harness_effects SET status = 'done'")
+        other.close()
