@@ -88,6 +88,9 @@ _SECRET_HINTS = (
     "bearer",
 )
 """What each of `_SECRET_PATTERNS` starts with, lowercased."""
+SENSITIVE_FIELDS_KEY = "harness_sensitive_fields"
+"""Run metadata naming the fields a run marked sensitive (comma-separated; LangGraph copies it
+into each checkpoint's metadata, so local traces mask them too). Names only: never a secret."""
 _ENV_SECRET_NAME = re.compile(r"(API_KEY|SECRET|TOKEN|PASSWORD)", re.IGNORECASE)
 
 
@@ -2068,6 +2071,8 @@ def langfuse_callbacks(
     if task_type:
         metadata["harness_task_type"] = task_type
     metadata.update(_trace_attributes(thread_id, metadata))
+    if sensitive_fields:
+        metadata[SENSITIVE_FIELDS_KEY] = ",".join(sorted({_field(f) for f in sensitive_fields}))
     if envelope is not None:
         metadata["harness_envelope"] = Masker(sensitive_fields, secrets)(data=dict(envelope))
     handler = _make_handler(
