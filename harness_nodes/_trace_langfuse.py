@@ -18,7 +18,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields as dataclass_fields
 from dataclasses import is_dataclass
 from typing import Any
@@ -421,6 +421,18 @@ class Masker:
 
 
 _TOO_DEEP = "<nested too deep to show>"
+
+
+def marked_fields(metadata: Iterable[Mapping[str, Any] | None]) -> list[str]:
+    """The fields a run marked sensitive, read from its checkpoints' *metadata*."""
+    return sorted(
+        {
+            f
+            for m in metadata
+            for f in str((m or {}).get(SENSITIVE_FIELDS_KEY) or "").split(",")
+            if f
+        }
+    )
 
 
 def _field(name: str) -> str:

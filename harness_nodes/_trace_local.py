@@ -29,7 +29,7 @@ from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from checkpointers._spend import flush_pending
 from harness_nodes import _codec, _verify
 from harness_nodes._pricing import answer_cost
-from harness_nodes._trace_langfuse import SENSITIVE_FIELDS_KEY, Masker
+from harness_nodes._trace_langfuse import Masker, marked_fields
 from harness_nodes.errors import UnknownThread, UserError
 from harness_nodes.pricing import Pricing
 
@@ -1171,14 +1171,7 @@ def _build_trace(
     )
     masker = masker or Masker()
     # The fields the run marked sensitive (`langfuse_callbacks(sensitive_fields=...)`).
-    marked = {
-        f
-        for t in listed
-        for f in str((t.metadata or {}).get(SENSITIVE_FIELDS_KEY) or "").split(",")
-        if f
-    }
-    if marked:
-        masker.extend(sorted(marked))
+    masker.extend(marked_fields(t.metadata for t in listed))
     return _masked(trace, masker)
 
 

@@ -75,7 +75,7 @@ from langgraph.types import Command, Interrupt, StateSnapshot
 
 from checkpointers.errors import outage
 from harness_nodes._lease import SELECT_THREAD, TaskRun, claim, new_owner
-from harness_nodes._trace_langfuse import Masker
+from harness_nodes._trace_langfuse import Masker, marked_fields
 from harness_nodes._trace_local import Trace, build_trace
 from harness_nodes.errors import (
     AlreadyDecided,
@@ -848,7 +848,7 @@ class _QueueCore:
         tree: Trace | None = None,
     ) -> ReviewDetail:
         """What `show` returns: a display, so secrets are masked as in `build_trace`'s tree."""
-        masker = Masker()
+        masker = Masker(marked_fields(s.metadata for s in history))
         return ReviewDetail(
             item=masked_item(item, masker),
             trace=[masker.text(line) for line in _QueueCore.trace(item, history)],

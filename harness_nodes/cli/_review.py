@@ -191,7 +191,7 @@ def show(
         item = masked_item(_row(backend, review_id), Masker())  # masked as `show` masks it
         try:
             detail = ReviewQueue(backend, _graph(backend, graph, item.thread_id)).show(review_id)
-            trace, tree = detail.trace, detail.tree
+            item, trace, tree = detail.item, detail.trace, detail.tree
         except UserError:
             if graph is not None:
                 raise  # the graph asked for could not be loaded: say so

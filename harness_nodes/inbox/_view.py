@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from harness_nodes._trace_langfuse import Masker
+from harness_nodes._trace_langfuse import Masker, marked_fields
 from harness_nodes.errors import AlreadyDecided, HarnessError
 from harness_nodes.inbox._forms import form_fields, parse_form
 from harness_nodes.review_queue import masked_item
@@ -258,7 +258,8 @@ def item_detail(queue: Any, review_id: str, failure: str | None = None) -> ItemD
     and the outcome. Each action keeps its call as stored under ``stored_args``, for an edit.
     """
     stored = queue.get(review_id)
-    masker = Masker()
+    snapshot = queue.graph.get_state({"configurable": {"thread_id": stored.thread_id}})
+    masker = Masker(marked_fields([snapshot.metadata]))  # and the fields the run marked
     item: Any = masked_item(stored, masker)
     view = item_row(item)
     actions = _actions(item.requests, _tool_schemas(queue))

@@ -1814,3 +1814,18 @@ def test_show_masks_api_keys_but_get_keeps_the_call_as_stored(backend: Backend) 
     assert detail.tree is not None and secret not in detail.tree.to_json()
     queue.decide(item.id, {"type": "approve"}, reviewer="ann")
     assert EFFECTS == {"send_email": 1}
+
+
+def test_show_masks_the_fields_the_run_marked_sensitive(backend: Backend) -> None:
+    from harness_nodes import langfuse_callbacks
+
+    args = {"to": "ann@example.com", "body": "your PIN is 8812"}
+    script = [ai(tool_calls=[tool_call("send_email", args)]), ai("sent")]
+    queue = ReviewQueue(backend, build_builder(script).compile(checkpointer=backend.checkpointer))
+    config = langfuse_callbacks("t-pin", sensitive_fields=["body"])  # no Langfuse: a no-op
+    queue.invoke({"messages": [HumanMessage("mail Ann her PIN")]}, config, thread_id="t-pin")
+    [item] = queue.pending()
+    detail = queue.show(item.id)
+    shown = json.dumps([detail.item.requests, detail.trace], default=str)
+    assert "ann@example.com" in shown and "8812" not in shown
+    assert detail.tree is not None and "8812" not in detail.tree.to_json()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any
@@ -532,3 +533,18 @@ def test_a_json_edit_of_the_masked_arguments_it_was_shown_keeps_the_real_values(
     assert r.status_code == 200, r.text
     assert secret not in r.text
     assert shop.refunds == [{**args, "amount": 99}]
+
+
+def test_the_item_page_masks_the_fields_the_run_marked_sensitive(shop: Shop) -> None:
+    from harness_nodes import langfuse_callbacks
+
+    config = langfuse_callbacks("t-marked", sensitive_fields=["note"])  # no Langfuse: a no-op
+    shop.queue.invoke({"messages": [HumanMessage(json.dumps(ARGS))]}, config, thread_id="t-marked")
+    [item] = shop.queue.sync("t-marked")
+    c = client(shop)
+    api = {"authorization": f"Bearer {TOKENS['alice']}", "accept": "application/json"}
+    for page in (
+        c.get(f"/reviews/{item.id}", headers=basic("alice")).text,
+        c.get(f"/reviews/{item.id}", headers=api).text,
+    ):
+        assert "A1" in page and "customer called" not in page
