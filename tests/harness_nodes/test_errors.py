@@ -63,3 +63,14 @@ def test_unpriced_model_message_says_how_to_price_it() -> None:
     e = errors.UnpricedModelError("llama-local")
     assert "llama-local" in str(e)
     assert "fallback" in str(e)
+
+
+def test_a_verification_failure_message_masks_a_secret_the_output_quoted() -> None:
+    from harness_nodes import VerificationFailed
+
+    reason = "the output carries an error: error='bad key sk-proj-abcdefghijklmnop1234'"
+    err = VerificationFailed("login", "call_1", [reason])
+    assert "the output carries an error: error='bad key ***'" in str(err)
+    assert "sk-proj-abcdefghijklmnop1234" not in str(err)
+    assert err.reasons == [reason]  # the typed field keeps what the verifier found
+    assert str(pickle.loads(pickle.dumps(err))) == str(err)
