@@ -537,8 +537,13 @@ class EffectOutcomeUnknown(EffectError):
         self.idempotency_key = idempotency_key
 
     def __str__(self) -> str:
+        # Imported here: the tracing module imports this one.
+        from harness_nodes._trace_langfuse import Masker
+
+        # A message reaches logs and a person: secrets in the arguments masked, as in a trace.
+        args = Masker()(data=self.call_args)
         return (
-            f"Outcome unknown for irreversible call {self.tool}({self.call_args}) "
+            f"Outcome unknown for irreversible call {self.tool}({args}) "
             f"[thread {self.thread_id}, call {self.tool_call_id}, "
             f"idempotency key {self.idempotency_key}]: it started but no result was recorded"
         )
