@@ -242,7 +242,8 @@ def _decide(
     if snapshot.interrupts:
         console.print("the run paused again for review: see `harness review list`")
     elif messages:
-        console.print(escape(f"last message: {str(messages[-1].content)[:200]}"), highlight=False)
+        last = Masker().text(str(messages[-1].content))  # masked before it is cut short
+        console.print(escape(f"last message: {last[:200]}"), highlight=False)
 
 
 def _words(decision: Any) -> str:

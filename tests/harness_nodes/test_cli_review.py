@@ -269,3 +269,25 @@ def test_list_and_show_mask_api_keys_in_the_paused_call(
         assert "new key" in out  # what the reviewer decides on is shown...
         assert SECRET not in out  # ...but not the key inside it
     assert all("ann@example.com" in out for out in outputs[::2])  # (the table folds it)
+
+
+leaky_builder = build_builder(
+    [
+        ai(tool_calls=[tool_call("send_email", {"to": "ann@example.com", "body": "hi"})]),
+        ai(f"Sent. Your key is {SECRET}"),
+    ]
+)
+"""A task whose last answer repeats an API key (``--graph ...test_cli_review:leaky_builder``)."""
+
+
+def test_a_decision_masks_an_api_key_in_the_last_message_it_prints(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with open_backend(db) as backend:
+        queue = ReviewQueue(backend, leaky_builder.compile(checkpointer=backend.checkpointer))
+        queue.invoke({"messages": [HumanMessage("mail Ann")]}, thread_id="t-leak")
+        [item] = queue.pending()
+    spec = "tests.harness_nodes.test_cli_review:leaky_builder"
+    code, out, _ = _cli(capsys, "review", "approve", item.id, "--db", db, "--graph", spec)
+    assert code == 0 and "last message: Sent. Your key is ***" in out
+    assert SECRET not in out
