@@ -18,7 +18,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields as dataclass_fields
 from dataclasses import is_dataclass
 from typing import Any
@@ -89,6 +89,9 @@ _SECRET_HINTS = (
     "bearer",
 )
 """What each of `_SECRET_PATTERNS` starts with, lowercased."""
+SENSITIVE_FIELDS_KEY = "harness_sensitive_fields"
+"""Run metadata naming the fields a run marked sensitive (comma-separated; LangGraph copies it
+into each checkpoint's metadata, so local traces mask them too). Names only: never a secret."""
 _ENV_SECRET_NAME = re.compile(r"(API_KEY|SECRET|TOKEN|PASSWORD)", re.IGNORECASE)
 
 
@@ -419,6 +422,18 @@ class Masker:
 
 
 _TOO_DEEP = "<nested too deep to show>"
+
+
+def marked_fields(metadata: Iterable[Mapping[str, Any] | None]) -> list[str]:
+    """The fields a run marked sensitive, read from its checkpoints' *metadata*."""
+    return sorted(
+        {
+            f
+            for m in metadata
+            for f in str((m or {}).get(SENSITIVE_FIELDS_KEY) or "").split(",")
+            if f
+        }
+    )
 
 
 def _field(name: str) -> str:
@@ -2120,6 +2135,8 @@ def langfuse_callbacks(
     if task_type:
         metadata["harness_task_type"] = task_type
     metadata.update(_trace_attributes(thread_id, metadata))
+    if sensitive_fields:
+        metadata[SENSITIVE_FIELDS_KEY] = ",".join(sorted({_field(f) for f in sensitive_fields}))
     if envelope is not None:
         metadata["harness_envelope"] = Masker(sensitive_fields, secrets)(data=dict(envelope))
     handler = _make_handler(

@@ -29,7 +29,7 @@ from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from checkpointers._spend import flush_pending
 from harness_nodes import _codec, _verify
 from harness_nodes._pricing import answer_cost
-from harness_nodes._trace_langfuse import Masker
+from harness_nodes._trace_langfuse import Masker, marked_fields
 from harness_nodes.errors import UnknownThread, UserError
 from harness_nodes.pricing import Pricing
 
@@ -1020,8 +1020,8 @@ def build_trace(
         pricing: How to price a model call (default: `Pricing()`, i.e. genai-prices). A call whose
             message carries the budget layer's ``spent_usd`` uses that figure.
         masker: What masks secrets in the tree, as in Langfuse (default: `Masker()`: API keys,
-            passwords, tokens, secret environment variables; pass one with your sensitive
-            fields).
+            passwords, tokens, secret environment variables). The fields the run marked
+            sensitive (``langfuse_callbacks(sensitive_fields=...)``) are added to it.
 
     Raises:
         UnknownThread: No checkpoint and no run record exist for the thread.
@@ -1169,7 +1169,10 @@ def _build_trace(
         ),
         steps=steps,
     )
-    return _masked(trace, masker or Masker())
+    masker = masker or Masker()
+    # The fields the run marked sensitive (`langfuse_callbacks(sensitive_fields=...)`).
+    masker.extend(marked_fields(t.metadata for t in listed))
+    return _masked(trace, masker)
 
 
 def _masked(trace: Trace, masker: Masker) -> Trace:

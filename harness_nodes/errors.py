@@ -347,7 +347,7 @@ class VerificationFailed(HarnessError):
     Attributes:
         tool: The tool's name.
         tool_call_id: The failing call.
-        reasons: Why the output was refused.
+        reasons: Why the output was refused (as found; the message masks secrets in them).
 
     Example:
         ```python
@@ -366,9 +366,13 @@ class VerificationFailed(HarnessError):
         self.reasons = list(reasons)
 
     def __str__(self) -> str:
+        # Imported here: the tracing module imports this one.
+        from harness_nodes._trace_langfuse import Masker
+
+        # The reasons quote the output, which may hold a secret; a message reaches logs.
         return (
             f"Output of tool {self.tool!r} (call {self.tool_call_id}) failed verification: "
-            + "; ".join(self.reasons)
+            + Masker().text("; ".join(self.reasons))
         )
 
 
@@ -533,8 +537,13 @@ class EffectOutcomeUnknown(EffectError):
         self.idempotency_key = idempotency_key
 
     def __str__(self) -> str:
+        # Imported here: the tracing module imports this one.
+        from harness_nodes._trace_langfuse import Masker
+
+        # A message reaches logs and a person: secrets in the arguments masked, as in a trace.
+        args = Masker()(data=self.call_args)
         return (
-            f"Outcome unknown for irreversible call {self.tool}({self.call_args}) "
+            f"Outcome unknown for irreversible call {self.tool}({args}) "
             f"[thread {self.thread_id}, call {self.tool_call_id}, "
             f"idempotency key {self.idempotency_key}]: it started but no result was recorded"
         )

@@ -87,6 +87,7 @@ from typing_extensions import TypedDict
 
 from harness_nodes import _verify
 from harness_nodes._events import emit
+from harness_nodes._trace_langfuse import Masker
 from harness_nodes.errors import InvalidDecision, UserError
 from harness_nodes.state import Escalation, MessagesOnly, ReviewRecord
 from harness_nodes.verify import VerificationStop
@@ -725,13 +726,15 @@ def _last_ai_index(messages: Sequence[AnyMessage]) -> int | None:
     return None
 
 
-def _fmt_args(args: Mapping[str, Any]) -> str:
-    text = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in args.items())
+def _fmt_args(args: Mapping[str, Any], mask: Masker) -> str:
+    # Masked before it is cut short: a cut key would no longer look like one.
+    text = mask.text(", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in args.items()))
     return text if len(text) <= 120 else text[:117] + "..."
 
 
 def trace_excerpt(messages: Sequence[AnyMessage], limit: int = 20) -> TraceExcerpt:
     """The decisions that led to this point, read from the messages' harness metadata."""
+    mask = Masker()  # shown to people (a review UI, the queue): secrets masked, as in a trace
     steps: list[str] = []
     tokens = 0
     usd: float | None = None
@@ -749,7 +752,7 @@ def trace_excerpt(messages: Sequence[AnyMessage], limit: int = 20) -> TraceExcer
                         f"budget: degraded {budget['degraded_from']} → {budget.get('model')}"
                     )
             for call in m.tool_calls:
-                steps.append(f"model called {call['name']}({_fmt_args(call['args'])})")
+                steps.append(f"model called {call['name']}({_fmt_args(call['args'], mask)})")
             for call_id, rec in (meta.get("reviews") or {}).items():
                 steps.append(
                     f"review {rec.get('review_id', '')}: {rec.get('decision')} {call_id} "
@@ -774,7 +777,7 @@ def trace_excerpt(messages: Sequence[AnyMessage], limit: int = 20) -> TraceExcer
                     f"review {rec.get('review_id', '')}: {rec.get('decision')} "
                     f"by {rec.get('reviewer')}"
                 )
-    return TraceExcerpt(steps=steps[-limit:], tokens=tokens, usd=usd)
+    return TraceExcerpt(steps=[mask.text(s) for s in steps[-limit:]], tokens=tokens, usd=usd)
 
 
 # --- the node ------------------------------------------------------------------------------
@@ -936,7 +939,12 @@ class HumanReview:
     def requests(self, messages: Sequence[AnyMessage]) -> list[ReviewRequest]:
         """The review requests the node would raise for *messages* (empty: nothing to review)."""
         pending = self._pending(messages)
+        if not pending.calls and not pending.escalations:
+            return []
         excerpt = trace_excerpt(messages)
+        # The description is read by people (any Agent Inbox UI): secrets masked, as in a
+        # trace. The action's args stay as the model gave them: an edit starts from them.
+        mask = Masker()
         out: list[ReviewRequest] = []
         for call, flag in pending.calls:
             out.append(
@@ -948,7 +956,9 @@ class HumanReview:
                         allow_respond=self.policy.allow_respond,
                         allow_ignore=True,
                     ),
-                    description=f"{call['name']}({_fmt_args(call['args'])}): {flag.reason}",
+                    description=mask.text(
+                        f"{call['name']}({_fmt_args(call['args'], mask)}): {flag.reason}"
+                    ),
                     kind="tool_call",
                     trigger=flag.trigger,
                     reason=flag.reason,
@@ -966,7 +976,7 @@ class HumanReview:
                     config=ReviewConfig(
                         allow_accept=True, allow_edit=False, allow_respond=True, allow_ignore=True
                     ),
-                    description=_escalation_description(esc, tool, args),
+                    description=mask.text(_escalation_description(esc, tool, args, mask)),
                     kind="escalation",
                     trigger=esc["kind"],
                     reason=esc["reason"],
@@ -1187,8 +1197,10 @@ def _answer(req: ReviewRequest, dec: ReviewDecision, record: dict[str, Any]) -> 
     )
 
 
-def _escalation_description(esc: Escalation, tool: str, args: Mapping[str, Any]) -> str:
-    call = f"{tool}({_fmt_args(args)})" if tool else "the task"
+def _escalation_description(
+    esc: Escalation, tool: str, args: Mapping[str, Any], mask: Masker
+) -> str:
+    call = f"{tool}({_fmt_args(args, mask)})" if tool else "the task"
     if esc["kind"] == "effect_unknown":
         return (
             f"Did {call} take effect? It started but no result was recorded. "

@@ -62,7 +62,7 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -75,6 +75,7 @@ from langgraph.types import Command, Interrupt, StateSnapshot
 
 from checkpointers.errors import outage
 from harness_nodes._lease import SELECT_THREAD, TaskRun, claim, new_owner
+from harness_nodes._trace_langfuse import Masker, marked_fields
 from harness_nodes._trace_local import Trace, build_trace
 from harness_nodes.errors import (
     AlreadyDecided,
@@ -193,6 +194,10 @@ class ReviewItem:
 @dataclass(frozen=True)
 class ReviewDetail:
     """An item with the task's trace so far (`ReviewQueue.show`).
+
+    It is what a reviewer is shown, so secrets in it are masked as in `build_trace`: API
+    keys and secret values in the requests, trace lines and audit rows (`ReviewQueue.get`
+    returns the item as stored).
 
     Example:
         ```python
@@ -610,6 +615,19 @@ def _item(row: Row) -> ReviewItem:
     )
 
 
+def masked_item(item: ReviewItem, masker: Masker) -> ReviewItem:
+    """*item* as a reviewer is shown it: secrets in its requests and decision masked.
+
+    `ReviewQueue.get`/`pending` return items as stored (a decision is made against the real
+    arguments); what shows an item to a person shows this.
+    """
+    return replace(
+        item,
+        requests=masker(data=item.requests),
+        decision=masker(data=item.decision) if item.decision is not None else None,
+    )
+
+
 def _is_review_interrupt(intr: Interrupt) -> bool:
     value = intr.value
     return (
@@ -821,6 +839,22 @@ class _QueueCore:
             at = _iso(run.finished_at or run.updated_at)
             return AlreadyDecided(item.id, "its task runner", at, run.status)
         return _answered_outside(item)  # another process is resuming it (TaskRunner.resume)
+
+    @staticmethod
+    def detail(
+        item: ReviewItem,
+        history: list[StateSnapshot],
+        audit: list[dict[str, Any]],
+        tree: Trace | None = None,
+    ) -> ReviewDetail:
+        """What `show` returns: a display, so secrets are masked as in `build_trace`'s tree."""
+        masker = Masker(marked_fields(s.metadata for s in history))
+        return ReviewDetail(
+            item=masked_item(item, masker),
+            trace=[masker.text(line) for line in _QueueCore.trace(item, history)],
+            audit=masker(data=audit),
+            tree=tree,
+        )
 
     @staticmethod
     def trace(item: ReviewItem, history: list[StateSnapshot]) -> list[str]:
@@ -1105,9 +1139,7 @@ class ReviewQueue:
             tree: Trace | None = build_trace(self.backend, item.thread_id)
         except HarnessError:
             tree = None
-        return ReviewDetail(
-            item=item, trace=self._core.trace(item, history), audit=audit, tree=tree
-        )
+        return self._core.detail(item, history, audit, tree)
 
     # -- deciding --
 
@@ -1562,7 +1594,7 @@ class AsyncReviewQueue:
             "WHERE review_id = %s ORDER BY id",
             (review_id,),
         )
-        return ReviewDetail(item=item, trace=self._core.trace(item, history), audit=audit)
+        return self._core.detail(item, history, audit)
 
     async def decide(
         self,

@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     except HarnessError as e:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        from harness_nodes._trace_langfuse import Masker
+
+        # An error may quote a tool's output or the user's input: secrets masked, as in a trace.
+        message = escape(Masker().text(str(e)))
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

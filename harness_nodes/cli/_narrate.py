@@ -10,6 +10,8 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from rich.console import Console
 from rich.markup import escape
 
+from harness_nodes._trace_langfuse import Masker
+
 
 def _short(value: Any, limit: int = 70) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
@@ -37,14 +39,17 @@ class Narrator:
     """Print only the harness's decisions and the outcome, not every step."""
     events: list[tuple[str, str]] = field(default_factory=list)
     """(kind, text) of each notable harness decision: verdict, budget, review, effect."""
+    masker: Masker = field(default_factory=Masker, repr=False)
+    """Masks secrets in every line, as in a trace (a terminal is shown and shared too)."""
     _seen: set[str] = field(default_factory=set, repr=False)
 
     def _say(self, text: str, *, always: bool = False) -> None:
         if always or not self.quiet:
-            self.console.print(text, highlight=False, soft_wrap=True)
+            self.console.print(self.masker.text(text), highlight=False, soft_wrap=True)
 
     def record(self, kind: str, text: str) -> None:
         """Keep and print one harness decision."""
+        text = self.masker.text(text)
         self.events.append((kind, text))
         self._say(f"  [bold magenta]harness[/] {escape(text)}", always=True)
 

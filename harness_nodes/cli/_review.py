@@ -26,10 +26,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from harness_nodes._trace_langfuse import Masker
 from harness_nodes.cli._app import app, console, open_existing
 from harness_nodes.errors import HarnessError, ReviewNotFound, UserError
 from harness_nodes.review import _allowed
-from harness_nodes.review_queue import ReviewItem, ReviewQueue, _item, pending_sql
+from harness_nodes.review_queue import ReviewItem, ReviewQueue, _item, masked_item, pending_sql
 
 review_app = typer.Typer(
     name="review",
@@ -139,7 +140,8 @@ def list_reviews(
         task_type=task_type, reason=reason, assignee=assignee, older_than=older_than, limit=limit
     )
     with open_existing(db) as backend:
-        items = [_item(r) for r in backend.execute(sql, params)]
+        masker = Masker()  # a terminal is shown and shared: secrets masked, as in a trace
+        items = [masked_item(_item(r), masker) for r in backend.execute(sql, params)]
     if as_json:
         for it in items:
             print(
@@ -186,10 +188,10 @@ def show(
 
     tree: Any = None
     with open_existing(db) as backend:
-        item = _row(backend, review_id)
+        item = masked_item(_row(backend, review_id), Masker())  # masked as `show` masks it
         try:
             detail = ReviewQueue(backend, _graph(backend, graph, item.thread_id)).show(review_id)
-            trace, tree = detail.trace, detail.tree
+            item, trace, tree = detail.item, detail.trace, detail.tree
         except UserError:
             if graph is not None:
                 raise  # the graph asked for could not be loaded: say so
@@ -240,7 +242,8 @@ def _decide(
     if snapshot.interrupts:
         console.print("the run paused again for review: see `harness review list`")
     elif messages:
-        console.print(escape(f"last message: {str(messages[-1].content)[:200]}"), highlight=False)
+        last = Masker().text(str(messages[-1].content))  # masked before it is cut short
+        console.print(escape(f"last message: {last[:200]}"), highlight=False)
 
 
 def _words(decision: Any) -> str:

@@ -366,7 +366,11 @@ class _Inbox:
         except ReviewNotFound as e:
             return _error(request, 404, "not_found", str(e))
         try:
-            decision = body if as_json else _view.decision_from_form(detail, form)
+            decision = (
+                _view.unmasked_decision(detail, body)
+                if as_json
+                else _view.decision_from_form(detail, form)
+            )
             fut = self.resumers.submit(_view.decide, self.queue, review_id, decision, reviewer)
             try:
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), self.decide_wait)

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from harness_nodes._trace_langfuse import Masker, marked_fields
 from harness_nodes.errors import AlreadyDecided, HarnessError
 from harness_nodes.inbox._forms import form_fields, parse_form
+from harness_nodes.review_queue import masked_item
 
 _RISK_CLASSES = {"low": "low", "medium": "medium", "high": "high"}
 _DECIDED = frozenset({"decided", "applied", "closed"})
@@ -131,7 +133,10 @@ def item_json(item: Any) -> dict[str, Any]:
 def list_page(
     queue: Any, filters: Mapping[str, str | None], offset: int, size: int
 ) -> tuple[list[Any], bool]:
-    """One page of pending items, most urgent first (and whether another page follows)."""
+    """One page of pending items, most urgent first (and whether another page follows).
+
+    The items are as the pages show them: secrets masked, as in a trace.
+    """
     items = list(
         queue.pending(
             task_type=filters.get("task_type"),
@@ -142,7 +147,8 @@ def list_page(
             order="urgency",
         )
     )
-    return items[:size], len(items) > size
+    masker = Masker()
+    return [masked_item(i, masker) for i in items[:size]], len(items) > size
 
 
 @dataclass
@@ -246,11 +252,19 @@ def _outcome(queue: Any, item: Any) -> dict[str, Any] | None:
 
 
 def item_detail(queue: Any, review_id: str, failure: str | None = None) -> ItemDetail:
-    """The item page's data (raises `ReviewNotFound`)."""
-    item = queue.get(review_id)
+    """The item page's data (raises `ReviewNotFound`).
+
+    Secrets are masked, as in a trace: API keys and secret values in the calls, the decision
+    and the outcome. Each action keeps its call as stored under ``stored_args``, for an edit.
+    """
+    stored = queue.get(review_id)
+    snapshot = queue.graph.get_state({"configurable": {"thread_id": stored.thread_id}})
+    masker = Masker(marked_fields([snapshot.metadata]))  # and the fields the run marked
+    item: Any = masked_item(stored, masker)
     view = item_row(item)
     actions = _actions(item.requests, _tool_schemas(queue))
-    for a in actions:
+    for a, r in zip(actions, _actions(stored.requests, {}), strict=True):
+        a["stored_args"] = r["args"]
         a["args_json"] = _visible(json.dumps(a["args"], indent=2, ensure_ascii=False))
         a["fields"] = form_fields(a["schema"], a["args"])
     nodes, trace_json, trace = _trace(queue, item.thread_id)
@@ -263,9 +277,9 @@ def item_detail(queue: Any, review_id: str, failure: str | None = None) -> ItemD
     words = sorted({str(d.get("type")) for d in decisions})
     messages = [str(d["message"]) for d in decisions if d.get("message")]
     edited = [d["args"] for d in decisions if d.get("type") == "edit" and "args" in d]
-    outcome = _outcome(queue, item)
+    outcome = masker(data=_outcome(queue, item))
     if failure and outcome is None:
-        outcome = {"status": "error", "reason": failure, "result": None}
+        outcome = {"status": "error", "reason": masker.text(failure), "result": None}
     view.update(
         actions=actions,
         description="\n\n".join(a["description"] for a in actions if a["description"]),
@@ -302,13 +316,54 @@ def decision_from_form(detail: ItemDetail, form: Mapping[str, str]) -> dict[str,
     kind = form.get("decision", "")
     if kind == "edit" and detail.actions:
         a = detail.actions[0]
-        return {"type": "edit", "args": parse_form(a["schema"], a["args"], form)}
+        schema, stored = a["schema"], a["stored_args"]
+        # A field sent back as shown, with its secret masked, keeps the value it masks.
+        shown = {f.input_name: f.value for f in form_fields(schema, a["args"])}
+        real = {f.input_name: f.value for f in form_fields(schema, stored)}
+        unmasked = {
+            k: real[k]
+            if k in real and real[k] != shown.get(k) and v.replace("\r\n", "\n") == shown.get(k)
+            else v
+            for k, v in form.items()
+        }
+        return {"type": "edit", "args": parse_form(schema, stored, unmasked)}
     message = form.get("message", "").replace("\r\n", "\n").strip()
     if kind == "reject":
         return {"type": "reject", "message": message} if message else {"type": "reject"}
     if kind == "respond":
         return {"type": "respond", "message": message}
     return {"type": kind}
+
+
+def _unmasked(shown: Any, stored: Any, sent: Any) -> Any:
+    """*sent*, with each value sent back as it was shown (its secret masked) as stored."""
+    if sent == shown and shown != stored:
+        return stored
+    if isinstance(sent, dict) and isinstance(shown, dict) and isinstance(stored, dict):
+        return {
+            k: _unmasked(shown.get(k), stored[k], v) if k in stored else v for k, v in sent.items()
+        }
+    return sent
+
+
+def unmasked_decision(detail: ItemDetail, decision: Any) -> Any:
+    """A JSON decision whose edited arguments carry masked values as shown: the real ones."""
+    by_id = {a["tool_call_id"]: a for a in detail.actions}
+    decisions = decision if isinstance(decision, list) else [decision]
+    out = []
+    for i, d in enumerate(decisions):
+        a = by_id.get(d.get("tool_call_id")) if isinstance(d, dict) else None
+        if a is None and i < len(detail.actions):
+            a = detail.actions[i]
+        if (
+            a
+            and isinstance(d, dict)
+            and d.get("type") == "edit"
+            and isinstance(d.get("args"), dict)
+        ):
+            d = {**d, "args": _unmasked(a["args"], a["stored_args"], d["args"])}
+        out.append(d)
+    return out if isinstance(decision, list) else out[0]
 
 
 def decide(queue: Any, review_id: str, decision: Any, reviewer: str) -> None:

@@ -244,3 +244,50 @@ def test_approve_from_another_process(db: str, tmp_path: Path) -> None:
     assert _status(db, rid)[0] == "applied"
     bad = _run_cli("review", "edit", rid, "--db", db, "--graph", SPEC, "--args", "{")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+SECRET = "sk-proj-abcdefghijklmnopqrstuvwxyz123456"
+
+
+def test_list_and_show_mask_api_keys_in_the_paused_call(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = f"your new key: {SECRET}"
+    script = [ai(tool_calls=[tool_call("send_email", {"to": "ann@example.com", "body": body})])]
+    with open_backend(db) as backend:
+        graph = build_builder(script).compile(checkpointer=backend.checkpointer)
+        queue = ReviewQueue(backend, graph)
+        queue.invoke({"messages": [HumanMessage("mail Ann her key")]}, thread_id="t-key")
+        [item] = queue.pending()
+    outputs = [
+        _cli(capsys, "review", "list", "--db", db, "--json")[1],
+        _cli(capsys, "review", "list", "--db", db)[1],
+        _cli(capsys, "review", "show", item.id, "--db", db, "--graph", SPEC)[1],
+        _cli(capsys, "review", "show", item.id, "--db", db)[1],
+    ]
+    for out in outputs:
+        assert "new key" in out  # what the reviewer decides on is shown...
+        assert SECRET not in out  # ...but not the key inside it
+    assert all("ann@example.com" in out for out in outputs[::2])  # (the table folds it)
+
+
+leaky_builder = build_builder(
+    [
+        ai(tool_calls=[tool_call("send_email", {"to": "ann@example.com", "body": "hi"})]),
+        ai(f"Sent. Your key is {SECRET}"),
+    ]
+)
+"""A task whose last answer repeats an API key (``--graph ...test_cli_review:leaky_builder``)."""
+
+
+def test_a_decision_masks_an_api_key_in_the_last_message_it_prints(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with open_backend(db) as backend:
+        queue = ReviewQueue(backend, leaky_builder.compile(checkpointer=backend.checkpointer))
+        queue.invoke({"messages": [HumanMessage("mail Ann")]}, thread_id="t-leak")
+        [item] = queue.pending()
+    spec = "tests.harness_nodes.test_cli_review:leaky_builder"
+    code, out, _ = _cli(capsys, "review", "approve", item.id, "--db", db, "--graph", spec)
+    assert code == 0 and "last message: Sent. Your key is ***" in out
+    assert SECRET not in out

@@ -63,3 +63,28 @@ def test_unpriced_model_message_says_how_to_price_it() -> None:
     e = errors.UnpricedModelError("llama-local")
     assert "llama-local" in str(e)
     assert "fallback" in str(e)
+
+
+def test_a_verification_failure_message_masks_a_secret_the_output_quoted() -> None:
+    from harness_nodes import VerificationFailed
+
+    reason = "the output carries an error: error='bad key sk-proj-abcdefghijklmnop1234'"
+    err = VerificationFailed("login", "call_1", [reason])
+    assert "the output carries an error: error='bad key ***'" in str(err)
+    assert "sk-proj-abcdefghijklmnop1234" not in str(err)
+    assert err.reasons == [reason]  # the typed field keeps what the verifier found
+    assert str(pickle.loads(pickle.dumps(err))) == str(err)
+
+
+def test_an_unknown_effect_message_masks_secrets_in_the_call_arguments() -> None:
+    from harness_nodes import EffectOutcomeUnknown
+
+    args = {
+        "order_id": "A1",
+        "api_key": "bank-live-key-123",
+        "memo": "sk-proj-abcdefghijklmnop1234",
+    }
+    err = EffectOutcomeUnknown("t-1", "call_7", "refund", args, "key-123")
+    assert "'order_id': 'A1'" in str(err)
+    assert "bank-live-key-123" not in str(err) and "sk-proj-abcdefghijklmnop1234" not in str(err)
+    assert err.call_args == args  # the typed field keeps the call as made

@@ -775,3 +775,17 @@ def test_a_state_record_no_message_shows_is_in_the_trace(backend: Backend) -> No
     graph.invoke({"messages": [HumanMessage("hi")]}, cfg, durability="sync")
     trace = build_trace(backend, cfg["configurable"]["thread_id"])
     assert [n.name for n in trace.walk() if n.kind == "review"] == ["approve by dana"]
+
+
+def test_a_review_request_shows_api_keys_masked_but_keeps_the_call_to_edit() -> None:
+    secret = "sk-proj-abcdefghijklmnopqrstuvwxyz123456"
+    args = {"to": "ann@example.com", "body": f"your new key: {secret}"}
+    first = ai(tool_calls=[tool_call("lookup", {"order": "A1"}, id="c0")])
+    looked = ToolMessage(f"order A1: paid with {secret}", tool_call_id="c0")
+    [request] = HumanReview(ReviewPolicy(irreversible=["send_email"])).requests(
+        [first, looked, ai(tool_calls=[tool_call("send_email", args)])]
+    )
+    assert request["action_request"]["args"] == args  # what an edit starts from
+    shown = [request["description"], *request["trace"]["steps"]]
+    assert "ann@example.com" in request["description"]
+    assert not [line for line in shown if secret in line]

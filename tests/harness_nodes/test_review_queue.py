@@ -1797,3 +1797,35 @@ async def test_async_queue_reads_with_the_database_away_raise_backend_unavailabl
                 await _read(queue, call, item)
         assert isinstance(exc.value.__cause__, psycopg.OperationalError)
         assert (await queue.get(item.id)).assignee is None
+
+
+def test_show_masks_api_keys_but_get_keeps_the_call_as_stored(backend: Backend) -> None:
+    secret = "sk-proj-abcdefghijklmnopqrstuvwxyz123456"
+    args = {"to": "ann@example.com", "body": f"your new key: {secret}"}
+    script = [ai(tool_calls=[tool_call("send_email", args)]), ai("sent")]
+    queue = ReviewQueue(backend, build_builder(script).compile(checkpointer=backend.checkpointer))
+    queue.invoke({"messages": [HumanMessage("mail Ann her key")]}, thread_id="t-key")
+    [item] = queue.pending()
+    assert item.requests[0]["action_request"]["args"] == args  # decided against the real call
+    detail = queue.show(item.id)
+    shown = json.dumps([detail.item.requests, detail.trace, detail.audit], default=str)
+    assert "ann@example.com" in shown and "your new key: ***" in shown
+    assert secret not in shown
+    assert detail.tree is not None and secret not in detail.tree.to_json()
+    queue.decide(item.id, {"type": "approve"}, reviewer="ann")
+    assert EFFECTS == {"send_email": 1}
+
+
+def test_show_masks_the_fields_the_run_marked_sensitive(backend: Backend) -> None:
+    from harness_nodes import langfuse_callbacks
+
+    args = {"to": "ann@example.com", "body": "your PIN is 8812"}
+    script = [ai(tool_calls=[tool_call("send_email", args)]), ai("sent")]
+    queue = ReviewQueue(backend, build_builder(script).compile(checkpointer=backend.checkpointer))
+    config = langfuse_callbacks("t-pin", sensitive_fields=["body"])  # no Langfuse: a no-op
+    queue.invoke({"messages": [HumanMessage("mail Ann her PIN")]}, config, thread_id="t-pin")
+    [item] = queue.pending()
+    detail = queue.show(item.id)
+    shown = json.dumps([detail.item.requests, detail.trace], default=str)
+    assert "ann@example.com" in shown and "8812" not in shown
+    assert detail.tree is not None and "8812" not in detail.tree.to_json()

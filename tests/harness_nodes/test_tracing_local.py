@@ -561,6 +561,36 @@ def test_secrets_are_masked_in_the_local_trace_too() -> None:
     assert '"api_key": "***"' in text and "found with ***" in text
 
 
+def test_fields_marked_sensitive_for_the_run_are_masked_in_harness_show(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+
+    from checkpointers import open_backend
+    from harness_nodes import langfuse_callbacks
+    from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+
+    @tool
+    def charge(card: str, amount: float) -> str:
+        """Charge a card."""
+        return f"charged {amount} to card={card}"
+
+    args = {"card": "4111111111111111", "amount": 12.5}
+    model = ScriptedChatModel(script=[ai(tool_calls=[tool_call("charge", args)]), ai("done")])
+    db = f"sqlite:///{tmp_path / 'h.db'}"
+    with open_backend(db) as backend:
+        graph = _agent_loop(model, charge).compile(checkpointer=backend.checkpointer)
+        config = langfuse_callbacks("c-1", sensitive_fields=["card"])  # no Langfuse: a no-op
+        graph.invoke({"messages": [HumanMessage("charge it")]}, config)
+        texts = [build_trace(backend, "c-1").to_json()]
+    for argv in (["show", "c-1", "--db", db], ["show", "c-1", "--db", db, "--json"]):
+        main(argv)
+        texts.append(capsys.readouterr().out)
+    for text in texts:
+        assert "12.5" in text and "4111111111111111" not in text
+
+
 @pytest.mark.parametrize(
     ("details", "priced"),
     [

@@ -471,3 +471,30 @@ def test_run_with_refused_args_keeps_an_existing_database(
     assert code == 2
     assert path.exists() and path.stat().st_size >= size  # what ran before is kept
     assert _cli(capsys, "runs", "--db", url)[0] == 0
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+SECRET = "sk-proj-abcdefghijklmnopqrstuvwxyz123456"
+
+
+def test_run_narration_masks_api_keys_in_the_task_and_tool_calls(
+    capsys: pytest.CaptureFixture[str], db: str
+) -> None:
+    task = f"Tell me about caverns; my key is {SECRET}"
+    code, out, _ = _cli(capsys, "run", "research", "--db", db, "--task", task)
+    assert code == 0
+    assert "research thread" in out and "read(doc_id=" in out
+    assert SECRET not in out and "***" in out
+
+
+def test_the_one_line_error_masks_a_secret_the_failure_quotes(
+    capsys: pytest.CaptureFixture[str], db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BANK_API_KEY", "bank-password-1234")
+    code, _, err = _cli(
+        capsys, "review", "edit", "r-1", "--db", db, "--args", "{bank-password-1234"
+    )
+    assert code == 2
+    line = _one_line_error(err)
+    assert "--args is not valid JSON" in line and "bank-password-1234" not in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any
@@ -480,3 +481,70 @@ def test_concurrent_decisions_through_the_server_apply_once(shop: Shop) -> None:
         "SELECT reviewer FROM harness_review_audit WHERE review_id = %s", (rid,)
     )
     assert len(audit) == 1
+
+
+def test_api_keys_are_masked_on_every_page_and_an_untouched_field_keeps_its_value(
+    shop: Shop,
+) -> None:
+    secret = "sk-proj-abcdefghijklmnopqrstuvwxyz123456"
+    args = {**ARGS, "note": f"customer key {secret}"}
+    rid = shop.pause("t-secret", args)
+    c = client(shop)
+    api = {"authorization": f"Bearer {TOKENS['alice']}", "accept": "application/json"}
+    pages = [
+        c.get("/reviews", headers=basic("alice")).text,
+        c.get(f"/reviews/{rid}", headers=basic("alice")).text,
+        c.get("/reviews", headers=api).text,
+        c.get(f"/reviews/{rid}", headers=api).text,
+    ]
+    for page in pages:
+        assert "customer key ***" in page and secret not in page
+    # The reviewer lowers the amount and leaves the note as shown: the refund gets the real note.
+    r = c.post(
+        f"/reviews/{rid}/decision",
+        headers={**basic("alice"), "origin": ORIGIN},
+        data={
+            "decision": "edit",
+            "csrf_token": csrf_of(c, rid),
+            "arg.order": "A1",
+            "arg.amount": "99",
+            "arg.note": "customer key ***",
+        },
+        follow_redirects=False,
+    )
+    assert r.status_code == 303
+    assert shop.refunds == [{**args, "amount": 99}]
+    page = c.get(r.headers["location"], headers=basic("alice")).text
+    assert "Decided <strong>edit</strong>" in page and secret not in page
+
+
+def test_a_json_edit_of_the_masked_arguments_it_was_shown_keeps_the_real_values(
+    shop: Shop,
+) -> None:
+    secret = "sk-proj-abcdefghijklmnopqrstuvwxyz123456"
+    args = {**ARGS, "note": f"customer key {secret}"}
+    rid = shop.pause("t-secret-json", args)
+    c = client(shop)
+    api = {"authorization": f"Bearer {TOKENS['alice']}", "accept": "application/json"}
+    [action] = c.get(f"/reviews/{rid}", headers=api).json()["actions"]
+    assert action["args"]["note"] == "customer key ***"
+    edit = {"type": "edit", "args": {**action["args"], "amount": 99}}
+    r = c.post(f"/reviews/{rid}/decision", headers=api, json=edit)
+    assert r.status_code == 200, r.text
+    assert secret not in r.text
+    assert shop.refunds == [{**args, "amount": 99}]
+
+
+def test_the_item_page_masks_the_fields_the_run_marked_sensitive(shop: Shop) -> None:
+    from harness_nodes import langfuse_callbacks
+
+    config = langfuse_callbacks("t-marked", sensitive_fields=["note"])  # no Langfuse: a no-op
+    shop.queue.invoke({"messages": [HumanMessage(json.dumps(ARGS))]}, config, thread_id="t-marked")
+    [item] = shop.queue.sync("t-marked")
+    c = client(shop)
+    api = {"authorization": f"Bearer {TOKENS['alice']}", "accept": "application/json"}
+    for page in (
+        c.get(f"/reviews/{item.id}", headers=basic("alice")).text,
+        c.get(f"/reviews/{item.id}", headers=api).text,
+    ):
+        assert "A1" in page and "customer called" not in page
