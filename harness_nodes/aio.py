@@ -81,6 +81,7 @@ from harness_nodes.effects import (
     _FINISH_LATE,
     _FINISH_SUPERSEDED,
     _RESOLVE,
+    _RUNNING,
     _SELECT,
     LATE_NOTE,
     SUPERSEDED_NOTE,
@@ -312,7 +313,17 @@ class AsyncEffectLedger:
             async with self.backend.transaction() as tx:
                 return await _abegin(tx, self.backend.dialect, call)
 
-        return await _aledger_statement(self.backend, begin)
+        while True:  # see `_Running`: a call still running here is waited for, not unknown
+            mine = _RUNNING.enter(self.backend, call)
+            began = None
+            try:
+                began = await _aledger_statement(self.backend, begin)
+            finally:
+                running = _RUNNING.decided(self.backend, call, mine, began)
+            if running is None:
+                assert began is not None
+                return began
+            await asyncio.to_thread(running.wait)
 
     async def _finish(
         self, call: _Call, attempt: int, status: str, value: Any, error: str | None
@@ -331,11 +342,17 @@ class AsyncEffectLedger:
             note = SUPERSEDED_NOTE.format(attempt=attempt)
             return "twice", list(await self.backend.execute(_FINISH_SUPERSEDED, (note, *key)))
 
-        _log_late(call, attempt, *await _aledger_statement(self.backend, finish))
+        try:
+            _log_late(call, attempt, *await _aledger_statement(self.backend, finish))
+        finally:
+            _RUNNING.leave(self.backend, call, attempt)
 
     async def _abort(self, call: _Call, attempt: int) -> None:
         params = (time.time(), call.thread_id, call.call_id, attempt)
-        await _aledger_statement(self.backend, lambda: self.backend.execute(_ABORT, params))
+        try:
+            await _aledger_statement(self.backend, lambda: self.backend.execute(_ABORT, params))
+        finally:
+            _RUNNING.leave(self.backend, call, attempt)
 
 
 async def _aledger_statement(backend: Any, run: Callable[[], Awaitable[T]]) -> T:
