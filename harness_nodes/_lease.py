@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
@@ -324,6 +324,11 @@ class BranchLost(Exception):
 _ERROR_HANDLED = "__error_source_node__"
 
 
+# The first element of a task's path: LangGraph's name for a task its node's edges scheduled
+# (a ``Send`` is ``"__pregel_push"``). Spelt here, as the constant is private to LangGraph.
+_PULL = "__pregel_pull"
+
+
 def _reserved(channel: str) -> bool:
     return channel.startswith("__") and channel.endswith("__")
 
@@ -343,6 +348,11 @@ def lost_branch(
     raises again: nothing is saved then); ``add_messages`` replaces messages by id, so
     nothing is doubled.
 
+    A task of the step that ended with no result is run again in the next step: under
+    ``ainvoke`` LangGraph cancels a step's other tasks when one fails (a sync run lets them
+    finish), so a sibling still running when the router raised is cut short. The replay of
+    the failed node sends the run to it too (``Command(goto=...)``), as its own edge did.
+
     Args:
         snapshot: The thread's head (``get_state``).
         pending_writes: The head checkpoint's writes (``(task_id, channel, value)``).
@@ -352,9 +362,9 @@ def lost_branch(
         updates to apply as one superstep (``bulk_update_state(config, [updates])``).
 
     Raises:
-        BranchLost: the step cannot be replayed faithfully: another of its tasks has not
-            finished (replaying would close the step without it), or a task's writes are not
-            its output keys once each (a ``Command``'s ``goto``, a channel written twice).
+        BranchLost: the step cannot be replayed faithfully: another of its tasks is paused
+            or was sent (``Send``: its input is lost), or a task's writes are not its output
+            keys once each (a ``Command``'s ``goto``, a channel written twice).
     """
     failed = [t for t in snapshot.tasks if t.error is not None and t.result is not None]
     if not failed or any(t.name == START for t in failed):
@@ -367,7 +377,11 @@ def lost_branch(
     nodes = ", ".join(sorted({t.name for t in failed}))
     lost = f"a router raised after node {nodes}; its branch was lost"
     updates = []
+    cut_short: list[str] = []
     for task in snapshot.tasks:
+        if task.result is None and not task.interrupts and task.path[:1] == (_PULL,):
+            cut_short.append(task.name)
+            continue
         if task.result is None or task.interrupts:
             raise BranchLost(f"{lost} (task {task.name} of the same step has not finished)")
         output = [c for c in writes.get(task.id, ()) if not _reserved(c)]
@@ -379,6 +393,12 @@ def lost_branch(
         ):
             raise BranchLost(f"{lost} (the writes of node {task.name} cannot be replayed)")
         updates.append(StateUpdate(result, task.name, task.id))
+    if cut_short:
+        first = next(i for i, u in enumerate(updates) if u.task_id == failed[0].id)
+        # A Command is what a node returns to go somewhere; update_state takes it as one
+        # (its writers apply the update and the goto), though StateUpdate is typed a dict.
+        resend = Command(update=updates[first].values, goto=cut_short)
+        updates[first] = updates[first]._replace(values=cast(dict[str, Any], resend))
     return updates
 
 

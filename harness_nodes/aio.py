@@ -82,6 +82,7 @@ from harness_nodes.effects import (
     _FINISH_LATE,
     _FINISH_SUPERSEDED,
     _RESOLVE,
+    _RUNNING,
     _SELECT,
     LATE_NOTE,
     SUPERSEDED_NOTE,
@@ -310,6 +311,18 @@ class AsyncEffectLedger:
             raise
 
     async def _begin(self, call: _Call) -> _Begin:
+        while True:  # see `_Running`: a call still running here is waited for, not unknown
+            mine = _RUNNING.enter(self.backend, call)
+            began = None
+            try:
+                began = await self._begin_once(call)
+            finally:
+                running = _RUNNING.decided(self.backend, call, mine, began)
+            if running is None or not await asyncio.to_thread(_RUNNING.waited, running.wait, call):
+                assert began is not None
+                return began
+
+    async def _begin_once(self, call: _Call) -> _Begin:
         now = time.time()
 
         async def begin() -> _Begin:
@@ -344,11 +357,17 @@ class AsyncEffectLedger:
             note = SUPERSEDED_NOTE.format(attempt=attempt)
             return "twice", list(await self.backend.execute(_FINISH_SUPERSEDED, (note, *key)))
 
-        _log_late(call, attempt, *await _aledger_statement(self.backend, finish))
+        try:
+            _log_late(call, attempt, *await _aledger_statement(self.backend, finish))
+        finally:
+            _RUNNING.leave(self.backend, call, attempt)
 
     async def _abort(self, call: _Call, attempt: int) -> None:
         params = (time.time(), call.thread_id, call.call_id, attempt)
-        await _aledger_statement(self.backend, lambda: self.backend.execute(_ABORT, params))
+        try:
+            await _aledger_statement(self.backend, lambda: self.backend.execute(_ABORT, params))
+        finally:
+            _RUNNING.leave(self.backend, call, attempt)
 
 
 async def _aledger_statement(backend: Any, run: Callable[[], Awaitable[T]]) -> T:

@@ -73,6 +73,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -561,6 +562,88 @@ def _active(ctx: EffectContext) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
+class _Running:
+    """The executions of ledger calls in this process, until each has recorded its outcome.
+
+    An intent with no result is an unknown outcome (a crash mid-call), unless the call is
+    still running here: under ``ainvoke`` a ``ToolNode`` gathers its calls, and one that
+    raises ends the node while its siblings still run (a sync ``ToolNode`` waits for them).
+    A retry of the step then meets a sibling's intent before its result. Such a begin waits
+    for that execution, then begins again (and replays the result it recorded).
+
+    An execution is listed from before its begin (so no retry can slip between its intent
+    and its listing) until its outcome is recorded, or, when it was not the one to run, until
+    its begin decided; a begin waits only for another listed execution, never its own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_call: dict[tuple[int, str, str], list[threading.Event]] = {}
+        self._running: dict[tuple[int, str, str, int], threading.Event] = {}
+
+    def enter(self, backend: Any, call: _Call) -> threading.Event:
+        """List an execution of *call* about to begin."""
+        mine = threading.Event()
+        with self._lock:
+            self._by_call.setdefault((id(backend), call.thread_id, call.call_id), []).append(mine)
+        return mine
+
+    def decided(
+        self, backend: Any, call: _Call, mine: threading.Event, begin: _Begin | None
+    ) -> threading.Event | None:
+        """*mine* began (*begin*; None: its statement failed): keep it listed while it runs.
+
+        Returns another execution of the call to wait for, when the outcome was unknown.
+        """
+        key = (id(backend), call.thread_id, call.call_id)
+        with self._lock:
+            if begin is not None and begin.run is not None:
+                self._running[(*key, begin.run.attempt)] = mine
+                return None
+            self._drop(key, mine)
+            others = self._by_call.get(key, ()) if begin is not None and begin.unknown else ()
+            return next(iter(others), None)
+
+    def waited(self, wait: Callable[[float], bool], call: _Call) -> bool:
+        """Wait for the other execution (``Event.wait``); False once `_RUNNING_WAIT` passed.
+
+        A call that hangs must not hang its retry with it: past the wait, the intent is what
+        it would be after a crash, an unknown outcome for a person to answer.
+        """
+        if wait(_RUNNING_WAIT):
+            return True
+        logger.warning(
+            "effect ledger: %s call %s of thread %s is still running in this process after "
+            "%.0f s; its outcome is unknown to this execution",
+            call.tool,
+            call.call_id,
+            call.thread_id,
+            _RUNNING_WAIT,
+        )
+        return False
+
+    def leave(self, backend: Any, call: _Call, attempt: int) -> None:
+        """The execution *attempt* of *call* recorded its outcome: whoever waits begins again."""
+        key = (id(backend), call.thread_id, call.call_id)
+        with self._lock:
+            mine = self._running.pop((*key, attempt), None)
+            if mine is not None:
+                self._drop(key, mine)
+
+    def _drop(self, key: tuple[int, str, str], mine: threading.Event) -> None:
+        left = [e for e in self._by_call.get(key, ()) if e is not mine]
+        if left:
+            self._by_call[key] = left
+        else:
+            self._by_call.pop(key, None)
+        mine.set()
+
+
+_RUNNING = _Running()
+# How long a begin waits for an execution of the same call still running in this process.
+_RUNNING_WAIT = 300.0
+
+
 def _event(ctx_or_call: EffectContext | _Call | EffectRecord) -> dict[str, Any]:
     if isinstance(ctx_or_call, _Call):
         thread_id, call_id, tool, key = (
@@ -779,7 +862,7 @@ class EffectLedger:
             emit("effect.replay", _event(begin.replay))
             return _replayed(begin.replay)  # type: ignore[no-any-return]
         assert begin.run is not None
-        emit("effect.run", _event(begin.run))
+        self._reported(call, begin.run, None)
         with _active(begin.run):
             try:
                 value = fn(begin.run)
@@ -813,7 +896,7 @@ class EffectLedger:
             emit("effect.replay", _event(begin.replay), config)
             return _replay_result(begin.replay, call)
         assert begin.run is not None
-        emit("effect.run", _event(begin.run), config)
+        self._reported(call, begin.run, config)
         with _active(begin.run):
             try:
                 out = execute(request)
@@ -893,7 +976,31 @@ class EffectLedger:
                     await asyncio.to_thread(self._abort, call, begin.run.attempt)
             raise
 
+    def _reported(self, call: _Call, run: EffectContext, config: RunnableConfig | None) -> None:
+        """Report the execution about to start; cut short, it is recorded as never made.
+
+        As `AsyncEffectLedger._reported`: the call has not run, so it is aborted (and no
+        longer listed as running here, see `_Running`).
+        """
+        try:
+            emit("effect.run", _event(run), config)
+        except BaseException:
+            self._abort(call, run.attempt)
+            raise
+
     def _begin(self, call: _Call) -> _Begin:
+        while True:  # see `_Running`: a call still running here is waited for, not unknown
+            mine = _RUNNING.enter(self.backend, call)
+            began = None
+            try:
+                began = self._begin_once(call)
+            finally:
+                running = _RUNNING.decided(self.backend, call, mine, began)
+            if running is None or not _RUNNING.waited(running.wait, call):
+                assert began is not None
+                return began
+
+    def _begin_once(self, call: _Call) -> _Begin:
         now = time.time()
 
         def begin() -> _Begin:
@@ -925,11 +1032,17 @@ class EffectLedger:
             note = SUPERSEDED_NOTE.format(attempt=attempt)
             return "twice", self.backend.execute(_FINISH_SUPERSEDED, (note, *key))
 
-        _log_late(call, attempt, *_ledger_statement(self.backend, finish))
+        try:
+            _log_late(call, attempt, *_ledger_statement(self.backend, finish))
+        finally:
+            _RUNNING.leave(self.backend, call, attempt)
 
     def _abort(self, call: _Call, attempt: int) -> None:
         params = (time.time(), call.thread_id, call.call_id, attempt)
-        _ledger_statement(self.backend, lambda: self.backend.execute(_ABORT, params))
+        try:
+            _ledger_statement(self.backend, lambda: self.backend.execute(_ABORT, params))
+        finally:
+            _RUNNING.leave(self.backend, call, attempt)
 
 
 def _aborted_if_cut(dialect: str, error: BaseException) -> bool:

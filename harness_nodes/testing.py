@@ -39,7 +39,7 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolCall
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from harness_nodes._langfuse_receiver import LangfuseReceiver, ReceivedSpan
@@ -177,6 +177,20 @@ def _chunks(msg: AIMessage) -> Iterator[ChatGenerationChunk]:
     )
 
 
+class _Carried(Exception):
+    """A fault that is not an `Exception` (a simulated crash), carried through ``agenerate``.
+
+    langchain-core's ``agenerate`` gathers its calls with ``return_exceptions=True``, then
+    reads ``.generations`` off every result that is not an ``Exception``: such a fault came out
+    of ``ainvoke`` as ``AttributeError: ... has no attribute 'generations'`` (``invoke`` raises
+    it as it is). Carried as an ``Exception``, it is raised as itself again past the gather.
+    """
+
+    def __init__(self, fault: BaseException) -> None:
+        super().__init__(fault)
+        self.fault = fault
+
+
 def _answer(result: ChatResult) -> AIMessage:
     message = result.generations[0].message
     if not isinstance(message, AIMessage):  # a subclass's _generate answered something else
@@ -284,6 +298,28 @@ class ScriptedChatModel(GenericFakeChatModel):
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        try:
+            return await super()._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
+        except BaseException as e:
+            # Only a scripted fault: a cancellation must stay one.
+            if isinstance(e, Exception) or all(e is not f for f in self.faults.values()):
+                raise
+            raise _Carried(e) from None
+
+    async def agenerate(self, *args: Any, **kwargs: Any) -> LLMResult:
+        """`BaseChatModel.agenerate`, a fault that is not an `Exception` raised as itself."""
+        try:
+            return await super().agenerate(*args, **kwargs)
+        except _Carried as e:
+            raise e.fault from None
+
     async def _astream(
         self,
         messages: list[BaseMessage],
@@ -292,7 +328,10 @@ class ScriptedChatModel(GenericFakeChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         # Through _agenerate, so a subclass that answers asynchronously streams that answer.
-        result = await self._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
+        try:
+            result = await self._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
+        except _Carried as e:
+            raise e.fault from None
         for chunk in _chunks(_answer(result)):
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)

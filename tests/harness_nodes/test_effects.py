@@ -1253,3 +1253,94 @@ def test_a_refused_commit_of_the_intent_is_retried_once_whole(tmp_path: Any) -> 
         other = sqlite3.connect(path, timeout=1, isolation_level=None)
         other.execute("UPDATE harness_effects SET status = 'done'")
         other.close()
+
+
+def _refund_and_notify(backend: Backend | AsyncBackend, refunds: list[str]) -> Any:
+    """One model turn asks for a refund (slow) and a notification (fails once), together."""
+    failed = threading.Event()
+
+    @irreversible
+    async def refund(order: str) -> str:
+        """Refund an order."""
+        refunds.append(order)
+        await asyncio.sleep(0.3)  # still running when its sibling raises
+        return f"refunded {order}"
+
+    @tool
+    def notify(order: str) -> str:
+        """Tell the customer."""
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("the mail server timed out")
+        return f"told {order}"
+
+    both = [call("refund", {"order": "A1"}, "c_r"), call("notify", {"order": "A1"}, "c_n")]
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        done = any(isinstance(m, ToolMessage) for m in state["messages"])
+        return {"messages": [AIMessage("done" if done else "", tool_calls=[] if done else both)]}
+
+    if isinstance(backend, AsyncBackend):
+        hook = AsyncEffectLedger(backend).awrap_tool_call
+    else:
+        hook = EffectLedger(backend).awrap_tool_call
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([refund, notify], awrap_tool_call=hook))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges(
+        "agent", lambda s: "tools" if s["messages"][-1].tool_calls else END
+    )
+    builder.add_edge("tools", "agent")
+    return builder.compile(checkpointer=backend.checkpointer)
+
+
+async def _retried_after_a_sibling_failed(graph: Any) -> list[Any]:
+    config: Any = {"configurable": {"thread_id": "t-sib"}}
+    with pytest.raises(RuntimeError, match="mail server"):
+        await graph.ainvoke({"messages": [HumanMessage("refund A1")]}, config, durability="sync")
+    out = await graph.ainvoke(None, config, durability="sync")  # a retry, as the runner's
+    return tool_messages(out["messages"])
+
+
+async def test_a_call_still_running_when_a_sibling_failed_is_replayed_not_unknown(
+    abackend: AsyncBackend,
+) -> None:
+    # Under ainvoke, ToolNode gathers its calls: one that raises ends the node while the
+    # refund still runs (a sync ToolNode waits for it). The retry found the refund's intent
+    # with no result and told the model its outcome was unknown, then the refund finished.
+    refunds: list[str] = []
+    answers = await _retried_after_a_sibling_failed(_refund_and_notify(abackend, refunds))
+    assert [(m.tool_call_id, m.content) for m in answers] == [
+        ("c_r", "refunded A1"),
+        ("c_n", "told A1"),
+    ]
+    assert answers[0].additional_kwargs["harness"]["effect"]["replayed"] is True
+    assert refunds == ["A1"]
+    record = await AsyncEffectLedger(abackend).aget("t-sib", "c_r")
+    assert record is not None and (record.status, record.attempts) == ("done", 1)
+
+
+async def test_the_sync_ledger_replays_a_call_still_running_when_a_sibling_failed() -> None:
+    refunds: list[str] = []
+    with open_backend("memory://") as backend:
+        answers = await _retried_after_a_sibling_failed(_refund_and_notify(backend, refunds))
+    assert [(m.tool_call_id, m.content) for m in answers][0] == ("c_r", "refunded A1")
+    assert refunds == ["A1"]
+
+
+async def test_a_call_running_past_the_wait_is_an_unknown_outcome_to_the_retry(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A call that hangs must not hang its retry: past the wait, the retry treats the intent
+    # as after a crash (the outcome unknown, for a person), and says why in the log.
+    import harness_nodes.effects as fx
+
+    monkeypatch.setattr(fx, "_RUNNING_WAIT", 0.05)
+    refunds: list[str] = []
+    with open_backend("memory://") as backend:
+        answers = await _retried_after_a_sibling_failed(_refund_and_notify(backend, refunds))
+        await asyncio.sleep(0.4)  # the first refund finishes meanwhile
+    assert answers[0].tool_call_id == "c_r" and "unknown" in str(answers[0].content).lower()
+    assert refunds == ["A1"]
+    assert any("still running in this process" in r.getMessage() for r in caplog.records)

@@ -9,7 +9,9 @@ fails the task (never ``completed``) when it keeps raising or the step cannot be
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -196,3 +198,74 @@ async def test_async_router_that_keeps_raising_fails_the_task(adurable: AsyncBac
             await _arun(runner, "t-async-always")
     assert router.calls == 2
     assert LOOKED_UP == []
+
+
+def _fan_out_graph(router: FlakyRouter, ran: list[str], *, aio: bool) -> StateGraph[Any]:
+    """Two nodes in one step: ``a`` (whose router raises) and ``b``, still running then."""
+
+    def node(name: str) -> Callable[[MessagesState], Any]:
+        def update() -> dict[str, Any]:
+            return {"messages": [AIMessage(f"from {name}", id=name)]}
+
+        def run(state: MessagesState) -> dict[str, Any]:
+            ran.append(name)
+            if name == "b":
+                time.sleep(0.3)  # still running when a's router raises
+            return update()
+
+        async def arun(state: MessagesState) -> dict[str, Any]:
+            ran.append(name)
+            if name == "b":
+                await asyncio.sleep(0.3)
+            return update()
+
+        return arun if aio else run
+
+    def route(state: MessagesState) -> str:
+        router(state)
+        return "c"
+
+    builder = StateGraph(MessagesState)
+    for name in ("a", "b", "c"):
+        builder.add_node(name, node(name))
+    builder.add_edge(START, "a")
+    builder.add_edge(START, "b")
+    builder.add_conditional_edges("a", route, ["c", END])
+    builder.add_edge("c", END)
+    return builder
+
+
+@pytest.mark.anyio
+async def test_async_router_raising_beside_a_running_sibling_is_routed_again(
+    adurable: AsyncBackend,
+) -> None:
+    # Under ainvoke LangGraph cancels the step's other tasks when one fails (a sync run lets
+    # them finish): b is cut short with no result, which failed the task (BranchLost: "task
+    # b of the same step has not finished") where TaskRunner carries it on.
+    router, ran = FlakyRouter(failures=1), []
+    async with AsyncTaskRunner(
+        adurable, _fan_out_graph(router, ran, aio=True), max_attempts=3
+    ) as runner:
+        outcome = await _arun(runner, "t-fan")
+        state = await runner.graph.aget_state({"configurable": {"thread_id": "t-fan"}})
+    assert outcome == {"status": "completed", "partial_result": "from c"}
+    assert sorted(m.content for m in state.values["messages"][1:]) == [
+        "from a",
+        "from b",
+        "from c",
+    ]
+    assert ran.count("a") == 1 and ran.count("c") == 1  # a is replayed, not run again
+
+
+def test_router_raising_beside_a_sibling_is_routed_again(durable: Backend) -> None:
+    router, ran = FlakyRouter(failures=1), []
+    with TaskRunner(durable, _fan_out_graph(router, ran, aio=False), max_attempts=3) as runner:
+        outcome = runner.run("t-fan", ASK, timeout=30)
+        state = runner.graph.get_state({"configurable": {"thread_id": "t-fan"}})
+    assert outcome == {"status": "completed", "partial_result": "from c"}
+    assert sorted(m.content for m in state.values["messages"][1:]) == [
+        "from a",
+        "from b",
+        "from c",
+    ]
+    assert sorted(ran) == ["a", "b", "c"]  # each once: b finished, a is replayed

@@ -244,3 +244,25 @@ async def test_a_streamed_answer_carries_what_the_invoked_one_does(
     assert streamed.usage_metadata == invoked.usage_metadata
     assert streamed.response_metadata["model_name"] == "gpt-4o-mini"
     assert streamed.response_metadata["finish_reason"] == invoked.response_metadata["finish_reason"]
+
+
+class _Crash(BaseException):
+    """A fault that is not an `Exception`, as `graphs.SimulatedCrash` (a dying process)."""
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke", "astream"])
+async def test_a_crash_fault_is_raised_as_itself_under_every_call(mode: str) -> None:
+    # langchain-core's agenerate turned a BaseException that is not an Exception into
+    # "AttributeError: '_Crash' object has no attribute 'generations'" under ainvoke only.
+    model = ScriptedChatModel(script=["zero", "one"], faults={1: _Crash("killed")})
+    prompt = [HumanMessage("hi"), AIMessage("zero"), HumanMessage("again")]
+    with pytest.raises(_Crash, match="killed"):
+        if mode == "invoke":
+            model.invoke(prompt)
+        elif mode == "ainvoke":
+            await model.ainvoke(prompt)
+        else:
+            async for _ in model.astream(prompt):
+                pass
+    assert (await model.ainvoke(prompt)).content == "one"  # once: the next attempt answers
+    assert model.calls == 2
