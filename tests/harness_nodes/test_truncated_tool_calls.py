@@ -176,9 +176,16 @@ def test_graph_sends_a_cut_off_call_back_to_the_model(metadata: dict[str, Any]) 
     assert out["outcome"] == {"status": "completed", "partial_result": "OK"}
 
 
-def test_graph_streamed_sends_a_cut_off_call_back_to_the_model() -> None:
+@pytest.mark.parametrize(
+    "review",
+    [
+        pytest.param({}, id="no-review-policy"),
+        pytest.param({"review_policy": ReviewPolicy()}, id="review-policy"),
+    ],
+)
+def test_graph_streamed_sends_a_cut_off_call_back_to_the_model(review: dict[str, Any]) -> None:
     model = ScriptedChatModel(script=retry_script(cut_off()), disable_streaming=False)
-    out = run_streamed(build_harnessed_agent(model, [search]), ASK)
+    out = run_streamed(build_harnessed_agent(model, [search], **review), ASK)
 
     assert_cut_call_was_retried(out)
     assert [v["action"] for v in out["verdicts"]] == ["retry", "ok"]
