@@ -22,7 +22,14 @@ from dataclasses import is_dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 import pydantic_core
-from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    BaseMessage,
+    HumanMessage,
+    ToolCall,
+    ToolMessage,
+)
 from langgraph.errors import GraphBubbleUp
 from pydantic import BaseModel, ValidationError
 
@@ -79,6 +86,57 @@ def last_ai_index(messages: Sequence[BaseMessage]) -> int:
         if isinstance(messages[i], AIMessage):
             return i
     return -1
+
+
+_CUT_AT_CAP = ("length", "max_tokens")
+"""Finish reasons, lowercased, of a reply cut at its output cap: OpenAI's ``finish_reason``
+(and Ollama's ``done_reason``) ``"length"``, Anthropic's ``stop_reason`` and Bedrock's
+``stopReason`` ``"max_tokens"``, Google's ``finish_reason`` ``"MAX_TOKENS"`` (and OpenAI's
+Responses API's ``incomplete_details.reason`` ``"max_output_tokens"``). langchain-core
+passes each provider's own word through in ``response_metadata``, unnormalised."""
+
+_FINISH_KEYS = ("finish_reason", "stop_reason", "stopReason", "done_reason")
+
+
+def cut_at_cap(message: AIMessage) -> str | None:
+    """How the provider says *message* stopped at its output cap (``"finish_reason='length'"``).
+
+    ``None`` when it did not. A streamed reply's metadata is its chunks' merged: langchain-core
+    concatenates a string key sent in more than one chunk (``"lengthlength"``), and the last
+    chunk's word — the one that ended the reply — is the end of the string.
+    """
+    meta = message.response_metadata or {}
+    for key in _FINISH_KEYS:
+        reason = meta.get(key)
+        reason = getattr(reason, "name", reason)  # an enum, as Google's FinishReason
+        if isinstance(reason, str) and reason.lower().endswith(_CUT_AT_CAP):
+            return f"{key}={reason!r}"
+    # OpenAI's Responses API: status "incomplete", incomplete_details.reason.
+    details = meta.get("incomplete_details")
+    reason = details.get("reason") if isinstance(details, Mapping) else None
+    if reason == "max_output_tokens":
+        return f"incomplete_details.reason={reason!r}"
+    return None
+
+
+def malformed_calls(reply: AIMessage) -> list[dict[str, Any]]:
+    """The tool calls of *reply* that must not run: each answered as malformed instead.
+
+    Its ``invalid_tool_calls`` (arguments that are not valid JSON) and, when the reply was cut
+    off at its output cap with calls in it, every call: the last one's arguments end where
+    the cap fell — streamed, langchain-core's ``parse_partial_json`` repairs them into valid
+    but truncated ones (``{"query": "sto`` → ``{"query": "sto"}``), so they cannot be told
+    apart — and the reply as a whole is not the model's finished intent.
+    """
+    invalid: list[dict[str, Any]] = [dict(c) for c in reply.invalid_tool_calls]
+    if (reply.tool_calls or invalid) and cut_at_cap(reply) is not None:
+        return [*(dict(c) for c in reply.tool_calls), *invalid]
+    return invalid
+
+
+def runnable_calls(reply: AIMessage) -> list[ToolCall]:
+    """The tool calls of *reply* the tools may run: none from a reply cut off at its cap."""
+    return [] if cut_at_cap(reply) is not None else list(reply.tool_calls)
 
 
 def prior_failures(messages: Sequence[BaseMessage], tool: str) -> int:

@@ -99,6 +99,7 @@ from checkpointers._spend import (
     Totals,
     _async_pending,
 )
+from harness_nodes import _verify
 from harness_nodes._events import aemit, emit
 from harness_nodes.errors import BudgetExceeded, UnpricedModelError, UserError
 from harness_nodes.pricing import NANOS_PER_USD, Pricing, Rates
@@ -691,26 +692,9 @@ def _budget_meta(m: BaseMessage) -> dict[str, Any]:
     return budget if isinstance(budget, dict) else {}
 
 
-_CUT_AT_CAP = frozenset({"length", "max_tokens"})
-"""Finish reasons, lowercased, of an answer cut at its output cap: OpenAI's ``finish_reason``
-(and Ollama's ``done_reason``) ``"length"``, Anthropic's ``stop_reason`` and Bedrock's
-``stopReason`` ``"max_tokens"``, Google's ``finish_reason`` ``"MAX_TOKENS"`` (and OpenAI's
-Responses API's ``incomplete_details.reason`` ``"max_output_tokens"``). langchain-core
-passes each provider's own word through in ``response_metadata``, unnormalised."""
-
-
 def _cut_at_cap(msg: AIMessage) -> bool:
     """Whether the provider says *msg* stopped because it reached its output cap."""
-    meta = msg.response_metadata or {}
-    for key in ("finish_reason", "stop_reason", "stopReason", "done_reason"):
-        reason = meta.get(key)
-        reason = getattr(reason, "name", reason)  # an enum, as Google's FinishReason
-        if isinstance(reason, str) and reason.lower() in _CUT_AT_CAP:
-            return True
-    # OpenAI's Responses API: status "incomplete", incomplete_details.reason.
-    details = meta.get("incomplete_details")
-    reason = details.get("reason") if isinstance(details, Mapping) else None
-    return reason == "max_output_tokens"
+    return _verify.cut_at_cap(msg) is not None
 
 
 def _limit_figures(lim: Limits, limit: str, totals: Totals) -> tuple[float, float]:

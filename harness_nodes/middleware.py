@@ -619,9 +619,11 @@ class VerifyToolOutputsMiddleware(_OutcomePerTask):
     ``return_direct`` tool; when verification refused its output, an ``after_agent`` step (one
     per run) sends the run back into the loop, so the verdict is honoured as in the graph form.
     A model answer with malformed tool calls (arguments that are not valid JSON, in
-    ``invalid_tool_calls``) is not a final answer: an ``after_model`` step answers each with an
-    error message and sends the agent back to the model, within the tool's ``max_retries``;
-    then the task ends ``verification_failed`` (as `ModelNode` does in the graph form).
+    ``invalid_tool_calls``; every call of an answer cut off at its output cap, finish reason
+    ``length``/``max_tokens``/``MAX_TOKENS``, none of which runs) is not a final answer: an
+    ``after_model`` step answers each with an error message and sends the agent back to the
+    model, within the tool's ``max_retries``; then the task ends ``verification_failed`` (as
+    `ModelNode` does in the graph form).
 
     A contract naming a tool the agent does not have (a misspelt name would leave the real
     tool on the default contract) raises `UserError` at the first tool call, before any tool

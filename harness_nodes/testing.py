@@ -104,8 +104,13 @@ def ai(
     *,
     tool_calls: Sequence[ToolCall] = (),
     usage: Mapping[str, int] | None = None,
+    response_metadata: Mapping[str, Any] | None = None,
 ) -> AIMessage:
     """Build a scripted AI answer, optionally with tool calls and explicit token usage.
+
+    *response_metadata* is kept on the answer (`ScriptedChatModel` adds its model name and,
+    unless given, a finish reason): ``{"finish_reason": "length"}`` scripts a reply the
+    provider cut off at its output cap, ``{"stop_reason": "max_tokens"}`` Anthropic's.
 
     Example:
         ```python
@@ -119,7 +124,12 @@ def ai(
     if usage is not None:
         inp, out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
         usage_metadata = UsageMetadata(input_tokens=inp, output_tokens=out, total_tokens=inp + out)
-    return AIMessage(content=content, tool_calls=list(tool_calls), usage_metadata=usage_metadata)
+    return AIMessage(
+        content=content,
+        tool_calls=list(tool_calls),
+        usage_metadata=usage_metadata,
+        response_metadata=dict(response_metadata or {}),
+    )
 
 
 def _estimate_tokens(text: str) -> int:
@@ -161,7 +171,11 @@ def _chunks(msg: AIMessage) -> Iterator[ChatGenerationChunk]:
                 message=AIMessageChunk(content="", id=msg.id, tool_call_chunks=[args])
             )
     for index, bad in enumerate(msg.invalid_tool_calls, start=len(msg.tool_calls)):
-        # The raw arguments as sent: the aggregated message parses them into an invalid call.
+        # The raw arguments as sent. Aggregated, langchain-core parses them with
+        # ``parse_partial_json``, which repairs JSON cut off mid-way (``{"query": "sto`` becomes
+        # a valid call with ``query == "sto"``): only arguments it cannot repair stay in
+        # ``invalid_tool_calls``. Script the provider's finish reason (``finish_reason:
+        # "length"``) to say the reply was cut off.
         raw = tool_call_chunk(name=bad["name"], args=bad["args"] or "", id=bad["id"], index=index)
         yield ChatGenerationChunk(
             message=AIMessageChunk(content="", id=msg.id, tool_call_chunks=[raw])
@@ -205,7 +219,9 @@ class ScriptedChatModel(GenericFakeChatModel):
     that call ``bind_tools`` work), honours ``max_tokens`` (truncating its answer and its
     reported output tokens), and reports ``model_name`` in its response metadata. With
     ``disable_streaming=False`` it streams each answer as a provider does: the aggregated
-    chunks carry the same text, tool calls, usage and metadata as the answer itself.
+    chunks carry the same text, tool calls, usage and metadata as the answer itself — except
+    that langchain-core repairs an invalid call's arguments cut off mid-way into a valid call
+    (as it does a provider's stream). A scripted ``response_metadata`` is kept (see `ai`).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -368,8 +384,11 @@ class ScriptedChatModel(GenericFakeChatModel):
         out_tokens = usage["output_tokens"]
         # A malformed call (arguments that are not valid JSON) is still a call the provider
         # made: it stays, in ``invalid_tool_calls``, as langchain's parsers leave it.
-        finish = "tool_calls" if msg.tool_calls or msg.invalid_tool_calls else "stop"
-        if cap is not None and out_tokens > int(cap):
+        finish = msg.response_metadata.get("finish_reason") or (
+            "tool_calls" if msg.tool_calls or msg.invalid_tool_calls else "stop"
+        )
+        capped = cap is not None and out_tokens > int(cap)
+        if capped:
             out_tokens = int(cap)
             finish = "length"
             if isinstance(content, str):
@@ -379,13 +398,20 @@ class ScriptedChatModel(GenericFakeChatModel):
             output_tokens=out_tokens,
             total_tokens=usage["input_tokens"] + out_tokens,
         )
-        tool_calls = [] if finish == "length" else list(msg.tool_calls)
-        invalid = [] if finish == "length" else list(msg.invalid_tool_calls)
+        # Cut by its own cap, the answer loses its calls; a scripted "length" keeps them.
+        tool_calls = [] if capped else list(msg.tool_calls)
+        invalid = [] if capped else list(msg.invalid_tool_calls)
         return AIMessage(
             content=content,
             tool_calls=tool_calls,
             invalid_tool_calls=invalid,
             usage_metadata=usage,
-            response_metadata={"model_name": self.model_name, "finish_reason": finish},
+            # The scripted metadata stays (a finish reason in a provider's words, as
+            # ``stop_reason``); the model name is this model's.
+            response_metadata={
+                **msg.response_metadata,
+                "model_name": self.model_name,
+                "finish_reason": finish,
+            },
             id=msg.id,
         )

@@ -964,28 +964,35 @@ def _answer_invalid_calls(
 
     A provider's tool call whose arguments are not valid JSON lands in
     ``reply.invalid_tool_calls``, not ``tool_calls``: routed by its ``tool_calls`` alone, the
-    reply reads as a final answer. Each such call is answered instead by an error
-    ``ToolMessage`` (its id, so the history stays valid for providers that want every call
-    answered) telling the model what was wrong; its verdict counts against the tool's
-    ``max_retries`` like a refused output, and once they are spent the verdict is ``fail``.
-    The tool never ran, so a retry is always safe: the contract's ``on_fail`` and side effects
-    do not apply. On ``fail`` the reply's well-formed calls are answered "not run" too, as the
-    task stops before any tool runs. *state* holds the messages before *reply*.
+    reply reads as a final answer. A reply cut off at its output cap (finish reason
+    ``length``, ``max_tokens``, ``MAX_TOKENS``) is malformed as a whole: every call in it is
+    (`_verify.malformed_calls`), for streamed its cut arguments were repaired into valid,
+    truncated ones. Each such call is answered instead by an error ``ToolMessage`` (its id,
+    so the history stays valid for providers that want every call answered) telling the
+    model what was wrong; its verdict counts against the tool's ``max_retries`` like a
+    refused output, and once they are spent the verdict is ``fail``. The tool never ran, so
+    a retry is always safe: the contract's ``on_fail`` and side effects do not apply. On
+    ``fail`` the reply's well-formed calls are answered "not run" too, as the task stops
+    before any tool runs. *state* holds the messages before *reply*.
     """
-    invalid = list(reply.invalid_tool_calls)
-    if not invalid:
+    malformed = _verify.malformed_calls(reply)
+    if not malformed:
         return [], []
+    cut = _verify.cut_at_cap(reply)
     earlier = _verify.messages_of(state)
     task = _verify.current_task([*earlier, reply], _verify.verdicts_of(state))
     answers: list[ToolMessage] = []
     verdicts: list[Verdict] = []
-    for call in invalid:
+    for call in malformed:
         tool = call.get("name") or ""
         contract = (verify.contract_for(tool) if verify is not None else None) or ToolContract()
         attempt = _verify.attempt_of(state, earlier, tool, task)
-        reason = "the arguments are not valid JSON"
-        if call.get("error"):
-            reason += f" ({_verify.excerpt(str(call['error'])[:200])})"
+        if cut is not None:
+            reason = f"the reply was cut off at the token limit ({cut})"
+        else:
+            reason = "the arguments are not valid JSON"
+            if call.get("error"):
+                reason += f" ({_verify.excerpt(str(call['error'])[:200])})"
         reason += f": {_verify.excerpt(call.get('args'))}"
         verdict = Verdict(
             tool=tool,
@@ -998,7 +1005,13 @@ def _answer_invalid_calls(
         if task.start is not None:
             verdict["task_start"] = task.start
         lines = [f"Tool call {tool!r} was not run: {reason}."]
-        if verdict["action"] == "retry":
+        if verdict["action"] == "retry" and cut is not None:
+            lines.append(
+                "Your reply ran out of output tokens, so its arguments may be incomplete. "
+                "Call the tool again with shorter arguments that fit, or fewer calls at once "
+                f"(retry {attempt} of {contract.max_retries} for this tool)."
+            )
+        elif verdict["action"] == "retry":
             lines.append(
                 "Call the tool again with its arguments as one valid JSON object that matches "
                 f"its schema (retry {attempt} of {contract.max_retries} for this tool)."
@@ -1021,6 +1034,7 @@ def _answer_invalid_calls(
         )
         verdicts.append(verdict)
     if any(v["action"] == "fail" for v in verdicts):
+        answered = {a.tool_call_id for a in answers}
         answers += [
             ToolMessage(
                 content="Not run: another call in the same answer was malformed and the task "
@@ -1030,7 +1044,7 @@ def _answer_invalid_calls(
                 status="error",
             )
             for c in reply.tool_calls
-            if c.get("id")
+            if c.get("id") and c["id"] not in answered
         ]
     return answers, verdicts
 

@@ -145,7 +145,9 @@ class ModelNode(Runnable[MessagesAndOutcome, dict[str, Any]]):
     answer: neither a budgeted model's refusal nor an answer cut short at the output cap the
     budget lowered completes the task (the graph goes on to its budget stop). Nor does an
     answer with malformed tool calls (arguments that are not valid JSON, which LangChain puts
-    in ``invalid_tool_calls``): each is answered by an error ``ToolMessage`` that tells the
+    in ``invalid_tool_calls``, or any call in a reply cut off at its output cap — finish
+    reason ``length``/``max_tokens``/``MAX_TOKENS`` — whose arguments streaming may have
+    repaired into truncated ones): each is answered by an error ``ToolMessage`` that tells the
     model what was wrong, with a failed verdict counted against the tool's ``max_retries``
     (from `verify`); once they are spent the verdict is ``fail``, which `route_after_verify`
     reads.
@@ -217,7 +219,7 @@ class ModelNode(Runnable[MessagesAndOutcome, dict[str, Any]]):
         update: dict[str, Any] = {"messages": [reply]}
         outcome: Outcome | None = None
         if isinstance(reply, AIMessage) and not _budget_stopped(reply):
-            if reply.invalid_tool_calls:
+            if _verify.malformed_calls(reply):
                 answers, verdicts = _answer_invalid_calls(self.verify, state, reply)
                 update = {"messages": [reply, *answers], "verdicts": verdicts}
             elif not reply.tool_calls:
@@ -356,7 +358,7 @@ class _AfterModel:
             return verified
         i = _verify.last_ai_index(messages)
         reply = messages[i]
-        if isinstance(reply, AIMessage) and reply.tool_calls:
+        if isinstance(reply, AIMessage) and _verify.runnable_calls(reply):
             return self.review.route({"messages": messages[: i + 1]})
         return None
 
@@ -753,7 +755,8 @@ class _AfterVerify:
 class _ModelDetours:
     """The user's own router out of the model node, with the harness's detours first.
 
-    A reply with only malformed tool calls (``invalid_tool_calls``) goes to the verify node,
+    A reply with only malformed tool calls (``invalid_tool_calls``, or any call of a reply cut
+    off at its output cap) goes to the verify node,
     which answers them: the user's router reads ``tool_calls`` alone (``tools_condition``
     does) and would end the run on it. With a review policy, a flagged call goes to review.
     Both paths, as the user's router may have only one: LangGraph's async templates route
@@ -769,8 +772,8 @@ class _ModelDetours:
         last = messages[-1] if messages else None
         if (
             isinstance(last, AIMessage)
-            and last.invalid_tool_calls
-            and not last.tool_calls
+            and _verify.malformed_calls(last)
+            and not _verify.runnable_calls(last)
             and not _budget_stopped(last)
         ):
             return self.verify_node
@@ -846,11 +849,13 @@ def add_harness(
     sends them on to *tools_node* (or the reviewer's answer back to *model_node*).
 
     A model reply with malformed tool calls (arguments that are not valid JSON, which
-    LangChain puts in ``invalid_tool_calls``) is no final answer: when *model_node* leaves by
-    one router, a reply with only such calls goes to the verify node, which answers each with
-    a corrective error message and a failed verdict, back to *model_node* within the tool's
-    ``max_retries``, then to the `VerificationStop`; the malformed siblings of good calls are
-    answered there after the tools ran.
+    LangChain puts in ``invalid_tool_calls``; every call of a reply cut off at its output cap,
+    finish reason ``length``/``max_tokens``/``MAX_TOKENS``, whose arguments streaming may
+    have repaired into valid but truncated ones) is no final answer: when *model_node* leaves
+    by one router, a reply with only such calls goes to the verify node (not to the tools),
+    which answers each with a corrective error message and a failed verdict, back to
+    *model_node* within the tool's ``max_retries``, then to the `VerificationStop`; the
+    malformed siblings of good calls are answered there after the tools ran.
 
     A tool that returns ``Command(goto=...)`` starts its target beside the verification
     node, with the output unchecked: give such tools' ``ToolNode`` the verification hook
