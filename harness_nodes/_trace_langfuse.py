@@ -1181,7 +1181,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
                     and outcome.get("status")
                     and not _earlier_tasks_outcome(outputs, outcome)
                 ):
-                    outcome = _answered(outputs)
+                    outcome = answered_outcome(outputs)
                 if outcome is not None and trace_id:
                     self._score_outcome(outcome, trace_id)
             self._end(run_id, outputs, root=parent_run_id is None)
@@ -1804,7 +1804,7 @@ def _earlier_tasks_outcome(outputs: Mapping[str, Any], outcome: Mapping[str, Any
     return earlier_tasks_outcome(messages, outcome)
 
 
-def _answered(outputs: Mapping[str, Any]) -> dict[str, Any] | None:
+def answered_outcome(outputs: Mapping[str, Any]) -> dict[str, Any] | None:
     """Outcome ``completed`` of a run that ended on the model's answer, with none of its own.
 
     `build_harnessed_agent` and the harness middleware write ``completed`` in the state; a
