@@ -34,7 +34,7 @@ from pydantic import BaseModel
 
 from harness_nodes._events import EVENT_PREFIX
 from harness_nodes._pricing import answer_cost
-from harness_nodes.budget import _maybe_billed
+from harness_nodes.budget import _ends_on_budget, _maybe_billed
 from harness_nodes.errors import UserError
 from harness_nodes.pricing import Pricing
 
@@ -1176,12 +1176,13 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
             if parent_run_id is None and isinstance(outputs, Mapping):
                 outcome = outputs.get("outcome")
                 trace_id = self._trace_of(run_id)
-                if (
+                if not (
                     isinstance(outcome, Mapping)
                     and outcome.get("status")
-                    and trace_id
                     and not _earlier_tasks_outcome(outputs, outcome)
                 ):
+                    outcome = answered_outcome(outputs)
+                if outcome is not None and trace_id:
                     self._score_outcome(outcome, trace_id)
             self._end(run_id, outputs, root=parent_run_id is None)
         except Exception:
@@ -1801,6 +1802,30 @@ def _earlier_tasks_outcome(outputs: Mapping[str, Any], outcome: Mapping[str, Any
     if not isinstance(messages, list) or not all(isinstance(m, BaseMessage) for m in messages):
         return False
     return earlier_tasks_outcome(messages, outcome)
+
+
+def answered_outcome(outputs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Outcome ``completed`` of a run that ended on the model's answer, with none of its own.
+
+    `build_harnessed_agent` and the harness middleware write ``completed`` in the state; a
+    graph whose own model node ends the task (`add_harness` around the user's nodes, an agent
+    with only the effect ledger) writes nothing, yet the task completed all the same: it is
+    scored so, by `ModelNode`'s rule (an AI answer with no tool calls that is no harness stop
+    note), as `build_trace` counts it. A run paused for review ends on the calls under review.
+    """
+    from harness_nodes._verify import harness_meta
+
+    messages = outputs.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if (
+        not isinstance(last, AIMessage)
+        or last.tool_calls
+        or last.invalid_tool_calls
+        or "outcome" in harness_meta(last)
+        or _ends_on_budget(last)
+    ):
+        return None
+    return {"status": "completed", "partial_result": last.text}
 
 
 def _is_plumbing(

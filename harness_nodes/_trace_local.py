@@ -1107,16 +1107,9 @@ def _build_trace(
     last_values = _harness_view(history[-1].checkpoint["channel_values"] if history else {})
     task: Mapping[str, Any] = last_values.get("task") or {}
     stored = _decoded(run.get("outcome"))  # what a runner recorded (a cancellation...)
-    messages = _messages(last_values)
-    # A drop-in graph keeps an earlier task's stop after the next question started a new
-    # task: that task's state speaks for it (completed, paused...), not the stop.
-    current = [
-        found
-        for found in (last_values.get("outcome"), _message_outcome(messages))
-        if found and not _verify.earlier_tasks_outcome(messages, found)
-    ]
+    current = task_outcome(last_values)
     outcome: Mapping[str, Any] = (
-        current[0]
+        current
         if current
         else stored
         if isinstance(stored, Mapping) and stored.get("status")
@@ -1184,6 +1177,22 @@ def _masked(trace: Trace, masker: Masker) -> Trace:
     if trace.reason:
         trace.reason = masker.text(trace.reason)
     return trace
+
+
+def task_outcome(values: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The outcome a graph's state reports for its current task, if any.
+
+    Its ``outcome`` key, else the stop note a drop-in graph's messages carry (a
+    `VerificationStop` in a ``MessagesState`` app, a `budgeted` model's refusal). A drop-in
+    graph keeps an earlier task's stop after the next question started a new task: that task's
+    state speaks for it (completed, paused...), not the stop.
+    """
+    view = _harness_view(values)
+    messages = _messages(view)
+    for found in (view.get("outcome"), _message_outcome(messages)):
+        if found and not _verify.earlier_tasks_outcome(messages, found):
+            return found
+    return None
 
 
 def _message_outcome(messages: Sequence[BaseMessage]) -> Mapping[str, Any] | None:

@@ -17,6 +17,9 @@ lives in one place.
   when a verdict says ``fail`` or an escalation has no reviewer (also after a ``return_direct``
   tool, whose refused output would otherwise end the run). New input after a finished task
   clears that task's outcome (a ``before_agent`` step).
+- Each middleware above that keeps the harness records (`HarnessAgentState`) writes outcome
+  ``completed`` when the model answers, as `build_harnessed_agent` does: the task reads the
+  same in the state, `build_trace`, ``harness report`` and Langfuse whichever are listed.
 - `EffectLedgerMiddleware`: tools marked `irreversible`/`effect` run through the
   `EffectLedger`: at most once per ``(thread_id, tool_call_id)``, replayed after a crash.
 - `ReviewQueueMiddleware`: `HumanReview` after the model (flagged calls) and before the next
@@ -180,7 +183,8 @@ class HarnessAgentState(AgentState[Any]):
     spend: NotRequired[Annotated[Spend, merge_spend]]
     """Checkpointed mirror of the task's spend (written when the budget stops the agent)."""
     outcome: NotRequired[Annotated[Outcome | None, keep_first_outcome]]
-    """How the task ended, when a harness layer ended it."""
+    """How the task ended: ``completed`` on the model's answer, or the stop a harness layer
+    made (as in a `build_harnessed_agent` graph)."""
 
 
 log = logging.getLogger(__name__)
@@ -229,6 +233,43 @@ def _new_task(state: HarnessAgentState) -> dict[str, Any] | None:
     messages = _verify.messages_of(state)
     start = _verify.current_task(messages, ()).first
     return {"outcome": Overwrite(None)} if 0 < start < len(messages) else None
+
+
+def _completed(
+    response: ModelResponse[Any], state: Any, *, replace: bool = True
+) -> ExtendedModelResponse[Any]:
+    """The model's response, with outcome ``completed`` when it answers (as `ModelNode`).
+
+    An answer without tool calls completes the task (unless it is an inner middleware's stop
+    note, which carries its own outcome). So does a structured response (``response_format``),
+    which is the task's result; with ``ToolStrategy`` the run ends on a tool message. Every
+    middleware that declares the ``outcome`` key writes it, so a completed task is reported
+    completed whichever of them the agent lists.
+
+    With *replace* an outcome already in the state (an earlier task's) is replaced
+    (``Overwrite``); only `CostEnvelopeMiddleware` does that, because LangGraph takes one
+    ``Overwrite`` per step and the others' writes land in the same step. Without it the
+    outcome is written only where there is none: their ``before_agent`` step already cleared
+    an earlier task's, so one still there is this task's, and the first outcome stands.
+    """
+    update: dict[str, Any] = {}
+    response = _mark_structured_end(response)
+    last = response.result[-1] if response.result else None
+    outcome: Outcome | None = None
+    if response.structured_response is not None:
+        outcome = Outcome(status="completed", partial_result=response.structured_response)
+    elif (
+        isinstance(last, AIMessage)
+        and not last.tool_calls
+        and not last.invalid_tool_calls  # malformed calls: no answer (see the verifier)
+        and "outcome" not in _verify.harness_meta(last)
+    ):
+        outcome = Outcome(status="completed", partial_result=last.text)
+    if outcome is not None and replace:
+        update["outcome"] = replace_outcome(state, outcome)
+    elif outcome is not None and cast(Any, state).get("outcome") is None:
+        update["outcome"] = outcome
+    return ExtendedModelResponse(response, Command(update=update) if update else None)
 
 
 class _BudgetedRequest(ModelRequest[Any]):
@@ -516,30 +557,6 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         return any(_ends_on_budget(m) for m in response.result)
 
     @staticmethod
-    def _completed(response: ModelResponse[Any], state: Any) -> ExtendedModelResponse[Any]:
-        # As `ModelNode`: an answer without tool calls completes the task (unless it is an
-        # inner middleware's stop note, which carries its own outcome) — replacing an earlier
-        # task's outcome on the same thread. So does a structured response (``response_format``),
-        # which is the task's result; with ``ToolStrategy`` the run ends on a tool message.
-        update: dict[str, Any] = {}
-        response = _mark_structured_end(response)
-        last = response.result[-1] if response.result else None
-        if response.structured_response is not None:
-            update["outcome"] = replace_outcome(
-                state, Outcome(status="completed", partial_result=response.structured_response)
-            )
-        elif (
-            isinstance(last, AIMessage)
-            and not last.tool_calls
-            and not last.invalid_tool_calls  # malformed calls: no answer (see the verifier)
-            and "outcome" not in _verify.harness_meta(last)
-        ):
-            update["outcome"] = replace_outcome(
-                state, Outcome(status="completed", partial_result=last.text)
-            )
-        return ExtendedModelResponse(response, Command(update=update) if update else None)
-
-    @staticmethod
     def _ended(request: ModelRequest[Any], response: ModelResponse[Any]) -> MessagesAndOutcome:
         # The stop message (or the answer cut short) last, so `BudgetGuard.finish` reports
         # the limit that refused (or cut it).
@@ -565,7 +582,7 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         budgeted_request, model = self._request(request)
         response = handler(budgeted_request)
         if not self._stopped(response):
-            done = self._completed(response, request.state)
+            done = _completed(response, request.state)
             if _completes(done) and isinstance(model, BudgetedChatModel):
                 _with_spend(done, model.spend(_config(), model=_last_model(response.result)))
             return done
@@ -581,7 +598,7 @@ class CostEnvelopeMiddleware(_OutcomePerTask):
         budgeted_request, model = self._request(request)
         response = await handler(budgeted_request)
         if not self._stopped(response):
-            done = self._completed(response, request.state)
+            done = _completed(response, request.state)
             if _completes(done) and isinstance(model, BudgetedChatModel):
                 spend = await model.aspend(_config(), model=_last_model(response.result))
                 _with_spend(done, spend)
@@ -762,11 +779,15 @@ class VerifyToolOutputsMiddleware(_OutcomePerTask):
         """Call the model, unless an escalation found no reviewer: then end the task.
 
         With no `ReviewQueueMiddleware` nobody takes the escalation, so `VerificationStop`
-        ends the task, as `add_harness` without a review policy does. A structured response
-        given through the response-format tool (``ToolStrategy``) marks that tool's message
-        as the end of the task, so the user's next question gets its own retries.
+        ends the task, as `add_harness` without a review policy does. An answer (or a
+        structured response) completes the task: outcome ``completed``, as in the graph
+        form. A structured response given through the response-format tool (``ToolStrategy``)
+        marks that tool's message as the end of the task, so the user's next question gets
+        its own retries.
         """
-        return self._unreviewed_stop(request) or _mark_structured_end(handler(request))
+        return self._unreviewed_stop(request) or _completed(
+            handler(request), request.state, replace=False
+        )
 
     async def awrap_model_call(
         self,
@@ -774,7 +795,9 @@ class VerifyToolOutputsMiddleware(_OutcomePerTask):
         handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]],
     ) -> ModelResponse[Any] | ExtendedModelResponse[Any]:
         """Async `wrap_model_call`."""
-        return self._unreviewed_stop(request) or _mark_structured_end(await handler(request))
+        return self._unreviewed_stop(request) or _completed(
+            await handler(request), request.state, replace=False
+        )
 
     def _malformed(self, state: HarnessAgentState) -> dict[str, Any] | None:
         messages = _verify.messages_of(state)
@@ -909,7 +932,7 @@ class EffectLedgerMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
 _JUMPS = {"model": "model", END: "end"}
 
 
-class ReviewQueueMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
+class ReviewQueueMiddleware(_OutcomePerTask):
     """Human review for ``create_agent``, through the same `HumanReview` and `ReviewQueue`.
 
     After the model answers, calls the `ReviewPolicy` flags pause the run with an interrupt
@@ -918,7 +941,9 @@ class ReviewQueueMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
     unknown) pause it too. Run the agent through ``ReviewQueue(backend, agent)``: the pause
     is listed by `ReviewQueue.pending`, and `ReviewQueue.decide` validates the decision
     (``approve | edit | reject | respond``, LangChain's words) and resumes the run. Approved
-    and edited calls run; rejected and answered ones go back to the model.
+    and edited calls run; rejected and answered ones go back to the model. The model's
+    answer completes the task (outcome ``completed``); new input after a finished task
+    clears that task's outcome first (a ``before_agent`` step).
 
     Args:
         policy: Which calls need review.
@@ -988,6 +1013,20 @@ class ReviewQueueMiddleware(AgentMiddleware[HarnessAgentState, Any, Any]):
         if isinstance(goto, str) and goto in _JUMPS:
             update["jump_to"] = _JUMPS[goto]
         return update or None
+
+    def wrap_model_call(
+        self, request: ModelRequest[Any], handler: ModelHandler
+    ) -> ExtendedModelResponse[Any]:
+        """Call the model; an answer completes the task (outcome ``completed``)."""
+        return _completed(handler(request), request.state, replace=False)
+
+    async def awrap_model_call(
+        self,
+        request: ModelRequest[Any],
+        handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]],
+    ) -> ExtendedModelResponse[Any]:
+        """Async `wrap_model_call`."""
+        return _completed(await handler(request), request.state, replace=False)
 
     @hook_config(can_jump_to=["model", "end"])
     def after_model(self, state: HarnessAgentState, runtime: Runtime[Any]) -> dict[str, Any] | None:

@@ -827,6 +827,28 @@ class _VerifyAndAnswerMalformed:
         }
 
 
+_NO_HOOK_SEEN = object()
+
+
+def _unguarded_effects(node: Any) -> list[str]:
+    """The tools marked `irreversible`/`effect` that *node* certainly runs without the ledger.
+
+    Only what is certain is reported: a LangGraph ``ToolNode`` (not a subclass) whose hooks
+    are none, or only `VerifyToolOutputs`'s (which runs the tool as it is). Any other hook
+    (the ledger's, or a function that may call it inside) or tool node (the user's own
+    function) may run them through the ledger, so nothing is reported for it.
+    """
+    if type(node) is not ToolNode:
+        return []
+    for hook in (
+        getattr(node, "_wrap_tool_call", _NO_HOOK_SEEN),
+        getattr(node, "_awrap_tool_call", _NO_HOOK_SEEN),
+    ):
+        if hook is not None and type(getattr(hook, "__self__", None)) is not VerifyToolOutputs:
+            return []
+    return sorted(name for name, t in node.tools_by_name.items() if effect_kind(t))
+
+
 def add_harness(
     builder: StateGraph[Any],
     *,
@@ -889,6 +911,10 @@ def add_harness(
             neither *tools* nor a ``ToolNode`` at *tools_node* has. With neither (your own
             function as *tools_node* and no *tools*) the names cannot be checked: pass
             *tools* to have them checked.
+            Also when a ``ToolNode`` at *tools_node* has a tool marked `irreversible`/`effect`
+            and no hook but `VerifyToolOutputs`'s (none at all, or only the verification's):
+            the tool would raise `UnguardedEffect` at its first call, after any review. A
+            hook of your own, or your own function as *tools_node*, is not inspected.
 
     Example:
         ```python
@@ -945,6 +971,18 @@ def add_harness(
             "them from 'messages' (MessagesState, HarnessState): rename the key, or put "
             "VerifyToolOutputs on your ToolNode yourself (wrap_tool_call=verify.wrap_tool_call, "
             "then route_after_verify(state, messages_key=...))"
+        )
+    unguarded = _unguarded_effects(builder.nodes[tools_node].runnable)
+    if unguarded:
+        names = ", ".join(repr(n) for n in unguarded)
+        when = " (after a reviewer approved it)" if review_policy is not None else ""
+        raise UserError(
+            f"add_harness: {names} {'is' if len(unguarded) == 1 else 'are'} marked "
+            f"irreversible/effect, but the ToolNode at {tools_node!r} runs it without the "
+            f"effect ledger: it would raise UnguardedEffect at its first call{when}. Give the "
+            "ToolNode the ledger's hooks: ToolNode(tools, wrap_tool_call=ledger.wrap_tool_call, "
+            "awrap_tool_call=ledger.awrap_tool_call) with ledger = EffectLedger(backend) "
+            "(with verification too, call one hook inside the other in your own)"
         )
     verifier = _verifier(contracts)
     known = {t.name for t in tools}

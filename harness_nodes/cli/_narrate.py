@@ -10,7 +10,8 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from rich.console import Console
 from rich.markup import escape
 
-from harness_nodes._trace_langfuse import Masker
+from harness_nodes._trace_langfuse import Masker, answered_outcome
+from harness_nodes._trace_local import task_outcome
 
 
 def _short(value: Any, limit: int = 70) -> str:
@@ -173,7 +174,9 @@ class Narrator:
                 always=True,
             )
             return
-        outcome = state.get("outcome") or {}
+        # A graph whose own model node ends the task (`add_harness`) writes no outcome: it
+        # completed when it ended on the model's answer, as `harness runs` counts it.
+        outcome = task_outcome(state) or answered_outcome(state) or {}
         status = outcome.get("status", "unknown")
         colour = "green" if status == "completed" else "red"
         result = outcome.get("partial_result")

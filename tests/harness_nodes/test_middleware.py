@@ -26,7 +26,7 @@ from langgraph.runtime import Runtime
 from langgraph.types import Command
 from pydantic import BaseModel
 
-from checkpointers import Backend, aopen_backend, open_backend
+from checkpointers import AsyncBackend, Backend, aopen_backend, open_backend
 from harness_nodes import (
     CostEnvelopeMiddleware,
     EffectLedger,
@@ -324,7 +324,8 @@ def test_a_new_task_on_the_thread_gets_its_full_retry_budget(trim: bool) -> None
     ]
     assert second["messages"][-1].content == "Found note-1."
     assert model.calls == 5
-    assert second.get("outcome") is None  # task 1's verification_failed is not task 2's
+    # task 1's verification_failed is not task 2's: task 2 answered
+    assert second["outcome"] == {"status": "completed", "partial_result": "Found note-1."}
 
 
 def _refund_agent(backend: Backend, extra: list[AgentMiddleware[Any, Any, Any]] = []) -> Any:  # noqa: B006
@@ -778,7 +779,7 @@ def test_an_escalation_with_a_reviewer_still_pauses_whatever_the_order(
         out = queue.decide(item.id, {"type": "respond", "message": "Declined."}, reviewer="ana")
     assert out["messages"][-1].text == "Charged."  # the model carried on after the review
     assert model.calls == 2
-    assert "outcome" not in out  # no harness layer ended it
+    assert out["outcome"]["status"] == "completed"  # no harness layer stopped it
 
 
 # --- contracts for tools the agent does not have ------------------------------------------
@@ -1145,7 +1146,7 @@ def test_after_a_structured_response_the_next_question_gets_its_own_retries(
         ("ok", 2),
     ]
     assert second["structured_response"] == Order(order="note-1")
-    assert second.get("outcome") is None
+    assert second["outcome"] == {"status": "completed", "partial_result": Order(order="note-1")}
 
 
 def test_a_bare_schema_resolves_to_the_tool_strategy_under_the_budget() -> None:
@@ -1419,3 +1420,77 @@ def test_a_refused_output_of_a_tool_that_routes_itself_stops_the_task() -> None:
     out = agent.invoke({"messages": [HumanMessage("go")]})
     assert out["outcome"]["status"] == "verification_failed"
     assert out["messages"][-1].text.startswith("I stopped: a tool output failed verification")
+
+
+def _answering_model() -> ScriptedChatModel:
+    return ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("search", {"query": "storage"})]), ai("Found note-1.")],
+        model_name="gpt-4o-mini",
+    )
+
+
+@pytest.mark.parametrize(
+    "middleware",
+    [
+        pytest.param(lambda: [VerifyToolOutputsMiddleware()], id="verify"),
+        pytest.param(lambda: [ReviewQueueMiddleware()], id="review"),
+        pytest.param(
+            lambda: [ReviewQueueMiddleware(), VerifyToolOutputsMiddleware()], id="review-verify"
+        ),
+    ],
+)
+async def test_a_middleware_agent_that_answers_has_outcome_completed_as_the_graph_form(
+    backend: Backend, middleware: Callable[[], list[Any]]
+) -> None:
+    # build_harnessed_agent (and CostEnvelopeMiddleware) write `completed` on the answer;
+    # with only the verification or review middleware the task ended with no outcome.
+    agent = create_agent(
+        _answering_model(), [search], middleware=middleware(), checkpointer=backend.checkpointer
+    )
+    config: Any = {"configurable": {"thread_id": "t-done"}}
+    out = agent.invoke({"messages": [HumanMessage("notes on storage?")]}, config)
+    graph = build_harnessed_agent(_answering_model(), [search])
+    expected = graph.invoke({"messages": [HumanMessage("notes on storage?")]})["outcome"]
+    assert out["outcome"] == expected == {"status": "completed", "partial_result": "Found note-1."}
+
+
+async def test_a_second_task_on_a_middleware_agent_is_completed_after_a_stop(
+    backend: Backend,
+) -> None:
+    # Task 1 stops (verification_failed), task 2 on the thread answers: its own outcome.
+    model = ScriptedChatModel(
+        script=[
+            ai(tool_calls=[tool_call("search", {"query": "typo"})]),
+            ai(tool_calls=[tool_call("search", {"query": "storage"})]),
+            ai("Found note-1."),
+        ],
+        model_name="gpt-4o-mini",
+    )
+    budget = CostEnvelopeMiddleware(Envelope(max_usd=1.0), backend=backend)
+    verify = VerifyToolOutputsMiddleware({"search": ToolContract(max_retries=0)})
+    agent = create_agent(
+        model,
+        [search],
+        middleware=[verify, ReviewQueueMiddleware(), budget],
+        checkpointer=backend.checkpointer,
+    )
+    config: Any = {"configurable": {"thread_id": "t-two"}}
+    first = agent.invoke({"messages": [HumanMessage("typo?")]}, config)
+    assert first["outcome"]["status"] == "verification_failed"
+    second = agent.invoke({"messages": [HumanMessage("storage?")]}, config)
+    assert second["outcome"] == {"status": "completed", "partial_result": "Found note-1."}
+    assert build_trace(backend, "t-two").status == "completed"
+
+
+async def test_a_middleware_agent_that_answers_under_ainvoke_has_outcome_completed(
+    abackend: AsyncBackend,
+) -> None:
+    agent = create_agent(
+        _answering_model(),
+        [search],
+        middleware=[ReviewQueueMiddleware(), VerifyToolOutputsMiddleware()],
+        checkpointer=abackend.checkpointer,
+    )
+    config: Any = {"configurable": {"thread_id": "t-adone"}}
+    out = await agent.ainvoke({"messages": [HumanMessage("notes on storage?")]}, config)
+    assert out["outcome"] == {"status": "completed", "partial_result": "Found note-1."}

@@ -22,11 +22,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.types import Command
 
 from checkpointers import open_backend
-from harness_nodes import Pricing, langfuse_callbacks, langfuse_handler, trace_id_for
+from harness_nodes import HarnessState, Pricing, langfuse_callbacks, langfuse_handler, trace_id_for
 from harness_nodes._events import aemit
 from harness_nodes.testing import LangfuseReceiver, ReceivedSpan, ScriptedChatModel, ai, tool_call
 from tests.conftest import subprocess_env
@@ -1165,32 +1167,78 @@ async def test_a_task_its_async_runner_gives_up_on_is_scored_failed(
     assert (score["traceId"], score["value"]) == (trace_id_for(thread_id), "failed")
 
 
-def test_a_drop_in_apps_next_task_does_not_score_the_stop_of_the_one_before_again(
-    receiver: LangfuseReceiver, public_key: str
+@pytest.mark.parametrize("schema", [MessagesState, HarnessState], ids=["messages", "harness"])
+def test_a_drop_in_apps_next_task_is_scored_completed_not_the_stop_before_it(
+    receiver: LangfuseReceiver, public_key: str, schema: Any
 ) -> None:
-    # add_harness on an app whose state has an `outcome` (HarnessState): task 1 stops
-    # (verification_failed), task 2 on the thread completes. The user's model node never
-    # rewrites the outcome, so task 2's run ends with task 1's still in its state: that is
-    # not task 2's outcome, and it must not be scored again as if it were.
-    from harness_nodes import HarnessState
-
-    builder = traced_task.drop_in_two_tasks(HarnessState)
+    # add_harness: task 1 stops (verification_failed), task 2 on the thread completes. The
+    # user's model node writes no outcome (a MessagesState app has no key for one; in a
+    # HarnessState app task 1's is still there): task 2 is scored completed, as a
+    # build_harnessed_agent graph scores it, and task 1's stop is not scored again.
+    builder = traced_task.drop_in_two_tasks(schema)
     graph = builder.compile(checkpointer=InMemorySaver())
 
-    def outcomes() -> list[Any]:
+    def scored(r: LangfuseReceiver) -> list[Any]:
+        return [s["value"] for s in r.scores if s["name"] == "outcome"]
+
+    def outcomes(at_least: int) -> list[Any]:
         _flush(public_key)
-        receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
-        return [s["value"] for s in receiver.scores if s["name"] == "outcome"]
+        receiver.wait_for(lambda r: len(scored(r)) >= at_least)
+        return scored(receiver)
 
     graph.invoke({"messages": [HumanMessage("q1")]}, _config("t-drop-in", receiver, public_key))
-    first = outcomes()
+    first = outcomes(1)
     assert first and set(first) == {"verification_failed"}
     out = graph.invoke(
         {"messages": [HumanMessage("q2")]}, _config("t-drop-in", receiver, public_key)
     )
     assert out["messages"][-1].content == "Found r."
-    assert out["outcome"]["status"] == "verification_failed"  # still in the state
-    assert outcomes() == first
+    assert outcomes(len(first) + 1) == [*first, "completed"]
+    [*_, last] = [s for s in receiver.scores if s["name"] == "outcome"]
+    assert last["traceId"] == trace_id_for("t-drop-in")
+
+
+def test_a_drop_in_app_paused_for_review_is_not_scored_until_it_completes(
+    receiver: LangfuseReceiver, public_key: str
+) -> None:
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    from harness_nodes import ReviewPolicy, add_harness
+
+    @tool
+    def refund(order: str) -> str:
+        """Refund an order."""
+        return f"refunded {order}"
+
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("refund", {"order": "A1"})]), ai("Refunded A1.")]
+    )
+    builder: StateGraph[Any] = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([refund]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    add_harness(
+        builder,
+        model_node="agent",
+        tools_node="tools",
+        review_policy=ReviewPolicy(irreversible=["refund"]),
+        tools=[refund],
+    )
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config = _config("t-paused", receiver, public_key)
+    paused = graph.invoke({"messages": [HumanMessage("refund A1")]}, config)
+    assert paused["__interrupt__"]
+    _flush(public_key)
+    assert receiver.wait_for(lambda r: bool(r.spans))
+    assert not [s for s in receiver.scores if s["name"] == "outcome"]  # paused, not done
+    out = graph.invoke(Command(resume={"type": "approve"}), config)
+    assert out["messages"][-1].content == "Refunded A1."
+    _flush(public_key)
+    assert receiver.wait_for(lambda r: any(s["name"] == "outcome" for s in r.scores))
+    [score] = [s for s in receiver.scores if s["name"] == "outcome"]
+    assert (score["traceId"], score["value"]) == (trace_id_for("t-paused"), "completed")
 
 
 class _UnreadableAnswer(ScriptedChatModel):

@@ -20,11 +20,15 @@ from typing_extensions import TypedDict
 from checkpointers import AsyncBackend, aopen_backend, open_backend
 from checkpointers._spend import aflush_pending, flush_pending
 from harness_nodes import (
+    EffectLedger,
     HarnessState,
+    ReviewPolicy,
     ToolContract,
     UserError,
+    VerifyToolOutputs,
     add_harness,
     build_harnessed_agent,
+    irreversible,
 )
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
 
@@ -1464,3 +1468,96 @@ async def test_a_task_that_completes_has_its_spend_mirror_under_ainvoke(
     agent = build_harnessed_agent(model, [lookup], envelope=Envelope(max_usd=1), backend=abackend)
     config: Any = {"configurable": {"thread_id": "t-amirror"}}
     _assert_mirror(await agent.ainvoke({"messages": [HumanMessage("go")]}, config))
+
+
+@irreversible
+def pay(order: str) -> str:
+    """Pay an order."""
+    return f"paid {order}"
+
+
+def _react_with(tools_node: Any) -> StateGraph[Any]:
+    model = ScriptedChatModel(
+        script=[ai(tool_calls=[tool_call("pay", {"order": "A1"})]), ai("Paid.")]
+    )
+    builder: StateGraph[Any] = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", tools_node)
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    return builder
+
+
+@pytest.mark.parametrize(
+    "hooks",
+    [
+        pytest.param({}, id="no-hook"),
+        pytest.param("verify", id="verification-hook-only"),
+    ],
+)
+def test_add_harness_refuses_an_irreversible_tool_whose_tool_node_has_no_ledger(
+    hooks: Any,
+) -> None:
+    # Without the ledger the tool raises UnguardedEffect at its first call — under a review
+    # policy only after a person approved it. The wiring mistake is refused at construction.
+    if hooks == "verify":
+        verify = VerifyToolOutputs()
+        hooks = {"wrap_tool_call": verify.wrap_tool_call, "awrap_tool_call": verify.awrap_tool_call}
+    builder = _react_with(ToolNode([pay, lookup], **hooks))
+    with pytest.raises(UserError, match=re.escape("'pay' is marked irreversible")) as exc:
+        add_harness(
+            builder,
+            model_node="agent",
+            tools_node="tools",
+            review_policy=ReviewPolicy(irreversible=["pay"]),
+            tools=[pay, lookup],
+        )
+    assert "wrap_tool_call=ledger.wrap_tool_call" in str(exc.value)
+    assert "verify" not in builder.nodes  # refused before anything was added
+
+
+def _composed(ledger: EffectLedger, verify: VerifyToolOutputs) -> Any:
+    def hook(request: Any, execute: Any) -> Any:
+        return verify.wrap_tool_call(request, lambda r: ledger.wrap_tool_call(r, execute))
+
+    return hook
+
+
+@pytest.mark.parametrize(
+    "wiring",
+    [
+        pytest.param("ledger", id="ledger-hooks"),
+        pytest.param("async-ledger-only", id="async-ledger-hook-only"),
+        pytest.param("composed", id="ledger-inside-a-composed-hook"),
+        pytest.param("function", id="own-tool-node-function"),
+    ],
+)
+def test_add_harness_accepts_the_documented_ledger_wirings(wiring: str) -> None:
+    with open_backend("memory://") as backend:
+        ledger = EffectLedger(backend)
+        verify = VerifyToolOutputs()
+        if wiring == "ledger":
+            node: Any = ToolNode(
+                [pay], wrap_tool_call=ledger.wrap_tool_call, awrap_tool_call=ledger.awrap_tool_call
+            )
+        elif wiring == "async-ledger-only":
+            node = ToolNode([pay], awrap_tool_call=ledger.awrap_tool_call)
+        elif wiring == "composed":
+            node = ToolNode([pay], wrap_tool_call=_composed(ledger, verify))
+        else:
+            ledgered = ToolNode([pay], wrap_tool_call=ledger.wrap_tool_call)
+
+            def node(state: MessagesState, config: RunnableConfig) -> Any:
+                return ledgered.invoke(state, config)
+
+        graph = add_harness(_react_with(node), model_node="agent", tools_node="tools").compile(
+            checkpointer=backend.checkpointer
+        )
+        if wiring == "async-ledger-only":
+            return  # built: that is what this test checks (it runs under ainvoke)
+        out = graph.invoke(
+            {"messages": [HumanMessage("pay A1")]}, {"configurable": {"thread_id": "t"}}
+        )
+        assert out["messages"][-1].content == "Paid."
+        assert [r.status for r in ledger.list("t")] == ["done"]

@@ -498,3 +498,30 @@ def test_the_one_line_error_masks_a_secret_the_failure_quotes(
     assert code == 2
     line = _one_line_error(err)
     assert "--args is not valid JSON" in line and "bank-password-1234" not in line
+
+
+def test_run_of_a_drop_in_app_that_answers_says_completed(
+    capsys: pytest.CaptureFixture[str], db: str
+) -> None:
+    # The app's own model node writes no `outcome`; the task completed all the same, as
+    # `harness runs` and `harness report` count it.
+    app = "tests.harness_nodes.cli.drop_in_app"
+    code, out, _ = _cli(capsys, "run", app, "--db", db, "--task", "notes?", "--thread", "d1")
+    assert code == 0
+    assert "completed — Found note-1." in out
+    assert "unknown" not in out
+    code, out, _ = _cli(capsys, "resume", "d1", "--db", db)
+    assert "completed — Found note-1." in out
+
+
+def test_run_of_a_drop_in_app_that_stops_says_why(
+    capsys: pytest.CaptureFixture[str], db: str
+) -> None:
+    # A MessagesState app keeps no `outcome`: the stop note in its messages reports it.
+    app = "tests.harness_nodes.cli.drop_in_app"
+    code, out, _ = _cli(
+        capsys, "run", app, "--db", db, "--task", "notes?", "--args", '{"typo": true}'
+    )
+    assert code == 0
+    assert "verification_failed" in out
+    assert "unknown" not in out
