@@ -7,6 +7,7 @@ lease expires, and never counted toward ``max_recoveries``.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -261,7 +262,7 @@ def test_ctrl_c_in_a_sync_resume_or_run_gives_the_lease_back(backend: Backend) -
     with TaskRunner(backend, builder, max_recoveries=0) as runner:
         runner.submit("k", INPUT)
         while runner.status("k").status != "interrupted":
-            pass
+            time.sleep(0.01)
         for _ in range(2):
             with pytest.raises(KeyboardInterrupt):
                 runner.resume("k", "yes")
