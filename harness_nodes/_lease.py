@@ -41,7 +41,8 @@ from harness_nodes.errors import LeaseLost, UserError
 
 RunStatus = Literal["pending", "running", "interrupted", "completed", "failed", "cancelled"]
 """``pending``: submitted (or released by a run that waited longer than its runner's
-``outage_seconds`` for its database), waiting for a worker.
+``outage_seconds`` for its database, or that its caller stopped: see `stopped_status`),
+waiting for a worker.
 ``running``: a worker holds its lease. ``interrupted``: paused for a person (not resumed by
 `recover`, unless a review decision on its pause was recorded and never applied).
 ``completed`` / ``failed`` / ``cancelled``: final."""
@@ -224,6 +225,22 @@ def claim_decided(thread_id: str, owner: str, lease_seconds: float) -> tuple[str
     """
     t = now()
     return CLAIM_DECIDED, (owner, t + lease_seconds, t, thread_id, t)
+
+
+def released(row: Mapping[str, Any], graph: str | None) -> bool:
+    """Whether *row*'s task waits for a run that nobody will start unless asked.
+
+    A run gave it back ``pending`` (stopped by its caller, or its database stayed away) and
+    no process holds it: a submission that joins it starts the run, as `recover` would,
+    instead of waiting on it. Never a task still waiting for its first claim (its own
+    submission dispatched that run), nor one of another runner's graph.
+    """
+    return (
+        row["status"] == "pending"
+        and row["lease_owner"] is None
+        and int(row["attempts"]) > 0
+        and row["graph"] == graph
+    )
 
 
 def crash_loop(row: Mapping[str, Any], max_recoveries: int | None) -> str | None:
@@ -459,6 +476,31 @@ class Answer:
         if self._pauses <= live if self._pauses else head == self._checkpoint:
             return Command(resume=self.value)
         return None
+
+
+STOPPED_NOTE = "stopped by its caller ({error}); not a crash"
+"""A run row's ``error`` once its caller stopped the run (see `stopped_status`)."""
+
+
+def stopped_status(snapshot: StateSnapshot, answer: Answer | None) -> RunStatus:
+    """The status a run its caller stopped leaves its task in, its lease given back at once.
+
+    A run is stopped by its caller when the coroutine running it is cancelled (an
+    ``asyncio.wait_for`` timeout, a web request whose client went away, ``task.cancel()``,
+    an event loop shutting down) or its thread gets ``KeyboardInterrupt``. Its process is
+    alive, so it is not a crash: not counted toward ``max_recoveries``, and nobody should
+    wait for its lease to expire before carrying the task on.
+
+    ``interrupted`` if the run answered a pause (*answer*) and the thread still stands at
+    that pause (the answer was not taken for good: the step that took it was never saved):
+    the task is paused as before, and the next `TaskRunner.resume` (or the recovery of a
+    ``decided`` review) answers it again. Otherwise ``pending``: the run had moved on (a
+    side effect may have been executing), and the next run carries the task on from its last
+    checkpoint, where the effect ledger answers for any call whose outcome is unknown.
+    """
+    if answer is not None and answer.command(snapshot) is not None:
+        return "interrupted"
+    return "pending"
 
 
 def live_pauses(snapshot: StateSnapshot) -> frozenset[str]:

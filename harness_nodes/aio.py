@@ -52,6 +52,7 @@ from harness_nodes._lease import (
     SELECT_THREAD,
     SETTLE,
     STALE,
+    STOPPED_NOTE,
     UNCOUNT,
     Answer,
     BranchLost,
@@ -73,7 +74,9 @@ from harness_nodes._lease import (
     new_owner,
     now,
     outcome_of,
+    released,
     run_config,
+    stopped_status,
 )
 from harness_nodes.effects import (
     _ABORT,
@@ -516,6 +519,9 @@ class AsyncTaskRunner:
         if created:
             self._dispatch(task_key)
             return TaskRun.from_row(created[0])
+        rows = await self.backend.execute(SELECT_KEY, (task_key,))
+        if rows and released(rows[0], self.graph_path):  # see TaskRunner.submit
+            self._dispatch(rows[0]["thread_id"])
         return await self.astatus(task_key)
 
     async def astatus(self, task_key: str) -> TaskRun:
@@ -710,10 +716,42 @@ class AsyncTaskRunner:
         resume: Any,
         on_refused: Callable[[InvalidDecision], Awaitable[None]] | None = None,
     ) -> TaskRun:
+        answer = None if resume is _NO_RESUME else Answer(resume)  # see TaskRunner._attempts
+        try:
+            return await self._attempt_loop(row, owner, answer, on_refused)
+        except (asyncio.CancelledError, KeyboardInterrupt) as e:
+            # Stopped by its caller, not crashed: the lease is given back now (see
+            # `stopped_status`), shielded from a second cancellation while it is.
+            await asyncio.shield(self._stopped(row["thread_id"], owner, answer, e))
+            raise
+
+    async def _stopped(
+        self, thread_id: str, owner: str, answer: Answer | None, error: BaseException
+    ) -> None:
+        """Give back the lease of a run its caller stopped (see `TaskRunner._stopped`)."""
+        try:
+            snapshot = await self.graph.aget_state(_thread_config(thread_id), subgraphs=True)
+            status = stopped_status(snapshot, answer)
+            note = STOPPED_NOTE.format(error=type(error).__name__)
+            await self.backend.execute(SETTLE, (status, None, note, None, now(), thread_id, owner))
+        except Exception:
+            logger.warning(
+                "could not give back the lease of thread %s, stopped by its caller: its task "
+                "is left to recovery once its lease expires",
+                thread_id,
+                exc_info=True,
+            )
+
+    async def _attempt_loop(
+        self,
+        row: dict[str, Any],
+        owner: str,
+        answer: Answer | None,
+        on_refused: Callable[[InvalidDecision], Awaitable[None]] | None,
+    ) -> TaskRun:
         thread_id = row["thread_id"]
         attempt = 0
         outage = OutageBudget(self.outage_seconds)
-        answer = None if resume is _NO_RESUME else Answer(resume)  # see TaskRunner._attempts
         while True:
             try:
                 status, outcome = await self._invoke(row, answer)

@@ -57,6 +57,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -74,7 +75,7 @@ from langgraph.prebuilt import ToolNode
 from langgraph.types import Command, Interrupt, StateSnapshot
 
 from checkpointers.errors import outage
-from harness_nodes._lease import SELECT_THREAD, TaskRun, claim, new_owner
+from harness_nodes._lease import SELECT_THREAD, Answer, TaskRun, claim, new_owner
 from harness_nodes._trace_langfuse import Masker, marked_fields
 from harness_nodes._trace_local import Trace, build_trace
 from harness_nodes.errors import (
@@ -1271,7 +1272,13 @@ class ReviewQueue:
             BackendUnavailable: the database stayed away longer than the runner waits for
                 it; the decision stands, and recovery applies it.
         """
-        self._settle_effects(item, item.decided_by or "")
+        try:
+            self._settle_effects(item, item.decided_by or "")
+        except KeyboardInterrupt as e:
+            # Stopped by its caller before anything ran: the lease is given back at once, the
+            # task paused with its decision standing, which `TaskRunner.recover` applies.
+            runner._stopped(item.thread_id, owner, Answer(_answer(item)), e)
+            raise
         # A refused decision is undone while the lease is held, before the runner pauses the
         # task again: a resume claiming it as soon as it is free would otherwise find the item
         # still decided, and its run's sync would mark the refused decision applied.
@@ -1733,7 +1740,11 @@ class AsyncReviewQueue:
         self, runner: AsyncTaskRunner, item: ReviewItem, row: Row, owner: str
     ) -> dict[str, Any]:
         """Async `ReviewQueue._resume_leased`."""
-        await self._settle_effects(item, item.decided_by or "")
+        try:
+            await self._settle_effects(item, item.decided_by or "")
+        except (asyncio.CancelledError, KeyboardInterrupt) as e:  # see ReviewQueue's
+            await asyncio.shield(runner._stopped(item.thread_id, owner, Answer(_answer(item)), e))
+            raise
         # Undone under the lease (see ReviewQueue._resume_leased).
         run = await runner._run_claimed(
             row, owner, _answer(item), on_refused=functools.partial(self._undecide, item)

@@ -62,6 +62,7 @@ from harness_nodes._lease import (
     SELECT_THREAD,
     SETTLE,
     STALE,
+    STOPPED_NOTE,
     UNCOUNT,
     Answer,
     BranchLost,
@@ -83,7 +84,9 @@ from harness_nodes._lease import (
     new_owner,
     now,
     outcome_of,
+    released,
     run_config,
+    stopped_status,
 )
 from harness_nodes.errors import (
     BackendUnavailable,
@@ -155,7 +158,10 @@ class TaskRunner:
             so *max_attempts* never saw it). Past that, the claim that finds the task dead
             once more marks it ``failed`` ("crashed its process N times in a row (last
             claimed by ...)") instead of killing another worker. A run that settles (even
-            ``pending``, given up for an outage) starts the count again; None: no bound.
+            ``pending``, given up for an outage) starts the count again; None: no bound. A
+            run stopped by its caller (``KeyboardInterrupt``; in `AsyncTaskRunner`, its
+            coroutine cancelled) is no crash: it gives its lease back at once, the task
+            paused again or ``pending`` (see `stopped_status`).
         outage_seconds: How long a run whose database is away waits for it, retrying with
             backoff, before it stops and leaves the task to recovery: released as
             ``pending`` if the database answers that, else ``running`` on a lease nobody
@@ -301,6 +307,12 @@ class TaskRunner:
         if created:
             self._dispatch(task_key)
             return TaskRun.from_row(created[0])
+        if self.queue is None:
+            # A run stopped by its caller (or by a database outage) gave the task back
+            # ``pending``: joining it starts it again here (workers' sweeps do with a queue).
+            rows = self.backend.execute(SELECT_KEY, (task_key,))
+            if rows and released(rows[0], self.graph_path):
+                self._dispatch(rows[0]["thread_id"])
         return self.status(task_key)
 
     def run(
@@ -555,12 +567,50 @@ class TaskRunner:
         resume: Any,
         on_refused: Callable[[InvalidDecision], None] | None = None,
     ) -> TaskRun:
-        thread_id = row["thread_id"]
-        attempt = 0
-        outage = OutageBudget(self.outage_seconds)
         # Each attempt goes on from the last checkpoint: an answer to the pause is sent again
         # only while that pause is pending, never to the next one (see `Answer`).
         answer = None if resume is _NO_RESUME else Answer(resume)
+        try:
+            return self._attempt_loop(row, owner, answer, on_refused)
+        except KeyboardInterrupt as e:
+            self._stopped(row["thread_id"], owner, answer, e)
+            raise
+
+    def _stopped(
+        self, thread_id: str, owner: str, answer: Answer | None, error: BaseException
+    ) -> None:
+        """Give back the lease of a run its caller stopped (Ctrl-C): it did not crash.
+
+        Left to expire, the lease kept the task from everyone (a resume was refused as held
+        by another runner) for up to *lease_seconds*, and the claim that then found the task
+        still ``running`` counted a crash toward *max_recoveries*. The task is settled
+        ``interrupted`` if the run's answer to its pause was not taken for good, else
+        ``pending`` for the next run to carry on (see `stopped_status`). One try: if the
+        database does not answer, recovery carries the task on once the lease expires.
+        """
+        try:
+            snapshot = self.graph.get_state(_thread_config(thread_id), subgraphs=True)
+            status = stopped_status(snapshot, answer)
+            note = STOPPED_NOTE.format(error=type(error).__name__)
+            self.backend.execute(SETTLE, (status, None, note, None, now(), thread_id, owner))
+        except Exception:
+            logger.warning(
+                "could not give back the lease of thread %s, stopped by its caller: its task "
+                "is left to recovery once its lease expires",
+                thread_id,
+                exc_info=True,
+            )
+
+    def _attempt_loop(
+        self,
+        row: dict[str, Any],
+        owner: str,
+        answer: Answer | None,
+        on_refused: Callable[[InvalidDecision], None] | None,
+    ) -> TaskRun:
+        thread_id = row["thread_id"]
+        attempt = 0
+        outage = OutageBudget(self.outage_seconds)
         while True:
             try:
                 status, outcome = self._invoke(row, answer)
