@@ -747,7 +747,10 @@ class EffectLedger:
         backend: Where the ledger lives (the same database as the checkpoints).
         on_unknown: ``"escalate"`` (default) answers an unknown outcome with an error
             `ToolMessage` carrying an ``effect_unknown`` escalation, for `HumanReview`;
-            ``"raise"`` raises `EffectOutcomeUnknown` out of the tool node instead.
+            ``"raise"`` raises `EffectOutcomeUnknown` out of the tool node instead. An
+            intent whose call is still running in this process (a sibling's error ended an
+            async ``ToolNode`` while it ran) is not unknown: it is waited for, up to 300 s,
+            and its result replayed.
 
     Example:
         ```python

@@ -161,7 +161,7 @@ class TaskRunner:
             ``pending``, given up for an outage) starts the count again; None: no bound. A
             run stopped by its caller (``KeyboardInterrupt``; in `AsyncTaskRunner`, its
             coroutine cancelled) is no crash: it gives its lease back at once, the task
-            paused again or ``pending`` (see `stopped_status`).
+            paused again or ``pending`` (docs/decisions/0011).
         outage_seconds: How long a run whose database is away waits for it, retrying with
             backoff, before it stops and leaves the task to recovery: released as
             ``pending`` if the database answers that, else ``running`` on a lease nobody
