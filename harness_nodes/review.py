@@ -70,6 +70,7 @@ from typing import Any, Literal, Protocol, TypeGuard, cast
 from langchain_core.messages import AIMessage, AnyMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
+from langgraph.config import get_config
 from langgraph.constants import END
 from langgraph.errors import GraphInterrupt
 from langgraph.types import Command, Send, interrupt
@@ -87,7 +88,7 @@ from typing_extensions import TypedDict
 
 from harness_nodes import _verify
 from harness_nodes._events import emit
-from harness_nodes._trace_langfuse import Masker
+from harness_nodes._trace_langfuse import Masker, marked_fields
 from harness_nodes.errors import InvalidDecision, UserError
 from harness_nodes.state import Escalation, MessagesOnly, ReviewRecord
 from harness_nodes.verify import VerificationStop
@@ -732,9 +733,22 @@ def _fmt_args(args: Mapping[str, Any], mask: Masker) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def _shown_masker() -> Masker:
+    """How text shown to people is masked: as in a trace, with the fields the run marked.
+
+    `langfuse_callbacks(sensitive_fields=...)` records their names in the run's metadata;
+    outside a run, the default masking (API keys, secret values, sensitive key names).
+    """
+    try:
+        config = get_config()
+    except RuntimeError:
+        return Masker()
+    return Masker(marked_fields([config.get("metadata")]))
+
+
 def trace_excerpt(messages: Sequence[AnyMessage], limit: int = 20) -> TraceExcerpt:
     """The decisions that led to this point, read from the messages' harness metadata."""
-    mask = Masker()  # shown to people (a review UI, the queue): secrets masked, as in a trace
+    mask = _shown_masker()  # shown to people (a review UI, the queue): masked, as in a trace
     steps: list[str] = []
     tokens = 0
     usd: float | None = None
@@ -944,7 +958,7 @@ class HumanReview:
         excerpt = trace_excerpt(messages)
         # The description is read by people (any Agent Inbox UI): secrets masked, as in a
         # trace. The action's args stay as the model gave them: an edit starts from them.
-        mask = Masker()
+        mask = _shown_masker()
         out: list[ReviewRequest] = []
         for call, flag in pending.calls:
             out.append(

@@ -789,3 +789,45 @@ def test_a_review_request_shows_api_keys_masked_but_keeps_the_call_to_edit() -> 
     shown = [request["description"], *request["trace"]["steps"]]
     assert "ann@example.com" in request["description"]
     assert not [line for line in shown if secret in line]
+
+
+def test_a_review_request_masks_the_fields_the_run_marked_sensitive() -> None:
+    # langfuse_callbacks(sensitive_fields=...) records the names in the run's metadata: the
+    # pause payload a review UI shows (description, trace excerpt) masks them, as the traces
+    # and the review queue's screens do; the call as made stays whole, for an edit.
+    from harness_nodes import ToolContract, add_harness, langfuse_callbacks
+
+    @tool
+    def charge(card: str, amount: float) -> str:
+        """Charge a card."""
+        return f"charged {amount} to card={card}"
+
+    card = "4111111111111111"
+    args = {"card": card, "amount": 12.5}
+    model = ScriptedChatModel(script=[ai(tool_calls=[tool_call("charge", args)]), ai("done")])
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    builder.add_node("tools", ToolNode([charge]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges(
+        "agent", lambda s: "tools" if s["messages"][-1].tool_calls else "__end__"
+    )
+    builder.add_edge("tools", "agent")
+    add_harness(
+        builder,
+        model_node="agent",
+        tools_node="tools",
+        contracts={"charge": ToolContract()},
+        review_policy=ReviewPolicy(irreversible=["charge"]),
+        tools=[charge],
+    )
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config = langfuse_callbacks("marked-1", sensitive_fields=["card"])  # no Langfuse: a no-op
+    graph.invoke({"messages": [HumanMessage("charge it")]}, config)
+
+    [pause] = graph.get_state(config).interrupts
+    [request] = pause.value
+    assert request["action_request"]["args"] == args
+    shown = [request["description"], *request["trace"]["steps"]]
+    assert "12.5" in request["description"]
+    assert not [line for line in shown if card in line]
