@@ -629,6 +629,24 @@ def masked_item(item: ReviewItem, masker: Masker) -> ReviewItem:
     )
 
 
+def masked_items(items: Sequence[ReviewItem], checkpointer: Any) -> list[ReviewItem]:
+    """*items* as a list shows them: each masked as `masked_item`, with its run's marked fields.
+
+    The fields a run marked sensitive (``langfuse_callbacks(sensitive_fields=...)``) are in
+    its checkpoints' metadata, not in the review row: one read of the newest checkpoint per
+    thread on the list (a page is small), as the item page reads them.
+    """
+    masks: dict[str, Masker] = {}
+    for item in items:
+        if item.thread_id not in masks:
+            tup = None
+            if isinstance(checkpointer, BaseCheckpointSaver):
+                cfg = {"configurable": {"thread_id": item.thread_id, "checkpoint_ns": ""}}
+                tup = checkpointer.get_tuple(cast(RunnableConfig, cfg))
+            masks[item.thread_id] = Masker(marked_fields([tup.metadata if tup else None]))
+    return [masked_item(item, masks[item.thread_id]) for item in items]
+
+
 def _is_review_interrupt(intr: Interrupt) -> bool:
     value = intr.value
     return (
