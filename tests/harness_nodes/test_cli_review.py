@@ -317,11 +317,6 @@ def test_list_masks_the_fields_the_run_marked_sensitive(
         assert card[:6] not in out
 
 
-@pytest.mark.xfail(
-    reason="a resume (ReviewQueue.decide, TaskRunner, harness resume) does not carry the run's "
-    "marked fields into its checkpoints' metadata, and the list reads the newest checkpoint "
-    "only (as the inbox item page does; ReviewQueue.show reads the whole history)"
-)
 def test_list_masks_marked_fields_at_a_second_pause_after_a_decision(
     db: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -341,6 +336,6 @@ def test_list_masks_marked_fields_at_a_second_pause_after_a_decision(
         [first] = queue.pending()
         queue.decide(first.id, {"type": "approve"}, reviewer="ann")
         [second] = queue.pending()
-        assert card not in json.dumps(queue.show(second.id).item.requests)  # show reads it all
+        assert card not in json.dumps(queue.show(second.id).item.requests)
     _, out, _ = _cli(capsys, "review", "list", "--db", db, "--json")
     assert 'to=\\"b\\"' in out and card[:6] not in out
