@@ -76,7 +76,7 @@ from langgraph.types import Command, Interrupt, StateSnapshot
 
 from checkpointers.errors import outage
 from harness_nodes._lease import SELECT_THREAD, Answer, TaskRun, claim, new_owner
-from harness_nodes._trace_langfuse import Masker, marked_fields
+from harness_nodes._trace_langfuse import SENSITIVE_FIELDS_KEY, Masker, marked_fields
 from harness_nodes._trace_local import Trace, build_trace
 from harness_nodes.errors import (
     AlreadyDecided,
@@ -629,6 +629,24 @@ def masked_item(item: ReviewItem, masker: Masker) -> ReviewItem:
     )
 
 
+def masked_items(items: Sequence[ReviewItem], checkpointer: Any) -> list[ReviewItem]:
+    """*items* as a list shows them: each masked as `masked_item`, with its run's marked fields.
+
+    The fields a run marked sensitive (``langfuse_callbacks(sensitive_fields=...)``) are in
+    its checkpoints' metadata, not in the review row: one read of the newest checkpoint per
+    thread on the list (a page is small), as the item page reads them.
+    """
+    masks: dict[str, Masker] = {}
+    for item in items:
+        if item.thread_id not in masks:
+            tup = None
+            if isinstance(checkpointer, BaseCheckpointSaver):
+                cfg = {"configurable": {"thread_id": item.thread_id, "checkpoint_ns": ""}}
+                tup = checkpointer.get_tuple(cast(RunnableConfig, cfg))
+            masks[item.thread_id] = Masker(marked_fields([tup.metadata if tup else None]))
+    return [masked_item(item, masks[item.thread_id]) for item in items]
+
+
 def _is_review_interrupt(intr: Interrupt) -> bool:
     value = intr.value
     return (
@@ -676,6 +694,21 @@ def _thread_config(thread_id: str, config: RunnableConfig | None) -> RunnableCon
     cfg: dict[str, Any] = dict(config or {})
     cfg["configurable"] = {**cfg.get("configurable", {}), "thread_id": thread_id}
     return cast(RunnableConfig, cfg)
+
+
+def _resume_config(thread_id: str, metadata: Mapping[str, Any] | None) -> RunnableConfig:
+    """The config the queue resumes *thread_id* with, from its newest checkpoint's *metadata*.
+
+    The fields the run marked sensitive are passed on: LangGraph writes a run's config
+    metadata into its checkpoints, not the previous ones', so a resume without them would
+    leave a later pause unmarked where only the newest checkpoint is read (the lists, the
+    inbox's item page).
+    """
+    cfg = _thread_config(thread_id, None)
+    marked = marked_fields([metadata])
+    if marked:
+        cfg["metadata"] = {SENSITIVE_FIELDS_KEY: ",".join(marked)}
+    return cfg
 
 
 def _find_tools(graph: Any) -> dict[str, BaseTool]:
@@ -1026,7 +1059,8 @@ class ReviewQueue:
                 if died and not carried_on:
                     # The decision was applied, but its run died before it ended: carry it on.
                     self._settle_effects(item, item.decided_by or "")
-                    self.graph.invoke(None, cfg, durability="sync")
+                    resume_cfg = _resume_config(thread_id, snapshot.metadata)
+                    self.graph.invoke(None, resume_cfg, durability="sync")
                     carried_on = True
                 status = "applied" if item.status == "decided" else "closed"
                 self.backend.execute(
@@ -1239,6 +1273,7 @@ class ReviewQueue:
 
     def _resume(self, item: ReviewItem) -> dict[str, Any]:
         cfg = _thread_config(item.thread_id, None)
+        cfg = _resume_config(item.thread_id, self.graph.get_state(cfg).metadata)
         try:
             result = self.graph.invoke(Command(resume=_answer(item)), cfg, durability="sync")
         except InvalidDecision as e:
@@ -1515,7 +1550,7 @@ class AsyncReviewQueue:
                 if died and not carried_on:
                     # The decision was applied, but its run died before it ended: carry it on.
                     await self._settle_effects(item, item.decided_by or "")
-                    cfg = _thread_config(thread_id, None)
+                    cfg = _resume_config(thread_id, snapshot.metadata)
                     await self.graph.ainvoke(None, cfg, durability="sync")
                     carried_on = True
                 status = "applied" if item.status == "decided" else "closed"
@@ -1721,6 +1756,7 @@ class AsyncReviewQueue:
 
     async def _resume(self, item: ReviewItem) -> dict[str, Any]:
         cfg = _thread_config(item.thread_id, None)
+        cfg = _resume_config(item.thread_id, (await self.graph.aget_state(cfg)).metadata)
         try:
             result = await self.graph.ainvoke(Command(resume=_answer(item)), cfg, durability="sync")
         except InvalidDecision as e:

@@ -30,7 +30,14 @@ from harness_nodes._trace_langfuse import Masker
 from harness_nodes.cli._app import app, console, open_existing
 from harness_nodes.errors import HarnessError, ReviewNotFound, UserError
 from harness_nodes.review import _allowed
-from harness_nodes.review_queue import ReviewItem, ReviewQueue, _item, masked_item, pending_sql
+from harness_nodes.review_queue import (
+    ReviewItem,
+    ReviewQueue,
+    _item,
+    masked_item,
+    masked_items,
+    pending_sql,
+)
 
 review_app = typer.Typer(
     name="review",
@@ -140,8 +147,9 @@ def list_reviews(
         task_type=task_type, reason=reason, assignee=assignee, older_than=older_than, limit=limit
     )
     with open_existing(db) as backend:
-        masker = Masker()  # a terminal is shown and shared: secrets masked, as in a trace
-        items = [masked_item(_item(r), masker) for r in backend.execute(sql, params)]
+        # A terminal is shown and shared: secrets masked, as in a trace, and the fields each
+        # run marked sensitive.
+        items = masked_items([_item(r) for r in backend.execute(sql, params)], backend.checkpointer)
     if as_json:
         for it in items:
             print(

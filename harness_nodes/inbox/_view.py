@@ -17,7 +17,7 @@ from typing import Any
 from harness_nodes._trace_langfuse import Masker, marked_fields
 from harness_nodes.errors import AlreadyDecided, HarnessError
 from harness_nodes.inbox._forms import form_fields, parse_form
-from harness_nodes.review_queue import masked_item
+from harness_nodes.review_queue import masked_item, masked_items
 
 _RISK_CLASSES = {"low": "low", "medium": "medium", "high": "high"}
 _DECIDED = frozenset({"decided", "applied", "closed"})
@@ -135,7 +135,8 @@ def list_page(
 ) -> tuple[list[Any], bool]:
     """One page of pending items, most urgent first (and whether another page follows).
 
-    The items are as the pages show them: secrets masked, as in a trace.
+    The items are as the pages show them: secrets masked, as in a trace, with the fields each
+    run marked sensitive.
     """
     items = list(
         queue.pending(
@@ -147,8 +148,7 @@ def list_page(
             order="urgency",
         )
     )
-    masker = Masker()
-    return [masked_item(i, masker) for i in items[:size]], len(items) > size
+    return masked_items(items[:size], queue.graph.checkpointer), len(items) > size
 
 
 @dataclass

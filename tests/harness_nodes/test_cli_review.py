@@ -291,3 +291,51 @@ def test_a_decision_masks_an_api_key_in_the_last_message_it_prints(
     code, out, _ = _cli(capsys, "review", "approve", item.id, "--db", db, "--graph", spec)
     assert code == 0 and "last message: Sent. Your key is ***" in out
     assert SECRET not in out
+
+
+def test_list_masks_the_fields_the_run_marked_sensitive(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness_nodes import langfuse_callbacks
+
+    card = "4929123456789012"
+    args = {"card": card, "to": "ann@example.com", "body": "your card"}
+    script = [ai(tool_calls=[tool_call("send_email", args)])]
+    with open_backend(db) as backend:
+        queue = ReviewQueue(
+            backend, build_builder(script).compile(checkpointer=backend.checkpointer)
+        )
+        config = langfuse_callbacks("t-card", sensitive_fields=["card"])  # no Langfuse: a no-op
+        queue.invoke({"messages": [HumanMessage("mail Ann her card")]}, config, thread_id="t-card")
+        _pause(db, "t-plain")  # a run that marked nothing: its calls are shown as they are
+    _, as_json, _ = _cli(capsys, "review", "list", "--db", db, "--json")
+    _, table, _ = _cli(capsys, "review", "list", "--db", db)
+    calls = {row["thread_id"]: row["calls"] for row in map(json.loads, as_json.splitlines())}
+    assert calls["t-card"].startswith('send_email(card="***", to="ann@example.com"')
+    assert calls["t-plain"] == 'refund(order="A1", amount=250)', calls
+    for out in (as_json, table):
+        assert card[:6] not in out
+
+
+def test_list_masks_marked_fields_at_a_second_pause_after_a_decision(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness_nodes import langfuse_callbacks
+
+    card = "4929123456789012"
+    script = [
+        ai(tool_calls=[tool_call("send_email", {"to": "a", "body": "x", "card": card})]),
+        ai(tool_calls=[tool_call("send_email", {"to": "b", "body": "y", "card": card})]),
+        ai("done"),
+    ]
+    with open_backend(db) as backend:
+        graph = build_builder(script).compile(checkpointer=backend.checkpointer)
+        queue = ReviewQueue(backend, graph)
+        config = langfuse_callbacks("t-card", sensitive_fields=["card"])  # no Langfuse: a no-op
+        queue.invoke({"messages": [HumanMessage("mail twice")]}, config, thread_id="t-card")
+        [first] = queue.pending()
+        queue.decide(first.id, {"type": "approve"}, reviewer="ann")
+        [second] = queue.pending()
+        assert card not in json.dumps(queue.show(second.id).item.requests)
+    _, out, _ = _cli(capsys, "review", "list", "--db", db, "--json")
+    assert 'to=\\"b\\"' in out and card[:6] not in out

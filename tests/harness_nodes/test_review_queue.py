@@ -1829,3 +1829,44 @@ def test_show_masks_the_fields_the_run_marked_sensitive(backend: Backend) -> Non
     shown = json.dumps([detail.item.requests, detail.trace], default=str)
     assert "ann@example.com" in shown and "8812" not in shown
     assert detail.tree is not None and "8812" not in detail.tree.to_json()
+
+
+def _twice(card: str) -> list[Any]:
+    """A script that asks to mail *card* twice: two pauses, one after the other."""
+    return [
+        ai(tool_calls=[tool_call("send_email", {"to": "a", "body": "x", "card": card})]),
+        ai(tool_calls=[tool_call("send_email", {"to": "b", "body": "y", "card": card})]),
+        ai("done"),
+    ]
+
+
+def test_a_decision_keeps_the_runs_marked_fields_for_its_next_pause(backend: Backend) -> None:
+    from harness_nodes import langfuse_callbacks
+    from harness_nodes.review_queue import masked_items
+
+    card = "4929123456789012"
+    graph = build_builder(_twice(card)).compile(checkpointer=backend.checkpointer)
+    queue = ReviewQueue(backend, graph)
+    config = langfuse_callbacks("t-card", sensitive_fields=["card"])  # no Langfuse: a no-op
+    queue.invoke({"messages": [HumanMessage("mail twice")]}, config, thread_id="t-card")
+    [first] = queue.pending()
+    queue.decide(first.id, {"type": "approve"}, reviewer="ann")
+    listed = masked_items(queue.pending(), backend.checkpointer)  # the newest checkpoint only
+    assert [i.requests[0]["action_request"]["args"]["card"] for i in listed] == ["***"]
+
+
+async def test_an_async_decision_keeps_the_runs_marked_fields_for_its_next_pause(
+    abackend: AsyncBackend,
+) -> None:
+    from harness_nodes import langfuse_callbacks
+    from harness_nodes._trace_langfuse import marked_fields
+
+    graph = build_builder(_twice("4929123456789012")).compile(checkpointer=abackend.checkpointer)
+    queue = AsyncReviewQueue(abackend, graph)
+    config = langfuse_callbacks("t-card", sensitive_fields=["card"])  # no Langfuse: a no-op
+    await queue.ainvoke({"messages": [HumanMessage("mail twice")]}, config, thread_id="t-card")
+    [first] = await queue.pending()
+    await queue.decide(first.id, {"type": "approve"}, reviewer="ann")
+    assert len(await queue.pending()) == 1  # paused again
+    snapshot = await graph.aget_state({"configurable": {"thread_id": "t-card"}})
+    assert marked_fields([snapshot.metadata]) == ["card"]

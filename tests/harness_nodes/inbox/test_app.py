@@ -548,3 +548,21 @@ def test_the_item_page_masks_the_fields_the_run_marked_sensitive(shop: Shop) -> 
         c.get(f"/reviews/{item.id}", headers=api).text,
     ):
         assert "A1" in page and "customer called" not in page
+
+
+def test_the_list_page_masks_the_fields_the_run_marked_sensitive(shop: Shop) -> None:
+    from harness_nodes import langfuse_callbacks
+
+    card = "4929123456789012"
+    config = langfuse_callbacks("t-card", sensitive_fields=["card"])  # no Langfuse: a no-op
+    args = {"card": card, **ARGS}
+    shop.queue.invoke({"messages": [HumanMessage(json.dumps(args))]}, config, thread_id="t-card")
+    shop.queue.sync("t-card")
+    shop.pause("t-plain", ARGS)  # a run that marked nothing: its call is shown as it is
+    c = client(shop)
+    api = {"authorization": f"Bearer {TOKENS['alice']}", "accept": "application/json"}
+    page = c.get("/reviews", headers=basic("alice")).text
+    listed = c.get("/reviews", headers=api).json()["items"]
+    assert "customer called" in page and card[:6] not in page
+    shown = {i["thread_id"]: i["actions"][0]["args"] for i in listed}
+    assert shown == {"t-card": {**args, "card": "***"}, "t-plain": ARGS}
