@@ -37,6 +37,7 @@ from langgraph.types import Command, StateSnapshot, StateUpdate
 
 from checkpointers.errors import outage
 from harness_nodes import _codec
+from harness_nodes._trace_langfuse import carry_marks
 from harness_nodes.errors import LeaseLost, UserError
 
 RunStatus = Literal["pending", "running", "interrupted", "completed", "failed", "cancelled"]
@@ -281,9 +282,19 @@ def carries_on(row: Mapping[str, Any]) -> bool:
 
 
 def run_config(
-    thread_id: str, task_key: str, task_type: str, base: RunnableConfig | None
+    thread_id: str,
+    task_key: str,
+    task_type: str,
+    base: RunnableConfig | None,
+    head: Mapping[str, Any] | None = None,
 ) -> RunnableConfig:
-    """The config every invocation of a task uses: its thread, tagged with its key and type."""
+    """The config every invocation of a task uses: its thread, tagged with its key and type.
+
+    *head* is the metadata of the thread's newest checkpoint, when the invocation carries a
+    run on (a resume, a recovery): the fields the run marked sensitive are carried on from
+    it (`carry_marks`), for a runner built without the config that marked them (a worker,
+    ``harness resume``).
+    """
     config: dict[str, Any] = dict(base or {})
     config["configurable"] = {**dict(config.get("configurable") or {}), "thread_id": thread_id}
     config["metadata"] = {
@@ -291,7 +302,7 @@ def run_config(
         "harness_task_key": task_key,
         "harness_task_type": task_type,
     }
-    return config  # type: ignore[return-value]
+    return carry_marks(cast(RunnableConfig, config), head)
 
 
 def outcome_of(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields as dataclass_fields
 from dataclasses import is_dataclass
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
@@ -434,6 +434,30 @@ def marked_fields(metadata: Iterable[Mapping[str, Any] | None]) -> list[str]:
             if f
         }
     )
+
+
+def carry_marks(config: RunnableConfig, metadata: Mapping[str, Any] | None) -> RunnableConfig:
+    """*config* carrying the fields a run marked sensitive, read from its newest *metadata*.
+
+    Every resume of a run (a review queue's, a task runner's) builds its config with it:
+    LangGraph writes a run's config metadata into its own checkpoints only, so a resume
+    without the marks would leave a later pause unmarked where only the newest checkpoint is
+    read (the review lists, the inbox's item page). A *config* that marks fields itself is
+    left as it is.
+
+    Args:
+        config: The config the run is resumed with.
+        metadata: The metadata of the run's newest checkpoint (None: it has none).
+    """
+    if marked_fields([config.get("metadata")]):
+        return config
+    marked = marked_fields([metadata])
+    if not marked:
+        return config
+    carried: dict[str, Any] = dict(config)
+    fields = ",".join(marked)
+    carried["metadata"] = {**dict(config.get("metadata") or {}), SENSITIVE_FIELDS_KEY: fields}
+    return cast(RunnableConfig, carried)
 
 
 def _field(name: str) -> str:

@@ -841,7 +841,9 @@ class AsyncTaskRunner:
 
     async def _invoke(self, row: dict[str, Any], answer: Answer | None) -> tuple[RunStatus, Any]:
         thread_id = row["thread_id"]
-        config = run_config(thread_id, row["task_key"], row["task_type"], self._config)
+        head = await self._saver.aget_tuple(_thread_config(thread_id))
+        metadata = None if head is None else head.metadata
+        config = run_config(thread_id, row["task_key"], row["task_type"], self._config, metadata)
         if answer is not None:
             command = answer.command(await self.graph.aget_state(config, subgraphs=True))
             if command is not None:
@@ -849,7 +851,6 @@ class AsyncTaskRunner:
                 return await self._ran(config)
             logger.info(ANSWER_TAKEN, thread_id)
         inputs: Any
-        head = await self._saver.aget_tuple(_thread_config(thread_id))
         if head is None:
             inputs = _codec.decode(row["input"])
         else:

@@ -76,7 +76,7 @@ from langgraph.types import Command, Interrupt, StateSnapshot
 
 from checkpointers.errors import outage
 from harness_nodes._lease import SELECT_THREAD, Answer, TaskRun, claim, new_owner
-from harness_nodes._trace_langfuse import SENSITIVE_FIELDS_KEY, Masker, marked_fields
+from harness_nodes._trace_langfuse import Masker, carry_marks, marked_fields
 from harness_nodes._trace_local import Trace, build_trace
 from harness_nodes.errors import (
     AlreadyDecided,
@@ -699,16 +699,9 @@ def _thread_config(thread_id: str, config: RunnableConfig | None) -> RunnableCon
 def _resume_config(thread_id: str, metadata: Mapping[str, Any] | None) -> RunnableConfig:
     """The config the queue resumes *thread_id* with, from its newest checkpoint's *metadata*.
 
-    The fields the run marked sensitive are passed on: LangGraph writes a run's config
-    metadata into its checkpoints, not the previous ones', so a resume without them would
-    leave a later pause unmarked where only the newest checkpoint is read (the lists, the
-    inbox's item page).
+    It carries the fields the run marked sensitive (`carry_marks`).
     """
-    cfg = _thread_config(thread_id, None)
-    marked = marked_fields([metadata])
-    if marked:
-        cfg["metadata"] = {SENSITIVE_FIELDS_KEY: ",".join(marked)}
-    return cfg
+    return carry_marks(_thread_config(thread_id, None), metadata)
 
 
 def _find_tools(graph: Any) -> dict[str, BaseTool]:

@@ -719,7 +719,9 @@ class TaskRunner:
 
     def _invoke(self, row: dict[str, Any], answer: Answer | None) -> tuple[RunStatus, Any]:
         thread_id = row["thread_id"]
-        config = run_config(thread_id, row["task_key"], row["task_type"], self._config)
+        head = self._saver.get_tuple(_thread_config(thread_id))
+        metadata = None if head is None else head.metadata
+        config = run_config(thread_id, row["task_key"], row["task_type"], self._config, metadata)
         if answer is not None:
             command = answer.command(self.graph.get_state(config, subgraphs=True))
             if command is not None:
@@ -727,7 +729,6 @@ class TaskRunner:
                 return self._ran(config)
             logger.info(ANSWER_TAKEN, thread_id)
         inputs: Any
-        head = self._saver.get_tuple(_thread_config(thread_id))
         if head is None:
             inputs = _codec.decode(row["input"])
         else:

@@ -185,3 +185,14 @@ bank_down_builder = build_builder(
     script=[ai(tool_calls=[tool_call("refund", {"order": "BANK-DOWN", "amount": 250})])]
 )
 """A task whose approved refund fails (the bank is down): ``review_app:bank_down_builder``."""
+
+CARD = "4929123456789012"
+
+mail_twice_builder = build_builder(
+    script=[
+        ai(tool_calls=[tool_call("send_email", {"to": "a", "body": "x", "card": CARD})]),
+        ai(tool_calls=[tool_call("send_email", {"to": "b", "body": "y", "card": CARD})]),
+        ai("done"),
+    ]
+)
+"""A task that pauses twice on a mail carrying a card number: ``review_app:mail_twice_builder``."""

@@ -213,6 +213,46 @@ def test_a_paused_task_waits_for_its_reviewer_not_for_recover(backend: Backend) 
         assert runner.result("t-review-2", timeout=1)["partial_result"] == "reviewer said ok"
 
 
+def _two_pause_graph() -> StateGraph[MessagesState]:
+    def ask(state: MessagesState) -> dict[str, Any]:
+        answer = interrupt({"question": f"approve step {len(state['messages'])}?"})
+        return {"messages": [AIMessage(f"reviewer said {answer}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("first", ask)
+    builder.add_node("second", ask)
+    builder.add_edge(START, "first")
+    builder.add_edge("first", "second")
+    builder.add_edge("second", END)
+    return builder
+
+
+def _wait_paused(runner: TaskRunner, task_key: str) -> None:
+    deadline = time.monotonic() + 30
+    while runner.status(task_key).status != "interrupted":
+        assert time.monotonic() < deadline, runner.status(task_key)
+        time.sleep(0.02)
+
+
+def test_a_task_resumed_by_a_runner_without_its_marks_keeps_them_at_its_next_pause(
+    backend: Backend,
+) -> None:
+    # A worker or `harness resume` rebuilds the runner without the config that marked the
+    # task's fields sensitive; the review lists and the inbox item page read the newest
+    # checkpoint's metadata only, so the resume must write the marks there too.
+    from harness_nodes._trace_langfuse import SENSITIVE_FIELDS_KEY, marked_fields
+
+    marks: Any = {"metadata": {SENSITIVE_FIELDS_KEY: "card"}}
+    config: Any = {"configurable": {"thread_id": "t-marks"}}
+    with TaskRunner(backend, _two_pause_graph(), config=marks) as runner:
+        runner.submit("t-marks", INPUT)
+        _wait_paused(runner, "t-marks")
+        assert marked_fields([runner.graph.get_state(config).metadata]) == ["card"]
+    with TaskRunner(backend, _two_pause_graph()) as unmarked:
+        assert unmarked.resume("t-marks", "yes").status == "interrupted"
+        assert marked_fields([unmarked.graph.get_state(config).metadata]) == ["card"]
+
+
 def _hold_lease(backend: Backend, thread_id: str) -> None:
     """Another runner claims the paused task's lease (it is answering the pause)."""
     from harness_nodes._lease import claim
@@ -599,6 +639,30 @@ def test_harness_resume_decides_a_runner_tasks_review_in_the_queue_with_its_revi
     assert "task t-cli-review: completed" in out
     main(["show", "t-cli-review", "--db", url])
     assert "review approve by ana" in capsys.readouterr().out  # not "reviewer not recorded"
+
+
+def test_harness_resume_of_a_runner_task_keeps_its_marked_fields_masked_at_the_next_pause(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `harness resume` builds the task's runner without its config (the marks): the second
+    # pause's newest checkpoint must still carry them, or `harness review list` shows them.
+    from harness_nodes._trace_langfuse import SENSITIVE_FIELDS_KEY
+    from harness_nodes.cli import main
+    from tests.harness_nodes.review_app import CARD, EFFECTS
+
+    EFFECTS.clear()
+    graph = "tests.harness_nodes.review_app:mail_twice_builder"
+    marks: Any = {"metadata": {SENSITIVE_FIELDS_KEY: "card"}}
+    url = f"sqlite:///{tmp_path / 'harness.db'}"
+    with open_backend(url) as backend, TaskRunner(backend, graph, config=marks) as runner:
+        runner.submit("t-cli-marks", INPUT)
+        _wait_paused(runner, "t-cli-marks")
+    argv = ["resume", "t-cli-marks", "--db", url, "--reviewer", "ana"]
+    main([*argv, "--decision", '{"type": "approve"}'])
+    assert "task t-cli-marks: interrupted" in capsys.readouterr().out
+    main(["review", "list", "--db", url, "--json"])
+    out = capsys.readouterr().out
+    assert 'to=\\"b\\"' in out and CARD[:6] not in out
 
 
 def test_background_queue_needs_postgres() -> None:

@@ -143,6 +143,35 @@ async def test_paused_task_is_resumed_by_its_answer(abackend: AsyncBackend) -> N
     assert outcome["partial_result"] == "reviewer said yes"
 
 
+async def test_a_task_resumed_by_a_runner_without_its_marks_keeps_them_at_its_next_pause(
+    abackend: AsyncBackend,
+) -> None:
+    # As TaskRunner: a runner rebuilt without the config that marked the task's fields
+    # sensitive still writes the marks into the checkpoints of its resume.
+    from harness_nodes._trace_langfuse import SENSITIVE_FIELDS_KEY, marked_fields
+
+    async def ask(state: MessagesState) -> dict[str, Any]:
+        answer = interrupt({"question": f"approve step {len(state['messages'])}?"})
+        return {"messages": [AIMessage(f"reviewer said {answer}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("first", ask)
+    builder.add_node("second", ask)
+    builder.add_edge(START, "first")
+    builder.add_edge("first", "second")
+    builder.add_edge("second", END)
+    marks: Any = {"metadata": {SENSITIVE_FIELDS_KEY: "card"}}
+    config: Any = {"configurable": {"thread_id": "t-marks"}}
+    async with AsyncTaskRunner(abackend, builder, config=marks) as runner:
+        await runner.asubmit("t-marks", INPUT)
+        with pytest.raises(TaskNotFinished, match="interrupted"):
+            await runner.aresult("t-marks", timeout=5)
+    async with AsyncTaskRunner(abackend, builder) as unmarked:
+        assert (await unmarked.aresume("t-marks", "yes")).status == "interrupted"
+        snapshot = await unmarked.graph.aget_state(config)
+        assert marked_fields([snapshot.metadata]) == ["card"]
+
+
 async def test_resuming_a_task_that_is_not_paused_is_refused_not_reported_as_resumed(
     abackend: AsyncBackend,
 ) -> None:
