@@ -205,6 +205,7 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
     from langfuse import Langfuse
     from opentelemetry.sdk import trace as otel_sdk
 
+    from harness_nodes._otel_span import SpanWriter, WholeSpan
     from harness_nodes._trace_langfuse import HarnessLangfuseHandler, Masker
 
     spent: collections.Counter[str] = collections.Counter()
@@ -245,7 +246,7 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
         )
 
     handler = "the handler's own work (run bookkeeping, names, metadata, pricing, attributes)"
-    spans = "OpenTelemetry spans with Langfuse's span processor (start_span, attributes, end)"
+    spans = "spans with Langfuse's span processor (start, attributes, end)"
     scores = "Langfuse SDK scores (create_score)"
     masking = "harness masking + JSON encoding"
     handler_class = HarnessLangfuseHandler
@@ -269,6 +270,11 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
     account(otel_sdk.Tracer, "start_span", spans)  # includes LangfuseSpanProcessor.on_start
     account(otel_sdk.Span, "end", spans)  # includes LangfuseSpanProcessor.on_end
     account(otel_sdk.Span, "set_attributes", spans)
+    # the handler's own spans, written whole (harness_nodes/_otel_span.py)
+    account(SpanWriter, "start", spans)  # includes Langfuse's start-time bookkeeping
+    account(WholeSpan, "put", spans)
+    account(WholeSpan, "set_attributes", spans)
+    account(WholeSpan, "end", spans)  # includes LangfuseSpanProcessor.on_end
     account(Langfuse, "create_score", scores)
     account(Masker, "_prepare", masking)
     account(Masker, "_metadata_attributes", masking)
@@ -322,7 +328,7 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
     print(f"    of which LangChain's plumbing (a handler that does nothing): {plumbing:.2f}")
     floor = per["spans only"] - per["untraced"]
     print(
-        f"the same spans alone, through Langfuse's tracer (no payload, metadata, trace "
+        f"the same spans alone, as the handler writes them (no payload, metadata, trace "
         f"attributes or scores; incl. LangChain's plumbing): {floor:.2f} ms/step, "
         f"{per['spans only'] / per['untraced']:.2f}x of the untraced CPU (traced: "
         f"{per['traced'] / per['untraced']:.2f}x)"
@@ -330,7 +336,7 @@ def _breakdown(args: argparse.Namespace, public_key: str, base_url: str) -> None
 
 
 def _spans_only_handler(public_key: str) -> Any:
-    """A handler that creates the traced run's spans through Langfuse's tracer, and nothing else.
+    """A handler that creates the traced run's spans as the harness's does, and nothing else.
 
     One span per exported run (graph, node, generation, tool; routing and sequence pieces
     skipped as the harness skips them) and one per harness event, each with its observation
@@ -339,9 +345,10 @@ def _spans_only_handler(public_key: str) -> Any:
     from langchain_core.callbacks import BaseCallbackHandler
     from opentelemetry.trace import set_span_in_context
 
+    from harness_nodes._otel_span import SpanWriter
     from harness_nodes._trace_langfuse import _is_plumbing
 
-    tracer = get_client(public_key=public_key)._otel_tracer
+    writer = SpanWriter(get_client(public_key=public_key)._otel_tracer)
     skipped_marker = object()
 
     class SpansOnly(BaseCallbackHandler):
@@ -355,7 +362,7 @@ def _spans_only_handler(public_key: str) -> Any:
             parent = self.spans.get(self.skipped.get(parent_run_id, parent_run_id))
             context = set_span_in_context(parent) if parent is not None else None
             attributes = {"langfuse.observation.type": kind}
-            self.spans[run_id] = tracer.start_span(name, context=context, attributes=attributes)
+            self.spans[run_id] = writer.start(name, context, attributes, propagated=False)
 
         def _end(self, run_id: Any, **_: Any) -> None:
             if self.skipped.pop(run_id, skipped_marker) is not skipped_marker:

@@ -33,6 +33,7 @@ from langgraph.types import Command
 from pydantic import BaseModel
 
 from harness_nodes._events import EVENT_PREFIX
+from harness_nodes._otel_span import SpanWriter, WholeSpan
 from harness_nodes._pricing import answer_cost
 from harness_nodes.budget import _ends_on_budget, _maybe_billed
 from harness_nodes.errors import UserError
@@ -750,6 +751,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         """The trace of the last root run started (as the SDK's handler has it)."""
         self._client = get_client(public_key=public_key)
         self._tracer = self._client._otel_tracer
+        self._spans = SpanWriter(self._tracer)
         self._pricing = pricing
         self._masker = masker
         # Payloads are masked and encoded once, by us, when the client masks with our
@@ -812,9 +814,9 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         if leg.attributes:
             attributes.update(leg.attributes)
         if len(attributes) <= 48:  # far below OpenTelemetry's default limit of 128
-            span = self._tracer.start_span(name, context=context, attributes=attributes)
+            span = self._spans.start(name, context, attributes, propagated=leg.context is None)
         else:
-            span = self._tracer.start_span(name, context=context)
+            span = self._spans.start(name, context, {}, propagated=leg.context is None)
             sdk.set_within_limit(span, attributes, sdk.reserved(kind))
         if attributes.get(sdk.LEVEL) == "ERROR":
             _error_status(sdk, span, attributes.get(sdk.STATUS_MESSAGE))
@@ -878,7 +880,7 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
         sdk.detach(obs.token)
         span = obs.span
         if attributes:
-            sdk.set_within_limit(span, attributes, sdk.reserved(obs.kind))
+            _write(sdk, span, attributes, obs.kind)
             if attributes.get(sdk.LEVEL) == "ERROR":
                 _error_status(sdk, span, attributes.get(sdk.STATUS_MESSAGE))
         if root and obs.leg.propagation is not None:
@@ -1629,8 +1631,12 @@ class HarnessLangfuseHandler(BaseCallbackHandler):
                 late[key] = declined
         # An event has no duration: it starts and ends at the same instant (as the SDK's).
         start = time.time_ns() if as_type == "event" else None
-        span = self._tracer.start_span(
-            name, context=context, attributes=attributes, start_time=start
+        span = self._spans.start(
+            name,
+            context,
+            attributes,
+            propagated=parent is None or parent.leg.context is None,
+            start_time=start,
         )
         if late:
             self._write_late(span, as_type, late)
@@ -2077,6 +2083,17 @@ def _quiet(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except Exception:
         logger.debug("could not parse a model name for Langfuse", exc_info=True)
         return None
+
+
+def _write(sdk: Any, span: Any, attributes: dict[str, Any], kind: str) -> None:
+    """Write the handler's *attributes* on *span*, never evicting what it holds."""
+    if type(span) is WholeSpan and (
+        (limit := span._limits.max_span_attributes) is None
+        or len(span.attributes) + len(attributes) + len(sdk.reserved(kind)) <= limit
+    ):
+        span.put(attributes)
+    else:
+        sdk.set_within_limit(span, attributes, sdk.reserved(kind))
 
 
 def _error_status(sdk: Any, span: Any, message: str | None) -> None:

@@ -1390,3 +1390,129 @@ async def test_a_budgeted_call_cancelled_in_flight_costs_its_kept_worst_case_in_
     assert cost["total"] == pytest.approx(kept)
     marker = json.loads(str(generation.attributes["langfuse.observation.metadata.harness_cost"]))
     assert marker["reason"] == "cancelled (CancelledError)"
+
+
+# --- the handler's spans and the application's OpenTelemetry set-up ------------------------
+
+
+def _node_app(public_key: str, inside: Any) -> Any:
+    """A one-node graph whose node runs *inside* (the application's own tracing) first."""
+    model = ScriptedChatModel(model_name="gpt-4o-mini", script=[ai("hello")] * 4)
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        inside(get_client_for(public_key))
+        return {"messages": [model.invoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", END)
+    return builder.compile(checkpointer=InMemorySaver())
+
+
+def _exporting_client(public_key: str, **kw: Any) -> Any:
+    from langfuse import Langfuse
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    Langfuse(
+        public_key=public_key,
+        secret_key="sk-lf-test-secret",
+        base_url="http://127.0.0.1:9",  # nothing listens: spans go to the exporter
+        span_exporter=exporter,
+        **kw,
+    )
+    return exporter
+
+
+def _run_node_app(graph: Any, public_key: str, thread_id: str, handler: Any = None) -> None:
+    if handler is None:
+        handler = langfuse_handler(public_key=public_key, secret_key="sk-lf-test-secret")
+    config: Any = {"configurable": {"thread_id": thread_id}, "callbacks": [handler]}
+    graph.invoke({"messages": [HumanMessage("hi")]}, config)
+    _flush(public_key)
+
+
+def test_what_the_application_writes_on_the_current_span_lands_on_the_nodes_observation(
+    public_key: str,
+) -> None:
+    def inside(client: Any) -> None:
+        from opentelemetry import trace
+
+        client.update_current_span(metadata={"region": "eu"})
+        span = trace.get_current_span()
+        span.add_event("cache miss", {"key": "k-1"})
+        span.record_exception(KeyError("k-1"))
+        with client.start_as_current_observation(name="app work"):
+            pass
+
+    exporter = _exporting_client(public_key)
+    _run_node_app(_node_app(public_key, inside), public_key, "lf-current")
+    spans = exporter.get_finished_spans()
+    (node,) = [s for s in spans if s.name == "agent"]
+    (app,) = [s for s in spans if s.name == "app work"]
+    ids = {s.context.span_id for s in spans}
+    (root,) = [s for s in spans if s.parent is None or s.parent.span_id not in ids]
+    assert node.attributes["langfuse.observation.metadata.region"] == '"eu"'
+    assert [e.name for e in node.events] == ["cache miss", "exception"]
+    assert node.events[0].attributes["key"] == "k-1"
+    assert node.events[1].attributes["exception.type"] == "KeyError"
+    # The application's span nests under the node, in the task's trace; only the leg's
+    # root is the application root Langfuse derives the trace's input/output from.
+    assert app.parent.span_id == node.context.span_id
+    assert app.context.trace_id == node.context.trace_id == int(trace_id_for("lf-current"), 16)
+    app_roots = [s.name for s in spans if s.attributes.get("langfuse.internal.is_app_root")]
+    assert app_roots == [root.name]
+
+
+def test_an_applications_own_span_processor_sees_every_span_start_and_end(
+    public_key: str,
+) -> None:
+    """A processor of the application's on the same provider gets ``on_start`` with a live span.
+
+    Such a processor may write attributes at a span's start (a baggage processor does): the
+    handler's spans must go through the SDK's span path for it, also when it is added after
+    the handler's first task.
+    """
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+
+    class Stamping(SpanProcessor):
+        def __init__(self) -> None:
+            self.started: list[str] = []
+            self.ended: list[str] = []
+
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            self.started.append(span.name)
+            span.set_attribute("app.stamp", "seen at start")
+
+        def on_end(self, span: Any) -> None:
+            self.ended.append(span.name)
+
+    provider = TracerProvider()
+    exporter = _exporting_client(public_key, tracer_provider=provider)
+    graph = _node_app(public_key, lambda client: None)
+    handler = langfuse_handler(public_key=public_key, secret_key="sk-lf-test-secret")
+    _run_node_app(graph, public_key, "lf-proc-1", handler)
+    first = exporter.get_finished_spans()
+    assert {s.name for s in first} >= {"agent", "LangGraph"}
+    stamping = Stamping()
+    provider.add_span_processor(stamping)  # added after the handler's first task
+    exporter.clear()
+    _run_node_app(graph, public_key, "lf-proc-2", handler)
+    spans = exporter.get_finished_spans()
+    assert sorted(stamping.started) == sorted(s.name for s in spans) == sorted(stamping.ended)
+    assert all(s.attributes["app.stamp"] == "seen at start" for s in spans)
+
+
+@pytest.mark.parametrize(("rate", "exported"), [(0.0, False), (1.0, True)])
+def test_the_providers_sampler_decides_for_the_handlers_spans(
+    public_key: str, rate: float, exported: bool
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    provider = TracerProvider(sampler=TraceIdRatioBased(rate))
+    exporter = _exporting_client(public_key, tracer_provider=provider)
+    _run_node_app(_node_app(public_key, lambda client: None), public_key, "lf-sampled")
+    names = {s.name for s in exporter.get_finished_spans()}
+    assert (names >= {"LangGraph", "agent"}) if exported else names == set()

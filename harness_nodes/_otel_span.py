@@ -1,0 +1,336 @@
+"""The handler's spans, written whole at their end through the Langfuse tracer's processors.
+
+OpenTelemetry's SDK span (``Tracer.start_span``) is built for spans written piece by piece
+from anywhere: it locks and re-validates every attribute on every write, runs each span
+processor's ``on_start`` and copies itself into a `ReadableSpan` at its end. The handler
+writes a span twice (its start, its end) with attributes of known types, so that bookkeeping
+was a third of what tracing added to a step (docs/decisions/0007-traces.md). `SpanWriter`
+gives the handler `WholeSpan`s instead: the same `SpanContext` (trace id from the parent,
+span id from the tracer's id generator, the sampler's decision for a new root), the same
+Langfuse span-processor work at the start (attributes propagated from the context, the
+app-root bookkeeping), the same `ReadableSpan` handed to the tracer's span processors at the
+end — so Langfuse's filters, batching and exporter see what they saw before.
+
+It only does so where nothing else would notice: the tracer is the SDK's, enabled, its
+sampler one whose decision for a child of a sampled span is "sampled" (parent-based with the
+default for local parents, or a trace-id ratio), and every span processor of the provider is
+Langfuse's own (another processor — an application's exporter, a baggage processor — may
+need ``on_start`` with a live SDK span). Anywhere else, and for a root the sampler drops, the
+tracer's own spans are used, as before.
+
+A `WholeSpan` is a real recording span for code running inside a node: the application's
+spans nest under it, and ``set_attribute(s)``, ``add_event``, ``set_status``,
+``record_exception`` and ``update_name`` (Langfuse's ``update_current_span``...) land on it,
+validated as the SDK validates them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry import trace as trace_api
+from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.trace import sampling
+from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
+from opentelemetry.trace.status import Status, StatusCode
+
+logger = logging.getLogger(__name__)
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_RANDOM = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
+_SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | _RANDOM)
+_UNSET = Status(StatusCode.UNSET)
+
+
+class WholeSpan(trace_api.Span):
+    """A recording span kept as plain fields, handed to the span processors at its end."""
+
+    __slots__ = (
+        "_writer",
+        "name",
+        "context",
+        "parent",
+        "attributes",
+        "start_time",
+        "end_time",
+        "_status",
+        "_events",
+        "_links",
+    )
+
+    def __init__(
+        self,
+        writer: SpanWriter,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        attributes: dict[str, Any],
+        start_time: int,
+    ) -> None:
+        self._writer = writer
+        self.name = name
+        self.context = context
+        self.parent = parent
+        self.attributes = attributes
+        self.start_time = start_time
+        self.end_time: int | None = None
+        self._status = _UNSET
+        self._events: list[sdk_trace.Event] = []
+        self._links: list[trace_api.Link] = []
+
+    # What Langfuse's span processor and filters read of a span at its start.
+    @property
+    def instrumentation_scope(self) -> Any:
+        return self._writer.scope
+
+    @property
+    def resource(self) -> Any:
+        return self._writer.resource
+
+    @property
+    def kind(self) -> SpanKind:
+        return SpanKind.INTERNAL
+
+    @property
+    def _limits(self) -> Any:  # read by Langfuse's `_drop_attributes_over_span_limit`
+        return self._writer.limits
+
+    # --- the handler's writes: attributes of known types, no re-validation -------------------
+    def put(self, attributes: Mapping[str, Any]) -> None:
+        """Write the handler's own *attributes* (``None`` values are left out)."""
+        if self.end_time is None:
+            own = self.attributes
+            for key, value in attributes.items():
+                if value is not None:
+                    own[key] = value
+
+    # --- opentelemetry.trace.Span ----------------------------------------------------------
+    def get_span_context(self) -> SpanContext:
+        return self.context
+
+    def is_recording(self) -> bool:
+        return self.end_time is None
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        if self.end_time is not None:
+            logger.warning("Setting attribute on ended span.")
+            return
+        limits = self._writer.limits
+        cleaned = BoundedAttributes(
+            limits.max_span_attributes,
+            attributes,
+            immutable=False,
+            max_value_len=limits.max_span_attribute_length,
+        )
+        own, limit = self.attributes, limits.max_span_attributes
+        for key in cleaned:
+            if key not in own and limit is not None and len(own) >= limit:
+                own.pop(next(iter(own)))  # as the SDK's bounded attributes: oldest first
+            own[key] = cleaned[key]
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.set_attributes({key: value})
+
+    def add_event(
+        self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
+    ) -> None:
+        if self.end_time is not None:
+            return
+        limits = self._writer.limits
+        bounded = BoundedAttributes(
+            limits.max_event_attributes,
+            attributes,
+            max_value_len=limits.max_attribute_length,
+        )
+        self._events.append(
+            sdk_trace.Event(name, bounded, timestamp if timestamp is not None else time.time_ns())
+        )
+
+    def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
+        if self.end_time is None and context is not None and context.is_valid:
+            self._links.append(trace_api.Link(context, attributes))
+
+    def update_name(self, name: str) -> None:
+        if self.end_time is None:
+            self.name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self.end_time is not None or self._status.status_code is StatusCode.OK:
+            return
+        if isinstance(status, StatusCode):
+            status = Status(status, description)
+        if status.status_code is not StatusCode.UNSET:
+            self._status = status
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Mapping[str, Any] | None = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        recorded: dict[str, Any] = {
+            "exception.type": type(exception).__qualname__,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(
+                traceback.format_exception(type(exception), exception, exception.__traceback__)
+            ),
+            "exception.escaped": str(escaped),
+        }
+        if attributes:
+            recorded.update(attributes)
+        self.add_event("exception", recorded, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self.end_time is not None:
+            logger.warning("Calling end() on an ended span.")
+            return
+        self.end_time = end_time if end_time is not None else time.time_ns()
+        writer = self._writer
+        writer.processor.on_end(
+            sdk_trace.ReadableSpan(
+                name=self.name,
+                context=self.context,
+                parent=self.parent,
+                resource=writer.resource,
+                attributes=self.attributes,
+                events=self._events,
+                links=self._links,
+                kind=SpanKind.INTERNAL,
+                status=self._status,
+                start_time=self.start_time,
+                end_time=self.end_time,
+                instrumentation_scope=writer.scope,
+            )
+        )
+
+
+class SpanWriter:
+    """Starts the handler's spans: `WholeSpan`s where that is invisible, else the tracer's."""
+
+    def __init__(self, tracer: Any) -> None:
+        self.tracer = tracer
+        self.enabled = False
+        self._seen: Any = None  # the processors the last check saw
+        if type(tracer) is not sdk_trace.Tracer:
+            return
+        from langfuse._client.propagation import _get_propagated_attributes_from_context
+
+        self._propagated = _get_propagated_attributes_from_context
+        self.processor = tracer.span_processor
+        self.resource = tracer.resource
+        self.scope = tracer._instrumentation_scope
+        self.limits = tracer._span_limits
+        self.sampler = tracer.sampler
+        self.ids = tracer.id_generator
+        self._check()
+
+    def _check(self) -> None:
+        # The provider's processors change when one is added (another Langfuse client, an
+        # application's exporter): checked again then, at the next span.
+        self._seen = getattr(self.processor, "_span_processors", None)
+        self.enabled = _whole_spans_fit(self.tracer)
+        self.langfuse_processors = tuple(self._seen or ())
+
+    def start(
+        self,
+        name: str,
+        context: Any,
+        attributes: dict[str, Any],
+        *,
+        propagated: bool,
+        start_time: int | None = None,
+    ) -> Any:
+        """Start a span under *context* with *attributes* (taken over, not copied).
+
+        *propagated*: the context may hold trace attributes the application propagates,
+        which Langfuse's span processor copies onto every span at its start.
+        """
+        if self._seen is not None and self.processor._span_processors is not self._seen:
+            self._check()
+        if not self.enabled:
+            return self.tracer.start_span(
+                name, context=context, attributes=attributes, start_time=start_time
+            )
+        parent_span = trace_api.get_current_span(context)
+        parent: SpanContext | None = parent_span.get_span_context()
+        trace_state: TraceState | None
+        if isinstance(parent_span, WholeSpan):
+            # A child of a sampled span of ours: the samplers this runs with sample it.
+            parent = parent_span.context
+            flags = _SAMPLED_RANDOM if parent.trace_flags & _RANDOM else _SAMPLED
+            trace_id, trace_state = parent.trace_id, parent.trace_state
+        else:
+            if parent is None or not parent.is_valid:  # a new trace
+                parent = None
+                trace_id = self.ids.generate_trace_id()
+                random = self.ids.is_trace_id_random()
+            else:
+                trace_id = parent.trace_id
+                random = bool(parent.trace_flags & _RANDOM)
+            decision = self.sampler.should_sample(context, trace_id, name, SpanKind.INTERNAL)
+            if decision.decision is not sampling.Decision.RECORD_AND_SAMPLE:
+                return self.tracer.start_span(
+                    name, context=context, attributes=attributes, start_time=start_time
+                )
+            flags = _SAMPLED_RANDOM if random and _RANDOM else _SAMPLED
+            trace_state = decision.trace_state
+            if decision.attributes:
+                attributes = {**decision.attributes, **attributes}
+        span_context = SpanContext(trace_id, self.ids.generate_span_id(), False, flags, trace_state)
+        span = WholeSpan(
+            self,
+            name,
+            span_context,
+            parent,
+            attributes,
+            start_time if start_time is not None else time.time_ns(),
+        )
+        # What Langfuse's span processor does at a span's start.
+        if propagated:
+            copied = self._propagated(context)
+            if copied:
+                from langfuse._client.attributes import LangfuseOtelSpanAttributes as attrs
+
+                if attrs.OBSERVATION_PROMPT_NAME in attributes:
+                    for key in (attrs.OBSERVATION_PROMPT_NAME, attrs.OBSERVATION_PROMPT_VERSION):
+                        copied.pop(key, None)
+                span.set_attributes(copied)
+        for processor in self.langfuse_processors:
+            try:
+                processor._mark_app_root_candidate(span=span, parent_context=context)
+            except Exception:  # as Langfuse's processor: never breaks the run
+                logger.debug("app-root check failed for span %r", name, exc_info=True)
+        return span
+
+
+def _whole_spans_fit(tracer: sdk_trace.Tracer) -> bool:
+    """Whether `WholeSpan`s are indistinguishable from the tracer's own spans downstream."""
+    from langfuse._client.span_processor import LangfuseSpanProcessor
+
+    try:
+        if not tracer._is_enabled():
+            return False
+        processor = tracer.span_processor
+        if type(processor) is not sdk_trace.SynchronousMultiSpanProcessor:
+            return False
+        processors: Sequence[Any] = processor._span_processors
+        if not processors or not all(
+            isinstance(p, LangfuseSpanProcessor) and hasattr(p, "_mark_app_root_candidate")
+            for p in processors
+        ):
+            return False
+        sampler = tracer.sampler
+        if isinstance(sampler, sampling.TraceIdRatioBased):
+            return True  # the trace's decision, the same for every span of it
+        return (
+            isinstance(sampler, sampling.ParentBased)
+            and sampler._local_parent_sampled is sampling.ALWAYS_ON
+        )
+    except AttributeError:  # another OpenTelemetry SDK layout: the tracer's own spans
+        return False
