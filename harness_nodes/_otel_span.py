@@ -220,8 +220,11 @@ class SpanWriter:
         if type(tracer) is not sdk_trace.Tracer:
             return
         from langfuse._client.propagation import _get_propagated_attributes_from_context
+        from langfuse._client.span_filter import is_default_export_span
 
         self._propagated = _get_propagated_attributes_from_context
+        self._default_filter = is_default_export_span
+        self._expected: dict[int, bool] = {}  # a Langfuse processor's export expectation
         self.processor = tracer.span_processor
         self.resource = tracer.resource
         self.scope = tracer._instrumentation_scope
@@ -234,6 +237,7 @@ class SpanWriter:
         # The provider's processors change when one is added (another Langfuse client, an
         # application's exporter): checked again then, at the next span.
         self._seen = getattr(self.processor, "_span_processors", None)
+        self._expected = {}
         self.enabled = _whole_spans_fit(self.tracer)
         self.langfuse_processors = tuple(self._seen or ())
 
@@ -260,8 +264,10 @@ class SpanWriter:
         parent_span = trace_api.get_current_span(context)
         parent: SpanContext | None = parent_span.get_span_context()
         trace_state: TraceState | None
+        child = False
         if isinstance(parent_span, WholeSpan):
             # A child of a sampled span of ours: the samplers this runs with sample it.
+            child = True
             parent = parent_span.context
             flags = _SAMPLED_RANDOM if parent.trace_flags & _RANDOM else _SAMPLED
             trace_id, trace_state = parent.trace_id, parent.trace_state
@@ -303,10 +309,34 @@ class SpanWriter:
                 span.set_attributes(copied)
         for processor in self.langfuse_processors:
             try:
-                processor._mark_app_root_candidate(span=span, parent_context=context)
+                if child:
+                    self._register_child(processor, span)
+                else:
+                    processor._mark_app_root_candidate(span=span, parent_context=context)
             except Exception:  # as Langfuse's processor: never breaks the run
                 logger.debug("app-root check failed for span %r", name, exc_info=True)
         return span
+
+    def _register_child(self, processor: Any, span: WholeSpan) -> None:
+        """Langfuse's app-root bookkeeping for a child of a span of ours, short.
+
+        A span whose parent the processor expects to export is never an app root; the
+        processor only records whether it expects to export this one (so the application's
+        spans under it are not app roots either). With Langfuse's default export filter that
+        depends on the span's instrumentation scope alone — the same for all of ours — so it
+        is asked once; a filter of the application's is asked for every span.
+        """
+        if processor._should_export_span is not self._default_filter:
+            processor._mark_app_root_candidate(span=span, parent_context=None)
+            return
+        expected = self._expected.get(id(processor))
+        if expected is None:
+            expected = self._expected[id(processor)] = bool(
+                processor._is_expected_exported_at_start(span)
+            )
+        span_id = format(span.context.span_id, "016x")
+        with processor._app_root_lock:
+            processor._span_export_expectation_by_id[span_id] = expected
 
 
 def _whole_spans_fit(tracer: sdk_trace.Tracer) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1516,3 +1517,86 @@ def test_the_providers_sampler_decides_for_the_handlers_spans(
     _run_node_app(_node_app(public_key, lambda client: None), public_key, "lf-sampled")
     names = {s.name for s in exporter.get_finished_spans()}
     assert (names >= {"LangGraph", "agent"}) if exported else names == set()
+
+
+def _comparable(spans: Any, thread_id: str) -> list[Any]:
+    """Spans as a tree of what a reviewer reads: ids, times and the thread id left out."""
+    spans = sorted(spans, key=lambda s: s.start_time)
+    index = {s.context.span_id: i for i, s in enumerate(spans)}
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.replace(thread_id, "<thread>")
+            # ids that differ on every run: effect keys, span ids in scores, tool call ids...
+            value = re.sub(
+                r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", "<id>", value
+            )
+            value = re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+(\+00:00|Z)?", "<time>", value)
+            value = re.sub(r'(fingerprint": )-?\d+', r"\1<fp>", value)
+            return re.sub(r"\b[0-9a-f]{16,64}\b", "<id>", value)
+        return list(value) if isinstance(value, tuple) else value
+
+    return [
+        (
+            s.name,
+            index.get(s.parent.span_id) if s.parent else None,
+            {
+                k: plain(v)
+                for k, v in (s.attributes or {}).items()
+                if k != "langfuse.observation.completion_start_time"
+            },
+            (s.status.status_code, s.status.description),
+            [(e.name, dict(e.attributes or {})) for e in s.events],
+            s.kind,
+            s.resource.attributes == spans[0].resource.attributes,
+            s.instrumentation_scope,
+        )
+        for s in spans
+    ]
+
+
+@pytest.mark.parametrize("app_filter", [False, True])
+def test_the_handlers_whole_spans_export_what_the_sdks_spans_export(
+    public_key: str, app_filter: bool
+) -> None:
+    """The same task, its spans written whole and then through OpenTelemetry's SDK spans.
+
+    The whole task (retry, budget degradation, review pause and resume, effects, scores),
+    with the application's own span and writes inside a node; once with Langfuse's default
+    export filter, once with a filter of the application's that drops the review node (its
+    children then become Langfuse app roots: the app-root bookkeeping must agree too).
+    Adding a processor of the application's to the provider switches the handler to the
+    SDK's spans (`test_an_applications_own_span_processor_sees_every_span_start_and_end`).
+    """
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+
+    def drop_review(span: Any) -> bool:
+        return span.name != "review"
+
+    provider = TracerProvider()
+    exporter = _exporting_client(
+        public_key,
+        tracer_provider=provider,
+        **({"should_export_span": drop_review} if app_filter else {}),
+    )
+    handler = langfuse_handler(public_key=public_key, secret_key="sk-lf-test-secret")
+    runs = []
+    for thread_id in ("lf-whole", "lf-sdk-1"):  # the same length: the same token counts
+        if thread_id == "lf-sdk-1":
+            provider.add_span_processor(SpanProcessor())  # does nothing; forces the SDK's path
+        exporter.clear()
+        with open_backend("memory://") as backend:
+            traced_task.run_to_end(backend, thread_id, [handler])
+        _flush(public_key)
+        runs.append(_comparable(exporter.get_finished_spans(), thread_id))
+    whole, sdk_spans = runs
+    assert len(whole) > 20
+    assert ("review" in [s[0] for s in whole]) is not app_filter
+    app_roots = [s[0] for s in whole if s[2].get("langfuse.internal.is_app_root")]
+    # Langfuse marks the spans it derives a trace's input/output from: each leg's root, and
+    # under a dropped span its exported children.
+    legs = ["LangGraph", "review requested", "LangGraph", "review approve by alice"]
+    assert app_roots == (legs if app_filter else legs[::2])
+    assert [s[:2] for s in whole] == [s[:2] for s in sdk_spans]  # names and tree
+    for mine, theirs in zip(whole, sdk_spans, strict=True):
+        assert mine == theirs, mine[0]
