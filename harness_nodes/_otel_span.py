@@ -61,6 +61,7 @@ class WholeSpan(trace_api.Span):
         "_status",
         "_events",
         "_links",
+        "_dropped",
     )
 
     def __init__(
@@ -82,6 +83,7 @@ class WholeSpan(trace_api.Span):
         self._status = _UNSET
         self._events: list[sdk_trace.Event] = []
         self._links: list[trace_api.Link] = []
+        self._dropped = 0  # attributes dropped over the count limit, as the SDK counts them
 
     # What Langfuse's span processor and filters read of a span at its start.
     @property
@@ -102,8 +104,15 @@ class WholeSpan(trace_api.Span):
 
     # --- the handler's writes: attributes of known types, no re-validation -------------------
     def put(self, attributes: Mapping[str, Any]) -> None:
-        """Write the handler's own *attributes* (``None`` values are left out)."""
+        """Write the handler's own *attributes* (``None`` values are left out).
+
+        Under a limit on attribute values' length (``OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT``)
+        they are truncated as the SDK's span truncates them.
+        """
         if self.end_time is None:
+            if self._writer.limits.max_span_attribute_length is not None:
+                self.set_attributes({k: v for k, v in attributes.items() if v is not None})
+                return
             own = self.attributes
             for key, value in attributes.items():
                 if value is not None:
@@ -121,16 +130,23 @@ class WholeSpan(trace_api.Span):
             logger.warning("Setting attribute on ended span.")
             return
         limits = self._writer.limits
-        cleaned = BoundedAttributes(
-            limits.max_span_attributes,
-            attributes,
-            immutable=False,
-            max_value_len=limits.max_span_attribute_length,
-        )
         own, limit = self.attributes, limits.max_span_attributes
+        if limit == 0:
+            self._dropped += len(attributes)
+            return
+        # Cleaned (and invalid keys dropped) as the SDK cleans them, then set one by one as
+        # its bounded attributes set them: a key written again becomes the newest, and the
+        # oldest makes room for a new one.
+        cleaned = BoundedAttributes(
+            None, attributes, immutable=False, max_value_len=limits.max_span_attribute_length
+        )
+        self._dropped += cleaned.dropped
         for key in cleaned:
-            if key not in own and limit is not None and len(own) >= limit:
-                own.pop(next(iter(own)))  # as the SDK's bounded attributes: oldest first
+            if key in own:
+                del own[key]
+            elif limit is not None and len(own) >= limit:
+                del own[next(iter(own))]
+                self._dropped += 1
             own[key] = cleaned[key]
 
     def set_attribute(self, key: str, value: Any) -> None:
@@ -192,13 +208,19 @@ class WholeSpan(trace_api.Span):
             return
         self.end_time = end_time if end_time is not None else time.time_ns()
         writer = self._writer
+        attributes: Mapping[str, Any] = self.attributes
+        if self._dropped:  # exported with its dropped count, as the SDK's span is
+            bounded = BoundedAttributes(writer.limits.max_span_attributes, immutable=False)
+            bounded._dict, bounded.dropped = self.attributes, self._dropped
+            bounded._immutable = True
+            attributes = bounded
         writer.processor.on_end(
             sdk_trace.ReadableSpan(
                 name=self.name,
                 context=self.context,
                 parent=self.parent,
                 resource=writer.resource,
-                attributes=self.attributes,
+                attributes=attributes,
                 events=self._events,
                 links=self._links,
                 kind=SpanKind.INTERNAL,
@@ -289,14 +311,20 @@ class SpanWriter:
             if decision.attributes:
                 attributes = {**decision.attributes, **attributes}
         span_context = SpanContext(trace_id, self.ids.generate_span_id(), False, flags, trace_state)
+        limits = self.limits
+        bounded = limits.max_span_attribute_length is not None or (
+            limits.max_span_attributes is not None and len(attributes) > limits.max_span_attributes
+        )
         span = WholeSpan(
             self,
             name,
             span_context,
             parent,
-            attributes,
+            {} if bounded else attributes,
             start_time if start_time is not None else time.time_ns(),
         )
+        if bounded:  # truncated and bounded as the SDK's span bounds them
+            span.set_attributes(attributes)
         # What Langfuse's span processor does at a span's start.
         if propagated:
             copied = self._propagated(context)

@@ -1600,3 +1600,73 @@ def test_the_handlers_whole_spans_export_what_the_sdks_spans_export(
     assert [s[:2] for s in whole] == [s[:2] for s in sdk_spans]  # names and tree
     for mine, theirs in zip(whole, sdk_spans, strict=True):
         assert mine == theirs, mine[0]
+
+
+def _whole_then_sdk(public_key: str, graph: Any, provider: Any) -> list[list[Any]]:
+    """*graph* run once through the handler's whole spans, once through the SDK's spans.
+
+    Each run's spans as `_comparable` has them, with their links and dropped counts.
+    """
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    exporter = _exporting_client(public_key, tracer_provider=provider)
+    handler = langfuse_handler(public_key=public_key, secret_key="sk-lf-test-secret")
+    runs = []
+    for thread_id in ("lf-whole", "lf-sdk-1"):  # the same length: the same token counts
+        if thread_id == "lf-sdk-1":
+            provider.add_span_processor(SpanProcessor())  # does nothing; forces the SDK's path
+        exporter.clear()
+        _run_node_app(graph, public_key, thread_id, handler)
+        spans = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time)
+        extra = [
+            (
+                [(link.context.is_valid, dict(link.attributes or {})) for link in s.links],
+                s.dropped_attributes,
+                s.dropped_events,
+                s.dropped_links,
+            )
+            for s in spans
+        ]
+        runs.append(list(zip(_comparable(spans, thread_id), extra, strict=True)))
+    return runs
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_span_attribute_length": 24},  # OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT
+        {"max_span_attributes": 6},  # OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT, below the handler's
+        {"max_span_attributes": 40},  # the application's writes go over it
+    ],
+)
+def test_whole_spans_keep_the_providers_attribute_limits(
+    public_key: str, limits: dict[str, int]
+) -> None:
+    """The span limits the provider was given bound the handler's spans as the SDK's.
+
+    Values cut at the length limit (the handler's input/output too), the oldest attribute
+    dropped for a new one over the count limit, a key written again the newest, and the
+    dropped count exported.
+    """
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+
+    def inside(client: Any) -> None:
+        from opentelemetry import trace
+
+        span = trace.get_current_span()
+        for i in range(30):
+            span.set_attribute(f"app.k{i}", i)
+        span.set_attribute("app.k0", "written again, a long value")
+        span.set_attributes({f"app.k{i}": i for i in range(30, 45)})
+
+    whole, sdk_spans = _whole_then_sdk(
+        public_key, _node_app(public_key, inside), TracerProvider(span_limits=SpanLimits(**limits))
+    )
+    assert [s[0][0] for s in whole] == ["LangGraph", "agent", "ScriptedChatModel"]
+    if "max_span_attribute_length" in limits:
+        (graph,) = [s for s in sdk_spans if s[0][0] == "LangGraph"]
+        assert len(graph[0][2]["langfuse.observation.input"]) == 24  # the SDK's cut
+    else:
+        assert any(s[1][1] for s in sdk_spans)  # attributes dropped
+    for mine, theirs in zip(whole, sdk_spans, strict=True):
+        assert mine == theirs, mine[0][0]
