@@ -36,6 +36,7 @@ from opentelemetry import trace as trace_api
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import sampling
+from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 
@@ -81,8 +82,10 @@ class WholeSpan(trace_api.Span):
         self.start_time = start_time
         self.end_time: int | None = None
         self._status = _UNSET
-        self._events: list[sdk_trace.Event] = []
-        self._links: list[trace_api.Link] = []
+        # Bounded as the SDK's span bounds them (its limits, its dropped counts), made on
+        # the first event or link: most spans have none.
+        self._events: Sequence[sdk_trace.Event] = ()
+        self._links: Sequence[trace_api.Link] = ()
         self._dropped = 0  # attributes dropped over the count limit, as the SDK counts them
 
     # What Langfuse's span processor and filters read of a span at its start.
@@ -163,13 +166,22 @@ class WholeSpan(trace_api.Span):
             attributes,
             max_value_len=limits.max_attribute_length,
         )
+        if not isinstance(self._events, BoundedList):
+            self._events = BoundedList(limits.max_events)
         self._events.append(
             sdk_trace.Event(name, bounded, timestamp if timestamp is not None else time.time_ns())
         )
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
-        if self.end_time is None and context is not None and context.is_valid:
-            self._links.append(trace_api.Link(context, attributes))
+        if self.end_time is not None or not sdk_trace._is_valid_link(context, attributes):
+            return
+        limits = self._writer.limits
+        bounded = BoundedAttributes(
+            limits.max_link_attributes, attributes, max_value_len=limits.max_attribute_length
+        )
+        if not isinstance(self._links, BoundedList):
+            self._links = BoundedList(limits.max_links)
+        self._links.append(trace_api.Link(context, bounded))
 
     def update_name(self, name: str) -> None:
         if self.end_time is None:
@@ -190,8 +202,12 @@ class WholeSpan(trace_api.Span):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
+        module, qualname = type(exception).__module__, type(exception).__qualname__
         recorded: dict[str, Any] = {
-            "exception.type": type(exception).__qualname__,
+            # as the SDK's span names it: the module too, unless a builtin
+            "exception.type": f"{module}.{qualname}"
+            if module and module != "builtins"
+            else qualname,
             "exception.message": str(exception),
             "exception.stacktrace": "".join(
                 traceback.format_exception(type(exception), exception, exception.__traceback__)

@@ -1631,6 +1631,10 @@ def _whole_then_sdk(public_key: str, graph: Any, provider: Any) -> list[list[Any
     return runs
 
 
+class _AppError(Exception):
+    pass
+
+
 @pytest.mark.parametrize(
     "limits",
     [
@@ -1668,5 +1672,34 @@ def test_whole_spans_keep_the_providers_attribute_limits(
         assert len(graph[0][2]["langfuse.observation.input"]) == 24  # the SDK's cut
     else:
         assert any(s[1][1] for s in sdk_spans)  # attributes dropped
+    for mine, theirs in zip(whole, sdk_spans, strict=True):
+        assert mine == theirs, mine[0][0]
+
+
+def test_whole_spans_bound_events_and_links_and_name_exceptions_as_the_sdks(
+    public_key: str,
+) -> None:
+    """Events and links over the provider's limits, a link with attributes only, and an
+    exception of the application's (its type with its module) — as the SDK's span has them."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+
+    def inside(client: Any) -> None:
+        span = trace.get_current_span()
+        for i in range(6):
+            span.add_event(f"step {i}", {"i": i})
+        span.record_exception(_AppError("no stock"))
+        span.add_link(trace.INVALID_SPAN_CONTEXT, {"reason": "a batch"})
+        for i in range(4):
+            span.add_link(trace.SpanContext(1, i + 1, False), {"i": i})
+
+    whole, sdk_spans = _whole_then_sdk(
+        public_key,
+        _node_app(public_key, inside),
+        TracerProvider(span_limits=SpanLimits(max_events=4, max_links=3)),
+    )
+    (agent,) = [s for s in sdk_spans if s[0][0] == "agent"]
+    assert agent[0][4][-1][1]["exception.type"].endswith("test_tracing_langfuse._AppError")
+    assert agent[1][2:] == (3, 2)  # dropped events, links
     for mine, theirs in zip(whole, sdk_spans, strict=True):
         assert mine == theirs, mine[0][0]
