@@ -317,15 +317,17 @@ class SpanWriter:
             else:
                 trace_id = parent.trace_id
                 random = bool(parent.trace_flags & _RANDOM)
-            decision = self.sampler.should_sample(context, trace_id, name, SpanKind.INTERNAL)
+            decision = self.sampler.should_sample(
+                context, trace_id, name, SpanKind.INTERNAL, attributes
+            )
             if decision.decision is not sampling.Decision.RECORD_AND_SAMPLE:
                 return self.tracer.start_span(
                     name, context=context, attributes=attributes, start_time=start_time
                 )
             flags = _SAMPLED_RANDOM if random and _RANDOM else _SAMPLED
             trace_state = decision.trace_state
-            if decision.attributes:
-                attributes = {**decision.attributes, **attributes}
+            # The SDK's span starts with the attributes the sampler returns.
+            attributes = dict(decision.attributes)
         span_context = SpanContext(trace_id, self.ids.generate_span_id(), False, flags, trace_state)
         limits = self.limits
         bounded = limits.max_span_attribute_length is not None or (

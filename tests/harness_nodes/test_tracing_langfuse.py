@@ -1703,3 +1703,45 @@ def test_whole_spans_bound_events_and_links_and_name_exceptions_as_the_sdks(
     assert agent[1][2:] == (3, 2)  # dropped events, links
     for mine, theirs in zip(whole, sdk_spans, strict=True):
         assert mine == theirs, mine[0][0]
+
+
+def test_a_root_sampler_decides_on_the_handlers_span_attributes(public_key: str) -> None:
+    """A run with no thread (no seeded trace): the root sampler sees the span's attributes."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult
+
+    class NoChains(Sampler):  # an application's root sampler, by observation type
+        def should_sample(
+            self,
+            parent_context: Any,
+            trace_id: int,
+            name: str,
+            kind: Any = None,
+            attributes: Any = None,
+            links: Any = None,
+            trace_state: Any = None,
+        ) -> Any:
+            chain = (attributes or {}).get("langfuse.observation.type") == "chain"
+            decision = Decision.DROP if chain else Decision.RECORD_AND_SAMPLE
+            return SamplingResult(decision, attributes)
+
+        def get_description(self) -> str:
+            return "NoChains"
+
+    model = ScriptedChatModel(model_name="gpt-4o-mini", script=[ai("hello")])
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [model.invoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", END)
+    graph = builder.compile()  # no checkpointer, no thread id
+    exporter = _exporting_client(
+        public_key, tracer_provider=TracerProvider(sampler=ParentBased(NoChains()))
+    )
+    handler = langfuse_handler(public_key=public_key, secret_key="sk-lf-test-secret")
+    graph.invoke({"messages": [HumanMessage("hi")]}, {"callbacks": [handler]})
+    _flush(public_key)
+    assert [s.name for s in exporter.get_finished_spans()] == []  # the root dropped: its tree
