@@ -255,6 +255,7 @@ class SpanWriter:
         self.tracer = tracer
         self.enabled = False
         self._seen: Any = None  # the processors the last check saw
+        self._config: Any = None  # the tracer's config (enabled or not) the last check saw
         if type(tracer) is not sdk_trace.Tracer:
             return
         from langfuse._client.propagation import _get_propagated_attributes_from_context
@@ -273,8 +274,10 @@ class SpanWriter:
 
     def _check(self) -> None:
         # The provider's processors change when one is added (another Langfuse client, an
-        # application's exporter): checked again then, at the next span.
+        # application's exporter), the tracer's config when the provider's tracer
+        # configurator turns it off (or on): checked again then, at the next span.
         self._seen = getattr(self.processor, "_span_processors", None)
+        self._config = getattr(self.tracer, "_tracer_config", None)
         self._expected = {}
         self.enabled = _whole_spans_fit(self.tracer)
         self.langfuse_processors = tuple(self._seen or ())
@@ -293,7 +296,10 @@ class SpanWriter:
         *propagated*: the context may hold trace attributes the application propagates,
         which Langfuse's span processor copies onto every span at its start.
         """
-        if self._seen is not None and self.processor._span_processors is not self._seen:
+        if self._seen is not None and (
+            self.processor._span_processors is not self._seen
+            or getattr(self.tracer, "_tracer_config", None) is not self._config
+        ):
             self._check()
         if not self.enabled:
             return self.tracer.start_span(

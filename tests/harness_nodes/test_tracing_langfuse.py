@@ -1745,3 +1745,24 @@ def test_a_root_sampler_decides_on_the_handlers_span_attributes(public_key: str)
     graph.invoke({"messages": [HumanMessage("hi")]}, {"callbacks": [handler]})
     _flush(public_key)
     assert [s.name for s in exporter.get_finished_spans()] == []  # the root dropped: its tree
+
+
+def test_a_langfuse_tracer_disabled_after_the_handlers_first_task_exports_nothing(
+    public_key: str,
+) -> None:
+    """The provider's tracer configurator turns Langfuse's tracer off: no more spans.
+
+    The SDK's tracer then starts non-recording spans; the handler's whole spans must stop too.
+    """
+    from opentelemetry.sdk.trace import TracerProvider, _disable_tracer_configurator
+
+    provider = TracerProvider()
+    exporter = _exporting_client(public_key, tracer_provider=provider)
+    handler = langfuse_handler(public_key=public_key, secret_key="sk-lf-test-secret")
+    graph = _node_app(public_key, lambda client: None)
+    _run_node_app(graph, public_key, "lf-on", handler)
+    assert {s.name for s in exporter.get_finished_spans()} >= {"LangGraph", "agent"}
+    exporter.clear()
+    provider._set_tracer_configurator(tracer_configurator=_disable_tracer_configurator)
+    _run_node_app(graph, public_key, "lf-off", handler)
+    assert [s.name for s in exporter.get_finished_spans()] == []
