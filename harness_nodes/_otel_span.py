@@ -36,6 +36,7 @@ from opentelemetry import trace as trace_api
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import sampling
+from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 
@@ -61,6 +62,7 @@ class WholeSpan(trace_api.Span):
         "_status",
         "_events",
         "_links",
+        "_dropped",
     )
 
     def __init__(
@@ -80,8 +82,11 @@ class WholeSpan(trace_api.Span):
         self.start_time = start_time
         self.end_time: int | None = None
         self._status = _UNSET
-        self._events: list[sdk_trace.Event] = []
-        self._links: list[trace_api.Link] = []
+        # Bounded as the SDK's span bounds them (its limits, its dropped counts), made on
+        # the first event or link: most spans have none.
+        self._events: Sequence[sdk_trace.Event] = ()
+        self._links: Sequence[trace_api.Link] = ()
+        self._dropped = 0  # attributes dropped over the count limit, as the SDK counts them
 
     # What Langfuse's span processor and filters read of a span at its start.
     @property
@@ -102,8 +107,15 @@ class WholeSpan(trace_api.Span):
 
     # --- the handler's writes: attributes of known types, no re-validation -------------------
     def put(self, attributes: Mapping[str, Any]) -> None:
-        """Write the handler's own *attributes* (``None`` values are left out)."""
+        """Write the handler's own *attributes* (``None`` values are left out).
+
+        Under a limit on attribute values' length (``OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT``)
+        they are truncated as the SDK's span truncates them.
+        """
         if self.end_time is None:
+            if self._writer.limits.max_span_attribute_length is not None:
+                self.set_attributes({k: v for k, v in attributes.items() if v is not None})
+                return
             own = self.attributes
             for key, value in attributes.items():
                 if value is not None:
@@ -121,16 +133,23 @@ class WholeSpan(trace_api.Span):
             logger.warning("Setting attribute on ended span.")
             return
         limits = self._writer.limits
-        cleaned = BoundedAttributes(
-            limits.max_span_attributes,
-            attributes,
-            immutable=False,
-            max_value_len=limits.max_span_attribute_length,
-        )
         own, limit = self.attributes, limits.max_span_attributes
+        if limit == 0:
+            self._dropped += len(attributes)
+            return
+        # Cleaned (and invalid keys dropped) as the SDK cleans them, then set one by one as
+        # its bounded attributes set them: a key written again becomes the newest, and the
+        # oldest makes room for a new one.
+        cleaned = BoundedAttributes(
+            None, attributes, immutable=False, max_value_len=limits.max_span_attribute_length
+        )
+        self._dropped += cleaned.dropped
         for key in cleaned:
-            if key not in own and limit is not None and len(own) >= limit:
-                own.pop(next(iter(own)))  # as the SDK's bounded attributes: oldest first
+            if key in own:
+                del own[key]
+            elif limit is not None and len(own) >= limit:
+                del own[next(iter(own))]
+                self._dropped += 1
             own[key] = cleaned[key]
 
     def set_attribute(self, key: str, value: Any) -> None:
@@ -147,13 +166,22 @@ class WholeSpan(trace_api.Span):
             attributes,
             max_value_len=limits.max_attribute_length,
         )
+        if not isinstance(self._events, BoundedList):
+            self._events = BoundedList(limits.max_events)
         self._events.append(
             sdk_trace.Event(name, bounded, timestamp if timestamp is not None else time.time_ns())
         )
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
-        if self.end_time is None and context is not None and context.is_valid:
-            self._links.append(trace_api.Link(context, attributes))
+        if self.end_time is not None or not sdk_trace._is_valid_link(context, attributes):
+            return
+        limits = self._writer.limits
+        bounded = BoundedAttributes(
+            limits.max_link_attributes, attributes, max_value_len=limits.max_attribute_length
+        )
+        if not isinstance(self._links, BoundedList):
+            self._links = BoundedList(limits.max_links)
+        self._links.append(trace_api.Link(context, bounded))
 
     def update_name(self, name: str) -> None:
         if self.end_time is None:
@@ -174,8 +202,12 @@ class WholeSpan(trace_api.Span):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
+        module, qualname = type(exception).__module__, type(exception).__qualname__
         recorded: dict[str, Any] = {
-            "exception.type": type(exception).__qualname__,
+            # as the SDK's span names it: the module too, unless a builtin
+            "exception.type": f"{module}.{qualname}"
+            if module and module != "builtins"
+            else qualname,
             "exception.message": str(exception),
             "exception.stacktrace": "".join(
                 traceback.format_exception(type(exception), exception, exception.__traceback__)
@@ -192,13 +224,19 @@ class WholeSpan(trace_api.Span):
             return
         self.end_time = end_time if end_time is not None else time.time_ns()
         writer = self._writer
+        attributes: Mapping[str, Any] = self.attributes
+        if self._dropped:  # exported with its dropped count, as the SDK's span is
+            bounded = BoundedAttributes(writer.limits.max_span_attributes, immutable=False)
+            bounded._dict, bounded.dropped = self.attributes, self._dropped
+            bounded._immutable = True
+            attributes = bounded
         writer.processor.on_end(
             sdk_trace.ReadableSpan(
                 name=self.name,
                 context=self.context,
                 parent=self.parent,
                 resource=writer.resource,
-                attributes=self.attributes,
+                attributes=attributes,
                 events=self._events,
                 links=self._links,
                 kind=SpanKind.INTERNAL,
@@ -217,6 +255,7 @@ class SpanWriter:
         self.tracer = tracer
         self.enabled = False
         self._seen: Any = None  # the processors the last check saw
+        self._config: Any = None  # the tracer's config (enabled or not) the last check saw
         if type(tracer) is not sdk_trace.Tracer:
             return
         from langfuse._client.propagation import _get_propagated_attributes_from_context
@@ -235,8 +274,10 @@ class SpanWriter:
 
     def _check(self) -> None:
         # The provider's processors change when one is added (another Langfuse client, an
-        # application's exporter): checked again then, at the next span.
+        # application's exporter), the tracer's config when the provider's tracer
+        # configurator turns it off (or on): checked again then, at the next span.
         self._seen = getattr(self.processor, "_span_processors", None)
+        self._config = getattr(self.tracer, "_tracer_config", None)
         self._expected = {}
         self.enabled = _whole_spans_fit(self.tracer)
         self.langfuse_processors = tuple(self._seen or ())
@@ -255,7 +296,10 @@ class SpanWriter:
         *propagated*: the context may hold trace attributes the application propagates,
         which Langfuse's span processor copies onto every span at its start.
         """
-        if self._seen is not None and self.processor._span_processors is not self._seen:
+        if self._seen is not None and (
+            self.processor._span_processors is not self._seen
+            or getattr(self.tracer, "_tracer_config", None) is not self._config
+        ):
             self._check()
         if not self.enabled:
             return self.tracer.start_span(
@@ -279,24 +323,32 @@ class SpanWriter:
             else:
                 trace_id = parent.trace_id
                 random = bool(parent.trace_flags & _RANDOM)
-            decision = self.sampler.should_sample(context, trace_id, name, SpanKind.INTERNAL)
+            decision = self.sampler.should_sample(
+                context, trace_id, name, SpanKind.INTERNAL, attributes
+            )
             if decision.decision is not sampling.Decision.RECORD_AND_SAMPLE:
                 return self.tracer.start_span(
                     name, context=context, attributes=attributes, start_time=start_time
                 )
             flags = _SAMPLED_RANDOM if random and _RANDOM else _SAMPLED
             trace_state = decision.trace_state
-            if decision.attributes:
-                attributes = {**decision.attributes, **attributes}
+            # The SDK's span starts with the attributes the sampler returns.
+            attributes = dict(decision.attributes)
         span_context = SpanContext(trace_id, self.ids.generate_span_id(), False, flags, trace_state)
+        limits = self.limits
+        bounded = limits.max_span_attribute_length is not None or (
+            limits.max_span_attributes is not None and len(attributes) > limits.max_span_attributes
+        )
         span = WholeSpan(
             self,
             name,
             span_context,
             parent,
-            attributes,
+            {} if bounded else attributes,
             start_time if start_time is not None else time.time_ns(),
         )
+        if bounded:  # truncated and bounded as the SDK's span bounds them
+            span.set_attributes(attributes)
         # What Langfuse's span processor does at a span's start.
         if propagated:
             copied = self._propagated(context)

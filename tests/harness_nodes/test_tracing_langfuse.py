@@ -1600,3 +1600,169 @@ def test_the_handlers_whole_spans_export_what_the_sdks_spans_export(
     assert [s[:2] for s in whole] == [s[:2] for s in sdk_spans]  # names and tree
     for mine, theirs in zip(whole, sdk_spans, strict=True):
         assert mine == theirs, mine[0]
+
+
+def _whole_then_sdk(public_key: str, graph: Any, provider: Any) -> list[list[Any]]:
+    """*graph* run once through the handler's whole spans, once through the SDK's spans.
+
+    Each run's spans as `_comparable` has them, with their links and dropped counts.
+    """
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    exporter = _exporting_client(public_key, tracer_provider=provider)
+    handler = langfuse_handler(public_key=public_key, secret_key="sk-lf-test-secret")
+    runs = []
+    for thread_id in ("lf-whole", "lf-sdk-1"):  # the same length: the same token counts
+        if thread_id == "lf-sdk-1":
+            provider.add_span_processor(SpanProcessor())  # does nothing; forces the SDK's path
+        exporter.clear()
+        _run_node_app(graph, public_key, thread_id, handler)
+        spans = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time)
+        extra = [
+            (
+                [(link.context.is_valid, dict(link.attributes or {})) for link in s.links],
+                s.dropped_attributes,
+                s.dropped_events,
+                s.dropped_links,
+            )
+            for s in spans
+        ]
+        runs.append(list(zip(_comparable(spans, thread_id), extra, strict=True)))
+    return runs
+
+
+class _AppError(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_span_attribute_length": 24},  # OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT
+        {"max_span_attributes": 6},  # OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT, below the handler's
+        {"max_span_attributes": 40},  # the application's writes go over it
+    ],
+)
+def test_whole_spans_keep_the_providers_attribute_limits(
+    public_key: str, limits: dict[str, int]
+) -> None:
+    """The span limits the provider was given bound the handler's spans as the SDK's.
+
+    Values cut at the length limit (the handler's input/output too), the oldest attribute
+    dropped for a new one over the count limit, a key written again the newest, and the
+    dropped count exported.
+    """
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+
+    def inside(client: Any) -> None:
+        from opentelemetry import trace
+
+        span = trace.get_current_span()
+        for i in range(30):
+            span.set_attribute(f"app.k{i}", i)
+        span.set_attribute("app.k0", "written again, a long value")
+        span.set_attributes({f"app.k{i}": i for i in range(30, 45)})
+
+    whole, sdk_spans = _whole_then_sdk(
+        public_key, _node_app(public_key, inside), TracerProvider(span_limits=SpanLimits(**limits))
+    )
+    assert [s[0][0] for s in whole] == ["LangGraph", "agent", "ScriptedChatModel"]
+    if "max_span_attribute_length" in limits:
+        (graph,) = [s for s in sdk_spans if s[0][0] == "LangGraph"]
+        assert len(graph[0][2]["langfuse.observation.input"]) == 24  # the SDK's cut
+    else:
+        assert any(s[1][1] for s in sdk_spans)  # attributes dropped
+    for mine, theirs in zip(whole, sdk_spans, strict=True):
+        assert mine == theirs, mine[0][0]
+
+
+def test_whole_spans_bound_events_and_links_and_name_exceptions_as_the_sdks(
+    public_key: str,
+) -> None:
+    """Events and links over the provider's limits, a link with attributes only, and an
+    exception of the application's (its type with its module) — as the SDK's span has them."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+
+    def inside(client: Any) -> None:
+        span = trace.get_current_span()
+        for i in range(6):
+            span.add_event(f"step {i}", {"i": i})
+        span.record_exception(_AppError("no stock"))
+        span.add_link(trace.INVALID_SPAN_CONTEXT, {"reason": "a batch"})
+        for i in range(4):
+            span.add_link(trace.SpanContext(1, i + 1, False), {"i": i})
+
+    whole, sdk_spans = _whole_then_sdk(
+        public_key,
+        _node_app(public_key, inside),
+        TracerProvider(span_limits=SpanLimits(max_events=4, max_links=3)),
+    )
+    (agent,) = [s for s in sdk_spans if s[0][0] == "agent"]
+    assert agent[0][4][-1][1]["exception.type"].endswith("test_tracing_langfuse._AppError")
+    assert agent[1][2:] == (3, 2)  # dropped events, links
+    for mine, theirs in zip(whole, sdk_spans, strict=True):
+        assert mine == theirs, mine[0][0]
+
+
+def test_a_root_sampler_decides_on_the_handlers_span_attributes(public_key: str) -> None:
+    """A run with no thread (no seeded trace): the root sampler sees the span's attributes."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult
+
+    class NoChains(Sampler):  # an application's root sampler, by observation type
+        def should_sample(
+            self,
+            parent_context: Any,
+            trace_id: int,
+            name: str,
+            kind: Any = None,
+            attributes: Any = None,
+            links: Any = None,
+            trace_state: Any = None,
+        ) -> Any:
+            chain = (attributes or {}).get("langfuse.observation.type") == "chain"
+            decision = Decision.DROP if chain else Decision.RECORD_AND_SAMPLE
+            return SamplingResult(decision, attributes)
+
+        def get_description(self) -> str:
+            return "NoChains"
+
+    model = ScriptedChatModel(model_name="gpt-4o-mini", script=[ai("hello")])
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [model.invoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", END)
+    graph = builder.compile()  # no checkpointer, no thread id
+    exporter = _exporting_client(
+        public_key, tracer_provider=TracerProvider(sampler=ParentBased(NoChains()))
+    )
+    handler = langfuse_handler(public_key=public_key, secret_key="sk-lf-test-secret")
+    graph.invoke({"messages": [HumanMessage("hi")]}, {"callbacks": [handler]})
+    _flush(public_key)
+    assert [s.name for s in exporter.get_finished_spans()] == []  # the root dropped: its tree
+
+
+def test_a_langfuse_tracer_disabled_after_the_handlers_first_task_exports_nothing(
+    public_key: str,
+) -> None:
+    """The provider's tracer configurator turns Langfuse's tracer off: no more spans.
+
+    The SDK's tracer then starts non-recording spans; the handler's whole spans must stop too.
+    """
+    from opentelemetry.sdk.trace import TracerProvider, _disable_tracer_configurator
+
+    provider = TracerProvider()
+    exporter = _exporting_client(public_key, tracer_provider=provider)
+    handler = langfuse_handler(public_key=public_key, secret_key="sk-lf-test-secret")
+    graph = _node_app(public_key, lambda client: None)
+    _run_node_app(graph, public_key, "lf-on", handler)
+    assert {s.name for s in exporter.get_finished_spans()} >= {"LangGraph", "agent"}
+    exporter.clear()
+    provider._set_tracer_configurator(tracer_configurator=_disable_tracer_configurator)
+    _run_node_app(graph, public_key, "lf-off", handler)
+    assert [s.name for s in exporter.get_finished_spans()] == []
