@@ -259,9 +259,11 @@ class SpanWriter:
         if type(tracer) is not sdk_trace.Tracer:
             return
         from langfuse._client.propagation import _get_propagated_attributes_from_context
+        from langfuse._client.span import _set_span_attributes_within_limit
         from langfuse._client.span_filter import is_default_export_span
 
         self._propagated = _get_propagated_attributes_from_context
+        self._within_limit = _set_span_attributes_within_limit
         self._default_filter = is_default_export_span
         self._expected: dict[int, bool] = {}  # a Langfuse processor's export expectation
         self.processor = tracer.span_processor
@@ -358,7 +360,8 @@ class SpanWriter:
                 if attrs.OBSERVATION_PROMPT_NAME in attributes:
                     for key in (attrs.OBSERVATION_PROMPT_NAME, attrs.OBSERVATION_PROMPT_VERSION):
                         copied.pop(key, None)
-                span.set_attributes(copied)
+                # Langfuse drops what does not fit rather than evict what the span holds.
+                self._within_limit(span, copied)
         for processor in self.langfuse_processors:
             try:
                 if child:

@@ -6,6 +6,7 @@ posts exactly as a Langfuse server would receive them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -1602,7 +1603,9 @@ def test_the_handlers_whole_spans_export_what_the_sdks_spans_export(
         assert mine == theirs, mine[0]
 
 
-def _whole_then_sdk(public_key: str, graph: Any, provider: Any) -> list[list[Any]]:
+def _whole_then_sdk(
+    public_key: str, graph: Any, provider: Any, around: Any = None
+) -> list[list[Any]]:
     """*graph* run once through the handler's whole spans, once through the SDK's spans.
 
     Each run's spans as `_comparable` has them, with their links and dropped counts.
@@ -1616,7 +1619,8 @@ def _whole_then_sdk(public_key: str, graph: Any, provider: Any) -> list[list[Any
         if thread_id == "lf-sdk-1":
             provider.add_span_processor(SpanProcessor())  # does nothing; forces the SDK's path
         exporter.clear()
-        _run_node_app(graph, public_key, thread_id, handler)
+        with around() if around is not None else contextlib.nullcontext():
+            _run_node_app(graph, public_key, thread_id, handler)
         spans = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time)
         extra = [
             (
@@ -1672,6 +1676,34 @@ def test_whole_spans_keep_the_providers_attribute_limits(
         assert len(graph[0][2]["langfuse.observation.input"]) == 24  # the SDK's cut
     else:
         assert any(s[1][1] for s in sdk_spans)  # attributes dropped
+    for mine, theirs in zip(whole, sdk_spans, strict=True):
+        assert mine == theirs, mine[0][0]
+
+
+def test_attributes_the_application_propagates_never_push_out_the_handlers_own(
+    public_key: str,
+) -> None:
+    """Propagated trace attributes over the count limit: the newest are dropped, as Langfuse's
+    span processor drops them (``_set_span_attributes_within_limit``), never the observation's
+    own type, input or metadata written at its start."""
+    from langfuse import propagate_attributes
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+
+    def around() -> Any:
+        return propagate_attributes(
+            user_id="u-1", metadata={f"k{i}": f"v{i}" for i in range(12)}, tags=["app"]
+        )
+
+    provider = TracerProvider(span_limits=SpanLimits(max_span_attributes=12))
+    whole, sdk_spans = _whole_then_sdk(
+        public_key, _node_app(public_key, lambda client: None), provider, around
+    )
+    (node,) = [s for s in whole if s[0][0] == "agent"]
+    assert node[0][2]["langfuse.observation.type"] == "agent"
+    assert node[0][2]["langfuse.observation.input"]
+    assert node[0][2]["user.id"] == "u-1"
+    propagated = [k for k in node[0][2] if k.startswith("langfuse.trace.metadata.k")]
+    assert len(propagated) < 12  # what did not fit was left out
     for mine, theirs in zip(whole, sdk_spans, strict=True):
         assert mine == theirs, mine[0][0]
 
