@@ -1569,28 +1569,24 @@ def test_the_handlers_whole_spans_export_what_the_sdks_spans_export(
     Adding a processor of the application's to the provider switches the handler to the
     SDK's spans (`test_an_applications_own_span_processor_sees_every_span_start_and_end`).
     """
-    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace import TracerProvider
 
     def drop_review(span: Any) -> bool:
         return span.name != "review"
 
-    provider = TracerProvider()
-    exporter = _exporting_client(
-        public_key,
-        tracer_provider=provider,
-        **({"should_export_span": drop_review} if app_filter else {}),
-    )
-    handler = langfuse_handler(public_key=public_key, secret_key="sk-lf-test-secret")
-    runs = []
-    for thread_id in ("lf-whole", "lf-sdk-1"):  # the same length: the same token counts
-        if thread_id == "lf-sdk-1":
-            provider.add_span_processor(SpanProcessor())  # does nothing; forces the SDK's path
-        exporter.clear()
+    def run(thread_id: str, handler: Any) -> None:
         with open_backend("memory://") as backend:
             traced_task.run_to_end(backend, thread_id, [handler])
-        _flush(public_key)
-        runs.append(_comparable(exporter.get_finished_spans(), thread_id))
-    whole, sdk_spans = runs
+
+    whole, sdk_spans = (
+        [span for span, _ in spans]
+        for spans in _whole_then_sdk(
+            public_key,
+            run,
+            TracerProvider(),
+            **({"should_export_span": drop_review} if app_filter else {}),
+        )
+    )
     assert len(whole) > 20
     assert ("review" in [s[0] for s in whole]) is not app_filter
     app_roots = [s[0] for s in whole if s[2].get("langfuse.internal.is_app_root")]
@@ -1603,24 +1599,24 @@ def test_the_handlers_whole_spans_export_what_the_sdks_spans_export(
         assert mine == theirs, mine[0]
 
 
-def _whole_then_sdk(
-    public_key: str, graph: Any, provider: Any, around: Any = None
-) -> list[list[Any]]:
-    """*graph* run once through the handler's whole spans, once through the SDK's spans.
+def _whole_then_sdk(public_key: str, run: Any, provider: Any, **client: Any) -> list[list[Any]]:
+    """``run(thread_id, handler)`` once through the handler's whole spans, once through the SDK's.
 
-    Each run's spans as `_comparable` has them, with their links and dropped counts.
+    Adding a processor of the application's to the provider switches the handler to the SDK's
+    spans (`test_an_applications_own_span_processor_sees_every_span_start_and_end`). Each run's
+    spans as `_comparable` has them, with their links and dropped counts.
     """
     from opentelemetry.sdk.trace import SpanProcessor
 
-    exporter = _exporting_client(public_key, tracer_provider=provider)
+    exporter = _exporting_client(public_key, tracer_provider=provider, **client)
     handler = langfuse_handler(public_key=public_key, secret_key="sk-lf-test-secret")
     runs = []
     for thread_id in ("lf-whole", "lf-sdk-1"):  # the same length: the same token counts
         if thread_id == "lf-sdk-1":
             provider.add_span_processor(SpanProcessor())  # does nothing; forces the SDK's path
         exporter.clear()
-        with around() if around is not None else contextlib.nullcontext():
-            _run_node_app(graph, public_key, thread_id, handler)
+        run(thread_id, handler)
+        _flush(public_key)
         spans = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time)
         extra = [
             (
@@ -1633,6 +1629,16 @@ def _whole_then_sdk(
         ]
         runs.append(list(zip(_comparable(spans, thread_id), extra, strict=True)))
     return runs
+
+
+def _runs(public_key: str, graph: Any, around: Any = None) -> Any:
+    """A `_whole_then_sdk` run of *graph* (inside ``around()``, when given)."""
+
+    def run(thread_id: str, handler: Any) -> None:
+        with around() if around is not None else contextlib.nullcontext():
+            _run_node_app(graph, public_key, thread_id, handler)
+
+    return run
 
 
 class _AppError(Exception):
@@ -1668,7 +1674,9 @@ def test_whole_spans_keep_the_providers_attribute_limits(
         span.set_attributes({f"app.k{i}": i for i in range(30, 45)})
 
     whole, sdk_spans = _whole_then_sdk(
-        public_key, _node_app(public_key, inside), TracerProvider(span_limits=SpanLimits(**limits))
+        public_key,
+        _runs(public_key, _node_app(public_key, inside)),
+        TracerProvider(span_limits=SpanLimits(**limits)),
     )
     assert [s[0][0] for s in whole] == ["LangGraph", "agent", "ScriptedChatModel"]
     if "max_span_attribute_length" in limits:
@@ -1696,7 +1704,7 @@ def test_attributes_the_application_propagates_never_push_out_the_handlers_own(
 
     provider = TracerProvider(span_limits=SpanLimits(max_span_attributes=12))
     whole, sdk_spans = _whole_then_sdk(
-        public_key, _node_app(public_key, lambda client: None), provider, around
+        public_key, _runs(public_key, _node_app(public_key, lambda client: None), around), provider
     )
     (node,) = [s for s in whole if s[0][0] == "agent"]
     assert node[0][2]["langfuse.observation.type"] == "agent"
@@ -1727,7 +1735,7 @@ def test_whole_spans_bound_events_and_links_and_name_exceptions_as_the_sdks(
 
     whole, sdk_spans = _whole_then_sdk(
         public_key,
-        _node_app(public_key, inside),
+        _runs(public_key, _node_app(public_key, inside)),
         TracerProvider(span_limits=SpanLimits(max_events=4, max_links=3)),
     )
     (agent,) = [s for s in sdk_spans if s[0][0] == "agent"]
