@@ -365,14 +365,14 @@ class SpanWriter:
         for processor in self.langfuse_processors:
             try:
                 if child:
-                    self._register_child(processor, span)
+                    self._register_child(processor, span, context)
                 else:
                     processor._mark_app_root_candidate(span=span, parent_context=context)
             except Exception:  # as Langfuse's processor: never breaks the run
                 logger.debug("app-root check failed for span %r", name, exc_info=True)
         return span
 
-    def _register_child(self, processor: Any, span: WholeSpan) -> None:
+    def _register_child(self, processor: Any, span: WholeSpan, context: Any) -> None:
         """Langfuse's app-root bookkeeping for a child of a span of ours, short.
 
         A span whose parent the processor expects to export is never an app root; the
@@ -382,7 +382,7 @@ class SpanWriter:
         is asked once; a filter of the application's is asked for every span.
         """
         if processor._should_export_span is not self._default_filter:
-            processor._mark_app_root_candidate(span=span, parent_context=None)
+            processor._mark_app_root_candidate(span=span, parent_context=context)
             return
         expected = self._expected.get(id(processor))
         if expected is None:
