@@ -15,8 +15,6 @@ import pytest
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
-from langgraph.graph import START, MessagesState, StateGraph
-from langgraph.prebuilt import ToolNode, tools_condition
 
 from checkpointers import Backend, open_backend
 from harness_nodes import (
@@ -25,11 +23,11 @@ from harness_nodes import (
     ReviewPolicy,
     ToolContract,
     VerifyToolOutputsMiddleware,
-    add_harness,
     build_harnessed_agent,
     build_trace,
 )
 from harness_nodes.testing import ScriptedChatModel, ai, tool_call
+from tests.harness_nodes._apps import harnessed_messages_app
 
 pytestmark = pytest.mark.anyio
 
@@ -189,18 +187,8 @@ def test_graph_stops_before_the_good_call_when_the_malformed_one_fails() -> None
 
 
 def app_with_harness(model: ScriptedChatModel, **harness: Any) -> Any:
-    """A user's ``MessagesState`` app (model node, ``ToolNode``, ``tools_condition``), harnessed."""
-
-    def call_model(state: MessagesState) -> dict[str, Any]:
-        return {"messages": [model.invoke(state["messages"])]}
-
-    builder = StateGraph(MessagesState)
-    builder.add_node("agent", call_model)
-    builder.add_node("tools", ToolNode([search]))
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", tools_condition)
-    builder.add_edge("tools", "agent")
-    return add_harness(builder, model_node="agent", tools_node="tools", **harness).compile()
+    """A user's ``MessagesState`` app searching the notes, harnessed."""
+    return harnessed_messages_app(model, [search], **harness)
 
 
 @pytest.mark.parametrize(
